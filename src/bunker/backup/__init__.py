@@ -1,0 +1,1 @@
+"""Backup and restore layer: scanning, files cache, chunk pipeline, restore, verify."""

@@ -1,0 +1,497 @@
+"""The archiver: walks the source, stores changed files' chunks through the session writer,
+builds trees bottom-up and returns the root tree and the chunk set.
+
+Parallelism: the main thread walks and stats (cheap); file reading, chunking, hashing,
+compression and encryption run in a pool of worker threads. The native libraries (pyfastcdc,
+blake3, zstandard, AES-GCM) release the GIL, so both cores work. Directories are finished in
+post-order as soon as their files are done, so memory stays bounded by the walk's depth and the
+number of files in flight.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+import stat
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, BinaryIO
+
+from pyfastcdc import FastCDC
+
+from bunker.backup import files_cache as fc
+from bunker.backup.excludes import Excludes
+from bunker.backup.runlog import RunLog, display_path
+from bunker.repo import blob
+from bunker.repo.pack import KIND_META
+from bunker.repo.session_writer import SessionWriter
+from bunker.repo.tree import encode_tree
+
+READ_WHOLE = 8 << 20  # files up to this size are read in one go and cut in memory
+STREAM_BUF = 8 << 20
+MAX_REREADS = 3
+MAX_INFLIGHT_FILES = 256
+MAX_INFLIGHT_BYTES = 96 << 20
+
+
+@dataclass
+class Progress:
+    """Counters the CLI shows; updated from several threads (int += is fine for display)."""
+
+    files: int = 0
+    dirs: int = 0
+    bytes: int = 0
+    total_files: int | None = None
+    total_bytes: int | None = None
+    current: str = ""
+
+
+@dataclass
+class DirJob:
+    path: bytes
+    entries: list[dict[str, Any]]
+    parent_entry: dict[str, Any] | None
+    cache_old: fc.DirRecord
+    cache_new: fc.DirRecord = field(default_factory=dict)
+    pending: int = 0
+    names: deque[bytes] = field(default_factory=deque)
+
+
+@dataclass
+class ArchiveResult:
+    root: bytes
+    chunk_ids: set[bytes]
+    stats: dict[str, int]
+
+
+class _Owners:
+    """uid/gid -> name, cached (lookups are slow and repeat)."""
+
+    def __init__(self) -> None:
+        self.users: dict[int, str] = {}
+        self.groups: dict[int, str] = {}
+
+    def user(self, uid: int) -> str:
+        n = self.users.get(uid)
+        if n is None:
+            try:
+                n = pwd.getpwuid(uid).pw_name
+            except KeyError:
+                n = ""
+            self.users[uid] = n
+        return n
+
+    def group(self, gid: int) -> str:
+        n = self.groups.get(gid)
+        if n is None:
+            try:
+                n = grp.getgrgid(gid).gr_name
+            except KeyError:
+                n = ""
+            self.groups[gid] = n
+        return n
+
+
+class Archiver:
+    """Backs up paths (or one stream) into a session; see :meth:`run`."""
+
+    def __init__(
+        self,
+        writer: SessionWriter,
+        files_cache: fc.FilesCache,
+        log: RunLog,
+        *,
+        excludes: Excludes | None = None,
+        one_file_system: bool = False,
+        workers: int | None = None,
+        progress: Progress | None = None,
+        tick: Callable[[], None] | None = None,
+    ) -> None:
+        self.writer = writer
+        self.cache = files_cache
+        self.log = log
+        self.excludes = excludes or Excludes([])
+        self.one_fs = one_file_system
+        self.progress = progress or Progress()
+        self.tick = tick
+        chunker = writer.repo.config.chunker
+        self._cdc_params = (chunker["avg"], chunker["min"], chunker["max"], writer.secrets.chunker_seed)
+        self._min_chunk = chunker["min"]
+        self._local = threading.local()
+        self._workers = workers or max(2, (os.cpu_count() or 2) + 1)
+        self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="bunker-read")
+        self._slots = threading.BoundedSemaphore(MAX_INFLIGHT_FILES)
+        self._bytes_cv = threading.Condition()
+        self._inflight_bytes = 0
+        self._owners = _Owners()
+        self._done_lock = threading.Lock()
+        self._ready: deque[DirJob] = deque()
+        self.chunk_ids: set[bytes] = set()
+        self.stats = {"files": 0, "dirs": 0, "bytes": 0, "files_new": 0, "files_changed": 0,
+                      "files_unchanged": 0, "errors": 0}
+        self._last_tick = time.monotonic()
+
+    # ------------------------------------------------------------------ chunking
+    def _cdc(self) -> FastCDC:
+        c = getattr(self._local, "cdc", None)
+        if c is None:
+            avg, mn, mx, seed = self._cdc_params
+            c = self._local.cdc = FastCDC(avg, min_size=mn, max_size=mx, seed=seed)
+        return c
+
+    def _store_chunks(self, data: bytes | memoryview, out: list[bytes]) -> None:
+        w = self.writer
+        if len(data) <= self._min_chunk:
+            pieces: Any = (data,)
+        else:
+            pieces = (c.data for c in self._cdc().cut_buf(data))
+        for piece in pieces:
+            cid = blob.chunk_id(w.secrets, piece)
+            out.append(cid)
+            if not w.known(cid):
+                w.store(cid, piece)
+
+    def store_stream(self, f: BinaryIO) -> tuple[list[bytes], int]:
+        """Chunk and store a stream; return (chunk ids, bytes read)."""
+        out: list[bytes] = []
+        total = 0
+        w = self.writer
+        for c in self._cdc().cut_stream(f):
+            cid = blob.chunk_id(w.secrets, c.data)
+            out.append(cid)
+            total += c.length
+            if not w.known(cid):
+                w.store(cid, c.data)
+            self.progress.bytes += c.length
+        return out, total
+
+    # ------------------------------------------------------------------ files
+    def _read_file(self, path: bytes, st0: os.stat_result, entry: dict[str, Any], job: DirJob, name: bytes) -> None:
+        try:
+            chunks, st = self._read_stable(path, st0)
+            if chunks is not None and st is not None:
+                entry["c"] = chunks
+                entry["sz"] = st.st_size
+                entry["mt"] = st.st_mtime_ns
+                entry["ct"] = st.st_ctime_ns
+                job.cache_new[name] = fc.make_record(st, chunks)
+                with self._done_lock:
+                    self.chunk_ids.update(chunks)
+        except Exception as exc:  # noqa: BLE001 - one file must never abort the run
+            self.log.add("err", "read-failed", f"could not back up this file: {exc}", path)
+            self.stats["errors"] += 1
+            entry["c"] = []
+            entry["err"] = True
+        finally:
+            self._finish_file(job, st0.st_size)
+
+    def _read_stable(self, path: bytes, st0: os.stat_result) -> tuple[list[bytes] | None, os.stat_result | None]:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_NOATIME", 0)
+        for attempt in range(MAX_REREADS + 1):
+            try:
+                try:
+                    fd = os.open(path, flags)
+                except PermissionError:
+                    fd = os.open(path, flags & ~getattr(os, "O_NOATIME", 0))
+            except FileNotFoundError:
+                self.log.add("note", "vanished", "file vanished before it could be read", path)
+                return None, None
+            except OSError as exc:
+                self.log.os_error("err", "open-failed", path, exc, "cannot open file; it is not in this backup")
+                self.stats["errors"] += 1
+                return [], None
+            try:
+                before = os.fstat(fd)
+                if not stat.S_ISREG(before.st_mode):
+                    self.log.add("note", "replaced", "file was replaced by another kind of item while reading", path)
+                    return None, None
+                chunks: list[bytes] = []
+                if before.st_size <= READ_WHOLE:
+                    data = _read_all(fd, before.st_size)
+                    self._store_chunks(data, chunks)
+                    self.progress.bytes += len(data)
+                    size = len(data)
+                else:
+                    with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+                        chunks, size = self.store_stream(f)
+                after = os.fstat(fd)
+            except OSError as exc:
+                self.log.os_error("err", "read-failed", path, exc, "error while reading file; it is not in this backup")
+                self.stats["errors"] += 1
+                return [], None
+            finally:
+                os.close(fd)
+            if (
+                size == after.st_size
+                and after.st_mtime_ns == before.st_mtime_ns
+                and after.st_ctime_ns == before.st_ctime_ns
+                and after.st_size == before.st_size
+            ):
+                return chunks, after
+            if attempt == MAX_REREADS:
+                self.log.add(
+                    "warn",
+                    "changed-while-read",
+                    f"file kept changing while it was read ({MAX_REREADS + 1} tries); the stored copy may mix old "
+                    "and new content: back it up again when it is idle, or snapshot the filesystem first",
+                    path,
+                )
+                return chunks, after
+        return None, None  # not reached
+
+    def _finish_file(self, job: DirJob, size: int) -> None:
+        with self._done_lock:
+            job.pending -= 1
+            self.progress.files += 1
+        with self._bytes_cv:
+            self._inflight_bytes -= size
+            self._bytes_cv.notify_all()
+        self._slots.release()
+
+    def _submit_file(self, path: bytes, st: os.stat_result, entry: dict[str, Any], job: DirJob, name: bytes) -> None:
+        self._slots.acquire()
+        size = st.st_size
+        with self._bytes_cv:
+            while self._inflight_bytes > 0 and self._inflight_bytes + size > MAX_INFLIGHT_BYTES:
+                self._bytes_cv.wait(0.5)
+            self._inflight_bytes += size
+        with self._done_lock:
+            job.pending += 1
+        self._pool.submit(self._read_file, path, st, entry, job, name)
+
+    # ------------------------------------------------------------------ entries
+    def _meta(self, name: bytes, st: os.stat_result, kind: str) -> dict[str, Any]:
+        return {
+            "n": name,
+            "t": kind,
+            "m": stat.S_IMODE(st.st_mode),
+            "u": st.st_uid,
+            "g": st.st_gid,
+            "U": self._owners.user(st.st_uid),
+            "G": self._owners.group(st.st_gid),
+            "mt": st.st_mtime_ns,
+            "ct": st.st_ctime_ns,
+        }
+
+    def _entry(self, job: DirJob, name: bytes, path: bytes, st: os.stat_result, root_dev: int) -> DirJob | None:
+        """Add one directory entry to ``job``; return a DirJob if it is a directory to descend."""
+        mode = st.st_mode
+        if stat.S_ISREG(mode):
+            e = self._meta(name, st, "f")
+            e["sz"] = st.st_size
+            job.entries.append(e)
+            self.stats["files"] += 1
+            self.stats["bytes"] += st.st_size
+            cached = fc.lookup(job.cache_old, name, st)
+            locs = self.writer.index.locations
+            if cached is not None and all(c in locs for c in cached):
+                e["c"] = cached
+                job.cache_new[name] = job.cache_old[name]
+                self.chunk_ids.update(cached)
+                self.stats["files_unchanged"] += 1
+                self.progress.files += 1
+                self.progress.bytes += st.st_size
+            else:
+                self.stats["files_changed" if name in job.cache_old else "files_new"] += 1
+                self._submit_file(path, st, e, job, name)
+            return None
+        if stat.S_ISDIR(mode):
+            e = self._meta(name, st, "d")
+            job.entries.append(e)
+            self.stats["dirs"] += 1
+            if self.one_fs and st.st_dev != root_dev:
+                e["st"] = self._store_tree([])  # mount point: kept, contents not crossed
+                return None
+            return self._open_dir(path, e)
+        if stat.S_ISLNK(mode):
+            e = self._meta(name, st, "l")
+            try:
+                e["lt"] = os.readlink(path)
+            except OSError as exc:
+                self.log.os_error("err", "readlink-failed", path, exc, "cannot read symlink; it is not in this backup")
+                self.stats["errors"] += 1
+                return None
+            job.entries.append(e)
+            return None
+        kind = "c" if stat.S_ISCHR(mode) else "b" if stat.S_ISBLK(mode) else "p" if stat.S_ISFIFO(mode) else "s"
+        e = self._meta(name, st, kind)
+        if kind in "cb":
+            e["dev"] = [os.major(st.st_rdev), os.minor(st.st_rdev)]
+        job.entries.append(e)
+        return None
+
+    def _open_dir(self, path: bytes, entry: dict[str, Any] | None) -> DirJob | None:
+        job = DirJob(path, [], entry, self.cache.load_dir(path))
+        try:
+            names = sorted(os.listdir(path))
+        except OSError as exc:
+            self.log.os_error("err", "listdir-failed", path, exc, "cannot list directory; its contents are not in this backup")
+            self.stats["errors"] += 1
+            names = []
+        job.names = deque(names)
+        return job
+
+    # ------------------------------------------------------------------ trees
+    def _store_tree(self, entries: list[dict[str, Any]]) -> bytes:
+        data = encode_tree(entries)
+        cid = blob.chunk_id(self.writer.secrets, data)
+        self.chunk_ids.add(cid)
+        if not self.writer.known(cid):
+            self.writer.store(cid, data, KIND_META)
+        return cid
+
+    def _finish_dir(self, job: DirJob) -> None:
+        for e in job.entries:
+            e.pop("err", None)
+        tid = self._store_tree(job.entries)
+        if job.parent_entry is not None:
+            job.parent_entry["st"] = tid
+        self.cache.save_dir(job.path, job.cache_new)
+        self.progress.dirs += 1
+
+    def _drain(self, wait: bool) -> None:
+        while self._ready:
+            head = self._ready[0]
+            if head.pending:
+                if not wait:
+                    return
+                while head.pending:
+                    time.sleep(0.001)
+            self._ready.popleft()
+            self._finish_dir(head)
+        self._maybe_tick()
+
+    def _maybe_tick(self) -> None:
+        now = time.monotonic()
+        if now - self._last_tick >= 0.2:
+            self._last_tick = now
+            self.writer.flush_if_old()
+            if self.tick:
+                self.tick()
+
+    # ------------------------------------------------------------------ walking
+    def _walk(self, first: DirJob, root_dev: int) -> None:
+        """Post-order walk below ``first`` (iterative: depth is unbounded)."""
+        stack = [first]
+        while stack:
+            job = stack[-1]
+            if not job.names:
+                stack.pop()
+                self._ready.append(job)
+                self._drain(wait=False)
+                continue
+            name = job.names.popleft()
+            path = job.path.rstrip(b"/") + b"/" + name
+            if self.excludes.excluded(path, name):
+                continue
+            try:
+                st = os.lstat(path)
+            except FileNotFoundError:
+                self.log.add("note", "vanished", "item vanished before it could be read", path)
+                continue
+            except OSError as exc:
+                self.log.os_error("err", "stat-failed", path, exc, "cannot stat; it is not in this backup")
+                self.stats["errors"] += 1
+                continue
+            self.progress.current = display_path(path)
+            child = self._entry(job, name, path, st, root_dev)
+            if child is not None:
+                stack.append(child)
+            self._maybe_tick()
+
+    def run(self, paths: list[str]) -> ArchiveResult:
+        """Back up ``paths``; the root tree mirrors their absolute locations (like /home/u/x)."""
+        t0 = time.monotonic()
+        try:
+            root = self._build_root([os.fsencode(os.path.abspath(p)) for p in paths])
+        finally:
+            self._pool.shutdown(wait=True)
+        self.stats["duration_ms"] = int((time.monotonic() - t0) * 1000)
+        return ArchiveResult(root, self.chunk_ids, self.stats)
+
+    def _build_root(self, paths: list[bytes]) -> bytes:
+        # Nested dict of path components; None marks a path given on the command line.
+        spec: dict[bytes, Any] = {}
+        for p in sorted(set(paths)):
+            parts = [c for c in p.split(b"/") if c]
+            if not parts:  # "/" itself: the root tree is the real root directory
+                e: dict[str, Any] = {}
+                job = self._open_dir(b"/", e)
+                assert job is not None
+                self._walk(job, os.lstat(b"/").st_dev)
+                self._drain(wait=True)
+                return bytes(e["st"])
+            node = spec
+            for c in parts[:-1]:
+                nxt = node.setdefault(c, {})
+                if nxt is None:
+                    break  # an ancestor is itself backed up whole
+                node = nxt
+            else:
+                node[parts[-1]] = None
+        return self._virtual_dir(b"", spec)
+
+    def _virtual_dir(self, path: bytes, spec: dict[bytes, Any]) -> bytes:
+        """The tree of an ancestor of the given paths: only the named children are included."""
+        entries = []
+        holder = DirJob(path or b"/", [], None, self.cache.load_dir(path or b"/"))
+        for name, sub in sorted(spec.items()):
+            full = path + b"/" + name
+            try:
+                st = os.lstat(full)
+            except OSError as exc:
+                self.log.os_error("err", "source-missing", full, exc, "cannot back up this path")
+                self.stats["errors"] += 1
+                continue
+            if sub is not None and stat.S_ISDIR(st.st_mode):
+                e = self._meta(name, st, "d")
+                e["st"] = self._virtual_dir(full, sub)
+                entries.append(e)
+                continue
+            child = self._entry(holder, name, full, st, st.st_dev)
+            if child is not None:
+                self._walk(child, st.st_dev)
+        self._drain(wait=True)
+        while holder.pending:
+            time.sleep(0.001)
+        # keep the records of siblings not backed up this time (another run may name them)
+        merged = dict(holder.cache_old)
+        merged.update(holder.cache_new)
+        self.cache.save_dir(holder.path, merged)
+        for e in holder.entries:
+            e.pop("err", None)
+        return self._store_tree(entries + holder.entries)
+
+
+def _read_all(fd: int, size_hint: int) -> bytes:
+    chunks = []
+    want = size_hint + 1  # one byte more to notice growth
+    while True:
+        b = os.read(fd, max(want, 1 << 16))
+        if not b:
+            break
+        chunks.append(b)
+        want = 1 << 20
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def stream_entry(archiver: Archiver, name: str, f: BinaryIO) -> ArchiveResult:
+    """Back up one stream (standard input) as a single file ``name`` at the snapshot's root."""
+    t0 = time.monotonic()
+    try:
+        chunks, size = archiver.store_stream(f)
+    finally:
+        archiver._pool.shutdown(wait=True)
+    archiver.chunk_ids.update(chunks)
+    now = time.time_ns()
+    uid, gid = os.getuid(), os.getgid()
+    entry = {"n": os.fsencode(name), "t": "f", "m": 0o600, "u": uid, "g": gid, "U": archiver._owners.user(uid),
+             "G": archiver._owners.group(gid), "mt": now, "ct": now, "sz": size, "c": chunks}
+    root = archiver._store_tree([entry])
+    archiver.stats.update(files=1, files_new=1, bytes=size, duration_ms=int((time.monotonic() - t0) * 1000))
+    return ArchiveResult(root, archiver.chunk_ids, archiver.stats)

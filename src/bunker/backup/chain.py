@@ -1,0 +1,35 @@
+"""The client's memory of its own snapshot chain head (DESIGN.md promise 2).
+
+Stored in the data directory (not the cache: losing it weakens rollback detection). When the
+repository's newest trusted snapshot of this client is older than what the client remembers,
+someone deleted snapshots or rolled the repository back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from bunker.crypto.keyfile import write_private_file
+
+
+@dataclass(frozen=True)
+class ChainHead:
+    seq: int
+    name: str  # snapshots/<hex>
+
+
+def load_head(state_dir: str) -> ChainHead | None:
+    """The remembered head, or None if this client never finished a snapshot here."""
+    try:
+        with open(os.path.join(state_dir, "chain.json"), encoding="utf-8") as f:
+            d = json.load(f)
+        return ChainHead(int(d["seq"]), str(d["name"]))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def save_head(state_dir: str, head: ChainHead) -> None:
+    """Remember a new head durably."""
+    write_private_file(os.path.join(state_dir, "chain.json"), json.dumps({"seq": head.seq, "name": head.name}))

@@ -1,0 +1,124 @@
+"""Turning a finished (or interrupted) session into a snapshot: flush packs and index, write
+the pack set and chunk set, seal the body, sign the envelope, extend the client's chain."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import blake3
+
+from bunker.backup.chain import ChainHead, load_head, save_head
+from bunker.backup.runlog import RunLog
+from bunker.crypto.keyfile import PutKey
+from bunker.errors import BunkerError, ExitCode
+from bunker.repo import refs
+from bunker.repo.certs import Certificate
+from bunker.repo.objects import name_for
+from bunker.repo.repository import Repository
+from bunker.repo.session_writer import SessionWriter
+from bunker.repo.snapshot import Envelope, make_snapshot, seal_body
+
+
+@dataclass(frozen=True)
+class Committed:
+    name: str
+    seq: int
+    level: str
+    stats: dict[str, int]
+
+
+def next_link(repo: Repository, cert: Certificate, state_dir: str, log: RunLog) -> tuple[int, str]:
+    """(sequence number, previous snapshot name) for this client's next snapshot.
+
+    Compares the repository's newest trusted snapshot of this client with the head the client
+    remembers: if the repository is behind, snapshots were deleted or the repository was rolled
+    back, which the run reports (and the chain keeps pointing at the remembered head)."""
+    repo_head = repo.client_head(cert.name)
+    mine = load_head(state_dir)
+    rseq = repo_head.snap.env.seq if repo_head else 0
+    if mine is not None and mine.seq > rseq:
+        log.add(
+            "warn",
+            "chain-rollback",
+            f"the repository's newest snapshot of this client is #{rseq}, but this client wrote #{mine.seq} "
+            f"({mine.name}): snapshots were deleted or the repository was rolled back. Run `bunker check` and "
+            "compare with a mirror; the new snapshot continues the remembered chain",
+        )
+        return mine.seq + 1, mine.name
+    if repo_head is None:
+        return 1, ""
+    return rseq + 1, repo_head.name
+
+
+def commit_snapshot(
+    repo: Repository,
+    put: PutKey,
+    cert: Certificate,
+    writer: SessionWriter,
+    *,
+    root: bytes,
+    chunk_ids: set[bytes],
+    stats: dict[str, int],
+    log: RunLog,
+    body_extra: dict[str, Any],
+    state_dir: str,
+    complete: bool = True,
+    master_on_client: bool = False,
+) -> Committed:
+    """Write everything the snapshot needs, then the snapshot itself."""
+    writer.flush()
+    locs = writer.index.locations
+    missing = [c for c in chunk_ids if c not in locs]
+    if missing:
+        raise BunkerError(
+            f"{len(missing)} chunks of this backup are not in the index after flushing",
+            "this is a bug in bunker; please report it. No snapshot was written",
+            exit_code=ExitCode.FATAL,
+        )
+    pack_names = {locs[c].pack for c in chunk_ids}
+    packset = refs.build_packset(pack_names)
+    chunkset = refs.build_chunkset(chunk_ids, put.secrets)
+    for objs in (packset, chunkset):
+        for name, data in objs.items():
+            if name != "top":
+                repo.put_object("refs", data)
+    seq, prev = next_link(repo, cert, state_dir, log)
+    stats = dict(stats)
+    stats.update(
+        chunks=len(chunk_ids),
+        chunks_new=writer.chunks_added,
+        bytes_new=writer.raw_added,
+        stored_new=writer.bytes_added,
+        packs_new=len(writer.packs_written),
+        packs=len(pack_names),
+    )
+    body = {
+        "root": root,
+        "log": [e.to_dict() for e in log.events],
+        **body_extra,
+    }
+    sealed, body_ct = seal_body(body, put.data_public, repo.repo_id)
+    env = Envelope(
+        repo_id=repo.repo_id,
+        client=cert.client,
+        cert=cert.name,
+        seq=seq,
+        prev=prev,
+        time=time.time(),
+        level=log.level,
+        complete=complete,
+        stats=stats,
+        packset=refs.top_name(packset),
+        chunkset=refs.top_name(chunkset),
+        domain=put.secrets.domain_id,
+        body_hash=blake3.blake3(body_ct).digest(),
+        sealed_key=sealed,
+        master_on_client=master_on_client,
+    )
+    data = make_snapshot(env, body_ct, put.client_key)
+    name = name_for("snapshots", data)
+    repo.backend.put(name, data)
+    save_head(state_dir, ChainHead(seq, name))
+    return Committed(name, seq, env.level, stats)

@@ -1,0 +1,121 @@
+"""One backup run end to end with the put key only: lease, index view, archive, commit.
+
+This is the backup code path: it never loads the master key (DESIGN.md promise 1).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import getpass
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import BinaryIO
+
+from bunker import dirs
+from bunker.backup.archiver import Archiver, ArchiveResult, Progress, stream_entry
+from bunker.backup.commit import Committed, commit_snapshot
+from bunker.backup.excludes import Excludes
+from bunker.backup.files_cache import FilesCache
+from bunker.backup.runlog import RunLog
+from bunker.crypto.keyfile import PutKey
+from bunker.errors import BunkerError, ExitCode
+from bunker.repo.index_cache import IndexCache
+from bunker.repo.records import make_lease, new_session_id
+from bunker.repo.repository import Repository
+from bunker.repo.session_writer import SessionWriter
+
+
+@dataclass
+class BackupRequest:
+    paths: list[str] = field(default_factory=list)
+    excludes: list[str] = field(default_factory=list)
+    one_file_system: bool = False
+    tags: list[str] = field(default_factory=list)
+    stdin_name: str | None = None
+    stdin: BinaryIO | None = None
+    host: str = field(default_factory=socket.gethostname)
+    master_on_client: bool = False
+    cache: bool = True
+
+
+@dataclass
+class BackupOutcome:
+    committed: Committed
+    log: RunLog
+    result: ArchiveResult
+
+
+def client_tag(put: PutKey) -> str:
+    """Directory name for this client's local state (from its certificate, not secret)."""
+    from bunker.repo.objects import content_hash
+
+    return content_hash(put.certificate)[:16]
+
+
+def run_backup(repo: Repository, put: PutKey, req: BackupRequest, progress: Progress | None = None,
+               tick: object = None) -> BackupOutcome:
+    """Take one backup; raises BunkerError only when no snapshot could be written (fatal)."""
+    if not req.paths and req.stdin_name is None:
+        raise BunkerError("nothing to back up", "name one or more paths, or --stdin-name NAME", exit_code=ExitCode.USAGE)
+    cert = repo.check_put_key(put)
+    log = RunLog()
+    if req.master_on_client:
+        log.add("note", "master-key-on-client",
+                f"the master key is still on this machine ({dirs.master_key_path(repo.repo_id)}): move it off with "
+                "`bunker key export --master FILE --remove`")
+    tag = client_tag(put)
+    cache_dir = dirs.client_cache_dir(repo.repo_id, tag) if req.cache else None
+    state_dir = dirs.state_dir(repo.repo_id, tag)
+    session = new_session_id()
+    lease_name, lease = make_lease(session, 0, cert.client, "backup", put.client_key, cert.name)
+    repo.backend.put(lease_name, lease)
+    try:
+        index = IndexCache(repo, put.secrets, cache_dir).load()
+        for problem in index.problems[:20]:
+            log.add("warn", "index-damaged", f"index object skipped ({problem}); run `bunker check`")
+        writer = SessionWriter(repo, put, cert.name, index)
+        fcache = FilesCache(os.path.join(cache_dir, "files.sqlite") if cache_dir else None)
+        started = time.time()
+        skip = [dirs.cache_dir()]
+        if "://" not in repo.backend.url:
+            skip.append(repo.backend.url)
+        archiver = Archiver(
+            writer, fcache, log, excludes=Excludes(req.excludes, skip), one_file_system=req.one_file_system,
+            progress=progress, tick=tick if callable(tick) else None,
+        )
+        try:
+            if req.stdin_name is not None:
+                result = stream_entry(archiver, req.stdin_name, req.stdin or sys.stdin.buffer)
+            else:
+                result = archiver.run(req.paths)
+            body_extra = {
+                "host": req.host,
+                "user": _user(),
+                "paths": [os.path.abspath(p) for p in req.paths] if req.stdin_name is None else [req.stdin_name],
+                "tags": sorted(set(req.tags)),
+                "started": started,
+                "finished": time.time(),
+                "argv": [a for a in sys.argv[1:]][:64],
+            }
+            committed = commit_snapshot(
+                repo, put, cert, writer, root=result.root, chunk_ids=result.chunk_ids, stats=result.stats,
+                log=log, body_extra=body_extra, state_dir=state_dir, master_on_client=req.master_on_client,
+            )
+            fcache.flush()
+        finally:
+            writer.close()
+            fcache.close()
+    finally:
+        with contextlib.suppress(BunkerError, OSError):
+            repo.backend.delete(lease_name)
+    return BackupOutcome(committed, log, result)
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return str(os.getuid())

@@ -1,0 +1,1 @@
+"""Command-line interface: commands, human and --json output, progress, exit codes."""

@@ -1,0 +1,115 @@
+"""init and backup."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import click
+
+from bunker.backup.archiver import Progress
+from bunker.backup.excludes import read_exclude_file
+from bunker.backup.run import BackupRequest, run_backup
+from bunker.cli import context
+from bunker.cli.main import EXIT_FOR_LEVEL, cli, common, default_client_name, handles_errors, make_options
+from bunker.cli.output import human_bytes
+from bunker.cli.progress import ProgressDisplay
+from bunker.errors import BunkerError, ExitCode
+from bunker.repo.repository import Repository
+from bunker.storage import open_backend
+
+
+@cli.command()
+@common
+@click.option("--client", "client_name", help="Name of this machine's client (default: host name).")
+@handles_errors
+def init(**kwargs: Any) -> None:
+    """Create a repository, its master key and this machine's put key."""
+    client_name = kwargs.pop("client_name") or default_client_name()
+    opts, out = make_options(kwargs)
+    created = context.init_repository(opts.repo_url, client_name)
+    out.document({"repository": opts.repo_url, "id": created.repo.repo_id, "master_key": created.master_path,
+                  "put_key": created.put_path, "client": client_name})
+    out.line(f"created repository {opts.repo_url}")
+    out.line(f"  id:        {created.repo.repo_id}")
+    out.line(f"  put key:   {created.put_path} (this machine backs up with it, no password)")
+    out.line("")
+    out.line(context.master_warning(created.master_path))
+
+
+def _open_or_create_default(opts: context.Options, out: Any) -> Repository:
+    """Open the repository; on a first run with nothing configured, create the default one."""
+    if opts.repo_is_default and not opts.put_key and not opts.master_key:
+        backend_exists = any(True for _ in _safe_list(opts.repo_url))
+        if not backend_exists:
+            created = context.init_repository(opts.repo_url, default_client_name())
+            out.info(f"created the local repository {opts.repo_url} (id {created.repo.repo_id[:16]}…)")
+            out.info(context.master_warning(created.master_path))
+            return created.repo
+    return context.open_repository(opts)
+
+
+def _safe_list(url: str) -> Any:
+    try:
+        return open_backend(url).list("config/")
+    except BunkerError:
+        return iter(())
+
+
+@cli.command()
+@common
+@click.argument("paths", nargs=-1, type=click.Path())
+@click.option("--exclude", "-e", multiple=True, help="Exclude a name pattern (*.tmp) or an absolute path pattern.")
+@click.option("--exclude-file", multiple=True, type=click.Path(dir_okay=False), help="Read exclude patterns from FILE.")
+@click.option("--one-file-system", "-x", is_flag=True, help="Do not cross into other mounted filesystems.")
+@click.option("--tag", multiple=True, help="Tag the snapshot (sealed; repeatable).")
+@click.option("--stdin-name", help="Back up standard input as a file with this name.")
+@click.option("--host", help="Host name recorded in the snapshot (default: this machine's).")
+@click.option("--no-progress", is_flag=True, help="No progress display even on a terminal.")
+@handles_errors
+def backup(**kwargs: Any) -> None:
+    """Back up PATHS (or standard input) with the put key: no password needed."""
+    paths: tuple[str, ...] = kwargs.pop("paths")
+    stdin_name = kwargs.pop("stdin_name")
+    no_progress = kwargs.pop("no_progress")
+    excludes = list(kwargs.pop("exclude"))
+    for f in kwargs.pop("exclude_file"):
+        excludes += read_exclude_file(f)
+    tags, one_fs, host = list(kwargs.pop("tag")), kwargs.pop("one_file_system"), kwargs.pop("host")
+    opts, out = make_options(kwargs)
+    if stdin_name is not None and (paths or "/" in stdin_name or stdin_name in ("", ".", "..")):
+        raise BunkerError("--stdin-name takes a plain file name and no PATHS", "e.g. `pg_dump db | bunker backup "
+                          "--stdin-name db.sql`", exit_code=ExitCode.USAGE)
+    if not paths and stdin_name is None:
+        raise BunkerError("nothing to back up", "name one or more paths, or use --stdin-name NAME",
+                          exit_code=ExitCode.USAGE)
+    for p in paths:
+        import os
+
+        if not os.path.lexists(p):
+            raise BunkerError(f"{p} does not exist", "check the path; no backup was taken", exit_code=ExitCode.USAGE)
+    repo = _open_or_create_default(opts, out)
+    put = context.load_put(opts, repo)
+    req = BackupRequest(paths=list(paths), excludes=excludes, one_file_system=one_fs, tags=tags,
+                        stdin_name=stdin_name, stdin=sys.stdin.buffer if stdin_name else None,
+                        master_on_client=context.master_on_client(repo.repo_id))
+    if host:
+        req.host = host
+    progress = Progress()
+    with ProgressDisplay(progress, list(paths), enabled=False if (no_progress or opts.as_json) else None):
+        outcome = run_backup(repo, put, req, progress)
+    c, log = outcome.committed, outcome.log
+    s = c.stats
+    out.document({"snapshot": c.name.split("/", 1)[1], "seq": c.seq, "level": c.level, "stats": s,
+                  "events": [e.to_json() for e in log.events], "repository": repo.backend.url})
+    if not opts.as_json:
+        for e in log.events:
+            if e.level != "ok":
+                where = f" {e.path.decode('utf-8', 'backslashreplace')}:" if e.path else ""
+                click.echo(f"{e.level}:{where} {e.message}", err=True)
+        click.echo(
+            f"snapshot {c.name.split('/', 1)[1][:12]} #{c.seq} level {c.level}: {s['files']} files, "
+            f"{human_bytes(s['bytes'])}; {s['files_new']} new, {s['files_changed']} changed; "
+            f"added {human_bytes(s['stored_new'])} stored in {s['duration_ms'] / 1000:.1f} s"
+        )
+    sys.exit(EXIT_FOR_LEVEL[c.level])

@@ -1,0 +1,1 @@
+"""check and verify (filled in below)."""

@@ -1,0 +1,171 @@
+"""snapshots, ls and restore."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import stat
+import sys
+from typing import Any
+
+import click
+
+from bunker.backup.restorer import Restorer
+from bunker.backup.runlog import RunLog, display_path
+from bunker.cli import context
+from bunker.cli.main import cli, common, handles_errors, make_options
+from bunker.cli.output import human_bytes
+from bunker.crypto.keyfile import MasterKey
+from bunker.errors import BunkerError, ExitCode
+from bunker.repo.blob_reader import BlobReader
+from bunker.repo.index_cache import IndexCache
+from bunker.repo.repository import Repository, SnapshotRecord
+from bunker.repo.selection import Filters, body_of, matches, select
+from bunker.repo.snapshot import open_body
+
+
+def filter_options(f: Any) -> Any:
+    f = click.option("--client", help="Only snapshots of this client.")(f)
+    f = click.option("--host", help="Only snapshots of this host (needs the master key).")(f)
+    f = click.option("--tag", multiple=True, help="Only snapshots with this tag (needs the master key).")(f)
+    f = click.option("--path", "path_filter", help="Only snapshots of this path (needs the master key).")(f)
+    return f
+
+
+def pop_filters(kwargs: dict[str, Any]) -> Filters:
+    return Filters(kwargs.pop("client"), kwargs.pop("host"), tuple(kwargs.pop("tag")), kwargs.pop("path_filter"))
+
+
+def _fmt_time(t: float) -> str:
+    return datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M:%S")
+
+
+@cli.command()
+@common
+@filter_options
+@handles_errors
+def snapshots(**kwargs: Any) -> None:
+    """List snapshots. Envelopes are public; host, paths and tags need the master key."""
+    f = pop_filters(kwargs)
+    opts, out = make_options(kwargs)
+    repo = context.open_repository(opts)
+    master = None
+    mpath = opts.master_key_file(repo.repo_id)
+    if f.sealed or (opts.master_key or os.environ.get("BUNKER_MASTER_KEY")):
+        master = context.load_master(opts, repo, "showing host, paths and tags")
+    rows = []
+    for rec in repo.snapshots():
+        if not matches(rec, f, master):
+            continue
+        e = rec.snap.env
+        row: dict[str, Any] = {"id": rec.name.split("/", 1)[1], "client": e.client, "seq": e.seq, "time": e.time,
+                               "complete": e.complete, "level": e.level, "stats": e.stats, "trusted": rec.trusted}
+        if rec.problem:
+            row["problem"] = rec.problem
+        if master is not None:
+            body = body_of(rec, master)
+            if body:
+                row.update(host=body.get("host"), paths=body.get("paths"), tags=body.get("tags"))
+        rows.append(row)
+    out.document({"repository": repo.backend.url, "id": repo.repo_id, "snapshots": rows})
+    out.line(f"{'id':12}  {'time':19}  {'client':14} {'seq':>4}  {'level':5}  {'files':>8}  {'size':>10}  state"
+             + ("  host / paths / tags" if master else ""))
+    for r in rows:
+        state = ("complete" if r["complete"] else "INCOMPLETE") + ("" if r["trusted"] else f" UNTRUSTED: {r.get('problem')}")
+        line = (f"{r['id'][:12]}  {_fmt_time(r['time'])}  {r['client'][:14]:14} {r['seq']:>4}  {r['level']:5}  "
+                f"{r['stats'].get('files', 0):>8}  {human_bytes(r['stats'].get('bytes', 0)):>10}  {state}")
+        if master is not None:
+            line += f"  {r.get('host')} {' '.join(r.get('paths') or [])} {','.join(r.get('tags') or [])}"
+        out.line(line)
+    if not rows:
+        out.line("(no snapshots)")
+    _ = mpath
+
+
+def _open_for_reading(opts: context.Options, spec: str, f: Filters, purpose: str) -> tuple[
+    Repository, MasterKey, SnapshotRecord, BlobReader, bytes
+]:
+    repo = context.open_repository(opts)
+    master = context.load_master(opts, repo, purpose)
+    rec = select(repo, spec, f, master)
+    try:
+        body = open_body(rec.snap, master.data_private)
+    except Exception as exc:
+        raise BunkerError(f"snapshot {rec.short_id} cannot be opened: {exc}", "run `bunker check`",
+                          exit_code=ExitCode.INTEGRITY) from None
+    secrets = repo.domain_secrets(master, rec.snap.env.domain)
+    index = IndexCache(repo, secrets, None).load()
+    return repo, master, rec, BlobReader(repo, master.data_private, secrets, index.locations), body["root"]
+
+
+_TYPE = {"f": "-", "d": "d", "l": "l", "c": "c", "b": "b", "p": "p", "s": "s"}
+
+
+@cli.command("ls")
+@common
+@filter_options
+@click.argument("snapshot")
+@click.argument("path", required=False, default="/")
+@click.option("--recursive", "-R", is_flag=True, help="List everything below PATH.")
+@handles_errors
+def ls_cmd(**kwargs: Any) -> None:
+    """List files in SNAPSHOT (an id prefix or `latest`) under PATH. Needs the master key."""
+    spec, path, recursive = kwargs.pop("snapshot"), kwargs.pop("path"), kwargs.pop("recursive")
+    f = pop_filters(kwargs)
+    opts, out = make_options(kwargs)
+    repo, _, rec, reader, root = _open_for_reading(opts, spec, f, "listing files")
+    restorer = Restorer(reader, b"/nonexistent", RunLog())
+    entry = restorer.find(root, path)
+    base = "/" + "/".join(c for c in path.split("/") if c)
+    items: list[dict[str, Any]] = []
+    stack = [(base, entry)]
+    first = True
+    while stack:
+        p, e = stack.pop()
+        if e["t"] == "d" and (first or recursive):
+            for child in reversed(restorer.tree(e["st"])):
+                stack.append(((p.rstrip("/") + "/" + display_path(child["n"])), child))
+        if not first:
+            items.append({"path": p, "type": e["t"], "mode": e.get("m", 0), "size": e.get("sz", 0),
+                          "mtime_ns": e.get("mt", 0), "user": e.get("U"), "group": e.get("G"),
+                          "target": display_path(e.get("lt")) if e.get("lt") else None})
+        elif e["t"] != "d":
+            items.append({"path": p, "type": e["t"], "mode": e.get("m", 0), "size": e.get("sz", 0),
+                          "mtime_ns": e.get("mt", 0), "user": e.get("U"), "group": e.get("G")})
+        first = False
+    out.document({"snapshot": rec.name.split("/", 1)[1], "items": items})
+    for it in items:
+        mode = _TYPE[it["type"]] + stat.filemode(it["mode"])[1:]
+        t = _fmt_time(it["mtime_ns"] / 1e9)
+        tgt = f" -> {it['target']}" if it.get("target") else ""
+        out.line(f"{mode} {it.get('user') or '?':>8} {it.get('group') or '?':>8} {it['size']:>12} {t}  {it['path']}{tgt}")
+    _ = repo
+
+
+@cli.command()
+@common
+@filter_options
+@click.argument("snapshot")
+@click.argument("paths", nargs=-1)
+@click.option("--target", "-t", required=True, type=click.Path(file_okay=False), help="Directory to restore into.")
+@click.option("--numeric-owner", is_flag=True, help="As root, use stored uid/gid instead of user/group names.")
+@handles_errors
+def restore(**kwargs: Any) -> None:
+    """Restore SNAPSHOT (an id prefix or `latest`), or only PATHS of it, into --target. Needs the master key."""
+    spec, paths, target, numeric = kwargs.pop("snapshot"), kwargs.pop("paths"), kwargs.pop("target"), kwargs.pop("numeric_owner")
+    f = pop_filters(kwargs)
+    opts, out = make_options(kwargs)
+    _, _, rec, reader, root = _open_for_reading(opts, spec, f, "restore")
+    log = RunLog()
+    restorer = Restorer(reader, os.fsencode(os.path.abspath(target)), log, numeric_owner=numeric)
+    stats = restorer.restore(root, list(paths))
+    out.document({"snapshot": rec.name.split("/", 1)[1], "target": os.path.abspath(target), "level": log.level,
+                  "stats": stats.__dict__, "events": [e.to_json() for e in log.events]})
+    if not opts.as_json:
+        for e in log.events:
+            click.echo(f"{e.level}: {display_path(e.path)}: {e.message}", err=True)
+        click.echo(f"restored snapshot {rec.short_id} into {target}: {stats.files} files, {stats.dirs} dirs, "
+                   f"{stats.links} symlinks, {human_bytes(stats.bytes)}; level {log.level}"
+                   + (f"; {stats.failed} items could not be restored" if stats.failed else ""))
+    if stats.failed:
+        sys.exit(ExitCode.ERR)

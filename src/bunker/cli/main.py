@@ -1,0 +1,77 @@
+"""The ``bunker`` command."""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from bunker import __version__
+from bunker.cli.context import Options
+from bunker.cli.output import Output
+from bunker.errors import BunkerError, ExitCode
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def common(f: F) -> F:
+    """Options every command takes (also accepted after the command name)."""
+    f = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")(f)
+    f = click.option("--put-key", type=click.Path(dir_okay=False), help="Put key file [BUNKER_PUT_KEY].")(f)
+    f = click.option("--master-key", type=click.Path(dir_okay=False), help="Master key file [BUNKER_MASTER_KEY].")(f)
+    f = click.option("--repo", "-r", help="Repository path or URL [BUNKER_REPO; default: the local repository "
+                     "in the user's data directory].")(f)
+    return f
+
+
+def handles_errors(f: F) -> F:
+    """Turn BunkerError into its message, hint and exit code."""
+
+    @functools.wraps(f)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        out = Output(bool(kwargs.get("as_json")))
+        try:
+            return f(*args, **kwargs)
+        except BunkerError as exc:
+            out.error(exc)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("bunker: interrupted; what was stored so far is kept and the next run re-uses it", err=True)
+            sys.exit(130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+def make_options(kwargs: dict[str, Any]) -> tuple[Options, Output]:
+    opts = Options(kwargs.pop("repo"), kwargs.pop("master_key"), kwargs.pop("put_key"), kwargs.pop("as_json"))
+    return opts, Output(opts.as_json)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, prog_name="bunker")
+def cli() -> None:
+    """Bunker: encrypted, deduplicating backups that need no password to take.
+
+    Exit codes: 0 ok/note, 1 warn, 2 usage, 3 err (backup taken, some items missing), 4 fatal,
+    10 passphrase needed but no terminal, 11 wrong passphrase, 12 key missing, 13 no repository,
+    14 damage found, 15 repository or key unusable.
+    """
+
+
+def main() -> None:
+    from bunker.cli import cmd_backup, cmd_check, cmd_key, cmd_restore  # noqa: F401 - registers commands
+
+    cli(prog_name="bunker")
+
+
+def default_client_name() -> str:
+    return os.environ.get("BUNKER_CLIENT") or socket.gethostname() or "client"
+
+
+EXIT_FOR_LEVEL = {"ok": ExitCode.OK, "note": ExitCode.OK, "warn": ExitCode.WARN, "err": ExitCode.ERR,
+                  "fatal": ExitCode.FATAL}

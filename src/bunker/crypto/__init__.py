@@ -1,0 +1,1 @@
+"""Crypto layer: primitives (aead, kem, sign, derive) and recipes (key files, shares)."""

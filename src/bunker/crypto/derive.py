@@ -1,0 +1,77 @@
+"""Key derivation from the 32-byte master seed (DESIGN.md §2).
+
+Every secret comes from BLAKE3 ``derive_key`` with a distinct, versioned context string, so the
+seed alone recovers a repository. Changing a context string changes the format: never do it
+without a new format version.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import blake3
+
+SEED_SIZE = 32
+_CTX = "bunker 2026-11 v1 "
+CTX_DATA_MLKEM = _CTX + "data key ML-KEM-768 seed"
+CTX_DATA_X25519 = _CTX + "data key X25519"
+CTX_MASTER_SIGN = _CTX + "master signing key Ed25519"
+CTX_PUT_SECRET = _CTX + "put secret of a dedup domain"
+CTX_CHUNK_ID = _CTX + "chunk id key"
+CTX_BLOB = _CTX + "convergent blob key"
+CTX_CHUNKER = _CTX + "chunker gear seed"
+CTX_INDEX = _CTX + "index, trailer and reference key"
+CTX_DOMAIN_ID = _CTX + "dedup domain id"
+
+
+def derive(context: str, material: bytes, length: int = 32) -> bytes:
+    """BLAKE3 derive_key(context, material) with ``length`` bytes of output."""
+    return blake3.blake3(material, derive_key_context=context).digest(length)
+
+
+def keyed_hash(key: bytes, data: bytes | memoryview, length: int = 32) -> bytes:
+    """Keyed BLAKE3 of ``data``; large inputs are hashed with several threads."""
+    threads = blake3.blake3.AUTO if len(data) >= (1 << 20) else 1
+    return blake3.blake3(data, key=key, max_threads=threads).digest(length)
+
+
+def chunker_seed_from(secret: bytes) -> int:
+    """The FastCDC gear seed rule of DESIGN.md §3: 8 bytes as u64, top bit cleared, low bit set.
+
+    pyfastcdc raises on seeds >= 2**63 and treats 0 as the unkeyed table.
+    """
+    x = int.from_bytes(secret[:8], "little")
+    return (x & (2**63 - 1)) | 1
+
+
+@dataclass(frozen=True)
+class PutSecrets:
+    """The put secret S of one dedup domain and the keys derived from it."""
+
+    secret: bytes  # S
+
+    @property
+    def chunk_id_key(self) -> bytes:  # S_id
+        return derive(CTX_CHUNK_ID, self.secret)
+
+    @property
+    def blob_key(self) -> bytes:  # S_blob
+        return derive(CTX_BLOB, self.secret)
+
+    @property
+    def index_key(self) -> bytes:  # S_index
+        return derive(CTX_INDEX, self.secret)
+
+    @property
+    def chunker_seed(self) -> int:  # from S_chunk
+        return chunker_seed_from(derive(CTX_CHUNKER, self.secret, 8))
+
+    @property
+    def domain_id(self) -> str:
+        """Public 16-hex-digit name of the dedup domain (says nothing about S)."""
+        return derive(CTX_DOMAIN_ID, self.secret, 8).hex()
+
+
+def put_secret_for_domain(seed: bytes, domain: str) -> PutSecrets:
+    """S for ``domain`` (a short public name, "default" unless clients must not share dedup)."""
+    return PutSecrets(derive(CTX_PUT_SECRET, seed + b"\x00" + domain.encode()))

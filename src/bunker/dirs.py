@@ -1,0 +1,50 @@
+"""Where Bunker keeps its files on this machine (XDG base directories respected).
+
+- config dir (``$XDG_CONFIG_HOME/bunker``): key files, ``keys/<repo id>.master`` and ``.put``
+- data dir (``$XDG_DATA_HOME/bunker``): the default local repository ``repo/``, and ``state/``
+  (chain heads per repository and client: losing them weakens rollback detection)
+- cache dir (``$XDG_CACHE_HOME/bunker``): files cache and index cache (rebuildable)
+"""
+
+from __future__ import annotations
+
+import os
+
+
+def _base(env: str, default: str) -> str:
+    v = os.environ.get(env)
+    if v and os.path.isabs(v):
+        return v
+    return os.path.join(os.path.expanduser("~"), default)
+
+
+def config_dir() -> str:
+    return os.path.join(_base("XDG_CONFIG_HOME", ".config"), "bunker")
+
+
+def data_dir() -> str:
+    return os.path.join(_base("XDG_DATA_HOME", os.path.join(".local", "share")), "bunker")
+
+
+def cache_dir() -> str:
+    return os.path.join(_base("XDG_CACHE_HOME", ".cache"), "bunker")
+
+
+def default_repository() -> str:
+    return os.path.join(data_dir(), "repo")
+
+
+def master_key_path(repo_id: str) -> str:
+    return os.path.join(config_dir(), "keys", f"{repo_id}.master")
+
+
+def put_key_path(repo_id: str) -> str:
+    return os.path.join(config_dir(), "keys", f"{repo_id}.put")
+
+
+def client_cache_dir(repo_id: str, client_tag: str) -> str:
+    return os.path.join(cache_dir(), repo_id[:32], client_tag)
+
+
+def state_dir(repo_id: str, client_tag: str) -> str:
+    return os.path.join(data_dir(), "state", repo_id[:32], client_tag)

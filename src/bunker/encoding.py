@@ -1,0 +1,78 @@
+"""Canonical msgpack encoding and bounded decoding of untrusted bytes.
+
+Canonical means: maps are written with their keys sorted, so equal values always give equal bytes
+(trees and reference objects dedup). Decoding never trusts lengths: msgpack's own limits are set
+from the size of the input, and every structural check failure becomes :class:`FormatError`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+
+class FormatError(ValueError):
+    """Bytes that do not have the expected structure."""
+
+
+def _canon(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _canon(value[k]) for k in sorted(value)}
+    if isinstance(value, (list, tuple)):
+        return [_canon(v) for v in value]
+    return value
+
+
+def pack(value: Any) -> bytes:
+    """Encode ``value`` canonically (sorted map keys, bin for bytes, str for text)."""
+    return msgpack.packb(_canon(value), use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def unpack(data: bytes | memoryview) -> Any:
+    """Decode msgpack from untrusted bytes; raise FormatError on anything malformed."""
+    n = len(data)
+    try:
+        return msgpack.unpackb(
+            data,
+            raw=False,
+            strict_map_key=False,
+            use_list=True,
+            max_bin_len=n,
+            max_str_len=n,
+            max_array_len=n,
+            max_map_len=n // 2 + 1,
+            max_ext_len=0,
+        )
+    except Exception as exc:  # msgpack raises many types on bad input
+        raise FormatError(f"not valid msgpack ({type(exc).__name__}: {exc})") from None
+
+
+def expect_map(value: Any, *keys: str) -> dict[str, Any]:
+    """Return ``value`` as a dict that has at least ``keys``, or raise FormatError."""
+    if not isinstance(value, dict):
+        raise FormatError(f"expected a map, got {type(value).__name__}")
+    missing = [k for k in keys if k not in value]
+    if missing:
+        raise FormatError(f"missing field(s): {', '.join(missing)}")
+    return value
+
+
+def field(m: dict[str, Any], key: str, typ: type | tuple[type, ...]) -> Any:
+    """Return ``m[key]`` checked against ``typ`` (bool is never accepted as int)."""
+    if key not in m:
+        raise FormatError(f"missing field {key!r}")
+    v = m[key]
+    if isinstance(v, bool) and typ is int:
+        raise FormatError(f"field {key!r} has the wrong type")
+    if not isinstance(v, typ):
+        raise FormatError(f"field {key!r} has the wrong type ({type(v).__name__})")
+    return v
+
+
+def field_bytes(m: dict[str, Any], key: str, size: int | None = None) -> bytes:
+    """Return a bytes field, optionally of an exact size."""
+    v: bytes = field(m, key, bytes)
+    if size is not None and len(v) != size:
+        raise FormatError(f"field {key!r} must be {size} bytes, is {len(v)}")
+    return v

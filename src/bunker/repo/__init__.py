@@ -1,0 +1,1 @@
+"""Repository layer: config, certificates, packs, index, references, trees, snapshots, check."""

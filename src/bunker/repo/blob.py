@@ -1,0 +1,91 @@
+"""Blob encryption under convergent keys (DESIGN.md §3).
+
+K_blob = keyed BLAKE3(S_blob, plaintext). The blob is ``nonce || AES-256-GCM(K_blob, c || data,
+aad=chunk id)`` where ``c`` is 0 for stored-as-is and 1 for zstd. A put-key holder who has the
+plaintext can derive K_blob and compare stored content; nobody else can read it.
+"""
+
+from __future__ import annotations
+
+import threading
+
+import zstandard
+
+from bunker.crypto import aead
+from bunker.crypto.derive import PutSecrets, keyed_hash
+
+COMP_NONE = 0
+COMP_ZSTD = 1
+ZSTD_LEVEL = 3
+_SAMPLE = 64 << 10
+_local = threading.local()
+
+
+class BlobError(ValueError):
+    """A blob that does not decrypt, decompress or match its chunk id."""
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    c = getattr(_local, "zc", None)
+    if c is None:
+        c = _local.zc = zstandard.ZstdCompressor(level=ZSTD_LEVEL)
+    return c
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    d = getattr(_local, "zd", None)
+    if d is None:
+        d = _local.zd = zstandard.ZstdDecompressor()
+    return d
+
+
+def chunk_id(secrets: PutSecrets, data: bytes | memoryview) -> bytes:
+    """The chunk id: keyed BLAKE3(S_id, plaintext)."""
+    return keyed_hash(secrets.chunk_id_key, data)
+
+
+def compress(data: bytes | memoryview) -> tuple[int, bytes | memoryview]:
+    """zstd-compress ``data`` unless it does not pay (tested on a sample first for big chunks)."""
+    n = len(data)
+    if n < 64:
+        return COMP_NONE, data
+    zc = _compressor()
+    if n > 4 * _SAMPLE and len(zc.compress(data[:_SAMPLE])) > _SAMPLE * 0.97:
+        return COMP_NONE, data
+    packed = zc.compress(data)
+    if len(packed) >= n - n // 64:
+        return COMP_NONE, data
+    return COMP_ZSTD, packed
+
+
+def encrypt_blob(secrets: PutSecrets, cid: bytes, data: bytes | memoryview) -> tuple[bytes, bytes]:
+    """Compress and encrypt one chunk; return (blob ciphertext, K_blob)."""
+    k_blob = keyed_hash(secrets.blob_key, data)
+    method, payload = compress(data)
+    return aead.encrypt(k_blob, bytes([method]) + bytes(payload), cid), k_blob
+
+
+def decrypt_blob(k_blob: bytes, cid: bytes, blob: bytes | memoryview, raw_length: int) -> bytes:
+    """Decrypt and decompress one blob; raise BlobError if anything does not match."""
+    try:
+        plain = aead.decrypt(k_blob, blob, cid)
+    except aead.DecryptionFailed:
+        raise BlobError("blob does not decrypt (altered, or wrong key)") from None
+    method, payload = plain[0], memoryview(plain)[1:]
+    if method == COMP_NONE:
+        data = bytes(payload)
+    elif method == COMP_ZSTD:
+        try:
+            data = _decompressor().decompress(payload, max_output_size=raw_length)
+        except zstandard.ZstdError as exc:
+            raise BlobError(f"blob does not decompress ({exc})") from None
+    else:
+        raise BlobError(f"unknown compression method {method}")
+    if len(data) != raw_length:
+        raise BlobError(f"blob has {len(data)} bytes, the index says {raw_length}")
+    return data
+
+
+def verify_blob(secrets: PutSecrets, cid: bytes, data: bytes) -> bool:
+    """True if ``data`` really is the plaintext of chunk ``cid``."""
+    return chunk_id(secrets, data) == cid

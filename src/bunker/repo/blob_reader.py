@@ -1,0 +1,114 @@
+"""Reading blobs back with the master key: locate through the index, open the pack's trailer
+and key group once per pack, then fetch and decrypt single blobs with range reads."""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from bunker import encoding
+from bunker.crypto.derive import PutSecrets
+from bunker.crypto.kem import DataPrivateKey
+from bunker.errors import CorruptObject, ObjectMissing
+from bunker.repo import blob
+from bunker.repo.index import Location
+from bunker.repo.pack import BlobEntry, decrypt_trailer, open_group_key, parse_footer, unwrap_blob_key, verify_footer
+from bunker.repo.repository import Repository
+
+FOOTER_GUESS = 256 << 10
+
+
+@dataclass
+class OpenPack:
+    """A pack's decrypted trailer and opened group keys."""
+
+    entries: dict[bytes, BlobEntry]
+    group_keys: list[bytes]
+
+
+def read_trailer(repo: Repository, pack: str, secrets: PutSecrets, *, verify_writer: bool = True) -> tuple[
+    list[BlobEntry], list[tuple[int, int]], str
+]:
+    """Fetch, verify (writer's signature) and decrypt a pack's trailer: (blobs, groups, writer)."""
+    name = f"packs/{pack}"
+    info = repo.backend.stat(name)
+    if info is None:
+        raise ObjectMissing(name)
+    tail = repo.backend.get(name, -min(FOOTER_GUESS, info.size))
+    try:
+        try:
+            footer = parse_footer(tail, info.size)
+        except encoding.FormatError as exc:
+            if str(exc) != "need more bytes":
+                raise
+            footer = parse_footer(repo.backend.get(name), info.size)
+        if verify_writer:
+            verify_footer(footer, repo.certificate(footer.signer).verify_key)
+        trailer = decrypt_trailer(footer, secrets)
+    except encoding.FormatError as exc:
+        raise CorruptObject(name, str(exc)) from None
+    return trailer.blobs, trailer.groups, footer.signer
+
+
+class BlobReader:
+    """Decrypts chunks of one dedup domain (thread-safe)."""
+
+    def __init__(self, repo: Repository, data_private: DataPrivateKey, secrets: PutSecrets,
+                 locations: dict[bytes, Location]) -> None:
+        self.repo = repo
+        self.data_private = data_private
+        self.secrets = secrets
+        self.locations = locations
+        self._packs: dict[str, OpenPack] = {}
+        self._lock = threading.Lock()
+        self._pack_locks: dict[str, threading.Lock] = {}
+
+    def open_pack(self, pack: str) -> OpenPack:
+        op = self._packs.get(pack)
+        if op is not None:
+            return op
+        with self._lock:
+            lock = self._pack_locks.setdefault(pack, threading.Lock())
+        with lock:
+            op = self._packs.get(pack)
+            if op is None:
+                blobs, groups, _ = read_trailer(self.repo, pack, self.secrets)
+                name = f"packs/{pack}"
+                keys = []
+                for off, length in groups:
+                    sealed = self.repo.backend.get(name, off, length)
+                    try:
+                        keys.append(open_group_key(sealed, self.data_private, self.secrets.domain_id))
+                    except encoding.FormatError as exc:
+                        raise CorruptObject(name, str(exc)) from None
+                op = OpenPack({b.chunk_id: b for b in blobs}, keys)
+                self._packs[pack] = op
+        return op
+
+    def blob_key(self, pack: str, cid: bytes) -> tuple[BlobEntry, bytes]:
+        op = self.open_pack(pack)
+        entry = op.entries.get(cid)
+        if entry is None:
+            raise CorruptObject(f"packs/{pack}", f"it does not hold chunk {cid.hex()[:16]} that the index places there")
+        try:
+            return entry, unwrap_blob_key(op.group_keys[entry.group], entry)
+        except encoding.FormatError as exc:
+            raise CorruptObject(f"packs/{pack}", str(exc)) from None
+
+    def read(self, cid: bytes) -> bytes:
+        """The plaintext of chunk ``cid``, verified against its id."""
+        loc = self.locations.get(cid)
+        if loc is None:
+            raise ObjectMissing(f"chunk {cid.hex()[:16]}", "no index entry: run `bunker check`")
+        entry, k_blob = self.blob_key(loc.pack, cid)
+        data = self.repo.backend.get(f"packs/{loc.pack}", entry.offset, entry.length)
+        return self.decrypt(loc.pack, entry, k_blob, data)
+
+    def decrypt(self, pack: str, entry: BlobEntry, k_blob: bytes, data: bytes | memoryview) -> bytes:
+        try:
+            plain = blob.decrypt_blob(k_blob, entry.chunk_id, data, entry.raw_length)
+        except blob.BlobError as exc:
+            raise CorruptObject(f"packs/{pack}", f"chunk {entry.chunk_id.hex()[:16]}: {exc}") from None
+        if not blob.verify_blob(self.secrets, entry.chunk_id, plain):
+            raise CorruptObject(f"packs/{pack}", f"chunk {entry.chunk_id.hex()[:16]} does not match its id")
+        return plain

@@ -1,0 +1,119 @@
+"""The client's view of the index: every chunk of its dedup domain and where it is stored.
+
+Decrypted index objects are cached as files in the client's cache directory (index objects are
+immutable, so a cached copy never goes stale; one that disappeared from the repository is
+dropped). The cache can always be rebuilt from the repository with the put key.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterable
+
+from bunker import encoding
+from bunker.crypto.derive import PutSecrets
+from bunker.crypto.sign import BadSignature, verify
+from bunker.errors import CorruptObject, ObjectMissing
+from bunker.repo.index import Location, decrypt_index, parse_index_frame
+from bunker.repo.objects import MAGIC_INDEX
+from bunker.repo.repository import Repository
+
+
+class IndexCache:
+    """chunk id -> Location for one dedup domain, trusted writers only."""
+
+    def __init__(self, repo: Repository, secrets: PutSecrets, cache_dir: str | None) -> None:
+        self.repo = repo
+        self.secrets = secrets
+        self.cache_dir = os.path.join(cache_dir, "index") if cache_dir else None
+        self.locations: dict[bytes, Location] = {}
+        self.objects: set[str] = set()
+        self.problems: list[str] = []
+
+    def __contains__(self, cid: bytes) -> bool:
+        return cid in self.locations
+
+    def __len__(self) -> int:
+        return len(self.locations)
+
+    def get(self, cid: bytes) -> Location | None:
+        return self.locations.get(cid)
+
+    def load(self) -> IndexCache:
+        """Read every index object of the repository (cached ones from disk)."""
+        revoked = self.repo.config.revoked_clients()
+        names = [i.name for i in self.repo.backend.list("index/")]
+        cached: set[str] = set()
+        if self.cache_dir:
+            os.makedirs(self.cache_dir, mode=0o700, exist_ok=True)
+            cached = set(os.listdir(self.cache_dir))
+            for stale in cached - {n.split("/", 1)[1] for n in names}:
+                with contextlib.suppress(OSError):
+                    os.unlink(os.path.join(self.cache_dir, stale))
+        for name in names:
+            leaf = name.split("/", 1)[1]
+            entries = None
+            if leaf in cached and self.cache_dir:
+                try:
+                    with open(os.path.join(self.cache_dir, leaf), "rb") as f:
+                        entries = _decode_cached(f.read())
+                except (OSError, encoding.FormatError):
+                    entries = None
+            if entries is None:
+                entries = self._fetch(name, revoked)
+                if entries is None:
+                    continue
+                if self.cache_dir:
+                    self._store_cached(leaf, entries)
+            self.add(entries)
+            self.objects.add(name)
+        return self
+
+    def _fetch(self, name: str, revoked: dict[str, int]) -> list[tuple[bytes, Location]] | None:
+        try:
+            obj = parse_index_frame(self.repo.get_object(name))
+            if obj.body["domain"] != self.secrets.domain_id:
+                return []  # another dedup domain: not ours to use
+            if obj.signer in revoked:
+                return []  # clients do not dedup against revoked writers
+            cert = self.repo.certificate(obj.signer)
+            verify(cert.verify_key, MAGIC_INDEX, obj.body_bytes, obj.sig)
+            return decrypt_index(obj, self.secrets)
+        except (CorruptObject, ObjectMissing, encoding.FormatError, BadSignature) as exc:
+            self.problems.append(f"{name}: {exc}")
+            return None
+
+    def _store_cached(self, leaf: str, entries: list[tuple[bytes, Location]]) -> None:
+        assert self.cache_dir
+        rows = [[cid, loc.pack, loc.offset, loc.length, loc.raw_length] for cid, loc in entries]
+        tmp = os.path.join(self.cache_dir, f".{leaf}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(encoding.pack(rows))
+        os.replace(tmp, os.path.join(self.cache_dir, leaf))
+
+    def add(self, entries: Iterable[tuple[bytes, Location]]) -> None:
+        """Add entries (first location wins: equal chunks in two packs are both valid)."""
+        loc = self.locations
+        for cid, where in entries:
+            if cid not in loc:
+                loc[cid] = where
+
+    def record_written(self, name: str, entries: list[tuple[bytes, Location]]) -> None:
+        """Note an index object this client just wrote (so the next load need not fetch it)."""
+        self.objects.add(name)
+        if self.cache_dir:
+            os.makedirs(self.cache_dir, mode=0o700, exist_ok=True)
+            self._store_cached(name.split("/", 1)[1], entries)
+
+
+def _decode_cached(data: bytes) -> list[tuple[bytes, Location]]:
+    rows = encoding.unpack(data)
+    if not isinstance(rows, list):
+        raise encoding.FormatError("bad cache file")
+    out = []
+    for r in rows:
+        if not (isinstance(r, list) and len(r) == 5):
+            raise encoding.FormatError("bad cache row")
+        out.append((r[0], Location(r[1], r[2], r[3], r[4])))
+    return out

@@ -1,0 +1,127 @@
+"""Reference objects (``refs/<hash>``): a snapshot's pack set and chunk set.
+
+A set is a sorted list split into parts at content-defined boundaries (an item whose hash has
+its low 11 bits zero ends a part), so an unchanged or slightly changed set re-uses almost all
+parts: an unchanged snapshot costs almost nothing. The top object lists its parts.
+
+Pack sets are plaintext (the keyless check needs them). Chunk-set parts are encrypted
+deterministically (SIV-style, key from S_index) so equal parts stay equal objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import blake3
+
+from bunker import encoding
+from bunker.crypto import aead
+from bunker.crypto.derive import PutSecrets, keyed_hash
+from bunker.repo.objects import MAGIC_REFS, check_ref, name_for
+
+KIND_PACKSET = "packset"
+KIND_CHUNKSET = "chunkset"
+_BOUNDARY_MASK = (1 << 11) - 1
+
+
+def _chunkset_key(secrets: PutSecrets) -> bytes:
+    return keyed_hash(secrets.index_key, b"chunkset")
+
+
+def _split(items: list[bytes]) -> list[list[bytes]]:
+    parts: list[list[bytes]] = []
+    cur: list[bytes] = []
+    for it in items:
+        cur.append(it)
+        if int.from_bytes(blake3.blake3(it).digest(4), "little") & _BOUNDARY_MASK == 0:
+            parts.append(cur)
+            cur = []
+    if cur or not parts:
+        parts.append(cur)
+    return parts
+
+
+def _obj(body: dict[str, object]) -> bytes:
+    return MAGIC_REFS + encoding.pack(body)
+
+
+def build_packset(pack_names: Iterable[str]) -> dict[str, bytes]:
+    """Objects (name -> bytes) of a pack set; the top object's name is ``top_name(result)``."""
+    items = sorted(set(pack_names))
+    out: dict[str, bytes] = {}
+    parts = []
+    for part in _split([p.encode() for p in items]):
+        data = _obj({"kind": KIND_PACKSET + "-part", "items": [p.decode() for p in part]})
+        name = name_for("refs", data)
+        out[name] = data
+        parts.append(name)
+    top = _obj({"kind": KIND_PACKSET, "parts": parts, "count": len(items)})
+    out[name_for("refs", top)] = top
+    out["top"] = top
+    return out
+
+
+def build_chunkset(chunk_ids: Iterable[bytes], secrets: PutSecrets) -> dict[str, bytes]:
+    """Objects of a chunk set (see :func:`build_packset`)."""
+    items = sorted(set(chunk_ids))
+    key = _chunkset_key(secrets)
+    out: dict[str, bytes] = {}
+    parts = []
+    for part in _split(items):
+        ct = aead.encrypt_deterministic(key, b"".join(part), secrets.domain_id.encode())
+        data = _obj({"kind": KIND_CHUNKSET + "-part", "domain": secrets.domain_id, "ct": ct})
+        name = name_for("refs", data)
+        out[name] = data
+        parts.append(name)
+    top = _obj({"kind": KIND_CHUNKSET, "domain": secrets.domain_id, "parts": parts, "count": len(items)})
+    out[name_for("refs", top)] = top
+    out["top"] = top
+    return out
+
+
+def top_name(objects: dict[str, bytes]) -> str:
+    """Name of the top object of a set built by build_packset/build_chunkset."""
+    return name_for("refs", objects["top"])
+
+
+def parse_refs(data: bytes) -> dict[str, object]:
+    """Decode a reference object (top or part) and validate its shape."""
+    if data[:4] != MAGIC_REFS:
+        raise encoding.FormatError("not a reference object")
+    m = encoding.expect_map(encoding.unpack(data[4:]), "kind")
+    kind = m["kind"]
+    if kind in (KIND_PACKSET, KIND_CHUNKSET):
+        for p in encoding.field(m, "parts", list):
+            check_ref(p, "refs")
+        encoding.field(m, "count", int)
+    elif kind == KIND_PACKSET + "-part":
+        for p in encoding.field(m, "items", list):
+            check_ref(f"packs/{p}", "packs")
+    elif kind == KIND_CHUNKSET + "-part":
+        encoding.field_bytes(m, "ct")
+    else:
+        raise encoding.FormatError(f"unknown reference kind {kind!r}")
+    return m
+
+
+def read_set(top: str, fetch: Callable[[str], bytes], secrets: PutSecrets | None = None) -> list[object]:
+    """Read a whole set: pack names (hex) for a pack set, chunk ids for a chunk set (needs S)."""
+    m = parse_refs(fetch(top))
+    out: list[object] = []
+    for part_name in m["parts"]:  # type: ignore[attr-defined]
+        part = parse_refs(fetch(part_name))
+        if part["kind"] == KIND_PACKSET + "-part" and m["kind"] == KIND_PACKSET:
+            out.extend(part["items"])  # type: ignore[arg-type]
+        elif part["kind"] == KIND_CHUNKSET + "-part" and m["kind"] == KIND_CHUNKSET:
+            if secrets is None:
+                raise encoding.FormatError("a chunk set needs the put key")
+            try:
+                plain = aead.decrypt(_chunkset_key(secrets), part["ct"], secrets.domain_id.encode())  # type: ignore[arg-type]
+            except aead.DecryptionFailed:
+                raise encoding.FormatError(f"chunk set part {part_name} does not decrypt") from None
+            if len(plain) % 32:
+                raise encoding.FormatError(f"chunk set part {part_name} has a bad length")
+            out.extend(plain[i : i + 32] for i in range(0, len(plain), 32))
+        else:
+            raise encoding.FormatError(f"part {part_name} does not belong to a {m['kind']}")
+    return out

@@ -1,0 +1,155 @@
+"""A writer session: dedup against the index, fill data and metadata packs, upload them in the
+background, and write this session's index objects. Thread-safe: the archiver's workers call
+``store`` concurrently; compression and encryption happen in the caller's thread (they release
+the GIL), only the append to the open pack is serialized.
+
+Order of writes (DESIGN.md §6): packs, then index, then snapshot.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from bunker.crypto.keyfile import PutKey
+from bunker.repo import blob
+from bunker.repo.index import Location, make_index
+from bunker.repo.index_cache import IndexCache
+from bunker.repo.pack import KIND_DATA, BlobEntry, PackWriter
+from bunker.repo.repository import Repository
+
+MAX_UPLOADS_IN_FLIGHT = 2
+
+
+class SessionWriter:
+    """Stores chunks for one session (backup run)."""
+
+    def __init__(self, repo: Repository, put: PutKey, cert_name: str, index: IndexCache) -> None:
+        self.repo = repo
+        self.put = put
+        self.cert_name = cert_name
+        self.index = index
+        self.secrets = put.secrets
+        self.pack_target = repo.config.packs["target"]
+        self.flush_seconds = float(repo.config.packs["flush_seconds"])
+        self._lock = threading.Lock()
+        self._pending: set[bytes] = set()  # reserved or in an unflushed pack
+        self._open: dict[str, PackWriter] = {}
+        self._opened_at: dict[str, float] = {}
+        self._uploads: list[Future[None]] = []
+        self._upload_slots = threading.BoundedSemaphore(MAX_UPLOADS_IN_FLIGHT)
+        self._pool = ThreadPoolExecutor(MAX_UPLOADS_IN_FLIGHT, thread_name_prefix="bunker-upload")
+        self._new_entries: list[tuple[bytes, Location]] = []
+        self.packs_written: list[str] = []
+        self.bytes_added = 0  # stored (encrypted) bytes of new blobs
+        self.raw_added = 0
+        self.chunks_added = 0
+        self.on_progress: Callable[[], None] | None = None
+        self._error: BaseException | None = None
+
+    # -------------------------------------------------------------- chunk storage
+    def known(self, cid: bytes) -> bool:
+        """True if the chunk is stored or about to be (no need to encrypt it again)."""
+        return cid in self.index.locations or cid in self._pending
+
+    def store(self, cid: bytes, data: bytes | memoryview, kind: str = KIND_DATA) -> bool:
+        """Store a chunk unless it is known; return True if it was new."""
+        with self._lock:
+            if cid in self.index.locations or cid in self._pending:
+                return False
+            self._pending.add(cid)
+        ct, k_blob = blob.encrypt_blob(self.secrets, cid, data)
+        self._append(kind, cid, ct, len(data), k_blob)
+        return True
+
+    def _append(self, kind: str, cid: bytes, ct: bytes, raw_length: int, k_blob: bytes) -> None:
+        full = None
+        with self._lock:
+            self._raise_upload_error()
+            pw = self._open.get(kind)
+            if pw is None:
+                pw = self._open[kind] = PackWriter(
+                    kind, self.secrets, self.put.data_public, self.put.client_key, self.cert_name
+                )
+                self._opened_at[kind] = time.monotonic()
+            pw.add(cid, ct, raw_length, k_blob)
+            self.bytes_added += len(ct)
+            self.raw_added += raw_length
+            self.chunks_added += 1
+            if pw.size >= self.pack_target:
+                full = self._open.pop(kind)
+        if full is not None:
+            self._submit(full)
+
+    def flush_if_old(self) -> bool:
+        """Seal packs older than the flush interval (called periodically). True if any sealed."""
+        now = time.monotonic()
+        old = []
+        with self._lock:
+            for kind in list(self._open):
+                if now - self._opened_at[kind] >= self.flush_seconds:
+                    old.append(self._open.pop(kind))
+        for pw in old:
+            self._submit(pw)
+        return bool(old)
+
+    def _submit(self, pw: PackWriter) -> None:
+        self._upload_slots.acquire()  # bounds memory: at most N sealed packs waiting
+        name, data = pw.finish()
+        entries = pw.entries
+        fut = self._pool.submit(self._upload, name, data, entries)
+        with self._lock:
+            self._uploads.append(fut)
+
+    def _upload(self, name: str, data: bytes, entries: list[BlobEntry]) -> None:
+        try:
+            self.repo.backend.put(f"packs/{name}", data)
+            locs = [(e.chunk_id, Location(name, e.offset, e.length, e.raw_length)) for e in entries]
+            with self._lock:
+                self.index.add(locs)
+                self._new_entries.extend(locs)
+                for cid, _ in locs:
+                    self._pending.discard(cid)
+                self.packs_written.append(name)
+        except BaseException as exc:
+            with self._lock:
+                self._error = exc
+            raise
+        finally:
+            self._upload_slots.release()
+            if self.on_progress:
+                self.on_progress()
+
+    def _raise_upload_error(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    # -------------------------------------------------------------- persistence
+    def flush(self) -> str | None:
+        """Seal all open packs, wait for uploads, and write an index object for what was added
+        since the last flush. Returns the index object's name, or None if nothing was new."""
+        with self._lock:
+            open_packs = list(self._open.values())
+            self._open.clear()
+        for pw in open_packs:
+            if len(pw):
+                self._submit(pw)
+        with self._lock:
+            uploads, self._uploads = self._uploads, []
+        for fut in uploads:
+            fut.result()
+        self._raise_upload_error()
+        with self._lock:
+            entries, self._new_entries = self._new_entries, []
+        if not entries:
+            return None
+        data = make_index(entries, self.secrets, self.put.client_key, self.cert_name)
+        name = self.repo.put_object("index", data)
+        self.index.record_written(name, entries)
+        return name
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)
+

@@ -1,0 +1,149 @@
+"""Snapshots (``snapshots/<hash>``): a signed, public envelope and a sealed body.
+
+The envelope (readable by anyone holding the repository) says: client, certificate, sequence
+number, previous envelope's object name, time, level, complete or not, statistics, the pack set
+(plaintext) and chunk set references, and the hash of the body ciphertext. The body (host,
+paths, tags, root tree, log) is AES-256-GCM under a random key that is HPKE-sealed to the data
+public key: only the master key opens it. The writer's signature covers the envelope, which
+includes the body hash.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+import blake3
+
+from bunker import encoding
+from bunker.crypto import aead
+from bunker.crypto.kem import DataPrivateKey, DataPublicKey, OpenFailed
+from bunker.crypto.sign import SigningKey
+from bunker.repo.objects import MAGIC_SNAPSHOT, check_ref
+
+LEVELS = ("ok", "note", "warn", "err", "fatal")
+BODY_INFO = b"bunker snapshot body v1\x00"
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """The public part of a snapshot."""
+
+    repo_id: str
+    client: str
+    cert: str
+    seq: int
+    prev: str  # snapshots/<hex> of the previous envelope of this client, "" for the first
+    time: float
+    level: str
+    complete: bool
+    stats: dict[str, int]
+    packset: str
+    chunkset: str
+    domain: str
+    body_hash: bytes
+    sealed_key: bytes
+    master_on_client: bool = False
+
+    def to_body(self) -> dict[str, Any]:
+        return {
+            "v": 1,
+            "repo": self.repo_id,
+            "client": self.client,
+            "cert": self.cert,
+            "seq": self.seq,
+            "prev": self.prev,
+            "time": self.time,
+            "level": self.level,
+            "complete": self.complete,
+            "stats": self.stats,
+            "packset": self.packset,
+            "chunkset": self.chunkset,
+            "domain": self.domain,
+            "body_hash": self.body_hash,
+            "sealed_key": self.sealed_key,
+            "master_on_client": self.master_on_client,
+        }
+
+
+def seal_body(body: dict[str, Any], data_public: DataPublicKey, repo_id: str) -> tuple[bytes, bytes]:
+    """Encrypt a body under a fresh key; return (sealed key, body ciphertext)."""
+    key = os.urandom(32)
+    sealed = data_public.seal(key, BODY_INFO + repo_id.encode())
+    return sealed, aead.encrypt(key, encoding.pack(body), b"snapshot body")
+
+
+def make_snapshot(env: Envelope, body_ct: bytes, signer: SigningKey) -> bytes:
+    """Encode and sign a snapshot object."""
+    env_bytes = encoding.pack(env.to_body())
+    sig = signer.sign(MAGIC_SNAPSHOT, env_bytes)
+    return MAGIC_SNAPSHOT + encoding.pack({"env": env_bytes, "body": body_ct, "signer": env.cert, "sig": sig})
+
+
+@dataclass(frozen=True)
+class ParsedSnapshot:
+    """A decoded snapshot; the signature must be verified by the caller (see Repository)."""
+
+    env: Envelope
+    env_bytes: bytes
+    body_ct: bytes
+    sig: bytes
+
+
+def parse_snapshot(data: bytes) -> ParsedSnapshot:
+    """Decode a snapshot object and check the body hash; raise FormatError if malformed."""
+    if data[:4] != MAGIC_SNAPSHOT:
+        raise encoding.FormatError("not a snapshot object")
+    outer = encoding.expect_map(encoding.unpack(data[4:]), "env", "body", "signer", "sig")
+    env_bytes = encoding.field_bytes(outer, "env")
+    body_ct = encoding.field_bytes(outer, "body")
+    sig = encoding.field_bytes(outer, "sig", 64)
+    e = encoding.expect_map(encoding.unpack(env_bytes))
+    level = encoding.field(e, "level", str)
+    if level not in LEVELS:
+        raise encoding.FormatError(f"unknown level {level!r}")
+    prev = encoding.field(e, "prev", str)
+    if prev:
+        check_ref(prev, "snapshots")
+    stats = encoding.field(e, "stats", dict)
+    if not all(isinstance(k, str) and type(v) is int for k, v in stats.items()):
+        raise encoding.FormatError("bad statistics")
+    env = Envelope(
+        repo_id=encoding.field(e, "repo", str),
+        client=encoding.field(e, "client", str),
+        cert=check_ref(e.get("cert"), "clients"),
+        seq=encoding.field(e, "seq", int),
+        prev=prev,
+        time=float(encoding.field(e, "time", (int, float))),
+        level=level,
+        complete=encoding.field(e, "complete", bool),
+        stats=stats,
+        packset=check_ref(e.get("packset"), "refs"),
+        chunkset=check_ref(e.get("chunkset"), "refs"),
+        domain=encoding.field(e, "domain", str),
+        body_hash=encoding.field_bytes(e, "body_hash", 32),
+        sealed_key=encoding.field_bytes(e, "sealed_key"),
+        master_on_client=bool(e.get("master_on_client", False)),
+    )
+    if env.seq < 1 or (env.seq == 1) != (env.prev == ""):
+        raise encoding.FormatError("sequence number and previous snapshot do not agree")
+    if outer["signer"] != env.cert:
+        raise encoding.FormatError("snapshot signer is not the envelope's certificate")
+    if blake3.blake3(body_ct).digest() != env.body_hash:
+        raise encoding.FormatError("snapshot body does not match the signed body hash")
+    return ParsedSnapshot(env, env_bytes, body_ct, sig)
+
+
+def open_body(snap: ParsedSnapshot, data_private: DataPrivateKey) -> dict[str, Any]:
+    """Decrypt a snapshot's body with the master key."""
+    try:
+        key = data_private.open(snap.env.sealed_key, BODY_INFO + snap.env.repo_id.encode())
+        plain = aead.decrypt(key, snap.body_ct, b"snapshot body")
+    except (OpenFailed, aead.DecryptionFailed):
+        raise encoding.FormatError("snapshot body does not decrypt with the master key") from None
+    body = encoding.expect_map(encoding.unpack(plain), "host", "paths", "tags", "root", "log")
+    root = body["root"]
+    if not (isinstance(root, bytes) and len(root) == 32):
+        raise encoding.FormatError("snapshot body has no valid root tree")
+    return body
