@@ -1,1 +1,114 @@
-"""check and verify (filled in below)."""
+"""check and verify."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+import click
+
+from bunker import dirs
+from bunker.backup.chain import load_head
+from bunker.backup.files_cache import FilesCache
+from bunker.backup.run import client_tag
+from bunker.backup.verify import Verifier
+from bunker.cli import context
+from bunker.cli.main import cli, common, handles_errors, make_options
+from bunker.cli.output import human_bytes
+from bunker.errors import ExitCode
+from bunker.repo.check import Checker
+from bunker.repo.index_cache import IndexCache
+from bunker.repo.objects import content_hash
+from bunker.storage import open_backend
+
+
+@cli.command()
+@common
+@click.option("--keyless", is_flag=True, help="Use no key: hashes, signatures, chains and pack sets only.")
+@click.option("--expect", "expect", help="Repository id (fingerprint) the copy must have (with --keyless).")
+@click.option("--read-data", is_flag=True, help="Decrypt every blob and verify its chunk id (master key).")
+@handles_errors
+def check(**kwargs: Any) -> None:
+    """Check the repository's integrity (put key by default; --keyless; --read-data)."""
+    keyless, expect, read_data = kwargs.pop("keyless"), kwargs.pop("expect"), kwargs.pop("read_data")
+    opts, out = make_options(kwargs)
+    backend = open_backend(opts.repo_url)
+    secrets = master = head = None
+    if keyless:
+        checker = Checker(backend, expect.lower() if expect else None)
+    else:
+        repo = context.open_repository(opts)
+        if expect and expect.lower() != repo.repo_id:
+            out.info(f"warning: --expect {expect} differs from this key's repository {repo.repo_id}")
+        put_path = opts.put_key_file(repo.repo_id)
+        if read_data:
+            master = context.load_master(opts, repo, "check --read-data")
+        if put_path and os.path.exists(put_path):
+            put = context.load_put(opts, repo)
+            secrets = put.secrets
+            tag = client_tag(put)
+            remembered = load_head(dirs.state_dir(repo.repo_id, tag))
+            if remembered:
+                head = ("clients/" + content_hash(put.certificate), remembered.seq, remembered.name)
+        elif master is None:
+            context.load_put(opts, repo)  # raises the clear "no put key" error
+        else:
+            secrets = master.put_secrets("default")
+        checker = Checker(backend, repo.repo_id, secrets=secrets, master=master, head=head,
+                          progress=(lambda s: out.info(f"checking {s}…")) if sys.stderr.isatty() and not opts.as_json else None)
+    report = checker.run(keyless)
+    out.document(report.to_json())
+    c = report.counts
+    out.line(f"checked repository {report.repo_id or '?'} ({report.mode}): {c.get('packs', 0)} packs, "
+             f"{c.get('index', 0)} indexes, {c.get('snapshots', 0)} snapshots, {c.get('clients', 0)} clients"
+             + (f", {c.get('blobs_verified', 0)} blobs decrypted and verified" if report.mode == "read-data" else "")
+             + (f", {human_bytes(report.bytes_read)} read" if report.bytes_read else ""))
+    for p in report.problems:
+        out.line(f"{p.severity}: {p.object}: {p.problem}")
+    if report.ok:
+        out.line("no damage found" + ("" if report.authenticated else " (authenticity not proven: pass --expect ID)"))
+    else:
+        n = sum(1 for p in report.problems if p.severity == "err")
+        out.line(f"{n} problem(s) found: restore damaged objects from a mirror if you have one; snapshots that "
+                 "need them restore only partly (see docs/recovery.md)")
+        sys.exit(ExitCode.INTEGRITY)
+
+
+@cli.command()
+@common
+@click.argument("paths", nargs=-1, required=True, type=click.Path())
+@click.option("--read-data", is_flag=True, help="Also fetch and decrypt each stored chunk and compare it.")
+@handles_errors
+def verify(**kwargs: Any) -> None:
+    """Confirm with the put key (no password) that local files' current content is stored."""
+    paths, read_data = kwargs.pop("paths"), kwargs.pop("read_data")
+    opts, out = make_options(kwargs)
+    repo = context.open_repository(opts)
+    put = context.load_put(opts, repo)
+    tag = client_tag(put)
+    cache_dir = dirs.client_cache_dir(repo.repo_id, tag)
+    index = IndexCache(repo, put.secrets, cache_dir).load()
+    fcache = FilesCache(os.path.join(cache_dir, "files.sqlite"))
+    try:
+        rep = Verifier(repo, index, fcache, read_data).run(list(paths))
+    finally:
+        fcache.close()
+    out.document({"ok": rep.ok, "stored": len(rep.stored), "missing": [{"path": p, "why": w} for p, w in rep.missing],
+                  "new": rep.new, "changed": rep.changed,
+                  "unreadable": [{"path": p, "why": w} for p, w in rep.unreadable], "bytes": rep.bytes,
+                  "chunks_compared": rep.chunks_compared})
+    for p in rep.new:
+        out.line(f"new since last backup: {p}")
+    for p in rep.changed:
+        out.line(f"changed since last backup: {p}")
+    for p, why in rep.missing:
+        out.line(f"NOT STORED: {p}: {why}")
+    for p, why in rep.unreadable:
+        out.line(f"unreadable: {p}: {why}")
+    out.line(f"{len(rep.stored)} files stored in the repository ({human_bytes(rep.bytes)} read"
+             + (f", {rep.chunks_compared} chunks decrypted and compared" if read_data else "") + f"); "
+             f"{len(rep.missing)} not stored, {len(rep.unreadable)} unreadable")
+    if not rep.ok:
+        out.line("next step: run `bunker backup` on the files not stored")
+        sys.exit(ExitCode.INTEGRITY)

@@ -1,0 +1,416 @@
+"""Repository checks at three depths (all report every problem, naming the object).
+
+- keyless: no key at all. Every object's bytes match its name; config and every signature chain
+  to the master verify key (whose fingerprint must equal ``expect`` when given); each client's
+  snapshot chain has no gap; every snapshot's pack set is complete (retired snapshots excepted).
+- put key: the structural checks plus: every pack trailer of the client's dedup domain decrypts
+  and agrees with the index; every chunk of every snapshot's chunk set is indexed in a pack of
+  its pack set; the client's remembered chain head is still in the repository.
+- read data (master key): additionally decrypt every blob of every pack and verify its chunk id.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import blake3
+
+from bunker import encoding
+from bunker.crypto.derive import PutSecrets
+from bunker.crypto.keyfile import MasterKey
+from bunker.crypto.sign import BadSignature, verify
+from bunker.errors import BunkerError, CorruptObject, ObjectMissing
+from bunker.repo import blob, refs
+from bunker.repo.certs import parse_certificate
+from bunker.repo.config import parse_config
+from bunker.repo.index import Location, decrypt_index, parse_index_frame
+from bunker.repo.objects import MAGIC_GC, MAGIC_INDEX, MAGIC_RETIRED, MAGIC_SESSION, content_hash, is_hash_name, parse_signed
+from bunker.repo.pack import decrypt_trailer, open_group_key, parse_footer, unwrap_blob_key, verify_footer
+from bunker.repo.records import parse_retirement
+from bunker.repo.repository import Repository
+from bunker.repo.snapshot import parse_snapshot
+from bunker.storage.backend import PREFIXES, Backend
+
+
+@dataclass
+class Problem:
+    object: str
+    problem: str
+    severity: str = "err"  # "err" damages or forgeries; "warn" things that need attention
+
+    def to_json(self) -> dict[str, str]:
+        return {"object": self.object, "problem": self.problem, "severity": self.severity}
+
+
+@dataclass
+class CheckReport:
+    repo_id: str = ""
+    authenticated: bool = False  # the id was pinned by --expect or a key
+    mode: str = "keyless"
+    counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+    problems: list[Problem] = field(default_factory=list)
+    bytes_read: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def add(self, obj: str, problem: str, severity: str = "err") -> None:
+        with self._lock:
+            self.problems.append(Problem(obj, problem, severity))
+
+    @property
+    def ok(self) -> bool:
+        return not any(p.severity == "err" for p in self.problems)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"id": self.repo_id, "authenticated": self.authenticated, "mode": self.mode, "ok": self.ok,
+                "counts": dict(self.counts), "bytes_read": self.bytes_read,
+                "problems": [p.to_json() for p in self.problems]}
+
+
+class Checker:
+    def __init__(self, backend: Backend, expect: str | None, *, secrets: PutSecrets | None = None,
+                 master: MasterKey | None = None, head: tuple[str, int, str] | None = None,
+                 progress: Callable[[str], None] | None = None) -> None:
+        self.backend = backend
+        self.expect = expect
+        self.secrets = secrets
+        self.master = master
+        self.head = head  # (cert name, remembered seq, remembered snapshot name)
+        self.report = CheckReport()
+        self.progress = progress or (lambda s: None)
+        self.repo: Repository | None = None
+        self._domain_secrets: dict[str, PutSecrets] = {}
+
+    # ------------------------------------------------------------------ entry point
+    def run(self, keyless: bool) -> CheckReport:
+        r = self.report
+        r.mode = "read-data" if self.master else ("keyless" if keyless else "put-key")
+        try:
+            self.repo = Repository.open(self.backend, self.expect)
+        except BunkerError as exc:
+            r.add("config/", exc.message)
+            return r
+        repo = self.repo
+        r.repo_id = repo.repo_id
+        r.authenticated = self.expect is not None
+        if self.expect is None:
+            r.add("config/", "no --expect FINGERPRINT given: the repository is only self-consistent; compare the "
+                  f"id {repo.repo_id} with the one on your key or in your own copy of RECOVERY.md", "warn")
+        names = {p: [i.name for i in self.backend.list(p + "/")] for p in PREFIXES}
+        for p, ns in names.items():
+            r.counts[p] = len(ns)
+        self.progress("configs and certificates")
+        self._check_configs(names["config"])
+        self._check_certs(names["clients"])
+        if keyless or self.master:
+            self._check_small_objects(names)
+        self.progress("packs")
+        trailers = self._check_packs(names["packs"], full=keyless or self.master is not None)
+        self.progress("indexes")
+        locations = self._check_indexes(names["index"], trailers)
+        self.progress("snapshots")
+        self._check_snapshots(names["snapshots"], names["retired"], set(names["packs"]), locations)
+        self._check_records(names)
+        return r
+
+    # ------------------------------------------------------------------ pieces
+    def _get(self, name: str) -> bytes | None:
+        try:
+            data = self.backend.get(name)
+        except ObjectMissing:
+            self.report.add(name, "listed but cannot be read (vanished)")
+            return None
+        with self.report._lock:
+            self.report.bytes_read += len(data)
+        if is_hash_name(name) and content_hash(data) != name.split("/", 1)[1]:
+            self.report.add(name, "its bytes do not match its name (altered, truncated or bit rot)")
+            return None
+        return data
+
+    def _check_small_objects(self, names: dict[str, list[str]]) -> None:
+        for prefix in ("refs",):
+            for n in names[prefix]:
+                data = self._get(n)
+                if data is not None:
+                    try:
+                        refs.parse_refs(data)
+                    except encoding.FormatError as exc:
+                        self.report.add(n, f"malformed reference object: {exc}")
+
+    def _check_configs(self, names: list[str]) -> None:
+        assert self.repo
+        for n in names:
+            data = self._get(n)
+            if data is None:
+                continue
+            try:
+                cfg = parse_config(data)
+            except encoding.FormatError as exc:
+                self.report.add(n, f"invalid config: {exc}")
+                continue
+            if cfg.repo_id != self.repo.repo_id:
+                self.report.add(n, f"config signed by another master key (id {cfg.repo_id[:16]}…): substituted or foreign")
+
+    def _check_certs(self, names: list[str]) -> None:
+        assert self.repo
+        for n in names:
+            data = self._get(n)
+            if data is None:
+                continue
+            try:
+                self.repo._certs[n] = parse_certificate(data, self.repo.config.master_verify, self.repo.repo_id)
+            except encoding.FormatError as exc:
+                self.report.add(n, f"invalid client certificate: {exc}")
+
+    def _secrets_for_domain(self, domain_id: str) -> PutSecrets | None:
+        if self.secrets is not None and self.secrets.domain_id == domain_id:
+            return self.secrets
+        if self.master is not None and self.repo is not None:
+            if domain_id not in self._domain_secrets:
+                try:
+                    self._domain_secrets[domain_id] = self.repo.domain_secrets(self.master, domain_id)
+                except BunkerError:
+                    return None
+            return self._domain_secrets[domain_id]
+        return None
+
+    def _check_packs(self, names: list[str], full: bool) -> dict[str, dict[bytes, Any]]:
+        """Verify every pack; return decrypted trailers (pack hex -> chunk id -> entry) where readable."""
+        out: dict[str, dict[bytes, Any]] = {}
+        lock = threading.Lock()
+
+        def one(n: str) -> None:
+            try:
+                self._check_pack(n, full, out, lock)
+            except BunkerError as exc:
+                self.report.add(n, exc.message)
+
+        with ThreadPoolExecutor(2) as pool:
+            list(pool.map(one, names))
+        return out
+
+    def _check_pack(self, n: str, full: bool, out: dict[str, dict[bytes, Any]], lock: threading.Lock) -> None:
+        assert self.repo
+        r = self.report
+        if full:
+            data = self._get(n)
+            if data is None:
+                return
+            size = len(data)
+            tail: bytes | memoryview = data
+        else:
+            info = self.backend.stat(n)
+            if info is None:
+                r.add(n, "vanished while checking")
+                return
+            size = info.size
+            tail = self.backend.get(n, -min(size, 1 << 20))
+            data = None
+        try:
+            footer = parse_footer(bytes(tail), size)
+            if len(tail) < size - footer.body_length and data is None:
+                footer = parse_footer(self.backend.get(n), size)
+        except encoding.FormatError as exc:
+            r.add(n, f"pack footer unreadable: {exc}")
+            return
+        try:
+            cert = self.repo.certificate(footer.signer)
+            verify_footer(footer, cert.verify_key)
+        except (CorruptObject, ObjectMissing) as exc:
+            r.add(n, f"writer certificate {footer.signer} not usable: {exc.message}")
+            return
+        except encoding.FormatError as exc:
+            r.add(n, f"{exc} (forged or altered)")
+            return
+        revoked = self.repo.config.revoked_clients()
+        if footer.signer in revoked:
+            r.add(n, f"written by revoked client {cert.client!r}", "warn")
+        if data is not None:
+            if blake3.blake3(memoryview(data)[: footer.body_length]).digest() != footer.body_hash:
+                r.add(n, "pack body does not match its signed hash")
+                return
+        secrets = self._secrets_for_domain(cert.domain)
+        if secrets is None:
+            return
+        try:
+            trailer = decrypt_trailer(footer, secrets)
+        except encoding.FormatError as exc:
+            r.add(n, str(exc))
+            return
+        with lock:
+            out[n.split("/", 1)[1]] = {b.chunk_id: b for b in trailer.blobs}
+            r.counts["blobs"] += len(trailer.blobs)
+        if self.master is None or data is None:
+            return
+        try:
+            keys = [open_group_key(data[o:o + ln], self.master.data_private, secrets.domain_id)
+                    for o, ln in trailer.groups]
+        except encoding.FormatError as exc:
+            r.add(n, str(exc))
+            return
+        view = memoryview(data)
+        bad = 0
+        for b in trailer.blobs:
+            try:
+                k = unwrap_blob_key(keys[b.group], b)
+                plain = blob.decrypt_blob(k, b.chunk_id, view[b.offset:b.offset + b.length], b.raw_length)
+                if not blob.verify_blob(secrets, b.chunk_id, plain):
+                    raise blob.BlobError("content does not match its chunk id")
+            except (encoding.FormatError, blob.BlobError) as exc:
+                bad += 1
+                if bad <= 10:
+                    r.add(n, f"chunk {b.chunk_id.hex()[:16]} at offset {b.offset}: {exc}")
+        with lock:
+            r.counts["blobs_verified"] += len(trailer.blobs) - bad
+
+    def _check_indexes(self, names: list[str], trailers: dict[str, dict[bytes, Any]]) -> dict[bytes, Location]:
+        assert self.repo
+        locations: dict[bytes, Location] = {}
+        for n in names:
+            data = self._get(n)
+            if data is None:
+                continue
+            try:
+                obj = parse_index_frame(data)
+                cert = self.repo.certificate(obj.signer)
+                verify(cert.verify_key, MAGIC_INDEX, obj.body_bytes, obj.sig)
+            except (encoding.FormatError, BadSignature, CorruptObject, ObjectMissing) as exc:
+                self.report.add(n, f"index not authentic: {exc}")
+                continue
+            secrets = self._secrets_for_domain(obj.body["domain"])
+            if secrets is None:
+                continue
+            try:
+                entries = decrypt_index(obj, secrets)
+            except encoding.FormatError as exc:
+                self.report.add(n, str(exc))
+                continue
+            wrong = 0
+            for cid, loc in entries:
+                t = trailers.get(loc.pack)
+                if t is None:
+                    wrong += 1
+                    if wrong <= 5:
+                        self.report.add(n, f"points chunk {cid.hex()[:16]} to pack {loc.pack[:16]}… which is missing "
+                                        "or unreadable")
+                    continue
+                b = t.get(cid)
+                if b is None or b.offset != loc.offset or b.length != loc.length or b.raw_length != loc.raw_length:
+                    wrong += 1
+                    if wrong <= 5:
+                        self.report.add(n, f"entry for chunk {cid.hex()[:16]} disagrees with pack {loc.pack[:16]}…")
+                    continue
+                locations.setdefault(cid, loc)
+            self.report.counts["index_entries"] += len(entries)
+        return locations
+
+    def _check_snapshots(self, names: list[str], retired_names: list[str], packs: set[str],
+                         locations: dict[bytes, Location]) -> None:
+        assert self.repo
+        repo, r = self.repo, self.report
+        retired: set[str] = set()
+        for n in retired_names:
+            data = self._get(n)
+            if data is None:
+                continue
+            try:
+                snap_name, signer = parse_retirement(data)
+                obj = parse_signed(data, MAGIC_RETIRED)
+                cert = repo.certificate(signer)
+                verify(cert.verify_key, MAGIC_RETIRED, obj.body_bytes, obj.sig)
+                if "prune" not in cert.capabilities:
+                    raise encoding.FormatError(f"signer {cert.client!r} may not prune")
+                retired.add(snap_name)
+            except (encoding.FormatError, BadSignature, CorruptObject, ObjectMissing) as exc:
+                r.add(n, f"retirement record not valid: {exc}")
+        chains: dict[str, dict[int, tuple[str, str]]] = defaultdict(dict)
+        for n in names:
+            data = self._get(n)
+            if data is None:
+                continue
+            try:
+                snap = parse_snapshot(data)
+            except encoding.FormatError as exc:
+                r.add(n, f"malformed snapshot: {exc}")
+                continue
+            trusted, problem = repo.verify_snapshot_signature(snap)
+            if not trusted:
+                r.add(n, f"snapshot not trusted: {problem}")
+                continue
+            e = snap.env
+            if e.seq in chains[e.cert]:
+                r.add(n, f"client {e.client!r} has two snapshots with sequence #{e.seq} (fork)")
+            chains[e.cert][e.seq] = (n, e.prev)
+            if n in retired:
+                continue
+            try:
+                pset = refs.read_set(e.packset, self._fetch_ref)
+            except (BunkerError, encoding.FormatError) as exc:
+                r.add(n, f"pack set {e.packset} unreadable: {exc}")
+                continue
+            missing = [p for p in pset if f"packs/{p}" not in packs]
+            if missing:
+                r.add(n, f"needs {len(missing)} pack(s) that are missing, e.g. packs/{missing[0]}")
+            secrets = self.secrets if (self.secrets and self.secrets.domain_id == e.domain) else (
+                self._secrets_for_domain(e.domain) if self.master else None)
+            if secrets is None:
+                try:
+                    top = refs.parse_refs(self._fetch_ref(e.chunkset))
+                    for part in top.get("parts", []):  # type: ignore[attr-defined]
+                        self._fetch_ref(part)
+                except (BunkerError, encoding.FormatError) as exc:
+                    r.add(n, f"chunk set {e.chunkset} incomplete: {exc}")
+                continue
+            try:
+                cset = refs.read_set(e.chunkset, self._fetch_ref, secrets)
+            except (BunkerError, encoding.FormatError) as exc:
+                r.add(n, f"chunk set {e.chunkset} unreadable: {exc}")
+                continue
+            pset_s = set(pset)
+            lost = [c for c in cset if c not in locations or locations[c].pack not in pset_s]  # type: ignore[index]
+            if lost:
+                r.add(n, f"{len(lost)} of its {len(cset)} chunks are not indexed in its packs "
+                      f"(e.g. {lost[0].hex()[:16]})")  # type: ignore[union-attr]
+            r.counts["snapshot_chunks"] += len(cset)
+        for cert_name, chain in chains.items():
+            client = repo.certificate(cert_name).client
+            expected = 1
+            for s in sorted(chain):
+                name, prev = chain[s]
+                if s > expected:
+                    r.add(name, f"client {client!r}: snapshots #{expected}..#{s - 1} are missing (deleted or withheld)")
+                expected = s + 1
+                if s > 1 and (s - 1) in chain and chain[s - 1][0] != prev:
+                    r.add(name, f"client {client!r}: snapshot #{s} does not link to #{s - 1} (chain altered)")
+        if self.head is not None:
+            cert_name, seq, head_name = self.head
+            have = chains.get(cert_name, {})
+            top = max(have) if have else 0
+            if seq > top:
+                r.add(head_name, f"this client wrote snapshot #{seq} but the repository's newest is #{top}: "
+                      "snapshots were deleted or the repository was rolled back")
+            elif seq in have and have[seq][0] != head_name:
+                r.add(head_name, f"this client's snapshot #{seq} was replaced by another object")
+
+    def _fetch_ref(self, name: str) -> bytes:
+        data = self._get(name)
+        if data is None:
+            raise ObjectMissing(name)
+        return data
+
+    def _check_records(self, names: dict[str, list[str]]) -> None:
+        assert self.repo
+        for prefix, magic in (("gc", MAGIC_GC), ("sessions", MAGIC_SESSION)):
+            for n in names[prefix]:
+                data = self._get(n)
+                if data is None:
+                    continue
+                try:
+                    obj = parse_signed(data, magic)
+                    verify(self.repo.certificate(obj.signer).verify_key, magic, obj.body_bytes, obj.sig)
+                except (encoding.FormatError, BadSignature, CorruptObject, ObjectMissing) as exc:
+                    self.report.add(n, f"record not authentic: {exc}")
