@@ -49,8 +49,8 @@ class CorruptObject(BunkerError):
         self.problem = problem
         super().__init__(
             f"object {name} is damaged: {problem}",
-            hint or "run `bunker check` to see every damaged object; a mirror or an older snapshot "
-            "may still hold the data",
+            hint
+            or "run `bunker check` to see every damaged object; a mirror or an older snapshot may still hold the data",
         )
 
 

@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
@@ -132,8 +132,15 @@ class Archiver:
         self._done_lock = threading.Lock()
         self._ready: deque[DirJob] = deque()
         self.chunk_ids: set[bytes] = set()
-        self.stats = {"files": 0, "dirs": 0, "bytes": 0, "files_new": 0, "files_changed": 0,
-                      "files_unchanged": 0, "errors": 0}
+        self.stats = {
+            "files": 0,
+            "dirs": 0,
+            "bytes": 0,
+            "files_new": 0,
+            "files_changed": 0,
+            "files_unchanged": 0,
+            "errors": 0,
+        }
         self._last_tick = time.monotonic()
 
     # ------------------------------------------------------------------ chunking
@@ -330,7 +337,9 @@ class Archiver:
         try:
             names = sorted(os.listdir(path))
         except OSError as exc:
-            self.log.os_error("err", "listdir-failed", path, exc, "cannot list directory; its contents are not in this backup")
+            self.log.os_error(
+                "err", "listdir-failed", path, exc, "cannot list directory; its contents are not in this backup"
+            )
             self.stats["errors"] += 1
             names = []
         job.names = deque(names)
@@ -490,8 +499,19 @@ def stream_entry(archiver: Archiver, name: str, f: BinaryIO) -> ArchiveResult:
     archiver.chunk_ids.update(chunks)
     now = time.time_ns()
     uid, gid = os.getuid(), os.getgid()
-    entry = {"n": os.fsencode(name), "t": "f", "m": 0o600, "u": uid, "g": gid, "U": archiver._owners.user(uid),
-             "G": archiver._owners.group(gid), "mt": now, "ct": now, "sz": size, "c": chunks}
+    entry = {
+        "n": os.fsencode(name),
+        "t": "f",
+        "m": 0o600,
+        "u": uid,
+        "g": gid,
+        "U": archiver._owners.user(uid),
+        "G": archiver._owners.group(gid),
+        "mt": now,
+        "ct": now,
+        "sz": size,
+        "c": chunks,
+    }
     root = archiver._store_tree([entry])
     archiver.stats.update(files=1, files_new=1, bytes=size, duration_ms=int((time.monotonic() - t0) * 1000))
     return ArchiveResult(root, archiver.chunk_ids, archiver.stats)

@@ -81,13 +81,7 @@ class FilesCache:
 def lookup(record: DirRecord, name: bytes, st: os.stat_result) -> list[bytes] | None:
     """Chunk ids of an unchanged file, or None if it changed or was never stored."""
     r = record.get(name)
-    if (
-        r is not None
-        and r[0] == st.st_ino
-        and r[1] == st.st_size
-        and r[2] == st.st_mtime_ns
-        and r[3] == st.st_ctime_ns
-    ):
+    if r is not None and r[0] == st.st_ino and r[1] == st.st_size and r[2] == st.st_mtime_ns and r[3] == st.st_ctime_ns:
         chunks: list[bytes] = r[4]
         return chunks
     return None

@@ -8,6 +8,7 @@ their times.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -72,12 +73,14 @@ class Restorer:
         entry: dict[str, Any] = {"n": b"", "t": "d", "st": root}
         for comp in [c for c in os.fsencode(path).split(b"/") if c]:
             if entry["t"] != "d":
-                raise BunkerError(f"{path} is not in this snapshot", "list it with `bunker ls SNAPSHOT`",
-                                  exit_code=ExitCode.USAGE)
+                raise BunkerError(
+                    f"{path} is not in this snapshot", "list it with `bunker ls SNAPSHOT`", exit_code=ExitCode.USAGE
+                )
             match = [e for e in self.tree(entry["st"]) if e["n"] == comp]
             if not match:
-                raise BunkerError(f"{path} is not in this snapshot", "list it with `bunker ls SNAPSHOT`",
-                                  exit_code=ExitCode.USAGE)
+                raise BunkerError(
+                    f"{path} is not in this snapshot", "list it with `bunker ls SNAPSHOT`", exit_code=ExitCode.USAGE
+                )
             entry = match[0]
         return entry
 
@@ -109,8 +112,9 @@ class Restorer:
             )
         return self.stats
 
-    def _restore_dir(self, tid: bytes, path: bytes, dirs: list[_DirMeta], pool: ThreadPoolExecutor,
-                     futures: list[Future[None]]) -> None:
+    def _restore_dir(
+        self, tid: bytes, path: bytes, dirs: list[_DirMeta], pool: ThreadPoolExecutor, futures: list[Future[None]]
+    ) -> None:
         stack = [(tid, path)]
         while stack:
             t, p = stack.pop()
@@ -129,8 +133,14 @@ class Restorer:
                 else:
                     self._restore_entry(e, full, dirs, pool, futures)
 
-    def _restore_entry(self, e: dict[str, Any], full: bytes, dirs: list[_DirMeta], pool: ThreadPoolExecutor,
-                       futures: list[Future[None]]) -> None:
+    def _restore_entry(
+        self,
+        e: dict[str, Any],
+        full: bytes,
+        dirs: list[_DirMeta],
+        pool: ThreadPoolExecutor,
+        futures: list[Future[None]],
+    ) -> None:
         t = e["t"]
         if t == "d":
             if self._mkdir(full, e):
@@ -218,8 +228,13 @@ class Restorer:
                 self.log.add("note", "socket-skipped", "unix socket not recreated by this version", path)
                 return
         except PermissionError as exc:
-            self.log.add("note", "special-skipped", f"cannot create this device without root ({exc.strerror}); "
-                         "restore as root, or export a tar and extract it as root", path)
+            self.log.add(
+                "note",
+                "special-skipped",
+                f"cannot create this device without root ({exc.strerror}); "
+                "restore as root, or export a tar and extract it as root",
+                path,
+            )
             return
         except OSError as exc:
             self._failed(path, exc, "cannot create special file")
@@ -262,14 +277,10 @@ def _owner_ids(e: dict[str, Any], uid: int, gid: int) -> tuple[int, int]:
     key = (e.get("U", ""), e.get("G", ""))
     if key not in _pw_cache:
         u = g = None
-        try:
+        with contextlib.suppress(KeyError):
             u = pwd.getpwnam(key[0]).pw_uid if key[0] else None
-        except KeyError:
-            pass
-        try:
+        with contextlib.suppress(KeyError):
             g = grp.getgrnam(key[1]).gr_gid if key[1] else None
-        except KeyError:
-            pass
         _pw_cache[key] = (u, g)
     u, g = _pw_cache[key]
     return (uid if u is None else u), (gid if g is None else g)

@@ -55,17 +55,23 @@ def client_tag(put: PutKey) -> str:
     return content_hash(put.certificate)[:16]
 
 
-def run_backup(repo: Repository, put: PutKey, req: BackupRequest, progress: Progress | None = None,
-               tick: object = None) -> BackupOutcome:
+def run_backup(
+    repo: Repository, put: PutKey, req: BackupRequest, progress: Progress | None = None, tick: object = None
+) -> BackupOutcome:
     """Take one backup; raises BunkerError only when no snapshot could be written (fatal)."""
     if not req.paths and req.stdin_name is None:
-        raise BunkerError("nothing to back up", "name one or more paths, or --stdin-name NAME", exit_code=ExitCode.USAGE)
+        raise BunkerError(
+            "nothing to back up", "name one or more paths, or --stdin-name NAME", exit_code=ExitCode.USAGE
+        )
     cert = repo.check_put_key(put)
     log = RunLog()
     if req.master_on_client:
-        log.add("note", "master-key-on-client",
-                f"the master key is still on this machine ({dirs.master_key_path(repo.repo_id)}): move it off with "
-                "`bunker key export --master FILE --remove`")
+        log.add(
+            "note",
+            "master-key-on-client",
+            f"the master key is still on this machine ({dirs.master_key_path(repo.repo_id)}): move it off with "
+            "`bunker key export --master FILE --remove`",
+        )
     tag = client_tag(put)
     cache_dir = dirs.client_cache_dir(repo.repo_id, tag) if req.cache else None
     state_dir = dirs.state_dir(repo.repo_id, tag)
@@ -83,8 +89,13 @@ def run_backup(repo: Repository, put: PutKey, req: BackupRequest, progress: Prog
         if "://" not in repo.backend.url:
             skip.append(repo.backend.url)
         archiver = Archiver(
-            writer, fcache, log, excludes=Excludes(req.excludes, skip), one_file_system=req.one_file_system,
-            progress=progress, tick=tick if callable(tick) else None,
+            writer,
+            fcache,
+            log,
+            excludes=Excludes(req.excludes, skip),
+            one_file_system=req.one_file_system,
+            progress=progress,
+            tick=tick if callable(tick) else None,
         )
         try:
             if req.stdin_name is not None:
@@ -101,8 +112,17 @@ def run_backup(repo: Repository, put: PutKey, req: BackupRequest, progress: Prog
                 "argv": [a for a in sys.argv[1:]][:64],
             }
             committed = commit_snapshot(
-                repo, put, cert, writer, root=result.root, chunk_ids=result.chunk_ids, stats=result.stats,
-                log=log, body_extra=body_extra, state_dir=state_dir, master_on_client=req.master_on_client,
+                repo,
+                put,
+                cert,
+                writer,
+                root=result.root,
+                chunk_ids=result.chunk_ids,
+                stats=result.stats,
+                log=log,
+                body_extra=body_extra,
+                state_dir=state_dir,
+                master_on_client=req.master_on_client,
             )
             fcache.flush()
         finally:

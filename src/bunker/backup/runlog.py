@@ -56,7 +56,9 @@ class RunLog:
         return ev
 
     def os_error(self, level: str, code: str, path: bytes, exc: OSError, what: str) -> Event:
-        return self.add(level, code, f"{what}: {exc.strerror or exc} (errno {exc.errno} {os.strerror(exc.errno or 0)})", path)
+        return self.add(
+            level, code, f"{what}: {exc.strerror or exc} (errno {exc.errno} {os.strerror(exc.errno or 0)})", path
+        )
 
     @property
     def level(self) -> str:

@@ -122,8 +122,9 @@ class Verifier:
             return f"pack {pack[:16]}… does not hold a chunk the index places there"
         k_blob = keyed_hash(self.secrets.blob_key, piece)  # the convergent key, from local data
         try:
-            stored = blob.decrypt_blob(k_blob, cid, self.repo.backend.get(f"packs/{pack}", entry.offset, entry.length),
-                                       entry.raw_length)
+            stored = blob.decrypt_blob(
+                k_blob, cid, self.repo.backend.get(f"packs/{pack}", entry.offset, entry.length), entry.raw_length
+            )
         except Exception as exc:  # noqa: BLE001
             return f"stored copy does not decrypt with the key of the local content: {exc}"
         self.report.chunks_compared += 1

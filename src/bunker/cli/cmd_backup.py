@@ -28,8 +28,15 @@ def init(**kwargs: Any) -> None:
     client_name = kwargs.pop("client_name") or default_client_name()
     opts, out = make_options(kwargs)
     created = context.init_repository(opts.repo_url, client_name)
-    out.document({"repository": opts.repo_url, "id": created.repo.repo_id, "master_key": created.master_path,
-                  "put_key": created.put_path, "client": client_name})
+    out.document(
+        {
+            "repository": opts.repo_url,
+            "id": created.repo.repo_id,
+            "master_key": created.master_path,
+            "put_key": created.put_path,
+            "client": client_name,
+        }
+    )
     out.line(f"created repository {opts.repo_url}")
     out.line(f"  id:        {created.repo.repo_id}")
     out.line(f"  put key:   {created.put_path} (this machine backs up with it, no password)")
@@ -78,11 +85,15 @@ def backup(**kwargs: Any) -> None:
     tags, one_fs, host = list(kwargs.pop("tag")), kwargs.pop("one_file_system"), kwargs.pop("host")
     opts, out = make_options(kwargs)
     if stdin_name is not None and (paths or "/" in stdin_name or stdin_name in ("", ".", "..")):
-        raise BunkerError("--stdin-name takes a plain file name and no PATHS", "e.g. `pg_dump db | bunker backup "
-                          "--stdin-name db.sql`", exit_code=ExitCode.USAGE)
+        raise BunkerError(
+            "--stdin-name takes a plain file name and no PATHS",
+            "e.g. `pg_dump db | bunker backup --stdin-name db.sql`",
+            exit_code=ExitCode.USAGE,
+        )
     if not paths and stdin_name is None:
-        raise BunkerError("nothing to back up", "name one or more paths, or use --stdin-name NAME",
-                          exit_code=ExitCode.USAGE)
+        raise BunkerError(
+            "nothing to back up", "name one or more paths, or use --stdin-name NAME", exit_code=ExitCode.USAGE
+        )
     for p in paths:
         import os
 
@@ -90,9 +101,15 @@ def backup(**kwargs: Any) -> None:
             raise BunkerError(f"{p} does not exist", "check the path; no backup was taken", exit_code=ExitCode.USAGE)
     repo = _open_or_create_default(opts, out)
     put = context.load_put(opts, repo)
-    req = BackupRequest(paths=list(paths), excludes=excludes, one_file_system=one_fs, tags=tags,
-                        stdin_name=stdin_name, stdin=sys.stdin.buffer if stdin_name else None,
-                        master_on_client=context.master_on_client(repo.repo_id))
+    req = BackupRequest(
+        paths=list(paths),
+        excludes=excludes,
+        one_file_system=one_fs,
+        tags=tags,
+        stdin_name=stdin_name,
+        stdin=sys.stdin.buffer if stdin_name else None,
+        master_on_client=context.master_on_client(repo.repo_id),
+    )
     if host:
         req.host = host
     progress = Progress()
@@ -100,8 +117,16 @@ def backup(**kwargs: Any) -> None:
         outcome = run_backup(repo, put, req, progress)
     c, log = outcome.committed, outcome.log
     s = c.stats
-    out.document({"snapshot": c.name.split("/", 1)[1], "seq": c.seq, "level": c.level, "stats": s,
-                  "events": [e.to_json() for e in log.events], "repository": repo.backend.url})
+    out.document(
+        {
+            "snapshot": c.name.split("/", 1)[1],
+            "seq": c.seq,
+            "level": c.level,
+            "stats": s,
+            "events": [e.to_json() for e in log.events],
+            "repository": repo.backend.url,
+        }
+    )
     if not opts.as_json:
         for e in log.events:
             if e.level != "ok":

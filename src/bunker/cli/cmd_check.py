@@ -55,23 +55,33 @@ def check(**kwargs: Any) -> None:
             context.load_put(opts, repo)  # raises the clear "no put key" error
         else:
             secrets = master.put_secrets("default")
-        checker = Checker(backend, repo.repo_id, secrets=secrets, master=master, head=head,
-                          progress=(lambda s: out.info(f"checking {s}…")) if sys.stderr.isatty() and not opts.as_json else None)
+        checker = Checker(
+            backend,
+            repo.repo_id,
+            secrets=secrets,
+            master=master,
+            head=head,
+            progress=(lambda s: out.info(f"checking {s}…")) if sys.stderr.isatty() and not opts.as_json else None,
+        )
     report = checker.run(keyless)
     out.document(report.to_json())
     c = report.counts
-    out.line(f"checked repository {report.repo_id or '?'} ({report.mode}): {c.get('packs', 0)} packs, "
-             f"{c.get('index', 0)} indexes, {c.get('snapshots', 0)} snapshots, {c.get('clients', 0)} clients"
-             + (f", {c.get('blobs_verified', 0)} blobs decrypted and verified" if report.mode == "read-data" else "")
-             + (f", {human_bytes(report.bytes_read)} read" if report.bytes_read else ""))
+    out.line(
+        f"checked repository {report.repo_id or '?'} ({report.mode}): {c.get('packs', 0)} packs, "
+        f"{c.get('index', 0)} indexes, {c.get('snapshots', 0)} snapshots, {c.get('clients', 0)} clients"
+        + (f", {c.get('blobs_verified', 0)} blobs decrypted and verified" if report.mode == "read-data" else "")
+        + (f", {human_bytes(report.bytes_read)} read" if report.bytes_read else "")
+    )
     for p in report.problems:
         out.line(f"{p.severity}: {p.object}: {p.problem}")
     if report.ok:
         out.line("no damage found" + ("" if report.authenticated else " (authenticity not proven: pass --expect ID)"))
     else:
         n = sum(1 for p in report.problems if p.severity == "err")
-        out.line(f"{n} problem(s) found: restore damaged objects from a mirror if you have one; snapshots that "
-                 "need them restore only partly (see docs/recovery.md)")
+        out.line(
+            f"{n} problem(s) found: restore damaged objects from a mirror if you have one; snapshots that "
+            "need them restore only partly (see docs/recovery.md)"
+        )
         sys.exit(ExitCode.INTEGRITY)
 
 
@@ -94,10 +104,18 @@ def verify(**kwargs: Any) -> None:
         rep = Verifier(repo, index, fcache, read_data).run(list(paths))
     finally:
         fcache.close()
-    out.document({"ok": rep.ok, "stored": len(rep.stored), "missing": [{"path": p, "why": w} for p, w in rep.missing],
-                  "new": rep.new, "changed": rep.changed,
-                  "unreadable": [{"path": p, "why": w} for p, w in rep.unreadable], "bytes": rep.bytes,
-                  "chunks_compared": rep.chunks_compared})
+    out.document(
+        {
+            "ok": rep.ok,
+            "stored": len(rep.stored),
+            "missing": [{"path": p, "why": w} for p, w in rep.missing],
+            "new": rep.new,
+            "changed": rep.changed,
+            "unreadable": [{"path": p, "why": w} for p, w in rep.unreadable],
+            "bytes": rep.bytes,
+            "chunks_compared": rep.chunks_compared,
+        }
+    )
     for p in rep.new:
         out.line(f"new since last backup: {p}")
     for p in rep.changed:
@@ -106,9 +124,12 @@ def verify(**kwargs: Any) -> None:
         out.line(f"NOT STORED: {p}: {why}")
     for p, why in rep.unreadable:
         out.line(f"unreadable: {p}: {why}")
-    out.line(f"{len(rep.stored)} files stored in the repository ({human_bytes(rep.bytes)} read"
-             + (f", {rep.chunks_compared} chunks decrypted and compared" if read_data else "") + f"); "
-             f"{len(rep.missing)} not stored, {len(rep.unreadable)} unreadable")
+    out.line(
+        f"{len(rep.stored)} files stored in the repository ({human_bytes(rep.bytes)} read"
+        + (f", {rep.chunks_compared} chunks decrypted and compared" if read_data else "")
+        + f"); "
+        f"{len(rep.missing)} not stored, {len(rep.unreadable)} unreadable"
+    )
     if not rep.ok:
         out.line("next step: run `bunker backup` on the files not stored")
         sys.exit(ExitCode.INTEGRITY)

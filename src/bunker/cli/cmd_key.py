@@ -39,16 +39,23 @@ def info(**kwargs: Any) -> None:
     repo = context.open_repository(opts)
     put_path = opts.put_key_file(repo.repo_id)
     master_path = opts.master_key_file(repo.repo_id)
-    doc: dict[str, Any] = {"repository": repo.backend.url, "id": repo.repo_id, "config_version": repo.config.version,
-                           "put_key": put_path if put_path and os.path.exists(put_path) else None,
-                           "master_key": master_path if master_path and os.path.exists(master_path) else None,
-                           "master_key_on_this_machine": context.master_on_client(repo.repo_id)}
+    doc: dict[str, Any] = {
+        "repository": repo.backend.url,
+        "id": repo.repo_id,
+        "config_version": repo.config.version,
+        "put_key": put_path if put_path and os.path.exists(put_path) else None,
+        "master_key": master_path if master_path and os.path.exists(master_path) else None,
+        "master_key_on_this_machine": context.master_on_client(repo.repo_id),
+    }
     if doc["put_key"]:
         put = load_put_key(doc["put_key"])
         cert = parse_certificate(put.certificate, repo.config.master_verify, repo.repo_id)
-        doc["client"] = {"name": cert.client, "capabilities": list(cert.capabilities), "domain": put.domain,
-                         "certificate": "clients/" + __import__("bunker.repo.objects", fromlist=["x"]).content_hash(
-                             put.certificate)}
+        doc["client"] = {
+            "name": cert.client,
+            "capabilities": list(cert.capabilities),
+            "domain": put.domain,
+            "certificate": "clients/" + __import__("bunker.repo.objects", fromlist=["x"]).content_hash(put.certificate),
+        }
     out.document(doc)
     out.line(f"repository   {repo.backend.url}")
     out.line(f"id           {repo.repo_id}")
@@ -75,8 +82,9 @@ def export(**kwargs: Any) -> None:
     repo = context.open_repository(opts)
     src = opts.master_key_file(repo.repo_id)
     if not src or not os.path.exists(src):
-        raise BunkerError(f"there is no master key at {src}", "pass it with --master-key FILE",
-                          exit_code=ExitCode.KEY_MISSING)
+        raise BunkerError(
+            f"there is no master key at {src}", "pass it with --master-key FILE", exit_code=ExitCode.KEY_MISSING
+        )
     if not dest and not shares:
         raise BunkerError("say where to export to", "use --master FILE or --shares 3-of-5", exit_code=ExitCode.USAGE)
     doc: dict[str, Any] = {"id": repo.repo_id}
@@ -84,30 +92,44 @@ def export(**kwargs: Any) -> None:
         try:
             t, n = (int(x) for x in shares.lower().split("-of-"))
         except ValueError:
-            raise BunkerError(f"--shares {shares!r} is not of the form T-of-N", "e.g. --shares 3-of-5",
-                              exit_code=ExitCode.USAGE) from None
+            raise BunkerError(
+                f"--shares {shares!r} is not of the form T-of-N", "e.g. --shares 3-of-5", exit_code=ExitCode.USAGE
+            ) from None
         master = load_master_key(src, context.passphrase())
         words = split_seed(master.seed, t, n)
         doc["shares"] = words
         doc["threshold"] = t
         out.document(doc)
         out.line(f"Master key of repository {repo.repo_id} as {t}-of-{n} SLIP-39 shares.")
-        out.line("Give each share to a different custodian; any " f"{t} of them recover the key with `bunker key recover`.")
+        out.line(
+            f"Give each share to a different custodian; any {t} of them recover the key with `bunker key recover`."
+        )
         for i, w in enumerate(words, 1):
             out.line(f"\nshare {i}/{n}:\n{w}")
     if dest:
-        text = open(src, encoding="ascii").read()
+        with open(src, encoding="ascii") as f:
+            text = f.read()
         write_private_file(dest, text)
-        if read_master_repo_id(dest) != repo.repo_id or open(dest, encoding="ascii").read() != text:
-            raise BunkerError(f"the copy at {dest} does not read back correctly", "the local key was kept; try another medium")
+        with open(dest, encoding="ascii") as f:
+            copied = f.read()
+        if read_master_repo_id(dest) != repo.repo_id or copied != text:
+            raise BunkerError(
+                f"the copy at {dest} does not read back correctly", "the local key was kept; try another medium"
+            )
         doc["exported_to"] = os.path.abspath(dest)
         if remove:
             os.unlink(src)
             doc["removed"] = src
         if not shares:
             out.document(doc)
-        out.line(f"master key written to {dest}" + (f"; removed {src} from this machine" if remove else
-                                                     f"; the local copy {src} is still here (add --remove to delete it)"))
+        out.line(
+            f"master key written to {dest}"
+            + (
+                f"; removed {src} from this machine"
+                if remove
+                else f"; the local copy {src} is still here (add --remove to delete it)"
+            )
+        )
 
 
 @key.command()
@@ -122,8 +144,11 @@ def passwd(**kwargs: Any) -> None:
     new = os.environ.get("BUNKER_NEW_PASSPHRASE")
     if new is None:
         if not sys.stdin.isatty():
-            raise BunkerError("no new passphrase given", "set BUNKER_NEW_PASSPHRASE or run in a terminal",
-                              exit_code=ExitCode.NEED_PASSPHRASE)
+            raise BunkerError(
+                "no new passphrase given",
+                "set BUNKER_NEW_PASSPHRASE or run in a terminal",
+                exit_code=ExitCode.NEED_PASSPHRASE,
+            )
         new = click.prompt("New passphrase", hide_input=True, confirmation_prompt=True, err=True)
     if not new:
         raise BunkerError("the new passphrase is empty", "choose a non-empty passphrase", exit_code=ExitCode.USAGE)
@@ -138,12 +163,21 @@ def passwd(**kwargs: Any) -> None:
 @click.argument("name")
 @click.option("--out", "dest", required=True, type=click.Path(dir_okay=False), help="Write the put key to FILE.")
 @click.option("--prune", "can_prune", is_flag=True, help="Allow this client to prune (forget snapshots).")
-@click.option("--domain", default="default", show_default=True,
-              help="Dedup domain; give clients that must not confirm each other's content different domains.")
+@click.option(
+    "--domain",
+    default="default",
+    show_default=True,
+    help="Dedup domain; give clients that must not confirm each other's content different domains.",
+)
 @handles_errors
 def new_client(**kwargs: Any) -> None:
     """Make a put key for another machine (needs the master key)."""
-    name, dest, can_prune, domain = kwargs.pop("name"), kwargs.pop("dest"), kwargs.pop("can_prune"), kwargs.pop("domain")
+    name, dest, can_prune, domain = (
+        kwargs.pop("name"),
+        kwargs.pop("dest"),
+        kwargs.pop("can_prune"),
+        kwargs.pop("domain"),
+    )
     opts, out = make_options(kwargs)
     repo = context.open_repository(opts)
     master = context.load_master(opts, repo, "making a put key")
@@ -151,13 +185,17 @@ def new_client(**kwargs: Any) -> None:
     put = repo.issue_client(master, name, caps, domain)
     write_private_file(dest, put_key_text(put, name))
     out.document({"client": name, "put_key": os.path.abspath(dest), "capabilities": list(caps), "domain": domain})
-    out.line(f"put key for client {name!r} written to {dest}; copy it to that machine and back up with "
-             f"`bunker backup --repo URL --put-key FILE PATH...`")
+    out.line(
+        f"put key for client {name!r} written to {dest}; copy it to that machine and back up with "
+        f"`bunker backup --repo URL --put-key FILE PATH...`"
+    )
 
 
 @key.command()
 @common
-@click.option("--out", "dest", required=True, type=click.Path(dir_okay=False), help="Write the master key file to FILE.")
+@click.option(
+    "--out", "dest", required=True, type=click.Path(dir_okay=False), help="Write the master key file to FILE."
+)
 @handles_errors
 def recover(**kwargs: Any) -> None:
     """Rebuild the master key file from SLIP-39 shares (one share per line on standard input)."""
@@ -165,7 +203,7 @@ def recover(**kwargs: Any) -> None:
     opts, out = make_options(kwargs)
     if sys.stdin.isatty():
         click.echo("Enter the shares, one per line; an empty line ends.", err=True)
-    lines = []
+    lines: list[str] = []
     for line in sys.stdin:
         if not line.strip():
             if lines:

@@ -58,8 +58,16 @@ def snapshots(**kwargs: Any) -> None:
         if not matches(rec, f, master):
             continue
         e = rec.snap.env
-        row: dict[str, Any] = {"id": rec.name.split("/", 1)[1], "client": e.client, "seq": e.seq, "time": e.time,
-                               "complete": e.complete, "level": e.level, "stats": e.stats, "trusted": rec.trusted}
+        row: dict[str, Any] = {
+            "id": rec.name.split("/", 1)[1],
+            "client": e.client,
+            "seq": e.seq,
+            "time": e.time,
+            "complete": e.complete,
+            "level": e.level,
+            "stats": e.stats,
+            "trusted": rec.trusted,
+        }
         if rec.problem:
             row["problem"] = rec.problem
         if master is not None:
@@ -68,12 +76,18 @@ def snapshots(**kwargs: Any) -> None:
                 row.update(host=body.get("host"), paths=body.get("paths"), tags=body.get("tags"))
         rows.append(row)
     out.document({"repository": repo.backend.url, "id": repo.repo_id, "snapshots": rows})
-    out.line(f"{'id':12}  {'time':19}  {'client':14} {'seq':>4}  {'level':5}  {'files':>8}  {'size':>10}  state"
-             + ("  host / paths / tags" if master else ""))
+    out.line(
+        f"{'id':12}  {'time':19}  {'client':14} {'seq':>4}  {'level':5}  {'files':>8}  {'size':>10}  state"
+        + ("  host / paths / tags" if master else "")
+    )
     for r in rows:
-        state = ("complete" if r["complete"] else "INCOMPLETE") + ("" if r["trusted"] else f" UNTRUSTED: {r.get('problem')}")
-        line = (f"{r['id'][:12]}  {_fmt_time(r['time'])}  {r['client'][:14]:14} {r['seq']:>4}  {r['level']:5}  "
-                f"{r['stats'].get('files', 0):>8}  {human_bytes(r['stats'].get('bytes', 0)):>10}  {state}")
+        state = ("complete" if r["complete"] else "INCOMPLETE") + (
+            "" if r["trusted"] else f" UNTRUSTED: {r.get('problem')}"
+        )
+        line = (
+            f"{r['id'][:12]}  {_fmt_time(r['time'])}  {r['client'][:14]:14} {r['seq']:>4}  {r['level']:5}  "
+            f"{r['stats'].get('files', 0):>8}  {human_bytes(r['stats'].get('bytes', 0)):>10}  {state}"
+        )
         if master is not None:
             line += f"  {r.get('host')} {' '.join(r.get('paths') or [])} {','.join(r.get('tags') or [])}"
         out.line(line)
@@ -82,17 +96,18 @@ def snapshots(**kwargs: Any) -> None:
     _ = mpath
 
 
-def _open_for_reading(opts: context.Options, spec: str, f: Filters, purpose: str) -> tuple[
-    Repository, MasterKey, SnapshotRecord, BlobReader, bytes
-]:
+def _open_for_reading(
+    opts: context.Options, spec: str, f: Filters, purpose: str
+) -> tuple[Repository, MasterKey, SnapshotRecord, BlobReader, bytes]:
     repo = context.open_repository(opts)
     master = context.load_master(opts, repo, purpose)
     rec = select(repo, spec, f, master)
     try:
         body = open_body(rec.snap, master.data_private)
     except Exception as exc:
-        raise BunkerError(f"snapshot {rec.short_id} cannot be opened: {exc}", "run `bunker check`",
-                          exit_code=ExitCode.INTEGRITY) from None
+        raise BunkerError(
+            f"snapshot {rec.short_id} cannot be opened: {exc}", "run `bunker check`", exit_code=ExitCode.INTEGRITY
+        ) from None
     secrets = repo.domain_secrets(master, rec.snap.env.domain)
     index = IndexCache(repo, secrets, None).load()
     return repo, master, rec, BlobReader(repo, master.data_private, secrets, index.locations), body["root"]
@@ -126,19 +141,39 @@ def ls_cmd(**kwargs: Any) -> None:
             for child in reversed(restorer.tree(e["st"])):
                 stack.append(((p.rstrip("/") + "/" + display_path(child["n"])), child))
         if not first:
-            items.append({"path": p, "type": e["t"], "mode": e.get("m", 0), "size": e.get("sz", 0),
-                          "mtime_ns": e.get("mt", 0), "user": e.get("U"), "group": e.get("G"),
-                          "target": display_path(e.get("lt")) if e.get("lt") else None})
+            items.append(
+                {
+                    "path": p,
+                    "type": e["t"],
+                    "mode": e.get("m", 0),
+                    "size": e.get("sz", 0),
+                    "mtime_ns": e.get("mt", 0),
+                    "user": e.get("U"),
+                    "group": e.get("G"),
+                    "target": display_path(e.get("lt")) if e.get("lt") else None,
+                }
+            )
         elif e["t"] != "d":
-            items.append({"path": p, "type": e["t"], "mode": e.get("m", 0), "size": e.get("sz", 0),
-                          "mtime_ns": e.get("mt", 0), "user": e.get("U"), "group": e.get("G")})
+            items.append(
+                {
+                    "path": p,
+                    "type": e["t"],
+                    "mode": e.get("m", 0),
+                    "size": e.get("sz", 0),
+                    "mtime_ns": e.get("mt", 0),
+                    "user": e.get("U"),
+                    "group": e.get("G"),
+                }
+            )
         first = False
     out.document({"snapshot": rec.name.split("/", 1)[1], "items": items})
     for it in items:
         mode = _TYPE[it["type"]] + stat.filemode(it["mode"])[1:]
         t = _fmt_time(it["mtime_ns"] / 1e9)
         tgt = f" -> {it['target']}" if it.get("target") else ""
-        out.line(f"{mode} {it.get('user') or '?':>8} {it.get('group') or '?':>8} {it['size']:>12} {t}  {it['path']}{tgt}")
+        out.line(
+            f"{mode} {it.get('user') or '?':>8} {it.get('group') or '?':>8} {it['size']:>12} {t}  {it['path']}{tgt}"
+        )
     _ = repo
 
 
@@ -152,20 +187,34 @@ def ls_cmd(**kwargs: Any) -> None:
 @handles_errors
 def restore(**kwargs: Any) -> None:
     """Restore SNAPSHOT (an id prefix or `latest`), or only PATHS of it, into --target. Needs the master key."""
-    spec, paths, target, numeric = kwargs.pop("snapshot"), kwargs.pop("paths"), kwargs.pop("target"), kwargs.pop("numeric_owner")
+    spec, paths, target, numeric = (
+        kwargs.pop("snapshot"),
+        kwargs.pop("paths"),
+        kwargs.pop("target"),
+        kwargs.pop("numeric_owner"),
+    )
     f = pop_filters(kwargs)
     opts, out = make_options(kwargs)
     _, _, rec, reader, root = _open_for_reading(opts, spec, f, "restore")
     log = RunLog()
     restorer = Restorer(reader, os.fsencode(os.path.abspath(target)), log, numeric_owner=numeric)
     stats = restorer.restore(root, list(paths))
-    out.document({"snapshot": rec.name.split("/", 1)[1], "target": os.path.abspath(target), "level": log.level,
-                  "stats": stats.__dict__, "events": [e.to_json() for e in log.events]})
+    out.document(
+        {
+            "snapshot": rec.name.split("/", 1)[1],
+            "target": os.path.abspath(target),
+            "level": log.level,
+            "stats": stats.__dict__,
+            "events": [e.to_json() for e in log.events],
+        }
+    )
     if not opts.as_json:
         for e in log.events:
             click.echo(f"{e.level}: {display_path(e.path)}: {e.message}", err=True)
-        click.echo(f"restored snapshot {rec.short_id} into {target}: {stats.files} files, {stats.dirs} dirs, "
-                   f"{stats.links} symlinks, {human_bytes(stats.bytes)}; level {log.level}"
-                   + (f"; {stats.failed} items could not be restored" if stats.failed else ""))
+        click.echo(
+            f"restored snapshot {rec.short_id} into {target}: {stats.files} files, {stats.dirs} dirs, "
+            f"{stats.links} symlinks, {human_bytes(stats.bytes)}; level {log.level}"
+            + (f"; {stats.failed} items could not be restored" if stats.failed else "")
+        )
     if stats.failed:
         sys.exit(ExitCode.ERR)

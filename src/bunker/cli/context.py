@@ -142,8 +142,11 @@ def init_repository(url: str, client_name: str) -> Created:
         )
     pw = passphrase("New master key passphrase", confirm=True)
     if not pw:
-        raise BunkerError("the master key passphrase is empty", "choose a passphrase (BUNKER_PASSPHRASE or the prompt)",
-                          exit_code=ExitCode.USAGE)
+        raise BunkerError(
+            "the master key passphrase is empty",
+            "choose a passphrase (BUNKER_PASSPHRASE or the prompt)",
+            exit_code=ExitCode.USAGE,
+        )
     master = MasterKey.generate()
     master_path = dirs.master_key_path(master.repo_id)
     # the key file first: a repository without its key would be useless

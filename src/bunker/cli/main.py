@@ -24,8 +24,11 @@ def common(f: F) -> F:
     f = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")(f)
     f = click.option("--put-key", type=click.Path(dir_okay=False), help="Put key file [BUNKER_PUT_KEY].")(f)
     f = click.option("--master-key", type=click.Path(dir_okay=False), help="Master key file [BUNKER_MASTER_KEY].")(f)
-    f = click.option("--repo", "-r", help="Repository path or URL [BUNKER_REPO; default: the local repository "
-                     "in the user's data directory].")(f)
+    f = click.option(
+        "--repo",
+        "-r",
+        help="Repository path or URL [BUNKER_REPO; default: the local repository in the user's data directory].",
+    )(f)
     return f
 
 
@@ -73,5 +76,10 @@ def default_client_name() -> str:
     return os.environ.get("BUNKER_CLIENT") or socket.gethostname() or "client"
 
 
-EXIT_FOR_LEVEL = {"ok": ExitCode.OK, "note": ExitCode.OK, "warn": ExitCode.WARN, "err": ExitCode.ERR,
-                  "fatal": ExitCode.FATAL}
+EXIT_FOR_LEVEL = {
+    "ok": ExitCode.OK,
+    "note": ExitCode.OK,
+    "warn": ExitCode.WARN,
+    "err": ExitCode.ERR,
+    "fatal": ExitCode.FATAL,
+}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import threading
@@ -33,10 +34,8 @@ def _count_totals(paths: list[str], p: Progress, stop: threading.Event) -> None:
                     except OSError:
                         pass
         except NotADirectoryError:
-            try:
+            with contextlib.suppress(OSError):
                 files, size = files + 1, size + os.lstat(top).st_size
-            except OSError:
-                pass
         except OSError:
             pass
     if not stop.is_set():
@@ -69,8 +68,13 @@ class ProgressDisplay:
 
     def __enter__(self) -> ProgressDisplay:
         if self.enabled:
-            self._live = Live(self.render(), console=Console(stderr=True), refresh_per_second=4, transient=True,
-                              get_renderable=self.render)
+            self._live = Live(
+                self.render(),
+                console=Console(stderr=True),
+                refresh_per_second=4,
+                transient=True,
+                get_renderable=self.render,
+            )
             self._live.__enter__()
         return self
 

@@ -64,9 +64,7 @@ class DataPrivateKey:
 
     def public(self) -> DataPublicKey:
         """The matching public key."""
-        return DataPublicKey(
-            self._mlkem.public_key().public_bytes_raw(), self._x25519.public_key().public_bytes_raw()
-        )
+        return DataPublicKey(self._mlkem.public_key().public_bytes_raw(), self._x25519.public_key().public_bytes_raw())
 
     def open(self, sealed: bytes, info: bytes) -> bytes:
         """Open a sealed box; raise OpenFailed if it was not sealed to this key with ``info``."""

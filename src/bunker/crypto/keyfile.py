@@ -151,7 +151,13 @@ def master_key_text(key: MasterKey, passphrase: str) -> str:
     salt = os.urandom(16)
     kek = _kek(passphrase, salt, **KDF_DEFAULTS)
     box = aead.encrypt(kek, key.seed, b"bunker master key v1\x00" + key.repo_id.encode())
-    payload = {"v": 1, "kind": "master", "repo": key.repo_id, "kdf": {"alg": "argon2id", "salt": salt, **KDF_DEFAULTS}, "box": box}
+    payload = {
+        "v": 1,
+        "kind": "master",
+        "repo": key.repo_id,
+        "kdf": {"alg": "argon2id", "salt": salt, **KDF_DEFAULTS},
+        "box": box,
+    }
     comment = [
         f"Bunker master key of repository {key.repo_id}",
         "It decrypts every backup. Protected by a passphrase (Argon2id).",

@@ -26,9 +26,9 @@ class OpenPack:
     group_keys: list[bytes]
 
 
-def read_trailer(repo: Repository, pack: str, secrets: PutSecrets, *, verify_writer: bool = True) -> tuple[
-    list[BlobEntry], list[tuple[int, int]], str
-]:
+def read_trailer(
+    repo: Repository, pack: str, secrets: PutSecrets, *, verify_writer: bool = True
+) -> tuple[list[BlobEntry], list[tuple[int, int]], str]:
     """Fetch, verify (writer's signature) and decrypt a pack's trailer: (blobs, groups, writer)."""
     name = f"packs/{pack}"
     info = repo.backend.stat(name)
@@ -53,8 +53,9 @@ def read_trailer(repo: Repository, pack: str, secrets: PutSecrets, *, verify_wri
 class BlobReader:
     """Decrypts chunks of one dedup domain (thread-safe)."""
 
-    def __init__(self, repo: Repository, data_private: DataPrivateKey, secrets: PutSecrets,
-                 locations: dict[bytes, Location]) -> None:
+    def __init__(
+        self, repo: Repository, data_private: DataPrivateKey, secrets: PutSecrets, locations: dict[bytes, Location]
+    ) -> None:
         self.repo = repo
         self.data_private = data_private
         self.secrets = secrets

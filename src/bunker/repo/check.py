@@ -29,7 +29,15 @@ from bunker.repo import blob, refs
 from bunker.repo.certs import parse_certificate
 from bunker.repo.config import parse_config
 from bunker.repo.index import Location, decrypt_index, parse_index_frame
-from bunker.repo.objects import MAGIC_GC, MAGIC_INDEX, MAGIC_RETIRED, MAGIC_SESSION, content_hash, is_hash_name, parse_signed
+from bunker.repo.objects import (
+    MAGIC_GC,
+    MAGIC_INDEX,
+    MAGIC_RETIRED,
+    MAGIC_SESSION,
+    content_hash,
+    is_hash_name,
+    parse_signed,
+)
 from bunker.repo.pack import decrypt_trailer, open_group_key, parse_footer, unwrap_blob_key, verify_footer
 from bunker.repo.records import parse_retirement
 from bunker.repo.repository import Repository
@@ -66,15 +74,28 @@ class CheckReport:
         return not any(p.severity == "err" for p in self.problems)
 
     def to_json(self) -> dict[str, Any]:
-        return {"id": self.repo_id, "authenticated": self.authenticated, "mode": self.mode, "ok": self.ok,
-                "counts": dict(self.counts), "bytes_read": self.bytes_read,
-                "problems": [p.to_json() for p in self.problems]}
+        return {
+            "id": self.repo_id,
+            "authenticated": self.authenticated,
+            "mode": self.mode,
+            "ok": self.ok,
+            "counts": dict(self.counts),
+            "bytes_read": self.bytes_read,
+            "problems": [p.to_json() for p in self.problems],
+        }
 
 
 class Checker:
-    def __init__(self, backend: Backend, expect: str | None, *, secrets: PutSecrets | None = None,
-                 master: MasterKey | None = None, head: tuple[str, int, str] | None = None,
-                 progress: Callable[[str], None] | None = None) -> None:
+    def __init__(
+        self,
+        backend: Backend,
+        expect: str | None,
+        *,
+        secrets: PutSecrets | None = None,
+        master: MasterKey | None = None,
+        head: tuple[str, int, str] | None = None,
+        progress: Callable[[str], None] | None = None,
+    ) -> None:
         self.backend = backend
         self.expect = expect
         self.secrets = secrets
@@ -98,8 +119,12 @@ class Checker:
         r.repo_id = repo.repo_id
         r.authenticated = self.expect is not None
         if self.expect is None:
-            r.add("config/", "no --expect FINGERPRINT given: the repository is only self-consistent; compare the "
-                  f"id {repo.repo_id} with the one on your key or in your own copy of RECOVERY.md", "warn")
+            r.add(
+                "config/",
+                "no --expect FINGERPRINT given: the repository is only self-consistent; compare the "
+                f"id {repo.repo_id} with the one on your key or in your own copy of RECOVERY.md",
+                "warn",
+            )
         names = {p: [i.name for i in self.backend.list(p + "/")] for p in PREFIXES}
         for p, ns in names.items():
             r.counts[p] = len(ns)
@@ -153,7 +178,9 @@ class Checker:
                 self.report.add(n, f"invalid config: {exc}")
                 continue
             if cfg.repo_id != self.repo.repo_id:
-                self.report.add(n, f"config signed by another master key (id {cfg.repo_id[:16]}…): substituted or foreign")
+                self.report.add(
+                    n, f"config signed by another master key (id {cfg.repo_id[:16]}…): substituted or foreign"
+                )
 
     def _check_certs(self, names: list[str]) -> None:
         assert self.repo
@@ -229,10 +256,9 @@ class Checker:
         revoked = self.repo.config.revoked_clients()
         if footer.signer in revoked:
             r.add(n, f"written by revoked client {cert.client!r}", "warn")
-        if data is not None:
-            if blake3.blake3(memoryview(data)[: footer.body_length]).digest() != footer.body_hash:
-                r.add(n, "pack body does not match its signed hash")
-                return
+        if data is not None and blake3.blake3(memoryview(data)[: footer.body_length]).digest() != footer.body_hash:
+            r.add(n, "pack body does not match its signed hash")
+            return
         secrets = self._secrets_for_domain(cert.domain)
         if secrets is None:
             return
@@ -247,8 +273,10 @@ class Checker:
         if self.master is None or data is None:
             return
         try:
-            keys = [open_group_key(data[o:o + ln], self.master.data_private, secrets.domain_id)
-                    for o, ln in trailer.groups]
+            keys = [
+                open_group_key(data[o : o + ln], self.master.data_private, secrets.domain_id)
+                for o, ln in trailer.groups
+            ]
         except encoding.FormatError as exc:
             r.add(n, str(exc))
             return
@@ -257,7 +285,7 @@ class Checker:
         for b in trailer.blobs:
             try:
                 k = unwrap_blob_key(keys[b.group], b)
-                plain = blob.decrypt_blob(k, b.chunk_id, view[b.offset:b.offset + b.length], b.raw_length)
+                plain = blob.decrypt_blob(k, b.chunk_id, view[b.offset : b.offset + b.length], b.raw_length)
                 if not blob.verify_blob(secrets, b.chunk_id, plain):
                     raise blob.BlobError("content does not match its chunk id")
             except (encoding.FormatError, blob.BlobError) as exc:
@@ -295,8 +323,9 @@ class Checker:
                 if t is None:
                     wrong += 1
                     if wrong <= 5:
-                        self.report.add(n, f"points chunk {cid.hex()[:16]} to pack {loc.pack[:16]}… which is missing "
-                                        "or unreadable")
+                        self.report.add(
+                            n, f"points chunk {cid.hex()[:16]} to pack {loc.pack[:16]}… which is missing or unreadable"
+                        )
                     continue
                 b = t.get(cid)
                 if b is None or b.offset != loc.offset or b.length != loc.length or b.raw_length != loc.raw_length:
@@ -308,8 +337,9 @@ class Checker:
             self.report.counts["index_entries"] += len(entries)
         return locations
 
-    def _check_snapshots(self, names: list[str], retired_names: list[str], packs: set[str],
-                         locations: dict[bytes, Location]) -> None:
+    def _check_snapshots(
+        self, names: list[str], retired_names: list[str], packs: set[str], locations: dict[bytes, Location]
+    ) -> None:
         assert self.repo
         repo, r = self.repo, self.report
         retired: set[str] = set()
@@ -355,8 +385,11 @@ class Checker:
             missing = [p for p in pset if f"packs/{p}" not in packs]
             if missing:
                 r.add(n, f"needs {len(missing)} pack(s) that are missing, e.g. packs/{missing[0]}")
-            secrets = self.secrets if (self.secrets and self.secrets.domain_id == e.domain) else (
-                self._secrets_for_domain(e.domain) if self.master else None)
+            secrets = (
+                self.secrets
+                if (self.secrets and self.secrets.domain_id == e.domain)
+                else (self._secrets_for_domain(e.domain) if self.master else None)
+            )
             if secrets is None:
                 try:
                     top = refs.parse_refs(self._fetch_ref(e.chunkset))
@@ -371,10 +404,11 @@ class Checker:
                 r.add(n, f"chunk set {e.chunkset} unreadable: {exc}")
                 continue
             pset_s = set(pset)
-            lost = [c for c in cset if c not in locations or locations[c].pack not in pset_s]  # type: ignore[index]
+            lost = [c for c in cset if c not in locations or locations[c].pack not in pset_s]
             if lost:
-                r.add(n, f"{len(lost)} of its {len(cset)} chunks are not indexed in its packs "
-                      f"(e.g. {lost[0].hex()[:16]})")  # type: ignore[union-attr]
+                r.add(
+                    n, f"{len(lost)} of its {len(cset)} chunks are not indexed in its packs (e.g. {lost[0].hex()[:16]})"
+                )
             r.counts["snapshot_chunks"] += len(cset)
         for cert_name, chain in chains.items():
             client = repo.certificate(cert_name).client
@@ -389,10 +423,13 @@ class Checker:
         if self.head is not None:
             cert_name, seq, head_name = self.head
             have = chains.get(cert_name, {})
-            top = max(have) if have else 0
-            if seq > top:
-                r.add(head_name, f"this client wrote snapshot #{seq} but the repository's newest is #{top}: "
-                      "snapshots were deleted or the repository was rolled back")
+            newest = max(have) if have else 0
+            if seq > newest:
+                r.add(
+                    head_name,
+                    f"this client wrote snapshot #{seq} but the repository's newest is #{newest}: "
+                    "snapshots were deleted or the repository was rolled back",
+                )
             elif seq in have and have[seq][0] != head_name:
                 r.add(head_name, f"this client's snapshot #{seq} was replaced by another object")
 

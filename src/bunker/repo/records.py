@@ -24,8 +24,15 @@ def new_session_id() -> str:
 
 def make_lease(session: str, counter: int, client: str, kind: str, signer: SigningKey, cert: str) -> tuple[str, bytes]:
     """A lease object (name, bytes) valid LEASE_SECONDS after the storage stored it."""
-    body = {"session": session, "counter": counter, "client": client, "kind": kind, "expires_after": LEASE_SECONDS,
-            "written": time.time(), "checkpoint": None}
+    body = {
+        "session": session,
+        "counter": counter,
+        "client": client,
+        "kind": kind,
+        "expires_after": LEASE_SECONDS,
+        "written": time.time(),
+        "checkpoint": None,
+    }
     return f"sessions/{session}.{counter}", make_signed(MAGIC_SESSION, body, signer, cert)
 
 

@@ -11,6 +11,7 @@ deterministically (SIV-style, key from S_index) so equal parts stay equal object
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import blake3
 
@@ -104,10 +105,10 @@ def parse_refs(data: bytes) -> dict[str, object]:
     return m
 
 
-def read_set(top: str, fetch: Callable[[str], bytes], secrets: PutSecrets | None = None) -> list[object]:
+def read_set(top: str, fetch: Callable[[str], bytes], secrets: PutSecrets | None = None) -> list[Any]:
     """Read a whole set: pack names (hex) for a pack set, chunk ids for a chunk set (needs S)."""
     m = parse_refs(fetch(top))
-    out: list[object] = []
+    out: list[Any] = []
     for part_name in m["parts"]:  # type: ignore[attr-defined]
         part = parse_refs(fetch(part_name))
         if part["kind"] == KIND_PACKSET + "-part" and m["kind"] == KIND_PACKSET:

@@ -101,7 +101,7 @@ class Repository:
             if seen_other:
                 raise RepositoryError(
                     f"the repository at {backend.url} is not the one your key is for "
-                    f"(it claims id {sorted(seen_other)[0][:16]}…, your key expects {expected_id[:16] if expected_id else '?'}…)",
+                    f"(it claims id {sorted(seen_other)[0][:16]}…, your key expects {(expected_id or '?')[:16]}…)",
                     "its config may have been substituted: do not back up into it; check --repo, or run "
                     "`bunker check --keyless --expect ID`",
                     exit_code=ExitCode.INTEGRITY,
@@ -240,7 +240,11 @@ class Repository:
         """The trusted snapshot with the highest sequence number of one client certificate."""
         best = None
         for rec in self.snapshots():
-            if rec.trusted and rec.snap.env.cert == cert_name and (best is None or rec.snap.env.seq > best.snap.env.seq):
+            if (
+                rec.trusted
+                and rec.snap.env.cert == cert_name
+                and (best is None or rec.snap.env.seq > best.snap.env.seq)
+            ):
                 best = rec
         return best
 

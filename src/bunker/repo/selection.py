@@ -38,8 +38,10 @@ def matches(rec: SnapshotRecord, f: Filters, master: MasterKey | None) -> bool:
     if not f.sealed:
         return True
     if master is None:
-        raise KeyRequired("filtering by --host, --tag or --path needs the master key (they are sealed)",
-                          "pass --master-key FILE, or filter by --client only")
+        raise KeyRequired(
+            "filtering by --host, --tag or --path needs the master key (they are sealed)",
+            "pass --master-key FILE, or filter by --client only",
+        )
     body = body_of(rec, master)
     if body is None:
         return False
@@ -47,7 +49,9 @@ def matches(rec: SnapshotRecord, f: Filters, master: MasterKey | None) -> bool:
         return False
     if f.tags and not set(f.tags) <= set(body.get("tags", [])):
         return False
-    return not (f.path and not any(p == f.path or p.startswith(f.path.rstrip("/") + "/") for p in body.get("paths", [])))
+    return not (
+        f.path and not any(p == f.path or p.startswith(f.path.rstrip("/") + "/") for p in body.get("paths", []))
+    )
 
 
 def select(repo: Repository, spec: str, f: Filters, master: MasterKey | None) -> SnapshotRecord:
@@ -60,12 +64,14 @@ def select(repo: Repository, spec: str, f: Filters, master: MasterKey | None) ->
         return max(cands, key=lambda r: (r.snap.env.time, r.snap.env.seq))
     spec = spec.removeprefix("snapshots/").lower()
     if len(spec) < 4:
-        raise BunkerError(f"snapshot id {spec!r} is too short", "give at least 4 hex digits, or `latest`",
-                          exit_code=ExitCode.USAGE)
+        raise BunkerError(
+            f"snapshot id {spec!r} is too short", "give at least 4 hex digits, or `latest`", exit_code=ExitCode.USAGE
+        )
     cands = [r for r in records if r.name.split("/", 1)[1].startswith(spec) and matches(r, f, master)]
     if not cands:
         raise BunkerError(f"no snapshot {spec!r}", "list them with `bunker snapshots`", exit_code=ExitCode.USAGE)
     if len(cands) > 1:
-        raise BunkerError(f"snapshot id {spec!r} is ambiguous ({len(cands)} match)", "give more hex digits",
-                          exit_code=ExitCode.USAGE)
+        raise BunkerError(
+            f"snapshot id {spec!r} is ambiguous ({len(cands)} match)", "give more hex digits", exit_code=ExitCode.USAGE
+        )
     return cands[0]

@@ -152,4 +152,3 @@ class SessionWriter:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
-

@@ -33,7 +33,7 @@ def decode_tree(data: bytes) -> list[dict[str, Any]]:
     m = encoding.expect_map(encoding.unpack(data), "v", "e")
     if m["v"] != 1:
         raise encoding.FormatError(f"tree version {m['v']!r} is not supported")
-    entries = encoding.field(m, "e", list)
+    entries: list[dict[str, Any]] = encoding.field(m, "e", list)
     for e in entries:
         if not isinstance(e, dict):
             raise encoding.FormatError("tree entry is not a map")
