@@ -369,11 +369,17 @@ class Archiver:
             if head.pending:
                 if not wait:
                     return
-                while head.pending:
-                    time.sleep(0.001)
+                self._wait_for(head)
             self._ready.popleft()
             self._finish_dir(head)
         self._maybe_tick()
+
+    def _wait_for(self, job: DirJob) -> None:
+        """Wait until a directory's files are stored, still flushing old packs meanwhile."""
+        while job.pending:
+            with self._bytes_cv:
+                self._bytes_cv.wait(0.05)
+            self._maybe_tick()
 
     def _maybe_tick(self) -> None:
         now = time.monotonic()
@@ -466,8 +472,7 @@ class Archiver:
             if child is not None:
                 self._walk(child, st.st_dev)
         self._drain(wait=True)
-        while holder.pending:
-            time.sleep(0.001)
+        self._wait_for(holder)
         # keep the records of siblings not backed up this time (another run may name them)
         merged = dict(holder.cache_old)
         merged.update(holder.cache_new)

@@ -11,6 +11,7 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
@@ -23,7 +24,7 @@ from bunker.backup.runlog import RunLog
 from bunker.crypto.keyfile import PutKey
 from bunker.errors import BunkerError, ExitCode
 from bunker.repo.index_cache import IndexCache
-from bunker.repo.records import make_lease, new_session_id
+from bunker.repo.records import LEASE_SECONDS, make_lease, new_session_id
 from bunker.repo.repository import Repository
 from bunker.repo.session_writer import SessionWriter
 
@@ -56,7 +57,11 @@ def client_tag(put: PutKey) -> str:
 
 
 def run_backup(
-    repo: Repository, put: PutKey, req: BackupRequest, progress: Progress | None = None, tick: object = None
+    repo: Repository,
+    put: PutKey,
+    req: BackupRequest,
+    progress: Progress | None = None,
+    tick: Callable[[], None] | None = None,
 ) -> BackupOutcome:
     """Take one backup; raises BunkerError only when no snapshot could be written (fatal)."""
     if not req.paths and req.stdin_name is None:
@@ -75,9 +80,8 @@ def run_backup(
     tag = client_tag(put)
     cache_dir = dirs.client_cache_dir(repo.repo_id, tag) if req.cache else None
     state_dir = dirs.state_dir(repo.repo_id, tag)
-    session = new_session_id()
-    lease_name, lease = make_lease(session, 0, cert.client, "backup", put.client_key, cert.name)
-    repo.backend.put(lease_name, lease)
+    lease = Lease(repo, put, cert.client, cert.name)
+    lease.write()
     try:
         index = IndexCache(repo, put.secrets, cache_dir).load()
         for problem in index.problems[:20]:
@@ -95,7 +99,7 @@ def run_backup(
             excludes=Excludes(req.excludes, skip),
             one_file_system=req.one_file_system,
             progress=progress,
-            tick=tick if callable(tick) else None,
+            tick=lambda: _tick(lease, tick),
         )
         try:
             if req.stdin_name is not None:
@@ -129,9 +133,37 @@ def run_backup(
             writer.close()
             fcache.close()
     finally:
-        with contextlib.suppress(BunkerError, OSError):
-            repo.backend.delete(lease_name)
+        lease.release()
     return BackupOutcome(committed, log, result)
+
+
+class Lease:
+    """This session's lease in ``sessions/``: written first, refreshed while the run lasts
+    (a refresh writes a new object, then deletes the old one), deleted at the end."""
+
+    def __init__(self, repo: Repository, put: PutKey, client: str, cert_name: str) -> None:
+        self.repo, self.put, self.client, self.cert_name = repo, put, client, cert_name
+        self.session = new_session_id()
+        self.counter = 0
+        self.name = ""
+        self.written = 0.0
+
+    def write(self) -> None:
+        name, data = make_lease(self.session, self.counter, self.client, "backup", self.put.client_key, self.cert_name)
+        self.repo.backend.put(name, data)
+        old, self.name, self.written = self.name, name, time.monotonic()
+        self.counter += 1
+        if old:
+            with contextlib.suppress(BunkerError, OSError):
+                self.repo.backend.delete(old)
+
+    def refresh_if_due(self) -> None:
+        if time.monotonic() - self.written >= LEASE_SECONDS / 3:
+            self.write()
+
+    def release(self) -> None:
+        with contextlib.suppress(BunkerError, OSError):
+            self.repo.backend.delete(self.name)
 
 
 def _user() -> str:
@@ -139,3 +171,9 @@ def _user() -> str:
         return getpass.getuser()
     except (KeyError, OSError):
         return str(os.getuid())
+
+
+def _tick(lease: Lease, tick: Callable[[], None] | None) -> None:
+    lease.refresh_if_due()
+    if tick is not None:
+        tick()
