@@ -16,11 +16,19 @@ class FormatError(ValueError):
     """Bytes that do not have the expected structure."""
 
 
+_SCALAR = frozenset((bytes, str, int, float, bool, type(None)))
+
+
 def _canon(value: Any) -> Any:
+    t = type(value)
+    if t is dict:
+        return {k: (v if type(v) in _SCALAR else _canon(v)) for k, v in sorted(value.items())}
+    if t is list or t is tuple:
+        return [v if type(v) in _SCALAR else _canon(v) for v in value]
     if isinstance(value, dict):
-        return {k: _canon(value[k]) for k in sorted(value)}
+        return _canon(dict(value))
     if isinstance(value, (list, tuple)):
-        return [_canon(v) for v in value]
+        return _canon(list(value))
     return value
 
 

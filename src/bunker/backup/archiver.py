@@ -26,15 +26,19 @@ from pyfastcdc import FastCDC
 
 from bunker.backup import files_cache as fc
 from bunker.backup.excludes import Excludes
+from bunker.backup.file_reader import MAX_REREADS, ReadOutcome, read_all, read_stable
 from bunker.backup.runlog import RunLog, display_path
+from bunker.backup.small_files import SmallFilePool
 from bunker.repo import blob
 from bunker.repo.pack import KIND_META
 from bunker.repo.session_writer import SessionWriter
 from bunker.repo.tree import encode_tree
 
 READ_WHOLE = 8 << 20  # files up to this size are read in one go and cut in memory
-STREAM_BUF = 8 << 20
-MAX_REREADS = 3
+SMALL_FILE = 256 << 10  # files up to this size go to the worker processes ...
+SMALL_POOL_AFTER = 1000  # ... once this many were seen (starting the processes costs ~0.2 s)
+SMALL_BATCH_FILES = 128
+SMALL_BATCH_BYTES = 4 << 20
 MAX_INFLIGHT_FILES = 256
 MAX_INFLIGHT_BYTES = 96 << 20
 
@@ -109,6 +113,7 @@ class Archiver:
         excludes: Excludes | None = None,
         one_file_system: bool = False,
         workers: int | None = None,
+        small_workers: int | None = None,
         progress: Progress | None = None,
         tick: Callable[[], None] | None = None,
     ) -> None:
@@ -142,6 +147,12 @@ class Archiver:
             "errors": 0,
         }
         self._last_tick = time.monotonic()
+        self._small_pool = SmallFilePool(writer.secrets, chunker, small_workers)
+        self._small_seen = 0
+        self._batch: list[tuple[bytes, dict[str, Any], DirJob, bytes, int]] = []
+        self._batch_bytes = 0
+        self._batch_slots = threading.BoundedSemaphore(2 * (small_workers or os.cpu_count() or 2) + 2)
+        self._error: BaseException | None = None
 
     # ------------------------------------------------------------------ chunking
     def _cdc(self) -> FastCDC:
@@ -178,69 +189,33 @@ class Archiver:
         return out, total
 
     # ------------------------------------------------------------------ files
-    def _read_file(self, path: bytes, st0: os.stat_result, entry: dict[str, Any], job: DirJob, name: bytes) -> None:
-        try:
-            chunks, st = self._read_stable(path, st0)
-            if chunks is not None and st is not None:
-                entry["c"] = chunks
-                entry["sz"] = st.st_size
-                entry["mt"] = st.st_mtime_ns
-                entry["ct"] = st.st_ctime_ns
-                job.cache_new[name] = fc.make_record(st, chunks)
-                with self._done_lock:
-                    self.chunk_ids.update(chunks)
-        except Exception as exc:  # noqa: BLE001 - one file must never abort the run
-            self.log.add("err", "read-failed", f"could not back up this file: {exc}", path)
-            self.stats["errors"] += 1
-            entry["c"] = []
-            entry["err"] = True
-        finally:
-            self._finish_file(job, st0.st_size)
+    def _consume(self, fd: int, size: int) -> tuple[list[bytes], int]:
+        chunks: list[bytes] = []
+        if size <= READ_WHOLE:
+            data = read_all(fd, size)
+            self._store_chunks(data, chunks)
+            self.progress.bytes += len(data)
+            return chunks, len(data)
+        with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+            return self.store_stream(f)
 
-    def _read_stable(self, path: bytes, st0: os.stat_result) -> tuple[list[bytes] | None, os.stat_result | None]:
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | getattr(os, "O_NOATIME", 0)
-        for attempt in range(MAX_REREADS + 1):
-            try:
-                try:
-                    fd = os.open(path, flags)
-                except PermissionError:
-                    fd = os.open(path, flags & ~getattr(os, "O_NOATIME", 0))
-            except FileNotFoundError:
-                self.log.add("note", "vanished", "file vanished before it could be read", path)
-                return None, None
-            except OSError as exc:
-                self.log.os_error("err", "open-failed", path, exc, "cannot open file; it is not in this backup")
-                self.stats["errors"] += 1
-                return [], None
-            try:
-                before = os.fstat(fd)
-                if not stat.S_ISREG(before.st_mode):
-                    self.log.add("note", "replaced", "file was replaced by another kind of item while reading", path)
-                    return None, None
-                chunks: list[bytes] = []
-                if before.st_size <= READ_WHOLE:
-                    data = _read_all(fd, before.st_size)
-                    self._store_chunks(data, chunks)
-                    self.progress.bytes += len(data)
-                    size = len(data)
-                else:
-                    with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
-                        chunks, size = self.store_stream(f)
-                after = os.fstat(fd)
-            except OSError as exc:
-                self.log.os_error("err", "read-failed", path, exc, "error while reading file; it is not in this backup")
-                self.stats["errors"] += 1
-                return [], None
-            finally:
-                os.close(fd)
-            if (
-                size == after.st_size
-                and after.st_mtime_ns == before.st_mtime_ns
-                and after.st_ctime_ns == before.st_ctime_ns
-                and after.st_size == before.st_size
-            ):
-                return chunks, after
-            if attempt == MAX_REREADS:
+    def _read_file(self, path: bytes, size0: int, entry: dict[str, Any], job: DirJob, name: bytes) -> None:
+        try:
+            self._record(read_stable(path, self._consume), path, entry, job, name)
+        except Exception as exc:  # noqa: BLE001 - one file must never abort the run
+            self._record(
+                ReadOutcome("error", [], message=f"could not back up this file: {exc}"), path, entry, job, name
+            )
+        finally:
+            self._finish_file(job, size0)
+
+    def _record(self, r: ReadOutcome, path: bytes, entry: dict[str, Any], job: DirJob, name: bytes) -> None:
+        """Put a read's outcome into the directory's entry, files cache and run log."""
+        if r.status in ("ok", "changing"):
+            entry.update(c=r.chunks, sz=r.size, mt=r.mtime_ns, ct=r.ctime_ns)
+            if r.status == "ok":
+                job.cache_new[name] = [r.ino, r.size, r.mtime_ns, r.ctime_ns, r.chunks]
+            else:
                 self.log.add(
                     "warn",
                     "changed-while-read",
@@ -248,8 +223,63 @@ class Archiver:
                     "and new content: back it up again when it is idle, or snapshot the filesystem first",
                     path,
                 )
-                return chunks, after
-        return None, None  # not reached
+            with self._done_lock:
+                self.chunk_ids.update(r.chunks)
+            return
+        entry["c"] = []
+        entry["drop"] = True  # not in the backup: the tree must not claim it
+        if r.status == "vanished":
+            self.log.add("note", "vanished", "file vanished before it could be read", path)
+        elif r.status == "replaced":
+            self.log.add("note", "replaced", "file was replaced by another kind of item while it was read", path)
+        else:
+            self.log.add("err", "read-failed", f"{r.message}; it is not in this backup", path)
+            with self._done_lock:
+                self.stats["errors"] += 1
+
+    # ------------------------------------------------------------------ small files in worker processes
+    def _queue_small(self, path: bytes, entry: dict[str, Any], job: DirJob, name: bytes, size: int) -> None:
+        with self._done_lock:
+            job.pending += 1
+        self._batch.append((path, entry, job, name, size))
+        self._batch_bytes += size
+        if len(self._batch) >= SMALL_BATCH_FILES or self._batch_bytes >= SMALL_BATCH_BYTES:
+            self._submit_batch()
+
+    def _submit_batch(self) -> None:
+        if not self._batch:
+            return
+        batch, self._batch, self._batch_bytes = self._batch, [], 0
+        self._batch_slots.acquire()
+        fut = self._small_pool.submit([b[0] for b in batch])
+        fut.add_done_callback(lambda f: self._batch_done(f, batch))
+
+    def _batch_done(self, fut: Any, batch: list[tuple[bytes, dict[str, Any], DirJob, bytes, int]]) -> None:
+        try:
+            try:
+                results = fut.result()
+            except Exception as exc:  # noqa: BLE001 - a dead worker must not lose the run
+                results = [(ReadOutcome("error", [], message=f"worker failed: {exc}"), [])] * len(batch)
+            w = self.writer
+            for (path, entry, job, name, _), (outcome, blobs) in zip(batch, results, strict=True):
+                try:
+                    for cid, ct, raw, k in blobs:
+                        w.store_encrypted(cid, ct, raw, k)
+                    self._record(outcome, path, entry, job, name)
+                    self.progress.bytes += outcome.size
+                except BaseException as exc:  # noqa: BLE001
+                    self._error = exc
+                finally:
+                    self._finish_small(job)
+        finally:
+            self._batch_slots.release()
+            with self._bytes_cv:
+                self._bytes_cv.notify_all()
+
+    def _finish_small(self, job: DirJob) -> None:
+        with self._done_lock:
+            job.pending -= 1
+            self.progress.files += 1
 
     def _finish_file(self, job: DirJob, size: int) -> None:
         with self._done_lock:
@@ -269,7 +299,7 @@ class Archiver:
             self._inflight_bytes += size
         with self._done_lock:
             job.pending += 1
-        self._pool.submit(self._read_file, path, st, entry, job, name)
+        self._pool.submit(self._read_file, path, st.st_size, entry, job, name)
 
     # ------------------------------------------------------------------ entries
     def _meta(self, name: bytes, st: os.stat_result, kind: str) -> dict[str, Any]:
@@ -305,7 +335,11 @@ class Archiver:
                 self.progress.bytes += st.st_size
             else:
                 self.stats["files_changed" if name in job.cache_old else "files_new"] += 1
-                self._submit_file(path, st, e, job, name)
+                self._small_seen += st.st_size <= SMALL_FILE
+                if st.st_size <= SMALL_FILE and self._small_seen > SMALL_POOL_AFTER:
+                    self._queue_small(path, e, job, name, st.st_size)
+                else:
+                    self._submit_file(path, st, e, job, name)
             return None
         if stat.S_ISDIR(mode):
             e = self._meta(name, st, "d")
@@ -355,9 +389,10 @@ class Archiver:
         return cid
 
     def _finish_dir(self, job: DirJob) -> None:
-        for e in job.entries:
-            e.pop("err", None)
-        tid = self._store_tree(job.entries)
+        if self._error is not None:
+            raise self._error
+        entries = [e for e in job.entries if not e.pop("drop", False)]
+        tid = self._store_tree(entries)
         if job.parent_entry is not None:
             job.parent_entry["st"] = tid
         self.cache.save_dir(job.path, job.cache_new)
@@ -376,6 +411,7 @@ class Archiver:
 
     def _wait_for(self, job: DirJob) -> None:
         """Wait until a directory's files are stored, still flushing old packs meanwhile."""
+        self._submit_batch()
         while job.pending:
             with self._bytes_cv:
                 self._bytes_cv.wait(0.05)
@@ -426,6 +462,7 @@ class Archiver:
             root = self._build_root([os.fsencode(os.path.abspath(p)) for p in paths])
         finally:
             self._pool.shutdown(wait=True)
+            self._small_pool.shutdown()
         self.stats["duration_ms"] = int((time.monotonic() - t0) * 1000)
         return ArchiveResult(root, self.chunk_ids, self.stats)
 
@@ -477,21 +514,8 @@ class Archiver:
         merged = dict(holder.cache_old)
         merged.update(holder.cache_new)
         self.cache.save_dir(holder.path, merged)
-        for e in holder.entries:
-            e.pop("err", None)
-        return self._store_tree(entries + holder.entries)
-
-
-def _read_all(fd: int, size_hint: int) -> bytes:
-    chunks = []
-    want = size_hint + 1  # one byte more to notice growth
-    while True:
-        b = os.read(fd, max(want, 1 << 16))
-        if not b:
-            break
-        chunks.append(b)
-        want = 1 << 20
-    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        entries += [e for e in holder.entries if not e.pop("drop", False)]
+        return self._store_tree(entries)
 
 
 def stream_entry(archiver: Archiver, name: str, f: BinaryIO) -> ArchiveResult:

@@ -1,28 +1,35 @@
 """Restore: recreate a snapshot's tree (or parts of it) under a target directory.
 
-Files are written by a pool of threads (decryption and decompression release the GIL). A file
-that cannot be restored (damaged or missing chunk, permission) is reported and the rest goes
-on. Directory metadata is applied bottom-up at the end so writing into them does not change
-their times.
+The main thread walks the trees, creates directories, symlinks and special files, and resolves
+every file's chunks to located, keyed blobs (this needs the master key). Files are written by
+worker processes (small files, in batches) or threads (large files: decryption and
+decompression release the GIL). A file that cannot be fully restored is written with its
+damaged ranges left as holes and reported; the rest goes on. Directory metadata is applied
+bottom-up at the end, so writing into them does not change their times.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import os
 import stat
 import threading
-from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 from bunker import encoding
+from bunker.backup.file_writer import Piece, WriteResult, apply_meta, remove_existing, write_file
+from bunker.backup.restore_workers import Item, RestorePool
 from bunker.backup.runlog import RunLog, display_path
 from bunker.errors import BunkerError, CorruptObject, ExitCode, ObjectMissing
 from bunker.repo.blob_reader import BlobReader
 from bunker.repo.tree import decode_tree
+
+SMALL_FILE = 256 << 10  # files up to this size go to worker processes ...
+SMALL_POOL_AFTER = 1000  # ... once this many were seen
+BATCH_FILES = 128
+BATCH_BYTES = 8 << 20
 
 
 class DiskFull(BunkerError):
@@ -37,13 +44,6 @@ class RestoreStats:
     other: int = 0
     bytes: int = 0
     failed: int = 0
-    total_bytes: int = 0
-
-
-@dataclass
-class _DirMeta:
-    path: bytes
-    entry: dict[str, Any]
 
 
 @dataclass
@@ -52,14 +52,19 @@ class Restorer:
     target: bytes
     log: RunLog
     numeric_owner: bool = False
-    workers: int = 4
+    threads: int = 3
     stats: RestoreStats = field(default_factory=RestoreStats)
-    on_progress: Callable[[], None] | None = None
 
     def __post_init__(self) -> None:
-        self._is_root = os.geteuid() == 0
+        self._as_root = os.geteuid() == 0
         self._disk_full = threading.Event()
         self._lock = threading.Lock()
+        self._small_seen = 0
+        self._batch: list[tuple[Item, dict[str, Any]]] = []
+        self._batch_bytes = 0
+        self._procs: RestorePool | None = None
+        self._futures: list[Future[Any]] = []
+        self._slots = threading.BoundedSemaphore(2 * (os.cpu_count() or 2) + 2)
 
     # ------------------------------------------------------------------ trees
     def tree(self, tid: bytes) -> list[dict[str, Any]]:
@@ -72,11 +77,7 @@ class Restorer:
         """The entry at ``path`` inside the snapshot (a synthetic dir entry for the root)."""
         entry: dict[str, Any] = {"n": b"", "t": "d", "st": root}
         for comp in [c for c in os.fsencode(path).split(b"/") if c]:
-            if entry["t"] != "d":
-                raise BunkerError(
-                    f"{path} is not in this snapshot", "list it with `bunker ls SNAPSHOT`", exit_code=ExitCode.USAGE
-                )
-            match = [e for e in self.tree(entry["st"]) if e["n"] == comp]
+            match = [e for e in self.tree(entry["st"]) if e["n"] == comp] if entry["t"] == "d" else []
             if not match:
                 raise BunkerError(
                     f"{path} is not in this snapshot", "list it with `bunker ls SNAPSHOT`", exit_code=ExitCode.USAGE
@@ -87,24 +88,27 @@ class Restorer:
     # ------------------------------------------------------------------ restoring
     def restore(self, root: bytes, paths: list[str]) -> RestoreStats:
         os.makedirs(self.target, exist_ok=True)
-        dirs: list[_DirMeta] = []
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="bunker-restore") as pool:
-            futures: list[Future[None]] = []
-            if not paths:
-                self._restore_dir(root, self.target, dirs, pool, futures)
-            for p in paths:
-                comps = [c for c in os.fsencode(p).split(b"/") if c]
-                entry = self.find(root, p)
-                parent = os.path.join(self.target, *comps[:-1]) if comps else self.target
-                os.makedirs(parent, exist_ok=True)
-                if not comps:
-                    self._restore_dir(root, self.target, dirs, pool, futures)
-                else:
-                    self._restore_entry(entry, os.path.join(parent, comps[-1]), dirs, pool, futures)
-            for f in futures:
-                f.result()
-        for d in reversed(dirs):
-            self._apply_meta(d.path, d.entry)
+        dirs: list[tuple[bytes, dict[str, Any]]] = []
+        self._procs = RestorePool(self.reader.repo.backend.url, self.reader.secrets, self._as_root, self.numeric_owner)
+        try:
+            with ThreadPoolExecutor(self.threads, thread_name_prefix="bunker-restore") as pool:
+                self._threads = pool
+                for p in paths or ["/"]:
+                    comps = [c for c in os.fsencode(p).split(b"/") if c]
+                    if not comps:
+                        self._restore_dir(root, self.target, dirs)
+                        continue
+                    entry = self.find(root, p)
+                    parent = os.path.join(self.target, *comps[:-1])
+                    os.makedirs(parent, exist_ok=True)
+                    self._restore_entry(entry, os.path.join(parent, comps[-1]), dirs)
+                self._flush_batch()
+                for f in self._futures:
+                    f.result()
+        finally:
+            self._procs.shutdown()
+        for path, e in reversed(dirs):
+            self._meta(path, e)
         if self._disk_full.is_set():
             raise DiskFull(
                 f"the target's disk is full: {self.stats.files} files restored, {self.stats.failed} not",
@@ -112,9 +116,7 @@ class Restorer:
             )
         return self.stats
 
-    def _restore_dir(
-        self, tid: bytes, path: bytes, dirs: list[_DirMeta], pool: ThreadPoolExecutor, futures: list[Future[None]]
-    ) -> None:
+    def _restore_dir(self, tid: bytes, path: bytes, dirs: list[tuple[bytes, dict[str, Any]]]) -> None:
         stack = [(tid, path)]
         while stack:
             t, p = stack.pop()
@@ -127,45 +129,39 @@ class Restorer:
             for e in entries:
                 full = os.path.join(p, e["n"])
                 if e["t"] == "d":
-                    if self._mkdir(full, e):
-                        dirs.append(_DirMeta(full, e))
+                    if self._mkdir(full):
+                        dirs.append((full, e))
                         stack.append((e["st"], full))
                 else:
-                    self._restore_entry(e, full, dirs, pool, futures)
+                    self._restore_entry(e, full, dirs)
 
-    def _restore_entry(
-        self,
-        e: dict[str, Any],
-        full: bytes,
-        dirs: list[_DirMeta],
-        pool: ThreadPoolExecutor,
-        futures: list[Future[None]],
-    ) -> None:
+    def _restore_entry(self, e: dict[str, Any], full: bytes, dirs: list[tuple[bytes, dict[str, Any]]]) -> None:
         t = e["t"]
         if t == "d":
-            if self._mkdir(full, e):
-                dirs.append(_DirMeta(full, e))
-                self._restore_dir(e["st"], full, dirs, pool, futures)
+            if self._mkdir(full):
+                dirs.append((full, e))
+                self._restore_dir(e["st"], full, dirs)
         elif t == "f":
-            futures.append(pool.submit(self._restore_file, e, full))
+            self._restore_file(e, full)
         elif t == "l":
             try:
-                _remove_existing(full)
+                remove_existing(full)
                 os.symlink(e["lt"], full)
-                self._apply_meta(full, e)
-                self.stats.links += 1
             except OSError as exc:
                 self._failed(full, exc, "cannot create symlink")
+                return
+            self._meta(full, e)
+            self.stats.links += 1
         else:
             self._restore_special(e, full)
 
-    def _mkdir(self, path: bytes, e: dict[str, Any]) -> bool:
+    def _mkdir(self, path: bytes) -> bool:
         try:
             os.mkdir(path, 0o700)
         except FileExistsError:
-            if not os.path.isdir(path) or os.path.islink(path):
+            if os.path.islink(path) or not os.path.isdir(path):
                 try:
-                    _remove_existing(path)
+                    remove_existing(path)
                     os.mkdir(path, 0o700)
                 except OSError as exc:
                     self._failed(path, exc, "cannot create directory")
@@ -176,49 +172,79 @@ class Restorer:
         self.stats.dirs += 1
         return True
 
+    # ------------------------------------------------------------------ files
+    def _pieces(self, e: dict[str, Any]) -> list[Piece]:
+        out: list[Piece] = []
+        for cid in e.get("c", []):
+            try:
+                out.append(self.reader.ref(cid))
+            except BunkerError as exc:
+                loc = self.reader.locations.get(cid)
+                out.append((loc.raw_length if loc else 0, exc.message))
+        return out
+
     def _restore_file(self, e: dict[str, Any], path: bytes) -> None:
         if self._disk_full.is_set():
-            with self._lock:
-                self.stats.failed += 1
+            self.stats.failed += 1
             return
-        try:
-            _remove_existing(path, keep_regular=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        except OSError as exc:
-            self._failed(path, exc, "cannot create file")
-            return
-        written = 0
-        try:
-            for cid in e.get("c", []):
-                data = self.reader.read(cid)
-                view = memoryview(data)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
-                written += len(data)
-                with self._lock:
-                    self.stats.bytes += len(data)
-        except (CorruptObject, ObjectMissing) as exc:
-            os.close(fd)
-            self.log.add("err", "file-damaged", f"file restored incompletely ({written} bytes): {exc.message}", path)
-            with self._lock:
-                self.stats.failed += 1
-            return
-        except OSError as exc:
-            os.close(fd)
-            self._failed(path, exc, "cannot write file")
-            return
-        os.close(fd)
-        self._apply_meta(path, e)
-        with self._lock:
-            self.stats.files += 1
-        if self.on_progress:
-            self.on_progress()
+        pieces = self._pieces(e)
+        size = e.get("sz", 0)
+        self._small_seen += size <= SMALL_FILE
+        if size <= SMALL_FILE and self._small_seen > SMALL_POOL_AFTER:
+            self._batch.append(((path, pieces, e), e))
+            self._batch_bytes += size
+            if len(self._batch) >= BATCH_FILES or self._batch_bytes >= BATCH_BYTES:
+                self._flush_batch()
+        else:
+            self._futures.append(self._threads.submit(self._write_in_thread, path, pieces, e))
 
+    def _write_in_thread(self, path: bytes, pieces: list[Piece], e: dict[str, Any]) -> None:
+        r = write_file(path, pieces, self.reader.fetch)
+        if r.status != "error":
+            r = r._replace(meta_warning=apply_meta(path, e, self._as_root, self.numeric_owner))
+        self._done(path, r)
+
+    def _flush_batch(self) -> None:
+        if not self._batch or self._procs is None:
+            return
+        batch, self._batch, self._batch_bytes = self._batch, [], 0
+        self._slots.acquire()
+        fut = self._procs.submit([item for item, _ in batch])
+        fut.add_done_callback(lambda f: self._batch_done(f, batch))
+        self._futures.append(fut)
+
+    def _batch_done(self, fut: Future[list[WriteResult]], batch: list[tuple[Item, dict[str, Any]]]) -> None:
+        try:
+            try:
+                results = fut.result()
+            except Exception as exc:  # noqa: BLE001 - a dead worker must not stop the restore
+                results = [WriteResult("error", 0, f"worker failed: {exc}")] * len(batch)
+            for (item, _), r in zip(batch, results, strict=True):
+                self._done(item[0], r)
+        finally:
+            self._slots.release()
+
+    def _done(self, path: bytes, r: WriteResult) -> None:
+        if r.errno == errno.ENOSPC:
+            self._disk_full.set()
+        with self._lock:
+            self.stats.bytes += r.nbytes
+            if r.status == "ok":
+                self.stats.files += 1
+            else:
+                self.stats.failed += 1
+        if r.status == "damaged":
+            self.log.add("err", "file-damaged", f"restored with damaged parts left as holes: {r.message}", path)
+        elif r.status == "error":
+            self.log.add("err", "restore-failed", r.message, path)
+        if r.meta_warning:
+            self.log.add("note", "metadata-partial", r.meta_warning, path)
+
+    # ------------------------------------------------------------------ other items
     def _restore_special(self, e: dict[str, Any], path: bytes) -> None:
         t = e["t"]
         try:
-            _remove_existing(path)
+            remove_existing(path)
             if t == "p":
                 os.mkfifo(path, 0o600)
             elif t in "cb":
@@ -231,32 +257,20 @@ class Restorer:
             self.log.add(
                 "note",
                 "special-skipped",
-                f"cannot create this device without root ({exc.strerror}); "
-                "restore as root, or export a tar and extract it as root",
+                f"cannot create this device without root ({exc.strerror}); restore as root",
                 path,
             )
             return
         except OSError as exc:
             self._failed(path, exc, "cannot create special file")
             return
-        self._apply_meta(path, e)
+        self._meta(path, e)
         self.stats.other += 1
 
-    def _apply_meta(self, path: bytes, e: dict[str, Any]) -> None:
-        is_link = e["t"] == "l"
-        try:
-            if self._is_root and "u" in e:
-                uid, gid = e["u"], e["g"]
-                if not self.numeric_owner:
-                    uid, gid = _owner_ids(e, uid, gid)
-                os.chown(path, uid, gid, follow_symlinks=False)
-            if not is_link and "m" in e:
-                os.chmod(path, e["m"])
-            if "mt" in e:
-                at = e.get("at", e["mt"])
-                os.utime(path, ns=(at, e["mt"]), follow_symlinks=False)
-        except OSError as exc:
-            self.log.add("note", "metadata-partial", f"metadata not fully restored: {exc.strerror}", path)
+    def _meta(self, path: bytes, e: dict[str, Any]) -> None:
+        warning = apply_meta(path, e, self._as_root, self.numeric_owner)
+        if warning:
+            self.log.add("note", "metadata-partial", warning, path)
 
     def _failed(self, path: bytes, exc: OSError, what: str) -> None:
         if exc.errno == errno.ENOSPC:
@@ -264,35 +278,3 @@ class Restorer:
         self.log.os_error("err", "restore-failed", path, exc, what)
         with self._lock:
             self.stats.failed += 1
-
-
-_pw_cache: dict[tuple[str, str], tuple[int | None, int | None]] = {}
-
-
-def _owner_ids(e: dict[str, Any], uid: int, gid: int) -> tuple[int, int]:
-    """Map stored user/group names to this machine's ids (fall back to the stored ids)."""
-    import grp
-    import pwd
-
-    key = (e.get("U", ""), e.get("G", ""))
-    if key not in _pw_cache:
-        u = g = None
-        with contextlib.suppress(KeyError):
-            u = pwd.getpwnam(key[0]).pw_uid if key[0] else None
-        with contextlib.suppress(KeyError):
-            g = grp.getgrnam(key[1]).gr_gid if key[1] else None
-        _pw_cache[key] = (u, g)
-    u, g = _pw_cache[key]
-    return (uid if u is None else u), (gid if g is None else g)
-
-
-def _remove_existing(path: bytes, keep_regular: bool = False) -> None:
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if stat.S_ISDIR(st.st_mode):
-        raise IsADirectoryError(errno.EISDIR, "a directory is in the way", path)
-    if keep_regular and stat.S_ISREG(st.st_mode):
-        return
-    os.unlink(path)

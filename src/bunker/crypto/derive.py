@@ -7,8 +7,6 @@ without a new format version.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import blake3
 
 SEED_SIZE = 32
@@ -44,32 +42,27 @@ def chunker_seed_from(secret: bytes) -> int:
     return (x & (2**63 - 1)) | 1
 
 
-@dataclass(frozen=True)
 class PutSecrets:
-    """The put secret S of one dedup domain and the keys derived from it."""
+    """The put secret S of one dedup domain and the keys derived from it (derived once)."""
 
-    secret: bytes  # S
+    __slots__ = ("blob_key", "chunk_id_key", "chunker_seed", "domain_id", "index_key", "secret")
 
-    @property
-    def chunk_id_key(self) -> bytes:  # S_id
-        return derive(CTX_CHUNK_ID, self.secret)
+    def __init__(self, secret: bytes) -> None:
+        if len(secret) != SEED_SIZE:
+            raise ValueError("put secret must be 32 bytes")
+        self.secret = secret  # S
+        self.chunk_id_key = derive(CTX_CHUNK_ID, secret)  # S_id
+        self.blob_key = derive(CTX_BLOB, secret)  # S_blob
+        self.index_key = derive(CTX_INDEX, secret)  # S_index
+        self.chunker_seed = chunker_seed_from(derive(CTX_CHUNKER, secret, 8))  # from S_chunk
+        # public 16-hex-digit name of the dedup domain (says nothing about S)
+        self.domain_id = derive(CTX_DOMAIN_ID, secret, 8).hex()
 
-    @property
-    def blob_key(self) -> bytes:  # S_blob
-        return derive(CTX_BLOB, self.secret)
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, PutSecrets) and other.secret == self.secret
 
-    @property
-    def index_key(self) -> bytes:  # S_index
-        return derive(CTX_INDEX, self.secret)
-
-    @property
-    def chunker_seed(self) -> int:  # from S_chunk
-        return chunker_seed_from(derive(CTX_CHUNKER, self.secret, 8))
-
-    @property
-    def domain_id(self) -> str:
-        """Public 16-hex-digit name of the dedup domain (says nothing about S)."""
-        return derive(CTX_DOMAIN_ID, self.secret, 8).hex()
+    def __hash__(self) -> int:
+        return hash(self.secret)
 
 
 def put_secret_for_domain(seed: bytes, domain: str) -> PutSecrets:

@@ -1,7 +1,8 @@
 """Blob encryption under convergent keys (DESIGN.md §3).
 
-K_blob = keyed BLAKE3(S_blob, plaintext). The blob is ``nonce || AES-256-GCM(K_blob, c || data,
-aad=chunk id)`` where ``c`` is 0 for stored-as-is and 1 for zstd. A put-key holder who has the
+K_blob = keyed BLAKE3(S_blob, plaintext). The blob is ``c || nonce || AES-256-GCM(K_blob, data,
+aad = chunk id || c)`` where ``c`` (one byte) is 0 for stored as is and 1 for zstd; the method is
+authenticated through the associated data. A put-key holder who has the
 plaintext can derive K_blob and compare stored content; nobody else can read it.
 """
 
@@ -18,6 +19,7 @@ COMP_NONE = 0
 COMP_ZSTD = 1
 ZSTD_LEVEL = 3
 _SAMPLE = 64 << 10
+_METHOD_BYTES = {COMP_NONE: b"\x00", COMP_ZSTD: b"\x01"}
 _local = threading.local()
 
 
@@ -58,29 +60,33 @@ def compress(data: bytes | memoryview) -> tuple[int, bytes | memoryview]:
     return COMP_ZSTD, packed
 
 
-def encrypt_blob(secrets: PutSecrets, cid: bytes, data: bytes | memoryview) -> tuple[bytes, bytes]:
-    """Compress and encrypt one chunk; return (blob ciphertext, K_blob)."""
+def encrypt_blob(secrets: PutSecrets, cid: bytes, data: bytes | memoryview) -> tuple[bytearray, bytes]:
+    """Compress and encrypt one chunk; return (blob bytes, K_blob)."""
     k_blob = keyed_hash(secrets.blob_key, data)
     method, payload = compress(data)
-    return aead.encrypt(k_blob, bytes([method]) + bytes(payload), cid), k_blob
+    m = _METHOD_BYTES[method]
+    return aead.encrypt_with_prefix(k_blob, m, payload, cid + m), k_blob
 
 
 def decrypt_blob(k_blob: bytes, cid: bytes, blob: bytes | memoryview, raw_length: int) -> bytes:
     """Decrypt and decompress one blob; raise BlobError if anything does not match."""
+    if len(blob) < 1 + aead.OVERHEAD:
+        raise BlobError("blob is too short")
+    view = memoryview(blob)
+    method = view[0]
+    if method not in (COMP_NONE, COMP_ZSTD):
+        raise BlobError(f"unknown compression method {method}")
     try:
-        plain = aead.decrypt(k_blob, blob, cid)
+        payload = aead.decrypt(k_blob, view[1:], cid + _METHOD_BYTES[method])
     except aead.DecryptionFailed:
         raise BlobError("blob does not decrypt (altered, or wrong key)") from None
-    method, payload = plain[0], memoryview(plain)[1:]
     if method == COMP_NONE:
-        data = bytes(payload)
-    elif method == COMP_ZSTD:
+        data = payload
+    else:
         try:
             data = _decompressor().decompress(payload, max_output_size=raw_length)
         except zstandard.ZstdError as exc:
             raise BlobError(f"blob does not decompress ({exc})") from None
-    else:
-        raise BlobError(f"unknown compression method {method}")
     if len(data) != raw_length:
         raise BlobError(f"blob has {len(data)} bytes, the index says {raw_length}")
     return data

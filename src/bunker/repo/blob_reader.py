@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import threading
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from bunker import encoding
+from bunker.crypto import aead
 from bunker.crypto.derive import PutSecrets
 from bunker.crypto.kem import DataPrivateKey
 from bunker.errors import CorruptObject, ObjectMissing
@@ -14,6 +16,7 @@ from bunker.repo import blob
 from bunker.repo.index import Location
 from bunker.repo.pack import BlobEntry, decrypt_trailer, open_group_key, parse_footer, unwrap_blob_key, verify_footer
 from bunker.repo.repository import Repository
+from bunker.storage.backend import Backend
 
 FOOTER_GUESS = 256 << 10
 
@@ -23,7 +26,7 @@ class OpenPack:
     """A pack's decrypted trailer and opened group keys."""
 
     entries: dict[bytes, BlobEntry]
-    group_keys: list[bytes]
+    group_keys: list[aead.Cipher]
 
 
 def read_trailer(
@@ -79,7 +82,7 @@ class BlobReader:
                 for off, length in groups:
                     sealed = self.repo.backend.get(name, off, length)
                     try:
-                        keys.append(open_group_key(sealed, self.data_private, self.secrets.domain_id))
+                        keys.append(aead.Cipher(open_group_key(sealed, self.data_private, self.secrets.domain_id)))
                     except encoding.FormatError as exc:
                         raise CorruptObject(name, str(exc)) from None
                 op = OpenPack({b.chunk_id: b for b in blobs}, keys)
@@ -96,20 +99,42 @@ class BlobReader:
         except encoding.FormatError as exc:
             raise CorruptObject(f"packs/{pack}", str(exc)) from None
 
-    def read(self, cid: bytes) -> bytes:
-        """The plaintext of chunk ``cid``, verified against its id."""
+    def ref(self, cid: bytes) -> BlobRef:
+        """Where chunk ``cid`` is and its key: everything needed to fetch it without the master key."""
         loc = self.locations.get(cid)
         if loc is None:
-            raise ObjectMissing(f"chunk {cid.hex()[:16]}", "no index entry: run `bunker check`")
+            raise ObjectMissing(f"chunk {cid.hex()[:16]}", "no index entry for it: run `bunker check`")
         entry, k_blob = self.blob_key(loc.pack, cid)
-        data = self.repo.backend.get(f"packs/{loc.pack}", entry.offset, entry.length)
-        return self.decrypt(loc.pack, entry, k_blob, data)
+        return BlobRef(loc.pack, entry.offset, entry.length, entry.raw_length, cid, k_blob)
 
-    def decrypt(self, pack: str, entry: BlobEntry, k_blob: bytes, data: bytes | memoryview) -> bytes:
-        try:
-            plain = blob.decrypt_blob(k_blob, entry.chunk_id, data, entry.raw_length)
-        except blob.BlobError as exc:
-            raise CorruptObject(f"packs/{pack}", f"chunk {entry.chunk_id.hex()[:16]}: {exc}") from None
-        if not blob.verify_blob(self.secrets, entry.chunk_id, plain):
-            raise CorruptObject(f"packs/{pack}", f"chunk {entry.chunk_id.hex()[:16]} does not match its id")
-        return plain
+    def read(self, cid: bytes) -> bytes:
+        """The plaintext of chunk ``cid``, verified against its id."""
+        return self.fetch(self.ref(cid))
+
+    def fetch(self, ref: BlobRef) -> bytes:
+        """The plaintext of a located blob, verified against its id."""
+        return fetch_blob(self.repo.backend, self.secrets, ref)
+
+
+class BlobRef(NamedTuple):
+    """A located blob with its unwrapped key (picklable: worker processes fetch with it)."""
+
+    pack: str
+    offset: int
+    length: int
+    raw_length: int
+    cid: bytes
+    key: bytes
+
+
+def fetch_blob(backend: Backend, secrets: PutSecrets, ref: BlobRef) -> bytes:
+    """Fetch, decrypt, decompress and verify one blob; raise CorruptObject if it does not match."""
+    name = f"packs/{ref.pack}"
+    data = backend.get(name, ref.offset, ref.length)
+    try:
+        plain = blob.decrypt_blob(ref.key, ref.cid, data, ref.raw_length)
+    except blob.BlobError as exc:
+        raise CorruptObject(name, f"chunk {ref.cid.hex()[:16]}: {exc}") from None
+    if not blob.verify_blob(secrets, ref.cid, plain):
+        raise CorruptObject(name, f"chunk {ref.cid.hex()[:16]} does not match its id")
+    return plain

@@ -21,6 +21,7 @@ from typing import Any
 import blake3
 
 from bunker import encoding
+from bunker.crypto import aead
 from bunker.crypto.derive import PutSecrets
 from bunker.crypto.keyfile import MasterKey
 from bunker.crypto.sign import BadSignature, verify
@@ -274,7 +275,7 @@ class Checker:
             return
         try:
             keys = [
-                open_group_key(data[o : o + ln], self.master.data_private, secrets.domain_id)
+                aead.Cipher(open_group_key(data[o : o + ln], self.master.data_private, secrets.domain_id))
                 for o, ln in trailer.groups
             ]
         except encoding.FormatError as exc:

@@ -91,7 +91,8 @@ def group_info(domain_id: str) -> bytes:
 
 
 class PackWriter:
-    """Builds one pack in memory. Not thread-safe: the caller serializes ``add``."""
+    """Builds one pack in memory as a list of parts (no copying while it grows); the body hash is
+    computed incrementally. Not thread-safe: the caller serializes ``add``."""
 
     def __init__(
         self, kind: str, secrets: PutSecrets, data_public: DataPublicKey, signer: SigningKey, cert_name: str
@@ -100,31 +101,37 @@ class PackWriter:
         self._secrets = secrets
         self._signer = signer
         self._cert = cert_name
-        self._buf = bytearray(HEADER)
-        self._group_key = os.urandom(32)
-        sealed = data_public.seal(self._group_key, group_info(secrets.domain_id))
-        self._groups = [(len(self._buf), len(sealed))]
-        self._buf += sealed
+        group_key = os.urandom(32)
+        self._group = aead.Cipher(group_key)
+        sealed = data_public.seal(group_key, group_info(secrets.domain_id))
+        self._parts: list[bytes | bytearray] = [HEADER, sealed]
+        self._size = len(HEADER) + len(sealed)
+        self._groups = [(len(HEADER), len(sealed))]
+        self._hasher = blake3.blake3(HEADER)
+        self._hasher.update(sealed)
         self.entries: list[BlobEntry] = []
 
     @property
     def size(self) -> int:
-        return len(self._buf)
+        return self._size
 
     def __len__(self) -> int:
         return len(self.entries)
 
-    def add(self, cid: bytes, blob: bytes, raw_length: int, k_blob: bytes) -> BlobEntry:
+    def add(self, cid: bytes, blob: bytes | bytearray, raw_length: int, k_blob: bytes) -> BlobEntry:
         """Append an encrypted blob; its key is wrapped under this pack's group key."""
-        wrapped = aead.encrypt(self._group_key, k_blob, cid)
-        entry = BlobEntry(cid, len(self._groups) - 1, len(self._buf), len(blob), raw_length, wrapped)
-        self._buf += blob
+        wrapped = self._group.encrypt(k_blob, cid)
+        entry = BlobEntry(cid, len(self._groups) - 1, self._size, len(blob), raw_length, wrapped)
+        self._parts.append(blob)
+        self._size += len(blob)
         self.entries.append(entry)
         return entry
 
     def finish(self) -> tuple[str, bytes]:
         """Seal the trailer, sign, and return (hex name, pack bytes)."""
-        body_hash = blake3.blake3(self._buf, max_threads=blake3.blake3.AUTO).digest()
+        for part in self._parts[2:]:
+            self._hasher.update(part)  # large parts are hashed with the GIL released
+        body_hash = self._hasher.digest()
         salt = os.urandom(16)
         trailer = {
             "v": 1,
@@ -139,11 +146,13 @@ class PackWriter:
         footer = encoding.pack(
             {"body_hash": body_hash, "salt": salt, "trailer": trailer_ct, "signer": self._cert, "sig": sig}
         )
-        self._buf += footer
-        self._buf += TAIL.pack(len(footer), TAIL_MAGIC)
-        data = bytes(self._buf)
-        self._buf = bytearray()
-        return blake3.blake3(data, max_threads=blake3.blake3.AUTO).hexdigest(), data
+        tail = footer + TAIL.pack(len(footer), TAIL_MAGIC)
+        self._hasher.update(tail)
+        name = self._hasher.hexdigest()
+        self._parts.append(tail)
+        data = b"".join(self._parts)
+        self._parts = []
+        return name, data
 
 
 def parse_footer(tail_and_footer: bytes, total_size: int) -> PackFooter:
@@ -225,9 +234,9 @@ def open_group_key(sealed: bytes, data_private: DataPrivateKey, domain_id: str) 
     return key
 
 
-def unwrap_blob_key(group_key: bytes, entry: BlobEntry) -> bytes:
-    """K_blob of one blob, from its wrapped key."""
+def unwrap_blob_key(group: aead.Cipher, entry: BlobEntry) -> bytes:
+    """K_blob of one blob, from its wrapped key (``group``: the cipher of its group key)."""
     try:
-        return aead.decrypt(group_key, entry.wrapped_key, entry.chunk_id)
+        return group.decrypt(entry.wrapped_key, entry.chunk_id)
     except aead.DecryptionFailed:
         raise encoding.FormatError("wrapped blob key does not open") from None

@@ -64,7 +64,16 @@ class SessionWriter:
         self._append(kind, cid, ct, len(data), k_blob)
         return True
 
-    def _append(self, kind: str, cid: bytes, ct: bytes, raw_length: int, k_blob: bytes) -> None:
+    def store_encrypted(self, cid: bytes, ct: bytearray, raw_length: int, k_blob: bytes, kind: str = KIND_DATA) -> bool:
+        """Store a chunk already encrypted elsewhere (a worker process) unless it is known."""
+        with self._lock:
+            if cid in self.index.locations or cid in self._pending:
+                return False
+            self._pending.add(cid)
+        self._append(kind, cid, ct, raw_length, k_blob)
+        return True
+
+    def _append(self, kind: str, cid: bytes, ct: bytearray, raw_length: int, k_blob: bytes) -> None:
         full = None
         with self._lock:
             self._raise_upload_error()

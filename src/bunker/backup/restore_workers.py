@@ -1,0 +1,66 @@
+"""Worker processes that write small restored files (see small_files.py for why processes)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from concurrent.futures import Future, ProcessPoolExecutor
+from typing import Any
+
+from bunker.backup.file_writer import Piece, WriteResult, apply_meta, write_file
+from bunker.crypto.derive import PutSecrets
+from bunker.repo.blob_reader import BlobRef, fetch_blob
+from bunker.storage import Backend, open_backend
+
+# (path, pieces, entry)
+Item = tuple[bytes, list[Piece], dict[str, Any]]
+
+_backend: Backend | None = None
+_secrets: PutSecrets | None = None
+_as_root = False
+_numeric = False
+
+
+def _init(url: str, secret: bytes, as_root: bool, numeric_owner: bool) -> None:
+    global _backend, _secrets, _as_root, _numeric
+    _backend = open_backend(url)
+    _secrets = PutSecrets(secret)
+    _as_root, _numeric = as_root, numeric_owner
+
+
+def _fetch(ref: BlobRef) -> bytes:
+    assert _backend is not None and _secrets is not None
+    return fetch_blob(_backend, _secrets, ref)
+
+
+def write_batch(items: list[Item]) -> list[WriteResult]:
+    """Write each file of a batch and apply its metadata (runs in a worker process)."""
+    out = []
+    for path, pieces, entry in items:
+        r = write_file(path, pieces, _fetch)
+        if r.status != "error":
+            r = r._replace(meta_warning=apply_meta(path, entry, _as_root, _numeric))
+        out.append(r)
+    return out
+
+
+class RestorePool:
+    """A process pool started on first use."""
+
+    def __init__(self, url: str, secrets: PutSecrets, as_root: bool, numeric_owner: bool) -> None:
+        self._args = (url, secrets.secret, as_root, numeric_owner)
+        self._pool: ProcessPoolExecutor | None = None
+
+    def submit(self, items: list[Item]) -> Future[list[WriteResult]]:
+        if self._pool is None:
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(["bunker.backup.restore_workers"])
+            self._pool = ProcessPoolExecutor(
+                os.cpu_count() or 2, mp_context=ctx, initializer=_init, initargs=self._args
+            )
+        return self._pool.submit(write_batch, items)
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None

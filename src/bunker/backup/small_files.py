@@ -1,0 +1,91 @@
+"""Worker processes for small files.
+
+Reading, hashing, compressing and encrypting a 2 KiB file is mostly Python glue and short calls
+that each drop and retake the GIL; in threads that degenerates into GIL ping-pong. So batches of
+small files go to worker processes (one GIL each), which return chunk ids and encrypted blobs; the
+main process only deduplicates and appends the blobs to packs.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from concurrent.futures import Future, ProcessPoolExecutor
+from typing import Any
+
+from pyfastcdc import FastCDC
+
+from bunker.backup.file_reader import ReadOutcome, read_all, read_stable
+from bunker.crypto.derive import PutSecrets
+from bunker.repo import blob
+
+# (chunk id, blob bytes, raw length, K_blob)
+Blob = tuple[bytes, bytearray, int, bytes]
+
+_secrets: PutSecrets | None = None
+_cdc: FastCDC | None = None
+_min_chunk = 0
+
+
+def _init(secret: bytes, avg: int, mn: int, mx: int) -> None:
+    global _secrets, _cdc, _min_chunk
+    _secrets = PutSecrets(secret)
+    _cdc = FastCDC(avg, min_size=mn, max_size=mx, seed=_secrets.chunker_seed)
+    _min_chunk = mn
+
+
+class _Encryptor:
+    """The ``consume`` step of one file: chunk, hash and encrypt, keeping the blobs."""
+
+    def __init__(self, secrets: PutSecrets, cdc: FastCDC, min_chunk: int) -> None:
+        self.secrets, self.cdc, self.min_chunk = secrets, cdc, min_chunk
+        self.blobs: list[Blob] = []
+
+    def __call__(self, fd: int, size: int) -> tuple[list[bytes], int]:
+        self.blobs = []  # a re-read starts afresh
+        seen: set[bytes] = set()
+        data = read_all(fd, size)
+        pieces: Any = (data,) if len(data) <= self.min_chunk else (c.data for c in self.cdc.cut_buf(data))
+        ids = []
+        for piece in pieces:
+            cid = blob.chunk_id(self.secrets, piece)
+            ids.append(cid)
+            if cid not in seen:
+                seen.add(cid)
+                ct, k = blob.encrypt_blob(self.secrets, cid, piece)
+                self.blobs.append((cid, ct, len(piece), k))
+        return ids, len(data)
+
+
+def read_batch(paths: list[bytes]) -> list[tuple[ReadOutcome, list[Blob]]]:
+    """Read and encrypt each file of a batch (runs in a worker process)."""
+    assert _secrets is not None and _cdc is not None
+    enc = _Encryptor(_secrets, _cdc, _min_chunk)
+    out = []
+    for path in paths:
+        enc.blobs = []
+        outcome = read_stable(path, enc)
+        out.append((outcome, enc.blobs if outcome.status in ("ok", "changing") else []))
+    return out
+
+
+class SmallFilePool:
+    """A process pool started on first use (its start-up costs ~0.2 s, worth it only for many files)."""
+
+    def __init__(self, secrets: PutSecrets, chunker: dict[str, int], workers: int | None = None) -> None:
+        self._args = (secrets.secret, chunker["avg"], chunker["min"], chunker["max"])
+        self._workers = workers or os.cpu_count() or 2
+        self._pool: ProcessPoolExecutor | None = None
+
+    def submit(self, paths: list[bytes]) -> Future[list[tuple[ReadOutcome, list[Blob]]]]:
+        if self._pool is None:
+            # forkserver: never fork a process that already runs threads
+            ctx = multiprocessing.get_context("forkserver")
+            ctx.set_forkserver_preload(["bunker.backup.small_files"])
+            self._pool = ProcessPoolExecutor(self._workers, mp_context=ctx, initializer=_init, initargs=self._args)
+        return self._pool.submit(read_batch, paths)
+
+    def shutdown(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
