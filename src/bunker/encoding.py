@@ -37,6 +37,11 @@ def pack(value: Any) -> bytes:
     return msgpack.packb(_canon(value), use_bin_type=True)  # type: ignore[no-any-return]
 
 
+def pack_ordered(value: Any) -> bytes:
+    """Encode ``value`` as is: the caller guarantees every map's keys are already sorted."""
+    return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
+
+
 def unpack(data: bytes | memoryview) -> Any:
     """Decode msgpack from untrusted bytes; raise FormatError on anything malformed."""
     n = len(data)

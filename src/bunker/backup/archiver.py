@@ -27,7 +27,7 @@ from pyfastcdc import FastCDC
 from bunker.backup import files_cache as fc
 from bunker.backup.excludes import Excludes
 from bunker.backup.file_reader import MAX_REREADS, ReadOutcome, read_all, read_stable
-from bunker.backup.runlog import RunLog, display_path
+from bunker.backup.runlog import RunLog
 from bunker.backup.small_files import SmallFilePool
 from bunker.repo import blob
 from bunker.repo.pack import KIND_META
@@ -49,10 +49,10 @@ class Progress:
 
     files: int = 0
     dirs: int = 0
-    bytes: int = 0
+    nbytes: int = 0
     total_files: int | None = None
     total_bytes: int | None = None
-    current: str = ""
+    current: bytes = b""  # decoded only when shown
 
 
 @dataclass
@@ -185,7 +185,7 @@ class Archiver:
             total += c.length
             if not w.known(cid):
                 w.store(cid, c.data)
-            self.progress.bytes += c.length
+            self.progress.nbytes += c.length
         return out, total
 
     # ------------------------------------------------------------------ files
@@ -194,7 +194,7 @@ class Archiver:
         if size <= READ_WHOLE:
             data = read_all(fd, size)
             self._store_chunks(data, chunks)
-            self.progress.bytes += len(data)
+            self.progress.nbytes += len(data)
             return chunks, len(data)
         with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
             return self.store_stream(f)
@@ -266,7 +266,7 @@ class Archiver:
                     for cid, ct, raw, k in blobs:
                         w.store_encrypted(cid, ct, raw, k)
                     self._record(outcome, path, entry, job, name)
-                    self.progress.bytes += outcome.size
+                    self.progress.nbytes += outcome.size
                 except BaseException as exc:  # noqa: BLE001
                     self._error = exc
                 finally:
@@ -332,7 +332,7 @@ class Archiver:
                 self.chunk_ids.update(cached)
                 self.stats["files_unchanged"] += 1
                 self.progress.files += 1
-                self.progress.bytes += st.st_size
+                self.progress.nbytes += st.st_size
             else:
                 self.stats["files_changed" if name in job.cache_old else "files_new"] += 1
                 self._small_seen += st.st_size <= SMALL_FILE
@@ -449,7 +449,7 @@ class Archiver:
                 self.log.os_error("err", "stat-failed", path, exc, "cannot stat; it is not in this backup")
                 self.stats["errors"] += 1
                 continue
-            self.progress.current = display_path(path)
+            self.progress.current = path
             child = self._entry(job, name, path, st, root_dev)
             if child is not None:
                 stack.append(child)

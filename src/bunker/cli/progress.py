@@ -14,6 +14,7 @@ from rich.live import Live
 from rich.text import Text
 
 from bunker.backup.archiver import Progress
+from bunker.backup.runlog import display_path
 from bunker.cli.output import human_bytes
 
 
@@ -57,13 +58,13 @@ class ProgressDisplay:
     def render(self) -> Text:
         p = self.p
         el = max(time.monotonic() - self._t0, 1e-6)
-        rate = p.bytes / el
-        line = f"{p.files} files  {human_bytes(p.bytes)}  {human_bytes(rate)}/s"
+        rate = p.nbytes / el
+        line = f"{p.files} files  {human_bytes(p.nbytes)}  {human_bytes(rate)}/s"
         if p.total_bytes:
-            frac = min(p.bytes / p.total_bytes, 1.0)
-            eta = (p.total_bytes - p.bytes) / rate if rate > 0 else 0
+            frac = min(p.nbytes / p.total_bytes, 1.0)
+            eta = (p.total_bytes - p.nbytes) / rate if rate > 0 else 0
             line += f"  {frac * 100:5.1f}% of {human_bytes(p.total_bytes)}  ETA {int(eta // 60)}:{int(eta % 60):02d}"
-        cur = p.current[-60:]
+        cur = display_path(p.current)[-60:]
         return Text(f"{line}  {cur}", no_wrap=True, overflow="ellipsis")
 
     def __enter__(self) -> ProgressDisplay:

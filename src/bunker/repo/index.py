@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from bunker import encoding
 from bunker.crypto import aead
@@ -19,8 +19,7 @@ from bunker.crypto.sign import SigningKey
 from bunker.repo.objects import MAGIC_INDEX, SignedObject, make_signed, parse_signed
 
 
-@dataclass(frozen=True)
-class Location:
+class Location(NamedTuple):
     """Where a chunk's blob is stored."""
 
     pack: str  # hex name (without "packs/")

@@ -24,8 +24,18 @@ MAX_TREE = 256 << 20
 
 
 def encode_tree(entries: list[dict[str, Any]]) -> bytes:
-    """Canonical bytes of a directory's entries (sorted by name)."""
-    return encoding.pack({"v": 1, "e": sorted(entries, key=lambda e: e["n"])})
+    """Canonical bytes of a directory's entries (sorted by name, keys sorted).
+
+    Entry values are scalars or lists of scalars; a map-valued field (like ``x``) must already
+    have sorted keys. This avoids the generic (recursive, slower) canonicalization on the hot path.
+    """
+    ordered = [dict(sorted(e.items())) for e in sorted(entries, key=_name)]
+    return encoding.pack_ordered({"e": ordered, "v": 1})
+
+
+def _name(e: dict[str, Any]) -> bytes:
+    n: bytes = e["n"]
+    return n
 
 
 def decode_tree(data: bytes) -> list[dict[str, Any]]:
