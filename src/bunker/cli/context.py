@@ -133,19 +133,20 @@ class Created:
 
 def init_repository(url: str, client_name: str) -> Created:
     """Create a repository, its master key (passphrase-protected) and this machine's put key."""
-    backend = open_backend(url, create=True)
-    if any(True for _ in backend.list("config/")):
-        raise BunkerError(
-            f"a repository already exists at {url}",
-            "use it as it is (bunker backup --repo ...), or choose another --repo for a new repository",
-            exit_code=ExitCode.BAD_REPOSITORY,
-        )
+    # ask first: a run that cannot get a passphrase must not leave anything behind
     pw = passphrase("New master key passphrase", confirm=True)
     if not pw:
         raise BunkerError(
             "the master key passphrase is empty",
             "choose a passphrase (BUNKER_PASSPHRASE or the prompt)",
             exit_code=ExitCode.USAGE,
+        )
+    backend = open_backend(url, create=True)
+    if any(True for _ in backend.list("config/")):
+        raise BunkerError(
+            f"a repository already exists at {url}",
+            "use it as it is (bunker backup --repo ...), or choose another --repo for a new repository",
+            exit_code=ExitCode.BAD_REPOSITORY,
         )
     master = MasterKey.generate()
     master_path = dirs.master_key_path(master.repo_id)

@@ -84,6 +84,9 @@ def decrypt_blob(k_blob: bytes, cid: bytes, blob: bytes | memoryview, raw_length
         data = payload
     else:
         try:
+            declared = zstandard.frame_content_size(payload)
+            if declared > raw_length:  # never let a hostile frame header size our allocation
+                raise BlobError(f"compressed blob declares {declared} bytes, the index says {raw_length}")
             data = _decompressor().decompress(payload, max_output_size=raw_length)
         except zstandard.ZstdError as exc:
             raise BlobError(f"blob does not decompress ({exc})") from None
