@@ -14,11 +14,9 @@ from bunker.crypto.kem import DataPrivateKey
 from bunker.errors import CorruptObject, ObjectMissing
 from bunker.repo import blob
 from bunker.repo.index import Location
-from bunker.repo.pack import BlobEntry, decrypt_trailer, open_group_key, parse_footer, unwrap_blob_key, verify_footer
+from bunker.repo.pack import BlobEntry, decrypt_trailer, fetch_footer, open_group_key, unwrap_blob_key, verify_footer
 from bunker.repo.repository import Repository
 from bunker.storage.backend import Backend
-
-FOOTER_GUESS = 256 << 10
 
 
 @dataclass
@@ -34,17 +32,8 @@ def read_trailer(
 ) -> tuple[list[BlobEntry], list[tuple[int, int]], str]:
     """Fetch, verify (writer's signature) and decrypt a pack's trailer: (blobs, groups, writer)."""
     name = f"packs/{pack}"
-    info = repo.backend.stat(name)
-    if info is None:
-        raise ObjectMissing(name)
-    tail = repo.backend.get(name, -min(FOOTER_GUESS, info.size))
     try:
-        try:
-            footer = parse_footer(tail, info.size)
-        except encoding.FormatError as exc:
-            if str(exc) != "need more bytes":
-                raise
-            footer = parse_footer(repo.backend.get(name), info.size)
+        footer = fetch_footer(repo.backend, name)
         if verify_writer:
             verify_footer(footer, repo.certificate(footer.signer).verify_key)
         trailer = decrypt_trailer(footer, secrets)

@@ -39,7 +39,14 @@ from bunker.repo.objects import (
     is_hash_name,
     parse_signed,
 )
-from bunker.repo.pack import decrypt_trailer, open_group_key, parse_footer, unwrap_blob_key, verify_footer
+from bunker.repo.pack import (
+    decrypt_trailer,
+    fetch_footer,
+    open_group_key,
+    parse_footer,
+    unwrap_blob_key,
+    verify_footer,
+)
 from bunker.repo.records import parse_retirement
 from bunker.repo.repository import Repository
 from bunker.repo.snapshot import parse_snapshot
@@ -224,24 +231,17 @@ class Checker:
     def _check_pack(self, n: str, full: bool, out: dict[str, dict[bytes, Any]], lock: threading.Lock) -> None:
         assert self.repo
         r = self.report
-        if full:
-            data = self._get(n)
-            if data is None:
-                return
-            size = len(data)
-            tail: bytes | memoryview = data
-        else:
-            info = self.backend.stat(n)
-            if info is None:
-                r.add(n, "vanished while checking")
-                return
-            size = info.size
-            tail = self.backend.get(n, -min(size, 1 << 20))
-            data = None
+        data = self._get(n) if full else None
         try:
-            footer = parse_footer(bytes(tail), size)
-            if len(tail) < size - footer.body_length and data is None:
-                footer = parse_footer(self.backend.get(n), size)
+            if full:
+                if data is None:
+                    return
+                footer = parse_footer(data, len(data))
+            else:
+                footer = fetch_footer(self.backend, n)
+        except ObjectMissing:
+            r.add(n, "vanished while checking")
+            return
         except encoding.FormatError as exc:
             r.add(n, f"pack footer unreadable: {exc}")
             return

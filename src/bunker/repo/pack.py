@@ -27,12 +27,15 @@ from bunker.crypto import aead
 from bunker.crypto.derive import PutSecrets, keyed_hash
 from bunker.crypto.kem import DataPrivateKey, DataPublicKey, OpenFailed
 from bunker.crypto.sign import BadSignature, SigningKey, verify
+from bunker.errors import ObjectMissing
 from bunker.repo.objects import MAGIC_PACK, check_ref
+from bunker.storage.backend import Backend
 
 HEADER = MAGIC_PACK + b"\x01"
 TAIL_MAGIC = b"BKPE"
 TAIL = struct.Struct("<I4s")
 MAX_FOOTER = 64 << 20
+FOOTER_FIRST_READ = 64 << 10
 GROUP_INFO = b"bunker group key v1\x00"
 WRAPPED_SIZE = aead.NONCE_SIZE + 32 + aead.TAG_SIZE
 KIND_DATA = "data"
@@ -155,6 +158,26 @@ class PackWriter:
         return name, data
 
 
+class NeedMoreBytes(encoding.FormatError):
+    """The bytes given end with a valid tail but do not hold the whole footer."""
+
+    def __init__(self, needed: int) -> None:
+        super().__init__(f"need the last {needed} bytes")
+        self.needed = needed
+
+
+def fetch_footer(backend: Backend, name: str) -> PackFooter:
+    """Read a pack's footer with range reads: one small read, a second one only for big trailers.
+    Raises ObjectMissing, or FormatError if the footer is malformed."""
+    info = backend.stat(name)
+    if info is None:
+        raise ObjectMissing(name)
+    try:
+        return parse_footer(backend.get(name, -min(FOOTER_FIRST_READ, info.size)), info.size)
+    except NeedMoreBytes as more:
+        return parse_footer(backend.get(name, -min(more.needed, info.size)), info.size)
+
+
 def parse_footer(tail_and_footer: bytes, total_size: int) -> PackFooter:
     """Decode the footer from the pack's last bytes (must include the whole footer and tail)."""
     if len(tail_and_footer) < TAIL.size:
@@ -165,7 +188,7 @@ def parse_footer(tail_and_footer: bytes, total_size: int) -> PackFooter:
     if flen > MAX_FOOTER or flen + TAIL.size + len(HEADER) > total_size:
         raise encoding.FormatError(f"pack footer length {flen} is impossible")
     if len(tail_and_footer) < flen + TAIL.size:
-        raise encoding.FormatError("need more bytes")
+        raise NeedMoreBytes(flen + TAIL.size)
     raw = tail_and_footer[-(flen + TAIL.size) : -TAIL.size]
     m = encoding.expect_map(encoding.unpack(raw), "body_hash", "salt", "trailer", "signer", "sig")
     return PackFooter(
