@@ -42,7 +42,7 @@ def make_index(
         pno = packs.setdefault(loc.pack, len(packs))
         rows.append([cid, pno, loc.offset, loc.length, loc.raw_length])
     salt = os.urandom(16)
-    plain = encoding.pack({"packs": list(packs), "entries": rows})
+    plain = encoding.pack_ordered({"entries": rows, "packs": list(packs)})  # keys sorted
     ct = aead.encrypt(_key(secrets, salt), plain, secrets.domain_id.encode())
     return make_signed(MAGIC_INDEX, {"domain": secrets.domain_id, "salt": salt, "ct": ct}, signer, cert_name)
 

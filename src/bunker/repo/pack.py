@@ -136,15 +136,15 @@ class PackWriter:
             self._hasher.update(part)  # large parts are hashed with the GIL released
         body_hash = self._hasher.digest()
         salt = os.urandom(16)
-        trailer = {
-            "v": 1,
-            "kind": self.kind,
-            "domain": self._secrets.domain_id,
-            "writer": self._cert,
-            "groups": [list(g) for g in self._groups],
+        trailer = {  # keys in sorted order: encoded as is (canonical without a recursive pass)
             "blobs": [[e.chunk_id, e.group, e.offset, e.length, e.raw_length, e.wrapped_key] for e in self.entries],
+            "domain": self._secrets.domain_id,
+            "groups": [list(g) for g in self._groups],
+            "kind": self.kind,
+            "v": 1,
+            "writer": self._cert,
         }
-        trailer_ct = aead.encrypt(trailer_key(self._secrets, salt), encoding.pack(trailer), body_hash)
+        trailer_ct = aead.encrypt(trailer_key(self._secrets, salt), encoding.pack_ordered(trailer), body_hash)
         sig = self._signer.sign(MAGIC_PACK, signed_message(body_hash, salt, trailer_ct))
         footer = encoding.pack(
             {"body_hash": body_hash, "salt": salt, "trailer": trailer_ct, "signer": self._cert, "sig": sig}
