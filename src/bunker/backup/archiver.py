@@ -25,6 +25,7 @@ from typing import Any, BinaryIO
 from pyfastcdc import FastCDC
 
 from bunker.backup import files_cache as fc
+from bunker.backup.chunker import cut, make_cdc
 from bunker.backup.excludes import Excludes
 from bunker.backup.file_reader import MAX_REREADS, ReadOutcome, read_all, read_stable
 from bunker.backup.runlog import RunLog
@@ -124,9 +125,7 @@ class Archiver:
         self.one_fs = one_file_system
         self.progress = progress or Progress()
         self.tick = tick
-        chunker = writer.repo.config.chunker
-        self._cdc_params = (chunker["avg"], chunker["min"], chunker["max"], writer.secrets.chunker_seed)
-        self._min_chunk = chunker["min"]
+        chunker = self._chunker = writer.repo.config.chunker
         self._local = threading.local()
         self._workers = workers or max(2, (os.cpu_count() or 2) + 1)
         self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="bunker-read")
@@ -158,17 +157,12 @@ class Archiver:
     def _cdc(self) -> FastCDC:
         c = getattr(self._local, "cdc", None)
         if c is None:
-            avg, mn, mx, seed = self._cdc_params
-            c = self._local.cdc = FastCDC(avg, min_size=mn, max_size=mx, seed=seed)
+            c = self._local.cdc = make_cdc(self._chunker, self.writer.secrets)
         return c
 
     def _store_chunks(self, data: bytes | memoryview, out: list[bytes]) -> None:
         w = self.writer
-        if len(data) <= self._min_chunk:
-            pieces: Any = (data,)
-        else:
-            pieces = (c.data for c in self._cdc().cut_buf(data))
-        for piece in pieces:
+        for piece in cut(self._cdc(), data):
             cid = blob.chunk_id(w.secrets, piece)
             out.append(cid)
             if not w.known(cid):
@@ -421,7 +415,7 @@ class Archiver:
         now = time.monotonic()
         if now - self._last_tick >= 0.2:
             self._last_tick = now
-            self.writer.flush_if_old()
+            self.writer.persist_if_due()
             if self.tick:
                 self.tick()
 

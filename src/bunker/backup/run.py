@@ -17,6 +17,7 @@ from typing import BinaryIO
 
 from bunker import dirs
 from bunker.backup.archiver import Archiver, ArchiveResult, Progress, stream_entry
+from bunker.backup.chain import check_config_version
 from bunker.backup.commit import Committed, commit_snapshot
 from bunker.backup.excludes import Excludes
 from bunker.backup.files_cache import FilesCache
@@ -70,6 +71,7 @@ def run_backup(
         )
     cert = repo.check_put_key(put)
     log = RunLog()
+    repo.write_documents()
     if req.master_on_client:
         log.add(
             "note",
@@ -80,6 +82,7 @@ def run_backup(
     tag = client_tag(put)
     cache_dir = dirs.client_cache_dir(repo.repo_id, tag) if req.cache else None
     state_dir = dirs.state_dir(repo.repo_id, tag)
+    check_config_version(repo, state_dir, log)
     lease = Lease(repo, put, cert.client, cert.name)
     lease.write()
     try:

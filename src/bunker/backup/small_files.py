@@ -11,10 +11,10 @@ from __future__ import annotations
 import multiprocessing
 import os
 from concurrent.futures import Future, ProcessPoolExecutor
-from typing import Any
 
 from pyfastcdc import FastCDC
 
+from bunker.backup.chunker import cut, make_cdc
 from bunker.backup.file_reader import ReadOutcome, read_all, read_stable
 from bunker.crypto.derive import PutSecrets
 from bunker.repo import blob
@@ -24,30 +24,27 @@ Blob = tuple[bytes, bytearray, int, bytes]
 
 _secrets: PutSecrets | None = None
 _cdc: FastCDC | None = None
-_min_chunk = 0
 
 
-def _init(secret: bytes, avg: int, mn: int, mx: int) -> None:
-    global _secrets, _cdc, _min_chunk
+def _init(secret: bytes, chunker: dict[str, int]) -> None:
+    global _secrets, _cdc
     _secrets = PutSecrets(secret)
-    _cdc = FastCDC(avg, min_size=mn, max_size=mx, seed=_secrets.chunker_seed)
-    _min_chunk = mn
+    _cdc = make_cdc(chunker, _secrets)
 
 
 class _Encryptor:
     """The ``consume`` step of one file: chunk, hash and encrypt, keeping the blobs."""
 
-    def __init__(self, secrets: PutSecrets, cdc: FastCDC, min_chunk: int) -> None:
-        self.secrets, self.cdc, self.min_chunk = secrets, cdc, min_chunk
+    def __init__(self, secrets: PutSecrets, cdc: FastCDC) -> None:
+        self.secrets, self.cdc = secrets, cdc
         self.blobs: list[Blob] = []
 
     def __call__(self, fd: int, size: int) -> tuple[list[bytes], int]:
         self.blobs = []  # a re-read starts afresh
         seen: set[bytes] = set()
         data = read_all(fd, size)
-        pieces: Any = (data,) if len(data) <= self.min_chunk else (c.data for c in self.cdc.cut_buf(data))
         ids = []
-        for piece in pieces:
+        for piece in cut(self.cdc, data):
             cid = blob.chunk_id(self.secrets, piece)
             ids.append(cid)
             if cid not in seen:
@@ -60,7 +57,7 @@ class _Encryptor:
 def read_batch(paths: list[bytes]) -> list[tuple[ReadOutcome, list[Blob]]]:
     """Read and encrypt each file of a batch (runs in a worker process)."""
     assert _secrets is not None and _cdc is not None
-    enc = _Encryptor(_secrets, _cdc, _min_chunk)
+    enc = _Encryptor(_secrets, _cdc)
     out = []
     for path in paths:
         enc.blobs = []
@@ -73,7 +70,7 @@ class SmallFilePool:
     """A process pool started on first use (its start-up costs ~0.2 s, worth it only for many files)."""
 
     def __init__(self, secrets: PutSecrets, chunker: dict[str, int], workers: int | None = None) -> None:
-        self._args = (secrets.secret, chunker["avg"], chunker["min"], chunker["max"])
+        self._args = (secrets.secret, dict(chunker))
         self._workers = workers or os.cpu_count() or 2
         self._pool: ProcessPoolExecutor | None = None
 

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import os
 import stat
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from pyfastcdc import FastCDC
-
 from bunker.backup import files_cache as fc
+from bunker.backup.chunker import cut, make_cdc
 from bunker.backup.runlog import display_path
 from bunker.crypto.derive import keyed_hash
 from bunker.repo import blob
@@ -48,9 +48,7 @@ class Verifier:
         self.secrets = index.secrets
         self.cache = files_cache
         self.read_data = read_data
-        ch = repo.config.chunker
-        self.cdc = FastCDC(ch["avg"], min_size=ch["min"], max_size=ch["max"], seed=self.secrets.chunker_seed)
-        self.min_chunk = ch["min"]
+        self.cdc = make_cdc(repo.config.chunker, self.secrets)
         self._trailers: dict[str, dict[bytes, BlobEntry]] = {}
         self.report = VerifyReport()
 
@@ -88,8 +86,8 @@ class Verifier:
             self.report.changed.append(shown)
         try:
             with open(path, "rb") as f:
-                if st.st_size <= self.min_chunk:
-                    pieces = iter([f.read()])
+                if st.st_size <= self.cdc.min_size:
+                    pieces: Iterable[bytes | memoryview] = cut(self.cdc, f.read())
                 else:
                     pieces = (bytes(c.data) for c in self.cdc.cut_stream(f))
                 for piece in pieces:
@@ -109,7 +107,7 @@ class Verifier:
             return
         self.report.stored.append(shown)
 
-    def _compare(self, cid: bytes, piece: bytes, pack: str) -> str:
+    def _compare(self, cid: bytes, piece: bytes | memoryview, pack: str) -> str:
         entries = self._trailers.get(pack)
         if entries is None:
             try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from typing import Any
 
@@ -46,7 +47,10 @@ def init(**kwargs: Any) -> None:
 
 def _open_or_create_default(opts: context.Options, out: Any) -> Repository:
     """Open the repository; on a first run with nothing configured, create the default one."""
-    if opts.repo_is_default and not opts.put_key and not opts.master_key:
+    explicit_key = (
+        opts.put_key or opts.master_key or os.environ.get("BUNKER_PUT_KEY") or os.environ.get("BUNKER_MASTER_KEY")
+    )
+    if opts.repo_is_default and not explicit_key:
         backend_exists = any(True for _ in _safe_list(opts.repo_url))
         if not backend_exists:
             created = context.init_repository(opts.repo_url, default_client_name())
@@ -95,8 +99,6 @@ def backup(**kwargs: Any) -> None:
             "nothing to back up", "name one or more paths, or use --stdin-name NAME", exit_code=ExitCode.USAGE
         )
     for p in paths:
-        import os
-
         if not os.path.lexists(p):
             raise BunkerError(f"{p} does not exist", "check the path; no backup was taken", exit_code=ExitCode.USAGE)
     repo = _open_or_create_default(opts, out)

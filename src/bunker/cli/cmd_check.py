@@ -18,6 +18,7 @@ from bunker.cli.main import cli, common, handles_errors, make_options
 from bunker.cli.output import human_bytes
 from bunker.errors import ExitCode
 from bunker.repo.check import Checker
+from bunker.repo.index import make_index
 from bunker.repo.index_cache import IndexCache
 from bunker.repo.objects import content_hash
 from bunker.storage import open_backend
@@ -133,3 +134,30 @@ def verify(**kwargs: Any) -> None:
     if not rep.ok:
         out.line("next step: run `bunker backup` on the files not stored")
         sys.exit(ExitCode.INTEGRITY)
+
+
+@cli.group("index")
+def index_group() -> None:
+    """Maintain the index (a cache of the pack trailers)."""
+
+
+@index_group.command("rebuild")
+@common
+@handles_errors
+def index_rebuild(**kwargs: Any) -> None:
+    """Index every pack of this client's dedup domain that no index object names (put key)."""
+    opts, out = make_options(kwargs)
+    repo = context.open_repository(opts)
+    put = context.load_put(opts, repo)
+    cert = repo.check_put_key(put)
+    index = IndexCache(repo, put.secrets, None, for_dedup=False).load()
+    packs = index.add_unindexed_packs()
+    entries = [e for _, es in index.unindexed for e in es]
+    name = None
+    if entries:
+        data = make_index(entries, put.secrets, put.client_key, cert.name)
+        name = repo.put_object("index", data)
+    out.document({"packs_read": packs, "chunks_indexed": len(entries), "index": name, "problems": index.problems})
+    for p in index.problems:
+        out.line(f"warn: index object skipped: {p}")
+    out.line(f"{packs} unindexed pack(s) read, {len(entries)} chunks indexed" + (f" in {name}" if name else ""))

@@ -212,6 +212,8 @@ def recover(**kwargs: Any) -> None:
         lines.append(" ".join(line.split()))
     master = MasterKey(combine_shares(lines))
     pw = context.passphrase("New passphrase for the recovered master key", confirm=True)
+    if not pw:
+        raise BunkerError("the new passphrase is empty", "choose a non-empty passphrase", exit_code=ExitCode.USAGE)
     write_private_file(dest, master_key_text(master, pw))
     out.document({"id": master.repo_id, "master_key": os.path.abspath(dest)})
     out.line(f"recovered the master key of repository {master.repo_id}; written to {dest}")

@@ -10,6 +10,7 @@ from typing import Any
 
 import click
 
+from bunker import encoding
 from bunker.backup.restorer import Restorer
 from bunker.backup.runlog import RunLog, display_path
 from bunker.cli import context
@@ -17,6 +18,7 @@ from bunker.cli.main import cli, common, handles_errors, make_options
 from bunker.cli.output import human_bytes
 from bunker.crypto.keyfile import MasterKey
 from bunker.errors import BunkerError, ExitCode
+from bunker.repo import refs
 from bunker.repo.blob_reader import BlobReader
 from bunker.repo.index_cache import IndexCache
 from bunker.repo.repository import Repository, SnapshotRecord
@@ -109,7 +111,18 @@ def _open_for_reading(
             f"snapshot {rec.short_id} cannot be opened: {exc}", "run `bunker check`", exit_code=ExitCode.INTEGRITY
         ) from None
     secrets = repo.domain_secrets(master, rec.snap.env.domain)
-    index = IndexCache(repo, secrets, None).load()
+    index = IndexCache(repo, secrets, None, for_dedup=False).load()
+    try:
+        chunks = refs.read_set(rec.snap.env.chunkset, repo.get_object, secrets)
+    except (BunkerError, encoding.FormatError):
+        chunks = []  # restore still goes on and reports every file it cannot complete
+    unindexed, lost = index.cover(chunks)
+    if unindexed:
+        click.echo(
+            f"note: {unindexed} chunks of this snapshot were not in the index; found {unindexed - lost} of them in "
+            "the packs themselves. Run `bunker index rebuild` to write them into the index",
+            err=True,
+        )
     return repo, master, rec, BlobReader(repo, master.data_private, secrets, index.locations), body["root"]
 
 

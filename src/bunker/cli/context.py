@@ -153,7 +153,7 @@ def init_repository(url: str, client_name: str) -> Created:
     # the key file first: a repository without its key would be useless
     write_private_file(master_path, master_key_text(master, pw))
     repo = Repository.create(backend, master)
-    put = repo.issue_client(master, client_name, ("backup", "prune"))
+    put = repo.issue_client(master, client_name, ("backup",))
     put_path = dirs.put_key_path(repo.repo_id)
     write_private_file(put_path, put_key_text(put, client_name))
     return Created(repo, master_path, put_path)

@@ -44,7 +44,11 @@ def handles_errors(f: F) -> F:
             out.error(exc)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
-            click.echo("bunker: interrupted; what was stored so far is kept and the next run re-uses it", err=True)
+            click.echo(
+                "bunker: interrupted; no snapshot was written. Data stored more than about 10 s ago is indexed "
+                "and the next backup will not upload it again",
+                err=True,
+            )
             sys.exit(130)
 
     return wrapper  # type: ignore[return-value]

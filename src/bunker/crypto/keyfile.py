@@ -180,7 +180,7 @@ def load_master_key(path: str, passphrase: str) -> MasterKey:
             raise encoding.FormatError("unsupported key derivation parameters")
         kek = _kek(passphrase, kdf["salt"], kdf["t"], kdf["m"], kdf["p"])
         box = encoding.field_bytes(m, "box")
-    except (KeyError, TypeError, encoding.FormatError) as exc:
+    except (KeyError, TypeError, ValueError) as exc:  # ValueError: FormatError, or Argon2id refusing parameters
         raise KeyFileError(f"master key file {path} is damaged ({exc})", "restore it from your copy") from None
     try:
         seed = aead.decrypt(kek, box, b"bunker master key v1\x00" + str(m["repo"]).encode())
@@ -190,6 +190,8 @@ def load_master_key(path: str, passphrase: str) -> MasterKey:
             "type the passphrase again (or fix BUNKER_PASSPHRASE); if it is lost, recover the key from "
             "its shares (RECOVERY.md)",
         ) from None
+    if len(seed) != SEED_SIZE:
+        raise KeyFileError(f"master key file {path} is inconsistent (bad seed size)", "restore it from your copy")
     key = MasterKey(seed)
     if key.repo_id != m["repo"]:
         raise KeyFileError(f"master key file {path} is inconsistent", "restore it from your copy")

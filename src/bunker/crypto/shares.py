@@ -16,7 +16,9 @@ def split_seed(seed: bytes, threshold: int, count: int, passphrase: str = "") ->
             "choose 1 <= THRESHOLD <= COUNT <= 16, e.g. --shares 3-of-5",
             exit_code=ExitCode.USAGE,
         )
-    groups = shamir_mnemonic.generate_mnemonics(1, [(threshold, count)], seed, passphrase.encode(), 1)
+    groups = shamir_mnemonic.generate_mnemonics(
+        1, [(threshold, count)], seed, passphrase.encode(), extendable=True, iteration_exponent=1
+    )
     return list(groups[0])
 
 

@@ -408,7 +408,9 @@ class Checker:
             lost = [c for c in cset if c not in locations or locations[c].pack not in pset_s]
             if lost:
                 r.add(
-                    n, f"{len(lost)} of its {len(cset)} chunks are not indexed in its packs (e.g. {lost[0].hex()[:16]})"
+                    n,
+                    f"{len(lost)} of its {len(cset)} chunks are not indexed in its packs (e.g. {lost[0].hex()[:16]}); "
+                    "if the packs are intact, `bunker index rebuild` re-indexes them from their trailers",
                 )
             r.counts["snapshot_chunks"] += len(cset)
         for cert_name, chain in chains.items():

@@ -86,9 +86,18 @@ def parse_config(data: bytes) -> RepoConfig:
     repo_id = encoding.field(b, "repo", str)
     if fingerprint(mv) != repo_id:
         raise encoding.FormatError("config repository id is not the fingerprint of its master verify key")
-    chunker = encoding.expect_map(b["chunker"], "min", "avg", "max")
-    packs = encoding.expect_map(b["packs"], "target", "flush_seconds")
-    if not (64 <= chunker["min"] <= chunker["avg"] <= chunker["max"] <= 16 << 20):
+    chunker = encoding.expect_map(encoding.field(b, "chunker", dict), "min", "avg", "max")
+    packs = encoding.expect_map(encoding.field(b, "packs", dict), "target", "flush_seconds")
+    if not all(type(v) is int for v in (chunker["min"], chunker["avg"], chunker["max"], packs["target"])):
+        raise encoding.FormatError("chunker or pack parameters are not integers")
+    if type(packs["flush_seconds"]) not in (int, float):
+        raise encoding.FormatError("pack flush interval is not a number")
+    if not (
+        64 <= chunker["min"] <= 1 << 20
+        and 256 <= chunker["avg"] <= 4 << 20
+        and 1024 <= chunker["max"] <= 16 << 20
+        and chunker["min"] <= chunker["avg"] <= chunker["max"]
+    ):
         raise encoding.FormatError("chunker parameters out of range")
     if not (1 << 16 <= packs["target"] <= 1 << 30):
         raise encoding.FormatError("pack parameters out of range")

@@ -15,6 +15,7 @@ from bunker import encoding
 from bunker.crypto.derive import PutSecrets
 from bunker.crypto.sign import BadSignature, verify
 from bunker.errors import CorruptObject, ObjectMissing
+from bunker.repo.blob_reader import read_trailer
 from bunker.repo.index import Location, decrypt_index, parse_index_frame
 from bunker.repo.objects import MAGIC_INDEX
 from bunker.repo.repository import Repository
@@ -23,13 +24,17 @@ from bunker.repo.repository import Repository
 class IndexCache:
     """chunk id -> Location for one dedup domain, trusted writers only."""
 
-    def __init__(self, repo: Repository, secrets: PutSecrets, cache_dir: str | None) -> None:
+    def __init__(self, repo: Repository, secrets: PutSecrets, cache_dir: str | None, *, for_dedup: bool = True) -> None:
+        """``for_dedup``: skip what revoked clients wrote (a client never dedups against it);
+        readers (restore, check) pass False so a revocation never hides good older data."""
+        self.for_dedup = for_dedup
         self.repo = repo
         self.secrets = secrets
         self.cache_dir = os.path.join(cache_dir, "index") if cache_dir else None
         self.locations: dict[bytes, Location] = {}
         self.objects: set[str] = set()
         self.problems: list[str] = []
+        self.unindexed: list[tuple[str, list[tuple[bytes, Location]]]] = []  # found by add_unindexed_packs
 
     def __contains__(self, cid: bytes) -> bool:
         return cid in self.locations
@@ -42,9 +47,11 @@ class IndexCache:
 
     def load(self) -> IndexCache:
         """Read every index object of the repository (cached ones from disk)."""
-        revoked = self.repo.config.revoked_clients()
+        revoked = self.repo.config.revoked_clients() if self.for_dedup else {}
         names = [i.name for i in self.repo.backend.list("index/")]
         cached: set[str] = set()
+        if self.cache_dir and not self.for_dedup:
+            self.cache_dir = None  # the cache holds the dedup view only
         if self.cache_dir:
             os.makedirs(self.cache_dir, mode=0o700, exist_ok=True)
             cached = set(os.listdir(self.cache_dir))
@@ -98,6 +105,37 @@ class IndexCache:
         for cid, where in entries:
             if cid not in loc:
                 loc[cid] = where
+
+    def add_unindexed_packs(self) -> int:
+        """Add the blobs of every pack of this domain that no index object names, read from the
+        packs' own trailers (indexes are only a cache of them). Returns how many packs were read."""
+        indexed = {loc.pack for loc in self.locations.values()}
+        revoked = self.repo.config.revoked_clients() if self.for_dedup else {}
+        n = 0
+        for info in self.repo.backend.list("packs/"):
+            pack = info.name.split("/", 1)[1]
+            if pack in indexed:
+                continue
+            try:
+                blobs, _, writer = read_trailer(self.repo, pack, self.secrets)
+            except (CorruptObject, ObjectMissing):
+                continue  # another domain's pack, or damaged: check reports it
+            if writer in revoked:
+                continue
+            entries = [(b.chunk_id, Location(pack, b.offset, b.length, b.raw_length)) for b in blobs]
+            self.add(entries)
+            self.unindexed.append((pack, entries))
+            n += 1
+        return n
+
+    def cover(self, chunk_ids: Iterable[bytes]) -> tuple[int, int]:
+        """Make sure every chunk of ``chunk_ids`` is located, reading unindexed packs' trailers
+        if needed. Returns (chunks that were not indexed, chunks still not found)."""
+        missing = [c for c in chunk_ids if c not in self.locations]
+        if not missing:
+            return 0, 0
+        self.add_unindexed_packs()
+        return len(missing), sum(1 for c in missing if c not in self.locations)
 
     def record_written(self, name: str, entries: list[tuple[bytes, Location]]) -> None:
         """Note an index object this client just wrote (so the next load need not fetch it)."""

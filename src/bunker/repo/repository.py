@@ -120,9 +120,19 @@ class Repository:
         return cls(backend, best[0], best[1])
 
     def write_documents(self) -> None:
-        """(Re)write RECOVERY.md and FORMAT.md (plaintext, no secrets)."""
-        self.backend.put("RECOVERY.md", recovery_docs.recovery_md(self.repo_id).encode())
-        self.backend.put("FORMAT.md", recovery_docs.format_md().encode())
+        """(Re)write RECOVERY.md and FORMAT.md (plaintext, no secrets) where they differ from
+        what this version of bunker would write (so a repository's copy stays current)."""
+        for name, text in (
+            ("RECOVERY.md", recovery_docs.recovery_md(self.repo_id)),
+            ("FORMAT.md", recovery_docs.format_md()),
+        ):
+            data = text.encode()
+            try:
+                if self.backend.get(name) == data:
+                    continue
+            except ObjectMissing:
+                pass
+            self.backend.put(name, data)
 
     # ----------------------------------------------------------------- objects
     def put_object(self, prefix: str, data: bytes) -> str:

@@ -48,6 +48,7 @@ class SessionWriter:
         self.chunks_added = 0
         self.on_progress: Callable[[], None] | None = None
         self._error: BaseException | None = None
+        self._last_index = time.monotonic()
 
     # -------------------------------------------------------------- chunk storage
     def known(self, cid: bytes) -> bool:
@@ -150,14 +151,27 @@ class SessionWriter:
         for fut in uploads:
             fut.result()
         self._raise_upload_error()
+        return self.write_index()
+
+    def write_index(self) -> str | None:
+        """Write an index object for the packs uploaded since the last one (does not wait for
+        uploads in flight). Called every flush interval, so a killed run loses at most about
+        that much work: the next run finds its packs in the index and deduplicates."""
         with self._lock:
             entries, self._new_entries = self._new_entries, []
+        self._last_index = time.monotonic()
         if not entries:
             return None
         data = make_index(entries, self.secrets, self.put.client_key, self.cert_name)
         name = self.repo.put_object("index", data)
         self.index.record_written(name, entries)
         return name
+
+    def persist_if_due(self) -> None:
+        """Seal packs older than the flush interval and index what has been uploaded."""
+        self.flush_if_old()
+        if time.monotonic() - self._last_index >= self.flush_seconds:
+            self.write_index()
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)

@@ -1,0 +1,25 @@
+"""Content-defined chunking (FastCDC with a keyed gear table, DESIGN.md §3), one definition for
+backup threads, worker processes and verify: they must cut identically or dedup breaks."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from pyfastcdc import FastCDC
+
+from bunker.crypto.derive import PutSecrets
+
+
+def make_cdc(chunker: dict[str, int], secrets: PutSecrets) -> FastCDC:
+    """A chunker for the repository's parameters and the domain's gear seed (not thread-safe)."""
+    return FastCDC(chunker["avg"], min_size=chunker["min"], max_size=chunker["max"], seed=secrets.chunker_seed)
+
+
+def cut(cdc: FastCDC, data: bytes | memoryview) -> Iterable[bytes | memoryview]:
+    """The chunks of an in-memory file: none for empty data, the data itself when it is not
+    longer than the minimum chunk (small files are not split), else the FastCDC cut."""
+    if not data:
+        return ()
+    if len(data) <= cdc.min_size:
+        return (data,)
+    return (c.data for c in cdc.cut_buf(data))
