@@ -1,0 +1,109 @@
+"""Fixtures: every test gets its own XDG directories, HOME and passphrase (never the real home),
+and a repository made by the real `bunker init`."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+# hypothesis keeps caches in ./.hypothesis by default: keep the working tree clean
+os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "bunker-tests-hypothesis"))
+
+from helpers import BUNKER, Repo, init_repo, make_env  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _isolate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """In-process code (fuzzing, storage tests) must not see the developer's bunker settings."""
+    for k in ("BUNKER_REPO", "BUNKER_PASSPHRASE", "BUNKER_MASTER_KEY", "BUNKER_PUT_KEY", "BUNKER_NEW_PASSPHRASE"):
+        monkeypatch.delenv(k, raising=False)
+    for k, sub in (("XDG_DATA_HOME", "xdg-data"), ("XDG_CONFIG_HOME", "xdg-config"), ("XDG_CACHE_HOME", "xdg-cache")):
+        monkeypatch.setenv(k, str(tmp_path / sub))
+
+
+@pytest.fixture
+def env(tmp_path: Path) -> dict[str, str]:
+    """An isolated environment for subprocesses (XDG dirs and HOME under tmp_path)."""
+    return make_env(tmp_path / "env")
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Repo:
+    """A fresh repository (`bunker init`) with the master and put key in its own config dir."""
+    return init_repo(tmp_path / "r")
+
+
+def _probe(prefix: list[str], env: dict[str, str]) -> bool:
+    try:
+        cp = subprocess.run(
+            [*prefix, BUNKER or "bunker", "--version"],
+            env=env,
+            capture_output=True,
+            timeout=30,
+            stdin=subprocess.DEVNULL,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return cp.returncode == 0
+
+
+class Unprivileged:
+    """How to run bunker without the right to read files that are not readable to their mode:
+    as user nobody (setpriv/runuser) when the Python installation is reachable for it, else as
+    root without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH (root then obeys file modes)."""
+
+    def __init__(self, prefix: list[str], as_nobody: bool, base: Path) -> None:
+        self.prefix = prefix
+        self.as_nobody = as_nobody
+        self.base = base
+
+    def own(self, path: Path) -> None:
+        """Make ``path`` (recursively) belong to the unprivileged user."""
+        if not self.as_nobody:
+            return
+        for dirpath, dirnames, filenames in os.walk(path):
+            os.chown(dirpath, 65534, 65534)
+            for n in dirnames + filenames:
+                os.chown(os.path.join(dirpath, n), 65534, 65534, follow_symlinks=False)
+
+
+@pytest.fixture
+def unprivileged() -> Iterator[Unprivileged]:
+    if os.geteuid() != 0:
+        base = Path(tempfile.mkdtemp(prefix="bunker-unpriv-"))
+        try:
+            yield Unprivileged([], False, base)
+        finally:
+            shutil.rmtree(base, ignore_errors=True)
+        return
+    # a base directory outside pytest's root-only tmp dir, so that user nobody can reach it
+    base = Path(tempfile.mkdtemp(prefix="bunker-unpriv-", dir="/tmp"))
+    try:
+        probe_env = dict(os.environ, HOME=str(base))
+        candidates: list[tuple[list[str], bool]] = []
+        if shutil.which("setpriv"):
+            candidates.append((["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"], True))
+        if shutil.which("runuser"):
+            candidates.append((["runuser", "-u", "nobody", "--"], True))
+        if shutil.which("setpriv"):
+            candidates.append((["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-all"], False))
+        chosen = None
+        os.chmod(base, 0o755)
+        for prefix, as_nobody in candidates:
+            if _probe(prefix, probe_env):
+                chosen = (prefix, as_nobody)
+                break
+        if chosen is None:
+            pytest.skip("neither setpriv nor runuser can run bunker without root's file access here")
+        yield Unprivileged(chosen[0], chosen[1], base)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

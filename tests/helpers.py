@@ -1,0 +1,353 @@
+"""Shared helpers for the test suite: an isolated environment, running the real `bunker` CLI as a
+subprocess, generating and comparing file trees, and damaging repository objects on disk."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import stat
+import subprocess
+import sys
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import blake3
+
+PASSPHRASE = "correct horse battery staple"
+# the console script of the Python running the tests (not a version-manager shim found on PATH,
+# which costs a shell and ~0.1 s per run), else whatever `bunker` is on PATH
+_candidate = Path(sys.executable).with_name("bunker")
+BUNKER = str(_candidate) if os.access(_candidate, os.X_OK) else shutil.which("bunker")
+HERE = Path(__file__).resolve().parent
+
+# environment variables that must never leak from the developer's shell into a test
+_SCRUB = (
+    "BUNKER_REPO",
+    "BUNKER_PASSPHRASE",
+    "BUNKER_NEW_PASSPHRASE",
+    "BUNKER_MASTER_KEY",
+    "BUNKER_PUT_KEY",
+    "BUNKER_CLIENT",
+    "XDG_DATA_HOME",
+    "XDG_CONFIG_HOME",
+    "XDG_CACHE_HOME",
+)
+
+
+def make_env(base: Path, passphrase: str | None = PASSPHRASE, **extra: str) -> dict[str, str]:
+    """An environment whose XDG directories and HOME live under ``base`` (never the real home)."""
+    env = {k: v for k, v in os.environ.items() if k not in _SCRUB}
+    for name in ("data", "config", "cache", "home"):
+        (base / name).mkdir(parents=True, exist_ok=True)
+    env.update(
+        XDG_DATA_HOME=str(base / "data"),
+        XDG_CONFIG_HOME=str(base / "config"),
+        XDG_CACHE_HOME=str(base / "cache"),
+        HOME=str(base / "home"),
+        PYTHONDONTWRITEBYTECODE="1",
+        LC_ALL="C.UTF-8",
+    )
+    if passphrase is not None:
+        env["BUNKER_PASSPHRASE"] = passphrase
+    env.update(extra)
+    return env
+
+
+def run_bunker(
+    *args: str | os.PathLike[str],
+    env: Mapping[str, str],
+    input: bytes | str | None = None,
+    timeout: float = 120,
+    prefix: Iterable[str] = (),
+    stdin: int | None = None,
+    cwd: str | os.PathLike[str] | None = None,
+    argv0: Iterable[str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """Run the real `bunker` console script; stdout/stderr are decoded text (raw bytes are kept
+    as ``stdout_bytes``). ``prefix`` wraps the command (e.g. setpriv to drop privileges)."""
+    assert BUNKER, "the bunker console script is not installed (pip install -e .)"
+    cmd = [*prefix, *(argv0 if argv0 is not None else [BUNKER]), *(os.fspath(a) for a in args)]
+    if isinstance(input, str):
+        input = input.encode()
+    kw: dict[str, Any] = {}
+    if input is None:
+        kw["stdin"] = subprocess.DEVNULL if stdin is None else stdin
+    else:
+        kw["input"] = input
+    cp = subprocess.run(cmd, env=dict(env), capture_output=True, timeout=timeout, cwd=cwd, check=False, **kw)
+    raw = cp.stdout
+    out = subprocess.CompletedProcess(
+        cp.args, cp.returncode, raw.decode("utf-8", "backslashreplace"), cp.stderr.decode("utf-8", "backslashreplace")
+    )
+    out.stdout_bytes = raw  # type: ignore[attr-defined]
+    return out
+
+
+def js(cp: subprocess.CompletedProcess[str]) -> Any:
+    """The one JSON document a --json command printed on stdout."""
+    try:
+        return json.loads(cp.stdout)
+    except ValueError:
+        raise AssertionError(
+            f"no JSON on stdout (exit {cp.returncode}):\nstdout: {cp.stdout}\nstderr: {cp.stderr}"
+        ) from None
+
+
+def describe(cp: subprocess.CompletedProcess[str]) -> str:
+    return f"command {cp.args!r} exited {cp.returncode}\n--- stdout\n{cp.stdout}\n--- stderr\n{cp.stderr}"
+
+
+def expect_rc(cp: subprocess.CompletedProcess[str], *codes: int) -> subprocess.CompletedProcess[str]:
+    assert cp.returncode in codes, describe(cp)
+    return cp
+
+
+@dataclass
+class Repo:
+    """A repository made by `bunker init` in an isolated environment."""
+
+    path: Path
+    env: dict[str, str]
+    id: str
+    master_key: Path
+    put_key: Path
+    base: Path
+    client: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def run(self, *args: str | os.PathLike[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+        """Run bunker with ``--repo`` pointing at this repository (the option goes after the
+        command words, as every command accepts it)."""
+        env = kw.pop("env", self.env)
+        return run_bunker(*args, "--repo", str(self.path), env=env, **kw)
+
+    def ok(self, *args: str | os.PathLike[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+        """Run and require exit 0 (or the codes given as ``rc=``)."""
+        codes = kw.pop("rc", (0,))
+        if isinstance(codes, int):
+            codes = (codes,)
+        return expect_rc(self.run(*args, **kw), *codes)
+
+    def backup(self, *paths: str | os.PathLike[str], rc: int | tuple[int, ...] = 0, **kw: Any) -> dict[str, Any]:
+        extra = kw.pop("args", ())
+        doc: dict[str, Any] = js(self.ok("backup", *paths, "--json", *extra, rc=rc, **kw))
+        return doc
+
+    def objects(self, prefix: str) -> list[Path]:
+        d = self.path / prefix
+        return sorted(p for p in d.iterdir() if not p.name.startswith(".")) if d.is_dir() else []
+
+    def all_files(self) -> list[Path]:
+        return sorted(p for p in self.path.rglob("*") if p.is_file())
+
+
+def init_repo(base: Path, client: str = "testclient", name: str = "repo") -> Repo:
+    """`bunker init` a fresh repository under ``base`` with its own XDG directories."""
+    base.mkdir(parents=True, exist_ok=True)
+    env = make_env(base)
+    path = base / name
+    cp = expect_rc(run_bunker("init", "--repo", str(path), "--client", client, "--json", env=env), 0)
+    doc = js(cp)
+    return Repo(path, env, doc["id"], Path(doc["master_key"]), Path(doc["put_key"]), base, client)
+
+
+# ---------------------------------------------------------------------------------------- trees
+
+ODD_NAMES = [
+    b"\xff\xfe",  # not UTF-8 at all
+    b"with\nnewline",
+    b"with space and  two",
+    b" leading space",
+    "caf\u00e9-\u65e5\u672c".encode(),
+    b"latin1-\xe9t\xe9",
+    b"-dash-first",
+    b".hidden",
+    b"tab\there",
+    b"back\\slash",
+    b"*star?and[brackets]",
+]
+
+
+def make_tree(root: Path | bytes | str, seed: int = 1) -> dict[bytes, bytes]:
+    """Create a varied tree under ``root``: files of several sizes (incl. empty), odd non-UTF-8
+    names, modes (setuid, sticky, 0600, 0755...), ns mtimes, relative/absolute/dangling symlinks,
+    empty and nested directories, a fifo. Returns {relative path: content} of regular files."""
+    rng = random.Random(seed)
+    r = os.fsencode(os.fspath(root))
+    os.makedirs(r, exist_ok=True)
+    files: dict[bytes, bytes] = {}
+
+    def mk(rel: bytes, data: bytes, mode: int = 0o644) -> None:
+        p = os.path.join(r, rel)
+        with open(p, "wb") as f:
+            f.write(data)
+        os.chmod(p, mode)
+        files[rel] = data
+
+    dirs = [
+        b"sub",
+        b"sub/deeper",
+        b"sub/deeper/deepest",
+        b"empty-dir",
+        b"nested-empty",
+        b"nested-empty/inner",
+        b"\xff\xfe-dir",
+        b"sticky",
+    ]
+    for d in dirs:
+        os.makedirs(os.path.join(r, d), exist_ok=True)
+    mk(b"empty", b"")
+    mk(b"sub/empty-too", b"", 0o600)
+    mk(b"small.txt", b"hello bunker\n")
+    mk(b"random-100k.bin", rng.randbytes(100_000), 0o600)
+    mk(b"sub/random-1m.bin", rng.randbytes(1 << 20), 0o640)
+    mk(b"sub/deeper/text.txt", b"line\n" * 5000, 0o444)
+    mk(b"exec.sh", b"#!/bin/sh\necho hi\n", 0o755)
+    mk(b"setuid-bin", b"\x7fELF fake", 0o4755)
+    mk(b"sticky/odd-mode", b"x", 0o1604 & 0o7777)
+    for i, name in enumerate(ODD_NAMES):
+        mk(name, f"content of odd name {i}\n".encode() + rng.randbytes(rng.randrange(0, 5000)))
+    mk(b"\xff\xfe-dir/\xfe\xff inner", rng.randbytes(3000))
+    mk(b"sub/deeper/deepest/x", rng.randbytes(777))
+    # many small files in one directory
+    os.makedirs(os.path.join(r, b"many"), exist_ok=True)
+    for i in range(40):
+        mk(b"many/f%03d" % i, rng.randbytes(rng.randrange(1, 3000)))
+    os.symlink(b"small.txt", os.path.join(r, b"link-rel"))
+    os.symlink(b"/etc/passwd", os.path.join(r, b"link-abs"))
+    os.symlink(b"does/not/exist", os.path.join(r, b"link-dangling"))
+    os.symlink(b"../\xff\xfe", os.path.join(r, b"sub/link-to-odd\nname"))
+    os.symlink(b"sub", os.path.join(r, b"link-to-dir"))
+    os.mkfifo(os.path.join(r, b"fifo"), 0o640)
+    # deterministic ns timestamps (with non-zero nanoseconds), files first, directories last
+    base_ns = 1_600_000_000_123_456_789
+    all_paths: list[bytes] = []
+    for dirpath, dirnames, filenames in os.walk(r):
+        for n in filenames + dirnames:
+            all_paths.append(os.path.join(dirpath, n))
+    non_dirs = [p for p in all_paths if not stat.S_ISDIR(os.lstat(p).st_mode)]
+    dir_paths = [p for p in all_paths if stat.S_ISDIR(os.lstat(p).st_mode)]
+    for i, p in enumerate(sorted(non_dirs)):
+        t = base_ns + i * 1_000_003_007
+        os.utime(p, ns=(t, t), follow_symlinks=False)
+    os.chmod(os.path.join(r, b"sticky"), 0o1777)
+    os.chmod(os.path.join(r, b"nested-empty/inner"), 0o700)
+    for i, p in enumerate(sorted(dir_paths, key=lambda x: -x.count(b"/"))):
+        t = base_ns - (i + 1) * 777_777_777
+        os.utime(p, ns=(t, t), follow_symlinks=False)
+    os.utime(r, ns=(base_ns - 5, base_ns - 5))
+    return files
+
+
+def _kind(mode: int) -> str:
+    for test, k in (
+        (stat.S_ISREG, "f"),
+        (stat.S_ISDIR, "d"),
+        (stat.S_ISLNK, "l"),
+        (stat.S_ISFIFO, "p"),
+        (stat.S_ISCHR, "c"),
+        (stat.S_ISBLK, "b"),
+        (stat.S_ISSOCK, "s"),
+    ):
+        if test(mode):
+            return k
+    return "?"
+
+
+def snapshot_tree(root: Path | bytes | str, *, mtimes: bool = True, dir_mtimes: bool = True) -> dict[bytes, tuple]:
+    """{relative bytes path: (kind, mode, mtime_ns, content digest | link target)} of a tree,
+    walked with os.lstat on bytes paths (the root itself has the key b'')."""
+    r = os.fsencode(os.fspath(root))
+    out: dict[bytes, tuple] = {}
+
+    def one(p: bytes, rel: bytes) -> None:
+        st = os.lstat(p)
+        k = _kind(st.st_mode)
+        extra: Any = None
+        if k == "f":
+            with open(p, "rb") as f:
+                extra = (st.st_size, hashlib.sha256(f.read()).hexdigest())
+        elif k == "l":
+            extra = os.readlink(p)
+        mode = None if k == "l" else stat.S_IMODE(st.st_mode)
+        mt = st.st_mtime_ns if (mtimes and (dir_mtimes or k != "d")) else None
+        out[rel] = (k, mode, mt, extra)
+
+    one(r, b"")
+    for dirpath, dirnames, filenames in os.walk(r):
+        for n in dirnames + filenames:
+            p = os.path.join(dirpath, n)
+            one(p, os.path.relpath(p, r))
+    return out
+
+
+def compare_trees(a: Path | bytes | str, b: Path | bytes | str, **kw: Any) -> None:
+    """Assert that two trees are identical: same names, kinds, modes, mtime_ns, file contents and
+    symlink targets. The failure message lists every difference."""
+    ta, tb = snapshot_tree(a, **kw), snapshot_tree(b, **kw)
+    problems = []
+    for rel in sorted(set(ta) | set(tb)):
+        if rel not in tb:
+            problems.append(f"missing in restored tree: {rel!r} {ta[rel]}")
+        elif rel not in ta:
+            problems.append(f"extra in restored tree: {rel!r} {tb[rel]}")
+        elif ta[rel] != tb[rel]:
+            problems.append(f"differs: {rel!r}: original {ta[rel]} restored {tb[rel]}")
+    assert not problems, "trees differ:\n" + "\n".join(problems[:50])
+
+
+def restored_path(target: Path, source: Path) -> Path:
+    """Where `bunker restore --target target` puts ``source`` (the snapshot mirrors absolute
+    paths: /a/b/src lands at target/a/b/src)."""
+    return target / os.path.abspath(source).lstrip("/")
+
+
+# ---------------------------------------------------------------------------------------- damage
+
+
+def flip_bit(path: Path | str, offset: int | None = None, bit: int = 0) -> int:
+    """Flip one bit of a file in place (``offset`` defaults to the middle; negative counts from
+    the end). Returns the absolute offset flipped."""
+    data = bytearray(Path(path).read_bytes())
+    assert data, f"{path} is empty"
+    if offset is None:
+        offset = len(data) // 2
+    if offset < 0:
+        offset += len(data)
+    data[offset] ^= 1 << bit
+    Path(path).write_bytes(bytes(data))
+    return offset
+
+
+def b3(data: bytes) -> str:
+    return blake3.blake3(data).hexdigest()
+
+
+def rename_to_hash(path: Path) -> Path:
+    """Rename a (modified) object to the BLAKE3 of its bytes, so its name checks out again."""
+    new = path.with_name(b3(path.read_bytes()))
+    path.rename(new)
+    return new
+
+
+def obj_name(path: Path) -> str:
+    """``prefix/leaf`` of an object file of a local repository."""
+    return f"{path.parent.name}/{path.name}"
+
+
+def tree_contains(haystack_root: Path, needles: Iterable[bytes]) -> list[tuple[str, bytes]]:
+    """Every (file, needle) where a needle occurs in the raw bytes of a file below the root."""
+    found = []
+    needles = list(needles)
+    for p in sorted(haystack_root.rglob("*")):
+        if p.is_file() and not p.is_symlink():
+            data = p.read_bytes()
+            for n in needles:
+                if n in data:
+                    found.append((str(p), n))
+    return found
