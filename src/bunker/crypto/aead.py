@@ -1,4 +1,5 @@
-"""Symmetric authenticated encryption: AES-256-GCM with random or synthetic nonces.
+"""Symmetric authenticated encryption: AES-256-GCM with random or synthetic nonces, and AES Key
+Wrap (RFC 3394) for wrapping 32-byte keys.
 
 AES-GCM releases the GIL in pyca/cryptography, so several worker threads encrypt in parallel.
 """
@@ -9,12 +10,14 @@ import os
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.keywrap import InvalidUnwrap, aes_key_unwrap, aes_key_wrap
 
 from bunker.crypto.derive import keyed_hash
 
 NONCE_SIZE = 12
 TAG_SIZE = 16
 OVERHEAD = NONCE_SIZE + TAG_SIZE
+KEY_WRAP_OVERHEAD = 8  # RFC 3394: a wrapped key is 8 bytes longer than the key (40 for 32)
 
 
 class DecryptionFailed(ValueError):
@@ -22,12 +25,31 @@ class DecryptionFailed(ValueError):
 
 
 class Cipher:
-    """AES-256-GCM under one key, for many messages (the key schedule is done once)."""
+    """AES-256-GCM under one key, for many messages (the key schedule is done once); also AES Key
+    Wrap of 32-byte keys under the same key (:meth:`wrap_key`, :meth:`unwrap_key`)."""
 
-    __slots__ = ("_aes",)
+    __slots__ = ("_aes", "_key")
 
     def __init__(self, key: bytes) -> None:
         self._aes = AESGCM(key)
+        self._key = bytes(key)
+
+    @property
+    def key(self) -> bytes:
+        """The raw 32-byte key (read-only)."""
+        return self._key
+
+    def wrap_key(self, key: bytes) -> bytes:
+        """AES Key Wrap (RFC 3394) of ``key`` (a multiple of 8 bytes, at least 16): deterministic,
+        8 bytes longer than ``key``, with its own integrity check but no associated data."""
+        return aes_key_wrap(self._key, key)
+
+    def unwrap_key(self, wrapped: bytes) -> bytes:
+        """Undo :meth:`wrap_key`; raise DecryptionFailed if the integrity check fails."""
+        try:
+            return aes_key_unwrap(self._key, wrapped)
+        except InvalidUnwrap:
+            raise DecryptionFailed("wrapped key does not unwrap") from None
 
     def encrypt(self, plaintext: bytes | memoryview, aad: bytes = b"") -> bytes:
         """nonce || ciphertext || tag, with a random 96-bit nonce."""

@@ -8,10 +8,16 @@ Layout (all integers little-endian)::
     u32 footer length, "BKPE"
 
 ``body_hash`` is BLAKE3 of everything before the footer. The trailer is AES-256-GCM under
-keyed BLAKE3(S_index, "trailer" || salt) with ``body_hash`` as associated data; it lists the key
-groups and, per blob: chunk id, group, offset, length, raw length and K_blob wrapped under the
-group key. The writer signs (body_hash, salt, BLAKE3(trailer)), so a keyless check verifies
-authorship and a pack can never be spliced with another pack's trailer.
+keyed BLAKE3(S_index, "trailer" || salt) with ``body_hash`` as associated data; it lists per key
+group its sealed key's offset and length and its blobs in pack order, each as chunk id, length,
+raw length and K_blob wrapped under the group key with AES Key Wrap (RFC 3394, 40 bytes). A
+group's blobs lie back to back right after its sealed key, so their offsets are not stored: the
+reader computes them. The writer signs (body_hash, salt, BLAKE3(trailer)), so a keyless check
+verifies authorship and a pack can never be spliced with another pack's trailer.
+
+The wrapped key is deterministic and not bound to the chunk id: none is needed, because the blob
+itself is AES-GCM under K_blob with the chunk id as associated data, so a wrapped key moved to
+another entry opens nothing. The group key is used for nothing but key wrapping.
 """
 
 from __future__ import annotations
@@ -37,14 +43,16 @@ TAIL = struct.Struct("<I4s")
 MAX_FOOTER = 64 << 20
 FOOTER_FIRST_READ = 64 << 10
 GROUP_INFO = b"bunker group key v1\x00"
-WRAPPED_SIZE = aead.NONCE_SIZE + 32 + aead.TAG_SIZE
+WRAPPED_SIZE = 32 + aead.KEY_WRAP_OVERHEAD  # AES Key Wrap (RFC 3394) of a 32-byte K_blob
+MAX_RAW_LENGTH = 1 << 30
 KIND_DATA = "data"
 KIND_META = "meta"
 
 
 @dataclass(frozen=True)
 class BlobEntry:
-    """One blob of a pack as listed by its trailer."""
+    """One blob of a pack as listed by its trailer (``group`` and ``offset`` are implied by the
+    blob's place in the trailer: the reader computes them)."""
 
     chunk_id: bytes
     group: int
@@ -122,8 +130,9 @@ class PackWriter:
         return len(self.entries)
 
     def add(self, cid: bytes, blob: bytes | bytearray, raw_length: int, k_blob: bytes) -> BlobEntry:
-        """Append an encrypted blob; its key is wrapped under this pack's group key."""
-        wrapped = self._group.encrypt(k_blob, cid)
+        """Append an encrypted blob right after the previous one (or the group's sealed key); its
+        key is wrapped under this pack's group key with AES Key Wrap."""
+        wrapped = self._group.wrap_key(k_blob)
         entry = BlobEntry(cid, len(self._groups) - 1, self._size, len(blob), raw_length, wrapped)
         self._parts.append(blob)
         self._size += len(blob)
@@ -137,9 +146,8 @@ class PackWriter:
         body_hash = self._hasher.digest()
         salt = os.urandom(16)
         trailer = {  # keys in sorted order: encoded as is (canonical without a recursive pass)
-            "blobs": [[e.chunk_id, e.group, e.offset, e.length, e.raw_length, e.wrapped_key] for e in self.entries],
             "domain": self._secrets.domain_id,
-            "groups": [list(g) for g in self._groups],
+            "groups": self._encode_groups(),
             "kind": self.kind,
             "v": 1,
             "writer": self._cert,
@@ -156,6 +164,28 @@ class PackWriter:
         data = b"".join(self._parts)
         self._parts = []
         return name, data
+
+    def _encode_groups(self) -> list[list[object]]:
+        """The trailer's ``groups``: ``[offset, length, [[cid, length, raw length, wrapped], ...]]``
+        per key group. Offsets of blobs are implied (back to back after the sealed key): check that
+        this is how they were laid out, since a reader would compute them that way."""
+        groups: list[list[object]] = []
+        entries = self.entries
+        i = 0
+        for g, (offset, length) in enumerate(self._groups):
+            end = offset + length
+            blobs = []
+            while i < len(entries) and entries[i].group == g:
+                e = entries[i]
+                if e.offset != end:
+                    raise RuntimeError(f"blob {i} of the pack is at {e.offset}, not right after the previous one")
+                blobs.append([e.chunk_id, e.length, e.raw_length, e.wrapped_key])
+                end += e.length
+                i += 1
+            groups.append([offset, length, blobs])
+        if i != len(entries):
+            raise RuntimeError("pack entries are not in key-group order")
+        return groups
 
 
 class NeedMoreBytes(encoding.FormatError):
@@ -215,27 +245,8 @@ def decrypt_trailer(footer: PackFooter, secrets: PutSecrets) -> Trailer:
         plain = aead.decrypt(trailer_key(secrets, footer.salt), footer.trailer_ct, footer.body_hash)
     except aead.DecryptionFailed:
         raise encoding.FormatError("pack trailer does not decrypt (altered, or another dedup domain)") from None
-    m = encoding.expect_map(encoding.unpack(plain), "kind", "domain", "writer", "groups", "blobs")
-    body_len = footer.body_length
-    groups: list[tuple[int, int]] = []
-    for g in encoding.field(m, "groups", list):
-        if not (isinstance(g, list) and len(g) == 2 and all(type(x) is int for x in g)):
-            raise encoding.FormatError("bad key group entry")
-        if g[0] < len(HEADER) or g[1] <= 0 or g[0] + g[1] > body_len:
-            raise encoding.FormatError("key group outside the pack body")
-        groups.append((g[0], g[1]))
-    blobs = []
-    for b in encoding.field(m, "blobs", list):
-        if not (isinstance(b, list) and len(b) == 6):
-            raise encoding.FormatError("bad blob entry")
-        cid, grp, off, length, raw, wrapped = b
-        if not (isinstance(cid, bytes) and len(cid) == 32 and isinstance(wrapped, bytes)):
-            raise encoding.FormatError("bad blob entry")
-        if not all(type(x) is int for x in (grp, off, length, raw)) or not 0 <= grp < len(groups):
-            raise encoding.FormatError("bad blob entry")
-        if off < len(HEADER) or length < aead.OVERHEAD or off + length > body_len or raw < 0 or raw > 1 << 30:
-            raise encoding.FormatError("blob outside the pack body")
-        blobs.append(BlobEntry(cid, grp, off, length, raw, wrapped))
+    m = encoding.expect_map(encoding.unpack(plain), "kind", "domain", "writer", "groups")
+    groups, blobs = _decode_groups(encoding.field(m, "groups", list), footer.body_length)
     return Trailer(
         kind=encoding.field(m, "kind", str),
         domain=encoding.field(m, "domain", str),
@@ -244,6 +255,45 @@ def decrypt_trailer(footer: PackFooter, secrets: PutSecrets) -> Trailer:
         groups=groups,
         blobs=blobs,
     )
+
+
+def _decode_groups(raw_groups: list[object], body_len: int) -> tuple[list[tuple[int, int]], list[BlobEntry]]:
+    """Validate the trailer's ``groups`` (untrusted) and compute every blob's offset: a group's
+    first blob starts right after its sealed key, each next one right after the previous one.
+    Groups come in pack order; neither a sealed key nor a blob may leave the body or overlap."""
+    groups: list[tuple[int, int]] = []
+    blobs: list[BlobEntry] = []
+    end = len(HEADER)  # where the previous group's last blob ends
+    for gi, g in enumerate(raw_groups):
+        if not (isinstance(g, list) and len(g) == 3):
+            raise encoding.FormatError("bad key group entry")
+        g_off, g_len, entries = g
+        if not (type(g_off) is int and type(g_len) is int and isinstance(entries, list)):
+            raise encoding.FormatError("bad key group entry")
+        if g_off < len(HEADER) or g_len <= 0 or g_off + g_len > body_len:
+            raise encoding.FormatError("key group outside the pack body")
+        if g_off < end:
+            raise encoding.FormatError("key group overlaps the previous group or its blobs")
+        off = g_off + g_len
+        for b in entries:
+            if not (isinstance(b, list) and len(b) == 4):
+                raise encoding.FormatError("bad blob entry")
+            cid, length, raw, wrapped = b
+            if not (isinstance(cid, bytes) and len(cid) == 32):
+                raise encoding.FormatError("bad blob entry (chunk id)")
+            if not (isinstance(wrapped, bytes) and len(wrapped) == WRAPPED_SIZE):
+                raise encoding.FormatError("bad blob entry (wrapped key)")
+            if not (type(length) is int and type(raw) is int):
+                raise encoding.FormatError("bad blob entry")
+            if length < aead.OVERHEAD or off + length > body_len:
+                raise encoding.FormatError("blob outside the pack body")
+            if raw < 0 or raw > MAX_RAW_LENGTH:
+                raise encoding.FormatError("bad blob entry (raw length)")
+            blobs.append(BlobEntry(cid, gi, off, length, raw, wrapped))
+            off += length
+        groups.append((g_off, g_len))
+        end = off
+    return groups, blobs
 
 
 def open_group_key(sealed: bytes, data_private: DataPrivateKey, domain_id: str) -> bytes:
@@ -258,8 +308,10 @@ def open_group_key(sealed: bytes, data_private: DataPrivateKey, domain_id: str) 
 
 
 def unwrap_blob_key(group: aead.Cipher, entry: BlobEntry) -> bytes:
-    """K_blob of one blob, from its wrapped key (``group``: the cipher of its group key)."""
+    """K_blob of one blob, from its AES-KW-wrapped key (``group``: the cipher of its group key)."""
+    if len(entry.wrapped_key) != WRAPPED_SIZE:
+        raise encoding.FormatError("wrapped blob key does not open")
     try:
-        return group.decrypt(entry.wrapped_key, entry.chunk_id)
+        return group.unwrap_key(entry.wrapped_key)
     except aead.DecryptionFailed:
         raise encoding.FormatError("wrapped blob key does not open") from None
