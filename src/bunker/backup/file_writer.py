@@ -31,12 +31,26 @@ class WriteResult(NamedTuple):
     meta_warning: str = ""
 
 
-def write_file(path: bytes, pieces: list[Piece], fetch: Callable[[BlobRef], bytes]) -> WriteResult:
+def write_file(
+    path: bytes,
+    pieces: list[Piece],
+    fetch: Callable[[BlobRef], bytes],
+    *,
+    fresh: bool = False,
+    meta: Callable[[int], str] | None = None,
+) -> WriteResult:
     """Create ``path`` and write its chunks in order. A chunk that cannot be read leaves a hole
-    of its length (the rest of the file is still right) and is reported."""
+    of its length (the rest of the file is still right) and is reported. ``fresh``: the parent
+    directory was created empty by this restore, so nothing can be in the way. ``meta`` applies
+    owner, mode and times through the open descriptor once the data is written."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
-        remove_existing(path, keep_regular=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        if fresh:
+            flags |= os.O_EXCL
+        else:
+            remove_existing(path, keep_regular=True)
+            flags |= os.O_TRUNC
+        fd = os.open(path, flags, 0o600)
     except OSError as exc:
         return WriteResult("error", 0, f"cannot create file: {exc.strerror}", exc.errno or 0)
     pos = 0
@@ -63,13 +77,15 @@ def write_file(path: bytes, pieces: list[Piece], fetch: Callable[[BlobRef], byte
                 os.lseek(fd, pos, os.SEEK_SET)
         if gaps:
             os.ftruncate(fd, pos)
+        warning = meta(fd) if meta is not None else ""
     except OSError as exc:
         return WriteResult("error", pos, f"cannot write file: {exc.strerror}", exc.errno or 0)
     finally:
         os.close(fd)
     if gaps:
-        return WriteResult("damaged", pos, "; ".join(gaps[:5]) + (f" (+{len(gaps) - 5} more)" if len(gaps) > 5 else ""))
-    return WriteResult("ok", pos)
+        more = f" (+{len(gaps) - 5} more)" if len(gaps) > 5 else ""
+        return WriteResult("damaged", pos, "; ".join(gaps[:5]) + more, meta_warning=warning)
+    return WriteResult("ok", pos, meta_warning=warning)
 
 
 def apply_meta(path: bytes, e: dict[str, Any], as_root: bool, numeric_owner: bool) -> str:
@@ -82,6 +98,22 @@ def apply_meta(path: bytes, e: dict[str, Any], as_root: bool, numeric_owner: boo
             os.chmod(path, e["m"])
         if "mt" in e:
             os.utime(path, ns=(e.get("at", e["mt"]), e["mt"]), follow_symlinks=False)
+    except OSError as exc:
+        return f"metadata not fully restored: {exc.strerror}"
+    return ""
+
+
+def apply_meta_fd(fd: int, e: dict[str, Any], as_root: bool, numeric_owner: bool) -> str:
+    """Owner (as root), mode and times of a regular file through its open descriptor (saves the
+    path lookups of :func:`apply_meta`); returns a warning or ""."""
+    try:
+        if as_root and "u" in e:
+            uid, gid = (e["u"], e["g"]) if numeric_owner else owner_ids(e)
+            os.fchown(fd, uid, gid)
+        if "m" in e:
+            os.fchmod(fd, e["m"])
+        if "mt" in e:
+            os.utime(fd, ns=(e.get("at", e["mt"]), e["mt"]))
     except OSError as exc:
         return f"metadata not fully restored: {exc.strerror}"
     return ""

@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import os
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any
 
-from bunker.backup.file_writer import Piece, WriteResult, apply_meta, write_file
+from bunker.backup.file_writer import Piece, WriteResult, apply_meta_fd, write_file
 from bunker.crypto.derive import PutSecrets
-from bunker.repo.blob_reader import BlobRef, fetch_blob
+from bunker.repo.blob_reader import BlobRef, fetch_blob, open_blob, prefetch_blobs
 from bunker.storage import Backend, open_backend
 
-# (path, pieces, entry)
-Item = tuple[bytes, list[Piece], dict[str, Any]]
+# (path, pieces, metadata entry without its chunk list, parent directory created by this restore)
+Item = tuple[bytes, list[Piece], dict[str, Any], bool]
 
 _backend: Backend | None = None
 _secrets: PutSecrets | None = None
@@ -28,19 +29,21 @@ def _init(url: str, secret: bytes, as_root: bool, numeric_owner: bool) -> None:
     _as_root, _numeric = as_root, numeric_owner
 
 
-def _fetch(ref: BlobRef) -> bytes:
-    assert _backend is not None and _secrets is not None
-    return fetch_blob(_backend, _secrets, ref)
-
-
 def write_batch(items: list[Item]) -> list[WriteResult]:
-    """Write each file of a batch and apply its metadata (runs in a worker process)."""
+    """Write each file of a batch and apply its metadata (runs in a worker process). The batch's
+    blobs are read first with a few merged range reads (they usually sit side by side in a pack)."""
+    assert _backend is not None and _secrets is not None
+    backend, secrets = _backend, _secrets
+    fetched = prefetch_blobs(backend, [p for _, pieces, _, _ in items for p in pieces if isinstance(p, BlobRef)])
+
+    def fetch(ref: BlobRef) -> bytes:
+        data = fetched.get((ref.pack, ref.offset))
+        return fetch_blob(backend, secrets, ref) if data is None else open_blob(secrets, ref, data)
+
     out = []
-    for path, pieces, entry in items:
-        r = write_file(path, pieces, _fetch)
-        if r.status != "error":
-            r = r._replace(meta_warning=apply_meta(path, entry, _as_root, _numeric))
-        out.append(r)
+    for path, pieces, entry, fresh in items:
+        meta = functools.partial(apply_meta_fd, e=entry, as_root=_as_root, numeric_owner=_numeric)
+        out.append(write_file(path, pieces, fetch, fresh=fresh, meta=meta))
     return out
 
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bunker import encoding
-from bunker.backup.file_writer import Piece, WriteResult, apply_meta, remove_existing, write_file
+from bunker.backup.file_writer import Piece, WriteResult, apply_meta, apply_meta_fd, remove_existing, write_file
 from bunker.backup.restore_workers import Item, RestorePool
 from bunker.backup.runlog import RunLog, display_path
 from bunker.errors import BunkerError, CorruptObject, ExitCode, ObjectMissing
@@ -60,10 +60,13 @@ class Restorer:
         self._disk_full = threading.Event()
         self._lock = threading.Lock()
         self._small_seen = 0
-        self._batch: list[tuple[Item, dict[str, Any]]] = []
+        self._batch: list[Item] = []
         self._batch_bytes = 0
         self._procs: RestorePool | None = None
-        self._futures: list[Future[Any]] = []
+        # only pending work is kept: a finished batch's paths and entries are released at once
+        self._pending: set[Future[Any]] = set()
+        self._all_done = threading.Condition(self._lock)
+        self._worker_error: BaseException | None = None
         self._slots = threading.BoundedSemaphore(2 * (os.cpu_count() or 2) + 2)
 
     # ------------------------------------------------------------------ trees
@@ -101,10 +104,12 @@ class Restorer:
                     entry = self.find(root, p)
                     parent = os.path.join(self.target, *comps[:-1])
                     os.makedirs(parent, exist_ok=True)
-                    self._restore_entry(entry, os.path.join(parent, comps[-1]), dirs)
+                    self._restore_entry(entry, os.path.join(parent, comps[-1]), dirs, False)
                 self._flush_batch()
-                for f in self._futures:
-                    f.result()
+                with self._all_done:
+                    self._all_done.wait_for(lambda: not self._pending)
+                if self._worker_error is not None:
+                    raise self._worker_error
         finally:
             self._procs.shutdown()
         for path, e in reversed(dirs):
@@ -116,10 +121,13 @@ class Restorer:
             )
         return self.stats
 
-    def _restore_dir(self, tid: bytes, path: bytes, dirs: list[tuple[bytes, dict[str, Any]]]) -> None:
-        stack = [(tid, path)]
+    def _restore_dir(
+        self, tid: bytes, path: bytes, dirs: list[tuple[bytes, dict[str, Any]]], fresh: bool = False
+    ) -> None:
+        """Restore a directory's contents; ``fresh``: ``path`` was created empty by this restore."""
+        stack = [(tid, path, fresh)]
         while stack:
-            t, p = stack.pop()
+            t, p, fresh = stack.pop()
             try:
                 entries = self.tree(t)
             except (CorruptObject, ObjectMissing) as exc:
@@ -129,23 +137,29 @@ class Restorer:
             for e in entries:
                 full = os.path.join(p, e["n"])
                 if e["t"] == "d":
-                    if self._mkdir(full):
+                    created = self._mkdir(full, fresh)
+                    if created is not None:
                         dirs.append((full, e))
-                        stack.append((e["st"], full))
+                        stack.append((e["st"], full, created))
                 else:
-                    self._restore_entry(e, full, dirs)
+                    self._restore_entry(e, full, dirs, fresh)
 
-    def _restore_entry(self, e: dict[str, Any], full: bytes, dirs: list[tuple[bytes, dict[str, Any]]]) -> None:
+    def _restore_entry(
+        self, e: dict[str, Any], full: bytes, dirs: list[tuple[bytes, dict[str, Any]]], fresh: bool
+    ) -> None:
+        """Restore one item; ``fresh``: its parent was created empty by this restore."""
         t = e["t"]
         if t == "d":
-            if self._mkdir(full):
+            created = self._mkdir(full, fresh)
+            if created is not None:
                 dirs.append((full, e))
-                self._restore_dir(e["st"], full, dirs)
+                self._restore_dir(e["st"], full, dirs, created)
         elif t == "f":
-            self._restore_file(e, full)
+            self._restore_file(e, full, fresh)
         elif t == "l":
             try:
-                remove_existing(full)
+                if not fresh:
+                    remove_existing(full)
                 os.symlink(e["lt"], full)
             except OSError as exc:
                 self._failed(full, exc, "cannot create symlink")
@@ -153,24 +167,31 @@ class Restorer:
             self._meta(full, e)
             self.stats.links += 1
         else:
-            self._restore_special(e, full)
+            self._restore_special(e, full, fresh)
 
-    def _mkdir(self, path: bytes) -> bool:
+    def _mkdir(self, path: bytes, parent_fresh: bool) -> bool | None:
+        """Create a directory: True if created empty, False if an existing one is reused, None on failure."""
+        created = True
         try:
             os.mkdir(path, 0o700)
         except FileExistsError:
+            if parent_fresh:  # a name twice in one tree: never from a valid snapshot
+                self._failed(path, FileExistsError(errno.EEXIST, "duplicate name in the snapshot"), "skipped")
+                return None
+            created = False
             if os.path.islink(path) or not os.path.isdir(path):
                 try:
                     remove_existing(path)
                     os.mkdir(path, 0o700)
+                    created = True
                 except OSError as exc:
                     self._failed(path, exc, "cannot create directory")
-                    return False
+                    return None
         except OSError as exc:
             self._failed(path, exc, "cannot create directory")
-            return False
+            return None
         self.stats.dirs += 1
-        return True
+        return created
 
     # ------------------------------------------------------------------ files
     def _pieces(self, e: dict[str, Any]) -> list[Piece]:
@@ -183,44 +204,59 @@ class Restorer:
                 out.append((loc.raw_length if loc else 0, exc.message))
         return out
 
-    def _restore_file(self, e: dict[str, Any], path: bytes) -> None:
+    def _restore_file(self, e: dict[str, Any], path: bytes, fresh: bool) -> None:
         if self._disk_full.is_set():
             self.stats.failed += 1
             return
         pieces = self._pieces(e)
+        meta = {k: v for k, v in e.items() if k != "c"}  # the chunk list is in pieces already
         size = e.get("sz", 0)
         self._small_seen += size <= SMALL_FILE
         if size <= SMALL_FILE and self._small_seen > SMALL_POOL_AFTER:
-            self._batch.append(((path, pieces, e), e))
+            self._batch.append((path, pieces, meta, fresh))
             self._batch_bytes += size
             if len(self._batch) >= BATCH_FILES or self._batch_bytes >= BATCH_BYTES:
                 self._flush_batch()
         else:
-            self._futures.append(self._threads.submit(self._write_in_thread, path, pieces, e))
+            self._track(self._threads.submit(self._write_in_thread, path, pieces, meta, fresh))
 
-    def _write_in_thread(self, path: bytes, pieces: list[Piece], e: dict[str, Any]) -> None:
-        r = write_file(path, pieces, self.reader.fetch)
-        if r.status != "error":
-            r = r._replace(meta_warning=apply_meta(path, e, self._as_root, self.numeric_owner))
-        self._done(path, r)
+    def _track(self, fut: Future[Any], errors_handled: bool = False) -> None:
+        """Keep ``fut`` until it is done; an exception it ends with (unless ``errors_handled`` by
+        its own callback) is raised when the restore finishes."""
+        with self._lock:
+            self._pending.add(fut)
+        fut.add_done_callback(lambda f: self._untrack(f, errors_handled))
+
+    def _untrack(self, fut: Future[Any], errors_handled: bool) -> None:
+        with self._all_done:
+            self._pending.discard(fut)
+            exc = None if errors_handled or fut.cancelled() else fut.exception()
+            if exc is not None and self._worker_error is None:
+                self._worker_error = exc
+            self._all_done.notify_all()
+
+    def _write_in_thread(self, path: bytes, pieces: list[Piece], e: dict[str, Any], fresh: bool) -> None:
+        meta = lambda fd: apply_meta_fd(fd, e, self._as_root, self.numeric_owner)  # noqa: E731
+        self._done(path, write_file(path, pieces, self.reader.fetch, fresh=fresh, meta=meta))
 
     def _flush_batch(self) -> None:
         if not self._batch or self._procs is None:
             return
         batch, self._batch, self._batch_bytes = self._batch, [], 0
         self._slots.acquire()
-        fut = self._procs.submit([item for item, _ in batch])
-        fut.add_done_callback(lambda f: self._batch_done(f, batch))
-        self._futures.append(fut)
+        fut = self._procs.submit(batch)
+        paths = [item[0] for item in batch]  # all the callback needs: the batch itself is released
+        fut.add_done_callback(lambda f: self._batch_done(f, paths))
+        self._track(fut, errors_handled=True)
 
-    def _batch_done(self, fut: Future[list[WriteResult]], batch: list[tuple[Item, dict[str, Any]]]) -> None:
+    def _batch_done(self, fut: Future[list[WriteResult]], paths: list[bytes]) -> None:
         try:
             try:
                 results = fut.result()
             except Exception as exc:  # noqa: BLE001 - a dead worker must not stop the restore
-                results = [WriteResult("error", 0, f"worker failed: {exc}")] * len(batch)
-            for (item, _), r in zip(batch, results, strict=True):
-                self._done(item[0], r)
+                results = [WriteResult("error", 0, f"worker failed: {exc}")] * len(paths)
+            for path, r in zip(paths, results, strict=True):
+                self._done(path, r)
         finally:
             self._slots.release()
 
@@ -241,10 +277,11 @@ class Restorer:
             self.log.add("note", "metadata-partial", r.meta_warning, path)
 
     # ------------------------------------------------------------------ other items
-    def _restore_special(self, e: dict[str, Any], path: bytes) -> None:
+    def _restore_special(self, e: dict[str, Any], path: bytes, fresh: bool) -> None:
         t = e["t"]
         try:
-            remove_existing(path)
+            if not fresh:
+                remove_existing(path)
             if t == "p":
                 os.mkfifo(path, 0o600)
             elif t in "cb":

@@ -11,7 +11,7 @@ from bunker import encoding
 from bunker.crypto import aead
 from bunker.crypto.derive import PutSecrets
 from bunker.crypto.kem import DataPrivateKey
-from bunker.errors import CorruptObject, ObjectMissing
+from bunker.errors import BunkerError, CorruptObject, ObjectMissing
 from bunker.repo import blob
 from bunker.repo.index import Location
 from bunker.repo.pack import BlobEntry, decrypt_trailer, fetch_footer, open_group_key, unwrap_blob_key, verify_footer
@@ -118,12 +118,48 @@ class BlobRef(NamedTuple):
 
 def fetch_blob(backend: Backend, secrets: PutSecrets, ref: BlobRef) -> bytes:
     """Fetch, decrypt, decompress and verify one blob; raise CorruptObject if it does not match."""
-    name = f"packs/{ref.pack}"
-    data = backend.get(name, ref.offset, ref.length)
+    return open_blob(secrets, ref, backend.get(f"packs/{ref.pack}", ref.offset, ref.length))
+
+
+def open_blob(secrets: PutSecrets, ref: BlobRef, data: bytes | memoryview) -> bytes:
+    """Decrypt, decompress and verify a blob's fetched bytes; raise CorruptObject if they do not match."""
     try:
         plain = blob.decrypt_blob(ref.key, ref.cid, data, ref.raw_length)
     except blob.BlobError as exc:
-        raise CorruptObject(name, f"chunk {ref.cid.hex()[:16]}: {exc}") from None
+        raise CorruptObject(f"packs/{ref.pack}", f"chunk {ref.cid.hex()[:16]}: {exc}") from None
     if not blob.verify_blob(secrets, ref.cid, plain):
-        raise CorruptObject(name, f"chunk {ref.cid.hex()[:16]} does not match its id")
+        raise CorruptObject(f"packs/{ref.pack}", f"chunk {ref.cid.hex()[:16]} does not match its id")
     return plain
+
+
+# Blobs closer than this in one pack are fetched with one range read (the gap is read and dropped).
+MERGE_GAP = 256 << 10
+MAX_RANGE = 16 << 20
+
+
+def prefetch_blobs(backend: Backend, refs: list[BlobRef]) -> dict[tuple[str, int], memoryview]:
+    """Fetch the ciphertext of many blobs with few range reads: per pack, sorted by offset, neighbours
+    merged. Returns (pack, offset) -> bytes; blobs whose read failed are left out (a later
+    :func:`fetch_blob` of them reports why)."""
+    by_pack: dict[str, list[tuple[int, int]]] = {}
+    for r in refs:
+        by_pack.setdefault(r.pack, []).append((r.offset, r.length))
+    out: dict[tuple[str, int], memoryview] = {}
+    for pack, spans in by_pack.items():
+        spans = sorted(set(spans))
+        i = 0
+        while i < len(spans):
+            start, end, j = spans[i][0], spans[i][0] + spans[i][1], i + 1
+            while j < len(spans) and spans[j][0] - end <= MERGE_GAP and spans[j][0] + spans[j][1] - start <= MAX_RANGE:
+                end = max(end, spans[j][0] + spans[j][1])
+                j += 1
+            try:
+                data = memoryview(backend.get(f"packs/{pack}", start, end - start))
+            except BunkerError:
+                i = j
+                continue
+            for off, length in spans[i:j]:
+                if off - start + length <= len(data):  # a short read leaves the rest to fetch_blob
+                    out[(pack, off)] = data[off - start : off - start + length]
+            i = j
+    return out

@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections import defaultdict
 from collections.abc import Callable
@@ -21,12 +22,11 @@ from typing import Any
 import blake3
 
 from bunker import encoding
-from bunker.crypto import aead
 from bunker.crypto.derive import PutSecrets
 from bunker.crypto.keyfile import MasterKey
 from bunker.crypto.sign import BadSignature, verify
 from bunker.errors import BunkerError, CorruptObject, ObjectMissing
-from bunker.repo import blob, refs
+from bunker.repo import refs
 from bunker.repo.certs import parse_certificate
 from bunker.repo.config import parse_config
 from bunker.repo.index import Location, decrypt_index, parse_index_frame
@@ -40,17 +40,21 @@ from bunker.repo.objects import (
     parse_signed,
 )
 from bunker.repo.pack import (
+    BlobEntry,
     decrypt_trailer,
     fetch_footer,
     open_group_key,
     parse_footer,
-    unwrap_blob_key,
     verify_footer,
 )
+from bunker.repo.pack_verifier import PackJob, PackVerifierPool
 from bunker.repo.records import parse_retirement
 from bunker.repo.repository import Repository
 from bunker.repo.snapshot import parse_snapshot
 from bunker.storage.backend import PREFIXES, Backend
+
+# a blob's place in its pack as the trailer gives it: (offset, length, raw length)
+Span = tuple[int, int, int]
 
 
 @dataclass
@@ -213,30 +217,44 @@ class Checker:
             return self._domain_secrets[domain_id]
         return None
 
-    def _check_packs(self, names: list[str], full: bool) -> dict[str, dict[bytes, Any]]:
-        """Verify every pack; return decrypted trailers (pack hex -> chunk id -> entry) where readable."""
-        out: dict[str, dict[bytes, Any]] = {}
+    def _check_packs(self, names: list[str], full: bool) -> dict[str, dict[bytes, Span]]:
+        """Verify every pack; return its trailer's blobs (pack hex -> chunk id -> span) where readable.
+        With the master key, blobs are verified in worker processes (see pack_verifier)."""
+        out: dict[str, dict[bytes, Span]] = {}
         lock = threading.Lock()
+        verifier = PackVerifierPool(self.backend.url) if self.master is not None else None
 
         def one(n: str) -> None:
             try:
-                self._check_pack(n, full, out, lock)
+                self._check_pack(n, full, out, lock, verifier)
             except BunkerError as exc:
                 self.report.add(n, exc.message)
 
-        with ThreadPoolExecutor(2) as pool:
-            list(pool.map(one, names))
+        try:
+            with ThreadPoolExecutor(os.cpu_count() or 2) as pool:
+                list(pool.map(one, names))
+        finally:
+            if verifier is not None:
+                verifier.shutdown()
         return out
 
-    def _check_pack(self, n: str, full: bool, out: dict[str, dict[bytes, Any]], lock: threading.Lock) -> None:
+    def _check_pack(
+        self,
+        n: str,
+        full: bool,
+        out: dict[str, dict[bytes, Span]],
+        lock: threading.Lock,
+        verifier: PackVerifierPool | None,
+    ) -> None:
         assert self.repo
         r = self.report
-        data = self._get(n) if full else None
+        # with the master key the worker reads the whole pack; here only its footer is needed
+        data = self._get(n) if full and verifier is None else None
         try:
-            if full:
-                if data is None:
-                    return
+            if data is not None:
                 footer = parse_footer(data, len(data))
+            elif full and verifier is None:
+                return
             else:
                 footer = fetch_footer(self.backend, n)
         except ObjectMissing:
@@ -258,10 +276,11 @@ class Checker:
         if footer.signer in revoked:
             r.add(n, f"written by revoked client {cert.client!r}", "warn")
         if data is not None and blake3.blake3(memoryview(data)[: footer.body_length]).digest() != footer.body_hash:
-            # keep going: with keys, the blob checks below name exactly which chunks are damaged
             r.add(n, "pack body does not match its signed hash (altered or bit rot)")
         secrets = self._secrets_for_domain(cert.domain)
         if secrets is None:
+            if verifier is not None:  # the master key cannot open this domain: still check the bytes
+                self._verify_in_worker(n, footer.body_length, footer.body_hash, [], [], b"\0" * 32, verifier)
             return
         try:
             trailer = decrypt_trailer(footer, secrets)
@@ -269,34 +288,47 @@ class Checker:
             r.add(n, str(exc))
             return
         with lock:
-            out[n.split("/", 1)[1]] = {b.chunk_id: b for b in trailer.blobs}
+            out[n.split("/", 1)[1]] = {b.chunk_id: (b.offset, b.length, b.raw_length) for b in trailer.blobs}
             r.counts["blobs"] += len(trailer.blobs)
-        if self.master is None or data is None:
+        if verifier is None or self.master is None:
             return
         try:
             keys = [
-                aead.Cipher(open_group_key(data[o : o + ln], self.master.data_private, secrets.domain_id))
+                open_group_key(self.backend.get(n, o, ln), self.master.data_private, secrets.domain_id)
                 for o, ln in trailer.groups
             ]
         except encoding.FormatError as exc:
             r.add(n, str(exc))
             return
-        view = memoryview(data)
-        bad = 0
-        for b in trailer.blobs:
-            try:
-                k = unwrap_blob_key(keys[b.group], b)
-                plain = blob.decrypt_blob(k, b.chunk_id, view[b.offset : b.offset + b.length], b.raw_length)
-                if not blob.verify_blob(secrets, b.chunk_id, plain):
-                    raise blob.BlobError("content does not match its chunk id")
-            except (encoding.FormatError, blob.BlobError) as exc:
-                bad += 1
-                if bad <= 10:
-                    r.add(n, f"chunk {b.chunk_id.hex()[:16]} at offset {b.offset}: {exc}")
-        with lock:
-            r.counts["blobs_verified"] += len(trailer.blobs) - bad
+        self._verify_in_worker(n, footer.body_length, footer.body_hash, keys, trailer.blobs, secrets.secret, verifier)
 
-    def _check_indexes(self, names: list[str], trailers: dict[str, dict[bytes, Any]]) -> dict[bytes, Location]:
+    def _verify_in_worker(
+        self,
+        n: str,
+        body_length: int,
+        body_hash: bytes,
+        keys: list[bytes],
+        blobs: list[BlobEntry],
+        secret: bytes,
+        verifier: PackVerifierPool,
+    ) -> None:
+        info = self.backend.stat(n)
+        if info is None:
+            self.report.add(n, "vanished while checking")
+            return
+        job = PackJob(n, info.size, body_length, body_hash, keys, blobs, secret)
+        try:
+            res = verifier.submit(job).result()
+        except Exception as exc:  # noqa: BLE001 - a crashed worker is a finding, not the end of the check
+            self.report.add(n, f"could not be verified (worker failed: {exc})")
+            return
+        for problem in res.problems:
+            self.report.add(n, problem)
+        with self.report._lock:
+            self.report.bytes_read += res.bytes_read
+            self.report.counts["blobs_verified"] += res.verified
+
+    def _check_indexes(self, names: list[str], trailers: dict[str, dict[bytes, Span]]) -> dict[bytes, Location]:
         assert self.repo
         locations: dict[bytes, Location] = {}
         for n in names:
@@ -328,8 +360,7 @@ class Checker:
                             n, f"points chunk {cid.hex()[:16]} to pack {loc.pack[:16]}… which is missing or unreadable"
                         )
                     continue
-                b = t.get(cid)
-                if b is None or b.offset != loc.offset or b.length != loc.length or b.raw_length != loc.raw_length:
+                if t.get(cid) != (loc.offset, loc.length, loc.raw_length):
                     wrong += 1
                     if wrong <= 5:
                         self.report.add(n, f"entry for chunk {cid.hex()[:16]} disagrees with pack {loc.pack[:16]}…")
