@@ -150,8 +150,9 @@ def _decode_cached(data: bytes) -> list[tuple[bytes, Location]]:
     if not isinstance(rows, list):
         raise encoding.FormatError("bad cache file")
     out = []
+    packs: dict[str, str] = {}  # one string per pack name, not one per row (~110 B per chunk)
     for r in rows:
         if not (isinstance(r, list) and len(r) == 5):
             raise encoding.FormatError("bad cache row")
-        out.append((r[0], Location(r[1], r[2], r[3], r[4])))
+        out.append((r[0], Location(packs.setdefault(r[1], r[1]), r[2], r[3], r[4])))
     return out
