@@ -4,6 +4,7 @@ and a repository made by the real `bunker init`."""
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import subprocess
 import sys
@@ -17,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # hypothesis keeps caches in ./.hypothesis by default: keep the working tree clean
 os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "bunker-tests-hypothesis"))
 
-from helpers import BUNKER, Repo, init_repo, make_env  # noqa: E402
+from helpers import AWS_SCRUB, BUNKER, Repo, S3Server, init_repo, make_env, start_moto  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
@@ -107,3 +108,31 @@ def unprivileged() -> Iterator[Unprivileged]:
         yield Unprivileged(chosen[0], chosen[1], base)
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A moto S3 server process (one per test worker) with the bucket ``bunker-test``."""
+    server = start_moto(tmp_path_factory.mktemp("moto"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def s3_prefix() -> str:
+    """A prefix of the test bucket that no other test uses."""
+    return "t-" + secrets.token_hex(6)
+
+
+@pytest.fixture
+def s3_env(monkeypatch: pytest.MonkeyPatch, s3_server: S3Server) -> dict[str, str]:
+    """The moto server's credentials (and a short retry budget) in this process's environment,
+    with the developer's own AWS settings removed."""
+    for k in AWS_SCRUB:
+        monkeypatch.delenv(k, raising=False)
+    env = s3_server.env()
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return env

@@ -3,14 +3,21 @@ subprocess, generating and comparing file trees, and damaging repository objects
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import random
+import re
 import shutil
+import socket
 import stat
 import subprocess
 import sys
+import threading
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,12 +126,13 @@ class Repo:
     base: Path
     client: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    url: str = ""  # a repository URL (s3://...) when it does not live at ``path``
 
     def run(self, *args: str | os.PathLike[str], **kw: Any) -> subprocess.CompletedProcess[str]:
         """Run bunker with ``--repo`` pointing at this repository (the option goes after the
         command words, as every command accepts it)."""
         env = kw.pop("env", self.env)
-        return run_bunker(*args, "--repo", str(self.path), env=env, **kw)
+        return run_bunker(*args, "--repo", self.url or str(self.path), env=env, **kw)
 
     def ok(self, *args: str | os.PathLike[str], **kw: Any) -> subprocess.CompletedProcess[str]:
         """Run and require exit 0 (or the codes given as ``rc=``)."""
@@ -146,14 +154,21 @@ class Repo:
         return sorted(p for p in self.path.rglob("*") if p.is_file())
 
 
-def init_repo(base: Path, client: str = "testclient", name: str = "repo") -> Repo:
-    """`bunker init` a fresh repository under ``base`` with its own XDG directories."""
+def init_repo(
+    base: Path,
+    client: str = "testclient",
+    name: str = "repo",
+    url: str = "",
+    env_extra: Mapping[str, str] | None = None,
+) -> Repo:
+    """`bunker init` a fresh repository under ``base`` (or at ``url``, e.g. an s3:// URL) with its
+    own XDG directories; ``env_extra`` is added to the environment of every command."""
     base.mkdir(parents=True, exist_ok=True)
-    env = make_env(base)
+    env = make_env(base, **(env_extra or {}))
     path = base / name
-    cp = expect_rc(run_bunker("init", "--repo", str(path), "--client", client, "--json", env=env), 0)
+    cp = expect_rc(run_bunker("init", "--repo", url or str(path), "--client", client, "--json", env=env), 0)
     doc = js(cp)
-    return Repo(path, env, doc["id"], Path(doc["master_key"]), Path(doc["put_key"]), base, client)
+    return Repo(path, env, doc["id"], Path(doc["master_key"]), Path(doc["put_key"]), base, client, url=url)
 
 
 # ---------------------------------------------------------------------------------------- trees
@@ -351,3 +366,200 @@ def tree_contains(haystack_root: Path, needles: Iterable[bytes]) -> list[tuple[s
                 if n in data:
                     found.append((str(p), n))
     return found
+
+
+# ---------------------------------------------------------------------------------------- S3 (moto)
+
+S3_REGION = "us-east-1"
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "bunker-test-key", "AWS_SECRET_ACCESS_KEY": "bunker-test-secret"}
+# AWS settings of the developer's shell that must never reach a test
+AWS_SCRUB = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_PROFILE",
+    "AWS_DEFAULT_PROFILE",
+    "AWS_ENDPOINT_URL",
+    "AWS_ENDPOINT_URL_S3",
+    "AWS_REGION",
+    "AWS_DEFAULT_REGION",
+    "AWS_SHARED_CREDENTIALS_FILE",
+    "AWS_CONFIG_FILE",
+    "AWS_WEB_IDENTITY_TOKEN_FILE",
+    "AWS_ROLE_ARN",
+    "BUNKER_STORAGE_RETRIES",
+    "BUNKER_STORAGE_RETRY_DELAY",
+    "BUNKER_STORAGE_TIMEOUT",
+)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on (right now)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@dataclass
+class S3Server:
+    """A moto S3 server process on 127.0.0.1 with one bucket."""
+
+    endpoint: str
+    bucket: str
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def url(self, prefix: str, **params: str) -> str:
+        query = "&".join(f"{k}={v}" for k, v in {"endpoint": self.endpoint, "region": S3_REGION, **params}.items())
+        return f"s3://{self.bucket}/{prefix}?{query}"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """Credentials, and a short retry budget (a test must not wait a minute for a refusal)."""
+        return {**S3_CREDENTIALS, "BUNKER_STORAGE_RETRIES": "2", "BUNKER_STORAGE_RETRY_DELAY": "0.05", **extra}
+
+    def requests(self) -> list[str]:
+        """The request lines the server logged so far (``PUT /bucket/key HTTP/1.1" 200``)."""
+        text = re.sub(r"\x1b\[[0-9;]*m", "", self.log.read_text("utf-8", "replace"))  # werkzeug's colours
+        return [line.split('"', 1)[1] for line in text.splitlines() if line.count('"') >= 2]
+
+    def stop(self) -> None:
+        self.proc.terminate()
+        try:
+            self.proc.wait(10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+def _http(method: str, url: str, timeout: float = 2.0) -> int:
+    req = urllib.request.Request(url, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def start_moto(workdir: Path, bucket: str = "bunker-test", *, check_credentials: bool = False) -> S3Server:
+    """Start `python -m moto.server` on a free port, wait until it answers, create ``bucket`` with
+    a plain S3 CreateBucket request. With ``check_credentials``, moto checks every request's
+    signature against the keys its IAM knows (none: every key is refused) and no bucket is made."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = {k: v for k, v in os.environ.items() if k not in AWS_SCRUB}
+    env.update(S3_CREDENTIALS, AWS_DEFAULT_REGION=S3_REGION)
+    if check_credentials:
+        env["INITIAL_NO_AUTH_ACTION_COUNT"] = "0"
+    last = ""
+    for _ in range(3):
+        port = free_port()
+        log = workdir / f"moto-{port}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                env=env,
+                cwd=workdir,
+            )
+        endpoint = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                _http("GET", endpoint + "/", timeout=1.0)
+                break
+            except OSError:
+                time.sleep(0.1)
+        if proc.poll() is None and time.monotonic() < deadline:
+            if check_credentials:
+                return S3Server(endpoint, bucket, proc, log)
+            status = _http("PUT", f"{endpoint}/{bucket}", timeout=10)
+            assert status == 200, f"moto refused to create bucket {bucket}: HTTP {status}"
+            return S3Server(endpoint, bucket, proc, log)
+        last = log.read_text("utf-8", "replace")[-2000:]
+        proc.kill()
+        proc.wait()
+    raise AssertionError(f"the moto S3 server did not start:\n{last}")
+
+
+class FlakyProxy:
+    """A TCP proxy on 127.0.0.1 in front of ``target_port`` whose first ``faults`` connections go
+    wrong, the way networks and busy object stores do: ``drop`` closes the connection at once,
+    ``busy`` answers HTTP 503 SlowDown, ``stall`` accepts and never answers. Later connections are
+    forwarded untouched. ``spoiled`` counts the connections that went wrong."""
+
+    def __init__(self, target_port: int, faults: int, mode: str = "drop") -> None:
+        assert mode in ("drop", "busy", "stall")
+        self.target_port, self.faults, self.mode = target_port, faults, mode
+        self.spoiled = 0
+        self._held: list[socket.socket] = []
+        self._sock = socket.socket()
+        self._sock.bind(("127.0.0.1", 0))
+        self._sock.listen(64)
+        self.port = int(self._sock.getsockname()[1])
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self._closed = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closed:
+            try:
+                conn, _ = self._sock.accept()
+            except OSError:
+                return
+            if self.spoiled < self.faults:
+                self.spoiled += 1
+                self._spoil(conn)
+                continue
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.target_port), timeout=10)
+            except OSError:
+                conn.close()
+                continue
+            upstream.settimeout(None)
+            for a, b in ((conn, upstream), (upstream, conn)):
+                threading.Thread(target=self._pump, args=(a, b), daemon=True).start()
+
+    def _spoil(self, conn: socket.socket) -> None:
+        if self.mode == "stall":
+            self._held.append(conn)  # never answered, closed with the proxy
+            return
+        if self.mode == "busy":
+            conn.settimeout(5)
+            try:
+                head = b""
+                while b"\r\n\r\n" not in head:
+                    piece = conn.recv(65536)
+                    if not piece:
+                        break
+                    head += piece
+                body = b"<Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>"
+                conn.sendall(
+                    b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/xml\r\n"
+                    b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body)
+                )
+            except OSError:
+                pass
+        conn.close()
+
+    @staticmethod
+    def _pump(src: socket.socket, dst: socket.socket) -> None:
+        try:
+            while True:
+                data = src.recv(1 << 16)
+                if not data:
+                    break
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            for s in (src, dst):
+                with contextlib.suppress(OSError):
+                    s.shutdown(socket.SHUT_RDWR)
+                s.close()
+
+    def close(self) -> None:
+        self._closed = True
+        self._sock.close()
+        for c in self._held:
+            c.close()

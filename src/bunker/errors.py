@@ -39,6 +39,11 @@ class BunkerError(Exception):
         return f"{self.message} ({self.hint})" if self.hint else self.message
 
 
+class StorageError(BunkerError):
+    """The storage could not be used (unreachable, refused, full, failing): no finding about the
+    repository's contents. Checks stop on it instead of reporting objects as damaged."""
+
+
 class CorruptObject(BunkerError):
     """A repository object is truncated, altered, forged or malformed."""
 

@@ -25,7 +25,7 @@ from bunker import encoding
 from bunker.crypto.derive import PutSecrets
 from bunker.crypto.keyfile import MasterKey
 from bunker.crypto.sign import BadSignature, verify
-from bunker.errors import BunkerError, CorruptObject, ObjectMissing
+from bunker.errors import BunkerError, CorruptObject, ObjectMissing, StorageError
 from bunker.repo import refs
 from bunker.repo.certs import parse_certificate
 from bunker.repo.config import parse_config
@@ -124,6 +124,8 @@ class Checker:
         r.mode = "read-data" if self.master else ("keyless" if keyless else "put-key")
         try:
             self.repo = Repository.open(self.backend, self.expect)
+        except StorageError:
+            raise  # an unreachable repository is not a damaged one
         except BunkerError as exc:
             r.add("config/", exc.message)
             return r
@@ -227,6 +229,8 @@ class Checker:
         def one(n: str) -> None:
             try:
                 self._check_pack(n, full, out, lock, verifier)
+            except StorageError:
+                raise
             except BunkerError as exc:
                 self.report.add(n, exc.message)
 
@@ -319,6 +323,8 @@ class Checker:
         job = PackJob(n, info.size, body_length, body_hash, keys, blobs, secret)
         try:
             res = verifier.submit(job).result()
+        except StorageError:
+            raise
         except Exception as exc:  # noqa: BLE001 - a crashed worker is a finding, not the end of the check
             self.report.add(n, f"could not be verified (worker failed: {exc})")
             return
@@ -411,6 +417,8 @@ class Checker:
                 continue
             try:
                 pset = refs.read_set(e.packset, self._fetch_ref)
+            except StorageError:
+                raise
             except (BunkerError, encoding.FormatError) as exc:
                 r.add(n, f"pack set {e.packset} unreadable: {exc}")
                 continue
@@ -427,11 +435,15 @@ class Checker:
                     top = refs.parse_refs(self._fetch_ref(e.chunkset))
                     for part in top.get("parts", []):  # type: ignore[attr-defined]
                         self._fetch_ref(part)
+                except StorageError:
+                    raise
                 except (BunkerError, encoding.FormatError) as exc:
                     r.add(n, f"chunk set {e.chunkset} incomplete: {exc}")
                 continue
             try:
                 cset = refs.read_set(e.chunkset, self._fetch_ref, secrets)
+            except StorageError:
+                raise
             except (BunkerError, encoding.FormatError) as exc:
                 r.add(n, f"chunk set {e.chunkset} unreadable: {exc}")
                 continue

@@ -13,7 +13,7 @@ import secrets
 import time
 from collections.abc import Iterator
 
-from bunker.errors import BunkerError, ExitCode, ObjectMissing
+from bunker.errors import BunkerError, ExitCode, ObjectMissing, StorageError
 from bunker.storage.backend import PREFIXES, Backend, Capabilities, ObjectInfo
 
 TEMP_PREFIX = ".tmp-"
@@ -157,11 +157,11 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-def _storage_error(exc: OSError, what: str) -> BunkerError:
+def _storage_error(exc: OSError, what: str) -> StorageError:
     if exc.errno == errno.ENOSPC:
         hint = "the repository's disk is full: free space there, then run the command again"
     elif exc.errno in (errno.EACCES, errno.EPERM):
         hint = "the repository is not writable by this user: fix its permissions or use another --repo"
     else:
         hint = "check the repository's disk and run the command again"
-    return BunkerError(f"{what}: {exc.strerror or exc}", hint, exit_code=ExitCode.FATAL)
+    return StorageError(f"{what}: {exc.strerror or exc}", hint, exit_code=ExitCode.FATAL)

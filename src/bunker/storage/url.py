@@ -10,14 +10,18 @@ from bunker.storage.local import LocalBackend
 
 
 def open_backend(url: str, *, create: bool = False) -> Backend:
-    """Open the backend for ``url``: a path or ``file://`` URL (other schemes come later)."""
+    """Open the backend for ``url``: a path, a ``file://`` URL or an ``s3://`` URL."""
     if "://" not in url:
         return LocalBackend(url, create=create)
     parsed = urlparse(url)
     if parsed.scheme == "file":
         return LocalBackend(unquote(parsed.path), create=create)
+    if parsed.scheme == "s3":
+        from bunker.storage.object_store import open_s3  # OpenDAL is loaded only when used
+
+        return open_s3(url, create=create)
     raise BunkerError(
         f"repository URL scheme {parsed.scheme!r} is not supported by this version",
-        "use a local path or file:///path",
+        "use a local path, file:///path or s3://bucket/prefix (other object stores come later)",
         exit_code=ExitCode.USAGE,
     )
