@@ -3,6 +3,7 @@ end, retries of transient faults (a flaky TCP proxy in front of moto) and clear 
 
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
@@ -136,6 +137,31 @@ def test_init_backup_restore_check_on_s3(s3_server: S3Server, s3_prefix: str, tm
     assert "already exists" in cp.stderr
     other = init_repo(tmp_path / "r2", url=s3_server.url(s3_prefix + "-other"), env_extra=_s3_env(s3_server, tmp_path))
     assert other.id != repo.id
+
+
+def test_restore_from_s3_batches_its_reads(s3_server: S3Server, s3_prefix: str, tmp_path: Path) -> None:
+    """A restore of many directories and small files from an object store reads trees a pack at a
+    time and files in merged range reads: requests grow with packs, not with files or directories."""
+    url = s3_server.url(s3_prefix)
+    repo = init_repo(tmp_path / "r", url=url, env_extra=_s3_env(s3_server, tmp_path / "r"))
+    src = tmp_path / "src"
+    for d in range(120):
+        sub = src / f"dir{d:03d}" / "inner"
+        sub.mkdir(parents=True)
+        for f in range(4):
+            (sub / f"f{f}.txt").write_bytes(f"directory {d} file {f}\n".encode() * (d + f + 1))
+    big = os.urandom(6 << 20)  # a file of several chunks: read ahead, not one request per chunk
+    (src / "big.bin").write_bytes(big)
+    repo.backup(src)
+
+    before = len(s3_server.requests())
+    target = tmp_path / "target"
+    rdoc = js(repo.ok("restore", "latest", "--target", target, "--json"))
+    assert rdoc["stats"]["failed"] == 0
+    compare_trees(src, restored_path(target, src))
+    gets = [r for r in s3_server.requests()[before:] if r.startswith("GET ") and "/packs/" in r]
+    # 241 directories and 481 files: one request each would be over 700
+    assert len(gets) < 40, f"{len(gets)} pack reads for 241 directories and 481 files"
 
 
 def test_repository_url_from_the_environment(s3_server: S3Server, s3_prefix: str, tmp_path: Path) -> None:

@@ -1,6 +1,13 @@
 """The archiver: walks the source, stores changed files' chunks through the session writer,
 builds trees bottom-up and returns the root tree and the chunk set.
 
+Metadata: what lstat() gives is taken by the main thread; a regular file's holes, xattrs, ACL and
+inode flags are read by whoever reads its content, through the same open descriptor (see
+file_reader.py); a directory's through a descriptor opened before it is listed; other items'
+xattrs by path (they are never opened). Hard links: the first name of an inode met in the walk is
+backed up; every other name gets a copy of its entry (same ``ino``), so the data is read and
+stored once (FORMAT.md section 14).
+
 Parallelism: the main thread walks and stats (cheap); file reading, chunking, hashing,
 compression and encryption run in a pool of worker threads. The native libraries (pyfastcdc,
 blake3, zstandard, AES-GCM) release the GIL, so both cores work. Directories are finished in
@@ -20,7 +27,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 from pyfastcdc import FastCDC
 
@@ -28,6 +35,7 @@ from bunker.backup import files_cache as fc
 from bunker.backup.chunker import cut, make_cdc
 from bunker.backup.excludes import Excludes
 from bunker.backup.file_reader import MAX_REREADS, ReadOutcome, read_all, read_stable
+from bunker.backup.fsmeta import DataReader, hole_bytes, inode_meta, name_acl, path_meta
 from bunker.backup.runlog import RunLog
 from bunker.backup.small_files import SmallFilePool
 from bunker.repo import blob
@@ -65,6 +73,27 @@ class DirJob:
     cache_new: fc.DirRecord = field(default_factory=dict)
     pending: int = 0
     names: deque[bytes] = field(default_factory=deque)
+
+
+@dataclass
+class _Link:
+    """A hard-linked inode met in this run: the entry of its first name, final once read."""
+
+    entry: dict[str, Any]
+    path: bytes
+    nlink: int
+    kind: int  # stat.S_IFMT: a reused inode number of another kind is another inode
+    seen: int = 1
+    final: dict[str, Any] | None = None  # the first entry's keys but its name (None: not stored)
+    done: bool = False
+    waiters: list[tuple[dict[str, Any], DirJob, bytes]] = field(default_factory=list)
+
+
+class _Readable(Protocol):
+    def readinto(self, b: memoryview) -> int: ...
+
+
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 @dataclass
@@ -113,6 +142,7 @@ class Archiver:
         *,
         excludes: Excludes | None = None,
         one_file_system: bool = False,
+        atime: bool = False,
         workers: int | None = None,
         small_workers: int | None = None,
         progress: Progress | None = None,
@@ -123,6 +153,7 @@ class Archiver:
         self.log = log
         self.excludes = excludes or Excludes([])
         self.one_fs = one_file_system
+        self.atime = atime
         self.progress = progress or Progress()
         self.tick = tick
         chunker = self._chunker = writer.repo.config.chunker
@@ -152,6 +183,10 @@ class Archiver:
         self._batch_bytes = 0
         self._batch_slots = threading.BoundedSemaphore(2 * (small_workers or os.cpu_count() or 2) + 2)
         self._error: BaseException | None = None
+        # hard links: (st_dev, st_ino) -> first name; id(first entry) -> link while it is read
+        self._links: dict[tuple[int, int], _Link] = {}
+        self._reading_links: dict[int, _Link] = {}
+        self._link_ids: set[int] = set()
 
     # ------------------------------------------------------------------ chunking
     def _cdc(self) -> FastCDC:
@@ -168,7 +203,7 @@ class Archiver:
             if not w.known(cid):
                 w.store(cid, piece)
 
-    def store_stream(self, f: BinaryIO) -> tuple[list[bytes], int]:
+    def store_stream(self, f: BinaryIO | _Readable) -> tuple[list[bytes], int]:
         """Chunk and store a stream; return (chunk ids, bytes read)."""
         out: list[bytes] = []
         total = 0
@@ -183,15 +218,22 @@ class Archiver:
         return out, total
 
     # ------------------------------------------------------------------ files
-    def _consume(self, fd: int, size: int) -> tuple[list[bytes], int]:
+    def _consume(self, fd: int, size: int, holes: list[int]) -> tuple[list[bytes], int]:
         chunks: list[bytes] = []
-        if size <= READ_WHOLE:
+        if holes:  # only the data regions are read (and stored, one after the other)
+            reader = DataReader(fd, size, holes)
+            if size - hole_bytes(holes) > READ_WHOLE:
+                return self.store_stream(reader)
+            data = reader.read_all()
+        elif size <= READ_WHOLE:
             data = read_all(fd, size)
-            self._store_chunks(data, chunks)
-            self.progress.nbytes += len(data)
-            return chunks, len(data)
-        with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
-            return self.store_stream(f)
+        else:
+            os.lseek(fd, 0, os.SEEK_SET)
+            with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+                return self.store_stream(f)
+        self._store_chunks(data, chunks)
+        self.progress.nbytes += len(data)
+        return chunks, len(data)
 
     def _read_file(self, path: bytes, size0: int, entry: dict[str, Any], job: DirJob, name: bytes) -> None:
         try:
@@ -205,10 +247,28 @@ class Archiver:
 
     def _record(self, r: ReadOutcome, path: bytes, entry: dict[str, Any], job: DirJob, name: bytes) -> None:
         """Put a read's outcome into the directory's entry, files cache and run log."""
+        if self._reading_links:
+            try:
+                self._record_outcome(r, path, entry, job, name)
+            finally:
+                link = self._reading_links.pop(id(entry), None)
+                if link is not None:
+                    self._link_done(link)
+        else:
+            self._record_outcome(r, path, entry, job, name)
+
+    def _record_outcome(self, r: ReadOutcome, path: bytes, entry: dict[str, Any], job: DirJob, name: bytes) -> None:
+        if r.problems:
+            for problem in r.problems:
+                self.log.add("warn", "metadata-unreadable", f"{problem}; the file itself is stored", path)
         if r.status in ("ok", "changing"):
             entry.update(c=r.chunks, sz=r.size, mt=r.mtime_ns, ct=r.ctime_ns)
+            if r.meta:
+                entry.update(r.meta)
+                if "acl" in r.meta:
+                    name_acl(entry["acl"], self._owners.user, self._owners.group)
             if r.status == "ok":
-                job.cache_new[name] = [r.ino, r.size, r.mtime_ns, r.ctime_ns, r.chunks]
+                job.cache_new[name] = [r.ino, r.size, r.mtime_ns, r.ctime_ns, r.chunks, r.meta or None]
             else:
                 self.log.add(
                     "warn",
@@ -286,18 +346,81 @@ class Archiver:
 
     def _submit_file(self, path: bytes, st: os.stat_result, entry: dict[str, Any], job: DirJob, name: bytes) -> None:
         self._slots.acquire()
-        size = st.st_size
+        size = min(st.st_size, st.st_blocks * 512)  # what will be read: a sparse file's holes are not
         with self._bytes_cv:
             while self._inflight_bytes > 0 and self._inflight_bytes + size > MAX_INFLIGHT_BYTES:
                 self._bytes_cv.wait(0.5)
             self._inflight_bytes += size
         with self._done_lock:
             job.pending += 1
-        self._pool.submit(self._read_file, path, st.st_size, entry, job, name)
+        self._pool.submit(self._read_file, path, size, entry, job, name)
+
+    # ------------------------------------------------------------------ hard links
+    def _first_link(self, e: dict[str, Any], st: os.stat_result, path: bytes, reading: bool) -> None:
+        """Remember the first name of a hard-linked inode; ``reading``: its entry is final only
+        once its content is read."""
+        lid = st.st_ino  # stable from run to run, so unchanged trees stay identical
+        while lid in self._link_ids:  # the same number on another filesystem of this backup
+            lid += 1
+        self._link_ids.add(lid)
+        e["ino"] = lid
+        e["nl"] = st.st_nlink
+        link = _Link(e, path, st.st_nlink, stat.S_IFMT(st.st_mode))
+        self._links[(st.st_dev, st.st_ino)] = link
+        if reading:
+            self._reading_links[id(e)] = link
+        else:
+            self._link_done(link)
+
+    def _link_done(self, link: _Link) -> None:
+        first = link.entry
+        with self._done_lock:
+            link.final = None if first.get("drop") else {k: v for k, v in first.items() if k != "n"}
+            link.done = True
+            waiters, link.waiters = link.waiters, []
+        for e, job, path in waiters:
+            self._copy_link(link, e, path)
+            with self._done_lock:
+                job.pending -= 1
+        if waiters:
+            with self._bytes_cv:
+                self._bytes_cv.notify_all()
+
+    def _copy_link(self, link: _Link, e: dict[str, Any], path: bytes) -> None:
+        if link.final is None:
+            e["drop"] = True
+            self.log.add(
+                "note",
+                "link-dropped",
+                f"hard link of {link.path.decode('utf-8', 'backslashreplace')}, which could not be backed up; "
+                "it is not in this backup either",
+                path,
+            )
+        else:
+            e.update(link.final)
+
+    def _other_name(self, job: DirJob, name: bytes, path: bytes, st: os.stat_result) -> bool:
+        """Add a further name of an inode already met (True), or return False."""
+        key = (st.st_dev, st.st_ino)
+        link = self._links.get(key)
+        if link is None or link.kind != stat.S_IFMT(st.st_mode):
+            return False
+        e: dict[str, Any] = {"n": name}
+        job.entries.append(e)
+        link.seen += 1
+        if link.seen >= link.nlink:
+            del self._links[key]  # every name met: forget it
+        with self._done_lock:
+            if not link.done:
+                link.waiters.append((e, job, path))
+                job.pending += 1
+                return True
+        self._copy_link(link, e, path)
+        return True
 
     # ------------------------------------------------------------------ entries
     def _meta(self, name: bytes, st: os.stat_result, kind: str) -> dict[str, Any]:
-        return {
+        e = {
             "n": name,
             "t": kind,
             "m": stat.S_IMODE(st.st_mode),
@@ -308,10 +431,27 @@ class Archiver:
             "mt": st.st_mtime_ns,
             "ct": st.st_ctime_ns,
         }
+        if self.atime:
+            e["at"] = st.st_atime_ns
+        return e
+
+    def _add_meta(self, e: dict[str, Any], meta: dict[str, Any], problems: list[str], path: bytes) -> None:
+        if meta:
+            e.update(meta)
+            if "acl" in meta:
+                name_acl(e["acl"], self._owners.user, self._owners.group)
+        for problem in problems:
+            self.log.add("warn", "metadata-unreadable", f"{problem}; the item itself is stored", path)
 
     def _entry(self, job: DirJob, name: bytes, path: bytes, st: os.stat_result, root_dev: int) -> DirJob | None:
         """Add one directory entry to ``job``; return a DirJob if it is a directory to descend."""
         mode = st.st_mode
+        linked = st.st_nlink > 1 and not stat.S_ISDIR(mode)
+        if linked and self._other_name(job, name, path, st):
+            if stat.S_ISREG(mode):
+                self.stats["files"] += 1
+                self.progress.files += 1
+            return None
         if stat.S_ISREG(mode):
             e = self._meta(name, st, "f")
             e["sz"] = st.st_size
@@ -320,14 +460,20 @@ class Archiver:
             self.stats["bytes"] += st.st_size
             cached = fc.lookup(job.cache_old, name, st)
             locs = self.writer.index.locations
-            if cached is not None and all(c in locs for c in cached):
-                e["c"] = cached
+            if cached is not None and all(c in locs for c in cached[0]):
+                e["c"] = cached[0]
+                if cached[1]:
+                    self._add_meta(e, cached[1], [], path)
                 job.cache_new[name] = job.cache_old[name]
-                self.chunk_ids.update(cached)
+                self.chunk_ids.update(cached[0])
                 self.stats["files_unchanged"] += 1
                 self.progress.files += 1
                 self.progress.nbytes += st.st_size
+                if linked:
+                    self._first_link(e, st, path, reading=False)
             else:
+                if linked:
+                    self._first_link(e, st, path, reading=True)
                 self.stats["files_changed" if name in job.cache_old else "files_new"] += 1
                 self._small_seen += st.st_size <= SMALL_FILE
                 if st.st_size <= SMALL_FILE and self._small_seen > SMALL_POOL_AFTER:
@@ -351,27 +497,45 @@ class Archiver:
                 self.log.os_error("err", "readlink-failed", path, exc, "cannot read symlink; it is not in this backup")
                 self.stats["errors"] += 1
                 return None
-            job.entries.append(e)
-            return None
-        kind = "c" if stat.S_ISCHR(mode) else "b" if stat.S_ISBLK(mode) else "p" if stat.S_ISFIFO(mode) else "s"
-        e = self._meta(name, st, kind)
-        if kind in "cb":
+        elif stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+            e = self._meta(name, st, "c" if stat.S_ISCHR(mode) else "b")
             e["dev"] = [os.major(st.st_rdev), os.minor(st.st_rdev)]
+        else:
+            e = self._meta(name, st, "p" if stat.S_ISFIFO(mode) else "s")
+        # never opened (a fifo would block, a device act): xattrs by path, no inode flags
+        meta, problems = path_meta(path)
+        self._add_meta(e, meta, problems, path)
         job.entries.append(e)
+        if linked:
+            self._first_link(e, st, path, reading=False)
         return None
 
     def _open_dir(self, path: bytes, entry: dict[str, Any] | None) -> DirJob | None:
+        """Start a directory: read its xattrs, ACL and flags into ``entry``, and list it."""
         job = DirJob(path, [], entry, self.cache.load_dir(path))
+        names: list[bytes] = []
         try:
+            if entry is not None:
+                self._dir_meta(path, entry)
+            # by path: listdir(fd) gives str names, and encoding them back costs more than a lookup
             names = sorted(os.listdir(path))
         except OSError as exc:
             self.log.os_error(
                 "err", "listdir-failed", path, exc, "cannot list directory; its contents are not in this backup"
             )
             self.stats["errors"] += 1
-            names = []
         job.names = deque(names)
         return job
+
+    def _dir_meta(self, path: bytes, entry: dict[str, Any]) -> None:
+        """A directory's xattrs, ACL and flags, through one descriptor (raises OSError if it
+        cannot be opened)."""
+        fd = os.open(path, _OPEN_DIR)
+        try:
+            meta, problems = inode_meta(fd)
+        finally:
+            os.close(fd)
+        self._add_meta(entry, meta, problems, path)
 
     # ------------------------------------------------------------------ trees
     def _store_tree(self, entries: list[dict[str, Any]]) -> bytes:
@@ -496,6 +660,10 @@ class Archiver:
                 continue
             if sub is not None and stat.S_ISDIR(st.st_mode):
                 e = self._meta(name, st, "d")
+                try:
+                    self._dir_meta(full, e)
+                except OSError as exc:
+                    self.log.os_error("warn", "metadata-unreadable", full, exc, "directory xattrs and flags not read")
                 e["st"] = self._virtual_dir(full, sub)
                 entries.append(e)
                 continue

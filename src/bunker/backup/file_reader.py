@@ -1,21 +1,29 @@
 """Reading one file so that what is stored is consistent: open without following symlinks,
 compare (size, mtime, ctime) before and after, and re-read a bounded number of times while the
 file keeps changing. Used by the archiver's threads (large files) and by the small-file worker
-processes alike."""
+processes alike.
+
+While the file is open, its holes (SEEK_HOLE/SEEK_DATA), extended attributes, ACL and inode flags
+are read through the same descriptor, between the two fstat()s: changing any of them changes the
+ctime, so they are as consistent as the content. Only the data regions are read."""
 
 from __future__ import annotations
 
 import os
 import stat
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import Any, NamedTuple
+
+from bunker.backup.fsmeta import hole_bytes, hole_map, inode_meta
 
 MAX_REREADS = 3
 _NOATIME = getattr(os, "O_NOATIME", 0)
-_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+# O_NONBLOCK: an item replaced by a fifo since it was listed must not block the open
+_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
-# consume(fd, size) reads the open file and returns (chunk ids, bytes read)
-Consume = Callable[[int, int], tuple[list[bytes], int]]
+# consume(fd, size, holes) reads the data regions of the open file (all of it when ``holes`` is
+# empty, see fsmeta.hole_map) and returns (chunk ids, data bytes read)
+Consume = Callable[[int, int, list[int]], tuple[list[bytes], int]]
 
 
 class ReadOutcome(NamedTuple):
@@ -29,6 +37,8 @@ class ReadOutcome(NamedTuple):
     mtime_ns: int = 0
     ctime_ns: int = 0
     message: str = ""
+    meta: dict[str, Any] = {}  # the tree keys hole, x, acl, fl (shared default: never mutated)
+    problems: tuple[str, ...] = ()  # xattrs or flags that could not be read
 
 
 def read_stable(path: bytes, consume: Consume) -> ReadOutcome:
@@ -47,14 +57,22 @@ def read_stable(path: bytes, consume: Consume) -> ReadOutcome:
             before = os.fstat(fd)
             if not stat.S_ISREG(before.st_mode):
                 return ReadOutcome("replaced", [])
-            chunks, size = consume(fd, before.st_size)
+            holes = hole_map(fd, before.st_size)
+            meta, problems = inode_meta(fd)
+            if holes:
+                meta["hole"] = holes
+                data_size = before.st_size - hole_bytes(holes)
+            else:
+                data_size = before.st_size
+            chunks, size = consume(fd, before.st_size, holes)
             after = os.fstat(fd)
         except OSError as exc:
             return ReadOutcome("error", [], message=f"error while reading file: {_oserror(exc)}")
         finally:
             os.close(fd)
         stable = (
-            size == after.st_size == before.st_size
+            size == data_size
+            and after.st_size == before.st_size
             and after.st_mtime_ns == before.st_mtime_ns
             and after.st_ctime_ns == before.st_ctime_ns
         )
@@ -66,19 +84,24 @@ def read_stable(path: bytes, consume: Consume) -> ReadOutcome:
                 after.st_size,
                 after.st_mtime_ns,
                 after.st_ctime_ns,
+                meta=meta,
+                problems=tuple(problems) if problems else (),
             )
     raise AssertionError("not reached")
 
 
 def read_all(fd: int, size_hint: int) -> bytes:
-    """Read an open file to its end (asks one byte more than expected, to notice growth)."""
+    """Read an open file from its start to its end, whatever its file offset (asks one byte more
+    than expected, to notice growth)."""
     parts = []
     want = size_hint + 1
+    pos = 0
     while True:
-        b = os.read(fd, max(want, 1 << 16))
+        b = os.pread(fd, max(want, 1 << 16), pos)
         if not b:
             break
         parts.append(b)
+        pos += len(b)
         want = 1 << 20
     return parts[0] if len(parts) == 1 else b"".join(parts)
 

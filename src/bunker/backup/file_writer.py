@@ -1,5 +1,9 @@
 """Writing one restored file and applying an entry's metadata. Shared by the restorer's threads
-(large files) and its worker processes (small files)."""
+(large files) and its worker processes (small files).
+
+Per inode the order is: data (holes left as holes), owner, permission bits, xattrs
+(security.capability last: chown clears it), ACL (chmod after it would rewrite its mask), times.
+Inode flags come last of all, after every item of the restore (see restorer.py)."""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ import stat
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from bunker.backup.fsmeta import apply_xattrs, data_regions, locked_flags, locked_message, unlock
 from bunker.errors import BunkerError
 from bunker.repo.blob_reader import BlobRef
 
@@ -21,6 +26,10 @@ Unresolved = tuple[int, str]
 Piece = BlobRef | Unresolved
 
 
+# (event code, message) for a part of an item's metadata that could not be restored
+MetaNote = tuple[str, str]
+
+
 class WriteResult(NamedTuple):
     """status: ok, damaged (written with zero-filled gaps, ``message`` lists them), error."""
 
@@ -28,7 +37,40 @@ class WriteResult(NamedTuple):
     nbytes: int
     message: str = ""
     errno: int = 0
-    meta_warning: str = ""
+    meta_notes: tuple[MetaNote, ...] = ()
+
+
+class _SparseOut:
+    """Places a sparse file's stored data (its data regions, one after the other) at the regions'
+    offsets; the holes are never written."""
+
+    def __init__(self, fd: int, size: int, holes: list[int]) -> None:
+        self.fd = fd
+        self.regions = data_regions(size, holes)
+        self.i = 0
+        self.pos = self.regions[0][0] if self.regions else 0
+
+    def put(self, data: bytes | None, n: int) -> None:
+        """Write ``data`` (or skip ``n`` bytes of damaged data, leaving a hole)."""
+        view = memoryview(data) if data is not None else None
+        done = 0
+        while done < n and self.i < len(self.regions):
+            end = self.regions[self.i][1]
+            if self.pos >= end:
+                self.i += 1
+                if self.i < len(self.regions):
+                    self.pos = self.regions[self.i][0]
+                continue
+            k = min(n - done, end - self.pos)
+            if view is not None:
+                part = view[done : done + k]
+                while part:
+                    w = os.pwrite(self.fd, part, self.pos)
+                    part = part[w:]
+                    self.pos += w
+            else:
+                self.pos += k
+            done += k
 
 
 def write_file(
@@ -37,24 +79,36 @@ def write_file(
     fetch: Callable[[BlobRef], bytes],
     *,
     fresh: bool = False,
-    meta: Callable[[int], str] | None = None,
+    meta: Callable[[int], list[MetaNote]] | None = None,
+    size: int = 0,
+    holes: list[int] | None = None,
+    as_root: bool = False,
 ) -> WriteResult:
     """Create ``path`` and write its chunks in order. A chunk that cannot be read leaves a hole
     of its length (the rest of the file is still right) and is reported. ``fresh``: the parent
-    directory was created empty by this restore, so nothing can be in the way. ``meta`` applies
-    owner, mode and times through the open descriptor once the data is written."""
+    directory was created empty by this restore, so nothing can be in the way. ``holes`` (the
+    entry's hole map) makes a sparse file of ``size`` bytes. ``meta`` applies owner, mode, xattrs,
+    ACL and times through the open descriptor once the data is written. An existing file that
+    is immutable or append-only is unlocked first as root (``as_root``), else refused."""
     flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         if fresh:
-            flags |= os.O_EXCL
+            fd = os.open(path, flags | os.O_EXCL, 0o600)
         else:
-            remove_existing(path, keep_regular=True)
-            flags |= os.O_TRUNC
-        fd = os.open(path, flags, 0o600)
+            remove_existing(path, keep_regular=True, as_root=as_root)
+            try:
+                fd = os.open(path, flags | os.O_TRUNC, 0o600)
+            except PermissionError:
+                if not locked_flags(path):
+                    raise
+                if not (as_root and unlock(path)):
+                    return WriteResult("error", 0, locked_message(path), errno.EPERM)
+                fd = os.open(path, flags | os.O_TRUNC, 0o600)
     except OSError as exc:
         return WriteResult("error", 0, f"cannot create file: {exc.strerror}", exc.errno or 0)
     pos = 0
     gaps: list[str] = []
+    sparse = _SparseOut(fd, size, holes) if holes else None
     try:
         for piece in pieces:
             if isinstance(piece, BlobRef):
@@ -63,81 +117,136 @@ def write_file(
                 except BunkerError as exc:
                     gaps.append(f"bytes {pos}-{pos + piece.raw_length}: {exc.message}")
                     pos += piece.raw_length
-                    os.lseek(fd, pos, os.SEEK_SET)
+                    if sparse is not None:
+                        sparse.put(None, piece.raw_length)
+                    else:
+                        os.lseek(fd, pos, os.SEEK_SET)
                     continue
-                view = memoryview(data)
-                while view:
-                    n = os.write(fd, view)
-                    view = view[n:]
+                if sparse is not None:
+                    sparse.put(data, len(data))
+                else:
+                    view = memoryview(data)
+                    while view:
+                        n = os.write(fd, view)
+                        view = view[n:]
                 pos += len(data)
             else:
                 length, why = piece
                 gaps.append(f"bytes {pos}-{pos + length}: {why}")
                 pos += length
-                os.lseek(fd, pos, os.SEEK_SET)
-        if gaps:
+                if sparse is not None:
+                    sparse.put(None, length)
+                else:
+                    os.lseek(fd, pos, os.SEEK_SET)
+        if sparse is not None:
+            os.ftruncate(fd, size)  # the holes at the end, if any
+        elif gaps:
             os.ftruncate(fd, pos)
-        warning = meta(fd) if meta is not None else ""
+        notes = tuple(meta(fd)) if meta is not None else ()
     except OSError as exc:
         return WriteResult("error", pos, f"cannot write file: {exc.strerror}", exc.errno or 0)
     finally:
         os.close(fd)
     if gaps:
         more = f" (+{len(gaps) - 5} more)" if len(gaps) > 5 else ""
-        return WriteResult("damaged", pos, "; ".join(gaps[:5]) + more, meta_warning=warning)
-    return WriteResult("ok", pos, meta_warning=warning)
+        return WriteResult("damaged", pos, "; ".join(gaps[:5]) + more, meta_notes=notes)
+    return WriteResult("ok", pos, meta_notes=notes)
 
 
-def apply_meta(path: bytes, e: dict[str, Any], as_root: bool, numeric_owner: bool) -> str:
-    """Owner (as root), mode and times of one restored item; returns a warning or ""."""
-    try:
-        if as_root and "u" in e:
+def _partial(exc: OSError, what: str) -> MetaNote:
+    return ("metadata-partial", f"{what} not restored: {exc.strerror}")
+
+
+def _id_maps(numeric_owner: bool) -> tuple[Callable[[str, int], int], Callable[[str, int], int]]:
+    if numeric_owner:
+        return (lambda _n, i: i), (lambda _n, i: i)
+    return user_id, group_id
+
+
+def apply_meta(path: bytes, e: dict[str, Any], as_root: bool, numeric_owner: bool) -> list[MetaNote]:
+    """Owner (as root), mode, xattrs, ACL and times of one restored item (not a regular file:
+    see :func:`apply_meta_fd`); symlinks are not followed. Returns what could not be restored."""
+    notes: list[MetaNote] = []
+    if as_root and "u" in e:
+        try:
             uid, gid = (e["u"], e["g"]) if numeric_owner else owner_ids(e)
             os.chown(path, uid, gid, follow_symlinks=False)
-        if e["t"] != "l" and "m" in e:
+        except OSError as exc:
+            notes.append(_partial(exc, "owner"))
+    if e["t"] != "l" and "m" in e:  # a symlink's own mode cannot be changed on Linux
+        try:
             os.chmod(path, e["m"])
-        if "mt" in e:
+        except OSError as exc:
+            notes.append(_partial(exc, "permission bits"))
+    if "x" in e or "acl" in e:
+        notes += apply_xattrs(path, e.get("x", {}), e.get("acl"), *_id_maps(numeric_owner))
+    if "mt" in e:
+        try:
             os.utime(path, ns=(e.get("at", e["mt"]), e["mt"]), follow_symlinks=False)
-    except OSError as exc:
-        return f"metadata not fully restored: {exc.strerror}"
-    return ""
+        except OSError as exc:
+            notes.append(_partial(exc, "times"))
+    return notes
 
 
-def apply_meta_fd(fd: int, e: dict[str, Any], as_root: bool, numeric_owner: bool) -> str:
-    """Owner (as root), mode and times of a regular file through its open descriptor (saves the
-    path lookups of :func:`apply_meta`); returns a warning or ""."""
-    try:
-        if as_root and "u" in e:
+def apply_meta_fd(fd: int, e: dict[str, Any], as_root: bool, numeric_owner: bool) -> list[MetaNote]:
+    """Owner (as root), mode, xattrs, ACL and times of a regular file through its open descriptor
+    (saves the path lookups of :func:`apply_meta`). Returns what could not be restored."""
+    notes: list[MetaNote] = []
+    if as_root and "u" in e:
+        try:
             uid, gid = (e["u"], e["g"]) if numeric_owner else owner_ids(e)
             os.fchown(fd, uid, gid)
-        if "m" in e:
+        except OSError as exc:
+            notes.append(_partial(exc, "owner"))
+    if "m" in e:
+        try:
             os.fchmod(fd, e["m"])
-        if "mt" in e:
+        except OSError as exc:
+            notes.append(_partial(exc, "permission bits"))
+    if "x" in e or "acl" in e:
+        notes += apply_xattrs(fd, e.get("x", {}), e.get("acl"), *_id_maps(numeric_owner))
+    if "mt" in e:
+        try:
             os.utime(fd, ns=(e.get("at", e["mt"]), e["mt"]))
-    except OSError as exc:
-        return f"metadata not fully restored: {exc.strerror}"
-    return ""
+        except OSError as exc:
+            notes.append(_partial(exc, "times"))
+    return notes
 
 
-_owner_cache: dict[tuple[str, str], tuple[int | None, int | None]] = {}
+_user_cache: dict[str, int | None] = {}
+_group_cache: dict[str, int | None] = {}
+
+
+def user_id(name: str, stored: int) -> int:
+    """This machine's uid for a stored user name, else the stored uid."""
+    u = _user_cache.get(name, -1)
+    if u == -1:
+        u = None
+        with contextlib.suppress(KeyError):
+            u = pwd.getpwnam(name).pw_uid if name else None
+        _user_cache[name] = u
+    return stored if u is None else u
+
+
+def group_id(name: str, stored: int) -> int:
+    """This machine's gid for a stored group name, else the stored gid."""
+    g = _group_cache.get(name, -1)
+    if g == -1:
+        g = None
+        with contextlib.suppress(KeyError):
+            g = grp.getgrnam(name).gr_gid if name else None
+        _group_cache[name] = g
+    return stored if g is None else g
 
 
 def owner_ids(e: dict[str, Any]) -> tuple[int, int]:
     """Map stored user/group names to this machine's ids (fall back to the stored ids)."""
-    key = (e.get("U", ""), e.get("G", ""))
-    if key not in _owner_cache:
-        u = g = None
-        with contextlib.suppress(KeyError):
-            u = pwd.getpwnam(key[0]).pw_uid if key[0] else None
-        with contextlib.suppress(KeyError):
-            g = grp.getgrnam(key[1]).gr_gid if key[1] else None
-        _owner_cache[key] = (u, g)
-    u, g = _owner_cache[key]
-    return (e["u"] if u is None else u), (e["g"] if g is None else g)
+    return user_id(e.get("U", ""), e["u"]), group_id(e.get("G", ""), e["g"])
 
 
-def remove_existing(path: bytes, keep_regular: bool = False) -> None:
-    """Clear the way for a restored item (a directory in the way is an error)."""
+def remove_existing(path: bytes, keep_regular: bool = False, as_root: bool = False) -> None:
+    """Clear the way for a restored item (a directory in the way is an error). An immutable or
+    append-only file in the way is unlocked as root, else refused with a clear message."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -146,4 +255,11 @@ def remove_existing(path: bytes, keep_regular: bool = False) -> None:
         raise IsADirectoryError(errno.EISDIR, "a directory is in the way", path)
     if keep_regular and stat.S_ISREG(st.st_mode):
         return
-    os.unlink(path)
+    try:
+        os.unlink(path)
+    except PermissionError:
+        if not stat.S_ISREG(st.st_mode) or not locked_flags(path):
+            raise
+        if not (as_root and unlock(path)):
+            raise PermissionError(errno.EPERM, locked_message(path)) from None
+        os.unlink(path)

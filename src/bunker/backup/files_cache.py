@@ -1,5 +1,6 @@
-"""The files cache: per directory, each file's (inode, size, mtime, ctime) and chunk ids, so an
-unchanged file is neither read nor hashed again.
+"""The files cache: per directory, each file's (inode, size, mtime, ctime), chunk ids and the tree
+keys read with its content (holes, xattrs, ACL, inode flags), so an unchanged file is neither read
+nor hashed again. Changing xattrs, ACLs or flags changes the ctime, so a hit is still exact.
 
 One sqlite row per directory keeps lookups few (a no-change run over 200k files in 3k
 directories makes 3k reads). A hit is trusted only if every chunk id is still in the index, so
@@ -16,7 +17,7 @@ from typing import Any
 
 from bunker import encoding
 
-# name -> [ino, size, mtime_ns, ctime_ns, [chunk ids]]
+# name -> [ino, size, mtime_ns, ctime_ns, [chunk ids], {hole, x, acl, fl} or None]
 DirRecord = dict[bytes, list[Any]]
 
 
@@ -78,14 +79,18 @@ class FilesCache:
         self._db.close()
 
 
-def lookup(record: DirRecord, name: bytes, st: os.stat_result) -> list[bytes] | None:
-    """Chunk ids of an unchanged file, or None if it changed or was never stored."""
+def lookup(record: DirRecord, name: bytes, st: os.stat_result) -> tuple[list[bytes], dict[str, Any]] | None:
+    """(chunk ids, other tree keys) of an unchanged file, or None if it changed or was never
+    stored. Records of versions that kept no metadata (5 fields) never match: one re-read."""
     r = record.get(name)
-    if r is not None and r[0] == st.st_ino and r[1] == st.st_size and r[2] == st.st_mtime_ns and r[3] == st.st_ctime_ns:
-        chunks: list[bytes] = r[4]
-        return chunks
+    if (
+        r is not None
+        and len(r) == 6
+        and r[3] == st.st_ctime_ns
+        and r[2] == st.st_mtime_ns
+        and r[1] == st.st_size
+        and r[0] == st.st_ino
+        and (r[5] is None or isinstance(r[5], dict))
+    ):
+        return r[4], r[5] or {}
     return None
-
-
-def make_record(st: os.stat_result, chunks: list[bytes]) -> list[Any]:
-    return [st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns, chunks]

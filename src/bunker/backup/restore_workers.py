@@ -43,7 +43,12 @@ def write_batch(items: list[Item]) -> list[WriteResult]:
     out = []
     for path, pieces, entry, fresh in items:
         meta = functools.partial(apply_meta_fd, e=entry, as_root=_as_root, numeric_owner=_numeric)
-        out.append(write_file(path, pieces, fetch, fresh=fresh, meta=meta))
+        hole = entry.get("hole")
+        out.append(
+            write_file(
+                path, pieces, fetch, fresh=fresh, meta=meta, size=entry.get("sz", 0), holes=hole, as_root=_as_root
+            )
+        )
     return out
 
 

@@ -4,8 +4,16 @@ The main thread walks the trees, creates directories, symlinks and special files
 every file's chunks to located, keyed blobs (this needs the master key). Files are written by
 worker processes (small files, in batches) or threads (large files: decryption and
 decompression release the GIL). A file that cannot be fully restored is written with its
-damaged ranges left as holes and reported; the rest goes on. Directory metadata is applied
-bottom-up at the end, so writing into them does not change their times.
+damaged ranges left as holes and reported; the rest goes on.
+
+Order across the tree: every name first (items, then the further names of hard-linked inodes,
+linked once all data is written), then directory metadata bottom-up (so writing into a directory
+does not change its times, and its default ACL is not inherited by the restored items), then
+inode flags last of all (immutable and append-only forbid linking, utime and setxattr). Per
+inode, file_writer.py applies owner, mode, xattrs, ACL and times in the order that keeps each.
+
+Without root, what cannot be restored (owners, devices, trusted.* xattrs, security.capability,
+immutable/append-only flags) is listed as ``note`` events that say how to get it.
 """
 
 from __future__ import annotations
@@ -19,11 +27,21 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bunker import encoding
-from bunker.backup.file_writer import Piece, WriteResult, apply_meta, apply_meta_fd, remove_existing, write_file
+from bunker.backup.file_writer import (
+    MetaNote,
+    Piece,
+    WriteResult,
+    apply_meta,
+    apply_meta_fd,
+    owner_ids,
+    remove_existing,
+    write_file,
+)
+from bunker.backup.fsmeta import flag_letters, locked_flags, locked_message, set_flags, unlock
 from bunker.backup.restore_workers import Item, RestorePool
 from bunker.backup.runlog import RunLog, display_path
 from bunker.errors import BunkerError, CorruptObject, ExitCode, ObjectMissing
-from bunker.repo.blob_reader import BlobReader
+from bunker.repo.blob_reader import BlobReader, BlobRef, ReadAhead
 from bunker.repo.tree import decode_tree
 
 SMALL_FILE = 256 << 10  # files up to this size go to worker processes ...
@@ -41,6 +59,7 @@ class RestoreStats:
     files: int = 0
     dirs: int = 0
     links: int = 0
+    hardlinks: int = 0
     other: int = 0
     bytes: int = 0
     failed: int = 0
@@ -60,6 +79,8 @@ class Restorer:
         self._disk_full = threading.Event()
         self._lock = threading.Lock()
         self._small_seen = 0
+        # a remote repository answers each read after a round trip: batch small files from the start
+        self._pool_after = 0 if self.reader.repo.backend.capabilities().remote else SMALL_POOL_AFTER
         self._batch: list[Item] = []
         self._batch_bytes = 0
         self._procs: RestorePool | None = None
@@ -68,6 +89,12 @@ class Restorer:
         self._all_done = threading.Condition(self._lock)
         self._worker_error: BaseException | None = None
         self._slots = threading.BoundedSemaphore(2 * (os.cpu_count() or 2) + 2)
+        self._links: dict[int, bytes] = {}  # hard links: ino -> the name restored first
+        self._more_names: list[tuple[bytes, dict[str, Any], bool]] = []  # further names, linked at the end
+        self._flagged: list[tuple[bytes, int]] = []  # inode flags, set last
+        self._ids = (os.geteuid(), os.getegid())
+        self._owners_lost = 0
+        self._owner_example: tuple[bytes, dict[str, Any]] | None = None
 
     # ------------------------------------------------------------------ trees
     def tree(self, tid: bytes) -> list[dict[str, Any]]:
@@ -112,8 +139,31 @@ class Restorer:
                     raise self._worker_error
         finally:
             self._procs.shutdown()
+        for path, e, fresh in self._more_names:
+            self._hardlink(path, e, fresh)
         for path, e in reversed(dirs):
             self._meta(path, e)
+        for path, fl in reversed(self._flagged):
+            lost, why = set_flags(path, fl, self._as_root)
+            if lost:
+                self.log.add(
+                    "note",
+                    "flags-not-restored",
+                    f"inode flags {flag_letters(lost) or hex(lost)} not restored ({why})"
+                    + ("; restore as root to set them" if not self._as_root else ""),
+                    path,
+                )
+        if self._owners_lost and self._owner_example is not None:
+            path, e = self._owner_example
+            self.log.add(
+                "note",
+                "owner-not-restored",
+                f"{self._owners_lost} restored items belong to another user or group in the snapshot (this one: "
+                f"{e.get('U') or e['u']}:{e.get('G') or e['g']}) and now belong to the user who restored them: "
+                "only root can give them back their owners, so restore as root to get owners, devices, trusted.* "
+                "xattrs, file capabilities and immutable/append-only flags",
+                path,
+            )
         if self._disk_full.is_set():
             raise DiskFull(
                 f"the target's disk is full: {self.stats.files} files restored, {self.stats.failed} not",
@@ -139,27 +189,51 @@ class Restorer:
                 if e["t"] == "d":
                     created = self._mkdir(full, fresh)
                     if created is not None:
-                        dirs.append((full, e))
+                        self._dir_done(full, e, dirs)
                         stack.append((e["st"], full, created))
                 else:
                     self._restore_entry(e, full, dirs, fresh)
+
+    def _dir_done(self, full: bytes, e: dict[str, Any], dirs: list[tuple[bytes, dict[str, Any]]]) -> None:
+        dirs.append((full, e))
+        if "fl" in e:
+            self._flagged.append((full, e["fl"]))
+        if not self._as_root:
+            self._owner_check(full, e)
+
+    def _owner_check(self, path: bytes, e: dict[str, Any]) -> None:
+        """Without root, count the items whose owner cannot be restored."""
+        if "u" in e and (owner_ids(e) if not self.numeric_owner else (e["u"], e["g"])) != self._ids:
+            self._owners_lost += 1
+            if self._owner_example is None:
+                self._owner_example = (path, e)
 
     def _restore_entry(
         self, e: dict[str, Any], full: bytes, dirs: list[tuple[bytes, dict[str, Any]]], fresh: bool
     ) -> None:
         """Restore one item; ``fresh``: its parent was created empty by this restore."""
         t = e["t"]
+        if "ino" in e and t != "d":
+            if e["ino"] in self._links:  # a further name of an inode restored already: linked at the end
+                self._more_names.append((full, e, fresh))
+                return
+            self._links[e["ino"]] = full
+        if t != "d":
+            if "fl" in e and t == "f":
+                self._flagged.append((full, e["fl"]))
+            if not self._as_root:
+                self._owner_check(full, e)
         if t == "d":
             created = self._mkdir(full, fresh)
             if created is not None:
-                dirs.append((full, e))
+                self._dir_done(full, e, dirs)
                 self._restore_dir(e["st"], full, dirs, created)
         elif t == "f":
             self._restore_file(e, full, fresh)
         elif t == "l":
             try:
                 if not fresh:
-                    remove_existing(full)
+                    remove_existing(full, as_root=self._as_root)
                 os.symlink(e["lt"], full)
             except OSError as exc:
                 self._failed(full, exc, "cannot create symlink")
@@ -181,12 +255,16 @@ class Restorer:
             created = False
             if os.path.islink(path) or not os.path.isdir(path):
                 try:
-                    remove_existing(path)
+                    remove_existing(path, as_root=self._as_root)
                     os.mkdir(path, 0o700)
                     created = True
                 except OSError as exc:
                     self._failed(path, exc, "cannot create directory")
                     return None
+            elif locked_flags(path) and not (self._as_root and unlock(path)):
+                # an immutable or append-only directory of an earlier restore: nothing can go in
+                self._failed(path, PermissionError(errno.EPERM, locked_message(path)), "cannot restore into it")
+                return None
         except OSError as exc:
             self._failed(path, exc, "cannot create directory")
             return None
@@ -212,7 +290,7 @@ class Restorer:
         meta = {k: v for k, v in e.items() if k != "c"}  # the chunk list is in pieces already
         size = e.get("sz", 0)
         self._small_seen += size <= SMALL_FILE
-        if size <= SMALL_FILE and self._small_seen > SMALL_POOL_AFTER:
+        if size <= SMALL_FILE and self._small_seen > self._pool_after:
             self._batch.append((path, pieces, meta, fresh))
             self._batch_bytes += size
             if len(self._batch) >= BATCH_FILES or self._batch_bytes >= BATCH_BYTES:
@@ -237,7 +315,17 @@ class Restorer:
 
     def _write_in_thread(self, path: bytes, pieces: list[Piece], e: dict[str, Any], fresh: bool) -> None:
         meta = lambda fd: apply_meta_fd(fd, e, self._as_root, self.numeric_owner)  # noqa: E731
-        self._done(path, write_file(path, pieces, self.reader.fetch, fresh=fresh, meta=meta))
+        r = write_file(
+            path,
+            pieces,
+            ReadAhead(self.reader.repo.backend, self.reader.secrets, [p for p in pieces if isinstance(p, BlobRef)]),
+            fresh=fresh,
+            meta=meta,
+            size=e.get("sz", 0),
+            holes=e.get("hole"),
+            as_root=self._as_root,
+        )
+        self._done(path, r)
 
     def _flush_batch(self) -> None:
         if not self._batch or self._procs is None:
@@ -273,28 +361,65 @@ class Restorer:
             self.log.add("err", "file-damaged", f"restored with damaged parts left as holes: {r.message}", path)
         elif r.status == "error":
             self.log.add("err", "restore-failed", r.message, path)
-        if r.meta_warning:
-            self.log.add("note", "metadata-partial", r.meta_warning, path)
+        self._notes(path, r.meta_notes)
 
     # ------------------------------------------------------------------ other items
+    def _hardlink(self, path: bytes, e: dict[str, Any], fresh: bool) -> None:
+        """Give an inode restored under another name this name too."""
+        first = self._links[e["ino"]]
+        try:
+            if not fresh:
+                remove_existing(path, as_root=self._as_root)
+            os.link(first, path, follow_symlinks=False)
+        except OSError as exc:
+            if os.path.lexists(first):
+                if exc.errno == errno.ENOSPC:
+                    self._failed(path, exc, "cannot create hard link")
+                    return
+                self.log.os_error(
+                    "note",
+                    "hardlink-copied",
+                    path,
+                    exc,
+                    "cannot link it to its other name: restored as a separate copy",
+                )
+            # the other name could not be restored (or not linked): this one gets the inode itself
+            self._links[e["ino"]] = path
+            self._restore_whole(e, path, fresh)
+            return
+        self.stats.hardlinks += 1
+
+    def _restore_whole(self, e: dict[str, Any], path: bytes, fresh: bool) -> None:
+        """Restore an item at the end of the restore, in this thread."""
+        if e["t"] == "f":
+            if "fl" in e:
+                self._flagged.append((path, e["fl"]))
+            if not self._as_root:
+                self._owner_check(path, e)
+            self._write_in_thread(path, self._pieces(e), {k: v for k, v in e.items() if k != "c"}, fresh)
+        else:
+            self._restore_entry({k: v for k, v in e.items() if k != "ino"}, path, [], fresh)
+
     def _restore_special(self, e: dict[str, Any], path: bytes, fresh: bool) -> None:
         t = e["t"]
         try:
             if not fresh:
-                remove_existing(path)
+                remove_existing(path, as_root=self._as_root)
             if t == "p":
                 os.mkfifo(path, 0o600)
             elif t in "cb":
-                major, minor = e.get("dev", [0, 0])
+                major, minor = e["dev"]
                 os.mknod(path, (stat.S_IFCHR if t == "c" else stat.S_IFBLK) | 0o600, os.makedev(major, minor))
             else:
-                self.log.add("note", "socket-skipped", "unix socket not recreated by this version", path)
-                return
+                os.mknod(path, stat.S_IFSOCK | 0o600)  # a socket file needs no root (nor bind)
         except PermissionError as exc:
+            if t not in "cb":
+                self._failed(path, exc, "cannot create special file")
+                return
             self.log.add(
                 "note",
                 "special-skipped",
-                f"cannot create this device without root ({exc.strerror}); restore as root",
+                f"cannot create this device without root ({exc.strerror}); restore as root to recreate devices",
                 path,
             )
             return
@@ -305,9 +430,13 @@ class Restorer:
         self.stats.other += 1
 
     def _meta(self, path: bytes, e: dict[str, Any]) -> None:
-        warning = apply_meta(path, e, self._as_root, self.numeric_owner)
-        if warning:
-            self.log.add("note", "metadata-partial", warning, path)
+        self._notes(path, apply_meta(path, e, self._as_root, self.numeric_owner))
+
+    def _notes(self, path: bytes, notes: tuple[MetaNote, ...] | list[MetaNote]) -> None:
+        for code, message in notes:
+            if not self._as_root and code in ("xattr-not-restored", "acl-not-restored"):
+                message += "; restore as root to set them"
+            self.log.add("note", code, message, path)
 
     def _failed(self, path: bytes, exc: OSError, what: str) -> None:
         if exc.errno == errno.ENOSPC:

@@ -35,6 +35,7 @@ class BackupRequest:
     paths: list[str] = field(default_factory=list)
     excludes: list[str] = field(default_factory=list)
     one_file_system: bool = False
+    atime: bool = False
     tags: list[str] = field(default_factory=list)
     stdin_name: str | None = None
     stdin: BinaryIO | None = None
@@ -101,6 +102,7 @@ def run_backup(
             log,
             excludes=Excludes(req.excludes, skip),
             one_file_system=req.one_file_system,
+            atime=req.atime,
             progress=progress,
             tick=lambda: _tick(lease, tick),
         )

@@ -16,6 +16,7 @@ from pyfastcdc import FastCDC
 
 from bunker.backup.chunker import cut, make_cdc
 from bunker.backup.file_reader import ReadOutcome, read_all, read_stable
+from bunker.backup.fsmeta import DataReader
 from bunker.crypto.derive import PutSecrets
 from bunker.repo import blob
 
@@ -39,10 +40,10 @@ class _Encryptor:
         self.secrets, self.cdc = secrets, cdc
         self.blobs: list[Blob] = []
 
-    def __call__(self, fd: int, size: int) -> tuple[list[bytes], int]:
+    def __call__(self, fd: int, size: int, holes: list[int]) -> tuple[list[bytes], int]:
         self.blobs = []  # a re-read starts afresh
         seen: set[bytes] = set()
-        data = read_all(fd, size)
+        data = DataReader(fd, size, holes).read_all() if holes else read_all(fd, size)
         ids = []
         for piece in cut(self.cdc, data):
             cid = blob.chunk_id(self.secrets, piece)

@@ -14,9 +14,11 @@ import os
 import stat
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from typing import BinaryIO
 
 from bunker.backup import files_cache as fc
 from bunker.backup.chunker import cut, make_cdc
+from bunker.backup.fsmeta import DataReader, hole_bytes, hole_map
 from bunker.backup.runlog import display_path
 from bunker.crypto.derive import keyed_hash
 from bunker.repo import blob
@@ -85,11 +87,17 @@ class Verifier:
         elif fc.lookup(record, name, st) is None:
             self.report.changed.append(shown)
         try:
-            with open(path, "rb") as f:
-                if st.st_size <= self.cdc.min_size:
-                    pieces: Iterable[bytes | memoryview] = cut(self.cdc, f.read())
+            # the data regions of a sparse file, holes left out, exactly as a backup reads it
+            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            with os.fdopen(fd, "rb") as f:
+                holes = hole_map(fd, st.st_size)
+                os.lseek(fd, 0, os.SEEK_SET)
+                stream: BinaryIO | DataReader = DataReader(fd, st.st_size, holes) if holes else f
+                if st.st_size - hole_bytes(holes) <= self.cdc.min_size:
+                    data = stream.read_all() if isinstance(stream, DataReader) else f.read()
+                    pieces: Iterable[bytes | memoryview] = cut(self.cdc, data)
                 else:
-                    pieces = (bytes(c.data) for c in self.cdc.cut_stream(f))
+                    pieces = (bytes(c.data) for c in self.cdc.cut_stream(stream))
                 for piece in pieces:
                     self.report.bytes += len(piece)
                     cid = blob.chunk_id(self.secrets, piece)

@@ -73,6 +73,7 @@ def _safe_list(url: str) -> Any:
 @click.option("--exclude", "-e", multiple=True, help="Exclude a name pattern (*.tmp) or an absolute path pattern.")
 @click.option("--exclude-file", multiple=True, type=click.Path(dir_okay=False), help="Read exclude patterns from FILE.")
 @click.option("--one-file-system", "-x", is_flag=True, help="Do not cross into other mounted filesystems.")
+@click.option("--atime", is_flag=True, help="Also store access times (unchanged directories then rarely dedup).")
 @click.option("--tag", multiple=True, help="Tag the snapshot (sealed; repeatable).")
 @click.option("--stdin-name", help="Back up standard input as a file with this name.")
 @click.option("--host", help="Host name recorded in the snapshot (default: this machine's).")
@@ -87,6 +88,7 @@ def backup(**kwargs: Any) -> None:
     for f in kwargs.pop("exclude_file"):
         excludes += read_exclude_file(f)
     tags, one_fs, host = list(kwargs.pop("tag")), kwargs.pop("one_file_system"), kwargs.pop("host")
+    atime = kwargs.pop("atime")
     opts, out = make_options(kwargs)
     if stdin_name is not None and (paths or "/" in stdin_name or stdin_name in ("", ".", "..")):
         raise BunkerError(
@@ -107,6 +109,7 @@ def backup(**kwargs: Any) -> None:
         paths=list(paths),
         excludes=excludes,
         one_file_system=one_fs,
+        atime=atime,
         tags=tags,
         stdin_name=stdin_name,
         stdin=sys.stdin.buffer if stdin_name else None,

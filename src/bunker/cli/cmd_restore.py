@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from bunker import encoding
+from bunker.backup.fsmeta import acl_text, flag_letters, hole_bytes
 from bunker.backup.restorer import Restorer
 from bunker.backup.runlog import RunLog, display_path
 from bunker.cli import context
@@ -129,6 +130,61 @@ def _open_for_reading(
 _TYPE = {"f": "-", "d": "d", "l": "l", "c": "c", "b": "b", "p": "p", "s": "s"}
 
 
+def _ls_item(path: str, e: dict[str, Any]) -> dict[str, Any]:
+    """One item of `ls --json`: the common fields, plus the others the entry has."""
+    it: dict[str, Any] = {
+        "path": path,
+        "type": e["t"],
+        "mode": e.get("m", 0),
+        "size": e.get("sz", 0),
+        "mtime_ns": e.get("mt", 0),
+        "user": e.get("U"),
+        "group": e.get("G"),
+        "uid": e.get("u"),
+        "gid": e.get("g"),
+        "target": display_path(e.get("lt")) if e.get("lt") else None,
+    }
+    if "ct" in e:
+        it["ctime_ns"] = e["ct"]
+    if "at" in e:
+        it["atime_ns"] = e["at"]
+    if "dev" in e:
+        it["device"] = e["dev"]
+    if "ino" in e:  # hard links: every name of one inode has the same link_group
+        it.update(link_group=e["ino"], nlink=e["nl"])
+    if "x" in e:
+        it["xattrs"] = sorted(display_path(n) for n in e["x"])
+    if "acl" in e:
+        if "a" in e["acl"]:
+            it["acl"] = acl_text(e["acl"]["a"])
+        if "d" in e["acl"]:
+            it["default_acl"] = acl_text(e["acl"]["d"])
+    if "fl" in e:
+        it["flags"] = flag_letters(e["fl"])
+    if "hole" in e:
+        it["hole_bytes"] = hole_bytes(e["hole"])
+    return it
+
+
+def _ls_line(it: dict[str, Any]) -> str:
+    mode = _TYPE[it["type"]] + stat.filemode(it["mode"])[1:] + ("+" if "acl" in it or "default_acl" in it else "")
+    t = _fmt_time(it["mtime_ns"] / 1e9)
+    size = f"{it['device'][0]}, {it['device'][1]}" if "device" in it else str(it["size"])
+    line = f"{mode:11} {it.get('user') or '?':>8} {it.get('group') or '?':>8} {size:>12} {t}  {it['path']}"
+    if it.get("target"):
+        line += f" -> {it['target']}"
+    extra = []
+    if "nlink" in it:
+        extra.append(f"{it['nlink']} links")
+    if it.get("flags"):
+        extra.append(f"flags {it['flags']}")
+    if "xattrs" in it:
+        extra.append(f"xattrs {len(it['xattrs'])}")
+    if "hole_bytes" in it:
+        extra.append(f"sparse, {human_bytes(it['hole_bytes'])} in holes")
+    return line + (f"  [{'; '.join(extra)}]" if extra else "")
+
+
 @cli.command("ls")
 @common
 @filter_options
@@ -153,40 +209,12 @@ def ls_cmd(**kwargs: Any) -> None:
         if e["t"] == "d" and (first or recursive):
             for child in reversed(restorer.tree(e["st"])):
                 stack.append(((p.rstrip("/") + "/" + display_path(child["n"])), child))
-        if not first:
-            items.append(
-                {
-                    "path": p,
-                    "type": e["t"],
-                    "mode": e.get("m", 0),
-                    "size": e.get("sz", 0),
-                    "mtime_ns": e.get("mt", 0),
-                    "user": e.get("U"),
-                    "group": e.get("G"),
-                    "target": display_path(e.get("lt")) if e.get("lt") else None,
-                }
-            )
-        elif e["t"] != "d":
-            items.append(
-                {
-                    "path": p,
-                    "type": e["t"],
-                    "mode": e.get("m", 0),
-                    "size": e.get("sz", 0),
-                    "mtime_ns": e.get("mt", 0),
-                    "user": e.get("U"),
-                    "group": e.get("G"),
-                }
-            )
+        if not first or e["t"] != "d":
+            items.append(_ls_item(p, e))
         first = False
     out.document({"snapshot": rec.name.split("/", 1)[1], "items": items})
     for it in items:
-        mode = _TYPE[it["type"]] + stat.filemode(it["mode"])[1:]
-        t = _fmt_time(it["mtime_ns"] / 1e9)
-        tgt = f" -> {it['target']}" if it.get("target") else ""
-        out.line(
-            f"{mode} {it.get('user') or '?':>8} {it.get('group') or '?':>8} {it['size']:>12} {t}  {it['path']}{tgt}"
-        )
+        out.line(_ls_line(it))
     _ = repo
 
 
@@ -226,7 +254,8 @@ def restore(**kwargs: Any) -> None:
             click.echo(f"{e.level}: {display_path(e.path)}: {e.message}", err=True)
         click.echo(
             f"restored snapshot {rec.short_id} into {target}: {stats.files} files, {stats.dirs} dirs, "
-            f"{stats.links} symlinks, {human_bytes(stats.bytes)}; level {log.level}"
+            f"{stats.links} symlinks, {stats.hardlinks} hard links, {stats.other} other items, "
+            f"{human_bytes(stats.bytes)}; level {log.level}"
             + (f"; {stats.failed} items could not be restored" if stats.failed else "")
         )
     if stats.failed:

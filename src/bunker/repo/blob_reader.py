@@ -55,6 +55,7 @@ class BlobReader:
         self._packs: dict[str, OpenPack] = {}
         self._lock = threading.Lock()
         self._pack_locks: dict[str, threading.Lock] = {}
+        self._spans: dict[str, tuple[int, memoryview] | None] = {}  # insertion order = age
 
     def open_pack(self, pack: str) -> OpenPack:
         op = self._packs.get(pack)
@@ -97,8 +98,42 @@ class BlobReader:
         return BlobRef(loc.pack, entry.offset, entry.length, entry.raw_length, cid, k_blob)
 
     def read(self, cid: bytes) -> bytes:
-        """The plaintext of chunk ``cid``, verified against its id."""
-        return self.fetch(self.ref(cid))
+        """The plaintext of chunk ``cid``, verified against its id. Meant for trees: the blobs of
+        the few packs they live in are read with one range read per pack and kept (see
+        :meth:`_pack_span`), so walking a snapshot of many directories costs a handful of requests
+        on an object store instead of one per directory."""
+        ref = self.ref(cid)
+        span = self._pack_span(ref.pack)
+        if span is not None:
+            start, data = span
+            if start <= ref.offset and ref.offset + ref.length - start <= len(data):
+                return open_blob(self.secrets, ref, data[ref.offset - start : ref.offset + ref.length - start])
+        return self.fetch(ref)
+
+    SPAN_CACHE_PACKS = 4
+    SPAN_MAX = 64 << 20
+
+    def _pack_span(self, pack: str) -> tuple[int, memoryview] | None:
+        """(offset, bytes) of the range of ``pack`` that holds all its blobs, read once and kept for
+        the last few packs; None if it is too large to keep or cannot be read."""
+        with self._lock:
+            hit = self._spans.get(pack)
+            if hit is not None or pack in self._spans:
+                return hit
+        entries = self.open_pack(pack).entries.values()
+        start = min((e.offset for e in entries), default=0)
+        end = max((e.offset + e.length for e in entries), default=0)
+        span: tuple[int, memoryview] | None = None
+        if 0 < end - start <= self.SPAN_MAX:
+            try:
+                span = (start, memoryview(self.repo.backend.get(f"packs/{pack}", start, end - start)))
+            except BunkerError:
+                span = None
+        with self._lock:
+            while len(self._spans) >= self.SPAN_CACHE_PACKS:
+                self._spans.pop(next(iter(self._spans)))
+            self._spans[pack] = span
+        return span
 
     def fetch(self, ref: BlobRef) -> bytes:
         """The plaintext of a located blob, verified against its id."""
@@ -132,8 +167,7 @@ def open_blob(secrets: PutSecrets, ref: BlobRef, data: bytes | memoryview) -> by
     return plain
 
 
-# Blobs closer than this in one pack are fetched with one range read (the gap is read and dropped).
-MERGE_GAP = 256 << 10
+# A range read covers at most this much (bounds the memory of a read-ahead).
 MAX_RANGE = 16 << 20
 
 
@@ -141,6 +175,7 @@ def prefetch_blobs(backend: Backend, refs: list[BlobRef]) -> dict[tuple[str, int
     """Fetch the ciphertext of many blobs with few range reads: per pack, sorted by offset, neighbours
     merged. Returns (pack, offset) -> bytes; blobs whose read failed are left out (a later
     :func:`fetch_blob` of them reports why)."""
+    gap = backend.capabilities().range_merge_gap  # neighbours closer than this: one range read
     by_pack: dict[str, list[tuple[int, int]]] = {}
     for r in refs:
         by_pack.setdefault(r.pack, []).append((r.offset, r.length))
@@ -150,7 +185,7 @@ def prefetch_blobs(backend: Backend, refs: list[BlobRef]) -> dict[tuple[str, int
         i = 0
         while i < len(spans):
             start, end, j = spans[i][0], spans[i][0] + spans[i][1], i + 1
-            while j < len(spans) and spans[j][0] - end <= MERGE_GAP and spans[j][0] + spans[j][1] - start <= MAX_RANGE:
+            while j < len(spans) and spans[j][0] - end <= gap and spans[j][0] + spans[j][1] - start <= MAX_RANGE:
                 end = max(end, spans[j][0] + spans[j][1])
                 j += 1
             try:
@@ -163,3 +198,43 @@ def prefetch_blobs(backend: Backend, refs: list[BlobRef]) -> dict[tuple[str, int
                     out[(pack, off)] = data[off - start : off - start + length]
             i = j
     return out
+
+
+class ReadAhead:
+    """Fetch a file's blobs in order with few requests: on a miss, one range read covers the
+    requested blob and the following ones of the same pack (up to MAX_RANGE bytes), so a large
+    file restored from an object store costs a request per ~16 MiB instead of one per chunk."""
+
+    def __init__(self, backend: Backend, secrets: PutSecrets, pieces: list[BlobRef]) -> None:
+        self._backend, self._secrets = backend, secrets
+        self._order = {(r.pack, r.offset): i for i, r in reversed(list(enumerate(pieces)))}
+        self._pieces = pieces
+        self._cache: dict[tuple[str, int], memoryview] = {}
+        self._gap = backend.capabilities().range_merge_gap
+
+    def __call__(self, ref: BlobRef) -> bytes:
+        key = (ref.pack, ref.offset)
+        data = self._cache.pop(key, None)
+        if data is None:
+            self._cache = {}  # what was read ahead and not used is dropped: memory stays bounded
+            i = self._order.get(key)
+            if i is not None:
+                ahead = [r for r in self._pieces[i:] if r.pack == ref.pack][: MAX_RANGE // max(ref.length, 1) + 1]
+                self._cache = prefetch_blobs(self._backend, _contiguous(ahead, self._gap))
+                data = self._cache.pop(key, None)
+        if data is None:
+            return fetch_blob(self._backend, self._secrets, ref)
+        return open_blob(self._secrets, ref, data)
+
+
+def _contiguous(refs: list[BlobRef], gap: int) -> list[BlobRef]:
+    """The leading run of ``refs`` that one range read of at most MAX_RANGE bytes covers."""
+    if not refs:
+        return refs
+    start, end, n = refs[0].offset, refs[0].offset + refs[0].length, 1
+    for r in refs[1:]:
+        if r.offset < start or r.offset - end > gap or r.offset + r.length - start > MAX_RANGE:
+            break
+        end = max(end, r.offset + r.length)
+        n += 1
+    return refs[:n]

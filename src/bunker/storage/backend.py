@@ -68,6 +68,11 @@ class Capabilities:
 
     create_if_absent: bool = False
     server_side_time: bool = True
+    # Reading this many unwanted bytes costs less than one more request: neighbouring range reads
+    # closer than this are merged (a local disk: small; an object store: a few MiB).
+    range_merge_gap: int = 256 << 10
+    # Requests have a round-trip cost (network): batch work even for small jobs.
+    remote: bool = False
 
 
 class Backend(ABC):

@@ -199,7 +199,9 @@ class ObjectStoreBackend(Backend):
         return ObjectInfo(name, meta.content_length, mtime)
 
     def capabilities(self) -> Capabilities:
-        return Capabilities(create_if_absent=self._if_not_exists, server_side_time=True)
+        return Capabilities(
+            create_if_absent=self._if_not_exists, server_side_time=True, range_merge_gap=4 << 20, remote=True
+        )
 
     def close(self) -> None:
         """OpenDAL pools its connections per operator; they go with it."""

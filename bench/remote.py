@@ -1,0 +1,133 @@
+#!/usr/bin/env python3
+"""Backup and restore of the `mixed` corpus over each storage backend, against the local one.
+
+    python3 bench/remote.py [--corpus DIR] [--backends local,s3] [--reps N] [--out DIR]
+
+The S3 server is a real `moto` server process on 127.0.0.1 (started here, as the tests do), so
+it shares the machine's cores with bunker: the figures are what loopback allows, not what a real
+object store gives. Per backend and repetition: `bunker init`, a timed first `backup` of the
+corpus, a timed `restore` of it into an empty directory (checked with `diff -r`). Prints MB/s
+(corpus bytes over wall seconds) and the ratio to the local backend (issue 4's targets: S3
+backup and restore >= 0.7x local; sftp >= 0.3x). Writes `remote.csv` into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent / "tests"))
+from helpers import start_moto  # noqa: E402 - the tests' own moto launcher
+
+DEFAULT_CORPUS = Path(os.environ.get("BENCH_WORK", "/dev/shm/bunker-bench")) / "corpus-mixed-s1.0" / "mixed"
+
+
+def corpus_bytes(root: Path) -> int:
+    total = 0
+    for dirpath, _, names in os.walk(root):
+        for n in names:
+            p = os.path.join(dirpath, n)
+            if not os.path.islink(p):
+                total += os.lstat(p).st_size
+    return total
+
+
+def run(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> float:
+    t0 = time.perf_counter()
+    cp = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if cp.returncode not in (0, 1):
+        raise SystemExit(f"{' '.join(cmd)} failed ({cp.returncode}):\n{cp.stderr[-2000:]}")
+    return wall
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
+    ap.add_argument("--backends", default="local,s3")
+    ap.add_argument("--reps", type=int, default=1)
+    ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--bunker", default=shutil.which("bunker") or "bunker")
+    args = ap.parse_args()
+    if not args.corpus.is_dir():
+        raise SystemExit(f"no corpus at {args.corpus}: build it with bench/run.sh (or pass --corpus)")
+    size = corpus_bytes(args.corpus)
+    work = Path(tempfile.mkdtemp(prefix="bunker-remote-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
+    servers = []
+    rows: list[tuple[str, int, str, float]] = []
+    try:
+        urls: dict[str, tuple[str, dict[str, str]]] = {}
+        for b in args.backends.split(","):
+            if b == "local":
+                urls[b] = (str(work / "repo-local"), {})
+            elif b == "s3":
+                srv = start_moto(work / "moto", bucket="bench")
+                servers.append(srv)
+                urls[b] = (srv.url("repo"), {k: v for k, v in srv.env().items() if not k.startswith("BUNKER_")})
+            else:
+                raise SystemExit(f"unknown backend {b!r} (local, s3)")
+        for rep in range(1, args.reps + 1):
+            for b, (url, extra) in urls.items():
+                home = work / f"home-{b}-{rep}"
+                env = {
+                    **os.environ,
+                    **extra,
+                    "HOME": str(home),
+                    "XDG_CONFIG_HOME": str(home / "config"),
+                    "XDG_DATA_HOME": str(home / "data"),
+                    "XDG_STATE_HOME": str(home / "state"),
+                    "XDG_CACHE_HOME": str(home / "cache"),
+                    "BUNKER_PASSPHRASE": "bench",
+                }
+                repo_url = url if b != "local" else f"{url}-{rep}"
+                if b == "s3":
+                    repo_url = url.replace("/repo?", f"/repo-{rep}?")
+                run([args.bunker, "init", "--repo", repo_url], env)
+                subprocess.run(["cat", *map(str, args.corpus.rglob("*"))], capture_output=True)  # warm cache
+                t_backup = run(
+                    [args.bunker, "backup", "--no-progress", "--repo", repo_url, args.corpus.name],
+                    env,
+                    cwd=args.corpus.parent,
+                )
+                dest = work / f"dest-{b}-{rep}"
+                t_restore = run([args.bunker, "restore", "--repo", repo_url, "latest", "--target", str(dest)], env)
+                restored = dest / args.corpus.resolve().relative_to("/")  # snapshots hold absolute paths
+                same = subprocess.run(["diff", "-r", "-q", str(args.corpus), str(restored)]).returncode
+                rows += [(b, rep, "backup", t_backup), (b, rep, "restore", t_restore)]
+                print(f"{b:6} rep {rep}: backup {t_backup:6.2f} s, restore {t_restore:6.2f} s, restore identical: {same == 0}")
+                shutil.rmtree(dest, ignore_errors=True)
+    finally:
+        for srv in servers:
+            srv.stop()
+        shutil.rmtree(work, ignore_errors=True)
+
+    print(f"\ncorpus {args.corpus} ({size / 2**20:.1f} MiB), median of {args.reps}")
+    print(f"{'backend':8} {'op':8} {'wall s':>8} {'MB/s':>8} {'vs local':>9}")
+    med = {
+        (b, op): statistics.median(t for bb, _, oo, t in rows if bb == b and oo == op)
+        for b in dict.fromkeys(r[0] for r in rows)
+        for op in ("backup", "restore")
+    }
+    for (b, op), t in med.items():
+        ratio = med[("local", op)] / t if ("local", op) in med else float("nan")
+        print(f"{b:8} {op:8} {t:8.2f} {size / t / 1e6:8.1f} {ratio:9.2f}")
+    if args.out:
+        args.out.mkdir(parents=True, exist_ok=True)
+        with open(args.out / "remote.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["backend", "rep", "op", "wall_s", "corpus_bytes"])
+            for b, rep, op, t in rows:
+                w.writerow([b, rep, op, f"{t:.3f}", size])
+
+
+if __name__ == "__main__":
+    main()
