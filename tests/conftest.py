@@ -18,7 +18,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # hypothesis keeps caches in ./.hypothesis by default: keep the working tree clean
 os.environ.setdefault("HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "bunker-tests-hypothesis"))
 
-from helpers import AWS_SCRUB, BUNKER, Repo, S3Server, init_repo, make_env, start_moto  # noqa: E402
+from helpers import (  # noqa: E402
+    AWS_SCRUB,
+    BUNKER,
+    SSH_SCRUB,
+    Repo,
+    S3Server,
+    SshServer,
+    init_repo,
+    make_env,
+    start_moto,
+    start_sshd,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -133,6 +144,33 @@ def s3_env(monkeypatch: pytest.MonkeyPatch, s3_server: S3Server) -> dict[str, st
     for k in AWS_SCRUB:
         monkeypatch.delenv(k, raising=False)
     env = s3_server.env()
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return env
+
+
+@pytest.fixture(scope="session")
+def sshd(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SshServer]:
+    """A real OpenSSH sshd on 127.0.0.1 (one per test worker), logins as root with a generated key."""
+    if os.geteuid() != 0:
+        pytest.skip("the sftp tests start sshd, which needs root to log users in (CI runs the tests as root)")
+    server = start_sshd(tmp_path_factory.mktemp("sshd"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def sftp_env(monkeypatch: pytest.MonkeyPatch, sshd: SshServer, tmp_path: Path) -> dict[str, str]:
+    """The test server's client key and known_hosts (BUNKER_SSH_*) and a short retry budget in this
+    process's environment; no ssh-agent, and a HOME without the developer's ~/.ssh."""
+    for k in SSH_SCRUB:
+        monkeypatch.delenv(k, raising=False)
+    home = tmp_path / "ssh-home"
+    home.mkdir(exist_ok=True)
+    monkeypatch.setenv("HOME", str(home))
+    env = sshd.env()
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     return env

@@ -7,9 +7,11 @@ import contextlib
 import hashlib
 import json
 import os
+import pwd
 import random
 import re
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -563,3 +565,225 @@ class FlakyProxy:
         self._sock.close()
         for c in self._held:
             c.close()
+
+
+# ---------------------------------------------------------------------------------- sshd (sftp)
+
+SSHD = "/usr/sbin/sshd"
+SFTP_SERVER = "/usr/lib/openssh/sftp-server"  # Debian's; its log shows each request (fsync, rename...)
+SFTP_LOG_USER = "bunker-sftp-test"  # logs in with /bin/sh: no shell startup file runs before sftp-server
+# ssh settings of the developer's shell that must never reach a test
+SSH_SCRUB = ("SSH_AUTH_SOCK", "SSH_AGENT_PID", "BUNKER_SSH_IDENTITY", "BUNKER_SSH_KNOWN_HOSTS")
+
+
+def ssh_keygen(path: Path) -> Path:
+    """A new ed25519 key pair without passphrase at ``path`` (and ``path``.pub)."""
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", path.name, "-f", str(path)],
+        check=True,
+        capture_output=True,
+        stdin=subprocess.DEVNULL,
+    )
+    return path
+
+
+def fingerprint(pub: Path) -> str:
+    """``SHA256:...`` of a public key file, as ssh-keygen shows it."""
+    out = subprocess.run(["ssh-keygen", "-lf", str(pub)], check=True, capture_output=True, text=True).stdout
+    return out.split()[1]
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (sshd forks one process per connection, and more below it)."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(entry))
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+@dataclass
+class SshServer:
+    """A real OpenSSH sshd on 127.0.0.1 (started as root; logins with a generated key only), with
+    the known_hosts entry and the client key that trust it."""
+
+    workdir: Path
+    port: int
+    config: Path
+    host_key: Path
+    client_key: Path
+    known_hosts: Path
+    log: Path
+    user: str = "root"
+    sftp_log: Path | None = None  # the external sftp-server's request log (see start_sshd)
+    proc: subprocess.Popen[bytes] | None = None
+
+    def url(self, path: Path | str) -> str:
+        return f"sftp://{self.user}@127.0.0.1:{self.port}{path}"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """The client key and known_hosts through bunker's variables, and a short retry budget."""
+        return {
+            "BUNKER_SSH_IDENTITY": str(self.client_key),
+            "BUNKER_SSH_KNOWN_HOSTS": str(self.known_hosts),
+            "BUNKER_STORAGE_RETRIES": "2",
+            "BUNKER_STORAGE_RETRY_DELAY": "0.05",
+            **extra,
+        }
+
+    def install_home(self, home: Path) -> None:
+        """Put the client key and the known_hosts entry where ssh (and asyncssh) look by default."""
+        ssh = home / ".ssh"
+        ssh.mkdir(mode=0o700, parents=True, exist_ok=True)
+        shutil.copyfile(self.client_key, ssh / "id_ed25519")
+        os.chmod(ssh / "id_ed25519", 0o600)
+        shutil.copyfile(self.client_key.with_suffix(".pub"), ssh / "id_ed25519.pub")
+        shutil.copyfile(self.known_hosts, ssh / "known_hosts")
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.host_key.with_suffix(".pub"))
+
+    def start(self) -> None:
+        """Start (or restart) sshd on this server's port; wait until it greets."""
+        assert self.proc is None or self.proc.poll() is not None
+        with open(self.log, "ab") as out:
+            self.proc = subprocess.Popen(
+                [SSHD, "-D", "-e", "-f", str(self.config)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and self.proc.poll() is None:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=2) as s:
+                    if s.recv(64).startswith(b"SSH-"):
+                        return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise OSError(f"sshd did not start on port {self.port}:\n" + self.log.read_text("utf-8", "replace")[-2000:])
+
+    def drop_connections(self) -> int:
+        """Kill the processes serving the current connections (the listener stays): to the client,
+        every connection drops at once. Returns how many processes were killed."""
+        assert self.proc is not None
+        pids = _descendants(self.proc.pid)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        return len(pids)
+
+    def freeze_connections(self) -> list[int]:
+        """Stop (SIGSTOP) the processes serving the current connections: they hang without closing
+        anything, as a stuck server does. Kill them with drop_connections()."""
+        assert self.proc is not None
+        pids = _descendants(self.proc.pid)
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGSTOP)
+        return pids
+
+    def stop(self) -> None:
+        """Kill the listener and every connection's processes: the server is gone."""
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        # stopped first, so that it forks no new connection (which would hold the listening socket)
+        os.kill(self.proc.pid, signal.SIGSTOP)
+        for pid in _descendants(self.proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.proc.kill()
+        self.proc.wait()
+
+
+def _sftp_log_user() -> tuple[int, int]:
+    """The account that logs in for the request-log server (made once: a system account with
+    /bin/sh, unlocked for key logins, no home)."""
+    try:
+        pw = pwd.getpwnam(SFTP_LOG_USER)
+    except KeyError:
+        home = ["--no-create-home", "--home-dir", "/nonexistent"]
+        cmd = ["useradd", "--system", *home, "--shell", "/bin/sh", SFTP_LOG_USER]
+        subprocess.run(cmd, check=True, capture_output=True)
+        subprocess.run(["usermod", "-p", "*", SFTP_LOG_USER], check=True, capture_output=True)  # not locked
+        pw = pwd.getpwnam(SFTP_LOG_USER)
+    return pw.pw_uid, pw.pw_gid
+
+
+def start_sshd(workdir: Path, *, request_log: bool = False) -> SshServer:
+    """Generate a host key and a client key, write an sshd_config that listens on a free port of
+    127.0.0.1 and accepts only that client key, start `sshd -D` and wait for it.
+
+    Logins are as root with sshd's internal-sftp (no shell runs: root's shell startup files are
+    none of the tests' business). With ``request_log``, the login is SFTP_LOG_USER (shell /bin/sh)
+    running Debian's sftp-server, whose log of every request is ``sftp_log``; ``workdir`` must then
+    be reachable for that user, and the repository directory must belong to it (``chown_to_user``).
+    """
+    assert os.geteuid() == 0, "sshd must run as root"
+    assert os.access(SSHD, os.X_OK), f"{SSHD} is missing: install Debian's openssh-server (bash scripts/test does)"
+    os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # sshd's privilege separation directory
+    workdir.mkdir(parents=True, exist_ok=True)
+    host_key = ssh_keygen(workdir / "host_ed25519")
+    client_key = ssh_keygen(workdir / "client_ed25519")
+    authorized = workdir / "authorized_keys"
+    shutil.copyfile(client_key.with_suffix(".pub"), authorized)
+    os.chmod(authorized, 0o644)
+    log = workdir / "sshd.log"
+    user, sftp_log, subsystem = "root", None, "internal-sftp"
+    if request_log:
+        uid, gid = _sftp_log_user()
+        user, sftp_log = SFTP_LOG_USER, workdir / "sftp.log"
+        sftp_log.touch()
+        os.chown(sftp_log, uid, gid)
+        # an external subsystem runs through the user's shell: its log goes to a file
+        subsystem = f"{SFTP_SERVER} -e -l VERBOSE 2>>{sftp_log}"
+    last: OSError | None = None
+    for _ in range(3):
+        port = free_port()
+        config = workdir / "sshd_config"
+        config.write_text(
+            f"ListenAddress 127.0.0.1:{port}\n"
+            f"HostKey {host_key}\n"
+            "PidFile none\n"
+            f"AuthorizedKeysFile {authorized}\n"
+            "PubkeyAuthentication yes\n"
+            "PasswordAuthentication no\n"
+            "KbdInteractiveAuthentication no\n"
+            "PermitRootLogin prohibit-password\n"
+            "UsePAM no\n"
+            "StrictModes no\n"
+            "UseDNS no\n"
+            "LogLevel VERBOSE\n"
+            "MaxStartups 100:30:200\n"
+            f"Subsystem sftp {subsystem}\n"
+        )
+        known_hosts = workdir / "known_hosts"
+        key_type, key_b64 = host_key.with_suffix(".pub").read_text().split()[:2]
+        known_hosts.write_text(f"[127.0.0.1]:{port} {key_type} {key_b64}\n")
+        server = SshServer(workdir, port, config, host_key, client_key, known_hosts, log, user, sftp_log)
+        try:
+            server.start()
+            return server
+        except OSError as exc:  # the port was taken meanwhile
+            last = exc
+    raise AssertionError(f"sshd did not start: {last}")
+
+
+def chown_to_user(path: Path, user: str) -> None:
+    """Make ``path`` (a directory, made if needed) belong to ``user``."""
+    pw = pwd.getpwnam(user)
+    path.mkdir(parents=True, exist_ok=True)
+    os.chown(path, pw.pw_uid, pw.pw_gid)

@@ -1,5 +1,6 @@
 """One conformance suite for every storage backend: the local directory, S3 through OpenDAL
-(a real moto server process), and S3 without conditional PUT (the stat-then-put fallback)."""
+(a real moto server process), S3 without conditional PUT (the stat-then-put fallback), and sftp
+(a real OpenSSH sshd; the repository is a directory of this machine reached through it)."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from helpers import S3Server
 
 H = "0123456789abcdef" * 4
 A, B, C = "packs/" + "a" * 64, "packs/" + "b" * 64, "packs/" + "c" * 64
-KINDS = ["local", "s3", "s3-stat-then-put"]
+KINDS = ["local", "s3", "s3-stat-then-put", "sftp"]
 
 
 class Target:
@@ -49,6 +50,13 @@ def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
     kind = request.param
     if kind == "local":
         b: Backend = open_backend(str(tmp_path / "repo"), create=True)
+        yield Target(kind, b)
+        b.close()
+        return
+    if kind == "sftp":
+        sshd = request.getfixturevalue("sshd")
+        request.getfixturevalue("sftp_env")
+        b = open_backend(sshd.url(tmp_path / "repo"), create=True)
         yield Target(kind, b)
         b.close()
         return

@@ -10,7 +10,7 @@ from bunker.storage.local import LocalBackend
 
 
 def open_backend(url: str, *, create: bool = False) -> Backend:
-    """Open the backend for ``url``: a path, a ``file://`` URL or an ``s3://`` URL."""
+    """Open the backend for ``url``: a path, a ``file://``, ``s3://`` or ``sftp://`` URL."""
     if "://" not in url:
         return LocalBackend(url, create=create)
     parsed = urlparse(url)
@@ -20,8 +20,12 @@ def open_backend(url: str, *, create: bool = False) -> Backend:
         from bunker.storage.object_store import open_s3  # OpenDAL is loaded only when used
 
         return open_s3(url, create=create)
+    if parsed.scheme == "sftp":
+        from bunker.storage.sftp import open_sftp  # asyncssh is loaded only when used
+
+        return open_sftp(url, create=create)
     raise BunkerError(
         f"repository URL scheme {parsed.scheme!r} is not supported by this version",
-        "use a local path, file:///path or s3://bucket/prefix (other object stores come later)",
+        "use a local path, file:///path, s3://bucket/prefix or sftp://user@host/path (other object stores come later)",
         exit_code=ExitCode.USAGE,
     )
