@@ -8,7 +8,8 @@ it shares the machine's cores with bunker: the figures are what loopback allows,
 object store gives. Per backend and repetition: `bunker init`, a timed first `backup` of the
 corpus, a timed `restore` of it into an empty directory (checked with `diff -r`). Prints MB/s
 (corpus bytes over wall seconds) and the ratio to the local backend (issue 4's targets: S3
-backup and restore >= 0.7x local; sftp >= 0.3x). Writes `remote.csv` into --out.
+backup and restore >= 0.7x local; sftp >= 0.3x). The sftp variant starts a real OpenSSH sshd on
+127.0.0.1 (as the tests do; needs root). Writes `remote.csv` into --out.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
-from helpers import start_moto  # noqa: E402 - the tests' own moto launcher
+from helpers import SSH_SCRUB, start_moto, start_sshd  # noqa: E402 - the tests' own server launchers
 
 DEFAULT_CORPUS = Path(os.environ.get("BENCH_WORK", "/dev/shm/bunker-bench")) / "corpus-mixed-s1.0" / "mixed"
 
@@ -41,6 +42,14 @@ def corpus_bytes(root: Path) -> int:
     return total
 
 
+def proc_cpu(pid: int | None) -> float:
+    """CPU seconds (user + system) a process has used so far (0 when there is none)."""
+    if pid is None:
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def run(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> float:
     t0 = time.perf_counter()
     cp = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
@@ -53,7 +62,7 @@ def run(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
-    ap.add_argument("--backends", default="local,s3")
+    ap.add_argument("--backends", default="local,s3,sftp" if os.geteuid() == 0 else "local,s3")
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--bunker", default=shutil.which("bunker") or "bunker")
@@ -66,20 +75,29 @@ def main() -> None:
     rows: list[tuple[str, int, str, float]] = []
     try:
         urls: dict[str, tuple[str, dict[str, str]]] = {}
+        server_pid: dict[str, int] = {}
         for b in args.backends.split(","):
             if b == "local":
                 urls[b] = (str(work / "repo-local"), {})
             elif b == "s3":
                 srv = start_moto(work / "moto", bucket="bench")
                 servers.append(srv)
-                urls[b] = (srv.url("repo"), {k: v for k, v in srv.env().items() if not k.startswith("BUNKER_")})
+                server_pid[b] = srv.proc.pid
+                urls[b] = (srv.url("repo"), {k: v for k, v in srv.env().items() if not k.startswith("BUNKER_STORAGE")})
+            elif b == "sftp":  # needs root: sshd logs in as root with a generated key
+                ssh = start_sshd(work / "sshd")
+                servers.append(ssh)
+                urls[b] = (
+                    ssh.url(work / "repo-sftp"),
+                    {k: v for k, v in ssh.env().items() if k.startswith("BUNKER_SSH")},
+                )
             else:
-                raise SystemExit(f"unknown backend {b!r} (local, s3)")
+                raise SystemExit(f"unknown backend {b!r} (local, s3, sftp)")
         for rep in range(1, args.reps + 1):
             for b, (url, extra) in urls.items():
                 home = work / f"home-{b}-{rep}"
                 env = {
-                    **os.environ,
+                    **{k: v for k, v in os.environ.items() if k not in SSH_SCRUB},
                     **extra,
                     "HOME": str(home),
                     "XDG_CONFIG_HOME": str(home / "config"),
@@ -88,22 +106,25 @@ def main() -> None:
                     "XDG_CACHE_HOME": str(home / "cache"),
                     "BUNKER_PASSPHRASE": "bench",
                 }
-                repo_url = url if b != "local" else f"{url}-{rep}"
-                if b == "s3":
-                    repo_url = url.replace("/repo?", f"/repo-{rep}?")
+                repo_url = url.replace("/repo?", f"/repo-{rep}?") if b == "s3" else f"{url}-{rep}"
                 run([args.bunker, "init", "--repo", repo_url], env)
                 subprocess.run(["cat", *map(str, args.corpus.rglob("*"))], capture_output=True)  # warm cache
+                c0 = proc_cpu(server_pid.get(b))
                 t_backup = run(
                     [args.bunker, "backup", "--no-progress", "--repo", repo_url, args.corpus.name],
                     env,
                     cwd=args.corpus.parent,
                 )
+                c1 = proc_cpu(server_pid.get(b))
                 dest = work / f"dest-{b}-{rep}"
                 t_restore = run([args.bunker, "restore", "--repo", repo_url, "latest", "--target", str(dest)], env)
+                c2 = proc_cpu(server_pid.get(b))
+                if b in server_pid:
+                    print(f"{b:6} rep {rep}: server CPU {c1 - c0:.2f} s during backup, {c2 - c1:.2f} s during restore")
                 restored = dest / args.corpus.resolve().relative_to("/")  # snapshots hold absolute paths
                 same = subprocess.run(["diff", "-r", "-q", str(args.corpus), str(restored)]).returncode
                 rows += [(b, rep, "backup", t_backup), (b, rep, "restore", t_restore)]
-                print(f"{b:6} rep {rep}: backup {t_backup:6.2f} s, restore {t_restore:6.2f} s, restore identical: {same == 0}")
+                print(f"{b:6} rep {rep}: backup {t_backup:6.2f} s, restore {t_restore:6.2f} s, identical: {same == 0}")
                 shutil.rmtree(dest, ignore_errors=True)
     finally:
         for srv in servers:
