@@ -78,6 +78,11 @@ def test_one_file_system(repo: Repo, tmp_path: Path) -> None:
         s1 = crossing["snapshot"]
         staying = repo.backup(src, args=("--one-file-system",))
         s2 = staying["snapshot"]
+        (mnt / "deeper").mkdir()
+        (mnt / "deeper" / "below.txt").write_bytes(b"below the mount point")
+        # a mount point named on the command line is crossed into (`backup -x / /boot`), whole
+        named = repo.backup(src, mnt, args=("--one-file-system",))
+        s3 = named["snapshot"]
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
     assert crossing["stats"]["files"] == 2
@@ -86,6 +91,9 @@ def test_one_file_system(repo: Repo, tmp_path: Path) -> None:
     p2 = _ls_paths(repo, s2[:12], src)
     assert str(mnt) in p2  # the mount point itself is kept ...
     assert str(mnt / "other-fs.txt") not in p2  # ... its contents are not crossed
+    assert named["stats"]["files"] == 3
+    p3 = _ls_paths(repo, s3[:12], src)
+    assert {str(src / "here.txt"), str(mnt / "other-fs.txt"), str(mnt / "deeper" / "below.txt")} <= p3
 
 
 @pytest.fixture

@@ -73,6 +73,7 @@ class DirJob:
     cache_new: fc.DirRecord = field(default_factory=dict)
     pending: int = 0
     names: deque[bytes] = field(default_factory=deque)
+    dev: int = -1  # the filesystem this directory is walked on (for --one-file-system)
 
 
 @dataclass
@@ -153,6 +154,7 @@ class Archiver:
         self.log = log
         self.excludes = excludes or Excludes([])
         self.one_fs = one_file_system
+        self._named: set[bytes] = set()  # paths given on the command line (see _build_root)
         self.atime = atime
         self.progress = progress or Progress()
         self.tick = tick
@@ -485,10 +487,13 @@ class Archiver:
             e = self._meta(name, st, "d")
             job.entries.append(e)
             self.stats["dirs"] += 1
-            if self.one_fs and st.st_dev != root_dev:
+            if self.one_fs and st.st_dev != root_dev and path not in self._named:
                 e["st"] = self._store_tree([])  # mount point: kept, contents not crossed
                 return None
-            return self._open_dir(path, e)
+            child = self._open_dir(path, e)
+            if child is not None:
+                child.dev = st.st_dev  # a path named on the command line is walked on its own filesystem
+            return child
         if stat.S_ISLNK(mode):
             e = self._meta(name, st, "l")
             try:
@@ -586,6 +591,8 @@ class Archiver:
     # ------------------------------------------------------------------ walking
     def _walk(self, first: DirJob, root_dev: int) -> None:
         """Post-order walk below ``first`` (iterative: depth is unbounded)."""
+        if first.dev < 0:
+            first.dev = root_dev
         stack = [first]
         while stack:
             job = stack[-1]
@@ -608,7 +615,7 @@ class Archiver:
                 self.stats["errors"] += 1
                 continue
             self.progress.current = path
-            child = self._entry(job, name, path, st, root_dev)
+            child = self._entry(job, name, path, st, job.dev)
             if child is not None:
                 stack.append(child)
             self._maybe_tick()
@@ -625,6 +632,9 @@ class Archiver:
         return ArchiveResult(root, self.chunk_ids, self.stats)
 
     def _build_root(self, paths: list[bytes]) -> bytes:
+        # Paths inside another given path are reached by its walk; with --one-file-system they
+        # are still crossed into when they are mount points (`backup --one-file-system / /boot`).
+        self._named = {b"/" + b"/".join(c for c in p.split(b"/") if c) for p in paths}
         # Nested dict of path components; None marks a path given on the command line.
         spec: dict[bytes, Any] = {}
         for p in sorted(set(paths)):
