@@ -19,7 +19,7 @@ import blake3
 from bunker import encoding
 from bunker.crypto import aead
 from bunker.crypto.derive import PutSecrets
-from bunker.errors import BunkerError, ObjectMissing
+from bunker.errors import BunkerError, ObjectMissing, StorageError
 from bunker.repo import blob
 from bunker.repo.objects import content_hash
 from bunker.repo.pack import BlobEntry, unwrap_blob_key
@@ -64,6 +64,8 @@ def verify_pack(job: PackJob, backend: Backend | None = None) -> PackResult:
         data = backend.get(job.name)
     except ObjectMissing:
         return PackResult(0, ["vanished while checking"], 0)
+    except StorageError:
+        raise  # the storage failed, not the pack: the check stops with the storage's error
     except BunkerError as exc:
         return PackResult(0, [f"cannot be read: {exc.message}"], 0)
     problems = []
