@@ -202,10 +202,13 @@ def fetch_footer(backend: Backend, name: str) -> PackFooter:
     info = backend.stat(name)
     if info is None:
         raise ObjectMissing(name)
+    # offsets from the start, the size being known: an object store needs no second stat for them
+    n = min(FOOTER_FIRST_READ, info.size)
     try:
-        return parse_footer(backend.get(name, -min(FOOTER_FIRST_READ, info.size)), info.size)
+        return parse_footer(backend.get(name, info.size - n, n), info.size)
     except NeedMoreBytes as more:
-        return parse_footer(backend.get(name, -min(more.needed, info.size)), info.size)
+        n = min(more.needed, info.size)
+        return parse_footer(backend.get(name, info.size - n, n), info.size)
 
 
 def parse_footer(tail_and_footer: bytes, total_size: int) -> PackFooter:
