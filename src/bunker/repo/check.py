@@ -29,7 +29,7 @@ from bunker.errors import BunkerError, CorruptObject, ObjectMissing, StorageErro
 from bunker.repo import refs
 from bunker.repo.certs import parse_certificate
 from bunker.repo.config import parse_config
-from bunker.repo.index import Location, decrypt_index, parse_index_frame
+from bunker.repo.index import decrypt_index, parse_index_frame
 from bunker.repo.objects import (
     MAGIC_GC,
     MAGIC_INDEX,
@@ -53,8 +53,13 @@ from bunker.repo.repository import Repository
 from bunker.repo.snapshot import parse_snapshot
 from bunker.storage.backend import PREFIXES, Backend
 
-# a blob's place in its pack as the trailer gives it: (offset, length, raw length)
-Span = tuple[int, int, int]
+# a blob's place in its pack as the trailer gives it, packed into one int (offset, length, raw
+# length): a tuple of three ints per chunk costs ~100 B more, for every chunk of the repository
+Span = int
+
+
+def span(offset: int, length: int, raw_length: int) -> Span:
+    return (offset << 64) | (length << 32) | raw_length
 
 
 @dataclass
@@ -292,7 +297,7 @@ class Checker:
             r.add(n, str(exc))
             return
         with lock:
-            out[n.split("/", 1)[1]] = {b.chunk_id: (b.offset, b.length, b.raw_length) for b in trailer.blobs}
+            out[n.split("/", 1)[1]] = {b.chunk_id: span(b.offset, b.length, b.raw_length) for b in trailer.blobs}
             r.counts["blobs"] += len(trailer.blobs)
         if verifier is None or self.master is None:
             return
@@ -334,9 +339,11 @@ class Checker:
             self.report.bytes_read += res.bytes_read
             self.report.counts["blobs_verified"] += res.verified
 
-    def _check_indexes(self, names: list[str], trailers: dict[str, dict[bytes, Span]]) -> dict[bytes, Location]:
+    def _check_indexes(self, names: list[str], trailers: dict[str, dict[bytes, Span]]) -> dict[bytes, str]:
+        """Check every index against the pack trailers; return chunk id -> pack of the entries that agree."""
         assert self.repo
-        locations: dict[bytes, Location] = {}
+        locations: dict[bytes, str] = {}
+        packs: dict[str, str] = {}  # one string per pack name
         for n in names:
             data = self._get(n)
             if data is None:
@@ -366,17 +373,17 @@ class Checker:
                             n, f"points chunk {cid.hex()[:16]} to pack {loc.pack[:16]}… which is missing or unreadable"
                         )
                     continue
-                if t.get(cid) != (loc.offset, loc.length, loc.raw_length):
+                if t.get(cid) != span(loc.offset, loc.length, loc.raw_length):
                     wrong += 1
                     if wrong <= 5:
                         self.report.add(n, f"entry for chunk {cid.hex()[:16]} disagrees with pack {loc.pack[:16]}…")
                     continue
-                locations.setdefault(cid, loc)
+                locations.setdefault(cid, packs.setdefault(loc.pack, loc.pack))
             self.report.counts["index_entries"] += len(entries)
         return locations
 
     def _check_snapshots(
-        self, names: list[str], retired_names: list[str], packs: set[str], locations: dict[bytes, Location]
+        self, names: list[str], retired_names: list[str], packs: set[str], locations: dict[bytes, str]
     ) -> None:
         assert self.repo
         repo, r = self.repo, self.report
@@ -448,7 +455,7 @@ class Checker:
                 r.add(n, f"chunk set {e.chunkset} unreadable: {exc}")
                 continue
             pset_s = set(pset)
-            lost = [c for c in cset if c not in locations or locations[c].pack not in pset_s]
+            lost = [c for c in cset if locations.get(c) not in pset_s]
             if lost:
                 r.add(
                     n,
