@@ -4,6 +4,7 @@ and key group once per pack, then fetch and decrypt single blobs with range read
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -46,7 +47,7 @@ class BlobReader:
     """Decrypts chunks of one dedup domain (thread-safe)."""
 
     def __init__(
-        self, repo: Repository, data_private: DataPrivateKey, secrets: PutSecrets, locations: dict[bytes, Location]
+        self, repo: Repository, data_private: DataPrivateKey, secrets: PutSecrets, locations: Mapping[bytes, Location]
     ) -> None:
         self.repo = repo
         self.data_private = data_private

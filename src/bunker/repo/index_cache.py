@@ -16,7 +16,7 @@ from bunker.crypto.derive import PutSecrets
 from bunker.crypto.sign import BadSignature, verify
 from bunker.errors import CorruptObject, ObjectMissing
 from bunker.repo.blob_reader import read_trailer
-from bunker.repo.index import Location, decrypt_index, parse_index_frame
+from bunker.repo.index import Location, LocationMap, decrypt_index, parse_index_frame
 from bunker.repo.objects import MAGIC_INDEX
 from bunker.repo.repository import Repository
 
@@ -31,7 +31,7 @@ class IndexCache:
         self.repo = repo
         self.secrets = secrets
         self.cache_dir = os.path.join(cache_dir, "index") if cache_dir else None
-        self.locations: dict[bytes, Location] = {}
+        self.locations = LocationMap()
         self.objects: set[str] = set()
         self.problems: list[str] = []
         self.unindexed: list[tuple[str, list[tuple[bytes, Location]]]] = []  # found by add_unindexed_packs
@@ -101,15 +101,12 @@ class IndexCache:
 
     def add(self, entries: Iterable[tuple[bytes, Location]]) -> None:
         """Add entries (first location wins: equal chunks in two packs are both valid)."""
-        loc = self.locations
-        for cid, where in entries:
-            if cid not in loc:
-                loc[cid] = where
+        self.locations.update(entries)
 
     def add_unindexed_packs(self) -> int:
         """Add the blobs of every pack of this domain that no index object names, read from the
         packs' own trailers (indexes are only a cache of them). Returns how many packs were read."""
-        indexed = {loc.pack for loc in self.locations.values()}
+        indexed = self.locations.packs()
         revoked = self.repo.config.revoked_clients() if self.for_dedup else {}
         n = 0
         for info in self.repo.backend.list("packs/"):
