@@ -98,8 +98,9 @@ def test_round_trip_offsets_and_blobs_decrypt(built: Built) -> None:
         off += b.length
     assert off == built.footer.body_length
     # the bytes at those offsets decrypt with the unwrapped key and give the content back
-    group = aead.Cipher(open_group_key(built.data[len(HEADER) : len(HEADER) + SEALED], built.data_private,
-                                       built.secrets.domain_id))
+    group = aead.Cipher(
+        open_group_key(built.data[len(HEADER) : len(HEADER) + SEALED], built.data_private, built.secrets.domain_id)
+    )
     for b in t.blobs:
         k = unwrap_blob_key(group, b)
         assert k == built.k_blobs[b.chunk_id]
@@ -109,8 +110,9 @@ def test_round_trip_offsets_and_blobs_decrypt(built: Built) -> None:
 
 
 def test_wrapped_key_is_40_byte_aes_key_wrap(built: Built) -> None:
-    group_key = open_group_key(built.data[len(HEADER) : len(HEADER) + SEALED], built.data_private,
-                               built.secrets.domain_id)
+    group_key = open_group_key(
+        built.data[len(HEADER) : len(HEADER) + SEALED], built.data_private, built.secrets.domain_id
+    )
     assert WRAPPED_SIZE == 40
     for b in decrypt_trailer(built.footer, built.secrets).blobs:
         assert len(b.wrapped_key) == 40
@@ -218,8 +220,9 @@ def test_blob_overrunning_the_body_is_rejected(built: Built) -> None:
     )
     # the last blob one byte longer: it would end past the body (into the footer)
     with pytest.raises(FormatError, match="outside the pack body"):
-        decrypt_trailer(built.footer_with(_mutate(m, ("groups", 0, 2, len(entries) - 1, 1), entries[-1][1] + 1)),
-                        built.secrets)
+        decrypt_trailer(
+            built.footer_with(_mutate(m, ("groups", 0, 2, len(entries) - 1, 1), entries[-1][1] + 1)), built.secrets
+        )
     # any earlier blob longer pushes every later one out
     with pytest.raises(FormatError, match="outside the pack body"):
         decrypt_trailer(built.footer_with(_mutate(m, ("groups", 0, 2, 0, 1), entries[0][1] + 1)), built.secrets)
@@ -251,8 +254,9 @@ def test_groups_must_not_overlap_blobs(built: Built) -> None:
 
 def test_altered_or_wrong_wrapped_key_does_not_open(built: Built) -> None:
     t = decrypt_trailer(built.footer, built.secrets)
-    group = aead.Cipher(open_group_key(built.data[len(HEADER) : len(HEADER) + SEALED], built.data_private,
-                                       built.secrets.domain_id))
+    group = aead.Cipher(
+        open_group_key(built.data[len(HEADER) : len(HEADER) + SEALED], built.data_private, built.secrets.domain_id)
+    )
     b = t.blobs[0]
     for bad in (bytes([b.wrapped_key[0] ^ 1]) + b.wrapped_key[1:], b.wrapped_key[:-1] + b"\x00", b"", b"w" * 60):
         with pytest.raises(FormatError, match="wrapped blob key does not open"):

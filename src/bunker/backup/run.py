@@ -22,6 +22,7 @@ from bunker.backup.commit import Committed, commit_snapshot
 from bunker.backup.excludes import Excludes
 from bunker.backup.files_cache import FilesCache
 from bunker.backup.runlog import RunLog
+from bunker.backup.tar_import import tar_entries
 from bunker.crypto.keyfile import PutKey
 from bunker.errors import BunkerError, ExitCode
 from bunker.repo.index_cache import IndexCache
@@ -39,6 +40,7 @@ class BackupRequest:
     tags: list[str] = field(default_factory=list)
     stdin_name: str | None = None
     stdin: BinaryIO | None = None
+    tar: str | None = None  # --tar FILE or "-" (tar_import.py)
     host: str = field(default_factory=socket.gethostname)
     master_on_client: bool = False
     cache: bool = True
@@ -66,7 +68,7 @@ def run_backup(
     tick: Callable[[], None] | None = None,
 ) -> BackupOutcome:
     """Take one backup; raises BunkerError only when no snapshot could be written (fatal)."""
-    if not req.paths and req.stdin_name is None:
+    if not req.paths and req.stdin_name is None and req.tar is None:
         raise BunkerError(
             "nothing to back up", "name one or more paths, or --stdin-name NAME", exit_code=ExitCode.USAGE
         )
@@ -107,7 +109,9 @@ def run_backup(
             tick=lambda: _tick(lease, tick),
         )
         try:
-            if req.stdin_name is not None:
+            if req.tar is not None:
+                result = tar_entries(archiver, req.tar, req.stdin)
+            elif req.stdin_name is not None:
                 result = stream_entry(archiver, req.stdin_name, req.stdin or sys.stdin.buffer)
             else:
                 result = archiver.run(req.paths)
@@ -115,6 +119,7 @@ def run_backup(
                 "host": req.host,
                 "user": _user(),
                 "paths": [os.path.abspath(p) for p in req.paths] if req.stdin_name is None else [req.stdin_name],
+                **({"paths": ["tar:" + (req.tar if req.tar == "-" else os.path.abspath(req.tar))]} if req.tar else {}),
                 "tags": sorted(set(req.tags)),
                 "started": started,
                 "finished": time.time(),

@@ -76,6 +76,12 @@ def _safe_list(url: str) -> Any:
 @click.option("--atime", is_flag=True, help="Also store access times (unchanged directories then rarely dedup).")
 @click.option("--tag", multiple=True, help="Tag the snapshot (sealed; repeatable).")
 @click.option("--stdin-name", help="Back up standard input as a file with this name.")
+@click.option(
+    "--tar",
+    "tar_source",
+    metavar="FILE|-",
+    help="Back up the content of a tar/pax archive (plain or compressed; - reads standard input), metadata as stored.",
+)
 @click.option("--host", help="Host name recorded in the snapshot (default: this machine's).")
 @click.option("--no-progress", is_flag=True, help="No progress display even on a terminal.")
 @handles_errors
@@ -83,6 +89,7 @@ def backup(**kwargs: Any) -> None:
     """Back up PATHS (or standard input) with the put key: no password needed."""
     paths: tuple[str, ...] = kwargs.pop("paths")
     stdin_name = kwargs.pop("stdin_name")
+    tar_source = kwargs.pop("tar_source")
     no_progress = kwargs.pop("no_progress")
     excludes = list(kwargs.pop("exclude"))
     for f in kwargs.pop("exclude_file"):
@@ -96,9 +103,21 @@ def backup(**kwargs: Any) -> None:
             "e.g. `pg_dump db | bunker backup --stdin-name db.sql`",
             exit_code=ExitCode.USAGE,
         )
-    if not paths and stdin_name is None:
+    if tar_source is not None and (paths or stdin_name is not None or not tar_source):
         raise BunkerError(
-            "nothing to back up", "name one or more paths, or use --stdin-name NAME", exit_code=ExitCode.USAGE
+            "--tar takes an archive (or - for standard input), and neither PATHS nor --stdin-name",
+            "e.g. `bunker backup --tar root.tar` or `fakeroot tar -cf - /srv | bunker backup --tar -`",
+            exit_code=ExitCode.USAGE,
+        )
+    if tar_source not in (None, "-") and (not os.path.exists(tar_source) or os.path.isdir(tar_source)):
+        raise BunkerError(
+            f"{tar_source} is not a tar archive file", "check the path; no backup was taken", exit_code=ExitCode.USAGE
+        )
+    if not paths and stdin_name is None and tar_source is None:
+        raise BunkerError(
+            "nothing to back up",
+            "name one or more paths, or use --stdin-name NAME or --tar FILE",
+            exit_code=ExitCode.USAGE,
         )
     for p in paths:
         if not os.path.lexists(p):
@@ -112,7 +131,8 @@ def backup(**kwargs: Any) -> None:
         atime=atime,
         tags=tags,
         stdin_name=stdin_name,
-        stdin=sys.stdin.buffer if stdin_name else None,
+        stdin=sys.stdin.buffer if (stdin_name or tar_source == "-") else None,
+        tar=tar_source,
         master_on_client=context.master_on_client(repo.repo_id),
     )
     if host:
