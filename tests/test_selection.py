@@ -96,6 +96,50 @@ def test_one_file_system(repo: Repo, tmp_path: Path) -> None:
     assert {str(src / "here.txt"), str(mnt / "other-fs.txt"), str(mnt / "deeper" / "below.txt")} <= p3
 
 
+def test_exclude_caches_and_if_present(repo: Repo, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    for d in ("cache", "fake-cache", "project/build", "plain"):
+        (src / d).mkdir(parents=True)
+        (src / d / "data.bin").write_bytes(b"x" * 100)
+    (src / "cache" / "CACHEDIR.TAG").write_bytes(b"Signature: 8a477f597d28d172789f06886806bc55\n# a cache\n")
+    (src / "fake-cache" / "CACHEDIR.TAG").write_bytes(b"not the signature\n")
+    (src / "project" / ".nobackup").write_bytes(b"")
+
+    everything = _ls_paths(repo, repo.backup(src)["snapshot"][:12], src)
+    assert str(src / "cache" / "data.bin") in everything and str(src / "project" / "build" / "data.bin") in everything
+
+    snap = repo.backup(src, args=("--exclude-caches", "--exclude-if-present", ".nobackup"))["snapshot"]
+    p = _ls_paths(repo, snap[:12], src)
+    assert str(src / "cache") in p and str(src / "project") in p  # the tagged directories are kept ...
+    for gone in ("cache/data.bin", "cache/CACHEDIR.TAG", "project/.nobackup", "project/build"):
+        assert str(src / gone) not in p  # ... empty
+    assert str(src / "fake-cache" / "data.bin") in p  # a tag without the signature is no cache tag
+    assert str(src / "plain" / "data.bin") in p
+
+
+def test_pseudo_filesystems_are_not_read(repo: Repo, tmp_path: Path) -> None:
+    """A kernel-made filesystem (here a devpts instance) below a backed-up path is kept as an
+    empty mount point, without -x; named on the command line, it is read."""
+    src = tmp_path / "src"
+    pts = src / "pts"
+    pts.mkdir(parents=True)
+    (src / "here.txt").write_bytes(b"real file")
+    if os.geteuid() != 0:
+        pytest.skip("mounting a devpts instance needs root (CI runs the tests as root)")
+    cp = subprocess.run(["mount", "-t", "devpts", "-o", "newinstance", "devpts", str(pts)], capture_output=True)
+    if cp.returncode != 0:
+        pytest.skip(f"cannot mount devpts here: {cp.stderr.decode(errors='replace').strip()}")
+    try:
+        assert (pts / "ptmx").exists()
+        default = _ls_paths(repo, repo.backup(src)["snapshot"][:12], src)
+        named = _ls_paths(repo, repo.backup(src, pts)["snapshot"][:12], src)
+    finally:
+        subprocess.run(["umount", str(pts)], check=False)
+    assert str(src / "here.txt") in default and str(pts) in default
+    assert str(pts / "ptmx") not in default
+    assert str(pts / "ptmx") in named
+
+
 @pytest.fixture
 def multi(repo: Repo, tmp_path: Path) -> dict:
     """Three snapshots: two of the default client (tags, hosts) and one of client web1."""

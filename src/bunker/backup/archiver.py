@@ -33,7 +33,7 @@ from pyfastcdc import FastCDC
 
 from bunker.backup import files_cache as fc
 from bunker.backup.chunker import cut, make_cdc
-from bunker.backup.excludes import Excludes
+from bunker.backup.excludes import PSEUDO_FILESYSTEMS, Excludes, mount_types
 from bunker.backup.file_reader import MAX_REREADS, ReadOutcome, read_all, read_stable
 from bunker.backup.fsmeta import DataReader, hole_bytes, inode_meta, name_acl, path_meta
 from bunker.backup.runlog import RunLog
@@ -155,6 +155,7 @@ class Archiver:
         self.excludes = excludes or Excludes([])
         self.one_fs = one_file_system
         self._named: set[bytes] = set()  # paths given on the command line (see _build_root)
+        self._mounts = mount_types()  # mount point -> filesystem type
         self.atime = atime
         self.progress = progress or Progress()
         self.tick = tick
@@ -487,9 +488,17 @@ class Archiver:
             e = self._meta(name, st, "d")
             job.entries.append(e)
             self.stats["dirs"] += 1
-            if self.one_fs and st.st_dev != root_dev and path not in self._named:
-                e["st"] = self._store_tree([])  # mount point: kept, contents not crossed
+            # a mount point, with -x or of a kernel-made filesystem (/proc, /sys ...): kept as an
+            # empty directory and not read, unless it was named on the command line
+            crossing = st.st_dev != root_dev and path not in self._named
+            if crossing and (self.one_fs or self._mounts.get(path) in PSEUDO_FILESYSTEMS):
+                e["st"] = self._store_tree([])
                 return None
+            if (self.excludes.exclude_caches or self.excludes.if_present) and path not in self._named:
+                tag = self.excludes.tagged(path)
+                if tag is not None:  # asked for: no event, like any other exclusion
+                    e["st"] = self._store_tree([])  # kept as an empty directory
+                    return None
             child = self._open_dir(path, e)
             if child is not None:
                 child.dev = st.st_dev  # a path named on the command line is walked on its own filesystem

@@ -14,9 +14,66 @@ import re
 
 from bunker.errors import BunkerError, ExitCode
 
+CACHEDIR_TAG = b"CACHEDIR.TAG"
+CACHEDIR_SIGNATURE = b"Signature: 8a477f597d28d172789f06886806bc55"  # https://bford.info/cachedir/
+
+# Filesystems whose files are made up by the kernel: a backup of / keeps their mount points as
+# empty directories and does not read them (unless the mount point itself is given as a path).
+PSEUDO_FILESYSTEMS = frozenset(
+    [
+        "proc",
+        "sysfs",
+        "devtmpfs",
+        "devpts",
+        "cgroup",
+        "cgroup2",
+        "securityfs",
+        "debugfs",
+        "tracefs",
+        "pstore",
+        "bpf",
+        "configfs",
+        "fusectl",
+        "mqueue",
+        "hugetlbfs",
+        "autofs",
+        "binfmt_misc",
+        "efivarfs",
+        "rpc_pipefs",
+        "nsfs",
+        "selinuxfs",
+    ]
+)
+
+
+def mount_types(mountinfo: str = "/proc/self/mountinfo") -> dict[bytes, str]:
+    """Mount point -> filesystem type, from the kernel's mount table ({} if it cannot be read)."""
+    out: dict[bytes, str] = {}
+    try:
+        with open(mountinfo, "rb") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return out
+    for line in lines:
+        left, sep, right = line.partition(b" - ")
+        fields = left.split()
+        if not sep or len(fields) < 5 or not right:
+            continue
+        # spaces, tabs, newlines and backslashes in mount points are written as octal escapes
+        point = re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), fields[4])
+        out[point] = right.split()[0].decode("ascii", "replace")
+    return out
+
 
 class Excludes:
-    def __init__(self, patterns: list[str], skip_paths: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        patterns: list[str],
+        skip_paths: list[str] | None = None,
+        *,
+        exclude_caches: bool = False,
+        if_present: list[str] | None = None,
+    ) -> None:
         names, paths = [], []
         for p in patterns:
             p = p.strip()
@@ -29,6 +86,23 @@ class Excludes:
         self._name_re = re.compile("|".join(names).encode()) if names else None
         self._path_re = re.compile("|".join(paths).encode()) if paths else None
         self._skip = {os.fsencode(os.path.realpath(p)) for p in (skip_paths or [])}
+        self.exclude_caches = exclude_caches
+        self.if_present = [os.fsencode(n) for n in (if_present or [])]
+
+    def tagged(self, dir_path: bytes) -> bytes | None:
+        """The tag file that marks ``dir_path``'s contents as excluded (--exclude-caches: a
+        CACHEDIR.TAG with the standard signature; --exclude-if-present NAME), or None."""
+        for name in self.if_present:
+            if os.path.lexists(os.path.join(dir_path, name)):
+                return name
+        if self.exclude_caches:
+            try:
+                with open(os.path.join(dir_path, CACHEDIR_TAG), "rb") as f:
+                    if f.read(len(CACHEDIR_SIGNATURE)) == CACHEDIR_SIGNATURE:
+                        return CACHEDIR_TAG
+            except OSError:
+                pass
+        return None
 
     def excluded(self, path: bytes, name: bytes) -> bool:
         if path in self._skip:

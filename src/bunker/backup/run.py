@@ -36,6 +36,8 @@ class BackupRequest:
     paths: list[str] = field(default_factory=list)
     excludes: list[str] = field(default_factory=list)
     one_file_system: bool = False
+    exclude_caches: bool = False  # directories with a CACHEDIR.TAG: kept empty
+    if_present: list[str] = field(default_factory=list)  # directories holding one of these names: kept empty
     atime: bool = False
     tags: list[str] = field(default_factory=list)
     stdin_name: str | None = None
@@ -102,7 +104,7 @@ def run_backup(
             writer,
             fcache,
             log,
-            excludes=Excludes(req.excludes, skip),
+            excludes=Excludes(req.excludes, skip, exclude_caches=req.exclude_caches, if_present=req.if_present),
             one_file_system=req.one_file_system,
             atime=req.atime,
             progress=progress,

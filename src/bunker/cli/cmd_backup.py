@@ -73,6 +73,16 @@ def _safe_list(url: str) -> Any:
 @click.option("--exclude", "-e", multiple=True, help="Exclude a name pattern (*.tmp) or an absolute path pattern.")
 @click.option("--exclude-file", multiple=True, type=click.Path(dir_okay=False), help="Read exclude patterns from FILE.")
 @click.option("--one-file-system", "-x", is_flag=True, help="Do not cross into other mounted filesystems.")
+@click.option(
+    "--exclude-caches", is_flag=True, help="Keep directories marked with a CACHEDIR.TAG empty (bford.info/cachedir)."
+)
+@click.option(
+    "--exclude-if-present",
+    "if_present",
+    multiple=True,
+    metavar="NAME",
+    help="Keep directories that contain NAME empty (repeatable; e.g. .nobackup).",
+)
 @click.option("--atime", is_flag=True, help="Also store access times (unchanged directories then rarely dedup).")
 @click.option("--tag", multiple=True, help="Tag the snapshot (sealed; repeatable).")
 @click.option("--stdin-name", help="Back up standard input as a file with this name.")
@@ -96,6 +106,7 @@ def backup(**kwargs: Any) -> None:
         excludes += read_exclude_file(f)
     tags, one_fs, host = list(kwargs.pop("tag")), kwargs.pop("one_file_system"), kwargs.pop("host")
     atime = kwargs.pop("atime")
+    exclude_caches, if_present = kwargs.pop("exclude_caches"), list(kwargs.pop("if_present"))
     opts, out = make_options(kwargs)
     if stdin_name is not None and (paths or "/" in stdin_name or stdin_name in ("", ".", "..")):
         raise BunkerError(
@@ -128,6 +139,8 @@ def backup(**kwargs: Any) -> None:
         paths=list(paths),
         excludes=excludes,
         one_file_system=one_fs,
+        exclude_caches=exclude_caches,
+        if_present=if_present,
         atime=atime,
         tags=tags,
         stdin_name=stdin_name,
