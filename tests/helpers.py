@@ -787,3 +787,35 @@ def chown_to_user(path: Path, user: str) -> None:
     pw = pwd.getpwnam(user)
     path.mkdir(parents=True, exist_ok=True)
     os.chown(path, pw.pw_uid, pw.pw_gid)
+
+
+# ------------------------------------------------------------------ filesystem features and tools
+
+
+def xattrs_supported(d: Path) -> bool:
+    """Whether the filesystem of directory ``d`` takes user.* extended attributes."""
+    p = d / ".probe"
+    p.write_bytes(b"")
+    try:
+        os.setxattr(p, "user.probe", b"1")
+        return True
+    except OSError:
+        return False
+    finally:
+        p.unlink()
+
+
+def run_ok(cmd: list[str]) -> bool:
+    """Whether ``cmd`` exists and exits 0 (output discarded)."""
+    return shutil.which(cmd[0]) is not None and subprocess.run(cmd, capture_output=True, check=False).returncode == 0
+
+
+def getfacl(p: Path) -> list[str]:
+    """`getfacl -n` of ``p`` without its comment lines."""
+    out = subprocess.run(["getfacl", "-n", "-p", str(p)], capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if line and not line.startswith("#")]
+
+
+def lsattr(p: Path) -> str:
+    """The inode flag letters `lsattr -d` shows for ``p``."""
+    return subprocess.run(["lsattr", "-d", str(p)], capture_output=True, text=True, check=True).stdout.split()[0]

@@ -19,42 +19,28 @@ from typing import Any
 import pytest
 
 from bunker.backup.tar_import import clean_path, parse_acl, parse_fflags, pax_ns
-from helpers import Repo, describe, init_repo, js, restored_path, snapshot_tree
+from helpers import (
+    Repo,
+    describe,
+    getfacl,
+    init_repo,
+    js,
+    lsattr,
+    restored_path,
+    run_ok,
+    snapshot_tree,
+    xattrs_supported,
+)
 
 T0 = 1_650_000_000_123_456_789
 ODD = b"odd-\xff\xfe-name"
 XATTR = b"\xff\x00binary value"
 
 
-def _xattrs_ok(d: Path) -> bool:
-    p = d / ".probe"
-    p.write_bytes(b"")
-    try:
-        os.setxattr(p, "user.probe", b"1")
-        return True
-    except OSError:
-        return False
-    finally:
-        p.unlink()
-
-
-def _run_ok(cmd: list[str]) -> bool:
-    return shutil.which(cmd[0]) is not None and subprocess.run(cmd, capture_output=True, check=False).returncode == 0
-
-
-def _acl(p: Path) -> list[str]:
-    out = subprocess.run(["getfacl", "-n", "-p", str(p)], capture_output=True, text=True, check=True).stdout
-    return [line for line in out.splitlines() if line and not line.startswith("#")]
-
-
-def _lsattr(p: Path) -> str:
-    return subprocess.run(["lsattr", "-d", str(p)], capture_output=True, text=True, check=True).stdout.split()[0]
-
-
 def _make_source(src: Path, sparse: bool = False) -> dict[str, bool]:
     """The source tree; returns which optional features work here (xattr, acl, flags)."""
     src.mkdir()
-    feats = {"xattr": _xattrs_ok(src)}
+    feats = {"xattr": xattrs_supported(src)}
     (src / "a.txt").write_bytes(b"hello\n" * 100)
     (src / "empty").write_bytes(b"")
     (src / "big.bin").write_bytes(os.urandom(3 * 1024 * 1024 + 12345))
@@ -78,10 +64,10 @@ def _make_source(src: Path, sparse: bool = False) -> dict[str, bool]:
     if feats["xattr"]:
         os.setxattr(src / "a.txt", "user.bin", XATTR)
         os.setxattr(src / "sub", "user.text", b"plain")
-    feats["acl"] = _run_ok(["setfacl", "-m", "u:12345:rwx,g:12345:r-x", str(src / "a.txt")])
+    feats["acl"] = run_ok(["setfacl", "-m", "u:12345:rwx,g:12345:r-x", str(src / "a.txt")])
     if feats["acl"]:
         subprocess.run(["setfacl", "-d", "-m", "u:12345:rx", str(src / "emptydir")], check=True)
-    feats["flags"] = _run_ok(["chattr", "+d", str(src / "empty")])
+    feats["flags"] = run_ok(["chattr", "+d", str(src / "empty")])
     for i, (dirpath, dirnames, filenames) in enumerate(sorted(os.walk(os.fsencode(src)), reverse=True)):
         for j, n in enumerate(filenames + [d for d in dirnames if os.path.islink(os.path.join(dirpath, d))]):
             t = T0 + 1_000_003 * (i * 50 + j)
@@ -115,11 +101,11 @@ def _check(src: Path, dst: Path, feats: dict[str, bool], what: str) -> None:
         assert os.getxattr(dst / "sub", "user.text") == b"plain", f"{what}: directory xattr"
     if feats["acl"]:
         for rel in ("a.txt", "emptydir"):
-            assert _acl(dst / rel) == _acl(src / rel), f"{what}: ACL of {rel}"
-        assert "user:12345:rwx" in _acl(dst / "a.txt")
-        assert "default:user:12345:r-x" in _acl(dst / "emptydir")
+            assert getfacl(dst / rel) == getfacl(src / rel), f"{what}: ACL of {rel}"
+        assert "user:12345:rwx" in getfacl(dst / "a.txt")
+        assert "default:user:12345:r-x" in getfacl(dst / "emptydir")
     if feats["flags"] and "GNU" not in what:  # GNU tar does not carry inode flags
-        assert "d" in _lsattr(dst / "empty"), f"{what}: inode flags"
+        assert "d" in lsattr(dst / "empty"), f"{what}: inode flags"
     if (src / "sparse").exists():
         with open(dst / "sparse", "rb") as f:  # content compared above; the holes are back
             assert os.lseek(f.fileno(), 0, os.SEEK_HOLE) < 1 << 20, f"{what}: sparse file not sparse"

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from bunker.backup.tar_export import FileData, acl_pax, data_regions, fflags_pax, ns_text, sparse_map_block
-from helpers import Repo, describe, init_repo, restored_path, snapshot_tree
+from helpers import Repo, describe, getfacl, init_repo, lsattr, restored_path, run_ok, snapshot_tree, xattrs_supported
 
 ROOT = os.geteuid() == 0
 T0 = 1_650_000_000_123_456_789
@@ -25,34 +25,9 @@ XATTR = b"\xff\x00binary\n value"
 ODD = b"odd-\xff\xfe-name"
 
 
-def _xattrs_ok(d: Path) -> bool:
-    p = d / ".probe"
-    p.write_bytes(b"")
-    try:
-        os.setxattr(p, "user.probe", b"1")
-        return True
-    except OSError:
-        return False
-    finally:
-        p.unlink()
-
-
-def _run_ok(cmd: list[str]) -> bool:
-    return subprocess.run(cmd, capture_output=True, check=False).returncode == 0
-
-
-def _acl(p: Path) -> list[str]:
-    out = subprocess.run(["getfacl", "-n", "-p", str(p)], capture_output=True, text=True, check=True).stdout
-    return [line for line in out.splitlines() if line and not line.startswith("#")]
-
-
-def _lsattr(p: Path) -> str:
-    return subprocess.run(["lsattr", "-d", str(p)], capture_output=True, text=True, check=True).stdout.split()[0]
-
-
 def _make_source(src: Path) -> dict[str, bool]:
     src.mkdir()
-    feats = {"xattr": _xattrs_ok(src), "dev": ROOT}
+    feats = {"xattr": xattrs_supported(src), "dev": ROOT}
     (src / "a.txt").write_bytes(b"hello\n" * 100)
     (src / "empty").write_bytes(b"")
     (src / "big.bin").write_bytes(os.urandom(3 * 1024 * 1024 + 12345))
@@ -79,12 +54,12 @@ def _make_source(src: Path) -> dict[str, bool]:
     if feats["xattr"]:
         os.setxattr(src / "a.txt", "user.bin", XATTR)
         os.setxattr(src / "sub", "user.text", b"plain")
-    feats["acl"] = shutil.which("setfacl") is not None and _run_ok(
+    feats["acl"] = shutil.which("setfacl") is not None and run_ok(
         ["setfacl", "-m", "u:12345:rwx,g:12345:r-x,u:0:r", str(src / "a.txt")]
     )
     if feats["acl"]:
         subprocess.run(["setfacl", "-d", "-m", "u:12345:rx,g:0:rwx,o::-", str(src / "sticky")], check=True)
-    feats["flags"] = shutil.which("chattr") is not None and _run_ok(["chattr", "+d", str(src / "empty")])
+    feats["flags"] = shutil.which("chattr") is not None and run_ok(["chattr", "+d", str(src / "empty")])
     if feats["flags"]:
         subprocess.run(["chattr", "+A", str(src / "sub" / "deeper")], check=True)
     if ROOT:
@@ -138,13 +113,13 @@ def _check_extracted(src: Path, top: Path, feats: dict[str, bool], tool: str) ->
         assert os.getxattr(dst / "sub", "user.text") == b"plain", f"{tool}: directory xattr"
     if feats["acl"]:
         for rel in ("a.txt", "sticky"):
-            assert _acl(dst / rel) == _acl(src / rel), f"{tool}: ACL of {rel}"
-        assert "user:12345:rwx" in _acl(dst / "a.txt")
-        assert "default:user:12345:r-x" in _acl(dst / "sticky")
+            assert getfacl(dst / rel) == getfacl(src / rel), f"{tool}: ACL of {rel}"
+        assert "user:12345:rwx" in getfacl(dst / "a.txt")
+        assert "default:user:12345:r-x" in getfacl(dst / "sticky")
     if feats["flags"] and tool == "bsdtar":  # GNU tar does not carry inode flags
         for rel in ("empty", "sub/deeper"):
-            assert _lsattr(dst / rel) == _lsattr(src / rel), f"{tool}: flags of {rel}"
-        assert "d" in _lsattr(dst / "empty") and "A" in _lsattr(dst / "sub/deeper")
+            assert lsattr(dst / rel) == lsattr(src / rel), f"{tool}: flags of {rel}"
+        assert "d" in lsattr(dst / "empty") and "A" in lsattr(dst / "sub/deeper")
     if ROOT:
         st = (dst / "null").lstat()
         assert stat.S_ISCHR(st.st_mode) and (os.major(st.st_rdev), os.minor(st.st_rdev)) == (1, 3), tool

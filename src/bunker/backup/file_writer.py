@@ -16,7 +16,7 @@ import stat
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from bunker.backup.fsmeta import apply_xattrs, data_regions, locked_flags, locked_message, unlock
+from bunker.backup.fsmeta import RegionCursor, apply_xattrs, locked_flags, locked_message, unlock
 from bunker.errors import BunkerError
 from bunker.repo.blob_reader import BlobRef
 
@@ -46,30 +46,21 @@ class _SparseOut:
 
     def __init__(self, fd: int, size: int, holes: list[int]) -> None:
         self.fd = fd
-        self.regions = data_regions(size, holes)
-        self.i = 0
-        self.pos = self.regions[0][0] if self.regions else 0
+        self.cursor = RegionCursor(size, holes)
 
     def put(self, data: bytes | None, n: int) -> None:
         """Write ``data`` (or skip ``n`` bytes of damaged data, leaving a hole)."""
         view = memoryview(data) if data is not None else None
         done = 0
-        while done < n and self.i < len(self.regions):
-            end = self.regions[self.i][1]
-            if self.pos >= end:
-                self.i += 1
-                if self.i < len(self.regions):
-                    self.pos = self.regions[self.i][0]
-                continue
-            k = min(n - done, end - self.pos)
+        while done < n and (span := self.cursor.next_span(n - done)) is not None:
+            pos, k = span
             if view is not None:
                 part = view[done : done + k]
                 while part:
-                    w = os.pwrite(self.fd, part, self.pos)
+                    w = os.pwrite(self.fd, part, pos)
                     part = part[w:]
-                    self.pos += w
-            else:
-                self.pos += k
+                    pos += w
+            self.cursor.advance(k)
             done += k
 
 
@@ -163,51 +154,29 @@ def _id_maps(numeric_owner: bool) -> tuple[Callable[[str, int], int], Callable[[
     return user_id, group_id
 
 
-def apply_meta(path: bytes, e: dict[str, Any], as_root: bool, numeric_owner: bool) -> list[MetaNote]:
-    """Owner (as root), mode, xattrs, ACL and times of one restored item (not a regular file:
-    see :func:`apply_meta_fd`); symlinks are not followed. Returns what could not be restored."""
+def apply_meta(target: bytes | int, e: dict[str, Any], as_root: bool, numeric_owner: bool) -> list[MetaNote]:
+    """Owner (as root), mode, xattrs, ACL and times of one restored item, in that order. ``target``
+    is a path (symlinks are not followed, and a symlink's own mode is left alone: Linux cannot
+    change it) or the open descriptor of a regular file just written (no path lookups). Returns
+    what could not be restored."""
+    by_path = not isinstance(target, int)  # a descriptor cannot be combined with follow_symlinks=False
     notes: list[MetaNote] = []
     if as_root and "u" in e:
         try:
             uid, gid = (e["u"], e["g"]) if numeric_owner else owner_ids(e)
-            os.chown(path, uid, gid, follow_symlinks=False)
+            os.chown(target, uid, gid, follow_symlinks=not by_path)
         except OSError as exc:
             notes.append(_partial(exc, "owner"))
-    if e["t"] != "l" and "m" in e:  # a symlink's own mode cannot be changed on Linux
+    if "m" in e and not (by_path and e["t"] == "l"):
         try:
-            os.chmod(path, e["m"])
+            os.chmod(target, e["m"])
         except OSError as exc:
             notes.append(_partial(exc, "permission bits"))
     if "x" in e or "acl" in e:
-        notes += apply_xattrs(path, e.get("x", {}), e.get("acl"), *_id_maps(numeric_owner))
+        notes += apply_xattrs(target, e.get("x", {}), e.get("acl"), *_id_maps(numeric_owner))
     if "mt" in e:
         try:
-            os.utime(path, ns=(e.get("at", e["mt"]), e["mt"]), follow_symlinks=False)
-        except OSError as exc:
-            notes.append(_partial(exc, "times"))
-    return notes
-
-
-def apply_meta_fd(fd: int, e: dict[str, Any], as_root: bool, numeric_owner: bool) -> list[MetaNote]:
-    """Owner (as root), mode, xattrs, ACL and times of a regular file through its open descriptor
-    (saves the path lookups of :func:`apply_meta`). Returns what could not be restored."""
-    notes: list[MetaNote] = []
-    if as_root and "u" in e:
-        try:
-            uid, gid = (e["u"], e["g"]) if numeric_owner else owner_ids(e)
-            os.fchown(fd, uid, gid)
-        except OSError as exc:
-            notes.append(_partial(exc, "owner"))
-    if "m" in e:
-        try:
-            os.fchmod(fd, e["m"])
-        except OSError as exc:
-            notes.append(_partial(exc, "permission bits"))
-    if "x" in e or "acl" in e:
-        notes += apply_xattrs(fd, e.get("x", {}), e.get("acl"), *_id_maps(numeric_owner))
-    if "mt" in e:
-        try:
-            os.utime(fd, ns=(e.get("at", e["mt"]), e["mt"]))
+            os.utime(target, ns=(e.get("at", e["mt"]), e["mt"]), follow_symlinks=not by_path)
         except OSError as exc:
             notes.append(_partial(exc, "times"))
     return notes

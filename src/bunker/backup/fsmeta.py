@@ -215,33 +215,50 @@ def hole_bytes(holes: list[int]) -> int:
     return sum(holes[1::2])
 
 
+class RegionCursor:
+    """Walks a sparse file's data regions in order: where the next data byte is and how many
+    follow it before the next hole. Shared by reading (backup) and writing (restore)."""
+
+    def __init__(self, size: int, holes: list[int]) -> None:
+        self.regions = data_regions(size, holes)
+        self._i = 0
+        self._pos = self.regions[0][0] if self.regions else 0
+
+    def next_span(self, limit: int) -> tuple[int, int] | None:
+        """(file offset, length <= ``limit``) of the next run of data bytes; None past the end."""
+        while self._i < len(self.regions):
+            end = self.regions[self._i][1]
+            if self._pos < end:
+                return self._pos, min(limit, end - self._pos)
+            self._i += 1
+            if self._i < len(self.regions):
+                self._pos = self.regions[self._i][0]
+        return None
+
+    def advance(self, n: int) -> None:
+        self._pos += n
+
+
 class DataReader:
     """A stream of a file's data regions, holes left out (``readinto`` for the chunker)."""
 
     def __init__(self, fd: int, size: int, holes: list[int]) -> None:
         self.fd = fd
-        self.regions = data_regions(size, holes)
-        self.i = 0
-        self.pos = self.regions[0][0] if self.regions else 0
+        self.cursor = RegionCursor(size, holes)
 
     def readinto(self, b: memoryview) -> int:
-        while self.i < len(self.regions):
-            end = self.regions[self.i][1]
-            if self.pos >= end:
-                self.i += 1
-                if self.i < len(self.regions):
-                    self.pos = self.regions[self.i][0]
-                continue
-            n = os.preadv(self.fd, [b[: end - self.pos]], self.pos)
-            if n <= 0:
-                return 0  # the file shrank: the caller's fstat notices
-            self.pos += n
-            return n
-        return 0
+        span = self.cursor.next_span(len(b))
+        if span is None:
+            return 0
+        n = os.preadv(self.fd, [b[: span[1]]], span[0])
+        if n <= 0:
+            return 0  # the file shrank: the caller's fstat notices
+        self.cursor.advance(n)
+        return n
 
     def read_all(self) -> bytes:
         parts: list[bytes] = []
-        for start, end in self.regions:
+        for start, end in self.cursor.regions:
             pos = start
             while pos < end:
                 b = os.pread(self.fd, min(end - pos, 8 << 20), pos)

@@ -8,7 +8,7 @@ import os
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any
 
-from bunker.backup.file_writer import Piece, WriteResult, apply_meta_fd, write_file
+from bunker.backup.file_writer import Piece, WriteResult, apply_meta, write_file
 from bunker.crypto.derive import PutSecrets
 from bunker.repo.blob_reader import BlobRef, fetch_blob, open_blob, prefetch_blobs
 from bunker.storage import Backend, open_backend
@@ -42,7 +42,7 @@ def write_batch(items: list[Item]) -> list[WriteResult]:
 
     out = []
     for path, pieces, entry, fresh in items:
-        meta = functools.partial(apply_meta_fd, e=entry, as_root=_as_root, numeric_owner=_numeric)
+        meta = functools.partial(apply_meta, e=entry, as_root=_as_root, numeric_owner=_numeric)
         hole = entry.get("hole")
         out.append(
             write_file(

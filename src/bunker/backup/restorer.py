@@ -32,7 +32,6 @@ from bunker.backup.file_writer import (
     Piece,
     WriteResult,
     apply_meta,
-    apply_meta_fd,
     owner_ids,
     remove_existing,
     write_file,
@@ -314,7 +313,7 @@ class Restorer:
             self._all_done.notify_all()
 
     def _write_in_thread(self, path: bytes, pieces: list[Piece], e: dict[str, Any], fresh: bool) -> None:
-        meta = lambda fd: apply_meta_fd(fd, e, self._as_root, self.numeric_owner)  # noqa: E731
+        meta = lambda fd: apply_meta(fd, e, self._as_root, self.numeric_owner)  # noqa: E731
         r = write_file(
             path,
             pieces,
