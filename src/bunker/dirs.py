@@ -1,7 +1,8 @@
 """Where Bunker keeps its files on this machine (XDG base directories respected).
 
 - config dir (``$XDG_CONFIG_HOME/bunker``): key files, ``keys/<repo id>.master`` and ``.put``
-- data dir (``$XDG_DATA_HOME/bunker``): the default local repository ``repo/``, and ``state/``
+- data dir (``$XDG_DATA_HOME/bunker``): the default local repository ``repo/``, ``spool/`` (one
+  partial repository per unreachable upstream, until forwarded), and ``state/``
   (chain heads per repository and client: losing them weakens rollback detection)
 - cache dir (``$XDG_CACHE_HOME/bunker``): files cache and index cache (rebuildable)
 """
@@ -9,6 +10,8 @@
 from __future__ import annotations
 
 import os
+
+import blake3
 
 
 def _base(env: str, default: str) -> str:
@@ -48,3 +51,8 @@ def client_cache_dir(repo_id: str, client_tag: str) -> str:
 
 def state_dir(repo_id: str, client_tag: str) -> str:
     return os.path.join(data_dir(), "state", repo_id[:32], client_tag)
+
+
+def spool_dir(upstream_url: str) -> str:
+    """The local spool for one upstream repository URL (objects waiting to be forwarded)."""
+    return os.path.join(data_dir(), "spool", blake3.blake3(upstream_url.encode()).hexdigest()[:24])

@@ -35,8 +35,12 @@ def next_link(repo: Repository, cert: Certificate, state_dir: str, log: RunLog) 
     Compares the repository's newest trusted snapshot of this client with the head the client
     remembers: if the repository is behind, snapshots were deleted or the repository was rolled
     back, which the run reports (and the chain keeps pointing at the remembered head)."""
-    repo_head = repo.client_head(cert.name)
     mine = load_head(state_dir)
+    if mine is not None and repo.backend.capabilities().partial:
+        # the repository is unreachable and its spool holds only this client's offline
+        # snapshots: the remembered head is the chain's head
+        return mine.seq + 1, mine.name
+    repo_head = repo.client_head(cert.name)
     rseq = repo_head.snap.env.seq if repo_head else 0
     if mine is not None and mine.seq > rseq:
         log.add(

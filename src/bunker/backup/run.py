@@ -29,6 +29,7 @@ from bunker.repo.index_cache import IndexCache
 from bunker.repo.records import LEASE_SECONDS, make_lease, new_session_id
 from bunker.repo.repository import Repository
 from bunker.repo.session_writer import SessionWriter
+from bunker.storage.spooling import SpoolingBackend, oldest_pending
 
 
 @dataclass
@@ -44,6 +45,8 @@ class BackupRequest:
     stdin: BinaryIO | None = None
     tar: str | None = None  # --tar FILE or "-" (tar_import.py)
     host: str = field(default_factory=socket.gethostname)
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (level, code, message) found before the run
+    spool_warn_age: float = 3 * 86400.0  # a spooled backup this old (seconds) raises the run to warn
     master_on_client: bool = False
     cache: bool = True
 
@@ -76,6 +79,8 @@ def run_backup(
         )
     cert = repo.check_put_key(put)
     log = RunLog()
+    for level, code, message in req.events:
+        log.add(level, code, message)
     repo.write_documents()
     if req.master_on_client:
         log.add(
@@ -97,7 +102,7 @@ def run_backup(
         writer = SessionWriter(repo, put, cert.name, index)
         fcache = FilesCache(os.path.join(cache_dir, "files.sqlite") if cache_dir else None)
         started = time.time()
-        skip = [dirs.cache_dir()]
+        skip = [dirs.cache_dir(), os.path.join(dirs.data_dir(), "spool")]
         if "://" not in repo.backend.url:
             skip.append(repo.backend.url)
         archiver = Archiver(
@@ -127,6 +132,7 @@ def run_backup(
                 "finished": time.time(),
                 "argv": [a for a in sys.argv[1:]][:64],
             }
+            spooled = _spool_event(repo, req, log)
             committed = commit_snapshot(
                 repo,
                 put,
@@ -140,6 +146,8 @@ def run_backup(
                 state_dir=state_dir,
                 master_on_client=req.master_on_client,
             )
+            if not spooled:
+                _spool_event(repo, req, log)  # the repository stopped answering while the snapshot was written
             fcache.flush()
         finally:
             writer.close()
@@ -153,15 +161,15 @@ class Lease:
     """This session's lease in ``sessions/``: written first, refreshed while the run lasts
     (a refresh writes a new object, then deletes the old one), deleted at the end."""
 
-    def __init__(self, repo: Repository, put: PutKey, client: str, cert_name: str) -> None:
-        self.repo, self.put, self.client, self.cert_name = repo, put, client, cert_name
+    def __init__(self, repo: Repository, put: PutKey, client: str, cert_name: str, kind: str = "backup") -> None:
+        self.repo, self.put, self.client, self.cert_name, self.kind = repo, put, client, cert_name, kind
         self.session = new_session_id()
         self.counter = 0
         self.name = ""
         self.written = 0.0
 
     def write(self) -> None:
-        name, data = make_lease(self.session, self.counter, self.client, "backup", self.put.client_key, self.cert_name)
+        name, data = make_lease(self.session, self.counter, self.client, self.kind, self.put.client_key, self.cert_name)
         self.repo.backend.put(name, data)
         old, self.name, self.written = self.name, name, time.monotonic()
         self.counter += 1
@@ -176,6 +184,31 @@ class Lease:
     def release(self) -> None:
         with contextlib.suppress(BunkerError, OSError):
             self.repo.backend.delete(self.name)
+
+
+def _spool_event(repo: Repository, req: BackupRequest, log: RunLog) -> bool:
+    """Log that the run went to the local spool (note; warn once spooled data is older than
+    ``req.spool_warn_age``). Returns True if it did."""
+    b = repo.backend
+    if not (isinstance(b, SpoolingBackend) and b.offline):
+        return False
+    oldest = oldest_pending(b.spool)
+    age = time.time() - oldest if oldest is not None else 0.0
+    where = f"the repository at {b.url} cannot be reached ({b.reason}): "
+    what = (
+        f"this backup is stored locally in {b.spool.root} and will be forwarded by the next backup "
+        "or by `bunker forward`"
+    )
+    if age >= req.spool_warn_age:
+        log.add(
+            "warn",
+            "spool-old",
+            where + what + f"; backups have waited there for {age / 86400:.1f} days: make the repository "
+            "reachable (network, credentials, mounted disk) and run `bunker forward`",
+        )
+    else:
+        log.add("note", "spooled", where + what)
+    return True
 
 
 def _user() -> str:

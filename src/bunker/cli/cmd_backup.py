@@ -11,13 +11,18 @@ import click
 from bunker.backup.archiver import Progress
 from bunker.backup.excludes import read_exclude_file
 from bunker.backup.run import BackupRequest, run_backup
+from bunker.backup.runlog import LEVELS
 from bunker.cli import context
 from bunker.cli.main import EXIT_FOR_LEVEL, cli, common, default_client_name, handles_errors, make_options
 from bunker.cli.output import human_bytes
 from bunker.cli.progress import ProgressDisplay
-from bunker.errors import BunkerError, ExitCode
+from bunker.crypto.keyfile import PutKey
+from bunker.errors import BunkerError, ExitCode, StorageError
+from bunker.node.forward import forward, forward_problems, forward_summary
+from bunker.node.spool import Spool, offline_repository, parse_age, spooling_repository
 from bunker.repo.repository import Repository
 from bunker.storage import open_backend
+from bunker.storage.spooling import SpoolingBackend
 
 
 @cli.command()
@@ -60,6 +65,29 @@ def _open_or_create_default(opts: context.Options, out: Any) -> Repository:
     return context.open_repository(opts)
 
 
+def _open_with_spool(opts: context.Options, out: Any) -> tuple[Repository, PutKey, list[tuple[str, str, str]]]:
+    """Open the repository for a backup, with the local spool as the fallback: unreachable at
+    the start, the backup goes to the spool; reachable, what earlier runs spooled is forwarded
+    first, and the run falls back to the spool if the repository stops answering."""
+    spool = Spool(opts.repo_url)
+    try:
+        repo = _open_or_create_default(opts, out)
+    except StorageError as exc:
+        repo = offline_repository(spool, context.explicit_repo_id(opts), exc)
+        return repo, context.load_put(opts, repo), []
+    put = context.load_put(opts, repo)
+    events: list[tuple[str, str, str]] = []
+    try:
+        if spool.pending():
+            report = forward(spool, repo, put)
+            out.info(forward_summary(report, repo.backend.url))
+            events = forward_problems(report, spool.root)
+        spool.seed(repo, put)
+    except StorageError as exc:
+        return offline_repository(spool, repo.repo_id, exc), put, events
+    return spooling_repository(repo, spool), put, events
+
+
 def _safe_list(url: str) -> Any:
     try:
         return open_backend(url).list("config/")
@@ -94,6 +122,13 @@ def _safe_list(url: str) -> Any:
 )
 @click.option("--host", help="Host name recorded in the snapshot (default: this machine's).")
 @click.option("--no-progress", is_flag=True, help="No progress display even on a terminal.")
+@click.option(
+    "--spool-warn-age",
+    metavar="AGE",
+    envvar="BUNKER_SPOOL_WARN_AGE",
+    help="While the repository is unreachable backups are stored locally (level note); once they have "
+    "waited longer than AGE (e.g. 12h, 3d; default 3d) the run ends at warn [BUNKER_SPOOL_WARN_AGE].",
+)
 @handles_errors
 def backup(**kwargs: Any) -> None:
     """Back up PATHS (or standard input) with the put key: no password needed."""
@@ -101,6 +136,7 @@ def backup(**kwargs: Any) -> None:
     stdin_name = kwargs.pop("stdin_name")
     tar_source = kwargs.pop("tar_source")
     no_progress = kwargs.pop("no_progress")
+    spool_warn_age = kwargs.pop("spool_warn_age")
     excludes = list(kwargs.pop("exclude"))
     for f in kwargs.pop("exclude_file"):
         excludes += read_exclude_file(f)
@@ -133,8 +169,7 @@ def backup(**kwargs: Any) -> None:
     for p in paths:
         if not os.path.lexists(p):
             raise BunkerError(f"{p} does not exist", "check the path; no backup was taken", exit_code=ExitCode.USAGE)
-    repo = _open_or_create_default(opts, out)
-    put = context.load_put(opts, repo)
+    repo, put, forward_events = _open_with_spool(opts, out)
     req = BackupRequest(
         paths=list(paths),
         excludes=excludes,
@@ -147,19 +182,25 @@ def backup(**kwargs: Any) -> None:
         stdin=sys.stdin.buffer if (stdin_name or tar_source == "-") else None,
         tar=tar_source,
         master_on_client=context.master_on_client(repo.repo_id),
+        events=forward_events,
     )
     if host:
         req.host = host
+    if spool_warn_age is not None:
+        req.spool_warn_age = parse_age(spool_warn_age)
     progress = Progress()
     with ProgressDisplay(progress, list(paths), enabled=False if (no_progress or opts.as_json) else None):
         outcome = run_backup(repo, put, req, progress)
     c, log = outcome.committed, outcome.log
     s = c.stats
+    level = max(c.level, log.level, key=LEVELS.index)  # the run's level (see _spool_event)
+    spooled = isinstance(repo.backend, SpoolingBackend) and repo.backend.offline
     out.document(
         {
             "snapshot": c.name.split("/", 1)[1],
             "seq": c.seq,
-            "level": c.level,
+            "level": level,
+            "spooled": spooled,
             "stats": s,
             "events": [e.to_json() for e in log.events],
             "repository": repo.backend.url,
@@ -171,8 +212,8 @@ def backup(**kwargs: Any) -> None:
                 where = f" {e.path.decode('utf-8', 'backslashreplace')}:" if e.path else ""
                 click.echo(f"{e.level}:{where} {e.message}", err=True)
         click.echo(
-            f"snapshot {c.name.split('/', 1)[1][:12]} #{c.seq} level {c.level}: {s['files']} files, "
+            f"snapshot {c.name.split('/', 1)[1][:12]} #{c.seq} level {level}: {s['files']} files, "
             f"{human_bytes(s['bytes'])}; {s['files_new']} new, {s['files_changed']} changed; "
             f"added {human_bytes(s['stored_new'])} stored in {s['duration_ms'] / 1000:.1f} s"
         )
-    sys.exit(EXIT_FOR_LEVEL[c.level])
+    sys.exit(EXIT_FOR_LEVEL[level])

@@ -71,7 +71,7 @@ def cli() -> None:
 
 
 def main() -> None:
-    from bunker.cli import cmd_backup, cmd_check, cmd_export, cmd_key, cmd_restore  # noqa: F401 - registers commands
+    from bunker.cli import cmd_backup, cmd_check, cmd_export, cmd_forward, cmd_key, cmd_restore  # noqa: F401 - registers commands
 
     limit_malloc_arenas()
     cli(prog_name="bunker")

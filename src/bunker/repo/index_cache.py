@@ -49,15 +49,22 @@ class IndexCache:
         """Read every index object of the repository (cached ones from disk)."""
         revoked = self.repo.config.revoked_clients() if self.for_dedup else {}
         names = [i.name for i in self.repo.backend.list("index/")]
+        # a spool (the repository unreachable) lists only what this client wrote offline: the
+        # cached index objects stay valid and in use, so dedup keeps working offline
+        partial = self.repo.backend.capabilities().partial
         cached: set[str] = set()
         if self.cache_dir and not self.for_dedup:
             self.cache_dir = None  # the cache holds the dedup view only
         if self.cache_dir:
             os.makedirs(self.cache_dir, mode=0o700, exist_ok=True)
             cached = set(os.listdir(self.cache_dir))
-            for stale in cached - {n.split("/", 1)[1] for n in names}:
-                with contextlib.suppress(OSError):
-                    os.unlink(os.path.join(self.cache_dir, stale))
+            listed = {n.split("/", 1)[1] for n in names}
+            if partial:
+                names += [f"index/{leaf}" for leaf in sorted(cached - listed) if not leaf.startswith(".")]
+            else:
+                for stale in cached - listed:
+                    with contextlib.suppress(OSError):
+                        os.unlink(os.path.join(self.cache_dir, stale))
         for name in names:
             leaf = name.split("/", 1)[1]
             entries = None

@@ -122,6 +122,8 @@ class Repository:
     def write_documents(self) -> None:
         """(Re)write RECOVERY.md and FORMAT.md (plaintext, no secrets) where they differ from
         what this version of bunker would write (so a repository's copy stays current)."""
+        if self.backend.capabilities().partial:
+            return  # a spool: the repository's own copies are rewritten by the next run that reaches it
         for name, text in (
             ("RECOVERY.md", recovery_docs.recovery_md(self.repo_id)),
             ("FORMAT.md", recovery_docs.format_md()),

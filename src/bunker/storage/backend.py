@@ -73,6 +73,9 @@ class Capabilities:
     range_merge_gap: int = 256 << 10
     # Requests have a round-trip cost (network): batch work even for small jobs.
     remote: bool = False
+    # The listing shows only part of the repository (a spool while the upstream is unreachable):
+    # an absent object proves nothing.
+    partial: bool = False
 
 
 class Backend(ABC):

@@ -13,7 +13,7 @@ import secrets
 import time
 from collections.abc import Iterator
 
-from bunker.errors import BunkerError, ExitCode, ObjectMissing, StorageError
+from bunker.errors import ExitCode, ObjectMissing, StorageError
 from bunker.storage.backend import PREFIXES, Backend, Capabilities, ObjectInfo
 
 TEMP_PREFIX = ".tmp-"
@@ -32,7 +32,9 @@ class LocalBackend(Backend):
                 os.makedirs(os.path.join(self.root, p), mode=0o700, exist_ok=True)
             _fsync_dir(self.root)
         elif not os.path.isdir(self.root):
-            raise BunkerError(
+            # a StorageError: a removable disk that is not mounted is an unreachable repository
+            # (a backup then spools), not a damaged one
+            raise StorageError(
                 f"no repository at {self.root}",
                 "check the path given with --repo or BUNKER_REPO, or create one with `bunker init`",
                 exit_code=ExitCode.NO_REPOSITORY,

@@ -1,0 +1,1 @@
+"""Node layer: serving a repository to other machines (and later forwarding, receipts, mirrors)."""

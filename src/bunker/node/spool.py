@@ -1,0 +1,151 @@
+"""The client's spool for one upstream repository: where a backup goes while the repository
+cannot be reached (DESIGN.md promises 4 and 8, §5).
+
+A spool is a partial repository in the same format under the data directory
+(``spool/<hash of the upstream URL>/``). It holds the *seed* (the upstream's config versions and
+this client's certificate, copied on every successful run so that a later run can open the
+repository without the upstream) and the objects written while the upstream was unreachable,
+until ``bunker forward`` has delivered them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+
+from bunker import dirs
+from bunker.crypto.keyfile import PutKey
+from bunker.errors import BunkerError, ExitCode, ObjectMissing
+from bunker.repo.objects import content_hash, is_hash_name
+from bunker.repo.repository import Repository
+from bunker.storage.backend import FIXED_NAMES, Backend, ObjectInfo
+from bunker.storage.local import LocalBackend
+from bunker.storage.spooling import SpoolingBackend, oldest_pending, pending_objects
+
+UPSTREAM_FILE = "UPSTREAM"  # the upstream URL, for people looking into the directory
+DEFAULT_WARN_AGE = 3 * 86400.0  # a spooled backup older than this raises a run to warn
+
+
+class Spool:
+    """The spool directory for ``upstream_url``."""
+
+    def __init__(self, upstream_url: str) -> None:
+        self.upstream_url = upstream_url
+        self.root = dirs.spool_dir(upstream_url)
+
+    def seeded(self) -> bool:
+        """True once a run reached the upstream and copied its config here."""
+        try:
+            return any(not n.startswith(".") for n in os.listdir(os.path.join(self.root, "config")))
+        except OSError:
+            return False
+
+    def backend(self) -> LocalBackend:
+        """The spool as a local backend (created on first use)."""
+        fresh = not os.path.isdir(self.root)
+        b = LocalBackend(self.root, create=True)
+        if fresh:
+            with open(os.path.join(self.root, UPSTREAM_FILE), "w", encoding="utf-8") as f:
+                f.write(self.upstream_url + "\n")
+        return b
+
+    def pending(self) -> list[ObjectInfo]:
+        """Objects waiting for the upstream, in forwarding order (empty when there is no spool)."""
+        if not os.path.isdir(self.root):
+            return []
+        return pending_objects(LocalBackend(self.root))
+
+    def oldest_age(self) -> float | None:
+        """Seconds since the oldest waiting object was spooled, or None."""
+        if not os.path.isdir(self.root):
+            return None
+        t = oldest_pending(LocalBackend(self.root))
+        return None if t is None else max(0.0, time.time() - t)
+
+    def seed(self, repo: Repository, put: PutKey) -> None:
+        """Copy what opening the repository offline needs: every config version and this client's
+        certificate (objects are immutable: only missing ones are fetched)."""
+        spool = self.backend()
+        cert = repo.check_put_key(put)
+        wanted = [i.name for i in repo.backend.list("config/")] + [cert.name]
+        for name in wanted:
+            if spool.stat(name) is None:
+                with contextlib.suppress(ObjectMissing):
+                    spool.put(name, repo.get_object(name))
+
+    def clear_leftovers(self) -> int:
+        """Remove what is never forwarded: leases of finished offline runs, recovery documents
+        (every run that reaches the upstream rewrites those there)."""
+        if not os.path.isdir(self.root):
+            return 0
+        spool = LocalBackend(self.root)
+        gone = 0
+        for info in list(spool.list("sessions/")):
+            spool.delete(info.name)
+            gone += 1
+        for name in FIXED_NAMES:
+            if spool.stat(name) is not None:
+                spool.delete(name)
+                gone += 1
+        return gone
+
+
+def offline_repository(spool: Spool, expected_id: str | None, exc: BunkerError) -> Repository:
+    """Open the repository from its spool while the upstream cannot be reached (``exc`` says
+    why); without a seed (no run ever reached the upstream) the original error stands."""
+    if not spool.seeded():
+        raise BunkerError(
+            exc.message,
+            (exc.hint + "; " if exc.hint else "")
+            + "no backup has reached this repository from this machine yet, so there is nothing to store "
+            "the backup against locally: no backup was taken",
+            exit_code=exc.exit_code,
+        ) from None
+    return Repository.open(SpoolingBackend(None, spool.backend(), reason=exc.message, url=spool.upstream_url), expected_id)
+
+
+def spooling_repository(repo: Repository, spool: Spool) -> Repository:
+    """``repo`` with writes falling back to ``spool`` if its backend stops answering."""
+    return Repository(SpoolingBackend(repo.backend, spool.backend()), repo.config, repo.config_name)
+
+
+def verify_by_name(backend: Backend, name: str, size: int, block: int = 8 << 20) -> bool:
+    """True if ``backend`` holds ``name`` with ``size`` bytes whose hash is the name (read in
+    blocks: a pack is never held in memory twice)."""
+    import blake3
+
+    info = backend.stat(name)
+    if info is None or info.size != size:
+        return False
+    if not is_hash_name(name):
+        return True
+    if size <= block:
+        return content_hash(backend.get(name)) == name.split("/", 1)[1]
+    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    off = 0
+    while off < size:
+        piece = backend.get(name, off, min(block, size - off))
+        if not piece:
+            return False
+        h.update(piece)
+        off += len(piece)
+    return h.hexdigest() == name.split("/", 1)[1]
+
+
+def parse_age(text: str) -> float:
+    """``90``, ``90s``, ``45m``, ``12h``, ``3d`` -> seconds."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+    t = text.strip().lower()
+    mult = units.get(t[-1:])
+    try:
+        value = float(t[:-1] if mult else t) * (mult or 1.0)
+    except ValueError:
+        value = -1.0
+    if not value >= 0:
+        raise BunkerError(
+            f"{text!r} is not an age",
+            "give seconds or a number with s, m, h or d (e.g. 3d)",
+            exit_code=ExitCode.USAGE,
+        )
+    return value

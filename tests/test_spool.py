@@ -1,0 +1,194 @@
+"""An unreachable repository is not fatal (DESIGN.md promises 4 and 8): the backup completes into
+the local spool at level note (warn once it has waited too long), `bunker forward` and every later
+backup deliver it, and nothing is lost. The repositories are real: a directory that disappears
+(a removable disk) and a moto S3 server cut off by a TCP proxy in the middle of a backup."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from bunker.errors import ExitCode
+from helpers import (
+    AWS_SCRUB,
+    S3_REGION,
+    Repo,
+    S3Server,
+    compare_trees,
+    init_repo,
+    js,
+    make_env,
+    make_tree,
+    restored_path,
+)
+from netcut import CutProxy
+
+
+def _spool_objects(repo: Repo) -> list[str]:
+    root = Path(repo.env["XDG_DATA_HOME"]) / "bunker" / "spool"
+    if not root.is_dir():
+        return []
+    out = []
+    for d in root.iterdir():
+        for prefix in ("packs", "index", "refs", "snapshots"):
+            if (d / prefix).is_dir():
+                out += [f"{prefix}/{p.name}" for p in (d / prefix).iterdir() if not p.name.startswith(".")]
+    return sorted(out)
+
+
+def _events(doc: dict[str, object], code: str) -> list[dict[str, object]]:
+    return [e for e in doc["events"] if e["code"] == code]  # type: ignore[attr-defined, index]
+
+
+def _restore_and_compare(repo: Repo, src: Path, target: Path, snapshot: str = "latest") -> None:
+    rdoc = js(repo.ok("restore", snapshot, "--target", target, "--json"))
+    assert rdoc["stats"]["failed"] == 0
+    compare_trees(src, restored_path(target, src))
+
+
+def test_missing_disk_spools_then_forward_delivers(tmp_path: Path) -> None:
+    repo = init_repo(tmp_path / "r")
+    src = tmp_path / "src"
+    make_tree(src)
+    first = repo.backup(src)
+    assert not first["spooled"] and _spool_objects(repo) == []
+
+    away = tmp_path / "repo-unmounted"
+    repo.path.rename(away)  # the disk is not mounted
+    (src / "new-while-away.txt").write_bytes(os.urandom(300_000))
+    doc = repo.backup(src)
+    assert doc["spooled"] is True and doc["level"] == "note"
+    (ev,) = _events(doc, "spooled")
+    assert "cannot be reached" in ev["message"] and str(repo.path) in ev["message"]  # type: ignore[operator]
+    assert "bunker forward" in ev["message"]  # type: ignore[operator]
+    # dedup keeps working offline from the cached index: only the new file is stored
+    assert doc["stats"]["files_new"] == 1
+    assert doc["stats"]["stored_new"] < 400_000
+    again = repo.backup(src)  # a second offline run continues the chain in the spool
+    assert again["spooled"] and again["seq"] == doc["seq"] + 1 and again["stats"]["stored_new"] < 20_000
+    waiting = _spool_objects(repo)
+    assert sum(n.startswith("snapshots/") for n in waiting) == 2 and any(n.startswith("packs/") for n in waiting)
+
+    # still unreachable: forward says so, keeps everything, names the next step
+    cp = repo.ok("forward", rc=ExitCode.NO_REPOSITORY)
+    assert "wait in the local spool" in cp.stderr and "nothing is lost" in cp.stderr
+    assert _spool_objects(repo) == waiting
+
+    away.rename(repo.path)  # mounted again
+    fwd = js(repo.ok("forward", "--json"))
+    assert len(fwd["snapshots"]) == 2 and fwd["held"] == [] and fwd["left"] == 0
+    assert fwd["sent"] == len(waiting)
+    assert _spool_objects(repo) == []
+    assert {f"snapshots/{s}" for s in fwd["snapshots"]} <= {f"snapshots/{p.name}" for p in repo.objects("snapshots")}
+
+    snaps = js(repo.ok("snapshots", "--json"))["snapshots"]
+    assert [s["seq"] for s in snaps] == [1, 2, 3] and all(s["complete"] for s in snaps)
+    assert js(repo.ok("check", "--read-data", "--json"))["ok"] is True
+    _restore_and_compare(repo, src, tmp_path / "t")
+    assert js(repo.ok("forward", "--json"))["sent"] == 0  # nothing left
+
+
+def test_next_backup_forwards_first(tmp_path: Path) -> None:
+    repo = init_repo(tmp_path / "r")
+    src = tmp_path / "src"
+    make_tree(src)
+    repo.backup(src)
+    away = tmp_path / "away"
+    repo.path.rename(away)
+    (src / "offline.bin").write_bytes(os.urandom(50_000))
+    offline = repo.backup(src)
+    assert offline["spooled"]
+    away.rename(repo.path)
+    cp = repo.ok("backup", src, "--json")
+    doc = js(cp)
+    assert not doc["spooled"] and doc["level"] == "note"  # note: the master key is still on this machine
+    assert "forwarded" in cp.stderr and "1 snapshots" in cp.stderr
+    assert _spool_objects(repo) == []
+    assert [s["seq"] for s in js(repo.ok("snapshots", "--json"))["snapshots"]] == [1, 2, 3]
+    assert js(repo.ok("check", "--json"))["ok"] is True
+
+
+def test_spool_escalates_to_warn_with_age(tmp_path: Path) -> None:
+    repo = init_repo(tmp_path / "r")
+    src = tmp_path / "src"
+    make_tree(src)
+    repo.backup(src)
+    repo.path.rename(tmp_path / "away")
+    doc = repo.backup(src, args=("--spool-warn-age", "0s"), rc=ExitCode.WARN)
+    assert doc["level"] == "warn"
+    (ev,) = _events(doc, "spool-old")
+    assert "bunker forward" in ev["message"] and "days" in ev["message"]  # type: ignore[operator]
+    cp = repo.run("backup", src, "--spool-warn-age", "soon")
+    assert cp.returncode == ExitCode.USAGE and "is not an age" in cp.stderr
+
+
+def test_never_reached_is_fatal_with_a_reason(tmp_path: Path) -> None:
+    repo = init_repo(tmp_path / "r")
+    src = tmp_path / "src"
+    make_tree(src)
+    shutil.rmtree(repo.path)
+    cp = repo.run("backup", src)
+    assert cp.returncode == ExitCode.NO_REPOSITORY
+    assert "no backup has reached this repository from this machine yet" in cp.stderr
+    assert _spool_objects(repo) == []
+
+
+def test_s3_cut_off_mid_backup_loses_nothing(s3_server: S3Server, s3_prefix: str, tmp_path: Path) -> None:
+    """The S3 server goes away in the middle of the upload of a pack: the backup completes into
+    the spool (level note), and after `bunker forward` the snapshot is complete upstream."""
+    proxy = CutProxy(int(s3_server.endpoint.rsplit(":", 1)[1]))
+    try:
+        url = f"s3://{s3_server.bucket}/{s3_prefix}?endpoint={proxy.endpoint}&region={S3_REGION}"
+        env = make_env(tmp_path / "r")
+        for k in AWS_SCRUB:
+            env.pop(k, None)
+        env.update(s3_server.env())
+        repo = init_repo(tmp_path / "r", url=url, env_extra=env)
+        src = tmp_path / "src"
+        make_tree(src)
+        (src / "big").mkdir()
+        for i in range(5):  # ~40 MiB of incompressible data: three packs of 16 MiB
+            (src / "big" / f"f{i}").write_bytes(os.urandom(8 << 20))
+        repo.backup(src / "big" / "f0")  # a first backup seeds the spool (the config and this client)
+        proxy.restore(cut_after=20 << 20)  # cut when 20 MiB more went towards the server: mid-pack
+        doc = repo.backup(src)
+        assert proxy.was_cut.is_set()
+        assert doc["spooled"] is True and doc["level"] == "note", doc["events"]
+        assert _events(doc, "spooled")
+        waiting = _spool_objects(repo)
+        assert any(n.startswith("packs/") for n in waiting) and any(n.startswith("snapshots/") for n in waiting)
+
+        proxy.restore()
+        fwd = js(repo.ok("forward", "--json"))
+        assert len(fwd["snapshots"]) == 1 and fwd["held"] == [] and fwd["left"] == 0
+        assert _spool_objects(repo) == []
+        snaps = js(repo.ok("snapshots", "--json"))["snapshots"]
+        assert [s["seq"] for s in snaps] == [1, 2] and all(s["complete"] for s in snaps)
+        assert js(repo.ok("check", "--read-data", "--json"))["ok"] is True
+        _restore_and_compare(repo, src, tmp_path / "t")
+    finally:
+        proxy.close()
+
+
+def test_forward_holds_a_snapshot_whose_packs_vanished_upstream(tmp_path: Path) -> None:
+    """An offline run dedups against packs that were upstream when it last looked; if one is gone
+    by the time of forwarding (a prune ran meanwhile), the snapshot is not delivered with holes."""
+    repo = init_repo(tmp_path / "r")
+    src = tmp_path / "src"
+    make_tree(src)
+    repo.backup(src)
+    away = tmp_path / "away"
+    repo.path.rename(away)
+    offline = repo.backup(src)
+    assert offline["spooled"]
+    away.rename(repo.path)
+    victim = max(repo.objects("packs"), key=lambda p: p.stat().st_size)
+    victim.unlink()
+    cp = repo.ok("forward", "--json", rc=ExitCode.ERR)
+    fwd = js(cp)
+    assert fwd["snapshots"] == [] and len(fwd["held"]) == 1
+    assert fwd["held"][0]["snapshot"] == offline["snapshot"]
+    assert "no longer upstream" in fwd["held"][0]["reason"] and victim.name in fwd["held"][0]["reason"]
+    assert "err:" in cp.stderr and "bunker check" in cp.stderr
+    assert f"snapshots/{offline['snapshot']}" in _spool_objects(repo)  # kept, not lost
