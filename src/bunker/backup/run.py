@@ -132,6 +132,7 @@ def run_backup(
                 "finished": time.time(),
                 "argv": [a for a in sys.argv[1:]][:64],
             }
+            writer.flush()  # packs and index first: whether they went to the spool belongs in the snapshot's log
             spooled = _spool_event(repo, req, log)
             committed = commit_snapshot(
                 repo,
