@@ -104,7 +104,8 @@ def test_torn_upstream_write_is_caught_and_sent_again(setup: tuple[Repo, Path], 
 
 def test_damaged_spool_object_is_not_forwarded(setup: tuple[Repo, Path], tmp_path: Path) -> None:
     """A spool object whose bytes no longer match its name (this machine's disk) is reported and
-    kept, never sent; the snapshot that needs it is held."""
+    never sent; the snapshot that needs it is repaired from the source files like one whose pack
+    vanished upstream, and arrives complete."""
     repo, src = setup
     away = tmp_path / "away"
     repo.path.rename(away)
@@ -118,6 +119,11 @@ def test_damaged_spool_object_is_not_forwarded(setup: tuple[Repo, Path], tmp_pat
     pack.write_bytes(bytes(data))
     cp = repo.ok("forward", "--json", rc=3)
     fwd = js(cp)
-    assert fwd["damaged"] == [f"packs/{pack.name}"]
-    assert fwd["snapshots"] == [] and fwd["held"][0]["snapshot"] == offline["snapshot"]
-    assert "is damaged" in cp.stderr
+    assert fwd["damaged"] == [f"packs/{pack.name}"] and "was damaged" in cp.stderr
+    assert not (repo.path / "packs" / pack.name).exists() and not pack.exists()
+    (fix,) = fwd["repaired"]
+    assert fix["was"] == offline["snapshot"] and fix["complete"] and fwd["snapshots"] == [fix["snapshot"]]
+    assert fwd["left"] == 0
+    rdoc = js(repo.ok("restore", fix["snapshot"], "--target", tmp_path / "t", "--json"))
+    assert rdoc["stats"]["failed"] == 0
+    compare_trees(src, restored_path(tmp_path / "t", src))

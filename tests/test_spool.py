@@ -5,6 +5,7 @@ backup deliver it, and nothing is lost. The repositories are real: a directory t
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from pathlib import Path
@@ -171,12 +172,9 @@ def test_s3_cut_off_mid_backup_loses_nothing(s3_server: S3Server, s3_prefix: str
         proxy.close()
 
 
-def test_forward_holds_a_snapshot_whose_packs_vanished_upstream(tmp_path: Path) -> None:
-    """An offline run dedups against packs that were upstream when it last looked; if one is gone
-    by the time of forwarding (a prune ran meanwhile), the snapshot is not delivered with holes."""
-    repo = init_repo(tmp_path / "r")
-    src = tmp_path / "src"
-    make_tree(src)
+def _vanish_biggest_pack(repo: Repo, src: Path, tmp_path: Path) -> tuple[dict[str, object], Path]:
+    """A backup, then one offline (it dedups against the first one's packs), then the first
+    one's biggest pack vanishes upstream (as if a prune had removed it meanwhile)."""
     repo.backup(src)
     away = tmp_path / "away"
     repo.path.rename(away)
@@ -185,10 +183,55 @@ def test_forward_holds_a_snapshot_whose_packs_vanished_upstream(tmp_path: Path) 
     away.rename(repo.path)
     victim = max(repo.objects("packs"), key=lambda p: p.stat().st_size)
     victim.unlink()
+    return offline, victim
+
+
+def test_forward_stores_vanished_chunks_again_from_the_source_files(tmp_path: Path) -> None:
+    """An offline run deduplicated against a pack that vanished upstream before forwarding: the
+    chunks are stored again from the unchanged source files, and the snapshot (signed again with
+    a new pack set) arrives complete."""
+    repo = init_repo(tmp_path / "r")
+    src = tmp_path / "src"
+    make_tree(src)
+    offline, victim = _vanish_biggest_pack(repo, src, tmp_path)
+    cp = repo.ok("forward", "--json")
+    fwd = js(cp)
+    (fix,) = fwd["repaired"]
+    assert fix["was"] == offline["snapshot"] and fix["complete"] and fix["lost_chunks"] == 0
+    assert fix["vanished_packs"] == 1 and fix["recovered_chunks"] > 0
+    assert fwd["snapshots"] == [fix["snapshot"]] and fwd["held"] == [] and fwd["left"] == 0
+    assert "stored again from the unchanged source files" in cp.stderr
+    snaps = {s["id"]: s for s in js(repo.ok("snapshots", "--json"))["snapshots"]}
+    new = next(s for k, s in snaps.items() if fix["snapshot"].startswith(k))
+    assert new["complete"] and new["seq"] == 2
+    _restore_and_compare(repo, src, tmp_path / "t", fix["snapshot"])
+    # the first snapshot lost its pack for real: check says so, and only about that snapshot
+    check = js(repo.ok("check", "--keyless", "--json", rc=ExitCode.INTEGRITY))
+    assert victim.name in json.dumps(check) and fix["snapshot"] not in json.dumps(check["problems"])
+
+
+def test_forward_marks_incomplete_and_names_changed_files(tmp_path: Path) -> None:
+    """A file changed after the offline run: its old chunks cannot be stored again, so the
+    snapshot arrives incomplete (level err) naming the file; the rest restores."""
+    repo = init_repo(tmp_path / "r")
+    src = tmp_path / "src"
+    make_tree(src)
+    (src / "journal.txt").write_bytes(os.urandom(100_000))
+    offline, _ = _vanish_biggest_pack(repo, src, tmp_path)
+    (src / "journal.txt").write_bytes(os.urandom(100_000))  # changed since the offline run
     cp = repo.ok("forward", "--json", rc=ExitCode.ERR)
     fwd = js(cp)
-    assert fwd["snapshots"] == [] and len(fwd["held"]) == 1
-    assert fwd["held"][0]["snapshot"] == offline["snapshot"]
-    assert "no longer upstream" in fwd["held"][0]["reason"] and victim.name in fwd["held"][0]["reason"]
-    assert "err:" in cp.stderr and "bunker check" in cp.stderr
-    assert f"snapshots/{offline['snapshot']}" in _spool_objects(repo)  # kept, not lost
+    (fix,) = fwd["repaired"]
+    assert not fix["complete"] and fix["lost_chunks"] > 0 and fix["recovered_chunks"] > 0
+    assert fix["files"] == [str(src / "journal.txt")]
+    assert fwd["snapshots"] == [fix["snapshot"]]
+    assert "forwarded incomplete" in cp.stderr and "journal.txt" in cp.stderr
+    snaps = js(repo.ok("snapshots", "--json"))["snapshots"]
+    new = next(s for s in snaps if fix["snapshot"].startswith(s["id"]))
+    assert new["complete"] is False and new["level"] == "err"
+    target = tmp_path / "t"
+    repo.run("restore", fix["snapshot"], "--target", target, "--json")
+    restored = restored_path(target, src)
+    for p in src.rglob("*"):
+        if p.is_file() and not p.is_symlink() and p.name != "journal.txt":
+            assert (restored / p.relative_to(src)).read_bytes() == p.read_bytes()

@@ -13,6 +13,7 @@ import contextlib
 import os
 import sqlite3
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 from bunker import encoding
@@ -73,6 +74,19 @@ class FilesCache:
             if items:
                 with self._db:
                     self._db.executemany("INSERT OR REPLACE INTO dirs (path, data) VALUES (?, ?)", items)
+
+    def records(self) -> Iterator[tuple[bytes, DirRecord]]:
+        """Every directory's records (flushed ones), e.g. to find the files holding a chunk."""
+        self.flush()
+        with self._lock:
+            rows = self._db.execute("SELECT path, data FROM dirs").fetchall()
+        for path, raw in rows:
+            try:
+                rec = encoding.unpack(raw)
+            except encoding.FormatError:
+                continue
+            if isinstance(rec, dict):
+                yield bytes(path), rec
 
     def close(self) -> None:
         self.flush()

@@ -46,4 +46,4 @@ def forward_cmd(**kwargs: Any) -> None:
     out.line(forward_summary(report, repo.backend.url))
     for level, _code, message in problems:
         click.echo(f"{level}: {message}", err=True)
-    sys.exit(ExitCode.ERR if problems else ExitCode.OK)
+    sys.exit(ExitCode.ERR if any(p[0] == "err" for p in problems) else ExitCode.OK)

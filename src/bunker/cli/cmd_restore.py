@@ -112,7 +112,13 @@ def _open_for_reading(
             f"snapshot {rec.short_id} cannot be opened: {exc}", "run `bunker check`", exit_code=ExitCode.INTEGRITY
         ) from None
     secrets = repo.domain_secrets(master, rec.snap.env.domain)
-    index = IndexCache(repo, secrets, None, for_dedup=False).load()
+    try:
+        # where a chunk is stored twice (a pack that vanished and the copy stored again), read
+        # the copy this snapshot's pack set names
+        packs: list[str] | None = refs.read_set(rec.snap.env.packset, repo.get_object)
+    except (BunkerError, encoding.FormatError):
+        packs = None
+    index = IndexCache(repo, secrets, None, for_dedup=False, only_packs=packs).load()
     try:
         chunks = refs.read_set(rec.snap.env.chunkset, repo.get_object, secrets)
     except (BunkerError, encoding.FormatError):

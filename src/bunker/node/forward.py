@@ -15,11 +15,13 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from bunker import encoding
-from bunker.backup.run import Lease
+from bunker import dirs, encoding
+from bunker.backup.chain import load_head
+from bunker.backup.run import Lease, client_tag
 from bunker.crypto.keyfile import PutKey
 from bunker.errors import BunkerError, CorruptObject, ObjectMissing
 from bunker.node.spool import Spool, verify_by_name
+from bunker.node.vanished import Repaired, drop_superseded, repair_spooled_chain
 from bunker.repo import refs
 from bunker.repo.objects import content_hash, is_hash_name
 from bunker.repo.repository import Repository
@@ -39,6 +41,7 @@ class ForwardReport:
     present: int = 0  # already upstream (a run that lost the connection after a put went through)
     snapshots: list[str] = field(default_factory=list)  # delivered snapshot names
     held: list[tuple[str, str]] = field(default_factory=list)  # (snapshot, why) kept in the spool
+    repaired: list[Repaired] = field(default_factory=list)  # signed again: packs had vanished upstream
     damaged: list[str] = field(default_factory=list)  # spool objects whose bytes do not match their name
     left: int = 0  # objects still in the spool afterwards
 
@@ -49,6 +52,19 @@ class ForwardReport:
             "already_upstream": self.present,
             "snapshots": [s.split("/", 1)[1] for s in self.snapshots],
             "held": [{"snapshot": s.split("/", 1)[1], "reason": r} for s, r in self.held],
+            "repaired": [
+                {
+                    "snapshot": r.new.split("/", 1)[1],
+                    "was": r.old.split("/", 1)[1],
+                    "vanished_packs": r.vanished_packs,
+                    "recovered_chunks": r.recovered_chunks,
+                    "lost_chunks": r.lost_chunks,
+                    "complete": r.complete,
+                    "files": r.files,
+                    "more_files": r.more_files,
+                }
+                for r in self.repaired
+            ],
             "damaged": self.damaged,
             "left": self.left,
         }
@@ -99,14 +115,25 @@ def forward(
                     fut.result()
         if snaps:
             upstream_packs = {i.name.split("/", 1)[1] for i in repo.backend.list("packs/")}
-            for info in sorted(snaps, key=lambda i: _seq(local, i.name)):
-                why = _missing_references(repo, local, info.name, upstream_packs)
+            mine = []
+            for info in snaps:
+                why = _unreadable_or_foreign(repo, local, info.name, cert.name, upstream_packs)
                 if why:
                     report.held.append((info.name, why))
+                else:
+                    mine.append(info.name)
+            head = load_head(dirs.state_dir(repo.repo_id, client_tag(put)))
+            mine = drop_superseded(local, mine, head)
+            ready, report.repaired = repair_spooled_chain(
+                repo, put, cert, local, mine, upstream_packs, lease.refresh_if_due
+            )
+            for name in ready:
+                found = local.stat(name)
+                if found is None:
                     continue
-                send(info)
-                if info.name not in report.damaged:
-                    report.snapshots.append(info.name)
+                send(found)
+                if name not in report.damaged:
+                    report.snapshots.append(name)
         spool.clear_leftovers()
     finally:
         lease.release()
@@ -116,13 +143,16 @@ def forward(
 
 def _deliver(repo: Repository, local: LocalBackend, info: ObjectInfo) -> str:
     """Make the upstream hold ``info.name``; delete the local copy once confirmed.
-    Returns "sent", "present" or "damaged" (the local copy does not match its name: kept)."""
+    Returns "sent", "present" or "damaged" (the local copy does not match its name: deleted)."""
     name = info.name
     if verify_by_name(repo.backend, name, info.size):
         local.delete(name)
         return "present"
     data = local.get(name)
     if is_hash_name(name) and content_hash(data) != name.split("/", 1)[1]:
+        # useless to anyone (and never sent): a snapshot that needs it is repaired like one
+        # whose pack vanished upstream
+        local.delete(name)
         return "damaged"
     repo.backend.put(name, data)
     del data
@@ -137,15 +167,10 @@ def _deliver(repo: Repository, local: LocalBackend, info: ObjectInfo) -> str:
     return "sent"
 
 
-def _seq(local: LocalBackend, name: str) -> int:
-    try:
-        return parse_snapshot(local.get(name)).env.seq
-    except (encoding.FormatError, ObjectMissing):
-        return 0
-
-
-def _missing_references(repo: Repository, local: LocalBackend, name: str, upstream_packs: set[str]) -> str:
-    """Why the snapshot ``name`` cannot be delivered yet ("" when every pack it needs is upstream)."""
+def _unreadable_or_foreign(
+    repo: Repository, local: LocalBackend, name: str, cert: str, upstream_packs: set[str]
+) -> str:
+    """Why the spooled snapshot ``name`` cannot be forwarded or repaired here ("" if it can)."""
     try:
         snap = parse_snapshot(local.get(name))
         packs = refs.read_set(snap.env.packset, repo.get_object)
@@ -153,10 +178,10 @@ def _missing_references(repo: Repository, local: LocalBackend, name: str, upstre
         msg = exc.message if isinstance(exc, BunkerError) else str(exc)
         return f"its pack set cannot be read: {msg}"
     missing = [p for p in packs if p not in upstream_packs]
-    if missing:
+    if snap.env.cert != cert and missing:
         return (
-            f"{len(missing)} of the {len(packs)} packs it needs are no longer upstream (e.g. packs/{missing[0]}): "
-            "they were removed while this machine was offline"
+            f"{len(missing)} of the {len(packs)} packs it needs are no longer upstream (e.g. packs/{missing[0]}), "
+            "and it was written with another put key than this machine's, which alone could store them again"
         )
     return ""
 
@@ -190,8 +215,33 @@ def forward_problems(report: ForwardReport, spool_root: str) -> list[tuple[str, 
             (
                 "err",
                 "spool-damaged",
-                f"{name} in the local spool {spool_root} is damaged (its bytes do not match its name) and was not "
-                "forwarded: check this machine's disk; a new backup stores the data again",
+                f"{name} in the local spool {spool_root} was damaged (its bytes did not match its name): it was "
+                "deleted, not forwarded; check this machine's disk (snapshots that needed it are repaired from the "
+                "source files)",
             )
         )
+    for r in report.repaired:
+        if r.vanished_packs and r.lost_chunks:
+            files = ", ".join(r.files) + (f" and {r.more_files} more" if r.more_files else "")
+            out.append(
+                (
+                    "err",
+                    "forward-incomplete",
+                    f"snapshot {r.new.split('/', 1)[1][:12]} was forwarded incomplete: {r.vanished_packs} packs it "
+                    f"deduplicated against vanished upstream while this machine was offline, and {r.lost_chunks} "
+                    f"chunks could not be stored again because their files changed since"
+                    + (f" (affected: {files})" if files else " (directory listings)")
+                    + "; the next backup stores the current content of those files",
+                )
+            )
+        elif r.vanished_packs:
+            out.append(
+                (
+                    "note",
+                    "forward-recovered",
+                    f"snapshot {r.new.split('/', 1)[1][:12]}: {r.vanished_packs} packs it deduplicated against "
+                    f"vanished upstream while this machine was offline; {r.recovered_chunks} chunks were stored "
+                    "again from the unchanged source files, the snapshot is complete",
+                )
+            )
     return out

@@ -102,7 +102,8 @@ def offline_repository(spool: Spool, expected_id: str | None, exc: BunkerError) 
             "the backup against locally: no backup was taken",
             exit_code=exc.exit_code,
         ) from None
-    return Repository.open(SpoolingBackend(None, spool.backend(), reason=exc.message, url=spool.upstream_url), expected_id)
+    backend = SpoolingBackend(None, spool.backend(), reason=exc.message, url=spool.upstream_url)
+    return Repository.open(backend, expected_id)
 
 
 def spooling_repository(repo: Repository, spool: Spool) -> Repository:

@@ -24,10 +24,24 @@ from bunker.repo.repository import Repository
 class IndexCache:
     """chunk id -> Location for one dedup domain, trusted writers only."""
 
-    def __init__(self, repo: Repository, secrets: PutSecrets, cache_dir: str | None, *, for_dedup: bool = True) -> None:
+    def __init__(
+        self,
+        repo: Repository,
+        secrets: PutSecrets,
+        cache_dir: str | None,
+        *,
+        for_dedup: bool = True,
+        absent_packs: Iterable[str] = (),
+        only_packs: Iterable[str] | None = None,
+    ) -> None:
         """``for_dedup``: skip what revoked clients wrote (a client never dedups against it);
-        readers (restore, check) pass False so a revocation never hides good older data."""
+        readers (restore, check) pass False so a revocation never hides good older data.
+        ``absent_packs``: packs to treat as gone (vanished or condemned): their chunks are not
+        located, so a writer stores them again. ``only_packs``: locate chunks only in these (a
+        snapshot's pack set: where a chunk is stored twice, the copy its snapshot names)."""
         self.for_dedup = for_dedup
+        self.absent_packs = frozenset(absent_packs)
+        self.only_packs = frozenset(only_packs) if only_packs is not None else None
         self.repo = repo
         self.secrets = secrets
         self.cache_dir = os.path.join(cache_dir, "index") if cache_dir else None
@@ -108,6 +122,10 @@ class IndexCache:
 
     def add(self, entries: Iterable[tuple[bytes, Location]]) -> None:
         """Add entries (first location wins: equal chunks in two packs are both valid)."""
+        if self.absent_packs:
+            entries = [(cid, loc) for cid, loc in entries if loc.pack not in self.absent_packs]
+        if self.only_packs is not None:
+            entries = [(cid, loc) for cid, loc in entries if loc.pack in self.only_packs]
         self.locations.update(entries)
 
     def add_unindexed_packs(self) -> int:
@@ -118,7 +136,7 @@ class IndexCache:
         n = 0
         for info in self.repo.backend.list("packs/"):
             pack = info.name.split("/", 1)[1]
-            if pack in indexed:
+            if pack in indexed or pack in self.absent_packs:
                 continue
             try:
                 blobs, _, writer = read_trailer(self.repo, pack, self.secrets)
