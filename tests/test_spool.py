@@ -208,6 +208,8 @@ def test_forward_stores_vanished_chunks_again_from_the_source_files(tmp_path: Pa
     # the first snapshot lost its pack for real: check says so, and only about that snapshot
     check = js(repo.ok("check", "--keyless", "--json", rc=ExitCode.INTEGRITY))
     assert victim.name in json.dumps(check) and fix["snapshot"] not in json.dumps(check["problems"])
+    check = js(repo.ok("check", "--json", rc=ExitCode.INTEGRITY))
+    assert victim.name in json.dumps(check) and fix["snapshot"] not in json.dumps(check["problems"])
 
 
 def test_forward_marks_incomplete_and_names_changed_files(tmp_path: Path) -> None:
@@ -229,6 +231,9 @@ def test_forward_marks_incomplete_and_names_changed_files(tmp_path: Path) -> Non
     snaps = js(repo.ok("snapshots", "--json"))["snapshots"]
     new = next(s for s in snaps if fix["snapshot"].startswith(s["id"]))
     assert new["complete"] is False and new["level"] == "err"
+    # check knows the declared loss (not damage); it reports only the pack that really vanished
+    check = js(repo.ok("check", "--json", rc=ExitCode.INTEGRITY))
+    assert fix["snapshot"] not in json.dumps(check["problems"])
     target = tmp_path / "t"
     repo.run("restore", fix["snapshot"], "--target", target, "--json")
     restored = restored_path(target, src)

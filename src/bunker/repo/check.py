@@ -456,7 +456,9 @@ class Checker:
                 continue
             pset_s = set(pset)
             lost = [c for c in cset if locations.get(c) not in pset_s]
-            if lost:
+            if lost and (e.complete or len(lost) > e.stats.get("chunks_lost", 0)):
+                # an incomplete snapshot declares how many chunks it lacks (forward could not
+                # store them again): those are known, not damage
                 r.add(
                     n,
                     f"{len(lost)} of its {len(cset)} chunks are not indexed in its packs (e.g. {lost[0].hex()[:16]}); "
