@@ -31,6 +31,7 @@ from typing import Any, BinaryIO, Protocol
 
 from pyfastcdc import FastCDC
 
+from bunker.backup import deep_path
 from bunker.backup import files_cache as fc
 from bunker.backup.chunker import cut, make_cdc
 from bunker.backup.excludes import PSEUDO_FILESYSTEMS, Excludes, mount_types
@@ -506,7 +507,7 @@ class Archiver:
         if stat.S_ISLNK(mode):
             e = self._meta(name, st, "l")
             try:
-                e["lt"] = os.readlink(path)
+                e["lt"] = deep_path.readlink(path)
             except OSError as exc:
                 self.log.os_error("err", "readlink-failed", path, exc, "cannot read symlink; it is not in this backup")
                 self.stats["errors"] += 1
@@ -532,7 +533,7 @@ class Archiver:
             if entry is not None:
                 self._dir_meta(path, entry)
             # by path: listdir(fd) gives str names, and encoding them back costs more than a lookup
-            names = sorted(os.listdir(path))
+            names = sorted(deep_path.listdir(path))
         except OSError as exc:
             self.log.os_error(
                 "err", "listdir-failed", path, exc, "cannot list directory; its contents are not in this backup"
@@ -544,7 +545,7 @@ class Archiver:
     def _dir_meta(self, path: bytes, entry: dict[str, Any]) -> None:
         """A directory's xattrs, ACL and flags, through one descriptor (raises OSError if it
         cannot be opened)."""
-        fd = os.open(path, _OPEN_DIR)
+        fd = deep_path.open(path, _OPEN_DIR)
         try:
             meta, problems = inode_meta(fd)
         finally:
@@ -615,7 +616,7 @@ class Archiver:
             if self.excludes.excluded(path, name):
                 continue
             try:
-                st = os.lstat(path)
+                st = deep_path.lstat(path)
             except FileNotFoundError:
                 self.log.add("note", "vanished", "item vanished before it could be read", path)
                 continue
@@ -632,6 +633,7 @@ class Archiver:
     def run(self, paths: list[str]) -> ArchiveResult:
         """Back up ``paths``; the root tree mirrors their absolute locations (like /home/u/x)."""
         t0 = time.monotonic()
+        deep_path.forget()  # directories cached by an earlier run in this process may be gone
         try:
             root = self._build_root([os.fsencode(os.path.abspath(p)) for p in paths])
         finally:
@@ -672,7 +674,7 @@ class Archiver:
         for name, sub in sorted(spec.items()):
             full = path + b"/" + name
             try:
-                st = os.lstat(full)
+                st = deep_path.lstat(full)
             except OSError as exc:
                 self.log.os_error("err", "source-missing", full, exc, "cannot back up this path")
                 self.stats["errors"] += 1

@@ -3,10 +3,13 @@ backup threads, worker processes and verify: they must cut identically or dedup 
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterable
+from typing import BinaryIO
 
 from pyfastcdc import FastCDC
 
+from bunker.backup.fsmeta import DataReader, hole_bytes, hole_map
 from bunker.crypto.derive import PutSecrets
 
 
@@ -23,3 +26,15 @@ def cut(cdc: FastCDC, data: bytes | memoryview) -> Iterable[bytes | memoryview]:
     if len(data) <= cdc.min_size:
         return (data,)
     return (c.data for c in cdc.cut_buf(data))
+
+
+def file_pieces(f: BinaryIO, size: int, cdc: FastCDC) -> Iterable[bytes | memoryview]:
+    """The chunks of an open regular file of ``size`` bytes, holes left out (SEEK_DATA/SEEK_HOLE),
+    cut exactly as a backup cuts it (used to verify or store again what a backup stored)."""
+    fd = f.fileno()
+    holes = hole_map(fd, size)
+    os.lseek(fd, 0, os.SEEK_SET)
+    stream: BinaryIO | DataReader = DataReader(fd, size, holes) if holes else f
+    if size - hole_bytes(holes) <= cdc.min_size:
+        return cut(cdc, stream.read_all() if isinstance(stream, DataReader) else f.read())
+    return (bytes(c.data) for c in cdc.cut_stream(stream))

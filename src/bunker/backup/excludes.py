@@ -12,6 +12,7 @@ import fnmatch
 import os
 import re
 
+from bunker.backup import deep_path
 from bunker.errors import BunkerError, ExitCode
 
 CACHEDIR_TAG = b"CACHEDIR.TAG"
@@ -93,11 +94,13 @@ class Excludes:
         """The tag file that marks ``dir_path``'s contents as excluded (--exclude-caches: a
         CACHEDIR.TAG with the standard signature; --exclude-if-present NAME), or None."""
         for name in self.if_present:
-            if os.path.lexists(os.path.join(dir_path, name)):
+            if deep_path.lexists(os.path.join(dir_path, name)):
                 return name
         if self.exclude_caches:
             try:
-                with open(os.path.join(dir_path, CACHEDIR_TAG), "rb") as f:
+                # O_NONBLOCK: a fifo of that name must not block the backup
+                fd = deep_path.open(os.path.join(dir_path, CACHEDIR_TAG), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                with os.fdopen(fd, "rb") as f:
                     if f.read(len(CACHEDIR_SIGNATURE)) == CACHEDIR_SIGNATURE:
                         return CACHEDIR_TAG
             except OSError:

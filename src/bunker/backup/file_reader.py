@@ -14,6 +14,7 @@ import stat
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from bunker.backup import deep_path
 from bunker.backup.fsmeta import hole_bytes, hole_map, inode_meta
 
 MAX_REREADS = 3
@@ -46,9 +47,9 @@ def read_stable(path: bytes, consume: Consume) -> ReadOutcome:
     for attempt in range(MAX_REREADS + 1):
         try:
             try:
-                fd = os.open(path, _FLAGS | _NOATIME)
+                fd = deep_path.open(path, _FLAGS | _NOATIME)
             except PermissionError:
-                fd = os.open(path, _FLAGS)  # O_NOATIME needs ownership
+                fd = deep_path.open(path, _FLAGS)  # O_NOATIME needs ownership
         except FileNotFoundError:
             return ReadOutcome("vanished", [])
         except OSError as exc:

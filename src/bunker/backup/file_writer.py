@@ -16,6 +16,7 @@ import stat
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
+from bunker.backup import deep_path
 from bunker.backup.fsmeta import RegionCursor, apply_xattrs, locked_flags, locked_message, unlock
 from bunker.errors import BunkerError
 from bunker.repo.blob_reader import BlobRef
@@ -84,17 +85,17 @@ def write_file(
     flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
     try:
         if fresh:
-            fd = os.open(path, flags | os.O_EXCL, 0o600)
+            fd = deep_path.open(path, flags | os.O_EXCL, 0o600)
         else:
             remove_existing(path, keep_regular=True, as_root=as_root)
             try:
-                fd = os.open(path, flags | os.O_TRUNC, 0o600)
+                fd = deep_path.open(path, flags | os.O_TRUNC, 0o600)
             except PermissionError:
                 if not locked_flags(path):
                     raise
                 if not (as_root and unlock(path)):
                     return WriteResult("error", 0, locked_message(path), errno.EPERM)
-                fd = os.open(path, flags | os.O_TRUNC, 0o600)
+                fd = deep_path.open(path, flags | os.O_TRUNC, 0o600)
     except OSError as exc:
         return WriteResult("error", 0, f"cannot create file: {exc.strerror}", exc.errno or 0)
     pos = 0
@@ -159,24 +160,34 @@ def apply_meta(target: bytes | int, e: dict[str, Any], as_root: bool, numeric_ow
     is a path (symlinks are not followed, and a symlink's own mode is left alone: Linux cannot
     change it) or the open descriptor of a regular file just written (no path lookups). Returns
     what could not be restored."""
-    by_path = not isinstance(target, int)  # a descriptor cannot be combined with follow_symlinks=False
     notes: list[MetaNote] = []
     if as_root and "u" in e:
         try:
             uid, gid = (e["u"], e["g"]) if numeric_owner else owner_ids(e)
-            os.chown(target, uid, gid, follow_symlinks=not by_path)
+            if isinstance(target, int):
+                os.chown(target, uid, gid)
+            else:
+                deep_path.chown(target, uid, gid)
         except OSError as exc:
             notes.append(_partial(exc, "owner"))
-    if "m" in e and not (by_path and e["t"] == "l"):
+    if "m" in e and (isinstance(target, int) or e["t"] != "l"):
         try:
-            os.chmod(target, e["m"])
+            if isinstance(target, int):
+                os.chmod(target, e["m"])
+            else:
+                deep_path.chmod(target, e["m"])
         except OSError as exc:
             notes.append(_partial(exc, "permission bits"))
     if "x" in e or "acl" in e:
-        notes += apply_xattrs(target, e.get("x", {}), e.get("acl"), *_id_maps(numeric_owner))
+        where = target if isinstance(target, int) else deep_path.xattr_path(target)
+        notes += apply_xattrs(where, e.get("x", {}), e.get("acl"), *_id_maps(numeric_owner))
     if "mt" in e:
         try:
-            os.utime(target, ns=(e.get("at", e["mt"]), e["mt"]), follow_symlinks=not by_path)
+            ns = (e.get("at", e["mt"]), e["mt"])
+            if isinstance(target, int):
+                os.utime(target, ns=ns)
+            else:
+                deep_path.utime(target, ns)
         except OSError as exc:
             notes.append(_partial(exc, "times"))
     return notes
@@ -217,7 +228,7 @@ def remove_existing(path: bytes, keep_regular: bool = False, as_root: bool = Fal
     """Clear the way for a restored item (a directory in the way is an error). An immutable or
     append-only file in the way is unlocked as root, else refused with a clear message."""
     try:
-        st = os.lstat(path)
+        st = deep_path.lstat(path)
     except FileNotFoundError:
         return
     if stat.S_ISDIR(st.st_mode):
@@ -225,10 +236,10 @@ def remove_existing(path: bytes, keep_regular: bool = False, as_root: bool = Fal
     if keep_regular and stat.S_ISREG(st.st_mode):
         return
     try:
-        os.unlink(path)
+        deep_path.unlink(path)
     except PermissionError:
         if not stat.S_ISREG(st.st_mode) or not locked_flags(path):
             raise
         if not (as_root and unlock(path)):
             raise PermissionError(errno.EPERM, locked_message(path)) from None
-        os.unlink(path)
+        deep_path.unlink(path)

@@ -20,6 +20,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from bunker.backup import deep_path
 from bunker.backup.runlog import display_path
 
 # <linux/fs.h>: _IOR('f', 1, long) and _IOW('f', 2, long); the kernel reads and writes an int
@@ -87,7 +88,7 @@ def set_flags_fd(fd: int, fl: int) -> None:
 def open_for_flags(path: bytes) -> int:
     """Open a regular file or directory to read or change its flags, never following a symlink and
     never opening anything else (a fifo would block, a device could act); raises OSError."""
-    fd = os.open(path, _OPEN_META)
+    fd = deep_path.open(path, _OPEN_META)
     try:
         mode = os.fstat(fd).st_mode
     except OSError:
@@ -407,7 +408,7 @@ def inode_meta(fd: int) -> tuple[dict[str, Any], list[str]]:
 def path_meta(path: bytes) -> tuple[dict[str, Any], list[str]]:
     """The ``x`` and ``acl`` keys of an item that is never opened (symlink, fifo, device, socket)."""
     meta: dict[str, Any] = {}
-    x, acl, problems = read_xattrs(path)
+    x, acl, problems = read_xattrs(deep_path.xattr_path(path))
     if x:
         meta["x"] = x
     if acl:

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bunker import encoding
+from bunker.backup import deep_path
 from bunker.backup.file_writer import (
     MetaNote,
     Piece,
@@ -116,7 +117,8 @@ class Restorer:
 
     # ------------------------------------------------------------------ restoring
     def restore(self, root: bytes, paths: list[str]) -> RestoreStats:
-        os.makedirs(self.target, exist_ok=True)
+        deep_path.forget()  # directories cached by an earlier run in this process may be gone
+        deep_path.makedirs(self.target)
         dirs: list[tuple[bytes, dict[str, Any]]] = []
         self._procs = RestorePool(self.reader.repo.backend.url, self.reader.secrets, self._as_root, self.numeric_owner)
         try:
@@ -129,7 +131,7 @@ class Restorer:
                         continue
                     entry = self.find(root, p)
                     parent = os.path.join(self.target, *comps[:-1])
-                    os.makedirs(parent, exist_ok=True)
+                    deep_path.makedirs(parent)
                     self._restore_entry(entry, os.path.join(parent, comps[-1]), dirs, False)
                 self._flush_batch()
                 with self._all_done:
@@ -233,7 +235,7 @@ class Restorer:
             try:
                 if not fresh:
                     remove_existing(full, as_root=self._as_root)
-                os.symlink(e["lt"], full)
+                deep_path.symlink(e["lt"], full)
             except OSError as exc:
                 self._failed(full, exc, "cannot create symlink")
                 return
@@ -246,16 +248,20 @@ class Restorer:
         """Create a directory: True if created empty, False if an existing one is reused, None on failure."""
         created = True
         try:
-            os.mkdir(path, 0o700)
+            deep_path.mkdir(path, 0o700)
         except FileExistsError:
             if parent_fresh:  # a name twice in one tree: never from a valid snapshot
                 self._failed(path, FileExistsError(errno.EEXIST, "duplicate name in the snapshot"), "skipped")
                 return None
             created = False
-            if os.path.islink(path) or not os.path.isdir(path):
+            try:
+                is_dir = stat.S_ISDIR(deep_path.lstat(path).st_mode)  # a symlink to one is not
+            except OSError:
+                is_dir = False
+            if not is_dir:
                 try:
                     remove_existing(path, as_root=self._as_root)
-                    os.mkdir(path, 0o700)
+                    deep_path.mkdir(path, 0o700)
                     created = True
                 except OSError as exc:
                     self._failed(path, exc, "cannot create directory")
@@ -369,9 +375,9 @@ class Restorer:
         try:
             if not fresh:
                 remove_existing(path, as_root=self._as_root)
-            os.link(first, path, follow_symlinks=False)
+            deep_path.link(first, path)
         except OSError as exc:
-            if os.path.lexists(first):
+            if deep_path.lexists(first):
                 if exc.errno == errno.ENOSPC:
                     self._failed(path, exc, "cannot create hard link")
                     return
@@ -405,12 +411,12 @@ class Restorer:
             if not fresh:
                 remove_existing(path, as_root=self._as_root)
             if t == "p":
-                os.mkfifo(path, 0o600)
+                deep_path.mkfifo(path, 0o600)
             elif t in "cb":
                 major, minor = e["dev"]
-                os.mknod(path, (stat.S_IFCHR if t == "c" else stat.S_IFBLK) | 0o600, os.makedev(major, minor))
+                deep_path.mknod(path, (stat.S_IFCHR if t == "c" else stat.S_IFBLK) | 0o600, os.makedev(major, minor))
             else:
-                os.mknod(path, stat.S_IFSOCK | 0o600)  # a socket file needs no root (nor bind)
+                deep_path.mknod(path, stat.S_IFSOCK | 0o600)  # a socket file needs no root (nor bind)
         except PermissionError as exc:
             if t not in "cb":
                 self._failed(path, exc, "cannot create special file")

@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import BinaryIO
 
+from bunker.backup import deep_path
 from bunker.backup import files_cache as fc
-from bunker.backup.chunker import cut, make_cdc
-from bunker.backup.fsmeta import DataReader, hole_bytes, hole_map
+from bunker.backup.chunker import file_pieces, make_cdc
 from bunker.backup.runlog import display_path
 from bunker.crypto.derive import keyed_hash
 from bunker.repo import blob
@@ -55,30 +53,49 @@ class Verifier:
         self.report = VerifyReport()
 
     def run(self, paths: list[str]) -> VerifyReport:
+        """Verify the regular files at or below ``paths``."""
+        deep_path.forget()  # directories cached by an earlier run in this process may be gone
         for p in paths:
             top = os.fsencode(os.path.abspath(p))
             try:
-                st = os.lstat(top)
+                st = deep_path.lstat(top)
             except OSError as exc:
                 self.report.unreadable.append((display_path(top), exc.strerror or str(exc)))
                 continue
             if stat.S_ISDIR(st.st_mode):
-                for dirpath, dirnames, filenames in os.walk(top):
-                    dirnames.sort()
-                    record = self.cache.load_dir(dirpath)
-                    for name in sorted(filenames):
-                        self._file(os.path.join(dirpath, name), name, record)
+                self._walk(top)
             else:
                 parent, name = os.path.split(top)
-                self._file(top, name, self.cache.load_dir(parent))
+                self._file(top, name, st, self.cache.load_dir(parent))
         return self.report
 
-    def _file(self, path: bytes, name: bytes, record: fc.DirRecord) -> None:
-        try:
-            st = os.lstat(path)
-        except OSError as exc:
-            self.report.unreadable.append((display_path(path), exc.strerror or str(exc)))
-            return
+    def _walk(self, top: bytes) -> None:
+        """Each directory's files in name order, then its subdirectories (like os.walk, which
+        cannot reach paths longer than PATH_MAX); symlinks are not followed."""
+        stack = [top]
+        while stack:
+            dirpath = stack.pop()
+            try:
+                names = sorted(deep_path.listdir(dirpath))
+            except OSError as exc:
+                self.report.unreadable.append((display_path(dirpath), exc.strerror or str(exc)))
+                continue
+            record = self.cache.load_dir(dirpath)
+            subdirs = []
+            for name in names:
+                path = os.path.join(dirpath, name)
+                try:
+                    st = deep_path.lstat(path)
+                except OSError as exc:
+                    self.report.unreadable.append((display_path(path), exc.strerror or str(exc)))
+                    continue
+                if stat.S_ISDIR(st.st_mode):
+                    subdirs.append(path)
+                else:
+                    self._file(path, name, st, record)
+            stack += reversed(subdirs)
+
+    def _file(self, path: bytes, name: bytes, st: os.stat_result, record: fc.DirRecord) -> None:
         if not stat.S_ISREG(st.st_mode):
             return
         shown = display_path(path)
@@ -88,17 +105,9 @@ class Verifier:
             self.report.changed.append(shown)
         try:
             # the data regions of a sparse file, holes left out, exactly as a backup reads it
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+            fd = deep_path.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
             with os.fdopen(fd, "rb") as f:
-                holes = hole_map(fd, st.st_size)
-                os.lseek(fd, 0, os.SEEK_SET)
-                stream: BinaryIO | DataReader = DataReader(fd, st.st_size, holes) if holes else f
-                if st.st_size - hole_bytes(holes) <= self.cdc.min_size:
-                    data = stream.read_all() if isinstance(stream, DataReader) else f.read()
-                    pieces: Iterable[bytes | memoryview] = cut(self.cdc, data)
-                else:
-                    pieces = (bytes(c.data) for c in self.cdc.cut_stream(stream))
-                for piece in pieces:
+                for piece in file_pieces(f, st.st_size, self.cdc):
                     self.report.bytes += len(piece)
                     cid = blob.chunk_id(self.secrets, piece)
                     loc = self.index.get(cid)
