@@ -21,15 +21,14 @@ import os
 import stat
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import BinaryIO
 
 from pyfastcdc import FastCDC
 
 from bunker import dirs
+from bunker.backup import deep_path
 from bunker.backup.chain import ChainHead, load_head, save_head
-from bunker.backup.chunker import cut, make_cdc
+from bunker.backup.chunker import file_pieces, make_cdc
 from bunker.backup.files_cache import FilesCache, lookup
-from bunker.backup.fsmeta import DataReader, hole_bytes, hole_map
 from bunker.backup.run import client_tag
 from bunker.backup.runlog import LEVELS, display_path
 from bunker.crypto.derive import PutSecrets
@@ -190,7 +189,7 @@ class _Recovery:
                     continue
                 path = os.path.join(dirpath, fname)
                 try:
-                    st = os.lstat(path)
+                    st = deep_path.lstat(path)
                 except OSError:
                     continue
                 if stat.S_ISREG(st.st_mode) and lookup(record, fname, st) is not None:
@@ -215,16 +214,8 @@ class _Recovery:
 def _file_chunks(
     path: bytes, st: os.stat_result, cdc: FastCDC, secrets: PutSecrets
 ) -> Iterator[tuple[bytes, bytes | memoryview]]:
-    """(chunk id, data) of a regular file, holes left out, cut exactly as a backup cuts it."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    """(chunk id, data) of a regular file, cut exactly as a backup cuts it."""
+    fd = deep_path.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     with os.fdopen(fd, "rb") as f:
-        holes = hole_map(fd, st.st_size)
-        os.lseek(fd, 0, os.SEEK_SET)
-        stream: BinaryIO | DataReader = DataReader(fd, st.st_size, holes) if holes else f
-        pieces: Iterable[bytes | memoryview]
-        if st.st_size - hole_bytes(holes) <= cdc.min_size:
-            pieces = cut(cdc, stream.read_all() if isinstance(stream, DataReader) else f.read())
-        else:
-            pieces = (bytes(c.data) for c in cdc.cut_stream(stream))
-        for piece in pieces:
+        for piece in file_pieces(f, st.st_size, cdc):
             yield blob.chunk_id(secrets, piece), piece
