@@ -91,8 +91,16 @@ def main() -> None:
                     ssh.url(work / "repo-sftp"),
                     {k: v for k, v in ssh.env().items() if k.startswith("BUNKER_SSH")},
                 )
+            elif b == "ssh":  # `bunker serve --stdio` through the same kind of sshd (needs root)
+                ssh = start_sshd(work / "sshd-serve")
+                servers.append(ssh)
+                extra = {k: v for k, v in ssh.env().items() if k.startswith("BUNKER_SSH")}
+                urls[b] = (
+                    f"ssh://root@127.0.0.1:{ssh.port}{work / 'repo-ssh'}",
+                    {**extra, "BUNKER_REMOTE_PATH": args.bunker},
+                )
             else:
-                raise SystemExit(f"unknown backend {b!r} (local, s3, sftp)")
+                raise SystemExit(f"unknown backend {b!r} (local, s3, sftp, ssh)")
         for rep in range(1, args.reps + 1):
             for b, (url, extra) in urls.items():
                 home = work / f"home-{b}-{rep}"

@@ -1,0 +1,427 @@
+"""`bunker serve`: one local repository directory offered over the serve protocol.
+
+The server runs on stdin/stdout (`serve --stdio`: started by ssh, a forced command in
+authorized_keys, inetd or a systemd socket unit) or on a unix socket (`serve --socket`, a thread
+per connection). Every connection:
+
+- reads the client's hello, answers with its own (the version both speak, append-only or not,
+  the frame limit) or with a refusal: no common version, a client asking for another repository
+  path than the one served (the path given to `serve --repo` is the only one a client can reach);
+- reads requests and hands them to a small thread pool; replies are written under a lock, in the
+  order they finish. Memory is bounded: at most MAX_INFLIGHT requests and MAX_INFLIGHT_BYTES of
+  request bodies are held at once (the reader waits, and with it the client);
+- validates every name with the backend's rules before any filesystem call (the backend does it
+  again);
+- in append-only mode, creates objects but never replaces one (a put of an existing name answers
+  "exists"), refuses deletes except under ``sessions/``, and refuses bytes that do not match a
+  hash name: a compromised client cannot destroy or spoil what is stored.
+
+A client that breaks the protocol (garbage, an oversized length) gets a PROTOCOL frame saying why,
+and the connection is closed; the server itself never crashes on input.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import stat
+import sys
+import threading
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+from bunker import __version__, encoding
+from bunker.errors import BunkerError, ExitCode, ObjectMissing
+from bunker.repo.objects import content_hash, is_hash_name
+from bunker.storage import wire
+from bunker.storage.backend import InvalidName, validate_name, validate_prefix
+from bunker.storage.local import LocalBackend
+
+WORKERS = 4  # requests handled at once per connection (the client runs 2-3 threads)
+MAX_INFLIGHT = 16  # requests read and not yet answered
+MAX_INFLIGHT_BYTES = 2 * wire.MAX_FRAME  # request bodies held at once
+
+
+def log(message: str) -> None:
+    """One line on stderr (ssh passes it to the client; systemd to the journal)."""
+    with contextlib.suppress(OSError, ValueError):
+        sys.stderr.write(f"bunker serve: {message}\n")
+        sys.stderr.flush()
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    """What one server offers: the repository directory and whether it is append-only."""
+
+    repo: str
+    append_only: bool = False
+
+
+class _Bad(Exception):
+    """A request the server answers with a status other than OK."""
+
+    def __init__(self, status: int, message: str, hint: str = "") -> None:
+        super().__init__(message)
+        self.status, self.message, self.hint = status, message, hint
+
+
+class _Budget:
+    """Bytes of request bodies held at once (the reader waits for room)."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.used = limit, 0
+        self.cond = threading.Condition()
+
+    def take(self, n: int) -> None:
+        with self.cond:
+            while self.used and self.used + n > self.limit:
+                self.cond.wait()
+            self.used += n
+
+    def give(self, n: int) -> None:
+        with self.cond:
+            self.used -= n
+            self.cond.notify_all()
+
+
+class Session:
+    """One client connection on ``stream``."""
+
+    def __init__(self, stream: wire.Stream, config: ServeConfig, peer: str = "the client") -> None:
+        self.stream, self.config, self.peer = stream, config, peer
+        self.backend: LocalBackend | None = None
+        self._wlock = threading.Lock()
+        self._broken = False  # the reply stream failed: the client is gone
+
+    # ------------------------------------------------------------------ the connection
+
+    def run(self) -> int:
+        """Serve until the client closes the connection; return the exit code for `serve --stdio`
+        (0 after a clean end, FATAL after a protocol violation or a refused handshake)."""
+        try:
+            if not self._handshake():
+                return ExitCode.FATAL
+            return self._serve()
+        finally:
+            self.stream.close()
+            if self.backend is not None:
+                self.backend.close()
+
+    def _hello_error(self, message: str, hint: str, code: int = ExitCode.FATAL) -> None:
+        log(f"refused the connection: {message}")
+        with contextlib.suppress(OSError):
+            self.stream.write(wire.encode_hello({"version": 0, "error": {"m": message, "h": hint, "x": code}}))
+
+    def _handshake(self) -> bool:
+        try:
+            hello = wire.read_hello(self.stream, self.peer)
+        except wire.ConnectionClosed as exc:
+            if not exc.clean:
+                log(f"the client left during the handshake: {exc.message}")
+            return False
+        except (wire.ProtocolError, OSError) as exc:
+            self._hello_error(str(exc), "connect with `bunker` of a version that has `serve` (0.1 or later)")
+            return False
+        mine = (wire.VERSION_MIN, wire.VERSION_MAX)
+        version = wire.choose_version(mine, (hello.vmin, hello.vmax))
+        if not version:
+            self._hello_error(
+                f"the client speaks serve protocol versions {hello.vmin} to {hello.vmax}, this server "
+                f"(bunker {__version__}) speaks {mine[0]} to {mine[1]}",
+                "install the same bunker version on the client and on the server",
+            )
+            return False
+        requested = hello.fields.get("repo")
+        create = hello.fields.get("create") is True
+        if requested is not None:
+            if not isinstance(requested, str) or not requested or "\x00" in requested:
+                self._hello_error("the client asked for a malformed repository path", "", ExitCode.USAGE)
+                return False
+            if os.path.realpath(requested) != os.path.realpath(self.config.repo):
+                self._hello_error(
+                    f"this server serves only the repository {self.config.repo}, not {wire.text(requested, 500)}",
+                    f"use the repository path {self.config.repo} in the URL (the server's `serve --repo`, "
+                    "e.g. a forced command in authorized_keys, fixes it)",
+                    ExitCode.NO_REPOSITORY,
+                )
+                return False
+        try:
+            self.backend = LocalBackend(self.config.repo, create=create)
+        except BunkerError as exc:
+            self._hello_error(exc.message, exc.hint, exc.exit_code)
+            return False
+        fields = {
+            "version": version,
+            "server": __version__,
+            "repo": self.config.repo,
+            "append_only": self.config.append_only,
+            "create_if_absent": True,
+            "max_frame": wire.MAX_FRAME,
+        }
+        try:
+            self.stream.write(wire.encode_hello(fields))
+        except OSError:
+            return False
+        return True
+
+    def _serve(self) -> int:
+        pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="bunker-serve")
+        slots = threading.BoundedSemaphore(MAX_INFLIGHT)
+        budget = _Budget(MAX_INFLIGHT_BYTES)
+        rc = 0
+        try:
+            while not self._broken:
+                try:
+                    length, rid, code, meta_len = wire.read_header(self.stream, wire.MAX_FRAME, self.peer)
+                    if rid == 0:
+                        raise wire.ProtocolError(f"{self.peer} sent a request with id 0 (reserved)", "")
+                    slots.acquire()
+                    budget.take(length)
+                    try:
+                        frame = wire.read_body(self.stream, rid, code, length, meta_len, self.peer)
+                    except BaseException:
+                        slots.release()
+                        budget.give(length)
+                        raise
+                except wire.ConnectionClosed as exc:
+                    if not exc.clean:
+                        log(f"the client left in the middle of a request: {exc.message}")
+                    break
+                except wire.ProtocolError as exc:
+                    log(f"closed the connection: {exc.message}")
+                    self._reply(0, wire.PROTOCOL, {"m": exc.message})
+                    rc = ExitCode.FATAL
+                    break
+                except OSError as exc:
+                    log(f"the connection failed: {exc}")
+                    break
+
+                def done(_: object, n: int = length) -> None:
+                    budget.give(n)
+                    slots.release()
+
+                pool.submit(self._handle, frame).add_done_callback(done)
+        finally:
+            pool.shutdown(wait=True)
+        return rc
+
+    def _reply(self, rid: int, status: int, meta: dict[str, Any], payload: bytes | memoryview = b"") -> None:
+        with self._wlock:
+            if self._broken:
+                return
+            try:
+                wire.write_frame(self.stream, rid, status, meta, payload)
+            except OSError:
+                self._broken = True  # the client is gone; the reader sees it too
+
+    # ------------------------------------------------------------------ requests
+
+    def _handle(self, frame: wire.Frame) -> None:
+        try:
+            status, meta, payload = self._dispatch(frame)
+        except _Bad as exc:
+            status, meta, payload = exc.status, {"m": exc.message, "h": exc.hint}, b""
+            if exc.status == wire.REFUSED:
+                log(exc.message)
+        except ObjectMissing:
+            status, meta, payload = wire.MISSING, {}, b""
+        except InvalidName as exc:
+            status, meta, payload = wire.INVALID, {"m": exc.message, "h": exc.hint}, b""
+        except BunkerError as exc:
+            status, meta, payload = wire.FAILED, {"m": exc.message, "h": exc.hint}, b""
+            log(str(exc))
+        except Exception as exc:  # a bug must not take the server down: report it instead
+            log("internal error:\n" + traceback.format_exc())
+            status, meta = wire.FAILED, {"m": f"internal error in bunker serve: {type(exc).__name__}: {exc}"}
+            meta["h"] = "this is a bug in bunker; please report it with the server's log"
+            payload = b""
+        self._reply(frame.rid, status, meta, payload)
+
+    def _dispatch(self, f: wire.Frame) -> tuple[int, dict[str, Any], bytes | memoryview]:
+        b = self.backend
+        assert b is not None
+        m = f.meta
+        if f.code == wire.PUT:
+            name = validate_name(_str(m, "n"))
+            if_absent = _bool(m, "x")
+            if self.config.append_only:
+                if is_hash_name(name) and content_hash(f.payload) != name.split("/", 1)[1]:
+                    raise _Bad(
+                        wire.REFUSED,
+                        f"refused to store {name}: its bytes do not match its name",
+                        "the client is broken or compromised: run `bunker check` on the client's data",
+                    )
+                if_absent = True  # never replace an object
+            stored = b.put(name, f.payload, if_absent=if_absent)
+            return (wire.OK if stored else wire.EXISTS), {}, b""
+        if f.code == wire.GET:
+            return self._get(b, validate_name(_str(m, "n")), _int(m, "o"), _opt_int(m, "l"))
+        if f.code == wire.LIST:
+            return self._list(b, validate_prefix(_str(m, "p")), _str(m, "a", ""))
+        if f.code == wire.DELETE:
+            name = validate_name(_str(m, "n"))
+            if self.config.append_only and not name.startswith("sessions/"):
+                raise _Bad(
+                    wire.REFUSED,
+                    f"refused to delete {name}: this server is append-only (only sessions/ objects may be deleted)",
+                    "deleting (prune, index merges) needs a server started without --append-only",
+                )
+            b.delete(name)
+            return wire.OK, {}, b""
+        if f.code == wire.STAT:
+            info = b.stat(validate_name(_str(m, "n")))
+            if info is None:
+                return wire.MISSING, {}, b""
+            return wire.OK, {"s": info.size, "t": info.mtime}, b""
+        if f.code == wire.PING:
+            return wire.OK, {}, b""
+        raise _Bad(wire.INVALID, f"unknown request code {f.code}", "the client is newer than this server")
+
+    def _get(self, b: LocalBackend, name: str, offset: int, length: int | None) -> tuple[int, dict[str, Any], bytes]:
+        if length is not None and length < 0:
+            raise _Bad(wire.INVALID, f"negative length {length} for {name}")
+        if length is None or length > wire.MAX_PAYLOAD:
+            # an answer must fit in one frame: look at the size before reading
+            info = b.stat(name)
+            if info is None:
+                raise ObjectMissing(name)
+            start = max(0, info.size + offset) if offset < 0 else min(offset, info.size)
+            want = info.size - start if length is None else min(length, info.size - start)
+            if want > wire.MAX_PAYLOAD:
+                return wire.TOO_LARGE, {"s": info.size}, b""
+        return wire.OK, {}, b.get(name, offset, length)
+
+    def _list(self, b: LocalBackend, prefix: str, after: str) -> tuple[int, dict[str, Any], bytes]:
+        entries = sorted((i for i in b.list(prefix) if i.name > after), key=lambda i: i.name)
+        page = entries[: wire.LIST_PAGE]
+        payload = encoding.pack([[i.name[len(prefix) :], i.size, i.mtime] for i in page])
+        return wire.OK, {"more": len(entries) > len(page)}, payload
+
+
+def _str(m: dict[str, Any], key: str, default: str | None = None) -> str:
+    v = m.get(key, default)
+    if not isinstance(v, str):
+        raise _Bad(wire.INVALID, f"request field {key!r} is missing or not text")
+    return v
+
+
+def _int(m: dict[str, Any], key: str) -> int:
+    v = m.get(key, 0)
+    if not isinstance(v, int) or isinstance(v, bool) or abs(v) > 1 << 62:
+        raise _Bad(wire.INVALID, f"request field {key!r} is not an integer in range")
+    return v
+
+
+def _opt_int(m: dict[str, Any], key: str) -> int | None:
+    return None if m.get(key) is None else _int(m, key)
+
+
+def _bool(m: dict[str, Any], key: str) -> bool:
+    v = m.get(key, False)
+    if not isinstance(v, bool):
+        raise _Bad(wire.INVALID, f"request field {key!r} is not true or false")
+    return v
+
+
+# --------------------------------------------------------------------------- the two front ends
+
+
+def serve_stdio(config: ServeConfig) -> int:
+    """Serve one client on stdin/stdout (ssh, inetd, systemd Accept=yes); return the exit code."""
+    rfd, wfd = os.dup(0), os.dup(1)
+    # nothing else may ever write into the protocol stream: stray output goes to stderr
+    os.dup2(2, 1)
+    devnull = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(devnull, 0)
+    os.close(devnull)
+    return Session(wire.FdStream(rfd, wfd), config).run()
+
+
+class SocketServer:
+    """`serve --socket PATH`: a unix socket, a thread per connection."""
+
+    def __init__(self, path: str, config: ServeConfig, mode: int = 0o600) -> None:
+        self.path, self.config = os.path.abspath(path), config
+        self._stop = threading.Event()
+        self.sock = _listen(self.path, mode)
+        self._threads: list[threading.Thread] = []
+
+    def serve_forever(self) -> None:
+        """Accept connections until close() (polls the stop flag twice a second)."""
+        self.sock.settimeout(0.5)
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                if self._stop.is_set():
+                    break
+                raise
+            conn.settimeout(None)
+            t = threading.Thread(target=self._one, args=(conn,), name="bunker-serve-conn", daemon=True)
+            t.start()
+            self._threads = [x for x in self._threads if x.is_alive()] + [t]
+
+    def _one(self, conn: socket.socket) -> None:
+        with contextlib.suppress(Exception):
+            Session(wire.SocketStream(conn), self.config).run()
+
+    def start(self) -> SocketServer:
+        """Serve in a background thread (for embedding, e.g. tests)."""
+        threading.Thread(target=self.serve_forever, name="bunker-serve-accept", daemon=True).start()
+        return self
+
+    def close(self) -> None:
+        """Stop accepting and remove the socket file (open connections end on their own)."""
+        self._stop.set()
+        with contextlib.suppress(OSError):
+            self.sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.path)
+
+
+def _listen(path: str, mode: int) -> socket.socket:
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        st = None
+    if st is not None:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise BunkerError(
+                f"{path} exists and is not a socket",
+                "choose another --socket path, or remove that file if it is not needed",
+                exit_code=ExitCode.USAGE,
+            )
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)  # left by a server that is gone
+        else:
+            raise BunkerError(
+                f"another server already listens on {path}",
+                "stop it first, or choose another --socket path",
+                exit_code=ExitCode.USAGE,
+            )
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o777 & ~mode)  # the socket is never reachable with wider permissions
+    try:
+        sock.bind(path)
+    except OSError as exc:
+        sock.close()
+        raise BunkerError(
+            f"cannot listen on {path}: {exc.strerror or exc}",
+            "choose a --socket path in a directory this user may write",
+            exit_code=ExitCode.FATAL,
+        ) from None
+    finally:
+        os.umask(old)
+    os.chmod(path, mode)
+    sock.listen(64)
+    return sock

@@ -1,0 +1,479 @@
+"""Reaching a `bunker serve`: URLs, the ssh child process or the unix socket, the handshake, and
+what a failed connection means (host key unknown or changed, login refused, no bunker on the far
+side, a dropped connection) in words and next steps."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import re
+import shlex
+import socket
+import subprocess
+import threading
+from collections import deque
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import IO, Any, Protocol
+from urllib.parse import quote, unquote, urlsplit
+
+from bunker import __version__
+from bunker.errors import BunkerError, ExitCode, StorageError
+from bunker.storage import wire
+
+DEFAULT_REMOTE_PATH = "bunker"
+REMOTE_PATH_VAR = "BUNKER_REMOTE_PATH"
+IDENTITY_VAR = "BUNKER_SSH_IDENTITY"
+KNOWN_HOSTS_VAR = "BUNKER_SSH_KNOWN_HOSTS"
+DEFAULT_PORT = 22
+_URL_HINT = (
+    "write it as ssh://USER@HOST:PORT/ABSOLUTE/PATH (ssh://USER@HOST/~/PATH below the login directory) or "
+    "unix:///PATH/TO/SOCKET"
+)
+
+
+class Lost(Exception):
+    """A connection that failed in a way a new connection may cure (retried)."""
+
+
+# ------------------------------------------------------------------------------------------ URLs
+
+
+@dataclass(frozen=True)
+class RemoteLocation:
+    """A parsed ``ssh://`` or ``unix://`` URL. For ssh, ``path`` is the repository directory on
+    the server (absolute, or relative to the login directory); for unix, ``path`` is the socket."""
+
+    scheme: str
+    path: str
+    host: str = ""
+    port: int | None = None
+    user: str | None = None
+
+    @property
+    def url(self) -> str:
+        """The canonical URL: what messages show and worker processes reopen."""
+        if self.scheme == "unix":
+            return "unix://" + quote(self.path, safe="/")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        user = quote(self.user, safe="") + "@" if self.user else ""
+        port = f":{self.port}" if self.port is not None else ""
+        path = self.path if self.path.startswith("/") else "/~" + ("" if self.path == "." else "/" + self.path)
+        return f"ssh://{user}{host}{port}{quote(path, safe='/~')}"
+
+    @property
+    def host_port(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}" if self.port is not None else host
+
+    @property
+    def where(self) -> str:
+        """How messages name the place."""
+        if self.scheme == "unix":
+            return f"the bunker server at {self.path}"
+        path = self.path if self.path.startswith("/") else "~/" + ("" if self.path == "." else self.path)
+        return f"the bunker server on {self.host_port} (ssh), repository {path}"
+
+    def ssh_command(self) -> str:
+        """The ssh command line that tests the same login."""
+        port = f"-p {self.port} " if self.port is not None and self.port != DEFAULT_PORT else ""
+        user = f"{self.user}@" if self.user else ""
+        return f"ssh {port}{user}{self.host}"
+
+
+def parse_remote_url(url: str) -> RemoteLocation:
+    """Parse ``ssh://[user@]host[:port]/path`` (``/~/path``: below the login directory) or
+    ``unix:///path/to/socket``."""
+    parts = urlsplit(url)
+    if parts.query or parts.fragment:
+        raise wire.usage(f"{parts.scheme}:// URLs take no parameters ({url!r})", _URL_HINT)
+    raw = unquote(parts.path)
+    if parts.scheme == "unix":
+        if parts.netloc not in ("", "localhost") or not raw.startswith("/") or "\x00" in raw:
+            raise wire.usage(f"{url!r} names no socket path", _URL_HINT)
+        return RemoteLocation("unix", os.path.normpath(raw))
+    if parts.scheme != "ssh":
+        raise wire.usage(f"{url!r} is not an ssh:// or unix:// URL", _URL_HINT)
+    if parts.password is not None:
+        raise wire.usage(
+            "a password does not belong in the repository URL",
+            "remove it: ssh logs in with your keys (ssh-agent, ~/.ssh/id_*, or BUNKER_SSH_IDENTITY)",
+        )
+    host = parts.hostname or ""
+    if not host or host.startswith("-") or any(c.isspace() or ord(c) < 32 or c in "/\\" for c in host):
+        raise wire.usage(f"{url!r} names no usable host", _URL_HINT)
+    try:
+        port = parts.port
+    except ValueError:
+        raise wire.usage(f"the port of {url!r} is not a number from 1 to 65535", _URL_HINT) from None
+    if port == 0:
+        raise wire.usage(f"the port of {url!r} is not a number from 1 to 65535", _URL_HINT)
+    user = unquote(parts.username) if parts.username else None
+    if user is not None and (user.startswith("-") or any(c.isspace() or ord(c) < 32 for c in user)):
+        raise wire.usage(f"the user name in {url!r} is not usable", _URL_HINT)
+    segments = [s for s in raw.split("/") if s]
+    relative = bool(segments) and segments[0] == "~"
+    if relative:
+        segments = segments[1:]
+    for s in segments:
+        if s in (".", "..", "~") or any(ord(c) < 32 or c == "\\" for c in s):
+            raise wire.usage(f"the path {parts.path!r} of {url!r} is not usable", "use plain names separated by /")
+    if relative:
+        path = "/".join(segments) or "."
+    else:
+        if not segments:
+            raise wire.usage(f"{url!r} names no directory for the repository", _URL_HINT)
+        path = "/" + "/".join(segments)
+    return RemoteLocation("ssh", path, host, port, user)
+
+
+# ------------------------------------------------------------------------------------ openers
+
+
+class Opener(Protocol):
+    """Makes handshaken connections to one server."""
+
+    test_hint: str
+
+    def open(self, *, create: bool) -> tuple[wire.Stream, Callable[[], str], dict[str, Any]]: ...
+
+    def close(self) -> None: ...
+
+
+def opener_for(loc: RemoteLocation, env: Mapping[str, str], timeout: float) -> Opener:
+    """The opener for ``loc``'s scheme."""
+    return UnixOpener(loc, timeout) if loc.scheme == "unix" else SshOpener(loc, env, timeout)
+
+
+def handshake(stream: wire.Stream, fields: dict[str, Any], timeout: float, where: str) -> dict[str, Any]:
+    """Exchange hellos (bounded by ``timeout``); return the server's fields, or raise the server's
+    refusal as a BunkerError. Raises wire.ConnectionClosed / OSError when the stream ends first."""
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            stream.write(wire.encode_hello(fields))
+            result["hello"] = wire.read_hello(stream, where)
+        except BaseException as exc:
+            result["error"] = exc
+
+    t = threading.Thread(target=run, name="bunker-remote-hello", daemon=True)
+    t.start()
+    t.join(timeout)
+    if t.is_alive():
+        stream.close()
+        t.join(5)
+        raise Lost(f"no handshake within {timeout:g} s (BUNKER_STORAGE_TIMEOUT)")
+    if "error" in result:
+        raise result["error"]
+    hello: wire.Hello = result["hello"]
+    f = hello.fields
+    err = f.get("error")
+    if isinstance(err, dict):
+        code = err.get("x")
+        raise BunkerError(
+            f"{where} refused the connection: {wire.text(err.get('m'))}",
+            wire.text(err.get("h")) or "ask the server's administrator",
+            exit_code=code if isinstance(code, int) and 0 < code < 64 else ExitCode.FATAL,
+        )
+    expected = wire.choose_version((wire.VERSION_MIN, wire.VERSION_MAX), (hello.vmin, hello.vmax))
+    if not expected or f.get("version") != expected:
+        raise StorageError(
+            f"{where} speaks serve protocol versions {hello.vmin} to {hello.vmax}; this bunker ({__version__}) "
+            f"speaks {wire.VERSION_MIN} to {wire.VERSION_MAX}",
+            "install the same bunker version on the client and on the server",
+            exit_code=ExitCode.FATAL,
+        )
+    return f
+
+
+class UnixOpener:
+    """Connects to ``bunker serve --socket``."""
+
+    def __init__(self, loc: RemoteLocation, timeout: float) -> None:
+        self.loc, self.timeout = loc, timeout
+        self.test_hint = f"`bunker serve --socket {loc.path} --repo DIR` must be running"
+
+    def open(self, *, create: bool) -> tuple[wire.Stream, Callable[[], str], dict[str, Any]]:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.loc.path)
+        except (FileNotFoundError, ConnectionRefusedError) as exc:
+            sock.close()
+            raise Lost(f"no bunker server listens at {self.loc.path} ({exc.strerror})") from None
+        except PermissionError:
+            sock.close()
+            raise StorageError(
+                f"may not connect to the bunker server at {self.loc.path}: permission denied",
+                "the socket's owner and mode decide who may use it (`bunker serve --socket-mode`); ask the "
+                "server's administrator to let this user in",
+                exit_code=ExitCode.FATAL,
+            ) from None
+        except OSError as exc:
+            sock.close()
+            raise Lost(f"cannot connect to {self.loc.path}: {exc.strerror or exc}") from None
+        sock.settimeout(None)
+        stream = wire.SocketStream(sock)
+        try:
+            fields = handshake(stream, {"create": create, "client": __version__}, self.timeout, self.loc.where)
+        except (wire.ConnectionClosed, OSError) as exc:
+            stream.close()
+            raise Lost(f"the server closed the connection during the handshake ({exc})") from None
+        except BaseException:
+            stream.close()
+            raise
+        return stream, lambda: "", fields
+
+    def close(self) -> None:
+        """Nothing to release: each connection's socket is closed with it."""
+
+
+_HOST_KEY = re.compile(r"^debug1: Server host key: (\S+) (SHA256:[A-Za-z0-9+/=]+)")
+_SSH_CHATTER = ("debug", "OpenSSH_", "Transferred: ", "Bytes per second: ", "Authenticated to ")
+
+
+class _Tail:
+    """Drains a pipe (ssh's stderr, at -v) in a thread, keeping its last lines (without ssh's
+    debug chatter) and the host key the server presented."""
+
+    def __init__(self, pipe: IO[bytes]) -> None:
+        self.lines: deque[str] = deque(maxlen=40)
+        self.host_key = ""  # "ssh-ed25519 SHA256:..."
+        self.thread = threading.Thread(target=self._run, args=(pipe,), name="bunker-ssh-stderr", daemon=True)
+        self.thread.start()
+
+    def _run(self, pipe: IO[bytes]) -> None:
+        with contextlib.suppress(OSError, ValueError):
+            for raw in iter(lambda: pipe.readline(4096), b""):
+                line = wire.text(raw.decode("utf-8", "replace").rstrip("\r\n"), 400)
+                m = _HOST_KEY.match(line)
+                if m:
+                    self.host_key = f"{m.group(1)} {m.group(2)}"
+                elif line.strip() and not line.startswith(_SSH_CHATTER):
+                    self.lines.append(line)
+
+    def text(self) -> str:
+        return "\n".join(self.lines)
+
+
+class _ProcStream:
+    """The ssh child's stdout (read) and stdin (write)."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdin is not None and proc.stdout is not None
+        self.proc = proc
+        self._r = proc.stdout
+        self._wfd = proc.stdin.fileno()
+        self._closed = False
+
+    def readinto(self, buf: memoryview) -> int:
+        return self._r.readinto(buf) or 0  # type: ignore[attr-defined]  # an unbuffered FileIO
+
+    def write(self, data: bytes | memoryview) -> None:
+        view = memoryview(data).cast("B")
+        while view:
+            n = os.write(self._wfd, view)
+            view = view[n:]
+
+    def close(self) -> None:
+        """Close the pipes without waiting: ssh is reaped in the background (a frozen server
+        must not hold up the retry on a new connection)."""
+        if self._closed:
+            return
+        self._closed = True
+        # closing stdin ends `bunker serve` (end of input) and then ssh; kill what lingers
+        for f in (self.proc.stdin, self.proc.stdout):
+            with contextlib.suppress(OSError):
+                if f is not None:
+                    f.close()
+        threading.Thread(target=self.reap, name="bunker-ssh-reap", daemon=True).start()
+
+    def reap(self, patience: float = 2.0) -> int | None:
+        """Wait for ssh to end (kill it after ``patience`` seconds); its exit code."""
+        try:
+            return self.proc.wait(patience)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(2)
+            return self.proc.returncode
+
+
+@functools.cache
+def _hardware_aes() -> bool:
+    """Whether the CPU has AES instructions (x86 "aes", arm64 "aes" feature); else ssh's
+    default (chacha20-poly1305) is the faster cipher."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    return "aes" in line.split(":", 1)[1].split()
+    except OSError:
+        pass
+    return False
+
+
+class SshOpener:
+    """Runs ``ssh ... <remote path> serve --stdio --repo PATH`` (OpenSSH client, BatchMode)."""
+
+    def __init__(self, loc: RemoteLocation, env: Mapping[str, str], timeout: float) -> None:
+        self.loc, self.timeout = loc, timeout
+        self.remote_path = (env.get(REMOTE_PATH_VAR) or DEFAULT_REMOTE_PATH).strip()
+        if not self.remote_path or any(ord(c) < 32 for c in self.remote_path):
+            raise wire.usage(
+                f"{REMOTE_PATH_VAR} / --remote-path {self.remote_path!r} is not a usable command",
+                "give the server's bunker command, e.g. --remote-path /usr/local/bin/bunker",
+            )
+        self.identity = env.get(IDENTITY_VAR) or None
+        self.known_hosts = env.get(KNOWN_HOSTS_VAR) or None
+        for var, path in ((IDENTITY_VAR, self.identity), (KNOWN_HOSTS_VAR, self.known_hosts)):
+            if path is not None and not os.access(path, os.R_OK):
+                raise wire.usage(
+                    f"{var}={path} is not a readable file",
+                    f"point {var} at an existing file, or unset it to use the defaults in ~/.ssh",
+                )
+        self.test_hint = f"`{loc.ssh_command()}` should log in"
+        self._streams: list[_ProcStream] = []
+
+    def argv(self) -> list[str]:
+        """The ssh command line (no shell involved on this side)."""
+        # -v: its debug lines name the server's host key (for the message when it is not trusted)
+        argv = ["ssh", "-v", "-T", "-x", "-a", "-o", "BatchMode=yes", "-o", "ClearAllForwardings=yes"]
+        argv += ["-o", f"ConnectTimeout={max(1, round(self.timeout))}", "-o", "ServerAliveInterval=30"]
+        if _hardware_aes():
+            # AES-GCM first (the rest of ssh's default list after it): measured 233 MB/s against
+            # chacha20-poly1305's 162 MB/s over loopback on an AES-NI machine
+            argv += ["-o", "Ciphers=^aes128-gcm@openssh.com,aes256-gcm@openssh.com"]
+        if self.loc.port is not None:
+            argv += ["-p", str(self.loc.port)]
+        if self.identity:
+            argv += ["-i", self.identity]
+        if self.known_hosts:
+            argv += ["-o", f"UserKnownHostsFile={self.known_hosts}"]
+        if self.loc.user:
+            argv += ["-l", self.loc.user]
+        # the far side's shell runs this line: the remote path as given (it may hold arguments,
+        # e.g. "/opt/venv/bin/python -m bunker"), the repository path quoted
+        remote = f"{self.remote_path} serve --stdio --repo {shlex.quote(self.loc.path)}"
+        return [*argv, "--", self.loc.host, remote]
+
+    def open(self, *, create: bool) -> tuple[wire.Stream, Callable[[], str], dict[str, Any]]:
+        self.close()
+        try:
+            # a session of its own: the terminal's Ctrl-C reaches bunker, which ends ssh itself
+            proc = subprocess.Popen(
+                self.argv(),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                bufsize=0,
+                start_new_session=True,
+            )
+        except FileNotFoundError:
+            raise BunkerError(
+                "the ssh command is not installed on this machine",
+                "install the OpenSSH client (Debian: `apt install openssh-client`)",
+                exit_code=ExitCode.FATAL,
+            ) from None
+        assert proc.stderr is not None
+        tail = _Tail(proc.stderr)
+        stream = _ProcStream(proc)
+        self._streams.append(stream)
+
+        def describe() -> str:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                proc.wait(1)
+            tail.thread.join(0.5)
+            last = tail.lines[-1] if tail.lines else ""
+            return f"; ssh: {last}" if last else ""
+
+        fields = {"repo": self.loc.path, "create": create, "client": __version__}
+        try:
+            return stream, describe, handshake(stream, fields, self.timeout, self.loc.where)
+        except (wire.ConnectionClosed, OSError):
+            stream.close()
+            rc = stream.reap(5)
+            tail.thread.join(2)
+            raise self._failure(rc, tail.text(), tail.host_key) from None
+        except wire.ProtocolError as exc:
+            stream.close()
+            stream.reap(5)
+            tail.thread.join(2)
+            raise StorageError(
+                exc.message,
+                f"run `{self.loc.ssh_command()} {self.remote_path} --version`: it must print only bunker's version "
+                "(a shell startup file that prints text breaks the connection)",
+                exit_code=ExitCode.FATAL,
+            ) from None
+        except BaseException:
+            stream.close()
+            raise
+
+    def close(self) -> None:
+        """End every ssh process this opener started."""
+        streams, self._streams = self._streams, []
+        for s in streams:
+            s.close()
+
+    def _failure(self, rc: int | None, err: str, host_key: str) -> BaseException:
+        """What an ssh that ended before the handshake means (see docs/user-guide.md)."""
+        loc = self.loc
+        kh = self.known_hosts or "~/.ssh/known_hosts"
+        port = loc.port if loc.port is not None else DEFAULT_PORT
+        keyscan = f"ssh-keyscan {'-p ' + str(port) + ' ' if port != DEFAULT_PORT else ''}{loc.host}"
+        said = err.strip().splitlines()
+        last = said[-1] if said else f"exit code {rc}"
+        if "REMOTE HOST IDENTIFICATION HAS CHANGED" in err:
+            fp = re.search(r"SHA256:[A-Za-z0-9+/=]+", host_key or err)
+            entry = f"[{loc.host}]:{port}" if port != DEFAULT_PORT else loc.host
+            return StorageError(
+                f"refused to connect to {loc.host_port}: its host key changed"
+                + (f" (it now presents {fp.group(0)})" if fp else "")
+                + f", which does not match the key recorded in {kh}. Someone may be intercepting the connection, "
+                "or the server was reinstalled",
+                "ask the server's administrator for its key's fingerprint (on the server: `ssh-keygen -lf "
+                f"/etc/ssh/ssh_host_ed25519_key.pub`); only if it matches, remove the old entry with "
+                f"`ssh-keygen -R '{entry}' -f {kh}` and trust the new key with `{keyscan} >> {kh}`",
+                exit_code=ExitCode.FATAL,
+            )
+        if "Host key verification failed" in err or re.search(r"No \S+ host key is known", err):
+            presents = f". The server presents the {host_key.replace(' ', ' key ')}" if host_key else ""
+            return StorageError(
+                f"refused to connect to {loc.host_port}: its host key is unknown (not in {kh}){presents}",
+                f"compare `{keyscan} | ssh-keygen -lf -` with the server's own `ssh-keygen -lf "
+                f"/etc/ssh/ssh_host_ed25519_key.pub`; if they match, trust it with `{keyscan} >> {kh}` and run "
+                "the command again",
+                exit_code=ExitCode.FATAL,
+            )
+        if "Permission denied (" in err or "Too many authentication failures" in err:
+            return StorageError(
+                f"the ssh server {loc.host_port} refused the login ({last})",
+                "bunker logs in with the keys of your ssh-agent (SSH_AUTH_SOCK), ~/.ssh/id_* and BUNKER_SSH_IDENTITY; "
+                "add the public key to ~/.ssh/authorized_keys of the user on the server and check that "
+                f"`{loc.ssh_command()}` logs in without a password",
+                exit_code=ExitCode.FATAL,
+            )
+        if rc == 127 or "command not found" in err or re.search(r": not found$", err, re.M):
+            return StorageError(
+                f"the server {loc.host_port} has no command `{self.remote_path}` ({last})",
+                "install bunker on the server, or name its bunker command with --remote-path CMD or "
+                f"{REMOTE_PATH_VAR} (e.g. /usr/local/bin/bunker, or '/opt/bunker/bin/python -m bunker')",
+                exit_code=ExitCode.FATAL,
+            )
+        if "No such command 'serve'" in err or "No such option: --stdio" in err:
+            return StorageError(
+                f"the bunker on {loc.host_port} (`{self.remote_path}`) cannot serve a repository: it is too old",
+                "install this bunker version on the server",
+                exit_code=ExitCode.FATAL,
+            )
+        if rc == 255:
+            # ssh's own failures that a retry may cure: refused or timed-out connects, drops
+            return Lost(f"ssh could not connect ({last})")
+        return StorageError(
+            f"`{self.remote_path} serve` on {loc.host_port} ended before the handshake ({last})",
+            f"check that `{loc.ssh_command()} {self.remote_path} --version` prints bunker's version; name another "
+            f"command with --remote-path CMD or {REMOTE_PATH_VAR}",
+            exit_code=ExitCode.FATAL,
+        )
