@@ -1,32 +1,34 @@
-"""Object-store backends through Apache OpenDAL: S3 and S3-compatible services.
+"""Object-store backends through Apache OpenDAL: one generic backend for every service.
 
-``s3://bucket/prefix?endpoint=http://127.0.0.1:9000&region=us-east-1&path_style=true``
+The services (S3, GCS, Azure Blob, Backblaze B2, WebDAV) differ only in their URL and how their
+OpenDAL operator is configured: that lives in ``bunker.storage.services``.
 
-- Every put is one PUT request (OpenDAL sends a single PutObject when the whole object is written
-  in one call and no chunk size is set): an object is visible whole or not at all, and a killed
-  upload leaves nothing behind. Never multipart: a refused or killed multipart upload leaves
-  invisible parts that OpenDAL can neither list nor abort (DESIGN.md §6).
-- Create-if-absent uses a conditional PUT (``If-None-Match: *``) where the service supports it,
+- Every put is one write request (OpenDAL sends a single PutObject / Put Blob / PUT when the
+  whole object is written in one call and no chunk size is set): an object is visible whole or
+  not at all, and a killed upload leaves nothing behind. Never multipart: a refused or killed
+  multipart upload leaves invisible parts that OpenDAL can neither list nor abort (DESIGN.md §6).
+  A service whose PUT is not atomic on the server (WebDAV: many servers write straight into the
+  target file) gets *staged* writes: a PUT to a hidden temporary name, then a MOVE over the name.
+- Create-if-absent uses a conditional write (``If-None-Match: *``) where the service has one,
   else a stat followed by a put (not atomic: ``capabilities()`` says so; nothing depends on it).
 - Transient failures (timeouts, 5xx, throttling, dropped connections) are retried by OpenDAL's
   RetryLayer with exponential backoff and jitter, a bounded number of times
   (BUNKER_STORAGE_RETRIES, BUNKER_STORAGE_RETRY_DELAY); each request is bounded by a
   TimeoutLayer (BUNKER_STORAGE_TIMEOUT). What still fails becomes a BunkerError naming the object,
   the endpoint and the next step.
-- Object times are the server's Last-Modified (lease ages are judged by them).
-
-The backend class takes any OpenDAL operator: GCS, Azure Blob, B2 and WebDAV will only need their
-URL parsing (issue 4).
+- Object times are the server's (Last-Modified, getlastmodified): lease ages are judged by them.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import secrets
+import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, NoReturn, cast
-from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit
 
 import opendal
 import opendal.exceptions as ox
@@ -35,25 +37,43 @@ from opendal.layers import RetryLayer, TimeoutLayer
 from bunker.errors import BunkerError, ExitCode, ObjectMissing, StorageError
 from bunker.storage.backend import Backend, Capabilities, InvalidName, ObjectInfo, validate_name
 
-DEFAULT_REGION = "us-east-1"
 DEFAULT_RETRIES = 5  # retries after the first attempt: 0.5+1+2+4+8 s of backoff, up to twice that with jitter
 DEFAULT_RETRY_DELAY = 0.5
 MAX_RETRY_DELAY = 30.0
 DEFAULT_TIMEOUT = 60.0  # per control request (stat, list, delete); IO requests get twice that
 
 # every exception class of the binding (they share no base class besides Exception)
-_OPENDAL_ERRORS: tuple[type[Exception], ...] = tuple(
+OPENDAL_ERRORS: tuple[type[Exception], ...] = tuple(
     v for v in vars(ox).values() if isinstance(v, type) and issubclass(v, Exception)
 )
-_S3_PARAMS = ("endpoint", "region", "path_style")
-_BUCKET = re.compile(r"^[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]$")
-_REGION = re.compile(r"^[a-z0-9][a-z0-9-]{0,62}$")
-_BOOL = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}
-_CREDENTIAL_VARS = "AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary credentials)"
+_RANGE_PAST_END = ("too little data", "status: 416", "content range is invalid")
+# staged writes go to a hidden name first: the leading dot makes it an invalid object name, so
+# listings never show it; one left by a killed upload is removed by a later listing once stale
+TMP_MARK = ".bunker-tmp-"
+STALE_TMP_AGE = 24 * 3600.0
 
 
-def _usage(message: str, hint: str) -> BunkerError:
+def usage_error(message: str, hint: str) -> BunkerError:
+    """A bad repository URL or setting: exit code USAGE, nothing was sent anywhere."""
     return BunkerError(message, hint, exit_code=ExitCode.USAGE)
+
+
+@dataclass(frozen=True)
+class ServiceInfo:
+    """What error messages say about one kind of object store."""
+
+    label: str  # "S3", "Azure Blob Storage"...
+    credentials: str  # where the credentials come from: "X and Y, or Z" (follows "set ")
+    endpoint_hint: str  # where the endpoint is set, for "did not answer" errors
+    # service error codes (or message parts) that mean the bucket / container is not there
+    missing_bucket: tuple[str, ...] = ()
+
+
+GENERIC = ServiceInfo(
+    "object store",
+    "the credentials the repository URL's service needs (see the user guide's Repository URLs)",
+    "the endpoint in the repository URL",
+)
 
 
 @dataclass(frozen=True)
@@ -77,7 +97,7 @@ class RetryPolicy:
             except ValueError:
                 v = float("nan")
             if not lo <= v <= hi:
-                raise _usage(f"{var}={raw!r} is not a number from {lo:g} to {hi:g}", f"fix or unset {var}")
+                raise usage_error(f"{var}={raw!r} is not a number from {lo:g} to {hi:g}", f"fix or unset {var}")
             return v
 
         return cls(
@@ -107,14 +127,29 @@ class ObjectStoreBackend(Backend):
     """A repository under a prefix of an object store, through one OpenDAL operator.
 
     ``op`` must be rooted at the repository's prefix (object names are relative to it);
-    ``endpoint`` is what error messages call the place (e.g. ``http://127.0.0.1:9000 bucket b``).
+    ``endpoint`` is what error messages call the place (e.g. ``http://127.0.0.1:9000 bucket b``);
+    ``service`` what they say about credentials and endpoints. ``staged`` writes each object to
+    a hidden temporary name and renames it, for services whose PUT is not atomic on the server.
     """
 
-    def __init__(self, op: opendal.Operator, url: str, endpoint: str) -> None:
+    def __init__(
+        self,
+        op: opendal.Operator,
+        url: str,
+        endpoint: str,
+        *,
+        service: ServiceInfo = GENERIC,
+        staged: bool = False,
+    ) -> None:
         self._op = op
         self.url = url
         self.endpoint = endpoint
-        self._if_not_exists = bool(op.capability().write_with_if_not_exists)
+        self.service = service
+        self._staged = staged
+        cap = op.capability()
+        if staged and not cap.rename:
+            raise ValueError("staged writes need a service that can rename")
+        self._if_not_exists = bool(cap.write_with_if_not_exists)
 
     # ------------------------------------------------------------------ the interface
 
@@ -122,6 +157,11 @@ class ObjectStoreBackend(Backend):
         # the binding takes any buffer (its stub says bytes); no copy of a 16 MiB pack here
         data = cast(bytes, data)
         try:
+            if self._staged:
+                if if_absent and self._stat(name) is not None:
+                    return False
+                self._staged_write(name, data)
+                return True
             if not if_absent:
                 self._op.write(name, data)
                 return True
@@ -137,7 +177,7 @@ class ObjectStoreBackend(Backend):
                 return False
             self._op.write(name, data)
             return True
-        except _OPENDAL_ERRORS as exc:
+        except OPENDAL_ERRORS as exc:
             self._fail(exc, "write", name)
 
     def _get(self, name: str, offset: int, length: int | None) -> bytes:
@@ -153,20 +193,26 @@ class ObjectStoreBackend(Backend):
             except ox.RangeNotSatisfied:
                 pass  # starts at or past the end (or the object is empty)
             except ox.Unexpected as exc:
-                if "too little data" not in str(exc):
+                # the range runs past the end ("too little data"), or starts there: a 416 that
+                # OpenDAL did not classify (wsgidav), or Azurite's "bytes 10-9/10" answer for an
+                # empty tail. Read what is there, after a stat.
+                if not any(m in str(exc) for m in _RANGE_PAST_END):
                     raise
-                # the range runs past the end: read what is there
             return self._get_known_size(name, offset, length)
-        except _OPENDAL_ERRORS as exc:
+        except OPENDAL_ERRORS as exc:
             self._fail(exc, "read", name)
 
     def _list(self, prefix: str) -> Iterator[ObjectInfo]:
         try:
+            # a missing prefix (WebDAV: no collection yet) lists as empty in OpenDAL
             for entry in self._op.list(prefix):
                 path = entry.path
                 if path.endswith("/") or not path.startswith(prefix):
                     continue  # the prefix itself, or a "directory" below it
                 meta = entry.metadata
+                if self._staged and path[len(prefix) :].startswith(TMP_MARK):
+                    self._sweep(path, meta.last_modified)
+                    continue
                 if meta.last_modified is None:  # not every service lists times: ask for them
                     try:
                         validate_name(path)
@@ -177,7 +223,7 @@ class ObjectStoreBackend(Backend):
                         yield info
                     continue
                 yield ObjectInfo(path, meta.content_length, meta.last_modified.timestamp())
-        except _OPENDAL_ERRORS as exc:
+        except OPENDAL_ERRORS as exc:
             self._fail(exc, "list", prefix)
 
     def _delete(self, name: str) -> None:
@@ -185,7 +231,7 @@ class ObjectStoreBackend(Backend):
             self._op.delete(name)  # a missing object is not an error (S3 answers 204 either way)
         except ox.NotFound:
             pass
-        except _OPENDAL_ERRORS as exc:
+        except OPENDAL_ERRORS as exc:
             self._fail(exc, "delete", name)
 
     def _stat(self, name: str) -> ObjectInfo | None:
@@ -193,20 +239,51 @@ class ObjectStoreBackend(Backend):
             meta = self._op.stat(name)
         except ox.NotFound:
             return None
-        except _OPENDAL_ERRORS as exc:
+        except OPENDAL_ERRORS as exc:
             self._fail(exc, "stat", name)
         mtime = meta.last_modified.timestamp() if meta.last_modified is not None else 0.0
         return ObjectInfo(name, meta.content_length, mtime)
 
     def capabilities(self) -> Capabilities:
+        """Create-if-absent only where the service has a conditional write (a stat-then-put or
+        a staged write checked first is not atomic); times are the server's."""
         return Capabilities(
-            create_if_absent=self._if_not_exists, server_side_time=True, range_merge_gap=4 << 20, remote=True
+            create_if_absent=self._if_not_exists and not self._staged,
+            server_side_time=True,
+            range_merge_gap=4 << 20,
+            remote=True,
         )
 
     def close(self) -> None:
         """OpenDAL pools its connections per operator; they go with it."""
 
     # ------------------------------------------------------------------ helpers
+
+    def _staged_write(self, name: str, data: bytes) -> None:
+        """PUT to a hidden name beside ``name``, then rename (WebDAV MOVE, Overwrite: T) over it:
+        a reader sees the old object or the new one, never a half-written file."""
+        head, _, _ = name.rpartition("/")
+        tmp = (head + "/" if head else "") + TMP_MARK + secrets.token_hex(8)
+        self._op.write(tmp, data)
+        try:
+            self._op.rename(tmp, name)
+        except ox.NotFound:
+            # a retried MOVE whose first attempt landed finds no source: done if the object is there
+            info = self._stat(name)
+            if info is None or info.size != len(data):
+                raise
+        except OPENDAL_ERRORS:
+            with contextlib.suppress(*OPENDAL_ERRORS):  # else a later listing sweeps it once stale
+                self._op.delete(tmp)
+            raise
+
+    def _sweep(self, path: str, mtime: Any) -> None:
+        """Remove a temporary object a killed upload left behind, once a day old (by the
+        server's time; best effort: another run sweeps it otherwise)."""
+        if mtime is None or time.time() - mtime.timestamp() < STALE_TMP_AGE:
+            return
+        with contextlib.suppress(*OPENDAL_ERRORS):
+            self._op.delete(path)
 
     def _read(self, name: str, **kw: Any) -> bytes:
         try:
@@ -234,10 +311,10 @@ class ObjectStoreBackend(Backend):
         return self._read(name, offset=offset, size=end - offset)
 
     def _fail(self, exc: Exception, what: str, name: str) -> NoReturn:
-        raise storage_error(exc, what, name, self.endpoint) from None
+        raise storage_error(exc, what, name, self.endpoint, self.service) from None
 
 
-def _describe(exc: Exception) -> str:
+def describe_error(exc: Exception) -> str:
     """The useful part of an OpenDAL error: the service's error code and message, or the
     underlying cause (e.g. ``tcp connect error: Connection refused``), without the backtrace."""
     text = str(exc)
@@ -255,36 +332,39 @@ def _describe(exc: Exception) -> str:
     return head or type(exc).__name__
 
 
-def storage_error(exc: Exception, what: str, name: str, endpoint: str) -> StorageError:
+def storage_error(exc: Exception, what: str, name: str, endpoint: str, service: ServiceInfo = GENERIC) -> StorageError:
     """A failure that retrying did not cure, as a user-facing error: transient kinds (no answer,
     5xx, throttling) say the repository cannot be reached (exit 13); the rest are fatal (exit 4)."""
-    detail = _describe(exc)
+    detail = describe_error(exc)
     text = str(exc)
     first = text.split("\n", 1)[0]
     where = f"{what} {name} at {endpoint}"
-    if "signing credential" in text:
+    # fetching a token (GCS, Azure AD) can fail for want of a network: that is no answer, not bad keys
+    if ("signing credential" in text or "signing http request" in text) and "error sending request" not in text:
         return StorageError(
-            f"could not {where}: no usable credentials ({detail})",
-            f"set {_CREDENTIAL_VARS}, or AWS_PROFILE naming a profile in ~/.aws/credentials",
+            f"could not {where}: no usable credentials for {service.label} ({detail})",
+            f"set {service.credentials}",
             exit_code=ExitCode.FATAL,
         )
-    if isinstance(exc, ox.PermissionDenied):
+    if isinstance(exc, ox.PermissionDenied) or "status: 401" in text:
         return StorageError(
             f"could not {where}: access denied ({detail})",
-            f"check the credentials ({_CREDENTIAL_VARS}, or AWS_PROFILE) and that they may read, write, list and "
+            f"check the credentials ({service.credentials}) and that they may read, write, list and "
             "delete under the repository's prefix",
             exit_code=ExitCode.FATAL,
         )
-    if "NoSuchBucket" in text:
+    if any(code in text for code in service.missing_bucket):
         return StorageError(
-            f"could not {where}: the bucket does not exist ({detail})",
-            "check the bucket name in --repo / BUNKER_REPO, or create the bucket first",
+            f"could not {where}: the bucket or container does not exist ({detail})",
+            "check its name in --repo / BUNKER_REPO, or create it first (bunker never creates one)",
             exit_code=ExitCode.NO_REPOSITORY,
         )
-    if "(persistent)" in first or "(temporary)" in first or isinstance(exc, ox.RateLimited):
+    unsent = "error sending request" in text
+    if "(persistent)" in first or "(temporary)" in first or unsent or isinstance(exc, ox.RateLimited):
         return StorageError(
-            f"could not {where}: the object store did not answer or kept failing ({detail}), also after retrying",
-            "check the endpoint (endpoint= in the URL or AWS_ENDPOINT_URL), the network and the service's status, "
+            f"could not {where}: the {service.label} server did not answer or kept failing ({detail}), "
+            "also after retrying",
+            f"check the endpoint ({service.endpoint_hint}), the network and the service's status, "
             "then run the command again; BUNKER_STORAGE_RETRIES and BUNKER_STORAGE_RETRY_DELAY set how long "
             "bunker keeps retrying",
             exit_code=ExitCode.NO_REPOSITORY,
@@ -296,142 +376,10 @@ def storage_error(exc: Exception, what: str, name: str, endpoint: str) -> Storag
     )
 
 
-# ---------------------------------------------------------------------------------------------- S3
+def __getattr__(name: str) -> Any:
+    """The S3 URL helpers moved to bunker.storage.services; old imports keep working."""
+    if name in ("open_s3", "parse_s3_url", "S3Location"):
+        from bunker.storage import services
 
-
-@dataclass(frozen=True)
-class S3Location:
-    """A parsed ``s3://`` repository URL."""
-
-    bucket: str
-    prefix: str  # "" or "a/b" (no leading or trailing slash)
-    endpoint: str | None
-    region: str
-    path_style: bool
-
-    @property
-    def url(self) -> str:
-        """The canonical URL: what error messages show and worker processes reopen."""
-        query: dict[str, str] = {}
-        if self.endpoint:
-            query["endpoint"] = self.endpoint
-        query["region"] = self.region
-        query["path_style"] = "true" if self.path_style else "false"
-        path = "/" + quote(self.prefix) if self.prefix else ""
-        return f"s3://{self.bucket}{path}?{urlencode(query, safe=':/')}"
-
-    @property
-    def where(self) -> str:
-        return f"{self.endpoint or 'AWS S3 (' + self.region + ')'}, bucket {self.bucket}" + (
-            f", prefix {self.prefix}/" if self.prefix else ""
-        )
-
-
-def parse_s3_url(url: str, env: Mapping[str, str] | None = None) -> S3Location:
-    """Parse ``s3://bucket[/prefix][?endpoint=URL&region=R&path_style=true|false]``; the endpoint
-    defaults to AWS_ENDPOINT_URL, the region to AWS_REGION / AWS_DEFAULT_REGION / us-east-1."""
-    env = os.environ if env is None else env
-    hint = "write it as s3://BUCKET/PREFIX?endpoint=https://HOST:PORT&region=REGION&path_style=true"
-    parts = urlsplit(url)
-    if parts.scheme != "s3":
-        raise _usage(f"{url!r} is not an s3:// URL", hint)
-    if parts.username is not None or parts.password is not None:
-        raise _usage(
-            "credentials do not belong in the repository URL",
-            f"remove them from the URL and set {_CREDENTIAL_VARS} (or AWS_PROFILE) instead",
-        )
-    bucket = parts.netloc
-    if not _BUCKET.match(bucket) or ".." in bucket:
-        raise _usage(f"{bucket!r} is not a valid S3 bucket name", hint)
-    segments = [s for s in unquote(parts.path).split("/") if s]
-    for s in segments:
-        if s in (".", "..") or any(ord(c) < 32 or c == "\\" for c in s):
-            raise _usage(f"the prefix {parts.path!r} of {url!r} is not usable", "use plain names separated by /")
-    params: dict[str, str] = {}
-    for k, v in parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False):
-        if k not in _S3_PARAMS:
-            raise _usage(
-                f"unknown parameter {k!r} in the repository URL", f"s3:// URLs take {', '.join(_S3_PARAMS)}: {hint}"
-            )
-        if k in params:
-            raise _usage(f"parameter {k!r} is given twice in the repository URL", hint)
-        params[k] = v
-    endpoint = params.get("endpoint") or env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL") or None
-    if endpoint is not None:
-        ep = urlsplit(endpoint)
-        if ep.scheme not in ("http", "https") or not ep.netloc or ep.query or ep.fragment:
-            raise _usage(f"endpoint {endpoint!r} is not an http:// or https:// URL", hint)
-        endpoint = endpoint.rstrip("/")
-    region = params.get("region") or env.get("AWS_REGION") or env.get("AWS_DEFAULT_REGION") or DEFAULT_REGION
-    if not _REGION.match(region):
-        raise _usage(f"{region!r} is not a valid region name", hint)
-    if "path_style" in params:
-        flag = _BOOL.get(params["path_style"].lower())
-        if flag is None:
-            raise _usage(f"path_style={params['path_style']!r} is neither true nor false", hint)
-        path_style = flag
-    else:
-        path_style = endpoint is not None  # S3-compatible servers (MinIO, Ceph...) usually want path style
-    return S3Location(bucket, "/".join(segments), endpoint, region, path_style)
-
-
-def _s3_credentials(env: Mapping[str, str]) -> dict[str, str]:
-    """Explicit keys from the environment, else nothing (OpenDAL then reads AWS_PROFILE and the
-    shared config files); refuse clearly when no source of credentials is there at all."""
-    key, secret = env.get("AWS_ACCESS_KEY_ID"), env.get("AWS_SECRET_ACCESS_KEY")
-    if key and secret:
-        out = {"access_key_id": key, "secret_access_key": secret}
-        if env.get("AWS_SESSION_TOKEN"):
-            out["session_token"] = env["AWS_SESSION_TOKEN"]
-        return out
-    if key or secret:
-        missing = "AWS_SECRET_ACCESS_KEY" if key else "AWS_ACCESS_KEY_ID"
-        raise BunkerError(
-            f"{missing} is not set (the other half of the access key is)",
-            f"set both {_CREDENTIAL_VARS}",
-            exit_code=ExitCode.FATAL,
-        )
-    if env.get("AWS_PROFILE"):
-        return {"profile": env["AWS_PROFILE"]}
-    home = os.path.expanduser("~")
-    files = (
-        env.get("AWS_SHARED_CREDENTIALS_FILE") or os.path.join(home, ".aws", "credentials"),
-        env.get("AWS_CONFIG_FILE") or os.path.join(home, ".aws", "config"),
-    )
-    if any(os.path.isfile(f) for f in files) or env.get("AWS_WEB_IDENTITY_TOKEN_FILE"):
-        return {}
-    raise BunkerError(
-        "no credentials for the object store",
-        f"set {_CREDENTIAL_VARS}, or AWS_PROFILE naming a profile in ~/.aws/credentials",
-        exit_code=ExitCode.FATAL,
-    )
-
-
-def open_s3(url: str, *, create: bool = False, env: Mapping[str, str] | None = None) -> ObjectStoreBackend:
-    """The backend for an ``s3://`` URL. Nothing is created: the bucket must exist, and need not be
-    empty (`init` refuses a prefix that already holds a repository). ``create`` changes nothing."""
-    del create  # an object store has no directories to make
-    env = os.environ if env is None else env
-    loc = parse_s3_url(url, env)
-    cfg: dict[str, str] = {
-        "bucket": loc.bucket,
-        "root": "/" + loc.prefix + "/" if loc.prefix else "/",
-        "region": loc.region,
-        "enable_virtual_host_style": "false" if loc.path_style else "true",
-        # credentials come from the environment or the profile files only: never probe the EC2
-        # instance metadata address (a long hang anywhere but on EC2)
-        "disable_ec2_metadata": "true",
-    }
-    if loc.endpoint:
-        cfg["endpoint"] = loc.endpoint
-    cfg.update(_s3_credentials(env))
-    policy = RetryPolicy.from_env(env)
-    try:
-        op = opendal.Operator("s3", **cfg)
-    except _OPENDAL_ERRORS as exc:
-        raise BunkerError(
-            f"cannot use the repository URL {loc.url}: {_describe(exc)}",
-            "check the URL's parameters",
-            exit_code=ExitCode.USAGE,
-        ) from None
-    return ObjectStoreBackend(policy.apply(op), loc.url, loc.where)
+        return getattr(services, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
