@@ -17,12 +17,13 @@ from dataclasses import dataclass, field
 
 from bunker import dirs, encoding
 from bunker.backup.chain import load_head
-from bunker.backup.run import Lease, client_tag
+from bunker.backup.run import client_tag
 from bunker.crypto.keyfile import PutKey
 from bunker.errors import BunkerError, CorruptObject, ObjectMissing
 from bunker.node.spool import Spool, verify_by_name
 from bunker.node.vanished import Repaired, drop_superseded, repair_spooled_chain
 from bunker.repo import refs
+from bunker.repo.leases import Lease
 from bunker.repo.objects import content_hash, is_hash_name
 from bunker.repo.repository import Repository
 from bunker.repo.snapshot import parse_snapshot
@@ -84,7 +85,7 @@ def forward(
         spool.clear_leftovers()
         return report
     cert = repo.check_put_key(put)
-    lease = Lease(repo, put, cert.client, cert.name, kind="forward")
+    lease = Lease(repo, put.client_key, cert.client, cert.name, "forward")
     lease.write()
     lock = threading.Lock()
     try:

@@ -22,8 +22,17 @@ def new_session_id() -> str:
     return pysecrets.token_hex(12)
 
 
-def make_lease(session: str, counter: int, client: str, kind: str, signer: SigningKey, cert: str) -> tuple[str, bytes]:
-    """A lease object (name, bytes) valid LEASE_SECONDS after the storage stored it."""
+def make_lease(
+    session: str,
+    counter: int,
+    client: str,
+    kind: str,
+    signer: SigningKey,
+    cert: str,
+    checkpoint: dict[str, Any] | None = None,
+) -> tuple[str, bytes]:
+    """A lease object (name, bytes) valid LEASE_SECONDS after the storage stored it; a backup's
+    lease may carry its latest checkpoint (what it finished so far, see backup/checkpoint.py)."""
     body = {
         "session": session,
         "counter": counter,
@@ -31,16 +40,18 @@ def make_lease(session: str, counter: int, client: str, kind: str, signer: Signi
         "kind": kind,
         "expires_after": LEASE_SECONDS,
         "written": time.time(),
-        "checkpoint": None,
+        "checkpoint": checkpoint,
     }
     return f"sessions/{session}.{counter}", make_signed(MAGIC_SESSION, body, signer, cert)
 
 
-def parse_lease(data: bytes) -> dict[str, Any]:
+def parse_lease(data: bytes) -> tuple[dict[str, Any], str]:
+    """(body, signer certificate name) of a lease; the caller verifies the signature if it acts
+    on the lease's content (a checkpoint), not just on its existence."""
     obj = parse_signed(data, MAGIC_SESSION)
     encoding.field(obj.body, "session", str)
     encoding.field(obj.body, "expires_after", int)
-    return obj.body
+    return obj.body, obj.signer
 
 
 def make_retirement(snapshot: str, reason: str, signer: SigningKey, cert: str) -> bytes:
