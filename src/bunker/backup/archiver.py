@@ -37,6 +37,8 @@ from bunker.backup.chunker import cut, make_cdc
 from bunker.backup.excludes import PSEUDO_FILESYSTEMS, Excludes, mount_types
 from bunker.backup.file_reader import MAX_REREADS, ReadOutcome, read_all, read_stable
 from bunker.backup.fsmeta import DataReader, hole_bytes, inode_meta, name_acl, path_meta
+from bunker.backup.partial import VirtualFrame, partial_root
+from bunker.backup.resume import PartialFiles, Tracked
 from bunker.backup.runlog import RunLog
 from bunker.backup.small_files import SmallFilePool
 from bunker.repo import blob
@@ -179,6 +181,7 @@ class Archiver:
             "files_changed": 0,
             "files_unchanged": 0,
             "errors": 0,
+            "bytes_resumed": 0,
         }
         self._last_tick = time.monotonic()
         self._small_pool = SmallFilePool(writer.secrets, chunker, small_workers)
@@ -191,6 +194,13 @@ class Archiver:
         self._links: dict[tuple[int, int], _Link] = {}
         self._reading_links: dict[int, _Link] = {}
         self._link_ids: set[int] = set()
+        # what is in progress, for checkpoints (partial.py): the walk stack, the virtual
+        # ancestors of the named paths, the entry of "/" when "/" itself is backed up
+        self._wstack: list[DirJob] = []
+        self._vframes: list[VirtualFrame] = []
+        self._root_entry: dict[str, Any] | None = None
+        self.checkpoint: Callable[[], None] | None = None  # called from the main thread's ticks
+        self.partial_files = PartialFiles(files_cache, writer.index.locations)
 
     # ------------------------------------------------------------------ chunking
     def _cdc(self) -> FastCDC:
@@ -207,10 +217,11 @@ class Archiver:
             if not w.known(cid):
                 w.store(cid, piece)
 
-    def store_stream(self, f: BinaryIO | _Readable) -> tuple[list[bytes], int]:
-        """Chunk and store a stream; return (chunk ids, bytes read)."""
-        out: list[bytes] = []
-        total = 0
+    def store_stream(self, f: BinaryIO | _Readable, track: Tracked | None = None) -> tuple[list[bytes], int]:
+        """Chunk and store a stream; return (chunk ids, bytes read). ``track``: a large file
+        being read (resume.py), perhaps from where a killed run stopped."""
+        out: list[bytes] = [p[0] for p in track.pairs] if track else []
+        total = sum(int(p[1]) for p in track.pairs) if track else 0
         w = self.writer
         for c in self._cdc().cut_stream(f):
             cid = blob.chunk_id(w.secrets, c.data)
@@ -218,6 +229,8 @@ class Archiver:
             total += c.length
             if not w.known(cid):
                 w.store(cid, c.data)
+            if track is not None:
+                track.add(cid, c.length)
             self.progress.nbytes += c.length
         return out, total
 
@@ -232,9 +245,17 @@ class Archiver:
         elif size <= READ_WHOLE:
             data = read_all(fd, size)
         else:
-            os.lseek(fd, 0, os.SEEK_SET)
-            with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
-                return self.store_stream(f)
+            track, offset = self.partial_files.start(fd)
+            if offset:  # a killed run stored this much of the unchanged file: not read again
+                self.progress.nbytes += offset
+                with self._done_lock:
+                    self.stats["bytes_resumed"] += offset
+            os.lseek(fd, offset, os.SEEK_SET)
+            try:
+                with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+                    return self.store_stream(f, track)
+            finally:
+                self.partial_files.finish(track)
         self._store_chunks(data, chunks)
         self.progress.nbytes += len(data)
         return chunks, len(data)
@@ -597,13 +618,41 @@ class Archiver:
             self.writer.persist_if_due()
             if self.tick:
                 self.tick()
+            if self.checkpoint:
+                self.checkpoint()
+
+    def partial_root(self) -> tuple[bytes | None, set[bytes]]:
+        """The root tree of what is finished so far and the chunks it needs (main thread only)."""
+
+        def store(entries: list[dict[str, Any]]) -> bytes:
+            data = encode_tree(entries)
+            cid = blob.chunk_id(self.writer.secrets, data)
+            if not self.writer.known(cid):
+                self.writer.store(cid, data, KIND_META)
+            return cid
+
+        root, chunks = partial_root(self._vframes, [*self._wstack, *self._ready], self._root_entry, store)
+        # finished subtrees are named by their tree id alone: their files' chunks are in
+        # chunk_ids (with those of files recorded since, which are stored too: harmless)
+        with self._done_lock:
+            chunks |= self.chunk_ids
+        return root, chunks
+
+    def save_partial_cache(self) -> None:
+        """Put the files-cache records of directories in progress into the cache (merged with
+        the old ones), so a rerun after a kill skips every file stored so far."""
+        for job in [*self._wstack, *self._ready]:
+            if job.cache_new:
+                self.cache.save_dir(job.path, {**job.cache_old, **job.cache_new})
+        self.cache.flush()
+        self.partial_files.save()
 
     # ------------------------------------------------------------------ walking
     def _walk(self, first: DirJob, root_dev: int) -> None:
         """Post-order walk below ``first`` (iterative: depth is unbounded)."""
         if first.dev < 0:
             first.dev = root_dev
-        stack = [first]
+        stack = self._wstack = [first]
         while stack:
             job = stack[-1]
             if not job.names:
@@ -636,6 +685,7 @@ class Archiver:
         deep_path.forget()  # directories cached by an earlier run in this process may be gone
         try:
             root = self._build_root([os.fsencode(os.path.abspath(p)) for p in paths])
+            self.partial_files.save()  # forget the resume records of the files read to the end
         finally:
             self._pool.shutdown(wait=True)
             self._small_pool.shutdown()
@@ -652,6 +702,7 @@ class Archiver:
             parts = [c for c in p.split(b"/") if c]
             if not parts:  # "/" itself: the root tree is the real root directory
                 e: dict[str, Any] = {}
+                self._root_entry = e
                 job = self._open_dir(b"/", e)
                 assert job is not None
                 self._walk(job, os.lstat(b"/").st_dev)
@@ -669,8 +720,18 @@ class Archiver:
 
     def _virtual_dir(self, path: bytes, spec: dict[bytes, Any]) -> bytes:
         """The tree of an ancestor of the given paths: only the named children are included."""
-        entries = []
+        entries: list[dict[str, Any]] = []
         holder = DirJob(path or b"/", [], None, self.cache.load_dir(path or b"/"))
+        frame = VirtualFrame(entries, holder)
+        self._vframes.append(frame)
+        try:
+            return self._virtual_children(path, spec, entries, holder, frame)
+        finally:
+            self._vframes.pop()
+
+    def _virtual_children(
+        self, path: bytes, spec: dict[bytes, Any], entries: list[dict[str, Any]], holder: DirJob, frame: VirtualFrame
+    ) -> bytes:
         for name, sub in sorted(spec.items()):
             full = path + b"/" + name
             try:
@@ -685,7 +746,9 @@ class Archiver:
                     self._dir_meta(full, e)
                 except OSError as exc:
                     self.log.os_error("warn", "metadata-unreadable", full, exc, "directory xattrs and flags not read")
+                frame.current = e
                 e["st"] = self._virtual_dir(full, sub)
+                frame.current = None
                 entries.append(e)
                 continue
             child = self._entry(holder, name, full, st, st.st_dev)

@@ -46,6 +46,8 @@ class FilesCache:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.execute("CREATE TABLE IF NOT EXISTS dirs (path BLOB PRIMARY KEY, data BLOB NOT NULL)")
+        # large files a killed run had partly stored: (dev, ino) -> identity and finished chunks
+        self._db.execute("CREATE TABLE IF NOT EXISTS partial (key BLOB PRIMARY KEY, data BLOB NOT NULL)")
 
     def load_dir(self, path: bytes) -> DirRecord:
         """The cached records of one directory (empty if none or unreadable)."""
@@ -74,6 +76,28 @@ class FilesCache:
             if items:
                 with self._db:
                     self._db.executemany("INSERT OR REPLACE INTO dirs (path, data) VALUES (?, ?)", items)
+
+    def save_partial(self, key: bytes, record: list[Any] | None) -> None:
+        """Remember (or with None forget) how far a large file was stored: [size, mtime_ns,
+        ctime_ns, [[chunk id, length], ...]] (written at once: only checkpoints call this)."""
+        with self._lock, self._db:
+            if record is None:
+                self._db.execute("DELETE FROM partial WHERE key = ?", (key,))
+            else:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO partial (key, data) VALUES (?, ?)", (key, encoding.pack(record))
+                )
+
+    def load_partial(self, key: bytes) -> list[Any] | None:
+        with self._lock:
+            row = self._db.execute("SELECT data FROM partial WHERE key = ?", (key,)).fetchone()
+        if row is None:
+            return None
+        try:
+            rec = encoding.unpack(row[0])
+        except encoding.FormatError:
+            return None
+        return rec if isinstance(rec, list) and len(rec) == 4 else None
 
     def records(self) -> Iterator[tuple[bytes, DirRecord]]:
         """Every directory's records (flushed ones), e.g. to find the files holding a chunk."""

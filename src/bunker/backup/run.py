@@ -5,7 +5,6 @@ This is the backup code path: it never loads the master key (DESIGN.md promise 1
 
 from __future__ import annotations
 
-import contextlib
 import getpass
 import os
 import socket
@@ -13,11 +12,12 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from bunker import dirs
 from bunker.backup.archiver import Archiver, ArchiveResult, Progress, stream_entry
 from bunker.backup.chain import check_config_version
+from bunker.backup.checkpoint import Checkpointer, adopt_dead_checkpoints, clear_running, mark_running
 from bunker.backup.commit import Committed, commit_snapshot
 from bunker.backup.excludes import Excludes
 from bunker.backup.files_cache import FilesCache
@@ -25,8 +25,9 @@ from bunker.backup.runlog import RunLog
 from bunker.backup.tar_import import tar_entries
 from bunker.crypto.keyfile import PutKey
 from bunker.errors import BunkerError, ExitCode
+from bunker.repo.gc import condemned_packs
 from bunker.repo.index_cache import IndexCache
-from bunker.repo.records import LEASE_SECONDS, make_lease, new_session_id
+from bunker.repo.leases import Lease
 from bunker.repo.repository import Repository
 from bunker.repo.session_writer import SessionWriter
 from bunker.storage.spooling import SpoolingBackend, oldest_pending
@@ -46,6 +47,7 @@ class BackupRequest:
     tar: str | None = None  # --tar FILE or "-" (tar_import.py)
     host: str = field(default_factory=socket.gethostname)
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (level, code, message) found before the run
+    checkpoint_seconds: float = 10.0  # persist progress this often (0: never)
     spool_warn_age: float = 3 * 86400.0  # a spooled backup this old (seconds) raises the run to warn
     master_on_client: bool = False
     cache: bool = True
@@ -93,15 +95,23 @@ def run_backup(
     cache_dir = dirs.client_cache_dir(repo.repo_id, tag) if req.cache else None
     state_dir = dirs.state_dir(repo.repo_id, tag)
     check_config_version(repo, state_dir, log)
-    lease = Lease(repo, put, cert.client, cert.name)
+    lease = Lease(repo, put.client_key, cert.client, cert.name, "backup")
     lease.write()
     try:
-        index = IndexCache(repo, put.secrets, cache_dir).load()
+        # a run of this machine that was killed: its last checkpoint becomes an incomplete snapshot
+        adopt_dead_checkpoints(repo, put, cert, state_dir, log, lease.session, lease.storage_time())
+        mark_running(state_dir, lease.session)
+        # after the lease: a pack condemned from now on waits for this session (DESIGN.md §6)
+        index = IndexCache(repo, put.secrets, cache_dir, absent_packs=condemned_packs(repo)).load()
         for problem in index.problems[:20]:
             log.add("warn", "index-damaged", f"index object skipped ({problem}); run `bunker check`")
         writer = SessionWriter(repo, put, cert.name, index)
         fcache = FilesCache(os.path.join(cache_dir, "files.sqlite") if cache_dir else None)
         started = time.time()
+
+        def body_extra() -> dict[str, Any]:
+            return _body_extra(req, started)
+
         skip = [dirs.cache_dir(), os.path.join(dirs.data_dir(), "spool")]
         if "://" not in repo.backend.url:
             skip.append(repo.backend.url)
@@ -115,6 +125,20 @@ def run_backup(
             progress=progress,
             tick=lambda: _tick(lease, tick),
         )
+        if req.tar is None and req.stdin_name is None and req.checkpoint_seconds > 0:
+            archiver.checkpoint = Checkpointer(
+                repo,
+                put,
+                writer,
+                lease,
+                log,
+                archiver.partial_root,
+                archiver.save_partial_cache,
+                body_extra,
+                lambda: archiver.progress.current,
+                lambda: {"files": archiver.progress.files, "bytes": archiver.progress.nbytes},
+                req.checkpoint_seconds,
+            )
         try:
             if req.tar is not None:
                 result = tar_entries(archiver, req.tar, req.stdin)
@@ -122,16 +146,6 @@ def run_backup(
                 result = stream_entry(archiver, req.stdin_name, req.stdin or sys.stdin.buffer)
             else:
                 result = archiver.run(req.paths)
-            body_extra = {
-                "host": req.host,
-                "user": _user(),
-                "paths": [os.path.abspath(p) for p in req.paths] if req.stdin_name is None else [req.stdin_name],
-                **({"paths": ["tar:" + (req.tar if req.tar == "-" else os.path.abspath(req.tar))]} if req.tar else {}),
-                "tags": sorted(set(req.tags)),
-                "started": started,
-                "finished": time.time(),
-                "argv": [a for a in sys.argv[1:]][:64],
-            }
             writer.flush()  # packs and index first: whether they went to the spool belongs in the snapshot's log
             spooled = _spool_event(repo, req, log)
             committed = commit_snapshot(
@@ -143,7 +157,7 @@ def run_backup(
                 chunk_ids=result.chunk_ids,
                 stats=result.stats,
                 log=log,
-                body_extra=body_extra,
+                body_extra=body_extra(),
                 state_dir=state_dir,
                 master_on_client=req.master_on_client,
             )
@@ -155,36 +169,27 @@ def run_backup(
             fcache.close()
     finally:
         lease.release()
+        clear_running(state_dir)
     return BackupOutcome(committed, log, result)
 
 
-class Lease:
-    """This session's lease in ``sessions/``: written first, refreshed while the run lasts
-    (a refresh writes a new object, then deletes the old one), deleted at the end."""
-
-    def __init__(self, repo: Repository, put: PutKey, client: str, cert_name: str, kind: str = "backup") -> None:
-        self.repo, self.put, self.client, self.cert_name, self.kind = repo, put, client, cert_name, kind
-        self.session = new_session_id()
-        self.counter = 0
-        self.name = ""
-        self.written = 0.0
-
-    def write(self) -> None:
-        name, data = make_lease(self.session, self.counter, self.client, self.kind, self.put.client_key, self.cert_name)
-        self.repo.backend.put(name, data)
-        old, self.name, self.written = self.name, name, time.monotonic()
-        self.counter += 1
-        if old:
-            with contextlib.suppress(BunkerError, OSError):
-                self.repo.backend.delete(old)
-
-    def refresh_if_due(self) -> None:
-        if time.monotonic() - self.written >= LEASE_SECONDS / 3:
-            self.write()
-
-    def release(self) -> None:
-        with contextlib.suppress(BunkerError, OSError):
-            self.repo.backend.delete(self.name)
+def _body_extra(req: BackupRequest, started: float) -> dict[str, Any]:
+    """The sealed body's fields besides root and log."""
+    if req.tar:
+        paths = ["tar:" + (req.tar if req.tar == "-" else os.path.abspath(req.tar))]
+    elif req.stdin_name is not None:
+        paths = [req.stdin_name]
+    else:
+        paths = [os.path.abspath(p) for p in req.paths]
+    return {
+        "host": req.host,
+        "user": _user(),
+        "paths": paths,
+        "tags": sorted(set(req.tags)),
+        "started": started,
+        "finished": time.time(),
+        "argv": list(sys.argv[1:])[:64],
+    }
 
 
 def _spool_event(repo: Repository, req: BackupRequest, log: RunLog) -> bool:

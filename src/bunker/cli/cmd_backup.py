@@ -123,6 +123,14 @@ def _safe_list(url: str) -> Any:
 @click.option("--host", help="Host name recorded in the snapshot (default: this machine's).")
 @click.option("--no-progress", is_flag=True, help="No progress display even on a terminal.")
 @click.option(
+    "--checkpoint-interval",
+    metavar="AGE",
+    default="10s",
+    show_default=True,
+    help="Persist progress this often (0 = never): a killed run redoes at most about this much, and what it "
+    "stored becomes an incomplete snapshot.",
+)
+@click.option(
     "--spool-warn-age",
     metavar="AGE",
     envvar="BUNKER_SPOOL_WARN_AGE",
@@ -137,6 +145,7 @@ def backup(**kwargs: Any) -> None:
     tar_source = kwargs.pop("tar_source")
     no_progress = kwargs.pop("no_progress")
     spool_warn_age = kwargs.pop("spool_warn_age")
+    checkpoint_seconds = parse_age(kwargs.pop("checkpoint_interval"))
     excludes = list(kwargs.pop("exclude"))
     for f in kwargs.pop("exclude_file"):
         excludes += read_exclude_file(f)
@@ -186,6 +195,7 @@ def backup(**kwargs: Any) -> None:
     )
     if host:
         req.host = host
+    req.checkpoint_seconds = checkpoint_seconds
     if spool_warn_age is not None:
         req.spool_warn_age = parse_age(spool_warn_age)
     progress = Progress()

@@ -11,7 +11,7 @@ from bunker.cli import context
 from bunker.cli.main import cli, common, handles_errors, make_options
 from bunker.cli.output import human_bytes
 from bunker.errors import ExitCode, StorageError
-from bunker.node.forward import forward, forward_problems, forward_summary
+from bunker.node.forward import ForwardReport, forward, forward_problems, forward_summary
 from bunker.node.spool import Spool
 
 
@@ -25,7 +25,7 @@ def forward_cmd(**kwargs: Any) -> None:
     pending = spool.pending()
     if not pending:
         spool.clear_leftovers()
-        out.document({"repository": opts.repo_url, "sent": 0, "left": 0, "snapshots": []})
+        out.document({"repository": opts.repo_url, **ForwardReport().to_json(), "problems": []})
         out.line(f"nothing waits in the local spool for {opts.repo_url}")
         return
     size = sum(i.size for i in pending)

@@ -1,0 +1,243 @@
+"""Checkpoints (DESIGN.md promise 5, §6): a running backup persists what it finished every ~10 s,
+so a killed run costs about that much work and what it stored stays restorable.
+
+A checkpoint flushes the open packs and the index, saves the files-cache records of the
+directories in progress, writes the pack set and chunk set of the partial tree (backup/partial.py)
+and a lease refresh whose ``checkpoint`` field carries them with the sealed body (root tree, log so
+far, where the run was). Checkpoints never enter the client's chain. The client's next run turns
+a dead session's last checkpoint into an *incomplete* snapshot: the session is dead when its
+lease expired, or at once when this machine's record of it names a process that no longer runs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import blake3
+
+from bunker.backup.chain import ChainHead, save_head
+from bunker.backup.commit import Committed, next_link
+from bunker.backup.runlog import RunLog
+from bunker.crypto.keyfile import PutKey, write_private_file
+from bunker.crypto.sign import BadSignature, verify
+from bunker.errors import BunkerError, ObjectMissing
+from bunker.repo import refs
+from bunker.repo.certs import Certificate
+from bunker.repo.leases import Lease, sessions
+from bunker.repo.objects import MAGIC_SESSION, name_for, parse_signed
+from bunker.repo.repository import Repository
+from bunker.repo.session_writer import SessionWriter
+from bunker.repo.snapshot import Envelope, make_snapshot, seal_body
+
+DEFAULT_INTERVAL = 10.0
+MAX_LOG_EVENTS = 1000  # events carried in a checkpoint's body (the rest are counted)
+
+
+class Checkpointer:
+    """Writes a checkpoint when one is due; the archiver calls it from its main thread."""
+
+    def __init__(
+        self,
+        repo: Repository,
+        put: PutKey,
+        writer: SessionWriter,
+        lease: Lease,
+        log: RunLog,
+        partial: Callable[[], tuple[bytes | None, set[bytes]]],
+        save_cache: Callable[[], None],
+        body_extra: Callable[[], dict[str, Any]],
+        where: Callable[[], bytes],
+        counts: Callable[[], dict[str, int]],
+        interval: float = DEFAULT_INTERVAL,
+    ) -> None:
+        self.repo, self.put, self.writer, self.lease, self.log = repo, put, writer, lease, log
+        self.partial, self.save_cache, self.body_extra, self.where = partial, save_cache, body_extra, where
+        self.counts = counts
+        self.interval = interval
+        self.last = time.monotonic()
+        self.written = 0
+        self._refs: set[str] = set()  # reference objects this session already stored
+
+    def __call__(self) -> None:
+        if self.interval <= 0 or time.monotonic() - self.last < self.interval:
+            return
+        t0 = time.monotonic()
+        self.write()
+        # a huge backup's checkpoint costs more: never spend more than a fifth of the time on them
+        self.last = time.monotonic() + max(0.0, 4 * (time.monotonic() - t0) - self.interval)
+
+    def write(self) -> None:
+        root, chunk_ids = self.partial()
+        if root is None:
+            return
+        # Every chunk the partial tree names is stored or being stored by another thread (a chunk
+        # another thread reserved, or a full pack it is about to hand to the uploader): flush
+        # until all are in uploaded packs, or leave this checkpoint to the next tick.
+        locs = self.writer.index.locations
+        deadline = time.monotonic() + 30
+        while True:
+            self.writer.flush()
+            if all(c in locs for c in chunk_ids):
+                break
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.02)
+        self.save_cache()
+        packs = {locs[c].pack for c in chunk_ids}
+        packset = refs.build_packset(packs)
+        chunkset = refs.build_chunkset(chunk_ids, self.put.secrets)
+        for objs in (packset, chunkset):
+            for name, data in objs.items():
+                if name != "top" and name not in self._refs:
+                    self.repo.put_object("refs", data)
+                    self._refs.add(name)
+        events = self.log.events[:MAX_LOG_EVENTS]
+        body = {
+            "root": root,
+            "log": [e.to_dict() for e in events],
+            **self.body_extra(),
+            "stopped_at": self.where(),
+            "log_dropped": max(0, len(self.log.events) - len(events)),
+        }
+        sealed, body_ct = seal_body(body, self.put.data_public, self.repo.repo_id)
+        self.lease.write(
+            {
+                "packset": refs.top_name(packset),
+                "chunkset": refs.top_name(chunkset),
+                "level": self.log.level,
+                "stats": {**self.counts(), "chunks": len(chunk_ids), "packs": len(packs)},
+                "sealed_key": sealed,
+                "body": body_ct,
+                "time": time.time(),
+            }
+        )
+        self.written += 1
+
+
+# ---------------------------------------------------------------------- this machine's record
+
+
+def _proc_start(pid: int) -> str:
+    """The process's start time in clock ticks since boot ("" if unknown): with the pid it
+    identifies a process even after the pid is reused."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def mark_running(state_dir: str, session: str) -> None:
+    """Remember which session this machine's backup runs as (removed at the end of the run)."""
+    pid = os.getpid()
+    write_private_file(
+        os.path.join(state_dir, "session.json"), json.dumps({"session": session, "pid": pid, "start": _proc_start(pid)})
+    )
+
+
+def clear_running(state_dir: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(os.path.join(state_dir, "session.json"))
+
+
+def killed_session(state_dir: str) -> str | None:
+    """The session of this machine's last run if its process is gone (killed), else None."""
+    try:
+        with open(os.path.join(state_dir, "session.json"), encoding="utf-8") as f:
+            d = json.load(f)
+        session, pid, start = str(d["session"]), int(d["pid"]), str(d["start"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if start and _proc_start(pid) == start:
+        return None  # still running (another backup of this machine)
+    return session
+
+
+# ---------------------------------------------------------------------- adopting a dead session
+
+
+def adopt_dead_checkpoints(
+    repo: Repository, put: PutKey, cert: Certificate, state_dir: str, log: RunLog, own_session: str, now: float
+) -> list[Committed]:
+    """Turn this client's dead sessions' last checkpoints into incomplete snapshots (in the
+    order the sessions started), extend the chain, and remove their leases."""
+    killed = killed_session(state_dir)
+    out = []
+    for s in sorted(sessions(repo), key=lambda s: s.started):
+        if s.session == own_session or s.cert != cert.name:
+            continue
+        if s.alive(now) and s.session != killed:
+            continue
+        if s.checkpoint is None:  # died before its first checkpoint: its lease protects nothing now
+            for n in s.names:
+                with contextlib.suppress(BunkerError, OSError):
+                    repo.backend.delete(n)
+            continue
+        try:
+            committed = _commit_checkpoint(repo, put, cert, s.names[-1], state_dir, log)
+        except (BunkerError, KeyError, TypeError, ValueError) as exc:
+            log.add(
+                "warn",
+                "checkpoint-unusable",
+                f"the last checkpoint of an interrupted run ({s.names[-1]}) could not be turned into a snapshot: "
+                f"{exc}; its data is deduplicated by this run and `bunker prune` removes the rest",
+            )
+            committed = None
+        for n in s.names:
+            with contextlib.suppress(BunkerError, OSError):
+                repo.backend.delete(n)
+        if committed is not None:
+            out.append(committed)
+    return out
+
+
+def _commit_checkpoint(
+    repo: Repository, put: PutKey, cert: Certificate, lease_name: str, state_dir: str, log: RunLog
+) -> Committed | None:
+    data = repo.backend.get(lease_name)
+    obj = parse_signed(data, MAGIC_SESSION)
+    try:
+        verify(cert.verify_key, MAGIC_SESSION, obj.body_bytes, obj.sig)
+    except BadSignature:
+        raise BunkerError("its signature does not verify") from None
+    cp: dict[str, Any] = obj.body["checkpoint"]
+    # the reference objects must still be there (a prune never removes what a lease names)
+    for top in (cp["packset"], cp["chunkset"]):
+        if repo.backend.stat(top) is None:
+            raise ObjectMissing(top)
+    body_ct = bytes(cp["body"])
+    seq, prev = next_link(repo, cert, state_dir, log)
+    stats = {k: int(v) for k, v in dict(cp.get("stats", {})).items()}
+    env = Envelope(
+        repo_id=repo.repo_id,
+        client=cert.client,
+        cert=cert.name,
+        seq=seq,
+        prev=prev,
+        time=float(cp["time"]),
+        level=str(cp.get("level", "ok")),
+        complete=False,
+        stats=stats,
+        packset=str(cp["packset"]),
+        chunkset=str(cp["chunkset"]),
+        domain=put.secrets.domain_id,
+        body_hash=blake3.blake3(body_ct).digest(),
+        sealed_key=bytes(cp["sealed_key"]),
+    )
+    snap = make_snapshot(env, body_ct, put.client_key)
+    name = name_for("snapshots", snap)
+    repo.backend.put(name, snap)
+    save_head(state_dir, ChainHead(seq, name))
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(env.time))
+    log.add(
+        "note",
+        "incomplete-snapshot",
+        f"a run of this machine was interrupted (killed or powered off); what it had stored by its last checkpoint "
+        f"({when}) is now incomplete snapshot #{seq} {name.split('/', 1)[1][:12]}, which restores what it covers",
+    )
+    return Committed(name, seq, env.level, stats)

@@ -1,0 +1,116 @@
+"""Checkpoints (issue 5, DESIGN.md promise 5): a backup killed with SIGKILL after a checkpoint
+leaves an incomplete snapshot, made by the next run from the checkpoint, that restores what it
+covers; the next run redoes only what was not finished."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from bunker.encoding import FormatError
+from bunker.repo.records import parse_lease
+from helpers import BUNKER, Repo, js, restored_path
+
+
+def _tree(root: Path, dirs: int = 6, files: int = 10, size: int = 4 << 20) -> None:
+    for d in range(dirs):
+        sub = root / f"d{d}"
+        sub.mkdir(parents=True)
+        for f in range(files):
+            (sub / f"f{f}.bin").write_bytes(os.urandom(size))
+
+
+def _checkpointed(repo: Repo) -> int:
+    """How many files the newest checkpoint in the repository covers (-1: none yet)."""
+    best = -1
+    for p in (repo.path / "sessions").iterdir():
+        if p.name.startswith("."):
+            continue  # a lease being written (the local backend's temp file)
+        try:
+            body, _ = parse_lease(p.read_bytes())
+        except (OSError, FormatError):
+            continue  # replaced while read
+        cp = body.get("checkpoint")
+        if cp:
+            best = max(best, int(cp["stats"].get("files", 0)))
+    return best
+
+
+def _kill_after_checkpoint(repo: Repo, src: Path, min_files: int = 1) -> None:
+    """Run a backup with checkpoints every 0.2 s and SIGKILL it once a checkpoint covers
+    ``min_files`` files (a checkpoint rides on a lease refresh)."""
+    proc = subprocess.Popen(
+        [BUNKER, "backup", "--repo", str(repo.path), "--no-progress", "--checkpoint-interval", "0.2s", str(src)],
+        env=repo.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if _checkpointed(repo) >= min_files:
+                break
+            time.sleep(0.005)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert repo.objects("snapshots") == [], "the backup finished before it could be killed"
+
+
+def test_killed_backup_becomes_an_incomplete_snapshot(repo: Repo, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _tree(src)
+    _kill_after_checkpoint(repo, src)
+
+    doc = repo.backup(src)
+    (ev,) = [e for e in doc["events"] if e["code"] == "incomplete-snapshot"]
+    assert "incomplete snapshot #1" in ev["message"]
+    assert doc["seq"] == 2 and doc["level"] == "note"
+    # what the killed run finished is not read again
+    assert doc["stats"]["files_unchanged"] > 0
+    assert repo.objects("sessions") == []
+
+    snaps = {s["seq"]: s for s in js(repo.ok("snapshots", "--json"))["snapshots"]}
+    assert snaps[1]["complete"] is False and snaps[2]["complete"] is True
+    target = tmp_path / "t"
+    rdoc = js(repo.ok("restore", snaps[1]["id"], "--target", target, "--json"))
+    assert rdoc["stats"]["failed"] == 0
+    restored = restored_path(target, src)
+    got = [p for p in restored.rglob("*.bin")]
+    assert 0 < len(got) < 60
+    for p in got:
+        assert p.read_bytes() == (src / p.relative_to(restored)).read_bytes(), p
+    assert js(repo.ok("check", "--read-data", "--json"))["ok"] is True
+    target2 = tmp_path / "t2"
+    js(repo.ok("restore", "latest", "--target", target2, "--json"))
+    assert len(list(restored_path(target2, src).rglob("*.bin"))) == 60
+
+
+def test_checkpoints_can_be_turned_off(repo: Repo, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    _tree(src, dirs=1, files=2, size=1 << 20)
+    doc = repo.backup(src, args=("--checkpoint-interval", "0"))
+    assert doc["level"] in ("ok", "note")
+
+
+def test_large_file_resumes_from_its_stored_chunks(repo: Repo, tmp_path: Path) -> None:
+    """A run killed in the middle of a large file: the next run does not read the stored part
+    again (bytes_resumed), and the file restores byte-identical."""
+    src = tmp_path / "src"
+    src.mkdir()
+    big = src / "disk.img"
+    with open(big, "wb") as f:
+        for _ in range(48):
+            f.write(os.urandom(8 << 20))  # 384 MiB
+    _kill_after_checkpoint(repo, src, min_files=0)
+    doc = repo.backup(src)
+    assert doc["stats"]["bytes_resumed"] > 0
+    assert doc["stats"]["bytes_resumed"] < big.stat().st_size
+    target = tmp_path / "t"
+    js(repo.ok("restore", "latest", "--target", target, "--json"))
+    assert (restored_path(target, src) / "disk.img").read_bytes() == big.read_bytes()
+    assert js(repo.ok("check", "--json"))["ok"] is True

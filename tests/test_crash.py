@@ -1,0 +1,176 @@
+"""Crash test (issue 5): backups, prunes and forwards killed with SIGKILL at random moments, for
+as many iterations as a fixed time budget allows (BUNKER_CRASH_SECONDS, default 120). Then: the
+repository checks clean with --read-data, every complete snapshot restores byte-identical to the
+tree it was taken of, and nothing left behind (leases, temp files, condemnation records) blocks
+the next runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from helpers import BUNKER, Repo, expect_rc, init_repo, js, make_tree, restored_path, snapshot_tree
+
+BUDGET = float(os.environ.get("BUNKER_CRASH_SECONDS", "120"))
+
+
+class Lab:
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp = tmp_path
+        self.repo: Repo = init_repo(tmp_path / "owner")
+        self.src = tmp_path / "src"
+        make_tree(self.src, seed=7)
+        self.rng = random.Random(int(os.environ.get("BUNKER_CRASH_SEED", "1")))
+        self.prune_key = tmp_path / "pruner.put"
+        self.repo.ok("key", "new-client", "pruner", "--prune", "--out", self.prune_key)
+        self.states: dict[int, dict[bytes, tuple[object, ...]]] = {}  # chain seq -> tree it was taken of
+        self.partial: set[int] = set()  # seqs of incomplete snapshots made from killed runs' checkpoints
+        self.killed_state: dict[bytes, tuple[object, ...]] | None = None  # the tree a killed backup read
+        self.kills = {"backup": 0, "prune": 0, "forward": 0}
+        self.runs = {"backup": 0, "prune": 0, "forward": 0}
+
+    # ------------------------------------------------------------------ helpers
+    def head_seq(self) -> int:
+        root = Path(self.repo.env["XDG_DATA_HOME"]) / "bunker" / "state"
+        seqs = [json.loads(p.read_text())["seq"] for p in root.rglob("chain.json")]
+        return max(seqs, default=0)
+
+    def mutate(self) -> None:
+        r = self.rng
+        (self.src / f"f-{r.randrange(1 << 30)}.bin").write_bytes(r.randbytes(r.randrange(1, 200_000)))
+        if r.random() < 0.4:  # a big file that changes now and then: runs long enough to be killed
+            (self.src / "big.bin").write_bytes(r.randbytes(r.choice((8, 36, 72)) << 20))
+        files = [p for p in self.src.iterdir() if p.name.startswith("f-")]
+        if len(files) > 6:
+            r.choice(files).unlink()
+
+    def start(self, *args: str | os.PathLike[str]) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [BUNKER, *(os.fspath(a) for a in args)],
+            env=self.repo.env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,  # the kill takes its worker processes too
+        )
+
+    def run_or_kill(self, kind: str, proc: subprocess.Popen[bytes], within: float) -> None:
+        self.runs[kind] += 1
+        try:
+            proc.wait(self.rng.uniform(0.0, within))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            self.kills[kind] += 1
+
+    def age_leases(self) -> None:
+        """Time passes: every lease (all sessions are dead between steps) looks an hour old."""
+        t = time.time() - 3600
+        for p in (self.repo.path / "sessions").iterdir():
+            os.utime(p, (t, t))
+
+    # ------------------------------------------------------------------ steps
+    def backup(self) -> None:
+        self.mutate()
+        state = snapshot_tree(self.src, dir_mtimes=False)
+        before = self.head_seq()
+        args = ("backup", "--repo", self.repo.path, "--no-progress", "--checkpoint-interval", "0.3s", self.src)
+        self.run_or_kill("backup", self.start(*args), 2.0)
+        self.record(before, state)
+
+    def record(self, before: int, state: dict[bytes, tuple[object, ...]]) -> None:
+        """Map the chain's new snapshots to trees: the run's own, and an incomplete one made from
+        the previous killed run's checkpoint (it covers part of the tree that run read)."""
+        after = self.head_seq()
+        if after == before:
+            self.killed_state = state  # killed before it committed: its checkpoint may come next
+            return
+        if after == before + 2 and self.killed_state is not None:
+            self.states[before + 1] = self.killed_state
+            self.partial.add(before + 1)
+        self.states[after] = state
+        self.killed_state = None
+
+    def prune(self) -> None:
+        proc = self.start("prune", "--repo", self.repo.path, "--put-key", self.prune_key, "--grace", "0s")
+        self.run_or_kill("prune", proc, 0.8)
+
+    def offline_then_forward(self) -> None:
+        self.mutate()
+        state = snapshot_tree(self.src, dir_mtimes=False)
+        away = self.tmp / "away"
+        self.repo.path.rename(away)
+        try:
+            before = self.head_seq()
+            doc = self.repo.backup(self.src, args=("--no-progress",))
+            assert doc["spooled"], doc
+            self.record(before, state)
+        finally:
+            away.rename(self.repo.path)
+        self.run_or_kill("forward", self.start("forward", "--repo", self.repo.path), 2.0)
+
+
+@pytest.mark.slow
+def test_kill_backups_prunes_and_forwards_at_random(tmp_path: Path) -> None:
+    lab = Lab(tmp_path)
+    repo = lab.repo
+    deadline = time.monotonic() + BUDGET
+    steps = 0
+    while time.monotonic() < deadline:
+        x = lab.rng.random()
+        if x < 0.5:
+            lab.backup()
+        elif x < 0.8:
+            lab.prune()
+        else:
+            lab.offline_then_forward()
+        if lab.rng.random() < 0.15:
+            lab.age_leases()
+        steps += 1
+
+    # afterwards: what waits in the spool arrives, a backup runs, garbage goes
+    fwd = js(repo.ok("forward", "--json", rc=(0, 3)))
+    assert fwd["left"] == 0 and fwd["held"] == [], fwd
+    lab.backup()  # may itself be killed: one more unkilled run below
+    state = snapshot_tree(lab.src, dir_mtimes=False)
+    last = repo.backup(lab.src)
+    lab.states[last["seq"]] = state
+    lab.age_leases()
+    for _ in range(2):
+        doc = js(repo.ok("prune", "--put-key", lab.prune_key, "--grace", "0s", "--json"))
+        assert doc["waiting"] == [], doc
+    assert list((repo.path / "gc").iterdir()) == [] and list((repo.path / "sessions").iterdir()) == []
+
+    check = js(repo.ok("check", "--read-data", "--json"))
+    assert check["ok"] is True, check
+    snaps = js(repo.ok("snapshots", "--json"))["snapshots"]
+    restored = 0
+    partial = 0
+    for s in snaps:
+        if s["seq"] not in lab.states:
+            continue
+        target = tmp_path / "restore" / str(s["seq"])
+        doc = js(expect_rc(repo.run("restore", s["id"], "--target", target, "--json"), 0))
+        assert doc["stats"]["failed"] == 0
+        got = snapshot_tree(restored_path(target, lab.src), dir_mtimes=False) if target.exists() else {}
+        want = lab.states[s["seq"]]
+        if s["complete"]:
+            assert got == want, s
+            restored += 1
+        else:  # made from a checkpoint: every file it holds is the file the killed run read
+            assert s["seq"] in lab.partial, s
+            assert all(want.get(k) == v for k, v in got.items() if k and v[0] == "f"), s
+            partial += 1
+    print(
+        f"crash test: {steps} steps in {BUDGET:.0f} s; runs {lab.runs}; killed {lab.kills}; "
+        f"{len(snaps)} snapshots, {restored} complete ones restored byte-identical, {partial} incomplete ones "
+        "(from killed runs' checkpoints) restored what they cover"
+    )
+    assert sum(lab.kills.values()) >= 10 and restored >= 3
