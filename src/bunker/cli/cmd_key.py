@@ -193,6 +193,45 @@ def new_client(**kwargs: Any) -> None:
 
 @key.command()
 @common
+@click.argument("client")
+@click.option(
+    "--last-seq",
+    type=click.IntRange(min=0),
+    help="Trust the client's snapshots up to this sequence number (default: its newest one now).",
+)
+@handles_errors
+def revoke(**kwargs: Any) -> None:
+    """Revoke a client (a stolen or retired machine): its later snapshots are flagged and nobody
+    deduplicates against its packs any more (needs the master key)."""
+    name, last_seq = kwargs.pop("client"), kwargs.pop("last_seq")
+    opts, out = make_options(kwargs)
+    repo = context.open_repository(opts)
+    certs = [c for c in repo.certificates() if c.client == name or c.name.split("/", 1)[1].startswith(name)]
+    if len(certs) != 1:
+        known = ", ".join(sorted({c.client for c in repo.certificates()})) or "none"
+        raise BunkerError(
+            f"{'no' if not certs else 'more than one'} client certificate matches {name!r}",
+            f"name the client exactly, or give the start of its certificate id (`bunker key info`); clients: {known}",
+            exit_code=ExitCode.USAGE,
+        )
+    cert = certs[0]
+    master = context.load_master(opts, repo, "revoking a client")
+    if last_seq is None:
+        head = repo.client_head(cert.name)
+        last_seq = head.snap.env.seq if head else 0
+    cfg = repo.revoke_client(master, cert, last_seq)
+    out.document(
+        {"client": cert.client, "certificate": cert.name, "last_trusted_seq": last_seq, "config_version": cfg.version}
+    )
+    out.line(
+        f"revoked client {cert.client!r} ({cert.name}) in config version {cfg.version}: its snapshots after "
+        f"#{last_seq} are not trusted, and no client deduplicates against its packs any more. "
+        "Run `bunker check --read-data` to have every blob it wrote compared with its id"
+    )
+
+
+@key.command()
+@common
 @click.option(
     "--out", "dest", required=True, type=click.Path(dir_okay=False), help="Write the master key file to FILE."
 )
