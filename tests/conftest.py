@@ -11,6 +11,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -171,6 +172,58 @@ def sftp_env(monkeypatch: pytest.MonkeyPatch, sshd: SshServer, tmp_path: Path) -
     home.mkdir(exist_ok=True)
     monkeypatch.setenv("HOME", str(home))
     env = sshd.env()
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return env
+
+
+@pytest.fixture(scope="session")
+def webdav_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """A wsgidav WebDAV server process (one per test worker) with basic auth, serving a directory."""
+    from helpers import start_wsgidav
+
+    server = start_wsgidav(tmp_path_factory.mktemp("wsgidav"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def webdav_env(monkeypatch: pytest.MonkeyPatch, webdav_server: Any) -> dict[str, str]:
+    """The WebDAV test server's password and a short retry budget in this process's environment."""
+    for k in ("BUNKER_WEBDAV_USER", "BUNKER_WEBDAV_PASSWORD", "BUNKER_WEBDAV_TOKEN"):
+        monkeypatch.delenv(k, raising=False)
+    env: dict[str, str] = webdav_server.env()
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return env
+
+
+@pytest.fixture(scope="session")
+def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """An Azurite blob service process (one per test worker, in memory) with the container
+    ``bunker-test``; skipped where Azurite is not installed (scripts/test installs it with npm)."""
+    from helpers import azurite_command, start_azurite
+
+    if azurite_command() is None:
+        pytest.skip("Azurite is not installed: run scripts/test, or `npm install --prefix .cache/azurite azurite`")
+    server = start_azurite(tmp_path_factory.mktemp("azurite"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def azure_env(monkeypatch: pytest.MonkeyPatch, azurite: Any) -> dict[str, str]:
+    """Azurite's connection string and a short retry budget in this process's environment, with
+    the developer's own Azure settings removed."""
+    from helpers import AZURE_SCRUB
+
+    for k in AZURE_SCRUB:
+        monkeypatch.delenv(k, raising=False)
+    env: dict[str, str] = azurite.env()
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     return env

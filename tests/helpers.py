@@ -567,6 +567,223 @@ class FlakyProxy:
             c.close()
 
 
+# ------------------------------------------------------------------------------- WebDAV (wsgidav)
+
+WEBDAV_USER, WEBDAV_PASSWORD = "bunker", "bunker-test-password"
+
+
+@dataclass
+class WebDavServer:
+    """A wsgidav server process on 127.0.0.1 (basic auth) serving the directory ``root`` at
+    ``/dav``; tests use prefixes below it."""
+
+    endpoint: str  # http://127.0.0.1:PORT
+    root: Path
+    proc: subprocess.Popen[bytes]
+    log: Path
+    bucket: str = "dav"  # the first path segment, like an S3 bucket in request lines
+
+    def url(self, prefix: str) -> str:
+        return f"webdav+http://{WEBDAV_USER}@{self.endpoint.removeprefix('http://')}/{self.bucket}/{prefix}"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """The password, and a short retry budget (a test must not wait a minute for a refusal)."""
+        return {
+            "BUNKER_WEBDAV_PASSWORD": WEBDAV_PASSWORD,
+            "BUNKER_STORAGE_RETRIES": "2",
+            "BUNKER_STORAGE_RETRY_DELAY": "0.05",
+            **extra,
+        }
+
+    def requests(self) -> list[str]:
+        """The requests logged so far, as ``METHOD PATH STATUS`` (MOVE: ``MOVE PATH->DEST STATUS``)."""
+        out = []
+        for line in self.log.read_text("utf-8", "replace").splitlines():
+            m = re.search(r'"([A-Z]+) ([^"]*)"(.*)-> (\d{3})', line)
+            if m:
+                dest = re.search(r'dest="[a-z]+://[^/]*([^"]*)"', m.group(3))
+                path = m.group(2) + ("->" + dest.group(1) if dest else "")
+                out.append(f"{m.group(1)} {path} {m.group(4)}")
+        return out
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def _wait_http(proc: subprocess.Popen[bytes], url: str, seconds: float) -> bool:
+    """Whether ``url`` answers (any HTTP status) before ``proc`` dies or time runs out."""
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            _http("GET", url, timeout=1.0)
+            return True
+        except OSError:
+            time.sleep(0.05)
+    return False
+
+
+def start_wsgidav(workdir: Path) -> WebDavServer:
+    """Start wsgidav (cheroot, filesystem provider, basic auth for WEBDAV_USER) on a free port."""
+    root = workdir / "dav-root"
+    root.mkdir(parents=True, exist_ok=True)
+    last = ""
+    for _ in range(3):
+        port = free_port()
+        config = {
+            "host": "127.0.0.1",
+            "port": port,
+            "server": "cheroot",
+            "provider_mapping": {"/dav": str(root)},
+            "http_authenticator": {"accept_basic": True, "accept_digest": False, "default_to_digest": False},
+            "simple_dc": {"user_mapping": {"*": {WEBDAV_USER: {"password": WEBDAV_PASSWORD}}}},
+            "dir_browser": {"enable": False},
+            "verbose": 3,  # one line per request
+            "suppress_version_info": True,
+        }
+        cfg = workdir / f"wsgidav-{port}.json"
+        cfg.write_text(json.dumps(config))
+        log = workdir / f"wsgidav-{port}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "wsgidav.server.server_cli", "--config", str(cfg)],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=workdir,
+            )
+        endpoint = f"http://127.0.0.1:{port}"
+        if _wait_http(proc, endpoint + "/", 30):
+            return WebDavServer(endpoint, root, proc, log)
+        last = log.read_text("utf-8", "replace")[-2000:]
+        _stop(proc)
+    raise AssertionError(f"the wsgidav WebDAV server did not start:\n{last}")
+
+
+# --------------------------------------------------------------------------- Azure Blob (Azurite)
+
+AZURITE_DIR = HERE.parent / ".cache" / "azurite"  # scripts/test installs it there (npm)
+AZURITE_ACCOUNT = "devstoreaccount1"
+AZURITE_KEY = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="
+AZURE_SCRUB = (
+    "AZURE_STORAGE_CONNECTION_STRING",
+    "AZURE_STORAGE_ACCOUNT",
+    "AZURE_STORAGE_KEY",
+    "AZURE_STORAGE_SAS_TOKEN",
+    "BUNKER_STORAGE_RETRIES",
+    "BUNKER_STORAGE_RETRY_DELAY",
+    "BUNKER_STORAGE_TIMEOUT",
+)
+
+
+def azurite_command() -> str | None:
+    """The azurite-blob command: the project-local npm install, else one on PATH."""
+    local = AZURITE_DIR / "node_modules" / ".bin" / "azurite-blob"
+    return str(local) if os.access(local, os.X_OK) else shutil.which("azurite-blob")
+
+
+@dataclass
+class AzuriteServer:
+    """An Azurite blob service process on 127.0.0.1 (in memory) with one container."""
+
+    endpoint: str  # http://127.0.0.1:PORT/devstoreaccount1
+    bucket: str  # the container
+    proc: subprocess.Popen[bytes]
+    log: Path
+
+    def url(self, prefix: str) -> str:
+        return f"azblob://{self.bucket}/{prefix}"
+
+    def env(self, **extra: str) -> dict[str, str]:
+        """The development account's connection string, and a short retry budget."""
+        conn = (
+            f"DefaultEndpointsProtocol=http;AccountName={AZURITE_ACCOUNT};AccountKey={AZURITE_KEY};"
+            f"BlobEndpoint={self.endpoint};"
+        )
+        return {
+            "AZURE_STORAGE_CONNECTION_STRING": conn,
+            "BUNKER_STORAGE_RETRIES": "2",
+            "BUNKER_STORAGE_RETRY_DELAY": "0.05",
+            **extra,
+        }
+
+    def requests(self) -> list[str]:
+        """The request lines logged so far (``PUT /devstoreaccount1/container/key HTTP/1.1" 201``)."""
+        text = self.log.read_text("utf-8", "replace")
+        return [line.split('"', 1)[1] for line in text.splitlines() if line.count('"') >= 2]
+
+    def stop(self) -> None:
+        _stop(self.proc)
+
+
+def _azure_create_container(endpoint: str, container: str) -> int:
+    """Create Blob Container, signed with the account key (Shared Key): OpenDAL makes none."""
+    import base64
+    import email.utils
+    import hmac
+
+    date = email.utils.formatdate(usegmt=True)
+    version = "2021-08-06"
+    ctype = "application/octet-stream"
+    to_sign = (
+        f"PUT\n\n\n\n\n{ctype}\n\n\n\n\n\n\nx-ms-date:{date}\nx-ms-version:{version}\n"
+        f"/{AZURITE_ACCOUNT}/{AZURITE_ACCOUNT}/{container}\nrestype:container"
+    )
+    sig = base64.b64encode(hmac.new(base64.b64decode(AZURITE_KEY), to_sign.encode(), hashlib.sha256).digest())
+    req = urllib.request.Request(
+        f"{endpoint}/{container}?restype=container",
+        method="PUT",
+        data=b"",
+        headers={
+            "x-ms-date": date,
+            "x-ms-version": version,
+            "Content-Type": ctype,
+            "Authorization": f"SharedKey {AZURITE_ACCOUNT}:{sig.decode()}",
+        },
+    )
+    try:
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return int(resp.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+
+
+def start_azurite(workdir: Path, container: str = "bunker-test") -> AzuriteServer:
+    """Start azurite-blob on a free port (in memory, no telemetry), create ``container``."""
+    cmd = azurite_command()
+    assert cmd, "Azurite is not installed"
+    workdir.mkdir(parents=True, exist_ok=True)
+    last = ""
+    for _ in range(3):
+        port = free_port()
+        log = workdir / f"azurite-{port}.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [cmd, "--blobHost", "127.0.0.1", "--blobPort", str(port), "--inMemoryPersistence"]
+                + ["--skipApiVersionCheck", "--disableTelemetry"],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=workdir,
+            )
+        endpoint = f"http://127.0.0.1:{port}/{AZURITE_ACCOUNT}"
+        if _wait_http(proc, f"http://127.0.0.1:{port}/", 60):
+            status = _azure_create_container(endpoint, container)
+            assert status == 201, f"Azurite refused to create container {container}: HTTP {status}"
+            return AzuriteServer(endpoint, container, proc, log)
+        last = log.read_text("utf-8", "replace")[-2000:]
+        _stop(proc)
+    raise AssertionError(f"Azurite did not start:\n{last}")
+
+
 # ---------------------------------------------------------------------------------- sshd (sftp)
 
 SSHD = "/usr/sbin/sshd"

@@ -46,9 +46,11 @@ def _fmt_time(t: float) -> str:
 @cli.command()
 @common
 @filter_options
+@click.option("--all", "show_all", is_flag=True, help="Also list retired snapshots (forgotten by `bunker forget`).")
 @handles_errors
 def snapshots(**kwargs: Any) -> None:
     """List snapshots. Envelopes are public; host, paths and tags need the master key."""
+    show_all = kwargs.pop("show_all")
     f = pop_filters(kwargs)
     opts, out = make_options(kwargs)
     repo = context.open_repository(opts)
@@ -57,8 +59,13 @@ def snapshots(**kwargs: Any) -> None:
     if f.sealed or (opts.master_key or os.environ.get("BUNKER_MASTER_KEY")):
         master = context.load_master(opts, repo, "showing host, paths and tags")
     rows = []
+    retired = repo.retired_snapshots()
+    hidden = 0
     for rec in repo.snapshots():
         if not matches(rec, f, master):
+            continue
+        if rec.name in retired and not show_all:
+            hidden += 1
             continue
         e = rec.snap.env
         row: dict[str, Any] = {
@@ -70,6 +77,7 @@ def snapshots(**kwargs: Any) -> None:
             "level": e.level,
             "stats": e.stats,
             "trusted": rec.trusted,
+            "retired": rec.name in retired,
         }
         if rec.problem:
             row["problem"] = rec.problem
@@ -84,8 +92,10 @@ def snapshots(**kwargs: Any) -> None:
         + ("  host / paths / tags" if master else "")
     )
     for r in rows:
-        state = ("complete" if r["complete"] else "INCOMPLETE") + (
-            "" if r["trusted"] else f" UNTRUSTED: {r.get('problem')}"
+        state = (
+            ("retired" if r["retired"] else "complete" if r["complete"] else "INCOMPLETE")
+            + ("" if r["complete"] or not r["retired"] else ", incomplete")
+            + ("" if r["trusted"] else f" UNTRUSTED: {r.get('problem')}")
         )
         line = (
             f"{r['id'][:12]}  {_fmt_time(r['time'])}  {r['client'][:14]:14} {r['seq']:>4}  {r['level']:5}  "
@@ -96,6 +106,8 @@ def snapshots(**kwargs: Any) -> None:
         out.line(line)
     if not rows:
         out.line("(no snapshots)")
+    if hidden and not opts.as_json:
+        out.info(f"{hidden} retired snapshot(s) not shown (forgotten by `bunker forget`); list them with --all")
     _ = mpath
 
 
@@ -105,6 +117,12 @@ def _open_for_reading(
     repo = context.open_repository(opts)
     master = context.load_master(opts, repo, purpose)
     rec = select(repo, spec, f, master)
+    if rec.name in repo.retired_snapshots():
+        click.echo(
+            f"note: snapshot {rec.short_id} was forgotten (retired by `bunker forget`); it is read while its data "
+            "is still stored, and `bunker prune` removes that data",
+            err=True,
+        )
     try:
         body = open_body(rec.snap, master.data_private)
     except Exception as exc:

@@ -25,6 +25,11 @@ def common(f: F) -> F:
     f = click.option("--put-key", type=click.Path(dir_okay=False), help="Put key file [BUNKER_PUT_KEY].")(f)
     f = click.option("--master-key", type=click.Path(dir_okay=False), help="Master key file [BUNKER_MASTER_KEY].")(f)
     f = click.option(
+        "--remote-path",
+        metavar="CMD",
+        help="The bunker command on the server of an ssh:// repository [BUNKER_REMOTE_PATH; default: bunker].",
+    )(f)
+    f = click.option(
         "--repo",
         "-r",
         help="Repository path or URL [BUNKER_REPO; default: the local repository in the user's data directory].",
@@ -55,6 +60,10 @@ def handles_errors(f: F) -> F:
 
 
 def make_options(kwargs: dict[str, Any]) -> tuple[Options, Output]:
+    remote_path = kwargs.pop("remote_path", None)
+    if remote_path:
+        # through the environment: worker processes reopen the repository by its URL
+        os.environ["BUNKER_REMOTE_PATH"] = remote_path
     opts = Options(kwargs.pop("repo"), kwargs.pop("master_key"), kwargs.pop("put_key"), kwargs.pop("as_json"))
     return opts, Output(opts.as_json)
 
@@ -71,7 +80,17 @@ def cli() -> None:
 
 
 def main() -> None:
-    from bunker.cli import cmd_backup, cmd_check, cmd_export, cmd_forward, cmd_key, cmd_restore  # noqa: F401 - registers commands
+    from bunker.cli import (  # noqa: F401 - registers commands
+        cmd_backup,
+        cmd_check,
+        cmd_export,
+        cmd_forget,
+        cmd_forward,
+        cmd_key,
+        cmd_prune,
+        cmd_restore,
+        cmd_serve,
+    )
 
     limit_malloc_arenas()
     cli(prog_name="bunker")

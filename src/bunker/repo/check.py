@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import datetime
 import os
 import threading
 from collections import defaultdict
@@ -33,7 +34,6 @@ from bunker.repo.index import decrypt_index, parse_index_frame
 from bunker.repo.objects import (
     MAGIC_GC,
     MAGIC_INDEX,
-    MAGIC_RETIRED,
     MAGIC_SESSION,
     content_hash,
     is_hash_name,
@@ -48,8 +48,8 @@ from bunker.repo.pack import (
     verify_footer,
 )
 from bunker.repo.pack_verifier import PackJob, PackVerifierPool
-from bunker.repo.records import parse_retirement
 from bunker.repo.repository import Repository
+from bunker.repo.retention import FUTURE_TOLERANCE, signed_time_in_future
 from bunker.repo.snapshot import parse_snapshot
 from bunker.storage.backend import PREFIXES, Backend
 
@@ -60,6 +60,13 @@ Span = int
 
 def span(offset: int, length: int, raw_length: int) -> Span:
     return (offset << 64) | (length << 32) | raw_length
+
+
+def _utc(t: float) -> str:
+    try:
+        return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (ValueError, OverflowError, OSError):
+        return repr(t)  # a forged time beyond any calendar
 
 
 @dataclass
@@ -122,6 +129,8 @@ class Checker:
         self.progress = progress or (lambda s: None)
         self.repo: Repository | None = None
         self._domain_secrets: dict[str, PutSecrets] = {}
+        self._also_in: dict[bytes, set[str]] = {}  # see _check_indexes
+        self._stored: dict[str, float] = {}  # snapshot name -> the storage's own time for it
 
     # ------------------------------------------------------------------ entry point
     def run(self, keyless: bool) -> CheckReport:
@@ -144,7 +153,9 @@ class Checker:
                 f"id {repo.repo_id} with the one on your key or in your own copy of RECOVERY.md",
                 "warn",
             )
-        names = {p: [i.name for i in self.backend.list(p + "/")] for p in PREFIXES}
+        infos = {p: list(self.backend.list(p + "/")) for p in PREFIXES}
+        names = {p: [i.name for i in infos[p]] for p in PREFIXES}
+        self._stored = {i.name: i.mtime for i in infos["snapshots"]}
         for p, ns in names.items():
             r.counts[p] = len(ns)
         self.progress("configs and certificates")
@@ -343,6 +354,9 @@ class Checker:
         """Check every index against the pack trailers; return chunk id -> pack of the entries that agree."""
         assert self.repo
         locations: dict[bytes, str] = {}
+        # chunks stored in more than one pack (two writers stored the same chunk at once): the
+        # other packs, so a snapshot that names any copy's pack is satisfied
+        self._also_in = {}
         packs: dict[str, str] = {}  # one string per pack name
         for n in names:
             data = self._get(n)
@@ -378,7 +392,9 @@ class Checker:
                     if wrong <= 5:
                         self.report.add(n, f"entry for chunk {cid.hex()[:16]} disagrees with pack {loc.pack[:16]}…")
                     continue
-                locations.setdefault(cid, packs.setdefault(loc.pack, loc.pack))
+                pack = packs.setdefault(loc.pack, loc.pack)
+                if locations.setdefault(cid, pack) != pack:
+                    self._also_in.setdefault(cid, set()).add(pack)
             self.report.counts["index_entries"] += len(entries)
         return locations
 
@@ -393,15 +409,9 @@ class Checker:
             if data is None:
                 continue
             try:
-                snap_name, signer = parse_retirement(data)
-                obj = parse_signed(data, MAGIC_RETIRED)
-                cert = repo.certificate(signer)
-                verify(cert.verify_key, MAGIC_RETIRED, obj.body_bytes, obj.sig)
-                if "prune" not in cert.capabilities:
-                    raise encoding.FormatError(f"signer {cert.client!r} may not prune")
-                retired.add(snap_name)
-            except (encoding.FormatError, BadSignature, CorruptObject, ObjectMissing) as exc:
-                r.add(n, f"retirement record not valid: {exc}")
+                retired.add(repo.verify_retirement(data))
+            except (encoding.FormatError, CorruptObject, ObjectMissing) as exc:
+                r.add(n, f"retirement record not valid: {exc}; it is ignored (the snapshot it names stays listed)")
         chains: dict[str, dict[int, tuple[str, str]]] = defaultdict(dict)
         for n in names:
             data = self._get(n)
@@ -417,6 +427,15 @@ class Checker:
                 r.add(n, f"snapshot not trusted: {problem}")
                 continue
             e = snap.env
+            stored = self._stored.get(n, 0.0)
+            if signed_time_in_future(e.time, stored):
+                r.add(
+                    n,
+                    f"its signed time {_utc(e.time)} is more than {FUTURE_TOLERANCE // 60} minutes after the storage "
+                    f"stored it ({_utc(stored)}): client {e.client!r} has a wrong clock or the time is forged. "
+                    "`bunker forget` uses the storage's time for it; fix that machine's clock (NTP)",
+                    "warn",
+                )
             if e.seq in chains[e.cert]:
                 r.add(n, f"client {e.client!r} has two snapshots with sequence #{e.seq} (fork)")
             chains[e.cert][e.seq] = (n, e.prev)
@@ -455,7 +474,7 @@ class Checker:
                 r.add(n, f"chunk set {e.chunkset} unreadable: {exc}")
                 continue
             pset_s = set(pset)
-            lost = [c for c in cset if locations.get(c) not in pset_s]
+            lost = [c for c in cset if locations.get(c) not in pset_s and not self._also_in.get(c, set()) & pset_s]
             if lost and (e.complete or len(lost) > e.stats.get("chunks_lost", 0)):
                 # an incomplete snapshot declares how many chunks it lacks (forward could not
                 # store them again): those are known, not damage

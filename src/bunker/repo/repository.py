@@ -8,7 +8,9 @@ self-consistent, and callers say that authenticity was not proven.
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -19,8 +21,9 @@ from bunker.crypto.sign import BadSignature, SigningKey, verify
 from bunker.errors import BunkerError, CorruptObject, ExitCode, ObjectMissing
 from bunker.repo import recovery_docs
 from bunker.repo.certs import Certificate, make_certificate, parse_certificate
-from bunker.repo.config import RepoConfig, make_config, new_config, parse_config
-from bunker.repo.objects import MAGIC_SNAPSHOT, content_hash, is_hash_name, name_for
+from bunker.repo.config import RepoConfig, Revocation, make_config, new_config, parse_config
+from bunker.repo.objects import MAGIC_RETIRED, MAGIC_SNAPSHOT, content_hash, is_hash_name, name_for, parse_signed
+from bunker.repo.records import parse_retirement
 from bunker.repo.snapshot import ParsedSnapshot, parse_snapshot
 from bunker.storage.backend import Backend
 
@@ -37,6 +40,7 @@ class SnapshotRecord:
     snap: ParsedSnapshot
     trusted: bool  # signature verified and certificate valid and not revoked past this seq
     problem: str = ""
+    stored: float = 0.0  # the storage's own time for the object (0: unknown); see repo/retention.py
 
     @property
     def short_id(self) -> str:
@@ -194,6 +198,23 @@ class Repository:
             certificate=cert,
         )
 
+    def revoke_client(self, master: MasterKey, cert: Certificate, last_seq: int) -> RepoConfig:
+        """Publish a new config version that revokes ``cert``: its snapshots after ``last_seq``
+        are no longer trusted and no client deduplicates against its packs (needs the master key)."""
+        if master.repo_id != self.repo_id:
+            raise RepositoryError("this master key belongs to another repository", "pass the right --master-key")
+        kept = tuple(r for r in self.config.revoked if r.client != cert.name)
+        cfg = dataclasses.replace(
+            self.config,
+            version=self.config.version + 1,
+            revoked=(*kept, Revocation(cert.name, last_seq)),
+            created=time.time(),
+        )
+        data = make_config(cfg, master.signing)
+        self.config_name = self.put_object("config", data)
+        self.config = cfg
+        return cfg
+
     def check_put_key(self, put: PutKey) -> Certificate:
         """Verify that ``put`` belongs here and its certificate is valid; publish it if absent."""
         if put.repo_id != self.repo_id:
@@ -244,8 +265,44 @@ class Repository:
             except (CorruptObject, ObjectMissing, encoding.FormatError):
                 continue  # check reports damaged snapshots
             trusted, problem = self.verify_snapshot_signature(snap)
-            out.append(SnapshotRecord(info.name, snap, trusted, problem))
+            out.append(SnapshotRecord(info.name, snap, trusted, problem, info.mtime))
         out.sort(key=lambda r: (r.snap.env.time, r.snap.env.client, r.snap.env.seq))
+        return out
+
+    def verify_retirement(self, data: bytes) -> str:
+        """The snapshot a retirement record retires, once its signature is verified and its signer
+        may retire snapshots: the master key (signer ``""``) or a certificate with ``prune`` that is
+        not revoked. Raise FormatError (or CorruptObject/ObjectMissing for the certificate)."""
+        snap_name, signer = parse_retirement(data)
+        obj = parse_signed(data, MAGIC_RETIRED)
+        if signer == "":
+            key = self.config.master_verify
+        else:
+            cert = self.certificate(signer)
+            if "prune" not in cert.capabilities:
+                raise encoding.FormatError(f"signer {cert.client!r} has no prune capability (may not forget snapshots)")
+            if signer in self.config.revoked_clients():
+                # a revoked client's records are not honoured: forgetting makes prune delete data
+                raise encoding.FormatError(
+                    f"signer {cert.client!r} has been revoked; run `bunker forget` again with the master key or a "
+                    "trusted prune-capable put key if the snapshot should really go"
+                )
+            key = cert.verify_key
+        try:
+            verify(key, MAGIC_RETIRED, obj.body_bytes, obj.sig)
+        except BadSignature:
+            raise encoding.FormatError("its signature does not verify (forged or altered)") from None
+        return snap_name
+
+    def retired_snapshots(self) -> set[str]:
+        """Names (``snapshots/<hex>``) of the snapshots that a valid retirement record retires.
+        Damaged, forged or unauthorised records are ignored here; `bunker check` reports them."""
+        out: set[str] = set()
+        for info in self.backend.list("retired/"):
+            try:
+                out.add(self.verify_retirement(self.get_object(info.name)))
+            except (CorruptObject, ObjectMissing, encoding.FormatError):
+                continue
         return out
 
     def client_head(self, cert_name: str) -> SnapshotRecord | None:
