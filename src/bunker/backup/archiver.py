@@ -6,13 +6,14 @@ inode flags are read by whoever reads its content, through the same open descrip
 file_reader.py); a directory's through a descriptor opened before it is listed; other items'
 xattrs by path (they are never opened). Hard links: the first name of an inode met in the walk is
 backed up; every other name gets a copy of its entry (same ``ino``), so the data is read and
-stored once (FORMAT.md section 14).
+stored once (FORMAT.md section 14; the bookkeeping is in hardlinks.py).
 
 Parallelism: the main thread walks and stats (cheap); file reading, chunking, hashing,
 compression and encryption run in a pool of worker threads. The native libraries (pyfastcdc,
-blake3, zstandard, AES-GCM) release the GIL, so both cores work. Directories are finished in
-post-order as soon as their files are done, so memory stays bounded by the walk's depth and the
-number of files in flight.
+blake3, zstandard, AES-GCM) release the GIL, so both cores work. Once many small files were
+seen, the small ones go in batches to worker processes instead (small_batches.py, small_files.py).
+Directories are finished in post-order as soon as their files are done, so memory stays bounded
+by the walk's depth and the number of files in flight.
 """
 
 from __future__ import annotations
@@ -37,9 +38,11 @@ from bunker.backup.chunker import cut, make_cdc
 from bunker.backup.excludes import PSEUDO_FILESYSTEMS, Excludes, mount_types
 from bunker.backup.file_reader import MAX_REREADS, ReadOutcome, read_all, read_stable
 from bunker.backup.fsmeta import DataReader, hole_bytes, inode_meta, name_acl, path_meta
+from bunker.backup.hardlinks import HardLinks
 from bunker.backup.partial import VirtualFrame, partial_root
 from bunker.backup.resume import PartialFiles, Tracked
 from bunker.backup.runlog import RunLog
+from bunker.backup.small_batches import SmallBatches
 from bunker.backup.small_files import SmallFilePool
 from bunker.repo import blob
 from bunker.repo.pack import KIND_META
@@ -49,8 +52,6 @@ from bunker.repo.tree import encode_tree
 READ_WHOLE = 8 << 20  # files up to this size are read in one go and cut in memory
 SMALL_FILE = 256 << 10  # files up to this size go to the worker processes ...
 SMALL_POOL_AFTER = 1000  # ... once this many were seen (starting the processes costs ~0.2 s)
-SMALL_BATCH_FILES = 128
-SMALL_BATCH_BYTES = 4 << 20
 MAX_INFLIGHT_FILES = 256
 MAX_INFLIGHT_BYTES = 96 << 20
 
@@ -77,20 +78,6 @@ class DirJob:
     pending: int = 0
     names: deque[bytes] = field(default_factory=deque)
     dev: int = -1  # the filesystem this directory is walked on (for --one-file-system)
-
-
-@dataclass
-class _Link:
-    """A hard-linked inode met in this run: the entry of its first name, final once read."""
-
-    entry: dict[str, Any]
-    path: bytes
-    nlink: int
-    kind: int  # stat.S_IFMT: a reused inode number of another kind is another inode
-    seen: int = 1
-    final: dict[str, Any] | None = None  # the first entry's keys but its name (None: not stored)
-    done: bool = False
-    waiters: list[tuple[dict[str, Any], DirJob, bytes]] = field(default_factory=list)
 
 
 class _Readable(Protocol):
@@ -186,14 +173,19 @@ class Archiver:
         self._last_tick = time.monotonic()
         self._small_pool = SmallFilePool(writer.secrets, chunker, small_workers)
         self._small_seen = 0
-        self._batch: list[tuple[bytes, dict[str, Any], DirJob, bytes, int]] = []
-        self._batch_bytes = 0
-        self._batch_slots = threading.BoundedSemaphore(2 * (small_workers or os.cpu_count() or 2) + 2)
-        self._error: BaseException | None = None
-        # hard links: (st_dev, st_ino) -> first name; id(first entry) -> link while it is read
-        self._links: dict[tuple[int, int], _Link] = {}
-        self._reading_links: dict[int, _Link] = {}
-        self._link_ids: set[int] = set()
+        # both complete directories' entries from other threads, so they share the lock over the
+        # pending counts and wake the main thread like a finished file does
+        self._small: SmallBatches[DirJob] = SmallBatches(
+            self._small_pool,
+            writer,
+            small_workers,
+            self._done_lock,
+            self._wake,
+            self.progress,
+            self._record,
+            self._maybe_tick,
+        )
+        self._hardlinks = HardLinks(self._done_lock, self._wake, log)
         # what is in progress, for checkpoints (partial.py): the walk stack, the virtual
         # ancestors of the named paths, the entry of "/" when "/" itself is backed up
         self._wstack: list[DirJob] = []
@@ -272,13 +264,11 @@ class Archiver:
 
     def _record(self, r: ReadOutcome, path: bytes, entry: dict[str, Any], job: DirJob, name: bytes) -> None:
         """Put a read's outcome into the directory's entry, files cache and run log."""
-        if self._reading_links:
+        if self._hardlinks.reading:
             try:
                 self._record_outcome(r, path, entry, job, name)
             finally:
-                link = self._reading_links.pop(id(entry), None)
-                if link is not None:
-                    self._link_done(link)
+                self._hardlinks.read_done(entry)
         else:
             self._record_outcome(r, path, entry, job, name)
 
@@ -316,50 +306,6 @@ class Archiver:
             with self._done_lock:
                 self.stats["errors"] += 1
 
-    # ------------------------------------------------------------------ small files in worker processes
-    def _queue_small(self, path: bytes, entry: dict[str, Any], job: DirJob, name: bytes, size: int) -> None:
-        with self._done_lock:
-            job.pending += 1
-        self._batch.append((path, entry, job, name, size))
-        self._batch_bytes += size
-        if len(self._batch) >= SMALL_BATCH_FILES or self._batch_bytes >= SMALL_BATCH_BYTES:
-            self._submit_batch()
-
-    def _submit_batch(self) -> None:
-        if not self._batch:
-            return
-        batch, self._batch, self._batch_bytes = self._batch, [], 0
-        self._batch_slots.acquire()
-        fut = self._small_pool.submit([b[0] for b in batch])
-        fut.add_done_callback(lambda f: self._batch_done(f, batch))
-
-    def _batch_done(self, fut: Any, batch: list[tuple[bytes, dict[str, Any], DirJob, bytes, int]]) -> None:
-        try:
-            try:
-                results = fut.result()
-            except Exception as exc:  # noqa: BLE001 - a dead worker must not lose the run
-                results = [(ReadOutcome("error", [], message=f"worker failed: {exc}"), [])] * len(batch)
-            w = self.writer
-            for (path, entry, job, name, _), (outcome, blobs) in zip(batch, results, strict=True):
-                try:
-                    for cid, ct, raw, k in blobs:
-                        w.store_encrypted(cid, ct, raw, k)
-                    self._record(outcome, path, entry, job, name)
-                    self.progress.nbytes += outcome.size
-                except BaseException as exc:  # noqa: BLE001
-                    self._error = exc
-                finally:
-                    self._finish_small(job)
-        finally:
-            self._batch_slots.release()
-            with self._bytes_cv:
-                self._bytes_cv.notify_all()
-
-    def _finish_small(self, job: DirJob) -> None:
-        with self._done_lock:
-            job.pending -= 1
-            self.progress.files += 1
-
     def _finish_file(self, job: DirJob, size: int) -> None:
         with self._done_lock:
             job.pending -= 1
@@ -370,78 +316,26 @@ class Archiver:
         self._slots.release()
 
     def _submit_file(self, path: bytes, st: os.stat_result, entry: dict[str, Any], job: DirJob, name: bytes) -> None:
-        self._slots.acquire()
+        # While waiting for room the main thread keeps ticking: a file that takes hours to read
+        # must not let the lease expire or the checkpoints stop.
+        while not self._slots.acquire(timeout=0.2):
+            self._maybe_tick()
         size = min(st.st_size, st.st_blocks * 512)  # what will be read: a sparse file's holes are not
-        with self._bytes_cv:
-            while self._inflight_bytes > 0 and self._inflight_bytes + size > MAX_INFLIGHT_BYTES:
-                self._bytes_cv.wait(0.5)
-            self._inflight_bytes += size
+        while True:
+            with self._bytes_cv:
+                if self._inflight_bytes == 0 or self._inflight_bytes + size <= MAX_INFLIGHT_BYTES:
+                    self._inflight_bytes += size
+                    break
+                self._bytes_cv.wait(0.2)
+            self._maybe_tick()
         with self._done_lock:
             job.pending += 1
         self._pool.submit(self._read_file, path, size, entry, job, name)
 
-    # ------------------------------------------------------------------ hard links
-    def _first_link(self, e: dict[str, Any], st: os.stat_result, path: bytes, reading: bool) -> None:
-        """Remember the first name of a hard-linked inode; ``reading``: its entry is final only
-        once its content is read."""
-        lid = st.st_ino  # stable from run to run, so unchanged trees stay identical
-        while lid in self._link_ids:  # the same number on another filesystem of this backup
-            lid += 1
-        self._link_ids.add(lid)
-        e["ino"] = lid
-        e["nl"] = st.st_nlink
-        link = _Link(e, path, st.st_nlink, stat.S_IFMT(st.st_mode))
-        self._links[(st.st_dev, st.st_ino)] = link
-        if reading:
-            self._reading_links[id(e)] = link
-        else:
-            self._link_done(link)
-
-    def _link_done(self, link: _Link) -> None:
-        first = link.entry
-        with self._done_lock:
-            link.final = None if first.get("drop") else {k: v for k, v in first.items() if k != "n"}
-            link.done = True
-            waiters, link.waiters = link.waiters, []
-        for e, job, path in waiters:
-            self._copy_link(link, e, path)
-            with self._done_lock:
-                job.pending -= 1
-        if waiters:
-            with self._bytes_cv:
-                self._bytes_cv.notify_all()
-
-    def _copy_link(self, link: _Link, e: dict[str, Any], path: bytes) -> None:
-        if link.final is None:
-            e["drop"] = True
-            self.log.add(
-                "note",
-                "link-dropped",
-                f"hard link of {link.path.decode('utf-8', 'backslashreplace')}, which could not be backed up; "
-                "it is not in this backup either",
-                path,
-            )
-        else:
-            e.update(link.final)
-
-    def _other_name(self, job: DirJob, name: bytes, path: bytes, st: os.stat_result) -> bool:
-        """Add a further name of an inode already met (True), or return False."""
-        key = (st.st_dev, st.st_ino)
-        link = self._links.get(key)
-        if link is None or link.kind != stat.S_IFMT(st.st_mode):
-            return False
-        e: dict[str, Any] = {"n": name}
-        job.entries.append(e)
-        link.seen += 1
-        if link.seen >= link.nlink:
-            del self._links[key]  # every name met: forget it
-        with self._done_lock:
-            if not link.done:
-                link.waiters.append((e, job, path))
-                job.pending += 1
-                return True
-        self._copy_link(link, e, path)
-        return True
+    def _wake(self) -> None:
+        """Tell the main thread (waiting in _wait_for) that a directory's pending count went down."""
+        with self._bytes_cv:
+            self._bytes_cv.notify_all()
 
     # ------------------------------------------------------------------ entries
     def _meta(self, name: bytes, st: os.stat_result, kind: str) -> dict[str, Any]:
@@ -472,7 +366,7 @@ class Archiver:
         """Add one directory entry to ``job``; return a DirJob if it is a directory to descend."""
         mode = st.st_mode
         linked = st.st_nlink > 1 and not stat.S_ISDIR(mode)
-        if linked and self._other_name(job, name, path, st):
+        if linked and self._hardlinks.other_name(job, name, path, st):
             if stat.S_ISREG(mode):
                 self.stats["files"] += 1
                 self.progress.files += 1
@@ -495,14 +389,14 @@ class Archiver:
                 self.progress.files += 1
                 self.progress.nbytes += st.st_size
                 if linked:
-                    self._first_link(e, st, path, reading=False)
+                    self._hardlinks.first_name(e, st, path, reading=False)
             else:
                 if linked:
-                    self._first_link(e, st, path, reading=True)
+                    self._hardlinks.first_name(e, st, path, reading=True)
                 self.stats["files_changed" if name in job.cache_old else "files_new"] += 1
                 self._small_seen += st.st_size <= SMALL_FILE
                 if st.st_size <= SMALL_FILE and self._small_seen > SMALL_POOL_AFTER:
-                    self._queue_small(path, e, job, name, st.st_size)
+                    self._small.queue(path, e, job, name, st.st_size)
                 else:
                     self._submit_file(path, st, e, job, name)
             return None
@@ -543,7 +437,7 @@ class Archiver:
         self._add_meta(e, meta, problems, path)
         job.entries.append(e)
         if linked:
-            self._first_link(e, st, path, reading=False)
+            self._hardlinks.first_name(e, st, path, reading=False)
         return None
 
     def _open_dir(self, path: bytes, entry: dict[str, Any] | None) -> DirJob | None:
@@ -583,8 +477,8 @@ class Archiver:
         return cid
 
     def _finish_dir(self, job: DirJob) -> None:
-        if self._error is not None:
-            raise self._error
+        if self._small.error is not None:
+            raise self._small.error
         entries = [e for e in job.entries if not e.pop("drop", False)]
         tid = self._store_tree(entries)
         if job.parent_entry is not None:
@@ -605,7 +499,7 @@ class Archiver:
 
     def _wait_for(self, job: DirJob) -> None:
         """Wait until a directory's files are stored, still flushing old packs meanwhile."""
-        self._submit_batch()
+        self._small.submit()
         while job.pending:
             with self._bytes_cv:
                 self._bytes_cv.wait(0.05)

@@ -15,7 +15,7 @@ import contextlib
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import blake3
@@ -123,39 +123,50 @@ class Checkpointer:
 
 
 def _proc_start(pid: int) -> str:
-    """The process's start time in clock ticks since boot ("" if unknown): with the pid it
-    identifies a process even after the pid is reused."""
+    """The process's start time in clock ticks since boot ("" if it is not running): with the
+    pid it identifies a process even after the pid is reused."""
     try:
         with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
         return ""
+    if len(fields) < 20 or fields[0] in ("Z", "X"):
+        return ""  # a killed process that nobody has reaped yet is dead all the same
+    return fields[19]
 
 
-def mark_running(state_dir: str, session: str) -> None:
-    """Remember which session this machine's backup runs as (removed at the end of the run)."""
+def mark_running(state_dir: str, session: str, killed: Iterable[str] = ()) -> None:
+    """Remember which session this machine's backup runs as (removed at the end of the run),
+    and the killed sessions whose leases this run could not reach (offline): the next run that
+    reaches the repository adopts them at once."""
     pid = os.getpid()
-    write_private_file(
-        os.path.join(state_dir, "session.json"), json.dumps({"session": session, "pid": pid, "start": _proc_start(pid)})
-    )
+    record = {"session": session, "pid": pid, "start": _proc_start(pid), "killed": sorted(set(killed))[-100:]}
+    write_private_file(os.path.join(state_dir, "session.json"), json.dumps(record))
 
 
-def clear_running(state_dir: str) -> None:
-    with contextlib.suppress(OSError):
-        os.unlink(os.path.join(state_dir, "session.json"))
+def clear_running(state_dir: str, killed: Iterable[str] = ()) -> None:
+    """The run ended: forget it, keeping only killed sessions not adopted yet."""
+    path = os.path.join(state_dir, "session.json")
+    left = sorted(set(killed))
+    if left:
+        write_private_file(path, json.dumps({"session": "", "pid": 0, "start": "", "killed": left[-100:]}))
+    else:
+        with contextlib.suppress(OSError):
+            os.unlink(path)
 
 
-def killed_session(state_dir: str) -> str | None:
-    """The session of this machine's last run if its process is gone (killed), else None."""
+def killed_sessions(state_dir: str) -> set[str]:
+    """Sessions of this machine whose process is gone (killed) and not yet adopted."""
     try:
         with open(os.path.join(state_dir, "session.json"), encoding="utf-8") as f:
             d = json.load(f)
         session, pid, start = str(d["session"]), int(d["pid"]), str(d["start"])
+        carried = {str(k) for k in d.get("killed", [])}
     except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if start and _proc_start(pid) == start:
-        return None  # still running (another backup of this machine)
-    return session
+        return set()
+    if session and not (start and _proc_start(pid) == start):  # not still running
+        carried.add(session)
+    return carried
 
 
 # ---------------------------------------------------------------------- adopting a dead session
@@ -163,15 +174,18 @@ def killed_session(state_dir: str) -> str | None:
 
 def adopt_dead_checkpoints(
     repo: Repository, put: PutKey, cert: Certificate, state_dir: str, log: RunLog, own_session: str, now: float
-) -> list[Committed]:
+) -> tuple[list[Committed], set[str]]:
     """Turn this client's dead sessions' last checkpoints into incomplete snapshots (in the
-    order the sessions started), extend the chain, and remove their leases."""
-    killed = killed_session(state_dir)
+    order the sessions started), extend the chain, and remove their leases. Returns what was
+    committed and the killed sessions this run could not find (to be adopted later)."""
+    killed = killed_sessions(state_dir)
     out = []
+    found: set[str] = set()
     for s in sorted(sessions(repo), key=lambda s: s.started):
         if s.session == own_session or s.cert != cert.name:
             continue
-        if s.alive(now) and s.session != killed:
+        found.add(s.session)
+        if s.alive(now) and s.session not in killed:
             continue
         if s.checkpoint is None:  # died before its first checkpoint: its lease protects nothing now
             for n in s.names:
@@ -193,7 +207,11 @@ def adopt_dead_checkpoints(
                 repo.backend.delete(n)
         if committed is not None:
             out.append(committed)
-    return out
+    # a killed session whose lease is not listed here is either gone already or in a storage
+    # this run cannot see (the repository while offline, or the spool while online): keep it
+    # for a later run only while offline
+    missing = killed - found if repo.backend.capabilities().partial else set()
+    return out, missing
 
 
 def _commit_checkpoint(

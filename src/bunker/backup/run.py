@@ -97,10 +97,11 @@ def run_backup(
     check_config_version(repo, state_dir, log)
     lease = Lease(repo, put.client_key, cert.client, cert.name, "backup")
     lease.write()
+    unseen: set[str] = set()
     try:
         # a run of this machine that was killed: its last checkpoint becomes an incomplete snapshot
-        adopt_dead_checkpoints(repo, put, cert, state_dir, log, lease.session, lease.storage_time())
-        mark_running(state_dir, lease.session)
+        _, unseen = adopt_dead_checkpoints(repo, put, cert, state_dir, log, lease.session, lease.storage_time())
+        mark_running(state_dir, lease.session, unseen)
         # after the lease: a pack condemned from now on waits for this session (DESIGN.md §6)
         index = IndexCache(repo, put.secrets, cache_dir, absent_packs=condemned_packs(repo)).load()
         for problem in index.problems[:20]:
@@ -169,7 +170,7 @@ def run_backup(
             fcache.close()
     finally:
         lease.release()
-        clear_running(state_dir)
+        clear_running(state_dir, unseen)
     return BackupOutcome(committed, log, result)
 
 

@@ -14,10 +14,11 @@ import contextlib
 import os
 import time
 
-from bunker import dirs
+from bunker import dirs, encoding
 from bunker.crypto.keyfile import PutKey
 from bunker.errors import BunkerError, ExitCode, ObjectMissing
 from bunker.repo.objects import content_hash, is_hash_name
+from bunker.repo.records import parse_lease
 from bunker.repo.repository import Repository
 from bunker.storage.backend import FIXED_NAMES, Backend, ObjectInfo
 from bunker.storage.local import LocalBackend
@@ -81,7 +82,10 @@ class Spool:
             return 0
         spool = LocalBackend(self.root)
         gone = 0
+        carrying = _sessions_with_checkpoints(spool)
         for info in list(spool.list("sessions/")):
+            if info.name.split("/", 1)[1].rpartition(".")[0] in carrying:
+                continue  # a killed offline run: this machine's next backup adopts its checkpoint
             spool.delete(info.name)
             gone += 1
         for name in FIXED_NAMES:
@@ -150,3 +154,21 @@ def parse_age(text: str) -> float:
             exit_code=ExitCode.USAGE,
         )
     return value
+
+
+def _sessions_with_checkpoints(spool: LocalBackend) -> set[str]:
+    """Session ids whose newest lease object in the spool carries a checkpoint."""
+    newest: dict[str, tuple[int, str]] = {}
+    for info in spool.list("sessions/"):
+        sid, _, counter = info.name.split("/", 1)[1].rpartition(".")
+        if counter.isdigit() and int(counter) >= newest.get(sid, (-1, ""))[0]:
+            newest[sid] = (int(counter), info.name)
+    out = set()
+    for sid, (_, name) in newest.items():
+        try:
+            body, _signer = parse_lease(spool.get(name))
+        except (encoding.FormatError, ObjectMissing):
+            continue
+        if body.get("checkpoint"):
+            out.add(sid)
+    return out

@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from bunker import encoding
-from bunker.crypto.sign import SigningKey
-from bunker.errors import BunkerError, ObjectMissing
+from bunker.crypto.sign import BadSignature, SigningKey, verify
+from bunker.errors import BunkerError, CorruptObject, ObjectMissing
+from bunker.repo.objects import MAGIC_SESSION, parse_signed
 from bunker.repo.records import LEASE_SECONDS, make_lease, new_session_id, parse_lease
 from bunker.repo.repository import Repository
 
@@ -100,16 +101,31 @@ def sessions(repo: Repository) -> list[Session]:
         objs.sort()
         newest = objs[-1]
         try:
-            body, signer = parse_lease(repo.backend.get(newest[1]))
+            data = repo.backend.get(newest[1])
+            body, signer = parse_lease(data)
         except (encoding.FormatError, ObjectMissing):
             continue  # damaged or just replaced by a refresh: the next listing sees it
+        cp = body.get("checkpoint")
+        if cp is not None and not _signed_by_client(repo, data, signer):
+            cp = None  # a checkpoint is acted on (kept by GC, made a snapshot) only if authentic
         expires = float(min(max(int(body["expires_after"]), 60), MAX_LEASE_SECONDS))
         started = objs[0][2] if objs[0][0] == 0 else min(o[2] for o in objs)
         refreshed = max(o[2] for o in objs)
         kind, client = str(body.get("kind", "")), str(body.get("client"))
-        cp = body.get("checkpoint")
         names = tuple(o[1] for o in objs)
         out.append(
             Session(sid, started, refreshed, expires, kind, client, names, signer, cp if isinstance(cp, dict) else None)
         )
     return out
+
+
+def _signed_by_client(repo: Repository, data: bytes, signer: str) -> bool:
+    """True if the lease ``data`` is signed by the valid, not revoked certificate ``signer``."""
+    if not signer or signer in repo.config.revoked_clients():
+        return False
+    try:
+        obj = parse_signed(data, MAGIC_SESSION)
+        verify(repo.certificate(signer).verify_key, MAGIC_SESSION, obj.body_bytes, obj.sig)
+    except (encoding.FormatError, BadSignature, CorruptObject, ObjectMissing):
+        return False
+    return True

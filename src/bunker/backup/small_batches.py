@@ -1,0 +1,123 @@
+"""Batches of small files for the worker processes of small_files.py.
+
+Once a run has met many small files, the archiver hands each changed one to :class:`SmallBatches`
+rather than to its reading threads. Files are gathered into batches so that a round trip to a
+worker process is paid once per batch, not per file; only a few batches per worker are in flight,
+so the walk cannot run far ahead of the workers. A finished batch's blobs are stored and its
+outcomes recorded on the thread that completes its future.
+
+The archiver owns one :class:`SmallBatches` per run and hands it what it shares: the lock over
+the directories' pending counts, a way to wake its main thread, the progress counters and the
+function that records a read's outcome; this module does not know the archiver.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, Generic, Protocol, TypeVar
+
+from bunker.backup.file_reader import ReadOutcome
+from bunker.backup.small_files import Blob, SmallFilePool
+from bunker.repo.session_writer import SessionWriter
+
+SMALL_BATCH_FILES = 128
+SMALL_BATCH_BYTES = 4 << 20
+
+
+class _Job(Protocol):
+    """What is used of the archiver's directory in progress."""
+
+    pending: int
+
+
+class _Progress(Protocol):
+    files: int
+    nbytes: int
+
+
+J = TypeVar("J", bound=_Job)
+
+
+class SmallBatches(Generic[J]):
+    """Small files on their way through the worker processes.
+
+    :meth:`queue` and :meth:`submit` run on the walking thread; a batch's outcomes are recorded
+    on the thread that completes it. An exception there cannot propagate: it is kept in
+    :attr:`error` for the walking thread to raise.
+    """
+
+    def __init__(
+        self,
+        pool: SmallFilePool,
+        writer: SessionWriter,
+        workers: int | None,
+        lock: threading.Lock,
+        wake: Callable[[], None],
+        progress: _Progress,
+        record: Callable[[ReadOutcome, bytes, dict[str, Any], J, bytes], None],
+        waiting: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._pool = pool
+        self._writer = writer
+        self._lock = lock  # guards the directories' pending counts and the progress files count
+        self._wake = wake  # tells the walking thread a count went down
+        self._progress = progress
+        self._record = record
+        self._waiting = waiting  # called while the walking thread waits for a slot (lease, checkpoints)
+        self._batch: list[tuple[bytes, dict[str, Any], J, bytes, int]] = []
+        self._batch_bytes = 0
+        # two batches per worker keep every worker busy while bounding the files in flight
+        self._slots = threading.BoundedSemaphore(2 * (workers or os.cpu_count() or 2) + 2)
+        self.error: BaseException | None = None
+
+    def queue(self, path: bytes, entry: dict[str, Any], job: J, name: bytes, size: int) -> None:
+        """Add a file (``entry`` in ``job``) to the current batch; submit the batch once full."""
+        with self._lock:
+            job.pending += 1
+        self._batch.append((path, entry, job, name, size))
+        self._batch_bytes += size
+        if len(self._batch) >= SMALL_BATCH_FILES or self._batch_bytes >= SMALL_BATCH_BYTES:
+            self.submit()
+
+    def submit(self) -> None:
+        """Send the current batch to the workers, even if not full (waits for a free slot)."""
+        if not self._batch:
+            return
+        batch, self._batch, self._batch_bytes = self._batch, [], 0
+        while not self._slots.acquire(timeout=0.2):
+            self._waiting()
+        fut = self._pool.submit([b[0] for b in batch])
+        fut.add_done_callback(lambda f: self._done(f, batch))
+
+    def _done(
+        self,
+        fut: Future[list[tuple[ReadOutcome, list[Blob]]]],
+        batch: list[tuple[bytes, dict[str, Any], J, bytes, int]],
+    ) -> None:
+        try:
+            try:
+                results = fut.result()
+            except Exception as exc:  # noqa: BLE001 - a dead worker must not lose the run
+                results = [(ReadOutcome("error", [], message=f"worker failed: {exc}"), [])] * len(batch)
+            w = self._writer
+            for (path, entry, job, name, _), (outcome, blobs) in zip(batch, results, strict=True):
+                try:
+                    for cid, ct, raw, k in blobs:
+                        w.store_encrypted(cid, ct, raw, k)
+                    self._record(outcome, path, entry, job, name)
+                    self._progress.nbytes += outcome.size
+                except BaseException as exc:  # noqa: BLE001
+                    self.error = exc
+                finally:
+                    self._finish(job)
+        finally:
+            self._slots.release()
+            self._wake()
+
+    def _finish(self, job: J) -> None:
+        with self._lock:
+            job.pending -= 1
+            self._progress.files += 1

@@ -1,0 +1,262 @@
+"""Reaching an sftp server: ``sftp://`` URLs, the user's ssh settings (keys, ~/.ssh/config,
+known_hosts, BUNKER_SSH_IDENTITY and BUNKER_SSH_KNOWN_HOSTS), opening an SSH connection with
+them, and what a refused connection means in words and next steps: an unknown or changed host
+key (with its fingerprint and the ssh-keyscan command that trusts it), a refused login, an
+unusable key."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
+
+import asyncssh
+
+from bunker.errors import BunkerError, ExitCode, StorageError
+
+DEFAULT_PORT = 22
+KEEPALIVE_SECONDS = 30.0
+IDENTITY_VAR = "BUNKER_SSH_IDENTITY"
+KNOWN_HOSTS_VAR = "BUNKER_SSH_KNOWN_HOSTS"
+_URL_HINT = (
+    "write it as sftp://USER@HOST:PORT/ABSOLUTE/PATH, or sftp://USER@HOST/~/PATH for a directory below "
+    "the login directory"
+)
+
+# asyncssh logs every connection at INFO; bunker reports failures itself
+logging.getLogger("asyncssh").setLevel(logging.WARNING)
+
+
+def _usage(message: str, hint: str = _URL_HINT) -> BunkerError:
+    return BunkerError(message, hint, exit_code=ExitCode.USAGE)
+
+
+# ------------------------------------------------------------------------------------------- URLs
+
+
+@dataclass(frozen=True)
+class SftpLocation:
+    """A parsed ``sftp://`` repository URL. ``path`` is absolute, or relative to the login
+    directory (``.`` for the login directory itself); ``user`` and ``port`` are None when the
+    URL does not give them (then ~/.ssh/config or the defaults apply)."""
+
+    host: str
+    port: int | None
+    user: str | None
+    path: str
+
+    @property
+    def url(self) -> str:
+        """The canonical URL: what error messages show and worker processes reopen."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        user = quote(self.user, safe="") + "@" if self.user else ""
+        port = f":{self.port}" if self.port is not None else ""
+        path = self.path if self.path.startswith("/") else "/~" + ("" if self.path == "." else "/" + self.path)
+        return f"sftp://{user}{host}{port}{quote(path, safe='/~')}"
+
+    @property
+    def host_port(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}" if self.port is not None else host
+
+    @property
+    def where(self) -> str:
+        """How error messages name the place: ``sftp server HOST:PORT, directory PATH``."""
+        path = self.path if self.path.startswith("/") else "~/" + ("" if self.path == "." else self.path)
+        return f"sftp server {self.host_port}, directory {path}"
+
+    def ssh_command(self) -> str:
+        """The ssh command line that tests the same login."""
+        port = f"-p {self.port} " if self.port is not None and self.port != DEFAULT_PORT else ""
+        user = f"{self.user}@" if self.user else ""
+        return f"ssh {port}{user}{self.host}"
+
+
+def parse_sftp_url(url: str) -> SftpLocation:
+    """Parse ``sftp://[user@]host[:port]/path``: ``/path`` is absolute, ``/~/path`` below the
+    login directory."""
+    parts = urlsplit(url)
+    if parts.scheme != "sftp":
+        raise _usage(f"{url!r} is not an sftp:// URL")
+    if parts.password is not None:
+        raise _usage(
+            "a password does not belong in the repository URL",
+            "remove it: bunker logs in with your ssh keys (ssh-agent, ~/.ssh/id_*, or BUNKER_SSH_IDENTITY)",
+        )
+    if parts.query or parts.fragment:
+        raise _usage(f"sftp:// URLs take no parameters ({url!r})")
+    host = parts.hostname or ""
+    if not host or any(c.isspace() or ord(c) < 32 or c in "/\\" for c in host):
+        raise _usage(f"{url!r} names no usable host")
+    try:
+        port = parts.port
+    except ValueError:
+        raise _usage(f"the port of {url!r} is not a number from 1 to 65535") from None
+    if port == 0:
+        raise _usage(f"the port of {url!r} is not a number from 1 to 65535")
+    user = unquote(parts.username) if parts.username else None
+    raw = unquote(parts.path)
+    segments = [s for s in raw.split("/") if s]
+    relative = bool(segments) and segments[0] == "~"
+    if relative:
+        segments = segments[1:]
+    for s in segments:
+        if s in (".", "..", "~") or any(ord(c) < 32 or c == "\\" for c in s):
+            raise _usage(f"the path {parts.path!r} of {url!r} is not usable", "use plain names separated by /")
+    if relative:
+        path = "/".join(segments) or "."
+    else:
+        if not segments:
+            raise _usage(f"{url!r} names no directory for the repository")
+        path = "/" + "/".join(segments)
+    return SftpLocation(host, port, user, path)
+
+
+# ----------------------------------------------------------------------------------- connections
+
+
+class Link:
+    """One SSH connection and how many SFTP channels it carries (touched on the loop only)."""
+
+    def __init__(self, conn: asyncssh.SSHClientConnection) -> None:
+        self.conn = conn
+        self.channels = 0
+        self.full = False  # the server refused one more channel on it
+        self.lost = False
+
+
+class _HostKeySeen:
+    """What the server presented when its host key was not trusted."""
+
+    def __init__(self) -> None:
+        self.key: asyncssh.SSHKey | None = None
+        self.host = ""
+        self.addr = ""
+        self.port = DEFAULT_PORT
+
+
+class _Client(asyncssh.SSHClient):
+    def __init__(self, seen: _HostKeySeen) -> None:
+        self._seen = seen
+        self.link: Link | None = None
+
+    def validate_host_public_key(self, host: str, addr: str, port: int, key: asyncssh.SSHKey) -> bool:
+        # called only for a key that known_hosts does not trust: remember it for the message
+        self._seen.key, self._seen.host, self._seen.addr, self._seen.port = key, host, addr, port
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.link is not None:
+            self.link.lost = True
+
+
+class Connector:
+    """Opens SSH connections for one location with the user's ssh settings."""
+
+    def __init__(self, loc: SftpLocation, env: Mapping[str, str], timeout: float) -> None:
+        self.loc = loc
+        self.timeout = timeout
+        self.identity = env.get(IDENTITY_VAR) or None
+        self.known_hosts = env.get(KNOWN_HOSTS_VAR) or None
+        for var, path in ((IDENTITY_VAR, self.identity), (KNOWN_HOSTS_VAR, self.known_hosts)):
+            if path is not None and not os.access(path, os.R_OK):
+                raise BunkerError(
+                    f"{var}={path} is not a readable file",
+                    f"point {var} at an existing file, or unset it to use the defaults in ~/.ssh",
+                    exit_code=ExitCode.USAGE,
+                )
+
+    @property
+    def known_hosts_file(self) -> str:
+        return self.known_hosts or os.path.join(os.path.expanduser("~"), ".ssh", "known_hosts")
+
+    async def connect(self) -> Link:
+        seen = _HostKeySeen()
+        clients: list[_Client] = []
+
+        def factory() -> _Client:
+            client = _Client(seen)
+            clients.append(client)
+            return client
+
+        kw: dict[str, Any] = {
+            "known_hosts": self.known_hosts if self.known_hosts else (),
+            "client_keys": [self.identity] if self.identity else (),
+            "connect_timeout": self.timeout,
+            "keepalive_interval": KEEPALIVE_SECONDS,
+            "keepalive_count_max": 3,
+            # never fall back to a password or keyboard prompt: bunker runs unattended
+            "preferred_auth": "gssapi-keyex,gssapi-with-mic,hostbased,publickey",
+            "client_factory": factory,
+        }
+        if self.loc.user:
+            kw["username"] = self.loc.user
+        port: Any = self.loc.port if self.loc.port is not None else ()
+        try:
+            conn = await asyncssh.connect(self.loc.host, port, **kw)
+        except asyncssh.HostKeyNotVerifiable as exc:
+            raise self._host_key_error(seen, exc) from None
+        except asyncssh.PermissionDenied as exc:
+            raise StorageError(
+                f"the ssh server {self.loc.host_port} refused the login ({exc})",
+                "bunker logs in with the keys of your ssh-agent (SSH_AUTH_SOCK), ~/.ssh/id_* and BUNKER_SSH_IDENTITY; "
+                f"add the public key to ~/.ssh/authorized_keys of the user on the server and check that "
+                f"`{self.loc.ssh_command()}` logs in without a password",
+                exit_code=ExitCode.FATAL,
+            ) from None
+        except asyncssh.KeyImportError as exc:
+            raise StorageError(
+                f"cannot use the ssh key {self.identity or '(from ~/.ssh)'}: {exc}",
+                "use a key without a passphrase in BUNKER_SSH_IDENTITY, or load the key into ssh-agent "
+                "(`ssh-add FILE`)",
+                exit_code=ExitCode.FATAL,
+            ) from None
+        link = Link(conn)
+        for client in clients:
+            client.link = link
+        return link
+
+    def _host_key_error(self, seen: _HostKeySeen, exc: Exception) -> StorageError:
+        kh = self.known_hosts_file
+        if seen.key is None:
+            return StorageError(
+                f"refused to connect to the ssh server {self.loc.host_port}: {exc}",
+                f"check the server's host key and the entries for it in {kh}",
+                exit_code=ExitCode.FATAL,
+            )
+        port = seen.port or DEFAULT_PORT
+        fingerprint = seen.key.get_fingerprint("sha256")
+        alg = seen.key.get_algorithm()
+        kind = alg.removeprefix("ssh-").split("-", 1)[0]
+        host = seen.host or self.loc.host  # after ~/.ssh/config's HostName: what known_hosts must name
+        keyscan = f"ssh-keyscan {'-p ' + str(port) + ' ' if port != DEFAULT_PORT else ''}{host} >> {kh}"
+        entry = f"[{host}]:{port}" if port != DEFAULT_PORT else host
+        known = False
+        with contextlib.suppress(Exception):
+            if os.path.isfile(kh):
+                known = bool(asyncssh.match_known_hosts(kh, seen.host, seen.addr, port)[0])
+        check = (
+            f"(on the server: `ssh-keygen -lf /etc/ssh/ssh_host_{kind}_key.pub`)"
+            if kind in ("ed25519", "rsa", "ecdsa")
+            else ""
+        )
+        if known:
+            return StorageError(
+                f"refused to connect to the ssh server {self.loc.host_port}: its host key changed. It now presents "
+                f"the {alg} key {fingerprint}, which does not match the key recorded in {kh}. Someone may be "
+                "intercepting the connection, or the server was reinstalled",
+                f"ask the server's administrator for its key's fingerprint {check}; only if it is {fingerprint}, "
+                f"remove the old entry with `ssh-keygen -R '{entry}' -f {kh}` and trust the new key with `{keyscan}`",
+                exit_code=ExitCode.FATAL,
+            )
+        return StorageError(
+            f"refused to connect to the ssh server {self.loc.host_port}: its host key is unknown (not in {kh}). "
+            f"The server presents the {alg} key {fingerprint}",
+            f"make sure that this is the server's key {check}, then trust it with `{keyscan}` "
+            "and run the command again",
+            exit_code=ExitCode.FATAL,
+        )
