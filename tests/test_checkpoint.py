@@ -114,3 +114,20 @@ def test_large_file_resumes_from_its_stored_chunks(repo: Repo, tmp_path: Path) -
     js(repo.ok("restore", "latest", "--target", target, "--json"))
     assert (restored_path(target, src) / "disk.img").read_bytes() == big.read_bytes()
     assert js(repo.ok("check", "--json"))["ok"] is True
+
+
+def test_checkpoints_go_on_while_a_long_file_holds_the_walk(repo: Repo, tmp_path: Path) -> None:
+    """A huge file first, more files after it: the walk waits for room while the huge file is
+    read, and must still refresh its lease and write checkpoints meanwhile (before, it sat
+    blocked until the file was done: a file that takes an hour let the lease expire)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    with open(src / "a-huge.img", "wb") as f:
+        for _ in range(48):
+            f.write(os.urandom(8 << 20))  # 384 MiB: more than the bytes allowed in flight
+    for i in range(5):
+        (src / f"b{i}.bin").write_bytes(os.urandom(1 << 20))
+    _kill_after_checkpoint(repo, src, min_files=0)
+    doc = repo.backup(src)
+    assert any(e["code"] == "incomplete-snapshot" for e in doc["events"])
+    assert doc["stats"]["bytes_resumed"] > 0
