@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from bunker.repo.snapshot import parse_snapshot
 from helpers import BUNKER, Repo, expect_rc, init_repo, js, make_tree, restored_path, snapshot_tree
 
 BUDGET = float(os.environ.get("BUNKER_CRASH_SECONDS", "120"))
@@ -85,12 +86,31 @@ class Lab:
         self.run_or_kill("backup", self.start(*args), 1.2, earliest=0.3)
         self.record(before, state)
 
+    def head_complete(self) -> bool:
+        """Whether the chain's head snapshot is complete (read from the repository or, for an
+        offline run, from the spool; no key needed: the envelope is public)."""
+        root = Path(self.repo.env["XDG_DATA_HOME"]) / "bunker"
+        (chain,) = list((root / "state").rglob("chain.json"))
+        leaf = json.loads(chain.read_text())["name"].split("/", 1)[1]
+        for d in (self.repo.path, *(root / "spool").glob("*")):
+            p = Path(d) / "snapshots" / leaf
+            if p.exists():
+                return parse_snapshot(p.read_bytes()).env.complete
+        raise AssertionError(f"head snapshot {leaf} not found")
+
     def record(self, before: int, state: dict[bytes, tuple[object, ...]]) -> None:
         """Map the chain's new snapshots to trees: the run's own, and an incomplete one made from
-        the previous killed run's checkpoint (it covers part of the tree that run read)."""
+        the previous killed run's checkpoint (it covers part of the tree that run read). A run
+        killed after it made that incomplete snapshot but before its own leaves only the former."""
         after = self.head_seq()
         if after == before:
             self.killed_state = state  # killed before it committed: its checkpoint may come next
+            return
+        if after == before + 1 and not self.head_complete():
+            if self.killed_state is not None:
+                self.states[after] = self.killed_state
+                self.partial.add(after)
+            self.killed_state = state  # this run was killed too
             return
         if after == before + 2 and self.killed_state is not None:
             self.states[before + 1] = self.killed_state
