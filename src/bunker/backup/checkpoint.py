@@ -24,12 +24,11 @@ from bunker.backup.chain import ChainHead, save_head
 from bunker.backup.commit import Committed, next_link
 from bunker.backup.runlog import RunLog
 from bunker.crypto.keyfile import PutKey, write_private_file
-from bunker.crypto.sign import BadSignature, verify
 from bunker.errors import BunkerError, ObjectMissing
 from bunker.repo import refs
 from bunker.repo.certs import Certificate
 from bunker.repo.leases import Lease, sessions
-from bunker.repo.objects import MAGIC_SESSION, name_for, parse_signed
+from bunker.repo.objects import name_for
 from bunker.repo.repository import Repository
 from bunker.repo.session_writer import SessionWriter
 from bunker.repo.snapshot import Envelope, make_snapshot, seal_body
@@ -193,7 +192,8 @@ def adopt_dead_checkpoints(
                     repo.backend.delete(n)
             continue
         try:
-            committed = _commit_checkpoint(repo, put, cert, s.names[-1], state_dir, log)
+            # sessions() hands out a checkpoint only from a lease whose signature it verified
+            committed = _commit_checkpoint(repo, put, cert, s.checkpoint, state_dir, log)
         except (BunkerError, KeyError, TypeError, ValueError) as exc:
             log.add(
                 "warn",
@@ -215,15 +215,8 @@ def adopt_dead_checkpoints(
 
 
 def _commit_checkpoint(
-    repo: Repository, put: PutKey, cert: Certificate, lease_name: str, state_dir: str, log: RunLog
+    repo: Repository, put: PutKey, cert: Certificate, cp: dict[str, Any], state_dir: str, log: RunLog
 ) -> Committed | None:
-    data = repo.backend.get(lease_name)
-    obj = parse_signed(data, MAGIC_SESSION)
-    try:
-        verify(cert.verify_key, MAGIC_SESSION, obj.body_bytes, obj.sig)
-    except BadSignature:
-        raise BunkerError("its signature does not verify") from None
-    cp: dict[str, Any] = obj.body["checkpoint"]
     # the reference objects must still be there (a prune never removes what a lease names)
     for top in (cp["packset"], cp["chunkset"]):
         if repo.backend.stat(top) is None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 
 from bunker import dirs, encoding
 from bunker.crypto.keyfile import PutKey
@@ -22,10 +21,9 @@ from bunker.repo.records import parse_lease
 from bunker.repo.repository import Repository
 from bunker.storage.backend import FIXED_NAMES, Backend, ObjectInfo
 from bunker.storage.local import LocalBackend
-from bunker.storage.spooling import SpoolingBackend, oldest_pending, pending_objects
+from bunker.storage.spooling import SpoolingBackend, pending_objects
 
 UPSTREAM_FILE = "UPSTREAM"  # the upstream URL, for people looking into the directory
-DEFAULT_WARN_AGE = 3 * 86400.0  # a spooled backup older than this raises a run to warn
 
 
 class Spool:
@@ -56,13 +54,6 @@ class Spool:
         if not os.path.isdir(self.root):
             return []
         return pending_objects(LocalBackend(self.root))
-
-    def oldest_age(self) -> float | None:
-        """Seconds since the oldest waiting object was spooled, or None."""
-        if not os.path.isdir(self.root):
-            return None
-        t = oldest_pending(LocalBackend(self.root))
-        return None if t is None else max(0.0, time.time() - t)
 
     def seed(self, repo: Repository, put: PutKey) -> None:
         """Copy what opening the repository offline needs: every config version and this client's

@@ -52,17 +52,9 @@ def condemnations(repo: Repository) -> list[Condemnation]:
     for info in repo.backend.list("gc/"):
         try:
             data = repo.get_object(info.name)
-            obj = parse_signed(data, MAGIC_GC)
-            if obj.signer:
-                cert = repo.certificate(obj.signer)
-                if "prune" not in cert.capabilities:
-                    continue
-                key = cert.verify_key
-            else:
-                key = repo.config.master_verify
-            verify(key, MAGIC_GC, obj.body_bytes, obj.sig)
+            repo.verify_pruner(parse_signed(data, MAGIC_GC), "condemn packs")
             packs = parse_condemnation(data)
-        except (encoding.FormatError, BadSignature, CorruptObject, ObjectMissing):
+        except (encoding.FormatError, CorruptObject, ObjectMissing):
             continue
         out.append(Condemnation(info.name, tuple(packs), info.mtime))
     return out
@@ -161,33 +153,37 @@ class Pruner:
         retired = self.repo.retired_snapshots()
         referenced: set[str] = set()
         for s in seen:
-            if s.checkpoint is None:
-                continue
-            try:
-                referenced.update(refs.read_set(str(s.checkpoint.get("packset")), self.repo.get_object))
-            except (encoding.FormatError, CorruptObject, ObjectMissing) as exc:
-                msg = exc.message if isinstance(exc, BunkerError) else str(exc)
-                raise BunkerError(
-                    f"prune cannot tell which packs the checkpoint in {s.names[-1]} needs: {msg}",
-                    "nothing was deleted; run `bunker check`",
-                    exit_code=ExitCode.INTEGRITY,
-                ) from None
+            if s.checkpoint is not None:
+                referenced.update(
+                    self._packs_named(str(s.checkpoint.get("packset")), f"the checkpoint in {s.names[-1]}")
+                )
         for info in self.repo.backend.list("snapshots/"):
             if info.name in retired:
                 continue
             try:
-                snap = parse_snapshot(self.repo.get_object(info.name))
-                referenced.update(refs.read_set(snap.env.packset, self.repo.get_object))
+                packset = parse_snapshot(self.repo.get_object(info.name)).env.packset
             except (encoding.FormatError, CorruptObject, ObjectMissing) as exc:
-                msg = exc.message if isinstance(exc, BunkerError) else str(exc)
-                raise BunkerError(
-                    f"prune cannot tell which packs {info.name} needs: {msg}",
-                    "nothing was deleted; run `bunker check` and repair or forget that snapshot first",
-                    exit_code=ExitCode.INTEGRITY,
-                ) from None
+                raise self._unmarkable(info.name, exc) from None
+            referenced.update(self._packs_named(packset, info.name))
             self.report.snapshots_marked += 1
         self.report.packs_referenced = len(referenced)
         return referenced
+
+    def _packs_named(self, packset: str, what: str) -> list[str]:
+        try:
+            return refs.read_set(packset, self.repo.get_object)
+        except (encoding.FormatError, CorruptObject, ObjectMissing) as exc:
+            raise self._unmarkable(what, exc) from None
+
+    @staticmethod
+    def _unmarkable(what: str, exc: Exception) -> BunkerError:
+        """Marking is conservative: what cannot be read stops the prune before any deletion."""
+        msg = exc.message if isinstance(exc, BunkerError) else str(exc)
+        return BunkerError(
+            f"prune cannot tell which packs {what} needs: {msg}",
+            "nothing was deleted; run `bunker check` and repair or forget what it names first",
+            exit_code=ExitCode.INTEGRITY,
+        )
 
     # ------------------------------------------------------------------ phase 1
     def _condemn(self, existing: set[str], referenced: set[str], excluded: set[str]) -> None:

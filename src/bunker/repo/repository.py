@@ -22,7 +22,15 @@ from bunker.errors import BunkerError, CorruptObject, ExitCode, ObjectMissing
 from bunker.repo import recovery_docs
 from bunker.repo.certs import Certificate, make_certificate, parse_certificate
 from bunker.repo.config import RepoConfig, Revocation, make_config, new_config, parse_config
-from bunker.repo.objects import MAGIC_RETIRED, MAGIC_SNAPSHOT, content_hash, is_hash_name, name_for, parse_signed
+from bunker.repo.objects import (
+    MAGIC_RETIRED,
+    MAGIC_SNAPSHOT,
+    SignedObject,
+    content_hash,
+    is_hash_name,
+    name_for,
+    parse_signed,
+)
 from bunker.repo.records import parse_retirement
 from bunker.repo.snapshot import ParsedSnapshot, parse_snapshot
 from bunker.storage.backend import Backend
@@ -271,28 +279,33 @@ class Repository:
 
     def verify_retirement(self, data: bytes) -> str:
         """The snapshot a retirement record retires, once its signature is verified and its signer
-        may retire snapshots: the master key (signer ``""``) or a certificate with ``prune`` that is
-        not revoked. Raise FormatError (or CorruptObject/ObjectMissing for the certificate)."""
-        snap_name, signer = parse_retirement(data)
-        obj = parse_signed(data, MAGIC_RETIRED)
-        if signer == "":
+        may retire snapshots (see verify_pruner). Raise FormatError (or CorruptObject/ObjectMissing
+        for the certificate)."""
+        snap_name, _signer = parse_retirement(data)
+        self.verify_pruner(parse_signed(data, MAGIC_RETIRED), "forget snapshots")
+        return snap_name
+
+    def verify_pruner(self, obj: SignedObject, what: str) -> None:
+        """Check a record only pruners may write (retirement, GC condemnation): signed by the
+        master key (signer ``""``) or by a certificate with ``prune`` that is not revoked (a
+        revoked client's records would let a stolen key make prune delete data). Raise
+        FormatError (or CorruptObject/ObjectMissing for the certificate)."""
+        if obj.signer == "":
             key = self.config.master_verify
         else:
-            cert = self.certificate(signer)
+            cert = self.certificate(obj.signer)
             if "prune" not in cert.capabilities:
-                raise encoding.FormatError(f"signer {cert.client!r} has no prune capability (may not forget snapshots)")
-            if signer in self.config.revoked_clients():
-                # a revoked client's records are not honoured: forgetting makes prune delete data
+                raise encoding.FormatError(f"signer {cert.client!r} has no prune capability (may not {what})")
+            if obj.signer in self.config.revoked_clients():
                 raise encoding.FormatError(
-                    f"signer {cert.client!r} has been revoked; run `bunker forget` again with the master key or a "
-                    "trusted prune-capable put key if the snapshot should really go"
+                    f"signer {cert.client!r} has been revoked; run the command again with the master key or a "
+                    "trusted prune-capable put key if it should really happen"
                 )
             key = cert.verify_key
         try:
-            verify(key, MAGIC_RETIRED, obj.body_bytes, obj.sig)
+            verify(key, obj.magic, obj.body_bytes, obj.sig)
         except BadSignature:
             raise encoding.FormatError("its signature does not verify (forged or altered)") from None
-        return snap_name
 
     def retired_snapshots(self) -> set[str]:
         """Names (``snapshots/<hex>``) of the snapshots that a valid retirement record retires.

@@ -21,6 +21,7 @@ from urllib.parse import quote, unquote, urlsplit
 from bunker import __version__
 from bunker.errors import BunkerError, ExitCode, StorageError
 from bunker.storage import wire
+from bunker.storage.ssh_address import SshAddress, parse_ssh_address
 
 DEFAULT_REMOTE_PATH = "bunker"
 REMOTE_PATH_VAR = "BUNKER_REMOTE_PATH"
@@ -52,28 +53,26 @@ class RemoteLocation:
     user: str | None = None
 
     @property
+    def address(self) -> SshAddress:
+        return SshAddress(self.host, self.port, self.user, self.path)
+
+    @property
     def url(self) -> str:
         """The canonical URL: what messages show and worker processes reopen."""
         if self.scheme == "unix":
             return "unix://" + quote(self.path, safe="/")
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        user = quote(self.user, safe="") + "@" if self.user else ""
-        port = f":{self.port}" if self.port is not None else ""
-        path = self.path if self.path.startswith("/") else "/~" + ("" if self.path == "." else "/" + self.path)
-        return f"ssh://{user}{host}{port}{quote(path, safe='/~')}"
+        return self.address.canonical("ssh")
 
     @property
     def host_port(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}" if self.port is not None else host
+        return self.address.host_port
 
     @property
     def where(self) -> str:
         """How messages name the place."""
         if self.scheme == "unix":
             return f"the bunker server at {self.path}"
-        path = self.path if self.path.startswith("/") else "~/" + ("" if self.path == "." else self.path)
-        return f"the bunker server on {self.host_port} (ssh), repository {path}"
+        return f"the bunker server on {self.host_port} (ssh), repository {self.address.shown_path}"
 
     def ssh_command(self) -> str:
         """The ssh command line that tests the same login."""
@@ -95,37 +94,8 @@ def parse_remote_url(url: str) -> RemoteLocation:
         return RemoteLocation("unix", os.path.normpath(raw))
     if parts.scheme != "ssh":
         raise wire.usage(f"{url!r} is not an ssh:// or unix:// URL", _URL_HINT)
-    if parts.password is not None:
-        raise wire.usage(
-            "a password does not belong in the repository URL",
-            "remove it: ssh logs in with your keys (ssh-agent, ~/.ssh/id_*, or BUNKER_SSH_IDENTITY)",
-        )
-    host = parts.hostname or ""
-    if not host or host.startswith("-") or any(c.isspace() or ord(c) < 32 or c in "/\\" for c in host):
-        raise wire.usage(f"{url!r} names no usable host", _URL_HINT)
-    try:
-        port = parts.port
-    except ValueError:
-        raise wire.usage(f"the port of {url!r} is not a number from 1 to 65535", _URL_HINT) from None
-    if port == 0:
-        raise wire.usage(f"the port of {url!r} is not a number from 1 to 65535", _URL_HINT)
-    user = unquote(parts.username) if parts.username else None
-    if user is not None and (user.startswith("-") or any(c.isspace() or ord(c) < 32 for c in user)):
-        raise wire.usage(f"the user name in {url!r} is not usable", _URL_HINT)
-    segments = [s for s in raw.split("/") if s]
-    relative = bool(segments) and segments[0] == "~"
-    if relative:
-        segments = segments[1:]
-    for s in segments:
-        if s in (".", "..", "~") or any(ord(c) < 32 or c == "\\" for c in s):
-            raise wire.usage(f"the path {parts.path!r} of {url!r} is not usable", "use plain names separated by /")
-    if relative:
-        path = "/".join(segments) or "."
-    else:
-        if not segments:
-            raise wire.usage(f"{url!r} names no directory for the repository", _URL_HINT)
-        path = "/" + "/".join(segments)
-    return RemoteLocation("ssh", path, host, port, user)
+    a = parse_ssh_address(parts, url, _URL_HINT)
+    return RemoteLocation("ssh", a.path, a.host, a.port, a.user)
 
 
 # ------------------------------------------------------------------------------------ openers

@@ -12,11 +12,12 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import urlsplit
 
 import asyncssh
 
 from bunker.errors import BunkerError, ExitCode, StorageError
+from bunker.storage.ssh_address import SshAddress, parse_ssh_address
 
 DEFAULT_PORT = 22
 KEEPALIVE_SECONDS = 30.0
@@ -39,35 +40,20 @@ def _usage(message: str, hint: str = _URL_HINT) -> BunkerError:
 
 
 @dataclass(frozen=True)
-class SftpLocation:
+class SftpLocation(SshAddress):
     """A parsed ``sftp://`` repository URL. ``path`` is absolute, or relative to the login
     directory (``.`` for the login directory itself); ``user`` and ``port`` are None when the
     URL does not give them (then ~/.ssh/config or the defaults apply)."""
 
-    host: str
-    port: int | None
-    user: str | None
-    path: str
-
     @property
     def url(self) -> str:
         """The canonical URL: what error messages show and worker processes reopen."""
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        user = quote(self.user, safe="") + "@" if self.user else ""
-        port = f":{self.port}" if self.port is not None else ""
-        path = self.path if self.path.startswith("/") else "/~" + ("" if self.path == "." else "/" + self.path)
-        return f"sftp://{user}{host}{port}{quote(path, safe='/~')}"
-
-    @property
-    def host_port(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}" if self.port is not None else host
+        return self.canonical("sftp")
 
     @property
     def where(self) -> str:
         """How error messages name the place: ``sftp server HOST:PORT, directory PATH``."""
-        path = self.path if self.path.startswith("/") else "~/" + ("" if self.path == "." else self.path)
-        return f"sftp server {self.host_port}, directory {path}"
+        return f"sftp server {self.host_port}, directory {self.shown_path}"
 
     def ssh_command(self) -> str:
         """The ssh command line that tests the same login."""
@@ -82,38 +68,10 @@ def parse_sftp_url(url: str) -> SftpLocation:
     parts = urlsplit(url)
     if parts.scheme != "sftp":
         raise _usage(f"{url!r} is not an sftp:// URL")
-    if parts.password is not None:
-        raise _usage(
-            "a password does not belong in the repository URL",
-            "remove it: bunker logs in with your ssh keys (ssh-agent, ~/.ssh/id_*, or BUNKER_SSH_IDENTITY)",
-        )
     if parts.query or parts.fragment:
         raise _usage(f"sftp:// URLs take no parameters ({url!r})")
-    host = parts.hostname or ""
-    if not host or any(c.isspace() or ord(c) < 32 or c in "/\\" for c in host):
-        raise _usage(f"{url!r} names no usable host")
-    try:
-        port = parts.port
-    except ValueError:
-        raise _usage(f"the port of {url!r} is not a number from 1 to 65535") from None
-    if port == 0:
-        raise _usage(f"the port of {url!r} is not a number from 1 to 65535")
-    user = unquote(parts.username) if parts.username else None
-    raw = unquote(parts.path)
-    segments = [s for s in raw.split("/") if s]
-    relative = bool(segments) and segments[0] == "~"
-    if relative:
-        segments = segments[1:]
-    for s in segments:
-        if s in (".", "..", "~") or any(ord(c) < 32 or c == "\\" for c in s):
-            raise _usage(f"the path {parts.path!r} of {url!r} is not usable", "use plain names separated by /")
-    if relative:
-        path = "/".join(segments) or "."
-    else:
-        if not segments:
-            raise _usage(f"{url!r} names no directory for the repository")
-        path = "/" + "/".join(segments)
-    return SftpLocation(host, port, user, path)
+    a = parse_ssh_address(parts, url, _URL_HINT)
+    return SftpLocation(a.host, a.port, a.user, a.path)
 
 
 # ----------------------------------------------------------------------------------- connections

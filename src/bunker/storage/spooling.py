@@ -15,7 +15,6 @@ comes from the client's own state, the index view from its cache).
 from __future__ import annotations
 
 import threading
-import time
 from collections.abc import Iterator
 
 from bunker.errors import ObjectMissing, StorageError
@@ -38,9 +37,6 @@ class SpoolingBackend(Backend):
         self.spool = spool
         self.url = upstream.url if upstream is not None else (url or spool.url)
         self.reason = reason
-        self.went_offline_at: float | None = None if upstream is not None else time.time()
-        self.spooled_objects = 0
-        self.spooled_bytes = 0
         self._lock = threading.Lock()
 
     @property
@@ -53,15 +49,6 @@ class SpoolingBackend(Backend):
             if self.upstream is not None:
                 self.upstream = None
                 self.reason = exc.message
-                self.went_offline_at = time.time()
-
-    def _spool_put(self, name: str, data: bytes | memoryview, if_absent: bool) -> bool:
-        done = self.spool.put(name, data, if_absent=if_absent)
-        if done:
-            with self._lock:
-                self.spooled_objects += 1
-                self.spooled_bytes += len(data)
-        return done
 
     def _put(self, name: str, data: bytes | memoryview, if_absent: bool) -> bool:
         up = self.upstream
@@ -70,7 +57,7 @@ class SpoolingBackend(Backend):
                 return up.put(name, data, if_absent=if_absent)
             except StorageError as exc:
                 self._go_offline(exc)
-        return self._spool_put(name, data, if_absent)
+        return self.spool.put(name, data, if_absent=if_absent)
 
     def _get(self, name: str, offset: int, length: int | None) -> bytes:
         up = self.upstream
