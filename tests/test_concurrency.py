@@ -75,9 +75,10 @@ def _run_clients_and_prune(repo: Repo, tmp_path: Path, url: str, extra_env: dict
                 errors.append(f"client {i}: {exc}")
 
     prunes = 0
+    repacked = 0  # packs whose blobs a prune copied while backups ran (small ones merged)
 
     def pruner() -> None:
-        nonlocal prunes
+        nonlocal prunes, repacked
         env = dict(repo.env)
         env.update(extra_env)
         while not done.is_set():
@@ -87,6 +88,7 @@ def _run_clients_and_prune(repo: Repo, tmp_path: Path, url: str, extra_env: dict
                     errors.append(f"prune: exit {cp.returncode}: {cp.stderr[-2000:]}")
                 return
             prunes += 1
+            repacked += js(cp)["repacked"]
 
     threads = [threading.Thread(target=client, args=c) for c in clients]
     pt = threading.Thread(target=pruner)
@@ -103,7 +105,11 @@ def _run_clients_and_prune(repo: Repo, tmp_path: Path, url: str, extra_env: dict
     # two more prunes with every backup finished: whatever was condemned is deleted now
     env = {**repo.env, **extra_env}
     for _ in range(2):
-        expect_rc(run_bunker("prune", "--repo", url, "--put-key", prune_key, "--grace", "0s", env=env), 0)
+        cp = expect_rc(
+            run_bunker("prune", "--repo", url, "--put-key", prune_key, "--grace", "0s", "--json", env=env), 0
+        )
+        repacked += js(cp)["repacked"]
+    assert repacked >= 4, "no prune merged the small packs of the backups: repack went untested"
     check = js(expect_rc(run_bunker("check", "--repo", url, "--read-data", "--json", env=env), 0))
     assert check["ok"] is True
     for snap, (src, state) in expected.items():

@@ -16,8 +16,10 @@ from pathlib import Path
 
 import pytest
 
+from bunker.repo.moves import parse_move_record
+from bunker.repo.objects import MAGIC_MOVED
 from bunker.repo.snapshot import parse_snapshot
-from helpers import BUNKER, Repo, expect_rc, init_repo, js, make_tree, restored_path, snapshot_tree
+from helpers import BUNKER, Repo, expect_rc, init_repo, js, make_env, make_tree, restored_path, snapshot_tree
 
 BUDGET = float(os.environ.get("BUNKER_CRASH_SECONDS", "120"))
 
@@ -31,6 +33,8 @@ class Lab:
         self.rng = random.Random(int(os.environ.get("BUNKER_CRASH_SEED", "1")))
         self.prune_key = tmp_path / "pruner.put"
         self.repo.ok("key", "new-client", "pruner", "--prune", "--out", self.prune_key)
+        # the pruner is another machine: its own state (the chain of checkpoints it adopts) is not here
+        self.prune_env = make_env(tmp_path / "pruner-home")
         self.states: dict[int, dict[bytes, tuple[object, ...]]] = {}  # chain seq -> tree it was taken of
         self.partial: set[int] = set()  # seqs of incomplete snapshots made from killed runs' checkpoints
         self.killed_state: dict[bytes, tuple[object, ...]] | None = None  # the tree a killed backup read
@@ -52,10 +56,10 @@ class Lab:
         if len(files) > 6:
             r.choice(files).unlink()
 
-    def start(self, *args: str | os.PathLike[str]) -> subprocess.Popen[bytes]:
+    def start(self, *args: str | os.PathLike[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             [BUNKER, *(os.fspath(a) for a in args)],
-            env=self.repo.env,
+            env=env or self.repo.env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             stdin=subprocess.DEVNULL,
@@ -119,7 +123,9 @@ class Lab:
         self.killed_state = None
 
     def prune(self) -> None:
-        proc = self.start("prune", "--repo", self.repo.path, "--put-key", self.prune_key, "--grace", "0s")
+        proc = self.start(
+            "prune", "--repo", self.repo.path, "--put-key", self.prune_key, "--grace", "0s", env=self.prune_env
+        )
         self.run_or_kill("prune", proc, 0.8)
 
     def offline_then_forward(self) -> None:
@@ -164,12 +170,17 @@ def test_kill_backups_prunes_and_forwards_at_random(tmp_path: Path) -> None:
     lab.states[last["seq"]] = state
     lab.age_leases()
     for _ in range(2):
-        doc = js(repo.ok("prune", "--put-key", lab.prune_key, "--grace", "0s", "--json"))
+        doc = js(repo.ok("prune", "--put-key", lab.prune_key, "--grace", "0s", "--json", env=lab.prune_env))
         assert doc["waiting"] == [], doc
-    # nothing left that blocks anything: no lease, no condemnation record; temp files of killed
-    # writes are invisible to readers and swept by the next command once an hour old
+    # nothing left that blocks anything: no lease, no condemnation record, no pack waiting for
+    # deletion; move records of repacks stay while snapshots name the packs they replaced (they
+    # only say where those packs' blobs went); temp files of killed writes are invisible to
+    # readers and swept by the next command once an hour old
     objects = [p for d in ("gc", "sessions") for p in (repo.path / d).iterdir() if not p.name.startswith(".")]
-    assert objects == []
+    moved = [p for p in objects if p.read_bytes()[:4] == MAGIC_MOVED]
+    assert [p for p in objects if p not in moved] == []
+    for p in moved:
+        assert not any((repo.path / "packs" / old).exists() for old in parse_move_record(p.read_bytes()))
     temps = [p for p in repo.path.rglob(".tmp-*")]
     for p in temps:
         os.utime(p, (time.time() - 7200, time.time() - 7200))
@@ -181,7 +192,14 @@ def test_kill_backups_prunes_and_forwards_at_random(tmp_path: Path) -> None:
     snaps = js(repo.ok("snapshots", "--json"))["snapshots"]
     restored = 0
     partial = 0
+    adopted = 0
     for s in snaps:
+        if s.get("adopted"):  # a killed run's checkpoint that prune adopted: in the pruner's chain
+            target = tmp_path / "restore" / f"adopted-{s['seq']}"
+            doc = js(expect_rc(repo.run("restore", s["id"], "--target", target, "--json"), 0))
+            assert doc["stats"]["failed"] == 0 and not s["complete"] and s["client"] == repo.client, s
+            adopted += 1
+            continue
         if s["seq"] not in lab.states:
             continue
         target = tmp_path / "restore" / str(s["seq"])
@@ -199,6 +217,7 @@ def test_kill_backups_prunes_and_forwards_at_random(tmp_path: Path) -> None:
     print(
         f"crash test: {steps} steps in {BUDGET:.0f} s; runs {lab.runs}; killed {lab.kills}; "
         f"{len(snaps)} snapshots ({sum(not s['complete'] for s in snaps)} incomplete), {restored} complete ones "
-        f"restored byte-identical, {partial} incomplete ones (from killed runs' checkpoints) restored what they cover"
+        f"restored byte-identical, {partial} incomplete ones (from killed runs' checkpoints) restored what they cover, "
+        f"{adopted} adopted by prune restored"
     )
     assert sum(lab.kills.values()) >= 10 and restored >= 3

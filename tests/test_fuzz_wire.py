@@ -16,8 +16,9 @@ from hypothesis import strategies as st
 from bunker.crypto.sign import SigningKey
 from bunker.encoding import FormatError
 from bunker.errors import BunkerError
-from bunker.repo.gc import condemnations
+from bunker.repo.gc import condemnations, condemned_packs
 from bunker.repo.leases import sessions
+from bunker.repo.moves import PackMoves, make_move_record, parse_move_record
 from bunker.repo.records import (
     make_condemnation,
     make_lease,
@@ -126,11 +127,12 @@ def _records() -> list[bytes]:
         lease,
         make_retirement("snapshots/" + "d" * 64, "fuzz", KEY, CERT),
         make_condemnation(["e" * 64, "f" * 64], KEY, CERT),
+        make_move_record({"1" * 64: ["2" * 64, "3" * 64], "4" * 64: []}, KEY, CERT),
     ]
 
 
 def _parse_any(data: bytes) -> None:
-    for parse in (parse_lease, parse_retirement, parse_condemnation):
+    for parse in (parse_lease, parse_retirement, parse_condemnation, parse_move_record):
         with contextlib.suppress(FormatError, ValueError, BunkerError):
             parse(data)
 
@@ -170,3 +172,7 @@ def test_hostile_sessions_and_gc_records_are_skipped(repo: Repo, tmp_path: Path)
     # a certificate of this repository, so nothing acts on it
     assert seen.session == "3" * 24 and seen.checkpoint is None
     assert condemnations(r) == []
+    # a forged move record neither condemns a pack nor excuses a missing one
+    forged_move = make_move_record({"a" * 64: ["b" * 64]}, KEY, CERT)
+    backend.put(name_for("gc", forged_move), forged_move)
+    assert PackMoves.load(r).sources() == set() and condemned_packs(r) == set()

@@ -7,6 +7,8 @@ and a lease refresh whose ``checkpoint`` field carries them with the sealed body
 far, where the run was). Checkpoints never enter the client's chain. The client's next run turns
 a dead session's last checkpoint into an *incomplete* snapshot: the session is dead when its
 lease expired, or at once when this machine's record of it names a process that no longer runs.
+A client that never returns: ``bunker prune`` adopts the checkpoint once the session has been
+dead for its grace period (backup/adoption.py), into the pruner's own chain.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from bunker.repo.leases import Lease, sessions
 from bunker.repo.objects import name_for
 from bunker.repo.repository import Repository
 from bunker.repo.session_writer import SessionWriter
-from bunker.repo.snapshot import Envelope, make_snapshot, seal_body
+from bunker.repo.snapshot import LEVELS, Adoption, Envelope, make_snapshot, seal_body
 
 DEFAULT_INTERVAL = 10.0
 MAX_LOG_EVENTS = 1000  # events carried in a checkpoint's body (the rest are counted)
@@ -202,7 +204,7 @@ def adopt_dead_checkpoints(
                 f"{exc}; its data is deduplicated by this run and `bunker prune` removes the rest",
             )
             committed = None
-        for n in s.names:
+        for n in reversed(s.names):  # newest first: it carries the checkpoint
             with contextlib.suppress(BunkerError, OSError):
                 repo.backend.delete(n)
         if committed is not None:
@@ -217,11 +219,37 @@ def adopt_dead_checkpoints(
 def _commit_checkpoint(
     repo: Repository, put: PutKey, cert: Certificate, cp: dict[str, Any], state_dir: str, log: RunLog
 ) -> Committed | None:
+    committed = checkpoint_snapshot(repo, put, cert, cp, state_dir, log)
+    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(cp["time"])))
+    log.add(
+        "note",
+        "incomplete-snapshot",
+        f"a run of this machine was interrupted (killed or powered off); what it had stored by its last checkpoint "
+        f"({when}) is now incomplete snapshot #{committed.seq} {committed.name.split('/', 1)[1][:12]}, which "
+        "restores what it covers",
+    )
+    return committed
+
+
+def checkpoint_snapshot(
+    repo: Repository,
+    put: PutKey,
+    cert: Certificate,
+    cp: dict[str, Any],
+    state_dir: str,
+    log: RunLog,
+    adopted: Adoption | None = None,
+) -> Committed:
+    """Write the incomplete snapshot of checkpoint ``cp`` as the next link of ``cert``'s chain
+    (the chain head kept in ``state_dir``); ``adopted``: the run was another client's (prune)."""
     # the reference objects must still be there (a prune never removes what a lease names)
     for top in (cp["packset"], cp["chunkset"]):
         if repo.backend.stat(top) is None:
             raise ObjectMissing(top)
     body_ct = bytes(cp["body"])
+    level = str(cp.get("level", "ok"))
+    if level not in LEVELS:
+        raise ValueError(f"unknown level {level!r}")
     seq, prev = next_link(repo, cert, state_dir, log)
     stats = {k: int(v) for k, v in dict(cp.get("stats", {})).items()}
     env = Envelope(
@@ -231,7 +259,7 @@ def _commit_checkpoint(
         seq=seq,
         prev=prev,
         time=float(cp["time"]),
-        level=str(cp.get("level", "ok")),
+        level=level,
         complete=False,
         stats=stats,
         packset=str(cp["packset"]),
@@ -239,16 +267,10 @@ def _commit_checkpoint(
         domain=put.secrets.domain_id,
         body_hash=blake3.blake3(body_ct).digest(),
         sealed_key=bytes(cp["sealed_key"]),
+        adopted=adopted,
     )
     snap = make_snapshot(env, body_ct, put.client_key)
     name = name_for("snapshots", snap)
     repo.backend.put(name, snap)
     save_head(state_dir, ChainHead(seq, name))
-    when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(env.time))
-    log.add(
-        "note",
-        "incomplete-snapshot",
-        f"a run of this machine was interrupted (killed or powered off); what it had stored by its last checkpoint "
-        f"({when}) is now incomplete snapshot #{seq} {name.split('/', 1)[1][:12]}, which restores what it covers",
-    )
     return Committed(name, seq, env.level, stats)

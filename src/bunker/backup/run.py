@@ -103,7 +103,9 @@ def run_backup(
         _, unseen = adopt_dead_checkpoints(repo, put, cert, state_dir, log, lease.session, lease.storage_time())
         mark_running(state_dir, lease.session, unseen)
         # after the lease: a pack condemned from now on waits for this session (DESIGN.md §6)
-        index = IndexCache(repo, put.secrets, cache_dir, absent_packs=condemned_packs(repo)).load()
+        # a session deduplicates only against packs it can see listed (a spool lists only its own)
+        listed = None if repo.backend.capabilities().partial else [i.name[6:] for i in repo.backend.list("packs/")]
+        index = IndexCache(repo, put.secrets, cache_dir, absent_packs=condemned_packs(repo), listed_packs=listed).load()
         for problem in index.problems[:20]:
             log.add("warn", "index-damaged", f"index object skipped ({problem}); run `bunker check`")
         writer = SessionWriter(repo, put, cert.name, index)

@@ -21,7 +21,7 @@ from bunker.repo import retention
 from bunker.repo.certs import parse_certificate
 from bunker.repo.records import make_retirement
 from bunker.repo.repository import Repository, SnapshotRecord
-from bunker.repo.selection import body_of
+from bunker.repo.selection import body_of, owner, trusted_times
 
 RULE_OPTIONS = (
     "--keep-last N, --keep-hourly N, --keep-daily N, --keep-weekly N, --keep-monthly N, --keep-yearly N, "
@@ -110,7 +110,11 @@ def _signer(
     return Signer(put.client_key, cert.name, f"client {cert.client!r} (prune)"), ""
 
 
-def _groups(records: list[SnapshotRecord], master: MasterKey | None, skipped: list[dict[str, str]]) -> list[Group]:
+def _groups(
+    repo: Repository, records: list[SnapshotRecord], master: MasterKey | None, skipped: list[dict[str, str]]
+) -> list[Group]:
+    """Groups by client (a snapshot prune adopted from a dead run: the client whose run it was) and,
+    with the master key, path set."""
     groups: dict[tuple[str, tuple[str, ...] | None], Group] = {}
     for rec in records:
         paths: tuple[str, ...] | None = None
@@ -122,14 +126,14 @@ def _groups(records: list[SnapshotRecord], master: MasterKey | None, skipped: li
                 skipped.append(
                     {
                         "id": rec.name.split("/", 1)[1],
-                        "client": rec.snap.env.client,
+                        "client": owner(repo, rec),
                         "why": "its body does not open with the master key or names no valid paths, so its path set "
                         "is unknown: kept (run `bunker check`)",
                     }
                 )
                 continue
             paths = tuple(sorted(display_path(p) for p in raw))
-        key = (rec.snap.env.client, paths)
+        key = (owner(repo, rec), paths)
         groups.setdefault(key, Group(*key)).records.append(rec)
     return [groups[k] for k in sorted(groups, key=lambda k: (k[0], k[1] or ()))]
 
@@ -171,17 +175,11 @@ def forget(**kwargs: Any) -> None:
 
     records = repo.snapshots()
     retired = repo.retired_snapshots()
-    times = retention.chain_times(
-        [
-            retention.Stamp(r.name, r.snap.env.cert, r.snap.env.seq, r.snap.env.time, r.stored)
-            for r in records
-            if r.trusted
-        ]
-    )
+    times = trusted_times(records)
     skipped: list[dict[str, str]] = []
     candidates = []
     for rec in records:
-        if (client and rec.snap.env.client != client) or rec.name in retired:
+        if (client and owner(repo, rec) != client) or rec.name in retired:
             continue
         if not rec.trusted:
             skipped.append(
@@ -193,7 +191,7 @@ def forget(**kwargs: Any) -> None:
             )
             continue
         candidates.append(rec)
-    groups = _groups(candidates, master, skipped)
+    groups = _groups(repo, candidates, master, skipped)
 
     doc_groups: list[dict[str, Any]] = []
     forgotten: list[SnapshotRecord] = []

@@ -22,8 +22,9 @@ from bunker.errors import BunkerError, ExitCode
 from bunker.repo import refs
 from bunker.repo.blob_reader import BlobReader
 from bunker.repo.index_cache import IndexCache
+from bunker.repo.moves import PackMoves
 from bunker.repo.repository import Repository, SnapshotRecord
-from bunker.repo.selection import Filters, body_of, matches, select
+from bunker.repo.selection import Filters, adoption_problem, body_of, matches, owner, select
 from bunker.repo.snapshot import open_body
 
 
@@ -62,7 +63,7 @@ def snapshots(**kwargs: Any) -> None:
     retired = repo.retired_snapshots()
     hidden = 0
     for rec in repo.snapshots():
-        if not matches(rec, f, master):
+        if not matches(rec, f, master, repo):
             continue
         if rec.name in retired and not show_all:
             hidden += 1
@@ -70,7 +71,7 @@ def snapshots(**kwargs: Any) -> None:
         e = rec.snap.env
         row: dict[str, Any] = {
             "id": rec.name.split("/", 1)[1],
-            "client": e.client,
+            "client": owner(repo, rec),
             "seq": e.seq,
             "time": e.time,
             "complete": e.complete,
@@ -81,6 +82,11 @@ def snapshots(**kwargs: Any) -> None:
         }
         if rec.problem:
             row["problem"] = rec.problem
+        if e.adopted is not None:
+            # a dead run's last checkpoint, made a snapshot by `bunker prune` in the pruner's chain
+            adopted = {"by": e.client, "client": e.adopted.client, "cert": e.adopted.cert, "session": e.adopted.session}
+            why = adoption_problem(repo, rec)
+            row["adopted"] = {**adopted, "problem": why} if why else adopted
         if master is not None:
             body = body_of(rec, master)
             if body:
@@ -92,9 +98,16 @@ def snapshots(**kwargs: Any) -> None:
         + ("  host / paths / tags" if master else "")
     )
     for r in rows:
+        adopted_row = r.get("adopted")
         state = (
             ("retired" if r["retired"] else "complete" if r["complete"] else "INCOMPLETE")
             + ("" if r["complete"] or not r["retired"] else ", incomplete")
+            + (f", adopted by prune client {adopted_row['by']!r} (seq #{r['seq']} of its chain)" if adopted_row else "")
+            + (
+                f" (claims the run of {adopted_row['client']!r}: {adopted_row['problem']})"
+                if adopted_row and "problem" in adopted_row
+                else ""
+            )
             + ("" if r["trusted"] else f" UNTRUSTED: {r.get('problem')}")
         )
         line = (
@@ -133,7 +146,8 @@ def _open_for_reading(
     try:
         # where a chunk is stored twice (a pack that vanished and the copy stored again), read
         # the copy this snapshot's pack set names
-        packs: list[str] | None = refs.read_set(rec.snap.env.packset, repo.get_object)
+        # (resolved through the move records of repacks: its blobs may be in newer packs)
+        packs: set[str] | None = PackMoves.load(repo).resolve(refs.read_set(rec.snap.env.packset, repo.get_object))
     except (BunkerError, encoding.FormatError):
         packs = None
     index = IndexCache(repo, secrets, None, for_dedup=False, only_packs=packs).load()

@@ -31,9 +31,11 @@ from bunker.repo import refs
 from bunker.repo.certs import parse_certificate
 from bunker.repo.config import parse_config
 from bunker.repo.index import decrypt_index, parse_index_frame
+from bunker.repo.moves import PackMoves
 from bunker.repo.objects import (
     MAGIC_GC,
     MAGIC_INDEX,
+    MAGIC_MOVED,
     MAGIC_SESSION,
     content_hash,
     is_hash_name,
@@ -403,6 +405,7 @@ class Checker:
     ) -> None:
         assert self.repo
         repo, r = self.repo, self.report
+        existing = {p.split("/", 1)[1] for p in packs}
         retired: set[str] = set()
         for n in retired_names:
             data = self._get(n)
@@ -413,6 +416,7 @@ class Checker:
             except (encoding.FormatError, CorruptObject, ObjectMissing) as exc:
                 r.add(n, f"retirement record not valid: {exc}; it is ignored (the snapshot it names stays listed)")
         chains: dict[str, dict[int, tuple[str, str]]] = defaultdict(dict)
+        moves = PackMoves.load(repo)  # a repacked pack's blobs are in the packs it moved to
         for n in names:
             data = self._get(n)
             if data is None:
@@ -448,7 +452,8 @@ class Checker:
             except (BunkerError, encoding.FormatError) as exc:
                 r.add(n, f"pack set {e.packset} unreadable: {exc}")
                 continue
-            missing = [p for p in pset if f"packs/{p}" not in packs]
+            missing = [p for p in pset if f"packs/{p}" not in packs and not moves.covered(p, existing)]
+            pset = sorted(moves.resolve(pset))
             if missing:
                 r.add(n, f"needs {len(missing)} pack(s) that are missing, e.g. packs/{missing[0]}")
             secrets = (
@@ -520,8 +525,10 @@ class Checker:
                 data = self._get(n)
                 if data is None:
                     continue
+                # gc/ also holds the move records of repacks (repo/moves.py)
+                m = MAGIC_MOVED if prefix == "gc" and data[:4] == MAGIC_MOVED else magic
                 try:
-                    obj = parse_signed(data, magic)
-                    verify(self.repo.certificate(obj.signer).verify_key, magic, obj.body_bytes, obj.sig)
+                    obj = parse_signed(data, m)
+                    verify(self.repo.certificate(obj.signer).verify_key, m, obj.body_bytes, obj.sig)
                 except (encoding.FormatError, BadSignature, CorruptObject, ObjectMissing) as exc:
                     self.report.add(n, f"record not authentic: {exc}")

@@ -11,12 +11,19 @@ grace (such a session may not have seen it). Packs that a snapshot names by then
 had deduplicated against them finished) are kept. Index objects that name deleted packs are
 written anew without them, then the record is removed.
 
+Then it *repacks* (repo/repack.py): packs of which less than a threshold share is live, and small
+packs, are copied (their live blobs only) into new packs, and a move record (repo/moves.py) says
+where their blobs went. Every pack set is read through the move records. The old packs are
+condemned by the move record and deleted by a later prune under the same rules, once every chunk
+that a snapshot naming them needs is in the new packs; otherwise they are kept (rescued).
+
 All times are the storage's own (the prune's own lease gives "now"). Marking is conservative: a
 snapshot whose pack set cannot be read stops the prune before anything is deleted.
 """
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -25,11 +32,14 @@ from bunker.crypto.keyfile import PutKey
 from bunker.crypto.sign import BadSignature, verify
 from bunker.errors import BunkerError, CorruptObject, ExitCode, KeyRequired, ObjectMissing
 from bunker.repo import refs
-from bunker.repo.index import decrypt_index, make_index, parse_index_frame
+from bunker.repo.blob_reader import read_trailer
+from bunker.repo.index import Location, decrypt_index, make_index, parse_index_frame
 from bunker.repo.index_cache import IndexCache
 from bunker.repo.leases import Lease, Session, sessions
+from bunker.repo.moves import MoveRecord, PackMoves, make_move_record
 from bunker.repo.objects import MAGIC_GC, MAGIC_INDEX, parse_signed
 from bunker.repo.records import make_condemnation, parse_condemnation
+from bunker.repo.repack import DEFAULT_THRESHOLD, Liveness, choose, pack_contents, repack
 from bunker.repo.repository import Repository
 from bunker.repo.snapshot import parse_snapshot
 
@@ -52,6 +62,8 @@ def condemnations(repo: Repository) -> list[Condemnation]:
     for info in repo.backend.list("gc/"):
         try:
             data = repo.get_object(info.name)
+            if data[:4] != MAGIC_GC:
+                continue  # a move record (repo/moves.py)
             repo.verify_pruner(parse_signed(data, MAGIC_GC), "condemn packs")
             packs = parse_condemnation(data)
         except (encoding.FormatError, CorruptObject, ObjectMissing):
@@ -61,8 +73,20 @@ def condemnations(repo: Repository) -> list[Condemnation]:
 
 
 def condemned_packs(repo: Repository) -> set[str]:
-    """Packs a new session must treat as absent."""
-    return {p for c in condemnations(repo) for p in c.packs}
+    """Packs a new session must treat as absent: those of condemnation records, and those a
+    repack replaced."""
+    return {p for c in condemnations(repo) for p in c.packs} | PackMoves.load(repo).sources()
+
+
+@dataclass(frozen=True)
+class Root:
+    """What marking keeps: a live snapshot or a checkpoint, with its pack set and chunk set."""
+
+    what: str
+    packset: str
+    packs: tuple[str, ...]
+    chunkset: str
+    domain: str
 
 
 @dataclass
@@ -76,6 +100,12 @@ class PruneReport:
     waiting: list[tuple[str, str]] = field(default_factory=list)  # (gc record, why it is not yet due)
     indexes_rewritten: int = 0
     leases_removed: int = 0  # of dead sessions
+    repacked: list[str] = field(default_factory=list)  # packs whose live blobs this run copied
+    repack_written: list[str] = field(default_factory=list)  # the new packs
+    repack_copied_bytes: int = 0
+    repack_freed_bytes: int = 0  # what deleting the repacked packs will free
+    repack_skipped: list[tuple[str, str]] = field(default_factory=list)  # (pack, why)
+    move_records_removed: int = 0
     dry_run: bool = False
 
     def to_json(self) -> dict[str, object]:
@@ -89,6 +119,12 @@ class PruneReport:
             "rescued": len(self.rescued),
             "indexes_rewritten": self.indexes_rewritten,
             "dead_leases_removed": self.leases_removed,
+            "repacked": len(self.repacked),
+            "repack_packs_written": len(self.repack_written),
+            "repack_copied_bytes": self.repack_copied_bytes,
+            "repack_frees_bytes": self.repack_freed_bytes,
+            "repack_skipped": [{"pack": p, "reason": why} for p, why in self.repack_skipped],
+            "move_records_removed": self.move_records_removed,
             "waiting": [{"record": r, "reason": why} for r, why in self.waiting],
         }
 
@@ -103,10 +139,12 @@ class Pruner:
         put: PutKey,
         *,
         grace: float = DEFAULT_GRACE,
+        repack_threshold: float = DEFAULT_THRESHOLD,
         dry_run: bool = False,
         progress: Callable[[str], None] = lambda msg: None,
     ) -> None:
         self.repo, self.put, self.grace, self.dry_run, self.progress = repo, put, grace, dry_run, progress
+        self.repack_threshold = repack_threshold
         self.cert = repo.check_put_key(put)
         if "prune" not in self.cert.capabilities:
             raise KeyRequired(
@@ -115,23 +153,35 @@ class Pruner:
                 "key); nothing was deleted",
             )
         self.report = PruneReport(dry_run=dry_run)
+        self._condemned: set[str] = set()  # condemned packs that no snapshot needs (see run)
+        self._naming: Counter[str] = Counter()
 
     def run(self) -> PruneReport:
-        """Phase 2 for the records that are due, then phase 1 for new garbage."""
+        """Phase 2 for the records that are due, then phase 1 for new garbage, then repack."""
         lease = Lease(self.repo, self.put.client_key, self.cert.client, self.cert.name, "prune")
         lease.write()
         try:
             now = lease.storage_time()
             seen = sessions(self.repo)
             live = [s for s in seen if s.alive(now) and s.session != lease.session]
-            # a dead session with a checkpoint waits for its client's next run, which makes it an
-            # incomplete snapshot: its lease stays, and what it names is kept
+            # a dead session with a checkpoint waits for its client's next run (or a prune that
+            # adopts it), which makes it an incomplete snapshot: its lease stays, and what it
+            # names is kept
             dead = [s for s in seen if not s.alive(now) and s.checkpoint is None]
             sizes = {i.name.split("/", 1)[1]: i.size for i in self.repo.backend.list("packs/")}
             self.progress(f"marking: {len(sizes)} packs")
-            referenced = self._mark(seen)
+            moves = PackMoves.load(self.repo)
+            roots = self._mark(seen)
+            referenced = moves.resolve(p for r in roots for p in r.packs)
+            self.report.packs_referenced = len(referenced)
             lease.refresh_if_due()
             pending = condemnations(self.repo)
+            # what a rewritten index object leaves out besides the deleted packs: a pack it keeps
+            # an entry for must not be deleted by a prune whose listing misses that fresh object
+            self._condemned = {p for r in pending for p in r.packs if p not in referenced} | moves.sources()
+            # how many records condemn each pack: a rescued pack is indexed again only once none does
+            self._naming = Counter(p for r in pending for p in r.packs)
+            self._naming.update(p for r in moves.records for p in r.moves)
             done: set[str] = set()
             for rec in pending:
                 why = self._not_due(rec, now, live)
@@ -141,33 +191,73 @@ class Pruner:
                 self._delete(rec, referenced, sizes)
                 done.add(rec.name)
                 lease.refresh_if_due()
+            due = [r for r in moves.records if any(p in sizes for p in r.moves)]
+            liveness = None
+            if due or self.repack_threshold > 0:
+                self.progress("reading chunk sets")
+                liveness = self._liveness(roots, moves, sizes)
+                lease.refresh_if_due()
+            self._finish_moves(moves, now, live, referenced, sizes, liveness)
+            lease.refresh_if_due()
             still = {p for r in pending if r.name not in done for p in r.packs}
-            self._condemn(set(sizes), referenced, still | set(self.report.deleted) | set(self.report.rescued))
+            excluded = still | set(self.report.deleted) | set(self.report.rescued) | moves.sources()
+            self._condemn(set(sizes), referenced, excluded)
+            if liveness is not None and self.repack_threshold > 0:
+                self._repack(liveness, referenced, excluded | set(self.report.condemned), sizes, lease)
             self._clear_dead(dead)
         finally:
             lease.release()
         return self.report
 
     # ------------------------------------------------------------------ marking
-    def _mark(self, seen: list[Session]) -> set[str]:
+    def _mark(self, seen: list[Session]) -> list[Root]:
         retired = self.repo.retired_snapshots()
-        referenced: set[str] = set()
+        roots: list[Root] = []
         for s in seen:
             if s.checkpoint is not None:
-                referenced.update(
-                    self._packs_named(str(s.checkpoint.get("packset")), f"the checkpoint in {s.names[-1]}")
-                )
+                what = f"the checkpoint in {s.names[-1]}"
+                packset = str(s.checkpoint.get("packset"))
+                try:
+                    domain = self.repo.certificate(s.cert).domain
+                except (CorruptObject, ObjectMissing) as exc:
+                    raise self._unmarkable(what, exc) from None
+                packs = tuple(self._packs_named(packset, what))
+                roots.append(Root(what, packset, packs, str(s.checkpoint.get("chunkset")), domain))
         for info in self.repo.backend.list("snapshots/"):
             if info.name in retired:
                 continue
             try:
-                packset = parse_snapshot(self.repo.get_object(info.name)).env.packset
+                env = parse_snapshot(self.repo.get_object(info.name)).env
             except (encoding.FormatError, CorruptObject, ObjectMissing) as exc:
                 raise self._unmarkable(info.name, exc) from None
-            referenced.update(self._packs_named(packset, info.name))
+            roots.append(
+                Root(info.name, env.packset, tuple(self._packs_named(env.packset, info.name)), env.chunkset, env.domain)
+            )
             self.report.snapshots_marked += 1
-        self.report.packs_referenced = len(referenced)
-        return referenced
+        return roots
+
+    def _liveness(self, roots: list[Root], moves: PackMoves, sizes: dict[str, int]) -> Liveness:
+        """Which chunks of each of this domain's packs a live snapshot or checkpoint needs."""
+        liveness = Liveness(pack_contents(self.repo, self.put.secrets, sizes))
+        seen: set[tuple[str, str]] = set()
+        parts: dict[str, bytes] = {}  # snapshots of one client share most chunk-set parts
+
+        def fetch(name: str) -> bytes:
+            data = parts.get(name)
+            if data is None:
+                data = parts[name] = self.repo.get_object(name)
+            return data
+
+        for r in roots:
+            if r.domain != self.put.secrets.domain_id or (r.packset, r.chunkset) in seen:
+                continue
+            seen.add((r.packset, r.chunkset))
+            try:
+                cids = refs.read_set(r.chunkset, fetch, self.put.secrets)
+            except (encoding.FormatError, CorruptObject, ObjectMissing) as exc:
+                raise self._unmarkable(r.what, exc) from None
+            liveness.add_root(moves.resolve(r.packs), cids)
+        return liveness
 
     def _packs_named(self, packset: str, what: str) -> list[str]:
         try:
@@ -207,7 +297,7 @@ class Pruner:
                 self.repo.backend.delete(n)
 
     # ------------------------------------------------------------------ phase 2
-    def _not_due(self, rec: Condemnation, now: float, live: list[Session]) -> str:
+    def _not_due(self, rec: Condemnation | MoveRecord, now: float, live: list[Session]) -> str:
         if now - rec.stored < self.grace:
             return f"grace period: due in {(self.grace - (now - rec.stored)) / 3600:.1f} h"
         blockers = [s for s in live if s.started < rec.stored + self.grace]
@@ -221,7 +311,8 @@ class Pruner:
 
     def _delete(self, rec: Condemnation, referenced: set[str], sizes: dict[str, int]) -> None:
         doomed = [p for p in rec.packs if p not in referenced]
-        self.report.rescued += [p for p in rec.packs if p in referenced]
+        rescued = [p for p in rec.packs if p in referenced]
+        self.report.rescued += rescued
         if self.dry_run:
             self.report.deleted += [p for p in doomed if p in sizes]
             self.report.deleted_bytes += sum(sizes.get(p, 0) for p in doomed)
@@ -229,6 +320,8 @@ class Pruner:
         # index objects first: a reader that sees an index entry finds its pack, until the
         # pack goes; then the packs; the record last, so an interrupted prune redoes it
         self._rewrite_indexes(set(doomed))
+        self._naming.subtract(rec.packs)
+        self._index_again(rescued)
         for p in doomed:
             self.repo.backend.delete(f"packs/{p}")
             if p in sizes:
@@ -236,8 +329,27 @@ class Pruner:
                 self.report.deleted_bytes += sizes[p]
         self.repo.backend.delete(rec.name)
 
+    def _index_again(self, packs: list[str]) -> None:
+        """Index rescued packs anew from their trailers: a rewrite may have left their entries out
+        while they were condemned. Not while another record still condemns one: a prune that
+        deletes it could miss the fresh index object in a listing that lags."""
+        entries = []
+        for p in packs:
+            if self._naming[p] > 0:
+                continue
+            try:
+                blobs, _, _ = read_trailer(self.repo, p, self.put.secrets)
+            except (CorruptObject, ObjectMissing):
+                continue  # check reports it
+            entries += [(b.chunk_id, Location(p, b.offset, b.length, b.raw_length)) for b in blobs]
+        if entries:
+            self.repo.put_object("index", make_index(entries, self.put.secrets, self.put.client_key, self.cert.name))
+
     def _rewrite_indexes(self, doomed: set[str]) -> None:
+        """Write anew, without the doomed packs' entries, the index objects that have any. Entries
+        of other condemned packs are left out too (see ``run``)."""
         domain = self.put.secrets.domain_id
+        drop = doomed | self._condemned
         for info in list(self.repo.backend.list("index/")):
             try:
                 obj = parse_index_frame(self.repo.get_object(info.name))
@@ -247,10 +359,103 @@ class Pruner:
                 entries = decrypt_index(obj, self.put.secrets)
             except (encoding.FormatError, BadSignature, CorruptObject, ObjectMissing):
                 continue  # check reports it; it names no pack we can vouch for
-            kept = [(cid, loc) for cid, loc in entries if loc.pack not in doomed]
-            if len(kept) == len(entries):
+            if not any(loc.pack in doomed for _, loc in entries):
                 continue
+            kept = [(cid, loc) for cid, loc in entries if loc.pack not in drop]
             if kept:
                 self.repo.put_object("index", make_index(kept, self.put.secrets, self.put.client_key, self.cert.name))
             self.repo.backend.delete(info.name)
             self.report.indexes_rewritten += 1
+
+    # ------------------------------------------------------------------ repack
+    def _repack(
+        self, liveness: Liveness, referenced: set[str], excluded: set[str], sizes: dict[str, int], lease: Lease
+    ) -> None:
+        target = int(self.repo.config.packs["target"])
+        eligible = [p for p in referenced if p in sizes and p in liveness.contents and p not in excluded]
+        chosen = choose(liveness, sizes, eligible, self.repack_threshold, target)
+        if not chosen:
+            return
+        self.progress(f"repacking {len(chosen)} packs")
+        if self.dry_run:
+            self.report.repacked = chosen
+            self.report.repack_copied_bytes = sum(liveness.live_bytes(p) for p in chosen)
+            self.report.repack_freed_bytes = sum(sizes[p] for p in chosen)
+            return
+        result = repack(
+            self.repo,
+            self.put.secrets,
+            self.put.client_key,
+            self.cert.name,
+            chosen,
+            liveness,
+            target,
+            tick=lease.refresh_if_due,
+        )
+        self.report.repack_skipped = result.skipped
+        if result.moves:
+            # after the new packs and their index: a prune killed before this leaves new packs
+            # that nothing names, which the next prune condemns
+            self.repo.put_object("gc", make_move_record(result.moves, self.put.client_key, self.cert.name))
+        self.report.repacked = sorted(result.moves)
+        self.report.repack_written = [n for n, _ in result.written]
+        self.report.repack_copied_bytes = result.copied_bytes
+        self.report.repack_freed_bytes = sum(sizes[p] for p in result.moves)
+
+    def _finish_moves(
+        self,
+        moves: PackMoves,
+        now: float,
+        live: list[Session],
+        referenced: set[str],
+        sizes: dict[str, int],
+        liveness: Liveness | None,
+    ) -> None:
+        """Phase 2 of the move records: an old pack of a due record goes if every chunk it holds
+        that a live pack set needs is in packs its blobs moved to (by any record: listings that
+        lag can make two prunes repack one pack); else it is kept (rescued), and every record
+        naming it is written anew without it. A record goes once its old packs are gone and no
+        live pack set names them."""
+        due: list[MoveRecord] = []
+        for rec in moves.records:
+            if not any(p in sizes for p in rec.moves):
+                if not set(rec.moves) & referenced:
+                    self.report.move_records_removed += 1
+                    if not self.dry_run:
+                        self.repo.backend.delete(rec.name)
+                continue
+            why = self._not_due(rec, now, live)
+            if why:
+                self.report.waiting.append((rec.name, why))
+            else:
+                due.append(rec)
+        if not due:
+            return
+        assert liveness is not None
+        doomed: list[str] = []
+        rescued: list[str] = []
+        for p in sorted({p for rec in due for p in rec.moves if p in sizes}):
+            held: set[bytes] = set()
+            for t in moves.resolve([p]) - {p}:
+                if t in sizes:
+                    held.update(liveness.contents.get(t, {}))
+            (doomed if liveness.live.get(p, set()) <= held else rescued).append(p)
+        self.report.rescued += rescued
+        self.report.deleted += doomed
+        self.report.deleted_bytes += sum(sizes[p] for p in doomed)
+        if self.dry_run:
+            return
+        self._condemned -= set(rescued)
+        self._rewrite_indexes(set(doomed))
+        self._naming.subtract(p for rec in moves.records for p in rec.moves if p in rescued)
+        self._index_again(rescued)
+        for p in doomed:
+            self.repo.backend.delete(f"packs/{p}")
+        for rec in moves.records if rescued else []:
+            if set(rec.moves) & set(rescued):
+                # a backup that had deduplicated against them finished: they stay, no longer
+                # condemned; the new copies of their blobs become garbage for a later prune
+                kept = {old: list(new) for old, new in rec.moves.items() if old not in rescued}
+                if kept:
+                    self.repo.put_object("gc", make_move_record(kept, self.put.client_key, self.cert.name))
+                self.repo.backend.delete(rec.name)

@@ -33,15 +33,21 @@ class IndexCache:
         for_dedup: bool = True,
         absent_packs: Iterable[str] = (),
         only_packs: Iterable[str] | None = None,
+        listed_packs: Iterable[str] | None = None,
     ) -> None:
         """``for_dedup``: skip what revoked clients wrote (a client never dedups against it);
         readers (restore, check) pass False so a revocation never hides good older data.
         ``absent_packs``: packs to treat as gone (vanished or condemned): their chunks are not
         located, so a writer stores them again. ``only_packs``: locate chunks only in these (a
-        snapshot's pack set: where a chunk is stored twice, the copy its snapshot names)."""
+        snapshot's pack set: where a chunk is stored twice, the copy its snapshot names).
+        ``listed_packs``: the packs a listing showed before ``load``; entries of index objects
+        that name other packs are not loaded (a pack deleted after the index object was written,
+        whose entry a rewrite missed, or one too fresh for the listing: stored again, never
+        deduplicated against). Entries added later (this session's own packs) are kept."""
         self.for_dedup = for_dedup
         self.absent_packs = frozenset(absent_packs)
         self.only_packs = frozenset(only_packs) if only_packs is not None else None
+        self.listed_packs = frozenset(listed_packs) if listed_packs is not None else None
         self.repo = repo
         self.secrets = secrets
         self.cache_dir = os.path.join(cache_dir, "index") if cache_dir else None
@@ -94,6 +100,8 @@ class IndexCache:
                     continue
                 if self.cache_dir:
                     self._store_cached(leaf, entries)
+            if self.listed_packs is not None:
+                entries = [(cid, loc) for cid, loc in entries if loc.pack in self.listed_packs]
             self.add(entries)
             self.objects.add(name)
         return self

@@ -28,6 +28,7 @@ MAGIC_SNAPSHOT = b"BKSN"
 MAGIC_RETIRED = b"BKRT"
 MAGIC_SESSION = b"BKSS"
 MAGIC_GC = b"BKGC"
+MAGIC_MOVED = b"BKMV"  # a move record of a repack, also under gc/
 
 HASH_NAMED = ("config", "clients", "packs", "index", "refs", "snapshots", "retired", "gc")
 MAGIC_OF_PREFIX = {

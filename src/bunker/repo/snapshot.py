@@ -2,7 +2,9 @@
 
 The envelope (readable by anyone holding the repository) says: client, certificate, sequence
 number, previous envelope's object name, time, level, complete or not, statistics, the pack set
-(plaintext) and chunk set references, and the hash of the body ciphertext. The body (host,
+(plaintext) and chunk set references, the hash of the body ciphertext, and, for an incomplete
+snapshot that ``bunker prune`` made from a dead client's last checkpoint, whose run it was
+(``adopted``). The body (host,
 paths, tags, root tree, log) is AES-256-GCM under a random key that is HPKE-sealed to the data
 public key: only the master key opens it. The writer's signature covers the envelope, which
 includes the body hash.
@@ -24,6 +26,21 @@ from bunker.repo.objects import MAGIC_SNAPSHOT, check_ref
 
 LEVELS = ("ok", "note", "warn", "err", "fatal")
 BODY_INFO = b"bunker snapshot body v1\x00"
+MAX_CLIENT_NAME = 256  # longer names in an ``adopted`` field are refused (no certificate has one)
+
+
+@dataclass(frozen=True)
+class Adoption:
+    """Whose run an adopted snapshot holds: ``bunker prune`` turned the last checkpoint of a session
+    of another client (dead for longer than the prune's grace period) into an incomplete snapshot
+    in the pruner's own chain, because only a client's own key can extend its chain."""
+
+    cert: str  # clients/<hex> of the client whose run it was
+    client: str  # that certificate's client name
+    session: str  # the dead session's id (24 hex digits)
+
+    def to_body(self) -> dict[str, str]:
+        return {"cert": self.cert, "client": self.client, "session": self.session}
 
 
 @dataclass(frozen=True)
@@ -45,9 +62,16 @@ class Envelope:
     body_hash: bytes
     sealed_key: bytes
     master_on_client: bool = False
+    adopted: Adoption | None = None  # set only on a snapshot made by prune from another run
+
+    @property
+    def owner(self) -> str:
+        """The client whose run this snapshot holds as it claims it (listings and retention use
+        the claim only once repo/selection.py ``owner`` has checked it)."""
+        return self.adopted.client if self.adopted is not None else self.client
 
     def to_body(self) -> dict[str, Any]:
-        return {
+        body = {
             "v": 1,
             "repo": self.repo_id,
             "client": self.client,
@@ -65,6 +89,9 @@ class Envelope:
             "sealed_key": self.sealed_key,
             "master_on_client": self.master_on_client,
         }
+        if self.adopted is not None:  # absent otherwise: older snapshots keep their bytes
+            body["adopted"] = self.adopted.to_body()
+        return body
 
 
 def seal_body(body: dict[str, Any], data_public: DataPublicKey, repo_id: str) -> tuple[bytes, bytes]:
@@ -125,7 +152,10 @@ def parse_snapshot(data: bytes) -> ParsedSnapshot:
         body_hash=encoding.field_bytes(e, "body_hash", 32),
         sealed_key=encoding.field_bytes(e, "sealed_key"),
         master_on_client=bool(e.get("master_on_client", False)),
+        adopted=_parse_adoption(e.get("adopted")),
     )
+    if env.adopted is not None and env.complete:
+        raise encoding.FormatError("an adopted snapshot (made from a dead run's checkpoint) must be incomplete")
     if env.seq < 1 or (env.seq == 1) != (env.prev == ""):
         raise encoding.FormatError("sequence number and previous snapshot do not agree")
     if outer["signer"] != env.cert:
@@ -133,6 +163,21 @@ def parse_snapshot(data: bytes) -> ParsedSnapshot:
     if blake3.blake3(body_ct).digest() != env.body_hash:
         raise encoding.FormatError("snapshot body does not match the signed body hash")
     return ParsedSnapshot(env, env_bytes, body_ct, sig)
+
+
+def _parse_adoption(raw: object) -> Adoption | None:
+    """The optional ``adopted`` field (untrusted input): nil/absent, or a map with the
+    certificate, client name and session of the run."""
+    if raw is None:
+        return None
+    a = encoding.expect_map(raw, "cert", "client", "session")  # other keys: ignored (later versions)
+    client = encoding.field(a, "client", str)
+    session = encoding.field(a, "session", str)
+    if not client or len(client) > MAX_CLIENT_NAME or not client.isprintable():
+        raise encoding.FormatError("adopted field has an invalid client name")
+    if not (len(session) == 24 and all(c in "0123456789abcdef" for c in session)):
+        raise encoding.FormatError("adopted field has an invalid session id")
+    return Adoption(check_ref(a.get("cert"), "clients"), client, session)
 
 
 def open_body(snap: ParsedSnapshot, data_private: DataPrivateKey) -> dict[str, Any]:
