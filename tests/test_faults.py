@@ -1,11 +1,17 @@
 """Storage faults injected below a real local repository (tests/faults.py): the storage going
-away in the middle of a backup or of a forward, slow requests, and torn writes that the storage
-acknowledged. Nothing acknowledged is lost, and the run's level says what happened."""
+away in the middle of a backup or of a forward, slow requests, torn writes that the storage
+acknowledged, and listings that miss fresh objects (eventual consistency) while prune races
+backups. Nothing acknowledged is lost, and the run's level says what happened. (A full disk:
+test_enospc.py; power loss: test_power_loss.py.)"""
 
 from __future__ import annotations
 
 import os
+import random
+import threading
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,10 +20,13 @@ from bunker.crypto.keyfile import load_put_key
 from bunker.errors import CorruptObject, StorageError
 from bunker.node.forward import forward
 from bunker.node.spool import Spool, spooling_repository
+from bunker.repo.gc import Pruner
+from bunker.repo.objects import name_for
+from bunker.repo.records import make_retirement
 from bunker.repo.repository import Repository
 from bunker.storage.local import LocalBackend
 from faults import FaultPlan, FaultyBackend
-from helpers import Repo, compare_trees, init_repo, js, make_tree, restored_path
+from helpers import Repo, compare_trees, init_repo, js, make_tree, restored_path, snapshot_tree
 
 
 @pytest.fixture
@@ -127,3 +136,80 @@ def test_damaged_spool_object_is_not_forwarded(setup: tuple[Repo, Path], tmp_pat
     rdoc = js(repo.ok("restore", fix["snapshot"], "--target", tmp_path / "t", "--json"))
     assert rdoc["stats"]["failed"] == 0
     compare_trees(src, restored_path(tmp_path / "t", src))
+
+
+# listings that miss fresh objects for W seconds; prune's grace must exceed it (docs: the grace
+# must exceed twice the storage's listing delay plus the longest backup run)
+LIST_DELAY = 0.4
+GRACE = 4.0
+
+
+def test_eventually_consistent_listing_with_prune_racing_backups(setup: tuple[Repo, Path], tmp_path: Path) -> None:
+    """A listing omits objects younger than W (gets and stats see them): fresh snapshots, leases,
+    gc records and index objects are invisible to prune and to backups for a while. A prune loop
+    (grace > W) runs against backups whose content comes and goes, and snapshots are forgotten
+    so that packs are condemned and deleted while later backups may deduplicate against them.
+    Every snapshot not forgotten restores byte-identical and the repository checks clean."""
+    repo, src = setup
+    prune_key = tmp_path / "pruner.put"
+    repo.ok("key", "new-client", "pruner", "--prune", "--out", prune_key)
+    put, pput = load_put_key(str(repo.put_key)), load_put_key(str(prune_key))
+    faulty = FaultyBackend(LocalBackend(str(repo.path)), FaultPlan(list_delay=LIST_DELAY))
+    rng = random.Random(5)
+    pool = {f"pool-{i}.bin": rng.randbytes(150_000) for i in range(6)}  # content that comes back
+
+    errors: list[str] = []
+    done = threading.Event()
+    pruned: list[Any] = []
+
+    def pruner() -> None:
+        while not done.is_set():
+            try:
+                pruned.append(Pruner(Repository.open(faulty), pput, grace=GRACE).run())
+            except Exception as exc:  # noqa: BLE001 - reported by the test
+                errors.append(f"prune: {exc!r}")
+                return
+            time.sleep(0.05)
+
+    expected: dict[str, dict[bytes, tuple[Any, ...]]] = {}
+    live: list[str] = []
+    levels = set()
+    thread = threading.Thread(target=pruner)
+    thread.start()
+    started = time.monotonic()
+    try:
+        while time.monotonic() - started < 14 and not errors:
+            for p in src.glob("pool-*.bin"):
+                p.unlink()
+            for name in rng.sample(sorted(pool), 2):
+                (src / name).write_bytes(pool[name])
+            (src / "new.bin").write_bytes(rng.randbytes(rng.randrange(1, 200_000)))
+            outcome = run_backup(Repository.open(faulty), put, BackupRequest(paths=[str(src)]))
+            levels.add(outcome.log.level)
+            snap = outcome.committed.name.split("/", 1)[1]
+            expected[snap] = snapshot_tree(src, dir_mtimes=False)
+            live.append(snap)
+            if len(live) > 2:  # forget the oldest: its packs become garbage unless content comes back
+                old = live.pop(0)
+                r = Repository.open(faulty)
+                record = make_retirement(
+                    f"snapshots/{old}", "test: forgotten", pput.client_key, r.check_put_key(pput).name
+                )
+                faulty.put(name_for("retired", record), record)
+                del expected[old]
+            time.sleep(LIST_DELAY)  # the client's own last snapshot is listed again (chain head)
+    finally:
+        done.set()
+        thread.join()
+    assert not errors, errors
+    assert levels <= {"ok", "note"}, levels
+    assert faulty.hidden > 0  # the listings did miss fresh objects
+    assert len(pruned) >= 3 and sum(len(r.deleted) for r in pruned) >= 1  # packs were really deleted
+    assert sum(len(r.condemned) for r in pruned) >= 1
+
+    assert js(repo.ok("check", "--read-data", "--json"))["ok"] is True
+    for snap, state in expected.items():
+        target = tmp_path / "restored" / snap
+        doc = js(repo.ok("restore", snap, "--target", target, "--json"))
+        assert doc["stats"]["failed"] == 0
+        assert snapshot_tree(restored_path(target, src), dir_mtimes=False) == state, snap

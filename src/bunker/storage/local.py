@@ -2,6 +2,14 @@
 
 A put writes ``<dir>/.tmp-<random>``, fsyncs it, renames it over the final name and fsyncs the
 directory (DESIGN.md §6). Temp files left by a killed writer are swept when the backend opens.
+
+Every call that changes the directory goes through a :class:`FileOps` object (the real ``os``
+calls by default). Tests substitute one that models what survives a power cut (only what was
+fsynced), which checks the discipline above rather than trusting it.
+
+A full disk (ENOSPC, EDQUOT) raises :class:`RepositoryFull`, not StorageError: the repository was
+reached and answered, so a backup must not fall back to the local spool as if it were
+unreachable; the run stops with the exact next step (free space, run again).
 """
 
 from __future__ import annotations
@@ -10,27 +18,75 @@ import contextlib
 import errno
 import os
 import secrets
+import shutil
 import time
 from collections.abc import Iterator
 
-from bunker.errors import ExitCode, ObjectMissing, StorageError
+from bunker.errors import BunkerError, ExitCode, ObjectMissing, StorageError
 from bunker.storage.backend import PREFIXES, Backend, Capabilities, ObjectInfo
 
 TEMP_PREFIX = ".tmp-"
 STALE_TEMP_SECONDS = 3600.0
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
+
+
+class FileOps:
+    """The filesystem calls that change a repository directory: the real ``os`` calls."""
+
+    def create(self, path: str) -> int:
+        """Create ``path`` (it must not exist) for writing; return its descriptor."""
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+
+    def write(self, fd: int, data: memoryview) -> int:
+        return os.write(fd, data)
+
+    def fsync(self, fd: int) -> None:
+        os.fsync(fd)
+
+    def close(self, fd: int) -> None:
+        os.close(fd)
+
+    def link(self, src: str, dst: str) -> None:
+        """Hard-link ``src`` as ``dst``; FileExistsError when ``dst`` exists."""
+        os.link(src, dst)
+
+    def replace(self, src: str, dst: str) -> None:
+        os.replace(src, dst)
+
+    def unlink(self, path: str) -> None:
+        os.unlink(path)
+
+    def mkdir(self, path: str) -> None:
+        os.mkdir(path, 0o700)
+
+    def fsync_dir(self, path: str) -> None:
+        """Make the directory's entries (creates, renames, unlinks in it) durable."""
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class RepositoryFull(BunkerError):
+    """The disk that holds a local repository (or spool) has no space left."""
 
 
 class LocalBackend(Backend):
     """A repository in a local directory (``/path`` or ``file:///path``)."""
 
-    def __init__(self, root: str, *, create: bool = False) -> None:
+    def __init__(self, root: str, *, create: bool = False, ops: FileOps | None = None) -> None:
         self.root = os.path.abspath(root)
         self.url = self.root
+        self.ops = ops or FileOps()
+        self._created_dirs: set[str] = set()
         if create:
-            os.makedirs(self.root, mode=0o700, exist_ok=True)
-            for p in PREFIXES:
-                os.makedirs(os.path.join(self.root, p), mode=0o700, exist_ok=True)
-            _fsync_dir(self.root)
+            try:
+                self._ensure_dir(self.root)
+                for p in PREFIXES:
+                    self._ensure_dir(os.path.join(self.root, p))
+            except OSError as exc:
+                raise storage_error(exc, f"could not create the repository directory {self.root}", self.root) from None
         elif not os.path.isdir(self.root):
             # a StorageError: a removable disk that is not mounted is an unreachable repository
             # (a backup then spools), not a damaged one
@@ -39,7 +95,6 @@ class LocalBackend(Backend):
                 "check the path given with --repo or BUNKER_REPO, or create one with `bunker init`",
                 exit_code=ExitCode.NO_REPOSITORY,
             )
-        self._created_dirs: set[str] = set()
         self.sweep_temp_files()
 
     def sweep_temp_files(self, older_than: float = STALE_TEMP_SECONDS) -> int:
@@ -56,7 +111,7 @@ class LocalBackend(Backend):
                 if e.name.startswith(TEMP_PREFIX):
                     try:
                         if now - e.stat().st_mtime > older_than:
-                            os.unlink(e.path)
+                            self.ops.unlink(e.path)
                             removed += 1
                     except OSError:
                         pass
@@ -66,41 +121,54 @@ class LocalBackend(Backend):
         return os.path.join(self.root, name)
 
     def _ensure_dir(self, d: str) -> None:
-        if d not in self._created_dirs:
-            os.makedirs(d, mode=0o700, exist_ok=True)
-            self._created_dirs.add(d)
+        """Create ``d`` (and missing parents) durably: a new directory's own entry is made
+        durable by an fsync of its parent."""
+        if d in self._created_dirs:
+            return
+        if not os.path.isdir(d):
+            parent = os.path.dirname(d)
+            if parent != d:
+                self._ensure_dir(parent)
+            try:
+                self.ops.mkdir(d)
+            except FileExistsError:
+                pass
+            else:
+                self.ops.fsync_dir(parent)
+        self._created_dirs.add(d)
 
     def _put(self, name: str, data: bytes | memoryview, if_absent: bool) -> bool:
+        ops = self.ops
         final = self._path(name)
         d = os.path.dirname(final)
-        self._ensure_dir(d)
         tmp = os.path.join(d, TEMP_PREFIX + secrets.token_hex(8))
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            self._ensure_dir(d)
+            fd = ops.create(tmp)
             try:
                 view = memoryview(data)
                 while view:
-                    n = os.write(fd, view)
+                    n = ops.write(fd, view)
                     view = view[n:]
-                os.fsync(fd)
+                ops.fsync(fd)
             finally:
-                os.close(fd)
+                ops.close(fd)
             if if_absent:
                 # link() fails if the target exists: an atomic create-if-absent.
                 try:
-                    os.link(tmp, final)
+                    ops.link(tmp, final)
                 except FileExistsError:
                     return False
                 finally:
-                    os.unlink(tmp)
+                    ops.unlink(tmp)
             else:
-                os.replace(tmp, final)
-            _fsync_dir(d)
+                ops.replace(tmp, final)
+            ops.fsync_dir(d)
             return True
         except OSError as exc:
             with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise _storage_error(exc, f"could not write {name} into {self.root}") from None
+                ops.unlink(tmp)
+            raise storage_error(exc, f"could not write {name} into {self.root}", self.root) from None
 
     def _get(self, name: str, offset: int, length: int | None) -> bytes:
         try:
@@ -116,7 +184,7 @@ class LocalBackend(Backend):
             if exc.errno == errno.EINVAL and offset < 0:  # seek before start: return whole object
                 with open(self._path(name), "rb") as f:
                     return f.read()
-            raise _storage_error(exc, f"could not read {name} from {self.root}") from None
+            raise storage_error(exc, f"could not read {name} from {self.root}", self.root) from None
 
     def _list(self, prefix: str) -> Iterator[ObjectInfo]:
         d = self._path(prefix.rstrip("/"))
@@ -134,11 +202,14 @@ class LocalBackend(Backend):
             yield ObjectInfo(prefix + e.name, st.st_size, st.st_mtime)
 
     def _delete(self, name: str) -> None:
+        path = self._path(name)
         try:
-            os.unlink(self._path(name))
-            _fsync_dir(os.path.dirname(self._path(name)))
+            self.ops.unlink(path)
+            self.ops.fsync_dir(os.path.dirname(path))
         except FileNotFoundError:
             pass
+        except OSError as exc:
+            raise storage_error(exc, f"could not delete {name} from {self.root}", self.root) from None
 
     def _stat(self, name: str) -> ObjectInfo | None:
         try:
@@ -151,19 +222,22 @@ class LocalBackend(Backend):
         return Capabilities(create_if_absent=True, server_side_time=True)
 
 
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _storage_error(exc: OSError, what: str) -> StorageError:
-    if exc.errno == errno.ENOSPC:
-        hint = "the repository's disk is full: free space there, then run the command again"
-    elif exc.errno in (errno.EACCES, errno.EPERM):
+def storage_error(exc: OSError, what: str, root: str) -> BunkerError:
+    """The error to raise for ``exc`` met while working on the directory ``root``."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in FULL_ERRNOS:
+        try:
+            free = f"{shutil.disk_usage(root).free / 1e6:.1f} MB free now"
+        except OSError:
+            free = "free space unknown"
+        return RepositoryFull(
+            f"{what}: the disk that holds it is full ({reason}; {free})",
+            "nothing stored before is damaged and nothing half-written was kept; a backup stopped here wrote no "
+            f"new snapshot. Free space on that disk (`df -h {root}` shows it), then run the same command again",
+            exit_code=ExitCode.FATAL,
+        )
+    if exc.errno in (errno.EACCES, errno.EPERM):
         hint = "the repository is not writable by this user: fix its permissions or use another --repo"
     else:
         hint = "check the repository's disk and run the command again"
-    return StorageError(f"{what}: {exc.strerror or exc}", hint, exit_code=ExitCode.FATAL)
+    return StorageError(f"{what}: {reason}", hint, exit_code=ExitCode.FATAL)
