@@ -18,9 +18,7 @@ by the walk's depth and the number of files in flight.
 
 from __future__ import annotations
 
-import grp
 import os
-import pwd
 import stat
 import threading
 import time
@@ -28,28 +26,23 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, BinaryIO, Protocol
-
-from pyfastcdc import FastCDC
+from typing import Any, BinaryIO
 
 from bunker.backup import deep_path
 from bunker.backup import files_cache as fc
-from bunker.backup.chunker import cut, make_cdc
+from bunker.backup.chunk_store import ChunkStore, Readable
 from bunker.backup.excludes import PSEUDO_FILESYSTEMS, Excludes, mount_types
-from bunker.backup.file_reader import MAX_REREADS, ReadOutcome, read_all, read_stable
-from bunker.backup.fsmeta import DataReader, hole_bytes, inode_meta, name_acl, path_meta
+from bunker.backup.file_reader import MAX_REREADS, ReadOutcome, read_stable
+from bunker.backup.fsmeta import inode_meta, name_acl, path_meta
 from bunker.backup.hardlinks import HardLinks
+from bunker.backup.owners import OwnerNames
 from bunker.backup.partial import VirtualFrame, partial_root
 from bunker.backup.resume import PartialFiles, Tracked
 from bunker.backup.runlog import RunLog
 from bunker.backup.small_batches import SmallBatches
 from bunker.backup.small_files import SmallFilePool
-from bunker.repo import blob
-from bunker.repo.pack import KIND_META
 from bunker.repo.session_writer import SessionWriter
-from bunker.repo.tree import encode_tree
 
-READ_WHOLE = 8 << 20  # files up to this size are read in one go and cut in memory
 SMALL_FILE = 256 << 10  # files up to this size go to the worker processes ...
 SMALL_POOL_AFTER = 1000  # ... once this many were seen (starting the processes costs ~0.2 s)
 MAX_INFLIGHT_FILES = 256
@@ -80,10 +73,6 @@ class DirJob:
     dev: int = -1  # the filesystem this directory is walked on (for --one-file-system)
 
 
-class _Readable(Protocol):
-    def readinto(self, b: memoryview) -> int: ...
-
-
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
@@ -92,34 +81,6 @@ class ArchiveResult:
     root: bytes
     chunk_ids: set[bytes]
     stats: dict[str, int]
-
-
-class _Owners:
-    """uid/gid -> name, cached (lookups are slow and repeat)."""
-
-    def __init__(self) -> None:
-        self.users: dict[int, str] = {}
-        self.groups: dict[int, str] = {}
-
-    def user(self, uid: int) -> str:
-        n = self.users.get(uid)
-        if n is None:
-            try:
-                n = pwd.getpwuid(uid).pw_name
-            except KeyError:
-                n = ""
-            self.users[uid] = n
-        return n
-
-    def group(self, gid: int) -> str:
-        n = self.groups.get(gid)
-        if n is None:
-            try:
-                n = grp.getgrgid(gid).gr_name
-            except KeyError:
-                n = ""
-            self.groups[gid] = n
-        return n
 
 
 class Archiver:
@@ -149,14 +110,13 @@ class Archiver:
         self.atime = atime
         self.progress = progress or Progress()
         self.tick = tick
-        chunker = self._chunker = writer.repo.config.chunker
-        self._local = threading.local()
+        chunker = writer.repo.config.chunker
         self._workers = workers or max(2, (os.cpu_count() or 2) + 1)
         self._pool = ThreadPoolExecutor(self._workers, thread_name_prefix="bunker-read")
         self._slots = threading.BoundedSemaphore(MAX_INFLIGHT_FILES)
         self._bytes_cv = threading.Condition()
         self._inflight_bytes = 0
-        self._owners = _Owners()
+        self._owners = OwnerNames()
         self._done_lock = threading.Lock()
         self._ready: deque[DirJob] = deque()
         self.chunk_ids: set[bytes] = set()
@@ -193,68 +153,23 @@ class Archiver:
         self._root_entry: dict[str, Any] | None = None
         self.checkpoint: Callable[[], None] | None = None  # called from the main thread's ticks
         self.partial_files = PartialFiles(files_cache, writer.index.locations)
+        self.chunks = ChunkStore(writer, self.partial_files, self._count_bytes, self._count_resumed)
 
-    # ------------------------------------------------------------------ chunking
-    def _cdc(self) -> FastCDC:
-        c = getattr(self._local, "cdc", None)
-        if c is None:
-            c = self._local.cdc = make_cdc(self._chunker, self.writer.secrets)
-        return c
+    def _count_bytes(self, n: int) -> None:
+        self.progress.nbytes += n
 
-    def _store_chunks(self, data: bytes | memoryview, out: list[bytes]) -> None:
-        w = self.writer
-        for piece in cut(self._cdc(), data):
-            cid = blob.chunk_id(w.secrets, piece)
-            out.append(cid)
-            if not w.known(cid):
-                w.store(cid, piece)
-
-    def store_stream(self, f: BinaryIO | _Readable, track: Tracked | None = None) -> tuple[list[bytes], int]:
-        """Chunk and store a stream; return (chunk ids, bytes read). ``track``: a large file
-        being read (resume.py), perhaps from where a killed run stopped."""
-        out: list[bytes] = [p[0] for p in track.pairs] if track else []
-        total = sum(int(p[1]) for p in track.pairs) if track else 0
-        w = self.writer
-        for c in self._cdc().cut_stream(f):
-            cid = blob.chunk_id(w.secrets, c.data)
-            out.append(cid)
-            total += c.length
-            if not w.known(cid):
-                w.store(cid, c.data)
-            if track is not None:
-                track.add(cid, c.length)
-            self.progress.nbytes += c.length
-        return out, total
+    def _count_resumed(self, n: int) -> None:
+        with self._done_lock:
+            self.stats["bytes_resumed"] += n
 
     # ------------------------------------------------------------------ files
-    def _consume(self, fd: int, size: int, holes: list[int]) -> tuple[list[bytes], int]:
-        chunks: list[bytes] = []
-        if holes:  # only the data regions are read (and stored, one after the other)
-            reader = DataReader(fd, size, holes)
-            if size - hole_bytes(holes) > READ_WHOLE:
-                return self.store_stream(reader)
-            data = reader.read_all()
-        elif size <= READ_WHOLE:
-            data = read_all(fd, size)
-        else:
-            track, offset = self.partial_files.start(fd)
-            if offset:  # a killed run stored this much of the unchanged file: not read again
-                self.progress.nbytes += offset
-                with self._done_lock:
-                    self.stats["bytes_resumed"] += offset
-            os.lseek(fd, offset, os.SEEK_SET)
-            try:
-                with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
-                    return self.store_stream(f, track)
-            finally:
-                self.partial_files.finish(track)
-        self._store_chunks(data, chunks)
-        self.progress.nbytes += len(data)
-        return chunks, len(data)
+    def store_stream(self, f: BinaryIO | Readable, track: Tracked | None = None) -> tuple[list[bytes], int]:
+        """Chunk and store a stream (standard input, a tar member); return (chunk ids, bytes)."""
+        return self.chunks.store_stream(f, track)
 
     def _read_file(self, path: bytes, size0: int, entry: dict[str, Any], job: DirJob, name: bytes) -> None:
         try:
-            self._record(read_stable(path, self._consume), path, entry, job, name)
+            self._record(read_stable(path, self.chunks.consume), path, entry, job, name)
         except Exception as exc:  # noqa: BLE001 - one file must never abort the run
             self._record(
                 ReadOutcome("error", [], message=f"could not back up this file: {exc}"), path, entry, job, name
@@ -469,11 +384,8 @@ class Archiver:
 
     # ------------------------------------------------------------------ trees
     def _store_tree(self, entries: list[dict[str, Any]]) -> bytes:
-        data = encode_tree(entries)
-        cid = blob.chunk_id(self.writer.secrets, data)
+        cid = self.chunks.store_tree(entries)
         self.chunk_ids.add(cid)
-        if not self.writer.known(cid):
-            self.writer.store(cid, data, KIND_META)
         return cid
 
     def _finish_dir(self, job: DirJob) -> None:
@@ -517,15 +429,8 @@ class Archiver:
 
     def partial_root(self) -> tuple[bytes | None, set[bytes]]:
         """The root tree of what is finished so far and the chunks it needs (main thread only)."""
-
-        def store(entries: list[dict[str, Any]]) -> bytes:
-            data = encode_tree(entries)
-            cid = blob.chunk_id(self.writer.secrets, data)
-            if not self.writer.known(cid):
-                self.writer.store(cid, data, KIND_META)
-            return cid
-
-        root, chunks = partial_root(self._vframes, [*self._wstack, *self._ready], self._root_entry, store)
+        frames = [*self._wstack, *self._ready]
+        root, chunks = partial_root(self._vframes, frames, self._root_entry, self.chunks.store_tree)
         # finished subtrees are named by their tree id alone: their files' chunks are in
         # chunk_ids (with those of files recorded since, which are stored too: harmless)
         with self._done_lock:

@@ -1,0 +1,115 @@
+"""Cutting file data into chunks and storing the new ones through the session writer.
+
+Runs on the archiver's reader threads: each thread has its own FastCDC state (pyfastcdc objects
+are not shared between threads), while the writer deduplicates and uploads for all of them. Small
+files are read whole and cut in memory; large ones are streamed, and a large file that a killed
+run had partly stored resumes after its stored chunks (resume.py).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable
+from typing import Any, BinaryIO, Protocol
+
+from pyfastcdc import FastCDC
+
+from bunker.backup.chunker import cut, make_cdc
+from bunker.backup.file_reader import read_all
+from bunker.backup.fsmeta import DataReader, hole_bytes
+from bunker.backup.resume import PartialFiles, Tracked
+from bunker.repo import blob
+from bunker.repo.pack import KIND_META
+from bunker.repo.session_writer import SessionWriter
+from bunker.repo.tree import encode_tree
+
+READ_WHOLE = 8 << 20  # files up to this size are read in one go and cut in memory
+
+
+class Readable(Protocol):
+    def readinto(self, b: memoryview) -> int: ...
+
+
+class ChunkStore:
+    """Chunks data and stores what the repository does not hold yet. ``count_bytes`` is told how
+    many bytes were consumed (progress); ``resumed`` how many a resumed file did not read again."""
+
+    def __init__(
+        self,
+        writer: SessionWriter,
+        partial_files: PartialFiles,
+        count_bytes: Callable[[int], None],
+        resumed: Callable[[int], None],
+    ) -> None:
+        self.writer = writer
+        self.partial_files = partial_files
+        self._count, self._resumed = count_bytes, resumed
+        self._local = threading.local()
+
+    def _cdc(self) -> FastCDC:
+        c = getattr(self._local, "cdc", None)
+        if c is None:
+            c = self._local.cdc = make_cdc(self.writer.repo.config.chunker, self.writer.secrets)
+        return c
+
+    def store_bytes(self, data: bytes | memoryview) -> list[bytes]:
+        """Chunk and store data held in memory; return the chunk ids."""
+        w = self.writer
+        out = []
+        for piece in cut(self._cdc(), data):
+            cid = blob.chunk_id(w.secrets, piece)
+            out.append(cid)
+            if not w.known(cid):
+                w.store(cid, piece)
+        return out
+
+    def store_tree(self, entries: list[dict[str, Any]]) -> bytes:
+        """Encode and store a tree (in a metadata pack); return its id."""
+        data = encode_tree(entries)
+        cid = blob.chunk_id(self.writer.secrets, data)
+        if not self.writer.known(cid):
+            self.writer.store(cid, data, KIND_META)
+        return cid
+
+    def store_stream(self, f: BinaryIO | Readable, track: Tracked | None = None) -> tuple[list[bytes], int]:
+        """Chunk and store a stream; return (chunk ids, bytes read). ``track``: a large file
+        being read (resume.py), perhaps from where a killed run stopped."""
+        out: list[bytes] = [p[0] for p in track.pairs] if track else []
+        total = sum(int(p[1]) for p in track.pairs) if track else 0
+        w = self.writer
+        for c in self._cdc().cut_stream(f):
+            cid = blob.chunk_id(w.secrets, c.data)
+            out.append(cid)
+            total += c.length
+            if not w.known(cid):
+                w.store(cid, c.data)
+            if track is not None:
+                track.add(cid, c.length)
+            self._count(c.length)
+        return out, total
+
+    def consume(self, fd: int, size: int, holes: list[int]) -> tuple[list[bytes], int]:
+        """Chunk and store an open regular file of ``size`` bytes with ``holes`` (fsmeta.hole_map):
+        only its data regions are read. Returns (chunk ids, bytes of data)."""
+        if holes:
+            reader = DataReader(fd, size, holes)
+            if size - hole_bytes(holes) > READ_WHOLE:
+                return self.store_stream(reader)
+            data = reader.read_all()
+        elif size <= READ_WHOLE:
+            data = read_all(fd, size)
+        else:
+            track, offset = self.partial_files.start(fd)
+            if offset:  # a killed run stored this much of the unchanged file: not read again
+                self._count(offset)
+                self._resumed(offset)
+            os.lseek(fd, offset, os.SEEK_SET)
+            try:
+                with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
+                    return self.store_stream(f, track)
+            finally:
+                self.partial_files.finish(track)
+        chunks = self.store_bytes(data)
+        self._count(len(data))
+        return chunks, len(data)
