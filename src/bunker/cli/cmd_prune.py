@@ -60,7 +60,8 @@ def prune(**kwargs: Any) -> None:
     out.document({"repository": repo.backend.url, **report.to_json(), **adoption.to_json()})
     delete, condemn = ("would delete", "would condemn") if dry_run else ("deleted", "condemned")
     size = human_bytes(report.deleted_bytes)
-    line = f"{report.snapshots_marked} snapshots need {report.packs_referenced} packs; {delete} "
+    m = report.snapshots_marked
+    line = f"{m} snapshot{' needs' if m == 1 else 's need'} {report.packs_referenced} packs; {delete} "
     n = len(report.deleted)
     line += f"{n} pack{'' if n == 1 else 's'} ({size}), {condemn} {len(report.condemned)}"
     if report.rescued:
