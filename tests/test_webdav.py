@@ -3,13 +3,17 @@ filesystem provider): staged writes, server times, credentials, errors, and the 
 
 from __future__ import annotations
 
+import http.server
 import os
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bunker.errors import BunkerError, ExitCode, StorageError
+from bunker.storage.full import RepositoryFull
 from bunker.storage.object_store import STALE_TMP_AGE, TMP_MARK, ObjectStoreBackend
 from bunker.storage.services import open_webdav
 from bunker.storage.url import open_backend
@@ -129,6 +133,66 @@ def test_unreachable_server_is_a_storage_error_after_retries() -> None:
     assert exc.value.exit_code == ExitCode.NO_REPOSITORY
     assert "did not answer" in exc.value.message and "127.0.0.1" in exc.value.message
     assert time.monotonic() - t0 >= 0.1  # two retries with backoff were made
+
+
+class _FullDav(http.server.BaseHTTPRequestHandler):
+    """A WebDAV server whose storage is full (Apache mod_dav, Nextcloud): 507 Insufficient Storage
+    (RFC 4918) to the method ``server.full``; collections are made, and every request is logged in
+    ``server.seen``."""
+
+    def _answer(self, status: int, body: bytes = b"") -> None:
+        self.rfile.read(int(self.headers.get("Content-Length") or 0))
+        srv: Any = self.server
+        srv.seen.append(f"{self.command} {self.path}")
+        if self.command == srv.full:
+            status = 507
+            body = b'<?xml version="1.0"?><d:error xmlns:d="DAV:"><s:message>Insufficient space</s:message></d:error>'
+        self.send_response(status)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_PROPFIND(self) -> None:  # noqa: N802 - http.server's naming
+        self._answer(404)
+
+    def do_MKCOL(self) -> None:  # noqa: N802
+        self._answer(201)
+
+    def do_PUT(self) -> None:  # noqa: N802
+        self._answer(201)
+
+    def do_DELETE(self) -> None:  # noqa: N802
+        self._answer(204)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+def test_507_insufficient_storage_is_repository_full() -> None:
+    """A full WebDAV server is not an unreachable one: RepositoryFull (exit 4, a backup does not
+    spool) with the next step, at once (no retries), and the temporary upload is removed."""
+    srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _FullDav)
+    srv.full, srv.seen = "PUT", []  # type: ignore[attr-defined]
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    try:
+        env = {"BUNKER_WEBDAV_PASSWORD": "pw", "BUNKER_STORAGE_RETRIES": "2", "BUNKER_STORAGE_RETRY_DELAY": "0.05"}
+        b = open_webdav(f"webdav+http://{WEBDAV_USER}@127.0.0.1:{srv.server_port}/dav/p", env=env)
+        with pytest.raises(RepositoryFull) as exc:
+            b.put(A, b"data")
+        err = exc.value
+        assert err.exit_code == ExitCode.FATAL and not isinstance(err, StorageError)
+        assert f"could not write {A} at http://127.0.0.1:{srv.server_port}/dav/p/" in err.message
+        assert "the WebDAV storage is full or its quota is used up (HTTP 507 Insufficient Storage)" in err.message
+        assert "nothing stored before is damaged" in err.hint and "no new snapshot" in err.hint
+        assert "Free space on the WebDAV server, or have its quota raised" in err.hint
+        assert "run the same command again" in err.hint
+        seen: list[str] = srv.seen  # type: ignore[attr-defined]
+        assert len([r for r in seen if r.startswith("PUT ")]) == 1, seen  # not retried
+        tmp = next(r.split()[1] for r in seen if r.startswith("PUT "))
+        assert f"/packs/{TMP_MARK}" in tmp and f"DELETE {tmp}" in seen, seen  # nothing left behind
+    finally:
+        srv.shutdown()
+        srv.server_close()
 
 
 def test_init_backup_restore_check_on_webdav(webdav_server: WebDavServer, s3_prefix: str, tmp_path: Path) -> None:

@@ -38,6 +38,7 @@ from bunker.errors import BunkerError, ExitCode, ObjectMissing
 from bunker.repo.objects import content_hash, is_hash_name
 from bunker.storage import wire
 from bunker.storage.backend import InvalidName, validate_name, validate_prefix
+from bunker.storage.full import RepositoryFull
 from bunker.storage.local import LocalBackend
 
 WORKERS = 4  # requests handled at once per connection (the client runs 2-3 threads)
@@ -230,6 +231,9 @@ class Session:
             status, meta, payload = wire.MISSING, {}, b""
         except InvalidName as exc:
             status, meta, payload = wire.INVALID, {"m": exc.message, "h": exc.hint}, b""
+        except RepositoryFull as exc:
+            status, meta, payload = wire.FAILED, {"m": exc.message, "h": exc.hint, "k": wire.KIND_FULL}, b""
+            log(str(exc))
         except BunkerError as exc:
             status, meta, payload = wire.FAILED, {"m": exc.message, "h": exc.hint}, b""
             log(str(exc))

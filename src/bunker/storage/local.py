@@ -7,9 +7,9 @@ Every call that changes the directory goes through a :class:`FileOps` object (th
 calls by default). Tests substitute one that models what survives a power cut (only what was
 fsynced), which checks the discipline above rather than trusting it.
 
-A full disk (ENOSPC, EDQUOT) raises :class:`RepositoryFull`, not StorageError: the repository was
-reached and answered, so a backup must not fall back to the local spool as if it were
-unreachable; the run stops with the exact next step (free space, run again).
+A full disk (ENOSPC, EDQUOT) raises :class:`RepositoryFull` (storage/full.py), not StorageError:
+the repository was reached and answered, so a backup must not fall back to the local spool as if
+it were unreachable; the run stops with the exact next step (free space, run again).
 """
 
 from __future__ import annotations
@@ -24,10 +24,12 @@ from collections.abc import Iterator
 
 from bunker.errors import BunkerError, ExitCode, ObjectMissing, StorageError
 from bunker.storage.backend import PREFIXES, Backend, Capabilities, ObjectInfo
+from bunker.storage.full import FULL_ERRNOS, RepositoryFull, local_disk_full
+
+__all__ = ["FULL_ERRNOS", "FileOps", "LocalBackend", "RepositoryFull", "storage_error"]
 
 TEMP_PREFIX = ".tmp-"
 STALE_TEMP_SECONDS = 3600.0
-FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 
 
 class FileOps:
@@ -66,10 +68,6 @@ class FileOps:
             os.fsync(fd)
         finally:
             os.close(fd)
-
-
-class RepositoryFull(BunkerError):
-    """The disk that holds a local repository (or spool) has no space left."""
 
 
 class LocalBackend(Backend):
@@ -230,12 +228,7 @@ def storage_error(exc: OSError, what: str, root: str) -> BunkerError:
             free = f"{shutil.disk_usage(root).free / 1e6:.1f} MB free now"
         except OSError:
             free = "free space unknown"
-        return RepositoryFull(
-            f"{what}: the disk that holds it is full ({reason}; {free})",
-            "nothing stored before is damaged and nothing half-written was kept; a backup stopped here wrote no "
-            f"new snapshot. Free space on that disk (`df -h {root}` shows it), then run the same command again",
-            exit_code=ExitCode.FATAL,
-        )
+        return local_disk_full(what, reason, root, free)
     if exc.errno in (errno.EACCES, errno.EPERM):
         hint = "the repository is not writable by this user: fix its permissions or use another --repo"
     else:

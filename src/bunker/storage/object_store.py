@@ -36,6 +36,7 @@ from opendal.layers import RetryLayer, TimeoutLayer
 
 from bunker.errors import BunkerError, ExitCode, ObjectMissing, StorageError
 from bunker.storage.backend import Backend, Capabilities, InvalidName, ObjectInfo, validate_name
+from bunker.storage.full import full_reason, service_full
 
 DEFAULT_RETRIES = 5  # retries after the first attempt: 0.5+1+2+4+8 s of backoff, up to twice that with jitter
 DEFAULT_RETRY_DELAY = 0.5
@@ -264,7 +265,14 @@ class ObjectStoreBackend(Backend):
         a reader sees the old object or the new one, never a half-written file."""
         head, _, _ = name.rpartition("/")
         tmp = (head + "/" if head else "") + TMP_MARK + secrets.token_hex(8)
-        self._op.write(tmp, data)
+        try:
+            self._op.write(tmp, data)
+        except OPENDAL_ERRORS:
+            # a server may keep what it got of a refused PUT (wsgidav does, on a full disk): it
+            # must not take the room that a run after freeing space needs for a day
+            with contextlib.suppress(*OPENDAL_ERRORS):
+                self._op.delete(tmp)
+            raise
         try:
             self._op.rename(tmp, name)
         except ox.NotFound:
@@ -332,9 +340,11 @@ def describe_error(exc: Exception) -> str:
     return head or type(exc).__name__
 
 
-def storage_error(exc: Exception, what: str, name: str, endpoint: str, service: ServiceInfo = GENERIC) -> StorageError:
-    """A failure that retrying did not cure, as a user-facing error: transient kinds (no answer,
-    5xx, throttling) say the repository cannot be reached (exit 13); the rest are fatal (exit 4)."""
+def storage_error(exc: Exception, what: str, name: str, endpoint: str, service: ServiceInfo = GENERIC) -> BunkerError:
+    """A failure that retrying did not cure, as a user-facing error: a service that says it has no
+    room (507, a "full" or quota code: storage/full.py) is RepositoryFull (exit 4, never spooled);
+    transient kinds (no answer, 5xx, throttling) say the repository cannot be reached (exit 13);
+    the rest are fatal (exit 4)."""
     detail = describe_error(exc)
     text = str(exc)
     first = text.split("\n", 1)[0]
@@ -346,6 +356,9 @@ def storage_error(exc: Exception, what: str, name: str, endpoint: str, service: 
             f"set {service.credentials}",
             exit_code=ExitCode.FATAL,
         )
+    full = full_reason(text)  # before "access denied": Ceph answers a used-up quota with 403 QuotaExceeded
+    if full is not None:
+        return service_full(f"could not {where}", detail if detail.startswith(full) else full, service.label)
     if isinstance(exc, ox.PermissionDenied) or "status: 401" in text:
         return StorageError(
             f"could not {where}: access denied ({detail})",

@@ -13,6 +13,9 @@ connects to a running ``bunker serve --socket``. The protocol is storage/wire.py
   settings). What still fails is a StorageError naming the object, the server and the next step.
   A put retried after its first attempt landed is harmless (same bytes); a retried
   create-if-absent then reports "exists", which is true.
+- A server whose disk is full answers FAILED with the kind "full": that is RepositoryFull (the
+  run stops with the next step: free space on the server's disk), not a StorageError, so a
+  backup does not spool as if the server could not be reached.
 - An append-only server never replaces an object: a put of an existing name returns False
   (nothing written), a delete outside ``sessions/`` raises ServerRefused.
 """
@@ -32,6 +35,7 @@ from bunker import encoding
 from bunker.errors import BunkerError, ExitCode, ObjectMissing, StorageError
 from bunker.storage import wire
 from bunker.storage.backend import Backend, Capabilities, ObjectInfo
+from bunker.storage.full import server_disk_full
 from bunker.storage.object_store import MAX_RETRY_DELAY, RetryPolicy
 from bunker.storage.remote_link import Lost, Opener, RemoteLocation, opener_for, parse_remote_url
 
@@ -156,6 +160,7 @@ class RemoteBackend(Backend):
         self._current = _Current()
         self.append_only = False
         self.server_version = ""
+        self.server_repo = ""  # the repository directory on the server, as its hello says
         self._finalizer = weakref.finalize(self, self._current.close, self._opener)
         try:
             self._call("open the repository", "", wire.PING, {})
@@ -251,6 +256,7 @@ class RemoteBackend(Backend):
             self._create = False  # made by the first connection: a later one must not recreate it
             self.append_only = fields.get("append_only") is True
             self.server_version = wire.text(fields.get("server"), 100)
+            self.server_repo = wire.text(fields.get("repo"), 1000)
             max_frame = fields.get("max_frame")
             limit = max_frame if isinstance(max_frame, int) and 0 < max_frame <= wire.MAX_FRAME else wire.MAX_FRAME
             self._current.conn = conn = Connection(stream, describe, limit)
@@ -307,6 +313,10 @@ class RemoteBackend(Backend):
                 hint or "ask the server's administrator what this server allows",
                 exit_code=ExitCode.FATAL,
             )
+        if f.code == wire.FAILED and f.meta.get("k") == wire.KIND_FULL:
+            # the server's disk is full: not "unreachable" (a backup must not spool), no retry helps
+            server = self.loc.host if self.loc.scheme == "ssh" else "the machine that runs `bunker serve`"
+            return server_disk_full(f"could not {where}", message, server, self.server_repo)
         if f.code == wire.FAILED:
             return StorageError(
                 f"could not {where}: the server reports: {message}",

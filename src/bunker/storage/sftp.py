@@ -175,6 +175,8 @@ class SftpBackend(Backend):
                 exit_code=ExitCode.NO_REPOSITORY,
             )
         if isinstance(exc, asyncssh.SFTPError):
+            # a full disk lands here too, and cannot be told apart: SFTP v3 has no status for it,
+            # and OpenSSH's sftp-server and internal-sftp answer SSH_FX_FAILURE "Failure" (storage/full.py)
             return StorageError(
                 f"could not {where}: the server answered {detail!r}",
                 f"check the free space and the permissions under {self.loc.path} on the server, then run the "

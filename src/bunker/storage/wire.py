@@ -53,6 +53,9 @@ INVALID = 4  # a malformed request (bad name, bad field, unknown op, too large)
 FAILED = 5  # the server's storage failed (disk full, permissions); meta m/h say what and what next
 PROTOCOL = 6  # request id 0 only: the connection is broken off, meta m says why
 TOO_LARGE = 7  # a GET whose answer would exceed MAX_PAYLOAD; meta s is the object's size
+# FAILED's meta ``k``: what kind of failure (absent, or a kind this side does not know: a plain
+# storage failure)
+KIND_FULL = "full"  # the server's disk is full (ENOSPC, EDQUOT): no point retrying, nor spooling
 STATUSES = {
     OK: "ok",
     MISSING: "missing",
