@@ -97,10 +97,17 @@ class FaultyBackend(Backend):
         if self.plan.torn(name):
             self.log.append(f"torn {name}")
             return self.inner.put(name, bytes(data[: len(data) // 2]), if_absent=if_absent)
-        stored = self.inner.put(name, data, if_absent=if_absent)
-        if stored and self.plan.list_delay:
+        if self.plan.list_delay:  # before the put: a listing must never see it early
             with self._lock:
+                first = name not in self._born
                 self._born[name] = time.monotonic()
+        try:
+            stored = self.inner.put(name, data, if_absent=if_absent)
+        except BaseException:
+            if self.plan.list_delay and first:
+                with self._lock:
+                    self._born.pop(name, None)
+            raise
         return stored
 
     def _get(self, name: str, offset: int, length: int | None) -> bytes:

@@ -20,7 +20,9 @@ from bunker.crypto.keyfile import load_put_key
 from bunker.errors import CorruptObject, StorageError
 from bunker.node.forward import forward
 from bunker.node.spool import Spool, spooling_repository
+from bunker.repo import leases
 from bunker.repo.gc import Pruner
+from bunker.repo.leases import sessions
 from bunker.repo.objects import name_for
 from bunker.repo.records import make_retirement
 from bunker.repo.repository import Repository
@@ -213,3 +215,61 @@ def test_eventually_consistent_listing_with_prune_racing_backups(setup: tuple[Re
         doc = js(repo.ok("restore", snap, "--target", target, "--json"))
         assert doc["stats"]["failed"] == 0
         assert snapshot_tree(restored_path(target, src), dir_mtimes=False) == state, snap
+
+
+def test_a_session_stays_listed_until_its_snapshot_is(
+    setup: tuple[Repo, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With listings that miss objects younger than W, a watcher that lists as a prune does must
+    see, at every moment after the backup's lease first shows, the lease or the new snapshot:
+    never neither (a prune would then take the session for gone while its snapshot is not
+    visible, and delete packs the snapshot needs). A run waits a moment at its end for its
+    snapshot to be listed; if it is not (here: the wait is off), the lease stays to expire,
+    without a checkpoint, so nobody turns the completed run into an incomplete snapshot."""
+    repo, src = setup
+    delay = 0.5
+    faulty = FaultyBackend(LocalBackend(str(repo.path)), FaultPlan(list_delay=delay))
+    put = load_put_key(str(repo.put_key))
+    (src / "more.bin").write_bytes(os.urandom(6 << 20))
+
+    def watched_backup() -> tuple[Any, list[float]]:
+        before = {i.name for i in faulty.list("snapshots/")} | {i.name for i in faulty.inner.list("snapshots/")}
+        seen_session = False
+        gaps: list[float] = []
+        done = threading.Event()
+
+        def watch() -> None:
+            nonlocal seen_session
+            while not done.is_set():
+                leases = list(faulty.list("sessions/"))
+                snaps = {i.name for i in faulty.list("snapshots/")} - before
+                if leases:
+                    seen_session = True
+                elif seen_session and not snaps:
+                    gaps.append(time.monotonic())
+                time.sleep(0.01)
+
+        watcher = threading.Thread(target=watch)
+        watcher.start()
+        try:
+            outcome = run_backup(Repository.open(faulty), put, BackupRequest(paths=[str(src)], checkpoint_seconds=0.05))
+            time.sleep(2 * delay)
+        finally:
+            done.set()
+            watcher.join()
+        assert seen_session
+        return outcome, gaps
+
+    # the run waits until its snapshot is listed, then removes its lease
+    outcome, gaps = watched_backup()
+    assert gaps == [], f"{len(gaps)} listings showed neither the session nor its snapshot"
+    assert sessions(Repository.open(faulty)) == []
+
+    monkeypatch.setattr(leases, "LISTING_WAIT", 0.0)
+    (src / "more.bin").write_bytes(os.urandom(6 << 20))
+    outcome, gaps = watched_backup()
+    assert gaps == [], f"{len(gaps)} listings showed neither the session nor its snapshot"
+    (left,) = sessions(Repository.open(faulty))
+    assert left.checkpoint is None and left.alive(time.time())
+    after = run_backup(Repository.open(faulty), put, BackupRequest(paths=[str(src)]))
+    assert not [e for e in after.log.events if e.code.startswith("incomplete")]

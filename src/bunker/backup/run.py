@@ -98,6 +98,7 @@ def run_backup(
     lease = Lease(repo, put.client_key, cert.client, cert.name, "backup")
     lease.write()
     unseen: set[str] = set()
+    committed_names: list[str] = []  # the lease goes once these are listed
     try:
         # a run of this machine that was killed: its last checkpoint becomes an incomplete snapshot
         _, unseen = adopt_dead_checkpoints(repo, put, cert, state_dir, log, lease.session, lease.storage_time())
@@ -164,6 +165,7 @@ def run_backup(
                 state_dir=state_dir,
                 master_on_client=req.master_on_client,
             )
+            committed_names.append(committed.name)
             if not spooled:
                 _spool_event(repo, req, log)  # the repository stopped answering while the snapshot was written
             fcache.flush()
@@ -171,7 +173,7 @@ def run_backup(
             writer.close()
             fcache.close()
     finally:
-        lease.release()
+        lease.release(committed_names)
         clear_running(state_dir, unseen)
     return BackupOutcome(committed, log, result)
 

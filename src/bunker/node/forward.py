@@ -137,7 +137,7 @@ def forward(
                     report.snapshots.append(name)
         spool.clear_leftovers()
     finally:
-        lease.release()
+        lease.release(report.snapshots)
     report.left = len(spool.pending())
     return report
 

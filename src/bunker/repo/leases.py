@@ -6,12 +6,19 @@ every LEASE_SECONDS/3 (deleting the previous refresh): the storage's time for th
 it is alive. A session whose newest lease object is older than its ``expires_after`` (capped, so a
 hostile lease cannot block GC forever) is dead; nobody needs to remove it, and nothing waits for it.
 All ages are judged by the storage's own object times, never by a client clock.
+
+Storage whose listings show new objects only after a while (eventual consistency) must never see
+a session vanish while what it did is not visible yet, or a prune could take it for gone and
+delete packs it relies on: a refresh deletes the previous one only once the new one is listed,
+and a session removes its lease only once what it committed (its snapshot) is listed; otherwise
+the lease stays and expires.
 """
 
 from __future__ import annotations
 
 import contextlib
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +30,7 @@ from bunker.repo.records import LEASE_SECONDS, make_lease, new_session_id, parse
 from bunker.repo.repository import Repository
 
 MAX_LEASE_SECONDS = 6 * 3600  # a lease claiming longer is treated as this long
+LISTING_WAIT = 30.0  # how long a session waits at its end for its snapshot to show in listings
 
 
 class Lease:
@@ -36,6 +44,7 @@ class Lease:
         self.name = ""
         self.written = 0.0
         self.checkpoint: dict[str, Any] | None = None
+        self._stale: list[str] = []  # refreshes kept until a newer one is listed
 
     def write(self, checkpoint: dict[str, Any] | None = None) -> None:
         """Write the next lease object (the first one marks the session's start and stays);
@@ -52,8 +61,12 @@ class Lease:
             self.start_name = name
         self.counter += 1
         if old and old != self.start_name:
-            with contextlib.suppress(BunkerError, OSError):
-                self.repo.backend.delete(old)
+            self._stale.append(old)
+        if self._stale and listed(self.repo, [name]):
+            for n in self._stale:
+                with contextlib.suppress(BunkerError, OSError):
+                    self.repo.backend.delete(n)
+            self._stale = []
 
     def refresh_if_due(self) -> None:
         if time.monotonic() - self.written >= LEASE_SECONDS / 3:
@@ -64,10 +77,36 @@ class Lease:
         info = self.repo.backend.stat(self.name)
         return info.mtime if info is not None else time.time()
 
-    def release(self) -> None:
-        for n in {self.name, self.start_name} - {""}:
-            with contextlib.suppress(BunkerError, OSError):
-                self.repo.backend.delete(n)
+    def release(self, committed: Iterable[str] = ()) -> None:
+        """End the session: remove its lease objects once every name in ``committed`` (what
+        others must see, e.g. its snapshot) shows in the storage's listing, waiting up to
+        LISTING_WAIT for it; else leave the lease to expire."""
+        try:
+            wait = 0.05
+            deadline = time.monotonic() + LISTING_WAIT
+            while not listed(self.repo, committed) and time.monotonic() + wait < deadline:
+                time.sleep(wait)  # storage whose listings lag: usually a moment
+                wait = min(wait * 2, 2.0)
+            if not listed(self.repo, committed):
+                # the lease stays until it expires, without a checkpoint: the run completed, so
+                # nobody may turn its last checkpoint into an incomplete snapshot
+                self.checkpoint = None
+                self.write()
+                return
+        except BunkerError:
+            return  # the storage went away: the lease expires
+        for n in [*self._stale, self.name, self.start_name]:
+            if n:
+                with contextlib.suppress(BunkerError, OSError):
+                    self.repo.backend.delete(n)
+
+
+def listed(repo: Repository, names: Iterable[str]) -> bool:
+    """True if every one of ``names`` shows in a listing of its prefix."""
+    by_prefix: dict[str, set[str]] = {}
+    for n in names:
+        by_prefix.setdefault(n.split("/", 1)[0] + "/", set()).add(n)
+    return all(want <= {i.name for i in repo.backend.list(prefix)} for prefix, want in by_prefix.items())
 
 
 @dataclass(frozen=True)
