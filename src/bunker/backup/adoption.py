@@ -29,7 +29,7 @@ from bunker.crypto.keyfile import PutKey
 from bunker.errors import BunkerError, CorruptObject, ObjectMissing, StorageError
 from bunker.repo import refs
 from bunker.repo.certs import Certificate
-from bunker.repo.leases import Lease, Session, listed, sessions
+from bunker.repo.leases import Lease, Session, sessions, wait_until_listed
 from bunker.repo.repository import Repository
 from bunker.repo.selection import adoption_problem
 from bunker.repo.snapshot import Adoption
@@ -137,7 +137,7 @@ def adopt_abandoned_checkpoints(
             # the snapshot first, then the lease: a prune marking meanwhile sees one or the other
             # (on storage whose listings lag, the lease stays until the snapshot is listed: the
             # next prune finds it adopted and removes it)
-            if listed(repo, [committed.name]):
+            if wait_until_listed(repo, [committed.name]):
                 _remove(repo, s)
             report.adopted.append({**row, "snapshot": committed.name, "seq": committed.seq})
             lease.refresh_if_due()

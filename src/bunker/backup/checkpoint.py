@@ -29,7 +29,7 @@ from bunker.crypto.keyfile import PutKey, write_private_file
 from bunker.errors import BunkerError, ObjectMissing
 from bunker.repo import refs
 from bunker.repo.certs import Certificate
-from bunker.repo.leases import Lease, sessions
+from bunker.repo.leases import Lease, sessions, wait_until_listed
 from bunker.repo.objects import name_for
 from bunker.repo.repository import Repository
 from bunker.repo.session_writer import SessionWriter
@@ -204,11 +204,14 @@ def adopt_dead_checkpoints(
                 f"{exc}; its data is deduplicated by this run and `bunker prune` removes the rest",
             )
             committed = None
+        if committed is not None:
+            out.append(committed)
+            # the lease goes once the snapshot is listed: a prune sees one or the other
+            if not wait_until_listed(repo, [committed.name]):
+                continue
         for n in reversed(s.names):  # newest first: it carries the checkpoint
             with contextlib.suppress(BunkerError, OSError):
                 repo.backend.delete(n)
-        if committed is not None:
-            out.append(committed)
     # a killed session whose lease is not listed here is either gone already or in a storage
     # this run cannot see (the repository while offline, or the spool while online): keep it
     # for a later run only while offline

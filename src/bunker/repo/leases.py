@@ -82,12 +82,7 @@ class Lease:
         others must see, e.g. its snapshot) shows in the storage's listing, waiting up to
         LISTING_WAIT for it; else leave the lease to expire."""
         try:
-            wait = 0.05
-            deadline = time.monotonic() + LISTING_WAIT
-            while not listed(self.repo, committed) and time.monotonic() + wait < deadline:
-                time.sleep(wait)  # storage whose listings lag: usually a moment
-                wait = min(wait * 2, 2.0)
-            if not listed(self.repo, committed):
+            if not wait_until_listed(self.repo, committed):
                 # the lease stays until it expires, without a checkpoint: the run completed, so
                 # nobody may turn its last checkpoint into an incomplete snapshot
                 self.checkpoint = None
@@ -99,6 +94,20 @@ class Lease:
             if n:
                 with contextlib.suppress(BunkerError, OSError):
                     self.repo.backend.delete(n)
+
+
+def wait_until_listed(repo: Repository, names: Iterable[str]) -> bool:
+    """Wait up to LISTING_WAIT until every one of ``names`` shows in the storage's listings (on
+    storage whose listings lag, usually a moment; at once elsewhere). True if they do."""
+    names = list(names)
+    wait = 0.05
+    deadline = time.monotonic() + LISTING_WAIT
+    while not listed(repo, names):
+        if time.monotonic() + wait >= deadline:
+            return False
+        time.sleep(wait)
+        wait = min(wait * 2, 2.0)
+    return True
 
 
 def listed(repo: Repository, names: Iterable[str]) -> bool:
