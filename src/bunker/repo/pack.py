@@ -144,20 +144,7 @@ class PackWriter:
         for part in self._parts[2:]:
             self._hasher.update(part)  # large parts are hashed with the GIL released
         body_hash = self._hasher.digest()
-        salt = os.urandom(16)
-        trailer = {  # keys in sorted order: encoded as is (canonical without a recursive pass)
-            "domain": self._secrets.domain_id,
-            "groups": self._encode_groups(),
-            "kind": self.kind,
-            "v": 1,
-            "writer": self._cert,
-        }
-        trailer_ct = aead.encrypt(trailer_key(self._secrets, salt), encoding.pack_ordered(trailer), body_hash)
-        sig = self._signer.sign(MAGIC_PACK, signed_message(body_hash, salt, trailer_ct))
-        footer = encoding.pack(
-            {"body_hash": body_hash, "salt": salt, "trailer": trailer_ct, "signer": self._cert, "sig": sig}
-        )
-        tail = footer + TAIL.pack(len(footer), TAIL_MAGIC)
+        tail = seal_tail(body_hash, self.kind, self._encode_groups(), self._secrets, self._signer, self._cert)
         self._hasher.update(tail)
         name = self._hasher.hexdigest()
         self._parts.append(tail)
@@ -186,6 +173,27 @@ class PackWriter:
         if i != len(entries):
             raise RuntimeError("pack entries are not in key-group order")
         return groups
+
+
+def seal_tail(
+    body_hash: bytes, kind: str, groups: list[list[object]], secrets: PutSecrets, signer: SigningKey, cert_name: str
+) -> bytes:
+    """What follows a pack's body: the footer with the encrypted trailer (``groups`` as in
+    FORMAT.md 10.3) and the writer's signature, then the tail (footer length, magic)."""
+    salt = os.urandom(16)
+    trailer = {  # keys in sorted order: encoded as is (canonical without a recursive pass)
+        "domain": secrets.domain_id,
+        "groups": groups,
+        "kind": kind,
+        "v": 1,
+        "writer": cert_name,
+    }
+    trailer_ct = aead.encrypt(trailer_key(secrets, salt), encoding.pack_ordered(trailer), body_hash)
+    sig = signer.sign(MAGIC_PACK, signed_message(body_hash, salt, trailer_ct))
+    footer = encoding.pack(
+        {"body_hash": body_hash, "salt": salt, "trailer": trailer_ct, "signer": cert_name, "sig": sig}
+    )
+    return footer + TAIL.pack(len(footer), TAIL_MAGIC)
 
 
 class NeedMoreBytes(encoding.FormatError):

@@ -15,29 +15,24 @@ restore relies on: it looks for a snapshot's chunks only in the packs its pack s
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import blake3
 
 from bunker import encoding
-from bunker.crypto import aead
 from bunker.crypto.derive import PutSecrets
 from bunker.crypto.sign import BadSignature, SigningKey, verify
 from bunker.errors import CorruptObject, ObjectMissing
 from bunker.repo.blob_reader import read_trailer
 from bunker.repo.index import Location, decrypt_index, make_index, parse_index_frame
-from bunker.repo.objects import MAGIC_INDEX, MAGIC_PACK
+from bunker.repo.objects import MAGIC_INDEX
 from bunker.repo.pack import (
     HEADER,
-    TAIL,
-    TAIL_MAGIC,
     BlobEntry,
     decrypt_trailer,
     parse_footer,
-    signed_message,
-    trailer_key,
+    seal_tail,
     verify_footer,
 )
 from bunker.repo.repository import Repository
@@ -134,21 +129,8 @@ class PackCopier:
     def finish(self) -> tuple[str, bytes]:
         """Seal the trailer, sign, and return (hex name, pack bytes)."""
         body = b"".join(self._parts)
-        body_hash = blake3.blake3(body).digest()
-        salt = os.urandom(16)
-        trailer = {
-            "domain": self._secrets.domain_id,
-            "groups": self._groups,
-            "kind": self.kind,
-            "v": 1,
-            "writer": self._cert,
-        }
-        trailer_ct = aead.encrypt(trailer_key(self._secrets, salt), encoding.pack(trailer), body_hash)
-        sig = self._signer.sign(MAGIC_PACK, signed_message(body_hash, salt, trailer_ct))
-        footer = encoding.pack(
-            {"body_hash": body_hash, "salt": salt, "trailer": trailer_ct, "signer": self._cert, "sig": sig}
-        )
-        data = body + footer + TAIL.pack(len(footer), TAIL_MAGIC)
+        tail = seal_tail(blake3.blake3(body).digest(), self.kind, self._groups, self._secrets, self._signer, self._cert)
+        data = body + tail
         return blake3.blake3(data).hexdigest(), data
 
 
