@@ -204,6 +204,10 @@ class Pruner:
             self._condemn(set(sizes), referenced, excluded)
             if liveness is not None and self.repack_threshold > 0:
                 self._repack(liveness, referenced, excluded | set(self.report.condemned), sizes, lease)
+            if not self.dry_run:
+                # an index object stored before this run's lease (and, on storage whose listings
+                # lag, the grace period before it) names only packs that its listing of packs shows
+                self._rewrite_indexes(set(), set(sizes), now - self.grace)
             self._clear_dead(dead)
         finally:
             lease.release()
@@ -345,12 +349,16 @@ class Pruner:
         if entries:
             self.repo.put_object("index", make_index(entries, self.put.secrets, self.put.client_key, self.cert.name))
 
-    def _rewrite_indexes(self, doomed: set[str]) -> None:
+    def _rewrite_indexes(self, doomed: set[str], listed: set[str] | None = None, settled: float = 0.0) -> None:
         """Write anew, without the doomed packs' entries, the index objects that have any. Entries
-        of other condemned packs are left out too (see ``run``)."""
+        of other condemned packs are left out too (see ``run``). With ``listed`` (the packs a
+        listing showed before ``settled``), also the index objects stored before ``settled`` that
+        name packs the listing did not show: their packs were stored before them, so they are
+        gone (a rewrite that missed them, or a killed prune), and the entries only mislead."""
         domain = self.put.secrets.domain_id
         drop = doomed | self._condemned
         for info in list(self.repo.backend.list("index/")):
+            gone: set[str] = set()
             try:
                 obj = parse_index_frame(self.repo.get_object(info.name))
                 if obj.body.get("domain") != domain:
@@ -359,9 +367,11 @@ class Pruner:
                 entries = decrypt_index(obj, self.put.secrets)
             except (encoding.FormatError, BadSignature, CorruptObject, ObjectMissing):
                 continue  # check reports it; it names no pack we can vouch for
-            if not any(loc.pack in doomed for _, loc in entries):
+            if listed is not None and info.mtime < settled:
+                gone = {loc.pack for _, loc in entries if loc.pack not in listed}
+            if not any(loc.pack in doomed or loc.pack in gone for _, loc in entries):
                 continue
-            kept = [(cid, loc) for cid, loc in entries if loc.pack not in drop]
+            kept = [(cid, loc) for cid, loc in entries if loc.pack not in drop and loc.pack not in gone]
             if kept:
                 self.repo.put_object("index", make_index(kept, self.put.secrets, self.put.client_key, self.cert.name))
             self.repo.backend.delete(info.name)
