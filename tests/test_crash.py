@@ -1,8 +1,10 @@
 """Crash test (issue 5): backups, prunes and forwards killed with SIGKILL at random moments, for
-as many iterations as a fixed time budget allows (BUNKER_CRASH_SECONDS, default 120). Then: the
-repository checks clean with --read-data, every complete snapshot restores byte-identical to the
-tree it was taken of, and nothing left behind (leases, temp files, condemnation records) blocks
-the next runs."""
+as many iterations as a fixed time budget allows (BUNKER_CRASH_SECONDS, default 120; the random
+choices follow BUNKER_CRASH_SEED, default 1). Then: the repository checks clean with --read-data,
+every complete snapshot restores byte-identical to the tree it was taken of, every incomplete one
+(a killed run's checkpoint, made a snapshot by a later run or adopted by a prune) holds only files
+identical to what that killed run read, and nothing left behind (leases, temp files, condemnation
+records) blocks the next runs."""
 
 from __future__ import annotations
 
@@ -12,16 +14,30 @@ import random
 import signal
 import subprocess
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from bunker.repo.moves import parse_move_record
 from bunker.repo.objects import MAGIC_MOVED
-from bunker.repo.snapshot import parse_snapshot
 from helpers import BUNKER, Repo, expect_rc, init_repo, js, make_env, make_tree, restored_path, snapshot_tree
 
 BUDGET = float(os.environ.get("BUNKER_CRASH_SECONDS", "120"))
+Tree = dict[bytes, tuple[object, ...]]
+
+
+@dataclass
+class BackupRun:
+    start: float  # time.time() before the process started
+    end: float  # ... and after it exited or was killed
+    state: Tree = field(repr=False)  # the source tree it read (unchanged while a backup runs)
+    killed: bool
+    how: str  # "backup" (may be killed), "offline" (spooled, never killed), "final"
+
+    def covers(self, t: float) -> bool:
+        return self.start <= t <= self.end
 
 
 class Lab:
@@ -35,9 +51,13 @@ class Lab:
         self.repo.ok("key", "new-client", "pruner", "--prune", "--out", self.prune_key)
         # the pruner is another machine: its own state (the chain of checkpoints it adopts) is not here
         self.prune_env = make_env(tmp_path / "pruner-home")
-        self.states: dict[int, dict[bytes, tuple[object, ...]]] = {}  # chain seq -> tree it was taken of
-        self.partial: set[int] = set()  # seqs of incomplete snapshots made from killed runs' checkpoints
-        self.killed_state: dict[bytes, tuple[object, ...]] | None = None  # the tree a killed backup read
+        # Every backup run, in order (they never overlap): when it ran, the tree it read, whether it
+        # was killed. A snapshot's signed time is when its run committed it, or wrote the checkpoint
+        # it was made from, so it names that run exactly, whoever turned the checkpoint into a
+        # snapshot and when: the next run, a later one (an offline run in between cannot see the
+        # lease; a run killed before it adopted anything leaves it too), or a prune. Guessing the
+        # run from sequence numbers mapped such snapshots to the wrong tree.
+        self.backups: list[BackupRun] = []
         self.kills = {"backup": 0, "prune": 0, "forward": 0}
         self.runs = {"backup": 0, "prune": 0, "forward": 0}
 
@@ -57,6 +77,7 @@ class Lab:
             r.choice(files).unlink()
 
     def start(self, *args: str | os.PathLike[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        assert BUNKER, "the bunker console script is not installed (pip install -e .)"
         return subprocess.Popen(
             [BUNKER, *(os.fspath(a) for a in args)],
             env=env or self.repo.env,
@@ -66,7 +87,8 @@ class Lab:
             start_new_session=True,  # the kill takes its worker processes too
         )
 
-    def run_or_kill(self, kind: str, proc: subprocess.Popen[bytes], within: float, earliest: float = 0.0) -> None:
+    def run_or_kill(self, kind: str, proc: subprocess.Popen[bytes], within: float, earliest: float = 0.0) -> bool:
+        """Let the process run for a random time, then kill it (with its workers); True if killed."""
         self.runs[kind] += 1
         try:
             proc.wait(self.rng.uniform(earliest, within))
@@ -74,6 +96,8 @@ class Lab:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             self.kills[kind] += 1
+            return True
+        return False
 
     def age_leases(self) -> None:
         """Time passes: every lease (all sessions are dead between steps) looks an hour old."""
@@ -85,42 +109,16 @@ class Lab:
     def backup(self) -> None:
         self.mutate()
         state = snapshot_tree(self.src, dir_mtimes=False)
-        before = self.head_seq()
         args = ("backup", "--repo", self.repo.path, "--no-progress", "--checkpoint-interval", "0.1s", self.src)
-        self.run_or_kill("backup", self.start(*args), 1.2, earliest=0.3)
-        self.record(before, state)
+        t0 = time.time()
+        killed = self.run_or_kill("backup", self.start(*args), 1.2, earliest=0.3)
+        self.backups.append(BackupRun(t0, time.time(), state, killed, "backup"))
 
-    def head_complete(self) -> bool:
-        """Whether the chain's head snapshot is complete (read from the repository or, for an
-        offline run, from the spool; no key needed: the envelope is public)."""
-        root = Path(self.repo.env["XDG_DATA_HOME"]) / "bunker"
-        (chain,) = list((root / "state").rglob("chain.json"))
-        leaf = json.loads(chain.read_text())["name"].split("/", 1)[1]
-        for d in (self.repo.path, *(root / "spool").glob("*")):
-            p = Path(d) / "snapshots" / leaf
-            if p.exists():
-                return parse_snapshot(p.read_bytes()).env.complete
-        raise AssertionError(f"head snapshot {leaf} not found")
-
-    def record(self, before: int, state: dict[bytes, tuple[object, ...]]) -> None:
-        """Map the chain's new snapshots to trees: the run's own, and an incomplete one made from
-        the previous killed run's checkpoint (it covers part of the tree that run read). A run
-        killed after it made that incomplete snapshot but before its own leaves only the former."""
-        after = self.head_seq()
-        if after == before:
-            self.killed_state = state  # killed before it committed: its checkpoint may come next
-            return
-        if after == before + 1 and not self.head_complete():
-            if self.killed_state is not None:
-                self.states[after] = self.killed_state
-                self.partial.add(after)
-            self.killed_state = state  # this run was killed too
-            return
-        if after == before + 2 and self.killed_state is not None:
-            self.states[before + 1] = self.killed_state
-            self.partial.add(before + 1)
-        self.states[after] = state
-        self.killed_state = None
+    def run_of(self, snap: dict[str, Any]) -> BackupRun:
+        """The backup run a snapshot (or the checkpoint it was made from) was written by."""
+        runs = [r for r in self.backups if r.covers(snap["time"])]
+        assert len(runs) == 1, (snap, runs)
+        return runs[0]
 
     def prune(self) -> None:
         proc = self.start(
@@ -134,10 +132,10 @@ class Lab:
         away = self.tmp / "away"
         self.repo.path.rename(away)
         try:
-            before = self.head_seq()
+            t0 = time.time()
             doc = self.repo.backup(self.src, args=("--no-progress",))
+            self.backups.append(BackupRun(t0, time.time(), state, False, "offline"))
             assert doc["spooled"], doc
-            self.record(before, state)
         finally:
             away.rename(self.repo.path)
         self.run_or_kill("forward", self.start("forward", "--repo", self.repo.path), 2.0)
@@ -155,8 +153,10 @@ def test_kill_backups_prunes_and_forwards_at_random(tmp_path: Path) -> None:
             lab.backup()
         elif x < 0.8:
             lab.prune()
-        else:
+        elif lab.head_seq() > 0:  # offline needs a run that reached the repository (it seeds the spool)
             lab.offline_then_forward()
+        else:
+            lab.backup()
         if lab.rng.random() < 0.15:
             lab.age_leases()
         steps += 1
@@ -166,8 +166,9 @@ def test_kill_backups_prunes_and_forwards_at_random(tmp_path: Path) -> None:
     assert fwd["left"] == 0 and fwd["held"] == [], fwd
     lab.backup()  # may itself be killed: one more unkilled run below
     state = snapshot_tree(lab.src, dir_mtimes=False)
-    last = repo.backup(lab.src)
-    lab.states[last["seq"]] = state
+    t0 = time.time()
+    repo.backup(lab.src)
+    lab.backups.append(BackupRun(t0, time.time(), state, False, "final"))
     lab.age_leases()
     for _ in range(2):
         doc = js(repo.ok("prune", "--put-key", lab.prune_key, "--grace", "0s", "--json", env=lab.prune_env))
@@ -193,31 +194,33 @@ def test_kill_backups_prunes_and_forwards_at_random(tmp_path: Path) -> None:
     restored = 0
     partial = 0
     adopted = 0
+    committed: set[int] = set()  # the runs that committed a complete snapshot
     for s in snaps:
-        if s.get("adopted"):  # a killed run's checkpoint that prune adopted: in the pruner's chain
-            target = tmp_path / "restore" / f"adopted-{s['seq']}"
-            doc = js(expect_rc(repo.run("restore", s["id"], "--target", target, "--json"), 0))
-            assert doc["stats"]["failed"] == 0 and not s["complete"] and s["client"] == repo.client, s
-            adopted += 1
-            continue
-        if s["seq"] not in lab.states:
-            continue
-        target = tmp_path / "restore" / str(s["seq"])
+        run = lab.run_of(s)
+        target = tmp_path / "restore" / s["id"]
         doc = js(expect_rc(repo.run("restore", s["id"], "--target", target, "--json"), 0))
-        assert doc["stats"]["failed"] == 0
+        assert doc["stats"]["failed"] == 0, (s, doc)
         got = snapshot_tree(restored_path(target, lab.src), dir_mtimes=False) if target.exists() else {}
-        want = lab.states[s["seq"]]
         if s["complete"]:
-            assert got == want, s
+            assert not s.get("adopted") and id(run) not in committed, (s, run)
+            committed.add(id(run))
+            assert got == run.state, s
             restored += 1
-        else:  # made from a checkpoint: every file it holds is the file the killed run read
-            assert s["seq"] in lab.partial, s
-            assert all(want.get(k) == v for k, v in got.items() if k and v[0] == "f"), s
+            continue
+        # made from a killed run's checkpoint (by the client's next run, or adopted by a prune
+        # into the pruner's chain): every file it holds is the file that killed run read
+        assert run.killed, (s, run)
+        differ = {k: (run.state.get(k), v) for k, v in got.items() if k and v[0] == "f" and run.state.get(k) != v}
+        assert not differ, (s, f"path: (read by the killed run, restored): {differ}")
+        if s.get("adopted"):
+            assert s["client"] == repo.client, s
+            adopted += 1
+        else:
             partial += 1
     print(
         f"crash test: {steps} steps in {BUDGET:.0f} s; runs {lab.runs}; killed {lab.kills}; "
         f"{len(snaps)} snapshots ({sum(not s['complete'] for s in snaps)} incomplete), {restored} complete ones "
         f"restored byte-identical, {partial} incomplete ones (from killed runs' checkpoints) restored what they cover, "
-        f"{adopted} adopted by prune restored"
+        f"{adopted} adopted by prune restored what they cover"
     )
     assert sum(lab.kills.values()) >= 10 and restored >= 3
