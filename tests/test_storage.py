@@ -233,3 +233,21 @@ def test_full_disk_write_fails_cleanly(tmp_path: Path) -> None:
         assert b.get("packs/" + "1" * 64) == b"small"
     finally:
         subprocess.run(["umount", str(mnt)], check=False)
+
+
+def test_local_create_if_absent_without_hard_links(tmp_path: Path) -> None:
+    """On a filesystem without hard links (FAT, exFAT, some network shares: link() fails with
+    EPERM), a create-if-absent write still works, by a check and a rename."""
+    import errno
+
+    from bunker.storage.local import FileOps
+
+    class NoLinks(FileOps):
+        def link(self, src: str, dst: str) -> None:
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+
+    b = LocalBackend(str(tmp_path / "r"), create=True, ops=NoLinks())
+    assert b.put("index/" + "a" * 64, b"one", if_absent=True) is True
+    assert b.put("index/" + "a" * 64, b"two", if_absent=True) is False
+    assert b.get("index/" + "a" * 64) == b"one"
+    assert not [p for p in (tmp_path / "r" / "index").iterdir() if p.name.startswith(".tmp-")]

@@ -150,10 +150,12 @@ class Repository:
 
     # ----------------------------------------------------------------- objects
     def put_object(self, prefix: str, data: bytes) -> str:
-        """Store a hash-named object (a no-op when it already exists); return its name."""
+        """Store a hash-named object (a no-op when it already exists); return its name. A
+        create-if-absent write: where the storage has conditional writes (S3, GCS, Azure, a local
+        disk, `bunker serve`, sftp with hard links) an existing object is never replaced, and it
+        costs one request instead of a check and a write."""
         name = name_for(prefix, data)
-        if not self.backend.exists(name):
-            self.backend.put(name, data)
+        self.backend.put(name, data, if_absent=True)
         return name
 
     def get_object(self, name: str) -> bytes:

@@ -29,6 +29,7 @@ from bunker.storage.full import FULL_ERRNOS, RepositoryFull, local_disk_full
 __all__ = ["FULL_ERRNOS", "FileOps", "LocalBackend", "RepositoryFull", "storage_error"]
 
 TEMP_PREFIX = ".tmp-"
+NO_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS)
 STALE_TEMP_SECONDS = 3600.0
 
 
@@ -78,6 +79,7 @@ class LocalBackend(Backend):
         self.url = self.root
         self.ops = ops or FileOps()
         self._created_dirs: set[str] = set()
+        self._links = True  # whether the filesystem has hard links (for create-if-absent)
         if create:
             try:
                 self._ensure_dir(self.root)
@@ -151,15 +153,25 @@ class LocalBackend(Backend):
                 ops.fsync(fd)
             finally:
                 ops.close(fd)
-            if if_absent:
+            if if_absent and self._links:
                 # link() fails if the target exists: an atomic create-if-absent.
                 try:
                     ops.link(tmp, final)
                 except FileExistsError:
-                    return False
-                finally:
                     ops.unlink(tmp)
-            else:
+                    return False
+                except OSError as exc:
+                    if exc.errno not in NO_LINKS:
+                        raise
+                    self._links = False  # FAT, exFAT and some network shares have no hard links
+                else:
+                    ops.unlink(tmp)
+            if if_absent and not self._links:
+                if os.path.lexists(final):  # not atomic: the best such a filesystem allows
+                    ops.unlink(tmp)
+                    return False
+                ops.replace(tmp, final)
+            elif not if_absent:
                 ops.replace(tmp, final)
             ops.fsync_dir(d)
             return True
