@@ -150,12 +150,14 @@ class Repository:
 
     # ----------------------------------------------------------------- objects
     def put_object(self, prefix: str, data: bytes) -> str:
-        """Store a hash-named object (a no-op when it already exists); return its name. A
-        create-if-absent write: where the storage has conditional writes (S3, GCS, Azure, a local
-        disk, `bunker serve`, sftp with hard links) an existing object is never replaced, and it
-        costs one request instead of a check and a write."""
+        """Store a hash-named object (a no-op when it already exists); return its name. The
+        check comes first (most such objects of a backup exist already, and a check is cheaper
+        than a write); the write is create-if-absent: where the storage has conditional writes
+        (S3, GCS, Azure, a local disk, `bunker serve`, sftp with hard links) an object stored
+        meanwhile is never replaced."""
         name = name_for(prefix, data)
-        self.backend.put(name, data, if_absent=True)
+        if not self.backend.exists(name):
+            self.backend.put(name, data, if_absent=True)
         return name
 
     def get_object(self, name: str) -> bytes:
