@@ -549,3 +549,34 @@ def test_listing_pages_and_objects_larger_than_a_frame(tmp_path: Path, monkeypat
         b.close()
     finally:
         server.close()
+
+
+def test_closing_an_ssh_stream_under_a_writer_never_frees_its_descriptor_early() -> None:
+    """A request that times out closes its connection while another thread may be writing a
+    large frame to ssh's stdin. The descriptor must stay open until that writer has left (a
+    freed number is soon reused by the next connection, which would then receive the rest of the
+    old frame): close() kills ssh instead, the write fails at once, and the writer closes."""
+    from bunker.storage.remote_link import _ProcStream
+
+    proc = subprocess.Popen(["sleep", "30"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    stream = _ProcStream(proc)
+    assert proc.stdin is not None
+    failed: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            stream.write(b"x" * (4 << 20))  # far more than a pipe holds: blocks
+        except OSError as exc:
+            failed.append(exc)
+
+    writer = threading.Thread(target=write)
+    writer.start()
+    time.sleep(0.3)
+    assert writer.is_alive()
+    stream.close()  # before: the pipes closed under the writer, which stayed blocked until ssh ended
+    writer.join(5)
+    assert not writer.is_alive() and failed and isinstance(failed[0], BrokenPipeError)
+    assert proc.stdin.closed
+    with pytest.raises(BrokenPipeError):
+        stream.write(b"more")
+    assert proc.wait(5) is not None

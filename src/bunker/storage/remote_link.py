@@ -5,6 +5,7 @@ side, a dropped connection) in words and next steps."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
 import re
@@ -229,36 +230,70 @@ class _Tail:
 
 
 class _ProcStream:
-    """The ssh child's stdout (read) and stdin (write)."""
+    """The ssh child's stdout (read) and stdin (write).
+
+    A write goes through ``os.write`` on stdin's descriptor number, so the pipes are closed only
+    once no write is under way: a descriptor closed under a writer is soon reused by the next
+    connection, and the rest of the old frame would land in that connection's stream."""
 
     def __init__(self, proc: subprocess.Popen[bytes]) -> None:
         assert proc.stdin is not None and proc.stdout is not None
         self.proc = proc
         self._r = proc.stdout
         self._wfd = proc.stdin.fileno()
+        self._lock = threading.Lock()
+        self._writers = 0
         self._closed = False
+        self._pipes_closed = False
 
     def readinto(self, buf: memoryview) -> int:
         return self._r.readinto(buf) or 0  # type: ignore[attr-defined]  # an unbuffered FileIO
 
     def write(self, data: bytes | memoryview) -> None:
-        view = memoryview(data).cast("B")
-        while view:
-            n = os.write(self._wfd, view)
-            view = view[n:]
+        with self._lock:
+            if self._closed:
+                raise BrokenPipeError(errno.EPIPE, "the connection was closed")
+            self._writers += 1
+        try:
+            view = memoryview(data).cast("B")
+            while view:
+                if self._closed:
+                    raise BrokenPipeError(errno.EPIPE, "the connection was closed")
+                n = os.write(self._wfd, view)
+                view = view[n:]
+        finally:
+            with self._lock:
+                self._writers -= 1
+                last = self._closed and self._writers == 0
+            if last:
+                self._close_pipes()
 
     def close(self) -> None:
         """Close the pipes without waiting: ssh is reaped in the background (a frozen server
-        must not hold up the retry on a new connection)."""
-        if self._closed:
-            return
-        self._closed = True
+        must not hold up the retry on a new connection). With a write under way, ssh is killed
+        instead (the write then fails at once) and the writer closes the pipes."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            busy = self._writers > 0
+        if busy:
+            with contextlib.suppress(OSError):
+                self.proc.kill()
+        else:
+            self._close_pipes()
+        threading.Thread(target=self.reap, name="bunker-ssh-reap", daemon=True).start()
+
+    def _close_pipes(self) -> None:
+        with self._lock:
+            if self._pipes_closed:
+                return
+            self._pipes_closed = True
         # closing stdin ends `bunker serve` (end of input) and then ssh; kill what lingers
         for f in (self.proc.stdin, self.proc.stdout):
             with contextlib.suppress(OSError):
                 if f is not None:
                     f.close()
-        threading.Thread(target=self.reap, name="bunker-ssh-reap", daemon=True).start()
 
     def reap(self, patience: float = 2.0) -> int | None:
         """Wait for ssh to end (kill it after ``patience`` seconds); its exit code."""
