@@ -100,6 +100,24 @@ def _assert_no_partial_objects(root: Path) -> None:
             assert b3(p.read_bytes()) == p.name, f"{prefix}/{p.name} is not what its name says"
 
 
+def _after_the_full_disk(
+    repo: Repo, src: Path, first: dict[str, Any], first_state: Any, filler: Path, where: Path, tmp_path: Path
+) -> None:
+    """Reading needs no space: the earlier snapshot checks clean and restores on the full disk;
+    once ``filler`` is gone the same backup command completes and restores."""
+    assert js(repo.ok("check", "--read-data", "--json"))["ok"] is True
+    js(repo.ok("restore", first["snapshot"], "--target", tmp_path / "t1", "--json"))
+    assert snapshot_tree(restored_path(tmp_path / "t1", src), dir_mtimes=False) == first_state
+
+    filler.unlink()  # space is freed: the same command completes
+    again = repo.backup(src, args=("--no-progress",))
+    assert again["spooled"] is False and again["level"] in ("ok", "note")
+    js(repo.ok("restore", again["snapshot"], "--target", tmp_path / "t2", "--json"))
+    assert snapshot_tree(restored_path(tmp_path / "t2", src), dir_mtimes=False) == snapshot_tree(src, dir_mtimes=False)
+    assert js(repo.ok("check", "--read-data", "--json"))["ok"] is True
+    _assert_no_partial_objects(where)
+
+
 def _spooled(repo: Repo) -> list[Path]:
     spool = Path(repo.env["XDG_DATA_HOME"]) / "bunker" / "spool"
     return [p for p in spool.rglob("*") if p.is_file() and p.parent.name in ("packs", "index", "refs", "snapshots")]
@@ -127,18 +145,7 @@ def test_full_filesystem_mid_backup(small_fs: Path, tmp_path: Path) -> None:
         snaps = [p.name for p in (where / "snapshots").iterdir()]
         assert snaps == [first["snapshot"]]
 
-    # reading needs no space: the earlier snapshot checks clean and restores, on the full disk
-    assert js(repo.ok("check", "--read-data", "--json"))["ok"] is True
-    js(repo.ok("restore", first["snapshot"], "--target", tmp_path / "t1", "--json"))
-    assert snapshot_tree(restored_path(tmp_path / "t1", src), dir_mtimes=False) == first_state
-
-    filler.unlink()  # space is freed: the same command completes
-    again = repo.backup(src, args=("--no-progress",))
-    assert again["spooled"] is False and again["level"] in ("ok", "note")
-    js(repo.ok("restore", again["snapshot"], "--target", tmp_path / "t2", "--json"))
-    assert snapshot_tree(restored_path(tmp_path / "t2", src), dir_mtimes=False) == snapshot_tree(src, dir_mtimes=False)
-    assert js(repo.ok("check", "--read-data", "--json"))["ok"] is True
-    _assert_no_partial_objects(where)
+    _after_the_full_disk(repo, src, first, first_state, filler, where, tmp_path)
 
 
 @pytest.mark.parametrize("quota", [0, 150_000, 1_500_000])
@@ -201,17 +208,7 @@ def _full_disk_run(
         _assert_no_partial_objects(where)
         assert [p.name for p in (where / "snapshots").iterdir()] == [first["snapshot"]]
 
-    assert js(repo.ok("check", "--read-data", "--json"))["ok"] is True
-    js(repo.ok("restore", first["snapshot"], "--target", tmp_path / "t1", "--json"))
-    assert snapshot_tree(restored_path(tmp_path / "t1", src), dir_mtimes=False) == first_state
-
-    filler.unlink()  # space is freed: the same command completes
-    again = repo.backup(src, args=("--no-progress",))
-    assert again["spooled"] is False and again["level"] in ("ok", "note")
-    js(repo.ok("restore", again["snapshot"], "--target", tmp_path / "t2", "--json"))
-    assert snapshot_tree(restored_path(tmp_path / "t2", src), dir_mtimes=False) == snapshot_tree(src, dir_mtimes=False)
-    assert js(repo.ok("check", "--read-data", "--json"))["ok"] is True
-    _assert_no_partial_objects(where)
+    _after_the_full_disk(repo, src, first, first_state, filler, where, tmp_path)
 
 
 @pytest.mark.parametrize("via", ["unix", "ssh"])
