@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -28,32 +26,10 @@ from bunker.repo.objects import name_for
 from bunker.repo.repository import Repository
 from bunker.repo.snapshot import Adoption, Envelope, make_snapshot, parse_snapshot
 from bunker.storage.local import LocalBackend
-from helpers import BUNKER, Repo, js, make_env, restored_path
-from test_checkpoint import _checkpointed, _tree
+from helpers import Repo, js, make_env, restored_path
+from test_checkpoint import _kill_after_checkpoint, _tree
 
 SESSION = "0123456789abcdef01234567"
-
-
-def _kill_after_checkpoint(repo: Repo, src: Path, env: dict[str, str]) -> None:
-    """A backup with checkpoints every 0.2 s, SIGKILLed once a checkpoint covers a file."""
-    proc = subprocess.Popen(
-        [BUNKER, "backup", "--repo", str(repo.path), "--no-progress", "--checkpoint-interval", "0.2s", str(src)],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if _checkpointed(repo) >= 1:
-                break
-            time.sleep(0.005)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert repo.objects("snapshots") == [], "the backup finished before it could be killed"
-    assert _checkpointed(repo) >= 1
 
 
 def _age_sessions(repo: Repo, seconds: float) -> None:
@@ -85,7 +61,7 @@ def _listed(repo: Repo, *args: str) -> dict[str, dict[str, Any]]:
 def test_prune_adopts_the_checkpoint_of_a_client_that_never_returns(repo: Repo, tmp_path: Path) -> None:
     src = tmp_path / "src"
     _tree(src)
-    _kill_after_checkpoint(repo, src, repo.env)
+    _kill_after_checkpoint(repo, src)
     (lease,) = [p.name for p in repo.objects("sessions") if p.name.endswith(".0")]
     session = lease.rsplit(".", 1)[0]
     pruner = _pruner_env(repo, tmp_path)
@@ -192,7 +168,7 @@ def test_checkpoint_of_another_dedup_domain_is_left_alone(repo: Repo, tmp_path: 
     _tree(src)
     far_key = tmp_path / "far.put"
     repo.ok("key", "new-client", "far", "--domain", "elsewhere", "--out", far_key)
-    _kill_after_checkpoint(repo, src, make_env(tmp_path / "far-home", BUNKER_PUT_KEY=str(far_key)))
+    _kill_after_checkpoint(repo, src, env=make_env(tmp_path / "far-home", BUNKER_PUT_KEY=str(far_key)))
     leases = {p.name for p in repo.objects("sessions")}
     _age_sessions(repo, 3600)
     doc = _prune(repo, _pruner_env(repo, tmp_path), "--grace", "0s")

@@ -39,12 +39,13 @@ def _checkpointed(repo: Repo) -> int:
     return best
 
 
-def _kill_after_checkpoint(repo: Repo, src: Path, min_files: int = 1) -> None:
-    """Run a backup with checkpoints every 0.2 s and SIGKILL it once a checkpoint covers
-    ``min_files`` files (a checkpoint rides on a lease refresh)."""
+def _kill_after_checkpoint(repo: Repo, src: Path, min_files: int = 1, env: dict[str, str] | None = None) -> None:
+    """Run a backup (as ``env``, default the repository's client) with checkpoints every 0.2 s
+    and SIGKILL it once a checkpoint covers ``min_files`` files (a checkpoint rides on a lease
+    refresh)."""
     proc = subprocess.Popen(
         [BUNKER, "backup", "--repo", str(repo.path), "--no-progress", "--checkpoint-interval", "0.2s", str(src)],
-        env=repo.env,
+        env=env or repo.env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
@@ -59,6 +60,7 @@ def _kill_after_checkpoint(repo: Repo, src: Path, min_files: int = 1) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert repo.objects("snapshots") == [], "the backup finished before it could be killed"
+    assert _checkpointed(repo) >= min_files
 
 
 def test_killed_backup_becomes_an_incomplete_snapshot(repo: Repo, tmp_path: Path) -> None:

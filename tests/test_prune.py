@@ -61,6 +61,19 @@ def _age_sessions(repo: Repo, seconds: float) -> None:
         os.utime(p, (t, t))
 
 
+def _two_sources(repo: Repo, tmp_path: Path, size_a: int) -> tuple[Path, Path, str]:
+    """Directories a (one file of ``size_a`` bytes) and b (1 MiB) backed up one after the other,
+    sharing no data; returns them and a's snapshot id."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    (a / "only-in-a.bin").write_bytes(os.urandom(size_a))
+    (b / "only-in-b.bin").write_bytes(os.urandom(1 << 20))
+    snap_a = repo.backup(a)["snapshot"]
+    repo.backup(b)
+    return a, b, snap_a
+
+
 def test_prune_needs_the_prune_capability(repo: Repo, tmp_path: Path) -> None:
     src = tmp_path / "src"
     make_tree(src)
@@ -136,13 +149,7 @@ def test_grace_period_delays_deletion(repo: Repo, tmp_path: Path) -> None:
 def test_forgotten_data_goes_and_a_needed_pack_is_rescued(repo: Repo, tmp_path: Path) -> None:
     """Packs only a retired snapshot needs are condemned; if a snapshot names one again by the
     time of deletion (a backup that had deduplicated against it finished), it is kept."""
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir()
-    b.mkdir()
-    (a / "only-in-a.bin").write_bytes(os.urandom(3 << 20))
-    (b / "only-in-b.bin").write_bytes(os.urandom(1 << 20))
-    snap_a = repo.backup(a)["snapshot"]
-    repo.backup(b)
+    a, b, snap_a = _two_sources(repo, tmp_path, 3 << 20)
     key = _pruner(repo, tmp_path)
     put = load_put_key(str(key))
     r = Repository.open(LocalBackend(str(repo.path)))
@@ -173,13 +180,7 @@ def test_forgotten_data_goes_and_a_needed_pack_is_rescued(repo: Repo, tmp_path: 
 def test_index_entries_of_vanished_packs_are_dropped(repo: Repo, tmp_path: Path) -> None:
     """An index object naming packs that are gone (left by a killed prune, or missed by a rewrite)
     only misleads: check reports it, and the next prune writes it anew without those entries."""
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir()
-    b.mkdir()
-    (a / "only-in-a.bin").write_bytes(os.urandom(1 << 20))
-    (b / "only-in-b.bin").write_bytes(os.urandom(1 << 20))
-    snap_a = repo.backup(a)["snapshot"]
-    repo.backup(b)
+    a, b, snap_a = _two_sources(repo, tmp_path, 1 << 20)
     index_before = {p.name: p.read_bytes() for p in repo.objects("index")}
     key = _pruner(repo, tmp_path)
     put = load_put_key(str(key))

@@ -22,18 +22,16 @@ from typing import Any
 
 import blake3
 
-from bunker.backup.chain import ChainHead, save_head
-from bunker.backup.commit import Committed, next_link
+from bunker.backup.commit import Committed, next_link, write_snapshot
 from bunker.backup.runlog import RunLog
 from bunker.crypto.keyfile import PutKey, write_private_file
 from bunker.errors import BunkerError, ObjectMissing
 from bunker.repo import refs
 from bunker.repo.certs import Certificate
 from bunker.repo.leases import Lease, sessions, wait_until_listed
-from bunker.repo.objects import name_for
 from bunker.repo.repository import Repository
 from bunker.repo.session_writer import SessionWriter
-from bunker.repo.snapshot import LEVELS, Adoption, Envelope, make_snapshot, seal_body
+from bunker.repo.snapshot import LEVELS, Adoption, Envelope, seal_body
 
 DEFAULT_INTERVAL = 10.0
 MAX_LOG_EVENTS = 1000  # events carried in a checkpoint's body (the rest are counted)
@@ -272,8 +270,4 @@ def checkpoint_snapshot(
         sealed_key=bytes(cp["sealed_key"]),
         adopted=adopted,
     )
-    snap = make_snapshot(env, body_ct, put.client_key)
-    name = name_for("snapshots", snap)
-    repo.backend.put(name, snap)
-    save_head(state_dir, ChainHead(seq, name))
-    return Committed(name, seq, env.level, stats)
+    return write_snapshot(repo, put, env, body_ct, state_dir)

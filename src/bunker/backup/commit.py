@@ -121,8 +121,13 @@ def commit_snapshot(
         sealed_key=sealed,
         master_on_client=master_on_client,
     )
+    return write_snapshot(repo, put, env, body_ct, state_dir)
+
+
+def write_snapshot(repo: Repository, put: PutKey, env: Envelope, body_ct: bytes, state_dir: str) -> Committed:
+    """Sign and store a snapshot, and remember it as this client's chain head."""
     data = make_snapshot(env, body_ct, put.client_key)
     name = name_for("snapshots", data)
     repo.backend.put(name, data)
-    save_head(state_dir, ChainHead(seq, name))
-    return Committed(name, seq, env.level, stats)
+    save_head(state_dir, ChainHead(env.seq, name))
+    return Committed(name, env.seq, env.level, env.stats)
