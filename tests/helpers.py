@@ -162,13 +162,16 @@ def init_repo(
     name: str = "repo",
     url: str = "",
     env_extra: Mapping[str, str] | None = None,
+    host: str = "",
 ) -> Repo:
     """`bunker init` a fresh repository under ``base`` (or at ``url``, e.g. an s3:// URL) with its
-    own XDG directories; ``env_extra`` is added to the environment of every command."""
+    own XDG directories; ``env_extra`` is added to the environment of every command. ``host``:
+    the host the client's certificate binds (default: this machine's name, as `init` does)."""
     base.mkdir(parents=True, exist_ok=True)
     env = make_env(base, **(env_extra or {}))
     path = base / name
-    cp = expect_rc(run_bunker("init", "--repo", url or str(path), "--client", client, "--json", env=env), 0)
+    extra = ("--host", host) if host else ()
+    cp = expect_rc(run_bunker("init", "--repo", url or str(path), "--client", client, *extra, "--json", env=env), 0)
     doc = js(cp)
     return Repo(path, env, doc["id"], Path(doc["master_key"]), Path(doc["put_key"]), base, client, url=url)
 

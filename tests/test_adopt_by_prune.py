@@ -196,6 +196,8 @@ def _envelope(**kw: Any) -> Envelope:
         domain="d",
         body_hash=b"",
         sealed_key=b"k",
+        session=SESSION,
+        counter=3,
     )
     return dataclasses.replace(base, **kw)
 
@@ -257,13 +259,16 @@ def test_adoption_claimed_by_a_key_without_prune_is_not_honoured(repo: Repo, tmp
         prev="",
         complete=False,
         adopted=Adoption(victim_cert, repo.client, SESSION),
+        session=SESSION,
     )
     data = make_snapshot(env, template.body_ct, put.client_key)
     forged = name_for("snapshots", data).split("/", 1)[1]
     (repo.path / "snapshots" / forged).write_bytes(data)
     row = _listed(repo)[forged]
-    assert row["client"] == "mallory" and "no prune capability" in row["adopted"]["problem"]
+    # the claim makes the snapshot untrusted: never listed under the victim, never restored or retained
+    assert row["client"] == "mallory" and row["trusted"] is False
+    assert "no prune capability" in row["adopted"]["problem"]
     assert forged not in _listed(repo, "--client", repo.client)
     fdoc = js(repo.ok("forget", "--keep-last", "1", "--dry-run", "--json"))
     groups = {g["client"]: {s["id"] for s in g["snapshots"]} for g in fdoc["groups"]}
-    assert groups == {repo.client: {genuine}, "mallory": {forged}}
+    assert groups == {repo.client: {genuine}}

@@ -10,15 +10,17 @@ from __future__ import annotations
 import dataclasses
 import datetime
 import os
+import secrets
 import time
 from pathlib import Path
 from typing import Any
 
+import blake3
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bunker.crypto.keyfile import PutKey, load_put_key
+from bunker.crypto.keyfile import PutKey, load_master_key, load_put_key
 from bunker.crypto.sign import SigningKey
 from bunker.errors import ExitCode
 from bunker.repo import refs
@@ -36,8 +38,8 @@ from bunker.repo.retention import (
     signed_time_in_future,
     trusted_time,
 )
-from bunker.repo.snapshot import ParsedSnapshot, make_snapshot, parse_snapshot
-from helpers import Repo, js, restored_path
+from bunker.repo.snapshot import BodyBinding, ParsedSnapshot, make_snapshot, open_body, parse_snapshot, seal_body
+from helpers import PASSPHRASE, Repo, js, restored_path
 
 UTC = datetime.UTC
 DAY = 86400.0
@@ -266,10 +268,19 @@ class Crafted:
     template: ParsedSnapshot
     genuine: str  # testclient's real backup the template comes from
     names: list[str] = dataclasses.field(default_factory=list)  # hex names, seq 1, 2, ...
+    body: dict[str, Any] = dataclasses.field(default_factory=dict)  # the template's, opened once
 
     def add(self, repo: Repo, signed: float, stored: float) -> str:
-        """Sign the client's next snapshot with time ``signed``; the storage stored it at ``stored``."""
+        """Sign the client's next snapshot with time ``signed``; the storage stored it at ``stored``.
+        Its body is the template's, sealed anew for this client's own run (format 2 binds a body
+        to its run)."""
         cert = name_for("clients", self.put.certificate)
+        if not self.body:
+            master = load_master_key(str(repo.master_key), PASSPHRASE)
+            self.body = open_body(self.template, master.data_private)
+        session = secrets.token_hex(12)
+        binding = BodyBinding(repo.id, cert, self.put.secrets.domain_id, session, 0)
+        sealed, body_ct = seal_body(self.body, self.put.data_public, binding)
         env = dataclasses.replace(
             self.template.env,
             client="crafted",
@@ -277,8 +288,11 @@ class Crafted:
             seq=len(self.names) + 1,
             prev=f"snapshots/{self.names[-1]}" if self.names else "",
             time=signed,
+            session=session,
+            sealed_key=sealed,
+            body_hash=blake3.blake3(body_ct).digest(),
         )
-        data = make_snapshot(env, self.template.body_ct, self.put.client_key)
+        data = make_snapshot(env, body_ct, self.put.client_key)
         path = repo.path / name_for("snapshots", data)
         path.write_bytes(data)
         os.utime(path, (stored, stored))

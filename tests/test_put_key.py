@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from helpers import Repo, js, restored_path, tree_contains
+from helpers import Repo, init_repo, js, restored_path, tree_contains
 
 SECRET_DIR = "zz-secretdir-quokka"
 SECRET_NAME = "zebra-unicorn-secret-filename.txt"
@@ -24,12 +24,14 @@ def _remove_master(repo: Repo, tmp_path: Path) -> Path:
     return dest
 
 
-def test_put_key_cannot_decrypt_or_list_names(repo: Repo, tmp_path: Path) -> None:
+def test_put_key_cannot_decrypt_or_list_names(tmp_path: Path) -> None:
+    # the client's certificate binds the host (sealed), and its snapshots record it (sealed)
+    repo = init_repo(tmp_path / "r", host=SECRET_HOST)
     src = tmp_path / SECRET_DIR
     src.mkdir()
     (src / SECRET_NAME).write_bytes(SECRET_CONTENT * 500)
     (src / "other.txt").write_bytes(b"other file\n")
-    first = repo.backup(src, args=("--host", SECRET_HOST, "--tag", SECRET_TAG))
+    first = repo.backup(src, args=("--tag", SECRET_TAG))
     exported = _remove_master(repo, tmp_path)
 
     # backup still works with the put key alone, and no longer reports the master key

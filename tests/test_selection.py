@@ -149,8 +149,13 @@ def multi(repo: Repo, tmp_path: Path) -> dict:
         d.mkdir()
         (d / f"{name}.txt").write_bytes(f"content {name}\n".encode())
         s[f"src_{name}"] = d
-    s["one"] = repo.backup(s["src_one"], args=("--tag", "alpha", "--tag", "daily", "--host", "hostA"))
-    s["two"] = repo.backup(s["src_two"], args=("--tag", "beta", "--host", "hostB"))
+    # a client without a bound host may claim any host in its snapshots
+    free_key = tmp_path / "free.put"
+    repo.ok("key", "new-client", repo.client + "-free", "--out", free_key)
+    s["one"] = repo.backup(
+        s["src_one"], args=("--tag", "alpha", "--tag", "daily", "--host", "hostA", "--put-key", str(free_key))
+    )
+    s["two"] = repo.backup(s["src_two"], args=("--tag", "beta", "--host", "hostB", "--put-key", str(free_key)))
     web_key = tmp_path / "web1.put"
     doc = js(repo.ok("key", "new-client", "web1", "--out", web_key, "--json"))
     assert doc["client"] == "web1" and doc["capabilities"] == ["backup"]
@@ -161,7 +166,8 @@ def multi(repo: Repo, tmp_path: Path) -> dict:
 
 def test_snapshot_selection(repo: Repo, tmp_path: Path, multi: dict) -> None:
     rows = js(repo.ok("snapshots", "--json"))["snapshots"]
-    assert [(r["client"], r["seq"]) for r in rows] == [(repo.client, 1), (repo.client, 2), ("web1", 1)]
+    free = repo.client + "-free"
+    assert [(r["client"], r["seq"]) for r in rows] == [(free, 1), (free, 2), ("web1", 1)]
     assert all(r["trusted"] for r in rows)
 
     # latest overall is web1's; latest --client picks per client
@@ -169,7 +175,7 @@ def test_snapshot_selection(repo: Repo, tmp_path: Path, multi: dict) -> None:
     repo.ok("restore", "latest", "--target", t)
     assert restored_path(t, multi["src_web"] / "web.txt").exists()
     t = tmp_path / "t-client"
-    repo.ok("restore", "latest", "--client", repo.client, "--target", t)
+    repo.ok("restore", "latest", "--client", repo.client + "-free", "--target", t)
     assert restored_path(t, multi["src_two"] / "two.txt").read_bytes() == b"content two\n"
     assert not restored_path(t, multi["src_web"]).exists()
     t = tmp_path / "t-web"
@@ -231,7 +237,7 @@ def test_client_put_key_backs_up_on_its_own_chain(repo: Repo, tmp_path: Path, mu
     again = repo.backup(multi["src_web"], args=("--put-key", str(multi["web_key"])))
     assert again["seq"] == 2 and again["stats"]["files_unchanged"] == 1
     mine = repo.backup(multi["src_one"])
-    assert mine["seq"] == 3
+    assert mine["seq"] == 1  # the default client's first: the others were backed up with other put keys
     info = js(repo.ok("key", "info", "--put-key", multi["web_key"], "--json"))
     assert info["client"]["name"] == "web1" and info["client"]["capabilities"] == ["backup"]
     cp = repo.run("check", "--put-key", multi["web_key"], "--json")

@@ -23,13 +23,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bunker import encoding
-from bunker.backup.checkpoint import checkpoint_snapshot
+from bunker.backup.checkpoint import checkpoint_snapshot, stale_checkpoint, used_sessions
+from bunker.backup.commit import chain_head
 from bunker.backup.runlog import RunLog
 from bunker.crypto.keyfile import PutKey
 from bunker.errors import BunkerError, CorruptObject, ObjectMissing, StorageError
 from bunker.repo import refs
 from bunker.repo.certs import Certificate
 from bunker.repo.leases import Lease, Session, sessions, wait_until_listed
+from bunker.repo.records import ChainBase
 from bunker.repo.repository import Repository
 from bunker.repo.selection import adoption_problem
 from bunker.repo.snapshot import Adoption
@@ -94,7 +96,7 @@ def adopt_abandoned_checkpoints(
     pruning (checked by the caller, as for the prune that follows)."""
     report = AdoptionReport(dry_run=dry_run)
     log = RunLog()
-    lease = Lease(repo, put.client_key, cert.client, cert.name, "prune")
+    lease = Lease(repo, put.client_key, cert.client, cert.name, "prune", chain_head(repo, cert, state_dir)[0])
     lease.write()
     try:
         now = lease.storage_time()
@@ -102,6 +104,7 @@ def adopt_abandoned_checkpoints(
         # the pruner's own client backing up now would take the same next sequence number
         own_running = [s for s in seen if s.cert == cert.name and s.alive(now) and s.kind != "prune"]
         done: dict[tuple[str, str], tuple[str, int]] | None = None  # runs adopted before (read once)
+        used: set[str] | None = None  # sessions a trusted snapshot holds (read once)
         for s in sorted(seen, key=lambda s: (s.started, s.session)):
             if s.checkpoint is None or s.alive(now):
                 continue
@@ -118,15 +121,21 @@ def adopt_abandoned_checkpoints(
                 report.adopted.append({**row, "snapshot": "", "seq": 0})
                 continue
             if done is None:
-                done = _already_adopted(repo)
+                done, used = _already_adopted(repo), used_sessions(repo)
             if (s.cert, s.session) in done:  # a prune killed after writing the snapshot: the lease is left
                 _remove(repo, s)
                 name, seq = done[(s.cert, s.session)]
                 report.adopted.append({**row, "snapshot": name, "seq": seq})
                 continue
+            assert used is not None
+            if s.session in used:  # its client's own run made it a snapshot, or a lease put back
+                row.update(why=UNUSABLE, reason="a snapshot already holds this run; its lease is removed")
+                report.kept.append(row)
+                _remove(repo, s)
+                continue
             adoption = Adoption(s.cert, row["client"], s.session)
             try:
-                committed = checkpoint_snapshot(repo, put, cert, s.checkpoint, state_dir, log, adoption)
+                committed = checkpoint_snapshot(repo, put, cert, s.session, s.checkpoint, state_dir, log, adoption)
             except StorageError:
                 raise
             except (BunkerError, encoding.FormatError, KeyError, TypeError, ValueError) as exc:
@@ -189,6 +198,10 @@ def _not_adoptable(
             "its packs with it. To adopt it, run `bunker prune` with a prune-capable put key of that domain "
             "(`bunker key new-client NAME --prune --domain DOMAIN` on the machine with the master key)"
         )
+    head = repo.client_head(s.cert)
+    stale = stale_checkpoint(s.base, ChainBase(head.snap.env.seq, head.name) if head else ChainBase(0, ""))
+    if stale:
+        return UNUSABLE, f"{stale}; its lease {'would be' if dry_run else 'is'} removed"
     if own_running:
         return DEFERRED, (
             f"a {own_running[0].kind} of this pruner's own client {own_running[0].client!r} is running, and adopting "

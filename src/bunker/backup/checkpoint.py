@@ -29,9 +29,10 @@ from bunker.errors import BunkerError, ObjectMissing
 from bunker.repo import refs
 from bunker.repo.certs import Certificate
 from bunker.repo.leases import Lease, sessions, wait_until_listed
+from bunker.repo.records import ChainBase
 from bunker.repo.repository import Repository
 from bunker.repo.session_writer import SessionWriter
-from bunker.repo.snapshot import LEVELS, Adoption, Envelope, seal_body
+from bunker.repo.snapshot import LEVELS, MAX_COUNTER, Adoption, BodyBinding, Envelope, seal_body
 
 DEFAULT_INTERVAL = 10.0
 MAX_LOG_EVENTS = 1000  # events carried in a checkpoint's body (the rest are counted)
@@ -103,9 +104,15 @@ class Checkpointer:
             "stopped_at": self.where(),
             "log_dropped": max(0, len(self.log.events) - len(events)),
         }
-        sealed, body_ct = seal_body(body, self.put.data_public, self.repo.repo_id)
+        # sealed to the lease object about to carry it (later refreshes carry it on unchanged)
+        counter = self.lease.counter
+        binding = BodyBinding(
+            self.repo.repo_id, self.lease.cert_name, self.put.secrets.domain_id, self.lease.session, counter
+        )
+        sealed, body_ct = seal_body(body, self.put.data_public, binding)
         self.lease.write(
             {
+                "counter": counter,
                 "packset": refs.top_name(packset),
                 "chunkset": refs.top_name(chunkset),
                 "level": self.log.level,
@@ -171,15 +178,45 @@ def killed_sessions(state_dir: str) -> set[str]:
 # ---------------------------------------------------------------------- adopting a dead session
 
 
+def used_sessions(repo: Repository) -> set[str]:
+    """Sessions a trusted snapshot already holds (its run's final snapshot, or a checkpoint made
+    a snapshot): read from signed envelopes, so no local state is needed to refuse them again."""
+    return {r.snap.env.session for r in repo.snapshots() if r.trusted and r.snap.env.session}
+
+
+def stale_checkpoint(base: ChainBase | None, head: ChainBase) -> str:
+    """Why a dead session's checkpoint may not become a snapshot after ``head`` ("" if it may):
+    it must come from a format-2 lease that started from ``head`` or a newer head; a run that
+    started before a newer snapshot was written holds older data (or is a replay)."""
+    if base is None:
+        return "it was written before the repository's migration to format 2"
+    if base.seq < head.seq:
+        return (
+            f"its run started from snapshot #{base.seq}, and the chain has moved on to #{head.seq} since: it holds "
+            "older data (or is an old lease put back)"
+        )
+    return ""
+
+
 def adopt_dead_checkpoints(
-    repo: Repository, put: PutKey, cert: Certificate, state_dir: str, log: RunLog, own_session: str, now: float
+    repo: Repository,
+    put: PutKey,
+    cert: Certificate,
+    state_dir: str,
+    log: RunLog,
+    own_session: str,
+    now: float,
+    start_head: ChainBase,
 ) -> tuple[list[Committed], set[str]]:
     """Turn this client's dead sessions' last checkpoints into incomplete snapshots (in the
-    order the sessions started), extend the chain, and remove their leases. Returns what was
-    committed and the killed sessions this run could not find (to be adopted later)."""
+    order the sessions started), extend the chain, and remove their leases. A checkpoint of a
+    session a trusted snapshot already holds, or of a run that started from an older head than
+    ``start_head`` (the head this run started from), is refused and its lease removed. Returns
+    what was committed and the killed sessions this run could not find (to be adopted later)."""
     killed = killed_sessions(state_dir)
     out = []
     found: set[str] = set()
+    used: set[str] | None = None
     for s in sorted(sessions(repo), key=lambda s: s.started):
         if s.session == own_session or s.cert != cert.name:
             continue
@@ -187,13 +224,23 @@ def adopt_dead_checkpoints(
         if s.alive(now) and s.session not in killed:
             continue
         if s.checkpoint is None:  # died before its first checkpoint: its lease protects nothing now
-            for n in s.names:
-                with contextlib.suppress(BunkerError, OSError):
-                    repo.backend.delete(n)
+            _remove_lease(repo, s.names)
+            continue
+        if used is None:
+            used = used_sessions(repo)
+        why = "a snapshot already holds that run" if s.session in used else stale_checkpoint(s.base, start_head)
+        if why:
+            log.add(
+                "note",
+                "checkpoint-refused",
+                f"the checkpoint in {s.names[-1]} was not turned into a snapshot: {why}. Its lease is removed; its "
+                "data stays deduplicated until `bunker prune` finds it unused",
+            )
+            _remove_lease(repo, s.names)
             continue
         try:
             # sessions() hands out a checkpoint only from a lease whose signature it verified
-            committed = _commit_checkpoint(repo, put, cert, s.checkpoint, state_dir, log)
+            committed = _commit_checkpoint(repo, put, cert, s.session, s.checkpoint, state_dir, log)
         except (BunkerError, KeyError, TypeError, ValueError) as exc:
             log.add(
                 "warn",
@@ -204,12 +251,11 @@ def adopt_dead_checkpoints(
             committed = None
         if committed is not None:
             out.append(committed)
+            used.add(s.session)
             # the lease goes once the snapshot is listed: a prune sees one or the other
             if not wait_until_listed(repo, [committed.name]):
                 continue
-        for n in reversed(s.names):  # newest first: it carries the checkpoint
-            with contextlib.suppress(BunkerError, OSError):
-                repo.backend.delete(n)
+        _remove_lease(repo, s.names)
     # a killed session whose lease is not listed here is either gone already or in a storage
     # this run cannot see (the repository while offline, or the spool while online): keep it
     # for a later run only while offline
@@ -217,10 +263,18 @@ def adopt_dead_checkpoints(
     return out, missing
 
 
+def _remove_lease(repo: Repository, names: Iterable[str]) -> None:
+    """Delete a session's lease objects, newest first: it carries the checkpoint, so an
+    interrupted removal leaves at most checkpoint-less objects."""
+    for n in sorted(names, key=lambda n: int(n.rpartition(".")[2]), reverse=True):
+        with contextlib.suppress(BunkerError, OSError):
+            repo.backend.delete(n)
+
+
 def _commit_checkpoint(
-    repo: Repository, put: PutKey, cert: Certificate, cp: dict[str, Any], state_dir: str, log: RunLog
+    repo: Repository, put: PutKey, cert: Certificate, session: str, cp: dict[str, Any], state_dir: str, log: RunLog
 ) -> Committed | None:
-    committed = checkpoint_snapshot(repo, put, cert, cp, state_dir, log)
+    committed = checkpoint_snapshot(repo, put, cert, session, cp, state_dir, log)
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(cp["time"])))
     log.add(
         "note",
@@ -236,13 +290,15 @@ def checkpoint_snapshot(
     repo: Repository,
     put: PutKey,
     cert: Certificate,
+    session: str,
     cp: dict[str, Any],
     state_dir: str,
     log: RunLog,
     adopted: Adoption | None = None,
 ) -> Committed:
-    """Write the incomplete snapshot of checkpoint ``cp`` as the next link of ``cert``'s chain
-    (the chain head kept in ``state_dir``); ``adopted``: the run was another client's (prune)."""
+    """Write the incomplete snapshot of checkpoint ``cp`` of ``session`` as the next link of
+    ``cert``'s chain (the chain head kept in ``state_dir``); ``adopted``: the run was another
+    client's (prune)."""
     # the reference objects must still be there (a prune never removes what a lease names)
     for top in (cp["packset"], cp["chunkset"]):
         if repo.backend.stat(top) is None:
@@ -251,6 +307,9 @@ def checkpoint_snapshot(
     level = str(cp.get("level", "ok"))
     if level not in LEVELS:
         raise ValueError(f"unknown level {level!r}")
+    counter = cp["counter"]
+    if type(counter) is not int or not 1 <= counter <= MAX_COUNTER:
+        raise ValueError("the checkpoint names no valid counter")
     seq, prev = next_link(repo, cert, state_dir, log)
     stats = {k: int(v) for k, v in dict(cp.get("stats", {})).items()}
     env = Envelope(
@@ -269,5 +328,7 @@ def checkpoint_snapshot(
         body_hash=blake3.blake3(body_ct).digest(),
         sealed_key=bytes(cp["sealed_key"]),
         adopted=adopted,
+        session=session,
+        counter=counter,
     )
     return write_snapshot(repo, put, env, body_ct, state_dir)

@@ -16,9 +16,10 @@ from bunker.errors import BunkerError, ExitCode
 from bunker.repo import refs
 from bunker.repo.certs import Certificate
 from bunker.repo.objects import name_for
+from bunker.repo.records import ChainBase
 from bunker.repo.repository import Repository
 from bunker.repo.session_writer import SessionWriter
-from bunker.repo.snapshot import Envelope, make_snapshot, seal_body
+from bunker.repo.snapshot import FINAL, BodyBinding, Envelope, make_snapshot, seal_body
 
 
 @dataclass(frozen=True)
@@ -29,31 +30,35 @@ class Committed:
     stats: dict[str, int]
 
 
-def next_link(repo: Repository, cert: Certificate, state_dir: str, log: RunLog) -> tuple[int, str]:
-    """(sequence number, previous snapshot name) for this client's next snapshot.
-
-    Compares the repository's newest trusted snapshot of this client with the head the client
-    remembers: if the repository is behind, snapshots were deleted or the repository was rolled
-    back, which the run reports (and the chain keeps pointing at the remembered head)."""
+def chain_head(repo: Repository, cert: Certificate, state_dir: str) -> tuple[ChainBase, str]:
+    """The head of this client's chain (what its next snapshot extends), and a warning when the
+    repository is behind the head the client remembers (snapshots were deleted or the
+    repository was rolled back: the chain keeps pointing at the remembered head)."""
     mine = load_head(state_dir)
     if mine is not None and repo.backend.capabilities().partial:
         # the repository is unreachable and its spool holds only this client's offline
         # snapshots: the remembered head is the chain's head
-        return mine.seq + 1, mine.name
+        return ChainBase(mine.seq, mine.name), ""
     repo_head = repo.client_head(cert.name)
     rseq = repo_head.snap.env.seq if repo_head else 0
     if mine is not None and mine.seq > rseq:
-        log.add(
-            "warn",
-            "chain-rollback",
+        return ChainBase(mine.seq, mine.name), (
             f"the repository's newest snapshot of this client is #{rseq}, but this client wrote #{mine.seq} "
             f"({mine.name}): snapshots were deleted or the repository was rolled back. Run `bunker check` and "
-            "compare with a mirror; the new snapshot continues the remembered chain",
+            "compare with a mirror; the new snapshot continues the remembered chain"
         )
-        return mine.seq + 1, mine.name
     if repo_head is None:
-        return 1, ""
-    return rseq + 1, repo_head.name
+        return ChainBase(0, ""), ""
+    return ChainBase(rseq, repo_head.name), ""
+
+
+def next_link(repo: Repository, cert: Certificate, state_dir: str, log: RunLog) -> tuple[int, str]:
+    """(sequence number, previous snapshot name) for this client's next snapshot (chain_head;
+    a rollback is reported in the run's log)."""
+    head, warning = chain_head(repo, cert, state_dir)
+    if warning:
+        log.add("warn", "chain-rollback", warning)
+    return head.seq + 1, head.prev
 
 
 def commit_snapshot(
@@ -68,10 +73,12 @@ def commit_snapshot(
     log: RunLog,
     body_extra: dict[str, Any],
     state_dir: str,
+    session: str,
     complete: bool = True,
     master_on_client: bool = False,
 ) -> Committed:
-    """Write everything the snapshot needs, then the snapshot itself."""
+    """Write everything the snapshot needs, then the snapshot itself (the final one of
+    ``session``)."""
     writer.flush()
     locs = writer.index.locations
     missing = [c for c in chunk_ids if c not in locs]
@@ -103,7 +110,8 @@ def commit_snapshot(
         "log": [e.to_dict() for e in log.events],
         **body_extra,
     }
-    sealed, body_ct = seal_body(body, put.data_public, repo.repo_id)
+    binding = BodyBinding(repo.repo_id, cert.name, put.secrets.domain_id, session, FINAL)
+    sealed, body_ct = seal_body(body, put.data_public, binding)
     env = Envelope(
         repo_id=repo.repo_id,
         client=cert.client,
@@ -120,6 +128,8 @@ def commit_snapshot(
         body_hash=blake3.blake3(body_ct).digest(),
         sealed_key=sealed,
         master_on_client=master_on_client,
+        session=session,
+        counter=FINAL,
     )
     return write_snapshot(repo, put, env, body_ct, state_dir)
 

@@ -16,9 +16,8 @@ from typing import Any, BinaryIO
 
 from bunker import dirs
 from bunker.backup.archiver import Archiver, ArchiveResult, Progress, stream_entry
-from bunker.backup.chain import check_config_version
 from bunker.backup.checkpoint import Checkpointer, adopt_dead_checkpoints, clear_running, mark_running
-from bunker.backup.commit import Committed, commit_snapshot
+from bunker.backup.commit import Committed, chain_head, commit_snapshot
 from bunker.backup.excludes import Excludes
 from bunker.backup.files_cache import FilesCache
 from bunker.backup.runlog import RunLog
@@ -45,7 +44,7 @@ class BackupRequest:
     stdin_name: str | None = None
     stdin: BinaryIO | None = None
     tar: str | None = None  # --tar FILE or "-" (tar_import.py)
-    host: str = field(default_factory=socket.gethostname)
+    host: str | None = None  # None: the host the put key's certificate binds, else this machine's name
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (level, code, message) found before the run
     checkpoint_seconds: float = 10.0  # persist progress this often (0: never)
     spool_warn_age: float = 3 * 86400.0  # a spooled backup this old (seconds) raises the run to warn
@@ -80,6 +79,15 @@ def run_backup(
             "nothing to back up", "name one or more paths, or --stdin-name NAME", exit_code=ExitCode.USAGE
         )
     cert = repo.check_put_key(put)
+    if put.host and req.host is not None and req.host != put.host:
+        raise BunkerError(
+            f"this put key's certificate is bound to host {put.host!r}; a backup with it cannot claim host "
+            f"{req.host!r}",
+            "leave out --host (the bound host is recorded), or back up with a put key made for that host "
+            "(`bunker key new-client NAME --host HOST`)",
+            exit_code=ExitCode.USAGE,
+        )
+    host = req.host or put.host or socket.gethostname()
     log = RunLog()
     for level, code, message in req.events:
         log.add(level, code, message)
@@ -94,14 +102,16 @@ def run_backup(
     tag = client_tag(put)
     cache_dir = dirs.client_cache_dir(repo.repo_id, tag) if req.cache else None
     state_dir = dirs.state_dir(repo.repo_id, tag)
-    check_config_version(repo, state_dir, log)
-    lease = Lease(repo, put.client_key, cert.client, cert.name, "backup")
+    start_head, _ = chain_head(repo, cert, state_dir)  # a rollback is reported when the snapshot is linked
+    lease = Lease(repo, put.client_key, cert.client, cert.name, "backup", start_head)
     lease.write()
     unseen: set[str] = set()
     committed_names: list[str] = []  # the lease goes once these are listed
     try:
         # a run of this machine that was killed: its last checkpoint becomes an incomplete snapshot
-        _, unseen = adopt_dead_checkpoints(repo, put, cert, state_dir, log, lease.session, lease.storage_time())
+        _, unseen = adopt_dead_checkpoints(
+            repo, put, cert, state_dir, log, lease.session, lease.storage_time(), start_head
+        )
         mark_running(state_dir, lease.session, unseen)
         # after the lease: a pack condemned from now on waits for this session (DESIGN.md §6)
         # a session deduplicates only against packs it can see listed (a spool lists only its own)
@@ -114,7 +124,7 @@ def run_backup(
         started = time.time()
 
         def body_extra() -> dict[str, Any]:
-            return _body_extra(req, started)
+            return _body_extra(req, host, started)
 
         skip = [dirs.cache_dir(), os.path.join(dirs.data_dir(), "spool")]
         if "://" not in repo.backend.url:
@@ -163,6 +173,7 @@ def run_backup(
                 log=log,
                 body_extra=body_extra(),
                 state_dir=state_dir,
+                session=lease.session,
                 master_on_client=req.master_on_client,
             )
             committed_names.append(committed.name)
@@ -178,7 +189,7 @@ def run_backup(
     return BackupOutcome(committed, log, result)
 
 
-def _body_extra(req: BackupRequest, started: float) -> dict[str, Any]:
+def _body_extra(req: BackupRequest, host: str, started: float) -> dict[str, Any]:
     """The sealed body's fields besides root and log."""
     if req.tar:
         paths = ["tar:" + (req.tar if req.tar == "-" else os.path.abspath(req.tar))]
@@ -187,7 +198,7 @@ def _body_extra(req: BackupRequest, started: float) -> dict[str, Any]:
     else:
         paths = [os.path.abspath(p) for p in req.paths]
     return {
-        "host": req.host,
+        "host": host,
         "user": _user(),
         "paths": paths,
         "tags": sorted(set(req.tags)),

@@ -13,6 +13,7 @@ from bunker.backup.excludes import read_exclude_file
 from bunker.backup.run import BackupRequest, run_backup
 from bunker.backup.runlog import LEVELS
 from bunker.cli import context
+from bunker.cli.cmd_clients import check_client_name, check_host_name
 from bunker.cli.main import EXIT_FOR_LEVEL, cli, common, default_client_name, handles_errors, make_options
 from bunker.cli.output import human_bytes
 from bunker.cli.progress import ProgressDisplay
@@ -27,13 +28,17 @@ from bunker.storage.spooling import SpoolingBackend
 
 @cli.command()
 @common
-@click.option("--client", "client_name", help="Name of this machine's client (default: host name).")
+@click.option(
+    "--client", "client_name", help="Name of this machine's client (public; default: a random pseudonym)."
+)
+@click.option("--host", help="Host this machine's client is bound to (sealed; default: this machine's name).")
 @handles_errors
 def init(**kwargs: Any) -> None:
     """Create a repository, its master key and this machine's put key."""
-    client_name = kwargs.pop("client_name") or default_client_name()
+    client_name = check_client_name(kwargs.pop("client_name") or default_client_name())
+    host = kwargs.pop("host")
     opts, out = make_options(kwargs)
-    created = context.init_repository(opts.repo_url, client_name)
+    created = context.init_repository(opts.repo_url, client_name, check_host_name(host) if host else "")
     out.document(
         {
             "repository": opts.repo_url,

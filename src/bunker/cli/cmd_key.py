@@ -1,4 +1,4 @@
-"""key info | export | passwd | new-client | recover."""
+"""key info | export | passwd | recover (new-client, revoke, merge-configs: cmd_clients.py)."""
 
 from __future__ import annotations
 
@@ -16,7 +16,6 @@ from bunker.crypto.keyfile import (
     load_master_key,
     load_put_key,
     master_key_text,
-    put_key_text,
     read_master_repo_id,
     write_private_file,
 )
@@ -156,78 +155,6 @@ def passwd(**kwargs: Any) -> None:
     write_private_file(path, master_key_text(master, new))
     out.document({"master_key": path, "changed": True})
     out.line(f"passphrase of {path} changed")
-
-
-@key.command("new-client")
-@common
-@click.argument("name")
-@click.option("--out", "dest", required=True, type=click.Path(dir_okay=False), help="Write the put key to FILE.")
-@click.option("--prune", "can_prune", is_flag=True, help="Allow this client to prune (forget snapshots).")
-@click.option(
-    "--domain",
-    default="default",
-    show_default=True,
-    help="Dedup domain; give clients that must not confirm each other's content different domains.",
-)
-@handles_errors
-def new_client(**kwargs: Any) -> None:
-    """Make a put key for another machine (needs the master key)."""
-    name, dest, can_prune, domain = (
-        kwargs.pop("name"),
-        kwargs.pop("dest"),
-        kwargs.pop("can_prune"),
-        kwargs.pop("domain"),
-    )
-    opts, out = make_options(kwargs)
-    repo = context.open_repository(opts)
-    master = context.load_master(opts, repo, "making a put key")
-    caps = ("backup", "prune") if can_prune else ("backup",)
-    put = repo.issue_client(master, name, caps, domain)
-    write_private_file(dest, put_key_text(put, name))
-    out.document({"client": name, "put_key": os.path.abspath(dest), "capabilities": list(caps), "domain": domain})
-    out.line(
-        f"put key for client {name!r} written to {dest}; copy it to that machine and back up with "
-        f"`bunker backup --repo URL --put-key FILE PATH...`"
-    )
-
-
-@key.command()
-@common
-@click.argument("client")
-@click.option(
-    "--last-seq",
-    type=click.IntRange(min=0),
-    help="Trust the client's snapshots up to this sequence number (default: its newest one now).",
-)
-@handles_errors
-def revoke(**kwargs: Any) -> None:
-    """Revoke a client (a stolen or retired machine): its later snapshots are flagged and nobody
-    deduplicates against its packs any more (needs the master key)."""
-    name, last_seq = kwargs.pop("client"), kwargs.pop("last_seq")
-    opts, out = make_options(kwargs)
-    repo = context.open_repository(opts)
-    certs = [c for c in repo.certificates() if c.client == name or c.name.split("/", 1)[1].startswith(name)]
-    if len(certs) != 1:
-        known = ", ".join(sorted({c.client for c in repo.certificates()})) or "none"
-        raise BunkerError(
-            f"{'no' if not certs else 'more than one'} client certificate matches {name!r}",
-            f"name the client exactly, or give the start of its certificate id (`bunker key info`); clients: {known}",
-            exit_code=ExitCode.USAGE,
-        )
-    cert = certs[0]
-    master = context.load_master(opts, repo, "revoking a client")
-    if last_seq is None:
-        head = repo.client_head(cert.name)
-        last_seq = head.snap.env.seq if head else 0
-    cfg = repo.revoke_client(master, cert, last_seq)
-    out.document(
-        {"client": cert.client, "certificate": cert.name, "last_trusted_seq": last_seq, "config_version": cfg.version}
-    )
-    out.line(
-        f"revoked client {cert.client!r} ({cert.name}) in config version {cfg.version}: its snapshots after "
-        f"#{last_seq} are not trusted, and no client deduplicates against its packs any more. "
-        "Run `bunker check --read-data` to have every blob it wrote compared with its id"
-    )
 
 
 @key.command()

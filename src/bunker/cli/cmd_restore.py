@@ -24,7 +24,7 @@ from bunker.repo.blob_reader import BlobReader
 from bunker.repo.index_cache import IndexCache
 from bunker.repo.moves import PackMoves
 from bunker.repo.repository import Repository, SnapshotRecord
-from bunker.repo.selection import Filters, adoption_problem, body_of, matches, owner, select
+from bunker.repo.selection import Filters, adoption_problem, body_of, matches, owner, resolve_host, select
 from bunker.repo.snapshot import open_body
 
 
@@ -62,7 +62,11 @@ def snapshots(**kwargs: Any) -> None:
     rows = []
     retired = repo.retired_snapshots()
     hidden = 0
-    for rec in repo.snapshots():
+    records = repo.snapshots()
+    if f.host and master is not None:
+        mine = [r for r in records if not f.client or owner(repo, r) == f.client]
+        f.host_certs = resolve_host(repo, mine, f.host, master)
+    for rec in records:
         if not matches(rec, f, master, repo):
             continue
         if rec.name in retired and not show_all:
@@ -91,10 +95,14 @@ def snapshots(**kwargs: Any) -> None:
             body = body_of(rec, master)
             if body:
                 row.update(host=body.get("host"), paths=body.get("paths"), tags=body.get("tags"))
+            elif rec.trusted:
+                # sealed for another envelope (moved from another client's chain) or damaged
+                row["trusted"] = False
+                row["problem"] = "its body does not open for this envelope; `bunker check --read-data` names why"
         rows.append(row)
     out.document({"repository": repo.backend.url, "id": repo.repo_id, "snapshots": rows})
     out.line(
-        f"{'id':12}  {'time':19}  {'client':14} {'seq':>4}  {'level':5}  {'files':>8}  {'size':>10}  state"
+        f"{'id':12}  {'time':19}  {'client':16} {'seq':>4}  {'level':5}  {'files':>8}  {'size':>10}  state"
         + ("  host / paths / tags" if master else "")
     )
     for r in rows:
@@ -111,7 +119,7 @@ def snapshots(**kwargs: Any) -> None:
             + ("" if r["trusted"] else f" UNTRUSTED: {r.get('problem')}")
         )
         line = (
-            f"{r['id'][:12]}  {_fmt_time(r['time'])}  {r['client'][:14]:14} {r['seq']:>4}  {r['level']:5}  "
+            f"{r['id'][:12]}  {_fmt_time(r['time'])}  {r['client'][:16]:16} {r['seq']:>4}  {r['level']:5}  "
             f"{r['stats'].get('files', 0):>8}  {human_bytes(r['stats'].get('bytes', 0)):>10}  {state}"
         )
         if master is not None:

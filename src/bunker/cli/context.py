@@ -131,8 +131,12 @@ class Created:
     put_path: str
 
 
-def init_repository(url: str, client_name: str) -> Created:
-    """Create a repository, its master key (passphrase-protected) and this machine's put key."""
+def init_repository(url: str, client_name: str, host: str = "") -> Created:
+    """Create a repository, its master key (passphrase-protected) and this machine's put key,
+    whose certificate binds ``host`` (default: this machine's name; sealed, see docs/security.md)."""
+    import socket
+
+    host = host or socket.gethostname()
     # ask first: a run that cannot get a passphrase must not leave anything behind
     pw = passphrase("New master key passphrase", confirm=True)
     if not pw:
@@ -153,7 +157,7 @@ def init_repository(url: str, client_name: str) -> Created:
     # the key file first: a repository without its key would be useless
     write_private_file(master_path, master_key_text(master, pw))
     repo = Repository.create(backend, master)
-    put = repo.issue_client(master, client_name, ("backup",))
+    put = repo.issue_client(master, client_name, ("backup",), host=host)
     put_path = dirs.put_key_path(repo.repo_id)
     write_private_file(put_path, put_key_text(put, client_name))
     return Created(repo, master_path, put_path)

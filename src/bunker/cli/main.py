@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import os
-import socket
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -83,10 +82,12 @@ def main() -> None:
     from bunker.cli import (  # noqa: F401 - registers commands
         cmd_backup,
         cmd_check,
+        cmd_clients,
         cmd_export,
         cmd_forget,
         cmd_forward,
         cmd_key,
+        cmd_migrate,
         cmd_prune,
         cmd_restore,
         cmd_serve,
@@ -117,7 +118,11 @@ def limit_malloc_arenas() -> None:
 
 
 def default_client_name() -> str:
-    return os.environ.get("BUNKER_CLIENT") or socket.gethostname() or "client"
+    """BUNKER_CLIENT, else a random pseudonym: client names are public (certificates, envelopes),
+    and the host name would tell anyone who holds the repository which machine it backs up."""
+    import secrets
+
+    return os.environ.get("BUNKER_CLIENT") or f"client-{secrets.token_hex(4)}"
 
 
 EXIT_FOR_LEVEL = {

@@ -79,6 +79,10 @@ class PutKey:
     secrets: PutSecrets
     client_key: SigningKey
     certificate: bytes  # the clients/ object bytes, signed by the master
+    config_version: int = 0  # the repository's config when the key was issued: a fresh machine's floor
+    config_name: str = ""
+    host: str = ""  # the host the certificate binds ("" when none)
+    host_salt: bytes = b""  # the salt of the certificate's host commitment
 
     def __post_init__(self) -> None:
         if fingerprint(self.master_verify) != self.repo_id:
@@ -198,10 +202,21 @@ def load_master_key(path: str, passphrase: str) -> MasterKey:
     return key
 
 
+PUT_KEY_SUM = b"bunker put key file v2\x00"
+
+
+def _put_key_sum(payload: dict[str, Any]) -> bytes:
+    """The checksum of a put key file's fields (all but ``sum``): a damaged secret is caught
+    when the key is loaded, before it writes data nobody could read back."""
+    import blake3
+
+    return blake3.blake3(PUT_KEY_SUM + encoding.pack({k: v for k, v in payload.items() if k != "sum"})).digest(16)
+
+
 def put_key_text(key: PutKey, client_name: str) -> str:
     """The put key file's text (no passphrase: a backup must run unattended)."""
-    payload = {
-        "v": 1,
+    payload: dict[str, Any] = {
+        "v": 2,
         "kind": "put",
         "repo": key.repo_id,
         "master_verify": key.master_verify,
@@ -211,7 +226,11 @@ def put_key_text(key: PutKey, client_name: str) -> str:
         "secret": key.secrets.secret,
         "client_key": key.client_key.private_bytes,
         "cert": key.certificate,
+        "config": {"version": key.config_version, "name": key.config_name},
+        "host": key.host,
+        "host_salt": key.host_salt,
     }
+    payload["sum"] = _put_key_sum(payload)
     comment = [
         f"Bunker put key of client {client_name!r} for repository {key.repo_id}",
         "It can take backups but cannot read them. Keep it private (mode 0600):",
@@ -223,7 +242,18 @@ def put_key_text(key: PutKey, client_name: str) -> str:
 def load_put_key(path: str) -> PutKey:
     """Read a put key file; raise KeyFileError if it is missing or damaged."""
     m = _dearmor(_read(path, "put key file"), PUT_LABEL, path)
+    if m.get("v") not in (1, 2):
+        raise KeyFileError(
+            f"put key file {path} has version {m.get('v')!r}, which this bunker does not know", "use a newer bunker"
+        )
+    if m["v"] >= 2 and m.get("sum") != _put_key_sum(m):
+        raise KeyFileError(
+            f"put key file {path} is damaged: its checksum does not match its content",
+            "restore it from your copy, or make a new one with `bunker key new-client NAME --out FILE` on the machine "
+            "with the master key; backups with a damaged key could not be restored",
+        )
     try:
+        floor = encoding.expect_map(m.get("config", {"version": 0, "name": ""}), "version", "name")
         return PutKey(
             repo_id=str(m["repo"]),
             master_verify=encoding.field_bytes(m, "master_verify", 32),
@@ -232,6 +262,10 @@ def load_put_key(path: str) -> PutKey:
             secrets=PutSecrets(encoding.field_bytes(m, "secret", 32)),
             client_key=SigningKey(encoding.field_bytes(m, "client_key", 32)),
             certificate=encoding.field_bytes(m, "cert"),
+            config_version=encoding.field(floor, "version", int),
+            config_name=encoding.field(floor, "name", str),
+            host=str(m.get("host", "")),
+            host_salt=bytes(m.get("host_salt", b"")),
         )
-    except (KeyError, ValueError, encoding.FormatError) as exc:
+    except (KeyError, ValueError, TypeError, encoding.FormatError) as exc:
         raise KeyFileError(f"put key file {path} is damaged ({exc})", "restore it from your copy") from None

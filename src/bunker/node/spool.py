@@ -103,7 +103,7 @@ def offline_repository(spool: Spool, expected_id: str | None, exc: BunkerError) 
 
 def spooling_repository(repo: Repository, spool: Spool) -> Repository:
     """``repo`` with writes falling back to ``spool`` if its backend stops answering."""
-    return Repository(SpoolingBackend(repo.backend, spool.backend()), repo.config, repo.config_name)
+    return repo.with_backend(SpoolingBackend(repo.backend, spool.backend()))
 
 
 def verify_by_name(backend: Backend, name: str, size: int, block: int = 8 << 20) -> bool:

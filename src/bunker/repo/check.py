@@ -30,13 +30,14 @@ from bunker.errors import BunkerError, CorruptObject, ObjectMissing, StorageErro
 from bunker.repo import refs
 from bunker.repo.certs import parse_certificate
 from bunker.repo.config import parse_config
+from bunker.repo.config_chain import missing_links
 from bunker.repo.index import decrypt_index, parse_index_frame
+from bunker.repo.leases import sessions
 from bunker.repo.moves import PackMoves
 from bunker.repo.objects import (
     MAGIC_GC,
     MAGIC_INDEX,
     MAGIC_MOVED,
-    MAGIC_SESSION,
     content_hash,
     is_hash_name,
     parse_signed,
@@ -52,7 +53,8 @@ from bunker.repo.pack import (
 from bunker.repo.pack_verifier import PackJob, PackVerifierPool
 from bunker.repo.repository import Repository
 from bunker.repo.retention import FUTURE_TOLERANCE, signed_time_in_future
-from bunker.repo.snapshot import parse_snapshot
+from bunker.repo.snapshot import ParsedSnapshot, open_body, parse_snapshot
+from bunker.repo.trust import chain_trust
 from bunker.storage.backend import PREFIXES, Backend
 
 # a blob's place in its pack as the trailer gives it, packed into one int (offset, length, raw
@@ -213,6 +215,19 @@ class Checker:
                 self.report.add(
                     n, f"config signed by another master key (id {cfg.repo_id[:16]}…): substituted or foreign"
                 )
+        repo = self.repo
+        if repo.chain.forked:
+            self.report.add(
+                repo.config_name,
+                "the config history is forked: besides this version there are branches ending at "
+                + ", ".join(repo.chain.fork)
+                + "; every branch's revocations apply and writes are refused until the master key's holder runs "
+                "`bunker key merge-configs`",
+            )
+        for cfg_name, missing in missing_links(repo.configs, repo.chain):
+            self.report.add(
+                cfg_name, f"it follows {missing}, which is missing (a config version was deleted)", "warn"
+            )
 
     def _check_certs(self, names: list[str]) -> None:
         assert self.repo
@@ -294,7 +309,7 @@ class Checker:
         except encoding.FormatError as exc:
             r.add(n, f"{exc} (forged or altered)")
             return
-        revoked = self.repo.config.revoked_clients()
+        revoked = self.repo.revoked
         if footer.signer in revoked:
             r.add(n, f"written by revoked client {cert.client!r}", "warn")
         if data is not None and blake3.blake3(memoryview(data)[: footer.body_length]).digest() != footer.body_hash:
@@ -417,6 +432,7 @@ class Checker:
                 r.add(n, f"retirement record not valid: {exc}; it is ignored (the snapshot it names stays listed)")
         chains: dict[str, dict[int, tuple[str, str]]] = defaultdict(dict)
         moves = PackMoves.load(repo)  # a repacked pack's blobs are in the packs it moved to
+        parsed: dict[str, ParsedSnapshot] = {}
         for n in names:
             data = self._get(n)
             if data is None:
@@ -430,7 +446,30 @@ class Checker:
             if not trusted:
                 r.add(n, f"snapshot not trusted: {problem}")
                 continue
+            parsed[n] = snap
+        # a revoked client's snapshots off the chain its revocation names, and format-1 snapshots
+        # off the chains `bunker migrate` recorded (repo/trust.py)
+        off_chain = chain_trust({n: s.env for n, s in parsed.items()}, repo.revoked, repo.chain.legacy)
+        runs: dict[tuple[str, int], str] = {}  # (session, checkpoint) -> the snapshot holding it
+        for n, snap in parsed.items():
+            if n in off_chain:
+                # format-1 leftovers (e.g. the branch of a fork the administrator did not pick) are
+                # known since the migration; anything else off a trusted chain is a forgery or a
+                # revoked key still at work
+                r.add(n, f"snapshot not trusted: {off_chain[n]}", "warn" if snap.env.version < 2 else "err")
+                continue
+            if self.master is not None:
+                try:
+                    open_body(snap, self.master.data_private)  # sealed to this envelope's writer and session?
+                except encoding.FormatError as exc:
+                    r.add(n, f"{exc}; `restore` refuses it")
             e = snap.env
+            if e.session:
+                first = runs.setdefault((e.session, e.counter), n)
+                if first != n:
+                    # keylessly the copy cannot be told from the original: name the one stored later
+                    older, newer = sorted((first, n), key=lambda x: (self._stored.get(x, 0.0), x))
+                    r.add(newer, f"it holds the same run (session {e.session}) as {older}: it was copied")
             stored = self._stored.get(n, 0.0)
             if signed_time_in_future(e.time, stored):
                 r.add(
@@ -461,15 +500,21 @@ class Checker:
                 if (self.secrets and self.secrets.domain_id == e.domain)
                 else (self._secrets_for_domain(e.domain) if self.master else None)
             )
-            if secrets is None:
-                try:
-                    top = refs.parse_refs(self._fetch_ref(e.chunkset))
+            try:
+                top = refs.parse_refs(self._fetch_ref(e.chunkset))
+                if top.get("kind") != "chunkset" or top.get("domain") != e.domain:
+                    # its chunks are another domain's: an envelope wrapped around data that is not its client's
+                    r.add(n, f"its chunk set {e.chunkset} is not a chunk set of its dedup domain {e.domain}")
+                    continue
+                if secrets is None:
                     for part in top.get("parts", []):  # type: ignore[attr-defined]
                         self._fetch_ref(part)
-                except StorageError:
-                    raise
-                except (BunkerError, encoding.FormatError) as exc:
-                    r.add(n, f"chunk set {e.chunkset} incomplete: {exc}")
+            except StorageError:
+                raise
+            except (BunkerError, encoding.FormatError) as exc:
+                r.add(n, f"chunk set {e.chunkset} incomplete: {exc}")
+                continue
+            if secrets is None:
                 continue
             try:
                 cset = refs.read_set(e.chunkset, self._fetch_ref, secrets)
@@ -520,15 +565,18 @@ class Checker:
 
     def _check_records(self, names: dict[str, list[str]]) -> None:
         assert self.repo
-        for prefix, magic in (("gc", MAGIC_GC), ("sessions", MAGIC_SESSION)):
-            for n in names[prefix]:
-                data = self._get(n)
-                if data is None:
-                    continue
-                # gc/ also holds the move records of repacks (repo/moves.py)
-                m = MAGIC_MOVED if prefix == "gc" and data[:4] == MAGIC_MOVED else magic
-                try:
-                    obj = parse_signed(data, m)
-                    verify(self.repo.certificate(obj.signer).verify_key, m, obj.body_bytes, obj.sig)
-                except (encoding.FormatError, BadSignature, CorruptObject, ObjectMissing) as exc:
-                    self.report.add(n, f"record not authentic: {exc}")
+        problems: list[tuple[str, str]] = []
+        sessions(self.repo, problems)  # leases that name another object, or are not authentic
+        for lease, why in problems:
+            self.report.add(lease, f"{why}; it protects nothing, and `bunker prune` removes it once it is 6 h old")
+        for n in names["gc"]:
+            data = self._get(n)
+            if data is None:
+                continue
+            # gc/ also holds the move records of repacks (repo/moves.py)
+            m = MAGIC_MOVED if data[:4] == MAGIC_MOVED else MAGIC_GC
+            try:
+                obj = parse_signed(data, m)
+                verify(self.repo.certificate(obj.signer).verify_key, m, obj.body_bytes, obj.sig)
+            except (encoding.FormatError, BadSignature, CorruptObject, ObjectMissing) as exc:
+                self.report.add(n, f"record not authentic: {exc}")

@@ -35,7 +35,7 @@ from bunker.repo import refs
 from bunker.repo.blob_reader import read_trailer
 from bunker.repo.index import Location, decrypt_index, make_index, parse_index_frame
 from bunker.repo.index_cache import IndexCache
-from bunker.repo.leases import Lease, Session, sessions
+from bunker.repo.leases import MAX_LEASE_SECONDS, Lease, Session, sessions
 from bunker.repo.moves import MoveRecord, PackMoves, make_move_record
 from bunker.repo.objects import MAGIC_GC, MAGIC_INDEX, parse_signed
 from bunker.repo.records import make_condemnation, parse_condemnation
@@ -162,7 +162,8 @@ class Pruner:
         lease.write()
         try:
             now = lease.storage_time()
-            seen = sessions(self.repo)
+            invalid: list[tuple[str, str]] = []
+            seen = sessions(self.repo, invalid)
             live = [s for s in seen if s.alive(now) and s.session != lease.session]
             # a dead session with a checkpoint waits for its client's next run (or a prune that
             # adopts it), which makes it an incomplete snapshot: its lease stays, and what it
@@ -209,6 +210,7 @@ class Pruner:
                 # lag, the grace period before it) names only packs that its listing of packs shows
                 self._rewrite_indexes(set(), set(sizes), now - self.grace)
             self._clear_dead(dead)
+            self._clear_invalid([n for n, _ in invalid], now)
         finally:
             lease.release()
         return self.report
@@ -298,6 +300,17 @@ class Pruner:
             return
         for s in dead:
             for n in s.names:
+                self.repo.backend.delete(n)
+
+    def _clear_invalid(self, names: list[str], now: float) -> None:
+        """Remove lease objects that do not verify or name another object (damaged, forged or
+        replayed) once they are older than any lease may live: they protect nothing, and `check`
+        reports them until then."""
+        mtimes = {i.name: i.mtime for i in self.repo.backend.list("sessions/")}
+        old = [n for n in names if now - mtimes.get(n, now) > MAX_LEASE_SECONDS]
+        self.report.leases_removed += len(old)
+        if not self.dry_run:
+            for n in old:
                 self.repo.backend.delete(n)
 
     # ------------------------------------------------------------------ phase 2

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 
 from bunker import encoding
 from bunker.crypto.derive import PutSecrets
@@ -67,7 +67,7 @@ class IndexCache:
 
     def load(self) -> IndexCache:
         """Read every index object of the repository (cached ones from disk)."""
-        revoked = self.repo.config.revoked_clients() if self.for_dedup else {}
+        revoked = self.repo.revoked if self.for_dedup else {}
         names = [i.name for i in self.repo.backend.list("index/")]
         # a spool (the repository unreachable) lists only what this client wrote offline: the
         # cached index objects stay valid and in use, so dedup keeps working offline
@@ -106,7 +106,7 @@ class IndexCache:
             self.objects.add(name)
         return self
 
-    def _fetch(self, name: str, revoked: dict[str, int]) -> list[tuple[bytes, Location]] | None:
+    def _fetch(self, name: str, revoked: Container[str]) -> list[tuple[bytes, Location]] | None:
         try:
             obj = parse_index_frame(self.repo.get_object(name))
             if obj.body["domain"] != self.secrets.domain_id:
@@ -140,7 +140,7 @@ class IndexCache:
         """Add the blobs of every pack of this domain that no index object names, read from the
         packs' own trailers (indexes are only a cache of them). Returns how many packs were read."""
         indexed = self.locations.packs()
-        revoked = self.repo.config.revoked_clients() if self.for_dedup else {}
+        revoked = self.repo.revoked if self.for_dedup else {}
         n = 0
         for info in self.repo.backend.list("packs/"):
             pack = info.name.split("/", 1)[1]

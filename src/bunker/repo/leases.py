@@ -7,6 +7,10 @@ it is alive. A session whose newest lease object is older than its ``expires_aft
 hostile lease cannot block GC forever) is dead; nobody needs to remove it, and nothing waits for it.
 All ages are judged by the storage's own object times, never by a client clock.
 
+Only leases that verify count, each against a certificate that is not revoked, and each must
+name itself (a lease copied under another name is refused); a session's whole life is capped
+from the storage's time for its first object, so no lease pins packs forever.
+
 Storage whose listings show new objects only after a while (eventual consistency) must never see
 a session vanish while what it did is not visible yet, or a prune could take it for gone and
 delete packs it relies on: a refresh deletes the previous one only once the new one is listed,
@@ -26,18 +30,31 @@ from bunker import encoding
 from bunker.crypto.sign import BadSignature, SigningKey, verify
 from bunker.errors import BunkerError, CorruptObject, ObjectMissing
 from bunker.repo.objects import MAGIC_SESSION, parse_signed
-from bunker.repo.records import LEASE_SECONDS, make_lease, new_session_id, parse_lease
+from bunker.repo.records import LEASE_SECONDS, ChainBase, lease_base, make_lease, new_session_id, parse_lease
 from bunker.repo.repository import Repository
 
 MAX_LEASE_SECONDS = 6 * 3600  # a lease claiming longer is treated as this long
+# a session older than this (from the storage's time for its first object) is dead whatever it
+# refreshes: a run of a month is far beyond any backup, and a lease kept alive by a hostile or
+# stuck client must not keep condemned packs forever
+MAX_SESSION_SECONDS = 30 * 86400
 LISTING_WAIT = 30.0  # how long a session waits at its end for its snapshot to show in listings
 
 
 class Lease:
     """This process's lease: ``write()`` first, ``refresh_if_due()`` while working, ``release()``."""
 
-    def __init__(self, repo: Repository, signer: SigningKey, client: str, cert_name: str, kind: str) -> None:
+    def __init__(
+        self,
+        repo: Repository,
+        signer: SigningKey,
+        client: str,
+        cert_name: str,
+        kind: str,
+        base: ChainBase | None = None,
+    ) -> None:
         self.repo, self.signer, self.client, self.cert_name, self.kind = repo, signer, client, cert_name, kind
+        self.base = base  # the head of the signer's chain when the session started
         self.session = new_session_id()
         self.counter = 0
         self.start_name = ""
@@ -53,7 +70,7 @@ class Lease:
             checkpoint = self.checkpoint
         self.checkpoint = checkpoint
         name, data = make_lease(
-            self.session, self.counter, self.client, self.kind, self.signer, self.cert_name, checkpoint
+            self.session, self.counter, self.client, self.kind, self.signer, self.cert_name, checkpoint, self.base
         )
         self.repo.backend.put(name, data)
         old, self.name, self.written = self.name, name, time.monotonic()
@@ -130,14 +147,18 @@ class Session:
     client: str
     names: tuple[str, ...]  # its lease objects
     cert: str  # the certificate that signed its newest lease
-    checkpoint: dict[str, Any] | None  # from its newest lease
+    checkpoint: dict[str, Any] | None  # from its newest lease (format 2 only)
+    counter: int = 0  # of its newest lease
+    base: ChainBase | None = None  # the chain head it started from (format 2 only)
 
     def alive(self, now: float) -> bool:
-        return now - self.refreshed < self.expires_after
+        return now - self.refreshed < self.expires_after and now - self.started < MAX_SESSION_SECONDS
 
 
-def sessions(repo: Repository) -> list[Session]:
-    """Every session with a readable lease in ``sessions/``."""
+def sessions(repo: Repository, problems: list[tuple[str, str]] | None = None) -> list[Session]:
+    """Every session whose newest lease object verifies: signed by a certificate of this
+    repository that is not revoked, and named as its body says. Others protect nothing and
+    are skipped (``problems`` collects (object, why) for `bunker check`)."""
     groups: dict[str, list[tuple[int, str, float]]] = {}
     for info in repo.backend.list("sessions/"):
         sid, _, counter = info.name.split("/", 1)[1].rpartition(".")
@@ -150,30 +171,57 @@ def sessions(repo: Repository) -> list[Session]:
         newest = objs[-1]
         try:
             data = repo.backend.get(newest[1])
-            body, signer = parse_lease(data)
-        except (encoding.FormatError, ObjectMissing):
-            continue  # damaged or just replaced by a refresh: the next listing sees it
-        cp = body.get("checkpoint")
-        if cp is not None and not _signed_by_client(repo, data, signer):
-            cp = None  # a checkpoint is acted on (kept by GC, made a snapshot) only if authentic
+            body, signer = parse_lease(data, newest[1])
+        except ObjectMissing:
+            continue  # just replaced by a refresh: the next listing sees it
+        except encoding.FormatError as exc:
+            if problems is not None:
+                problems.append((newest[1], f"lease not usable: {exc}"))
+            continue
+        why = _not_authentic(repo, data, signer)
+        if why:
+            if problems is not None:
+                problems.append((newest[1], why))
+            continue
+        base = lease_base(body)
+        # a format-1 lease (written before the migration) still says its session is alive, but its
+        # checkpoint was sealed without the format-2 binding and is never turned into a snapshot
+        cp = body.get("checkpoint") if base is not None else None
         expires = float(min(max(int(body["expires_after"]), 60), MAX_LEASE_SECONDS))
         started = objs[0][2] if objs[0][0] == 0 else min(o[2] for o in objs)
         refreshed = max(o[2] for o in objs)
         kind, client = str(body.get("kind", "")), str(body.get("client"))
         names = tuple(o[1] for o in objs)
         out.append(
-            Session(sid, started, refreshed, expires, kind, client, names, signer, cp if isinstance(cp, dict) else None)
+            Session(
+                sid,
+                started,
+                refreshed,
+                expires,
+                kind,
+                client,
+                names,
+                signer,
+                cp if isinstance(cp, dict) else None,
+                newest[0],
+                base,
+            )
         )
     return out
 
 
-def _signed_by_client(repo: Repository, data: bytes, signer: str) -> bool:
-    """True if the lease ``data`` is signed by the valid, not revoked certificate ``signer``."""
-    if not signer or signer in repo.config.revoked_clients():
-        return False
+def _not_authentic(repo: Repository, data: bytes, signer: str) -> str:
+    """Why the lease ``data`` does not count ("" when it is signed by the valid, not revoked
+    certificate ``signer``)."""
+    if not signer:
+        return "lease not signed by a client"
+    if signer in repo.revoked:
+        return "lease of a revoked client: it protects nothing"
     try:
         obj = parse_signed(data, MAGIC_SESSION)
         verify(repo.certificate(signer).verify_key, MAGIC_SESSION, obj.body_bytes, obj.sig)
-    except (encoding.FormatError, BadSignature, CorruptObject, ObjectMissing):
-        return False
-    return True
+    except (encoding.FormatError, BadSignature) as exc:
+        return f"lease not authentic: {exc}"
+    except (CorruptObject, ObjectMissing) as exc:
+        return f"lease signed by an unusable certificate: {exc.message}"
+    return ""

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import secrets as pysecrets
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from bunker import encoding
@@ -16,6 +17,23 @@ from bunker.crypto.sign import SigningKey
 from bunker.repo.objects import MAGIC_GC, MAGIC_RETIRED, MAGIC_SESSION, check_ref, make_signed, parse_signed
 
 LEASE_SECONDS = 15 * 60
+LEASE_VERSION = 2
+
+
+@dataclass(frozen=True)
+class ChainBase:
+    """The head of the signer's chain a session started from: the sequence number and name of
+    the newest snapshot it would extend (0 and "" for an empty chain)."""
+
+    seq: int
+    prev: str
+
+    def to_body(self) -> dict[str, Any]:
+        return {"seq": self.seq, "prev": self.prev}
+
+
+def lease_name(session: str, counter: int) -> str:
+    return f"sessions/{session}.{counter}"
 
 
 def new_session_id() -> str:
@@ -30,10 +48,15 @@ def make_lease(
     signer: SigningKey,
     cert: str,
     checkpoint: dict[str, Any] | None = None,
+    base: ChainBase | None = None,
 ) -> tuple[str, bytes]:
     """A lease object (name, bytes) valid LEASE_SECONDS after the storage stored it; a backup's
-    lease may carry its latest checkpoint (what it finished so far, see backup/checkpoint.py)."""
+    lease may carry its latest checkpoint (what it finished so far, see backup/checkpoint.py).
+    The body names its session and counter (the object's name must agree) and the chain head the
+    session started from, so a copy put back under another name, or a checkpoint of a run that
+    started before a newer snapshot, is refused (docs/format.md section 15)."""
     body = {
+        "v": LEASE_VERSION,
         "session": session,
         "counter": counter,
         "client": client,
@@ -41,17 +64,36 @@ def make_lease(
         "expires_after": LEASE_SECONDS,
         "written": time.time(),
         "checkpoint": checkpoint,
+        "base": (base or ChainBase(0, "")).to_body(),
     }
-    return f"sessions/{session}.{counter}", make_signed(MAGIC_SESSION, body, signer, cert)
+    return lease_name(session, counter), make_signed(MAGIC_SESSION, body, signer, cert)
 
 
-def parse_lease(data: bytes) -> tuple[dict[str, Any], str]:
-    """(body, signer certificate name) of a lease; the caller verifies the signature if it acts
-    on the lease's content (a checkpoint), not just on its existence."""
+def parse_lease(data: bytes, name: str | None = None) -> tuple[dict[str, Any], str]:
+    """(body, signer certificate name) of a lease; the caller verifies the signature. With
+    ``name``, a format-2 lease must name itself (session and counter): a copy put back under
+    another name is refused."""
     obj = parse_signed(data, MAGIC_SESSION)
-    encoding.field(obj.body, "session", str)
+    session = encoding.field(obj.body, "session", str)
     encoding.field(obj.body, "expires_after", int)
+    if obj.body.get("v", 1) >= LEASE_VERSION:
+        counter = encoding.field(obj.body, "counter", int)
+        base = encoding.expect_map(encoding.field(obj.body, "base", dict), "seq", "prev")
+        encoding.field(base, "seq", int)
+        if encoding.field(base, "prev", str):
+            check_ref(base["prev"], "snapshots")
+        if name is not None and name != lease_name(session, counter):
+            raise encoding.FormatError(
+                f"it names itself {lease_name(session, counter)}: a lease copied or replayed under another name"
+            )
     return obj.body, obj.signer
+
+
+def lease_base(body: dict[str, Any]) -> ChainBase | None:
+    """The chain head a format-2 lease's session started from (None in older leases)."""
+    if body.get("v", 1) < LEASE_VERSION:
+        return None
+    return ChainBase(int(body["base"]["seq"]), str(body["base"]["prev"]))
 
 
 def make_retirement(snapshot: str, reason: str, signer: SigningKey, cert: str) -> bytes:

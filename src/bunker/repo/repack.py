@@ -153,7 +153,7 @@ def read_source(repo: Repository, pack: str, secrets: PutSecrets, live: set[byte
         verify_footer(footer, repo.certificate(footer.signer).verify_key)
         if blake3.blake3(memoryview(data)[: footer.body_length]).digest() != footer.body_hash:
             raise encoding.FormatError("its body does not match the hash its writer signed")
-        if footer.signer in repo.config.revoked_clients():
+        if footer.signer in repo.revoked:
             raise encoding.FormatError("its writer was revoked: its blobs are not copied under a new signature")
         trailer = decrypt_trailer(footer, secrets)
     except encoding.FormatError as exc:

@@ -1,9 +1,11 @@
 """The repository: a backend plus its verified config and client certificates.
 
 Opening a repository reads every ``config/`` object, keeps those signed by the master verify key
-whose fingerprint is the expected repository id, and takes the highest version. Without an
+whose fingerprint is the expected repository id, and resolves their chain (repo/config_chain.py:
+the highest version, forks, and this machine's floor, below which it refuses to go). Without an
 expected id (first contact, keyless check without --expect) the config must at least be
-self-consistent, and callers say that authenticity was not proven.
+self-consistent, and callers say that authenticity was not proven. A repository still in format
+1 is refused with the command that migrates it.
 """
 
 from __future__ import annotations
@@ -20,8 +22,17 @@ from bunker.crypto.keyfile import MasterKey, PutKey
 from bunker.crypto.sign import BadSignature, SigningKey, verify
 from bunker.errors import BunkerError, CorruptObject, ExitCode, ObjectMissing
 from bunker.repo import recovery_docs
-from bunker.repo.certs import Certificate, make_certificate, parse_certificate
-from bunker.repo.config import RepoConfig, Revocation, make_config, new_config, parse_config
+from bunker.repo.certs import Certificate, bind_host, make_certificate, parse_certificate
+from bunker.repo.config import (
+    FORMAT_VERSION,
+    LEGACY_FORMAT,
+    RepoConfig,
+    Revocation,
+    make_config,
+    new_config,
+    parse_config,
+)
+from bunker.repo.config_chain import ConfigChain, ConfigFloor, Floor, floor_problem, resolve
 from bunker.repo.objects import (
     MAGIC_RETIRED,
     MAGIC_SNAPSHOT,
@@ -33,6 +44,7 @@ from bunker.repo.objects import (
 )
 from bunker.repo.records import parse_retirement
 from bunker.repo.snapshot import ParsedSnapshot, parse_snapshot
+from bunker.repo.trust import chain_trust
 from bunker.storage.backend import Backend
 
 
@@ -46,7 +58,7 @@ class SnapshotRecord:
 
     name: str
     snap: ParsedSnapshot
-    trusted: bool  # signature verified and certificate valid and not revoked past this seq
+    trusted: bool  # signature verified, certificate valid, on a trusted chain (revocation, migration)
     problem: str = ""
     stored: float = 0.0  # the storage's own time for the object (0: unknown); see repo/retention.py
 
@@ -58,12 +70,24 @@ class SnapshotRecord:
 class Repository:
     """A verified view of one repository."""
 
-    def __init__(self, backend: Backend, config: RepoConfig, config_name: str) -> None:
+    def __init__(self, backend: Backend, chain: ConfigChain, configs: dict[str, RepoConfig] | None = None) -> None:
         self.backend = backend
-        self.config = config
-        self.config_name = config_name
-        self.repo_id = config.repo_id
+        self.chain = chain
+        self.configs = configs if configs is not None else {chain.name: chain.current}
+        self.config = chain.current
+        self.config_name = chain.name
+        self.repo_id = chain.current.repo_id
         self._certs: dict[str, Certificate] = {}
+        self._parsed: dict[str, ParsedSnapshot | None] = {}  # hash-named, so never stale
+
+    def with_backend(self, backend: Backend) -> Repository:
+        """The same verified view over another backend (e.g. one that spools)."""
+        return Repository(backend, self.chain, self.configs)
+
+    @property
+    def revoked(self) -> dict[str, tuple[Revocation, ...]]:
+        """Revoked certificates -> their revocations (every config branch's, when forked)."""
+        return self.chain.revocations
 
     # ----------------------------------------------------------------- opening and creating
     @classmethod
@@ -78,14 +102,19 @@ class Repository:
         data = make_config(cfg, master.signing)
         name = name_for("config", data)
         backend.put(name, data)
-        repo = cls(backend, cfg, name)
+        repo = cls(backend, resolve({name: cfg}))
         repo.write_documents()
+        ConfigFloor(repo.repo_id).raise_to(cfg.version, name)
         return repo
 
     @classmethod
-    def open(cls, backend: Backend, expected_id: str | None = None) -> Repository:
-        """Open and verify the config; raise if none is valid for ``expected_id``."""
-        best: tuple[RepoConfig, str] | None = None
+    def open(
+        cls, backend: Backend, expected_id: str | None = None, *, legacy: bool = False, floor: bool = True
+    ) -> Repository:
+        """Open and verify the config; raise if none is valid for ``expected_id``, if the
+        repository is still in format 1 (unless ``legacy``: `bunker migrate`), or if its config
+        is below what this machine has seen (``floor``)."""
+        found: dict[str, RepoConfig] = {}
         seen_other: set[str] = set()
         problems: list[str] = []
         for info in backend.list("config/"):
@@ -100,16 +129,15 @@ class Repository:
             if expected_id is not None and cfg.repo_id != expected_id:
                 seen_other.add(cfg.repo_id)
                 continue
-            if best is not None and best[0].repo_id != cfg.repo_id:
+            if found and next(iter(found.values())).repo_id != cfg.repo_id:
                 raise RepositoryError(
                     f"repository at {backend.url} holds configs of two different master keys",
                     "someone added a foreign config; run `bunker check --keyless --expect ID` with the id from "
                     "your key file or RECOVERY.md to see which one is yours",
                     exit_code=ExitCode.INTEGRITY,
                 )
-            if best is None or cfg.version > best[0].version:
-                best = (cfg, info.name)
-        if best is None:
+            found[info.name] = cfg
+        if not found:
             if seen_other:
                 raise RepositoryError(
                     f"the repository at {backend.url} is not the one your key is for "
@@ -129,7 +157,40 @@ class Repository:
                 "check --repo / BUNKER_REPO, or create one with `bunker init`",
                 exit_code=ExitCode.NO_REPOSITORY,
             )
-        return cls(backend, best[0], best[1])
+        chain = resolve(found)
+        if chain.current.format == LEGACY_FORMAT and not legacy:
+            raise RepositoryError(
+                f"the repository at {backend.url} is in format version {LEGACY_FORMAT}; this bunker reads format "
+                f"{FORMAT_VERSION}, which binds each snapshot to its writer and each revocation to a snapshot",
+                f"migrate it once with the master key: `bunker migrate --repo {backend.url}` (docs/format.md, "
+                "section 8); older bunker versions keep reading it until then",
+            )
+        repo = cls(backend, chain, found)
+        if floor:
+            machine = ConfigFloor(repo.repo_id)
+            mine = machine.load()
+            if mine is not None:
+                repo.enforce_floor(mine)
+            if not chain.forked:
+                machine.raise_to(chain.current.version, chain.name)
+        return repo
+
+    def enforce_floor(self, floor: Floor) -> None:
+        """Refuse a config below ``floor`` (a rollback); a config history that does not descend
+        from it is treated as a fork (reads go on, writes are refused until it is merged)."""
+        problem = floor_problem(self.chain, floor)
+        if problem is None:
+            return
+        kind, message = problem
+        if kind == "rollback":
+            raise RepositoryError(
+                message,
+                "do not back up into it: restore config/ from a mirror or the copy you trust (`bunker check --keyless "
+                "--expect ID` lists the configs there); if the master key's holder really wants this config, they "
+                "run `bunker key merge-configs`, which writes a newer version",
+                exit_code=ExitCode.INTEGRITY,
+            )
+        self.chain = dataclasses.replace(self.chain, fork=tuple(sorted({*self.chain.fork, floor.name})))
 
     def write_documents(self) -> None:
         """(Re)write RECOVERY.md and FORMAT.md (plaintext, no secrets) where they differ from
@@ -189,15 +250,31 @@ class Repository:
                 continue
 
     def issue_client(
-        self, master: MasterKey, client: str, capabilities: tuple[str, ...] = ("backup",), domain: str = "default"
+        self,
+        master: MasterKey,
+        client: str,
+        capabilities: tuple[str, ...] = ("backup",),
+        domain: str = "default",
+        host: str = "",
     ) -> PutKey:
-        """Make a put key for a new client and publish its certificate (needs the master key)."""
+        """Make a put key for a new client and publish its certificate (needs the master key);
+        ``host``: the host the certificate binds (sealed; "" binds none)."""
         if master.repo_id != self.repo_id:
             raise RepositoryError("this master key belongs to another repository", "pass the right --master-key")
+        self.refuse_if_forked("issue a put key")
         secrets = master.put_secrets(domain)
         client_key = SigningKey(os.urandom(32))
+        salt = os.urandom(32) if host else b""
+        binding = bind_host(master.data_public, self.repo_id, client_key.public_bytes, host, salt) if host else None
         cert = make_certificate(
-            master.signing, self.repo_id, client, client_key.public_bytes, domain, secrets.domain_id, capabilities
+            master.signing,
+            self.repo_id,
+            client,
+            client_key.public_bytes,
+            domain,
+            secrets.domain_id,
+            capabilities,
+            binding,
         )
         self.put_object("clients", cert)
         return PutKey(
@@ -208,76 +285,174 @@ class Repository:
             secrets=secrets,
             client_key=client_key,
             certificate=cert,
+            config_version=self.config.version,
+            config_name=self.config_name,
+            host=host,
+            host_salt=salt,
         )
 
-    def revoke_client(self, master: MasterKey, cert: Certificate, last_seq: int) -> RepoConfig:
-        """Publish a new config version that revokes ``cert``: its snapshots after ``last_seq``
-        are no longer trusted and no client deduplicates against its packs (needs the master key)."""
+    def write_config(self, master: MasterKey, **changes: object) -> RepoConfig:
+        """Publish the next config version with ``changes`` (needs the master key). It follows the
+        current version and merges every forked branch's head, keeping their revocations."""
         if master.repo_id != self.repo_id:
             raise RepositoryError("this master key belongs to another repository", "pass the right --master-key")
-        kept = tuple(r for r in self.config.revoked if r.client != cert.name)
         cfg = dataclasses.replace(
             self.config,
-            version=self.config.version + 1,
-            revoked=(*kept, Revocation(cert.name, last_seq)),
+            version=max(c.version for c in self.configs.values()) + 1,
+            prev=self.config_name,
+            merges=tuple(h for h in self.chain.fork if h in self.configs),
+            revoked=self.write_config_revocations(),
+            legacy=dict(self.chain.legacy),
             created=time.time(),
+            format=FORMAT_VERSION,
         )
+        cfg = dataclasses.replace(cfg, **changes)  # type: ignore[arg-type]
         data = make_config(cfg, master.signing)
-        self.config_name = self.put_object("config", data)
-        self.config = cfg
+        name = self.put_object("config", data)
+        self.configs[name] = cfg
+        self.chain = resolve(self.configs)
+        self.config, self.config_name = self.chain.current, self.chain.name
+        ConfigFloor(self.repo_id).raise_to(cfg.version, name)
         return cfg
 
+    def revoke_client(self, master: MasterKey, cert: Certificate, last: str, last_seq: int) -> RepoConfig:
+        """Publish a new config version that revokes ``cert``: only its snapshots on the chain
+        ending at ``last`` (a snapshot name; "" for none) stay trusted, and no client
+        deduplicates against its packs (needs the master key)."""
+        kept = tuple(r for r in self.write_config_revocations() if r.client != cert.name)
+        return self.write_config(master, revoked=(*kept, Revocation(cert.name, last_seq, last)))
+
+    def write_config_revocations(self) -> tuple[Revocation, ...]:
+        """The revocations the next config version carries (see write_config): one per client;
+        where forked branches revoked one client differently, the one trusting the shorter chain."""
+        out: dict[str, Revocation] = {}
+        for rs in self.revoked.values():
+            usable = [r for r in rs if r.last is not None]
+            if usable:
+                out[usable[0].client] = min(usable, key=lambda r: r.last_seq)
+        return tuple(out.values())
+
+    def refuse_if_forked(self, what: str) -> None:
+        """Writes wait until the master key merges a forked config history."""
+        if self.chain.forked:
+            raise RepositoryError(
+                f"cannot {what}: the repository's config history is forked (versions "
+                + ", ".join(h.split("/", 1)[1][:12] for h in self.chain.fork)
+                + f" besides the current {self.config_name.split('/', 1)[1][:12]}); reading goes on with every "
+                "branch's revocations applied",
+                "the master key's holder runs `bunker key merge-configs`, which writes a version joining the "
+                "branches; then run this again",
+                exit_code=ExitCode.INTEGRITY,
+            )
+
     def check_put_key(self, put: PutKey) -> Certificate:
-        """Verify that ``put`` belongs here and its certificate is valid; publish it if absent."""
+        """Verify that ``put`` belongs here and its certificate is valid; publish it if absent.
+        Every command that writes goes through here: it also refuses a config below the put
+        key's floor and a forked config history."""
         if put.repo_id != self.repo_id:
             raise RepositoryError(
                 "the put key belongs to another repository",
                 "pass the put key of this repository with --put-key, or the right --repo",
                 exit_code=ExitCode.KEY_MISSING,
             )
+        if put.config_version:
+            self.enforce_floor(Floor(put.config_version, put.config_name, "the put key (when it was issued)"))
         name = self.put_object("clients", put.certificate)
         cert = self.certificate(name)
         if cert.verify_key != put.client_key.public_bytes:
             raise RepositoryError("the put key's certificate is not for its own signing key", "make a new put key")
-        if name in self.config.revoked_clients():
+        if cert.domain != put.secrets.domain_id:
+            raise RepositoryError(
+                f"the put key's secret belongs to dedup domain {put.secrets.domain_id}, but its certificate to "
+                f"{cert.domain}: the key file is damaged, and backups with it could not be restored",
+                "restore the put key from your copy, or make a new one with `bunker key new-client NAME --out FILE`",
+            )
+        if name in self.revoked:
             raise RepositoryError(
                 f"client {cert.client!r} has been revoked in this repository",
                 "ask the repository's owner for a new put key (`bunker key new-client NAME`)",
                 exit_code=ExitCode.KEY_MISSING,
             )
+        self.refuse_if_forked("write")
         return cert
 
     # ----------------------------------------------------------------- snapshots
     def verify_snapshot_signature(self, snap: ParsedSnapshot) -> tuple[bool, str]:
-        """(trusted, problem) for a parsed snapshot: signature, certificate and revocation."""
+        """(trusted, problem) for a parsed snapshot on its own: signature, certificate, repository,
+        client name and dedup domain. Whether its chain is trusted (revocation, migration) is
+        decided over all snapshots (``snapshots``)."""
+        env = snap.env
         try:
-            cert = self.certificate(snap.env.cert)
+            cert = self.certificate(env.cert)
         except (CorruptObject, ObjectMissing) as exc:
             return False, f"its certificate is not usable ({exc.message})"
         try:
             verify(cert.verify_key, MAGIC_SNAPSHOT, snap.env_bytes, snap.sig)
         except BadSignature:
             return False, "its signature does not verify (forged or altered)"
-        if snap.env.repo_id != self.repo_id:
+        if env.repo_id != self.repo_id:
             return False, "it belongs to another repository"
-        if snap.env.client != cert.client:
+        if env.client != cert.client:
             return False, "its client name differs from its certificate"
-        last = self.config.revoked_clients().get(snap.env.cert)
-        if last is not None and snap.env.seq > last:
-            return False, f"it was written by revoked client {cert.client!r} after its last trusted snapshot"
+        original = cert
+        if env.adopted is not None:
+            # only a prune-capable client of the same dedup domain turns another client's dead run
+            # into a snapshot; a claim by anyone else would move that run into another chain (and
+            # into another client's listing and retention group)
+            try:
+                original = self.certificate(env.adopted.cert)
+            except (CorruptObject, ObjectMissing) as exc:
+                return False, f"the certificate of the run it adopted is not usable ({exc.message})"
+            if "prune" not in cert.capabilities:
+                return False, f"its signer {cert.client!r} has no prune capability, so it may not adopt another run"
+            if original.client != env.adopted.client:
+                return False, (
+                    f"it names client {env.adopted.client!r}, but {env.adopted.cert} belongs to {original.client!r}"
+                )
+            if cert.domain != original.domain:
+                return False, "it adopts a run of another dedup domain than its signer's"
+        if env.version >= 2 and env.domain != original.domain:
+            return False, (
+                f"its dedup domain {env.domain} is not the one of {original.client!r}'s certificate "
+                f"({original.domain}): its data cannot be its client's"
+            )
         return True, ""
 
+    def parsed_snapshot(self, name: str) -> ParsedSnapshot | None:
+        """The parsed snapshot object ``name`` (cached: hash-named objects never change), None
+        when it is damaged or malformed (check reports it)."""
+        if name not in self._parsed:
+            try:
+                self._parsed[name] = parse_snapshot(self.get_object(name))
+            except (CorruptObject, encoding.FormatError):
+                self._parsed[name] = None
+        return self._parsed[name]
+
     def snapshots(self) -> list[SnapshotRecord]:
-        """Every snapshot, verified, ordered by time then client and sequence."""
-        out = []
+        """Every snapshot, verified, ordered by time then client and sequence. A snapshot is
+        trusted when it verifies on its own and lies on a trusted chain: a revoked client's only
+        up to the snapshot its revocation names, a format-1 snapshot only on the chain `bunker
+        migrate` recorded."""
+        listed: list[tuple[str, ParsedSnapshot, float]] = []
         for info in self.backend.list("snapshots/"):
             try:
-                data = self.get_object(info.name)
-                snap = parse_snapshot(data)
-            except (CorruptObject, ObjectMissing, encoding.FormatError):
-                continue  # check reports damaged snapshots
-            trusted, problem = self.verify_snapshot_signature(snap)
-            out.append(SnapshotRecord(info.name, snap, trusted, problem, info.mtime))
+                snap = self.parsed_snapshot(info.name)
+            except ObjectMissing:
+                continue
+            if snap is not None:
+                listed.append((info.name, snap, info.mtime))
+        own = {name: self.verify_snapshot_signature(snap) for name, snap, _ in listed}
+        chained = chain_trust(
+            {name: snap.env for name, snap, _ in listed if own[name][0]},
+            self.revoked,
+            None if self.config.format == LEGACY_FORMAT else self.chain.legacy,  # format 1: its own rules
+        )
+        out = []
+        for name, snap, stored in listed:
+            trusted, problem = own[name]
+            if trusted and name in chained:
+                trusted, problem = False, chained[name]
+            out.append(SnapshotRecord(name, snap, trusted, problem, stored))
         out.sort(key=lambda r: (r.snap.env.time, r.snap.env.client, r.snap.env.seq))
         return out
 
@@ -300,7 +475,7 @@ class Repository:
             cert = self.certificate(obj.signer)
             if "prune" not in cert.capabilities:
                 raise encoding.FormatError(f"signer {cert.client!r} has no prune capability (may not {what})")
-            if obj.signer in self.config.revoked_clients():
+            if obj.signer in self.revoked:
                 raise encoding.FormatError(
                     f"signer {cert.client!r} has been revoked; run the command again with the master key or a "
                     "trusted prune-capable put key if it should really happen"

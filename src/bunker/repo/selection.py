@@ -14,7 +14,7 @@ from typing import Any
 
 from bunker import encoding
 from bunker.crypto.keyfile import MasterKey
-from bunker.errors import BunkerError, CorruptObject, ExitCode, KeyRequired, ObjectMissing
+from bunker.errors import BunkerError, ExitCode, KeyRequired
 from bunker.repo import retention
 from bunker.repo.repository import Repository, SnapshotRecord
 from bunker.repo.snapshot import open_body
@@ -26,10 +26,49 @@ class Filters:
     host: str | None = None
     tags: tuple[str, ...] = ()
     path: str | None = None
+    host_certs: HostSelection | None = None  # resolve_host
 
     @property
     def sealed(self) -> bool:
         return bool(self.host or self.tags or self.path)
+
+
+@dataclass(frozen=True)
+class HostSelection:
+    """Whose snapshots ``--host`` selects (resolve_host)."""
+
+    bound: dict[str, str]  # certificate -> client: bound to the host by the master key (all their snapshots)
+    claimants: frozenset[str]  # when none is bound: the one unbound client whose bodies claim it
+    rivals: dict[str, str]  # certificate -> client: unbound clients whose claims a binding overrides
+
+
+def resolve_host(repo: Repository, records: Iterable[SnapshotRecord], host: str, master: MasterKey) -> HostSelection:
+    """Whose snapshots ``--host host`` selects (docs/security.md, hosts): the certificates the
+    master key bound to ``host``, all their snapshots; when none is, the one unbound client
+    whose snapshot bodies claim it, those snapshots. Several unbound claimants are refused and
+    listed, and claims a binding overrides are listed: a host is never guessed."""
+    certs = list(repo.certificates())
+    bound = {c.name: c.client for c in certs if c.open_host(master.data_private) == host}
+    binds = {c.name for c in certs if c.host is not None}
+    claims: dict[str, str] = {}
+    for rec in records:
+        cert = rec.snap.env.original_cert
+        if not rec.trusted or cert in binds or cert in claims:
+            continue
+        body = body_of(rec, master)
+        if body is not None and body.get("host") == host:
+            claims[cert] = owner(repo, rec)
+    if bound:
+        return HostSelection(bound, frozenset(), claims)
+    if len(claims) > 1:
+        who = ", ".join(f"{client!r} ({cert.split('/', 1)[1][:12]})" for cert, client in sorted(claims.items()))
+        raise BunkerError(
+            f"host {host!r} is claimed by several clients, and no certificate binds it: {who}",
+            "choose one with --client NAME; to bind a host for good, make its put key with `bunker key new-client "
+            "NAME --host HOST` on the machine with the master key",
+            exit_code=ExitCode.USAGE,
+        )
+    return HostSelection({}, frozenset(claims), {})
 
 
 def body_of(rec: SnapshotRecord, master: MasterKey) -> dict[str, Any] | None:
@@ -41,30 +80,18 @@ def body_of(rec: SnapshotRecord, master: MasterKey) -> dict[str, Any] | None:
 
 def adoption_problem(repo: Repository, rec: SnapshotRecord) -> str:
     """Why a snapshot's ``adopted`` claim is not honoured ("" when it is, or when there is none).
-
-    Only a prune-capable certificate adopts other clients' runs (a backup-only key must not add
-    snapshots to another client's retention group), and the certificate the claim names must
-    exist and carry the client name the claim gives."""
-    a = rec.snap.env.adopted
-    if a is None:
+    A claim is honoured exactly when the snapshot is trusted (Repository.verify_snapshot_signature:
+    a prune-capable signer of the same dedup domain, and a certificate of the named client)."""
+    if rec.snap.env.adopted is None or rec.trusted:
         return ""
-    try:
-        signer = repo.certificate(rec.snap.env.cert)
-        original = repo.certificate(a.cert)
-    except (CorruptObject, ObjectMissing) as exc:
-        return f"the certificate its adoption names is not usable ({exc.message})"
-    if "prune" not in signer.capabilities:
-        return f"its signer {signer.client!r} has no prune capability, so it may not adopt another client's run"
-    if original.client != a.client:
-        return f"it names client {a.client!r}, but certificate {a.cert} belongs to {original.client!r}"
-    return ""
+    return rec.problem
 
 
 def owner(repo: Repository, rec: SnapshotRecord) -> str:
     """The client a snapshot is listed and retained under: the one whose run it holds when prune
     adopted it (and the claim is honoured), else the client that signed it."""
     a = rec.snap.env.adopted
-    if a is None or not rec.trusted or adoption_problem(repo, rec):
+    if a is None or not rec.trusted:
         return rec.snap.env.client
     return a.client
 
@@ -99,10 +126,19 @@ def matches(rec: SnapshotRecord, f: Filters, master: MasterKey | None, repo: Rep
             "filtering by --host, --tag or --path needs the master key (they are sealed)",
             "pass --master-key FILE, or filter by --client only",
         )
+    bound_host = False
+    if f.host:
+        if f.host_certs is None:
+            raise ValueError("resolve the host's certificates first (resolve_host)")
+        bound_host = rec.snap.env.original_cert in f.host_certs.bound
+        if not bound_host and rec.snap.env.original_cert not in f.host_certs.claimants:
+            return False
+    if bound_host and not (f.tags or f.path):
+        return True
     body = body_of(rec, master)
     if body is None:
         return False
-    if f.host and body.get("host") != f.host:
+    if f.host and not bound_host and body.get("host") != f.host:
         return False
     if f.tags and not set(f.tags) <= set(body.get("tags", [])):
         return False
@@ -115,12 +151,17 @@ def select(repo: Repository, spec: str, f: Filters, master: MasterKey | None) ->
     """One snapshot: ``latest`` (the newest trusted, not retired match by trusted time) or a unique
     id prefix (a retired snapshot too: its data may still be stored)."""
     records = [r for r in repo.snapshots() if r.trusted]
+    if f.host and f.host_certs is None and master is not None:
+        mine = [r for r in records if not f.client or owner(repo, r) == f.client]
+        f.host_certs = resolve_host(repo, mine, f.host, master)
     if spec == "latest":
         retired = repo.retired_snapshots()
         cands = [r for r in records if r.name not in retired and matches(r, f, master, repo)]
         if not cands:
             raise BunkerError(
-                "no snapshot matches" + (" (forgotten snapshots are never `latest`)" if retired else ""),
+                "no snapshot matches"
+                + (" (forgotten snapshots are never `latest`)" if retired else "")
+                + _host_note(f),
                 "list them with `bunker snapshots --all`, and name one by its id",
                 exit_code=ExitCode.USAGE,
             )
@@ -139,3 +180,16 @@ def select(repo: Repository, spec: str, f: Filters, master: MasterKey | None) ->
             f"snapshot id {spec!r} is ambiguous ({len(cands)} match)", "give more hex digits", exit_code=ExitCode.USAGE
         )
     return cands[0]
+
+
+def _host_note(f: Filters) -> str:
+    """What a host filter chose, when claims were overridden by a binding."""
+    sel = f.host_certs
+    if sel is None or not sel.bound or not sel.rivals:
+        return ""
+    bound = ", ".join(repr(c) for c in sorted(sel.bound.values()))
+    rivals = ", ".join(repr(c) for c in sorted(sel.rivals.values()))
+    return (
+        f"; host {f.host!r} is bound to client {bound}, so the snapshots of clients that only claim it "
+        f"({rivals}) are not chosen"
+    )

@@ -2,12 +2,17 @@
 
 The envelope (readable by anyone holding the repository) says: client, certificate, sequence
 number, previous envelope's object name, time, level, complete or not, statistics, the pack set
-(plaintext) and chunk set references, the hash of the body ciphertext, and, for an incomplete
-snapshot that ``bunker prune`` made from a dead client's last checkpoint, whose run it was
-(``adopted``). The body (host,
-paths, tags, root tree, log) is AES-256-GCM under a random key that is HPKE-sealed to the data
-public key: only the master key opens it. The writer's signature covers the envelope, which
-includes the body hash.
+(plaintext) and chunk set references, the hash of the body ciphertext, the session whose run it
+holds (and which checkpoint of it), and, for an incomplete snapshot that ``bunker prune`` made
+from a dead client's last checkpoint, whose run it was (``adopted``). The body (host, paths,
+tags, root tree, log) is AES-256-GCM under a random key that is HPKE-sealed to the data public
+key: only the master key opens it. The writer's signature covers the envelope, which includes
+the body hash.
+
+A body is sealed to what never changes when a snapshot is adopted or renumbered (docs/format.md
+section 13, docs/security.md): the repository id, the certificate of the client whose run it is,
+that client's dedup domain, the session and the checkpoint counter. A body moved under another
+envelope (another client's chain, another session) does not open.
 """
 
 from __future__ import annotations
@@ -25,8 +30,42 @@ from bunker.crypto.sign import SigningKey
 from bunker.repo.objects import MAGIC_SNAPSHOT, check_ref
 
 LEVELS = ("ok", "note", "warn", "err", "fatal")
-BODY_INFO = b"bunker snapshot body v1\x00"
+BODY_INFO_V1 = b"bunker snapshot body v1\x00"
+BODY_INFO = b"bunker snapshot body v2\x00"
+ENVELOPE_VERSIONS = (1, 2)  # 1: written before format 2, trusted only on chains `bunker migrate` recorded
 MAX_CLIENT_NAME = 256  # longer names in an ``adopted`` field are refused (no certificate has one)
+FINAL = 0  # the counter of a finished run's own snapshot; checkpoints are counted from 1
+MAX_COUNTER = 1 << 40
+
+
+def is_session_id(value: object) -> bool:
+    """A session id: 24 lowercase hex digits."""
+    return isinstance(value, str) and len(value) == 24 and all(c in "0123456789abcdef" for c in value)
+
+
+@dataclass(frozen=True)
+class BodyBinding:
+    """What a snapshot body is sealed to (format 2): the repository, the certificate and dedup
+    domain of the client whose run it holds, the session and the checkpoint counter (FINAL for
+    the finished run's own snapshot). Not the sequence number: a checkpoint is sealed before its
+    sequence is known, and adoption and renumbering sign it under another one."""
+
+    repo_id: str
+    cert: str
+    domain: str
+    session: str
+    counter: int
+
+    def aad(self) -> bytes:
+        return BODY_INFO + encoding.pack(
+            {
+                "cert": self.cert,
+                "counter": self.counter,
+                "domain": self.domain,
+                "repo": self.repo_id,
+                "session": self.session,
+            }
+        )
 
 
 @dataclass(frozen=True)
@@ -63,6 +102,18 @@ class Envelope:
     sealed_key: bytes
     master_on_client: bool = False
     adopted: Adoption | None = None  # set only on a snapshot made by prune from another run
+    session: str = ""  # the session whose run this is ("" only in format-1 envelopes)
+    counter: int = FINAL  # which checkpoint of it (FINAL: the finished run)
+    version: int = 2  # envelope version; 1 for snapshots written before format 2
+
+    @property
+    def original_cert(self) -> str:
+        """The certificate of the client whose run the snapshot holds (its body is sealed to it)."""
+        return self.adopted.cert if self.adopted is not None else self.cert
+
+    def binding(self) -> BodyBinding:
+        """What this envelope says the body is sealed to (format 2)."""
+        return BodyBinding(self.repo_id, self.original_cert, self.domain, self.session, self.counter)
 
     @property
     def owner(self) -> str:
@@ -71,8 +122,8 @@ class Envelope:
         return self.adopted.client if self.adopted is not None else self.client
 
     def to_body(self) -> dict[str, Any]:
-        body = {
-            "v": 1,
+        body: dict[str, Any] = {
+            "v": self.version,
             "repo": self.repo_id,
             "client": self.client,
             "cert": self.cert,
@@ -91,14 +142,17 @@ class Envelope:
         }
         if self.adopted is not None:  # absent otherwise: older snapshots keep their bytes
             body["adopted"] = self.adopted.to_body()
+        if self.version >= 2:
+            body["session"] = self.session
+            body["counter"] = self.counter
         return body
 
 
-def seal_body(body: dict[str, Any], data_public: DataPublicKey, repo_id: str) -> tuple[bytes, bytes]:
-    """Encrypt a body under a fresh key; return (sealed key, body ciphertext)."""
+def seal_body(body: dict[str, Any], data_public: DataPublicKey, binding: BodyBinding) -> tuple[bytes, bytes]:
+    """Encrypt a body under a fresh key sealed to ``binding``; return (sealed key, body ciphertext)."""
     key = os.urandom(32)
-    sealed = data_public.seal(key, BODY_INFO + repo_id.encode())
-    return sealed, aead.encrypt(key, encoding.pack(body), b"snapshot body")
+    sealed = data_public.seal(key, BODY_INFO + binding.repo_id.encode())
+    return sealed, aead.encrypt(key, encoding.pack(body), binding.aad())
 
 
 def make_snapshot(env: Envelope, body_ct: bytes, signer: SigningKey) -> bytes:
@@ -127,6 +181,17 @@ def parse_snapshot(data: bytes) -> ParsedSnapshot:
     body_ct = encoding.field_bytes(outer, "body")
     sig = encoding.field_bytes(outer, "sig", 64)
     e = encoding.expect_map(encoding.unpack(env_bytes))
+    version = encoding.field(e, "v", int)
+    if version not in ENVELOPE_VERSIONS:
+        raise encoding.FormatError(f"envelope version {version} is not known (this bunker reads 1 and 2)")
+    session, counter = "", FINAL
+    if version >= 2:
+        session = encoding.field(e, "session", str)
+        counter = encoding.field(e, "counter", int)
+        if not is_session_id(session):
+            raise encoding.FormatError("envelope names no valid session")
+        if not 0 <= counter <= MAX_COUNTER:
+            raise encoding.FormatError("envelope has an invalid checkpoint counter")
     level = encoding.field(e, "level", str)
     if level not in LEVELS:
         raise encoding.FormatError(f"unknown level {level!r}")
@@ -153,9 +218,16 @@ def parse_snapshot(data: bytes) -> ParsedSnapshot:
         sealed_key=encoding.field_bytes(e, "sealed_key"),
         master_on_client=bool(e.get("master_on_client", False)),
         adopted=_parse_adoption(e.get("adopted")),
+        session=session,
+        counter=counter,
+        version=version,
     )
     if env.adopted is not None and env.complete:
         raise encoding.FormatError("an adopted snapshot (made from a dead run's checkpoint) must be incomplete")
+    if counter != FINAL and env.complete:
+        raise encoding.FormatError("a snapshot made from a checkpoint must be incomplete")
+    if version >= 2 and env.adopted is not None and (env.adopted.session != session or counter == FINAL):
+        raise encoding.FormatError("an adopted run must be the envelope's session and one of its checkpoints")
     if env.seq < 1 or (env.seq == 1) != (env.prev == ""):
         raise encoding.FormatError("sequence number and previous snapshot do not agree")
     if outer["signer"] != env.cert:
@@ -175,18 +247,31 @@ def _parse_adoption(raw: object) -> Adoption | None:
     session = encoding.field(a, "session", str)
     if not client or len(client) > MAX_CLIENT_NAME or not client.isprintable():
         raise encoding.FormatError("adopted field has an invalid client name")
-    if not (len(session) == 24 and all(c in "0123456789abcdef" for c in session)):
+    if not is_session_id(session):
         raise encoding.FormatError("adopted field has an invalid session id")
     return Adoption(check_ref(a.get("cert"), "clients"), client, session)
 
 
 def open_body(snap: ParsedSnapshot, data_private: DataPrivateKey) -> dict[str, Any]:
-    """Decrypt a snapshot's body with the master key."""
+    """Decrypt a snapshot's body with the master key. A format-2 body opens only under the
+    envelope it was sealed for (same repository, original client, domain, session, counter)."""
+    env = snap.env
     try:
-        key = data_private.open(snap.env.sealed_key, BODY_INFO + snap.env.repo_id.encode())
-        plain = aead.decrypt(key, snap.body_ct, b"snapshot body")
-    except (OpenFailed, aead.DecryptionFailed):
-        raise encoding.FormatError("snapshot body does not decrypt with the master key") from None
+        if env.version >= 2:
+            key = data_private.open(env.sealed_key, BODY_INFO + env.repo_id.encode())
+        else:
+            key = data_private.open(env.sealed_key, BODY_INFO_V1 + env.repo_id.encode())
+    except OpenFailed:
+        raise encoding.FormatError("snapshot body key does not open with the master key") from None
+    try:
+        plain = aead.decrypt(key, snap.body_ct, env.binding().aad() if env.version >= 2 else b"snapshot body")
+    except aead.DecryptionFailed:
+        raise encoding.FormatError(
+            "snapshot body was not sealed for this envelope (moved from another client's, session's or checkpoint's "
+            "snapshot, or altered)"
+            if env.version >= 2
+            else "snapshot body does not decrypt with the master key"
+        ) from None
     body = encoding.expect_map(encoding.unpack(plain), "host", "paths", "tags", "root", "log")
     root = body["root"]
     if not (isinstance(root, bytes) and len(root) == 32):
