@@ -33,6 +33,7 @@ from helpers import (
     make_tree,
     restored_path,
     run_bunker,
+    ssh_with_config,
     start_sshd,
 )
 
@@ -202,6 +203,29 @@ def test_ssh_failures_name_the_next_step(sshd: SshServer, tmp_path: Path) -> Non
     env = _env(tmp_path / "d", sshd, BUNKER_REMOTE_PATH=BUNKER)
     cp = run_bunker("check", "--keyless", "--repo", url, env=env, timeout=60)
     _assert_clear(cp, ExitCode.NO_REPOSITORY, "no repository at", str(tmp_path / "server"))
+
+
+@pytest.mark.parametrize("strict", ["no", "accept-new"])
+def test_ssh_config_cannot_turn_host_key_checking_off(sshd: SshServer, tmp_path: Path, strict: str) -> None:
+    """The user's ssh config says StrictHostKeyChecking no (or accept-new) and UserKnownHostsFile
+    /dev/null: bunker's ssh still refuses a key that is not in the file bunker names, adds
+    nothing to it, and works once the key is there."""
+    assert BUNKER
+    config = f"Host *\n    StrictHostKeyChecking {strict}\n    UserKnownHostsFile /dev/null\n"
+    path = ssh_with_config(tmp_path, config) + os.pathsep + os.environ["PATH"]
+    kh = tmp_path / "known_hosts"
+    kh.write_text("")
+    env = _env(tmp_path / "e", sshd, BUNKER_SSH_KNOWN_HOSTS=str(kh), BUNKER_REMOTE_PATH=BUNKER, PATH=path)
+    remote = tmp_path / "server"
+    url = _ssh_url(sshd, remote)
+    cp = run_bunker("init", "--repo", url, "--client", "c", env=env, timeout=60)
+    keyscan = f"ssh-keyscan -p {sshd.port} 127.0.0.1 >> {kh}"
+    _assert_clear(cp, ExitCode.FATAL, "host key is unknown", f"127.0.0.1:{sshd.port}", sshd.fingerprint(), keyscan)
+    assert not remote.exists() and kh.read_text() == ""  # nothing sent, nothing trusted on first use
+
+    subprocess.run(["sh", "-c", keyscan], check=True, capture_output=True, timeout=30)
+    cp = run_bunker("init", "--repo", url, "--client", "c", env=env, timeout=60)
+    assert cp.returncode == 0, describe(cp)
 
 
 # ----------------------------------------------------------------------------------- append-only

@@ -196,6 +196,39 @@ def test_unknown_host_key_is_refused_with_its_fingerprint(sshd: SshServer, tmp_p
     assert cp.returncode == 0, describe(cp)
 
 
+def test_ssh_config_cannot_turn_host_key_checking_off(sshd: SshServer, tmp_path: Path) -> None:
+    """~/.ssh/config says UserKnownHostsFile none and StrictHostKeyChecking no (asyncssh alone
+    would then accept any key): bunker still checks the server's key against the one file it
+    reads, refuses an unknown key with the host, the fingerprint, that file and the ssh-keyscan
+    line, and works once the key is in that file."""
+    env = _ssh_env(tmp_path / "e", sshd)
+    ssh = Path(env["HOME"]) / ".ssh"
+    known_hosts = ssh / "known_hosts"
+    known_hosts.unlink()
+    (ssh / "config").write_text("Host *\n    UserKnownHostsFile none\n    StrictHostKeyChecking no\n")
+    remote = tmp_path / "server"
+    cp = run_bunker("init", "--repo", sshd.url(remote), "--client", "c", env=env, timeout=60)
+    keyscan = f"ssh-keyscan -p {sshd.port} 127.0.0.1 >> {known_hosts}"
+    _assert_clear(
+        cp,
+        ExitCode.FATAL,
+        "host key is unknown",
+        f"127.0.0.1:{sshd.port}",
+        sshd.fingerprint(),
+        str(known_hosts),
+        keyscan,
+    )
+    assert not remote.exists()  # nothing was sent
+
+    subprocess.run(["sh", "-c", keyscan], check=True, capture_output=True, timeout=30)
+    cp = run_bunker("init", "--repo", sshd.url(remote), "--client", "c", env=env, timeout=60)
+    assert cp.returncode == 0, describe(cp)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f").write_bytes(b"checked\n")
+    cp = run_bunker("backup", tmp_path / "d", "--repo", sshd.url(remote), env=env, timeout=60)
+    assert cp.returncode in (0, 1), describe(cp)
+
+
 def test_login_refused_is_a_clear_error(sshd: SshServer, tmp_path: Path) -> None:
     env = _ssh_env(tmp_path / "e", sshd)
     ssh = Path(env["HOME"]) / ".ssh"
