@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import click
 
 from bunker import dirs
+from bunker.child_env import secret
 from bunker.crypto.keyfile import (
     MasterKey,
     PutKey,
@@ -62,7 +63,7 @@ class Options:
 
 def passphrase(prompt: str = "Master key passphrase", confirm: bool = False) -> str:
     """BUNKER_PASSPHRASE, else ask on the terminal; with neither, fail at once (never hang)."""
-    env = os.environ.get("BUNKER_PASSPHRASE")
+    env = secret("BUNKER_PASSPHRASE")
     if env is not None:
         return env
     if not (sys.stdin.isatty() and sys.stderr.isatty()):

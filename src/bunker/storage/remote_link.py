@@ -21,6 +21,7 @@ from typing import IO, Any, Protocol
 from urllib.parse import quote, unquote, urlsplit
 
 from bunker import __version__
+from bunker.child_env import child_env
 from bunker.errors import BunkerError, ExitCode, StorageError
 from bunker.storage import wire
 from bunker.storage.ssh_address import SshAddress, parse_ssh_address
@@ -401,6 +402,7 @@ class SshOpener:
             # a session of its own: the terminal's Ctrl-C reaches bunker, which ends ssh itself
             proc = subprocess.Popen(
                 self.argv(),
+                env=child_env(),  # no passphrase for ssh, its ProxyCommand or the far side
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
