@@ -1,6 +1,6 @@
 """What bunker keeps on this machine is private to its user: key files are never written through a
 name another user planted, and every file and directory under the config, data and cache
-directories is 0600/0700 whatever the umask (docs/security.md, "Files on the client")."""
+directories is 0600/0700 whatever the umask (docs/security.md, section 12, "Permissions")."""
 
 from __future__ import annotations
 

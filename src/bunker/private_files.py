@@ -1,6 +1,6 @@
 """Files and directories bunker keeps on this machine (key files, chain heads and session records,
 the spool, the files and index caches): private to the user whatever the umask, and written so
-that nobody else can steer a write (docs/security.md, "Files on the client").
+that nobody else can steer a write (docs/security.md, section 12, "Permissions").
 
 - A directory bunker creates is 0700, and so is every missing parent it creates on the way.
   Directories of bunker's own (the ``bunker`` directories in the config, data and cache base
