@@ -1002,6 +1002,58 @@ def start_sshd(workdir: Path, *, request_log: bool = False) -> SshServer:
     raise AssertionError(f"sshd did not start: {last}")
 
 
+# A ProxyCommand that appends its environment (one JSON line per connection) to a file, then
+# relays the connection to 127.0.0.1:PORT: what a ProxyCommand (or anything ssh runs) can see.
+_ENV_DUMPING_PROXY = """
+import json, os, socket, sys, threading
+with open(sys.argv[1], "a") as f:
+    f.write(json.dumps(dict(os.environ)) + "\\n")
+s = socket.create_connection(("127.0.0.1", int(sys.argv[2])))
+def up():
+    while True:
+        data = os.read(0, 65536)
+        if not data:
+            s.shutdown(socket.SHUT_WR)
+            return
+        s.sendall(data)
+threading.Thread(target=up, daemon=True).start()
+while True:
+    data = s.recv(65536)
+    if not data:
+        break
+    os.write(1, data)
+"""
+
+
+def env_dumping_proxy(workdir: Path, dump: Path) -> str:
+    """The ssh_config ProxyCommand line (``%p``: the port) of a relay that records its
+    environment in ``dump`` (read it with ``read_env_dumps``)."""
+    script = workdir / "env_dumping_proxy.py"
+    script.write_text(_ENV_DUMPING_PROXY)
+    return f"{sys.executable} {script} {dump} %p"
+
+
+def read_env_dumps(dump: Path) -> list[dict[str, str]]:
+    """The environments the ProxyCommand of ``env_dumping_proxy`` saw, one per connection."""
+    return [json.loads(line) for line in dump.read_text().splitlines() if line.strip()]
+
+
+def ssh_with_config(workdir: Path, config: str) -> str:
+    """A directory holding an ``ssh`` that is OpenSSH's reading ``config`` as the user's
+    ~/.ssh/config (OpenSSH takes ~ from the passwd entry, which a test cannot give it): put it
+    first on PATH."""
+    real = shutil.which("ssh")
+    assert real, "the OpenSSH client is missing"
+    bindir = workdir / "ssh-bin"
+    bindir.mkdir(parents=True, exist_ok=True)
+    cfg = workdir / "ssh_config"
+    cfg.write_text(config)
+    wrapper = bindir / "ssh"
+    wrapper.write_text(f'#!/bin/sh\nexec {real} -F {cfg} "$@"\n')
+    wrapper.chmod(0o755)
+    return str(bindir)
+
+
 def chown_to_user(path: Path, user: str) -> None:
     """Make ``path`` (a directory, made if needed) belong to ``user``."""
     pw = pwd.getpwnam(user)

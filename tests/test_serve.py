@@ -5,6 +5,7 @@ hostile and broken peers on both sides of the protocol, and connections that dro
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import struct
 import subprocess
@@ -27,12 +28,15 @@ from helpers import (
     b3,
     compare_trees,
     describe,
+    env_dumping_proxy,
     init_repo,
     js,
     make_env,
     make_tree,
+    read_env_dumps,
     restored_path,
     run_bunker,
+    ssh_with_config,
     start_sshd,
 )
 
@@ -202,6 +206,61 @@ def test_ssh_failures_name_the_next_step(sshd: SshServer, tmp_path: Path) -> Non
     env = _env(tmp_path / "d", sshd, BUNKER_REMOTE_PATH=BUNKER)
     cp = run_bunker("check", "--keyless", "--repo", url, env=env, timeout=60)
     _assert_clear(cp, ExitCode.NO_REPOSITORY, "no repository at", str(tmp_path / "server"))
+
+
+@pytest.mark.parametrize("strict", ["no", "accept-new"])
+def test_ssh_config_cannot_turn_host_key_checking_off(sshd: SshServer, tmp_path: Path, strict: str) -> None:
+    """The user's ssh config says StrictHostKeyChecking no (or accept-new) and UserKnownHostsFile
+    /dev/null: bunker's ssh still refuses a key that is not in the file bunker names, adds
+    nothing to it, and works once the key is there."""
+    assert BUNKER
+    config = f"Host *\n    StrictHostKeyChecking {strict}\n    UserKnownHostsFile /dev/null\n"
+    path = ssh_with_config(tmp_path, config) + os.pathsep + os.environ["PATH"]
+    kh = tmp_path / "known_hosts"
+    kh.write_text("")
+    env = _env(tmp_path / "e", sshd, BUNKER_SSH_KNOWN_HOSTS=str(kh), BUNKER_REMOTE_PATH=BUNKER, PATH=path)
+    remote = tmp_path / "server"
+    url = _ssh_url(sshd, remote)
+    cp = run_bunker("init", "--repo", url, "--client", "c", env=env, timeout=60)
+    keyscan = f"ssh-keyscan -p {sshd.port} 127.0.0.1 >> {kh}"
+    _assert_clear(cp, ExitCode.FATAL, "host key is unknown", f"127.0.0.1:{sshd.port}", sshd.fingerprint(), keyscan)
+    assert not remote.exists() and kh.read_text() == ""  # nothing sent, nothing trusted on first use
+
+    subprocess.run(["sh", "-c", keyscan], check=True, capture_output=True, timeout=30)
+    cp = run_bunker("init", "--repo", url, "--client", "c", env=env, timeout=60)
+    assert cp.returncode == 0, describe(cp)
+
+
+def test_ssh_and_its_proxy_command_never_see_the_passphrase(sshd: SshServer, tmp_path: Path) -> None:
+    """A ProxyCommand in the user's ssh config records the environment ssh gave it, for every
+    connection of init, backup and restore (whose workers connect too): no BUNKER_PASSPHRASE
+    or BUNKER_NEW_PASSPHRASE, nor their text."""
+    assert BUNKER
+    dump = tmp_path / "proxy-env.jsonl"
+    config = f"Host 127.0.0.1\n    ProxyCommand {env_dumping_proxy(tmp_path, dump)}\n"
+    path = ssh_with_config(tmp_path, config) + os.pathsep + os.environ["PATH"]
+    env = _env(
+        tmp_path / "e", sshd, BUNKER_REMOTE_PATH=BUNKER, PATH=path, BUNKER_NEW_PASSPHRASE="another secret phrase",
+        PROXY_TEST_MARK="seen",
+    )  # fmt: skip
+    url = _ssh_url(sshd, tmp_path / "server")
+    cp = run_bunker("init", "--repo", url, "--client", "c", env=env, timeout=60)
+    assert cp.returncode == 0, describe(cp)
+    src = tmp_path / "src"
+    make_tree(src)
+    cp = run_bunker("backup", src, "--repo", url, env=env, timeout=120)
+    assert cp.returncode in (0, 1), describe(cp)
+    cp = run_bunker("restore", "latest", "--target", tmp_path / "t", "--repo", url, env=env, timeout=120)
+    assert cp.returncode == 0, describe(cp)
+    compare_trees(src, restored_path(tmp_path / "t", src))
+    shutil.rmtree(tmp_path / "t")
+
+    seen = read_env_dumps(dump)
+    assert len(seen) >= 3 and all(e.get("PROXY_TEST_MARK") == "seen" for e in seen)  # every connection went through it
+    for e in seen:
+        assert "BUNKER_PASSPHRASE" not in e and "BUNKER_NEW_PASSPHRASE" not in e, sorted(e)
+    text = dump.read_text()
+    assert env["BUNKER_PASSPHRASE"] not in text and "another secret phrase" not in text
 
 
 # ----------------------------------------------------------------------------------- append-only

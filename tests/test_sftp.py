@@ -28,11 +28,13 @@ from helpers import (
     chown_to_user,
     compare_trees,
     describe,
+    env_dumping_proxy,
     free_port,
     init_repo,
     js,
     make_env,
     make_tree,
+    read_env_dumps,
     restored_path,
     run_bunker,
     ssh_keygen,
@@ -194,6 +196,66 @@ def test_unknown_host_key_is_refused_with_its_fingerprint(sshd: SshServer, tmp_p
     subprocess.run(["sh", "-c", keyscan], check=True, capture_output=True, timeout=30)
     cp = run_bunker("init", "--repo", sshd.url(remote), "--client", "c", env=env, timeout=60)
     assert cp.returncode == 0, describe(cp)
+
+
+def test_ssh_config_cannot_turn_host_key_checking_off(sshd: SshServer, tmp_path: Path) -> None:
+    """~/.ssh/config says UserKnownHostsFile none and StrictHostKeyChecking no (asyncssh alone
+    would then accept any key): bunker still checks the server's key against the one file it
+    reads, refuses an unknown key with the host, the fingerprint, that file and the ssh-keyscan
+    line, and works once the key is in that file."""
+    env = _ssh_env(tmp_path / "e", sshd)
+    ssh = Path(env["HOME"]) / ".ssh"
+    known_hosts = ssh / "known_hosts"
+    known_hosts.unlink()
+    (ssh / "config").write_text("Host *\n    UserKnownHostsFile none\n    StrictHostKeyChecking no\n")
+    remote = tmp_path / "server"
+    cp = run_bunker("init", "--repo", sshd.url(remote), "--client", "c", env=env, timeout=60)
+    keyscan = f"ssh-keyscan -p {sshd.port} 127.0.0.1 >> {known_hosts}"
+    _assert_clear(
+        cp,
+        ExitCode.FATAL,
+        "host key is unknown",
+        f"127.0.0.1:{sshd.port}",
+        sshd.fingerprint(),
+        str(known_hosts),
+        keyscan,
+    )
+    assert not remote.exists()  # nothing was sent
+
+    subprocess.run(["sh", "-c", keyscan], check=True, capture_output=True, timeout=30)
+    cp = run_bunker("init", "--repo", sshd.url(remote), "--client", "c", env=env, timeout=60)
+    assert cp.returncode == 0, describe(cp)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f").write_bytes(b"checked\n")
+    cp = run_bunker("backup", tmp_path / "d", "--repo", sshd.url(remote), env=env, timeout=60)
+    assert cp.returncode in (0, 1), describe(cp)
+
+
+def test_proxy_command_never_sees_the_passphrase(sshd: SshServer, tmp_path: Path) -> None:
+    """A ProxyCommand from ~/.ssh/config that records its environment, for every connection of
+    init, backup and restore (whose worker processes connect too): BUNKER_PASSPHRASE and
+    BUNKER_NEW_PASSPHRASE are never in it, nor the passphrase's text."""
+    dump = tmp_path / "proxy-env.jsonl"
+    env = _ssh_env(tmp_path / "e", sshd, BUNKER_NEW_PASSPHRASE="another secret phrase", PROXY_TEST_MARK="seen")
+    ssh = Path(env["HOME"]) / ".ssh"
+    (ssh / "config").write_text(f"Host 127.0.0.1\n    ProxyCommand {env_dumping_proxy(tmp_path, dump)}\n")
+    url = sshd.url(tmp_path / "server")
+    assert run_bunker("init", "--repo", url, "--client", "c", env=env, timeout=60).returncode == 0
+    src = tmp_path / "src"
+    make_tree(src)
+    cp = run_bunker("backup", src, "--repo", url, env=env, timeout=120)
+    assert cp.returncode in (0, 1), describe(cp)
+    cp = run_bunker("restore", "latest", "--target", tmp_path / "t", "--repo", url, env=env, timeout=120)
+    assert cp.returncode == 0, describe(cp)
+    compare_trees(src, restored_path(tmp_path / "t", src))
+    shutil.rmtree(tmp_path / "t")
+
+    seen = read_env_dumps(dump)
+    assert len(seen) >= 3 and all(e.get("PROXY_TEST_MARK") == "seen" for e in seen)  # every connection went through it
+    for e in seen:
+        assert "BUNKER_PASSPHRASE" not in e and "BUNKER_NEW_PASSPHRASE" not in e, sorted(e)
+    text = dump.read_text()
+    assert env["BUNKER_PASSPHRASE"] not in text and "another secret phrase" not in text
 
 
 def test_login_refused_is_a_clear_error(sshd: SshServer, tmp_path: Path) -> None:

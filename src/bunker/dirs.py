@@ -5,6 +5,9 @@
   partial repository per unreachable upstream, until forwarded), and ``state/``
   (chain heads per repository and client: losing them weakens rollback detection)
 - cache dir (``$XDG_CACHE_HOME/bunker``): files cache and index cache (rebuildable)
+
+Everything bunker makes below them is private to the user (0700 directories, 0600 files, whatever
+the umask): private_files.py creates, writes and tightens them.
 """
 
 from __future__ import annotations

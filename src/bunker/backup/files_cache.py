@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from bunker import encoding
+from bunker.private_files import SQLITE_SIDE_FILES, private_file
 
 # name -> [ino, size, mtime_ns, ctime_ns, [chunk ids], {hole, x, acl, fl} or None]
 DirRecord = dict[bytes, list[Any]]
@@ -31,7 +32,9 @@ class FilesCache:
         if path is None:
             self._db = sqlite3.connect(":memory:", check_same_thread=False)
         else:
-            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            # it holds every backed-up path in plaintext: 0600 before sqlite opens it (sqlite
+            # gives its -wal and -shm files the database file's mode)
+            private_file(path, SQLITE_SIDE_FILES)
             try:
                 self._db = sqlite3.connect(path, check_same_thread=False)
                 self._init()
@@ -39,6 +42,7 @@ class FilesCache:
                 # a damaged cache only costs one full re-read: start afresh
                 with contextlib.suppress(OSError):
                     os.unlink(path)
+                private_file(path, SQLITE_SIDE_FILES)
                 self._db = sqlite3.connect(path, check_same_thread=False)
         self._init()
 

@@ -9,6 +9,7 @@ from typing import Any
 import click
 
 from bunker import dirs
+from bunker.child_env import secret
 from bunker.cli import context
 from bunker.cli.main import cli, common, handles_errors, make_options
 from bunker.crypto.keyfile import (
@@ -140,7 +141,7 @@ def passwd(**kwargs: Any) -> None:
     repo = context.open_repository(opts)
     path = opts.master_key_file(repo.repo_id)
     master = context.load_master(opts, repo, "changing the passphrase")
-    new = os.environ.get("BUNKER_NEW_PASSPHRASE")
+    new = secret("BUNKER_NEW_PASSPHRASE")
     if new is None:
         if not sys.stdin.isatty():
             raise BunkerError(

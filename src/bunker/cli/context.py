@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import click
 
 from bunker import dirs
+from bunker.child_env import secret
 from bunker.crypto.keyfile import (
     MasterKey,
     PutKey,
@@ -25,6 +26,7 @@ from bunker.crypto.keyfile import (
     write_private_file,
 )
 from bunker.errors import BunkerError, ExitCode, KeyRequired
+from bunker.private_files import tighten_own
 from bunker.repo.repository import Repository
 from bunker.storage import open_backend
 
@@ -61,7 +63,7 @@ class Options:
 
 def passphrase(prompt: str = "Master key passphrase", confirm: bool = False) -> str:
     """BUNKER_PASSPHRASE, else ask on the terminal; with neither, fail at once (never hang)."""
-    env = os.environ.get("BUNKER_PASSPHRASE")
+    env = secret("BUNKER_PASSPHRASE")
     if env is not None:
         return env
     if not (sys.stdin.isatty() and sys.stderr.isatty()):
@@ -88,6 +90,8 @@ def explicit_repo_id(opts: Options) -> str | None:
 
 def open_repository(opts: Options) -> Repository:
     """Open the repository, pinned to the id of an explicitly given key file when there is one."""
+    if os.path.isabs(opts.repo_url):
+        tighten_own(opts.repo_url, children=True)  # the default repository lives in bunker's data directory
     backend = open_backend(opts.repo_url)
     return Repository.open(backend, explicit_repo_id(opts))
 
@@ -101,6 +105,7 @@ def load_put(opts: Options, repo: Repository) -> PutKey:
             "pass it with --put-key FILE or BUNKER_PUT_KEY; the repository's owner makes one with "
             "`bunker key new-client NAME --out FILE`",
         )
+    tighten_own(path)
     return load_put_key(path)
 
 
@@ -116,6 +121,7 @@ def load_master(opts: Options, repo: Repository, purpose: str) -> MasterKey:
         )
     if read_master_repo_id(path) != repo.repo_id:
         raise KeyRequired(f"master key {path} is for another repository", "pass the right --master-key")
+    tighten_own(path)
     return load_master_key(path, passphrase())
 
 
@@ -145,6 +151,8 @@ def init_repository(url: str, client_name: str, host: str = "") -> Created:
             "choose a passphrase (BUNKER_PASSPHRASE or the prompt)",
             exit_code=ExitCode.USAGE,
         )
+    if os.path.isabs(url):
+        tighten_own(url)
     backend = open_backend(url, create=True)
     if any(True for _ in backend.list("config/")):
         raise BunkerError(

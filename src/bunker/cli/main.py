@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import click
 
 from bunker import __version__
+from bunker.child_env import withhold_secrets
 from bunker.cli.context import Options
 from bunker.cli.output import Output
 from bunker.errors import BunkerError, ExitCode
@@ -93,6 +94,7 @@ def main() -> None:
         cmd_serve,
     )
 
+    withhold_secrets()  # before anything can start a child process
     limit_malloc_arenas()
     cli(prog_name="bunker")
 

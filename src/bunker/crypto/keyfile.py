@@ -7,7 +7,6 @@ so they can be printed, mailed to oneself or pasted into a password manager.
 from __future__ import annotations
 
 import base64
-import contextlib
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +19,7 @@ from bunker.crypto.derive import SEED_SIZE, PutSecrets, put_secret_for_domain
 from bunker.crypto.kem import DataPrivateKey, DataPublicKey
 from bunker.crypto.sign import SigningKey, fingerprint
 from bunker.errors import BunkerError, ExitCode
+from bunker.private_files import write_private_file as write_private_file  # key and state files' writer
 
 MASTER_LABEL = "BUNKER MASTER KEY"
 PUT_LABEL = "BUNKER PUT KEY"
@@ -112,24 +112,6 @@ def _dearmor(text: str, label: str, path: str) -> dict[str, Any]:
         return encoding.expect_map(encoding.unpack(raw), "v", "kind", "repo")
     except (ValueError, encoding.FormatError) as exc:
         raise KeyFileError(f"key file {path} is damaged ({exc})", "restore it from your copy") from None
-
-
-def write_private_file(path: str, text: str) -> None:
-    """Write a secret file with mode 0600 atomically (temp + fsync + rename)."""
-    d = os.path.dirname(os.path.abspath(path))
-    os.makedirs(d, mode=0o700, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, text.encode())
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    with contextlib.suppress(OSError):
-        dfd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-        os.fsync(dfd)
-        os.close(dfd)
 
 
 def _read(path: str, what: str) -> str:

@@ -16,6 +16,7 @@ import os
 from bunker import dirs, encoding
 from bunker.crypto.keyfile import PutKey
 from bunker.errors import BunkerError, ExitCode, ObjectMissing
+from bunker.private_files import private_dirs, tighten_own, write_private_file
 from bunker.repo.objects import content_hash, is_hash_name
 from bunker.repo.records import parse_lease
 from bunker.repo.repository import Repository
@@ -32,6 +33,7 @@ class Spool:
     def __init__(self, upstream_url: str) -> None:
         self.upstream_url = upstream_url
         self.root = dirs.spool_dir(upstream_url)
+        tighten_own(self.root, children=True)  # one an older version made with the umask's mode
 
     def seeded(self) -> bool:
         """True once a run reached the upstream and copied its config here."""
@@ -43,10 +45,10 @@ class Spool:
     def backend(self) -> LocalBackend:
         """The spool as a local backend (created on first use)."""
         fresh = not os.path.isdir(self.root)
+        private_dirs(self.root)  # 0700 from the data directory down, whatever the umask
         b = LocalBackend(self.root, create=True)
         if fresh:
-            with open(os.path.join(self.root, UPSTREAM_FILE), "w", encoding="utf-8") as f:
-                f.write(self.upstream_url + "\n")
+            write_private_file(os.path.join(self.root, UPSTREAM_FILE), self.upstream_url + "\n")
         return b
 
     def pending(self) -> list[ObjectInfo]:

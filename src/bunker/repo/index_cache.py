@@ -15,6 +15,7 @@ from bunker import encoding
 from bunker.crypto.derive import PutSecrets
 from bunker.crypto.sign import BadSignature, verify
 from bunker.errors import CorruptObject, ObjectMissing
+from bunker.private_files import private_dirs, write_private_file
 from bunker.repo.blob_reader import read_trailer
 from bunker.repo.index import Location, LocationMap, decrypt_index, parse_index_frame
 from bunker.repo.objects import MAGIC_INDEX
@@ -76,7 +77,7 @@ class IndexCache:
         if self.cache_dir and not self.for_dedup:
             self.cache_dir = None  # the cache holds the dedup view only
         if self.cache_dir:
-            os.makedirs(self.cache_dir, mode=0o700, exist_ok=True)
+            private_dirs(self.cache_dir)
             cached = set(os.listdir(self.cache_dir))
             listed = {n.split("/", 1)[1] for n in names}
             if partial:
@@ -123,10 +124,8 @@ class IndexCache:
     def _store_cached(self, leaf: str, entries: list[tuple[bytes, Location]]) -> None:
         assert self.cache_dir
         rows = [[cid, loc.pack, loc.offset, loc.length, loc.raw_length] for cid, loc in entries]
-        tmp = os.path.join(self.cache_dir, f".{leaf}.tmp")
-        with open(tmp, "wb") as f:
-            f.write(encoding.pack(rows))
-        os.replace(tmp, os.path.join(self.cache_dir, leaf))
+        # a cache: rebuilt from the repository when lost, so not fsynced
+        write_private_file(os.path.join(self.cache_dir, leaf), encoding.pack(rows), durable=False)
 
     def add(self, entries: Iterable[tuple[bytes, Location]]) -> None:
         """Add entries (first location wins: equal chunks in two packs are both valid)."""
@@ -171,7 +170,6 @@ class IndexCache:
         """Note an index object this client just wrote (so the next load need not fetch it)."""
         self.objects.add(name)
         if self.cache_dir:
-            os.makedirs(self.cache_dir, mode=0o700, exist_ok=True)
             self._store_cached(name.split("/", 1)[1], entries)
 
 

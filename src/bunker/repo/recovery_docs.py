@@ -13,6 +13,11 @@ Repository id (fingerprint of the master verify key):
 
     {repo_id}
 
+Whoever holds this directory can rewrite this file, so the id above proves nothing by itself.
+The trusted copy is the one you kept: the first comment line of the master key file or of a put
+key file, or what `bunker init` or `bunker key info` printed and you stored offline with the key
+or its shares. Compare the two, and give your own copy to `--expect` in step 2.
+
 This directory (or bucket) is an encrypted, deduplicating backup made by Bunker. Nothing in it is
 secret except through the **master key**; with the master key (or enough of its SLIP-39 shares)
 a stranger with a fresh machine can restore everything.
@@ -23,12 +28,12 @@ a stranger with a fresh machine can restore everything.
 
 ## 2. Check the copy is complete and authentic (no key needed)
 
-    bunker check --keyless --repo PATH_OR_URL --expect {repo_id}
+    bunker check --keyless --repo PATH_OR_URL --expect THE_ID_YOU_KEPT
 
 Every object's bytes must match its name, every signature must chain to the master verify key
-whose fingerprint is the id above, and each client's snapshot chain must have no gap. If the id
-printed by the command differs from the one written on your key or share, this is not your
-repository, or it was tampered with.
+whose fingerprint is the id you gave, and each client's snapshot chain must have no gap. If it
+says the repository is not the one your key is for, this is not your repository, or it was
+replaced.
 
 ## 3. Get the master key
 

@@ -8,6 +8,7 @@ import contextlib
 import errno
 import functools
 import os
+import pwd
 import re
 import shlex
 import socket
@@ -20,6 +21,7 @@ from typing import IO, Any, Protocol
 from urllib.parse import quote, unquote, urlsplit
 
 from bunker import __version__
+from bunker.child_env import child_env
 from bunker.errors import BunkerError, ExitCode, StorageError
 from bunker.storage import wire
 from bunker.storage.ssh_address import SshAddress, parse_ssh_address
@@ -320,6 +322,19 @@ def _hardware_aes() -> bool:
     return False
 
 
+def _passwd_home() -> str:
+    try:
+        return pwd.getpwuid(os.getuid()).pw_dir
+    except KeyError:
+        return os.path.expanduser("~")
+
+
+def _ssh_config_path(path: str) -> str:
+    """``path`` as one ssh_config argument: quoted (it may hold spaces), ``%`` doubled (ssh
+    expands %-tokens in file names)."""
+    return '"' + path.replace("%", "%%") + '"'
+
+
 class SshOpener:
     """Runs ``ssh ... <remote path> serve --stdio --repo PATH`` (OpenSSH client, BatchMode)."""
 
@@ -340,7 +355,20 @@ class SshOpener:
                     f"point {var} at an existing file, or unset it to use the defaults in ~/.ssh",
                 )
         self.test_hint = f"`{loc.ssh_command()}` should log in"
+        if any(ord(c) < 32 or c == '"' for c in self.known_hosts_file):
+            raise wire.usage(
+                f"the known_hosts file {self.known_hosts_file!r} cannot be named to ssh",
+                f"point {KNOWN_HOSTS_VAR} at a file whose path has no double quote or control character",
+            )
         self._streams: list[_ProcStream] = []
+
+    @property
+    def known_hosts_file(self) -> str:
+        """The one file whose host keys bunker trusts: BUNKER_SSH_KNOWN_HOSTS, else
+        ~/.ssh/known_hosts of the home directory OpenSSH uses (the passwd entry's, not $HOME)."""
+        if self.known_hosts:
+            return os.path.abspath(self.known_hosts)
+        return os.path.join(_passwd_home(), ".ssh", "known_hosts")
 
     def argv(self) -> list[str]:
         """The ssh command line (no shell involved on this side)."""
@@ -355,8 +383,12 @@ class SshOpener:
             argv += ["-p", str(self.loc.port)]
         if self.identity:
             argv += ["-i", self.identity]
-        if self.known_hosts:
-            argv += ["-o", f"UserKnownHostsFile={self.known_hosts}"]
+        # host keys are checked whatever ~/.ssh/config says, against one file only: a config that
+        # says StrictHostKeyChecking no or accept-new, UserKnownHostsFile none or /dev/null, or
+        # VerifyHostKeyDNS yes does not apply to bunker's connections (docs/security.md)
+        known_hosts = _ssh_config_path(self.known_hosts_file)
+        argv += ["-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={known_hosts}"]
+        argv += ["-o", "GlobalKnownHostsFile=/dev/null", "-o", "VerifyHostKeyDNS=no"]
         if self.loc.user:
             argv += ["-l", self.loc.user]
         # the far side's shell runs this line: the remote path as given (it may hold arguments,
@@ -370,6 +402,7 @@ class SshOpener:
             # a session of its own: the terminal's Ctrl-C reaches bunker, which ends ssh itself
             proc = subprocess.Popen(
                 self.argv(),
+                env=child_env(),  # no passphrase for ssh, its ProxyCommand or the far side
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -425,7 +458,8 @@ class SshOpener:
     def _failure(self, rc: int | None, err: str, host_key: str) -> BaseException:
         """What an ssh that ended before the handshake means (see docs/user-guide.md)."""
         loc = self.loc
-        kh = self.known_hosts or "~/.ssh/known_hosts"
+        kh = self.known_hosts_file
+        qkh = shlex.quote(kh)  # the commands in the hint run as printed
         port = loc.port if loc.port is not None else DEFAULT_PORT
         keyscan = f"ssh-keyscan {'-p ' + str(port) + ' ' if port != DEFAULT_PORT else ''}{loc.host}"
         said = err.strip().splitlines()
@@ -440,15 +474,16 @@ class SshOpener:
                 "or the server was reinstalled",
                 "ask the server's administrator for its key's fingerprint (on the server: `ssh-keygen -lf "
                 f"/etc/ssh/ssh_host_ed25519_key.pub`); only if it matches, remove the old entry with "
-                f"`ssh-keygen -R '{entry}' -f {kh}` and trust the new key with `{keyscan} >> {kh}`",
+                f"`ssh-keygen -R '{entry}' -f {qkh}` and trust the new key with `{keyscan} >> {qkh}`",
                 exit_code=ExitCode.FATAL,
             )
         if "Host key verification failed" in err or re.search(r"No \S+ host key is known", err):
             presents = f". The server presents the {host_key.replace(' ', ' key ')}" if host_key else ""
             return StorageError(
-                f"refused to connect to {loc.host_port}: its host key is unknown (not in {kh}){presents}",
+                f"refused to connect to {loc.host_port}: its host key is unknown (not in {kh}, the only file of host "
+                f"keys bunker trusts){presents}",
                 f"compare `{keyscan} | ssh-keygen -lf -` with the server's own `ssh-keygen -lf "
-                f"/etc/ssh/ssh_host_ed25519_key.pub`; if they match, trust it with `{keyscan} >> {kh}` and run "
+                f"/etc/ssh/ssh_host_ed25519_key.pub`; if they match, trust it with `{keyscan} >> {qkh}` and run "
                 "the command again",
                 exit_code=ExitCode.FATAL,
             )

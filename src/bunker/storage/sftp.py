@@ -3,11 +3,12 @@
 ``sftp://[user@]host[:port]/absolute/path`` or ``sftp://[user@]host[:port]/~/path`` (below the
 login directory).
 
-- Login and trust come from the user's ssh setup (asyncssh's defaults): the keys of ssh-agent
-  (SSH_AUTH_SOCK) and ~/.ssh/id_*, ~/.ssh/config, and ~/.ssh/known_hosts. BUNKER_SSH_IDENTITY
-  names a private key file to use instead of ~/.ssh/id_* (the agent's keys still count),
-  BUNKER_SSH_KNOWN_HOSTS another known_hosts file. An
-  unknown (or changed) host key is refused with its fingerprint and the command to trust it.
+- Login comes from the user's ssh setup (asyncssh's defaults): the keys of ssh-agent
+  (SSH_AUTH_SOCK) and ~/.ssh/id_*, and ~/.ssh/config. BUNKER_SSH_IDENTITY names a private key
+  file to use instead of ~/.ssh/id_* (the agent's keys still count). Trust comes from one file
+  only, ~/.ssh/known_hosts or BUNKER_SSH_KNOWN_HOSTS, whatever ~/.ssh/config says (its
+  UserKnownHostsFile none would turn asyncssh's checking off). An unknown (or changed) host key
+  is refused with its fingerprint, that file, and the command to trust it.
 - A put writes ``<dir>/.tmp-<random>``, fsyncs it on the server (fsync@openssh.com), then
   renames it over the final name (posix-rename@openssh.com): a reader sees the old object or the
   new one, never half of one. Create-if-absent hard-links the temp file to the final name

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shlex
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -130,7 +131,34 @@ class Connector:
 
     @property
     def known_hosts_file(self) -> str:
+        """The one file whose host keys bunker trusts: BUNKER_SSH_KNOWN_HOSTS, else
+        ~/.ssh/known_hosts (by $HOME, where asyncssh reads ~/.ssh/config and the keys)."""
         return self.known_hosts or os.path.join(os.path.expanduser("~"), ".ssh", "known_hosts")
+
+    def trusted_host_keys(self) -> asyncssh.SSHKnownHosts:
+        """The entries of known_hosts_file, read for each connection; none when it is missing.
+        Always given to asyncssh explicitly: left to its defaults, asyncssh takes
+        UserKnownHostsFile from ~/.ssh/config, where ``none`` turns host key checking off."""
+        kh = self.known_hosts_file
+        try:
+            with open(kh, encoding="utf-8", errors="replace") as f:
+                text = f.read()
+        except FileNotFoundError:
+            text = ""
+        except OSError as exc:
+            raise StorageError(
+                f"cannot read {kh}, the file of trusted ssh host keys: {exc.strerror}",
+                f"make {kh} readable for this user, or point {KNOWN_HOSTS_VAR} at another known_hosts file",
+                exit_code=ExitCode.FATAL,
+            ) from None
+        try:
+            return asyncssh.import_known_hosts(text)
+        except ValueError as exc:
+            raise StorageError(
+                f"{kh}, the file of trusted ssh host keys, has a line that is not a known_hosts entry ({exc})",
+                f"fix or remove that line of {kh}",
+                exit_code=ExitCode.FATAL,
+            ) from None
 
     async def connect(self) -> Link:
         seen = _HostKeySeen()
@@ -142,7 +170,8 @@ class Connector:
             return client
 
         kw: dict[str, Any] = {
-            "known_hosts": self.known_hosts if self.known_hosts else (),
+            # only this file's keys, whatever ~/.ssh/config says (docs/security.md)
+            "known_hosts": self.trusted_host_keys(),
             "client_keys": [self.identity] if self.identity else (),
             "connect_timeout": self.timeout,
             "keepalive_interval": KEEPALIVE_SECONDS,
@@ -180,6 +209,7 @@ class Connector:
 
     def _host_key_error(self, seen: _HostKeySeen, exc: Exception) -> StorageError:
         kh = self.known_hosts_file
+        qkh = shlex.quote(kh)  # the commands in the hint run as printed
         if seen.key is None:
             return StorageError(
                 f"refused to connect to the ssh server {self.loc.host_port}: {exc}",
@@ -191,7 +221,7 @@ class Connector:
         alg = seen.key.get_algorithm()
         kind = alg.removeprefix("ssh-").split("-", 1)[0]
         host = seen.host or self.loc.host  # after ~/.ssh/config's HostName: what known_hosts must name
-        keyscan = f"ssh-keyscan {'-p ' + str(port) + ' ' if port != DEFAULT_PORT else ''}{host} >> {kh}"
+        keyscan = f"ssh-keyscan {'-p ' + str(port) + ' ' if port != DEFAULT_PORT else ''}{host} >> {qkh}"
         entry = f"[{host}]:{port}" if port != DEFAULT_PORT else host
         known = False
         with contextlib.suppress(Exception):
@@ -208,11 +238,12 @@ class Connector:
                 f"the {alg} key {fingerprint}, which does not match the key recorded in {kh}. Someone may be "
                 "intercepting the connection, or the server was reinstalled",
                 f"ask the server's administrator for its key's fingerprint {check}; only if it is {fingerprint}, "
-                f"remove the old entry with `ssh-keygen -R '{entry}' -f {kh}` and trust the new key with `{keyscan}`",
+                f"remove the old entry with `ssh-keygen -R '{entry}' -f {qkh}` and trust the new key with `{keyscan}`",
                 exit_code=ExitCode.FATAL,
             )
         return StorageError(
-            f"refused to connect to the ssh server {self.loc.host_port}: its host key is unknown (not in {kh}). "
+            f"refused to connect to the ssh server {self.loc.host_port}: its host key is unknown (not in {kh}, the "
+            "only file of host keys bunker trusts). "
             f"The server presents the {alg} key {fingerprint}",
             f"make sure that this is the server's key {check}, then trust it with `{keyscan}` "
             "and run the command again",
