@@ -35,7 +35,7 @@ class Target:
         """The requests for this test's prefix, once the server logged a marker request (a stat
         of a fresh name): the log is written after each response."""
         assert self.server is not None
-        marker = "snapshots/" + os.urandom(8).hex()
+        marker = "snapshots/" + os.urandom(32).hex()
         self.backend.stat(marker)
         deadline = time.monotonic() + 10
         while True:
@@ -215,6 +215,8 @@ def test_missing_object_raises_object_missing(target: Target) -> None:
 def test_bad_names_are_refused_before_any_request(target: Target, tmp_path: Path) -> None:
     b = target.backend
     bad = ["../escaped", "packs/../../escaped", "/etc/passwd", "packs/.hidden", "packs/a/b", "Packs/" + H, ""]
+    # names that break their prefix's rule (docs/format.md section 5): never stored, read or deleted
+    bad += ["packs/junk", "snapshots/evil", "sessions/notasession", "foo/bar", "packs/" + H + "\n", "status/x"]
     for name in bad:
         for call in (
             lambda n: b.put(n, b"data"),

@@ -17,7 +17,9 @@ from typing import Any
 
 import pytest
 
-from bunker.errors import BunkerError, ExitCode, StorageError
+from bunker import encoding
+from bunker.errors import BunkerError, ExitCode, ObjectMissing, StorageError
+from bunker.repo.config import FORMAT_VERSION
 from bunker.storage import wire
 from bunker.storage.remote import RemoteBackend, ServerRefused, open_remote, parse_remote_url
 from helpers import (
@@ -299,9 +301,10 @@ def test_append_only_server_takes_backups_and_refuses_destruction(tmp_path: Path
         with pytest.raises(ServerRefused, match="do not match its name"):
             b.put("packs/" + "0" * 64, b"not those bytes")
         assert b.put("packs/" + b3(b"right bytes"), b"right bytes") is True
-        b.put("sessions/lease-1", b"lease")
-        b.delete("sessions/lease-1")
-        assert b.stat("sessions/lease-1") is None
+        lease = "sessions/" + "0123456789abcdef01234567.0"
+        b.put(lease, b"lease")
+        b.delete(lease)
+        assert b.stat(lease) is None
         b.close()
     finally:
         log = server.stop()
@@ -342,11 +345,12 @@ def test_forced_command_restricts_the_path(tmp_path: Path) -> None:
 class RawServe:
     """`bunker serve --stdio` driven by hand."""
 
-    def __init__(self, repo: Path) -> None:
+    def __init__(self, repo: Path, *args: str) -> None:
         assert BUNKER
         repo.mkdir(exist_ok=True)
+        self._rid = 0
         self.proc = subprocess.Popen(
-            [BUNKER, "serve", "--stdio", "--repo", str(repo)],
+            [BUNKER, "serve", "--stdio", "--repo", str(repo), *args],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -362,6 +366,14 @@ class RawServe:
     def reply(self) -> wire.Frame:
         length, rid, code, meta_len = wire.read_header(self.stream, wire.MAX_FRAME, "the server")
         return wire.read_body(self.stream, rid, code, length, meta_len, "the server")
+
+    def request(self, op: int, meta: dict[str, Any], payload: bytes = b"") -> wire.Frame:
+        """Send one request and return its reply."""
+        self._rid += 1
+        wire.write_frame(self.stream, self._rid, op, meta, payload)
+        f = self.reply()
+        assert f.rid == self._rid, f
+        return f
 
     def finish(self) -> tuple[int, str]:
         rc = self.proc.wait(10)  # never hangs on a bogus length
@@ -417,6 +429,86 @@ def test_hostile_frames_get_a_clear_answer(tmp_path: Path) -> None:
     s.proc.stdin.close()
     rc, err = s.finish()
     assert rc == 0 and "in the middle of a request" in err
+
+
+@pytest.mark.parametrize("mode", [(), ("--append-only",)], ids=["read-write", "append-only"])
+def test_server_refuses_names_that_break_their_prefixs_rule(tmp_path: Path, mode: tuple[str, ...]) -> None:
+    """A compromised client cannot plant objects under names that no reader uses and that an
+    append-only server would keep forever (docs/format.md sections 5 and 22)."""
+    repo = tmp_path / "repo"
+    s = RawServe(repo, *mode)
+    assert s.hello().fields["append_only"] is bool(mode)
+    bad = [
+        "packs/junk",
+        "snapshots/evil",
+        "sessions/notasession",
+        "foo/bar",
+        "packs/" + "a" * 64 + "\n",
+        "packs/" + "A" * 64,
+        "sessions/0123456789abcdef01234567.01",
+        "status/x",
+    ]
+    for name in bad:
+        f = s.request(wire.PUT, {"n": name, "x": False}, b"bytes")
+        assert f.code == wire.INVALID, (name, f)
+        assert f"format version {FORMAT_VERSION} knows prefixes: config/ clients/ packs/" in f.meta["m"], f.meta
+        assert "sessions/ (<24 hex>.<counter>), RECOVERY.md, FORMAT.md" in f.meta["m"], f.meta
+        assert "same bunker version" in f.meta["h"]
+    f = s.request(wire.PUT, {"n": "packs/" + b3(b"other bytes"), "x": False}, b"these bytes")
+    if mode:
+        assert f.code == wire.REFUSED and "do not match its name" in f.meta["m"], f
+    good = {
+        "packs/" + b3(b"a pack"): b"a pack",
+        "snapshots/" + b3(b"a snapshot"): b"a snapshot",
+        "sessions/0123456789abcdef01234567.0": b"a lease",
+        "sessions/0123456789abcdef01234567.10": b"a refresh",
+        "RECOVERY.md": b"a document",
+    }
+    for name, data in good.items():
+        assert s.request(wire.PUT, {"n": name, "x": False}, data).code == wire.OK, name
+    assert s.proc.stdin
+    s.proc.stdin.close()
+    rc, err = s.finish()
+    assert rc == 0 and "refused a PUT" in err and "Traceback" not in err, err
+    stored = {str(p.relative_to(repo)) for p in repo.rglob("*") if p.is_file()}
+    assert stored == set(good) | ({"packs/" + b3(b"other bytes")} if not mode else set())
+
+
+def test_listings_never_show_names_that_could_be_confused(tmp_path: Path) -> None:
+    """Files put into a served directory by other means: a listing shows only objects; a name
+    with a newline, a directory under a hash name, junk: left out, and reported on request."""
+    from bunker.node.serve import ServeConfig, SocketServer
+
+    repo = tmp_path / "repo"
+    good = "packs/" + b3(b"a pack")
+    server = SocketServer(str(tmp_path / "s.sock"), ServeConfig(str(repo))).start()
+    try:
+        b = open_remote(f"unix://{tmp_path / 's.sock'}", create=True)
+        b.put(good, b"a pack")
+        packs = repo / "packs"
+        (packs / "junk").write_bytes(b"junk")
+        (packs / ("e" * 64 + "\n")).write_bytes(b"a name with a newline")
+        (packs / ("f" * 64)).mkdir()
+        (packs / ("f" * 64) / ("d" * 64)).write_bytes(b"below a directory")
+        (packs / ".tmp-0123456789abcdef").write_bytes(b"a writer's temp file")
+        assert [i.name for i in b.list("packs/")] == [good]
+        assert b.stat("packs/" + "f" * 64) is None
+        with pytest.raises(ObjectMissing):
+            b.get("packs/" + "f" * 64)
+        strays = b.strays("packs/")
+        assert strays.shown == (repr("packs/" + "e" * 64 + "\n"), "packs/" + "f" * 64 + "/", "packs/junk")
+        assert strays.count == 3 and b.strays("index/").count == 0
+        b.close()
+    finally:
+        server.close()
+    # the raw protocol: LIST pages hold objects only
+    s = RawServe(repo)
+    s.hello()
+    f = s.request(wire.LIST, {"p": "packs/", "a": ""})
+    assert f.code == wire.OK and [r[0] for r in encoding.unpack(f.payload)] == [good[6:]]
+    assert s.proc.stdin
+    s.proc.stdin.close()
+    assert s.finish()[0] == 0
 
 
 def test_handshake_version_mismatch(tmp_path: Path) -> None:

@@ -46,6 +46,25 @@ BAD_NAMES = [
     "RECOVERY.md/../x",
     "recovery.md",
     "config/-dash",
+    # each prefix's own rule (docs/format.md section 5)
+    "packs/junk",
+    "snapshots/evil",
+    "index/" + "a" * 128,
+    "packs/" + H + "\n",  # "$" of a regex would take it
+    "packs/" + H.upper(),
+    "packs/" + H[:-1],
+    "packs/" + H + "/x",
+    "status/junk",
+    "foo/bar",
+    "sessions/notasession",
+    "sessions/" + H,
+    "sessions/0123456789abcdef01234567",
+    "sessions/0123456789abcdef01234567.",
+    "sessions/0123456789abcdef01234567.01",
+    "sessions/0123456789abcdef01234567.-1",
+    "sessions/0123456789abcdef01234567.1" + "0" * 18,
+    "sessions/0123456789ABCDEF01234567.0",
+    "sessions/0123456789abcdef01234567.0\n",
 ]
 GOOD_NAMES = [
     "packs/" + H,
@@ -55,7 +74,11 @@ GOOD_NAMES = [
     "gc/" + H,
     "RECOVERY.md",
     "FORMAT.md",
-    "index/" + "a" * 128,
+    "sessions/0123456789abcdef01234567.0",
+    "sessions/0123456789abcdef01234567." + "9" * 18,
+    "status/" + H,
+    "policy/" + H,
+    "nodes/" + H,
 ]
 
 

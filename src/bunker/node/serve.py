@@ -10,8 +10,10 @@ per connection). Every connection:
 - reads requests and hands them to a small thread pool; replies are written under a lock, in the
   order they finish. Memory is bounded: at most MAX_INFLIGHT requests and MAX_INFLIGHT_BYTES of
   request bodies are held at once (the reader waits, and with it the client);
-- validates every name with the backend's rules before any filesystem call (the backend does it
-  again);
+- validates every name against the registry of prefixes and their naming rules
+  (storage/prefixes.py) before any filesystem call (the backend does it again): a PUT of a name
+  that breaks its prefix's rule (``packs/junk``, ``sessions/x``) is answered INVALID, naming the
+  format version and its prefixes; listings never show such names (LIST with ``j`` reports them);
 - in append-only mode, creates objects but never replaces one (a put of an existing name answers
   "exists"), refuses deletes except under ``sessions/``, and refuses bytes that do not match a
   hash name: a compromised client cannot destroy or spoil what is stored.
@@ -35,11 +37,13 @@ from typing import Any
 
 from bunker import __version__, encoding
 from bunker.errors import BunkerError, ExitCode, ObjectMissing
+from bunker.repo.config import FORMAT_VERSION
 from bunker.repo.objects import content_hash, is_hash_name
 from bunker.storage import wire
 from bunker.storage.backend import InvalidName, validate_name, validate_prefix
 from bunker.storage.full import RepositoryFull
 from bunker.storage.local import LocalBackend
+from bunker.storage.prefixes import known_names
 
 WORKERS = 4  # requests handled at once per connection (the client runs 2-3 threads)
 MAX_INFLIGHT = 16  # requests read and not yet answered
@@ -249,7 +253,7 @@ class Session:
         assert b is not None
         m = f.meta
         if f.code == wire.PUT:
-            name = validate_name(_str(m, "n"))
+            name = _object_name(_str(m, "n"), self.peer)
             if_absent = _bool(m, "x")
             if self.config.append_only:
                 if is_hash_name(name) and content_hash(f.payload) != name.split("/", 1)[1]:
@@ -264,6 +268,9 @@ class Session:
         if f.code == wire.GET:
             return self._get(b, validate_name(_str(m, "n")), _int(m, "o"), _opt_int(m, "l"))
         if f.code == wire.LIST:
+            if _bool(m, "j"):
+                strays = b.strays(validate_prefix(_str(m, "p")))
+                return wire.OK, {"j": list(strays.shown), "jn": strays.count}, encoding.pack([])
             return self._list(b, validate_prefix(_str(m, "p")), _str(m, "a", ""))
         if f.code == wire.DELETE:
             name = validate_name(_str(m, "n"))
@@ -303,6 +310,21 @@ class Session:
         page = entries[: wire.LIST_PAGE]
         payload = encoding.pack([[i.name[len(prefix) :], i.size, i.mtime] for i in page])
         return wire.OK, {"more": len(entries) > len(page)}, payload
+
+
+def _object_name(name: str, peer: str) -> str:
+    """``name`` if it is an object name of the repository format, else an INVALID answer that
+    names the format's prefixes (a client of another version learns what this server takes)."""
+    try:
+        return validate_name(name)
+    except InvalidName as exc:
+        log(f"refused a PUT from {peer}: {exc.message}")
+        raise _Bad(
+            wire.INVALID,
+            f"{exc.message}; format version {FORMAT_VERSION} knows prefixes: {known_names()}",
+            "the client writes names this server's bunker does not know: install the same bunker version on the "
+            "client and the server; if it already runs it, the client is broken or compromised",
+        ) from None
 
 
 def _str(m: dict[str, Any], key: str, default: str | None = None) -> str:

@@ -29,7 +29,7 @@ from bunker.crypto.sign import BadSignature, verify
 from bunker.errors import BunkerError, CorruptObject, ObjectMissing, StorageError
 from bunker.repo import refs
 from bunker.repo.certs import parse_certificate
-from bunker.repo.config import parse_config
+from bunker.repo.config import FORMAT_VERSION, parse_config
 from bunker.repo.config_chain import missing_links
 from bunker.repo.index import decrypt_index, parse_index_frame
 from bunker.repo.leases import sessions
@@ -56,6 +56,7 @@ from bunker.repo.retention import FUTURE_TOLERANCE, signed_time_in_future
 from bunker.repo.snapshot import ParsedSnapshot, open_body, parse_snapshot
 from bunker.repo.trust import chain_trust
 from bunker.storage.backend import PREFIXES, Backend
+from bunker.storage.prefixes import WRITTEN, rule_for
 
 # a blob's place in its pack as the trailer gives it, packed into one int (offset, length, raw
 # length): a tuple of three ints per chunk costs ~100 B more, for every chunk of the repository
@@ -157,11 +158,12 @@ class Checker:
                 f"id {repo.repo_id} with the one on your key or in your own copy of RECOVERY.md",
                 "warn",
             )
-        infos = {p: list(self.backend.list(p + "/")) for p in PREFIXES}
-        names = {p: [i.name for i in infos[p]] for p in PREFIXES}
+        infos = {p: list(self.backend.list(p + "/")) for p in WRITTEN}
+        names = {p: [i.name for i in infos[p]] for p in WRITTEN}
         self._stored = {i.name: i.mtime for i in infos["snapshots"]}
         for p, ns in names.items():
             r.counts[p] = len(ns)
+        self._report_strays()
         self.progress("configs and certificates")
         self._check_configs(names["config"])
         self._check_certs(names["clients"])
@@ -177,6 +179,17 @@ class Checker:
         return r
 
     # ------------------------------------------------------------------ pieces
+    def _report_strays(self) -> None:
+        """Names under a prefix that break its rule: no listing shows them, so nothing acts on
+        them; bunker never writes one, so someone with access to the storage put it there."""
+        for p in PREFIXES:
+            strays = self.backend.strays(p + "/")
+            what = f"not an object of format {FORMAT_VERSION} ({p}/ holds only files named by {rule_for(p)})"
+            for name in strays.shown:
+                self.report.add(name, f"{what}: bunker ignores it; find out who put it there, then remove it", "warn")
+            if strays.count > len(strays.shown):
+                self.report.add(f"{p}/", f"{strays.count - len(strays.shown)} more names there are {what}", "warn")
+
     def _get(self, name: str) -> bytes | None:
         try:
             data = self.backend.get(name)

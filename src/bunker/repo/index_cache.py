@@ -18,7 +18,7 @@ from bunker.errors import CorruptObject, ObjectMissing
 from bunker.private_files import private_dirs, write_private_file
 from bunker.repo.blob_reader import read_trailer
 from bunker.repo.index import Location, LocationMap, decrypt_index, parse_index_frame
-from bunker.repo.objects import MAGIC_INDEX
+from bunker.repo.objects import MAGIC_INDEX, is_hash_name
 from bunker.repo.repository import Repository
 
 
@@ -81,7 +81,7 @@ class IndexCache:
             cached = set(os.listdir(self.cache_dir))
             listed = {n.split("/", 1)[1] for n in names}
             if partial:
-                names += [f"index/{leaf}" for leaf in sorted(cached - listed) if not leaf.startswith(".")]
+                names += [f"index/{leaf}" for leaf in sorted(cached - listed) if is_hash_name(f"index/{leaf}")]
             else:
                 for stale in cached - listed:
                     with contextlib.suppress(OSError):

@@ -1,7 +1,8 @@
 """Object names and the signed-object frame shared by every signed kind.
 
 Except for RECOVERY.md, FORMAT.md and ``sessions/`` objects, an object's name is
-``<prefix>/<hex BLAKE3 of its stored bytes>``, so a copy can be checked with ``b3sum``.
+``<prefix>/<hex BLAKE3 of its stored bytes>``, so a copy can be checked with ``b3sum``. Which
+prefixes there are and the rule of each one's names: the registry, storage/prefixes.py.
 
 A signed object is ``MAGIC (4 bytes) || msgpack {"body": bytes, "signer": str, "sig": bytes}``;
 the signature covers (MAGIC, body) so it never verifies as another kind. ``signer`` is ``""`` for
@@ -10,7 +11,6 @@ the master signing key, else the name of the client certificate (``clients/<hex>
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +18,8 @@ import blake3
 
 from bunker import encoding
 from bunker.crypto.sign import SigningKey
+from bunker.storage.prefixes import HASH_NAMED as HASH_NAMED  # the registry's, for the readers
+from bunker.storage.prefixes import is_hash_name as is_hash_name
 
 MAGIC_CONFIG = b"BKCF"
 MAGIC_CLIENT = b"BKCL"
@@ -30,7 +32,6 @@ MAGIC_SESSION = b"BKSS"
 MAGIC_GC = b"BKGC"
 MAGIC_MOVED = b"BKMV"  # a move record of a repack, also under gc/
 
-HASH_NAMED = ("config", "clients", "packs", "index", "refs", "snapshots", "retired", "gc")
 MAGIC_OF_PREFIX = {
     "config": MAGIC_CONFIG,
     "clients": MAGIC_CLIENT,
@@ -42,7 +43,6 @@ MAGIC_OF_PREFIX = {
     "gc": MAGIC_GC,
     "sessions": MAGIC_SESSION,
 }
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
 MAX_SIGNED_OBJECT = 64 << 20  # no signed object of ours is near this; larger is hostile
 
 
@@ -55,12 +55,6 @@ def content_hash(data: bytes | memoryview) -> str:
 def name_for(prefix: str, data: bytes | memoryview) -> str:
     """The hash name of an object under ``prefix``."""
     return f"{prefix}/{content_hash(data)}"
-
-
-def is_hash_name(name: str) -> bool:
-    """True if ``name`` is ``<hash-named prefix>/<64 hex>``."""
-    prefix, _, leaf = name.partition("/")
-    return prefix in HASH_NAMED and bool(_HEX64.match(leaf))
 
 
 def check_ref(value: Any, prefix: str) -> str:

@@ -1,24 +1,35 @@
 """The backend interface: the security boundary for object names.
 
 A backend stores opaque objects under names such as ``packs/<64 hex>``. It knows nothing about
-keys or formats. Every name is validated here, before any implementation sees it, so a
-malicious name read from an untrusted object (``../../etc/passwd``) can never reach a filesystem
-call or an URL.
+keys or formats. Every name is validated here against the registry of prefixes and their naming
+rules (storage/prefixes.py), before any implementation sees it, so a malicious name read from an
+untrusted object (``../../etc/passwd``) can never reach a filesystem call or an URL, and a name
+that breaks its prefix's rule (``packs/junk``) is neither written, read, deleted nor listed.
 """
 
 from __future__ import annotations
 
-import re
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from bunker.errors import BunkerError
+from bunker.storage.prefixes import FIXED_NAMES, PREFIXES, name_problem, printable
 
-# Top-level prefixes of a repository (DESIGN.md §3) plus the fixed plaintext documents.
-PREFIXES = ("config", "clients", "packs", "index", "refs", "snapshots", "retired", "sessions", "gc")
-FIXED_NAMES = ("RECOVERY.md", "FORMAT.md")
-_LEAF = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+__all__ = [
+    "FIXED_NAMES",
+    "PREFIXES",
+    "STRAYS_SHOWN",
+    "Backend",
+    "Capabilities",
+    "InvalidName",
+    "ObjectInfo",
+    "Strays",
+    "validate_name",
+    "validate_prefix",
+]
+
+STRAYS_SHOWN = 100  # names of strays a listing reports per prefix (their count is always exact)
 
 
 class InvalidName(BunkerError):
@@ -26,17 +37,12 @@ class InvalidName(BunkerError):
 
 
 def validate_name(name: str) -> str:
-    """Return ``name`` if it is a valid object name, else raise InvalidName.
-
-    Valid: one of FIXED_NAMES, or ``<prefix>/<leaf>`` with a known prefix and a leaf of letters,
-    digits, dot, dash and underscore (no leading dot), at most 128 characters.
-    """
-    if name in FIXED_NAMES:
-        return name
-    prefix, sep, leaf = name.partition("/")
-    if not sep or prefix not in PREFIXES or not _LEAF.match(leaf):
+    """Return ``name`` if it is an object name of the registry (storage/prefixes.py), else raise
+    InvalidName: a fixed name, or ``<prefix>/<leaf>`` whose leaf follows its prefix's rule."""
+    problem = name_problem(name)
+    if problem is not None:
         raise InvalidName(
-            f"refused object name {name!r}: not a valid repository object name",
+            f"refused object name {printable(name)}: {problem}",
             "the repository or a value read from it is damaged or malicious; run `bunker check`",
         )
     return name
@@ -45,8 +51,17 @@ def validate_name(name: str) -> str:
 def validate_prefix(prefix: str) -> str:
     """Validate a listing prefix: a known top-level prefix followed by '/'."""
     if not prefix.endswith("/") or prefix[:-1] not in PREFIXES:
-        raise InvalidName(f"refused listing prefix {prefix!r}", "this is a bug in bunker; please report it")
+        raise InvalidName(f"refused listing prefix {printable(prefix)}", "this is a bug in bunker; please report it")
     return prefix
+
+
+@dataclass(frozen=True)
+class Strays:
+    """What a listing of a prefix left out: names there that are not objects (foreign files,
+    names that break the prefix's rule). ``shown``: up to STRAYS_SHOWN of them, printable."""
+
+    shown: tuple[str, ...] = ()
+    count: int = 0
 
 
 @dataclass(frozen=True)
@@ -98,13 +113,18 @@ class Backend(ABC):
         return self._get(validate_name(name), offset, length)
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
-        """Yield every object whose name starts with ``prefix`` (e.g. ``packs/``)."""
+        """Yield every object whose name starts with ``prefix`` (e.g. ``packs/``). Names that
+        break the prefix's rule are left out (strays() reports them): nothing acts on them."""
         for info in self._list(validate_prefix(prefix)):
-            try:
-                validate_name(info.name)
-            except InvalidName:
-                continue  # foreign files (editor backups, temp files) are not objects
-            yield info
+            if name_problem(info.name) is None:
+                yield info
+
+    def strays(self, prefix: str) -> Strays:
+        """What list(prefix) leaves out: entries under ``prefix`` that are not objects (for
+        `bunker check` to report). Dot files (writers' temp files) are not strays."""
+        listed = (i.name for i in self._list(validate_prefix(prefix)))
+        names = sorted(printable(n) for n in listed if name_problem(n) and not n[len(prefix) :].startswith("."))
+        return Strays(tuple(names[:STRAYS_SHOWN]), len(names))
 
     def delete(self, name: str) -> None:
         """Remove an object; deleting a missing object is not an error."""

@@ -19,12 +19,14 @@ import errno
 import os
 import secrets
 import shutil
+import stat
 import time
 from collections.abc import Iterator
 
 from bunker.errors import BunkerError, ExitCode, ObjectMissing, StorageError
-from bunker.storage.backend import PREFIXES, Backend, Capabilities, ObjectInfo
+from bunker.storage.backend import STRAYS_SHOWN, Backend, Capabilities, ObjectInfo, Strays, validate_prefix
 from bunker.storage.full import FULL_ERRNOS, RepositoryFull, local_disk_full
+from bunker.storage.prefixes import PREFIXES, WRITTEN, name_problem, printable
 
 __all__ = ["FULL_ERRNOS", "FileOps", "LocalBackend", "RepositoryFull", "storage_error"]
 
@@ -83,7 +85,7 @@ class LocalBackend(Backend):
         if create:
             try:
                 self._ensure_dir(self.root)
-                for p in PREFIXES:
+                for p in WRITTEN:  # a reserved prefix's directory comes with its first object
                     self._ensure_dir(os.path.join(self.root, p))
             except OSError as exc:
                 raise storage_error(exc, f"could not create the repository directory {self.root}", self.root) from None
@@ -182,34 +184,57 @@ class LocalBackend(Backend):
 
     def _get(self, name: str, offset: int, length: int | None) -> bytes:
         try:
-            with open(self._path(name), "rb") as f:
-                if offset < 0:
-                    f.seek(offset, os.SEEK_END)
-                elif offset:
-                    f.seek(offset)
-                return f.read() if length is None else f.read(length)
+            # O_NONBLOCK: a fifo under an object's name must not hang the reader (no effect on
+            # regular files); anything but a regular file is not an object
+            fd = os.open(self._path(name), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
             raise ObjectMissing(name) from None
         except OSError as exc:
-            if exc.errno == errno.EINVAL and offset < 0:  # seek before start: return whole object
-                with open(self._path(name), "rb") as f:
-                    return f.read()
             raise storage_error(exc, f"could not read {name} from {self.root}", self.root) from None
+        with open(fd, "rb") as f:
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise ObjectMissing(name)
+                if offset < 0:
+                    size = os.fstat(fd).st_size
+                    f.seek(max(0, size + offset))  # a range larger than the object: all of it
+                elif offset:
+                    f.seek(offset)
+                return f.read() if length is None else f.read(length)
+            except OSError as exc:
+                raise storage_error(exc, f"could not read {name} from {self.root}", self.root) from None
 
     def _list(self, prefix: str) -> Iterator[ObjectInfo]:
-        d = self._path(prefix.rstrip("/"))
-        try:
-            entries = list(os.scandir(d))
-        except FileNotFoundError:
-            return
-        for e in entries:
-            if e.name.startswith("."):
-                continue
+        for e in self._entries(prefix):
             try:
-                st = e.stat(follow_symlinks=False)
+                st = e.stat()  # follows a symlink, as get() and stat() do
             except FileNotFoundError:
-                continue  # deleted while listing
-            yield ObjectInfo(prefix + e.name, st.st_size, st.st_mtime)
+                continue  # deleted while listing (or a dangling symlink: a stray)
+            if stat.S_ISREG(st.st_mode):
+                yield ObjectInfo(prefix + e.name, st.st_size, st.st_mtime)
+
+    def _entries(self, prefix: str) -> list[os.DirEntry[str]]:
+        """The entries of ``prefix``'s directory, without dot files (temp files are dot files)."""
+        try:
+            return [e for e in os.scandir(self._path(prefix.rstrip("/"))) if not e.name.startswith(".")]
+        except FileNotFoundError:
+            return []
+        except OSError as exc:
+            raise storage_error(exc, f"could not list {prefix} in {self.root}", self.root) from None
+
+    def strays(self, prefix: str) -> Strays:
+        """Besides names that break the prefix's rule: directories (shown with a trailing ``/``)
+        and anything else that is not a regular file, whatever its name."""
+        listed = {i.name for i in self._list(validate_prefix(prefix)) if name_problem(i.name) is None}
+        names = []
+        for e in self._entries(prefix):
+            name = prefix + e.name
+            if name not in listed:
+                with contextlib.suppress(OSError):
+                    name += "/" if e.is_dir() else ""
+                names.append(printable(name))
+        names.sort()
+        return Strays(tuple(names[:STRAYS_SHOWN]), len(names))
 
     def _delete(self, name: str) -> None:
         path = self._path(name)
@@ -226,6 +251,8 @@ class LocalBackend(Backend):
             st = os.stat(self._path(name))
         except FileNotFoundError:
             return None
+        if not stat.S_ISREG(st.st_mode):
+            return None  # a directory or a device under an object's name is no object
         return ObjectInfo(name, st.st_size, st.st_mtime)
 
     def capabilities(self) -> Capabilities:

@@ -35,8 +35,9 @@ import opendal.exceptions as ox
 from opendal.layers import RetryLayer, TimeoutLayer
 
 from bunker.errors import BunkerError, ExitCode, ObjectMissing, StorageError
-from bunker.storage.backend import Backend, Capabilities, InvalidName, ObjectInfo, validate_name
+from bunker.storage.backend import Backend, Capabilities, ObjectInfo
 from bunker.storage.full import full_reason, service_full
+from bunker.storage.prefixes import is_object_name
 
 DEFAULT_RETRIES = 5  # retries after the first attempt: 0.5+1+2+4+8 s of backoff, up to twice that with jitter
 DEFAULT_RETRY_DELAY = 0.5
@@ -208,17 +209,16 @@ class ObjectStoreBackend(Backend):
             # a missing prefix (WebDAV: no collection yet) lists as empty in OpenDAL
             for entry in self._op.list(prefix):
                 path = entry.path
-                if path.endswith("/") or not path.startswith(prefix):
-                    continue  # the prefix itself, or a "directory" below it
+                if path == prefix or not path.startswith(prefix):
+                    continue  # the prefix itself ("directories" below it are strays)
                 meta = entry.metadata
                 if self._staged and path[len(prefix) :].startswith(TMP_MARK):
                     self._sweep(path, meta.last_modified)
                     continue
                 if meta.last_modified is None:  # not every service lists times: ask for them
-                    try:
-                        validate_name(path)
-                    except InvalidName:
-                        continue  # a foreign object: never sent back to the service
+                    if not is_object_name(path):  # a stray: never sent back to the service
+                        yield ObjectInfo(path, meta.content_length or 0, 0.0)
+                        continue
                     info = self._stat(path)
                     if info is not None:
                         yield info

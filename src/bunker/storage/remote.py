@@ -34,9 +34,10 @@ from typing import Any
 from bunker import encoding
 from bunker.errors import BunkerError, ExitCode, ObjectMissing, StorageError
 from bunker.storage import wire
-from bunker.storage.backend import Backend, Capabilities, ObjectInfo
+from bunker.storage.backend import STRAYS_SHOWN, Backend, Capabilities, ObjectInfo, Strays, validate_prefix
 from bunker.storage.full import server_disk_full
 from bunker.storage.object_store import MAX_RETRY_DELAY, RetryPolicy
+from bunker.storage.prefixes import MAX_SHOWN, printable
 from bunker.storage.remote_link import Lost, Opener, RemoteLocation, opener_for, parse_remote_url
 
 __all__ = ["RemoteBackend", "ServerRefused", "open_remote", "parse_remote_url"]
@@ -221,6 +222,21 @@ class RemoteBackend(Backend):
             if not f.meta.get("more") or not page:
                 return
             after = page[-1].name
+
+    def strays(self, prefix: str) -> Strays:
+        """The server's own report (LIST with ``j``). A server that predates it sends none, and
+        one of an older version may not know a reserved prefix: nothing to report then (its
+        listings leave out what it does not know, too)."""
+        f = self._call("list", validate_prefix(prefix), wire.LIST, {"p": prefix, "j": True})
+        if f.code == wire.INVALID:
+            return Strays()
+        if f.code != wire.OK:
+            raise self._status_error(f, "list", prefix)
+        shown, count = f.meta.get("j"), f.meta.get("jn")
+        if not isinstance(shown, list) or not isinstance(count, int):
+            return Strays()
+        names = tuple(printable(wire.text(n, MAX_SHOWN)) for n in shown[:STRAYS_SHOWN])
+        return Strays(names, max(count, len(names)))
 
     def _delete(self, name: str) -> None:
         f = self._call("delete", name, wire.DELETE, {"n": name})

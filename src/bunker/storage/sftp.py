@@ -53,6 +53,7 @@ from bunker.errors import BunkerError, ExitCode, ObjectMissing, StorageError
 from bunker.storage.backend import PREFIXES, Backend, Capabilities, ObjectInfo
 from bunker.storage.local import STALE_TEMP_SECONDS, TEMP_PREFIX
 from bunker.storage.object_store import RetryPolicy
+from bunker.storage.prefixes import WRITTEN
 from bunker.storage.sftp_channels import ChannelPool, describe, is_transient
 from bunker.storage.sftp_link import Connector, SftpLocation, parse_sftp_url
 
@@ -203,7 +204,7 @@ class SftpBackend(Backend):
         root = self.loc.path
         if create:
             await sftp.makedirs(root, _DIR_ATTRS, exist_ok=True)
-            for p in PREFIXES:
+            for p in WRITTEN:  # a reserved prefix's directory comes with its first object
                 try:
                     await sftp.mkdir(posixpath.join(root, p), _DIR_ATTRS)
                 except (asyncssh.SFTPFailure, asyncssh.SFTPFileAlreadyExists):
@@ -343,7 +344,7 @@ class SftpBackend(Backend):
                 continue  # ".", "..", temp files
             a = e.attrs
             if a.permissions is not None and stat.S_ISDIR(a.permissions):
-                continue
+                fn += "/"  # never an object: listings leave it out, strays() reports it
             out.append(ObjectInfo(prefix + fn, a.size or 0, float(a.mtime or 0)))
         return out
 
