@@ -42,7 +42,7 @@ from bunker.backup.restore_workers import Item, RestorePool
 from bunker.backup.runlog import RunLog, display_path
 from bunker.errors import BunkerError, CorruptObject, ExitCode, ObjectMissing
 from bunker.repo.blob_reader import BlobReader, BlobRef, ReadAhead
-from bunker.repo.tree import decode_tree
+from bunker.repo.tree import MAX_TREE, TreeBudget, decode_tree
 
 SMALL_FILE = 256 << 10  # files up to this size go to worker processes ...
 SMALL_POOL_AFTER = 1000  # ... once this many were seen
@@ -73,6 +73,8 @@ class Restorer:
     numeric_owner: bool = False
     threads: int = 3
     stats: RestoreStats = field(default_factory=RestoreStats)
+    # caps each walk at the snapshot's signed statistics; the default has only the cycle rule
+    budget: TreeBudget = field(default_factory=TreeBudget)
 
     def __post_init__(self) -> None:
         self._as_root = os.geteuid() == 0
@@ -99,9 +101,17 @@ class Restorer:
     # ------------------------------------------------------------------ trees
     def tree(self, tid: bytes) -> list[dict[str, Any]]:
         try:
-            return decode_tree(self.reader.read(tid))
+            return decode_tree(self.reader.read(tid, max_raw=MAX_TREE))
         except encoding.FormatError as exc:
             raise CorruptObject(f"tree {tid.hex()[:16]}", str(exc)) from None
+
+    def walk_tree(self, depth: int, tid: bytes, where: str) -> list[dict[str, Any]]:
+        """A tree read by a walk (restore, export, ls): ``depth`` below the walk's first tree,
+        ``where`` the directory as shown; counted by :attr:`budget` (FORMAT.md section 14)."""
+        self.budget.enter(depth, tid, where)
+        entries = self.tree(tid)
+        self.budget.count(entries, where)
+        return entries
 
     def find(self, root: bytes, path: str) -> dict[str, Any]:
         """The entry at ``path`` inside the snapshot (a synthetic dir entry for the root)."""
@@ -144,6 +154,7 @@ class Restorer:
             with ThreadPoolExecutor(self.threads, thread_name_prefix="bunker-restore") as pool:
                 self._threads = pool
                 for p in paths or ["/"]:
+                    self.budget.reset()
                     chain = self.chain(root, p)
                     if not chain:
                         self._restore_dir(root, self.target, dirs)
@@ -208,22 +219,27 @@ class Restorer:
         self, tid: bytes, path: bytes, dirs: list[tuple[bytes, dict[str, Any]]], fresh: bool = False
     ) -> None:
         """Restore a directory's contents; ``fresh``: ``path`` was created empty by this restore."""
-        stack = [(tid, path, fresh)]
+        stack = [(tid, path, fresh, 0)]
         while stack:
-            t, p, fresh = stack.pop()
+            t, p, fresh, depth = stack.pop()
             try:
-                entries = self.tree(t)
+                entries = self.walk_tree(depth, t, display_path(p))
             except (CorruptObject, ObjectMissing) as exc:
                 self.log.add("err", "tree-damaged", f"directory contents cannot be restored: {exc.message}", p)
                 self.stats.failed += 1
                 continue
+            names: set[bytes] = set()
             for e in entries:
                 full = os.path.join(p, e["n"])
+                if e["n"] in names:  # never from a valid snapshot: the first one stays
+                    self._failed(full, FileExistsError(errno.EEXIST, "a name twice in one directory"), "skipped")
+                    continue
+                names.add(e["n"])
                 if e["t"] == "d":
                     created = self._mkdir(full, fresh)
                     if created is not None:
                         self._dir_done(full, e, dirs)
-                        stack.append((e["st"], full, created))
+                        stack.append((e["st"], full, created, depth + 1))
                 else:
                     self._restore_entry(e, full, dirs, fresh)
 
