@@ -489,6 +489,7 @@ class Archiver:
             self._pool.shutdown(wait=True)
             self._small_pool.shutdown()
         self.stats["duration_ms"] = int((time.monotonic() - t0) * 1000)
+        self.stats.update(self.chunks.tree_stats(root))
         return ArchiveResult(root, self.chunk_ids, self.stats)
 
     def _build_root(self, paths: list[bytes]) -> bytes:
@@ -588,4 +589,5 @@ def stream_entry(archiver: Archiver, name: str, f: BinaryIO) -> ArchiveResult:
     }
     root = archiver._store_tree([entry])
     archiver.stats.update(files=1, files_new=1, bytes=size, duration_ms=int((time.monotonic() - t0) * 1000))
+    archiver.stats.update(archiver.chunks.tree_stats(root))
     return ArchiveResult(root, archiver.chunk_ids, archiver.stats)

@@ -54,10 +54,12 @@ class Checkpointer:
         where: Callable[[], bytes],
         counts: Callable[[], dict[str, int]],
         interval: float = DEFAULT_INTERVAL,
+        tree_stats: Callable[[bytes], dict[str, int]] | None = None,
     ) -> None:
         self.repo, self.put, self.writer, self.lease, self.log = repo, put, writer, lease, log
         self.partial, self.save_cache, self.body_extra, self.where = partial, save_cache, body_extra, where
         self.counts = counts
+        self.tree_stats = tree_stats  # the partial tree's entries and entry_bytes (FORMAT.md section 13)
         self.interval = interval
         self.last = time.monotonic()
         self.written = 0
@@ -116,7 +118,12 @@ class Checkpointer:
                 "packset": refs.top_name(packset),
                 "chunkset": refs.top_name(chunkset),
                 "level": self.log.level,
-                "stats": {**self.counts(), "chunks": len(chunk_ids), "packs": len(packs)},
+                "stats": {
+                    **self.counts(),
+                    **(self.tree_stats(root) if self.tree_stats else {}),
+                    "chunks": len(chunk_ids),
+                    "packs": len(packs),
+                },
                 "sealed_key": sealed,
                 "body": body_ct,
                 "time": time.time(),

@@ -19,10 +19,11 @@ from bunker.backup.chunker import cut, make_cdc
 from bunker.backup.file_reader import read_all
 from bunker.backup.fsmeta import DataReader, hole_bytes
 from bunker.backup.resume import PartialFiles, Tracked
+from bunker.errors import BunkerError, ExitCode
 from bunker.repo import blob
 from bunker.repo.pack import KIND_META
 from bunker.repo.session_writer import SessionWriter
-from bunker.repo.tree import encode_tree
+from bunker.repo.tree import MAX_TREE, encode_tree
 
 READ_WHOLE = 8 << 20  # files up to this size are read in one go and cut in memory
 
@@ -46,6 +47,10 @@ class ChunkStore:
         self.partial_files = partial_files
         self._count, self._resumed = count_bytes, resumed
         self._local = threading.local()
+        # tree id -> (entries, bytes of files) of the trees below it, every path counted
+        # (FORMAT.md section 13, stats ``entries`` and ``entry_bytes``); every tree of a run is
+        # stored through store_tree, so a directory's subtrees are always here already
+        self._totals: dict[bytes, tuple[int, int]] = {}
 
     def _cdc(self) -> FastCDC:
         c = getattr(self._local, "cdc", None)
@@ -67,10 +72,33 @@ class ChunkStore:
     def store_tree(self, entries: list[dict[str, Any]]) -> bytes:
         """Encode and store a tree (in a metadata pack); return its id."""
         data = encode_tree(entries)
+        if len(data) > MAX_TREE:
+            raise BunkerError(
+                f"a directory of {len(entries)} entries encodes to {len(data)} bytes, more than a tree may hold "
+                f"({MAX_TREE}, FORMAT.md section 14); no snapshot was written",
+                "exclude part of that directory (--exclude) or spread its files over subdirectories, and back up again",
+                exit_code=ExitCode.FATAL,
+            )
         cid = blob.chunk_id(self.writer.secrets, data)
+        if cid not in self._totals:
+            n, nbytes = len(entries), 0
+            for e in entries:
+                kind = e.get("t")
+                if kind == "f":
+                    nbytes += e.get("sz", 0)
+                elif kind == "d":
+                    sub = self._totals[e["st"]]
+                    n += sub[0]
+                    nbytes += sub[1]
+            self._totals[cid] = (n, nbytes)
         if not self.writer.known(cid):
             self.writer.store(cid, data, KIND_META)
         return cid
+
+    def tree_stats(self, root: bytes) -> dict[str, int]:
+        """The ``entries`` and ``entry_bytes`` statistics of a root tree stored by this run."""
+        n, nbytes = self._totals[root]
+        return {"entries": n, "entry_bytes": nbytes}
 
     def store_stream(self, f: BinaryIO | Readable, track: Tracked | None = None) -> tuple[list[bytes], int]:
         """Chunk and store a stream; return (chunk ids, bytes read). ``track``: a large file

@@ -14,6 +14,15 @@ Walks visit the entries of one directory one after the other, so each thread kee
 descriptor of the last deep parent it resolved: it is reused for the same directory, and for
 another one the walk starts there (``..`` up to the common ancestor, then down), so descending or
 coming back up one level costs one ``openat``, whatever the depth.
+
+Below a *confined* root (:func:`confined`: a restore's target, a tree ``verify`` reads), every
+path is resolved that way whatever its length: from the root's descriptor, one component at a
+time with ``O_NOFOLLOW | O_DIRECTORY``, so a symlink planted in an intermediate component (before
+or during the run, by anyone) makes the call fail instead of leading elsewhere, and the leaf is
+never followed either (``open`` gets ``O_NOFOLLOW``, ``chmod`` refuses a symlink). Each thread
+keeps the descriptors of the directories it resolved last (:data:`BELOW_CACHE`), by path, so a
+walk costs about one ``openat`` per directory it enters. The root itself is opened by path, as
+its caller named it.
 """
 
 from __future__ import annotations
@@ -23,12 +32,16 @@ import errno
 import os
 import stat
 import threading
+from collections.abc import Iterator
 
 # below PATH_MAX (4096 bytes with the terminating NUL), with room to spare
 SHORT = 4000
 
 _O_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
 _local = threading.local()
+BELOW_CACHE = 64  # directories below a confined root whose descriptors each thread keeps
+# confined roots (normalized path ending in "/") -> their O_PATH descriptor; process-wide
+_roots: dict[bytes, int] = {}
 
 
 class _Parent:
@@ -42,6 +55,141 @@ class _Parent:
     def __del__(self) -> None:
         with contextlib.suppress(OSError):
             os.close(self.fd)
+
+
+class _Below:
+    """This thread's descriptors of directories below confined roots, by path, least recently
+    used first (all closed when the thread ends or :func:`forget` drops them)."""
+
+    __slots__ = ("fds",)
+
+    def __init__(self) -> None:
+        self.fds: dict[bytes, int] = {}
+
+    def get(self, path: bytes) -> int | None:
+        fd = self.fds.pop(path, None)
+        if fd is not None:
+            self.fds[path] = fd
+        return fd
+
+    def put(self, path: bytes, fd: int) -> None:
+        old = self.fds.pop(path, None)
+        if old is not None:
+            os.close(old)
+        self.fds[path] = fd
+        while len(self.fds) > BELOW_CACHE:  # the newest (the caller's) is never the one closed
+            with contextlib.suppress(OSError):
+                os.close(self.fds.pop(next(iter(self.fds))))
+
+    def __del__(self) -> None:
+        for fd in self.fds.values():
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+
+def _root_key(root: bytes) -> bytes:
+    root = os.path.abspath(root)
+    return root if root.endswith(b"/") else root + b"/"
+
+
+def confine(root: bytes, expect: tuple[int, int] | None = None) -> tuple[int, int]:
+    """From now on in this process, resolve every path strictly below the directory ``root``
+    from its descriptor without following symlinks (see the module's doc). ``root`` itself is
+    opened by path; ``expect``: the (st_dev, st_ino) it must have (a worker process confining
+    itself to the directory its parent confined). Returns the root's (st_dev, st_ino)."""
+    key = _root_key(root)
+    fd = open_dir(key.rstrip(b"/") or b"/")
+    st = os.fstat(fd)
+    if expect is not None and (st.st_dev, st.st_ino) != expect:
+        os.close(fd)
+        raise OSError(errno.ESTALE, "the directory was replaced while in use", root)
+    old = _roots.pop(key, None)
+    if old is not None:
+        os.close(old)
+    _roots[key] = fd
+    forget()
+    return st.st_dev, st.st_ino
+
+
+def release(root: bytes) -> None:
+    """Undo :func:`confine` (this thread's cached descriptors are dropped too)."""
+    fd = _roots.pop(_root_key(root), None)
+    if fd is not None:
+        os.close(fd)
+    forget()
+
+
+@contextlib.contextmanager
+def confined(root: bytes) -> Iterator[tuple[int, int]]:
+    """:func:`confine` ``root`` for the duration of a ``with`` block; gives its (st_dev, st_ino)."""
+    ident = confine(root)
+    try:
+        yield ident
+    finally:
+        release(root)
+
+
+def _confined(path: bytes) -> tuple[bytes, int] | None:
+    """(root key, root descriptor) of the innermost confined root strictly above ``path``."""
+    best: tuple[bytes, int] | None = None
+    for key, fd in _roots.items():
+        if len(path) > len(key) and path.startswith(key) and (best is None or len(key) > len(best[0])):
+            best = (key, fd)
+    return best
+
+
+def _below(key: bytes, root_fd: int, path: bytes) -> tuple[int, bytes]:
+    """(descriptor of the parent directory, leaf) of ``path`` below the confined root ``key``,
+    every component reached with ``O_NOFOLLOW | O_DIRECTORY`` (a symlink or a non-directory on
+    the way raises NotADirectoryError, ``..`` PermissionError). The descriptor belongs to this
+    thread's cache: valid until this thread's next call of this module."""
+    rel = path[len(key) :].rstrip(b"/")
+    head, _, leaf = rel.rpartition(b"/")
+    if leaf in (b"", b".", b".."):
+        raise PermissionError(errno.EACCES, "not a name below the restore's root", path)
+    if not head:
+        return root_fd, leaf
+    cache: _Below | None = getattr(_local, "below", None)
+    if cache is None:
+        cache = _local.below = _Below()
+    fd = cache.get(key + head)
+    if fd is not None:
+        return fd, leaf
+    # start at the deepest directory on the way that this thread holds, else at the root
+    cur, done = root_fd, 0
+    up = head
+    while True:
+        up, sep, _ = up.rpartition(b"/")
+        if not sep:
+            break
+        hit = cache.get(key + up)
+        if hit is not None:
+            cur, done = hit, len(up) + 1
+            break
+    pos = done
+    for c in head[done:].split(b"/"):
+        pos += len(c) + 1
+        if c in (b"", b"."):
+            continue
+        if c == b"..":
+            raise PermissionError(errno.EACCES, "'..' below the restore's root", path)
+        nxt = os.open(c, _O_DIR | os.O_NOFOLLOW, dir_fd=cur)
+        cache.put(key + head[: pos - 1], nxt)
+        cur = nxt
+    return cur, leaf
+
+
+def _at(path: bytes) -> tuple[int | None, bytes, bool]:
+    """(dir_fd, name, below a confined root) to make a call on ``path`` with: ``(None, path,
+    False)`` for a short path outside every confined root."""
+    if _roots:
+        root = _confined(path)
+        if root is not None:
+            return (*_below(root[0], root[1], path), True)
+    if len(path) < SHORT:
+        return None, path, False
+    fd, leaf = _parent(path)
+    return fd, leaf, False
 
 
 def is_deep(path: bytes) -> bool:
@@ -131,16 +279,15 @@ def _from_cached(cached: _Parent, head: bytes) -> int | None:
 
 
 def forget() -> None:
-    """Close this thread's cached descriptor. Backup, restore and verify start with it: what an
+    """Close this thread's cached descriptors. Backup, restore and verify start with it: what an
     earlier run in the same process cached may have been replaced since."""
     _local.parent = None
+    _local.below = None
 
 
 def lstat(path: bytes) -> os.stat_result:
     """``os.lstat`` for a path of any length."""
-    if len(path) < SHORT:
-        return os.lstat(path)
-    fd, leaf = _parent(path)
+    fd, leaf, _ = _at(path)
     return os.lstat(leaf, dir_fd=fd)
 
 
@@ -154,16 +301,14 @@ def lexists(path: bytes) -> bool:
 
 
 def open(path: bytes, flags: int, mode: int = 0o777) -> int:  # called as deep_path.open
-    """``os.open`` for a path of any length."""
-    if len(path) < SHORT:
-        return os.open(path, flags, mode)
-    fd, leaf = _parent(path)
-    return os.open(leaf, flags, mode, dir_fd=fd)
+    """``os.open`` for a path of any length (below a confined root never following a symlink)."""
+    fd, leaf, below = _at(path)
+    return os.open(leaf, flags | (os.O_NOFOLLOW if below else 0), mode, dir_fd=fd)
 
 
 def listdir(path: bytes) -> list[bytes]:
     """The names in a directory of any length of path, as bytes (unsorted)."""
-    if len(path) < SHORT:
+    if len(path) < SHORT and not (_roots and _confined(path)):
         return os.listdir(path)
     fd = open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     try:
@@ -175,24 +320,19 @@ def listdir(path: bytes) -> list[bytes]:
 
 def readlink(path: bytes) -> bytes:
     """``os.readlink`` for a path of any length."""
-    if len(path) < SHORT:
-        return os.readlink(path)
-    fd, leaf = _parent(path)
+    fd, leaf, _ = _at(path)
     return os.readlink(leaf, dir_fd=fd)
 
 
 def mkdir(path: bytes, mode: int = 0o777) -> None:
     """``os.mkdir`` for a path of any length."""
-    if len(path) < SHORT:
-        os.mkdir(path, mode)
-        return
-    fd, leaf = _parent(path)
+    fd, leaf, _ = _at(path)
     os.mkdir(leaf, mode, dir_fd=fd)
 
 
 def makedirs(path: bytes, mode: int = 0o777) -> None:
     """``os.makedirs(path, mode, exist_ok=True)`` for a path of any length."""
-    if len(path) < SHORT:
+    if len(path) < SHORT and not (_roots and _confined(path)):
         os.makedirs(path, mode, exist_ok=True)
         return
     missing: list[bytes] = []
@@ -217,49 +357,38 @@ def makedirs(path: bytes, mode: int = 0o777) -> None:
 
 def symlink(target: bytes, path: bytes) -> None:
     """``os.symlink`` for a link path of any length (the target is stored, never resolved)."""
-    if len(path) < SHORT:
-        os.symlink(target, path)
-        return
-    fd, leaf = _parent(path)
+    fd, leaf, _ = _at(path)
     os.symlink(target, leaf, dir_fd=fd)
 
 
 def mkfifo(path: bytes, mode: int) -> None:
     """``os.mkfifo`` for a path of any length."""
-    if len(path) < SHORT:
-        os.mkfifo(path, mode)
-        return
-    fd, leaf = _parent(path)
+    fd, leaf, _ = _at(path)
     os.mkfifo(leaf, mode, dir_fd=fd)
 
 
 def mknod(path: bytes, mode: int, device: int = 0) -> None:
     """``os.mknod`` for a path of any length."""
-    if len(path) < SHORT:
-        os.mknod(path, mode, device)
-        return
-    fd, leaf = _parent(path)
+    fd, leaf, _ = _at(path)
     os.mknod(leaf, mode, device, dir_fd=fd)
 
 
 def unlink(path: bytes) -> None:
     """``os.unlink`` for a path of any length."""
-    if len(path) < SHORT:
-        os.unlink(path)
-        return
-    fd, leaf = _parent(path)
+    fd, leaf, _ = _at(path)
     os.unlink(leaf, dir_fd=fd)
 
 
 def link(src: bytes, dst: bytes) -> None:
     """``os.link(src, dst, follow_symlinks=False)`` for paths of any length."""
-    if len(src) < SHORT and len(dst) < SHORT:
-        os.link(src, dst, follow_symlinks=False)
+    sfd, sleaf, _ = _at(src)
+    if sfd is None:
+        dfd, dleaf, _ = _at(dst)
+        os.link(sleaf, dleaf, dst_dir_fd=dfd, follow_symlinks=False)
         return
-    shead, sleaf = _split(src)
-    sfd = open_dir(shead)  # its own descriptor: the cache holds one directory, dst's
+    sfd = os.dup(sfd)  # its own descriptor: resolving dst may close the cached one
     try:
-        dfd, dleaf = _parent(dst)
+        dfd, dleaf, _ = _at(dst)
         os.link(sleaf, dleaf, src_dir_fd=sfd, dst_dir_fd=dfd, follow_symlinks=False)
     finally:
         os.close(sfd)
@@ -267,29 +396,31 @@ def link(src: bytes, dst: bytes) -> None:
 
 def chown(path: bytes, uid: int, gid: int) -> None:
     """``os.chown(path, uid, gid, follow_symlinks=False)`` for a path of any length."""
-    if len(path) < SHORT:
-        os.chown(path, uid, gid, follow_symlinks=False)
-        return
-    fd, leaf = _parent(path)
+    fd, leaf, _ = _at(path)
     os.chown(leaf, uid, gid, dir_fd=fd, follow_symlinks=False)
 
 
 def chmod(path: bytes, mode: int) -> None:
-    """``os.chmod`` for a path of any length (follows a symlink: Linux cannot change a
-    symlink's own mode, so callers never pass one)."""
-    if len(path) < SHORT:
+    """``os.chmod`` for a path of any length. Linux cannot change a symlink's own mode, so callers
+    never pass one; a short path outside confined roots is followed, any other one is refused
+    (ELOOP) when the leaf is a symlink (it may have been planted since it was created)."""
+    fd, leaf, _ = _at(path)
+    if fd is None:
         os.chmod(path, mode)
         return
-    fd, leaf = _parent(path)
-    os.chmod(leaf, mode, dir_fd=fd)
+    # through an O_PATH descriptor of the leaf itself: fchmodat cannot refuse a symlink
+    item = os.open(leaf, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+    try:
+        if stat.S_ISLNK(os.fstat(item).st_mode):
+            raise OSError(errno.ELOOP, "a symlink's mode cannot be set", path)
+        os.chmod(f"/proc/self/fd/{item}", mode)
+    finally:
+        os.close(item)
 
 
 def utime(path: bytes, ns: tuple[int, int]) -> None:
     """``os.utime(path, ns=ns, follow_symlinks=False)`` for a path of any length."""
-    if len(path) < SHORT:
-        os.utime(path, ns=ns, follow_symlinks=False)
-        return
-    fd, leaf = _parent(path)
+    fd, leaf, _ = _at(path)
     os.utime(leaf, ns=ns, dir_fd=fd, follow_symlinks=False)
 
 
@@ -298,7 +429,5 @@ def xattr_path(path: bytes) -> bytes:
     ``path``: itself when short, else ``/proc/self/fd/N/leaf`` through the parent's descriptor
     (the magic link is followed, the leaf is not). Valid until this thread's next call of this
     module."""
-    if len(path) < SHORT:
-        return path
-    fd, leaf = _parent(path)
-    return b"/proc/self/fd/%d/%s" % (fd, leaf)
+    fd, leaf, _ = _at(path)
+    return path if fd is None else b"/proc/self/fd/%d/%s" % (fd, leaf)

@@ -8,6 +8,7 @@ import os
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any
 
+from bunker.backup import deep_path
 from bunker.backup.file_writer import Piece, WriteResult, apply_meta, write_file
 from bunker.crypto.derive import PutSecrets
 from bunker.repo.blob_reader import BlobRef, fetch_blob, open_blob, prefetch_blobs
@@ -22,8 +23,12 @@ _as_root = False
 _numeric = False
 
 
-def _init(url: str, secret: bytes, as_root: bool, numeric_owner: bool) -> None:
+def _init(
+    url: str, secret: bytes, as_root: bool, numeric_owner: bool, target: bytes, target_id: tuple[int, int]
+) -> None:
     global _backend, _secrets, _as_root, _numeric
+    # the same directory the restore confined itself to (refused if it was replaced since)
+    deep_path.confine(target, target_id)
     _backend = open_backend(url)
     _secrets = PutSecrets(secret)
     _as_root, _numeric = as_root, numeric_owner
@@ -53,10 +58,20 @@ def write_batch(items: list[Item]) -> list[WriteResult]:
 
 
 class RestorePool:
-    """A process pool started on first use."""
+    """A process pool started on first use; its processes resolve paths below ``target`` as
+    the restore does (deep_path.confine), and only if it is still the directory ``target_id``
+    ((st_dev, st_ino)) the restore confined itself to."""
 
-    def __init__(self, url: str, secrets: PutSecrets, as_root: bool, numeric_owner: bool) -> None:
-        self._args = (url, secrets.secret, as_root, numeric_owner)
+    def __init__(
+        self,
+        url: str,
+        secrets: PutSecrets,
+        as_root: bool,
+        numeric_owner: bool,
+        target: bytes,
+        target_id: tuple[int, int],
+    ) -> None:
+        self._args = (url, secrets.secret, as_root, numeric_owner, target, target_id)
         self._pool: ProcessPoolExecutor | None = None
 
     def submit(self, items: list[Item]) -> Future[list[WriteResult]]:

@@ -42,7 +42,7 @@ from bunker.backup.restore_workers import Item, RestorePool
 from bunker.backup.runlog import RunLog, display_path
 from bunker.errors import BunkerError, CorruptObject, ExitCode, ObjectMissing
 from bunker.repo.blob_reader import BlobReader, BlobRef, ReadAhead
-from bunker.repo.tree import decode_tree
+from bunker.repo.tree import MAX_TREE, TreeBudget, decode_tree
 
 SMALL_FILE = 256 << 10  # files up to this size go to worker processes ...
 SMALL_POOL_AFTER = 1000  # ... once this many were seen
@@ -73,6 +73,8 @@ class Restorer:
     numeric_owner: bool = False
     threads: int = 3
     stats: RestoreStats = field(default_factory=RestoreStats)
+    # caps each walk at the snapshot's signed statistics; the default has only the cycle rule
+    budget: TreeBudget = field(default_factory=TreeBudget)
 
     def __post_init__(self) -> None:
         self._as_root = os.geteuid() == 0
@@ -99,12 +101,27 @@ class Restorer:
     # ------------------------------------------------------------------ trees
     def tree(self, tid: bytes) -> list[dict[str, Any]]:
         try:
-            return decode_tree(self.reader.read(tid))
+            return decode_tree(self.reader.read(tid, max_raw=MAX_TREE))
         except encoding.FormatError as exc:
             raise CorruptObject(f"tree {tid.hex()[:16]}", str(exc)) from None
 
+    def walk_tree(self, depth: int, tid: bytes, where: str) -> list[dict[str, Any]]:
+        """A tree read by a walk (restore, export, ls): ``depth`` below the walk's first tree,
+        ``where`` the directory as shown; counted by :attr:`budget` (FORMAT.md section 14)."""
+        self.budget.enter(depth, tid, where)
+        entries = self.tree(tid)
+        self.budget.count(entries, where)
+        return entries
+
     def find(self, root: bytes, path: str) -> dict[str, Any]:
         """The entry at ``path`` inside the snapshot (a synthetic dir entry for the root)."""
+        chain = self.chain(root, path)
+        return chain[-1] if chain else {"n": b"", "t": "d", "st": root}
+
+    def chain(self, root: bytes, path: str) -> list[dict[str, Any]]:
+        """The entries of ``path``'s components inside the snapshot, from the root's child down
+        to the entry of ``path`` itself (empty for the root)."""
+        out: list[dict[str, Any]] = []
         entry: dict[str, Any] = {"n": b"", "t": "d", "st": root}
         for comp in [c for c in os.fsencode(path).split(b"/") if c]:
             match = [e for e in self.tree(entry["st"]) if e["n"] == comp] if entry["t"] == "d" else []
@@ -113,26 +130,38 @@ class Restorer:
                     f"{path} is not in this snapshot", "list it with `bunker ls SNAPSHOT`", exit_code=ExitCode.USAGE
                 )
             entry = match[0]
-        return entry
+            out.append(entry)
+        return out
 
     # ------------------------------------------------------------------ restoring
     def restore(self, root: bytes, paths: list[str]) -> RestoreStats:
+        """Restore ``paths`` of the snapshot whose root tree is ``root`` (all of it without
+        paths) below the target. Every path below the target is reached from the target's
+        descriptor without following symlinks (deep_path.confined); the directories above a
+        restored path are made like every other directory (:meth:`_mkdir`)."""
         deep_path.forget()  # directories cached by an earlier run in this process may be gone
-        deep_path.makedirs(self.target)
+        deep_path.makedirs(self.target)  # the target itself as the user named it
+        with deep_path.confined(self.target) as target_id:
+            self._restore_below(root, paths, target_id)
+        return self.stats
+
+    def _restore_below(self, root: bytes, paths: list[str], target_id: tuple[int, int]) -> None:
         dirs: list[tuple[bytes, dict[str, Any]]] = []
-        self._procs = RestorePool(self.reader.repo.backend.url, self.reader.secrets, self._as_root, self.numeric_owner)
+        self._procs = RestorePool(
+            self.reader.repo.backend.url, self.reader.secrets, self._as_root, self.numeric_owner, self.target, target_id
+        )
         try:
             with ThreadPoolExecutor(self.threads, thread_name_prefix="bunker-restore") as pool:
                 self._threads = pool
                 for p in paths or ["/"]:
-                    comps = [c for c in os.fsencode(p).split(b"/") if c]
-                    if not comps:
+                    self.budget.reset()
+                    chain = self.chain(root, p)
+                    if not chain:
                         self._restore_dir(root, self.target, dirs)
                         continue
-                    entry = self.find(root, p)
-                    parent = os.path.join(self.target, *comps[:-1])
-                    deep_path.makedirs(parent)
-                    self._restore_entry(entry, os.path.join(parent, comps[-1]), dirs, False)
+                    parent = self._parents(chain[:-1], dirs)
+                    if parent is not None:
+                        self._restore_entry(chain[-1], os.path.join(parent, chain[-1]["n"]), dirs, False)
                 self._flush_batch()
                 with self._all_done:
                     self._all_done.wait_for(lambda: not self._pending)
@@ -170,28 +199,47 @@ class Restorer:
                 f"the target's disk is full: {self.stats.files} files restored, {self.stats.failed} not",
                 f"free space under {display_path(self.target)} (or choose another --target) and run the restore again",
             )
-        return self.stats
+
+    def _parents(self, chain: list[dict[str, Any]], dirs: list[tuple[bytes, dict[str, Any]]]) -> bytes | None:
+        """Make the directories above a path restored alone, each as the full restore makes a
+        directory of the snapshot (:meth:`_mkdir`: an existing directory is kept, a symlink or
+        anything else in its place replaced, never followed); those it creates get their
+        snapshot metadata. The path of the last one, or None when one could not be made (reported)."""
+        path = self.target
+        for e in chain:
+            path = os.path.join(path, e["n"])
+            created = self._mkdir(path, False)
+            if created is None:
+                return None
+            if created:
+                self._dir_done(path, e, dirs)
+        return path
 
     def _restore_dir(
         self, tid: bytes, path: bytes, dirs: list[tuple[bytes, dict[str, Any]]], fresh: bool = False
     ) -> None:
         """Restore a directory's contents; ``fresh``: ``path`` was created empty by this restore."""
-        stack = [(tid, path, fresh)]
+        stack = [(tid, path, fresh, 0)]
         while stack:
-            t, p, fresh = stack.pop()
+            t, p, fresh, depth = stack.pop()
             try:
-                entries = self.tree(t)
+                entries = self.walk_tree(depth, t, display_path(p))
             except (CorruptObject, ObjectMissing) as exc:
                 self.log.add("err", "tree-damaged", f"directory contents cannot be restored: {exc.message}", p)
                 self.stats.failed += 1
                 continue
+            names: set[bytes] = set()
             for e in entries:
                 full = os.path.join(p, e["n"])
+                if e["n"] in names:  # never from a valid snapshot: the first one stays
+                    self._failed(full, FileExistsError(errno.EEXIST, "a name twice in one directory"), "skipped")
+                    continue
+                names.add(e["n"])
                 if e["t"] == "d":
                     created = self._mkdir(full, fresh)
                     if created is not None:
                         self._dir_done(full, e, dirs)
-                        stack.append((e["st"], full, created))
+                        stack.append((e["st"], full, created, depth + 1))
                 else:
                     self._restore_entry(e, full, dirs, fresh)
 
@@ -255,12 +303,22 @@ class Restorer:
                 return None
             created = False
             try:
-                is_dir = stat.S_ISDIR(deep_path.lstat(path).st_mode)  # a symlink to one is not
+                mode = deep_path.lstat(path).st_mode  # a symlink to a directory is not one
             except OSError:
-                is_dir = False
-            if not is_dir:
+                mode = 0
+            if not stat.S_ISDIR(mode):
                 try:
                     remove_existing(path, as_root=self._as_root)
+                except OSError as exc:
+                    what = "a symlink" if stat.S_ISLNK(mode) else "an item that is not a directory"
+                    self._failed(
+                        path,
+                        exc,
+                        f"{what} is where the snapshot has a directory and cannot be replaced, so nothing is "
+                        "restored below it (it is never followed); remove it, or restore into another --target",
+                    )
+                    return None
+                try:
                     deep_path.mkdir(path, 0o700)
                     created = True
                 except OSError as exc:

@@ -228,18 +228,32 @@ class TarExporter:
             for p in paths or ["/"]:
                 comps = [c for c in p.encode("utf-8", "surrogateescape").split(b"/") if c]
                 entry = self.restorer.find(root, p)
+                self.restorer.budget.reset()
                 self._walk(tar, b"/".join(comps), entry, top=not comps)
         return self.stats
 
     def _walk(self, tar: tarfile.TarFile, name: bytes, entry: dict[str, Any], top: bool) -> None:
-        stack: list[tuple[bytes, dict[str, Any], bool]] = [(name, entry, top)]
+        """Members for ``entry`` and everything below it. Trees are read through the restorer's
+        budget (a cycle or more than the snapshot's signed statistics claim stops the export); a
+        name that a directory lists twice is left out the second time, so no member can land
+        below a member of another type."""
+        stack: list[tuple[bytes, dict[str, Any], bool, int]] = [(name, entry, top, 0)]
         while stack:
-            n, e, is_root = stack.pop()
+            n, e, is_root, depth = stack.pop()
             if not is_root:
                 self._member(tar, _s(n), e)
             if e["t"] == "d":
-                for child in reversed(self.restorer.tree(e["st"])):
-                    stack.append(((n + b"/" if n else b"") + child["n"], child, False))
+                children: list[tuple[bytes, dict[str, Any]]] = []
+                seen: set[bytes] = set()
+                for child in self.restorer.walk_tree(depth, e["st"], "/" + _s(n)):
+                    path = (n + b"/" if n else b"") + child["n"]
+                    if child["n"] in seen:
+                        self.stats.problems.append(("/" + _s(path), "left out: its directory lists this name twice"))
+                        continue
+                    seen.add(child["n"])
+                    children.append((path, child))
+                for path, child in reversed(children):
+                    stack.append((path, child, False, depth + 1))
 
     def _member(self, tar: tarfile.TarFile, name: str, e: dict[str, Any]) -> None:
         t = e["t"]

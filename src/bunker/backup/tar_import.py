@@ -375,4 +375,5 @@ def tar_entries(archiver: Archiver, source: str, f: BinaryIO | None = None) -> A
         archiver._pool.shutdown(wait=True)
         archiver._small_pool.shutdown()
     archiver.stats["duration_ms"] = int((time.monotonic() - t0) * 1000)
+    archiver.stats.update(archiver.chunks.tree_stats(root))
     return ArchiveResult(root, archiver.chunk_ids, archiver.stats)

@@ -63,7 +63,10 @@ class Verifier:
                 self.report.unreadable.append((display_path(top), exc.strerror or str(exc)))
                 continue
             if stat.S_ISDIR(st.st_mode):
-                self._walk(top)
+                # below the named directory nothing is followed: a symlink planted in place of a
+                # directory on the way fails that item instead of leading elsewhere
+                with deep_path.confined(top):
+                    self._walk(top)
             else:
                 parent, name = os.path.split(top)
                 self._file(top, name, st, self.cache.load_dir(parent))
@@ -71,7 +74,8 @@ class Verifier:
 
     def _walk(self, top: bytes) -> None:
         """Each directory's files in name order, then its subdirectories (like os.walk, which
-        cannot reach paths longer than PATH_MAX); symlinks are not followed."""
+        cannot reach paths longer than PATH_MAX); symlinks are not followed, neither as items
+        nor in place of a directory on the way (``top`` is confined, see deep_path)."""
         stack = [top]
         while stack:
             dirpath = stack.pop()

@@ -12,7 +12,7 @@ import click
 from bunker.backup.restorer import Restorer
 from bunker.backup.runlog import RunLog
 from bunker.backup.tar_export import TarExporter
-from bunker.cli.cmd_restore import _open_for_reading, filter_options, pop_filters
+from bunker.cli.cmd_restore import _open_for_reading, budget_of, filter_options, pop_filters
 from bunker.cli.main import cli, common, handles_errors, make_options
 from bunker.errors import BunkerError, ExitCode
 
@@ -43,7 +43,7 @@ def export_tar(**kwargs: Any) -> None:
             exit_code=ExitCode.USAGE,
         )
     _, _, rec, reader, root = _open_for_reading(opts, spec, f, "export-tar")
-    restorer = Restorer(reader, b"/nonexistent", RunLog())
+    restorer = Restorer(reader, b"/nonexistent", RunLog(), budget=budget_of(rec))
     for p in paths:
         restorer.find(root, p)  # an unknown path fails before anything is written
     out: IO[bytes]

@@ -26,6 +26,7 @@ from bunker.repo.moves import PackMoves
 from bunker.repo.repository import Repository, SnapshotRecord
 from bunker.repo.selection import Filters, adoption_problem, body_of, matches, owner, resolve_host, select
 from bunker.repo.snapshot import open_body
+from bunker.repo.tree import TreeBudget
 
 
 def filter_options(f: Any) -> Any:
@@ -173,6 +174,11 @@ def _open_for_reading(
     return repo, master, rec, BlobReader(repo, master.data_private, secrets, index.locations), body["root"]
 
 
+def budget_of(rec: SnapshotRecord) -> TreeBudget:
+    """The tree walk budget of a snapshot: its signed statistics (FORMAT.md section 14)."""
+    return TreeBudget(rec.short_id, rec.snap.env.stats)
+
+
 _TYPE = {"f": "-", "d": "d", "l": "l", "c": "c", "b": "b", "p": "p", "s": "s"}
 
 
@@ -244,17 +250,17 @@ def ls_cmd(**kwargs: Any) -> None:
     f = pop_filters(kwargs)
     opts, out = make_options(kwargs)
     repo, _, rec, reader, root = _open_for_reading(opts, spec, f, "listing files")
-    restorer = Restorer(reader, b"/nonexistent", RunLog())
+    restorer = Restorer(reader, b"/nonexistent", RunLog(), budget=budget_of(rec))
     entry = restorer.find(root, path)
     base = "/" + "/".join(c for c in path.split("/") if c)
     items: list[dict[str, Any]] = []
-    stack = [(base, entry)]
+    stack = [(base, entry, 0)]
     first = True
     while stack:
-        p, e = stack.pop()
+        p, e, depth = stack.pop()
         if e["t"] == "d" and (first or recursive):
-            for child in reversed(restorer.tree(e["st"])):
-                stack.append(((p.rstrip("/") + "/" + display_path(child["n"])), child))
+            for child in reversed(restorer.walk_tree(depth, e["st"], p)):
+                stack.append(((p.rstrip("/") + "/" + display_path(child["n"])), child, depth + 1))
         if not first or e["t"] != "d":
             items.append(_ls_item(p, e))
         first = False
@@ -284,7 +290,7 @@ def restore(**kwargs: Any) -> None:
     opts, out = make_options(kwargs)
     _, _, rec, reader, root = _open_for_reading(opts, spec, f, "restore")
     log = RunLog()
-    restorer = Restorer(reader, os.fsencode(os.path.abspath(target)), log, numeric_owner=numeric)
+    restorer = Restorer(reader, os.fsencode(os.path.abspath(target)), log, numeric_owner=numeric, budget=budget_of(rec))
     stats = restorer.restore(root, list(paths))
     out.document(
         {

@@ -98,12 +98,19 @@ class BlobReader:
         entry, k_blob = self.blob_key(loc.pack, cid)
         return BlobRef(loc.pack, entry.offset, entry.length, entry.raw_length, cid, k_blob)
 
-    def read(self, cid: bytes) -> bytes:
+    def read(self, cid: bytes, max_raw: int | None = None) -> bytes:
         """The plaintext of chunk ``cid``, verified against its id. Meant for trees: the blobs of
         the few packs they live in are read with one range read per pack and kept (see
         :meth:`_pack_span`), so walking a snapshot of many directories costs a handful of requests
-        on an object store instead of one per directory."""
+        on an object store instead of one per directory. A blob whose raw length (from its pack's
+        trailer) exceeds ``max_raw`` is refused before anything is fetched or decompressed."""
         ref = self.ref(cid)
+        if max_raw is not None and ref.raw_length > max_raw:
+            raise CorruptObject(
+                f"packs/{ref.pack}",
+                f"chunk {cid.hex()[:16]} is {ref.raw_length} bytes, more than the {max_raw} such an object may have "
+                "(FORMAT.md section 14): not read",
+            )
         span = self._pack_span(ref.pack)
         if span is not None:
             start, data = span

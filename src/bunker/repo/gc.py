@@ -37,7 +37,7 @@ from bunker.repo.index import Location, decrypt_index, make_index, parse_index_f
 from bunker.repo.index_cache import IndexCache
 from bunker.repo.leases import MAX_LEASE_SECONDS, Lease, Session, sessions
 from bunker.repo.moves import MoveRecord, PackMoves, make_move_record
-from bunker.repo.objects import MAGIC_GC, MAGIC_INDEX, parse_signed
+from bunker.repo.objects import MAGIC_GC, MAGIC_INDEX, MAX_SIGNED_OBJECT, parse_signed
 from bunker.repo.records import make_condemnation, parse_condemnation
 from bunker.repo.repack import DEFAULT_THRESHOLD, Liveness, choose, pack_contents, repack
 from bunker.repo.repository import Repository
@@ -372,6 +372,8 @@ class Pruner:
         drop = doomed | self._condemned
         for info in list(self.repo.backend.list("index/")):
             gone: set[str] = set()
+            if info.size > MAX_SIGNED_OBJECT:
+                continue  # larger than any signed object may be: never fetched (check reports it)
             try:
                 obj = parse_index_frame(self.repo.get_object(info.name))
                 if obj.body.get("domain") != domain:

@@ -18,7 +18,7 @@ from bunker.errors import CorruptObject, ObjectMissing
 from bunker.private_files import private_dirs, write_private_file
 from bunker.repo.blob_reader import read_trailer
 from bunker.repo.index import Location, LocationMap, decrypt_index, parse_index_frame
-from bunker.repo.objects import MAGIC_INDEX, is_hash_name
+from bunker.repo.objects import MAGIC_INDEX, MAX_SIGNED_OBJECT, is_hash_name
 from bunker.repo.repository import Repository
 
 
@@ -69,7 +69,8 @@ class IndexCache:
     def load(self) -> IndexCache:
         """Read every index object of the repository (cached ones from disk)."""
         revoked = self.repo.revoked if self.for_dedup else {}
-        names = [i.name for i in self.repo.backend.list("index/")]
+        sizes = {i.name: i.size for i in self.repo.backend.list("index/")}
+        names = list(sizes)
         # a spool (the repository unreachable) lists only what this client wrote offline: the
         # cached index objects stay valid and in use, so dedup keeps working offline
         partial = self.repo.backend.capabilities().partial
@@ -96,6 +97,12 @@ class IndexCache:
                 except (OSError, encoding.FormatError):
                     entries = None
             if entries is None:
+                if sizes.get(name, 0) > MAX_SIGNED_OBJECT:  # never fetched: no index object is near this
+                    self.problems.append(
+                        f"{name}: {sizes[name]} bytes, larger than any signed object may be ({MAX_SIGNED_OBJECT}): "
+                        "not read"
+                    )
+                    continue
                 entries = self._fetch(name, revoked)
                 if entries is None:
                     continue

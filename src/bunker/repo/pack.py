@@ -300,6 +300,8 @@ def _decode_groups(raw_groups: list[object], body_len: int) -> tuple[list[tuple[
                 raise encoding.FormatError("blob outside the pack body")
             if raw < 0 or raw > MAX_RAW_LENGTH:
                 raise encoding.FormatError("bad blob entry (raw length)")
+            if length > raw + 1 + aead.OVERHEAD:  # stored as is at most: compression is kept only when it shrinks
+                raise encoding.FormatError("bad blob entry (longer than its raw length allows)")
             blobs.append(BlobEntry(cid, gi, off, length, raw, wrapped))
             off += length
         groups.append((g_off, g_len))

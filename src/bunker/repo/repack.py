@@ -26,7 +26,7 @@ from bunker.crypto.sign import BadSignature, SigningKey, verify
 from bunker.errors import CorruptObject, ObjectMissing
 from bunker.repo.blob_reader import read_trailer
 from bunker.repo.index import Location, decrypt_index, make_index, parse_index_frame
-from bunker.repo.objects import MAGIC_INDEX
+from bunker.repo.objects import MAGIC_INDEX, MAX_SIGNED_OBJECT
 from bunker.repo.pack import (
     HEADER,
     BlobEntry,
@@ -48,6 +48,8 @@ def pack_contents(repo: Repository, secrets: PutSecrets, existing: Iterable[str]
     Unreadable index objects are skipped: check reports them, and their packs' trailers fill in."""
     out: dict[str, dict[bytes, Location]] = {}
     for info in list(repo.backend.list("index/")):
+        if info.size > MAX_SIGNED_OBJECT:
+            continue  # larger than any signed object may be: never fetched (check reports it)
         try:
             obj = parse_index_frame(repo.get_object(info.name))
             if obj.body.get("domain") != secrets.domain_id:

@@ -19,11 +19,16 @@ Entry keys (absent when not applicable; FORMAT.md section 14 defines them)::
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from bunker import encoding
+from bunker.errors import BunkerError, CorruptObject, ExitCode
 
 TYPES = ("f", "d", "l", "c", "b", "p", "s")
+# The most bytes one tree may encode to (FORMAT.md section 14): a directory of a million entries
+# (~140 B each) or a file of 7 million chunks (34 B per chunk id) fits; readers refuse more
+# before decompressing, writers never write more.
 MAX_TREE = 256 << 20
 _INTS = ("m", "u", "g", "mt", "ct", "sz")
 # keys every reader checks on its fast path; an entry with any other key gets the full check
@@ -187,3 +192,78 @@ def _check_holes(e: dict[str, Any], bad: Any) -> None:
         if not _int(off) or not _int(length, 1) or off < pos or off + length > size or (i and off == pos):
             raise bad("holes out of order, overlapping, adjacent or past the end")
         pos = off + length
+
+
+# ------------------------------------------------------------------------------ walking trees
+
+
+class TreeCycle(CorruptObject):
+    """A tree that lists itself below itself: never followed (FORMAT.md section 14)."""
+
+    def __init__(self, tid: bytes, where: str) -> None:
+        super().__init__(
+            f"tree {tid.hex()[:16]}",
+            f"it appears again below itself at {where} (a cycle: not followed)",
+        )
+
+
+class TreeOverBudget(BunkerError):
+    """A walk found more than the snapshot's signed statistics claim: the walk stops."""
+
+    exit_code = ExitCode.INTEGRITY
+
+
+class TreeBudget:
+    """What one walk of a snapshot's trees may visit (FORMAT.md section 14, "Walking trees").
+
+    Every tree the walk reads is passed to :meth:`enter` (with its depth below the walk's first
+    tree) and its entries to :meth:`count`. A tree id that is already on the path from the
+    walk's first tree down to it is a cycle (:class:`TreeCycle`, a damaged directory); more
+    entries, or more bytes of files, than the snapshot's signed ``entries`` and
+    ``entry_bytes`` statistics claim stop the walk (:class:`TreeOverBudget`). A snapshot
+    written before those statistics existed gets the cycle rule only. One budget per walk:
+    :meth:`reset` before walking another path of the same snapshot."""
+
+    def __init__(self, snapshot: str = "", stats: Mapping[str, int] | None = None) -> None:
+        stats = stats or {}
+        self.snapshot = snapshot
+        self.max_entries = stats.get("entries")
+        self.max_bytes = stats.get("entry_bytes")
+        self.reset()
+
+    def reset(self) -> None:
+        self.entries = 0
+        self.bytes = 0
+        self._path: list[bytes] = []
+        self._on_path: set[bytes] = set()
+
+    def enter(self, depth: int, tid: bytes, where: str) -> None:
+        """The walk is about to read tree ``tid`` at ``depth`` (0 for its first tree), shown as
+        ``where``; raises TreeCycle if it is its own ancestor."""
+        path, on_path = self._path, self._on_path
+        while len(path) > depth:
+            on_path.discard(path.pop())
+        if tid in on_path:
+            raise TreeCycle(tid, where)
+        path.append(tid)
+        on_path.add(tid)
+
+    def count(self, entries: list[dict[str, Any]], where: str) -> None:
+        """Count a tree's entries (and its files' sizes); raises TreeOverBudget past the claims."""
+        self.entries += len(entries)
+        self.bytes += sum(e.get("sz", 0) for e in entries if e["t"] == "f")
+        over = []
+        if self.max_entries is not None and self.entries > self.max_entries:
+            over.append(f"{self.max_entries} tree entries, but the walk met {self.entries} by {where}")
+        if self.max_bytes is not None and self.bytes > self.max_bytes:
+            over.append(f"{self.max_bytes} bytes of files, but the walk met {self.bytes} by {where}")
+        if over:
+            raise TreeOverBudget(
+                f"snapshot {self.snapshot} is damaged: its signed statistics claim "
+                + "; and ".join(over)
+                + ". Its trees name more than its writer signed for (a forged or corrupted snapshot), so the walk "
+                "stopped there",
+                "restore, list or export another snapshot (`bunker snapshots` lists them) and run `bunker check "
+                "--read-data`; the client that signed this snapshot wrote it so: find out why before trusting its "
+                "other snapshots",
+            )
