@@ -27,6 +27,7 @@ from bunker.repo import blob
 from bunker.repo.blob_reader import BlobReader
 from bunker.repo.index_cache import IndexCache
 from bunker.repo.pack import KIND_META
+from bunker.repo.records import new_session_id
 from bunker.repo.repository import Repository
 from bunker.repo.session_writer import SessionWriter
 from bunker.repo.tree import MAX_TREE, TreeBudget, TreeCycle, encode_tree
@@ -170,6 +171,7 @@ def _craft(repo: Repo, tmp_path: Path, trees: Callable[[Callable[[bytes], bytes]
             log=RunLog(),
             body_extra=body,
             state_dir=str(tmp_path / "crafter-state"),
+            session=new_session_id(),
         )
     finally:
         writer.close()
