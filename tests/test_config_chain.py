@@ -99,3 +99,25 @@ def test_a_fork_of_config_versions_applies_both_revocations_until_merged(tmp_pat
         cp = repo.run("backup", src, "--put-key", keys[name])
         assert cp.returncode == 12 and "revoked" in cp.stderr, describe(cp)
     assert js(repo.run("check", "--keyless", "--expect", repo.id, "--json"))["ok"] is True
+
+
+def test_a_lost_config_version_is_replaced_by_the_master_key(repo: Repo, tmp_path: Path) -> None:
+    """No copy holds the deleted version: the master key's holder writes one above it (and is
+    told to revoke again what the lost version revoked)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    _, thief_env = _client(repo, tmp_path, "thief")
+    before = _configs(repo)
+    repo.ok("key", "revoke", "thief")
+    (lost,) = _configs(repo) - before
+    (repo.path / "config" / lost).unlink()
+    cp = repo.run("backup", src)
+    assert cp.returncode == 14 and "merge-configs" in cp.stderr, describe(cp)
+    doc = js(repo.ok("key", "merge-configs", "--json"))
+    assert doc["lost"] == f"config/{lost}" and doc["config_version"] == 3
+    repo.backup(src)
+    # the lost version's revocation must be made again: the repository could not know it
+    repo.backup(src, env=thief_env)
+    repo.ok("key", "revoke", "thief")
+    cp = repo.run("backup", src, env=thief_env)
+    assert cp.returncode == 12, describe(cp)

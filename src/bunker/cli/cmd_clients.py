@@ -12,9 +12,12 @@ from bunker.cli.cmd_key import key
 from bunker.cli.main import common, handles_errors, make_options
 from bunker.crypto.keyfile import put_key_text, write_private_file
 from bunker.errors import BunkerError, ExitCode
+from bunker.repo.authority import issue_client, revoke_client, write_config
 from bunker.repo.certs import MAX_HOST, Certificate
+from bunker.repo.config_chain import ConfigFloor, floor_problem
 from bunker.repo.repository import Repository
 from bunker.repo.trust import chain_of
+from bunker.storage import open_backend
 
 MAX_CLIENT_NAME = 128
 
@@ -71,7 +74,7 @@ def new_client(**kwargs: Any) -> None:
     repo = context.open_repository(opts)
     master = context.load_master(opts, repo, "making a put key")
     caps = ("backup", "prune") if can_prune else ("backup",)
-    put = repo.issue_client(master, name, caps, domain, host or "")
+    put = issue_client(repo, master, name, caps, domain, host or "")
     write_private_file(dest, put_key_text(put, name))
     out.document(
         {
@@ -162,7 +165,7 @@ def revoke(**kwargs: Any) -> None:
     cert = certs[0]
     last_name, seq = _last_trusted(repo, cert, last, last_seq)
     master = context.load_master(opts, repo, "revoking a client")
-    cfg = repo.revoke_client(master, cert, last_name, seq)
+    cfg = revoke_client(repo, master, cert, last_name, seq)
     out.document(
         {
             "client": cert.client,
@@ -184,18 +187,35 @@ def revoke(**kwargs: Any) -> None:
 @common
 @handles_errors
 def merge_configs(**kwargs: Any) -> None:
-    """Write a config version that joins a forked config history (needs the master key)."""
+    """Write a config version that joins a forked config history, or that goes above a version
+    this machine saw and the repository lost (needs the master key)."""
     opts, out = make_options(kwargs)
-    repo = context.open_repository(opts)
-    if not repo.chain.forked:
+    repo = Repository.open(open_backend(opts.repo_url), context.explicit_repo_id(opts), floor=False)
+    seen = ConfigFloor(repo.repo_id).load()
+    lost = seen is not None and floor_problem(repo.chain, seen) is not None
+    if not repo.chain.forked and not lost:
         out.document({"merged": [], "config_version": repo.config.version})
         out.line(f"the config history is not forked (version {repo.config.version}); nothing to merge")
         return
-    branches = list(repo.chain.fork)
+    branches = [h for h in repo.chain.fork if h in repo.configs]
     master = context.load_master(opts, repo, "merging config versions")
-    cfg = repo.write_config(master)
-    out.document({"merged": branches, "config_version": cfg.version})
+    changes: dict[str, object] = {}
+    if lost and seen is not None:
+        # the version this machine saw is gone: go above it and name it, so every machine that saw
+        # it accepts the new one
+        changes = {
+            "version": max(seen.version, *(c.version for c in repo.configs.values())) + 1,
+            "merges": tuple(sorted({*branches, seen.name})),
+        }
+    cfg = write_config(repo, master, **changes)
+    out.document({"merged": branches, "config_version": cfg.version, "lost": seen.name if lost and seen else None})
     out.line(
         f"config version {cfg.version} joins {len(branches) + 1} branches; it keeps every branch's revocations. "
         "Writing works again"
     )
+    if lost and seen is not None:
+        out.line(
+            f"version {seen.version} ({seen.name}), which this machine saw, is not in the repository: the "
+            "revocations it held are not known here. Revoke again every client it revoked (`bunker key revoke`), "
+            "or copy it back from a mirror"
+        )

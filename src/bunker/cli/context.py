@@ -27,6 +27,7 @@ from bunker.crypto.keyfile import (
 )
 from bunker.errors import BunkerError, ExitCode, KeyRequired
 from bunker.private_files import tighten_own
+from bunker.repo.authority import issue_client
 from bunker.repo.repository import Repository
 from bunker.storage import open_backend
 
@@ -165,7 +166,7 @@ def init_repository(url: str, client_name: str, host: str = "") -> Created:
     # the key file first: a repository without its key would be useless
     write_private_file(master_path, master_key_text(master, pw))
     repo = Repository.create(backend, master)
-    put = repo.issue_client(master, client_name, ("backup",), host=host)
+    put = issue_client(repo, master, client_name, ("backup",), host=host)
     put_path = dirs.put_key_path(repo.repo_id)
     write_private_file(put_path, put_key_text(put, client_name))
     return Created(repo, master_path, put_path)

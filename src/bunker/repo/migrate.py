@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 
 from bunker.crypto.keyfile import MasterKey
 from bunker.errors import BunkerError, ExitCode
+from bunker.repo.authority import write_config
 from bunker.repo.config import FORMAT_VERSION, LEGACY_FORMAT, RepoConfig, Revocation
 from bunker.repo.repository import Repository, SnapshotRecord
 from bunker.repo.trust import chain_of
@@ -116,6 +117,6 @@ def migrate(repo: Repository, master: MasterKey, mplan: MigrationPlan) -> RepoCo
         )
     legacy = {c.cert: tuple(c.heads) for c in mplan.clients if c.heads}
     revoked = tuple(c.revocation for c in mplan.clients if c.revocation is not None)
-    cfg = repo.write_config(master, revoked=revoked, legacy=legacy, format=FORMAT_VERSION)
+    cfg = write_config(repo, master, revoked=revoked, legacy=legacy, format=FORMAT_VERSION)
     repo.write_documents()
     return cfg

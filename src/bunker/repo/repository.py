@@ -11,18 +11,16 @@ self-consistent, and callers say that authenticity was not proven. A repository 
 from __future__ import annotations
 
 import dataclasses
-import os
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from bunker import encoding
 from bunker.crypto.derive import PutSecrets
 from bunker.crypto.keyfile import MasterKey, PutKey
-from bunker.crypto.sign import BadSignature, SigningKey, verify
+from bunker.crypto.sign import BadSignature, verify
 from bunker.errors import BunkerError, CorruptObject, ExitCode, ObjectMissing
 from bunker.repo import recovery_docs
-from bunker.repo.certs import Certificate, bind_host, make_certificate, parse_certificate
+from bunker.repo.certs import Certificate, parse_certificate
 from bunker.repo.config import (
     FORMAT_VERSION,
     LEGACY_FORMAT,
@@ -249,88 +247,12 @@ class Repository:
             except (CorruptObject, ObjectMissing):
                 continue
 
-    def issue_client(
-        self,
-        master: MasterKey,
-        client: str,
-        capabilities: tuple[str, ...] = ("backup",),
-        domain: str = "default",
-        host: str = "",
-    ) -> PutKey:
-        """Make a put key for a new client and publish its certificate (needs the master key);
-        ``host``: the host the certificate binds (sealed; "" binds none)."""
-        if master.repo_id != self.repo_id:
-            raise RepositoryError("this master key belongs to another repository", "pass the right --master-key")
-        self.refuse_if_forked("issue a put key")
-        secrets = master.put_secrets(domain)
-        client_key = SigningKey(os.urandom(32))
-        salt = os.urandom(32) if host else b""
-        binding = bind_host(master.data_public, self.repo_id, client_key.public_bytes, host, salt) if host else None
-        cert = make_certificate(
-            master.signing,
-            self.repo_id,
-            client,
-            client_key.public_bytes,
-            domain,
-            secrets.domain_id,
-            capabilities,
-            binding,
-        )
-        self.put_object("clients", cert)
-        return PutKey(
-            repo_id=self.repo_id,
-            master_verify=self.config.master_verify,
-            data_public=self.config.data_public,
-            domain=domain,
-            secrets=secrets,
-            client_key=client_key,
-            certificate=cert,
-            config_version=self.config.version,
-            config_name=self.config_name,
-            host=host,
-            host_salt=salt,
-        )
-
-    def write_config(self, master: MasterKey, **changes: object) -> RepoConfig:
-        """Publish the next config version with ``changes`` (needs the master key). It follows the
-        current version and merges every forked branch's head, keeping their revocations."""
-        if master.repo_id != self.repo_id:
-            raise RepositoryError("this master key belongs to another repository", "pass the right --master-key")
-        cfg = dataclasses.replace(
-            self.config,
-            version=max(c.version for c in self.configs.values()) + 1,
-            prev=self.config_name,
-            merges=tuple(h for h in self.chain.fork if h in self.configs),
-            revoked=self.write_config_revocations(),
-            legacy=dict(self.chain.legacy),
-            created=time.time(),
-            format=FORMAT_VERSION,
-        )
-        cfg = dataclasses.replace(cfg, **changes)  # type: ignore[arg-type]
-        data = make_config(cfg, master.signing)
-        name = self.put_object("config", data)
+    def add_config(self, name: str, cfg: RepoConfig) -> None:
+        """Take a config version this process just wrote (repo/authority.py) into the view."""
         self.configs[name] = cfg
         self.chain = resolve(self.configs)
         self.config, self.config_name = self.chain.current, self.chain.name
         ConfigFloor(self.repo_id).raise_to(cfg.version, name)
-        return cfg
-
-    def revoke_client(self, master: MasterKey, cert: Certificate, last: str, last_seq: int) -> RepoConfig:
-        """Publish a new config version that revokes ``cert``: only its snapshots on the chain
-        ending at ``last`` (a snapshot name; "" for none) stay trusted, and no client
-        deduplicates against its packs (needs the master key)."""
-        kept = tuple(r for r in self.write_config_revocations() if r.client != cert.name)
-        return self.write_config(master, revoked=(*kept, Revocation(cert.name, last_seq, last)))
-
-    def write_config_revocations(self) -> tuple[Revocation, ...]:
-        """The revocations the next config version carries (see write_config): one per client;
-        where forked branches revoked one client differently, the one trusting the shorter chain."""
-        out: dict[str, Revocation] = {}
-        for rs in self.revoked.values():
-            usable = [r for r in rs if r.last is not None]
-            if usable:
-                out[usable[0].client] = min(usable, key=lambda r: r.last_seq)
-        return tuple(out.values())
 
     def refuse_if_forked(self, what: str) -> None:
         """Writes wait until the master key merges a forked config history."""
