@@ -1091,3 +1091,46 @@ def getfacl(p: Path) -> list[str]:
 def lsattr(p: Path) -> str:
     """The inode flag letters `lsattr -d` shows for ``p``."""
     return subprocess.run(["lsattr", "-d", str(p)], capture_output=True, text=True, check=True).stdout.split()[0]
+
+
+def check_children_never_see_the_passphrase(url: str, env: dict[str, str], dump: Path, tmp_path: Path) -> None:
+    """init, backup and restore (whose worker processes connect too) through a ProxyCommand that
+    records its environment in ``dump`` (env_dumping_proxy; ``env`` sets PROXY_TEST_MARK=seen and
+    BUNKER_NEW_PASSPHRASE="another secret phrase"): every connection went through it, and neither
+    passphrase variable, nor the passphrase's text, ever reached it."""
+    cp = run_bunker("init", "--repo", url, "--client", "c", env=env, timeout=60)
+    assert cp.returncode == 0, describe(cp)
+    src = tmp_path / "src"
+    make_tree(src)
+    cp = run_bunker("backup", src, "--repo", url, env=env, timeout=120)
+    assert cp.returncode in (0, 1), describe(cp)
+    cp = run_bunker("restore", "latest", "--target", tmp_path / "t", "--repo", url, env=env, timeout=120)
+    assert cp.returncode == 0, describe(cp)
+    compare_trees(src, restored_path(tmp_path / "t", src))
+    shutil.rmtree(tmp_path / "t")
+    seen = read_env_dumps(dump)
+    assert len(seen) >= 3 and all(e.get("PROXY_TEST_MARK") == "seen" for e in seen)
+    for e in seen:
+        assert "BUNKER_PASSPHRASE" not in e and "BUNKER_NEW_PASSPHRASE" not in e, sorted(e)
+    text = dump.read_text()
+    assert env["BUNKER_PASSPHRASE"] not in text and "another secret phrase" not in text
+
+
+def resign_snapshot(repo_path: Path, snapshot: str, put: Any, **changes: Any) -> str:
+    """What a put-key holder can do with a snapshot it did not write: wrap its body in a new
+    envelope signed with ``put`` (a loaded PutKey), the envelope's fields replaced by
+    ``changes`` (``cert`` and ``client`` default to ``put``'s). Written into the repository at
+    ``repo_path``; returns the new snapshot's id."""
+    import dataclasses as dc
+
+    from bunker.repo.certs import parse_certificate
+    from bunker.repo.objects import name_for
+    from bunker.repo.snapshot import make_snapshot, parse_snapshot
+
+    tmpl = parse_snapshot((repo_path / "snapshots" / snapshot).read_bytes())
+    cert = parse_certificate(put.certificate, put.master_verify, put.repo_id)
+    fields = {"cert": name_for("clients", put.certificate), "client": cert.client, **changes}
+    data = make_snapshot(dc.replace(tmpl.env, **fields), tmpl.body_ct, put.client_key)
+    name = name_for("snapshots", data).split("/", 1)[1]
+    (repo_path / "snapshots" / name).write_bytes(data)
+    return name

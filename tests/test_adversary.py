@@ -298,7 +298,7 @@ def _oracle(w: World, root: Path, adv: Adversary) -> None:
         if latest is not None:
             assert latest.name in w.genuine and w.genuine[latest.name][0] == client, latest.name
         damaged = not (root / head).exists() or any(t in adv.touched for t in _needed(w, root, head))
-        report = Checker(backend, w.repo.id, head=(cert, seq, head)).run(keyless=True)
+        report = Checker(backend, w.repo.id, heads=[(cert, seq, head)]).run(keyless=True)
         if damaged or latest is None or latest.name != head:
             assert not report.ok, f"check found nothing wrong for {client} after {sorted(adv.touched)}"
 

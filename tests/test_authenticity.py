@@ -12,7 +12,7 @@ import pytest
 from bunker import encoding
 from bunker.crypto.sign import SigningKey
 from bunker.repo.snapshot import make_snapshot, parse_snapshot
-from helpers import Repo, init_repo, js, obj_name, rename_to_hash, restored_path
+from helpers import Repo, init_repo, js, make_env, obj_name, rename_to_hash, restored_path
 
 
 @pytest.fixture(scope="module")
@@ -193,6 +193,13 @@ def test_deleted_newest_snapshot_is_reported(repo: Repo, tmp_path: Path) -> None
     assert bad and "deleted" in bad[0]["problem"] and "#2" in bad[0]["problem"]
     cp = repo.run("check")
     assert cp.returncode == 14 and "rolled back" in cp.stdout
+    # the keyless check on this machine uses the same witness (what it remembers of its chains)
+    cp = repo.run("check", "--keyless", "--expect", repo.id, "--json")
+    assert cp.returncode == 14, cp.stdout
+    assert any(p["object"] == f"snapshots/{s2['snapshot']}" for p in js(cp)["problems"])
+    # a copy checked elsewhere (no state of this machine) cannot tell: nothing to witness
+    cp = repo.run("check", "--keyless", "--expect", repo.id, "--json", env=make_env(tmp_path / "elsewhere"))
+    assert cp.returncode == 0, cp.stdout
 
     cp = repo.run("backup", src, "--json")
     assert cp.returncode == 1, cp.stderr

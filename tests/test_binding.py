@@ -7,7 +7,6 @@ client ``vm`` in an envelope of its own chain, newer than vm's newest snapshot; 
 
 from __future__ import annotations
 
-import dataclasses
 import socket
 import time
 from pathlib import Path
@@ -15,9 +14,7 @@ from pathlib import Path
 import pytest
 
 from bunker.crypto.keyfile import load_put_key
-from bunker.repo.objects import name_for
-from bunker.repo.snapshot import make_snapshot, parse_snapshot
-from helpers import Repo, describe, init_repo, js, make_env, restored_path, run_bunker
+from helpers import Repo, describe, init_repo, js, make_env, resign_snapshot, restored_path, run_bunker
 
 
 def _vm(tmp_path: Path) -> tuple[Repo, Path, dict, dict]:
@@ -40,20 +37,8 @@ def _resign(repo: Repo, tmp_path: Path, victim: str, *, domain: str, key_args: t
     if not key.exists():
         repo.ok("key", "new-client", "mallory", "--out", key, *key_args)
     put = load_put_key(str(key))
-    tmpl = parse_snapshot((repo.path / "snapshots" / victim).read_bytes())
-    env = dataclasses.replace(
-        tmpl.env,
-        client="mallory",
-        cert=name_for("clients", put.certificate),
-        seq=1,
-        prev="",
-        time=time.time() + 5,
-        domain=tmpl.env.domain if domain == "victim" else put.secrets.domain_id,
-    )
-    data = make_snapshot(env, tmpl.body_ct, put.client_key)
-    name = name_for("snapshots", data).split("/", 1)[1]
-    (repo.path / "snapshots" / name).write_bytes(data)
-    return name
+    own = {} if domain == "victim" else {"domain": put.secrets.domain_id}
+    return resign_snapshot(repo.path, victim, put, seq=1, prev="", time=time.time() + 5, **own)
 
 
 @pytest.mark.parametrize(

@@ -7,14 +7,11 @@ trusted; anything else of that client is untrusted everywhere, and a fork is dam
 
 from __future__ import annotations
 
-import dataclasses
 import time
 from pathlib import Path
 
 from bunker.crypto.keyfile import load_put_key
-from bunker.repo.objects import name_for
-from bunker.repo.snapshot import make_snapshot, parse_snapshot
-from helpers import Repo, describe, js, restored_path
+from helpers import Repo, describe, js, resign_snapshot, restored_path
 
 
 def _thief(repo: Repo, tmp_path: Path) -> tuple[Path, Path, list[str]]:
@@ -33,13 +30,8 @@ def _thief(repo: Repo, tmp_path: Path) -> tuple[Path, Path, list[str]]:
 def _mint(repo: Repo, key: Path, template: str, *, seq: int, prev: str) -> str:
     """What a stolen key can do: sign a new envelope (here around an old body of its own run,
     dated now) as link ``seq`` after ``prev``."""
-    put = load_put_key(str(key))
-    tmpl = parse_snapshot((repo.path / "snapshots" / template).read_bytes())
-    env = dataclasses.replace(tmpl.env, seq=seq, prev=f"snapshots/{prev}" if prev else "", time=time.time() + 5)
-    data = make_snapshot(env, tmpl.body_ct, put.client_key)
-    name = name_for("snapshots", data).split("/", 1)[1]
-    (repo.path / "snapshots" / name).write_bytes(data)
-    return name
+    prev_name = f"snapshots/{prev}" if prev else ""
+    return resign_snapshot(repo.path, template, load_put_key(str(key)), seq=seq, prev=prev_name, time=time.time() + 5)
 
 
 def test_a_revoked_key_cannot_mint_trusted_snapshots_below_its_last(repo: Repo, tmp_path: Path) -> None:

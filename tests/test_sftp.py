@@ -25,6 +25,7 @@ from helpers import (
     SSH_SCRUB,
     FlakyProxy,
     SshServer,
+    check_children_never_see_the_passphrase,
     chown_to_user,
     compare_trees,
     describe,
@@ -34,7 +35,6 @@ from helpers import (
     js,
     make_env,
     make_tree,
-    read_env_dumps,
     restored_path,
     run_bunker,
     ssh_keygen,
@@ -239,23 +239,7 @@ def test_proxy_command_never_sees_the_passphrase(sshd: SshServer, tmp_path: Path
     env = _ssh_env(tmp_path / "e", sshd, BUNKER_NEW_PASSPHRASE="another secret phrase", PROXY_TEST_MARK="seen")
     ssh = Path(env["HOME"]) / ".ssh"
     (ssh / "config").write_text(f"Host 127.0.0.1\n    ProxyCommand {env_dumping_proxy(tmp_path, dump)}\n")
-    url = sshd.url(tmp_path / "server")
-    assert run_bunker("init", "--repo", url, "--client", "c", env=env, timeout=60).returncode == 0
-    src = tmp_path / "src"
-    make_tree(src)
-    cp = run_bunker("backup", src, "--repo", url, env=env, timeout=120)
-    assert cp.returncode in (0, 1), describe(cp)
-    cp = run_bunker("restore", "latest", "--target", tmp_path / "t", "--repo", url, env=env, timeout=120)
-    assert cp.returncode == 0, describe(cp)
-    compare_trees(src, restored_path(tmp_path / "t", src))
-    shutil.rmtree(tmp_path / "t")
-
-    seen = read_env_dumps(dump)
-    assert len(seen) >= 3 and all(e.get("PROXY_TEST_MARK") == "seen" for e in seen)  # every connection went through it
-    for e in seen:
-        assert "BUNKER_PASSPHRASE" not in e and "BUNKER_NEW_PASSPHRASE" not in e, sorted(e)
-    text = dump.read_text()
-    assert env["BUNKER_PASSPHRASE"] not in text and "another secret phrase" not in text
+    check_children_never_see_the_passphrase(sshd.url(tmp_path / "server"), env, dump, tmp_path)
 
 
 def test_login_refused_is_a_clear_error(sshd: SshServer, tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ import json
 import os
 from dataclasses import dataclass
 
+from bunker import dirs
 from bunker.crypto.keyfile import write_private_file
 
 
@@ -19,6 +20,7 @@ from bunker.crypto.keyfile import write_private_file
 class ChainHead:
     seq: int
     name: str  # snapshots/<hex>
+    cert: str = ""  # clients/<hex> of the chain ("" in records written before it was kept)
 
 
 def load_head(state_dir: str) -> ChainHead | None:
@@ -26,11 +28,24 @@ def load_head(state_dir: str) -> ChainHead | None:
     try:
         with open(os.path.join(state_dir, "chain.json"), encoding="utf-8") as f:
             d = json.load(f)
-        return ChainHead(int(d["seq"]), str(d["name"]))
+        return ChainHead(int(d["seq"]), str(d["name"]), str(d.get("cert", "")))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
 def save_head(state_dir: str, head: ChainHead) -> None:
     """Remember a new head durably."""
-    write_private_file(os.path.join(state_dir, "chain.json"), json.dumps({"seq": head.seq, "name": head.name}))
+    record = {"seq": head.seq, "name": head.name, "cert": head.cert}
+    write_private_file(os.path.join(state_dir, "chain.json"), json.dumps(record))
+
+
+def witnesses(repo_id: str) -> list[ChainHead]:
+    """Every chain head this machine remembers for repository ``repo_id`` (one per client that
+    backed up from here): witnesses outside the storage that its newest snapshots exist."""
+    root = os.path.join(dirs.data_dir(), "state", repo_id[:32])
+    try:
+        tags = sorted(os.listdir(root))
+    except OSError:
+        return []
+    heads = [load_head(os.path.join(root, t)) for t in tags]
+    return [h for h in heads if h is not None and h.cert]

@@ -139,5 +139,5 @@ def write_snapshot(repo: Repository, put: PutKey, env: Envelope, body_ct: bytes,
     data = make_snapshot(env, body_ct, put.client_key)
     name = name_for("snapshots", data)
     repo.backend.put(name, data)
-    save_head(state_dir, ChainHead(env.seq, name))
+    save_head(state_dir, ChainHead(env.seq, name, env.cert))
     return Committed(name, env.seq, env.level, env.stats)

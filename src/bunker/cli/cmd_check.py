@@ -9,7 +9,7 @@ from typing import Any
 import click
 
 from bunker import dirs
-from bunker.backup.chain import load_head
+from bunker.backup.chain import load_head, witnesses
 from bunker.backup.files_cache import FilesCache
 from bunker.backup.run import client_tag
 from bunker.backup.verify import Verifier
@@ -35,11 +35,16 @@ def check(**kwargs: Any) -> None:
     keyless, expect, read_data = kwargs.pop("keyless"), kwargs.pop("expect"), kwargs.pop("read_data")
     opts, out = make_options(kwargs)
     backend = open_backend(opts.repo_url)
-    secrets = master = head = None
+    secrets = master = None
+    # what this machine remembers of each chain it wrote: witnesses the storage cannot rewrite
+    heads: list[tuple[str, int, str]] = []
     if keyless:
-        checker = Checker(backend, expect.lower() if expect else None)
+        if expect:
+            heads = [(h.cert, h.seq, h.name) for h in witnesses(expect.lower())]
+        checker = Checker(backend, expect.lower() if expect else None, heads=heads)
     else:
         repo = context.open_repository(opts)
+        heads = [(h.cert, h.seq, h.name) for h in witnesses(repo.repo_id)]
         if expect and expect.lower() != repo.repo_id:
             out.info(f"warning: --expect {expect} differs from this key's repository {repo.repo_id}")
         put_path = opts.put_key_file(repo.repo_id)
@@ -50,8 +55,9 @@ def check(**kwargs: Any) -> None:
             secrets = put.secrets
             tag = client_tag(put)
             remembered = load_head(dirs.state_dir(repo.repo_id, tag))
-            if remembered:
-                head = ("clients/" + content_hash(put.certificate), remembered.seq, remembered.name)
+            mine = "clients/" + content_hash(put.certificate)
+            if remembered and not any(h[0] == mine for h in heads):
+                heads.append((mine, remembered.seq, remembered.name))
         elif master is None:
             context.load_put(opts, repo)  # raises the clear "no put key" error
         else:
@@ -61,7 +67,7 @@ def check(**kwargs: Any) -> None:
             repo.repo_id,
             secrets=secrets,
             master=master,
-            head=head,
+            heads=heads,
             progress=(lambda s: out.info(f"checking {s}…")) if sys.stderr.isatty() and not opts.as_json else None,
         )
     report = checker.run(keyless)

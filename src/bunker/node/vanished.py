@@ -120,7 +120,7 @@ def repair_spooled_chain(
         repaired.append(fix)
         out.append(fix.new)
         if head is not None and head.name == name:
-            head = ChainHead(head.seq, fix.new)
+            head = ChainHead(head.seq, fix.new, head.cert)
             save_head(state_dir, head)
     if recovery is not None:
         recovery.close()

@@ -122,14 +122,15 @@ class Checker:
         *,
         secrets: PutSecrets | None = None,
         master: MasterKey | None = None,
-        head: tuple[str, int, str] | None = None,
+        heads: list[tuple[str, int, str]] | None = None,
         progress: Callable[[str], None] | None = None,
     ) -> None:
         self.backend = backend
         self.expect = expect
         self.secrets = secrets
         self.master = master
-        self.head = head  # (cert name, remembered seq, remembered snapshot name)
+        # witnesses outside the storage: (cert name, remembered seq, remembered snapshot name)
+        self.heads = heads or []
         self.report = CheckReport()
         self.progress = progress or (lambda s: None)
         self.repo: Repository | None = None
@@ -557,18 +558,21 @@ class Checker:
                 expected = s + 1
                 if s > 1 and (s - 1) in chain and chain[s - 1][0] != prev:
                     r.add(name, f"client {client!r}: snapshot #{s} does not link to #{s - 1} (chain altered)")
-        if self.head is not None:
-            cert_name, seq, head_name = self.head
+        for cert_name, seq, head_name in self.heads:
             have = chains.get(cert_name, {})
             newest = max(have) if have else 0
+            try:
+                who = f"client {repo.certificate(cert_name).client!r}"
+            except (CorruptObject, ObjectMissing):
+                who = f"the client of {cert_name}"
             if seq > newest:
                 r.add(
                     head_name,
-                    f"this client wrote snapshot #{seq} but the repository's newest is #{newest}: "
-                    "snapshots were deleted or the repository was rolled back",
+                    f"{who} wrote snapshot #{seq} (this machine remembers it) but the repository's newest is "
+                    f"#{newest}: snapshots were deleted or the repository was rolled back",
                 )
             elif seq in have and have[seq][0] != head_name:
-                r.add(head_name, f"this client's snapshot #{seq} was replaced by another object")
+                r.add(head_name, f"{who}'s snapshot #{seq} was replaced by another object")
 
     def _fetch_ref(self, name: str) -> bytes:
         data = self._get(name)
