@@ -15,6 +15,9 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from bunker.encoding import FormatError
+from bunker.repo.tree import fit_entry
+
 
 class _Job(Protocol):
     entries: list[dict[str, Any]]
@@ -63,6 +66,10 @@ def partial_root(
                 if job is None:
                     continue
                 e["st"] = tree(final(job.entries))
+            try:
+                fit_entry(e)  # on the copy, silently: the directory's final tree reports it
+            except FormatError:
+                continue
             chunks.update(e.get("c", ()))
             if kind == "d":
                 chunks.add(e["st"])

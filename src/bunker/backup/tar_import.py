@@ -20,6 +20,11 @@ stored, and the gaps between them become ``hole``. Members with an absolute path
 or a ``..`` component are refused one by one (an ``err`` event); a later member with the same
 path replaces an earlier one (as tar extraction does). A damaged or truncated archive ends the
 run with an error and no snapshot.
+
+Every member's entry is held to the tree rules readers apply (tree.fit_entry, FORMAT.md section
+14) before it is placed: what a tree cannot hold (an id beyond 32 bits, a time beyond the years
+1677 to 2262, an oversized xattr ...) is clamped or left out, or the member is left out, with one
+``err`` event naming the member.
 """
 
 from __future__ import annotations
@@ -34,11 +39,13 @@ import time
 import urllib.parse
 from dataclasses import dataclass, field
 from decimal import Decimal, InvalidOperation
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO, Self, cast
 
 from bunker.backup.archiver import Archiver, ArchiveResult
 from bunker.backup.tar_export import FFLAG_NAMES
+from bunker.encoding import FormatError
 from bunker.errors import BunkerError, ExitCode
+from bunker.repo.tree import OVERFLOW_ID, fit_entry, name_problem
 
 _FLAG_BITS = {name: bit for bit, name in FFLAG_NAMES}
 _ACL_TAGS = {"u": "user", "user": "user", "g": "group", "group": "group", "m": "mask", "mask": "mask"}
@@ -58,11 +65,63 @@ def _b(s: str) -> bytes:
 
 
 def pax_ns(text: str) -> int | None:
-    """A pax time value (decimal seconds, maybe fractional and negative) in nanoseconds."""
+    """A pax time value (decimal seconds, maybe fractional and negative) in nanoseconds; None
+    when it is not a finite number. A value beyond 10^1000 s comes back as ±10^1010 ns
+    (fit_entry stores the nearest time in range either way) rather than as an int of millions
+    of digits."""
     try:
-        return int(Decimal(text.strip()) * 1_000_000_000)
+        d = Decimal(text.strip())
     except (InvalidOperation, ValueError):
         return None
+    if not d.is_finite():
+        return None
+    if d.adjusted() > 1000:
+        return 10**1010 if d > 0 else -(10**1010)
+    return int(d * 1_000_000_000)
+
+
+def _pax_count(text: str) -> bool:
+    s = text.strip()
+    return s.isascii() and s.isdigit()
+
+
+_PAX_COUNTS = ("size", "uid", "gid", "GNU.sparse.size", "GNU.sparse.realsize")
+_PAX_TIMES = ("mtime", "atime", "ctime")
+# a block that is not a header, or half of one (not an end-of-archive block or the end of the input)
+_BAD_HEADER = (tarfile.InvalidHeaderError, tarfile.TruncatedHeaderError)  # type: ignore[attr-defined]
+
+
+class _CheckedTarInfo(tarfile.TarInfo):
+    """A member whose pax number records are checked before tarfile applies them, and whose
+    archive never ends silently at a damaged header.
+
+    tarfile turns a pax number it cannot parse into 0 (uid 0 is root), takes a negative size as
+    is (every later header is then read from the wrong place) and ends the archive without a
+    word at a header that is not one. Here such a record is ignored and kept in ``refused`` (the
+    ustar header's value stays; the importer reports it), and a bad header ends the run as a
+    damaged archive.
+    """
+
+    refused: dict[str, str] = {}  # noqa: RUF012 - replaced per member, never changed in place
+
+    def _apply_pax_info(self, pax_headers: dict[str, str], encoding: str, errors: str) -> None:
+        refused = {k: pax_headers[k] for k in _PAX_COUNTS if k in pax_headers and not _pax_count(pax_headers[k])}
+        refused.update((k, pax_headers[k]) for k in _PAX_TIMES if k in pax_headers and pax_ns(pax_headers[k]) is None)
+        for k in refused:
+            # removed from the caller's own dict: tarfile places the next header by its "size"
+            del pax_headers[k]
+        if refused:
+            self.refused = refused
+        super()._apply_pax_info(pax_headers, encoding, errors)  # type: ignore[misc]
+
+    @classmethod
+    def fromtarfile(cls, tar: tarfile.TarFile) -> Self:
+        try:
+            return super().fromtarfile(tar)
+        except _BAD_HEADER as exc:
+            if tar.offset == 0:
+                raise  # tarfile's own "not a tar archive"
+            raise tarfile.ReadError(f"damaged header at byte {tar.offset}: {exc}") from None
 
 
 def parse_acl(text: str) -> tuple[list[list[Any]], list[str]]:
@@ -159,6 +218,25 @@ class _Regions:
         return n
 
 
+class _Input:
+    """The archive's bytes as tarfile reads them. tarfile skips a member's data by reading it,
+    and once the input has ended it goes on "reading" whatever size a header claims (2^70 bytes
+    take forever); reading on after the end is refused, which ends the run as a truncated
+    archive."""
+
+    def __init__(self, f: BinaryIO) -> None:
+        self.f = f
+        self.reads_at_end = 0
+
+    def read(self, n: int = -1) -> bytes:
+        b = self.f.read(n)
+        if not b and n:
+            self.reads_at_end += 1
+            if self.reads_at_end > 8:
+                raise tarfile.ReadError("unexpected end of data")
+        return b
+
+
 class TarImport:
     def __init__(self, archiver: Archiver, label: str) -> None:
         self.a = archiver
@@ -166,6 +244,7 @@ class TarImport:
         self.root = _Node({})
         self.now = time.time_ns()
         self.next_ino = 1
+        self.unfit: list[str] = []  # what the current member's entry could not keep
 
     def warn(self, path: bytes, message: str) -> None:
         self.a.log.add("warn", "tar-metadata", message, path)
@@ -224,6 +303,16 @@ class TarImport:
                 self.warn(path, f"inode flags {','.join(unknown)} not known; left out")
             if bits:
                 e["fl"] = bits
+        for key, raw in getattr(m, "refused", {}).items():
+            if key in ("uid", "gid"):  # never the ustar header's value: it is 0 (root) when the id did not fit
+                e[key[0]] = OVERFLOW_ID
+                self.unfit.append(f"pax {key} {raw!r} is not a number: stored as {OVERFLOW_ID}")
+            elif key == "mtime":
+                self.unfit.append(f"pax mtime {raw!r} is not a number: the ustar header's time is kept")
+            elif key in _PAX_TIMES:
+                self.unfit.append(f"pax {key} {raw!r} is not a number: left out")
+            else:
+                self.unfit.append(f"pax {key} {raw!r} is not a size: the ustar header's size {m.size} is used")
         return e
 
     def place(self, comps: list[bytes], entry: dict[str, Any]) -> _Node:
@@ -248,11 +337,43 @@ class TarImport:
             node = node.children.get(c) if node is not None else None
         return node
 
+    def fit(self, path: bytes, name: bytes, e: dict[str, Any]) -> bool:
+        """Hold the member's entry (named ``name``) to the tree rules readers apply
+        (tree.fit_entry); report what was changed or dropped as one err event. False: the member
+        is left out."""
+        whole = dict(e, n=name)
+        if e["t"] == "d":
+            whole["st"] = bytes(32)  # stands in for the subtree, stored at the end
+        try:
+            self.unfit += fit_entry(whole)
+        except FormatError as exc:
+            self.refuse(path, "tar-bad-metadata", f"member left out: {'; '.join([*self.unfit, str(exc)])}")
+            return False
+        del whole["n"]
+        whole.pop("st", None)
+        e.clear()
+        e.update(whole)
+        if self.unfit:
+            self.refuse(
+                path,
+                "tar-bad-metadata",
+                f"{'; '.join(self.unfit)} (metadata a backup cannot hold); the rest of the member is stored",
+            )
+            self.unfit = []
+        return True
+
     def member(self, tar: tarfile.TarFile, m: tarfile.TarInfo) -> None:
         comps = clean_path(m.name)
         shown = _b(m.name)
+        self.unfit = []
+        if m.size < 0:  # tarfile has looked for the next header in the wrong place
+            raise tarfile.ReadError(f"member {m.name!r} has a negative size")
         if comps is None:
             self.refuse(shown, "tar-unsafe-path", "absolute path or '..' in the archive: member refused")
+            return
+        why = next(filter(None, map(name_problem, comps)), None)
+        if why:
+            self.refuse(shown, "tar-unsafe-path", f"{why}: member refused")
             return
         if not comps:
             return  # "." : the root itself
@@ -273,14 +394,18 @@ class TarImport:
             return
         if m.isreg():
             e = self.meta(m, shown, "f")
-            f = tar.extractfile(m)
-            assert f is not None
+            e["sz"] = m.size
             if m.sparse:  # only the data regions are stored; the rest are holes (FORMAT.md 14)
                 holes = sparse_holes(m.size, m.sparse)
-                chunks, _ = self.a.store_stream(_Regions(f, m.sparse))
-                size = m.size
                 if holes:
                     e["hole"] = holes
+            if not self.fit(shown, comps[-1], e):  # before the data is read: a member left out stores none
+                return
+            f = tar.extractfile(m)
+            assert f is not None
+            if m.sparse:
+                chunks, _ = self.a.store_stream(_Regions(f, m.sparse))
+                size = m.size
             else:
                 chunks, size = self.a.store_stream(cast(BinaryIO, f))
             e["sz"], e["c"] = size, chunks
@@ -302,6 +427,8 @@ class TarImport:
             e = self.meta(m, shown, "p")
         else:
             self.refuse(shown, "tar-unknown-type", f"member type {m.type!r} not supported: left out")
+            return
+        if not self.fit(shown, comps[-1], e):
             return
         self.a.progress.current = shown
         self.place(comps, e)
@@ -344,7 +471,13 @@ class TarImport:
 
     def run(self, f: BinaryIO) -> bytes:
         try:
-            with tarfile.open(fileobj=f, mode="r|*", encoding="utf-8", errors="surrogateescape") as tar:
+            with tarfile.open(
+                fileobj=cast(BinaryIO, _Input(f)),
+                mode="r|*",
+                encoding="utf-8",
+                errors="surrogateescape",
+                tarinfo=_CheckedTarInfo,
+            ) as tar:
                 for m in tar:
                     self.member(tar, m)
         except (tarfile.TarError, EOFError, OSError, ValueError) as exc:

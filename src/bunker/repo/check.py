@@ -6,7 +6,8 @@
 - put key: the structural checks plus: every pack trailer of the client's dedup domain decrypts
   and agrees with the index; every chunk of every snapshot's chunk set is indexed in a pack of
   its pack set; the client's remembered chain head is still in the repository.
-- read data (master key): additionally decrypt every blob of every pack and verify its chunk id.
+- read data (master key): additionally decrypt every blob of every pack and verify its chunk id,
+  and hold every tree (the blobs of ``meta`` packs) to the rules restore and ls apply.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from bunker.repo.objects import (
     parse_signed,
 )
 from bunker.repo.pack import (
+    KIND_DATA,
     BlobEntry,
     decrypt_trailer,
     fetch_footer,
@@ -351,7 +353,9 @@ class Checker:
         except encoding.FormatError as exc:
             r.add(n, str(exc))
             return
-        self._verify_in_worker(n, footer.body_length, footer.body_hash, keys, trailer.blobs, secrets.secret, verifier)
+        self._verify_in_worker(
+            n, footer.body_length, footer.body_hash, keys, trailer.blobs, secrets.secret, verifier, trailer.kind
+        )
 
     def _verify_in_worker(
         self,
@@ -362,12 +366,13 @@ class Checker:
         blobs: list[BlobEntry],
         secret: bytes,
         verifier: PackVerifierPool,
+        kind: str = KIND_DATA,
     ) -> None:
         info = self.backend.stat(n)
         if info is None:
             self.report.add(n, "vanished while checking")
             return
-        job = PackJob(n, info.size, body_length, body_hash, keys, blobs, secret)
+        job = PackJob(n, info.size, body_length, body_hash, keys, blobs, secret, kind)
         try:
             res = verifier.submit(job).result()
         except StorageError:

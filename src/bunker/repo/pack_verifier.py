@@ -3,7 +3,8 @@
 Per blob the primitives take a few µs (AES-GCM, zstd, keyed BLAKE3) inside ~20 µs of Python, so
 threads serialize on the GIL; processes use every core. The checker's main process verifies the
 pack's footer, signature and trailer and opens its key groups; a worker gets the group keys and
-the trailer's blob list, reads the pack once, and checks its name, its body hash and each blob.
+the trailer's blob list, reads the pack once, and checks its name, its body hash and each blob
+(a tree, in a ``meta`` pack, also against the rules every reader of trees applies).
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ from bunker.crypto.derive import PutSecrets
 from bunker.errors import BunkerError, ObjectMissing, StorageError
 from bunker.repo import blob
 from bunker.repo.objects import content_hash
-from bunker.repo.pack import BlobEntry, unwrap_blob_key
+from bunker.repo.pack import KIND_DATA, KIND_META, BlobEntry, unwrap_blob_key
+from bunker.repo.tree import decode_tree
 from bunker.storage import Backend, open_backend
 
 MAX_REPORTED_BLOBS = 10  # per pack: the count says how many more
@@ -39,6 +41,7 @@ class PackJob:
     group_keys: list[bytes]
     blobs: list[BlobEntry] = field(repr=False)
     secret: bytes = field(repr=False)
+    kind: str = KIND_DATA  # the trailer's: a "meta" pack's blobs are trees
 
 
 class PackResult(NamedTuple):
@@ -88,6 +91,11 @@ def verify_pack(job: PackJob, backend: Backend | None = None) -> PackResult:
             plain = blob.decrypt_blob(k, b.chunk_id, view[b.offset : b.offset + b.length], b.raw_length)
             if not blob.verify_blob(secrets, b.chunk_id, plain):
                 raise blob.BlobError("content does not match its chunk id")
+            if job.kind == KIND_META:
+                try:
+                    decode_tree(plain)  # the rules every reader of the tree applies
+                except encoding.FormatError as exc:
+                    raise blob.BlobError(f"a tree that restore and ls refuse: {exc}") from None
         except (encoding.FormatError, blob.BlobError) as exc:
             bad += 1
             if bad <= MAX_REPORTED_BLOBS:
