@@ -12,14 +12,10 @@
 
 from __future__ import annotations
 
-import datetime
 import os
 import threading
-from collections import defaultdict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Any
 
 import blake3
 
@@ -30,11 +26,12 @@ from bunker.crypto.sign import BadSignature, verify
 from bunker.errors import BunkerError, CorruptObject, ObjectMissing, StorageError
 from bunker.repo import refs
 from bunker.repo.certs import parse_certificate
+from bunker.repo.check_report import CheckReport
+from bunker.repo.check_snapshots import SnapshotChecks
 from bunker.repo.config import FORMAT_VERSION, parse_config
 from bunker.repo.config_chain import missing_links
 from bunker.repo.index import decrypt_index, parse_index_frame
 from bunker.repo.leases import sessions
-from bunker.repo.moves import PackMoves
 from bunker.repo.objects import (
     MAGIC_GC,
     MAGIC_INDEX,
@@ -54,9 +51,6 @@ from bunker.repo.pack import (
 )
 from bunker.repo.pack_verifier import PackJob, PackVerifierPool
 from bunker.repo.repository import Repository
-from bunker.repo.retention import FUTURE_TOLERANCE, signed_time_in_future
-from bunker.repo.snapshot import ParsedSnapshot, open_body, parse_snapshot
-from bunker.repo.trust import chain_trust
 from bunker.storage.backend import PREFIXES, Backend
 from bunker.storage.prefixes import WRITTEN, rule_for
 
@@ -67,53 +61,6 @@ Span = int
 
 def span(offset: int, length: int, raw_length: int) -> Span:
     return (offset << 64) | (length << 32) | raw_length
-
-
-def _utc(t: float) -> str:
-    try:
-        return datetime.datetime.fromtimestamp(t, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
-    except (ValueError, OverflowError, OSError):
-        return repr(t)  # a forged time beyond any calendar
-
-
-@dataclass
-class Problem:
-    object: str
-    problem: str
-    severity: str = "err"  # "err" damages or forgeries; "warn" things that need attention
-
-    def to_json(self) -> dict[str, str]:
-        return {"object": self.object, "problem": self.problem, "severity": self.severity}
-
-
-@dataclass
-class CheckReport:
-    repo_id: str = ""
-    authenticated: bool = False  # the id was pinned by --expect or a key
-    mode: str = "keyless"
-    counts: dict[str, int] = field(default_factory=lambda: defaultdict(int))
-    problems: list[Problem] = field(default_factory=list)
-    bytes_read: int = 0
-    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-
-    def add(self, obj: str, problem: str, severity: str = "err") -> None:
-        with self._lock:
-            self.problems.append(Problem(obj, problem, severity))
-
-    @property
-    def ok(self) -> bool:
-        return not any(p.severity == "err" for p in self.problems)
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": self.repo_id,
-            "authenticated": self.authenticated,
-            "mode": self.mode,
-            "ok": self.ok,
-            "counts": dict(self.counts),
-            "bytes_read": self.bytes_read,
-            "problems": [p.to_json() for p in self.problems],
-        }
 
 
 class Checker:
@@ -438,152 +385,9 @@ class Checker:
         self, names: list[str], retired_names: list[str], packs: set[str], locations: dict[bytes, str]
     ) -> None:
         assert self.repo
-        repo, r = self.repo, self.report
-        existing = {p.split("/", 1)[1] for p in packs}
-        retired: set[str] = set()
-        for n in retired_names:
-            data = self._get(n)
-            if data is None:
-                continue
-            try:
-                retired.add(repo.verify_retirement(data))
-            except (encoding.FormatError, CorruptObject, ObjectMissing) as exc:
-                r.add(n, f"retirement record not valid: {exc}; it is ignored (the snapshot it names stays listed)")
-        chains: dict[str, dict[int, tuple[str, str]]] = defaultdict(dict)
-        moves = PackMoves.load(repo)  # a repacked pack's blobs are in the packs it moved to
-        parsed: dict[str, ParsedSnapshot] = {}
-        for n in names:
-            data = self._get(n)
-            if data is None:
-                continue
-            try:
-                snap = parse_snapshot(data)
-            except encoding.FormatError as exc:
-                r.add(n, f"malformed snapshot: {exc}")
-                continue
-            trusted, problem = repo.verify_snapshot_signature(snap)
-            if not trusted:
-                r.add(n, f"snapshot not trusted: {problem}")
-                continue
-            parsed[n] = snap
-        # a revoked client's snapshots off the chain its revocation names, and format-1 snapshots
-        # off the chains `bunker migrate` recorded (repo/trust.py)
-        off_chain = chain_trust({n: s.env for n, s in parsed.items()}, repo.revoked, repo.chain.legacy)
-        runs: dict[tuple[str, int], str] = {}  # (session, checkpoint) -> the snapshot holding it
-        for n, snap in parsed.items():
-            if n in off_chain:
-                # format-1 leftovers (e.g. the branch of a fork the administrator did not pick) are
-                # known since the migration; anything else off a trusted chain is a forgery or a
-                # revoked key still at work
-                r.add(n, f"snapshot not trusted: {off_chain[n]}", "warn" if snap.env.version < 2 else "err")
-                continue
-            if self.master is not None:
-                try:
-                    open_body(snap, self.master.data_private)  # sealed to this envelope's writer and session?
-                except encoding.FormatError as exc:
-                    r.add(n, f"{exc}; `restore` refuses it")
-            e = snap.env
-            if e.session:
-                first = runs.setdefault((e.session, e.counter), n)
-                if first != n:
-                    # keylessly the copy cannot be told from the original: name the one stored later
-                    older, newer = sorted((first, n), key=lambda x: (self._stored.get(x, 0.0), x))
-                    r.add(newer, f"it holds the same run (session {e.session}) as {older}: it was copied")
-            stored = self._stored.get(n, 0.0)
-            if signed_time_in_future(e.time, stored):
-                r.add(
-                    n,
-                    f"its signed time {_utc(e.time)} is more than {FUTURE_TOLERANCE // 60} minutes after the storage "
-                    f"stored it ({_utc(stored)}): client {e.client!r} has a wrong clock or the time is forged. "
-                    "`bunker forget` uses the storage's time for it; fix that machine's clock (NTP)",
-                    "warn",
-                )
-            if e.seq in chains[e.cert]:
-                r.add(n, f"client {e.client!r} has two snapshots with sequence #{e.seq} (fork)")
-            chains[e.cert][e.seq] = (n, e.prev)
-            if n in retired:
-                continue
-            try:
-                pset = refs.read_set(e.packset, self._fetch_ref)
-            except StorageError:
-                raise
-            except (BunkerError, encoding.FormatError) as exc:
-                r.add(n, f"pack set {e.packset} unreadable: {exc}")
-                continue
-            missing = [p for p in pset if f"packs/{p}" not in packs and not moves.covered(p, existing)]
-            pset = sorted(moves.resolve(pset))
-            if missing:
-                r.add(n, f"needs {len(missing)} pack(s) that are missing, e.g. packs/{missing[0]}")
-            secrets = (
-                self.secrets
-                if (self.secrets and self.secrets.domain_id == e.domain)
-                else (self._secrets_for_domain(e.domain) if self.master else None)
-            )
-            try:
-                top = refs.parse_refs(self._fetch_ref(e.chunkset))
-                if top.get("kind") != "chunkset" or top.get("domain") != e.domain:
-                    # its chunks are another domain's: an envelope wrapped around data that is not its client's
-                    r.add(n, f"its chunk set {e.chunkset} is not a chunk set of its dedup domain {e.domain}")
-                    continue
-                if secrets is None:
-                    for part in top.get("parts", []):  # type: ignore[attr-defined]
-                        self._fetch_ref(part)
-            except StorageError:
-                raise
-            except (BunkerError, encoding.FormatError) as exc:
-                r.add(n, f"chunk set {e.chunkset} incomplete: {exc}")
-                continue
-            if secrets is None:
-                continue
-            try:
-                cset = refs.read_set(e.chunkset, self._fetch_ref, secrets)
-            except StorageError:
-                raise
-            except (BunkerError, encoding.FormatError) as exc:
-                r.add(n, f"chunk set {e.chunkset} unreadable: {exc}")
-                continue
-            pset_s = set(pset)
-            lost = [c for c in cset if locations.get(c) not in pset_s and not self._also_in.get(c, set()) & pset_s]
-            if lost and (e.complete or len(lost) > e.stats.get("chunks_lost", 0)):
-                # an incomplete snapshot declares how many chunks it lacks (forward could not
-                # store them again): those are known, not damage
-                r.add(
-                    n,
-                    f"{len(lost)} of its {len(cset)} chunks are not indexed in its packs (e.g. {lost[0].hex()[:16]}); "
-                    "if the packs are intact, `bunker index rebuild` re-indexes them from their trailers",
-                )
-            r.counts["snapshot_chunks"] += len(cset)
-        for cert_name, chain in chains.items():
-            client = repo.certificate(cert_name).client
-            expected = 1
-            for s in sorted(chain):
-                name, prev = chain[s]
-                if s > expected:
-                    r.add(name, f"client {client!r}: snapshots #{expected}..#{s - 1} are missing (deleted or withheld)")
-                expected = s + 1
-                if s > 1 and (s - 1) in chain and chain[s - 1][0] != prev:
-                    r.add(name, f"client {client!r}: snapshot #{s} does not link to #{s - 1} (chain altered)")
-        for cert_name, seq, head_name in self.heads:
-            have = chains.get(cert_name, {})
-            newest = max(have) if have else 0
-            try:
-                who = f"client {repo.certificate(cert_name).client!r}"
-            except (CorruptObject, ObjectMissing):
-                who = f"the client of {cert_name}"
-            if seq > newest:
-                r.add(
-                    head_name,
-                    f"{who} wrote snapshot #{seq} (this machine remembers it) but the repository's newest is "
-                    f"#{newest}: snapshots were deleted or the repository was rolled back",
-                )
-            elif seq in have and have[seq][0] != head_name:
-                r.add(head_name, f"{who}'s snapshot #{seq} was replaced by another object")
-
-    def _fetch_ref(self, name: str) -> bytes:
-        data = self._get(name)
-        if data is None:
-            raise ObjectMissing(name)
-        return data
+        SnapshotChecks(
+            self.repo, self.report, self._get, self._secrets_for_domain, self.master, self.heads, self._stored
+        ).run(names, retired_names, packs, locations, self._also_in)
 
     def _check_records(self, names: dict[str, list[str]]) -> None:
         assert self.repo
