@@ -260,6 +260,7 @@ def test_adoption_claimed_by_a_key_without_prune_is_not_honoured(repo: Repo, tmp
         complete=False,
         adopted=Adoption(victim_cert, repo.client, SESSION),
         session=SESSION,
+        counter=1,  # an adoption holds a checkpoint of the run
     )
     data = make_snapshot(env, template.body_ct, put.client_key)
     forged = name_for("snapshots", data).split("/", 1)[1]
