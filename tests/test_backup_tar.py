@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from bunker.backup.tar_import import clean_path, parse_acl, parse_fflags, pax_ns
+from bunker.tar.reader import clean_path, parse_acl, parse_fflags, pax_ns
 from helpers import (
     Repo,
     describe,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from bunker.backup.tar_export import FileData, acl_pax, data_regions, fflags_pax, ns_text, sparse_map_block
+from bunker.tar.writer import FileData, acl_pax, data_regions, fflags_pax, ns_text, sparse_map_block
 from helpers import Repo, describe, getfacl, init_repo, lsattr, restored_path, run_ok, snapshot_tree, xattrs_supported
 
 ROOT = os.geteuid() == 0

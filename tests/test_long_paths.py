@@ -418,7 +418,7 @@ def test_deep_path_calls(tmp_path: Path) -> None:
     """The helpers behind all of the above, in-process: each call on a path past PATH_MAX, the
     per-thread directory cache (same directory, a directory below it, forgotten), and a symlink
     among the components refused rather than followed."""
-    from bunker.backup import deep_path
+    from bunker.fs import deep_path
 
     top = os.fsencode(tmp_path)
     a = top + b"/" + b"/".join(_name(i, 250) for i in range(20))

@@ -153,7 +153,7 @@ def test_confined_paths_never_follow_a_symlink(tmp_path: Path) -> None:
     a directory on the way replaced by a symlink (as another user could, during a restore or a
     verify) makes the call fail instead of reaching the place the symlink names; ``..`` is
     refused; the leaf is never followed (open, chmod)."""
-    from bunker.backup import deep_path
+    from bunker.fs import deep_path
 
     root = os.fsencode(tmp_path / "root")
     elsewhere = tmp_path / "elsewhere"

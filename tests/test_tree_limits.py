@@ -18,9 +18,6 @@ from typing import Any
 import pytest
 
 from bunker.backup.commit import commit_snapshot
-from bunker.backup.restorer import Restorer
-from bunker.backup.runlog import RunLog
-from bunker.backup.tar_export import TarExporter
 from bunker.crypto.keyfile import load_put_key
 from bunker.errors import ExitCode
 from bunker.repo import blob
@@ -31,7 +28,10 @@ from bunker.repo.records import new_session_id
 from bunker.repo.repository import Repository
 from bunker.repo.session_writer import SessionWriter
 from bunker.repo.tree import MAX_TREE, TreeBudget, TreeCycle, encode_tree
+from bunker.restore.restorer import Restorer
+from bunker.runlog import RunLog
 from bunker.storage.local import LocalBackend
+from bunker.tar.writer import TarExporter
 from helpers import Repo, b3, describe, js, restored_path
 from test_checkpoint import _kill_after_checkpoint, _tree
 

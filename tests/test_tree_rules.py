@@ -22,7 +22,6 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bunker import encoding
-from bunker.backup.tar_import import pax_ns
 from bunker.crypto.keyfile import load_put_key
 from bunker.encoding import FormatError
 from bunker.errors import ExitCode
@@ -33,6 +32,7 @@ from bunker.repo.repository import Repository
 from bunker.repo.session_writer import SessionWriter
 from bunker.repo.tree import OVERFLOW_ID, check_entry, decode_tree, encode_tree, fit_entry
 from bunker.storage.local import LocalBackend
+from bunker.tar.reader import pax_ns
 from conftest import Unprivileged
 from helpers import Repo, describe, getfacl, init_repo, js, run_bunker, run_ok, xattrs_supported
 

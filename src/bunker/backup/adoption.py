@@ -25,7 +25,6 @@ from typing import Any
 from bunker import encoding
 from bunker.backup.checkpoint import checkpoint_snapshot, stale_checkpoint, used_sessions
 from bunker.backup.commit import chain_head
-from bunker.backup.runlog import RunLog
 from bunker.crypto.keyfile import PutKey
 from bunker.errors import BunkerError, CorruptObject, ObjectMissing, StorageError
 from bunker.repo import refs
@@ -35,6 +34,7 @@ from bunker.repo.records import ChainBase
 from bunker.repo.repository import Repository
 from bunker.repo.selection import adoption_problem
 from bunker.repo.snapshot import Adoption
+from bunker.runlog import RunLog
 
 # why a dead session's checkpoint was not adopted (``kept`` rows of the report)
 WAITING, OTHER_DOMAIN, DEFERRED = "waiting", "other-domain", "deferred"

@@ -28,22 +28,22 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from bunker.backup import deep_path
 from bunker.backup import files_cache as fc
 from bunker.backup.chunk_store import ChunkStore, Readable
 from bunker.backup.excludes import PSEUDO_FILESYSTEMS, Excludes, mount_types
 from bunker.backup.file_reader import MAX_REREADS, ReadOutcome, read_stable
-from bunker.backup.fsmeta import inode_meta, name_acl, path_meta
 from bunker.backup.hardlinks import HardLinks
 from bunker.backup.owners import OwnerNames
 from bunker.backup.partial import VirtualFrame, partial_root
 from bunker.backup.resume import PartialFiles, Tracked
-from bunker.backup.runlog import RunLog
 from bunker.backup.small_batches import SmallBatches
 from bunker.backup.small_files import SmallFilePool
 from bunker.encoding import FormatError
+from bunker.fs import deep_path
+from bunker.fs.fsmeta import inode_meta, name_acl, path_meta
 from bunker.repo.session_writer import SessionWriter
 from bunker.repo.tree import fit_entry
+from bunker.runlog import RunLog
 
 SMALL_FILE = 256 << 10  # files up to this size go to the worker processes ...
 SMALL_POOL_AFTER = 1000  # ... once this many were seen (starting the processes costs ~0.2 s)

@@ -23,7 +23,6 @@ from typing import Any
 import blake3
 
 from bunker.backup.commit import Committed, next_link, write_snapshot
-from bunker.backup.runlog import RunLog
 from bunker.crypto.keyfile import PutKey, write_private_file
 from bunker.errors import BunkerError, ObjectMissing
 from bunker.repo import refs
@@ -33,6 +32,7 @@ from bunker.repo.records import ChainBase
 from bunker.repo.repository import Repository
 from bunker.repo.session_writer import SessionWriter
 from bunker.repo.snapshot import LEVELS, MAX_COUNTER, Adoption, BodyBinding, Envelope, seal_body
+from bunker.runlog import RunLog
 
 DEFAULT_INTERVAL = 10.0
 MAX_LOG_EVENTS = 1000  # events carried in a checkpoint's body (the rest are counted)

@@ -17,9 +17,9 @@ from pyfastcdc import FastCDC
 
 from bunker.backup.chunker import cut, make_cdc
 from bunker.backup.file_reader import read_all
-from bunker.backup.fsmeta import DataReader, hole_bytes
 from bunker.backup.resume import PartialFiles, Tracked
 from bunker.errors import BunkerError, ExitCode
+from bunker.fs.fsmeta import DataReader, hole_bytes
 from bunker.repo import blob
 from bunker.repo.pack import KIND_META
 from bunker.repo.session_writer import SessionWriter

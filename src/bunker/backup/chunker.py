@@ -9,8 +9,8 @@ from typing import BinaryIO
 
 from pyfastcdc import FastCDC
 
-from bunker.backup.fsmeta import DataReader, hole_bytes, hole_map
 from bunker.crypto.derive import PutSecrets
+from bunker.fs.fsmeta import DataReader, hole_bytes, hole_map
 
 
 def make_cdc(chunker: dict[str, int], secrets: PutSecrets) -> FastCDC:

@@ -10,7 +10,6 @@ from typing import Any
 import blake3
 
 from bunker.backup.chain import ChainHead, load_head, save_head
-from bunker.backup.runlog import RunLog
 from bunker.crypto.keyfile import PutKey
 from bunker.errors import BunkerError, ExitCode
 from bunker.repo import refs
@@ -20,6 +19,7 @@ from bunker.repo.records import ChainBase
 from bunker.repo.repository import Repository
 from bunker.repo.session_writer import SessionWriter
 from bunker.repo.snapshot import FINAL, BodyBinding, Envelope, make_snapshot, seal_body
+from bunker.runlog import RunLog
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ import fnmatch
 import os
 import re
 
-from bunker.backup import deep_path
 from bunker.errors import BunkerError, ExitCode
+from bunker.fs import deep_path
 
 CACHEDIR_TAG = b"CACHEDIR.TAG"
 CACHEDIR_SIGNATURE = b"Signature: 8a477f597d28d172789f06886806bc55"  # https://bford.info/cachedir/

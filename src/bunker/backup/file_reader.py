@@ -14,8 +14,8 @@ import stat
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from bunker.backup import deep_path
-from bunker.backup.fsmeta import hole_bytes, hole_map, inode_meta
+from bunker.fs import deep_path
+from bunker.fs.fsmeta import hole_bytes, hole_map, inode_meta
 
 MAX_REREADS = 3
 _NOATIME = getattr(os, "O_NOATIME", 0)

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from bunker.backup.runlog import RunLog
+from bunker.runlog import RunLog
 
 
 class _Job(Protocol):

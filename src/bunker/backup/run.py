@@ -20,8 +20,6 @@ from bunker.backup.checkpoint import Checkpointer, adopt_dead_checkpoints, clear
 from bunker.backup.commit import Committed, chain_head, commit_snapshot
 from bunker.backup.excludes import Excludes
 from bunker.backup.files_cache import FilesCache
-from bunker.backup.runlog import RunLog
-from bunker.backup.tar_import import tar_entries
 from bunker.crypto.keyfile import PutKey
 from bunker.errors import BunkerError, ExitCode
 from bunker.repo.gc import condemned_packs
@@ -29,7 +27,9 @@ from bunker.repo.index_cache import IndexCache
 from bunker.repo.leases import Lease
 from bunker.repo.repository import Repository
 from bunker.repo.session_writer import SessionWriter
+from bunker.runlog import RunLog
 from bunker.storage.spooling import SpoolingBackend, oldest_pending
+from bunker.tar.reader import tar_entries
 
 
 @dataclass

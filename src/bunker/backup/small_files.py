@@ -16,8 +16,8 @@ from pyfastcdc import FastCDC
 
 from bunker.backup.chunker import cut, make_cdc
 from bunker.backup.file_reader import ReadOutcome, read_all, read_stable
-from bunker.backup.fsmeta import DataReader
 from bunker.crypto.derive import PutSecrets
+from bunker.fs.fsmeta import DataReader
 from bunker.repo import blob
 
 # (chunk id, blob bytes, raw length, K_blob)

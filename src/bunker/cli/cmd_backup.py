@@ -11,7 +11,6 @@ import click
 from bunker.backup.archiver import Progress
 from bunker.backup.excludes import read_exclude_file
 from bunker.backup.run import BackupRequest, run_backup
-from bunker.backup.runlog import LEVELS
 from bunker.cli import context
 from bunker.cli.cmd_clients import check_client_name, check_host_name
 from bunker.cli.main import EXIT_FOR_LEVEL, cli, common, default_client_name, handles_errors, make_options
@@ -22,6 +21,7 @@ from bunker.errors import BunkerError, ExitCode, StorageError
 from bunker.node.forward import forward, forward_problems, forward_summary
 from bunker.node.spool import Spool, offline_repository, parse_age, spooling_repository
 from bunker.repo.repository import Repository
+from bunker.runlog import LEVELS
 from bunker.storage import open_backend
 from bunker.storage.spooling import SpoolingBackend
 

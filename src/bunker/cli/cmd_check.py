@@ -12,7 +12,6 @@ from bunker import dirs
 from bunker.backup.chain import load_head, witnesses
 from bunker.backup.files_cache import FilesCache
 from bunker.backup.run import client_tag
-from bunker.backup.verify import Verifier
 from bunker.cli import context
 from bunker.cli.main import cli, common, handles_errors, make_options
 from bunker.cli.output import human_bytes
@@ -21,6 +20,7 @@ from bunker.repo.check import Checker
 from bunker.repo.index import make_index
 from bunker.repo.index_cache import IndexCache
 from bunker.repo.objects import content_hash
+from bunker.restore.verify import Verifier
 from bunker.storage import open_backend
 
 

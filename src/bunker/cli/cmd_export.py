@@ -9,12 +9,12 @@ from typing import IO, Any
 
 import click
 
-from bunker.backup.restorer import Restorer
-from bunker.backup.runlog import RunLog
-from bunker.backup.tar_export import TarExporter
 from bunker.cli.cmd_restore import _open_for_reading, budget_of, filter_options, pop_filters
 from bunker.cli.main import cli, common, handles_errors, make_options
 from bunker.errors import BunkerError, ExitCode
+from bunker.restore.restorer import Restorer
+from bunker.runlog import RunLog
+from bunker.tar.writer import TarExporter
 
 
 @cli.command("export-tar")

@@ -11,7 +11,6 @@ from typing import Any
 import click
 
 from bunker import dirs, encoding
-from bunker.backup.runlog import display_path
 from bunker.cli import context
 from bunker.cli.main import cli, common, handles_errors, make_options
 from bunker.crypto.keyfile import MasterKey
@@ -22,6 +21,7 @@ from bunker.repo.certs import parse_certificate
 from bunker.repo.records import make_retirement
 from bunker.repo.repository import Repository, SnapshotRecord
 from bunker.repo.selection import body_of, owner, trusted_times
+from bunker.runlog import display_path
 
 RULE_OPTIONS = (
     "--keep-last N, --keep-hourly N, --keep-daily N, --keep-weekly N, --keep-monthly N, --keep-yearly N, "

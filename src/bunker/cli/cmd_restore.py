@@ -11,14 +11,12 @@ from typing import Any
 import click
 
 from bunker import encoding
-from bunker.backup.fsmeta import acl_text, flag_letters, hole_bytes
-from bunker.backup.restorer import Restorer
-from bunker.backup.runlog import RunLog, display_path
 from bunker.cli import context
 from bunker.cli.main import cli, common, handles_errors, make_options
 from bunker.cli.output import human_bytes
 from bunker.crypto.keyfile import MasterKey
 from bunker.errors import BunkerError, ExitCode
+from bunker.fs.fsmeta import acl_text, flag_letters, hole_bytes
 from bunker.repo import refs
 from bunker.repo.blob_reader import BlobReader
 from bunker.repo.index_cache import IndexCache
@@ -27,6 +25,8 @@ from bunker.repo.repository import Repository, SnapshotRecord
 from bunker.repo.selection import Filters, adoption_problem, body_of, matches, owner, resolve_host, select
 from bunker.repo.snapshot import open_body
 from bunker.repo.tree import TreeBudget
+from bunker.restore.restorer import Restorer
+from bunker.runlog import RunLog, display_path
 
 
 def filter_options(f: Any) -> Any:

@@ -14,8 +14,8 @@ from rich.live import Live
 from rich.text import Text
 
 from bunker.backup.archiver import Progress
-from bunker.backup.runlog import display_path
 from bunker.cli.output import human_bytes
+from bunker.runlog import display_path
 
 
 def _count_totals(paths: list[str], p: Progress, stop: threading.Event) -> None:

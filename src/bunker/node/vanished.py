@@ -25,14 +25,13 @@ from dataclasses import dataclass, field
 from pyfastcdc import FastCDC
 
 from bunker import dirs
-from bunker.backup import deep_path
 from bunker.backup.chain import ChainHead, load_head, save_head
 from bunker.backup.chunker import file_pieces, make_cdc
 from bunker.backup.files_cache import FilesCache, lookup
 from bunker.backup.run import client_tag
-from bunker.backup.runlog import LEVELS, display_path
 from bunker.crypto.derive import PutSecrets
 from bunker.crypto.keyfile import PutKey
+from bunker.fs import deep_path
 from bunker.repo import blob, refs
 from bunker.repo.certs import Certificate
 from bunker.repo.index_cache import IndexCache
@@ -40,6 +39,7 @@ from bunker.repo.objects import name_for
 from bunker.repo.repository import Repository
 from bunker.repo.session_writer import SessionWriter
 from bunker.repo.snapshot import ParsedSnapshot, make_snapshot, parse_snapshot
+from bunker.runlog import LEVELS, display_path
 from bunker.storage.local import LocalBackend
 
 MAX_NAMED_FILES = 100  # affected files named per snapshot; the rest are counted

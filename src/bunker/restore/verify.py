@@ -14,16 +14,16 @@ import os
 import stat
 from dataclasses import dataclass, field
 
-from bunker.backup import deep_path
 from bunker.backup import files_cache as fc
 from bunker.backup.chunker import file_pieces, make_cdc
-from bunker.backup.runlog import display_path
 from bunker.crypto.derive import keyed_hash
+from bunker.fs import deep_path
 from bunker.repo import blob
 from bunker.repo.blob_reader import read_trailer
 from bunker.repo.index_cache import IndexCache
 from bunker.repo.pack import BlobEntry
 from bunker.repo.repository import Repository
+from bunker.runlog import display_path
 
 
 @dataclass

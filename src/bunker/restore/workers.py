@@ -8,10 +8,10 @@ import os
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any
 
-from bunker.backup import deep_path
-from bunker.backup.file_writer import Piece, WriteResult, apply_meta, write_file
 from bunker.crypto.derive import PutSecrets
+from bunker.fs import deep_path
 from bunker.repo.blob_reader import BlobRef, fetch_blob, open_blob, prefetch_blobs
+from bunker.restore.file_writer import Piece, WriteResult, apply_meta, write_file
 from bunker.storage import Backend, open_backend
 
 # (path, pieces, metadata entry without its chunk list, parent directory created by this restore)
@@ -77,7 +77,7 @@ class RestorePool:
     def submit(self, items: list[Item]) -> Future[list[WriteResult]]:
         if self._pool is None:
             ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload(["bunker.backup.restore_workers"])
+            ctx.set_forkserver_preload(["bunker.restore.workers"])
             self._pool = ProcessPoolExecutor(
                 os.cpu_count() or 2, mp_context=ctx, initializer=_init, initargs=self._args
             )

@@ -42,10 +42,10 @@ from decimal import Decimal, InvalidOperation
 from typing import Any, BinaryIO, Self, cast
 
 from bunker.backup.archiver import Archiver, ArchiveResult
-from bunker.backup.tar_export import FFLAG_NAMES
 from bunker.encoding import FormatError
 from bunker.errors import BunkerError, ExitCode
 from bunker.repo.tree import OVERFLOW_ID, fit_entry, name_problem
+from bunker.tar.writer import FFLAG_NAMES
 
 _FLAG_BITS = {name: bit for bit, name in FFLAG_NAMES}
 _ACL_TAGS = {"u": "user", "user": "user", "g": "group", "group": "group", "m": "mask", "mask": "mask"}

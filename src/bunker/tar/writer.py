@@ -29,8 +29,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from bunker.backup.restorer import Restorer
 from bunker.errors import BunkerError
+from bunker.restore.restorer import Restorer
 
 ZEROS = bytes(1 << 20)
 

@@ -16,9 +16,9 @@ import stat
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from bunker.backup import deep_path
-from bunker.backup.fsmeta import RegionCursor, apply_xattrs, locked_flags, locked_message, unlock
 from bunker.errors import BunkerError
+from bunker.fs import deep_path
+from bunker.fs.fsmeta import RegionCursor, apply_xattrs, locked_flags, locked_message, unlock
 from bunker.repo.blob_reader import BlobRef
 
 # A chunk that could not be resolved in the main process (missing index entry, damaged trailer):

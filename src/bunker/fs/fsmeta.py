@@ -20,8 +20,8 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from bunker.backup import deep_path
-from bunker.backup.runlog import display_path
+from bunker.fs import deep_path
+from bunker.runlog import display_path
 
 # <linux/fs.h>: _IOR('f', 1, long) and _IOW('f', 2, long); the kernel reads and writes an int
 FS_IOC_GETFLAGS = 0x80086601

@@ -27,8 +27,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bunker import encoding
-from bunker.backup import deep_path
-from bunker.backup.file_writer import (
+from bunker.errors import BunkerError, CorruptObject, ExitCode, ObjectMissing
+from bunker.fs import deep_path
+from bunker.fs.fsmeta import flag_letters, locked_flags, locked_message, set_flags, unlock
+from bunker.repo.blob_reader import BlobReader, BlobRef, ReadAhead
+from bunker.repo.tree import MAX_TREE, TreeBudget, decode_tree
+from bunker.restore.file_writer import (
     MetaNote,
     Piece,
     WriteResult,
@@ -37,12 +41,8 @@ from bunker.backup.file_writer import (
     remove_existing,
     write_file,
 )
-from bunker.backup.fsmeta import flag_letters, locked_flags, locked_message, set_flags, unlock
-from bunker.backup.restore_workers import Item, RestorePool
-from bunker.backup.runlog import RunLog, display_path
-from bunker.errors import BunkerError, CorruptObject, ExitCode, ObjectMissing
-from bunker.repo.blob_reader import BlobReader, BlobRef, ReadAhead
-from bunker.repo.tree import MAX_TREE, TreeBudget, decode_tree
+from bunker.restore.workers import Item, RestorePool
+from bunker.runlog import RunLog, display_path
 
 SMALL_FILE = 256 << 10  # files up to this size go to worker processes ...
 SMALL_POOL_AFTER = 1000  # ... once this many were seen
