@@ -144,9 +144,10 @@ class Repository:
                     "`bunker check --keyless --expect ID`",
                     exit_code=ExitCode.INTEGRITY,
                 )
-            if problems:
+            if problems or any(True for prefix in ("snapshots/", "packs/") for _ in backend.list(prefix)):
                 raise RepositoryError(
-                    f"no valid config in the repository at {backend.url}: {problems[0]}",
+                    f"no valid config in the repository at {backend.url}: "
+                    + (problems[0] if problems else "config/ is empty, yet it holds packs or snapshots (deleted?)"),
                     "restore config/ from a mirror, or run `bunker check --keyless` to see what is damaged",
                     exit_code=ExitCode.INTEGRITY,
                 )
