@@ -54,7 +54,7 @@ EXAMPLES = int(os.environ.get("BUNKER_ADVERSARY_EXAMPLES", "60"))
 PREFIXES = ("snapshots", "sessions", "config", "clients", "refs", "packs", "index", "retired", "gc")
 
 
-@dataclass
+@dataclass(repr=False)
 class World:
     """The genuine repository the adversary starts from, made once by the real CLI."""
 
@@ -193,7 +193,10 @@ class Adversary:
         if got is None:
             return
         _, data = got
-        tmpl = parse_snapshot(data)
+        try:
+            tmpl = parse_snapshot(data)
+        except ValueError:  # truncated by an earlier step: nothing to re-sign
+            return
         m = self.w.mallory
         cert = name_for("clients", m.certificate)
         if fork and self.chain:
