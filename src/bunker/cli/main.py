@@ -48,6 +48,12 @@ def handles_errors(f: F) -> F:
         except BunkerError as exc:
             out.error(exc)
             sys.exit(exc.exit_code)
+        except OSError as exc:  # a filesystem error no layer gave a message of its own
+            from bunker.cli.files import unexpected_os_error
+
+            failure = unexpected_os_error(exc)
+            out.error(failure)
+            sys.exit(failure.exit_code)
         except KeyboardInterrupt:
             click.echo(
                 "bunker: interrupted; no snapshot was written. Data stored more than about 10 s ago is indexed "
