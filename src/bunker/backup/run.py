@@ -152,7 +152,7 @@ def run_backup(
                 lambda: archiver.progress.current,
                 lambda: {"files": archiver.progress.files, "bytes": archiver.progress.nbytes},
                 req.checkpoint_seconds,
-                tree_stats=archiver.chunks.tree_stats,
+                tree_stats=archiver.chunks.partial_stats,
             )
         try:
             if req.tar is not None:
