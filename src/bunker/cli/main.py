@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import click
 
-from bunker import __version__
+from bunker.build_info import version_text
 from bunker.child_env import withhold_secrets
 from bunker.cli.context import Options
 from bunker.cli.output import Output
@@ -75,7 +75,7 @@ def make_options(kwargs: dict[str, Any]) -> tuple[Options, Output]:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(__version__, prog_name="bunker")
+@click.version_option(version_text(), prog_name="bunker")
 def cli() -> None:
     """Bunker: encrypted, deduplicating backups that need no password to take.
 
