@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
+from pathlib import Path
 
 from setuptools import setup
 from setuptools.command.build_py import build_py
@@ -21,12 +23,22 @@ def _git(*args: str) -> str:
     return cp.stdout.strip() if cp.returncode == 0 else ""
 
 
+def _commit() -> str:
+    commit = _git("rev-parse", "HEAD")
+    if not commit:  # no git command here (a minimal system): the checkout's own files say it
+        sys.path.insert(0, os.path.join(HERE, "src"))
+        from bunker.build_info import _from_checkout
+
+        return _from_checkout(Path(HERE))
+    if _git("status", "--porcelain", "--untracked-files=no", "--", "src", "pyproject.toml"):
+        commit += "+local-changes"  # not exactly that commit's code
+    return commit
+
+
 class BuildWithCommit(build_py):
     def run(self) -> None:
         super().run()
-        commit = _git("rev-parse", "HEAD")
-        if commit and _git("status", "--porcelain", "--untracked-files=no", "--", "src", "pyproject.toml"):
-            commit += "+local-changes"  # not exactly that commit's code
+        commit = _commit()
         target = os.path.join(self.build_lib, "bunker", "_commit.py")
         with open(target, "w", encoding="ascii") as f:
             f.write(f'"""Written when this copy was built (setup.py)."""\n\nCOMMIT = {commit!r}\n')
