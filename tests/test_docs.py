@@ -1,14 +1,18 @@
 """The documents say what the code does (issue 11, points 24 and 25).
 
-Runnable blocks: a fenced ``sh`` or ``console`` block in README.md or docs/*.md that follows the
-line ``<!-- runnable -->`` is run by this test, every block of one document in order, in one
-isolated environment (tests/helpers.py make_env: its own HOME, XDG directories and passphrase;
-``~/Documents`` and ``~/Projects`` hold a few files; the ``bunker`` under test first on PATH).
-An ``sh`` block runs as one ``bash -e`` script; in a ``console`` block the lines that start with
-``$ `` are the commands (a trailing ``\\`` continues one) and the rest is sample output, which is
-not compared (ids, times and sizes differ on every run). ``<!-- runnable exit=N -->`` expects
-exit code N from a console block's last command (examples of failures). Blocks that need a
-server, the network, a removable disk or a terminal stay unmarked.
+Runnable blocks: a fenced ``sh`` or ``console`` block in README.md or docs/*.md on the line after
+``<!-- runnable -->`` is run by this test. The runnable blocks of one document run in order as
+one bash script (``set -e``; an ``export`` carries on to later blocks, as in a reader's shell),
+in an isolated home (tests/helpers.py make_env, with the XDG variables left to their defaults
+under that home, as on a fresh machine; ``~/Documents`` and ``~/Projects`` hold a few files;
+``scripts/install`` installs into ``~/.local``, as for a user, and ``~/.local/bin`` is first on
+PATH). In an ``sh`` block every line runs; in a ``console`` block the lines that start with
+``$ `` are the commands (a trailing ``\\`` continues one) and the rest is sample output, not
+compared (ids, times and sizes differ on every run). ``<!-- runnable exit=N -->`` expects exit
+code N from a console block's last command (an example of a failure). Paths the examples use
+for media and scratch space (/media/usb, /mnt/usb, /mnt/nas, /tmp/) are mapped into the test's
+directory. Blocks that need a server, the network, root on the real machine, another machine or
+a terminal stay unmarked.
 """
 
 from __future__ import annotations
@@ -84,37 +88,60 @@ def runnable_blocks(doc: Path) -> list[Block]:
     return out
 
 
+# where the examples put media and scratch files, and where the test puts them
+PATH_MAP = ("/media/usb", "/mnt/usb", "/mnt/nas", "/tmp/")
+
+
+def document_script(blocks: list[Block], scratch: Path) -> str:
+    """One bash script of the blocks: each announces itself on stderr before it runs."""
+    parts = []
+    for b in blocks:
+        text = b.script().replace("sh scripts/install", f"sh {ROOT}/scripts/install")
+        text = re.sub("|".join(map(re.escape, PATH_MAP)), lambda m: str(scratch) + m.group(0), text)
+        parts.append(f"echo '@@ {b.name}' >&2\n{text}")
+    return "\n".join(parts) + "\n"
+
+
 def _home(base: Path) -> dict[str, str]:
     env = make_env(base)
+    for k in ("XDG_DATA_HOME", "XDG_CONFIG_HOME", "XDG_CACHE_HOME"):
+        env.pop(k)  # the defaults under HOME, as the documents show them
     home = Path(env["HOME"])
-    for d, files in (("Documents", 6), ("Projects", 3)):
+    for d, names in (("Documents", ["report.txt", "notes.txt", "photo.raw"]), ("Projects", ["main.py", "README"])):
         (home / d).mkdir(parents=True, exist_ok=True)
-        for i in range(files):
-            (home / d / f"file{i}.txt").write_text(f"{d} {i}\n" * (i + 1) * 100)
+        for i, n in enumerate(names):
+            (home / d / n).write_text(f"{d} {n}\n" * (i + 1) * 100)
     (home / "Projects" / "node_modules").mkdir(exist_ok=True)
     (home / "Projects" / "node_modules" / "dep.js").write_text("x\n")
     assert BUNKER
-    env["PATH"] = f"{Path(BUNKER).parent}:{env['PATH']}"
+    env["PREFIX"] = str(home / ".local")  # scripts/install as a user's install
+    env["PATH"] = f"{home / '.local' / 'bin'}:{Path(BUNKER).parent}:{env['PATH']}"
+    env["LOGNAME"] = env.get("LOGNAME", "root")
     return env
 
 
 @pytest.mark.parametrize("doc", [d for d in DOCS if runnable_blocks(d)], ids=lambda d: d.name)
 def test_runnable_blocks(doc: Path, tmp_path: Path) -> None:
     env = _home(tmp_path / "env")
+    scratch = tmp_path / "scratch"
+    for p in PATH_MAP:
+        (scratch / p.strip("/")).mkdir(parents=True, exist_ok=True)
     work = tmp_path / "work"
     work.mkdir()
-    for block in runnable_blocks(doc):
-        cp = subprocess.run(
-            ["bash", "-e", "-o", "pipefail", "-c", block.script()],
-            cwd=work,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=600,
-            check=False,
-            stdin=subprocess.DEVNULL,
-        )
-        assert cp.returncode == 0, f"{block.name}:\n{block.script()}\n--- stdout\n{cp.stdout}\n--- stderr\n{cp.stderr}"
+    script = document_script(runnable_blocks(doc), scratch)
+    cp = subprocess.run(
+        ["bash", "-e", "-o", "pipefail", "-c", script],
+        cwd=work,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+        stdin=subprocess.DEVNULL,
+    )
+    failed = re.findall(r"^@@ (\S+)$", cp.stderr, re.M)
+    where = failed[-1] if failed else "(before the first block)"
+    assert cp.returncode == 0, f"{where} failed (exit {cp.returncode})\n--- stderr\n{cp.stderr[-4000:]}"
 
 
 def test_every_runnable_mark_is_on_a_block() -> None:
