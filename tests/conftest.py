@@ -3,6 +3,8 @@ and a repository made by the real `bunker init`."""
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
 import secrets
 import shutil
@@ -72,7 +74,9 @@ def _probe(prefix: list[str], env: dict[str, str]) -> bool:
 class Unprivileged:
     """How to run bunker without the right to read files that are not readable to their mode:
     as user nobody (setpriv/runuser) when the Python installation is reachable for it, else as
-    root without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH (root then obeys file modes)."""
+    nobody from an environment made with the system's Python (nobody_environment), else as root
+    without CAP_DAC_OVERRIDE/CAP_DAC_READ_SEARCH (root then obeys file modes); a test that finds
+    none of them is skipped with the reason, never failed for the machine's layout."""
 
     def __init__(self, prefix: list[str], as_nobody: bool, base: Path) -> None:
         self.prefix = prefix
@@ -89,8 +93,85 @@ class Unprivileged:
                 os.chown(os.path.join(dirpath, n), 65534, 65534, follow_symlinks=False)
 
 
+# A prefix's last part: the command after it runs as it is, except the tests' BUNKER (which
+# run_bunker puts after the prefix), which runs as bunker from the environment's python.
+_LAUNCH = f"""import os, sys
+if sys.argv[1] == {BUNKER!r}:
+    del sys.argv[1]
+    from bunker.cli.main import main
+    main()
+else:
+    os.execvp(sys.argv[1], sys.argv[1:])
+"""
+_NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
+
+
+def _distribution_python() -> str | None:
+    """The operating system's Python of this Python's version, if user nobody can run it."""
+    want = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    for cand in (f"/usr/bin/{want}", f"/usr/local/bin/{want}"):
+        if os.path.realpath(cand) == os.path.realpath(sys.executable) or not os.access(cand, os.X_OK):
+            continue
+        cp = subprocess.run([*_NOBODY, cand, "-c", ""], capture_output=True, timeout=30, check=False)
+        if cp.returncode == 0:
+            return cand
+    return None
+
+
+def nobody_environment(where: Path) -> tuple[list[str], str]:
+    """A prefix that runs bunker as user nobody from an environment made with the operating
+    system's Python (for a machine whose own Python, e.g. a pyenv under a 0700 /root, is out of
+    nobody's reach), or ([], why not). The environment (deps installed once with pip; kept in
+    ``where`` across sessions) gets a fresh copy of this source's ``bunker`` package each time."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        return [], "needs root and setpriv"
+    py = _distribution_python()
+    if py is None:
+        return [], f"no python{sys.version_info.major}.{sys.version_info.minor} of the system that nobody can run"
+    src = Path(__file__).resolve().parent.parent
+    key = hashlib.sha256(f"{src}\0{py}".encode()).hexdigest()[:16]  # one per checkout and python
+    venv = where / f"venv-{key}"
+    vpy = venv / "bin" / "python"
+    ready = venv / ".deps-installed"
+    if not ready.exists():
+        shutil.rmtree(venv, ignore_errors=True)
+        for cmd in ([py, "-m", "venv", str(venv)], [str(vpy), "-m", "pip", "install", "-q", str(src)]):
+            cp = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
+            if cp.returncode != 0:
+                return [], f"{' '.join(cmd[:3])}: {(cp.stderr or cp.stdout).strip()[-300:]}"
+        ready.touch()
+    # this checkout's code, copied in once per change of it (the workers of a session share it)
+    package = src / "src" / "bunker"
+    files = sorted(p for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    stamp = hashlib.sha256(b"".join(f"{p}\0{p.stat().st_mtime_ns}\0".encode() for p in files)).hexdigest()
+    site = subprocess.run(
+        [str(vpy), "-c", "import sysconfig; print(sysconfig.get_path('purelib'))"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    copied = venv / ".code"
+    if not copied.exists() or copied.read_text() != stamp:
+        shutil.rmtree(Path(site) / "bunker", ignore_errors=True)
+        shutil.copytree(package, Path(site) / "bunker", ignore=shutil.ignore_patterns("__pycache__"))
+        copied.write_text(stamp)
+    os.chmod(where, 0o755)
+    return [*_NOBODY, str(vpy), "-c", _LAUNCH], ""
+
+
+@pytest.fixture(scope="session")
+def nobody_prefix() -> tuple[list[str], str]:
+    """nobody_environment's answer (made once per session)."""
+    where = Path(tempfile.gettempdir()) / "bunker-tests-nobody"
+    where.mkdir(exist_ok=True)
+    lock = where / ".lock"
+    with open(lock, "w") as f:  # the test workers of one session share it
+        fcntl.flock(f, fcntl.LOCK_EX)
+        return nobody_environment(where)
+
+
 @pytest.fixture
-def unprivileged() -> Iterator[Unprivileged]:
+def unprivileged(nobody_prefix: tuple[list[str], str]) -> Iterator[Unprivileged]:
     if os.geteuid() != 0:
         base = Path(tempfile.mkdtemp(prefix="bunker-unpriv-"))
         try:
@@ -107,6 +188,8 @@ def unprivileged() -> Iterator[Unprivileged]:
             candidates.append((["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"], True))
         if shutil.which("runuser"):
             candidates.append((["runuser", "-u", "nobody", "--"], True))
+        if nobody_prefix[0]:  # this Python is out of nobody's reach: the system's Python is not
+            candidates.append((nobody_prefix[0], True))
         if shutil.which("setpriv"):
             candidates.append((["setpriv", "--bounding-set=-dac_override,-dac_read_search", "--inh-caps=-all"], False))
         chosen = None
@@ -116,7 +199,10 @@ def unprivileged() -> Iterator[Unprivileged]:
                 chosen = (prefix, as_nobody)
                 break
         if chosen is None:
-            pytest.skip("neither setpriv nor runuser can run bunker without root's file access here")
+            pytest.skip(
+                "neither setpriv nor runuser can run bunker without root's file access here (an environment "
+                f"from the system's Python for user nobody: {nobody_prefix[1] or 'made, but it did not run'})"
+            )
         yield Unprivileged(chosen[0], chosen[1], base)
     finally:
         shutil.rmtree(base, ignore_errors=True)

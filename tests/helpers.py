@@ -67,6 +67,29 @@ def make_env(base: Path, passphrase: str | None = PASSPHRASE, **extra: str) -> d
     return env
 
 
+# an environment entry for run_bunker (never passed on): run the command with this directory as
+# the home directory of the user's passwd entry (see passwd_home_prefix)
+PASSWD_HOME_VAR = "TEST_PASSWD_HOME"
+
+
+def passwd_home_prefix(home: Path) -> list[str]:
+    """A command prefix that runs the command as this user with ``home`` as the home directory
+    of its passwd entry, where OpenSSH (and bunker, for both ssh:// and sftp://) find ~/.ssh: in a
+    mount namespace of its own, /etc/passwd is a copy that says so (needs root)."""
+    me = pwd.getpwuid(os.getuid()).pw_name
+    lines = []
+    with open("/etc/passwd", encoding="utf-8") as f:
+        for line in f.read().splitlines():
+            fields = line.split(":")
+            if len(fields) == 7 and fields[0] == me:
+                fields[5] = str(home)
+            lines.append(":".join(fields))
+    copy = home.parent / f".passwd-for-{home.name}"
+    copy.write_text("\n".join(lines) + "\n")
+    script = 'mount --bind "$0" /etc/passwd && exec "$@"'
+    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, str(copy)]
+
+
 def run_bunker(
     *args: str | os.PathLike[str],
     env: Mapping[str, str],
@@ -80,6 +103,10 @@ def run_bunker(
     """Run the real `bunker` console script; stdout/stderr are decoded text (raw bytes are kept
     as ``stdout_bytes``). ``prefix`` wraps the command (e.g. setpriv to drop privileges)."""
     assert BUNKER, "the bunker console script is not installed (pip install -e .)"
+    env = dict(env)
+    home = env.pop(PASSWD_HOME_VAR, None)
+    if home is not None:
+        prefix = [*passwd_home_prefix(Path(home)), *prefix]
     cmd = [*prefix, *(argv0 if argv0 is not None else [BUNKER]), *(os.fspath(a) for a in args)]
     if isinstance(input, str):
         input = input.encode()

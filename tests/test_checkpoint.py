@@ -1,6 +1,6 @@
-"""Checkpoints (issue 5, DESIGN.md promise 5): a backup killed with SIGKILL after a checkpoint
-leaves an incomplete snapshot, made by the next run from the checkpoint, that restores what it
-covers; the next run redoes only what was not finished."""
+"""Checkpoints (issue 5, docs/format.md section 17, docs/reliability.md): a backup killed with
+SIGKILL after a checkpoint leaves an incomplete snapshot, made by the next run from the
+checkpoint, that restores what it covers; the next run redoes only what was not finished."""
 
 from __future__ import annotations
 

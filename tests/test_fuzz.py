@@ -1,7 +1,7 @@
 """Parser fuzzing: every decoder of untrusted bytes raises only the documented errors
 (FormatError, a ValueError, or a BunkerError subclass) on random bytes, on byte-level mutations of
 real objects, and on structural mutations (fields replaced or removed, then re-encoded and, where
-the object is self-verifying, re-signed) -- never any other exception (DESIGN.md §6).
+the object is self-verifying, re-signed) -- never any other exception (docs/format.md section 18).
 
 Failing inputs found while writing these tests are kept as explicit @example regressions."""
 

@@ -1,4 +1,4 @@
-"""Complete copy (DESIGN.md promise 6): every item type with its full metadata -- hard links (also
+"""Complete copy (docs/user-guide.md, "What a backup keeps"): every item type with its full metadata -- hard links (also
 of fifos, sockets, symlinks and devices), sparse holes, fifos, unix sockets, devices, owners and
 their names, setuid/setgid/sticky, ns times and atime, xattrs in every namespace, POSIX ACLs
 (access and default), inode flags -- backed up, restored, and compared with tools that share no

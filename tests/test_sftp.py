@@ -21,6 +21,7 @@ from bunker.errors import BunkerError, ExitCode, StorageError
 from bunker.storage.sftp import SftpBackend, open_sftp, parse_sftp_url
 from bunker.storage.url import open_backend
 from helpers import (
+    PASSWD_HOME_VAR,
     SFTP_SERVER,
     SSH_SCRUB,
     FlakyProxy,
@@ -96,13 +97,16 @@ def test_sftp_settings_that_name_missing_files_are_refused(tmp_path: Path) -> No
 
 
 def _ssh_env(base: Path, sshd: SshServer, *, defaults: bool = True, **extra: str) -> dict[str, str]:
-    """An isolated environment for the CLI; ``defaults``: the key and known_hosts live in the
-    test HOME's ~/.ssh, as for a user; else they are given through BUNKER_SSH_*."""
+    """An isolated environment for the CLI; ``defaults``: the key and known_hosts live in ~/.ssh
+    of a home directory of the test's own, given to bunker as its passwd entry's home (as for a
+    user, whose $HOME is that too; run_bunker runs it so), else through BUNKER_SSH_*."""
     env = make_env(base)
     for k in SSH_SCRUB:
         env.pop(k, None)
     if defaults:
-        sshd.install_home(Path(env["HOME"]))
+        home = base / "passwd-home"
+        sshd.install_home(home)
+        env[PASSWD_HOME_VAR] = str(home)
         env.update({k: v for k, v in sshd.env().items() if not k.startswith("BUNKER_SSH_")})
     else:
         env.update(sshd.env())
@@ -175,7 +179,7 @@ def test_no_repository_at_the_path(sshd: SshServer, tmp_path: Path) -> None:
 
 def test_unknown_host_key_is_refused_with_its_fingerprint(sshd: SshServer, tmp_path: Path) -> None:
     env = _ssh_env(tmp_path / "e", sshd)
-    known_hosts = Path(env["HOME"]) / ".ssh" / "known_hosts"
+    known_hosts = Path(env[PASSWD_HOME_VAR]) / ".ssh" / "known_hosts"
     known_hosts.write_text("")
     remote = tmp_path / "server"
     cp = run_bunker("init", "--repo", sshd.url(remote), "--client", "c", env=env, timeout=60)
@@ -204,7 +208,7 @@ def test_ssh_config_cannot_turn_host_key_checking_off(sshd: SshServer, tmp_path:
     reads, refuses an unknown key with the host, the fingerprint, that file and the ssh-keyscan
     line, and works once the key is in that file."""
     env = _ssh_env(tmp_path / "e", sshd)
-    ssh = Path(env["HOME"]) / ".ssh"
+    ssh = Path(env[PASSWD_HOME_VAR]) / ".ssh"
     known_hosts = ssh / "known_hosts"
     known_hosts.unlink()
     (ssh / "config").write_text("Host *\n    UserKnownHostsFile none\n    StrictHostKeyChecking no\n")
@@ -237,14 +241,14 @@ def test_proxy_command_never_sees_the_passphrase(sshd: SshServer, tmp_path: Path
     BUNKER_NEW_PASSPHRASE are never in it, nor the passphrase's text."""
     dump = tmp_path / "proxy-env.jsonl"
     env = _ssh_env(tmp_path / "e", sshd, BUNKER_NEW_PASSPHRASE="another secret phrase", PROXY_TEST_MARK="seen")
-    ssh = Path(env["HOME"]) / ".ssh"
+    ssh = Path(env[PASSWD_HOME_VAR]) / ".ssh"
     (ssh / "config").write_text(f"Host 127.0.0.1\n    ProxyCommand {env_dumping_proxy(tmp_path, dump)}\n")
     check_children_never_see_the_passphrase(sshd.url(tmp_path / "server"), env, dump, tmp_path)
 
 
 def test_login_refused_is_a_clear_error(sshd: SshServer, tmp_path: Path) -> None:
     env = _ssh_env(tmp_path / "e", sshd)
-    ssh = Path(env["HOME"]) / ".ssh"
+    ssh = Path(env[PASSWD_HOME_VAR]) / ".ssh"
     ssh_keygen(tmp_path / "stranger")  # a key the server does not know
     shutil.copyfile(tmp_path / "stranger", ssh / "id_ed25519")
     shutil.copyfile(tmp_path / "stranger.pub", ssh / "id_ed25519.pub")

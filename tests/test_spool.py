@@ -1,7 +1,8 @@
-"""An unreachable repository is not fatal (DESIGN.md promises 4 and 8): the backup completes into
-the local spool at level note (warn once it has waited too long), `bunker forward` and every later
-backup deliver it, and nothing is lost. The repositories are real: a directory that disappears
-(a removable disk) and a moto S3 server cut off by a TCP proxy in the middle of a backup."""
+"""An unreachable repository is not fatal (docs/user-guide.md, "When the repository cannot be
+reached"): the backup completes into the local spool at level note (warn once it has waited too
+long), `bunker forward` and every later backup deliver it, and nothing is lost. The repositories
+are real: a directory that disappears (a removable disk) and a moto S3 server cut off by a TCP
+proxy in the middle of a backup."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Checkpoints of clients that never come back (issue 5, DESIGN.md promise 5).
+"""Checkpoints of clients that never come back (issue 5, docs/format.md section 17).
 
 A killed backup's last checkpoint waits in its lease for the client's next run, which makes it an
 incomplete snapshot in the client's own chain (backup/checkpoint.py). A client whose machine died

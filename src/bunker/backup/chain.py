@@ -1,4 +1,4 @@
-"""The client's memory of its own snapshot chain head (DESIGN.md promise 2).
+"""The client's memory of its own snapshot chain head (docs/security.md section 6.1).
 
 Stored in the data directory (not the cache: losing it weakens rollback detection). When the
 repository's newest trusted snapshot of this client is older than what the client remembers,

@@ -1,4 +1,4 @@
-"""Checkpoints (DESIGN.md promise 5, §6): a running backup persists what it finished every ~10 s,
+"""Checkpoints (docs/format.md section 17, docs/reliability.md): a running backup persists what it finished every ~10 s,
 so a killed run costs about that much work and what it stored stays restorable.
 
 A checkpoint flushes the open packs and the index, saves the files-cache records of the

@@ -47,10 +47,10 @@ class ChunkStore:
         self.partial_files = partial_files
         self._count, self._resumed = count_bytes, resumed
         self._local = threading.local()
-        # tree id -> (entries, bytes of files) of the trees below it, every path counted
+        # tree id -> (entries, bytes of files, regular files) of the trees below it, every path counted
         # (FORMAT.md section 13, stats ``entries`` and ``entry_bytes``); every tree of a run is
         # stored through store_tree, so a directory's subtrees are always here already
-        self._totals: dict[bytes, tuple[int, int]] = {}
+        self._totals: dict[bytes, tuple[int, int, int]] = {}  # entries, entry_bytes, files
 
     def _cdc(self) -> FastCDC:
         c = getattr(self._local, "cdc", None)
@@ -81,24 +81,33 @@ class ChunkStore:
             )
         cid = blob.chunk_id(self.writer.secrets, data)
         if cid not in self._totals:
-            n, nbytes = len(entries), 0
+            n, nbytes, files = len(entries), 0, 0
             for e in entries:
                 kind = e.get("t")
                 if kind == "f":
                     nbytes += e.get("sz", 0)
+                    files += 1
                 elif kind == "d":
                     sub = self._totals[e["st"]]
                     n += sub[0]
                     nbytes += sub[1]
-            self._totals[cid] = (n, nbytes)
+                    files += sub[2]
+            self._totals[cid] = (n, nbytes, files)
         if not self.writer.known(cid):
             self.writer.store(cid, data, KIND_META)
         return cid
 
     def tree_stats(self, root: bytes) -> dict[str, int]:
         """The ``entries`` and ``entry_bytes`` statistics of a root tree stored by this run."""
-        n, nbytes = self._totals[root]
+        n, nbytes, _ = self._totals[root]
         return {"entries": n, "entry_bytes": nbytes}
+
+    def partial_stats(self, root: bytes) -> dict[str, int]:
+        """The statistics of a checkpoint's partial tree: ``entries`` and ``entry_bytes``, and
+        ``files`` and ``bytes`` counted in the tree itself (the names of regular files and their
+        sizes), so that an incomplete snapshot claims exactly the files it restores."""
+        n, nbytes, files = self._totals[root]
+        return {"entries": n, "entry_bytes": nbytes, "files": files, "bytes": nbytes}
 
     def store_stream(self, f: BinaryIO | Readable, track: Tracked | None = None) -> tuple[list[bytes], int]:
         """Chunk and store a stream; return (chunk ids, bytes read). ``track``: a large file

@@ -1,4 +1,4 @@
-"""Content-defined chunking (FastCDC with a keyed gear table, DESIGN.md §3), one definition for
+"""Content-defined chunking (FastCDC with a keyed gear table, docs/format.md section 16), one definition for
 backup threads, worker processes and verify: they must cut identically or dedup breaks."""
 
 from __future__ import annotations

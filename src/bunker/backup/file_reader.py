@@ -43,7 +43,11 @@ class ReadOutcome(NamedTuple):
 
 
 def read_stable(path: bytes, consume: Consume) -> ReadOutcome:
-    """Read ``path`` with ``consume`` until two fstat()s around the read agree."""
+    """Read ``path`` with ``consume`` until two fstat()s around the read agree (and the bytes
+    read are as many as the size said). A file whose size does not tell its length, as in /proc
+    and /sys (0 or 4096 whatever they hold), is stable when two reads give the same content under
+    the same fstat(); its size is then what was read."""
+    previous: list[bytes] | None = None
     for attempt in range(MAX_REREADS + 1):
         try:
             try:
@@ -71,18 +75,20 @@ def read_stable(path: bytes, consume: Consume) -> ReadOutcome:
             return ReadOutcome("error", [], message=f"error while reading file: {_oserror(exc)}")
         finally:
             os.close(fd)
-        stable = (
-            size == data_size
-            and after.st_size == before.st_size
+        unchanged = (
+            after.st_size == before.st_size
             and after.st_mtime_ns == before.st_mtime_ns
             and after.st_ctime_ns == before.st_ctime_ns
         )
-        if stable or attempt == MAX_REREADS:
+        stable = unchanged and size == data_size
+        pseudo = unchanged and not stable and not holes and chunks == previous
+        previous = chunks if unchanged and not holes else None
+        if stable or pseudo or attempt == MAX_REREADS:
             return ReadOutcome(
-                "ok" if stable else "changing",
+                "ok" if stable or pseudo else "changing",
                 chunks,
                 after.st_ino,
-                after.st_size,
+                size if pseudo else after.st_size,
                 after.st_mtime_ns,
                 after.st_ctime_ns,
                 meta=meta,

@@ -1,6 +1,6 @@
 """One backup run end to end with the put key only: lease, index view, archive, commit.
 
-This is the backup code path: it never loads the master key (DESIGN.md promise 1).
+This is the backup code path: it never loads the master key (docs/security.md section 3).
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def run_backup(
             repo, put, cert, state_dir, log, lease.session, lease.storage_time(), start_head
         )
         mark_running(state_dir, lease.session, unseen)
-        # after the lease: a pack condemned from now on waits for this session (DESIGN.md §6)
+        # after the lease: a pack condemned from now on waits for this session (docs/format.md section 15)
         # a session deduplicates only against packs it can see listed (a spool lists only its own)
         listed = None if repo.backend.capabilities().partial else [i.name[6:] for i in repo.backend.list("packs/")]
         index = IndexCache(repo, put.secrets, cache_dir, absent_packs=condemned_packs(repo), listed_packs=listed).load()
@@ -152,7 +152,7 @@ def run_backup(
                 lambda: archiver.progress.current,
                 lambda: {"files": archiver.progress.files, "bytes": archiver.progress.nbytes},
                 req.checkpoint_seconds,
-                tree_stats=archiver.chunks.tree_stats,
+                tree_stats=archiver.chunks.partial_stats,
             )
         try:
             if req.tar is not None:

@@ -15,13 +15,26 @@ from bunker.backup.run import client_tag
 from bunker.cli import context
 from bunker.cli.main import cli, common, handles_errors, make_options
 from bunker.cli.output import human_bytes
-from bunker.errors import ExitCode
+from bunker.errors import BunkerError, ExitCode
 from bunker.repo.check import Checker
 from bunker.repo.index import make_index
 from bunker.repo.index_cache import IndexCache
 from bunker.repo.objects import content_hash
 from bunker.restore.verify import Verifier
 from bunker.storage import open_backend
+
+
+def _repository_id(text: str) -> str:
+    """``--expect``'s value as a repository id (64 hex digits, any case), else a usage error."""
+    rid = text.strip().lower()
+    if len(rid) != 64 or any(c not in "0123456789abcdef" for c in rid):
+        raise BunkerError(
+            f"--expect {text!r} is not a repository id",
+            "give the repository's full id, 64 hex digits (`bunker key info` shows it on a machine with a key; "
+            "docs/recovery.md says where else it is written down)",
+            exit_code=ExitCode.USAGE,
+        )
+    return rid
 
 
 @cli.command()
@@ -33,6 +46,8 @@ from bunker.storage import open_backend
 def check(**kwargs: Any) -> None:
     """Check the repository's integrity (put key by default; --keyless; --read-data)."""
     keyless, expect, read_data = kwargs.pop("keyless"), kwargs.pop("expect"), kwargs.pop("read_data")
+    if expect is not None:
+        expect = _repository_id(expect)
     opts, out = make_options(kwargs)
     backend = open_backend(opts.repo_url)
     secrets = master = None
@@ -100,6 +115,11 @@ def check(**kwargs: Any) -> None:
 def verify(**kwargs: Any) -> None:
     """Confirm with the put key (no password) that local files' current content is stored."""
     paths, read_data = kwargs.pop("paths"), kwargs.pop("read_data")
+    for p in paths:
+        if not os.path.lexists(p):
+            raise BunkerError(
+                f"{p} does not exist", "check the path: verify proves files that are here now", exit_code=ExitCode.USAGE
+            )
     opts, out = make_options(kwargs)
     repo = context.open_repository(opts)
     put = context.load_put(opts, repo)

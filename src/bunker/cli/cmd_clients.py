@@ -9,8 +9,9 @@ import click
 
 from bunker.cli import context
 from bunker.cli.cmd_key import key
+from bunker.cli.files import check_writable, write_output
 from bunker.cli.main import common, handles_errors, make_options
-from bunker.crypto.keyfile import put_key_text, write_private_file
+from bunker.crypto.keyfile import put_key_text
 from bunker.errors import BunkerError, ExitCode
 from bunker.repo.authority import issue_client, revoke_client, write_config
 from bunker.repo.certs import MAX_HOST, Certificate
@@ -71,11 +72,12 @@ def new_client(**kwargs: Any) -> None:
     if host is not None:
         check_host_name(host)
     opts, out = make_options(kwargs)
+    check_writable(dest, "the put key")  # before a certificate is issued for a key that could not be kept
     repo = context.open_repository(opts)
     master = context.load_master(opts, repo, "making a put key")
     caps = ("backup", "prune") if can_prune else ("backup",)
     put = issue_client(repo, master, name, caps, domain, host or "")
-    write_private_file(dest, put_key_text(put, name))
+    write_output(dest, put_key_text(put, name), "the put key")
     out.document(
         {
             "client": name,

@@ -10,6 +10,7 @@ from typing import IO, Any
 import click
 
 from bunker.cli.cmd_restore import _open_for_reading, budget_of, filter_options, pop_filters
+from bunker.cli.files import os_failure
 from bunker.cli.main import cli, common, handles_errors, make_options
 from bunker.errors import BunkerError, ExitCode
 from bunker.restore.restorer import Restorer
@@ -53,22 +54,31 @@ def export_tar(**kwargs: Any) -> None:
         try:
             out = open(output, "wb")  # noqa: SIM115 - closed below, removed on failure
         except OSError as exc:
-            raise BunkerError(f"cannot write {output}: {exc.strerror}", exit_code=ExitCode.USAGE) from None
+            raise os_failure(exc, "write the archive to", output) from None
     done = False
     try:
         stats = TarExporter(restorer, out).export(root, list(paths))
         out.flush()
+        if out is not sys.stdout.buffer:
+            out.close()  # its last buffered bytes may not fit either
         done = True
     except OSError as exc:
-        raise BunkerError(
-            f"writing the archive failed: {exc.strerror or exc}", "the archive is incomplete", exit_code=ExitCode.ERR
-        ) from None
+        if out is sys.stdout.buffer:
+            raise BunkerError(
+                f"writing the archive to standard output failed: {exc.strerror or exc}",
+                "the archive written so far is incomplete: discard it, make room where it goes and run the "
+                "command again",
+                exit_code=ExitCode.ERR,
+            ) from None
+        failure = os_failure(exc, "write the archive to", output)
+        failure.message += "; the incomplete archive was removed"
+        raise failure from None
     finally:
-        if out is not sys.stdout.buffer:
-            out.close()
-            if not done:
-                with contextlib.suppress(OSError):
-                    os.unlink(output)
+        if out is not sys.stdout.buffer and not done:
+            with contextlib.suppress(OSError):
+                out.close()
+            with contextlib.suppress(OSError):
+                os.unlink(output)
     for path, why in stats.left_out:
         click.echo(f"not in the archive: {path} ({why})", err=True)
     for path, what in stats.problems:

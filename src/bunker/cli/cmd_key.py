@@ -11,6 +11,7 @@ import click
 from bunker import dirs
 from bunker.child_env import secret
 from bunker.cli import context
+from bunker.cli.files import write_output
 from bunker.cli.main import cli, common, handles_errors, make_options
 from bunker.crypto.keyfile import (
     MasterKey,
@@ -18,7 +19,6 @@ from bunker.crypto.keyfile import (
     load_put_key,
     master_key_text,
     read_master_repo_id,
-    write_private_file,
 )
 from bunker.crypto.shares import combine_shares, split_seed
 from bunker.errors import BunkerError, ExitCode
@@ -109,7 +109,7 @@ def export(**kwargs: Any) -> None:
     if dest:
         with open(src, encoding="ascii") as f:
             text = f.read()
-        write_private_file(dest, text)
+        write_output(dest, text, "the master key")
         with open(dest, encoding="ascii") as f:
             copied = f.read()
         if read_master_repo_id(dest) != repo.repo_id or copied != text:
@@ -153,7 +153,7 @@ def passwd(**kwargs: Any) -> None:
     if not new:
         raise BunkerError("the new passphrase is empty", "choose a non-empty passphrase", exit_code=ExitCode.USAGE)
     assert path
-    write_private_file(path, master_key_text(master, new))
+    write_output(path, master_key_text(master, new), "the master key")
     out.document({"master_key": path, "changed": True})
     out.line(f"passphrase of {path} changed")
 
@@ -181,6 +181,6 @@ def recover(**kwargs: Any) -> None:
     pw = context.passphrase("New passphrase for the recovered master key", confirm=True)
     if not pw:
         raise BunkerError("the new passphrase is empty", "choose a non-empty passphrase", exit_code=ExitCode.USAGE)
-    write_private_file(dest, master_key_text(master, pw))
+    write_output(dest, master_key_text(master, pw), "the master key")
     out.document({"id": master.repo_id, "master_key": os.path.abspath(dest)})
     out.line(f"recovered the master key of repository {master.repo_id}; written to {dest}")

@@ -13,7 +13,7 @@ import click
 from bunker import encoding
 from bunker.cli import context
 from bunker.cli.main import cli, common, handles_errors, make_options
-from bunker.cli.output import human_bytes
+from bunker.cli.output import human_bytes, quote_name
 from bunker.crypto.keyfile import MasterKey
 from bunker.errors import BunkerError, ExitCode
 from bunker.fs.fsmeta import acl_text, flag_letters, hole_bytes
@@ -218,13 +218,17 @@ def _ls_item(path: str, e: dict[str, Any]) -> dict[str, Any]:
     return it
 
 
-def _ls_line(it: dict[str, Any]) -> str:
+def _ls_line(it: dict[str, Any], raw_path: bytes, raw_target: bytes | None) -> str:
+    """One line of `ls`; names quoted as GNU ls quotes them (a newline or an escape sequence in
+    a name is shown as $'\\n' / $'\\033', never passed to the terminal)."""
     mode = _TYPE[it["type"]] + stat.filemode(it["mode"])[1:] + ("+" if "acl" in it or "default_acl" in it else "")
     t = _fmt_time(it["mtime_ns"] / 1e9)
     size = f"{it['device'][0]}, {it['device'][1]}" if "device" in it else str(it["size"])
-    line = f"{mode:11} {it.get('user') or '?':>8} {it.get('group') or '?':>8} {size:>12} {t}  {it['path']}"
-    if it.get("target"):
-        line += f" -> {it['target']}"
+    user, group = (n if n.isprintable() else quote_name(n) for n in (it.get("user") or "?", it.get("group") or "?"))
+    who = f"{user:>8} {group:>8}"
+    line = f"{mode:11} {who} {size:>12} {t}  {quote_name(raw_path)}"
+    if raw_target:
+        line += f" -> {quote_name(raw_target)}"
     extra = []
     if "nlink" in it:
         extra.append(f"{it['nlink']} links")
@@ -252,21 +256,21 @@ def ls_cmd(**kwargs: Any) -> None:
     repo, _, rec, reader, root = _open_for_reading(opts, spec, f, "listing files")
     restorer = Restorer(reader, b"/nonexistent", RunLog(), budget=budget_of(rec))
     entry = restorer.find(root, path)
-    base = "/" + "/".join(c for c in path.split("/") if c)
-    items: list[dict[str, Any]] = []
+    base = b"/" + b"/".join(c for c in os.fsencode(path).split(b"/") if c)
+    items: list[tuple[dict[str, Any], bytes, bytes | None]] = []
     stack = [(base, entry, 0)]
     first = True
     while stack:
         p, e, depth = stack.pop()
         if e["t"] == "d" and (first or recursive):
-            for child in reversed(restorer.walk_tree(depth, e["st"], p)):
-                stack.append(((p.rstrip("/") + "/" + display_path(child["n"])), child, depth + 1))
+            for child in reversed(restorer.walk_tree(depth, e["st"], display_path(p))):
+                stack.append((p.rstrip(b"/") + b"/" + child["n"], child, depth + 1))
         if not first or e["t"] != "d":
-            items.append(_ls_item(p, e))
+            items.append((_ls_item(display_path(p), e), p, e.get("lt")))
         first = False
-    out.document({"snapshot": rec.name.split("/", 1)[1], "items": items})
-    for it in items:
-        out.line(_ls_line(it))
+    out.document({"snapshot": rec.name.split("/", 1)[1], "items": [it for it, _, _ in items]})
+    for it, raw, target in items:
+        out.line(_ls_line(it, raw, target))
     _ = repo
 
 
@@ -286,6 +290,13 @@ def restore(**kwargs: Any) -> None:
         kwargs.pop("target"),
         kwargs.pop("numeric_owner"),
     )
+    if not target.strip():
+        # an empty name would mean the current directory: never a guess for where files land
+        raise BunkerError(
+            "--target is empty",
+            "name the directory to restore into, e.g. --target ./restored",
+            exit_code=ExitCode.USAGE,
+        )
     f = pop_filters(kwargs)
     opts, out = make_options(kwargs)
     _, _, rec, reader, root = _open_for_reading(opts, spec, f, "restore")

@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 
 import click
 
-from bunker import __version__
+from bunker.build_info import version_text
 from bunker.child_env import withhold_secrets
 from bunker.cli.context import Options
 from bunker.cli.output import Output
@@ -48,6 +48,12 @@ def handles_errors(f: F) -> F:
         except BunkerError as exc:
             out.error(exc)
             sys.exit(exc.exit_code)
+        except OSError as exc:  # a filesystem error no layer gave a message of its own
+            from bunker.cli.files import unexpected_os_error
+
+            failure = unexpected_os_error(exc)
+            out.error(failure)
+            sys.exit(failure.exit_code)
         except KeyboardInterrupt:
             click.echo(
                 "bunker: interrupted; no snapshot was written. Data stored more than about 10 s ago is indexed "
@@ -69,7 +75,7 @@ def make_options(kwargs: dict[str, Any]) -> tuple[Options, Output]:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(__version__, prog_name="bunker")
+@click.version_option(version_text(), prog_name="bunker")
 def cli() -> None:
     """Bunker: encrypted, deduplicating backups that need no password to take.
 

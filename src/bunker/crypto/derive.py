@@ -1,4 +1,4 @@
-"""Key derivation from the 32-byte master seed (DESIGN.md §2).
+"""Key derivation from the 32-byte master seed (docs/format.md section 3).
 
 Every secret comes from BLAKE3 ``derive_key`` with a distinct, versioned context string, so the
 seed alone recovers a repository. Changing a context string changes the format: never do it
@@ -34,7 +34,7 @@ def keyed_hash(key: bytes, data: bytes | memoryview, length: int = 32) -> bytes:
 
 
 def chunker_seed_from(secret: bytes) -> int:
-    """The FastCDC gear seed rule of DESIGN.md §3: 8 bytes as u64, top bit cleared, low bit set.
+    """The FastCDC gear seed rule of docs/format.md section 16: 8 bytes as u64, top bit cleared, low bit set.
 
     pyfastcdc raises on seeds >= 2**63 and treats 0 as the unkeyed table.
     """

@@ -70,7 +70,7 @@ class MasterKey:
 
 @dataclass
 class PutKey:
-    """What a backup machine holds: no password, cannot decrypt (DESIGN.md §2)."""
+    """What a backup machine holds: no password, cannot decrypt (docs/security.md section 3)."""
 
     repo_id: str
     master_verify: bytes

@@ -1,4 +1,4 @@
-"""SLIP-39 shares of the master seed, for custodians (DESIGN.md promise 10)."""
+"""SLIP-39 shares of the master seed, for custodians (docs/security.md section 2, SLIP-39 shares)."""
 
 from __future__ import annotations
 

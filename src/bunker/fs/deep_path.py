@@ -394,6 +394,21 @@ def link(src: bytes, dst: bytes) -> None:
         os.close(sfd)
 
 
+def rename(src: bytes, dst: bytes) -> None:
+    """``os.rename(src, dst)`` for paths of any length (neither is followed if a symlink)."""
+    sfd, sleaf, _ = _at(src)
+    if sfd is None:
+        dfd, dleaf, _ = _at(dst)
+        os.rename(sleaf, dleaf, dst_dir_fd=dfd)
+        return
+    sfd = os.dup(sfd)  # its own descriptor: resolving dst may close the cached one
+    try:
+        dfd, dleaf, _ = _at(dst)
+        os.rename(sleaf, dleaf, src_dir_fd=sfd, dst_dir_fd=dfd)
+    finally:
+        os.close(sfd)
+
+
 def chown(path: bytes, uid: int, gid: int) -> None:
     """``os.chown(path, uid, gid, follow_symlinks=False)`` for a path of any length."""
     fd, leaf, _ = _at(path)

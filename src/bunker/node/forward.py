@@ -1,6 +1,6 @@
 """``bunker forward``: deliver a spool's objects to the upstream repository.
 
-Order (DESIGN.md §6): packs, index, reference objects, then snapshots. Each object is sent, read
+Order (docs/format.md section 17): packs, index, reference objects, then snapshots. Each object is sent, read
 back and checked against its name (BLAKE3 of the bytes) before the local copy is deleted, so
 nothing leaves the spool before the upstream holds a good copy. The whole delivery runs under a
 lease. Before a snapshot is sent, every pack its pack set names is rechecked upstream: an offline

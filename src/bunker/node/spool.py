@@ -1,5 +1,5 @@
 """The client's spool for one upstream repository: where a backup goes while the repository
-cannot be reached (DESIGN.md promises 4 and 8, §5).
+cannot be reached (docs/user-guide.md, "When the repository cannot be reached"; docs/reliability.md).
 
 A spool is a partial repository in the same format under the data directory
 (``spool/<hash of the upstream URL>/``). It holds the *seed* (the upstream's config versions and

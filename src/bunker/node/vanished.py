@@ -1,7 +1,7 @@
 """Spooled snapshots that need packs which vanished upstream while this machine was offline.
 
 An offline run deduplicates against the packs it last saw upstream. If a prune removed some of
-them meanwhile (an offline session can outlive any grace period, DESIGN.md §6), forwarding the
+them meanwhile (an offline session can outlive any grace period, docs/format.md section 15), forwarding the
 snapshot as it is would deliver holes. Instead, under the forwarding lease:
 
 1. the chunks that lived only in vanished packs are stored again from the source files, where

@@ -1,4 +1,4 @@
-"""Blob encryption under convergent keys (DESIGN.md §3).
+"""Blob encryption under convergent keys (docs/format.md section 10.5).
 
 K_blob = keyed BLAKE3(S_blob, plaintext). The blob is ``c || nonce || AES-256-GCM(K_blob, data,
 aad = chunk id || c)`` where ``c`` (one byte) is 0 for stored as is and 1 for zstd; the method is

@@ -1,4 +1,4 @@
-"""Garbage collection (``bunker prune``): two phases, no locks (DESIGN.md §3, §6).
+"""Garbage collection (``bunker prune``): two phases, no locks (docs/format.md section 15).
 
 Phase 1 *condemns*: every pack of this dedup domain that no live snapshot's pack set names is
 listed in a signed ``gc/`` record. A session reads the records right after writing its lease and

@@ -1,4 +1,4 @@
-"""Session leases (``sessions/``): the only coordination between writers (DESIGN.md §3, §6).
+"""Session leases (``sessions/``): the only coordination between writers (docs/format.md section 15).
 
 A session writes ``sessions/<id>.0`` when it starts and keeps it until it ends: the storage's time
 for that object is when the session began. While it runs it writes ``sessions/<id>.<n>`` about

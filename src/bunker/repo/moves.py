@@ -1,4 +1,4 @@
-"""Move records: which packs a repack replaced, and by which (DESIGN.md §3, §6).
+"""Move records: which packs a repack replaced, and by which (docs/format.md section 15).
 
 A snapshot's pack set is signed and never changes, so after prune repacks a pack that is mostly
 garbage, the snapshots that name the old pack still name it. A move record (``gc/<hash>``, magic

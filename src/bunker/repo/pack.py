@@ -1,4 +1,4 @@
-"""Packs: key groups of encrypted blobs plus an encrypted, signed trailer (DESIGN.md §3).
+"""Packs: key groups of encrypted blobs plus an encrypted, signed trailer (docs/format.md section 10).
 
 Layout (all integers little-endian)::
 

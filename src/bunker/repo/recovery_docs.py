@@ -4,6 +4,43 @@ from __future__ import annotations
 
 from importlib import resources
 
+from bunker import __version__
+from bunker.build_info import source_commit
+
+
+def _source_step() -> str:
+    """Where Bunker comes from: its source, identified by the commit that wrote this file. No
+    package of Bunker is published in a package index; a package found there under a name like
+    it may be anybody's code, and a disaster is when a stranger would install it unchecked."""
+    commit = source_commit()
+    if commit:
+        check = f"""This repository was last written by Bunker {__version__}, source commit
+
+    {commit}
+
+Install Bunker from its source, from the copy you kept with the key (a git clone, a `git bundle`
+or an archive of one), and check that it is that commit (a `+local-changes` suffix above means
+the writer ran a changed copy of it):
+
+    git -C bunker log -1 --format=%H       # bunker/ being the source: must print the commit above"""
+    else:
+        check = f"""This repository was last written by Bunker {__version__}, from a source whose commit was not
+recorded. Install Bunker from the copy of its source you kept with the key, and check it
+against the commit id you wrote down with the key:
+
+    git -C bunker log -1 --format=%H       # bunker/ being the source"""
+    return (
+        check
+        + """
+
+Bunker is not published in any package index: do not install a package found there under a name
+like it, which may be anybody's code. Then install (Python 3.11 or newer; as root on Debian it
+also installs python3-venv; the README says where the command ends up):
+
+    sh bunker/scripts/install
+    bunker --version                       # names the same commit"""
+    )
+
 
 def recovery_md(repo_id: str) -> str:
     """Step-by-step recovery instructions for a stranger holding the master key or its shares."""
@@ -22,13 +59,18 @@ This directory (or bucket) is an encrypted, deduplicating backup made by Bunker.
 secret except through the **master key**; with the master key (or enough of its SLIP-39 shares)
 a stranger with a fresh machine can restore everything.
 
-## 1. Install Bunker
+## 1. Get Bunker, and check that it is the right source
 
-    pip install bunker-backup        # Python 3.11 or newer; needs cryptography >= 50
+{_source_step()}
 
 ## 2. Check the copy is complete and authentic (no key needed)
 
     bunker check --keyless --repo PATH_OR_URL --expect THE_ID_YOU_KEPT
+
+A repository that is not a local directory (s3://, gcs://, azblob://, b2://, webdav, sftp://,
+ssh://) needs the storage's credentials in the environment of every command: for S3
+AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY; for the others see "Environment variables" in
+docs/user-guide.md of the source. They are neither in this repository nor in the master key.
 
 Every object's bytes must match its name, every signature must chain to the master verify key
 whose fingerprint is the id you gave, and each client's snapshot chain must have no gap. If it

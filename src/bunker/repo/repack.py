@@ -1,5 +1,5 @@
 """Repack (part of ``bunker prune``): copy the live blobs of packs that are mostly garbage, and
-of small packs, into new packs, with the put key only (DESIGN.md §3).
+of small packs, into new packs, with the put key only (docs/format.md sections 10.4 and 15).
 
 A put key cannot decrypt a blob (its key is wrapped under a group key sealed to the master), so
 a repack copies blob ciphertext as is, together with its key group's sealed key and the wrapped

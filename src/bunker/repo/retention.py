@@ -8,7 +8,7 @@ newest. A snapshot kept by several rules lists every one of them. One addition: 
 newest snapshots are incomplete, the newest complete one is kept too ("newest complete"), so an
 interrupted run never pushes the last full backup out.
 
-Times (DESIGN.md §6): a snapshot's signed time is written by a client, which may be compromised.
+Times (docs/security.md section 13): a snapshot's signed time is written by a client, which may be compromised.
 The time a policy uses is ``min(signed time, the storage's own time for the snapshot object)``,
 made non-decreasing along each client's signed chain (sequence numbers). A forged far-future time
 therefore lands at the time the storage received it, and cannot push other snapshots out of their

@@ -3,7 +3,7 @@ background, and write this session's index objects. Thread-safe: the archiver's 
 ``store`` concurrently; compression and encryption happen in the caller's thread (they release
 the GIL), only the append to the open pack is serialized.
 
-Order of writes (DESIGN.md §6): packs, then index, then snapshot.
+Order of writes (docs/format.md section 17): packs, then index, then snapshot.
 """
 
 from __future__ import annotations

@@ -80,22 +80,17 @@ def write_file(
     of its length (the rest of the file is still right) and is reported. ``fresh``: the parent
     directory was created empty by this restore, so nothing can be in the way. ``holes`` (the
     entry's hole map) makes a sparse file of ``size`` bytes. ``meta`` applies owner, mode, xattrs,
-    ACL and times through the open descriptor once the data is written. An existing file that
-    is immutable or append-only is unlocked first as root (``as_root``), else refused."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC
+    ACL and times through the open descriptor once the data is written.
+
+    The file is written under a temporary name in the same directory (PART_PREFIX) and renamed
+    to ``path`` only once its data and metadata are written: a restore stopped by a full disk, an
+    error or a kill never leaves a partial file under the real name (an existing file there stays
+    as it was until it is replaced whole). An existing file that is immutable or append-only is
+    unlocked first as root (``as_root``), else refused."""
     try:
-        if fresh:
-            fd = deep_path.open(path, flags | os.O_EXCL, 0o600)
-        else:
-            remove_existing(path, keep_regular=True, as_root=as_root)
-            try:
-                fd = deep_path.open(path, flags | os.O_TRUNC, 0o600)
-            except PermissionError:
-                if not locked_flags(path):
-                    raise
-                if not (as_root and unlock(path)):
-                    return WriteResult("error", 0, locked_message(path), errno.EPERM)
-                fd = deep_path.open(path, flags | os.O_TRUNC, 0o600)
+        if not fresh:
+            remove_existing(path, keep_regular=True, as_root=as_root)  # a regular file is replaced by the rename
+        fd, part = open_part(path)
     except OSError as exc:
         return WriteResult("error", 0, f"cannot create file: {exc.strerror}", exc.errno or 0)
     pos = 0
@@ -136,13 +131,58 @@ def write_file(
             os.ftruncate(fd, pos)
         notes = tuple(meta(fd)) if meta is not None else ()
     except OSError as exc:
-        return WriteResult("error", pos, f"cannot write file: {exc.strerror}", exc.errno or 0)
-    finally:
         os.close(fd)
+        _discard(part)
+        return WriteResult("error", pos, f"cannot write file: {exc.strerror}", exc.errno or 0)
+    os.close(fd)
+    failed = _put_in_place(part, path, as_root)
+    if failed is not None:
+        return failed
     if gaps:
         more = f" (+{len(gaps) - 5} more)" if len(gaps) > 5 else ""
         return WriteResult("damaged", pos, "; ".join(gaps[:5]) + more, meta_notes=notes)
     return WriteResult("ok", pos, meta_notes=notes)
+
+
+PART_PREFIX = b".bunker-part-"  # a file being restored, renamed to its real name once complete
+
+
+def open_part(path: bytes) -> tuple[int, bytes]:
+    """Create a new, empty temporary file (PART_PREFIX and a random suffix) beside ``path``:
+    (descriptor, its path)."""
+    head = path[: path.rfind(b"/") + 1]
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(100):
+        part = head + PART_PREFIX + os.urandom(6).hex().encode()
+        try:
+            return deep_path.open(part, flags, 0o600), part
+        except FileExistsError:
+            continue
+    raise FileExistsError(errno.EEXIST, "no free temporary name beside the file", path)
+
+
+def _discard(part: bytes) -> None:
+    with contextlib.suppress(OSError):
+        deep_path.unlink(part)
+
+
+def _put_in_place(part: bytes, path: bytes, as_root: bool) -> WriteResult | None:
+    """Rename the complete temporary file to ``path`` (replacing a file there); None when done,
+    else the failure (the temporary file is removed)."""
+    try:
+        try:
+            deep_path.rename(part, path)
+        except PermissionError:
+            if not locked_flags(path):
+                raise
+            if not (as_root and unlock(path)):
+                _discard(part)
+                return WriteResult("error", 0, locked_message(path), errno.EPERM)
+            deep_path.rename(part, path)
+    except OSError as exc:
+        _discard(part)
+        return WriteResult("error", 0, f"cannot put the restored file in place: {exc.strerror}", exc.errno or 0)
+    return None
 
 
 def _partial(exc: OSError, what: str) -> MetaNote:

@@ -37,6 +37,7 @@ from bunker.restore.file_writer import (
     Piece,
     WriteResult,
     apply_meta,
+    open_part,
     owner_ids,
     remove_existing,
     write_file,
@@ -52,6 +53,26 @@ BATCH_BYTES = 8 << 20
 
 class DiskFull(BunkerError):
     exit_code = ExitCode.ERR
+
+
+_TARGET_HINTS = {
+    errno.EROFS: "the filesystem is mounted read-only: restore into a --target on a writable filesystem",
+    errno.EACCES: "this user may not write there: choose a --target you own, or restore as a user who may write there",
+    errno.EPERM: "the target does not take new files (an immutable directory?): choose another --target",
+    errno.ENOSPC: "the target's filesystem is full: free space there, or choose a --target with room",
+    errno.EDQUOT: "your disk quota is used up: free space, or choose a --target on another filesystem",
+    errno.ENOTDIR: "a part of that path is a file, not a directory: choose another --target",
+}
+
+
+def target_unusable(target: bytes, exc: OSError) -> BunkerError:
+    """The fatal error for a restore target that takes nothing: what failed, and where to go."""
+    shown = display_path(target)
+    return BunkerError(
+        f"cannot restore into {shown}: {exc.strerror or exc}; nothing was restored",
+        _TARGET_HINTS.get(exc.errno or 0, f"check that {shown} can be written to, or choose another --target"),
+        exit_code=ExitCode.FATAL,
+    )
 
 
 @dataclass
@@ -140,10 +161,27 @@ class Restorer:
         descriptor without following symlinks (deep_path.confined); the directories above a
         restored path are made like every other directory (:meth:`_mkdir`)."""
         deep_path.forget()  # directories cached by an earlier run in this process may be gone
-        deep_path.makedirs(self.target)  # the target itself as the user named it
-        with deep_path.confined(self.target) as target_id:
+        try:
+            deep_path.makedirs(self.target)  # the target itself as the user named it
+            target_id = deep_path.confine(self.target)
+        except OSError as exc:  # the target itself: nothing can be restored at all
+            raise target_unusable(self.target, exc) from None
+        try:
+            self._probe_target()
             self._restore_below(root, paths, target_id)
+        finally:
+            deep_path.release(self.target)
         return self.stats
+
+    def _probe_target(self) -> None:
+        """Create and remove a file in the target: a target that takes nothing (read-only,
+        not permitted, full) stops the restore before it starts, as one fatal error."""
+        try:
+            fd, part = open_part(os.path.join(self.target, b"probe"))
+            os.close(fd)
+            deep_path.unlink(part)
+        except OSError as exc:
+            raise target_unusable(self.target, exc) from None
 
     def _restore_below(self, root: bytes, paths: list[str], target_id: tuple[int, int]) -> None:
         dirs: list[tuple[bytes, dict[str, Any]]] = []
@@ -196,8 +234,11 @@ class Restorer:
             )
         if self._disk_full.is_set():
             raise DiskFull(
-                f"the target's disk is full: {self.stats.files} files restored, {self.stats.failed} not",
+                f"the target's disk is full: {self.stats.files} files restored, {self.stats.failed} not (no file "
+                "is left half-written under its name)",
                 f"free space under {display_path(self.target)} (or choose another --target) and run the restore again",
+                # nothing restored at all is fatal, as a target that takes nothing is
+                exit_code=ExitCode.ERR if self.stats.files else ExitCode.FATAL,
             )
 
     def _parents(self, chain: list[dict[str, Any]], dirs: list[tuple[bytes, dict[str, Any]]]) -> bytes | None:

@@ -1,7 +1,7 @@
 """Local-directory backend: the project's own, with atomic and durable writes.
 
 A put writes ``<dir>/.tmp-<random>``, fsyncs it, renames it over the final name and fsyncs the
-directory (DESIGN.md §6). Temp files left by a killed writer are swept when the backend opens.
+directory (docs/format.md section 5). Temp files left by a killed writer are swept when the backend opens.
 
 Every call that changes the directory goes through a :class:`FileOps` object (the real ``os``
 calls by default). Tests substitute one that models what survives a power cut (only what was

@@ -6,7 +6,7 @@ OpenDAL operator is configured: that lives in ``bunker.storage.services``.
 - Every put is one write request (OpenDAL sends a single PutObject / Put Blob / PUT when the
   whole object is written in one call and no chunk size is set): an object is visible whole or
   not at all, and a killed upload leaves nothing behind. Never multipart: a refused or killed
-  multipart upload leaves invisible parts that OpenDAL can neither list nor abort (DESIGN.md §6).
+  multipart upload leaves invisible parts that OpenDAL can neither list nor abort (docs/format.md section 17).
   A service whose PUT is not atomic on the server (WebDAV: many servers write straight into the
   target file) gets *staged* writes: a PUT to a hidden temporary name, then a MOVE over the name.
 - Create-if-absent uses a conditional write (``If-None-Match: *``) where the service has one,

@@ -8,7 +8,6 @@ import contextlib
 import errno
 import functools
 import os
-import pwd
 import re
 import shlex
 import socket
@@ -24,7 +23,7 @@ from bunker import __version__
 from bunker.child_env import child_env
 from bunker.errors import BunkerError, ExitCode, StorageError
 from bunker.storage import wire
-from bunker.storage.ssh_address import SshAddress, parse_ssh_address
+from bunker.storage.ssh_address import SshAddress, parse_ssh_address, ssh_dir
 
 DEFAULT_REMOTE_PATH = "bunker"
 REMOTE_PATH_VAR = "BUNKER_REMOTE_PATH"
@@ -322,13 +321,6 @@ def _hardware_aes() -> bool:
     return False
 
 
-def _passwd_home() -> str:
-    try:
-        return pwd.getpwuid(os.getuid()).pw_dir
-    except KeyError:
-        return os.path.expanduser("~")
-
-
 def _ssh_config_path(path: str) -> str:
     """``path`` as one ssh_config argument: quoted (it may hold spaces), ``%`` doubled (ssh
     expands %-tokens in file names)."""
@@ -352,7 +344,7 @@ class SshOpener:
             if path is not None and not os.access(path, os.R_OK):
                 raise wire.usage(
                     f"{var}={path} is not a readable file",
-                    f"point {var} at an existing file, or unset it to use the defaults in ~/.ssh",
+                    f"point {var} at an existing file, or unset it to use the defaults in {ssh_dir()}",
                 )
         self.test_hint = f"`{loc.ssh_command()}` should log in"
         if any(ord(c) < 32 or c == '"' for c in self.known_hosts_file):
@@ -365,10 +357,10 @@ class SshOpener:
     @property
     def known_hosts_file(self) -> str:
         """The one file whose host keys bunker trusts: BUNKER_SSH_KNOWN_HOSTS, else
-        ~/.ssh/known_hosts of the home directory OpenSSH uses (the passwd entry's, not $HOME)."""
+        known_hosts in :func:`ssh_dir` (the passwd entry's home, not $HOME: one rule with sftp://)."""
         if self.known_hosts:
             return os.path.abspath(self.known_hosts)
-        return os.path.join(_passwd_home(), ".ssh", "known_hosts")
+        return os.path.join(ssh_dir(), "known_hosts")
 
     def argv(self) -> list[str]:
         """The ssh command line (no shell involved on this side)."""
@@ -490,8 +482,9 @@ class SshOpener:
         if "Permission denied (" in err or "Too many authentication failures" in err:
             return StorageError(
                 f"the ssh server {loc.host_port} refused the login ({last})",
-                "bunker logs in with the keys of your ssh-agent (SSH_AUTH_SOCK), ~/.ssh/id_* and BUNKER_SSH_IDENTITY; "
-                "add the public key to ~/.ssh/authorized_keys of the user on the server and check that "
+                f"bunker logs in with the keys of your ssh-agent (SSH_AUTH_SOCK), {ssh_dir()}/id_* and "
+                "BUNKER_SSH_IDENTITY; add the public key to ~/.ssh/authorized_keys of the user on the server and "
+                "check that "
                 f"`{loc.ssh_command()}` logs in without a password",
                 exit_code=ExitCode.FATAL,
             )

@@ -18,7 +18,7 @@ from urllib.parse import urlsplit
 import asyncssh
 
 from bunker.errors import BunkerError, ExitCode, StorageError
-from bunker.storage.ssh_address import SshAddress, parse_ssh_address
+from bunker.storage.ssh_address import SshAddress, parse_ssh_address, ssh_dir
 
 DEFAULT_PORT = 22
 KEEPALIVE_SECONDS = 30.0
@@ -77,6 +77,30 @@ def parse_sftp_url(url: str) -> SftpLocation:
 
 # ----------------------------------------------------------------------------------- connections
 
+# the private key files ssh and asyncssh try when nothing names one (asyncssh's order)
+DEFAULT_KEY_FILES = ("id_ed25519_sk", "id_ecdsa_sk", "id_ed448", "id_ed25519", "id_ecdsa", "id_rsa", "id_dsa")
+_NO_FILES: list[str] = []  # marks "no key file": the agent's keys are fetched when connecting
+
+
+def _names_identities(config: str) -> bool:
+    """Whether an ssh config file names key files of its own (IdentityFile)."""
+    try:
+        with open(config, encoding="utf-8", errors="replace") as f:
+            return any(line.strip().lower().startswith("identityfile") for line in f)
+    except OSError:
+        return False
+
+
+async def _agent_keys() -> list[Any]:
+    """The keys of the running ssh-agent (SSH_AUTH_SOCK), none without one."""
+    if not os.environ.get("SSH_AUTH_SOCK"):
+        return []
+    try:
+        async with asyncssh.connect_agent() as agent:
+            return list(await agent.get_keys())
+    except (OSError, asyncssh.Error):
+        return []
+
 
 class Link:
     """One SSH connection and how many SFTP channels it carries (touched on the loop only)."""
@@ -125,15 +149,35 @@ class Connector:
             if path is not None and not os.access(path, os.R_OK):
                 raise BunkerError(
                     f"{var}={path} is not a readable file",
-                    f"point {var} at an existing file, or unset it to use the defaults in ~/.ssh",
+                    f"point {var} at an existing file, or unset it to use the defaults in {ssh_dir()}",
                     exit_code=ExitCode.USAGE,
                 )
 
     @property
     def known_hosts_file(self) -> str:
-        """The one file whose host keys bunker trusts: BUNKER_SSH_KNOWN_HOSTS, else
-        ~/.ssh/known_hosts (by $HOME, where asyncssh reads ~/.ssh/config and the keys)."""
-        return self.known_hosts or os.path.join(os.path.expanduser("~"), ".ssh", "known_hosts")
+        """The one file whose host keys bunker trusts: BUNKER_SSH_KNOWN_HOSTS, else known_hosts
+        in :func:`ssh_dir` (the passwd entry's home, as for ssh://)."""
+        return self.known_hosts or os.path.join(ssh_dir(), "known_hosts")
+
+    def settings(self) -> dict[str, Any]:
+        """asyncssh's config files and keys, from :func:`ssh_dir` (asyncssh's own defaults would
+        take ~ from $HOME, OpenSSH takes it from the passwd entry: one rule for both schemes).
+        Keys: BUNKER_SSH_IDENTITY; else the IdentityFile lines of the config (a ``~`` in them
+        asyncssh expands by $HOME, the same directory unless $HOME was changed); else the
+        default id_* files there. The agent's keys count in every case."""
+        ssh = ssh_dir()
+        config = os.path.join(ssh, "config")
+        readable = os.access(config, os.R_OK)
+        out: dict[str, Any] = {"config": [config] if readable else []}
+        if self.identity:
+            out["client_keys"] = [self.identity]
+        elif readable and _names_identities(config):
+            out["client_keys"] = ()
+        else:
+            files = [p for n in DEFAULT_KEY_FILES if os.path.isfile(p := os.path.join(ssh, n))]
+            # encrypted keys are skipped, as ssh in batch mode skips them (the agent may hold them)
+            out.update(client_keys=files or _NO_FILES, ignore_encrypted=True)
+        return out
 
     def trusted_host_keys(self) -> asyncssh.SSHKnownHosts:
         """The entries of known_hosts_file, read for each connection; none when it is missing.
@@ -172,7 +216,7 @@ class Connector:
         kw: dict[str, Any] = {
             # only this file's keys, whatever ~/.ssh/config says (docs/security.md)
             "known_hosts": self.trusted_host_keys(),
-            "client_keys": [self.identity] if self.identity else (),
+            **self.settings(),
             "connect_timeout": self.timeout,
             "keepalive_interval": KEEPALIVE_SECONDS,
             "keepalive_count_max": 3,
@@ -180,6 +224,9 @@ class Connector:
             "preferred_auth": "gssapi-keyex,gssapi-with-mic,hostbased,publickey",
             "client_factory": factory,
         }
+        if kw["client_keys"] is _NO_FILES:
+            # no key file: the agent's keys alone (asyncssh would read $HOME's for an empty list)
+            kw["client_keys"] = await _agent_keys() or None
         if self.loc.user:
             kw["username"] = self.loc.user
         port: Any = self.loc.port if self.loc.port is not None else ()
@@ -190,14 +237,15 @@ class Connector:
         except asyncssh.PermissionDenied as exc:
             raise StorageError(
                 f"the ssh server {self.loc.host_port} refused the login ({exc})",
-                "bunker logs in with the keys of your ssh-agent (SSH_AUTH_SOCK), ~/.ssh/id_* and BUNKER_SSH_IDENTITY; "
-                f"add the public key to ~/.ssh/authorized_keys of the user on the server and check that "
+                f"bunker logs in with the keys of your ssh-agent (SSH_AUTH_SOCK), {ssh_dir()}/id_* and "
+                "BUNKER_SSH_IDENTITY; add the public key to ~/.ssh/authorized_keys of the user on the server and "
+                "check that "
                 f"`{self.loc.ssh_command()}` logs in without a password",
                 exit_code=ExitCode.FATAL,
             ) from None
         except asyncssh.KeyImportError as exc:
             raise StorageError(
-                f"cannot use the ssh key {self.identity or '(from ~/.ssh)'}: {exc}",
+                f"cannot use the ssh key {self.identity or '(from ' + ssh_dir() + ')'}: {exc}",
                 "use a key without a passphrase in BUNKER_SSH_IDENTITY, or load the key into ssh-agent "
                 "(`ssh-add FILE`)",
                 exit_code=ExitCode.FATAL,

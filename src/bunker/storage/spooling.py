@@ -23,7 +23,7 @@ from bunker.storage.local import LocalBackend
 
 # Copied from the upstream so the spool opens as a repository; never forwarded.
 SEED_PREFIXES = ("config/", "clients/")
-# What a spool holds for the upstream, in the order it must arrive there (DESIGN.md §6: packs,
+# What a spool holds for the upstream, in the order it must arrive there (docs/format.md section 17: packs,
 # then index, then snapshot; reference objects before the snapshot that names them).
 FORWARD_PREFIXES = ("packs/", "index/", "refs/", "retired/", "gc/", "snapshots/")
 

@@ -4,10 +4,24 @@ canonical form, so both backends refuse the same mistakes with the same words.""
 
 from __future__ import annotations
 
+import os
+import pwd
 from dataclasses import dataclass
 from urllib.parse import SplitResult, quote, unquote
 
 from bunker.errors import BunkerError, ExitCode
+
+
+def ssh_dir() -> str:
+    """The ``~/.ssh`` of this user for both ``ssh://`` and ``sftp://``: in the home directory of
+    the user's passwd entry, where OpenSSH reads it whatever $HOME says (so `ssh user@host` tests
+    exactly what bunker uses, and a root shell that kept another user's $HOME does not trust that
+    user's files). Without a passwd entry (a container's bare uid), $HOME."""
+    try:
+        home = pwd.getpwuid(os.getuid()).pw_dir
+    except KeyError:
+        home = os.path.expanduser("~")
+    return os.path.join(home, ".ssh")
 
 
 @dataclass(frozen=True)
