@@ -155,7 +155,12 @@ def test_prune_adopts_the_checkpoint_of_a_client_that_never_returns(repo: Repo, 
     again = repo.backup(src)
     assert again["seq"] == 2 and not [e for e in again["events"] if e["level"] in ("warn", "err")]
 
-    # retention groups the adopted snapshot with its client's own snapshots
+    # retention groups the adopted snapshot with its client's own snapshots of the same paths: it
+    # carries its run's path-set id, taken from the checkpoint (the pruner cannot open the body)
+    path_sets = {
+        parse_snapshot((repo.path / "snapshots" / n).read_bytes()).env.path_set for n in (snap_id, back["snapshot"])
+    }
+    assert len(path_sets) == 1 and "" not in path_sets
     fdoc = js(repo.ok("forget", "--keep-last", "1", "--dry-run", "--json"))
     (group,) = fdoc["groups"]
     assert group["client"] == repo.client

@@ -38,7 +38,15 @@ from bunker.repo.retention import (
     signed_time_in_future,
     trusted_time,
 )
-from bunker.repo.snapshot import BodyBinding, ParsedSnapshot, make_snapshot, open_body, parse_snapshot, seal_body
+from bunker.repo.snapshot import (
+    BodyBinding,
+    ParsedSnapshot,
+    make_snapshot,
+    open_body,
+    parse_snapshot,
+    path_set_id,
+    seal_body,
+)
 from helpers import PASSPHRASE, Repo, js, restored_path
 
 UTC = datetime.UTC
@@ -270,17 +278,23 @@ class Crafted:
     names: list[str] = dataclasses.field(default_factory=list)  # hex names, seq 1, 2, ...
     body: dict[str, Any] = dataclasses.field(default_factory=dict)  # the template's, opened once
 
-    def add(self, repo: Repo, signed: float, stored: float) -> str:
+    def add(self, repo: Repo, signed: float, stored: float, paths: list[str] | None = None, **changes: Any) -> str:
         """Sign the client's next snapshot with time ``signed``; the storage stored it at ``stored``.
         Its body is the template's, sealed anew for this client's own run (format 2 binds a body
-        to its run)."""
+        to its run); ``paths``: the body names these paths instead (and the envelope their
+        path-set id). ``changes``: other envelope fields (``path_set=""``: one written before
+        path-set ids)."""
         cert = name_for("clients", self.put.certificate)
         if not self.body:
             master = load_master_key(str(repo.master_key), PASSPHRASE)
             self.body = open_body(self.template, master.data_private)
+        body = self.body
+        if paths is not None:
+            body = {**body, "paths": paths}
+            changes = {"path_set": path_set_id(self.put.secrets, paths), **changes}
         session = secrets.token_hex(12)
         binding = BodyBinding(repo.id, cert, self.put.secrets.domain_id, session, 0)
-        sealed, body_ct = seal_body(self.body, self.put.data_public, binding)
+        sealed, body_ct = seal_body(body, self.put.data_public, binding)
         env = dataclasses.replace(
             self.template.env,
             client="crafted",
@@ -291,6 +305,7 @@ class Crafted:
             session=session,
             sealed_key=sealed,
             body_hash=blake3.blake3(body_ct).digest(),
+            **changes,
         )
         data = make_snapshot(env, body_ct, self.put.client_key)
         path = repo.path / name_for("snapshots", data)
@@ -335,7 +350,8 @@ def test_dry_run_changes_nothing_and_shows_every_decision(repo: Repo, tmp_path: 
     before = _files(repo)
     doc = _forget(repo, "--client", "crafted", "--keep-daily", "2", "--keep-within", "1d", "--dry-run")
     assert _files(repo) == before
-    assert doc["dry_run"] and doc["grouping"] == "client" and doc["forgotten"] == 3 and not doc["retirement_records"]
+    assert doc["dry_run"] and doc["grouping"] == "client+path-set" and doc["forgotten"] == 3
+    assert not doc["retirement_records"]
     assert _actions(doc) == {
         c.names[4]: ["daily #1", "within 1d"],
         c.names[3]: ["daily #2"],
@@ -344,7 +360,7 @@ def test_dry_run_changes_nothing_and_shows_every_decision(repo: Repo, tmp_path: 
         c.names[0]: None,
     }
     human = repo.ok("forget", "--client", "crafted", "--keep-daily", "2", "--dry-run", env=_env(repo)).stdout
-    assert "grouped by client only" in human and "daily #2" in human
+    assert "grouped by client and path set (path-set ids" in human and "daily #2" in human
     assert sum(line.endswith(" forget") for line in human.splitlines()) == 3 and "nothing was written" in human
     assert "would be refused" in human and "--prune" in human  # this machine's put key may not forget
     assert _files(repo) == before
@@ -515,7 +531,7 @@ def test_forged_future_times_cannot_push_others_out(repo: Repo, tmp_path: Path) 
     assert {p["object"] for p in keyless["problems"] if "signed time" in p["problem"]} == set(flagged)
 
 
-def test_grouping_by_path_set_needs_the_master_key(repo: Repo, tmp_path: Path) -> None:
+def test_put_key_groups_by_path_set_as_the_master_key_does(repo: Repo, tmp_path: Path) -> None:
     a, b = tmp_path / "a", tmp_path / "b"
     for d in (a, b):
         d.mkdir()
@@ -527,7 +543,8 @@ def test_grouping_by_path_set_needs_the_master_key(repo: Repo, tmp_path: Path) -
     for name, path in (("a", a), ("b", b)):
         acts = _actions({"groups": [g for g in doc["groups"] if g["paths"] == [str(path)]]})
         assert acts == {snaps[name][1]: ["last #1"], snaps[name][0]: None}
-    # with only the put key every path set of the client is one group, and the output says so
-    doc = _forget(repo, "--keep-last", "1", "--dry-run")
-    assert doc["grouping"] == "client" and len(doc["groups"]) == 1 and doc["groups"][0]["paths"] is None
-    assert [k for k, v in _actions(doc).items() if v] == [snaps["b"][1]]
+    # with only the put key the groups are the same, named by their path-set ids (the paths are sealed)
+    put = _forget(repo, "--keep-last", "1", "--dry-run")
+    assert put["grouping"] == "client+path-set" and all(g["paths"] is None for g in put["groups"])
+    assert sorted(g["path_set"] for g in put["groups"]) == sorted(g["path_set"] for g in doc["groups"])
+    assert _actions(put) == _actions(doc)

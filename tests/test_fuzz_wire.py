@@ -1,5 +1,5 @@
 """Fuzzing the newest parsers of untrusted bytes (issue 5): the serve protocol's handshake and
-frames, leases (with checkpoints), retirement and condemnation records. Each raises only its
+frames, leases (with checkpoints), retirement, unretire and condemnation records. Each raises only its
 documented errors (ProtocolError / FormatError / ValueError / a BunkerError), never anything
 else, and never reads past what it was given; hostile objects in sessions/ and gc/ are skipped
 by the readers that act on them."""
@@ -23,9 +23,11 @@ from bunker.repo.records import (
     make_condemnation,
     make_lease,
     make_retirement,
+    make_unretirement,
     parse_condemnation,
     parse_lease,
     parse_retirement,
+    parse_unretirement,
 )
 from bunker.repo.repository import Repository
 from bunker.storage import wire
@@ -126,13 +128,14 @@ def _records() -> list[bytes]:
     return [
         lease,
         make_retirement("snapshots/" + "d" * 64, "fuzz", KEY, CERT),
+        make_unretirement("retired/" + "9" * 64, "snapshots/" + "d" * 64, "fuzz", KEY, CERT),
         make_condemnation(["e" * 64, "f" * 64], KEY, CERT),
         make_move_record({"1" * 64: ["2" * 64, "3" * 64], "4" * 64: []}, KEY, CERT),
     ]
 
 
 def _parse_any(data: bytes) -> None:
-    for parse in (parse_lease, parse_retirement, parse_condemnation, parse_move_record):
+    for parse in (parse_lease, parse_retirement, parse_unretirement, parse_condemnation, parse_move_record):
         with contextlib.suppress(FormatError, ValueError, BunkerError):
             parse(data)
 

@@ -31,7 +31,16 @@ from bunker.repo.leases import Lease, sessions, wait_until_listed
 from bunker.repo.records import ChainBase
 from bunker.repo.repository import Repository
 from bunker.repo.session_writer import SessionWriter
-from bunker.repo.snapshot import LEVELS, MAX_COUNTER, Adoption, BodyBinding, Envelope, seal_body
+from bunker.repo.snapshot import (
+    LEVELS,
+    MAX_COUNTER,
+    Adoption,
+    BodyBinding,
+    Envelope,
+    is_path_set_id,
+    path_set_id,
+    seal_body,
+)
 from bunker.runlog import RunLog
 
 DEFAULT_INTERVAL = 10.0
@@ -99,10 +108,11 @@ class Checkpointer:
                     self.repo.put_object("refs", data)
                     self._refs.add(name)
         events = self.log.events[:MAX_LOG_EVENTS]
+        extra = self.body_extra()
         body = {
             "root": root,
             "log": [e.to_dict() for e in events],
-            **self.body_extra(),
+            **extra,
             "stopped_at": self.where(),
             "log_dropped": max(0, len(self.log.events) - len(events)),
         }
@@ -127,6 +137,9 @@ class Checkpointer:
                 "sealed_key": sealed,
                 "body": body_ct,
                 "time": time.time(),
+                # the run's path-set id: the incomplete snapshot made from this checkpoint (by this
+                # client's next run or by an adopting prune, which cannot open the body) carries it
+                "path_set": path_set_id(self.put.secrets, extra["paths"]),
             }
         )
         self.written += 1
@@ -317,6 +330,9 @@ def checkpoint_snapshot(
     counter = cp["counter"]
     if type(counter) is not int or not 1 <= counter <= MAX_COUNTER:
         raise ValueError("the checkpoint names no valid counter")
+    path_set = cp.get("path_set", "")  # absent in checkpoints written before path-set ids
+    if path_set != "" and not is_path_set_id(path_set):
+        raise ValueError("the checkpoint names no valid path-set id")
     seq, prev = next_link(repo, cert, state_dir, log)
     stats = {k: int(v) for k, v in dict(cp.get("stats", {})).items()}
     env = Envelope(
@@ -337,5 +353,6 @@ def checkpoint_snapshot(
         adopted=adopted,
         session=session,
         counter=counter,
+        path_set=path_set,
     )
     return write_snapshot(repo, put, env, body_ct, state_dir)

@@ -18,7 +18,7 @@ from bunker.repo.objects import name_for
 from bunker.repo.records import ChainBase
 from bunker.repo.repository import Repository
 from bunker.repo.session_writer import SessionWriter
-from bunker.repo.snapshot import FINAL, BodyBinding, Envelope, make_snapshot, seal_body
+from bunker.repo.snapshot import FINAL, BodyBinding, Envelope, make_snapshot, path_set_id, seal_body
 from bunker.runlog import RunLog
 
 
@@ -130,6 +130,7 @@ def commit_snapshot(
         master_on_client=master_on_client,
         session=session,
         counter=FINAL,
+        path_set=path_set_id(put.secrets, body_extra["paths"]),
     )
     return write_snapshot(repo, put, env, body_ct, state_dir)
 

@@ -16,6 +16,7 @@ from bunker.cli import context
 from bunker.cli.main import cli, common, handles_errors, make_options
 from bunker.cli.output import human_bytes
 from bunker.errors import BunkerError, ExitCode
+from bunker.repo import record_witness
 from bunker.repo.check import Checker
 from bunker.repo.index import make_index
 from bunker.repo.index_cache import IndexCache
@@ -86,6 +87,15 @@ def check(**kwargs: Any) -> None:
             progress=(lambda s: out.info(f"checking {s}…")) if sys.stderr.isatty() and not opts.as_json else None,
         )
     report = checker.run(keyless)
+    if report.repo_id:
+        # the retention records this machine signed are witnesses too (repo/record_witness.py)
+        for name in sorted(record_witness.missing_in(report.repo_id, {i.name for i in backend.list("retired/")})):
+            report.add(
+                name,
+                "this machine signed this retention record (a retirement or its withdrawal) and it is gone: bunker "
+                "never deletes one, so someone with access to the storage did, which un-forgets or re-forgets a "
+                "snapshot. `bunker forget`, `unforget` or `prune` on this machine puts it back",
+            )
     out.document(report.to_json())
     c = report.counts
     out.line(

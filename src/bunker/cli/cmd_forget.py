@@ -1,11 +1,13 @@
-"""forget: apply a retention policy by writing signed retirement records. No data is deleted here:
-a retired snapshot keeps its envelope and log, and `bunker prune` frees the data only it needed."""
+"""forget: retire snapshots by a retention policy, or by id, by writing signed retirement records.
+No data is deleted here: a retired snapshot keeps its envelope and log, and `bunker prune` frees
+the data only it needed. The decisions come from repo/forgetting.py; a dry run prints exactly
+what the real run prints, but for the last line."""
 
 from __future__ import annotations
 
 import datetime
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import click
@@ -13,15 +15,16 @@ import click
 from bunker import dirs, encoding
 from bunker.cli import context
 from bunker.cli.main import cli, common, handles_errors, make_options
+from bunker.crypto.derive import PutSecrets
 from bunker.crypto.keyfile import MasterKey
 from bunker.crypto.sign import SigningKey
 from bunker.errors import BunkerError, ExitCode, KeyRequired
-from bunker.repo import retention
+from bunker.repo import record_witness, retention
 from bunker.repo.certs import parse_certificate
-from bunker.repo.records import make_retirement
+from bunker.repo.forgetting import Plan, group_rows, newest_of_path_set, plan_policy, resolve_ids
+from bunker.repo.records import Retirements, make_retirement
 from bunker.repo.repository import Repository, SnapshotRecord
-from bunker.repo.selection import body_of, owner, trusted_times
-from bunker.runlog import display_path
+from bunker.repo.selection import owner, trusted_times
 
 RULE_OPTIONS = (
     "--keep-last N, --keep-hourly N, --keep-daily N, --keep-weekly N, --keep-monthly N, --keep-yearly N, "
@@ -31,27 +34,29 @@ RULE_OPTIONS = (
 
 @dataclass(frozen=True)
 class Signer:
-    """Who signs the retirement records: the master key (cert ``""``) or a prune-capable client."""
+    """Who signs the records: the master key (cert ``""``) or a prune-capable client."""
 
     key: SigningKey
     cert: str
     who: str
-
-
-@dataclass
-class Group:
-    client: str
-    paths: tuple[str, ...] | None  # None: grouped by client only (paths are sealed)
-    records: list[SnapshotRecord] = field(default_factory=list)
+    secrets: PutSecrets | None  # the put key's S (None for the master key: per domain)
 
 
 def _fmt_time(t: float) -> str:
     return datetime.datetime.fromtimestamp(retention.clamp_time(t)).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _policy(kwargs: dict[str, Any]) -> retention.Policy:
+def _policy(kwargs: dict[str, Any], ids: tuple[str, ...]) -> retention.Policy | None:
     within_text = kwargs.pop("keep_within")
     counts = {rule: kwargs.pop(f"keep_{rule}") for rule in retention.RULES}
+    if ids:
+        if within_text is not None or any(counts.values()):
+            raise BunkerError(
+                "forget takes either snapshot ids or retention rules, not both",
+                "run `bunker forget ID...` to forget those snapshots, and the policy in a separate run",
+                exit_code=ExitCode.USAGE,
+            )
+        return None
     try:
         within = retention.parse_duration(within_text) if within_text is not None else None
     except ValueError as exc:
@@ -60,36 +65,37 @@ def _policy(kwargs: dict[str, Any]) -> retention.Policy:
     if policy.empty():
         raise BunkerError(
             "no retention rule given: forget needs at least one rule, it never forgets every snapshot",
-            f"give one or more of {RULE_OPTIONS} (add --dry-run to see what they would keep)",
+            f"give one or more of {RULE_OPTIONS} (add --dry-run to see what they would keep), or name the "
+            "snapshots to forget: `bunker forget ID...`",
             exit_code=ExitCode.USAGE,
         )
     return policy
 
 
-def _refusal(client: str, repo_id: str) -> KeyRequired:
+def _refusal(client: str, repo_id: str, what: str) -> KeyRequired:
     local = dirs.master_key_path(repo_id) if context.master_on_client(repo_id) else ""
     return KeyRequired(
-        f"the put key of client {client!r} may not forget snapshots: its certificate lacks the prune capability. "
-        "Nothing was forgotten; every snapshot stays",
+        f"the put key of client {client!r} may not {what}: its certificate lacks the prune capability. "
+        "Nothing was changed",
         "on the machine that holds the master key, make a put key that may forget with "
         "`bunker key new-client NAME --prune --out FILE` and pass it with --put-key FILE, or run this command with "
         "--master-key FILE" + (f" (the master key is still on this machine: --master-key {local})" if local else ""),
     )
 
 
-def _signer(
-    opts: context.Options, repo: Repository, master: MasterKey | None, dry_run: bool
+def signer_for(
+    opts: context.Options, repo: Repository, master: MasterKey | None, dry_run: bool, what: str
 ) -> tuple[Signer | None, str]:
     """The signer of the records, or (None, why not) in a dry run, which needs no key at all."""
     if master is not None:
-        return Signer(master.signing, "", "the master key"), ""
+        return Signer(master.signing, "", "the master key", None), ""
     path = opts.put_key_file(repo.repo_id)
     if not path or not os.path.exists(path):
         if dry_run:
-            return None, "there is no key here to sign retirement records"
+            return None, "there is no key here to sign the records"
         raise KeyRequired(
-            f"forgetting snapshots needs a put key with the prune capability or the master key, and there is neither "
-            f"here (looked for {path}). Nothing was forgotten",
+            f"a put key with the prune capability or the master key is needed to {what}, and there is neither "
+            f"here (looked for {path}). Nothing was changed",
             "pass --master-key FILE, or --put-key FILE with a put key made by "
             "`bunker key new-client NAME --prune --out FILE`",
         )
@@ -103,43 +109,43 @@ def _signer(
     else:
         cert = repo.check_put_key(put)
     if "prune" not in cert.capabilities:
+        refusal = _refusal(cert.client, repo.repo_id, what)
         if dry_run:
-            refusal = _refusal(cert.client, repo.repo_id)
             return None, f"{refusal.message.split('. ')[0]}; {refusal.hint}"
-        raise _refusal(cert.client, repo.repo_id)
-    return Signer(put.client_key, cert.name, f"client {cert.client!r} (prune)"), ""
+        raise refusal
+    return Signer(put.client_key, cert.name, f"client {cert.client!r} (prune)", put.secrets), ""
 
 
-def _groups(
-    repo: Repository, records: list[SnapshotRecord], master: MasterKey | None, skipped: list[dict[str, str]]
-) -> list[Group]:
-    """Groups by client (a snapshot prune adopted from a dead run: the client whose run it was) and,
-    with the master key, path set."""
-    groups: dict[tuple[str, tuple[str, ...] | None], Group] = {}
-    for rec in records:
-        paths: tuple[str, ...] | None = None
-        if master is not None:
-            body = body_of(rec, master)
-            raw = body.get("paths") if body is not None else None
-            # any put key can seal a body: its path list is checked like every other input
-            if not (isinstance(raw, list) and all(isinstance(p, (str, bytes)) for p in raw)):
-                skipped.append(
-                    {
-                        "id": rec.name.split("/", 1)[1],
-                        "client": owner(repo, rec),
-                        "why": "its body does not open with the master key or names no valid paths, so its path set "
-                        "is unknown: kept (run `bunker check`)",
-                    }
-                )
-                continue
-            paths = tuple(sorted(display_path(p) for p in raw))
-        key = (owner(repo, rec), paths)
-        groups.setdefault(key, Group(*key)).records.append(rec)
-    return [groups[k] for k in sorted(groups, key=lambda k: (k[0], k[1] or ()))]
+def open_for_records(
+    opts: context.Options, out: Any, dry_run: bool, what: str, purpose: str
+) -> tuple[Repository, MasterKey | None, Signer | None, str]:
+    """The repository, the master key (only when named on purpose: like `snapshots`, the
+    passphrase is asked only then), the signer, and why a real run could not sign. Records this
+    machine signed that the storage lost are counted as present, and put back by a real run."""
+    repo = context.open_repository(opts)
+    master = None
+    if opts.master_key or os.environ.get("BUNKER_MASTER_KEY"):
+        master = context.load_master(opts, repo, purpose)
+    signer, cannot_sign = signer_for(opts, repo, master, dry_run, what)
+    witness_records(repo, out, dry_run)
+    return repo, master, signer, cannot_sign
+
+
+def witness_records(repo: Repository, out: Any, dry_run: bool) -> list[str]:
+    """Records this machine signed that the repository no longer lists (record_witness.py)."""
+    names = record_witness.restore_witnessed(repo, dry_run)
+    if names:
+        out.info(record_witness.warning(names, dry_run))
+    return names
+
+
+def remember(repo: Repository, name: str, data: bytes) -> None:
+    record_witness.remember(repo.repo_id, name, data)
 
 
 @cli.command()
 @common
+@click.argument("snapshot_ids", nargs=-1, metavar="[ID]...")
 @click.option("--keep-last", type=click.IntRange(min=0), default=0, metavar="N", help="Keep the N newest snapshots.")
 @click.option(
     "--keep-hourly",
@@ -161,92 +167,49 @@ def _groups(
 @click.option("--dry-run", "-n", is_flag=True, help="Show what would be kept and forgotten, and why; change nothing.")
 @handles_errors
 def forget(**kwargs: Any) -> None:
-    """Forget snapshots by a retention policy (per client and path set): each forgotten snapshot gets a
-    signed retirement record and is hidden from `snapshots`. Its data stays until `bunker prune`."""
-    client, dry_run = kwargs.pop("client"), kwargs.pop("dry_run")
-    policy = _policy(kwargs)
+    """Forget snapshots by a retention policy (per client and path set), or the snapshots named by
+    ID (id prefixes): each forgotten snapshot gets a signed retirement record and is hidden from
+    `snapshots`. Its data stays until `bunker prune`; `bunker unforget ID` brings it back until then.
+    A policy never forgets the newest snapshot of a path set, nor one brought back by unforget."""
+    ids, client, dry_run = kwargs.pop("snapshot_ids"), kwargs.pop("client"), kwargs.pop("dry_run")
+    policy = _policy(kwargs, ids)
     opts, out = make_options(kwargs)
-    repo = context.open_repository(opts)
-    master = None
-    # like `snapshots`: the passphrase is asked only when the master key was named on purpose
-    if opts.master_key or os.environ.get("BUNKER_MASTER_KEY"):
-        master = context.load_master(opts, repo, "grouping by path set and signing retirement records")
-    signer, cannot_sign = _signer(opts, repo, master, dry_run)
-
-    records = repo.snapshots()
-    retired = repo.retired_snapshots()
-    times = trusted_times(records)
-    skipped: list[dict[str, str]] = []
-    candidates = []
-    for rec in records:
-        if (client and owner(repo, rec) != client) or rec.name in retired:
-            continue
-        if not rec.trusted:
-            skipped.append(
-                {
-                    "id": rec.name.split("/", 1)[1],
-                    "client": rec.snap.env.client,
-                    "why": f"not trusted ({rec.problem}): it counts for no rule and is not retired",
-                }
-            )
-            continue
-        candidates.append(rec)
-    groups = _groups(repo, candidates, master, skipped)
-
-    doc_groups: list[dict[str, Any]] = []
-    forgotten: list[SnapshotRecord] = []
-    kept = 0
-    for g in groups:
-        by_name = {r.name: r for r in g.records}
-        items = [retention.Item(r.name, times[r.name], r.snap.env.seq, r.snap.env.complete) for r in g.records]
-        rows = []
-        for d in retention.apply_policy(items, policy):
-            rec = by_name[d.item.key]
-            e = rec.snap.env
-            rows.append(
-                {
-                    "id": rec.name.split("/", 1)[1],
-                    "seq": e.seq,
-                    "time": d.item.time,
-                    "signed_time": e.time,
-                    "stored_time": rec.stored,
-                    "level": e.level,
-                    "complete": e.complete,
-                    "keep": d.keep,
-                    "reasons": d.reasons,
-                }
-            )
-            if d.keep:
-                kept += 1
-            else:
-                forgotten.append(rec)
-        paths = list(g.paths) if g.paths is not None else None
-        doc_groups.append({"client": g.client, "paths": paths, "snapshots": rows})
-
+    repo, master, signer, cannot_sign = open_for_records(
+        opts, out, dry_run, "forget snapshots", "grouping by path set and signing retirement records"
+    )
+    retirements = repo.retirements()
+    if policy is None:
+        _forget_ids(repo, out, list(ids), client, signer, cannot_sign, retirements, dry_run)
+        return
+    plan = plan_policy(repo, policy, client, master, retirements)
+    forgotten = plan.forgotten()
     written: list[str] = []
     if not dry_run and forgotten:
-        assert signer is not None  # _signer raised otherwise
+        assert signer is not None  # signer_for raised otherwise
         reason = f"bunker forget {policy.describe()}"
         for rec in forgotten:
-            written.append(repo.put_object("retired", make_retirement(rec.name, reason, signer.key, signer.cert)))
-
+            data = make_retirement(rec.name, reason, signer.key, signer.cert)
+            written.append(repo.put_object("retired", data))
+            remember(repo, written[-1], data)
+    groups = group_rows(plan)
     out.document(
         {
             "repository": repo.backend.url,
             "id": repo.repo_id,
             "dry_run": dry_run,
             "policy": policy.describe(),
-            "grouping": "client+paths" if master is not None else "client",
+            "grouping": "client+paths" if plan.by_paths else "client+path-set",
+            "grouped_by_client_only": plan.by_client_only,
             "signer": signer.who if signer else None,
-            "groups": doc_groups,
-            "skipped": skipped,
-            "kept": kept,
+            "groups": groups,
+            "skipped": plan.skipped,
+            "kept": plan.kept(),
             "forgotten": len(forgotten),
             "retirement_records": written,
         }
     )
-    _print(out, policy, master is not None, doc_groups, skipped)
-    total = kept + len(forgotten)
+    _print_plan(out, policy, plan, groups)
+    total = plan.kept() + len(forgotten)
     if not total:
         out.line("no snapshots to consider" + (f" for client {client!r}" if client else ""))
     elif dry_run:
@@ -258,26 +221,33 @@ def forget(**kwargs: Any) -> None:
         out.line(
             f"forgot {len(forgotten)} of {total} snapshot(s): {len(written)} retirement record(s) signed by "
             f"{signer.who if signer else '?'}. No data was deleted: `bunker prune` frees the space only they needed; "
-            "until then they can still be restored by id (`bunker snapshots --all` lists them)"
+            "until then `bunker unforget ID` brings one back (`bunker snapshots --all` lists them)"
         )
     else:
         out.line(f"all {total} snapshot(s) are kept by the policy; nothing to forget")
 
 
-def _print(
-    out: Any, policy: retention.Policy, by_paths: bool, groups: list[dict[str, Any]], skipped: list[dict[str, str]]
-) -> None:
+def _print_plan(out: Any, policy: retention.Policy, plan: Plan, groups: list[dict[str, Any]]) -> None:
     tz = datetime.datetime.now().astimezone().tzname()
     out.line(f"policy: {policy.describe()} (periods in local time, {tz})")
-    if not by_paths:
-        out.line(
-            "grouped by client only: the path sets are sealed and only the master key opens them "
-            "(pass --master-key FILE to group by client and path set)"
-        )
+    if plan.by_paths:
+        out.line("grouped by client and path set (the master key opened the paths)")
+    else:
+        out.line("grouped by client and path set (path-set ids; the paths themselves are sealed)")
+        for who, n in sorted(plan.by_client_only.items()):
+            out.line(
+                f"{n} snapshot(s) of client {who} were written before path-set ids: they form one group of any "
+                "paths (pass --master-key FILE to group them by the paths sealed in them)"
+            )
     for g in groups:
-        paths = " ".join(g["paths"]) if g["paths"] is not None else "(any paths)"
+        if g["paths"] is not None:
+            paths = "paths " + " ".join(g["paths"])
+        elif g["path_set"] is not None:
+            paths = f"path set {g['path_set'][:12]}"
+        else:
+            paths = "any paths (no path-set id)"
         out.line("")
-        out.line(f"client {g['client']}, paths {paths}")
+        out.line(f"client {g['client']}, {paths}")
         out.line(f"  {'id':12}  {'time':19}  {'seq':>5}  {'level':5}  {'action':6}  why")
         for r in g["snapshots"]:
             why = ", ".join(r["reasons"])
@@ -290,5 +260,85 @@ def _print(
                 f"  {r['id'][:12]}  {_fmt_time(r['time'])}  {r['seq']:>5}  {r['level']:5}  "
                 f"{'keep' if r['keep'] else 'forget':6}  {why}".rstrip()
             )
-    for s in skipped:
+    for s in plan.skipped:
         out.line(f"skipped {s['id'][:12]} of client {s['client']}: {s['why']}")
+
+
+def _forget_ids(
+    repo: Repository,
+    out: Any,
+    ids: list[str],
+    client: str | None,
+    signer: Signer | None,
+    cannot_sign: str,
+    retirements: Retirements,
+    dry_run: bool,
+) -> None:
+    """Retire the snapshots named by id (the newest of a path set too: the user said so)."""
+    records = [r for r in repo.snapshots() if not client or owner(repo, r) == client]
+    chosen = resolve_ids(records, ids, "Nothing was forgotten")
+    active = retirements.active()
+    retired = set(active)
+    times = trusted_times(records)
+    rows = []
+    todo: list[SnapshotRecord] = []
+    for rec in chosen:
+        if rec.name in active:
+            why = "already forgotten (" + ", ".join(n.split("/", 1)[1][:12] for n in active[rec.name]) + ")"
+        else:
+            why = "named on the command line"
+            if newest_of_path_set(repo, rec, retired):
+                why += "; it is the newest snapshot of its path set"
+            if not rec.trusted:
+                why += f"; not trusted ({rec.problem})"
+            todo.append(rec)
+        rows.append((rec, why, rec.name not in active))
+    written: list[str] = []
+    if not dry_run and todo:
+        assert signer is not None  # signer_for raised otherwise
+        for rec in todo:
+            data = make_retirement(rec.name, "bunker forget ID", signer.key, signer.cert)
+            written.append(repo.put_object("retired", data))
+            remember(repo, written[-1], data)
+    doc_rows: list[dict[str, Any]] = [
+        {
+            "id": rec.name.split("/", 1)[1],
+            "client": owner(repo, rec),
+            "seq": rec.snap.env.seq,
+            "time": times.get(rec.name, rec.snap.env.time),
+            "forget": forget_it,
+            "why": why,
+        }
+        for rec, why, forget_it in rows
+    ]
+    out.document(
+        {
+            "repository": repo.backend.url,
+            "id": repo.repo_id,
+            "dry_run": dry_run,
+            "policy": None,
+            "signer": signer.who if signer else None,
+            "snapshots": doc_rows,
+            "forgotten": len(todo),
+            "retirement_records": written,
+        }
+    )
+    out.line(f"  {'id':12}  {'client':16}  {'time':19}  {'seq':>5}  {'action':6}  why")
+    for r in doc_rows:
+        out.line(
+            f"  {r['id'][:12]}  {r['client'][:16]:16}  {_fmt_time(r['time'])}  {r['seq']:>5}  "
+            f"{'forget' if r['forget'] else 'keep':6}  {r['why']}"
+        )
+    if not todo:
+        out.line("nothing to forget: every snapshot named is forgotten already")
+    elif dry_run:
+        out.line(
+            f"dry run: {len(todo)} snapshot(s) would be forgotten; nothing was written"
+            + (f". A real run would be refused: {cannot_sign}" if cannot_sign else "")
+        )
+    else:
+        out.line(
+            f"forgot {len(todo)} snapshot(s): {len(written)} retirement record(s) signed by "
+            f"{signer.who if signer else '?'}. No data was deleted: `bunker prune` frees the space only they needed; "
+            "until then `bunker unforget ID` brings one back"
+        )

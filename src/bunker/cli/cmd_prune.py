@@ -13,6 +13,7 @@ from bunker.cli import context
 from bunker.cli.main import cli, common, handles_errors, make_options
 from bunker.cli.output import human_bytes
 from bunker.node.spool import parse_age
+from bunker.repo import record_witness
 from bunker.repo.gc import DEFAULT_GRACE, Pruner
 from bunker.repo.repack import DEFAULT_THRESHOLD
 
@@ -52,6 +53,11 @@ def prune(**kwargs: Any) -> None:
     put = context.load_put(opts, repo)
     # refuses a key without `prune`
     pruner = Pruner(repo, put, grace=grace, repack_threshold=threshold, dry_run=dry_run, progress=out.info)
+    # a retention record this machine signed that the storage lost (deleted outside bunker) is put
+    # back before marking: deleting an unforget must not let this prune free the data
+    witnessed = record_witness.restore_witnessed(repo, dry_run)
+    if witnessed:
+        out.info(record_witness.warning(witnessed, dry_run))
     # before marking: the adopted snapshots then hold the checkpoints' packs, and their leases are gone
     adoption = adopt_abandoned_checkpoints(
         repo, put, pruner.cert, dirs.state_dir(repo.repo_id, client_tag(put)), grace, dry_run=dry_run

@@ -98,6 +98,7 @@ def main() -> None:
         cmd_prune,
         cmd_restore,
         cmd_serve,
+        cmd_unforget,
     )
 
     withhold_secrets()  # before anything can start a child process

@@ -20,6 +20,7 @@ CTX_BLOB = _CTX + "convergent blob key"
 CTX_CHUNKER = _CTX + "chunker gear seed"
 CTX_INDEX = _CTX + "index, trailer and reference key"
 CTX_DOMAIN_ID = _CTX + "dedup domain id"
+CTX_PATH_SET = _CTX + "path set id key"
 
 
 def derive(context: str, material: bytes, length: int = 32) -> bytes:
@@ -45,7 +46,7 @@ def chunker_seed_from(secret: bytes) -> int:
 class PutSecrets:
     """The put secret S of one dedup domain and the keys derived from it (derived once)."""
 
-    __slots__ = ("blob_key", "chunk_id_key", "chunker_seed", "domain_id", "index_key", "secret")
+    __slots__ = ("blob_key", "chunk_id_key", "chunker_seed", "domain_id", "index_key", "path_set_key", "secret")
 
     def __init__(self, secret: bytes) -> None:
         if len(secret) != SEED_SIZE:
@@ -55,6 +56,9 @@ class PutSecrets:
         self.blob_key = derive(CTX_BLOB, secret)  # S_blob
         self.index_key = derive(CTX_INDEX, secret)  # S_index
         self.chunker_seed = chunker_seed_from(derive(CTX_CHUNKER, secret, 8))  # from S_chunk
+        # S_paths: names a snapshot's path set in its public envelope (repo/snapshot.py path_set_id),
+        # so every put key of the domain groups retention by path set while paths stay sealed
+        self.path_set_key = derive(CTX_PATH_SET, secret)
         # public 16-hex-digit name of the dedup domain (says nothing about S)
         self.domain_id = derive(CTX_DOMAIN_ID, secret, 8).hex()
 

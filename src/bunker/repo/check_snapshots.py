@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
+from typing import Any
 
 from bunker import encoding
 from bunker.crypto.derive import PutSecrets
@@ -21,9 +22,11 @@ from bunker.errors import BunkerError, CorruptObject, ObjectMissing, StorageErro
 from bunker.repo import refs
 from bunker.repo.check_report import CheckReport, utc
 from bunker.repo.moves import PackMoves
+from bunker.repo.objects import MAGIC_UNRETIRED
+from bunker.repo.records import Retirements
 from bunker.repo.repository import Repository
 from bunker.repo.retention import FUTURE_TOLERANCE, signed_time_in_future
-from bunker.repo.snapshot import ParsedSnapshot, open_body, parse_snapshot
+from bunker.repo.snapshot import Envelope, ParsedSnapshot, open_body, parse_snapshot, path_set_id
 from bunker.repo.trust import chain_trust
 
 Chains = dict[str, dict[int, tuple[str, str]]]  # cert -> seq -> (snapshot, prev)
@@ -77,18 +80,22 @@ class SnapshotChecks:
         self._witnesses(chains)
 
     def _retired(self, names: list[str]) -> set[str]:
-        out: set[str] = set()
+        """The retired snapshots: retirement records in force (not withdrawn by an unretire record)."""
+        records = Retirements()
         for n in names:
             data = self.get(n)
             if data is None:
                 continue
             try:
-                out.add(self.repo.verify_retirement(data))
+                self.repo.read_retirement_record(n, data, records)
             except (encoding.FormatError, CorruptObject, ObjectMissing) as exc:
+                what = "unretire record" if data[:4] == MAGIC_UNRETIRED else "retirement record"
                 self.report.add(
-                    n, f"retirement record not valid: {exc}; it is ignored (the snapshot it names stays listed)"
+                    n,
+                    f"{what} not valid: {exc}; it is ignored (the snapshot it names stays "
+                    + ("retired if it was)" if what == "unretire record" else "listed)"),
                 )
-        return out
+        return records.retired()
 
     def _verified(self, names: list[str]) -> dict[str, ParsedSnapshot]:
         """The snapshots that parse and verify on their own (others are reported)."""
@@ -113,9 +120,11 @@ class SnapshotChecks:
         r, e = self.report, snap.env
         if self.master is not None:
             try:
-                open_body(snap, self.master.data_private)  # sealed to this envelope's writer and session?
+                body = open_body(snap, self.master.data_private)  # sealed to this envelope's writer and session?
             except encoding.FormatError as exc:
                 r.add(n, f"{exc}; `restore` refuses it")
+            else:
+                self._path_set(n, e, body)
         if e.session:
             first = runs.setdefault((e.session, e.counter), n)
             if first != n:
@@ -134,6 +143,23 @@ class SnapshotChecks:
         if e.seq in chains[e.cert]:
             r.add(n, f"client {e.client!r} has two snapshots with sequence #{e.seq} (fork)")
         chains[e.cert][e.seq] = (n, e.prev)
+
+    def _path_set(self, n: str, e: Envelope, body: dict[str, Any]) -> None:
+        """The envelope's path-set id must be the one of the paths sealed in its body: retention
+        with a put key groups by it (docs/format.md section 13)."""
+        secrets = self.secrets_for(e.domain)
+        if not e.path_set or secrets is None:
+            return
+        paths = body.get("paths")
+        if not (isinstance(paths, list) and all(isinstance(p, (str, bytes)) for p in paths)):
+            self.report.add(n, "its body names no valid paths, so its path-set id cannot be confirmed")
+        elif path_set_id(secrets, paths) != e.path_set:
+            self.report.add(
+                n,
+                f"its path-set id {e.path_set} is not the one of the paths sealed in its body: `bunker forget` with a "
+                f"put key would group it with other backups than its own (client {e.client!r} wrote it; run forget "
+                "with --master-key, which groups by the sealed paths)",
+            )
 
     def _chains(self, chains: Chains) -> None:
         for cert_name, chain in chains.items():
@@ -220,9 +246,7 @@ class _Sets:
         except (BunkerError, encoding.FormatError) as exc:
             r.add(n, f"chunk set {e.chunkset} unreadable: {exc}")
             return
-        lost = [
-            c for c in cset if self.locations.get(c) not in resolved and not self.also_in.get(c, set()) & resolved
-        ]
+        lost = [c for c in cset if self.locations.get(c) not in resolved and not self.also_in.get(c, set()) & resolved]
         if lost and (e.complete or len(lost) > e.stats.get("chunks_lost", 0)):
             # an incomplete snapshot declares how many chunks it lacks (forward could not
             # store them again): those are known, not damage

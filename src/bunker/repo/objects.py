@@ -28,10 +28,12 @@ MAGIC_INDEX = b"BKIX"
 MAGIC_REFS = b"BKRF"
 MAGIC_SNAPSHOT = b"BKSN"
 MAGIC_RETIRED = b"BKRT"
+MAGIC_UNRETIRED = b"BKUR"  # withdrawal of a retirement (`bunker unforget`), also under retired/
 MAGIC_SESSION = b"BKSS"
 MAGIC_GC = b"BKGC"
 MAGIC_MOVED = b"BKMV"  # a move record of a repack, also under gc/
 
+# the main kind of each prefix (gc/ also holds MAGIC_MOVED, retired/ also MAGIC_UNRETIRED)
 MAGIC_OF_PREFIX = {
     "config": MAGIC_CONFIG,
     "clients": MAGIC_CLIENT,

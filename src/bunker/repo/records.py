@@ -1,5 +1,9 @@
-"""Small signed records: session leases (``sessions/``), retirement (``retired/``) and GC
-condemnation (``gc/``). Issue 2 writes leases; prune and GC use the others (format fixed now).
+"""Small signed records: session leases (``sessions/``), retirement and its withdrawal
+(``retired/``) and GC condemnation (``gc/``). Issue 2 writes leases; prune and GC use the others.
+
+A retirement is withdrawn only by a signed *unretire* record that names it (``bunker unforget``),
+never by deleting it: a deletion cannot be told from a storage operator's (docs/format.md
+section 15).
 
 Leases are named ``sessions/<session id>.<counter>``: a refresh writes a new object (counter+1)
 and deletes the old one; a lease's age is judged by the storage's own time for the object.
@@ -9,12 +13,20 @@ from __future__ import annotations
 
 import secrets as pysecrets
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from bunker import encoding
 from bunker.crypto.sign import SigningKey
-from bunker.repo.objects import MAGIC_GC, MAGIC_RETIRED, MAGIC_SESSION, check_ref, make_signed, parse_signed
+from bunker.repo.objects import (
+    MAGIC_GC,
+    MAGIC_RETIRED,
+    MAGIC_SESSION,
+    MAGIC_UNRETIRED,
+    check_ref,
+    make_signed,
+    parse_signed,
+)
 
 LEASE_SECONDS = 15 * 60
 LEASE_VERSION = 2
@@ -105,6 +117,53 @@ def parse_retirement(data: bytes) -> tuple[str, str]:
     """(snapshot name, signer certificate) of a retirement record; the caller verifies."""
     obj = parse_signed(data, MAGIC_RETIRED)
     return check_ref(obj.body.get("snapshot"), "snapshots"), obj.signer
+
+
+def make_unretirement(retirement: str, snapshot: str, reason: str, signer: SigningKey, cert: str) -> bytes:
+    """A signed record withdrawing the retirement record ``retirement`` of ``snapshot``
+    (``bunker unforget``; the same signers as a retirement)."""
+    body = {"retirement": retirement, "snapshot": snapshot, "reason": reason, "time": time.time()}
+    return make_signed(MAGIC_UNRETIRED, body, signer, cert)
+
+
+def parse_unretirement(data: bytes) -> tuple[str, str, str]:
+    """(retirement record name, snapshot name, signer certificate) of an unretire record; the
+    caller verifies."""
+    obj = parse_signed(data, MAGIC_UNRETIRED)
+    retirement = check_ref(obj.body.get("retirement"), "retired")
+    return retirement, check_ref(obj.body.get("snapshot"), "snapshots"), obj.signer
+
+
+@dataclass
+class Retirements:
+    """The valid records under ``retired/`` and what they say together. A snapshot is retired
+    while a valid retirement record names it that no valid unretire record withdraws (one that
+    names that record and the same snapshot); records that do not verify count for nothing."""
+
+    records: dict[str, str] = field(default_factory=dict)  # retirement record -> snapshot
+    withdrawals: dict[str, tuple[str, str]] = field(default_factory=dict)  # unretire record -> (retirement, snapshot)
+    problems: list[tuple[str, str]] = field(default_factory=list)  # (record, why it is ignored)
+
+    def withdrawn(self) -> set[str]:
+        """The retirement records a valid unretire record withdraws."""
+        return {r for r, snap in self.withdrawals.values() if self.records.get(r) == snap}
+
+    def active(self) -> dict[str, list[str]]:
+        """Retired snapshot -> the retirement records in force for it."""
+        gone = self.withdrawn()
+        out: dict[str, list[str]] = {}
+        for rec, snap in sorted(self.records.items()):
+            if rec not in gone:
+                out.setdefault(snap, []).append(rec)
+        return out
+
+    def retired(self) -> set[str]:
+        return set(self.active())
+
+    def unretired(self) -> set[str]:
+        """Snapshots whose retirement was withdrawn and that no other record retires."""
+        active = self.active()
+        return {self.records[r] for r in self.withdrawn()} - set(active)
 
 
 def make_condemnation(packs: list[str], signer: SigningKey, cert: str) -> bytes:

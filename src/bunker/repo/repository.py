@@ -34,13 +34,14 @@ from bunker.repo.config_chain import ConfigChain, ConfigFloor, Floor, floor_prob
 from bunker.repo.objects import (
     MAGIC_RETIRED,
     MAGIC_SNAPSHOT,
+    MAGIC_UNRETIRED,
     SignedObject,
     content_hash,
     is_hash_name,
     name_for,
     parse_signed,
 )
-from bunker.repo.records import parse_retirement
+from bunker.repo.records import Retirements, parse_retirement, parse_unretirement
 from bunker.repo.snapshot import ParsedSnapshot, parse_snapshot
 from bunker.repo.trust import chain_trust
 from bunker.storage.backend import Backend
@@ -77,6 +78,9 @@ class Repository:
         self.repo_id = chain.current.repo_id
         self._certs: dict[str, Certificate] = {}
         self._parsed: dict[str, ParsedSnapshot | None] = {}  # hash-named, so never stale
+        # retention records this machine wrote that the storage no longer lists
+        # (repo/record_witness.py): counted as present by retirements()
+        self.witnessed: dict[str, bytes] = {}
 
     def with_backend(self, backend: Backend) -> Repository:
         """The same verified view over another backend (e.g. one that spools)."""
@@ -409,16 +413,43 @@ class Repository:
         except BadSignature:
             raise encoding.FormatError("its signature does not verify (forged or altered)") from None
 
-    def retired_snapshots(self) -> set[str]:
-        """Names (``snapshots/<hex>``) of the snapshots that a valid retirement record retires.
-        Damaged, forged or unauthorised records are ignored here; `bunker check` reports them."""
-        out: set[str] = set()
-        for info in self.backend.list("retired/"):
+    def verify_unretirement(self, data: bytes) -> tuple[str, str]:
+        """(retirement record, snapshot) that an unretire record withdraws, once its signature is
+        verified and its signer may forget snapshots (the same signers as a retirement)."""
+        retirement, snap_name, _signer = parse_unretirement(data)
+        self.verify_pruner(parse_signed(data, MAGIC_UNRETIRED), "withdraw retirements")
+        return retirement, snap_name
+
+    def read_retirement_record(self, name: str, data: bytes, into: Retirements) -> None:
+        """Add one object of ``retired/`` to ``into``: a retirement or an unretire record, by its
+        magic. Raise FormatError (or CorruptObject/ObjectMissing for a certificate)."""
+        if data[:4] == MAGIC_UNRETIRED:
+            into.withdrawals[name] = self.verify_unretirement(data)
+        else:
+            into.records[name] = self.verify_retirement(data)
+
+    def retirements(self) -> Retirements:
+        """Every valid record under ``retired/``, and those in ``witnessed`` (damaged, forged or
+        unauthorised ones are only listed in ``problems``; `bunker check` reports them)."""
+        out = Retirements()
+        listed = [info.name for info in self.backend.list("retired/")]
+        for name in listed:
             try:
-                out.add(self.verify_retirement(self.get_object(info.name)))
-            except (CorruptObject, ObjectMissing, encoding.FormatError):
-                continue
+                self.read_retirement_record(name, self.get_object(name), out)
+            except (CorruptObject, ObjectMissing, encoding.FormatError) as exc:
+                out.problems.append((name, exc.message if isinstance(exc, BunkerError) else str(exc)))
+        for name, data in sorted(self.witnessed.items()):
+            if name not in listed:
+                try:
+                    self.read_retirement_record(name, data, out)
+                except (CorruptObject, ObjectMissing, encoding.FormatError) as exc:
+                    out.problems.append((name, exc.message if isinstance(exc, BunkerError) else str(exc)))
         return out
+
+    def retired_snapshots(self) -> set[str]:
+        """Names (``snapshots/<hex>``) of the snapshots that are retired: a valid retirement record
+        names them and no valid unretire record withdraws it."""
+        return self.retirements().retired()
 
     def client_head(self, cert_name: str) -> SnapshotRecord | None:
         """The trusted snapshot with the highest sequence number of one client certificate."""

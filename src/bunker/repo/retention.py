@@ -6,7 +6,9 @@ last N periods (hour, day, ISO week, month, year, in local time) that have one; 
 keeps the N newest; ``keep-within D`` keeps every snapshot less than D older than the group's
 newest. A snapshot kept by several rules lists every one of them. One addition: when the group's
 newest snapshots are incomplete, the newest complete one is kept too ("newest complete"), so an
-interrupted run never pushes the last full backup out.
+interrupted run never pushes the last full backup out. A group's newest snapshot is always kept,
+and an item may be *held* (kept whatever the rules say: a snapshot brought back by `bunker
+unforget`).
 
 Times (docs/security.md section 13): a snapshot's signed time is written by a client, which may be compromised.
 The time a policy uses is ``min(signed time, the storage's own time for the snapshot object)``,
@@ -121,6 +123,7 @@ class Item:
     time: float  # the trusted time (see chain_times), seconds since the epoch
     seq: int = 0  # chain sequence number: breaks ties of equal times (a later number is newer)
     complete: bool = True
+    held: str = ""  # a reason to keep it whatever the rules say ("" when there is none)
 
 
 @dataclass
@@ -205,6 +208,13 @@ def apply_policy(items: Iterable[Item], policy: Policy, tz: datetime.tzinfo | No
     newest_complete = next((d for d in decisions if d.item.complete), None)
     if newest_complete is not None and not newest_complete.keep:
         newest_complete.reasons.append("newest complete")
+    # a policy never forgets a group's newest snapshot (every rule keeps it: this says so in code,
+    # for any rule added later); only `bunker forget ID` retires it
+    if not decisions[0].keep:
+        decisions[0].reasons.append("newest")
+    for d in decisions:
+        if d.item.held:
+            d.reasons.append(d.item.held)
     return decisions
 
 

@@ -3,8 +3,10 @@
 The envelope (readable by anyone holding the repository) says: client, certificate, sequence
 number, previous envelope's object name, time, level, complete or not, statistics, the pack set
 (plaintext) and chunk set references, the hash of the body ciphertext, the session whose run it
-holds (and which checkpoint of it), and, for an incomplete snapshot that ``bunker prune`` made
-from a dead client's last checkpoint, whose run it was (``adopted``). The body (host, paths,
+holds (and which checkpoint of it), the path-set id of its run (a keyed hash of its paths, so
+every put key of the domain groups retention by path set: ``path_set_id``), and, for an
+incomplete snapshot that ``bunker prune`` made from a dead client's last checkpoint, whose run it
+was (``adopted``). The body (host, paths,
 tags, root tree, log) is AES-256-GCM under a random key that is HPKE-sealed to the data public
 key: only the master key opens it. The writer's signature covers the envelope, which includes
 the body hash.
@@ -18,6 +20,7 @@ envelope (another client's chain, another session) does not open.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,6 +28,7 @@ import blake3
 
 from bunker import encoding
 from bunker.crypto import aead
+from bunker.crypto.derive import PutSecrets, keyed_hash
 from bunker.crypto.kem import DataPrivateKey, DataPublicKey, OpenFailed
 from bunker.crypto.sign import SigningKey
 from bunker.repo.objects import MAGIC_SNAPSHOT, check_ref
@@ -36,11 +40,29 @@ ENVELOPE_VERSIONS = (1, 2)  # 1: written before format 2, trusted only on chains
 MAX_CLIENT_NAME = 256  # longer names in an ``adopted`` field are refused (no certificate has one)
 FINAL = 0  # the counter of a finished run's own snapshot; checkpoints are counted from 1
 MAX_COUNTER = 1 << 40
+PATH_SET_ID_BYTES = 16  # 32 hex digits: ids of distinct path sets never collide in practice
 
 
 def is_session_id(value: object) -> bool:
     """A session id: 24 lowercase hex digits."""
     return isinstance(value, str) and len(value) == 24 and all(c in "0123456789abcdef" for c in value)
+
+
+def is_path_set_id(value: object) -> bool:
+    """A path-set id: 32 lowercase hex digits."""
+    return (
+        isinstance(value, str) and len(value) == 2 * PATH_SET_ID_BYTES and all(c in "0123456789abcdef" for c in value)
+    )
+
+
+def path_set_id(secrets: PutSecrets, paths: Iterable[str | bytes]) -> str:
+    """The public id of a snapshot's path set (docs/format.md section 13, ``path_set``): a keyed
+    BLAKE3 under ``S_paths`` of the canonical msgpack array of the distinct paths of the body's
+    ``paths`` field, each as its bytes (UTF-8; the bytes themselves where the OS gave undecodable
+    ones), sorted bytewise. Without ``S`` the id says nothing about the paths; two snapshots of
+    one domain with equal path sets have equal ids, which anyone holding the repository sees."""
+    items = sorted({p if isinstance(p, bytes) else p.encode("utf-8", "surrogateescape") for p in paths})
+    return keyed_hash(secrets.path_set_key, encoding.pack(items), PATH_SET_ID_BYTES).hex()
 
 
 @dataclass(frozen=True)
@@ -105,6 +127,7 @@ class Envelope:
     session: str = ""  # the session whose run this is ("" only in format-1 envelopes)
     counter: int = FINAL  # which checkpoint of it (FINAL: the finished run)
     version: int = 2  # envelope version; 1 for snapshots written before format 2
+    path_set: str = ""  # path_set_id of the run's paths ("" in snapshots written before it existed)
 
     @property
     def original_cert(self) -> str:
@@ -145,6 +168,8 @@ class Envelope:
         if self.version >= 2:
             body["session"] = self.session
             body["counter"] = self.counter
+        if self.path_set:  # optional: older snapshots keep their bytes
+            body["path_set"] = self.path_set
         return body
 
 
@@ -198,6 +223,9 @@ def parse_snapshot(data: bytes) -> ParsedSnapshot:
     prev = encoding.field(e, "prev", str)
     if prev:
         check_ref(prev, "snapshots")
+    path_set = e.get("path_set", "")
+    if path_set != "" and not is_path_set_id(path_set):
+        raise encoding.FormatError("envelope names no valid path-set id")
     stats = encoding.field(e, "stats", dict)
     if not all(isinstance(k, str) and type(v) is int for k, v in stats.items()):
         raise encoding.FormatError("bad statistics")
@@ -221,6 +249,7 @@ def parse_snapshot(data: bytes) -> ParsedSnapshot:
         session=session,
         counter=counter,
         version=version,
+        path_set=path_set,
     )
     if env.adopted is not None and env.complete:
         raise encoding.FormatError("an adopted snapshot (made from a dead run's checkpoint) must be incomplete")

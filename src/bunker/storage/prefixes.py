@@ -50,7 +50,7 @@ REGISTRY: tuple[Prefix, ...] = (
     Prefix("index", HASH, "encrypted chunk locations"),
     Prefix("refs", HASH, "pack sets and chunk sets"),
     Prefix("snapshots", HASH, "snapshots"),
-    Prefix("retired", HASH, "retirement records"),
+    Prefix("retired", HASH, "retirement records and their withdrawals (unretire records)"),
     Prefix("gc", HASH, "GC condemnation and move records"),
     Prefix("status", HASH, "status records (reserved: not written yet)", reserved=True),
     Prefix("policy", HASH, "policy objects (reserved: not written yet)", reserved=True),
