@@ -48,6 +48,16 @@ def put_key_path(repo_id: str) -> str:
     return os.path.join(config_dir(), "keys", f"{repo_id}.put")
 
 
+def key_files() -> list[str]:
+    """Every key file in this machine's key directory (``<repo id>.master`` and ``.put``), sorted."""
+    d = os.path.join(config_dir(), "keys")
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return []
+    return sorted(os.path.join(d, n) for n in names if n.endswith((".master", ".put")) and not n.startswith("."))
+
+
 def client_cache_dir(repo_id: str, client_tag: str) -> str:
     return os.path.join(cache_dir(), repo_id[:32], client_tag)
 
