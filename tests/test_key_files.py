@@ -116,7 +116,7 @@ def test_damaged_put_keys_say_what_is_wrong_and_write_nothing(backed_up: tuple[R
 
     before = repository_files(repo)
     for path, expected in cases:
-        for args in (("backup", src), ("check",), ("verify", src)):
+        for args in (("backup", src), ("check",), ("verify", src), ("key", "info")):
             cp = repo.run(*args, "--put-key", path)
             assert cp.returncode == 15, describe(cp)
             for e in expected:
