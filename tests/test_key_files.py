@@ -251,7 +251,7 @@ def test_a_confirmation_that_differs_asks_again_then_stops_with_exit_10(tmp_path
     code, out = run_in_terminal(["init", "--repo", str(target)], env, ["one", "two", "one", "three", "x", "y"])
     assert code == 10, out
     assert out.count("Repeat for confirmation") == 3
-    assert "2 more tries" in out and "1 more tries" in out
+    assert "2 more tries" in out and "1 more try)" in out
     assert "differed 3 times; nothing was changed" in out and "Aborted" not in out
     assert not target.exists()
     assert not list((tmp_path / "e" / "config").rglob("*.master"))

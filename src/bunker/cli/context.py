@@ -85,7 +85,8 @@ def passphrase(prompt: str = "Master key passphrase", confirm: bool = False, env
             return first
         left = PASSPHRASE_TRIES - attempt
         if left:
-            click.echo(f"The two passphrases differ; type it again ({left} more tries).", err=True)
+            tries = "try" if left == 1 else "tries"
+            click.echo(f"The two passphrases differ; type it again ({left} more {tries}).", err=True)
     raise BunkerError(
         f"the passphrase and its confirmation differed {PASSPHRASE_TRIES} times; nothing was changed",
         f"run the command again and type the same passphrase twice, or set {env} in the environment",
