@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import time
 from pathlib import Path
@@ -195,3 +196,65 @@ def test_put_key_alone_never_creates_the_default_repository(repo: Repo, tmp_path
     # with the repository named, the same key backs up
     cp = run_bunker("backup", src, "--repo", repo.path, env=dict(env, BUNKER_PUT_KEY=str(repo.put_key)))
     assert cp.returncode == 0, describe(cp)
+
+
+def test_a_vanished_default_repository_is_never_replaced_silently(tmp_path: Path) -> None:
+    """Issue 11, point 3: the default repository is created only on a machine that holds no key;
+    otherwise a backup says that the repository is gone (exit 13) and makes nothing."""
+    env = make_env(tmp_path / "e")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x")
+    assert run_bunker("backup", src, env=env).returncode == 0
+    default = tmp_path / "e" / "data" / "bunker" / "repo"
+    keys = sorted((tmp_path / "e" / "config" / "bunker" / "keys").iterdir())
+    repo_id = keys[0].name.split(".")[0]
+    shutil.rmtree(default)
+    cp = run_bunker("backup", src, env=env)
+    assert cp.returncode == 13, describe(cp)
+    assert f"your repository at {default} is gone" in cp.stderr and repo_id in cp.stderr
+    assert "--repo" in cp.stderr and "bunker init" in cp.stderr  # the next steps
+    assert not default.exists()
+    assert sorted((tmp_path / "e" / "config" / "bunker" / "keys").iterdir()) == keys
+
+    # a machine whose key is for a repository elsewhere (BUNKER_REPO forgotten in a cron job)
+    other = make_env(tmp_path / "o")
+    cp = run_bunker("init", "--repo", tmp_path / "elsewhere", env=other)
+    assert cp.returncode == 0, describe(cp)
+    cp = run_bunker("backup", src, env=other)
+    assert cp.returncode == 13, describe(cp)
+    assert "is gone" in cp.stderr
+    assert not (tmp_path / "o" / "data" / "bunker" / "repo").exists()
+    # starting over is one explicit command away
+    assert run_bunker("init", env=env).returncode == 0
+    assert run_bunker("backup", src, env=env).returncode == 0
+
+
+def test_a_url_typo_never_becomes_a_local_directory(env: dict[str, str], tmp_path: Path) -> None:
+    """Issue 11, point 4: what starts like a URL is parsed as one or refused (exit 2)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x")
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    for url, expect in (
+        ("sftp:/root@host:22/x", "did you mean 'sftp://root@host:22/x'"),
+        ("ssh:root@host/x", "did you mean 'ssh://root@host/x'"),
+        ("backup-server:/srv/repo", "sftp://user@host/path"),
+        ("sftps://host/x", "s3://"),
+        ("file://relative/x", "file:///path"),
+    ):
+        for args in (("init", "--repo", url), ("backup", str(src), "--repo", url), ("snapshots", "--repo", url)):
+            cp = run_bunker(*args, env=env, cwd=cwd)
+            assert cp.returncode == 2, describe(cp)
+            assert expect in cp.stderr, describe(cp)
+        cp = run_bunker("backup", src, env=dict(env, BUNKER_REPO=url), cwd=cwd)
+        assert cp.returncode == 2, describe(cp)
+        cp = run_bunker("serve", "--stdio", "--repo", url, env=env, cwd=cwd)
+        assert cp.returncode == 2, describe(cp)
+    assert list(cwd.iterdir()) == []
+    assert not (tmp_path / "env" / "data" / "bunker" / "spool").exists()
+    # a local directory whose name holds a colon is a path with ./ in front
+    cp = run_bunker("init", "--repo", "./sftp:/x", env=env, cwd=cwd)
+    assert cp.returncode == 0, describe(cp)
+    assert (cwd / "sftp:" / "x" / "config").is_dir()

@@ -4,7 +4,8 @@
 - data dir (``$XDG_DATA_HOME/bunker``): the default local repository ``repo/``, ``spool/`` (one
   partial repository per unreachable upstream, until forwarded), and ``state/``
   (chain heads per repository and client: losing them weakens rollback detection)
-- cache dir (``$XDG_CACHE_HOME/bunker``): files cache and index cache (rebuildable)
+- cache dir (``$XDG_CACHE_HOME/bunker``): files cache and index cache (rebuildable), per
+  repository, certificate and dedup secret
 
 Everything bunker makes below them is private to the user (0700 directories, 0600 files, whatever
 the umask): private_files.py creates, writes and tightens them.
@@ -48,8 +49,20 @@ def put_key_path(repo_id: str) -> str:
     return os.path.join(config_dir(), "keys", f"{repo_id}.put")
 
 
-def client_cache_dir(repo_id: str, client_tag: str) -> str:
-    return os.path.join(cache_dir(), repo_id[:32], client_tag)
+def key_files() -> list[str]:
+    """Every key file in this machine's key directory (``<repo id>.master`` and ``.put``), sorted."""
+    d = os.path.join(config_dir(), "keys")
+    try:
+        names = os.listdir(d)
+    except OSError:
+        return []
+    return sorted(os.path.join(d, n) for n in names if n.endswith((".master", ".put")) and not n.startswith("."))
+
+
+def client_cache_dir(repo_id: str, client_tag: str, domain_id: str = "") -> str:
+    """A client's caches: per repository, certificate and (``domain_id``) the secret its chunk ids
+    are made with; without ``domain_id``, the certificate's directory that holds them."""
+    return os.path.join(cache_dir(), repo_id[:32], client_tag, *((domain_id,) if domain_id else ()))
 
 
 def state_dir(repo_id: str, client_tag: str) -> str:

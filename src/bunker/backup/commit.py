@@ -11,10 +11,11 @@ import blake3
 
 from bunker.backup.chain import ChainHead, load_head, save_head
 from bunker.crypto.keyfile import PutKey
-from bunker.errors import BunkerError, ExitCode
+from bunker.errors import BunkerError, ExitCode, ObjectMissing
 from bunker.repo import refs
 from bunker.repo.certs import Certificate
 from bunker.repo.objects import name_for
+from bunker.repo.other_secret import certificate_domains, snapshot_with_other_secret
 from bunker.repo.records import ChainBase
 from bunker.repo.repository import Repository
 from bunker.repo.session_writer import SessionWriter
@@ -30,26 +31,44 @@ class Committed:
     stats: dict[str, int]
 
 
-def chain_head(repo: Repository, cert: Certificate, state_dir: str) -> tuple[ChainBase, str]:
-    """The head of this client's chain (what its next snapshot extends), and a warning when the
-    repository is behind the head the client remembers (snapshots were deleted or the
-    repository was rolled back: the chain keeps pointing at the remembered head)."""
+def chain_head(repo: Repository, cert: Certificate, state_dir: str) -> tuple[ChainBase, tuple[str, str] | None]:
+    """The head of this client's chain (what its next snapshot extends), and a warning (code,
+    message) when the repository is behind the head the client remembers: snapshots were deleted
+    or the repository was rolled back (the chain keeps pointing at the remembered head), or the
+    remembered head was written with a damaged put key."""
     mine = load_head(state_dir)
     if mine is not None and repo.backend.capabilities().partial:
         # the repository is unreachable and its spool holds only this client's offline
         # snapshots: the remembered head is the chain's head
-        return ChainBase(mine.seq, mine.name), ""
+        return ChainBase(mine.seq, mine.name), None
     repo_head = repo.client_head(cert.name)
     rseq = repo_head.snap.env.seq if repo_head else 0
+    if mine is not None and mine.seq > rseq and _with_other_secret(repo, mine.name):
+        return ChainBase(mine.seq, mine.name), (
+            "damaged-key-snapshot",
+            f"this client's last snapshot #{mine.seq} ({mine.name}) was written with another secret: its put key was "
+            "damaged then (an older bunker did not check), so nobody can restore it; this run stores again what it "
+            "held, and `bunker prune` with a prune-capable key retires it",
+        )
     if mine is not None and mine.seq > rseq:
         return ChainBase(mine.seq, mine.name), (
+            "chain-rollback",
             f"the repository's newest snapshot of this client is #{rseq}, but this client wrote #{mine.seq} "
             f"({mine.name}): snapshots were deleted or the repository was rolled back. Run `bunker check` and "
-            "compare with a mirror; the new snapshot continues the remembered chain"
+            "compare with a mirror; the new snapshot continues the remembered chain",
         )
     if repo_head is None:
-        return ChainBase(0, ""), ""
-    return ChainBase(rseq, repo_head.name), ""
+        return ChainBase(0, ""), None
+    return ChainBase(rseq, repo_head.name), None
+
+
+def _with_other_secret(repo: Repository, name: str) -> bool:
+    """Whether the snapshot ``name`` is listed and was written with a damaged put key."""
+    try:
+        snap = repo.parsed_snapshot(name)
+    except ObjectMissing:
+        return False
+    return snap is not None and snapshot_with_other_secret(repo, snap, certificate_domains(repo))
 
 
 def next_link(repo: Repository, cert: Certificate, state_dir: str, log: RunLog) -> tuple[int, str]:
@@ -57,7 +76,7 @@ def next_link(repo: Repository, cert: Certificate, state_dir: str, log: RunLog) 
     a rollback is reported in the run's log)."""
     head, warning = chain_head(repo, cert, state_dir)
     if warning:
-        log.add("warn", "chain-rollback", warning)
+        log.add("warn", *warning)
     return head.seq + 1, head.prev
 
 

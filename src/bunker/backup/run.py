@@ -5,8 +5,10 @@ This is the backup code path: it never loads the master key (docs/security.md se
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
+import shutil
 import socket
 import sys
 import time
@@ -22,6 +24,7 @@ from bunker.backup.excludes import Excludes
 from bunker.backup.files_cache import FilesCache
 from bunker.crypto.keyfile import PutKey
 from bunker.errors import BunkerError, ExitCode
+from bunker.private_files import SQLITE_SIDE_FILES, private_dirs
 from bunker.repo.gc import condemned_packs
 from bunker.repo.index_cache import IndexCache
 from bunker.repo.leases import Lease
@@ -66,6 +69,23 @@ def client_tag(put: PutKey) -> str:
     return content_hash(put.certificate)[:16]
 
 
+def client_cache(repo: Repository, put: PutKey) -> str:
+    """This client's cache directory (files cache, index cache). Chunk ids depend on the put
+    secret, so the caches are kept per secret as well as per certificate: a run with another
+    secret (a damaged put key) never trusts this one's records, nor this one its. A cache kept
+    per certificate only (older versions) gives its files cache over, whose entries count only
+    for chunks the index shows, and drops its index cache, which is rebuilt from the repository."""
+    parent = dirs.client_cache_dir(repo.repo_id, client_tag(put))
+    path = dirs.client_cache_dir(repo.repo_id, client_tag(put), put.secrets.domain_id)
+    if os.path.exists(os.path.join(parent, "files.sqlite")) and not os.path.exists(path):
+        private_dirs(path)
+        for suffix in ("", *SQLITE_SIDE_FILES):
+            with contextlib.suppress(OSError):  # a run beside this one moved it first
+                os.rename(os.path.join(parent, "files.sqlite" + suffix), os.path.join(path, "files.sqlite" + suffix))
+        shutil.rmtree(os.path.join(parent, "index"), ignore_errors=True)
+    return path
+
+
 def run_backup(
     repo: Repository,
     put: PutKey,
@@ -100,7 +120,7 @@ def run_backup(
             "`bunker key export --master FILE --remove`",
         )
     tag = client_tag(put)
-    cache_dir = dirs.client_cache_dir(repo.repo_id, tag) if req.cache else None
+    cache_dir = client_cache(repo, put) if req.cache else None
     state_dir = dirs.state_dir(repo.repo_id, tag)
     start_head, _ = chain_head(repo, cert, state_dir)  # a rollback is reported when the snapshot is linked
     lease = Lease(repo, put.client_key, cert.client, cert.name, "backup", start_head)

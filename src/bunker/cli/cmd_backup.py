@@ -8,6 +8,7 @@ from typing import Any
 
 import click
 
+from bunker import dirs
 from bunker.backup.archiver import Progress
 from bunker.backup.excludes import read_exclude_file
 from bunker.backup.run import BackupRequest, run_backup
@@ -60,13 +61,12 @@ def _open_or_create_default(opts: context.Options, out: Any) -> Repository:
     explicit_key = (
         opts.put_key or opts.master_key or os.environ.get("BUNKER_PUT_KEY") or os.environ.get("BUNKER_MASTER_KEY")
     )
-    if opts.repo_is_default and not explicit_key:
-        backend_exists = any(True for _ in _safe_list(opts.repo_url))
-        if not backend_exists:
-            created = context.init_repository(opts.repo_url, default_client_name())
-            out.info(f"created the local repository {opts.repo_url} (id {created.repo.repo_id[:16]}…)")
-            out.info(context.master_warning(created.master_path))
-            return created.repo
+    if opts.repo_is_default and not explicit_key and not _default_repository_exists(opts.repo_url):
+        _refuse_if_keys_elsewhere(opts.repo_url)
+        created = context.init_repository(opts.repo_url, default_client_name())
+        out.info(f"created the local repository {opts.repo_url} (id {created.repo.repo_id[:16]}…)")
+        out.info(context.master_warning(created.master_path))
+        return created.repo
     return context.open_repository(opts)
 
 
@@ -93,11 +93,34 @@ def _open_with_spool(opts: context.Options, out: Any) -> tuple[Repository, PutKe
     return spooling_repository(repo, spool), put, events
 
 
-def _safe_list(url: str) -> Any:
+def _refuse_if_keys_elsewhere(url: str) -> None:
+    """A machine that holds a key already backs up into that key's repository: when the default
+    repository is gone, a new one made silently would start a second history nobody watches."""
+    keys = dirs.key_files()
+    if not keys:
+        return
+    ids = sorted({os.path.basename(k).rsplit(".", 1)[0] for k in keys})
+    raise BunkerError(
+        f"your repository at {url} is gone: this machine holds keys of "
+        + ("repository " if len(ids) == 1 else "repositories ")
+        + ", ".join(ids)
+        + f" (in {os.path.dirname(keys[0])}), but there is no repository at {url}; no backup was taken, and no "
+        "new repository was made",
+        "if the repository lives elsewhere, pass --repo URL (or set BUNKER_REPO); if it was deleted, restore it from "
+        "a mirror or copy (docs/recovery.md); to start over with a new repository and new keys, run `bunker init`",
+        exit_code=ExitCode.NO_REPOSITORY,
+    )
+
+
+def _default_repository_exists(url: str) -> bool:
+    """Whether the default location holds a repository (one it cannot read counts: opening it
+    then says what is wrong)."""
+    if not os.path.isdir(url):
+        return False
     try:
-        return open_backend(url).list("config/")
-    except BunkerError:
-        return iter(())
+        return any(True for _ in open_backend(url).list("config/"))
+    except StorageError:
+        return True
 
 
 @cli.command()

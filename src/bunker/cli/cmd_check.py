@@ -11,7 +11,7 @@ import click
 from bunker import dirs
 from bunker.backup.chain import load_head, witnesses
 from bunker.backup.files_cache import FilesCache
-from bunker.backup.run import client_tag
+from bunker.backup.run import client_cache, client_tag
 from bunker.cli import context
 from bunker.cli.main import cli, common, handles_errors, make_options
 from bunker.cli.output import human_bytes
@@ -52,6 +52,7 @@ def check(**kwargs: Any) -> None:
     opts, out = make_options(kwargs)
     backend = open_backend(opts.repo_url)
     secrets = master = None
+    own_cert = ""
     # what this machine remembers of each chain it wrote: witnesses the storage cannot rewrite
     heads: list[tuple[str, int, str]] = []
     if keyless:
@@ -71,7 +72,7 @@ def check(**kwargs: Any) -> None:
             secrets = put.secrets
             tag = client_tag(put)
             remembered = load_head(dirs.state_dir(repo.repo_id, tag))
-            mine = "clients/" + content_hash(put.certificate)
+            mine = own_cert = "clients/" + content_hash(put.certificate)
             if remembered and not any(h[0] == mine for h in heads):
                 heads.append((mine, remembered.seq, remembered.name))
         elif master is None:
@@ -85,6 +86,7 @@ def check(**kwargs: Any) -> None:
             master=master,
             heads=heads,
             progress=(lambda s: out.info(f"checking {s}…")) if sys.stderr.isatty() and not opts.as_json else None,
+            own_cert=own_cert,
         )
     report = checker.run(keyless)
     if report.repo_id:
@@ -133,8 +135,7 @@ def verify(**kwargs: Any) -> None:
     opts, out = make_options(kwargs)
     repo = context.open_repository(opts)
     put = context.load_put(opts, repo)
-    tag = client_tag(put)
-    cache_dir = dirs.client_cache_dir(repo.repo_id, tag)
+    cache_dir = client_cache(repo, put)
     index = IndexCache(repo, put.secrets, cache_dir).load()
     fcache = FilesCache(os.path.join(cache_dir, "files.sqlite"))
     try:

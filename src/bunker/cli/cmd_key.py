@@ -9,7 +9,6 @@ from typing import Any
 import click
 
 from bunker import dirs
-from bunker.child_env import secret
 from bunker.cli import context
 from bunker.cli.files import write_output
 from bunker.cli.main import cli, common, handles_errors, make_options
@@ -22,7 +21,6 @@ from bunker.crypto.keyfile import (
 )
 from bunker.crypto.shares import combine_shares, split_seed
 from bunker.errors import BunkerError, ExitCode
-from bunker.repo.certs import parse_certificate
 
 
 @cli.group()
@@ -49,7 +47,7 @@ def info(**kwargs: Any) -> None:
     }
     if doc["put_key"]:
         put = load_put_key(doc["put_key"])
-        cert = parse_certificate(put.certificate, repo.config.master_verify, repo.repo_id)
+        cert = repo.verify_put_key(put)  # a damaged key says what is wrong with it
         doc["client"] = {
             "name": cert.client,
             "capabilities": list(cert.capabilities),
@@ -141,15 +139,7 @@ def passwd(**kwargs: Any) -> None:
     repo = context.open_repository(opts)
     path = opts.master_key_file(repo.repo_id)
     master = context.load_master(opts, repo, "changing the passphrase")
-    new = secret("BUNKER_NEW_PASSPHRASE")
-    if new is None:
-        if not sys.stdin.isatty():
-            raise BunkerError(
-                "no new passphrase given",
-                "set BUNKER_NEW_PASSPHRASE or run in a terminal",
-                exit_code=ExitCode.NEED_PASSPHRASE,
-            )
-        new = click.prompt("New passphrase", hide_input=True, confirmation_prompt=True, err=True)
+    new = context.passphrase("New passphrase", confirm=True, env="BUNKER_NEW_PASSPHRASE")
     if not new:
         raise BunkerError("the new passphrase is empty", "choose a non-empty passphrase", exit_code=ExitCode.USAGE)
     assert path

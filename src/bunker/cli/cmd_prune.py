@@ -82,6 +82,13 @@ def prune(**kwargs: Any) -> None:
             f"{human_bytes(report.repack_copied_bytes)} live, {human_bytes(report.repack_freed_bytes)} to delete later)"
         )
     out.line(line)
+    for name in report.retired_other_secret:
+        out.line(
+            f"  {name}: {'would retire' if dry_run else 'retired'}: written with another secret (a damaged put key), "
+            "nobody can restore it"
+        )
+    if report.other_secret_indexes_removed:
+        out.line(f"  removed {report.other_secret_indexes_removed} index object(s) written with another secret")
     for pack, why in report.repack_skipped:
         out.line(f"  packs/{pack}: not repacked: {why}")
     for text in adoption.lines():

@@ -60,7 +60,16 @@ def serve(stdio: bool, socket_path: str | None, socket_mode: str, repo: str, app
             "use --stdio under ssh, inetd or systemd (Accept=yes), --socket PATH for a standing server",
             exit_code=ExitCode.USAGE,
         )
-    config = ServeConfig(os.path.abspath(repo), append_only)
+    from bunker.storage.url import local_path
+
+    directory = local_path(repo)  # a typo like sftp:/x is refused, never served as a new directory
+    if directory is None:
+        raise BunkerError(
+            f"bunker serve serves a directory on this machine, not the URL {repo!r}",
+            "pass the repository's directory with --repo DIR (clients reach it through ssh:// or unix://)",
+            exit_code=ExitCode.USAGE,
+        )
+    config = ServeConfig(os.path.abspath(directory), append_only)
     if stdio:
         sys.exit(serve_stdio(config))
     assert socket_path is not None

@@ -7,6 +7,7 @@ a repository whose config is not signed by that key's master is refused.
 
 from __future__ import annotations
 
+import getpass
 import os
 import sys
 from dataclasses import dataclass
@@ -62,31 +63,65 @@ class Options:
         return dirs.put_key_path(repo_id) if repo_id else None
 
 
-def passphrase(prompt: str = "Master key passphrase", confirm: bool = False) -> str:
-    """BUNKER_PASSPHRASE, else ask on the terminal; with neither, fail at once (never hang)."""
-    env = secret("BUNKER_PASSPHRASE")
-    if env is not None:
-        return env
+PASSPHRASE_TRIES = 3
+
+
+def passphrase(prompt: str = "Master key passphrase", confirm: bool = False, env: str = "BUNKER_PASSPHRASE") -> str:
+    """``env`` (BUNKER_PASSPHRASE), else ask on the terminal; with neither, fail at once (never
+    hang). With ``confirm`` (a new passphrase) it is typed twice; after three mismatches the
+    command stops with exit 10 (nothing was changed)."""
+    value = secret(env)
+    if value is not None:
+        return value
     if not (sys.stdin.isatty() and sys.stderr.isatty()):
         raise BunkerError(
             "a passphrase for the master key is needed, but there is no terminal to ask it on",
-            "set BUNKER_PASSPHRASE in the environment (e.g. `BUNKER_PASSPHRASE=... bunker ...`) or run the "
-            "command in a terminal",
+            f"set {env} in the environment (e.g. `{env}=... bunker ...`) or run the command in a terminal",
             exit_code=ExitCode.NEED_PASSPHRASE,
         )
-    value: str = click.prompt(prompt, hide_input=True, confirmation_prompt=confirm, err=True)
-    return value
+    for attempt in range(1, PASSPHRASE_TRIES + 1):
+        first = _ask(prompt)
+        if not confirm or _ask("Repeat for confirmation") == first:
+            return first
+        left = PASSPHRASE_TRIES - attempt
+        if left:
+            tries = "try" if left == 1 else "tries"
+            click.echo(f"The two passphrases differ; type it again ({left} more {tries}).", err=True)
+    raise BunkerError(
+        f"the passphrase and its confirmation differed {PASSPHRASE_TRIES} times; nothing was changed",
+        f"run the command again and type the same passphrase twice, or set {env} in the environment",
+        exit_code=ExitCode.NEED_PASSPHRASE,
+    )
+
+
+def _ask(prompt: str) -> str:
+    """One hidden line from the terminal; end of input is no passphrase (exit 10), Ctrl-C stays
+    an interrupt (exit 130)."""
+    try:
+        return getpass.getpass(f"{prompt}: ", stream=sys.stderr)
+    except EOFError:
+        raise BunkerError(
+            "no passphrase was typed (end of input)",
+            "run the command again and type the passphrase, or set BUNKER_PASSPHRASE in the environment",
+            exit_code=ExitCode.NEED_PASSPHRASE,
+        ) from None
+
+
+def explicit_key(opts: Options) -> tuple[str, str] | None:
+    """(repository id, which file says so) of an explicitly given key file, if any."""
+    p = opts.put_key or os.environ.get("BUNKER_PUT_KEY")
+    if p:
+        return load_put_key(p).repo_id, f"put key file {p}"
+    p = opts.master_key or os.environ.get("BUNKER_MASTER_KEY")
+    if p:
+        return read_master_repo_id(p), f"master key file {p}"
+    return None
 
 
 def explicit_repo_id(opts: Options) -> str | None:
     """The repository id named by an explicitly given key file, if any."""
-    p = opts.put_key or os.environ.get("BUNKER_PUT_KEY")
-    if p:
-        return load_put_key(p).repo_id
-    p = opts.master_key or os.environ.get("BUNKER_MASTER_KEY")
-    if p:
-        return read_master_repo_id(p)
-    return None
+    pinned = explicit_key(opts)
+    return pinned[0] if pinned else None
 
 
 def open_repository(opts: Options) -> Repository:
@@ -94,7 +129,10 @@ def open_repository(opts: Options) -> Repository:
     if os.path.isabs(opts.repo_url):
         tighten_own(opts.repo_url, children=True)  # the default repository lives in bunker's data directory
     backend = open_backend(opts.repo_url)
-    return Repository.open(backend, explicit_repo_id(opts))
+    pinned = explicit_key(opts)
+    if pinned is None:
+        return Repository.open(backend)
+    return Repository.open(backend, pinned[0], pinned_by=pinned[1])
 
 
 def load_put(opts: Options, repo: Repository) -> PutKey:
@@ -107,7 +145,9 @@ def load_put(opts: Options, repo: Repository) -> PutKey:
             "`bunker key new-client NAME --out FILE`",
         )
     tighten_own(path)
-    return load_put_key(path)
+    put = load_put_key(path)
+    repo.verify_put_key(put)  # a damaged key is refused before it reads or writes anything
+    return put
 
 
 def load_master(opts: Options, repo: Repository, purpose: str) -> MasterKey:
@@ -120,8 +160,13 @@ def load_master(opts: Options, repo: Repository, purpose: str) -> MasterKey:
             + ("; the put key on this machine can only back up" if has_put else ""),
             "pass it with --master-key FILE (or BUNKER_MASTER_KEY), e.g. from the medium you exported it to",
         )
-    if read_master_repo_id(path) != repo.repo_id:
-        raise KeyRequired(f"master key {path} is for another repository", "pass the right --master-key")
+    key_repo = read_master_repo_id(path)
+    if key_repo != repo.repo_id:
+        raise KeyRequired(
+            f"master key file {path} is for repository {key_repo}, but the repository at {repo.backend.url} is "
+            f"{repo.repo_id}",
+            "pass this repository's master key with --master-key, or the key's repository with --repo",
+        )
     tighten_own(path)
     return load_master_key(path, passphrase())
 

@@ -15,6 +15,7 @@ from bunker.child_env import withhold_secrets
 from bunker.cli.context import Options
 from bunker.cli.output import Output
 from bunker.errors import BunkerError, ExitCode
+from bunker.storage.url import local_path
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -71,6 +72,7 @@ def make_options(kwargs: dict[str, Any]) -> tuple[Options, Output]:
         # through the environment: worker processes reopen the repository by its URL
         os.environ["BUNKER_REMOTE_PATH"] = remote_path
     opts = Options(kwargs.pop("repo"), kwargs.pop("master_key"), kwargs.pop("put_key"), kwargs.pop("as_json"))
+    local_path(opts.repo_url)  # a URL typo is refused before anything (a spool, a directory) is made for it
     return opts, Output(opts.as_json)
 
 

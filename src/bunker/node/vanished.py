@@ -28,7 +28,7 @@ from bunker import dirs
 from bunker.backup.chain import ChainHead, load_head, save_head
 from bunker.backup.chunker import file_pieces, make_cdc
 from bunker.backup.files_cache import FilesCache, lookup
-from bunker.backup.run import client_tag
+from bunker.backup.run import client_cache, client_tag
 from bunker.crypto.derive import PutSecrets
 from bunker.crypto.keyfile import PutKey
 from bunker.fs import deep_path
@@ -159,7 +159,7 @@ class _Recovery:
 
     def __init__(self, repo: Repository, put: PutKey, cert: Certificate, vanished: Iterable[str]) -> None:
         self.repo, self.put = repo, put
-        cache_dir = dirs.client_cache_dir(repo.repo_id, client_tag(put))
+        cache_dir = client_cache(repo, put)
         self.index = IndexCache(repo, put.secrets, None, absent_packs=vanished).load()
         self.writer = SessionWriter(repo, put, cert.name, self.index)
         path = os.path.join(cache_dir, "files.sqlite")

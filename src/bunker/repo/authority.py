@@ -17,7 +17,11 @@ from bunker.repo.repository import Repository, RepositoryError
 
 def _own(repo: Repository, master: MasterKey) -> None:
     if master.repo_id != repo.repo_id:
-        raise RepositoryError("this master key belongs to another repository", "pass the right --master-key")
+        raise RepositoryError(
+            f"this master key is for repository {master.repo_id}, but the repository at {repo.backend.url} is "
+            f"{repo.repo_id}",
+            "pass this repository's master key with --master-key, or the key's repository with --repo",
+        )
 
 
 def issue_client(

@@ -40,9 +40,11 @@ from bunker.repo.objects import (
     is_hash_name,
     parse_signed,
 )
+from bunker.repo.other_secret import NEXT_STEP
 from bunker.repo.pack import (
     KIND_DATA,
     BlobEntry,
+    WrongTrailerKey,
     decrypt_trailer,
     fetch_footer,
     open_group_key,
@@ -73,6 +75,7 @@ class Checker:
         master: MasterKey | None = None,
         heads: list[tuple[str, int, str]] | None = None,
         progress: Callable[[str], None] | None = None,
+        own_cert: str = "",
     ) -> None:
         self.backend = backend
         self.expect = expect
@@ -86,6 +89,10 @@ class Checker:
         self._domain_secrets: dict[str, PutSecrets] = {}
         self._also_in: dict[bytes, set[str]] = {}  # see _check_indexes
         self._stored: dict[str, float] = {}  # snapshot name -> the storage's own time for it
+        self.own_cert = own_cert  # clients/<hash> of the put key checking, if any
+        # pack hex -> its writer ("this client" or client 'x'): signed by a writer of a domain whose
+        # secret this check has, trailer under another secret (repo/other_secret.py)
+        self._other_secret: dict[str, str] = {}
 
     # ------------------------------------------------------------------ entry point
     def run(self, keyless: bool) -> CheckReport:
@@ -284,6 +291,13 @@ class Checker:
             return
         try:
             trailer = decrypt_trailer(footer, secrets)
+        except WrongTrailerKey:
+            # the writer's signature holds, so the trailer is as written: under another secret
+            with lock:
+                self._other_secret[n.split("/", 1)[1]] = (
+                    "this client" if footer.signer == self.own_cert else f"client {cert.client!r}"
+                )
+            return
         except encoding.FormatError as exc:
             r.add(n, str(exc))
             return
@@ -385,9 +399,21 @@ class Checker:
         self, names: list[str], retired_names: list[str], packs: set[str], locations: dict[bytes, str]
     ) -> None:
         assert self.repo
-        SnapshotChecks(
+        needed = SnapshotChecks(
             self.repo, self.report, self._get, self._secrets_for_domain, self.master, self.heads, self._stored
-        ).run(names, retired_names, packs, locations, self._also_in)
+        ).run(names, retired_names, packs, locations, self._also_in, set(self._other_secret))
+        for pack, who in sorted(self._other_secret.items()):
+            what = (
+                f"written with another secret: its writer's signature holds, but its trailer does not open with the "
+                f"secret of its dedup domain, so {who}'s put key was damaged when it wrote it; nothing in it can be "
+                "restored"
+            )
+            users = needed.get(pack, [])
+            if users:
+                needs = f"{len(users)} trusted snapshot(s) need it (e.g. {users[0]})"
+                self.report.add(f"packs/{pack}", f"{what}, and {needs}; {NEXT_STEP}")
+            else:
+                self.report.add(f"packs/{pack}", f"{what}; no trusted snapshot needs it; {NEXT_STEP}", "warn")
 
     def _check_records(self, names: dict[str, list[str]]) -> None:
         assert self.repo

@@ -12,7 +12,7 @@ that the newest snapshots were not withheld.
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 from bunker import encoding
@@ -23,6 +23,7 @@ from bunker.repo import refs
 from bunker.repo.check_report import CheckReport, utc
 from bunker.repo.moves import PackMoves
 from bunker.repo.objects import MAGIC_UNRETIRED
+from bunker.repo.other_secret import NEXT_STEP, certificate_domains, snapshot_with_other_secret
 from bunker.repo.records import Retirements
 from bunker.repo.repository import Repository
 from bunker.repo.retention import FUTURE_TOLERANCE, signed_time_in_future
@@ -55,17 +56,33 @@ class SnapshotChecks:
         packs: set[str],
         locations: dict[bytes, str],
         also_in: dict[bytes, set[str]],
-    ) -> None:
+        other_secret: Collection[str] = (),
+    ) -> dict[str, list[str]]:
         """``packs``: the listed pack names; ``locations``: chunk id -> pack of the index
-        entries that agree with the trailers; ``also_in``: further packs holding a chunk."""
+        entries that agree with the trailers; ``also_in``: further packs holding a chunk;
+        ``other_secret``: packs written with another secret (repo/other_secret.py). Returns
+        which trusted, not retired snapshots name each of those packs."""
         retired = self._retired(retired_names)
-        parsed = self._verified(names)
+        parsed, damaged_key = self._verified(names)
         # a revoked client's snapshots off the chain its revocation names, and format-1 snapshots
         # off the chains `bunker migrate` recorded (repo/trust.py)
         off_chain = chain_trust({n: s.env for n, s in parsed.items()}, self.repo.revoked, self.repo.chain.legacy)
         chains: Chains = defaultdict(dict)
         runs: dict[tuple[str, int], str] = {}  # (session, checkpoint) -> the snapshot holding it
-        sets = _Sets(self, packs, locations, also_in)
+        sets = _Sets(self, packs, locations, also_in, other_secret)
+        for n, snap in damaged_key.items():
+            e = snap.env
+            if n not in retired:
+                self.report.add(
+                    n,
+                    f"snapshot #{e.seq} of client {e.client!r} was written with another secret: its signature holds, "
+                    f"but its dedup domain {e.domain} is no certificate's, so the client's put key was damaged when "
+                    f"it wrote it; nobody can restore it; {NEXT_STEP}",
+                )
+            # an authentic link of its client's chain all the same: no gap where it stands
+            if e.seq in chains[e.cert]:
+                self.report.add(n, f"client {e.client!r} has two snapshots with sequence #{e.seq} (fork)")
+            chains[e.cert][e.seq] = (n, e.prev)
         for n, snap in parsed.items():
             if n in off_chain:
                 # format-1 leftovers (e.g. the branch of a fork the administrator did not pick) are
@@ -78,6 +95,7 @@ class SnapshotChecks:
                 sets.check(n, snap)
         self._chains(chains)
         self._witnesses(chains)
+        return sets.naming
 
     def _retired(self, names: list[str]) -> set[str]:
         """The retired snapshots: retirement records in force (not withdrawn by an unretire record)."""
@@ -97,9 +115,11 @@ class SnapshotChecks:
                 )
         return records.retired()
 
-    def _verified(self, names: list[str]) -> dict[str, ParsedSnapshot]:
-        """The snapshots that parse and verify on their own (others are reported)."""
-        out = {}
+    def _verified(self, names: list[str]) -> tuple[dict[str, ParsedSnapshot], dict[str, ParsedSnapshot]]:
+        """The snapshots that parse and verify on their own, and those written with another
+        secret (others are reported)."""
+        out, damaged_key = {}, {}
+        domains: set[str] | None = None
         for n in names:
             data = self.get(n)
             if data is None:
@@ -111,10 +131,15 @@ class SnapshotChecks:
                 continue
             trusted, problem = self.repo.verify_snapshot_signature(snap)
             if not trusted:
-                self.report.add(n, f"snapshot not trusted: {problem}")
+                if domains is None:
+                    domains = certificate_domains(self.repo)
+                if snapshot_with_other_secret(self.repo, snap, domains):
+                    damaged_key[n] = snap
+                else:
+                    self.report.add(n, f"snapshot not trusted: {problem}")
                 continue
             out[n] = snap
-        return out
+        return out, damaged_key
 
     def _one(self, n: str, snap: ParsedSnapshot, chains: Chains, runs: dict[tuple[str, int], str]) -> None:
         r, e = self.report, snap.env
@@ -197,9 +222,16 @@ class _Sets:
     """The pack set and chunk set of each snapshot against what is stored."""
 
     def __init__(
-        self, checks: SnapshotChecks, packs: set[str], locations: dict[bytes, str], also_in: dict[bytes, set[str]]
+        self,
+        checks: SnapshotChecks,
+        packs: set[str],
+        locations: dict[bytes, str],
+        also_in: dict[bytes, set[str]],
+        other_secret: Collection[str],
     ) -> None:
         self.c, self.packs, self.locations, self.also_in = checks, packs, locations, also_in
+        self.other_secret = other_secret
+        self.naming: dict[str, list[str]] = {}  # pack written with another secret -> snapshots naming it
         self.existing = {p.split("/", 1)[1] for p in packs}
         self.moves = PackMoves.load(checks.repo)  # a repacked pack's blobs are in the packs it moved to
 
@@ -220,6 +252,9 @@ class _Sets:
             return
         missing = [p for p in pset if f"packs/{p}" not in self.packs and not self.moves.covered(p, self.existing)]
         resolved = set(self.moves.resolve(pset))
+        foreign = sorted(p for p in resolved if p in self.other_secret)
+        for p in foreign:
+            self.naming.setdefault(p, []).append(n)
         if missing:
             r.add(n, f"needs {len(missing)} pack(s) that are missing, e.g. packs/{missing[0]}")
         secrets = self.c.secrets_for(e.domain)
@@ -250,9 +285,20 @@ class _Sets:
         if lost and (e.complete or len(lost) > e.stats.get("chunks_lost", 0)):
             # an incomplete snapshot declares how many chunks it lacks (forward could not
             # store them again): those are known, not damage
-            r.add(
-                n,
-                f"{len(lost)} of its {len(cset)} chunks are not indexed in its packs (e.g. {lost[0].hex()[:16]}); "
-                "if the packs are intact, `bunker index rebuild` re-indexes them from their trailers",
-            )
+            if foreign:
+                # a backup after a damaged key's run trusted that run's chunk ids (a files cache
+                # kept per certificate, before it was kept per secret)
+                r.add(
+                    n,
+                    f"{len(lost)} of its {len(cset)} chunks are not indexed in its packs (e.g. {lost[0].hex()[:16]}): "
+                    f"it names {len(foreign)} pack(s) written with another secret (e.g. packs/{foreign[0]}), so the "
+                    "files whose data is there cannot be restored from it; the next backup with a good put key "
+                    "stores them again",
+                )
+            else:
+                r.add(
+                    n,
+                    f"{len(lost)} of its {len(cset)} chunks are not indexed in its packs (e.g. {lost[0].hex()[:16]}); "
+                    "if the packs are intact, `bunker index rebuild` re-indexes them from their trailers",
+                )
         r.counts["snapshot_chunks"] += len(cset)

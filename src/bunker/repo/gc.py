@@ -38,6 +38,13 @@ from bunker.repo.index_cache import IndexCache
 from bunker.repo.leases import MAX_LEASE_SECONDS, Lease, Session, sessions
 from bunker.repo.moves import MoveRecord, PackMoves, make_move_record
 from bunker.repo.objects import MAGIC_GC, MAGIC_INDEX, MAX_SIGNED_OBJECT, parse_signed
+from bunker.repo.other_secret import (
+    certificate_domains,
+    index_with_other_secret,
+    pack_with_other_secret,
+    retire,
+    snapshot_with_other_secret,
+)
 from bunker.repo.records import make_condemnation, parse_condemnation
 from bunker.repo.repack import DEFAULT_THRESHOLD, Liveness, choose, pack_contents, repack
 from bunker.repo.repository import Repository
@@ -106,6 +113,9 @@ class PruneReport:
     repack_freed_bytes: int = 0  # what deleting the repacked packs will free
     repack_skipped: list[tuple[str, str]] = field(default_factory=list)  # (pack, why)
     move_records_removed: int = 0
+    # what a damaged put key wrote (repo/other_secret.py): snapshots retired, index objects removed
+    retired_other_secret: list[str] = field(default_factory=list)
+    other_secret_indexes_removed: int = 0
     dry_run: bool = False
 
     def to_json(self) -> dict[str, object]:
@@ -125,6 +135,8 @@ class PruneReport:
             "repack_frees_bytes": self.repack_freed_bytes,
             "repack_skipped": [{"pack": p, "reason": why} for p, why in self.repack_skipped],
             "move_records_removed": self.move_records_removed,
+            "retired_other_secret": self.retired_other_secret,
+            "other_secret_indexes_removed": self.other_secret_indexes_removed,
             "waiting": [{"record": r, "reason": why} for r, why in self.waiting],
         }
 
@@ -155,6 +167,7 @@ class Pruner:
         self.report = PruneReport(dry_run=dry_run)
         self._condemned: set[str] = set()  # condemned packs that no snapshot needs (see run)
         self._naming: Counter[str] = Counter()
+        self._other_secret: list[str] = []  # snapshots a damaged put key wrote: no roots (see _mark)
 
     def run(self) -> PruneReport:
         """Phase 2 for the records that are due, then phase 1 for new garbage, then repack."""
@@ -173,6 +186,10 @@ class Pruner:
             self.progress(f"marking: {len(sizes)} packs")
             moves = PackMoves.load(self.repo)
             roots = self._mark(seen)
+            # they can never be restored, and `check` reports them until they are retired
+            self.report.retired_other_secret = list(self._other_secret)
+            if not self.dry_run:
+                retire(self.repo, self._other_secret, self.put.client_key, self.cert.name)
             referenced = moves.resolve(p for r in roots for p in r.packs)
             self.report.packs_referenced = len(referenced)
             lease.refresh_if_due()
@@ -218,6 +235,7 @@ class Pruner:
     # ------------------------------------------------------------------ marking
     def _mark(self, seen: list[Session]) -> list[Root]:
         retired = self.repo.retired_snapshots()
+        domains = certificate_domains(self.repo)
         roots: list[Root] = []
         for s in seen:
             if s.checkpoint is not None:
@@ -233,9 +251,15 @@ class Pruner:
             if info.name in retired:
                 continue
             try:
-                env = parse_snapshot(self.repo.get_object(info.name)).env
+                snap = parse_snapshot(self.repo.get_object(info.name))
             except (encoding.FormatError, CorruptObject, ObjectMissing) as exc:
                 raise self._unmarkable(info.name, exc) from None
+            env = snap.env
+            if snapshot_with_other_secret(self.repo, snap, domains, self.put.secrets.domain_id):
+                # written by a damaged put key of this domain's clients: no key can read its data, so
+                # it keeps nothing; it is retired, and its packs go like any garbage
+                self._other_secret.append(info.name)
+                continue
             roots.append(
                 Root(info.name, env.packset, tuple(self._packs_named(env.packset, info.name)), env.chunkset, env.domain)
             )
@@ -286,6 +310,9 @@ class Pruner:
         index = IndexCache(self.repo, self.put.secrets, None, for_dedup=False).load()
         index.add_unindexed_packs()  # packs of killed runs that no index names
         own = index.locations.packs() & existing
+        # packs this domain's writers signed under a damaged secret: no key reads them
+        others = existing - own - referenced - excluded
+        own |= {p for p in others if pack_with_other_secret(self.repo, p, self.put.secrets)}
         garbage = sorted(own - referenced - excluded)
         self.report.condemned = garbage
         if garbage and not self.dry_run:
@@ -377,6 +404,10 @@ class Pruner:
             try:
                 obj = parse_index_frame(self.repo.get_object(info.name))
                 if obj.body.get("domain") != domain:
+                    if listed is not None and index_with_other_secret(self.repo, obj, domain):
+                        # a damaged put key of this domain wrote it: its entries are unreadable to all
+                        self.repo.backend.delete(info.name)
+                        self.report.other_secret_indexes_removed += 1
                     continue
                 verify(self.repo.certificate(obj.signer).verify_key, MAGIC_INDEX, obj.body_bytes, obj.sig)
                 entries = decrypt_index(obj, self.put.secrets)

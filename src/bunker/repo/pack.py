@@ -250,12 +250,17 @@ def verify_footer(footer: PackFooter, writer_verify_key: bytes) -> None:
         raise encoding.FormatError("pack signature does not verify") from None
 
 
+class WrongTrailerKey(encoding.FormatError):
+    """A trailer that does not open with the secret tried: written under another secret (another
+    dedup domain, or a damaged put key when its writer's signature holds), or altered."""
+
+
 def decrypt_trailer(footer: PackFooter, secrets: PutSecrets) -> Trailer:
     """Decrypt and validate a trailer (with S of the pack's domain)."""
     try:
         plain = aead.decrypt(trailer_key(secrets, footer.salt), footer.trailer_ct, footer.body_hash)
     except aead.DecryptionFailed:
-        raise encoding.FormatError("pack trailer does not decrypt (altered, or another dedup domain)") from None
+        raise WrongTrailerKey("pack trailer does not decrypt (altered, or another dedup domain)") from None
     m = encoding.expect_map(encoding.unpack(plain), "kind", "domain", "writer", "groups")
     groups, blobs = _decode_groups(encoding.field(m, "groups", list), footer.body_length)
     return Trailer(

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from bunker import encoding
 from bunker.crypto.derive import PutSecrets
-from bunker.crypto.keyfile import MasterKey, PutKey
+from bunker.crypto.keyfile import UNRESTORABLE, MasterKey, PutKey, damaged_put_key
 from bunker.crypto.sign import BadSignature, verify
 from bunker.errors import BunkerError, CorruptObject, ExitCode, ObjectMissing
 from bunker.repo import recovery_docs
@@ -49,6 +49,10 @@ from bunker.storage.backend import Backend
 
 class RepositoryError(BunkerError):
     exit_code = ExitCode.BAD_REPOSITORY
+
+
+def _put_key_name(put: PutKey) -> str:
+    return f"the put key {put.path}" if put.path else "the put key"
 
 
 @dataclass(frozen=True)
@@ -111,11 +115,18 @@ class Repository:
 
     @classmethod
     def open(
-        cls, backend: Backend, expected_id: str | None = None, *, legacy: bool = False, floor: bool = True
+        cls,
+        backend: Backend,
+        expected_id: str | None = None,
+        *,
+        legacy: bool = False,
+        floor: bool = True,
+        pinned_by: str = "",
     ) -> Repository:
-        """Open and verify the config; raise if none is valid for ``expected_id``, if the
-        repository is still in format 1 (unless ``legacy``: `bunker migrate`), or if its config
-        is below what this machine has seen (``floor``)."""
+        """Open and verify the config; raise if none is valid for ``expected_id`` (which
+        ``pinned_by`` names: "put key file X", "--expect"), if the repository is still in format 1
+        (unless ``legacy``: `bunker migrate`), or if its config is below what this machine has
+        seen (``floor``)."""
         found: dict[str, RepoConfig] = {}
         seen_other: set[str] = set()
         problems: list[str] = []
@@ -141,11 +152,15 @@ class Repository:
             found[info.name] = cfg
         if not found:
             if seen_other:
+                claimed = ", ".join(sorted(seen_other))
                 raise RepositoryError(
-                    f"the repository at {backend.url} is not the one your key is for "
-                    f"(it claims id {sorted(seen_other)[0][:16]}…, your key expects {(expected_id or '?')[:16]}…)",
-                    "its config may have been substituted: do not back up into it; check --repo, or run "
-                    "`bunker check --keyless --expect ID`",
+                    f"the repository at {backend.url} is not the one "
+                    + ("your key is for" if pinned_by else "expected")
+                    + f": its config is signed by the master key of repository {claimed}, "
+                    + (f"and {pinned_by} is for repository {expected_id}" if pinned_by else f"not {expected_id}"),
+                    "if the key or the repository is the wrong one, pass the right key file or --repo; if this is "
+                    "your key's own repository, its config was replaced by another master key's: do not back up into "
+                    f"it, and compare it with your copy (`bunker check --keyless --expect {expected_id}`)",
                     exit_code=ExitCode.INTEGRITY,
                 )
             if problems or any(True for prefix in ("snapshots/", "packs/") for _ in backend.list(prefix)):
@@ -272,28 +287,50 @@ class Repository:
                 exit_code=ExitCode.INTEGRITY,
             )
 
-    def check_put_key(self, put: PutKey) -> Certificate:
-        """Verify that ``put`` belongs here and its certificate is valid; publish it if absent.
-        Every command that writes goes through here: it also refuses a config below the put
-        key's floor and a forked config history."""
+    def verify_put_key(self, put: PutKey) -> Certificate:
+        """The put key's certificate, once the key is shown to be whole and of this repository,
+        without writing anything: every part that later writes depend on must fit the parts the
+        master key signed (the certificate, the config), or the data written with it could not
+        be read back. Every command that loads a put key goes through here."""
         if put.repo_id != self.repo_id:
             raise RepositoryError(
-                "the put key belongs to another repository",
-                "pass the put key of this repository with --put-key, or the right --repo",
+                f"{_put_key_name(put)} is for repository {put.repo_id}, but the repository at {self.backend.url} is "
+                f"{self.repo_id}",
+                "pass this repository's put key with --put-key, or the key's repository with --repo",
                 exit_code=ExitCode.KEY_MISSING,
             )
+        try:
+            cert = parse_certificate(put.certificate, self.config.master_verify, self.repo_id)
+        except encoding.FormatError as exc:
+            raise damaged_put_key(
+                put.path, f"the certificate inside it is not valid here ({exc})", UNRESTORABLE
+            ) from None
+        problem = ""
+        if cert.verify_key != put.client_key.public_bytes:
+            problem = "its signing key is not the one its certificate names"
+        elif cert.domain != put.secrets.domain_id:
+            problem = (
+                f"its secret belongs to dedup domain {put.secrets.domain_id}, but its certificate to {cert.domain}"
+            )
+        elif all(put.data_public != c.data_public for c in self.configs.values()):
+            problem = "its data public key (to which backups are sealed) is not the repository's"
+        elif put.domain != cert.domain_name:
+            raise damaged_put_key(
+                put.path, f"its dedup domain is named {put.domain!r}, but its certificate names {cert.domain_name!r}"
+            )
+        if problem:
+            raise damaged_put_key(put.path, problem, UNRESTORABLE)
+        return cert
+
+    def check_put_key(self, put: PutKey) -> Certificate:
+        """Verify that ``put`` belongs here and its certificate is valid (verify_put_key); publish
+        the certificate if absent. Every command that writes goes through here: it also refuses
+        a config below the put key's floor, a revoked client and a forked config history."""
+        self.verify_put_key(put)
         if put.config_version:
             self.enforce_floor(Floor(put.config_version, put.config_name, "the put key (when it was issued)"))
         name = self.put_object("clients", put.certificate)
         cert = self.certificate(name)
-        if cert.verify_key != put.client_key.public_bytes:
-            raise RepositoryError("the put key's certificate is not for its own signing key", "make a new put key")
-        if cert.domain != put.secrets.domain_id:
-            raise RepositoryError(
-                f"the put key's secret belongs to dedup domain {put.secrets.domain_id}, but its certificate to "
-                f"{cert.domain}: the key file is damaged, and backups with it could not be restored",
-                "restore the put key from your copy, or make a new one with `bunker key new-client NAME --out FILE`",
-            )
         if name in self.revoked:
             raise RepositoryError(
                 f"client {cert.client!r} has been revoked in this repository",
