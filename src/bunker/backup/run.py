@@ -210,18 +210,26 @@ def _body_extra(req: BackupRequest, host: str, started: float) -> dict[str, Any]
 
 
 def _spool_event(repo: Repository, req: BackupRequest, log: RunLog) -> bool:
-    """Log that the run went to the local spool (note; warn once spooled data is older than
+    """Log that the run went to the local spool: err when the repository refused (it will not
+    come back by itself: storage/refused.py), else note (warn once spooled data is older than
     ``req.spool_warn_age``). Returns True if it did."""
     b = repo.backend
     if not (isinstance(b, SpoolingBackend) and b.offline):
         return False
+    kept = f"this backup is stored locally in {b.spool.root}"
+    if b.refused is not None:
+        log.add(
+            "err",
+            "repository-refused",
+            f"the repository at {b.url} refuses writes ({b.refused.message}): {kept}, and the next backup or "
+            f"`bunker forward` delivers it once the repository takes writes again. Next step: {b.refused.fix}, "
+            "then run `bunker forward`",
+        )
+        return True
     oldest = oldest_pending(b.spool)
     age = time.time() - oldest if oldest is not None else 0.0
     where = f"the repository at {b.url} cannot be reached ({b.reason}): "
-    what = (
-        f"this backup is stored locally in {b.spool.root} and will be forwarded by the next backup "
-        "or by `bunker forward`"
-    )
+    what = f"{kept} and will be forwarded by the next backup or by `bunker forward`"
     if age >= req.spool_warn_age:
         log.add(
             "warn",

@@ -20,8 +20,10 @@ from bunker.private_files import private_dirs, tighten_own, write_private_file
 from bunker.repo.objects import content_hash, is_hash_name
 from bunker.repo.records import parse_lease
 from bunker.repo.repository import Repository
+from bunker.repo.snapshot import parse_snapshot
 from bunker.storage.backend import FIXED_NAMES, Backend, ObjectInfo
 from bunker.storage.local import LocalBackend
+from bunker.storage.refused import StorageRefused
 from bunker.storage.spooling import SpoolingBackend, pending_objects
 
 UPSTREAM_FILE = "UPSTREAM"  # the upstream URL, for people looking into the directory
@@ -68,6 +70,21 @@ class Spool:
                 with contextlib.suppress(ObjectMissing):
                     spool.put(name, repo.get_object(name))
 
+    def pending_snapshots(self) -> dict[str, dict[int, tuple[str, str]]]:
+        """The snapshots waiting here for the upstream: certificate -> seq -> (name, prev), as
+        their envelopes say (`bunker check` takes them as pending, not withheld)."""
+        out: dict[str, dict[int, tuple[str, str]]] = {}
+        if not os.path.isdir(self.root):
+            return out
+        spool = LocalBackend(self.root)
+        for info in spool.list("snapshots/"):
+            try:
+                env = parse_snapshot(spool.get(info.name)).env
+            except (encoding.FormatError, ObjectMissing):
+                continue
+            out.setdefault(env.cert, {})[env.seq] = (info.name, env.prev)
+        return out
+
     def clear_leftovers(self) -> int:
         """Remove what is never forwarded: leases of finished offline runs, recovery documents
         (every run that reaches the upstream rewrites those there)."""
@@ -99,7 +116,8 @@ def offline_repository(spool: Spool, expected_id: str | None, exc: BunkerError) 
             "the backup against locally: no backup was taken",
             exit_code=exc.exit_code,
         ) from None
-    backend = SpoolingBackend(None, spool.backend(), reason=exc.message, url=spool.upstream_url)
+    refused = exc if isinstance(exc, StorageRefused) else None
+    backend = SpoolingBackend(None, spool.backend(), reason=exc.message, url=spool.upstream_url, refused=refused)
     return Repository.open(backend, expected_id)
 
 

@@ -27,7 +27,7 @@ from bunker.errors import BunkerError, CorruptObject, ObjectMissing, StorageErro
 from bunker.repo import refs
 from bunker.repo.certs import parse_certificate
 from bunker.repo.check_report import CheckReport
-from bunker.repo.check_snapshots import SnapshotChecks
+from bunker.repo.check_snapshots import Pending, SnapshotChecks
 from bunker.repo.config import FORMAT_VERSION, parse_config
 from bunker.repo.config_chain import missing_links
 from bunker.repo.index import decrypt_index, parse_index_frame
@@ -72,6 +72,7 @@ class Checker:
         secrets: PutSecrets | None = None,
         master: MasterKey | None = None,
         heads: list[tuple[str, int, str]] | None = None,
+        pending: Pending | None = None,
         progress: Callable[[str], None] | None = None,
     ) -> None:
         self.backend = backend
@@ -80,6 +81,7 @@ class Checker:
         self.master = master
         # witnesses outside the storage: (cert name, remembered seq, remembered snapshot name)
         self.heads = heads or []
+        self.pending = pending  # this machine's snapshots waiting in its spool: not withheld
         self.report = CheckReport()
         self.progress = progress or (lambda s: None)
         self.repo: Repository | None = None
@@ -386,7 +388,14 @@ class Checker:
     ) -> None:
         assert self.repo
         SnapshotChecks(
-            self.repo, self.report, self._get, self._secrets_for_domain, self.master, self.heads, self._stored
+            self.repo,
+            self.report,
+            self._get,
+            self._secrets_for_domain,
+            self.master,
+            self.heads,
+            self._stored,
+            self.pending,
         ).run(names, retired_names, packs, locations, self._also_in)
 
     def _check_records(self, names: dict[str, list[str]]) -> None:

@@ -16,6 +16,9 @@ connects to a running ``bunker serve --socket``. The protocol is storage/wire.py
 - A server whose disk is full answers FAILED with the kind "full": that is RepositoryFull (the
   run stops with the next step: free space on the server's disk), not a StorageError, so a
   backup does not spool as if the server could not be reached.
+- A server whose disk refuses writes (read-only, permissions) answers FAILED with the kind
+  "refused", and an append-only server REFUSED: both are StorageRefused (storage/refused.py), so
+  a backup keeps its data in the spool and ends at level err.
 - An append-only server never replaces an object: a put of an existing name returns False
   (nothing written), a delete outside ``sessions/`` raises ServerRefused.
 """
@@ -38,13 +41,15 @@ from bunker.storage.backend import STRAYS_SHOWN, Backend, Capabilities, ObjectIn
 from bunker.storage.full import server_disk_full
 from bunker.storage.object_store import MAX_RETRY_DELAY, RetryPolicy
 from bunker.storage.prefixes import MAX_SHOWN, printable
+from bunker.storage.refused import StorageRefused
 from bunker.storage.remote_link import Lost, Opener, RemoteLocation, opener_for, parse_remote_url
 
 __all__ = ["RemoteBackend", "ServerRefused", "open_remote", "parse_remote_url"]
 
 
-class ServerRefused(BunkerError):
-    """The server does not allow the operation (append-only, or bytes that do not match a name)."""
+class ServerRefused(StorageRefused):
+    """The server does not allow the operation (append-only, or bytes that do not match a name):
+    it answered, so the repository was reached and refuses (a backup spools, at level err)."""
 
 
 class _Waiter:
@@ -326,8 +331,16 @@ class RemoteBackend(Backend):
         if f.code == wire.REFUSED:
             return ServerRefused(
                 f"{self.endpoint} refused: {message}",
-                hint or "ask the server's administrator what this server allows",
-                exit_code=ExitCode.FATAL,
+                (hint or "ask the server's administrator what this server allows").rstrip("."),
+            )
+        if f.code == wire.FAILED and f.meta.get("k") == wire.KIND_REFUSED:
+            # the server's disk refuses writes (read-only, permissions): it will not come back by
+            # itself, so a backup spools at level err (storage/refused.py)
+            server = self.loc.host if self.loc.scheme == "ssh" else "the machine that runs `bunker serve`"
+            fix = hint.rstrip(".") or "make the repository directory writable"
+            return StorageRefused(
+                f"could not {where}: the server's repository refuses writes (the server says: {message})",
+                f"on the server ({server}): {fix}",
             )
         if f.code == wire.FAILED and f.meta.get("k") == wire.KIND_FULL:
             # the server's disk is full: not "unreachable" (a backup must not spool), no retry helps
