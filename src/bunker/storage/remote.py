@@ -65,7 +65,7 @@ def _again(exc: BaseException) -> BaseException:
     """A fresh copy of a connection's failure for one more waiting thread (one exception object
     raised in several threads would share and tangle its traceback)."""
     if isinstance(exc, Lost):
-        return Lost(*exc.args)
+        return Lost(*exc.args, no_answer=exc.no_answer)
     if type(exc) in (wire.ProtocolError, BunkerError, StorageError):
         assert isinstance(exc, BunkerError)
         return type(exc)(exc.message, exc.hint, exit_code=exc.exit_code)
@@ -167,6 +167,7 @@ class RemoteBackend(Backend):
         self.append_only = False
         self.server_version = ""
         self.server_repo = ""  # the repository directory on the server, as its hello says
+        self._answered = False  # a server answered once: a refused connection then gets every retry
         self._finalizer = weakref.finalize(self, self._current.close, self._opener)
         try:
             self._call("open the repository", "", wire.PING, {})
@@ -281,6 +282,7 @@ class RemoteBackend(Backend):
             max_frame = fields.get("max_frame")
             limit = max_frame if isinstance(max_frame, int) and 0 < max_frame <= wire.MAX_FRAME else wire.MAX_FRAME
             self._current.conn = conn = Connection(stream, describe, limit)
+            self._answered = True
             return conn
 
     def _call(
@@ -294,7 +296,8 @@ class RemoteBackend(Backend):
         io: bool = False,
     ) -> wire.Frame:
         timeout = self._policy.timeout * (2 if io else 1)
-        attempt = 0
+        attempt = quick = 0
+        started = time.monotonic()
         while True:
             conn: Connection | None = None
             try:
@@ -303,6 +306,15 @@ class RemoteBackend(Backend):
             except Lost as exc:
                 if conn is not None:
                     conn.fail(exc)
+                if exc.no_answer and not self._answered:
+                    # nothing listens (a stopped server): a short try, not the backoff for a
+                    # server that stumbles; then it is unreachable and a backup spools
+                    delay = self._policy.no_answer_delay(quick, started)
+                    if delay is None:
+                        raise self._unreachable(exc, what, name, time.monotonic() - started) from None
+                    time.sleep(delay)
+                    quick += 1
+                    continue
                 if attempt >= self._policy.retries:
                     raise self._unreachable(exc, what, name) from None
                 time.sleep(self._delay(attempt))
@@ -315,7 +327,13 @@ class RemoteBackend(Backend):
     def _what(self, what: str, name: str) -> str:
         return f"{what} {name} at {self.endpoint}" if name else f"{what} at {self.endpoint}"
 
-    def _unreachable(self, exc: Lost, what: str, name: str) -> StorageError:
+    def _unreachable(self, exc: Lost, what: str, name: str, waited: float | None = None) -> StorageError:
+        if waited is not None:
+            return StorageError(
+                f"could not {self._what(what, name)}: nothing answers there ({exc}; tried for {waited:.1f} s)",
+                f"start the server ({self._opener.test_hint}) or fix the repository URL, then run the command again",
+                exit_code=ExitCode.NO_REPOSITORY,
+            )
         tries = f"also after {self._policy.retries} retries" if self._policy.retries else "and retries are off"
         return StorageError(
             f"could not {self._what(what, name)}: the server did not answer or the connection kept dropping "

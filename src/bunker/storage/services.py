@@ -107,7 +107,9 @@ def _backend(
         raise usage_error(
             f"cannot use the repository URL {url}: {describe_error(exc)}", "check the URL's parameters"
         ) from None
-    return ObjectStoreBackend(policy.apply(op), url, where, service=service, staged=staged)
+    return ObjectStoreBackend(
+        policy.apply(op), url, where, service=service, staged=staged, probe=policy.probe(op), policy=policy
+    )
 
 
 # ---------------------------------------------------------------------------------------------- S3
