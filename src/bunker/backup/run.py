@@ -20,6 +20,13 @@ from bunker.backup.checkpoint import Checkpointer, adopt_dead_checkpoints, clear
 from bunker.backup.commit import Committed, chain_head, commit_snapshot
 from bunker.backup.excludes import Excludes
 from bunker.backup.files_cache import FilesCache
+from bunker.backup.unindexed import (
+    clear_unfinished,
+    index_stopped_runs_packs,
+    mark_unfinished,
+    unfinished,
+    with_figures,
+)
 from bunker.crypto.keyfile import PutKey
 from bunker.errors import BunkerError, ExitCode
 from bunker.repo.gc import condemned_packs
@@ -28,6 +35,7 @@ from bunker.repo.leases import Lease
 from bunker.repo.repository import Repository
 from bunker.repo.session_writer import SessionWriter
 from bunker.runlog import RunLog
+from bunker.storage.full import RepositoryFull
 from bunker.storage.spooling import SpoolingBackend, oldest_pending
 from bunker.tar.reader import tar_entries
 
@@ -119,6 +127,10 @@ def run_backup(
         index = IndexCache(repo, put.secrets, cache_dir, absent_packs=condemned_packs(repo), listed_packs=listed).load()
         for problem in index.problems[:20]:
             log.add("warn", "index-damaged", f"index object skipped ({problem}); run `bunker check`")
+        if listed is not None and unfinished(state_dir):
+            # an earlier run stopped (a full disk, a kill) with packs no index names: use them
+            index_stopped_runs_packs(repo, put, cert, index, listed, log)
+        mark_unfinished(state_dir, lease.session)
         writer = SessionWriter(repo, put, cert.name, index)
         fcache = FilesCache(os.path.join(cache_dir, "files.sqlite") if cache_dir else None)
         started = time.time()
@@ -155,13 +167,11 @@ def run_backup(
                 tree_stats=archiver.chunks.tree_stats,
             )
         try:
-            if req.tar is not None:
-                result = tar_entries(archiver, req.tar, req.stdin)
-            elif req.stdin_name is not None:
-                result = stream_entry(archiver, req.stdin_name, req.stdin or sys.stdin.buffer)
-            else:
-                result = archiver.run(req.paths)
-            writer.flush()  # packs and index first: whether they went to the spool belongs in the snapshot's log
+            try:
+                result = _archive(archiver, req)
+                writer.flush()  # packs and index first: whether they went to the spool belongs in the snapshot's log
+            except RepositoryFull as exc:
+                raise with_figures(exc, writer, archiver.progress, req.paths) from None
             spooled = _spool_event(repo, req, log)
             committed = commit_snapshot(
                 repo,
@@ -178,6 +188,8 @@ def run_backup(
                 master_on_client=req.master_on_client,
             )
             committed_names.append(committed.name)
+            if not (isinstance(repo.backend, SpoolingBackend) and repo.backend.offline):
+                clear_unfinished(state_dir)  # its packs are indexed (offline: in the spool, delivered later)
             if not spooled:
                 _spool_event(repo, req, log)  # the repository stopped answering while the snapshot was written
             fcache.flush()
@@ -188,6 +200,15 @@ def run_backup(
         lease.release(committed_names)
         clear_running(state_dir, unseen)
     return BackupOutcome(committed, log, result)
+
+
+def _archive(archiver: Archiver, req: BackupRequest) -> ArchiveResult:
+    """Read and store the source: a tar stream, standard input or paths."""
+    if req.tar is not None:
+        return tar_entries(archiver, req.tar, req.stdin)
+    if req.stdin_name is not None:
+        return stream_entry(archiver, req.stdin_name, req.stdin or sys.stdin.buffer)
+    return archiver.run(req.paths)
 
 
 def _body_extra(req: BackupRequest, host: str, started: float) -> dict[str, Any]:

@@ -19,6 +19,7 @@ from bunker.private_files import private_dirs, write_private_file
 from bunker.repo.blob_reader import read_trailer
 from bunker.repo.index import Location, LocationMap, decrypt_index, parse_index_frame
 from bunker.repo.objects import MAGIC_INDEX, MAX_SIGNED_OBJECT, is_hash_name
+from bunker.repo.pack import fetch_footer
 from bunker.repo.repository import Repository
 
 
@@ -142,19 +143,25 @@ class IndexCache:
             entries = [(cid, loc) for cid, loc in entries if loc.pack in self.only_packs]
         self.locations.update(entries)
 
-    def add_unindexed_packs(self) -> int:
+    def add_unindexed_packs(self, only_writer: str | None = None, listed: Iterable[str] | None = None) -> int:
         """Add the blobs of every pack of this domain that no index object names, read from the
-        packs' own trailers (indexes are only a cache of them). Returns how many packs were read."""
+        packs' own trailers (indexes are only a cache of them). Returns how many packs were read.
+        ``only_writer``: only packs whose footer names this certificate as signer (other packs
+        cost one small range read each). ``listed``: the pack names a listing showed (else the
+        packs are listed here)."""
         indexed = self.locations.packs()
         revoked = self.repo.revoked if self.for_dedup else {}
+        if listed is None:
+            listed = [info.name.split("/", 1)[1] for info in self.repo.backend.list("packs/")]
         n = 0
-        for info in self.repo.backend.list("packs/"):
-            pack = info.name.split("/", 1)[1]
+        for pack in listed:
             if pack in indexed or pack in self.absent_packs:
                 continue
             try:
+                if only_writer is not None and fetch_footer(self.repo.backend, f"packs/{pack}").signer != only_writer:
+                    continue
                 blobs, _, writer = read_trailer(self.repo, pack, self.secrets)
-            except (CorruptObject, ObjectMissing):
+            except (CorruptObject, ObjectMissing, encoding.FormatError):
                 continue  # another domain's pack, or damaged: check reports it
             if writer in revoked:
                 continue
