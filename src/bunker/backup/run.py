@@ -120,19 +120,22 @@ def run_backup(
         _, unseen = adopt_dead_checkpoints(
             repo, put, cert, state_dir, log, lease.session, lease.storage_time(), start_head
         )
-        mark_running(state_dir, lease.session, unseen)
+        _state(log, lambda: mark_running(state_dir, lease.session, unseen))
         # after the lease: a pack condemned from now on waits for this session (DESIGN.md §6)
         # a session deduplicates only against packs it can see listed (a spool lists only its own)
         listed = None if repo.backend.capabilities().partial else [i.name[6:] for i in repo.backend.list("packs/")]
         index = IndexCache(repo, put.secrets, cache_dir, absent_packs=condemned_packs(repo), listed_packs=listed).load()
         for problem in index.problems[:20]:
             log.add("warn", "index-damaged", f"index object skipped ({problem}); run `bunker check`")
+        if index.cache_problem:
+            log.add("warn", "cache-unwritable", index.cache_problem)
         if listed is not None and unfinished(state_dir):
             # an earlier run stopped (a full disk, a kill) with packs no index names: use them
             index_stopped_runs_packs(repo, put, cert, index, listed, log)
         mark_unfinished(state_dir, lease.session)
         writer = SessionWriter(repo, put, cert.name, index)
         fcache = FilesCache(os.path.join(cache_dir, "files.sqlite") if cache_dir else None)
+        files_cache_warned = _files_cache_event(log, fcache, False)
         started = time.time()
 
         def body_extra() -> dict[str, Any]:
@@ -173,6 +176,7 @@ def run_backup(
             except RepositoryFull as exc:
                 raise with_figures(exc, writer, archiver.progress, req.paths) from None
             spooled = _spool_event(repo, req, log)
+            files_cache_warned = _files_cache_event(log, fcache, files_cache_warned)
             committed = commit_snapshot(
                 repo,
                 put,
@@ -190,16 +194,44 @@ def run_backup(
             committed_names.append(committed.name)
             if not (isinstance(repo.backend, SpoolingBackend) and repo.backend.offline):
                 clear_unfinished(state_dir)  # its packs are indexed (offline: in the spool, delivered later)
+            if committed.head_problem:
+                log.add("warn", "state-unwritable", committed.head_problem)
             if not spooled:
                 _spool_event(repo, req, log)  # the repository stopped answering while the snapshot was written
             fcache.flush()
+            _files_cache_event(log, fcache, files_cache_warned)
         finally:
             writer.close()
             fcache.close()
     finally:
         lease.release(committed_names)
-        clear_running(state_dir, unseen)
+        _state(log, lambda: clear_running(state_dir, unseen))
     return BackupOutcome(committed, log, result)
+
+
+def _state(log: RunLog, write: Callable[[], None]) -> None:
+    """Write this machine's state about the run (which session runs, which were killed). Without
+    room it costs only the quick adoption of a killed run's checkpoint (prune adopts it later)."""
+    try:
+        write()
+    except OSError as exc:
+        if any(e.code == "state-unwritable" for e in log.events):
+            return
+        log.add(
+            "warn",
+            "state-unwritable",
+            f"this machine's state directory ({dirs.data_dir()}) cannot be written ({exc.strerror or exc}): if this "
+            "run is killed, its checkpoint becomes a snapshot only when `bunker prune` adopts it; free space on "
+            "that disk",
+        )
+
+
+def _files_cache_event(log: RunLog, fcache: FilesCache, warned: bool) -> bool:
+    """Log once that the files cache cannot be written (the run is slower, the next one too)."""
+    if fcache.problem and not warned:
+        log.add("warn", "cache-unwritable", fcache.problem)
+        return True
+    return warned
 
 
 def _archive(archiver: Archiver, req: BackupRequest) -> ArchiveResult:

@@ -10,11 +10,12 @@ from typing import Any, TypeVar
 
 import click
 
-from bunker import __version__
+from bunker import __version__, dirs
 from bunker.child_env import withhold_secrets
 from bunker.cli.context import Options
 from bunker.cli.output import Output
 from bunker.errors import BunkerError, ExitCode
+from bunker.storage.full import FULL_ERRNOS
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -48,6 +49,12 @@ def handles_errors(f: F) -> F:
         except BunkerError as exc:
             out.error(exc)
             sys.exit(exc.exit_code)
+        except OSError as exc:
+            if exc.errno not in FULL_ERRNOS:
+                raise
+            # a full disk under bunker's own files that no part of the command handled itself
+            out.error(local_files_full(exc))
+            sys.exit(ExitCode.FATAL)
         except KeyboardInterrupt:
             click.echo(
                 "bunker: interrupted; no snapshot was written. Data stored more than about 10 s ago is indexed "
@@ -57,6 +64,18 @@ def handles_errors(f: F) -> F:
             sys.exit(130)
 
     return wrapper  # type: ignore[return-value]
+
+
+def local_files_full(exc: OSError) -> BunkerError:
+    """The error for a full disk under this machine's own bunker files (keys, state, spool, caches)."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    places = ", ".join(f"`df -h {d}`" for d in dict.fromkeys((dirs.config_dir(), dirs.data_dir(), dirs.cache_dir())))
+    return BunkerError(
+        f"this machine's disk is full{where}: {exc.strerror or exc}",
+        f"free space on the disk that holds bunker's files on this machine ({places} show them), then run the same "
+        "command again",
+        exit_code=ExitCode.FATAL,
+    )
 
 
 def make_options(kwargs: dict[str, Any]) -> tuple[Options, Output]:

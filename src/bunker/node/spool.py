@@ -10,7 +10,6 @@ until ``bunker forward`` has delivered them.
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 from bunker import dirs, encoding
@@ -59,16 +58,36 @@ class Spool:
             return []
         return pending_objects(LocalBackend(self.root))
 
-    def seed(self, repo: Repository, put: PutKey) -> None:
+    def seed(self, repo: Repository, put: PutKey) -> str:
         """Copy what opening the repository offline needs: every config version and this client's
-        certificate (objects are immutable: only missing ones are fetched)."""
-        spool = self.backend()
+        certificate (objects are immutable: only missing ones are fetched). Returns why the spool
+        could not be written ("" when it could): a full or read-only disk under the data
+        directory costs only the fallback, never the backup at hand. The upstream's failures
+        are raised."""
         cert = repo.check_put_key(put)
         wanted = [i.name for i in repo.backend.list("config/")] + [cert.name]
-        for name in wanted:
-            if spool.stat(name) is None:
-                with contextlib.suppress(ObjectMissing):
-                    spool.put(name, repo.get_object(name))
+        try:
+            spool = self.backend()
+            missing = [name for name in wanted if spool.stat(name) is None]
+        except (BunkerError, OSError) as exc:
+            return self._unwritable(exc)
+        for name in missing:
+            try:
+                data = repo.get_object(name)
+            except ObjectMissing:
+                continue
+            try:
+                spool.put(name, data)
+            except (BunkerError, OSError) as exc:
+                return self._unwritable(exc)
+        return ""
+
+    def _unwritable(self, exc: BaseException) -> str:
+        why = exc.message if isinstance(exc, BunkerError) else (getattr(exc, "strerror", None) or str(exc))
+        return (
+            f"the local spool {self.root} cannot be written ({why}): were the repository unreachable, a backup could "
+            "not be kept there; free space on that disk (or make it writable)"
+        )
 
     def pending_snapshots(self) -> dict[str, dict[int, tuple[str, str]]]:
         """The snapshots waiting here for the upstream: certificate -> seq -> (name, prev), as

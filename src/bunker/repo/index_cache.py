@@ -2,7 +2,9 @@
 
 Decrypted index objects are cached as files in the client's cache directory (index objects are
 immutable, so a cached copy never goes stale; one that disappeared from the repository is
-dropped). The cache can always be rebuilt from the repository with the put key.
+dropped). The cache can always be rebuilt from the repository with the put key. A cache
+directory that cannot be written (a full disk) only costs speed: the index is read from the
+repository, and ``cache_problem`` says why.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ class IndexCache:
         self.locations = LocationMap()
         self.objects: set[str] = set()
         self.problems: list[str] = []
+        self.cache_problem = ""  # why the cache directory is not written (the index still loads)
         self.unindexed: list[tuple[str, list[tuple[bytes, Location]]]] = []  # found by add_unindexed_packs
 
     def __contains__(self, cid: bytes) -> bool:
@@ -79,8 +82,13 @@ class IndexCache:
         if self.cache_dir and not self.for_dedup:
             self.cache_dir = None  # the cache holds the dedup view only
         if self.cache_dir:
-            private_dirs(self.cache_dir)
-            cached = set(os.listdir(self.cache_dir))
+            try:
+                private_dirs(self.cache_dir)
+                cached = set(os.listdir(self.cache_dir))
+            except OSError as exc:
+                self._uncached(exc)
+                self.cache_dir = None  # nothing to read either
+        if self.cache_dir:
             listed = {n.split("/", 1)[1] for n in names}
             if partial:
                 names += [f"index/{leaf}" for leaf in sorted(cached - listed) if is_hash_name(f"index/{leaf}")]
@@ -131,9 +139,22 @@ class IndexCache:
 
     def _store_cached(self, leaf: str, entries: list[tuple[bytes, Location]]) -> None:
         assert self.cache_dir
+        if self.cache_problem:
+            return  # no room: read from the repository next time
         rows = [[cid, loc.pack, loc.offset, loc.length, loc.raw_length] for cid, loc in entries]
-        # a cache: rebuilt from the repository when lost, so not fsynced
-        write_private_file(os.path.join(self.cache_dir, leaf), encoding.pack(rows), durable=False)
+        try:
+            # a cache: rebuilt from the repository when lost, so not fsynced
+            write_private_file(os.path.join(self.cache_dir, leaf), encoding.pack(rows), durable=False)
+        except OSError as exc:
+            self._uncached(exc)
+
+    def _uncached(self, exc: OSError) -> None:
+        """Stop writing the cache directory: index objects not cached are read from the
+        repository on every run."""
+        self.cache_problem = (
+            f"the index cache {self.cache_dir} cannot be written ({exc.strerror or exc}): index objects are read "
+            "from the repository on every run (slower); free space on that disk (or make it writable)"
+        )
 
     def add(self, entries: Iterable[tuple[bytes, Location]]) -> None:
         """Add entries (first location wins: equal chunks in two packs are both valid)."""
