@@ -255,6 +255,18 @@ def _open_for_reading(
     return repo, master, rec, BlobReader(repo, master.data_private, secrets, index.locations), body["root"]
 
 
+def damaged_packs(reader: BlobReader) -> list[tuple[str, str]]:
+    """(pack object, message) for every pack read although its writer's signature failed."""
+    return [
+        (
+            f"packs/{pack}",
+            f"packs/{pack} is damaged ({why}); its blobs were used, each checked against its chunk id (who wrote the "
+            "pack cannot be proven any more): run `bunker check`, and replace the pack from a mirror if you have one",
+        )
+        for pack, why in sorted(reader.damaged.items())
+    ]
+
+
 def budget_of(rec: SnapshotRecord) -> TreeBudget:
     """The tree walk budget of a snapshot: its signed statistics (FORMAT.md section 14)."""
     return TreeBudget(rec.short_id, rec.snap.env.stats)
@@ -345,9 +357,14 @@ def ls_cmd(**kwargs: Any) -> None:
         if not first or e["t"] != "d":
             items.append(_ls_item(p, e))
         first = False
-    out.document({"snapshot": rec.name.split("/", 1)[1], "items": items})
+    damaged = damaged_packs(reader)
+    out.document({"snapshot": rec.name.split("/", 1)[1], "items": items, "damaged_packs": [n for n, _ in damaged]})
     for it in items:
         out.line(_ls_line(it))
+    for _, message in damaged:
+        out.info(f"err: {message}")
+    if damaged:
+        sys.exit(ExitCode.ERR)
     _ = repo
 
 
@@ -373,6 +390,8 @@ def restore(**kwargs: Any) -> None:
     log = RunLog()
     restorer = Restorer(reader, os.fsencode(os.path.abspath(target)), log, numeric_owner=numeric, budget=budget_of(rec))
     stats = restorer.restore(root, list(paths))
+    for _, message in damaged_packs(reader):
+        log.add("err", "pack-damaged", message)
     out.document(
         {
             "snapshot": rec.name.split("/", 1)[1],
@@ -384,12 +403,12 @@ def restore(**kwargs: Any) -> None:
     )
     if not opts.as_json:
         for e in log.events:
-            click.echo(f"{e.level}: {display_path(e.path)}: {e.message}", err=True)
+            click.echo(f"{e.level}: {display_path(e.path) + ': ' if e.path else ''}{e.message}", err=True)
         click.echo(
             f"restored snapshot {rec.short_id} into {target}: {stats.files} files, {stats.dirs} dirs, "
             f"{stats.links} symlinks, {stats.hardlinks} hard links, {stats.other} other items, "
             f"{human_bytes(stats.bytes)}; level {log.level}"
             + (f"; {stats.failed} items could not be restored" if stats.failed else "")
         )
-    if stats.failed:
+    if stats.failed or log.level == "err":
         sys.exit(ExitCode.ERR)
