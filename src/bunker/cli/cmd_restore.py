@@ -209,7 +209,7 @@ def _open_for_reading(
         # on a machine that backs up, `latest` is its own client's unless told otherwise
         mine = None if (f.client or f.host) else own_client(opts, repo)
         if mine is not None:
-            f.client = mine
+            f.client, f.own_client = mine, True
         known = known_heads(opts, repo)
     rec = select(repo, spec, f, master, known)
     if spec == "latest":

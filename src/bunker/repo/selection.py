@@ -41,6 +41,7 @@ class Filters:
     tags: tuple[str, ...] = ()
     path: str | None = None
     host_certs: HostSelection | None = None  # resolve_host
+    own_client: bool = False  # ``client`` is this machine's own, implied for `latest`
 
     @property
     def sealed(self) -> bool:
@@ -179,6 +180,14 @@ def select(
                 _require_head(repo, head, every)
         retired = repo.retired_snapshots()
         cands = [r for r in records if r.name not in retired and matches(r, f, master, repo)]
+        if not cands and f.own_client:
+            raise BunkerError(
+                f"no snapshot of this machine's client {f.client!r} matches (on a machine that backs up, `latest` "
+                "means its own client's)"
+                + (" (forgotten snapshots are never `latest`)" if retired else ""),
+                "name another client with --client NAME (`bunker snapshots` lists them), or a snapshot by its id",
+                exit_code=ExitCode.USAGE,
+            )
         if not cands:
             raise BunkerError(
                 "no snapshot matches"

@@ -134,14 +134,15 @@ class RetryPolicy:
             return None
         return delay
 
-    def apply(self, op: opendal.Operator) -> opendal.Operator:
+    def apply(self, op: opendal.Operator, retries: int | None = None) -> opendal.Operator:
         """Wrap ``op``: a timeout per request inside (a timed-out request is a temporary error),
-        retries with backoff and jitter outside."""
+        retries with backoff and jitter outside (``retries``: other than the policy's)."""
         op = self.probe(op)
-        if self.retries > 0:
+        retries = self.retries if retries is None else retries
+        if retries > 0:
             op = op.layer(
                 RetryLayer(
-                    max_times=self.retries,
+                    max_times=retries,
                     factor=2.0,
                     jitter=True,
                     min_delay=self.first_delay,
@@ -163,7 +164,8 @@ class ObjectStoreBackend(Backend):
     first contact quick when nothing answers: until the service has answered once, requests go
     through ``probe``; a connection it refuses is retried for NO_ANSWER_SECONDS at most, then
     the repository is unreachable (exit 13; a backup spools) instead of costing the full backoff
-    of every request. Other failures of the first request are retried as usual.
+    of every request. Other failures of the first request are retried as usual, through
+    ``rest`` (the operator with one retry fewer: the attempt through ``probe`` was the first).
     """
 
     def __init__(
@@ -175,14 +177,20 @@ class ObjectStoreBackend(Backend):
         service: ServiceInfo = GENERIC,
         staged: bool = False,
         probe: opendal.Operator | None = None,
+        rest: opendal.Operator | None = None,
         policy: RetryPolicy | None = None,
     ) -> None:
         self._full_op = op
         self._probe_op = probe
+        self._rest_op = rest if rest is not None else op
         self._policy = policy or RetryPolicy()
         self._answered = probe is None  # the service answered once (an error is an answer too)
         self._first_lock = threading.RLock()
-        self._probing: threading.Thread | None = None  # the thread whose requests go through the probe
+        # during the first contact: the thread making it, the operator its requests use, and
+        # whether a failure is the first contact's to judge (_ProbeFailed) or an error to map
+        self._first_thread: threading.Thread | None = None
+        self._first_op: opendal.Operator | None = None
+        self._probing = False
         self.url = url
         self.endpoint = endpoint
         self.service = service
@@ -196,9 +204,8 @@ class ObjectStoreBackend(Backend):
 
     @property
     def _op(self) -> opendal.Operator:
-        if self._probing is not None and self._probing is threading.current_thread():
-            assert self._probe_op is not None
-            return self._probe_op
+        if self._first_op is not None and self._first_thread is threading.current_thread():
+            return self._first_op
         return self._full_op
 
     def _first(self, fn: Callable[[], T], what: str, name: str) -> T:
@@ -207,34 +214,41 @@ class ObjectStoreBackend(Backend):
         if self._answered:
             return fn()
         with self._first_lock:
-            if self._answered or self._probing is threading.current_thread():
+            me = threading.current_thread()
+            if self._answered or self._first_thread is me:
                 return fn()  # answered meanwhile, or a request nested in the first one
             started, attempt = time.monotonic(), 0
-            while True:
-                self._probing = threading.current_thread()
-                try:
-                    out = fn()
-                except _ProbeFailed as failed:
-                    exc = failed.exc
-                    if _connection_refused(exc):
-                        delay = self._policy.no_answer_delay(attempt, started)
-                        if delay is None:
-                            raise self._no_answer(exc, what, name, time.monotonic() - started) from None
-                        time.sleep(delay)
-                        attempt += 1
-                        continue
-                    self._probing = None
-                    if _answer(exc):
-                        self._answered = True
-                        self._fail(exc, what, name)
-                    return fn()  # no answer (a timeout, a dropped connection): the usual retries
-                except BaseException:
-                    self._answered = True  # an answer that means an error (NotFound...)
-                    raise
-                finally:
-                    self._probing = None
-                self._answered = True
-                return out
+            self._first_thread = me
+            try:
+                while True:
+                    self._first_op, self._probing = self._probe_op, True
+                    try:
+                        out = fn()
+                    except _ProbeFailed as failed:
+                        exc = failed.exc
+                        if _connection_refused(exc):
+                            delay = self._policy.no_answer_delay(attempt, started)
+                            if delay is None:
+                                raise self._no_answer(exc, what, name, time.monotonic() - started) from None
+                            time.sleep(delay)
+                            attempt += 1
+                            continue
+                        self._probing = False
+                        if _answer(exc) or self._policy.retries == 0:
+                            self._answered = _answer(exc)
+                            self._fail(exc, what, name)
+                        # no answer yet (a timeout, a 5xx, a dropped connection): the remaining
+                        # retries, as for any request
+                        self._first_op = self._rest_op
+                        time.sleep(self._policy.first_delay)
+                        out = fn()
+                    except BaseException:
+                        self._answered = True  # an answer that means an error (NotFound...)
+                        raise
+                    self._answered = True
+                    return out
+            finally:
+                self._first_thread, self._first_op, self._probing = None, None, False
 
     def _no_answer(self, exc: Exception, what: str, name: str, waited: float) -> StorageError:
         where = f"{what} {name} at {self.endpoint}" if name else f"{what} at {self.endpoint}"
@@ -431,7 +445,7 @@ class ObjectStoreBackend(Backend):
         return self._read(name, offset=offset, size=end - offset)
 
     def _fail(self, exc: Exception, what: str, name: str) -> NoReturn:
-        if self._probing is not None and self._probing is threading.current_thread():
+        if self._probing and self._first_thread is threading.current_thread():
             raise _ProbeFailed(exc)  # the first contact decides (_first)
         raise storage_error(exc, what, name, self.endpoint, self.service) from None
 
