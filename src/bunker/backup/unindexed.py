@@ -87,12 +87,14 @@ def with_figures(err: RepositoryFull, writer: SessionWriter, progress: Progress,
         return err.with_figures(kept, f"{_mb(pending)} plus the rest of the input")
     total, complete = _source_bytes(paths)
     unread = max(0, total - progress.nbytes)
-    bound = "at most" if complete else "more than"
+    if complete and unread == 0:
+        return err.with_figures(kept, f"about {_mb(pending)} (what it had read but not stored yet)")
+    bound = "at most about" if complete else "more than"
     return err.with_figures(
         kept,
-        f"{bound} about {_mb(pending + unread)}: {_mb(pending)} it had read but not stored, and "
-        f"{'up to ' if complete else 'at least '}{_mb(unread)} of the source it had not read yet; less where files "
-        "are unchanged or deduplicate",
+        f"{bound} {_mb(pending + unread)} ({_mb(pending)} it had read but not stored yet, and "
+        f"{'up to' if complete else 'at least'} {_mb(unread)} of the source it had not read; less where files are "
+        "unchanged or deduplicate)",
     )
 
 

@@ -58,7 +58,7 @@ class RepositoryFull(BunkerError):
         return RepositoryFull(
             f"{self.message}; before that, this run stored {kept}: kept, and the next run uses it instead of "
             "storing it again",
-            f"{MEANING} {self.free_step} (the next run needs room for {need}), then run the same command again",
+            f"{MEANING} {self.free_step}: the next run needs room for {need}. Then run the same command again",
             exit_code=self.exit_code,
             free_step=self.free_step,
         )
