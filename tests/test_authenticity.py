@@ -83,15 +83,22 @@ def test_altered_snapshot_is_rejected(repo: Repo, tmp_path: Path, how: str) -> N
     msg = next(p["problem"] for p in doc["problems"] if p["object"] == obj_name(new))
     assert "not trusted" in msg and "signature" in msg
 
-    rows = {r["id"]: r for r in js(repo.ok("snapshots", "--json"))["snapshots"]}
+    # this machine remembers the genuine #2: `snapshots` lists it as missing (exit 14)
+    listed = js(repo.ok("snapshots", "--json", rc=14))
+    rows = {r["id"]: r for r in listed["snapshots"]}
     assert s1["snapshot"] in rows and rows[s1["snapshot"]]["trusted"] is True
     assert new.name not in rows or rows[new.name]["trusted"] is False
     if new.name in rows:
         assert "signature" in rows[new.name]["problem"]
+    assert [m["id"] for m in listed["missing"]] == [s2["snapshot"]]
 
-    # the altered snapshot is never chosen: latest is the genuine #1
+    # the altered snapshot is never chosen: on this machine `latest` names the missing #2
+    # (issue 11 point 11); elsewhere latest is the genuine #1
     target = tmp_path / "t"
-    repo.ok("restore", "latest", "--target", target)
+    cp = repo.run("restore", "latest", "--target", target)
+    assert cp.returncode == 14 and s2["snapshot"] in cp.stderr, cp.stderr
+    elsewhere = {**repo.env, "XDG_DATA_HOME": str(tmp_path / "elsewhere")}
+    repo.ok("restore", "latest", "--target", target, env=elsewhere)
     assert restored_path(target, src / "f.txt").read_bytes() == b"version one\n"
     cp = repo.run("restore", new.name[:16], "--target", tmp_path / "t2")
     assert cp.returncode == 2 and "no snapshot" in cp.stderr

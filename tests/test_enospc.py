@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import http.server
 import os
+import re
 import shutil
 import subprocess
 import tempfile
@@ -337,3 +338,50 @@ def test_object_store_full_answers_are_repository_full(status: int, code: str, m
     finally:
         srv.shutdown()
         srv.server_close()
+
+
+# ------------------------------------------- the rerun after a full disk uses what was stored (issue 11 point 9)
+
+
+def test_rerun_after_a_full_disk_uses_the_packs_it_stored(small_fs: Path, tmp_path: Path) -> None:
+    """The disk fills after the first 16 MiB pack of a 28 MiB file was stored: the message says
+    what was stored (kept) and how much room the next run needs; freeing just that much (plus a
+    little) is enough, because the rerun indexes the stopped run's pack (signed by this client,
+    named by no index) before it deduplicates, instead of storing the same data again."""
+    where = small_fs / "repo"
+    repo = dataclasses.replace(init_repo(tmp_path / "home", url=str(where)), path=where)
+    src = tmp_path / "src"
+    make_tree(src)
+    first = repo.backup(src, args=("--no-progress",))
+    (src / "big.bin").write_bytes(os.urandom(28 << 20))
+    filler = _fill(small_fs, leave=20 << 20)  # room for the first pack, not for the second
+
+    cp = repo.run("backup", src, "--json", "--no-progress")
+    assert cp.returncode == ExitCode.FATAL, cp.stderr
+    doc = js(cp)
+    _assert_clear_full_message(cp.stderr, doc, where)
+    m = re.search(r"this run stored ([0-9.]+) MB in (\d+) pack\(s\): kept", doc["error"])
+    assert m and float(m.group(1)) > 16 and int(m.group(2)) >= 1, doc["error"]
+    need = re.search(r"the next run needs room for (?:at most )?about ([0-9.]+) MB", doc["hint"])
+    assert need, doc["hint"]
+    needed = float(need.group(1)) * 1e6
+    assert 12e6 < needed < 16e6, doc["hint"]  # the second half of big.bin, not all of it
+    assert [p.name for p in (where / "snapshots").iterdir()] == [first["snapshot"]]
+
+    # free what the message asks for, and a little for metadata and the filesystem's own blocks
+    free = shutil.disk_usage(small_fs).free
+    with open(filler, "r+b") as f:
+        f.truncate(max(0, os.fstat(f.fileno()).st_size - int(needed + (2 << 20) - free)))
+    again = repo.backup(src, args=("--no-progress",))
+    assert again["level"] in ("ok", "note") and again["spooled"] is False
+    reindexed = [e for e in again["events"] if e["code"] == "packs-reindexed"]
+    assert len(reindexed) == 1 and "not stored again" in reindexed[0]["message"], again["events"]
+    assert again["stats"]["stored_new"] < needed + (1 << 20)
+    js(repo.ok("restore", again["snapshot"], "--target", tmp_path / "t", "--json"))
+    assert snapshot_tree(restored_path(tmp_path / "t", src), dir_mtimes=False) == snapshot_tree(src, dir_mtimes=False)
+    shutil.rmtree(tmp_path / "t")
+    assert js(repo.ok("check", "--read-data", "--json"))["ok"] is True
+    _assert_no_partial_objects(where)
+    # the mark is gone: the next run reads no pack footers for it
+    third = repo.backup(src, args=("--no-progress",))
+    assert not [e for e in third["events"] if e["code"] == "packs-reindexed"]

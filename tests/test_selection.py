@@ -170,9 +170,15 @@ def test_snapshot_selection(repo: Repo, tmp_path: Path, multi: dict) -> None:
     assert [(r["client"], r["seq"]) for r in rows] == [(free, 1), (free, 2), ("web1", 1)]
     assert all(r["trusted"] for r in rows)
 
-    # latest overall is web1's; latest --client picks per client
+    # on this machine `latest` is its own client's, which has none (issue 11 point 11); on a
+    # machine without a put key, latest overall is web1's; latest --client picks per client
+    cp = repo.run("restore", "latest", "--target", tmp_path / "t-own")
+    assert cp.returncode == 2 and f"this machine's client {repo.client!r}" in cp.stderr, describe(cp)
+    assert "--client NAME" in cp.stderr
+    keys = Path(repo.env["XDG_CONFIG_HOME"]) / "bunker" / "keys"
+    reader = {**repo.env, "XDG_CONFIG_HOME": str(tmp_path / "reader-config")}  # the master key only
     t = tmp_path / "t-latest"
-    repo.ok("restore", "latest", "--target", t)
+    repo.ok("restore", "latest", "--target", t, "--master-key", str(next(keys.glob("*.master"))), env=reader)
     assert restored_path(t, multi["src_web"] / "web.txt").exists()
     t = tmp_path / "t-client"
     repo.ok("restore", "latest", "--client", repo.client + "-free", "--target", t)
@@ -197,7 +203,7 @@ def test_snapshot_selection(repo: Repo, tmp_path: Path, multi: dict) -> None:
     cp = repo.run("ls", "ffffffffffff")
     if not any(r["id"].startswith("ffffffffffff") for r in js(repo.ok("snapshots", "--json"))["snapshots"]):
         assert cp.returncode == 2 and "no snapshot" in cp.stderr
-    cp = repo.run("ls", "latest", "/no/such/path")
+    cp = repo.run("ls", "latest", "/no/such/path", "--client", "web1")
     assert cp.returncode == 2 and "not in this snapshot" in cp.stderr
 
     # sealed filters, with the master key
@@ -212,7 +218,7 @@ def test_snapshot_selection(repo: Repo, tmp_path: Path, multi: dict) -> None:
     rows = js(repo.ok("snapshots", "--path", str(multi["src_two"]), "--json"))["snapshots"]
     assert [r["id"] for r in rows] == [multi["two"]["snapshot"]]
     t = tmp_path / "t-tag"
-    repo.ok("restore", "latest", "--tag", "alpha", "--target", t)
+    repo.ok("restore", "latest", "--tag", "alpha", "--client", repo.client + "-free", "--target", t)
     assert restored_path(t, multi["src_one"] / "one.txt").exists()
     assert not restored_path(t, multi["src_two"]).exists()
 

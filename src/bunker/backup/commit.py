@@ -29,6 +29,7 @@ class Committed:
     seq: int
     level: str
     stats: dict[str, int]
+    head_problem: str = ""  # why this machine could not remember the new chain head, if it could not
 
 
 def chain_head(repo: Repository, cert: Certificate, state_dir: str) -> tuple[ChainBase, tuple[str, str] | None]:
@@ -159,5 +160,17 @@ def write_snapshot(repo: Repository, put: PutKey, env: Envelope, body_ct: bytes,
     data = make_snapshot(env, body_ct, put.client_key)
     name = name_for("snapshots", data)
     repo.backend.put(name, data)
-    save_head(state_dir, ChainHead(env.seq, name, env.cert))
+    try:
+        save_head(state_dir, ChainHead(env.seq, name, env.cert))
+    except OSError as exc:
+        # the snapshot is stored: only this machine's witness of it is missing (a full disk)
+        return Committed(
+            name,
+            env.seq,
+            env.level,
+            env.stats,
+            f"this machine could not remember snapshot #{env.seq} as its chain head in {state_dir} "
+            f"({exc.strerror or exc}): the snapshot is stored, but deleting it from the repository would go "
+            "unnoticed here until the next run; free space on that disk",
+        )
     return Committed(name, env.seq, env.level, env.stats)

@@ -5,6 +5,9 @@ nor hashed again. Changing xattrs, ACLs or flags changes the ctime, so a hit is 
 One sqlite row per directory keeps lookups few (a no-change run over 200k files in 3k
 directories makes 3k reads). A hit is trusted only if every chunk id is still in the index, so
 a pruned or foreign repository can never make bunker skip a file whose data is gone.
+
+A cache that cannot be written (its disk is full, or read-only) costs speed, never the backup:
+the cache keeps working in memory for the run, and ``problem`` says why (the run ends at warn).
 """
 
 from __future__ import annotations
@@ -29,29 +32,52 @@ class FilesCache:
     def __init__(self, path: str | None) -> None:
         self._lock = threading.Lock()
         self._pending: dict[bytes, bytes] = {}
-        if path is None:
-            self._db = sqlite3.connect(":memory:", check_same_thread=False)
-        else:
-            # it holds every backed-up path in plaintext: 0600 before sqlite opens it (sqlite
-            # gives its -wal and -shm files the database file's mode)
-            private_file(path, SQLITE_SIDE_FILES)
+        self.path = path
+        self.problem = ""  # why the cache is not written (kept in memory for this run), if it is not
+        self._db = sqlite3.connect(":memory:", check_same_thread=False)
+        if path is not None:
             try:
-                self._db = sqlite3.connect(path, check_same_thread=False)
-                self._init()
-            except sqlite3.DatabaseError:
-                # a damaged cache only costs one full re-read: start afresh
-                with contextlib.suppress(OSError):
-                    os.unlink(path)
-                private_file(path, SQLITE_SIDE_FILES)
-                self._db = sqlite3.connect(path, check_same_thread=False)
+                self._db = self._open(path)
+            except (OSError, sqlite3.Error) as exc:
+                self._db = sqlite3.connect(":memory:", check_same_thread=False)
+                self._unwritable(exc)
         self._init()
 
-    def _init(self) -> None:
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("CREATE TABLE IF NOT EXISTS dirs (path BLOB PRIMARY KEY, data BLOB NOT NULL)")
+    def _open(self, path: str) -> sqlite3.Connection:
+        # it holds every backed-up path in plaintext: 0600 before sqlite opens it (sqlite gives
+        # its -wal and -shm files the database file's mode)
+        private_file(path, SQLITE_SIDE_FILES)
+        db = sqlite3.connect(path, check_same_thread=False)
+        try:
+            self._init(db)
+        except sqlite3.DatabaseError as exc:
+            db.close()
+            if _no_room(exc):
+                raise
+            # a damaged cache only costs one full re-read: start afresh
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            private_file(path, SQLITE_SIDE_FILES)
+            db = sqlite3.connect(path, check_same_thread=False)
+            self._init(db)
+        return db
+
+    def _unwritable(self, exc: BaseException) -> None:
+        """Stop writing the cache file (what it holds stays usable in memory for this run)."""
+        if not self.problem:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            self.problem = (
+                f"the files cache {self.path} cannot be written ({why}): this run keeps it in memory, and the "
+                "next run reads unchanged files again; free space on that disk (or make it writable)"
+            )
+
+    def _init(self, db: sqlite3.Connection | None = None) -> None:
+        db = db or self._db
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("CREATE TABLE IF NOT EXISTS dirs (path BLOB PRIMARY KEY, data BLOB NOT NULL)")
         # large files a killed run had partly stored: (dev, ino) -> identity and finished chunks
-        self._db.execute("CREATE TABLE IF NOT EXISTS partial (key BLOB PRIMARY KEY, data BLOB NOT NULL)")
+        db.execute("CREATE TABLE IF NOT EXISTS partial (key BLOB PRIMARY KEY, data BLOB NOT NULL)")
 
     def load_dir(self, path: bytes) -> DirRecord:
         """The cached records of one directory (empty if none or unreadable)."""
@@ -74,23 +100,36 @@ class FilesCache:
             self._pending[path] = encoding.pack(record)
 
     def flush(self) -> None:
-        """Write pending records durably enough for a cache (one transaction)."""
+        """Write pending records durably enough for a cache (one transaction). A cache file that
+        cannot be written keeps them in memory (``problem`` says why)."""
         with self._lock:
+            if self.problem and self.path is not None:
+                return  # kept in memory for this run
             items, self._pending = list(self._pending.items()), {}
             if items:
-                with self._db:
-                    self._db.executemany("INSERT OR REPLACE INTO dirs (path, data) VALUES (?, ?)", items)
+                try:
+                    with self._db:
+                        self._db.executemany("INSERT OR REPLACE INTO dirs (path, data) VALUES (?, ?)", items)
+                except sqlite3.Error as exc:
+                    self._pending = dict(items) | self._pending
+                    self._unwritable(exc)
 
     def save_partial(self, key: bytes, record: list[Any] | None) -> None:
         """Remember (or with None forget) how far a large file was stored: [size, mtime_ns,
         ctime_ns, [[chunk id, length], ...]] (written at once: only checkpoints call this)."""
-        with self._lock, self._db:
-            if record is None:
-                self._db.execute("DELETE FROM partial WHERE key = ?", (key,))
-            else:
-                self._db.execute(
-                    "INSERT OR REPLACE INTO partial (key, data) VALUES (?, ?)", (key, encoding.pack(record))
-                )
+        with self._lock:
+            if self.problem and self.path is not None:
+                return
+            try:
+                with self._db:
+                    if record is None:
+                        self._db.execute("DELETE FROM partial WHERE key = ?", (key,))
+                    else:
+                        self._db.execute(
+                            "INSERT OR REPLACE INTO partial (key, data) VALUES (?, ?)", (key, encoding.pack(record))
+                        )
+            except sqlite3.Error as exc:
+                self._unwritable(exc)
 
     def load_partial(self, key: bytes) -> list[Any] | None:
         with self._lock:
@@ -108,6 +147,8 @@ class FilesCache:
         self.flush()
         with self._lock:
             rows = self._db.execute("SELECT path, data FROM dirs").fetchall()
+            kept = dict(self._pending)  # not written: the cache file has no room
+        rows = [(p, d) for p, d in rows if bytes(p) not in kept] + list(kept.items())
         for path, raw in rows:
             try:
                 rec = encoding.unpack(raw)
@@ -118,7 +159,14 @@ class FilesCache:
 
     def close(self) -> None:
         self.flush()
-        self._db.close()
+        with contextlib.suppress(sqlite3.Error):
+            self._db.close()
+
+
+def _no_room(exc: sqlite3.DatabaseError) -> bool:
+    """sqlite could not write (full disk, quota, read-only, I/O error): not a damaged file."""
+    text = str(exc).lower()
+    return any(t in text for t in ("full", "disk i/o", "readonly", "read-only", "unable to open"))
 
 
 def lookup(record: DirRecord, name: bytes, st: os.stat_result) -> tuple[list[bytes], dict[str, Any]] | None:

@@ -22,6 +22,13 @@ from bunker.backup.checkpoint import Checkpointer, adopt_dead_checkpoints, clear
 from bunker.backup.commit import Committed, chain_head, commit_snapshot
 from bunker.backup.excludes import Excludes
 from bunker.backup.files_cache import FilesCache
+from bunker.backup.unindexed import (
+    clear_unfinished,
+    index_stopped_runs_packs,
+    mark_unfinished,
+    unfinished,
+    with_figures,
+)
 from bunker.crypto.keyfile import PutKey
 from bunker.errors import BunkerError, ExitCode
 from bunker.private_files import SQLITE_SIDE_FILES, private_dirs
@@ -31,6 +38,7 @@ from bunker.repo.leases import Lease
 from bunker.repo.repository import Repository
 from bunker.repo.session_writer import SessionWriter
 from bunker.runlog import RunLog
+from bunker.storage.full import RepositoryFull
 from bunker.storage.spooling import SpoolingBackend, oldest_pending
 from bunker.tar.reader import tar_entries
 
@@ -132,15 +140,22 @@ def run_backup(
         _, unseen = adopt_dead_checkpoints(
             repo, put, cert, state_dir, log, lease.session, lease.storage_time(), start_head
         )
-        mark_running(state_dir, lease.session, unseen)
+        _state(log, lambda: mark_running(state_dir, lease.session, unseen))
         # after the lease: a pack condemned from now on waits for this session (docs/format.md section 15)
         # a session deduplicates only against packs it can see listed (a spool lists only its own)
         listed = None if repo.backend.capabilities().partial else [i.name[6:] for i in repo.backend.list("packs/")]
         index = IndexCache(repo, put.secrets, cache_dir, absent_packs=condemned_packs(repo), listed_packs=listed).load()
         for problem in index.problems[:20]:
             log.add("warn", "index-damaged", f"index object skipped ({problem}); run `bunker check`")
+        if index.cache_problem:
+            log.add("warn", "cache-unwritable", index.cache_problem)
+        if listed is not None and unfinished(state_dir):
+            # an earlier run stopped (a full disk, a kill) with packs no index names: use them
+            index_stopped_runs_packs(repo, put, cert, index, listed, log)
+        mark_unfinished(state_dir, lease.session)
         writer = SessionWriter(repo, put, cert.name, index)
         fcache = FilesCache(os.path.join(cache_dir, "files.sqlite") if cache_dir else None)
+        files_cache_warned = _files_cache_event(log, fcache, False)
         started = time.time()
 
         def body_extra() -> dict[str, Any]:
@@ -175,14 +190,13 @@ def run_backup(
                 tree_stats=archiver.chunks.partial_stats,
             )
         try:
-            if req.tar is not None:
-                result = tar_entries(archiver, req.tar, req.stdin)
-            elif req.stdin_name is not None:
-                result = stream_entry(archiver, req.stdin_name, req.stdin or sys.stdin.buffer)
-            else:
-                result = archiver.run(req.paths)
-            writer.flush()  # packs and index first: whether they went to the spool belongs in the snapshot's log
+            try:
+                result = _archive(archiver, req)
+                writer.flush()  # packs and index first: whether they went to the spool belongs in the snapshot's log
+            except RepositoryFull as exc:
+                raise with_figures(exc, writer, archiver.progress, req.paths) from None
             spooled = _spool_event(repo, req, log)
+            files_cache_warned = _files_cache_event(log, fcache, files_cache_warned)
             committed = commit_snapshot(
                 repo,
                 put,
@@ -198,16 +212,55 @@ def run_backup(
                 master_on_client=req.master_on_client,
             )
             committed_names.append(committed.name)
+            if not (isinstance(repo.backend, SpoolingBackend) and repo.backend.offline):
+                clear_unfinished(state_dir)  # its packs are indexed (offline: in the spool, delivered later)
+            if committed.head_problem:
+                log.add("warn", "state-unwritable", committed.head_problem)
             if not spooled:
                 _spool_event(repo, req, log)  # the repository stopped answering while the snapshot was written
             fcache.flush()
+            _files_cache_event(log, fcache, files_cache_warned)
         finally:
             writer.close()
             fcache.close()
     finally:
         lease.release(committed_names)
-        clear_running(state_dir, unseen)
+        _state(log, lambda: clear_running(state_dir, unseen))
     return BackupOutcome(committed, log, result)
+
+
+def _state(log: RunLog, write: Callable[[], None]) -> None:
+    """Write this machine's state about the run (which session runs, which were killed). Without
+    room it costs only the quick adoption of a killed run's checkpoint (prune adopts it later)."""
+    try:
+        write()
+    except OSError as exc:
+        if any(e.code == "state-unwritable" for e in log.events):
+            return
+        log.add(
+            "warn",
+            "state-unwritable",
+            f"this machine's state directory ({dirs.data_dir()}) cannot be written ({exc.strerror or exc}): if this "
+            "run is killed, its checkpoint becomes a snapshot only when `bunker prune` adopts it; free space on "
+            "that disk",
+        )
+
+
+def _files_cache_event(log: RunLog, fcache: FilesCache, warned: bool) -> bool:
+    """Log once that the files cache cannot be written (the run is slower, the next one too)."""
+    if fcache.problem and not warned:
+        log.add("warn", "cache-unwritable", fcache.problem)
+        return True
+    return warned
+
+
+def _archive(archiver: Archiver, req: BackupRequest) -> ArchiveResult:
+    """Read and store the source: a tar stream, standard input or paths."""
+    if req.tar is not None:
+        return tar_entries(archiver, req.tar, req.stdin)
+    if req.stdin_name is not None:
+        return stream_entry(archiver, req.stdin_name, req.stdin or sys.stdin.buffer)
+    return archiver.run(req.paths)
 
 
 def _body_extra(req: BackupRequest, host: str, started: float) -> dict[str, Any]:
@@ -230,18 +283,26 @@ def _body_extra(req: BackupRequest, host: str, started: float) -> dict[str, Any]
 
 
 def _spool_event(repo: Repository, req: BackupRequest, log: RunLog) -> bool:
-    """Log that the run went to the local spool (note; warn once spooled data is older than
+    """Log that the run went to the local spool: err when the repository refused (it will not
+    come back by itself: storage/refused.py), else note (warn once spooled data is older than
     ``req.spool_warn_age``). Returns True if it did."""
     b = repo.backend
     if not (isinstance(b, SpoolingBackend) and b.offline):
         return False
+    kept = f"this backup is stored locally in {b.spool.root}"
+    if b.refused is not None:
+        log.add(
+            "err",
+            "repository-refused",
+            f"the repository at {b.url} refuses writes ({b.refused.message}): {kept}, and the next backup or "
+            f"`bunker forward` delivers it once the repository takes writes again. Next step: {b.refused.fix}, "
+            "then run `bunker forward`",
+        )
+        return True
     oldest = oldest_pending(b.spool)
     age = time.time() - oldest if oldest is not None else 0.0
     where = f"the repository at {b.url} cannot be reached ({b.reason}): "
-    what = (
-        f"this backup is stored locally in {b.spool.root} and will be forwarded by the next backup "
-        "or by `bunker forward`"
-    )
+    what = f"{kept} and will be forwarded by the next backup or by `bunker forward`"
     if age >= req.spool_warn_age:
         log.add(
             "warn",

@@ -24,6 +24,7 @@ from bunker.node.spool import Spool, offline_repository, parse_age, spooling_rep
 from bunker.repo.repository import Repository
 from bunker.runlog import LEVELS
 from bunker.storage import open_backend
+from bunker.storage.full import RepositoryFull
 from bunker.storage.spooling import SpoolingBackend
 
 
@@ -87,7 +88,9 @@ def _open_with_spool(opts: context.Options, out: Any) -> tuple[Repository, PutKe
             report = forward(spool, repo, put)
             out.info(forward_summary(report, repo.backend.url))
             events = forward_problems(report, spool.root)
-        spool.seed(repo, put)
+        unseeded = spool.seed(repo, put)
+        if unseeded:
+            events.append(("warn", "spool-unwritable", unseeded))
     except StorageError as exc:
         return offline_repository(spool, repo.repo_id, exc), put, events
     return spooling_repository(repo, spool), put, events
@@ -228,7 +231,20 @@ def backup(**kwargs: Any) -> None:
         req.spool_warn_age = parse_age(spool_warn_age)
     progress = Progress()
     with ProgressDisplay(progress, list(paths), enabled=False if (no_progress or opts.as_json) else None):
-        outcome = run_backup(repo, put, req, progress)
+        try:
+            outcome = run_backup(repo, put, req, progress)
+        except RepositoryFull as exc:
+            b = repo.backend
+            if isinstance(b, SpoolingBackend) and b.offline:
+                # this machine's disk, not the repository's: say why the backup was going there
+                raise RepositoryFull(
+                    f"the repository at {b.url} cannot be reached ({b.reason}), and the local spool that keeps "
+                    f"backups meanwhile has no room: {exc.message}",
+                    exc.hint,
+                    exit_code=exc.exit_code,
+                    free_step=exc.free_step,
+                ) from None
+            raise
     c, log = outcome.committed, outcome.log
     s = c.stats
     level = max(c.level, log.level, key=LEVELS.index)  # the run's level (see _spool_event)

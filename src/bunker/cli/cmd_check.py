@@ -16,8 +16,10 @@ from bunker.cli import context
 from bunker.cli.main import cli, common, handles_errors, make_options
 from bunker.cli.output import human_bytes
 from bunker.errors import BunkerError, ExitCode
+from bunker.node.spool import Spool
 from bunker.repo import record_witness
 from bunker.repo.check import Checker
+from bunker.repo.check_snapshots import Pending
 from bunker.repo.index import make_index
 from bunker.repo.index_cache import IndexCache
 from bunker.repo.objects import content_hash
@@ -55,10 +57,13 @@ def check(**kwargs: Any) -> None:
     own_cert = ""
     # what this machine remembers of each chain it wrote: witnesses the storage cannot rewrite
     heads: list[tuple[str, int, str]] = []
+    # this machine's snapshots still in its local spool are pending, not withheld
+    spool = Spool(opts.repo_url)
+    pending = Pending(spool.root, spool.pending_snapshots())
     if keyless:
         if expect:
             heads = [(h.cert, h.seq, h.name) for h in witnesses(expect.lower())]
-        checker = Checker(backend, expect.lower() if expect else None, heads=heads)
+        checker = Checker(backend, expect.lower() if expect else None, heads=heads, pending=pending)
     else:
         repo = context.open_repository(opts)
         heads = [(h.cert, h.seq, h.name) for h in witnesses(repo.repo_id)]
@@ -85,6 +90,7 @@ def check(**kwargs: Any) -> None:
             secrets=secrets,
             master=master,
             heads=heads,
+            pending=pending,
             progress=(lambda s: out.info(f"checking {s}…")) if sys.stderr.isatty() and not opts.as_json else None,
             own_cert=own_cert,
         )

@@ -9,7 +9,7 @@ from typing import IO, Any
 
 import click
 
-from bunker.cli.cmd_restore import _open_for_reading, budget_of, filter_options, pop_filters
+from bunker.cli.cmd_restore import _open_for_reading, budget_of, damaged_packs, filter_options, pop_filters
 from bunker.cli.files import os_failure
 from bunker.cli.main import cli, common, handles_errors, make_options
 from bunker.errors import BunkerError, ExitCode
@@ -83,11 +83,14 @@ def export_tar(**kwargs: Any) -> None:
         click.echo(f"not in the archive: {path} ({why})", err=True)
     for path, what in stats.problems:
         click.echo(f"err: {path}: {what}", err=True)
+    damaged = damaged_packs(reader)
+    for _, message in damaged:
+        click.echo(f"err: {message}", err=True)
     click.echo(
         f"exported snapshot {rec.short_id}: {stats.members} members ({stats.files} files, "
         f"{stats.hardlinks} hard links, {stats.sparse} sparse), {stats.bytes} bytes of file data"
         + (f"; {len(stats.left_out)} items not in the archive" if stats.left_out else ""),
         err=True,
     )
-    if stats.problems:
+    if stats.problems or damaged:
         sys.exit(ExitCode.ERR)

@@ -12,6 +12,7 @@ import click
 
 from bunker import encoding
 from bunker.cli import context
+from bunker.cli.known_heads import known_heads, own_client
 from bunker.cli.main import cli, common, handles_errors, make_options
 from bunker.cli.output import human_bytes, quote_name
 from bunker.crypto.keyfile import MasterKey
@@ -22,7 +23,16 @@ from bunker.repo.blob_reader import BlobReader
 from bunker.repo.index_cache import IndexCache
 from bunker.repo.moves import PackMoves
 from bunker.repo.repository import Repository, SnapshotRecord
-from bunker.repo.selection import Filters, adoption_problem, body_of, matches, owner, resolve_host, select
+from bunker.repo.selection import (
+    Filters,
+    KnownHead,
+    adoption_problem,
+    body_of,
+    matches,
+    owner,
+    resolve_host,
+    select,
+)
 from bunker.repo.snapshot import open_body
 from bunker.repo.tree import TreeBudget
 from bunker.restore.restorer import Restorer
@@ -101,7 +111,10 @@ def snapshots(**kwargs: Any) -> None:
                 row["trusted"] = False
                 row["problem"] = "its body does not open for this envelope; `bunker check --read-data` names why"
         rows.append(row)
-    out.document({"repository": repo.backend.url, "id": repo.repo_id, "snapshots": rows})
+    damaged, missing = _unlisted(opts, repo, f, {r["id"] for r in rows}, records)
+    out.document(
+        {"repository": repo.backend.url, "id": repo.repo_id, "snapshots": rows, "damaged": damaged, "missing": missing}
+    )
     out.line(
         f"{'id':12}  {'time':19}  {'client':16} {'seq':>4}  {'level':5}  {'files':>8}  {'size':>10}  state"
         + ("  host / paths / tags" if master else "")
@@ -126,11 +139,64 @@ def snapshots(**kwargs: Any) -> None:
         if master is not None:
             line += f"  {r.get('host')} {' '.join(r.get('paths') or [])} {','.join(r.get('tags') or [])}"
         out.line(line)
-    if not rows:
+    for d in damaged:
+        out.line(f"{d['id'][:12]}  {'?':19}  {'?':16} {'?':>4}  {'?':5}  {'?':>8}  {'?':>10}  DAMAGED: {d['problem']}")
+    for m in missing:
+        state = "PENDING: waits in this machine's local spool" if m["pending"] else f"MISSING: {m['problem']}"
+        who = f"{m['client'][:16]:16} {m['seq']:>4}"
+        out.line(f"{m['id'][:12]}  {'?':19}  {who}  {'?':5}  {'?':>8}  {'?':>10}  {state}")
+    if not rows and not damaged and not missing:
         out.line("(no snapshots)")
     if hidden and not opts.as_json:
         out.info(f"{hidden} retired snapshot(s) not shown (forgotten by `bunker forget`); list them with --all")
+    lost = [m for m in missing if not m["pending"]]
+    if damaged or lost:
+        if not opts.as_json:
+            named = [d["id"][:12] + " (damaged)" for d in damaged] + [m["id"][:12] + " (missing)" for m in lost]
+            names = ", ".join(named)
+            out.info(
+                f"err: snapshots {names}: run `bunker check` to see what else is affected; restore them from a mirror "
+                "if you have one"
+            )
+        sys.exit(ExitCode.INTEGRITY)
     _ = mpath
+
+
+def _unlisted(
+    opts: context.Options, repo: Repository, f: Filters, shown: set[str], records: list[SnapshotRecord]
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The snapshot objects that are damaged (whoever's: that cannot be told), and the chain
+    heads this machine remembers of the clients listed that the repository does not hold as
+    listed snapshots (missing, or still waiting in this machine's spool)."""
+    damaged = [{"id": n.split("/", 1)[1], "problem": p} for n, p in sorted(repo.damaged_snapshots().items())]
+    present = {r.name for r in records}
+    newest: dict[str, int] = {}
+    for r in records:
+        if r.trusted:
+            newest[r.snap.env.cert] = max(newest.get(r.snap.env.cert, 0), r.snap.env.seq)
+    missing = []
+    for head in known_heads(opts, repo):
+        if head.name in present or head.name.split("/", 1)[1] in shown or head.seq <= newest.get(head.cert, 0):
+            continue  # listed, or the chain went on past it (another machine with this key)
+        try:
+            client = repo.certificate(head.cert).client
+        except (BunkerError, encoding.FormatError):
+            client = "?"
+        if f.client and client != f.client:
+            continue
+        if any(d["id"] == head.name.split("/", 1)[1] for d in damaged):
+            continue  # listed as damaged already
+        missing.append(
+            {
+                "id": head.name.split("/", 1)[1],
+                "client": client,
+                "seq": head.seq,
+                "pending": head.pending,
+                "problem": "this machine remembers it as its newest; the repository does not hold it (deleted or "
+                "rolled back)",
+            }
+        )
+    return damaged, missing
 
 
 def _open_for_reading(
@@ -138,7 +204,22 @@ def _open_for_reading(
 ) -> tuple[Repository, MasterKey, SnapshotRecord, BlobReader, bytes]:
     repo = context.open_repository(opts)
     master = context.load_master(opts, repo, purpose)
-    rec = select(repo, spec, f, master)
+    known: list[KnownHead] = []
+    if spec == "latest":
+        # on a machine that backs up, `latest` is its own client's unless told otherwise
+        mine = None if (f.client or f.host) else own_client(opts, repo)
+        if mine is not None:
+            f.client, f.own_client = mine, True
+        known = known_heads(opts, repo)
+    rec = select(repo, spec, f, master, known)
+    if spec == "latest":
+        for name, problem in sorted(repo.damaged_snapshots().items()):
+            # whose it was cannot be told: it may have been newer than the one chosen
+            click.echo(
+                f"warn: {name} is damaged ({problem}): nobody can tell whose snapshot it was or whether it was newer "
+                f"than {rec.short_id}, the `latest` chosen; run `bunker check`",
+                err=True,
+            )
     if rec.name in repo.retired_snapshots():
         click.echo(
             f"note: snapshot {rec.short_id} was forgotten (retired by `bunker forget`); it is read while its data "
@@ -172,6 +253,18 @@ def _open_for_reading(
             err=True,
         )
     return repo, master, rec, BlobReader(repo, master.data_private, secrets, index.locations), body["root"]
+
+
+def damaged_packs(reader: BlobReader) -> list[tuple[str, str]]:
+    """(pack object, message) for every pack read although its writer's signature failed."""
+    return [
+        (
+            f"packs/{pack}",
+            f"packs/{pack} is damaged ({why}); its blobs were used, each checked against its chunk id (who wrote the "
+            "pack cannot be proven any more): run `bunker check`, and replace the pack from a mirror if you have one",
+        )
+        for pack, why in sorted(reader.damaged.items())
+    ]
 
 
 def budget_of(rec: SnapshotRecord) -> TreeBudget:
@@ -268,9 +361,15 @@ def ls_cmd(**kwargs: Any) -> None:
         if not first or e["t"] != "d":
             items.append((_ls_item(display_path(p), e), p, e.get("lt")))
         first = False
-    out.document({"snapshot": rec.name.split("/", 1)[1], "items": [it for it, _, _ in items]})
+    damaged = damaged_packs(reader)
+    listed = [it for it, _, _ in items]
+    out.document({"snapshot": rec.name.split("/", 1)[1], "items": listed, "damaged_packs": [n for n, _ in damaged]})
     for it, raw, target in items:
         out.line(_ls_line(it, raw, target))
+    for _, message in damaged:
+        out.info(f"err: {message}")
+    if damaged:
+        sys.exit(ExitCode.ERR)
     _ = repo
 
 
@@ -303,6 +402,8 @@ def restore(**kwargs: Any) -> None:
     log = RunLog()
     restorer = Restorer(reader, os.fsencode(os.path.abspath(target)), log, numeric_owner=numeric, budget=budget_of(rec))
     stats = restorer.restore(root, list(paths))
+    for _, message in damaged_packs(reader):
+        log.add("err", "pack-damaged", message)
     out.document(
         {
             "snapshot": rec.name.split("/", 1)[1],
@@ -314,12 +415,12 @@ def restore(**kwargs: Any) -> None:
     )
     if not opts.as_json:
         for e in log.events:
-            click.echo(f"{e.level}: {display_path(e.path)}: {e.message}", err=True)
+            click.echo(f"{e.level}: {display_path(e.path) + ': ' if e.path else ''}{e.message}", err=True)
         click.echo(
             f"restored snapshot {rec.short_id} into {target}: {stats.files} files, {stats.dirs} dirs, "
             f"{stats.links} symlinks, {stats.hardlinks} hard links, {stats.other} other items, "
             f"{human_bytes(stats.bytes)}; level {log.level}"
             + (f"; {stats.failed} items could not be restored" if stats.failed else "")
         )
-    if stats.failed:
+    if stats.failed or log.level == "err":
         sys.exit(ExitCode.ERR)

@@ -10,11 +10,13 @@ from typing import Any, TypeVar
 
 import click
 
+from bunker import dirs
 from bunker.build_info import version_text
 from bunker.child_env import withhold_secrets
 from bunker.cli.context import Options
 from bunker.cli.output import Output
 from bunker.errors import BunkerError, ExitCode
+from bunker.storage.full import FULL_ERRNOS
 from bunker.storage.url import local_path
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -52,7 +54,8 @@ def handles_errors(f: F) -> F:
         except OSError as exc:  # a filesystem error no layer gave a message of its own
             from bunker.cli.files import unexpected_os_error
 
-            failure = unexpected_os_error(exc)
+            # a full disk under bunker's own files names those directories; anything else names the file
+            failure = local_files_full(exc) if exc.errno in FULL_ERRNOS else unexpected_os_error(exc)
             out.error(failure)
             sys.exit(failure.exit_code)
         except KeyboardInterrupt:
@@ -64,6 +67,18 @@ def handles_errors(f: F) -> F:
             sys.exit(130)
 
     return wrapper  # type: ignore[return-value]
+
+
+def local_files_full(exc: OSError) -> BunkerError:
+    """The error for a full disk under this machine's own bunker files (keys, state, spool, caches)."""
+    where = f" ({exc.filename})" if exc.filename else ""
+    places = ", ".join(f"`df -h {d}`" for d in dict.fromkeys((dirs.config_dir(), dirs.data_dir(), dirs.cache_dir())))
+    return BunkerError(
+        f"this machine's disk is full{where}: {exc.strerror or exc}",
+        f"free space on the disk that holds bunker's files on this machine ({places} show them), then run the same "
+        "command again",
+        exit_code=ExitCode.FATAL,
+    )
 
 
 def make_options(kwargs: dict[str, Any]) -> tuple[Options, Output]:

@@ -44,6 +44,7 @@ from bunker.storage.backend import InvalidName, validate_name, validate_prefix
 from bunker.storage.full import RepositoryFull
 from bunker.storage.local import LocalBackend
 from bunker.storage.prefixes import known_names
+from bunker.storage.refused import StorageRefused
 
 WORKERS = 4  # requests handled at once per connection (the client runs 2-3 threads)
 MAX_INFLIGHT = 16  # requests read and not yet answered
@@ -237,6 +238,9 @@ class Session:
             status, meta, payload = wire.INVALID, {"m": exc.message, "h": exc.hint}, b""
         except RepositoryFull as exc:
             status, meta, payload = wire.FAILED, {"m": exc.message, "h": exc.hint, "k": wire.KIND_FULL}, b""
+            log(str(exc))
+        except StorageRefused as exc:
+            status, meta, payload = wire.FAILED, {"m": exc.message, "h": exc.fix, "k": wire.KIND_REFUSED}, b""
             log(str(exc))
         except BunkerError as exc:
             status, meta, payload = wire.FAILED, {"m": exc.message, "h": exc.hint}, b""

@@ -10,7 +10,6 @@ until ``bunker forward`` has delivered them.
 
 from __future__ import annotations
 
-import contextlib
 import os
 
 from bunker import dirs, encoding
@@ -20,8 +19,10 @@ from bunker.private_files import private_dirs, tighten_own, write_private_file
 from bunker.repo.objects import content_hash, is_hash_name
 from bunker.repo.records import parse_lease
 from bunker.repo.repository import Repository
+from bunker.repo.snapshot import parse_snapshot
 from bunker.storage.backend import FIXED_NAMES, Backend, ObjectInfo
 from bunker.storage.local import LocalBackend
+from bunker.storage.refused import StorageRefused
 from bunker.storage.spooling import SpoolingBackend, pending_objects
 
 UPSTREAM_FILE = "UPSTREAM"  # the upstream URL, for people looking into the directory
@@ -57,16 +58,51 @@ class Spool:
             return []
         return pending_objects(LocalBackend(self.root))
 
-    def seed(self, repo: Repository, put: PutKey) -> None:
+    def seed(self, repo: Repository, put: PutKey) -> str:
         """Copy what opening the repository offline needs: every config version and this client's
-        certificate (objects are immutable: only missing ones are fetched)."""
-        spool = self.backend()
+        certificate (objects are immutable: only missing ones are fetched). Returns why the spool
+        could not be written ("" when it could): a full or read-only disk under the data
+        directory costs only the fallback, never the backup at hand. The upstream's failures
+        are raised."""
         cert = repo.check_put_key(put)
         wanted = [i.name for i in repo.backend.list("config/")] + [cert.name]
-        for name in wanted:
-            if spool.stat(name) is None:
-                with contextlib.suppress(ObjectMissing):
-                    spool.put(name, repo.get_object(name))
+        try:
+            spool = self.backend()
+            missing = [name for name in wanted if spool.stat(name) is None]
+        except (BunkerError, OSError) as exc:
+            return self._unwritable(exc)
+        for name in missing:
+            try:
+                data = repo.get_object(name)
+            except ObjectMissing:
+                continue
+            try:
+                spool.put(name, data)
+            except (BunkerError, OSError) as exc:
+                return self._unwritable(exc)
+        return ""
+
+    def _unwritable(self, exc: BaseException) -> str:
+        why = exc.message if isinstance(exc, BunkerError) else (getattr(exc, "strerror", None) or str(exc))
+        return (
+            f"the local spool {self.root} cannot be written ({why}): were the repository unreachable, a backup could "
+            "not be kept there; free space on that disk (or make it writable)"
+        )
+
+    def pending_snapshots(self) -> dict[str, dict[int, tuple[str, str]]]:
+        """The snapshots waiting here for the upstream: certificate -> seq -> (name, prev), as
+        their envelopes say (`bunker check` takes them as pending, not withheld)."""
+        out: dict[str, dict[int, tuple[str, str]]] = {}
+        if not os.path.isdir(self.root):
+            return out
+        spool = LocalBackend(self.root)
+        for info in spool.list("snapshots/"):
+            try:
+                env = parse_snapshot(spool.get(info.name)).env
+            except (encoding.FormatError, ObjectMissing):
+                continue
+            out.setdefault(env.cert, {})[env.seq] = (info.name, env.prev)
+        return out
 
     def clear_leftovers(self) -> int:
         """Remove what is never forwarded: leases of finished offline runs, recovery documents
@@ -99,7 +135,8 @@ def offline_repository(spool: Spool, expected_id: str | None, exc: BunkerError) 
             "the backup against locally: no backup was taken",
             exit_code=exc.exit_code,
         ) from None
-    backend = SpoolingBackend(None, spool.backend(), reason=exc.message, url=spool.upstream_url)
+    refused = exc if isinstance(exc, StorageRefused) else None
+    backend = SpoolingBackend(None, spool.backend(), reason=exc.message, url=spool.upstream_url, refused=refused)
     return Repository.open(backend, expected_id)
 
 

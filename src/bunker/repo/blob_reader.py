@@ -1,5 +1,12 @@
 """Reading blobs back with the master key: locate through the index, open the pack's trailer
-and key group once per pack, then fetch and decrypt single blobs with range reads."""
+and key group once per pack, then fetch and decrypt single blobs with range reads.
+
+A pack whose writer's signature does not verify (a flipped bit in the footer's signature or
+signer) is still read: its trailer is authenticated by its AEAD tag (keyed with the dedup
+domain's secret, bound to the body hash) and every blob by its own tag and its chunk id, so no
+wrong byte can be restored from it; only who wrote it is lost (docs/security.md, "A pack whose
+signature fails"). Such packs are listed in ``damaged`` for the reader to report.
+"""
 
 from __future__ import annotations
 
@@ -43,6 +50,28 @@ def read_trailer(
     return trailer.blobs, trailer.groups, footer.signer
 
 
+def read_trailer_unsigned(
+    repo: Repository, pack: str, secrets: PutSecrets
+) -> tuple[list[BlobEntry], list[tuple[int, int]], str]:
+    """The trailer of a pack whose writer's signature failed (``read_trailer`` raised): decrypted
+    and authenticated by its AEAD tag alone. Returns (blobs, groups, why the signature failed);
+    raises CorruptObject when the trailer does not authenticate either."""
+    name = f"packs/{pack}"
+    try:
+        footer = fetch_footer(repo.backend, name)
+        trailer = decrypt_trailer(footer, secrets)
+    except encoding.FormatError as exc:
+        raise CorruptObject(name, str(exc)) from None
+    try:
+        verify_footer(footer, repo.certificate(footer.signer).verify_key)
+        why = "its writer's signature verified on a second reading"
+    except (CorruptObject, ObjectMissing) as exc:
+        why = f"its writer's certificate {footer.signer} is not usable ({exc.message})"
+    except encoding.FormatError as exc:
+        why = str(exc)
+    return trailer.blobs, trailer.groups, why
+
+
 class BlobReader:
     """Decrypts chunks of one dedup domain (thread-safe)."""
 
@@ -57,6 +86,7 @@ class BlobReader:
         self._lock = threading.Lock()
         self._pack_locks: dict[str, threading.Lock] = {}
         self._spans: dict[str, tuple[int, memoryview] | None] = {}  # insertion order = age
+        self.damaged: dict[str, str] = {}  # packs read although their signature failed: pack -> why
 
     def open_pack(self, pack: str) -> OpenPack:
         op = self._packs.get(pack)
@@ -67,7 +97,14 @@ class BlobReader:
         with lock:
             op = self._packs.get(pack)
             if op is None:
-                blobs, groups, _ = read_trailer(self.repo, pack, self.secrets)
+                try:
+                    blobs, groups, _ = read_trailer(self.repo, pack, self.secrets)
+                except (CorruptObject, ObjectMissing) as exc:
+                    if isinstance(exc, ObjectMissing) and exc.object_name == f"packs/{pack}":
+                        raise
+                    # the signature failed: the blobs still authenticate one by one (module docstring)
+                    blobs, groups, why = read_trailer_unsigned(self.repo, pack, self.secrets)
+                    self.damaged[pack] = why
                 name = f"packs/{pack}"
                 keys = []
                 for off, length in groups:

@@ -25,9 +25,9 @@ from bunker.crypto.keyfile import MasterKey
 from bunker.crypto.sign import BadSignature, verify
 from bunker.errors import BunkerError, CorruptObject, ObjectMissing, StorageError
 from bunker.repo import refs
-from bunker.repo.certs import parse_certificate
+from bunker.repo.certs import Certificate, parse_certificate
 from bunker.repo.check_report import CheckReport
-from bunker.repo.check_snapshots import SnapshotChecks
+from bunker.repo.check_snapshots import Pending, SnapshotChecks
 from bunker.repo.config import FORMAT_VERSION, parse_config
 from bunker.repo.config_chain import missing_links
 from bunker.repo.index import decrypt_index, parse_index_frame
@@ -74,6 +74,7 @@ class Checker:
         secrets: PutSecrets | None = None,
         master: MasterKey | None = None,
         heads: list[tuple[str, int, str]] | None = None,
+        pending: Pending | None = None,
         progress: Callable[[str], None] | None = None,
         own_cert: str = "",
     ) -> None:
@@ -83,6 +84,7 @@ class Checker:
         self.master = master
         # witnesses outside the storage: (cert name, remembered seq, remembered snapshot name)
         self.heads = heads or []
+        self.pending = pending  # this machine's snapshots waiting in its spool: not withheld
         self.report = CheckReport()
         self.progress = progress or (lambda s: None)
         self.repo: Repository | None = None
@@ -270,28 +272,32 @@ class Checker:
         except encoding.FormatError as exc:
             r.add(n, f"pack footer unreadable: {exc}")
             return
+        cert: Certificate | None = None
+        unsigned = ""  # why the writer's signature cannot be verified, if it cannot
         try:
             cert = self.repo.certificate(footer.signer)
             verify_footer(footer, cert.verify_key)
         except (CorruptObject, ObjectMissing) as exc:
-            r.add(n, f"writer certificate {footer.signer} not usable: {exc.message}")
-            return
+            unsigned = f"writer certificate {footer.signer} not usable: {exc.message}"
         except encoding.FormatError as exc:
-            r.add(n, f"{exc} (forged or altered)")
-            return
-        revoked = self.repo.revoked
-        if footer.signer in revoked:
+            unsigned = f"{exc} (forged or altered)"
+        if cert is not None and not unsigned and footer.signer in self.repo.revoked:
             r.add(n, f"written by revoked client {cert.client!r}", "warn")
         if data is not None and blake3.blake3(memoryview(data)[: footer.body_length]).digest() != footer.body_hash:
             r.add(n, "pack body does not match its signed hash (altered or bit rot)")
-        secrets = self._secrets_for_domain(cert.domain)
+        secrets = self._secrets_for_domain(cert.domain) if cert is not None else self.secrets
         if secrets is None:
-            if verifier is not None:  # the master key cannot open this domain: still check the bytes
+            if unsigned:
+                r.add(n, unsigned)
+            elif verifier is not None:  # the master key cannot open this domain: still check the bytes
                 self._verify_in_worker(n, footer.body_length, footer.body_hash, [], [], b"\0" * 32, verifier)
             return
         try:
             trailer = decrypt_trailer(footer, secrets)
         except WrongTrailerKey:
+            if unsigned or cert is None:  # without a valid signature a trailer that does not open is damage
+                r.add(n, unsigned or "pack trailer does not decrypt (altered or bit rot)")
+                return
             # the writer's signature holds, so the trailer is as written: under another secret
             with lock:
                 self._other_secret[n.split("/", 1)[1]] = (
@@ -299,8 +305,16 @@ class Checker:
                 )
             return
         except encoding.FormatError as exc:
-            r.add(n, str(exc))
+            r.add(n, unsigned or str(exc))
             return
+        if unsigned:
+            # docs/security.md, "A pack whose signature fails": authorship is lost, the blobs are not
+            r.add(
+                n,
+                f"{unsigned}: who wrote it cannot be proven any more, but its trailer still authenticates with the "
+                f"dedup domain's secret and each of its {len(trailer.blobs)} blobs with its chunk id, so restore "
+                "still uses them; replace the pack from a mirror if you have one",
+            )
         with lock:
             out[n.split("/", 1)[1]] = {b.chunk_id: span(b.offset, b.length, b.raw_length) for b in trailer.blobs}
             r.counts["blobs"] += len(trailer.blobs)
@@ -400,7 +414,14 @@ class Checker:
     ) -> None:
         assert self.repo
         needed = SnapshotChecks(
-            self.repo, self.report, self._get, self._secrets_for_domain, self.master, self.heads, self._stored
+            self.repo,
+            self.report,
+            self._get,
+            self._secrets_for_domain,
+            self.master,
+            self.heads,
+            self._stored,
+            self.pending,
         ).run(names, retired_names, packs, locations, self._also_in, set(self._other_secret))
         for pack, who in sorted(self._other_secret.items()):
             what = (

@@ -6,13 +6,15 @@ key its body must open under its envelope's binding. Per certificate the sequenc
 without gaps or forks; two envelopes holding one run mean a copy; every pack of a snapshot's
 pack set (resolved through repack move records) must exist, and with a key every chunk of its
 chunk set must be indexed in those packs. The chain heads this machine remembers are witnesses
-that the newest snapshots were not withheld.
+that the newest snapshots were not withheld; those of its snapshots that wait in its local spool
+(the repository was unreachable or refused writes) are pending, not withheld: a note.
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
 from typing import Any
 
 from bunker import encoding
@@ -33,6 +35,15 @@ from bunker.repo.trust import chain_trust
 Chains = dict[str, dict[int, tuple[str, str]]]  # cert -> seq -> (snapshot, prev)
 
 
+@dataclass(frozen=True)
+class Pending:
+    """This machine's snapshots that wait in its local spool (``where``) for `bunker forward`:
+    written while the repository was unreachable or refused writes, so not in it yet."""
+
+    where: str = ""
+    chains: Chains = field(default_factory=dict)
+
+
 class SnapshotChecks:
     """One check of every snapshot, reporting into ``report``."""
 
@@ -45,9 +56,11 @@ class SnapshotChecks:
         master: MasterKey | None,
         heads: list[tuple[str, int, str]],
         stored: dict[str, float],
+        pending: Pending | None = None,
     ) -> None:
         self.repo, self.report, self.get, self.secrets_for = repo, report, get, secrets_for
         self.master, self.heads, self.stored = master, heads, stored
+        self.pending = pending or Pending()
 
     def run(
         self,
@@ -208,7 +221,14 @@ class SnapshotChecks:
                 who = f"client {self.repo.certificate(cert_name).client!r}"
             except (CorruptObject, ObjectMissing):
                 who = f"the client of {cert_name}"
-            if seq > newest:
+            if seq > newest and self._waiting(cert_name, newest, seq, head_name, have):
+                self.report.add(
+                    head_name,
+                    f"{who}: snapshots #{newest + 1}..#{seq} are not in the repository yet: they wait in this "
+                    f"machine's local spool {self.pending.where}; the next backup or `bunker forward` delivers them",
+                    "note",
+                )
+            elif seq > newest:
                 self.report.add(
                     head_name,
                     f"{who} wrote snapshot #{seq} (this machine remembers it) but the repository's newest is "
@@ -216,6 +236,15 @@ class SnapshotChecks:
                 )
             elif seq in have and have[seq][0] != head_name:
                 self.report.add(head_name, f"{who}'s snapshot #{seq} was replaced by another object")
+
+    def _waiting(self, cert_name: str, newest: int, seq: int, head_name: str, have: dict[int, tuple[str, str]]) -> bool:
+        """Whether the spool holds every snapshot from the repository's newest up to the
+        remembered head, linked to the repository's newest: then they are pending, not withheld."""
+        spooled = self.pending.chains.get(cert_name, {})
+        if spooled.get(seq, ("", ""))[0] != head_name or any(s not in spooled for s in range(newest + 1, seq + 1)):
+            return False
+        base = have[newest][0] if newest else ""
+        return spooled[newest + 1][1] == base
 
 
 class _Sets:

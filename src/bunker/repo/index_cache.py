@@ -2,7 +2,9 @@
 
 Decrypted index objects are cached as files in the client's cache directory (index objects are
 immutable, so a cached copy never goes stale; one that disappeared from the repository is
-dropped). The cache can always be rebuilt from the repository with the put key.
+dropped). The cache can always be rebuilt from the repository with the put key. A cache
+directory that cannot be written (a full disk) only costs speed: the index is read from the
+repository, and ``cache_problem`` says why.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from bunker.private_files import private_dirs, write_private_file
 from bunker.repo.blob_reader import read_trailer
 from bunker.repo.index import Location, LocationMap, decrypt_index, parse_index_frame
 from bunker.repo.objects import MAGIC_INDEX, MAX_SIGNED_OBJECT, is_hash_name
+from bunker.repo.pack import fetch_footer
 from bunker.repo.repository import Repository
 
 
@@ -55,6 +58,7 @@ class IndexCache:
         self.locations = LocationMap()
         self.objects: set[str] = set()
         self.problems: list[str] = []
+        self.cache_problem = ""  # why the cache directory is not written (the index still loads)
         self.unindexed: list[tuple[str, list[tuple[bytes, Location]]]] = []  # found by add_unindexed_packs
 
     def __contains__(self, cid: bytes) -> bool:
@@ -78,8 +82,13 @@ class IndexCache:
         if self.cache_dir and not self.for_dedup:
             self.cache_dir = None  # the cache holds the dedup view only
         if self.cache_dir:
-            private_dirs(self.cache_dir)
-            cached = set(os.listdir(self.cache_dir))
+            try:
+                private_dirs(self.cache_dir)
+                cached = set(os.listdir(self.cache_dir))
+            except OSError as exc:
+                self._uncached(exc)
+                self.cache_dir = None  # nothing to read either
+        if self.cache_dir:
             listed = {n.split("/", 1)[1] for n in names}
             if partial:
                 names += [f"index/{leaf}" for leaf in sorted(cached - listed) if is_hash_name(f"index/{leaf}")]
@@ -130,9 +139,22 @@ class IndexCache:
 
     def _store_cached(self, leaf: str, entries: list[tuple[bytes, Location]]) -> None:
         assert self.cache_dir
+        if self.cache_problem:
+            return  # no room: read from the repository next time
         rows = [[cid, loc.pack, loc.offset, loc.length, loc.raw_length] for cid, loc in entries]
-        # a cache: rebuilt from the repository when lost, so not fsynced
-        write_private_file(os.path.join(self.cache_dir, leaf), encoding.pack(rows), durable=False)
+        try:
+            # a cache: rebuilt from the repository when lost, so not fsynced
+            write_private_file(os.path.join(self.cache_dir, leaf), encoding.pack(rows), durable=False)
+        except OSError as exc:
+            self._uncached(exc)
+
+    def _uncached(self, exc: OSError) -> None:
+        """Stop writing the cache directory: index objects not cached are read from the
+        repository on every run."""
+        self.cache_problem = (
+            f"the index cache {self.cache_dir} cannot be written ({exc.strerror or exc}): index objects are read "
+            "from the repository on every run (slower); free space on that disk (or make it writable)"
+        )
 
     def add(self, entries: Iterable[tuple[bytes, Location]]) -> None:
         """Add entries (first location wins: equal chunks in two packs are both valid)."""
@@ -142,19 +164,25 @@ class IndexCache:
             entries = [(cid, loc) for cid, loc in entries if loc.pack in self.only_packs]
         self.locations.update(entries)
 
-    def add_unindexed_packs(self) -> int:
+    def add_unindexed_packs(self, only_writer: str | None = None, listed: Iterable[str] | None = None) -> int:
         """Add the blobs of every pack of this domain that no index object names, read from the
-        packs' own trailers (indexes are only a cache of them). Returns how many packs were read."""
+        packs' own trailers (indexes are only a cache of them). Returns how many packs were read.
+        ``only_writer``: only packs whose footer names this certificate as signer (other packs
+        cost one small range read each). ``listed``: the pack names a listing showed (else the
+        packs are listed here)."""
         indexed = self.locations.packs()
         revoked = self.repo.revoked if self.for_dedup else {}
+        if listed is None:
+            listed = [info.name.split("/", 1)[1] for info in self.repo.backend.list("packs/")]
         n = 0
-        for info in self.repo.backend.list("packs/"):
-            pack = info.name.split("/", 1)[1]
+        for pack in listed:
             if pack in indexed or pack in self.absent_packs:
                 continue
             try:
+                if only_writer is not None and fetch_footer(self.repo.backend, f"packs/{pack}").signer != only_writer:
+                    continue
                 blobs, _, writer = read_trailer(self.repo, pack, self.secrets)
-            except (CorruptObject, ObjectMissing):
+            except (CorruptObject, ObjectMissing, encoding.FormatError):
                 continue  # another domain's pack, or damaged: check reports it
             if writer in revoked:
                 continue

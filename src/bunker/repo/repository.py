@@ -85,6 +85,7 @@ class Repository:
         # retention records this machine wrote that the storage no longer lists
         # (repo/record_witness.py): counted as present by retirements()
         self.witnessed: dict[str, bytes] = {}
+        self._damaged: dict[str, str] = {}  # snapshot objects that do not parse: name -> why
 
     def with_backend(self, backend: Backend) -> Repository:
         """The same verified view over another backend (e.g. one that spools)."""
@@ -388,9 +389,25 @@ class Repository:
         if name not in self._parsed:
             try:
                 self._parsed[name] = parse_snapshot(self.get_object(name))
-            except (CorruptObject, encoding.FormatError):
+            except CorruptObject as exc:
                 self._parsed[name] = None
+                self._damaged[name] = exc.problem
+            except encoding.FormatError as exc:
+                self._parsed[name] = None
+                self._damaged[name] = f"malformed: {exc}"
         return self._parsed[name]
+
+    def damaged_snapshots(self) -> dict[str, str]:
+        """The listed snapshot objects that are damaged (their bytes do not match their name, or
+        they do not parse): name -> what is wrong. Nobody can tell whose they were."""
+        out = {}
+        for info in self.backend.list("snapshots/"):
+            try:
+                if self.parsed_snapshot(info.name) is None:
+                    out[info.name] = self._damaged.get(info.name, "damaged")
+            except ObjectMissing:
+                continue  # deleted meanwhile (a prune)
+        return out
 
     def snapshots(self) -> list[SnapshotRecord]:
         """Every snapshot, verified, ordered by time then client and sequence. A snapshot is

@@ -2,7 +2,10 @@
 path (sealed: these filters need the master key).
 
 ``latest`` is the newest by *trusted* time (repo/retention.py: a signed time never counts later
-than the storage stored the snapshot), never a retired snapshot. A snapshot that ``bunker prune``
+than the storage stored the snapshot), never a retired snapshot. A chain head this machine
+remembers (``KnownHead``: its client backed up from here) that the repository does not hold as a
+trusted snapshot (missing, damaged, forged, or still waiting in this machine's spool) makes
+``latest`` an error naming it: an older snapshot is never passed off as the newest. A snapshot that ``bunker prune``
 adopted from a dead client's checkpoint (envelope field ``adopted``) belongs to that client here,
 in listings and in retention, once ``owner`` has checked the claim."""
 
@@ -20,6 +23,17 @@ from bunker.repo.repository import Repository, SnapshotRecord
 from bunker.repo.snapshot import open_body
 
 
+@dataclass(frozen=True)
+class KnownHead:
+    """A chain head this machine remembers (it backed up as that client): certificate, sequence
+    number and snapshot name; ``pending`` when the snapshot waits in this machine's spool."""
+
+    cert: str
+    seq: int
+    name: str
+    pending: bool = False
+
+
 @dataclass
 class Filters:
     client: str | None = None
@@ -27,6 +41,7 @@ class Filters:
     tags: tuple[str, ...] = ()
     path: str | None = None
     host_certs: HostSelection | None = None  # resolve_host
+    own_client: bool = False  # ``client`` is this machine's own, implied for `latest`
 
     @property
     def sealed(self) -> bool:
@@ -147,16 +162,32 @@ def matches(rec: SnapshotRecord, f: Filters, master: MasterKey | None, repo: Rep
     )
 
 
-def select(repo: Repository, spec: str, f: Filters, master: MasterKey | None) -> SnapshotRecord:
+def select(
+    repo: Repository, spec: str, f: Filters, master: MasterKey | None, known: Iterable[KnownHead] = ()
+) -> SnapshotRecord:
     """One snapshot: ``latest`` (the newest trusted, not retired match by trusted time) or a unique
-    id prefix (a retired snapshot too: its data may still be stored)."""
-    records = [r for r in repo.snapshots() if r.trusted]
+    id prefix (a retired snapshot too: its data may still be stored). ``known``: the chain heads
+    this machine remembers; one of the clients ``latest`` chooses among that the repository does
+    not hold as a trusted snapshot is an error naming it."""
+    every = repo.snapshots()
+    records = [r for r in every if r.trusted]
     if f.host and f.host_certs is None and master is not None:
         mine = [r for r in records if not f.client or owner(repo, r) == f.client]
         f.host_certs = resolve_host(repo, mine, f.host, master)
     if spec == "latest":
+        for head in known:
+            if _applies(repo, head, f):
+                _require_head(repo, head, every)
         retired = repo.retired_snapshots()
         cands = [r for r in records if r.name not in retired and matches(r, f, master, repo)]
+        if not cands and f.own_client:
+            raise BunkerError(
+                f"no snapshot of this machine's client {f.client!r} matches (on a machine that backs up, `latest` "
+                "means its own client's)"
+                + (" (forgotten snapshots are never `latest`)" if retired else ""),
+                "name another client with --client NAME (`bunker snapshots` lists them), or a snapshot by its id",
+                exit_code=ExitCode.USAGE,
+            )
         if not cands:
             raise BunkerError(
                 "no snapshot matches"
@@ -180,6 +211,54 @@ def select(repo: Repository, spec: str, f: Filters, master: MasterKey | None) ->
             f"snapshot id {spec!r} is ambiguous ({len(cands)} match)", "give more hex digits", exit_code=ExitCode.USAGE
         )
     return cands[0]
+
+
+def _applies(repo: Repository, head: KnownHead, f: Filters) -> bool:
+    """Whether ``latest`` under ``f`` chooses among the snapshots of ``head``'s client."""
+    if f.client:
+        try:
+            if repo.certificate(head.cert).client != f.client:
+                return False
+        except (BunkerError, encoding.FormatError):
+            return False
+    sel = f.host_certs
+    return not (f.host and sel is not None and head.cert not in sel.bound and head.cert not in sel.claimants)
+
+
+def _require_head(repo: Repository, head: KnownHead, every: list[SnapshotRecord]) -> None:
+    """Raise unless the repository holds ``head`` as a trusted snapshot."""
+    rec = next((r for r in every if r.name == head.name), None)
+    if rec is not None and rec.trusted:
+        return
+    if any(r.trusted and r.snap.env.cert == head.cert and r.snap.env.seq > head.seq for r in every):
+        return  # the chain went on past it (the same key on another machine): `check` judges the gap
+    try:
+        who = f"client {repo.certificate(head.cert).client!r}"
+    except (BunkerError, encoding.FormatError):
+        who = f"the client of {head.cert}"
+    older = "; to restore an older snapshot, name it by its id (`bunker snapshots` lists them)"
+    if head.pending:
+        raise BunkerError(
+            f"{who}'s newest snapshot #{head.seq} ({head.name}) is not in the repository yet: it waits in this "
+            "machine's local spool",
+            "run `bunker forward` (it needs the repository to be reachable), then run this command again" + older,
+            exit_code=ExitCode.INTEGRITY,
+        )
+    damaged = repo.damaged_snapshots().get(head.name)
+    what = (
+        f"is damaged ({damaged})"
+        if damaged is not None
+        else f"is not trusted ({rec.problem})"
+        if rec is not None
+        else "is missing from the repository: snapshots were deleted or the repository was rolled back"
+    )
+    raise BunkerError(
+        f"{who}'s newest snapshot #{head.seq} ({head.name}), which this machine remembers, {what}; `latest` "
+        "would be an older snapshot",
+        "run `bunker check` to see what else is affected, and restore the snapshot from a mirror if you have one"
+        + older,
+        exit_code=ExitCode.INTEGRITY,
+    )
 
 
 def _host_note(f: Filters) -> str:

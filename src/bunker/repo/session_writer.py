@@ -43,6 +43,7 @@ class SessionWriter:
         self._pool = ThreadPoolExecutor(MAX_UPLOADS_IN_FLIGHT, thread_name_prefix="bunker-upload")
         self._new_entries: list[tuple[bytes, Location]] = []
         self.packs_written: list[str] = []
+        self.bytes_stored = 0  # bytes of the packs stored so far
         self.bytes_added = 0  # stored (encrypted) bytes of new blobs
         self.raw_added = 0
         self.chunks_added = 0
@@ -123,6 +124,7 @@ class SessionWriter:
                 for cid, _ in locs:
                     self._pending.discard(cid)
                 self.packs_written.append(name)
+                self.bytes_stored += len(data)
         except BaseException as exc:
             with self._lock:
                 self._error = exc

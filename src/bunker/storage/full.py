@@ -46,7 +46,22 @@ _CODE = re.compile(r'\bcode: "([^"]*)"')
 
 class RepositoryFull(BunkerError):
     """The storage that holds a repository (or spool) has no room left: a full disk or a used-up
-    quota, on this machine, on a server or at a service."""
+    quota, on this machine, on a server or at a service. ``free_step`` says where to free space."""
+
+    def __init__(self, message: str, hint: str = "", *, exit_code: int | None = None, free_step: str = "") -> None:
+        super().__init__(message, hint, exit_code=exit_code)
+        self.free_step = free_step
+
+    def with_figures(self, kept: str, need: str) -> RepositoryFull:
+        """The same error, saying what the stopped run stored (``kept``: kept, and used by the
+        next run instead of storing it again) and how much room the next run needs (``need``)."""
+        return RepositoryFull(
+            f"{self.message}; before that, this run stored {kept}: kept, and the next run uses it instead of "
+            "storing it again",
+            f"{MEANING} {self.free_step}: the next run needs room for {need}. Then run the same command again",
+            exit_code=self.exit_code,
+            free_step=self.free_step,
+        )
 
 
 def repository_full(what: str, problem: str, free_step: str) -> RepositoryFull:
@@ -56,6 +71,7 @@ def repository_full(what: str, problem: str, free_step: str) -> RepositoryFull:
         f"{what}: {problem}",
         f"{MEANING} {free_step}, then run the same command again",
         exit_code=ExitCode.FATAL,
+        free_step=free_step,
     )
 
 

@@ -9,7 +9,10 @@ fsynced), which checks the discipline above rather than trusting it.
 
 A full disk (ENOSPC, EDQUOT) raises :class:`RepositoryFull` (storage/full.py), not StorageError:
 the repository was reached and answered, so a backup must not fall back to the local spool as if
-it were unreachable; the run stops with the exact next step (free space, run again).
+it were unreachable; the run stops with the exact next step (free space, run again). A
+read-only filesystem or a directory this user may not write (EROFS, EACCES, EPERM) raises
+:class:`StorageRefused` (storage/refused.py): a backup keeps its data in the spool but ends at
+level err at once.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from bunker.errors import BunkerError, ExitCode, ObjectMissing, StorageError
 from bunker.storage.backend import STRAYS_SHOWN, Backend, Capabilities, ObjectInfo, Strays, validate_prefix
 from bunker.storage.full import FULL_ERRNOS, RepositoryFull, local_disk_full
 from bunker.storage.prefixes import PREFIXES, WRITTEN, name_problem, printable
+from bunker.storage.refused import is_refused_errno, local_refusal
 
 __all__ = ["FULL_ERRNOS", "FileOps", "LocalBackend", "RepositoryFull", "storage_error"]
 
@@ -268,8 +272,7 @@ def storage_error(exc: OSError, what: str, root: str) -> BunkerError:
         except OSError:
             free = "free space unknown"
         return local_disk_full(what, reason, root, free)
-    if exc.errno in (errno.EACCES, errno.EPERM):
-        hint = "the repository is not writable by this user: fix its permissions or use another --repo"
-    else:
-        hint = "check the repository's disk and run the command again"
+    if is_refused_errno(exc.errno):
+        return local_refusal(what, exc, root)
+    hint = "check the repository's disk and run the command again"
     return StorageError(f"{what}: {reason}", hint, exit_code=ExitCode.FATAL)

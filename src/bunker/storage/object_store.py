@@ -25,10 +25,11 @@ import contextlib
 import os
 import re
 import secrets
+import threading
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, NoReturn, cast
+from typing import Any, NoReturn, TypeVar, cast
 
 import opendal
 import opendal.exceptions as ox
@@ -38,11 +39,19 @@ from bunker.errors import BunkerError, ExitCode, ObjectMissing, StorageError
 from bunker.storage.backend import Backend, Capabilities, ObjectInfo
 from bunker.storage.full import full_reason, service_full
 from bunker.storage.prefixes import is_object_name
+from bunker.storage.refused import StorageRefused
+
+T = TypeVar("T")
 
 DEFAULT_RETRIES = 5  # retries after the first attempt: 0.5+1+2+4+8 s of backoff, up to twice that with jitter
 DEFAULT_RETRY_DELAY = 0.5
 MAX_RETRY_DELAY = 30.0
 DEFAULT_TIMEOUT = 60.0  # per control request (stat, list, delete); IO requests get twice that
+# A host that refuses connections and has not answered once during this command (a stopped
+# server, a wrong port) is retried for this long at most, in short steps, then it is unreachable
+# (a backup spools): the backoff above is for servers that stumble, not for servers that are off.
+NO_ANSWER_SECONDS = 3.0
+NO_ANSWER_FIRST_DELAY = 0.2
 
 # every exception class of the binding (they share no base class besides Exception)
 OPENDAL_ERRORS: tuple[type[Exception], ...] = tuple(
@@ -108,14 +117,32 @@ class RetryPolicy:
             timeout=number("BUNKER_STORAGE_TIMEOUT", DEFAULT_TIMEOUT, 0.1, 3600),
         )
 
-    def apply(self, op: opendal.Operator) -> opendal.Operator:
+    def probe(self, op: opendal.Operator) -> opendal.Operator:
+        """``op`` with the timeout per request and no retries: for the first contact, whose
+        retries ``no_answer_delay`` paces."""
+        return op.layer(TimeoutLayer(timeout=self.timeout, io_timeout=2 * self.timeout))
+
+    def no_answer_delay(self, attempt: int, started: float) -> float | None:
+        """The wait before retrying a connection refused by a host that has not answered once in
+        this command (0.2 s, 0.4 s, 0.8 s...), or None once that would pass NO_ANSWER_SECONDS
+        since ``started`` (time.monotonic()), or when retries are off: then the host is taken as
+        unreachable."""
+        if attempt >= self.retries:
+            return None
+        delay = NO_ANSWER_FIRST_DELAY * 2.0**attempt
+        if time.monotonic() + delay - started > NO_ANSWER_SECONDS:
+            return None
+        return delay
+
+    def apply(self, op: opendal.Operator, retries: int | None = None) -> opendal.Operator:
         """Wrap ``op``: a timeout per request inside (a timed-out request is a temporary error),
-        retries with backoff and jitter outside."""
-        op = op.layer(TimeoutLayer(timeout=self.timeout, io_timeout=2 * self.timeout))
-        if self.retries > 0:
+        retries with backoff and jitter outside (``retries``: other than the policy's)."""
+        op = self.probe(op)
+        retries = self.retries if retries is None else retries
+        if retries > 0:
             op = op.layer(
                 RetryLayer(
-                    max_times=self.retries,
+                    max_times=retries,
                     factor=2.0,
                     jitter=True,
                     min_delay=self.first_delay,
@@ -132,6 +159,13 @@ class ObjectStoreBackend(Backend):
     ``endpoint`` is what error messages call the place (e.g. ``http://127.0.0.1:9000 bucket b``);
     ``service`` what they say about credentials and endpoints. ``staged`` writes each object to
     a hidden temporary name and renames it, for services whose PUT is not atomic on the server.
+
+    ``probe`` (the same operator without retries: RetryPolicy.probe) and ``policy`` make the
+    first contact quick when nothing answers: until the service has answered once, requests go
+    through ``probe``; a connection it refuses is retried for NO_ANSWER_SECONDS at most, then
+    the repository is unreachable (exit 13; a backup spools) instead of costing the full backoff
+    of every request. Other failures of the first request are retried as usual, through
+    ``rest`` (the operator with one retry fewer: the attempt through ``probe`` was the first).
     """
 
     def __init__(
@@ -142,8 +176,21 @@ class ObjectStoreBackend(Backend):
         *,
         service: ServiceInfo = GENERIC,
         staged: bool = False,
+        probe: opendal.Operator | None = None,
+        rest: opendal.Operator | None = None,
+        policy: RetryPolicy | None = None,
     ) -> None:
-        self._op = op
+        self._full_op = op
+        self._probe_op = probe
+        self._rest_op = rest if rest is not None else op
+        self._policy = policy or RetryPolicy()
+        self._answered = probe is None  # the service answered once (an error is an answer too)
+        self._first_lock = threading.RLock()
+        # during the first contact: the thread making it, the operator its requests use, and
+        # whether a failure is the first contact's to judge (_ProbeFailed) or an error to map
+        self._first_thread: threading.Thread | None = None
+        self._first_op: opendal.Operator | None = None
+        self._probing = False
         self.url = url
         self.endpoint = endpoint
         self.service = service
@@ -153,9 +200,88 @@ class ObjectStoreBackend(Backend):
             raise ValueError("staged writes need a service that can rename")
         self._if_not_exists = bool(cap.write_with_if_not_exists)
 
+    # ------------------------------------------------------------------ the first contact
+
+    @property
+    def _op(self) -> opendal.Operator:
+        if self._first_op is not None and self._first_thread is threading.current_thread():
+            return self._first_op
+        return self._full_op
+
+    def _first(self, fn: Callable[[], T], what: str, name: str) -> T:
+        """Run one entry point (``fn``); the first one of this backend with the first-contact
+        rules (see the class docstring). Later callers wait for the first one to finish."""
+        if self._answered:
+            return fn()
+        with self._first_lock:
+            me = threading.current_thread()
+            if self._answered or self._first_thread is me:
+                return fn()  # answered meanwhile, or a request nested in the first one
+            started, attempt = time.monotonic(), 0
+            self._first_thread = me
+            try:
+                while True:
+                    self._first_op, self._probing = self._probe_op, True
+                    try:
+                        out = fn()
+                    except _ProbeFailed as failed:
+                        exc = failed.exc
+                        if _connection_refused(exc):
+                            delay = self._policy.no_answer_delay(attempt, started)
+                            if delay is None:
+                                raise self._no_answer(exc, what, name, time.monotonic() - started) from None
+                            time.sleep(delay)
+                            attempt += 1
+                            continue
+                        self._probing = False
+                        if _answer(exc) or self._policy.retries == 0:
+                            self._answered = _answer(exc)
+                            self._fail(exc, what, name)
+                        # no answer yet (a timeout, a 5xx, a dropped connection): the remaining
+                        # retries, as for any request
+                        self._first_op = self._rest_op
+                        time.sleep(self._policy.first_delay)
+                        out = fn()
+                    except BaseException:
+                        self._answered = True  # an answer that means an error (NotFound...)
+                        raise
+                    self._answered = True
+                    return out
+            finally:
+                self._first_thread, self._first_op, self._probing = None, None, False
+
+    def _no_answer(self, exc: Exception, what: str, name: str, waited: float) -> StorageError:
+        where = f"{what} {name} at {self.endpoint}" if name else f"{what} at {self.endpoint}"
+        return StorageError(
+            f"could not {where}: nothing answers there ({describe_error(exc)}; tried for {waited:.1f} s): the "
+            f"{self.service.label} server is not running or the endpoint is wrong",
+            f"start the server or fix the endpoint ({self.service.endpoint_hint}), then run the command again",
+            exit_code=ExitCode.NO_REPOSITORY,
+        )
+
     # ------------------------------------------------------------------ the interface
 
     def _put(self, name: str, data: bytes | memoryview, if_absent: bool) -> bool:
+        return self._first(lambda: self._put_now(name, data, if_absent), "write", name)
+
+    def _get(self, name: str, offset: int, length: int | None) -> bytes:
+        return self._first(lambda: self._get_now(name, offset, length), "read", name)
+
+    def _list(self, prefix: str) -> Iterator[ObjectInfo]:
+        if self._answered:
+            yield from self._list_now(prefix)
+        else:
+            yield from self._first(lambda: list(self._list_now(prefix)), "list", prefix)
+
+    def _delete(self, name: str) -> None:
+        self._first(lambda: self._delete_now(name), "delete", name)
+
+    def _stat(self, name: str) -> ObjectInfo | None:
+        return self._first(lambda: self._stat_now(name), "stat", name)
+
+    # ------------------------------------------------------------------ the requests
+
+    def _put_now(self, name: str, data: bytes | memoryview, if_absent: bool) -> bool:
         # the binding takes any buffer (its stub says bytes); no copy of a 16 MiB pack here
         data = cast(bytes, data)
         try:
@@ -182,7 +308,7 @@ class ObjectStoreBackend(Backend):
         except OPENDAL_ERRORS as exc:
             self._fail(exc, "write", name)
 
-    def _get(self, name: str, offset: int, length: int | None) -> bytes:
+    def _get_now(self, name: str, offset: int, length: int | None) -> bytes:
         if length is not None and length < 0:
             length = None
         try:
@@ -204,7 +330,7 @@ class ObjectStoreBackend(Backend):
         except OPENDAL_ERRORS as exc:
             self._fail(exc, "read", name)
 
-    def _list(self, prefix: str) -> Iterator[ObjectInfo]:
+    def _list_now(self, prefix: str) -> Iterator[ObjectInfo]:
         try:
             # a missing prefix (WebDAV: no collection yet) lists as empty in OpenDAL
             for entry in self._op.list(prefix):
@@ -227,7 +353,7 @@ class ObjectStoreBackend(Backend):
         except OPENDAL_ERRORS as exc:
             self._fail(exc, "list", prefix)
 
-    def _delete(self, name: str) -> None:
+    def _delete_now(self, name: str) -> None:
         try:
             self._op.delete(name)  # a missing object is not an error (S3 answers 204 either way)
         except ox.NotFound:
@@ -235,7 +361,7 @@ class ObjectStoreBackend(Backend):
         except OPENDAL_ERRORS as exc:
             self._fail(exc, "delete", name)
 
-    def _stat(self, name: str) -> ObjectInfo | None:
+    def _stat_now(self, name: str) -> ObjectInfo | None:
         try:
             meta = self._op.stat(name)
         except ox.NotFound:
@@ -319,7 +445,30 @@ class ObjectStoreBackend(Backend):
         return self._read(name, offset=offset, size=end - offset)
 
     def _fail(self, exc: Exception, what: str, name: str) -> NoReturn:
+        if self._probing and self._first_thread is threading.current_thread():
+            raise _ProbeFailed(exc)  # the first contact decides (_first)
         raise storage_error(exc, what, name, self.endpoint, self.service) from None
+
+
+class _ProbeFailed(Exception):
+    """A request of the first contact failed with ``exc`` (an OpenDAL error)."""
+
+    def __init__(self, exc: Exception) -> None:
+        super().__init__(str(exc))
+        self.exc = exc
+
+
+def _connection_refused(exc: Exception) -> bool:
+    """The host refused the TCP connection: nothing listens on the port."""
+    text = str(exc)
+    return "error sending request" in text and "Connection refused" in text
+
+
+def _answer(exc: Exception) -> bool:
+    """The service answered (with an error): not a timeout, a dropped or an unsent request."""
+    text = str(exc)
+    first = text.split("\n", 1)[0]
+    return not ("error sending request" in text or "(temporary)" in first or isinstance(exc, ox.RateLimited))
 
 
 def describe_error(exc: Exception) -> str:
@@ -343,6 +492,7 @@ def describe_error(exc: Exception) -> str:
 def storage_error(exc: Exception, what: str, name: str, endpoint: str, service: ServiceInfo = GENERIC) -> BunkerError:
     """A failure that retrying did not cure, as a user-facing error: a service that says it has no
     room (507, a "full" or quota code: storage/full.py) is RepositoryFull (exit 4, never spooled);
+    one that denies access (401, 403: storage/refused.py) is StorageRefused (a backup spools, at err);
     transient kinds (no answer, 5xx, throttling) say the repository cannot be reached (exit 13);
     the rest are fatal (exit 4)."""
     detail = describe_error(exc)
@@ -360,11 +510,11 @@ def storage_error(exc: Exception, what: str, name: str, endpoint: str, service: 
     if full is not None:
         return service_full(f"could not {where}", detail if detail.startswith(full) else full, service.label)
     if isinstance(exc, ox.PermissionDenied) or "status: 401" in text:
-        return StorageError(
+        # the service answered and refuses: a backup keeps its data in the spool, at level err
+        return StorageRefused(
             f"could not {where}: access denied ({detail})",
             f"check the credentials ({service.credentials}) and that they may read, write, list and "
             "delete under the repository's prefix",
-            exit_code=ExitCode.FATAL,
         )
     if any(code in text for code in service.missing_bucket):
         return StorageError(

@@ -16,6 +16,9 @@ connects to a running ``bunker serve --socket``. The protocol is storage/wire.py
 - A server whose disk is full answers FAILED with the kind "full": that is RepositoryFull (the
   run stops with the next step: free space on the server's disk), not a StorageError, so a
   backup does not spool as if the server could not be reached.
+- A server whose disk refuses writes (read-only, permissions) answers FAILED with the kind
+  "refused", and an append-only server REFUSED: both are StorageRefused (storage/refused.py), so
+  a backup keeps its data in the spool and ends at level err.
 - An append-only server never replaces an object: a put of an existing name returns False
   (nothing written), a delete outside ``sessions/`` raises ServerRefused.
 """
@@ -38,13 +41,15 @@ from bunker.storage.backend import STRAYS_SHOWN, Backend, Capabilities, ObjectIn
 from bunker.storage.full import server_disk_full
 from bunker.storage.object_store import MAX_RETRY_DELAY, RetryPolicy
 from bunker.storage.prefixes import MAX_SHOWN, printable
+from bunker.storage.refused import StorageRefused
 from bunker.storage.remote_link import Lost, Opener, RemoteLocation, opener_for, parse_remote_url
 
 __all__ = ["RemoteBackend", "ServerRefused", "open_remote", "parse_remote_url"]
 
 
-class ServerRefused(BunkerError):
-    """The server does not allow the operation (append-only, or bytes that do not match a name)."""
+class ServerRefused(StorageRefused):
+    """The server does not allow the operation (append-only, or bytes that do not match a name):
+    it answered, so the repository was reached and refuses (a backup spools, at level err)."""
 
 
 class _Waiter:
@@ -60,7 +65,7 @@ def _again(exc: BaseException) -> BaseException:
     """A fresh copy of a connection's failure for one more waiting thread (one exception object
     raised in several threads would share and tangle its traceback)."""
     if isinstance(exc, Lost):
-        return Lost(*exc.args)
+        return Lost(*exc.args, no_answer=exc.no_answer)
     if type(exc) in (wire.ProtocolError, BunkerError, StorageError):
         assert isinstance(exc, BunkerError)
         return type(exc)(exc.message, exc.hint, exit_code=exc.exit_code)
@@ -162,6 +167,7 @@ class RemoteBackend(Backend):
         self.append_only = False
         self.server_version = ""
         self.server_repo = ""  # the repository directory on the server, as its hello says
+        self._answered = False  # a server answered once: a refused connection then gets every retry
         self._finalizer = weakref.finalize(self, self._current.close, self._opener)
         try:
             self._call("open the repository", "", wire.PING, {})
@@ -276,6 +282,7 @@ class RemoteBackend(Backend):
             max_frame = fields.get("max_frame")
             limit = max_frame if isinstance(max_frame, int) and 0 < max_frame <= wire.MAX_FRAME else wire.MAX_FRAME
             self._current.conn = conn = Connection(stream, describe, limit)
+            self._answered = True
             return conn
 
     def _call(
@@ -289,7 +296,8 @@ class RemoteBackend(Backend):
         io: bool = False,
     ) -> wire.Frame:
         timeout = self._policy.timeout * (2 if io else 1)
-        attempt = 0
+        attempt = quick = 0
+        started = time.monotonic()
         while True:
             conn: Connection | None = None
             try:
@@ -298,6 +306,15 @@ class RemoteBackend(Backend):
             except Lost as exc:
                 if conn is not None:
                     conn.fail(exc)
+                if exc.no_answer and not self._answered:
+                    # nothing listens (a stopped server): a short try, not the backoff for a
+                    # server that stumbles; then it is unreachable and a backup spools
+                    delay = self._policy.no_answer_delay(quick, started)
+                    if delay is None:
+                        raise self._unreachable(exc, what, name, time.monotonic() - started) from None
+                    time.sleep(delay)
+                    quick += 1
+                    continue
                 if attempt >= self._policy.retries:
                     raise self._unreachable(exc, what, name) from None
                 time.sleep(self._delay(attempt))
@@ -310,7 +327,13 @@ class RemoteBackend(Backend):
     def _what(self, what: str, name: str) -> str:
         return f"{what} {name} at {self.endpoint}" if name else f"{what} at {self.endpoint}"
 
-    def _unreachable(self, exc: Lost, what: str, name: str) -> StorageError:
+    def _unreachable(self, exc: Lost, what: str, name: str, waited: float | None = None) -> StorageError:
+        if waited is not None:
+            return StorageError(
+                f"could not {self._what(what, name)}: nothing answers there ({exc}; tried for {waited:.1f} s)",
+                f"start the server ({self._opener.test_hint}) or fix the repository URL, then run the command again",
+                exit_code=ExitCode.NO_REPOSITORY,
+            )
         tries = f"also after {self._policy.retries} retries" if self._policy.retries else "and retries are off"
         return StorageError(
             f"could not {self._what(what, name)}: the server did not answer or the connection kept dropping "
@@ -326,8 +349,16 @@ class RemoteBackend(Backend):
         if f.code == wire.REFUSED:
             return ServerRefused(
                 f"{self.endpoint} refused: {message}",
-                hint or "ask the server's administrator what this server allows",
-                exit_code=ExitCode.FATAL,
+                (hint or "ask the server's administrator what this server allows").rstrip("."),
+            )
+        if f.code == wire.FAILED and f.meta.get("k") == wire.KIND_REFUSED:
+            # the server's disk refuses writes (read-only, permissions): it will not come back by
+            # itself, so a backup spools at level err (storage/refused.py)
+            server = self.loc.host if self.loc.scheme == "ssh" else "the machine that runs `bunker serve`"
+            fix = hint.rstrip(".") or "make the repository directory writable"
+            return StorageRefused(
+                f"could not {where}: the server's repository refuses writes (the server says: {message})",
+                f"on the server ({server}): {fix}",
             )
         if f.code == wire.FAILED and f.meta.get("k") == wire.KIND_FULL:
             # the server's disk is full: not "unreachable" (a backup must not spool), no retry helps

@@ -37,7 +37,13 @@ _URL_HINT = (
 
 
 class Lost(Exception):
-    """A connection that failed in a way a new connection may cure (retried)."""
+    """A connection that failed in a way a new connection may cure (retried). ``no_answer``: the
+    host answered nothing (connection refused, no socket): retried only briefly while it has
+    never answered (RetryPolicy.no_answer_delay)."""
+
+    def __init__(self, message: str, *, no_answer: bool = False) -> None:
+        super().__init__(message)
+        self.no_answer = no_answer
 
 
 # ------------------------------------------------------------------------------------------ URLs
@@ -174,7 +180,7 @@ class UnixOpener:
             sock.connect(self.loc.path)
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             sock.close()
-            raise Lost(f"no bunker server listens at {self.loc.path} ({exc.strerror})") from None
+            raise Lost(f"no bunker server listens at {self.loc.path} ({exc.strerror})", no_answer=True) from None
         except PermissionError:
             sock.close()
             raise StorageError(
@@ -503,7 +509,7 @@ class SshOpener:
             )
         if rc == 255:
             # ssh's own failures that a retry may cure: refused or timed-out connects, drops
-            return Lost(f"ssh could not connect ({last})")
+            return Lost(f"ssh could not connect ({last})", no_answer="Connection refused" in err)
         return StorageError(
             f"`{self.remote_path} serve` on {loc.host_port} ended before the handshake ({last})",
             f"check that `{loc.ssh_command()} {self.remote_path} --version` prints bunker's version; name another "

@@ -107,7 +107,16 @@ def _backend(
         raise usage_error(
             f"cannot use the repository URL {url}: {describe_error(exc)}", "check the URL's parameters"
         ) from None
-    return ObjectStoreBackend(policy.apply(op), url, where, service=service, staged=staged)
+    return ObjectStoreBackend(
+        policy.apply(op),
+        url,
+        where,
+        service=service,
+        staged=staged,
+        probe=policy.probe(op),
+        rest=policy.apply(op, max(0, policy.retries - 1)),  # after a first attempt through ``probe``
+        policy=policy,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- S3

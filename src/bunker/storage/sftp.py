@@ -54,6 +54,7 @@ from bunker.storage.backend import PREFIXES, Backend, Capabilities, ObjectInfo
 from bunker.storage.local import STALE_TEMP_SECONDS, TEMP_PREFIX
 from bunker.storage.object_store import RetryPolicy
 from bunker.storage.prefixes import WRITTEN
+from bunker.storage.refused import StorageRefused
 from bunker.storage.sftp_channels import ChannelPool, describe, is_transient
 from bunker.storage.sftp_link import Connector, SftpLocation, parse_sftp_url
 
@@ -148,20 +149,20 @@ class SftpBackend(Backend):
         except BunkerError:
             raise
         except Exception as exc:
-            raise self._error(exc, where) from None
+            raise self._error(exc, where, writing=what in ("write", "delete")) from None
 
     def _what(self, what: str, name: str) -> str:
         return f"{what} {name} at {self.endpoint}" if name else f"{what} at {self.endpoint}"
 
-    def _error(self, exc: BaseException, where: str) -> StorageError:
-        """What a failed request (not a transient one) means, and what to do about it."""
+    def _error(self, exc: BaseException, where: str, *, writing: bool = False) -> StorageError:
+        """What a failed request (not a transient one) means, and what to do about it
+        (``writing``: the request changes the repository)."""
         detail = describe(exc, self._policy.timeout)
         if isinstance(exc, asyncssh.SFTPPermissionDenied):
-            return StorageError(
+            return StorageRefused(
                 f"could not {where}: permission denied",
                 f"the login user may not read and write {self.loc.path} on the server: fix the directory's "
                 "ownership or permissions, or use another --repo",
-                exit_code=ExitCode.FATAL,
             )
         if isinstance(exc, asyncssh.SFTPOpUnsupported):
             return StorageError(
@@ -176,9 +177,17 @@ class SftpBackend(Backend):
                 "check the path in --repo / BUNKER_REPO and the server's disk",
                 exit_code=ExitCode.NO_REPOSITORY,
             )
+        if isinstance(exc, asyncssh.SFTPError) and writing:
+            # the server answered, so it was reached: OpenSSH's sftp-server and internal-sftp
+            # answer a read-only or full disk alike with SSH_FX_FAILURE "Failure" (SFTP v3 has no
+            # status for either: storage/full.py, storage/refused.py). A backup keeps its data
+            # in the spool and ends at err at once
+            return StorageRefused(
+                f"could not {where}: the server refused to store it ({detail!r})",
+                f"check the free space and that the filesystem under {self.loc.path} on the server is writable "
+                "(not mounted read-only) by the login user",
+            )
         if isinstance(exc, asyncssh.SFTPError):
-            # a full disk lands here too, and cannot be told apart: SFTP v3 has no status for it,
-            # and OpenSSH's sftp-server and internal-sftp answer SSH_FX_FAILURE "Failure" (storage/full.py)
             return StorageError(
                 f"could not {where}: the server answered {detail!r}",
                 f"check the free space and the permissions under {self.loc.path} on the server, then run the "

@@ -71,6 +71,7 @@ class ChannelPool:
         self._channels: dict[threading.Thread, Channel] = {}
         self._lock = threading.Lock()
         self.closed = False
+        self.answered = False  # the server answered once: a refused connection then gets every retry
         self.thread = threading.Thread(target=self._run, name=LOOP_THREAD, daemon=True)
         self.thread.start()
 
@@ -207,11 +208,13 @@ class ChannelPool:
         its steps itself (a transfer: each piece), others are bounded by BUNKER_STORAGE_TIMEOUT
         as a whole."""
         timeout = None if io else self._policy.timeout
-        attempt = 0
+        attempt = quick = 0
+        started = time.monotonic()
         while True:
             chan: Channel | None = None
             try:
                 chan = self.channel(self._policy.timeout)
+                self.answered = True
                 return self.run(op(chan.sftp), timeout)
             except BunkerError:
                 raise
@@ -221,6 +224,15 @@ class ChannelPool:
                     self.discard(chan, broken=isinstance(exc, TimeoutError))
                 if not transient:
                     raise
+                if isinstance(exc, ConnectionRefusedError) and not self.answered:
+                    # nothing listens (a stopped server): a short try, not the backoff for a
+                    # server that stumbles; then it is unreachable and a backup spools
+                    delay = self._policy.no_answer_delay(quick, started)
+                    if delay is None:
+                        raise self._unreachable(exc, where, time.monotonic() - started) from None
+                    time.sleep(delay)
+                    quick += 1
+                    continue
                 if attempt >= self._policy.retries:
                     raise self._unreachable(exc, where) from None
                 time.sleep(self._delay(attempt))
@@ -230,7 +242,15 @@ class ChannelPool:
         first = self._policy.first_delay
         return min(first * 2.0**attempt, max(first, MAX_RETRY_DELAY)) * (1.0 + random.random())
 
-    def _unreachable(self, exc: BaseException, where: str) -> StorageError:
+    def _unreachable(self, exc: BaseException, where: str, waited: float | None = None) -> StorageError:
+        if waited is not None:
+            return StorageError(
+                f"could not {where}: nothing answers there ({describe(exc, self._policy.timeout)}; tried for "
+                f"{waited:.1f} s): the ssh server is not running or the address is wrong",
+                f"start the ssh server or fix the repository URL (`{self._connector.loc.ssh_command()}` should log "
+                "in), then run the command again",
+                exit_code=ExitCode.NO_REPOSITORY,
+            )
         tries = f"also after {self._policy.retries} retries" if self._policy.retries else "and retries are off"
         return StorageError(
             f"could not {where}: the server did not answer or the connection kept dropping "

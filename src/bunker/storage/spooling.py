@@ -10,6 +10,10 @@ goes *offline* for the rest of the run: every later write goes to the spool with
 the upstream again, and reads and listings see only the spool. Its capabilities then say
 ``partial``: the listing shows part of the repository, so absence proves nothing (the chain head
 comes from the client's own state, the index view from its cache).
+
+An upstream that *refused* (StorageRefused: read-only, permissions; storage/refused.py) is
+remembered as ``refused``: the backup is kept in the spool all the same, but the run reports it
+as an error, since the repository will not come back by itself.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from collections.abc import Iterator
 from bunker.errors import ObjectMissing, StorageError
 from bunker.storage.backend import Backend, Capabilities, ObjectInfo
 from bunker.storage.local import LocalBackend
+from bunker.storage.refused import StorageRefused
 
 # Copied from the upstream so the spool opens as a repository; never forwarded.
 SEED_PREFIXES = ("config/", "clients/")
@@ -32,11 +37,19 @@ class SpoolingBackend(Backend):
     """``upstream`` with ``spool`` as the fallback for writes; ``upstream`` None: offline from the
     start (``reason`` says why, ``url`` names the upstream)."""
 
-    def __init__(self, upstream: Backend | None, spool: LocalBackend, reason: str = "", url: str = "") -> None:
+    def __init__(
+        self,
+        upstream: Backend | None,
+        spool: LocalBackend,
+        reason: str = "",
+        url: str = "",
+        refused: StorageRefused | None = None,
+    ) -> None:
         self.upstream = upstream
         self.spool = spool
         self.url = upstream.url if upstream is not None else (url or spool.url)
         self.reason = reason
+        self.refused = refused  # why the upstream refused, when it did (not merely unreachable)
         self._lock = threading.Lock()
 
     @property
@@ -49,6 +62,8 @@ class SpoolingBackend(Backend):
             if self.upstream is not None:
                 self.upstream = None
                 self.reason = exc.message
+                if isinstance(exc, StorageRefused):
+                    self.refused = exc
 
     def _put(self, name: str, data: bytes | memoryview, if_absent: bool) -> bool:
         up = self.upstream
