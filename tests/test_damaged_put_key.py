@@ -173,6 +173,10 @@ def test_what_a_damaged_key_wrote_is_named_by_check_and_removed_by_prune(
     assert f"snapshots/{poisoned_id}" in out and "cannot be restored from it" in out
     assert "index rebuild" not in out and "are missing (deleted or withheld)" not in out
     assert "bunker prune" in out  # the next step
+    # the closing advice is the one that helps: a mirror holds the same bytes
+    closing = out.strip().splitlines()[-1]
+    assert "from a put key that was damaged" in closing and "mirror" not in closing, closing
+    assert all(p["cause"] == "other-secret" for p in js(repo.run("check", "--json"))["problems"])
     other_secret = re.findall(r"^err: (packs/[0-9a-f]{64}): written with another secret", out, re.MULTILINE)
     assert other_secret, out
 

@@ -23,6 +23,7 @@ from bunker.repo.check_snapshots import Pending
 from bunker.repo.index import make_index
 from bunker.repo.index_cache import IndexCache
 from bunker.repo.objects import content_hash
+from bunker.repo.other_secret import NEXT_STEP
 from bunker.restore.verify import Verifier
 from bunker.storage import open_backend
 
@@ -117,11 +118,22 @@ def check(**kwargs: Any) -> None:
     if report.ok:
         out.line("no damage found" + ("" if report.authenticated else " (authenticity not proven: pass --expect ID)"))
     else:
-        n = sum(1 for p in report.problems if p.severity == "err")
-        out.line(
-            f"{n} problem(s) found: restore damaged objects from a mirror if you have one; snapshots that "
-            "need them restore only partly (see docs/recovery.md)"
-        )
+        errs = [p for p in report.problems if p.severity == "err"]
+        damage = sum(1 for p in errs if p.cause == "damage")
+        other = len(errs) - damage
+        parts = []
+        if damage:
+            parts.append(
+                f"{damage} problem(s) found: restore damaged objects from a mirror if you have one; snapshots that "
+                "need them restore only partly (see docs/recovery.md)"
+            )
+        if other:
+            # a mirror holds the same bytes: only a new backup with a good key replaces them
+            parts.append(
+                f"{other} problem(s) come from a put key that was damaged when it wrote: {NEXT_STEP} "
+                "(see docs/recovery.md)"
+            )
+        out.line("; ".join(parts))
         sys.exit(ExitCode.INTEGRITY)
 
 

@@ -432,9 +432,11 @@ class Checker:
             users = needed.get(pack, [])
             if users:
                 needs = f"{len(users)} trusted snapshot(s) need it (e.g. {users[0]})"
-                self.report.add(f"packs/{pack}", f"{what}, and {needs}; {NEXT_STEP}")
+                self.report.add(f"packs/{pack}", f"{what}, and {needs}; {NEXT_STEP}", cause="other-secret")
             else:
-                self.report.add(f"packs/{pack}", f"{what}; no trusted snapshot needs it; {NEXT_STEP}", "warn")
+                self.report.add(
+                    f"packs/{pack}", f"{what}; no trusted snapshot needs it; {NEXT_STEP}", "warn", cause="other-secret"
+                )
 
     def _check_records(self, names: dict[str, list[str]]) -> None:
         assert self.repo

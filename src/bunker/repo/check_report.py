@@ -22,9 +22,12 @@ class Problem:
     object: str
     problem: str
     severity: str = "err"  # "err" damages or forgeries; "warn" things that need attention
+    # what put it there, so the closing advice fits: "damage" (a mirror helps) or "other-secret"
+    # (written with a damaged put key: a new backup and prune help, a mirror holds the same bytes)
+    cause: str = "damage"
 
     def to_json(self) -> dict[str, str]:
-        return {"object": self.object, "problem": self.problem, "severity": self.severity}
+        return {"object": self.object, "problem": self.problem, "severity": self.severity, "cause": self.cause}
 
 
 @dataclass
@@ -37,9 +40,9 @@ class CheckReport:
     bytes_read: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
-    def add(self, obj: str, problem: str, severity: str = "err") -> None:
+    def add(self, obj: str, problem: str, severity: str = "err", cause: str = "damage") -> None:
         with self._lock:
-            self.problems.append(Problem(obj, problem, severity))
+            self.problems.append(Problem(obj, problem, severity, cause))
 
     @property
     def ok(self) -> bool:

@@ -91,6 +91,7 @@ class SnapshotChecks:
                     f"snapshot #{e.seq} of client {e.client!r} was written with another secret: its signature holds, "
                     f"but its dedup domain {e.domain} is no certificate's, so the client's put key was damaged when "
                     f"it wrote it; nobody can restore it; {NEXT_STEP}",
+                    cause="other-secret",
                 )
             # an authentic link of its client's chain all the same: no gap where it stands
             if e.seq in chains[e.cert]:
@@ -323,6 +324,7 @@ class _Sets:
                     f"it names {len(foreign)} pack(s) written with another secret (e.g. packs/{foreign[0]}), so the "
                     "files whose data is there cannot be restored from it; the next backup with a good put key "
                     "stores them again",
+                    cause="other-secret",
                 )
             else:
                 r.add(
