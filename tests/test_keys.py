@@ -114,3 +114,18 @@ def test_key_info(repo: Repo) -> None:
     assert doc["client"]["capabilities"] == ["backup"]  # init's own client is backup-only
     human = repo.ok("key", "info").stdout
     assert repo.id in human and "bunker key export" in human
+
+
+def test_check_with_only_the_master_key(repo: Repo, tmp_path: Path) -> None:
+    """An administrator's machine holds the master key and no put key: `check --master-key`
+    checks with it instead of asking for a put key; without either key the error names both."""
+    from helpers import make_env
+
+    _one_backup(repo, tmp_path)
+    admin = make_env(tmp_path / "admin")
+    cp = repo.run("check", "--master-key", repo.master_key, "--json", env=admin)
+    assert cp.returncode == 0, describe(cp)
+    doc = js(cp)
+    assert doc["ok"] and doc["authenticated"] and doc["counts"]["snapshots"] == 1, doc
+    cp = repo.run("check", env=admin)
+    assert cp.returncode == 12 and "no put key" in cp.stderr, describe(cp)

@@ -71,9 +71,11 @@ def check(**kwargs: Any) -> None:
         if expect and expect.lower() != repo.repo_id:
             out.info(f"warning: --expect {expect} differs from this key's repository {repo.repo_id}")
         put_path = opts.put_key_file(repo.repo_id)
-        if read_data:
-            master = context.load_master(opts, repo, "check --read-data")
-        if put_path and os.path.exists(put_path):
+        has_put = bool(put_path and os.path.exists(put_path))
+        if read_data or (opts.master_key and not has_put):
+            # a master key named on the command line checks on its own where no put key is here
+            master = context.load_master(opts, repo, "check --read-data" if read_data else "check")
+        if has_put:
             put = context.load_put(opts, repo)
             secrets = put.secrets
             tag = client_tag(put)
