@@ -110,7 +110,7 @@ def run_backup(
     try:
         # a run of this machine that was killed: its last checkpoint becomes an incomplete snapshot
         _, unseen = adopt_dead_checkpoints(
-            repo, put, cert, state_dir, log, lease.session, lease.storage_time(), start_head
+            repo, put, cert, state_dir, log, lease.session, lease.storage_time(), start_head, lease
         )
         mark_running(state_dir, lease.session, unseen)
         # after the lease: a pack condemned from now on waits for this session (DESIGN.md §6)
@@ -176,6 +176,7 @@ def run_backup(
                 state_dir=state_dir,
                 session=lease.session,
                 master_on_client=req.master_on_client,
+                lease=lease,
             )
             committed_names.append(committed.name)
             if not spooled:
