@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -23,7 +24,7 @@ from bunker.repo.session_writer import SessionWriter
 from bunker.repo.tree import encode_tree
 from bunker.runlog import RunLog
 from bunker.storage.local import LocalBackend
-from helpers import BUNKER, Repo, js, make_env
+from helpers import BUNKER, Repo, compare_trees, js, make_env, make_tree, restored_path, snapshot_tree
 
 WAIT = 120.0  # generous: for processes on a loaded machine, never an assertion on speed
 
@@ -245,3 +246,149 @@ def test_two_runs_of_one_machine_share_its_record(repo: Repo) -> None:
     _feed(b, b"b")
     _finish(b)
     assert not record.exists()
+
+
+# ---------------------------------------------------------------------- state directory lost or stale
+
+
+def _state_root(repo: Repo) -> Path:
+    return Path(repo.env["XDG_DATA_HOME"]) / "bunker" / "state"
+
+
+def _state_dir(repo: Repo) -> Path:
+    """This client's state directory (its chain head)."""
+    (d,) = [p for p in _state_root(repo).glob("*/*") if p.is_dir()]
+    return d
+
+
+def _offline_backup(repo: Repo, src: Path) -> dict[str, Any]:
+    away = repo.path.with_name("away")
+    repo.path.rename(away)  # the disk is not mounted
+    try:
+        doc = repo.backup(src)
+    finally:
+        away.rename(repo.path)
+    assert doc["spooled"], doc
+    return doc
+
+
+def _restores(repo: Repo, snapshot: str, src: Path, target: Path) -> None:
+    doc = js(repo.ok("restore", snapshot, "--target", target, "--json"))
+    assert doc["stats"]["failed"] == 0
+    compare_trees(src, restored_path(target, src))
+    shutil.rmtree(target)
+
+
+def test_deleted_state_directory_then_an_offline_backup_is_renumbered_not_forked(repo: Repo, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_tree(src)
+    repo.backup(src)
+    (src / "second.bin").write_bytes(os.urandom(50_000))
+    assert repo.backup(src)["seq"] == 2
+    shutil.rmtree(_state_root(repo))  # "the state directories can be deleted at any time"
+    (src / "offline.bin").write_bytes(os.urandom(50_000))
+    offline = _offline_backup(repo, src)
+    assert offline["seq"] == 1  # this machine no longer knows its chain
+    fwd = js(repo.ok("forward", "--json"))
+    (moved,) = fwd["renumbered"]
+    assert moved["was"] == offline["snapshot"] and moved["was_seq"] == 1 and moved["seq"] == 3
+    assert fwd["snapshots"] == [moved["snapshot"]] and fwd["left"] == 0
+    _no_fork(repo, [1, 2, 3])
+    head = json.loads((_state_dir(repo) / "chain.json").read_text())
+    assert head["seq"] == 3 and head["name"] == f"snapshots/{moved['snapshot']}"
+    _restores(repo, moved["snapshot"], src, tmp_path / "t")  # the body opens under its new number
+    assert repo.backup(src)["seq"] == 4
+
+
+def test_stale_copy_of_the_state_directory_then_offline_backups_are_renumbered(repo: Repo, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    make_tree(src)
+    repo.backup(src)
+    stale = tmp_path / "stale-state"
+    shutil.copytree(_state_root(repo), stale)  # a backup of the home directory, say
+    for i in range(2):
+        (src / f"online-{i}.bin").write_bytes(os.urandom(50_000))
+        repo.backup(src)
+    shutil.rmtree(_state_root(repo))
+    shutil.copytree(stale, _state_root(repo))  # ... restored later
+    docs = []
+    for i in range(2):
+        (src / f"offline-{i}.bin").write_bytes(os.urandom(50_000))
+        docs.append(_offline_backup(repo, src))
+    assert [d["seq"] for d in docs] == [2, 3]  # following the stale head
+    # the next backup reaches the repository: it forwards first, onto the real head
+    (src / "last.bin").write_bytes(os.urandom(50_000))
+    last = repo.backup(src)
+    assert last["seq"] == 6 and not last["spooled"]
+    renumbered = [e for e in last["events"] if e["code"] == "forward-renumbered"]
+    assert len(renumbered) == 2 and "#2" in renumbered[0]["message"] and "#4" in renumbered[0]["message"]
+    _no_fork(repo, [1, 2, 3, 4, 5, 6])
+    snaps = {s["seq"]: s for s in js(repo.ok("snapshots", "--json"))["snapshots"]}
+    target = tmp_path / "t5"
+    doc = js(repo.ok("restore", snaps[5]["id"], "--target", target, "--json"))  # the second offline run
+    assert doc["stats"]["failed"] == 0
+    got = restored_path(target, src)
+    assert (got / "offline-1.bin").read_bytes() == (src / "offline-1.bin").read_bytes()
+    assert not (got / "last.bin").exists()
+    shutil.rmtree(target)
+
+
+# ---------------------------------------------------------------------- deliveries side by side
+
+
+def _spooled(repo: Repo) -> list[str]:
+    root = Path(repo.env["XDG_DATA_HOME"]) / "bunker" / "spool"
+    return sorted(
+        f"{d.name}/{p.name}"
+        for spool in root.iterdir()
+        for d in spool.iterdir()
+        if d.is_dir() and d.name in ("packs", "index", "refs", "snapshots")
+        for p in d.iterdir()
+        if not p.name.startswith(".")
+    )
+
+
+def test_forwards_beside_each_other_and_beside_a_backup_are_quiet(repo: Repo, tmp_path: Path) -> None:
+    """Two `bunker forward` and a backup (which forwards first) deliver one spool at once: each
+    object is sent by one of them, none is reported missing, every run succeeds and takes its backup, and
+    the chain does not fork."""
+    assert BUNKER
+    src = tmp_path / "src"
+    make_tree(src)
+    repo.backup(src)
+    taken: dict[str, dict[bytes, tuple[object, ...]]] = {}
+    for r in range(3):
+        for i in range(3):
+            (src / f"offline-{r}-{i}.bin").write_bytes(os.urandom(12 << 20))
+            doc = _offline_backup(repo, src)
+            taken[doc["snapshot"]] = snapshot_tree(src, dir_mtimes=False)
+        cmds = [["forward", "--json"], ["forward", "--json"], ["backup", "--json", "--no-progress", str(src)]]
+        procs = [
+            subprocess.Popen(
+                [BUNKER, *c, "--repo", str(repo.path)], env=repo.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+            )
+            for c in cmds
+        ]
+        docs = []
+        for c, p in zip(cmds, procs, strict=True):
+            out, err = p.communicate(timeout=WAIT)
+            assert p.returncode == 0, f"{c[0]} exited {p.returncode}: {err.decode()[-2000:]}"
+            assert b"missing" not in err and b"err:" not in err, err.decode()
+            docs.append(json.loads(out))
+        for fwd in docs[:2]:
+            assert fwd["held"] == [] and fwd["damaged"] == [], fwd
+        backup = docs[2]
+        assert not backup["spooled"] and [e for e in backup["events"] if e["level"] == "err"] == []
+        taken[backup["snapshot"]] = snapshot_tree(src, dir_mtimes=False)
+        assert _spooled(repo) == []
+    snaps = js(repo.ok("snapshots", "--json"))["snapshots"]
+    _no_fork(repo, [s["seq"] for s in snaps])
+    assert len(snaps) == 1 + len(taken)
+    for s in snaps[1:]:
+        # every spooled run arrived (under its own name: nothing moved its chain meanwhile)
+        full = next(k for k in taken if k.startswith(s["id"]))
+        target = tmp_path / "t" / s["id"]
+        assert js(repo.ok("restore", s["id"], "--target", target, "--json"))["stats"]["failed"] == 0
+        assert snapshot_tree(restored_path(target, src), dir_mtimes=False) == taken.pop(full)
+        shutil.rmtree(target)
+    assert taken == {}
