@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from bunker import encoding
 from bunker.crypto.derive import PutSecrets
@@ -27,6 +28,17 @@ from bunker.repo.snapshot import ParsedSnapshot, open_body, parse_snapshot
 from bunker.repo.trust import chain_trust
 
 Chains = dict[str, dict[int, tuple[str, str]]]  # cert -> seq -> (snapshot, prev)
+
+
+@dataclass
+class Fresh:
+    """The repository as listed again at the end of a check (repo/check.py ``_settle``)."""
+
+    packs: set[str]  # packs/<hex>
+    locations: dict[bytes, str]
+    also_in: dict[bytes, set[str]]
+    retired_names: list[str]
+    vanished: set[str]  # bare pack names listed at the start and gone now
 
 
 class SnapshotChecks:
@@ -52,9 +64,12 @@ class SnapshotChecks:
         packs: set[str],
         locations: dict[bytes, str],
         also_in: dict[bytes, set[str]],
+        settle: Callable[[], Fresh] | None = None,
     ) -> None:
         """``packs``: the listed pack names; ``locations``: chunk id -> pack of the index
-        entries that agree with the trailers; ``also_in``: further packs holding a chunk."""
+        entries that agree with the trailers; ``also_in``: further packs holding a chunk.
+        ``settle``: the repository as listed again; what a snapshot misses is reported only if
+        it still misses it then (a prune beside the check deletes what no snapshot needs)."""
         retired = self._retired(retired_names)
         parsed = self._verified(names)
         # a revoked client's snapshots off the chain its revocation names, and format-1 snapshots
@@ -63,6 +78,8 @@ class SnapshotChecks:
         chains: Chains = defaultdict(dict)
         runs: dict[tuple[str, int], str] = {}  # (session, checkpoint) -> the snapshot holding it
         sets = _Sets(self, packs, locations, also_in)
+        missing: dict[str, list[str]] = {}  # snapshot -> what its sets miss, reported after settling
+        live = []
         for n, snap in parsed.items():
             if n in off_chain:
                 # format-1 leftovers (e.g. the branch of a fork the administrator did not pick) are
@@ -72,11 +89,28 @@ class SnapshotChecks:
                 continue
             self._one(n, snap, chains, runs)
             if n not in retired:
-                sets.check(n, snap)
+                live.append(n)
+                found = sets.check(n, snap)
+                if found:
+                    missing[n] = found
+        if settle is not None:
+            fresh = settle()
+            retired |= self._retired(fresh.retired_names, quiet=set(retired_names))
+            again = _Sets(self, fresh.packs, fresh.locations, fresh.also_in, count=False)
+            for n in live:
+                if n in retired:
+                    missing.pop(n, None)  # forgotten while the check ran
+                elif n in missing or (fresh.vanished and again.needs_any(parsed[n], fresh.vanished)):
+                    missing[n] = again.check(n, parsed[n])
+        for n, problems in missing.items():
+            for problem in problems:
+                self.report.add(n, problem)
         self._chains(chains)
         self._witnesses(chains)
 
-    def _retired(self, names: list[str]) -> set[str]:
+    def _retired(self, names: list[str], quiet: set[str] | None = None) -> set[str]:
+        """The snapshots the retirement records ``names`` retire (records in ``quiet`` were
+        reported already)."""
         out: set[str] = set()
         for n in names:
             data = self.get(n)
@@ -85,9 +119,10 @@ class SnapshotChecks:
             try:
                 out.add(self.repo.verify_retirement(data))
             except (encoding.FormatError, CorruptObject, ObjectMissing) as exc:
-                self.report.add(
-                    n, f"retirement record not valid: {exc}; it is ignored (the snapshot it names stays listed)"
-                )
+                if quiet is None or n not in quiet:
+                    self.report.add(
+                        n, f"retirement record not valid: {exc}; it is ignored (the snapshot it names stays listed)"
+                    )
         return out
 
     def _verified(self, names: list[str]) -> dict[str, ParsedSnapshot]:
@@ -171,9 +206,15 @@ class _Sets:
     """The pack set and chunk set of each snapshot against what is stored."""
 
     def __init__(
-        self, checks: SnapshotChecks, packs: set[str], locations: dict[bytes, str], also_in: dict[bytes, set[str]]
+        self,
+        checks: SnapshotChecks,
+        packs: set[str],
+        locations: dict[bytes, str],
+        also_in: dict[bytes, set[str]],
+        count: bool = True,
     ) -> None:
         self.c, self.packs, self.locations, self.also_in = checks, packs, locations, also_in
+        self.count = count  # the second look (after settling) does not count chunks again
         self.existing = {p.split("/", 1)[1] for p in packs}
         self.moves = PackMoves.load(checks.repo)  # a repacked pack's blobs are in the packs it moved to
 
@@ -183,52 +224,60 @@ class _Sets:
             raise ObjectMissing(name)
         return data
 
-    def check(self, n: str, snap: ParsedSnapshot) -> None:
-        r, e = self.c.report, snap.env
+    def needs_any(self, snap: ParsedSnapshot, packs: set[str]) -> bool:
+        """True if the resolved pack set of ``snap`` names any of ``packs`` (or cannot be read)."""
+        try:
+            return bool(self.moves.resolve(refs.read_set(snap.env.packset, self.fetch)) & packs)
+        except StorageError:
+            raise
+        except (BunkerError, encoding.FormatError):
+            return True
+
+    def check(self, n: str, snap: ParsedSnapshot) -> list[str]:
+        """What snapshot ``n`` misses of its pack set and chunk set ([] when nothing)."""
+        e = snap.env
+        out: list[str] = []
         try:
             pset = refs.read_set(e.packset, self.fetch)
         except StorageError:
             raise
         except (BunkerError, encoding.FormatError) as exc:
-            r.add(n, f"pack set {e.packset} unreadable: {exc}")
-            return
+            return [f"pack set {e.packset} unreadable: {exc}"]
         missing = [p for p in pset if f"packs/{p}" not in self.packs and not self.moves.covered(p, self.existing)]
         resolved = set(self.moves.resolve(pset))
         if missing:
-            r.add(n, f"needs {len(missing)} pack(s) that are missing, e.g. packs/{missing[0]}")
+            out.append(f"needs {len(missing)} pack(s) that are missing, e.g. packs/{missing[0]}")
         secrets = self.c.secrets_for(e.domain)
         try:
             top = refs.parse_refs(self.fetch(e.chunkset))
             if top.get("kind") != "chunkset" or top.get("domain") != e.domain:
                 # its chunks are another domain's: an envelope wrapped around data that is not its client's
-                r.add(n, f"its chunk set {e.chunkset} is not a chunk set of its dedup domain {e.domain}")
-                return
+                return [*out, f"its chunk set {e.chunkset} is not a chunk set of its dedup domain {e.domain}"]
             if secrets is None:
                 for part in top.get("parts", []):  # type: ignore[attr-defined]
                     self.fetch(part)
         except StorageError:
             raise
         except (BunkerError, encoding.FormatError) as exc:
-            r.add(n, f"chunk set {e.chunkset} incomplete: {exc}")
-            return
+            return [*out, f"chunk set {e.chunkset} incomplete: {exc}"]
         if secrets is None:
-            return
+            return out
         try:
             cset = refs.read_set(e.chunkset, self.fetch, secrets)
         except StorageError:
             raise
         except (BunkerError, encoding.FormatError) as exc:
-            r.add(n, f"chunk set {e.chunkset} unreadable: {exc}")
-            return
+            return [*out, f"chunk set {e.chunkset} unreadable: {exc}"]
         lost = [
             c for c in cset if self.locations.get(c) not in resolved and not self.also_in.get(c, set()) & resolved
         ]
         if lost and (e.complete or len(lost) > e.stats.get("chunks_lost", 0)):
             # an incomplete snapshot declares how many chunks it lacks (forward could not
             # store them again): those are known, not damage
-            r.add(
-                n,
+            out.append(
                 f"{len(lost)} of its {len(cset)} chunks are not indexed in its packs (e.g. {lost[0].hex()[:16]}); "
                 "if the packs are intact, `bunker index rebuild` re-indexes them from their trailers",
             )
-        r.counts["snapshot_chunks"] += len(cset)
+        if self.count:
+            self.c.report.counts["snapshot_chunks"] += len(cset)
+        return out
