@@ -285,7 +285,7 @@ class Pruner:
     def _condemn(self, existing: set[str], referenced: set[str], excluded: set[str]) -> None:
         index = IndexCache(self.repo, self.put.secrets, None, for_dedup=False).load()
         index.add_unindexed_packs()  # packs of killed runs that no index names
-        own = index.locations.packs() & existing
+        own = index.named_packs & existing
         garbage = sorted(own - referenced - excluded)
         self.report.condemned = garbage
         if garbage and not self.dry_run:

@@ -56,6 +56,9 @@ class IndexCache:
         self.objects: set[str] = set()
         self.problems: list[str] = []
         self.unindexed: list[tuple[str, list[tuple[bytes, Location]]]] = []  # found by add_unindexed_packs
+        # every pack an added entry names: also those whose every chunk another pack holds too
+        # (``locations`` keeps one location per chunk), which prune must see to condemn them
+        self.named_packs: set[str] = set()
 
     def __contains__(self, cid: bytes) -> bool:
         return cid in self.locations
@@ -140,12 +143,14 @@ class IndexCache:
             entries = [(cid, loc) for cid, loc in entries if loc.pack not in self.absent_packs]
         if self.only_packs is not None:
             entries = [(cid, loc) for cid, loc in entries if loc.pack in self.only_packs]
+        entries = entries if isinstance(entries, list) else list(entries)
+        self.named_packs.update(loc.pack for _, loc in entries)
         self.locations.update(entries)
 
     def add_unindexed_packs(self) -> int:
         """Add the blobs of every pack of this domain that no index object names, read from the
         packs' own trailers (indexes are only a cache of them). Returns how many packs were read."""
-        indexed = self.locations.packs()
+        indexed = set(self.named_packs)
         revoked = self.repo.revoked if self.for_dedup else {}
         n = 0
         for info in self.repo.backend.list("packs/"):
