@@ -46,6 +46,7 @@ BUDGET = float(os.environ.get("BUNKER_CRASH_SECONDS", "120"))
 # the disk of the full-disk variant: room for what the repository grows to (snapshots are never
 # forgotten here) until the test fills it
 DISK_SIZE = (4 << 30) + int(BUDGET / 2) * (40 << 20)
+STOP_WAIT = 120.0  # for a run to end after SIGTERM (generous: never a measure of speed)
 LEFTOVER_WAIT = 30.0  # for the processes of a killed run to go (generous: never a measure of speed)
 CHECK_EVERY = 1  # steps between checks of the whole repository while the test runs (about 0.5 s each)
 Tree = dict[bytes, tuple[object, ...]]
@@ -160,7 +161,11 @@ class Lab:
             killed[i] = True
             self.kills[kinds[i]] += 1
         for p in procs:
-            p.wait()
+            try:
+                p.wait(STOP_WAIT)
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                raise AssertionError(f"{p.args} did not end within {STOP_WAIT:.0f} s of its SIGTERM") from None
         for p in procs:
             self.nothing_left(p)
         # (a run that handles SIGTERM and exits 143 ends as it should: it leaves no lease)
