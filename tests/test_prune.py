@@ -178,6 +178,50 @@ def test_forgotten_data_goes_and_a_needed_pack_is_rescued(repo: Repo, tmp_path: 
     compare_trees(b, restored_path(target, b))
 
 
+def test_garbage_whose_chunks_another_pack_holds_too_is_condemned(repo: Repo, tmp_path: Path) -> None:
+    """A pack that holds only chunks another pack holds too (stored again by a run that did not
+    know the other copy: killed before its index was written, or beside a condemnation) goes
+    once nothing needs it. The index locates each chunk in one pack only, and prune used to
+    condemn only the packs it located: such a copy stayed for ever (or, once the other copy
+    was deleted, was condemned by the prune after that one)."""
+    a = tmp_path / "a"
+    a.mkdir()
+    (a / "data.bin").write_bytes(os.urandom(3 << 20))
+    repo.backup(a)
+    index, hidden = repo.path / "index", tmp_path / "hidden-index"
+    hidden.mkdir()
+    for p in index.iterdir():  # a run that does not know where the first copy is
+        p.rename(hidden / p.name)
+    before = {p.name for p in repo.objects("packs")}
+    other = tmp_path / "other.put"
+    repo.ok("key", "new-client", "other", "--out", other)
+    copy = repo.backup(a, env=make_env(tmp_path / "other-home", BUNKER_PUT_KEY=str(other)))
+    assert copy["stats"]["stored_new"] >= 3 << 20
+    copies = {p.name for p in repo.objects("packs")} - before
+    # its index objects are gone (as if it was killed before it wrote them); the first run's are back
+    for p in index.iterdir():
+        p.unlink()
+    for p in hidden.iterdir():
+        p.rename(index / p.name)
+    key = _pruner(repo, tmp_path)
+    put = load_put_key(str(key))
+    r = Repository.open(LocalBackend(str(repo.path)))
+    record = make_retirement(
+        f"snapshots/{copy['snapshot']}", "test: forgotten", put.client_key, r.check_put_key(put).name
+    )
+    r.backend.put(name_for("retired", record), record)
+
+    first = _prune(repo, key, "--grace", "0s")
+    assert first["condemned"] >= len(copies)
+    second = _prune(repo, key, "--grace", "0s")
+    assert second["condemned"] == 0 and second["waiting"] == [], second
+    assert not any((repo.path / "packs" / p).exists() for p in copies) and repo.objects("gc") == []
+    assert js(repo.ok("check", "--read-data", "--json"))["ok"] is True
+    target = tmp_path / "t"
+    js(repo.ok("restore", "latest", "--target", target, "--json"))
+    compare_trees(a, restored_path(target, a))
+
+
 def test_index_entries_of_vanished_packs_are_dropped(repo: Repo, tmp_path: Path) -> None:
     """An index object naming packs that are gone (left by a killed prune, or missed by a rewrite)
     only misleads: check reports it, and the next prune writes it anew without those entries."""

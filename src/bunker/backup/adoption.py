@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bunker import encoding
+from bunker.backup.chain import clear_running, note_running
 from bunker.backup.checkpoint import checkpoint_snapshot, stale_checkpoint, used_sessions
 from bunker.backup.commit import chain_head
 from bunker.crypto.keyfile import PutKey
@@ -37,7 +38,7 @@ from bunker.repo.snapshot import Adoption
 from bunker.runlog import RunLog
 
 # why a dead session's checkpoint was not adopted (``kept`` rows of the report)
-WAITING, OTHER_DOMAIN, DEFERRED = "waiting", "other-domain", "deferred"
+WAITING, OTHER_DOMAIN = "waiting", "other-domain"
 UNUSABLE = "unusable"  # cannot become a snapshot: its lease is removed (like the client's own run does)
 
 
@@ -98,11 +99,10 @@ def adopt_abandoned_checkpoints(
     log = RunLog()
     lease = Lease(repo, put.client_key, cert.client, cert.name, "prune", chain_head(repo, cert, state_dir)[0])
     lease.write()
+    note_running(state_dir, lease.session)  # a claim this prune leaves when killed is known dead here at once
     try:
         now = lease.storage_time()
         seen = [s for s in sessions(repo) if s.session != lease.session]
-        # the pruner's own client backing up now would take the same next sequence number
-        own_running = [s for s in seen if s.cert == cert.name and s.alive(now) and s.kind != "prune"]
         done: dict[tuple[str, str], tuple[str, int]] | None = None  # runs adopted before (read once)
         used: set[str] | None = None  # sessions a trusted snapshot holds (read once)
         for s in sorted(seen, key=lambda s: (s.started, s.session)):
@@ -110,7 +110,7 @@ def adopt_abandoned_checkpoints(
                 continue
             row = _row(repo, s)
             dead_for = now - (s.refreshed + s.expires_after)
-            why = _not_adoptable(repo, put, s, row, dead_for, grace, own_running, dry_run)
+            why = _not_adoptable(repo, put, s, row, dead_for, grace, dry_run)
             if why is not None:
                 row.update(why=why[0], reason=why[1])
                 report.kept.append(row)
@@ -135,7 +135,9 @@ def adopt_abandoned_checkpoints(
                 continue
             adoption = Adoption(s.cert, row["client"], s.session)
             try:
-                committed = checkpoint_snapshot(repo, put, cert, s.session, s.checkpoint, state_dir, log, adoption)
+                committed = checkpoint_snapshot(
+                    repo, put, cert, s.session, s.checkpoint, state_dir, log, adoption, lease=lease
+                )
             except StorageError:
                 raise
             except (BunkerError, encoding.FormatError, KeyError, TypeError, ValueError) as exc:
@@ -152,6 +154,7 @@ def adopt_abandoned_checkpoints(
             lease.refresh_if_due()
     finally:
         lease.release()
+        clear_running(state_dir, session=lease.session)
     report.events = [{"level": e.level, "code": e.code, "message": e.message} for e in log.events]
     return report
 
@@ -178,7 +181,6 @@ def _not_adoptable(
     row: dict[str, Any],
     dead_for: float,
     grace: float,
-    own_running: list[Session],
     dry_run: bool,
 ) -> tuple[str, str] | None:
     """(why, reason) when the checkpoint of dead session ``s`` is not adopted by this prune."""
@@ -202,12 +204,6 @@ def _not_adoptable(
     stale = stale_checkpoint(s.base, ChainBase(head.snap.env.seq, head.name) if head else ChainBase(0, ""))
     if stale:
         return UNUSABLE, f"{stale}; its lease {'would be' if dry_run else 'is'} removed"
-    if own_running:
-        return DEFERRED, (
-            f"a {own_running[0].kind} of this pruner's own client {own_running[0].client!r} is running, and adopting "
-            "now could give two snapshots the same sequence number in the pruner's chain; it stays until the next "
-            "`bunker prune`, which adopts it"
-        )
     try:
         cp = s.checkpoint
         assert cp is not None

@@ -14,20 +14,21 @@ dead for its grace period (backup/adoption.py), into the pruner's own chain.
 from __future__ import annotations
 
 import contextlib
-import json
-import os
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
 import blake3
 
-from bunker.backup.commit import Committed, next_link, write_snapshot
-from bunker.crypto.keyfile import PutKey, write_private_file
+from bunker.backup.chain import clear_running as clear_running
+from bunker.backup.chain import killed_sessions
+from bunker.backup.chain import mark_running as mark_running
+from bunker.backup.link import ChainMoved, ChainWriter, Committed
+from bunker.crypto.keyfile import PutKey
 from bunker.errors import BunkerError, ObjectMissing
 from bunker.repo import refs
 from bunker.repo.certs import Certificate
-from bunker.repo.leases import Lease, sessions, wait_until_listed
+from bunker.repo.leases import Lease, Session, sessions, wait_until_listed
 from bunker.repo.records import ChainBase
 from bunker.repo.repository import Repository
 from bunker.repo.session_writer import SessionWriter
@@ -38,6 +39,7 @@ from bunker.repo.snapshot import (
     BodyBinding,
     Envelope,
     is_path_set_id,
+    make_snapshot,
     path_set_id,
     seal_body,
 )
@@ -145,56 +147,6 @@ class Checkpointer:
         self.written += 1
 
 
-# ---------------------------------------------------------------------- this machine's record
-
-
-def _proc_start(pid: int) -> str:
-    """The process's start time in clock ticks since boot ("" if it is not running): with the
-    pid it identifies a process even after the pid is reused."""
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return ""
-    if len(fields) < 20 or fields[0] in ("Z", "X"):
-        return ""  # a killed process that nobody has reaped yet is dead all the same
-    return fields[19]
-
-
-def mark_running(state_dir: str, session: str, killed: Iterable[str] = ()) -> None:
-    """Remember which session this machine's backup runs as (removed at the end of the run),
-    and the killed sessions whose leases this run could not reach (offline): the next run that
-    reaches the repository adopts them at once."""
-    pid = os.getpid()
-    record = {"session": session, "pid": pid, "start": _proc_start(pid), "killed": sorted(set(killed))[-100:]}
-    write_private_file(os.path.join(state_dir, "session.json"), json.dumps(record))
-
-
-def clear_running(state_dir: str, killed: Iterable[str] = ()) -> None:
-    """The run ended: forget it, keeping only killed sessions not adopted yet."""
-    path = os.path.join(state_dir, "session.json")
-    left = sorted(set(killed))
-    if left:
-        write_private_file(path, json.dumps({"session": "", "pid": 0, "start": "", "killed": left[-100:]}))
-    else:
-        with contextlib.suppress(OSError):
-            os.unlink(path)
-
-
-def killed_sessions(state_dir: str) -> set[str]:
-    """Sessions of this machine whose process is gone (killed) and not yet adopted."""
-    try:
-        with open(os.path.join(state_dir, "session.json"), encoding="utf-8") as f:
-            d = json.load(f)
-        session, pid, start = str(d["session"]), int(d["pid"]), str(d["start"])
-        carried = {str(k) for k in d.get("killed", [])}
-    except (OSError, ValueError, KeyError, TypeError):
-        return set()
-    if session and not (start and _proc_start(pid) == start):  # not still running
-        carried.add(session)
-    return carried
-
-
 # ---------------------------------------------------------------------- adopting a dead session
 
 
@@ -227,11 +179,13 @@ def adopt_dead_checkpoints(
     own_session: str,
     now: float,
     start_head: ChainBase,
+    lease: Lease,
 ) -> tuple[list[Committed], set[str]]:
     """Turn this client's dead sessions' last checkpoints into incomplete snapshots (in the
     order the sessions started), extend the chain, and remove their leases. A checkpoint of a
     session a trusted snapshot already holds, or of a run that started from an older head than
-    ``start_head`` (the head this run started from), is refused and its lease removed. Returns
+    ``start_head`` (the head this run started from), or than the head when it is linked, is
+    refused and its lease removed. ``lease`` is this run's (``own_session``'s). Returns
     what was committed and the killed sessions this run could not find (to be adopted later)."""
     killed = killed_sessions(state_dir)
     out = []
@@ -250,17 +204,16 @@ def adopt_dead_checkpoints(
             used = used_sessions(repo)
         why = "a snapshot already holds that run" if s.session in used else stale_checkpoint(s.base, start_head)
         if why:
-            log.add(
-                "note",
-                "checkpoint-refused",
-                f"the checkpoint in {s.names[-1]} was not turned into a snapshot: {why}. Its lease is removed; its "
-                "data stays deduplicated until `bunker prune` finds it unused",
-            )
+            _refused(log, s.names[-1], why)
             _remove_lease(repo, s.names)
             continue
         try:
             # sessions() hands out a checkpoint only from a lease whose signature it verified
-            committed = _commit_checkpoint(repo, put, cert, s.session, s.checkpoint, state_dir, log)
+            committed = _commit_checkpoint(repo, put, cert, s, state_dir, log, lease)
+        except ChainMoved as exc:
+            _refused(log, s.names[-1], exc.message)
+            _remove_lease(repo, s.names)
+            continue
         except (BunkerError, KeyError, TypeError, ValueError) as exc:
             log.add(
                 "warn",
@@ -291,10 +244,21 @@ def _remove_lease(repo: Repository, names: Iterable[str]) -> None:
             repo.backend.delete(n)
 
 
+def _refused(log: RunLog, lease_name: str, why: str) -> None:
+    log.add(
+        "note",
+        "checkpoint-refused",
+        f"the checkpoint in {lease_name} was not turned into a snapshot: {why}. Its lease is removed; its data stays "
+        "deduplicated until `bunker prune` finds it unused",
+    )
+
+
 def _commit_checkpoint(
-    repo: Repository, put: PutKey, cert: Certificate, session: str, cp: dict[str, Any], state_dir: str, log: RunLog
+    repo: Repository, put: PutKey, cert: Certificate, s: Session, state_dir: str, log: RunLog, lease: Lease
 ) -> Committed | None:
-    committed = checkpoint_snapshot(repo, put, cert, session, cp, state_dir, log)
+    assert s.checkpoint is not None
+    cp = s.checkpoint
+    committed = checkpoint_snapshot(repo, put, cert, s.session, cp, state_dir, log, lease=lease, base=s.base)
     when = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(float(cp["time"])))
     log.add(
         "note",
@@ -315,10 +279,14 @@ def checkpoint_snapshot(
     state_dir: str,
     log: RunLog,
     adopted: Adoption | None = None,
+    *,
+    lease: Lease,
+    base: ChainBase | None = None,
 ) -> Committed:
     """Write the incomplete snapshot of checkpoint ``cp`` of ``session`` as the next link of
-    ``cert``'s chain (the chain head kept in ``state_dir``); ``adopted``: the run was another
-    client's (prune)."""
+    ``cert``'s chain (the chain head kept in ``state_dir``), linked by the run holding
+    ``lease``; ``adopted``: the run was another client's (prune). ``base``: the head the dead
+    run started from (ChainMoved when the chain has moved past it by the time it is linked)."""
     # the reference objects must still be there (a prune never removes what a lease names)
     for top in (cp["packset"], cp["chunkset"]):
         if repo.backend.stat(top) is None:
@@ -333,26 +301,30 @@ def checkpoint_snapshot(
     path_set = cp.get("path_set", "")  # absent in checkpoints written before path-set ids
     if path_set != "" and not is_path_set_id(path_set):
         raise ValueError("the checkpoint names no valid path-set id")
-    seq, prev = next_link(repo, cert, state_dir, log)
     stats = {k: int(v) for k, v in dict(cp.get("stats", {})).items()}
-    env = Envelope(
-        repo_id=repo.repo_id,
-        client=cert.client,
-        cert=cert.name,
-        seq=seq,
-        prev=prev,
-        time=float(cp["time"]),
-        level=level,
-        complete=False,
-        stats=stats,
-        packset=str(cp["packset"]),
-        chunkset=str(cp["chunkset"]),
-        domain=put.secrets.domain_id,
-        body_hash=blake3.blake3(body_ct).digest(),
-        sealed_key=bytes(cp["sealed_key"]),
-        adopted=adopted,
-        session=session,
-        counter=counter,
-        path_set=path_set,
-    )
-    return write_snapshot(repo, put, env, body_ct, state_dir)
+
+    def make(seq: int, prev: str) -> tuple[Envelope, bytes]:
+        env = Envelope(
+            repo_id=repo.repo_id,
+            client=cert.client,
+            cert=cert.name,
+            seq=seq,
+            prev=prev,
+            time=float(cp["time"]),
+            level=level,
+            complete=False,
+            stats=stats,
+            packset=str(cp["packset"]),
+            chunkset=str(cp["chunkset"]),
+            domain=put.secrets.domain_id,
+            body_hash=blake3.blake3(body_ct).digest(),
+            sealed_key=bytes(cp["sealed_key"]),
+            adopted=adopted,
+            session=session,
+            counter=counter,
+            path_set=path_set,
+        )
+        return env, make_snapshot(env, body_ct, put.client_key)
+
+    with ChainWriter(repo, put, cert, state_dir, lease.session, log, lease) as chain:
+        return chain.append(make, not_before=base)

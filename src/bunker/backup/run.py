@@ -138,7 +138,7 @@ def run_backup(
     try:
         # a run of this machine that was killed: its last checkpoint becomes an incomplete snapshot
         _, unseen = adopt_dead_checkpoints(
-            repo, put, cert, state_dir, log, lease.session, lease.storage_time(), start_head
+            repo, put, cert, state_dir, log, lease.session, lease.storage_time(), start_head, lease
         )
         _state(log, lambda: mark_running(state_dir, lease.session, unseen))
         # after the lease: a pack condemned from now on waits for this session (docs/format.md section 15)
@@ -210,6 +210,7 @@ def run_backup(
                 state_dir=state_dir,
                 session=lease.session,
                 master_on_client=req.master_on_client,
+                lease=lease,
             )
             committed_names.append(committed.name)
             if not (isinstance(repo.backend, SpoolingBackend) and repo.backend.offline):

@@ -18,7 +18,7 @@ from bunker.cli.main import EXIT_FOR_LEVEL, cli, common, default_client_name, ha
 from bunker.cli.output import human_bytes
 from bunker.cli.progress import ProgressDisplay
 from bunker.crypto.keyfile import PutKey
-from bunker.errors import BunkerError, ExitCode, StorageError
+from bunker.errors import BunkerError, CorruptObject, ExitCode, ObjectMissing, StorageError
 from bunker.node.forward import forward, forward_problems, forward_summary
 from bunker.node.spool import Spool, offline_repository, parse_age, spooling_repository
 from bunker.repo.repository import Repository
@@ -93,6 +93,16 @@ def _open_with_spool(opts: context.Options, out: Any) -> tuple[Repository, PutKe
             events.append(("warn", "spool-unwritable", unseeded))
     except StorageError as exc:
         return offline_repository(spool, repo.repo_id, exc), put, events
+    except (CorruptObject, ObjectMissing) as exc:
+        # what waits in the spool stays there; it never keeps this backup from being taken
+        events.append(
+            (
+                "err",
+                "forward-failed",
+                f"forwarding the local spool {spool.root} stopped: {exc.message}. Nothing in the spool is lost and "
+                f"this backup is taken anyway; {exc.hint or 'run `bunker forward` to try again'}",
+            )
+        )
     return spooling_repository(repo, spool), put, events
 
 

@@ -3,9 +3,13 @@
 Order (docs/format.md section 17): packs, index, reference objects, then snapshots. Each object is sent, read
 back and checked against its name (BLAKE3 of the bytes) before the local copy is deleted, so
 nothing leaves the spool before the upstream holds a good copy. The whole delivery runs under a
-lease. Before a snapshot is sent, every pack its pack set names is rechecked upstream: an offline
-run may have deduplicated against packs that a prune removed meanwhile; such a snapshot stays in
-the spool and is reported, never delivered with holes.
+lease. Deliveries of one spool may overlap (two `bunker forward`, a backup that forwards first):
+a delivery holds each object it sends (node/spool.py ``delivering``), and one that finds an
+object held or gone moves on; snapshots are linked one delivery at a time under the client's
+chain lock. Before a snapshot is sent, every pack its pack set names is rechecked upstream: an
+offline run may have deduplicated against packs that a prune removed meanwhile (node/vanished.py),
+and the snapshot is renumbered onto the chain's real head if the repository has moved on since
+this machine last saw it (node/deliver.py): never delivered with holes, never a fork.
 """
 
 from __future__ import annotations
@@ -16,13 +20,14 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from bunker import dirs, encoding
-from bunker.backup.chain import load_head
+from bunker.backup.chain import clear_running, note_running
 from bunker.backup.run import client_tag
 from bunker.crypto.keyfile import PutKey
-from bunker.errors import BunkerError, CorruptObject, ObjectMissing
-from bunker.node.spool import Spool, verify_by_name
-from bunker.node.vanished import Repaired, drop_superseded, repair_spooled_chain
-from bunker.repo import refs
+from bunker.errors import CorruptObject, ObjectMissing
+from bunker.node.deliver import Renumbered, deliver_own_snapshots
+from bunker.node.spool import BUSY, MINE, Spool, verify_by_name
+from bunker.node.vanished import Repaired
+from bunker.repo.certs import Certificate
 from bunker.repo.leases import Lease
 from bunker.repo.objects import content_hash, is_hash_name
 from bunker.repo.repository import Repository
@@ -44,6 +49,9 @@ class ForwardReport:
     held: list[tuple[str, str]] = field(default_factory=list)  # (snapshot, why) kept in the spool
     repaired: list[Repaired] = field(default_factory=list)  # signed again: packs had vanished upstream
     damaged: list[str] = field(default_factory=list)  # spool objects whose bytes do not match their name
+    renumbered: list[Renumbered] = field(default_factory=list)  # signed again onto the chain's real head
+    others: list[str] = field(default_factory=list)  # another client's snapshots: left for its own run
+    events: list[tuple[str, str, str]] = field(default_factory=list)  # (level, code, message) of the chain
     left: int = 0  # objects still in the spool afterwards
 
     def to_json(self) -> dict[str, object]:
@@ -66,6 +74,16 @@ class ForwardReport:
                 }
                 for r in self.repaired
             ],
+            "renumbered": [
+                {
+                    "snapshot": r.new.split("/", 1)[1],
+                    "was": r.old.split("/", 1)[1],
+                    "seq": r.new_seq,
+                    "was_seq": r.old_seq,
+                }
+                for r in self.renumbered
+            ],
+            "other_clients": [s.split("/", 1)[1] for s in self.others],
             "damaged": self.damaged,
             "left": self.left,
         }
@@ -74,7 +92,10 @@ class ForwardReport:
 def forward(
     spool: Spool, repo: Repository, put: PutKey, on_object: Callable[[ObjectInfo], None] | None = None
 ) -> ForwardReport:
-    """Send every waiting object of ``spool`` to ``repo`` (the upstream, reachable).
+    """Send every waiting object of ``spool`` to ``repo`` (the upstream, reachable). Another
+    delivery of the same spool may run at once (another `bunker forward`, a backup forwarding
+    first): each object is sent by one of them, and a run that finds an object taken or
+    delivered by another moves on.
 
     Raises StorageError when the upstream stops answering: what was confirmed is gone from the
     spool, the rest stays for the next attempt."""
@@ -85,71 +106,104 @@ def forward(
         spool.clear_leftovers()
         return report
     cert = repo.check_put_key(put)
+    state_dir = dirs.state_dir(repo.repo_id, client_tag(put))
     lease = Lease(repo, put.client_key, cert.client, cert.name, "forward")
     lease.write()
+    note_running(state_dir, lease.session)  # a claim this run leaves when killed is known dead here at once
     lock = threading.Lock()
     try:
         bulk = [i for i in pending if not i.name.startswith("snapshots/")]
-        snaps = [i for i in pending if i.name.startswith("snapshots/")]
+        snaps = [i.name for i in pending if i.name.startswith("snapshots/")]
 
-        def send(info: ObjectInfo) -> None:
-            outcome = _deliver(repo, local, info)
+        def send(info: ObjectInfo, wait: bool) -> bool:
+            """Deliver one object unless another delivery holds it (False: left to it)."""
+            with spool.delivering(info.name, wait=wait) as state:
+                if state == BUSY:
+                    return False
+                outcome = _deliver(repo, local, info) if state == MINE else "gone"
             with lock:
                 if outcome == "sent":
                     report.sent += 1
                     report.sent_bytes += info.size
                 elif outcome == "present":
                     report.present += 1
-                else:
+                elif outcome == "damaged":
                     report.damaged.append(info.name)
             lease.refresh_if_due()
             if on_object is not None:
                 on_object(info)
+            return True
 
-        # packs before index before refs: one prefix at a time, in parallel within it
+        # packs before index before refs: one prefix at a time, in parallel within it; what
+        # another delivery is sending is waited for before the next prefix
         for prefix in ("packs/", "index/", "refs/", "retired/", "gc/"):
             group = [i for i in bulk if i.name.startswith(prefix)]
             if not group:
                 continue
             with ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="bunker-forward") as pool:
-                for fut in [pool.submit(send, i) for i in group]:
-                    fut.result()
+                held = [i for i, done in zip(group, pool.map(lambda i: send(i, False), group), strict=True) if not done]
+                list(pool.map(lambda i: send(i, True), held))
         if snaps:
-            upstream_packs = {i.name.split("/", 1)[1] for i in repo.backend.list("packs/")}
-            mine = []
-            for info in snaps:
-                why = _unreadable_or_foreign(repo, local, info.name, cert.name, upstream_packs)
-                if why:
-                    report.held.append((info.name, why))
-                else:
-                    mine.append(info.name)
-            head = load_head(dirs.state_dir(repo.repo_id, client_tag(put)))
-            mine = drop_superseded(local, mine, head)
-            ready, report.repaired = repair_spooled_chain(
-                repo, put, cert, local, mine, upstream_packs, lease.refresh_if_due
-            )
-            for name in ready:
-                found = local.stat(name)
-                if found is None:
-                    continue
-                send(found)
-                if name not in report.damaged:
-                    report.snapshots.append(name)
+            _send_snapshots(repo, put, cert, spool, local, snaps, lease, state_dir, report)
         spool.clear_leftovers()
     finally:
         lease.release(report.snapshots)
+        clear_running(state_dir, session=lease.session)
     report.left = len(spool.pending())
     return report
 
 
+def _send_snapshots(
+    repo: Repository,
+    put: PutKey,
+    cert: Certificate,
+    spool: Spool,
+    local: LocalBackend,
+    names: list[str],
+    lease: Lease,
+    state_dir: str,
+    report: ForwardReport,
+) -> None:
+    """Deliver the spooled snapshots ``names``: this client's onto its chain (node/deliver.py);
+    another client's (a second put key on this machine) wait for that client's own run, which
+    alone can sign them again should its chain have moved."""
+    upstream_packs = {i.name.split("/", 1)[1] for i in repo.backend.list("packs/")}
+    own = []
+    for name in names:
+        try:
+            signer = parse_snapshot(local.get(name)).env.cert
+        except ObjectMissing:
+            continue  # another delivery sent it meanwhile
+        except encoding.FormatError as exc:
+            report.held.append((name, f"it cannot be read: {exc}"))
+            continue
+        if signer == cert.name:
+            own.append(name)
+        else:
+            report.others.append(name)
+    done = deliver_own_snapshots(repo, put, cert, local, own, upstream_packs, lease, state_dir)
+    report.snapshots += done.snapshots
+    report.sent += len(done.snapshots)
+    report.sent_bytes += done.sent_bytes
+    report.present += done.already
+    report.held += done.held
+    report.repaired += done.repaired
+    report.renumbered += done.renumbered
+    report.events += [(e.level, e.code, e.message) for e in done.log.events]
+
+
 def _deliver(repo: Repository, local: LocalBackend, info: ObjectInfo) -> str:
     """Make the upstream hold ``info.name``; delete the local copy once confirmed.
-    Returns "sent", "present" or "damaged" (the local copy does not match its name: deleted)."""
+    Returns "sent", "present", "gone" (no local copy left) or "damaged" (the local copy does not
+    match its name: deleted)."""
     name = info.name
     if verify_by_name(repo.backend, name, info.size):
         local.delete(name)
         return "present"
-    data = local.get(name)
+    try:
+        data = local.get(name)
+    except ObjectMissing:
+        return "gone"  # not while this delivery holds it; but nothing is lost: nothing to send
     if is_hash_name(name) and content_hash(data) != name.split("/", 1)[1]:
         # useless to anyone (and never sent): a snapshot that needs it is repaired like one
         # whose pack vanished upstream
@@ -166,25 +220,6 @@ def _deliver(repo: Repository, local: LocalBackend, info: ObjectInfo) -> str:
         )
     local.delete(name)
     return "sent"
-
-
-def _unreadable_or_foreign(
-    repo: Repository, local: LocalBackend, name: str, cert: str, upstream_packs: set[str]
-) -> str:
-    """Why the spooled snapshot ``name`` cannot be forwarded or repaired here ("" if it can)."""
-    try:
-        snap = parse_snapshot(local.get(name))
-        packs = refs.read_set(snap.env.packset, repo.get_object)
-    except (encoding.FormatError, ObjectMissing, CorruptObject) as exc:
-        msg = exc.message if isinstance(exc, BunkerError) else str(exc)
-        return f"its pack set cannot be read: {msg}"
-    missing = [p for p in packs if p not in upstream_packs]
-    if snap.env.cert != cert and missing:
-        return (
-            f"{len(missing)} of the {len(packs)} packs it needs are no longer upstream (e.g. packs/{missing[0]}), "
-            "and it was written with another put key than this machine's, which alone could store them again"
-        )
-    return ""
 
 
 def forward_summary(report: ForwardReport, url: str) -> str:
@@ -245,4 +280,25 @@ def forward_problems(report: ForwardReport, spool_root: str) -> list[tuple[str, 
                     "again from the unchanged source files, the snapshot is complete",
                 )
             )
+    for n in report.renumbered:
+        out.append(
+            (
+                "note",
+                "forward-renumbered",
+                f"spooled snapshot {n.old.split('/', 1)[1][:12]} was taken as #{n.old_seq} while this machine did not "
+                f"know its chain's newest snapshot (its state directory was deleted or restored from an old copy, or "
+                f"another run of this client got there first): it was linked as #{n.new_seq} "
+                f"{n.new.split('/', 1)[1][:12]} and signed again, so the chain does not fork",
+            )
+        )
+    if report.others:
+        out.append(
+            (
+                "note",
+                "forward-other-client",
+                f"{len(report.others)} spooled snapshots in {spool_root} were written with another put key of this "
+                "machine; that client's next backup (or `bunker forward --put-key ITS_KEY`) delivers them",
+            )
+        )
+    out += report.events
     return out

@@ -10,7 +10,11 @@ until ``bunker forward`` has delivered them.
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import os
+from collections.abc import Iterator
 
 from bunker import dirs, encoding
 from bunker.crypto.keyfile import PutKey
@@ -26,6 +30,8 @@ from bunker.storage.refused import StorageRefused
 from bunker.storage.spooling import SpoolingBackend, pending_objects
 
 UPSTREAM_FILE = "UPSTREAM"  # the upstream URL, for people looking into the directory
+# what ``Spool.delivering`` finds: this delivery holds the object, another holds it, or it is gone
+MINE, BUSY, GONE = "mine", "busy", "gone"
 
 
 class Spool:
@@ -57,6 +63,30 @@ class Spool:
         if not os.path.isdir(self.root):
             return []
         return pending_objects(LocalBackend(self.root))
+
+    @contextlib.contextmanager
+    def delivering(self, name: str, *, wait: bool) -> Iterator[str]:
+        """Hold the spooled object ``name`` for one delivery while the block runs: MINE (send
+        it, then delete it inside the block), BUSY (another delivery holds it; only when not
+        ``wait``ing) or GONE (delivered by another). The hold is an flock on the object's file:
+        the kernel releases it when its process ends, however it ends."""
+        try:
+            fd = os.open(os.path.join(self.root, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except FileNotFoundError:
+            yield GONE
+            return
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except OSError as exc:
+                if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN):
+                    raise
+                yield BUSY
+                return
+            # the delivery that held it deleted it: this descriptor names a file without a name
+            yield MINE if os.fstat(fd).st_nlink > 0 else GONE
+        finally:
+            os.close(fd)
 
     def seed(self, repo: Repository, put: PutKey) -> str:
         """Copy what opening the repository offline needs: every config version and this client's

@@ -8,8 +8,8 @@ snapshot as it is would deliver holes. Instead, under the forwarding lease:
    the files cache shows a file unchanged since it was backed up;
 2. what cannot be recovered makes the snapshot *incomplete* (level err), naming the affected
    files (from the files cache; lost directory listings are counted);
-3. the snapshot gets a new pack set, and it and every later spooled snapshot of the chain are
-   signed again (they were never published, so nobody holds the old names), and the client's
+3. the snapshot gets a new pack set and is signed again when it is linked into the chain
+   (node/deliver.py: it was never published, so nobody holds the old name), and the client's
    chain head follows.
 """
 
@@ -24,23 +24,19 @@ from dataclasses import dataclass, field
 
 from pyfastcdc import FastCDC
 
-from bunker import dirs
-from bunker.backup.chain import ChainHead, load_head, save_head
 from bunker.backup.chunker import file_pieces, make_cdc
 from bunker.backup.files_cache import FilesCache, lookup
-from bunker.backup.run import client_cache, client_tag
+from bunker.backup.run import client_cache
 from bunker.crypto.derive import PutSecrets
 from bunker.crypto.keyfile import PutKey
 from bunker.fs import deep_path
 from bunker.repo import blob, refs
 from bunker.repo.certs import Certificate
 from bunker.repo.index_cache import IndexCache
-from bunker.repo.objects import name_for
 from bunker.repo.repository import Repository
 from bunker.repo.session_writer import SessionWriter
-from bunker.repo.snapshot import ParsedSnapshot, make_snapshot, parse_snapshot
+from bunker.repo.snapshot import Envelope
 from bunker.runlog import LEVELS, display_path
-from bunker.storage.local import LocalBackend
 
 MAX_NAMED_FILES = 100  # affected files named per snapshot; the rest are counted
 
@@ -62,95 +58,58 @@ class Repaired:
         return self.lost_chunks == 0
 
 
-def repair_spooled_chain(
-    repo: Repository,
-    put: PutKey,
-    cert: Certificate,
-    spool: LocalBackend,
-    names: list[str],
-    upstream_packs: set[str],
-    refresh: Callable[[], None] = lambda: None,
-) -> tuple[list[str], list[Repaired]]:
-    """Make every spooled snapshot in ``names`` deliverable. Returns the names to send, in chain
-    order, and what was repaired. ``refresh`` keeps the caller's lease alive."""
-    snaps: list[tuple[str, ParsedSnapshot]] = sorted(
-        ((n, parse_snapshot(spool.get(n))) for n in names), key=lambda x: x[1].env.seq
-    )
-    state_dir = dirs.state_dir(repo.repo_id, client_tag(put))
-    head = load_head(state_dir)
-    renamed: dict[str, str] = {}
-    repaired: list[Repaired] = []
-    out: list[str] = []
-    recovery: _Recovery | None = None
-    for name, snap in snaps:
-        env = snap.env
-        packs = refs.read_set(env.packset, repo.get_object)
-        vanished = sorted(p for p in packs if p not in upstream_packs)
-        new_prev = renamed.get(env.prev, env.prev)
-        if not vanished and new_prev == env.prev:
-            out.append(name)
-            continue
+class VanishedRepair:
+    """Repairs spooled snapshots of ``cert`` whose packs vanished upstream (``upstream_packs``:
+    the packs listed there). ``refresh`` keeps the caller's lease alive."""
+
+    def __init__(
+        self,
+        repo: Repository,
+        put: PutKey,
+        cert: Certificate,
+        upstream_packs: set[str],
+        refresh: Callable[[], None] = lambda: None,
+    ) -> None:
+        self.repo, self.put, self.cert, self.upstream_packs, self.refresh = repo, put, cert, upstream_packs, refresh
+        self._recovery: _Recovery | None = None
+
+    def repair(self, name: str, env: Envelope) -> tuple[Envelope, Repaired | None]:
+        """The envelope ``env`` (of spooled snapshot ``name``) with a pack set of packs that are
+        upstream, after storing again what it can; what was repaired (None: nothing vanished).
+        The caller signs it again."""
+        packs = refs.read_set(env.packset, self.repo.get_object)
+        vanished = sorted(p for p in packs if p not in self.upstream_packs)
+        if not vanished:
+            return env, None
         fix = Repaired(name, name, vanished_packs=len(vanished))
         stats = dict(env.stats)
-        level, complete, packset = env.level, env.complete, env.packset
-        if vanished:
-            if recovery is None:
-                recovery = _Recovery(repo, put, cert, vanished)
-            chunk_ids = refs.read_set(env.chunkset, repo.get_object, put.secrets)
-            lost = recovery.recover(chunk_ids, refresh)
-            locs = recovery.index.locations
-            packset_objs = refs.build_packset({locs[c].pack for c in chunk_ids if c in locs})
-            for obj_name, data in packset_objs.items():
-                if obj_name != "top":
-                    repo.put_object("refs", data)
-            packset = refs.top_name(packset_objs)
-            fix.recovered_chunks = len(recovery.recovered & set(chunk_ids))
-            fix.lost_chunks = len(lost)
-            stats["chunks_recovered"] = fix.recovered_chunks
-            if lost:
-                complete = False
-                level = max(level, "err", key=LEVELS.index)
-                stats["chunks_lost"] = len(lost)
-                fix.files, fix.more_files = recovery.files_with(lost)
-        new_env = dataclasses.replace(env, prev=new_prev, packset=packset, complete=complete, level=level, stats=stats)
-        data = make_snapshot(new_env, snap.body_ct, put.client_key)
-        fix.new = name_for("snapshots", data)
-        spool.put(fix.new, data)
-        renamed[name] = fix.new
-        repaired.append(fix)
-        out.append(fix.new)
-        if head is not None and head.name == name:
-            head = ChainHead(head.seq, fix.new, head.cert)
-            save_head(state_dir, head)
-    if recovery is not None:
-        recovery.close()
-    for old in renamed:
-        spool.delete(old)  # only now: a crash before leaves both, and the chain head names the new
-    return out, repaired
+        level, complete = env.level, env.complete
+        if self._recovery is None:
+            self._recovery = _Recovery(self.repo, self.put, self.cert, vanished)
+        recovery = self._recovery
+        chunk_ids = refs.read_set(env.chunkset, self.repo.get_object, self.put.secrets)
+        lost = recovery.recover(chunk_ids, self.refresh)
+        locs = recovery.index.locations
+        packset_objs = refs.build_packset({locs[c].pack for c in chunk_ids if c in locs})
+        for obj_name, data in packset_objs.items():
+            if obj_name != "top":
+                self.repo.put_object("refs", data)
+        fix.recovered_chunks = len(recovery.recovered & set(chunk_ids))
+        fix.lost_chunks = len(lost)
+        stats["chunks_recovered"] = fix.recovered_chunks
+        if lost:
+            complete = False
+            level = max(level, "err", key=LEVELS.index)
+            stats["chunks_lost"] = len(lost)
+            fix.files, fix.more_files = recovery.files_with(lost)
+        repaired = dataclasses.replace(
+            env, packset=refs.top_name(packset_objs), complete=complete, level=level, stats=stats
+        )
+        return repaired, fix
 
-
-def drop_superseded(spool: LocalBackend, names: list[str], head: ChainHead | None) -> list[str]:
-    """Where a crash left two spooled snapshots with one sequence number (a repair was signed
-    but the old one not yet deleted), keep the one on the chain that ends at this client's head."""
-    parsed = {n: parse_snapshot(spool.get(n)) for n in names}
-    by_seq: dict[tuple[str, int], list[str]] = {}
-    for n, s in parsed.items():
-        by_seq.setdefault((s.env.cert, s.env.seq), []).append(n)
-    if all(len(v) == 1 for v in by_seq.values()):
-        return names
-    on_chain: set[str] = set()
-    cur = head.name if head is not None else ""
-    while cur in parsed:
-        on_chain.add(cur)
-        cur = parsed[cur].env.prev
-    keep = []
-    for group in by_seq.values():
-        chosen = [n for n in group if n in on_chain] or group[-1:]
-        keep += chosen
-        for n in group:
-            if n not in chosen:
-                spool.delete(n)
-    return keep
+    def close(self) -> None:
+        if self._recovery is not None:
+            self._recovery.close()
 
 
 class _Recovery:

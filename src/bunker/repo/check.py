@@ -27,7 +27,7 @@ from bunker.errors import BunkerError, CorruptObject, ObjectMissing, StorageErro
 from bunker.repo import refs
 from bunker.repo.certs import Certificate, parse_certificate
 from bunker.repo.check_report import CheckReport
-from bunker.repo.check_snapshots import Pending, SnapshotChecks
+from bunker.repo.check_snapshots import Fresh, Pending, SnapshotChecks
 from bunker.repo.config import FORMAT_VERSION, parse_config
 from bunker.repo.config_chain import missing_links
 from bunker.repo.index import decrypt_index, parse_index_frame
@@ -65,6 +65,15 @@ def span(offset: int, length: int, raw_length: int) -> Span:
     return (offset << 64) | (length << 32) | raw_length
 
 
+# what a running prune deletes (packs, index objects it rewrites, its records) or a session
+# removes when it ends (leases): such an object vanishing while the check runs is no damage
+TRANSIENT = ("packs", "index", "gc", "sessions")
+# listed in this order: everything an object names was stored before it (docs/format.md
+# section 17), and a record explaining a pack's absence is stored before the pack is deleted
+LIST_ORDER = ("config", "clients", "snapshots", "refs", "index", "packs", "retired", "gc", "sessions")
+
+
+
 class Checker:
     def __init__(
         self,
@@ -95,6 +104,10 @@ class Checker:
         # pack hex -> its writer ("this client" or client 'x'): signed by a writer of a domain whose
         # secret this check has, trailer under another secret (repo/other_secret.py)
         self._other_secret: dict[str, str] = {}
+        self._vanished: set[str] = set()  # transient objects gone between listing and reading
+        self._trailers: dict[str, dict[bytes, Span]] = {}
+        self._locations: dict[bytes, str] = {}
+        self._names: dict[str, list[str]] = {}
 
     # ------------------------------------------------------------------ entry point
     def run(self, keyless: bool) -> CheckReport:
@@ -117,8 +130,9 @@ class Checker:
                 f"id {repo.repo_id} with the one on your key or in your own copy of RECOVERY.md",
                 "warn",
             )
-        infos = {p: list(self.backend.list(p + "/")) for p in WRITTEN}
+        infos = {p: list(self.backend.list(p + "/")) for p in LIST_ORDER if p in WRITTEN}
         names = {p: [i.name for i in infos[p]] for p in WRITTEN}
+        self._names = names
         self._stored = {i.name: i.mtime for i in infos["snapshots"]}
         for p, ns in names.items():
             r.counts[p] = len(ns)
@@ -129,13 +143,21 @@ class Checker:
         if keyless or self.master:
             self._check_small_objects(names)
         self.progress("packs")
-        trailers = self._check_packs(names["packs"], full=keyless or self.master is not None)
+        self._full = keyless or self.master is not None
+        self._trailers = self._check_packs(names["packs"], full=self._full)
         self.progress("indexes")
-        locations = self._check_indexes(names["index"], trailers)
+        self._also_in = {}
+        self._locations = {}
+        self._check_indexes(names["index"], self._trailers, self._locations)
         self.progress("snapshots")
-        self._check_snapshots(names["snapshots"], names["retired"], set(names["packs"]), locations)
+        self._check_snapshots(names["snapshots"], names["retired"], set(names["packs"]), self._locations)
         self._check_records(names)
+        r.counts["vanished_while_checking"] = len(self._vanished)
         return r
+
+    def _vanish(self, name: str) -> None:
+        with self.report._lock:
+            self._vanished.add(name)
 
     # ------------------------------------------------------------------ pieces
     def _report_strays(self) -> None:
@@ -153,7 +175,10 @@ class Checker:
         try:
             data = self.backend.get(name)
         except ObjectMissing:
-            self.report.add(name, "listed but cannot be read (vanished)")
+            if name.split("/", 1)[0] in TRANSIENT:
+                self._vanish(name)  # a prune deleted it, or its session ended: see _settle
+            else:
+                self.report.add(name, "listed but cannot be read (vanished)")
             return None
         with self.report._lock:
             self.report.bytes_read += len(data)
@@ -267,7 +292,7 @@ class Checker:
             else:
                 footer = fetch_footer(self.backend, n)
         except ObjectMissing:
-            r.add(n, "vanished while checking")
+            self._vanish(n)
             return
         except encoding.FormatError as exc:
             r.add(n, f"pack footer unreadable: {exc}")
@@ -345,7 +370,7 @@ class Checker:
     ) -> None:
         info = self.backend.stat(n)
         if info is None:
-            self.report.add(n, "vanished while checking")
+            self._vanish(n)
             return
         job = PackJob(n, info.size, body_length, body_hash, keys, blobs, secret, kind)
         try:
@@ -355,19 +380,23 @@ class Checker:
         except Exception as exc:  # noqa: BLE001 - a crashed worker is a finding, not the end of the check
             self.report.add(n, f"could not be verified (worker failed: {exc})")
             return
+        if res.vanished:
+            self._vanish(n)
+            return
         for problem in res.problems:
             self.report.add(n, problem)
         with self.report._lock:
             self.report.bytes_read += res.bytes_read
             self.report.counts["blobs_verified"] += res.verified
 
-    def _check_indexes(self, names: list[str], trailers: dict[str, dict[bytes, Span]]) -> dict[bytes, str]:
-        """Check every index against the pack trailers; return chunk id -> pack of the entries that agree."""
+    def _check_indexes(
+        self, names: list[str], trailers: dict[str, dict[bytes, Span]], locations: dict[bytes, str]
+    ) -> None:
+        """Check every index against the pack trailers; add chunk id -> pack of the entries that
+        agree to ``locations`` (chunks stored in more than one pack, because two writers stored
+        the same chunk at once, get their other packs in ``_also_in``: a snapshot that names any
+        copy's pack is satisfied)."""
         assert self.repo
-        locations: dict[bytes, str] = {}
-        # chunks stored in more than one pack (two writers stored the same chunk at once): the
-        # other packs, so a snapshot that names any copy's pack is satisfied
-        self._also_in = {}
         packs: dict[str, str] = {}  # one string per pack name
         for n in names:
             data = self._get(n)
@@ -391,6 +420,8 @@ class Checker:
             wrong = 0
             for cid, loc in entries:
                 t = trailers.get(loc.pack)
+                if t is None and f"packs/{loc.pack}" in self._vanished:
+                    continue  # deleted by a prune since it was listed (see _settle)
                 if t is None:
                     wrong += 1
                     if wrong <= 5:
@@ -407,7 +438,6 @@ class Checker:
                 if locations.setdefault(cid, pack) != pack:
                     self._also_in.setdefault(cid, set()).add(pack)
             self.report.counts["index_entries"] += len(entries)
-        return locations
 
     def _check_snapshots(
         self, names: list[str], retired_names: list[str], packs: set[str], locations: dict[bytes, str]
@@ -422,7 +452,7 @@ class Checker:
             self.heads,
             self._stored,
             self.pending,
-        ).run(names, retired_names, packs, locations, self._also_in, set(self._other_secret))
+        ).run(names, retired_names, packs, locations, self._also_in, set(self._other_secret), self._settle)
         for pack, who in sorted(self._other_secret.items()):
             what = (
                 f"written with another secret: its writer's signature holds, but its trailer does not open with the "
@@ -437,6 +467,33 @@ class Checker:
                 self.report.add(
                     f"packs/{pack}", f"{what}; no trusted snapshot needs it; {NEXT_STEP}", "warn", cause="other-secret"
                 )
+
+    def _settle(self) -> Fresh:
+        """List packs, index objects, retirements again and read what appeared since the first
+        listing (index objects a prune wrote anew, packs of a repack), so that what snapshots
+        miss is judged on the repository as it is now, not on listings taken while a prune
+        deleted what no snapshot needs any more."""
+        # index objects before packs, as at the start (LIST_ORDER)
+        index_now = [i.name for i in self.backend.list("index/")]
+        listed = {i.name for i in self.backend.list("packs/")}
+        start = set(self._names["packs"])
+        new_packs = sorted(listed - start)
+        if new_packs:
+            self._trailers.update(self._check_packs(new_packs, full=self._full))
+            self._names["packs"] += new_packs
+        new_index = sorted(set(index_now) - set(self._names["index"]))
+        if new_index:
+            self._check_indexes(new_index, self._trailers, self._locations)
+            self._names["index"] += new_index
+        gone = {n for n in start if n not in listed} | {n for n in self._vanished if n.startswith("packs/")}
+        present = listed - {n for n in self._vanished if n.startswith("packs/")}
+        return Fresh(
+            packs=present,
+            locations=self._locations,
+            also_in=self._also_in,
+            retired_names=[i.name for i in self.backend.list("retired/")],
+            vanished={n.split("/", 1)[1] for n in gone},
+        )
 
     def _check_records(self, names: dict[str, list[str]]) -> None:
         assert self.repo

@@ -44,6 +44,21 @@ class Pending:
     chains: Chains = field(default_factory=dict)
 
 
+@dataclass
+class Fresh:
+    """The repository as listed again at the end of a check (repo/check.py ``_settle``)."""
+
+    packs: set[str]  # packs/<hex>
+    locations: dict[bytes, str]
+    also_in: dict[bytes, set[str]]
+    retired_names: list[str]
+    vanished: set[str]  # bare pack names listed at the start and gone now
+
+
+# what a snapshot's sets miss: (problem, cause) as CheckReport.add takes them
+Missing = list[tuple[str, str]]
+
+
 class SnapshotChecks:
     """One check of every snapshot, reporting into ``report``."""
 
@@ -70,11 +85,14 @@ class SnapshotChecks:
         locations: dict[bytes, str],
         also_in: dict[bytes, set[str]],
         other_secret: Collection[str] = (),
+        settle: Callable[[], Fresh] | None = None,
     ) -> dict[str, list[str]]:
         """``packs``: the listed pack names; ``locations``: chunk id -> pack of the index
         entries that agree with the trailers; ``also_in``: further packs holding a chunk;
-        ``other_secret``: packs written with another secret (repo/other_secret.py). Returns
-        which trusted, not retired snapshots name each of those packs."""
+        ``other_secret``: packs written with another secret (repo/other_secret.py).
+        ``settle``: the repository as listed again; what a snapshot misses is reported only if
+        it still misses it then (a prune beside the check deletes what no snapshot needs).
+        Returns which trusted, not retired snapshots name each of the ``other_secret`` packs."""
         retired = self._retired(retired_names)
         parsed, damaged_key = self._verified(names)
         # a revoked client's snapshots off the chain its revocation names, and format-1 snapshots
@@ -83,6 +101,8 @@ class SnapshotChecks:
         chains: Chains = defaultdict(dict)
         runs: dict[tuple[str, int], str] = {}  # (session, checkpoint) -> the snapshot holding it
         sets = _Sets(self, packs, locations, also_in, other_secret)
+        missing: dict[str, Missing] = {}  # snapshot -> what its sets miss, reported after settling
+        live = []
         for n, snap in damaged_key.items():
             e = snap.env
             if n not in retired:
@@ -106,13 +126,29 @@ class SnapshotChecks:
                 continue
             self._one(n, snap, chains, runs)
             if n not in retired:
-                sets.check(n, snap)
+                live.append(n)
+                found = sets.check(n, snap)
+                if found:
+                    missing[n] = found
+        if settle is not None:
+            fresh = settle()
+            retired |= self._retired(fresh.retired_names, quiet=set(retired_names))
+            again = _Sets(self, fresh.packs, fresh.locations, fresh.also_in, other_secret, count=False)
+            for n in live:
+                if n in retired:
+                    missing.pop(n, None)  # forgotten while the check ran
+                elif n in missing or (fresh.vanished and again.needs_any(parsed[n], fresh.vanished)):
+                    missing[n] = again.check(n, parsed[n])
+        for n, problems in missing.items():
+            for problem, cause in problems:
+                self.report.add(n, problem, cause=cause)
         self._chains(chains)
         self._witnesses(chains)
         return sets.naming
 
-    def _retired(self, names: list[str]) -> set[str]:
-        """The retired snapshots: retirement records in force (not withdrawn by an unretire record)."""
+    def _retired(self, names: list[str], quiet: set[str] | None = None) -> set[str]:
+        """The retired snapshots: retirement records in force (not withdrawn by an unretire
+        record). Invalid records in ``quiet`` were reported already."""
         records = Retirements()
         for n in names:
             data = self.get(n)
@@ -121,6 +157,8 @@ class SnapshotChecks:
             try:
                 self.repo.read_retirement_record(n, data, records)
             except (encoding.FormatError, CorruptObject, ObjectMissing) as exc:
+                if quiet is not None and n in quiet:
+                    continue
                 what = "unretire record" if data[:4] == MAGIC_UNRETIRED else "retirement record"
                 self.report.add(
                     n,
@@ -258,8 +296,10 @@ class _Sets:
         locations: dict[bytes, str],
         also_in: dict[bytes, set[str]],
         other_secret: Collection[str],
+        count: bool = True,
     ) -> None:
         self.c, self.packs, self.locations, self.also_in = checks, packs, locations, also_in
+        self.count = count  # the second look (after settling) does not count chunks nor naming again
         self.other_secret = other_secret
         self.naming: dict[str, list[str]] = {}  # pack written with another secret -> snapshots naming it
         self.existing = {p.split("/", 1)[1] for p in packs}
@@ -271,46 +311,55 @@ class _Sets:
             raise ObjectMissing(name)
         return data
 
-    def check(self, n: str, snap: ParsedSnapshot) -> None:
-        r, e = self.c.report, snap.env
+    def needs_any(self, snap: ParsedSnapshot, packs: set[str]) -> bool:
+        """True if the resolved pack set of ``snap`` names any of ``packs`` (or cannot be read)."""
+        try:
+            return bool(self.moves.resolve(refs.read_set(snap.env.packset, self.fetch)) & packs)
+        except StorageError:
+            raise
+        except (BunkerError, encoding.FormatError):
+            return True
+
+    def check(self, n: str, snap: ParsedSnapshot) -> Missing:
+        """What snapshot ``n`` misses of its pack set and chunk set ([] when nothing)."""
+        e = snap.env
+        out: Missing = []
         try:
             pset = refs.read_set(e.packset, self.fetch)
         except StorageError:
             raise
         except (BunkerError, encoding.FormatError) as exc:
-            r.add(n, f"pack set {e.packset} unreadable: {exc}")
-            return
+            return [(f"pack set {e.packset} unreadable: {exc}", "damage")]
         missing = [p for p in pset if f"packs/{p}" not in self.packs and not self.moves.covered(p, self.existing)]
         resolved = set(self.moves.resolve(pset))
         foreign = sorted(p for p in resolved if p in self.other_secret)
-        for p in foreign:
-            self.naming.setdefault(p, []).append(n)
+        if self.count:
+            for p in foreign:
+                self.naming.setdefault(p, []).append(n)
         if missing:
-            r.add(n, f"needs {len(missing)} pack(s) that are missing, e.g. packs/{missing[0]}")
+            out.append((f"needs {len(missing)} pack(s) that are missing, e.g. packs/{missing[0]}", "damage"))
         secrets = self.c.secrets_for(e.domain)
         try:
             top = refs.parse_refs(self.fetch(e.chunkset))
             if top.get("kind") != "chunkset" or top.get("domain") != e.domain:
                 # its chunks are another domain's: an envelope wrapped around data that is not its client's
-                r.add(n, f"its chunk set {e.chunkset} is not a chunk set of its dedup domain {e.domain}")
-                return
+                wrong = f"its chunk set {e.chunkset} is not a chunk set of its dedup domain {e.domain}"
+                return [*out, (wrong, "damage")]
             if secrets is None:
                 for part in top.get("parts", []):  # type: ignore[attr-defined]
                     self.fetch(part)
         except StorageError:
             raise
         except (BunkerError, encoding.FormatError) as exc:
-            r.add(n, f"chunk set {e.chunkset} incomplete: {exc}")
-            return
+            return [*out, (f"chunk set {e.chunkset} incomplete: {exc}", "damage")]
         if secrets is None:
-            return
+            return out
         try:
             cset = refs.read_set(e.chunkset, self.fetch, secrets)
         except StorageError:
             raise
         except (BunkerError, encoding.FormatError) as exc:
-            r.add(n, f"chunk set {e.chunkset} unreadable: {exc}")
-            return
+            return [*out, (f"chunk set {e.chunkset} unreadable: {exc}", "damage")]
         lost = [c for c in cset if self.locations.get(c) not in resolved and not self.also_in.get(c, set()) & resolved]
         if lost and (e.complete or len(lost) > e.stats.get("chunks_lost", 0)):
             # an incomplete snapshot declares how many chunks it lacks (forward could not
@@ -318,18 +367,24 @@ class _Sets:
             if foreign:
                 # a backup after a damaged key's run trusted that run's chunk ids (a files cache
                 # kept per certificate, before it was kept per secret)
-                r.add(
-                    n,
-                    f"{len(lost)} of its {len(cset)} chunks are not indexed in its packs (e.g. {lost[0].hex()[:16]}): "
-                    f"it names {len(foreign)} pack(s) written with another secret (e.g. packs/{foreign[0]}), so the "
-                    "files whose data is there cannot be restored from it; the next backup with a good put key "
-                    "stores them again",
-                    cause="other-secret",
+                out.append(
+                    (
+                        f"{len(lost)} of its {len(cset)} chunks are not indexed in its packs (e.g. "
+                        f"{lost[0].hex()[:16]}): it names {len(foreign)} pack(s) written with another secret (e.g. "
+                        f"packs/{foreign[0]}), so the files whose data is there cannot be restored from it; the next "
+                        "backup with a good put key stores them again",
+                        "other-secret",
+                    )
                 )
             else:
-                r.add(
-                    n,
-                    f"{len(lost)} of its {len(cset)} chunks are not indexed in its packs (e.g. {lost[0].hex()[:16]}); "
-                    "if the packs are intact, `bunker index rebuild` re-indexes them from their trailers",
+                out.append(
+                    (
+                        f"{len(lost)} of its {len(cset)} chunks are not indexed in its packs (e.g. "
+                        f"{lost[0].hex()[:16]}); if the packs are intact, `bunker index rebuild` re-indexes them from "
+                        "their trailers",
+                        "damage",
+                    )
                 )
-        r.counts["snapshot_chunks"] += len(cset)
+        if self.count:
+            self.c.report.counts["snapshot_chunks"] += len(cset)
+        return out

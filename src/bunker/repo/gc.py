@@ -309,7 +309,7 @@ class Pruner:
     def _condemn(self, existing: set[str], referenced: set[str], excluded: set[str]) -> None:
         index = IndexCache(self.repo, self.put.secrets, None, for_dedup=False).load()
         index.add_unindexed_packs()  # packs of killed runs that no index names
-        own = index.locations.packs() & existing
+        own = index.named_packs & existing
         # packs this domain's writers signed under a damaged secret: no key reads them
         others = existing - own - referenced - excluded
         own |= {p for p in others if pack_with_other_secret(self.repo, p, self.put.secrets)}

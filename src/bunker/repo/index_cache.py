@@ -60,6 +60,9 @@ class IndexCache:
         self.problems: list[str] = []
         self.cache_problem = ""  # why the cache directory is not written (the index still loads)
         self.unindexed: list[tuple[str, list[tuple[bytes, Location]]]] = []  # found by add_unindexed_packs
+        # every pack an added entry names: also those whose every chunk another pack holds too
+        # (``locations`` keeps one location per chunk), which prune must see to condemn them
+        self.named_packs: set[str] = set()
 
     def __contains__(self, cid: bytes) -> bool:
         return cid in self.locations
@@ -162,6 +165,8 @@ class IndexCache:
             entries = [(cid, loc) for cid, loc in entries if loc.pack not in self.absent_packs]
         if self.only_packs is not None:
             entries = [(cid, loc) for cid, loc in entries if loc.pack in self.only_packs]
+        entries = entries if isinstance(entries, list) else list(entries)
+        self.named_packs.update(loc.pack for _, loc in entries)
         self.locations.update(entries)
 
     def add_unindexed_packs(self, only_writer: str | None = None, listed: Iterable[str] | None = None) -> int:
@@ -170,7 +175,7 @@ class IndexCache:
         ``only_writer``: only packs whose footer names this certificate as signer (other packs
         cost one small range read each). ``listed``: the pack names a listing showed (else the
         packs are listed here)."""
-        indexed = self.locations.packs()
+        indexed = set(self.named_packs)
         revoked = self.repo.revoked if self.for_dedup else {}
         if listed is None:
             listed = [info.name.split("/", 1)[1] for info in self.repo.backend.list("packs/")]

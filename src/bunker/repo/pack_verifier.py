@@ -48,6 +48,7 @@ class PackResult(NamedTuple):
     bytes_read: int
     problems: list[str]
     verified: int
+    vanished: bool = False  # deleted since it was listed (a prune): the caller decides what that means
 
 
 _backend: Backend | None = None
@@ -66,7 +67,7 @@ def verify_pack(job: PackJob, backend: Backend | None = None) -> PackResult:
     try:
         data = backend.get(job.name)
     except ObjectMissing:
-        return PackResult(0, ["vanished while checking"], 0)
+        return PackResult(0, [], 0, vanished=True)
     except StorageError:
         raise  # the storage failed, not the pack: the check stops with the storage's error
     except BunkerError as exc:

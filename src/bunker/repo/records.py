@@ -61,13 +61,15 @@ def make_lease(
     cert: str,
     checkpoint: dict[str, Any] | None = None,
     base: ChainBase | None = None,
+    claim: dict[str, Any] | None = None,
 ) -> tuple[str, bytes]:
     """A lease object (name, bytes) valid LEASE_SECONDS after the storage stored it; a backup's
     lease may carry its latest checkpoint (what it finished so far, see backup/checkpoint.py).
     The body names its session and counter (the object's name must agree) and the chain head the
     session started from, so a copy put back under another name, or a checkpoint of a run that
-    started before a newer snapshot, is refused (docs/format.md section 15)."""
-    body = {
+    started before a newer snapshot, is refused (docs/format.md section 15). ``claim``: the lease
+    claims a sequence number of its signer's chain (repo/claims.py)."""
+    body: dict[str, Any] = {
         "v": LEASE_VERSION,
         "session": session,
         "counter": counter,
@@ -78,6 +80,8 @@ def make_lease(
         "checkpoint": checkpoint,
         "base": (base or ChainBase(0, "")).to_body(),
     }
+    if claim is not None:
+        body["claim"] = claim
     return lease_name(session, counter), make_signed(MAGIC_SESSION, body, signer, cert)
 
 

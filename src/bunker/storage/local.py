@@ -229,14 +229,23 @@ class LocalBackend(Backend):
     def strays(self, prefix: str) -> Strays:
         """Besides names that break the prefix's rule: directories (shown with a trailing ``/``)
         and anything else that is not a regular file, whatever its name."""
-        listed = {i.name for i in self._list(validate_prefix(prefix)) if name_problem(i.name) is None}
         names = []
-        for e in self._entries(prefix):
+        for e in self._entries(validate_prefix(prefix)):
             name = prefix + e.name
-            if name not in listed:
-                with contextlib.suppress(OSError):
-                    name += "/" if e.is_dir() else ""
-                names.append(printable(name))
+            if name_problem(name) is None:
+                # judged on the entry itself, not on a second listing: an object a writer
+                # creates or a prune deletes meanwhile is neither (check runs beside them)
+                try:
+                    if stat.S_ISREG(e.stat().st_mode):
+                        continue
+                except FileNotFoundError:
+                    if not os.path.lexists(e.path):
+                        continue  # deleted since the directory was read
+                except OSError:
+                    pass
+            with contextlib.suppress(OSError):
+                name += "/" if e.is_dir() else ""
+            names.append(printable(name))
         names.sort()
         return Strays(tuple(names[:STRAYS_SHOWN]), len(names))
 
