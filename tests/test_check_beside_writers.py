@@ -47,11 +47,11 @@ def test_check_beside_a_prune_a_backup_and_an_ending_session_reports_no_damage(t
     first = tmp_path / "first"
     first.mkdir()
     (first / "only-in-the-first.bin").write_bytes(os.urandom(3_000_000))
-    repo.backup(first)
+    gone = repo.backup(first)["snapshot"]
     src = tmp_path / "src"
     make_tree(src)
     repo.backup(src)
-    repo.ok("forget", "--keep-last", "1", "--put-key", prune_key)
+    repo.ok("forget", gone, "--put-key", prune_key)
     pruned = js(repo.ok("prune", "--put-key", prune_key, "--grace", "0s", "--repack-threshold", "0", "--json"))
     assert pruned["condemned"], pruned  # the first snapshot's own packs wait for the next prune
 
