@@ -97,8 +97,8 @@ def adopt_abandoned_checkpoints(
     report = AdoptionReport(dry_run=dry_run)
     log = RunLog()
     lease = Lease(repo, put.client_key, cert.client, cert.name, "prune", chain_head(repo, cert, state_dir)[0])
-    lease.write()
     try:
+        lease.write()  # in the try: a signal right after it still releases the lease
         now = lease.storage_time()
         seen = [s for s in sessions(repo) if s.session != lease.session]
         # the pruner's own client backing up now would take the same next sequence number

@@ -10,8 +10,9 @@ from typing import Any, TypeVar
 
 import click
 
-from bunker import __version__
+from bunker import __version__, interrupt
 from bunker.child_env import withhold_secrets
+from bunker.cli import interrupted
 from bunker.cli.context import Options
 from bunker.cli.output import Output
 from bunker.errors import BunkerError, ExitCode
@@ -38,23 +39,24 @@ def common(f: F) -> F:
 
 
 def handles_errors(f: F) -> F:
-    """Turn BunkerError into its message, hint and exit code."""
+    """Turn BunkerError into its message, hint and exit code, and SIGINT/SIGTERM into the
+    command's own interrupt message and 130/143."""
 
     @functools.wraps(f)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         out = Output(bool(kwargs.get("as_json")))
+        interrupt.install()  # from here on SIGINT/SIGTERM unwind the command (leases, worker pools)
         try:
-            return f(*args, **kwargs)
-        except BunkerError as exc:
-            out.error(exc)
-            sys.exit(exc.exit_code)
-        except KeyboardInterrupt:
-            click.echo(
-                "bunker: interrupted; no snapshot was written. Data stored more than about 10 s ago is indexed "
-                "and the next backup will not upload it again",
-                err=True,
-            )
-            sys.exit(130)
+            try:
+                return f(*args, **kwargs)
+            except BunkerError as exc:
+                out.error(exc)
+                sys.exit(exc.exit_code)
+        except KeyboardInterrupt as exc:
+            interrupt.ignore()
+            sys.exit(interrupted.report(out, exc))
+        finally:
+            interrupt.ignore()  # the command's work is over: it exits with its own code
 
     return wrapper  # type: ignore[return-value]
 

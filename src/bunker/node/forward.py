@@ -86,9 +86,9 @@ def forward(
         return report
     cert = repo.check_put_key(put)
     lease = Lease(repo, put.client_key, cert.client, cert.name, "forward")
-    lease.write()
     lock = threading.Lock()
     try:
+        lease.write()  # in the try: a signal right after it still releases the lease
         bulk = [i for i in pending if not i.name.startswith("snapshots/")]
         snaps = [i for i in pending if i.name.startswith("snapshots/")]
 
@@ -111,9 +111,13 @@ def forward(
             group = [i for i in bulk if i.name.startswith(prefix)]
             if not group:
                 continue
-            with ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="bunker-forward") as pool:
+            pool = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="bunker-forward")
+            try:
                 for fut in [pool.submit(send, i) for i in group]:
                     fut.result()
+            finally:
+                # interrupted or failed: the objects not sent yet stay in the spool for the next forward
+                pool.shutdown(wait=True, cancel_futures=True)
         if snaps:
             upstream_packs = {i.name.split("/", 1)[1] for i in repo.backend.list("packs/")}
             mine = []
