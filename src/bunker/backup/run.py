@@ -5,6 +5,7 @@ This is the backup code path: it never loads the master key (DESIGN.md promise 1
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import os
 import socket
@@ -14,12 +15,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from bunker import dirs
-from bunker.backup.archiver import Archiver, ArchiveResult, Progress, stream_entry
+from bunker import dirs, interrupt
+from bunker.backup.archiver import Archiver, ArchiveResult, Progress
 from bunker.backup.checkpoint import Checkpointer, adopt_dead_checkpoints, clear_running, mark_running
 from bunker.backup.commit import Committed, chain_head, commit_snapshot
 from bunker.backup.excludes import Excludes
 from bunker.backup.files_cache import FilesCache
+from bunker.backup.interrupted import Stopper, interval_text, keep_interrupted
+from bunker.backup.stream import stream_entry
 from bunker.crypto.keyfile import PutKey
 from bunker.errors import BunkerError, ExitCode
 from bunker.repo.gc import condemned_packs
@@ -56,7 +59,9 @@ class BackupRequest:
 class BackupOutcome:
     committed: Committed
     log: RunLog
-    result: ArchiveResult
+    result: ArchiveResult | None  # None: interrupted, ``committed`` is the incomplete snapshot it kept
+    interrupted: int | None = None  # the signal that stopped the run
+    late_signal: int | None = None  # a signal that came while the snapshot was written (it is complete)
 
 
 def client_tag(put: PutKey) -> str:
@@ -104,14 +109,19 @@ def run_backup(
     state_dir = dirs.state_dir(repo.repo_id, tag)
     start_head, _ = chain_head(repo, cert, state_dir)  # a rollback is reported when the snapshot is linked
     lease = Lease(repo, put.client_key, cert.client, cert.name, "backup", start_head)
-    lease.write()
     unseen: set[str] = set()
     committed_names: list[str] = []  # the lease goes once these are listed
+    keep_lease = False
+    # a path backup stops in order on SIGINT/SIGTERM (backup/interrupted.py); standard input and
+    # tar streams keep no checkpoints and stop at once
+    stoppable = req.tar is None and req.stdin_name is None
     try:
-        # a run of this machine that was killed: its last checkpoint becomes an incomplete snapshot
-        _, unseen = adopt_dead_checkpoints(
-            repo, put, cert, state_dir, log, lease.session, lease.storage_time(), start_head
-        )
+        lease.write()  # in the try: a signal right after it still releases the lease
+        with interrupt.deferred():  # a snapshot is written whole
+            # a run of this machine that was killed: its last checkpoint becomes an incomplete snapshot
+            _, unseen = adopt_dead_checkpoints(
+                repo, put, cert, state_dir, log, lease.session, lease.storage_time(), start_head
+            )
         mark_running(state_dir, lease.session, unseen)
         # after the lease: a pack condemned from now on waits for this session (DESIGN.md §6)
         # a session deduplicates only against packs it can see listed (a spool lists only its own)
@@ -139,8 +149,9 @@ def run_backup(
             progress=progress,
             tick=lambda: _tick(lease, tick),
         )
-        if req.tar is None and req.stdin_name is None and req.checkpoint_seconds > 0:
-            archiver.checkpoint = Checkpointer(
+        checkpointer = None
+        if stoppable and req.checkpoint_seconds > 0:
+            checkpointer = archiver.checkpoint = Checkpointer(
                 repo,
                 put,
                 writer,
@@ -154,40 +165,109 @@ def run_backup(
                 req.checkpoint_seconds,
                 tree_stats=archiver.chunks.tree_stats,
             )
+        if stoppable:
+            archiver.stop = Stopper(archiver, checkpointer, writer, log)
+        result: ArchiveResult | None = None
+        committed: Committed | None = None
+        interrupted: int | None = None
         try:
-            if req.tar is not None:
-                result = tar_entries(archiver, req.tar, req.stdin)
-            elif req.stdin_name is not None:
-                result = stream_entry(archiver, req.stdin_name, req.stdin or sys.stdin.buffer)
-            else:
-                result = archiver.run(req.paths)
-            writer.flush()  # packs and index first: whether they went to the spool belongs in the snapshot's log
-            spooled = _spool_event(repo, req, log)
-            committed = commit_snapshot(
-                repo,
-                put,
-                cert,
-                writer,
-                root=result.root,
-                chunk_ids=result.chunk_ids,
-                stats=result.stats,
-                log=log,
-                body_extra=body_extra(),
-                state_dir=state_dir,
-                session=lease.session,
-                master_on_client=req.master_on_client,
-            )
-            committed_names.append(committed.name)
-            if not spooled:
-                _spool_event(repo, req, log)  # the repository stopped answering while the snapshot was written
-            fcache.flush()
+            with interrupt.deferred() if stoppable else contextlib.nullcontext():
+                try:
+                    result = _archive(archiver, req)
+                    # packs and index first: whether they went to the spool belongs in the snapshot's log
+                    writer.flush()
+                    spooled = _spool_event(repo, req, log)
+                    committed = commit_snapshot(
+                        repo,
+                        put,
+                        cert,
+                        writer,
+                        root=result.root,
+                        chunk_ids=result.chunk_ids,
+                        stats=result.stats,
+                        log=log,
+                        body_extra=body_extra(),
+                        state_dir=state_dir,
+                        session=lease.session,
+                        master_on_client=req.master_on_client,
+                    )
+                    if not spooled:
+                        _spool_event(repo, req, log)  # the repository stopped answering while the snapshot was written
+                except interrupt.Interrupted as exc:
+                    if exc.forced or not stoppable:
+                        raise
+                    # the Stopper wrote the last checkpoint: it becomes this run's incomplete snapshot
+                    interrupted = exc.signum
+                    committed = keep_interrupted(repo, put, cert, lease, state_dir, log)
+                    if committed is None:
+                        raise _nothing_kept(exc.signum, checkpointer is not None) from None
+                committed_names.append(committed.name)
+                fcache.flush()
+                # a signal after the last tick came while the snapshot was written: it is complete
+                late = interrupt.take()
         finally:
             writer.close()
             fcache.close()
+    except interrupt.Interrupted as exc:
+        if exc.message:
+            raise
+        if exc.forced and lease.checkpoint is not None and not committed_names:
+            keep_lease = True  # its last checkpoint: the next run makes it an incomplete snapshot
+            unseen.add(lease.session)
+        raise _stopped(exc, req, lease, keep_lease) from None
     finally:
-        lease.release(committed_names)
+        if not keep_lease:
+            with interrupt.deferred(absorb=True):  # the run is over either way
+                lease.release(committed_names)
         clear_running(state_dir, unseen)
-    return BackupOutcome(committed, log, result)
+    assert committed is not None
+    return BackupOutcome(committed, log, result, interrupted, None if interrupted else late)
+
+
+def _archive(archiver: Archiver, req: BackupRequest) -> ArchiveResult:
+    if req.tar is not None:
+        return tar_entries(archiver, req.tar, req.stdin)
+    if req.stdin_name is not None:
+        return stream_entry(archiver, req.stdin_name, req.stdin or sys.stdin.buffer)
+    return archiver.run(req.paths)
+
+
+def _nothing_kept(signum: int, checkpoints: bool) -> interrupt.Interrupted:
+    """The interrupt of a path backup that had no checkpoint to keep."""
+    why = "it had finished nothing yet" if checkpoints else "checkpoints are off (--checkpoint-interval 0)"
+    return interrupt.Interrupted(
+        signum,
+        message=f"no snapshot was written: {why}. What it stored is indexed: the next backup reads the files again "
+        "but stores only what is new",
+        hint="run the same backup again",
+    )
+
+
+def _stopped(exc: interrupt.Interrupted, req: BackupRequest, lease: Lease, kept: bool) -> interrupt.Interrupted:
+    """What a run stopped outside the orderly path means (while starting, standard input or a
+    tar stream, or a second signal)."""
+    every = interval_text(req.checkpoint_seconds)
+    if kept:
+        assert lease.checkpoint is not None
+        when = time.strftime("%H:%M:%S", time.localtime(float(lease.checkpoint["time"])))
+        message = (
+            f"stopped again before its last state was written: its lease keeps the checkpoint of {when} "
+            f"(checkpoints every {every}), no snapshot now"
+        )
+        hint = "run the same backup again: it first turns that checkpoint into an incomplete snapshot"
+    elif exc.forced:
+        message = "stopped again before its last state was written: no snapshot was written"
+        hint = "run the same backup again"
+    elif req.stdin_name is not None or req.tar is not None:
+        what = "standard input" if req.stdin_name is not None else "a tar archive"
+        message = (
+            f"no snapshot was written: a backup of {what} keeps no checkpoints (its input can only be read once)"
+        )
+        hint = "run it again with the whole input"
+    else:
+        message = "the backup stopped while starting, before it stored anything; no snapshot was written"
+        hint = "run the same backup again"
+    return interrupt.Interrupted(exc.signum, forced=exc.forced, message=message, hint=hint)
 
 
 def _body_extra(req: BackupRequest, host: str, started: float) -> dict[str, Any]:
