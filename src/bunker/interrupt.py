@@ -1,5 +1,5 @@
 """SIGINT and SIGTERM: a command that is told to stop ends its work in order (docs/user-guide.md,
-"Interrupting a command").
+"Exit codes" and "Interrupted backups").
 
 While the command starts (imports, option parsing) nothing has been written, so a signal ends
 the process at once, quietly, with 128 + the signal's number (:func:`quiet_start`). Once the

@@ -1,4 +1,4 @@
-"""A backup told to stop (SIGINT, SIGTERM) keeps what it finished (FORMAT.md section 17,
+"""A backup told to stop (SIGINT, SIGTERM) keeps what it finished (docs/format.md section 17,
 "Interrupted runs").
 
 The signal is recorded while the run archives (interrupt.deferred); at the archiver's next tick

@@ -1,5 +1,5 @@
 """What each command says when SIGINT (Ctrl-C) or SIGTERM stopped it: what the stop means for
-its work and the next step (docs/user-guide.md, "Interrupting a command")."""
+its work and the next step (docs/user-guide.md, "Exit codes")."""
 
 from __future__ import annotations
 
