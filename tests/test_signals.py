@@ -142,7 +142,9 @@ def test_interrupted_backup_keeps_an_incomplete_snapshot(repo: Repo, tmp_path: P
     assert any("forkserver" in _cmdline(p) for p in children), "the small-file workers did not start"
     stored_before = _pack_bytes(repo)
 
+    t0 = time.monotonic()
     rc, out, err = _deliver(proc, sig, group)
+    stopped_in = time.monotonic() - t0
     assert rc == 128 + sig, err
     name = signal.Signals(sig).name
     assert f"interrupted by {name}: what the run had finished is incomplete snapshot" in err, err
@@ -171,7 +173,8 @@ def test_interrupted_backup_keeps_an_incomplete_snapshot(repo: Repo, tmp_path: P
     assert again["seq"] == 2 and stats["files_unchanged"] == len(got)
     twice = kept + stats["stored_new"] - total
     print(
-        f"\n{name}: interrupted after {stored_before >> 20} of {total >> 20} MiB stored; its snapshot holds "
+        f"\n{name}: interrupted after {stored_before >> 20} of {total >> 20} MiB stored, ended {stopped_in:.2f} s "
+        f"later; its snapshot holds "
         f"{len(got)} of "
         f"{SMALL_FILES + BIG_FILES} files; the repository then held {kept / 2**20:.1f} MiB; the rerun found "
         f"{stats['files_unchanged']} files unchanged and stored {stats['stored_new'] / 2**20:.1f} MiB of the "
@@ -205,6 +208,41 @@ def test_second_signal_stops_at_once_and_names_the_checkpoint(repo: Repo, tmp_pa
     assert [(s["seq"], s["complete"]) for s in snaps] == [(1, False), (2, True)] and doc["seq"] == 2
     assert repo.objects("sessions") == []
     assert js(repo.ok("check", "--json"))["ok"] is True
+
+
+def test_interrupted_backup_without_checkpoints_says_why_nothing_was_kept(repo: Repo, tmp_path: Path) -> None:
+    """Standard input can be read only once and --checkpoint-interval 0 keeps no checkpoints:
+    stopped, these runs write no snapshot and say why, leave no lease, and what they stored is
+    not uploaded again."""
+    proc = subprocess.Popen(
+        [BUNKER, "backup", "--stdin-name", "db.sql", "--repo", str(repo.path)],
+        env=repo.env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    assert proc.stdin is not None
+    proc.stdin.write(os.urandom(40 << 20))  # the input stays open: the run waits for more
+    proc.stdin.flush()
+    _freeze_when(proc, lambda: _pack_bytes(repo) >= 16 << 20)
+    rc, _, err = _deliver(proc, signal.SIGINT, True)
+    assert rc == 130, err
+    assert "interrupted by SIGINT: no snapshot was written: a backup of standard input keeps no checkpoints" in err
+    assert "Traceback" not in err
+    assert repo.objects("snapshots") == [] and repo.objects("sessions") == []
+
+    src = tmp_path / "src"
+    total = _source(src)
+    proc = _start(repo, "backup", "--checkpoint-interval", "0", src)
+    _freeze_when(proc, lambda: _pack_bytes(repo) >= (40 << 20) + total * 0.6)
+    rc, _, err = _deliver(proc, signal.SIGTERM, False)
+    assert rc == 143, err
+    assert "interrupted by SIGTERM: no snapshot was written: checkpoints are off (--checkpoint-interval 0)" in err
+    assert repo.objects("snapshots") == [] and repo.objects("sessions") == []
+    kept = _pack_bytes(repo)
+    again = repo.backup(src)
+    assert kept + again["stats"]["stored_new"] < (40 << 20) + total * 1.05  # what it stored is used
 
 
 def test_forward_stops_with_its_own_message(tmp_path: Path) -> None:

@@ -174,37 +174,42 @@ def run_backup(
             with interrupt.deferred() if stoppable else contextlib.nullcontext():
                 try:
                     result = _archive(archiver, req)
-                    # packs and index first: whether they went to the spool belongs in the snapshot's log
-                    writer.flush()
-                    spooled = _spool_event(repo, req, log)
-                    committed = commit_snapshot(
-                        repo,
-                        put,
-                        cert,
-                        writer,
-                        root=result.root,
-                        chunk_ids=result.chunk_ids,
-                        stats=result.stats,
-                        log=log,
-                        body_extra=body_extra(),
-                        state_dir=state_dir,
-                        session=lease.session,
-                        master_on_client=req.master_on_client,
-                    )
-                    if not spooled:
-                        _spool_event(repo, req, log)  # the repository stopped answering while the snapshot was written
                 except interrupt.Interrupted as exc:
                     if exc.forced or not stoppable:
                         raise
-                    # the Stopper wrote the last checkpoint: it becomes this run's incomplete snapshot
-                    interrupted = exc.signum
-                    committed = keep_interrupted(repo, put, cert, lease, state_dir, log)
-                    if committed is None:
-                        raise _nothing_kept(exc.signum, checkpointer is not None) from None
-                committed_names.append(committed.name)
-                fcache.flush()
-                # a signal after the last tick came while the snapshot was written: it is complete
-                late = interrupt.take()
+                    interrupted = exc.signum  # the Stopper wrote the last checkpoint
+                # a snapshot is written whole, whatever the input: a signal meanwhile is acted on after it
+                with interrupt.deferred():
+                    if result is not None:
+                        # packs and index first: whether they went to the spool belongs in the snapshot's log
+                        writer.flush()
+                        spooled = _spool_event(repo, req, log)
+                        committed = commit_snapshot(
+                            repo,
+                            put,
+                            cert,
+                            writer,
+                            root=result.root,
+                            chunk_ids=result.chunk_ids,
+                            stats=result.stats,
+                            log=log,
+                            body_extra=body_extra(),
+                            state_dir=state_dir,
+                            session=lease.session,
+                            master_on_client=req.master_on_client,
+                        )
+                        if not spooled:  # the repository stopped answering while the snapshot was written
+                            _spool_event(repo, req, log)
+                    else:
+                        assert interrupted is not None
+                        # the last checkpoint becomes this run's incomplete snapshot
+                        committed = keep_interrupted(repo, put, cert, lease, state_dir, log)
+                        if committed is None:
+                            raise _nothing_kept(interrupted, checkpointer is not None)
+                    committed_names.append(committed.name)
+                    fcache.flush()
+                    # a signal after the last tick came while the snapshot was written: it is complete
+                    late = interrupt.take()
         finally:
             writer.close()
             fcache.close()
@@ -260,9 +265,7 @@ def _stopped(exc: interrupt.Interrupted, req: BackupRequest, lease: Lease, kept:
         hint = "run the same backup again"
     elif req.stdin_name is not None or req.tar is not None:
         what = "standard input" if req.stdin_name is not None else "a tar archive"
-        message = (
-            f"no snapshot was written: a backup of {what} keeps no checkpoints (its input can only be read once)"
-        )
+        message = f"no snapshot was written: a backup of {what} keeps no checkpoints (its input can only be read once)"
         hint = "run it again with the whole input"
     else:
         message = "the backup stopped while starting, before it stored anything; no snapshot was written"

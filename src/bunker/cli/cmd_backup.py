@@ -19,6 +19,7 @@ from bunker.cli.output import human_bytes
 from bunker.cli.progress import PROGRESS_MODES, ProgressDisplay
 from bunker.crypto.keyfile import PutKey
 from bunker.errors import BunkerError, ExitCode, StorageError
+from bunker.interrupt import ignore as ignore_signals
 from bunker.interrupt import signal_name
 from bunker.node.forward import forward, forward_problems, forward_summary
 from bunker.node.spool import Spool, offline_repository, parse_age, spooling_repository
@@ -218,6 +219,7 @@ def backup(**kwargs: Any) -> None:
     progress = Progress()
     with ProgressDisplay(progress, list(paths), progress_mode, opts.as_json):
         outcome = run_backup(repo, put, req, progress)
+    ignore_signals()  # the backup's work is done, whatever comes now: only its report is left
     c, log = outcome.committed, outcome.log
     s = c.stats
     level = max(c.level, log.level, key=LEVELS.index)  # the run's level (see _spool_event)
