@@ -52,11 +52,13 @@ def handles_errors(f: F) -> F:
             except BunkerError as exc:
                 out.error(exc)
                 sys.exit(exc.exit_code)
+            finally:
+                interrupt.ignore()  # the command's work is over: it exits with its own code
         except KeyboardInterrupt as exc:
+            # the command was stopped, or a signal came just as it ended (before the line above):
+            # reported here, never click's "Aborted!"
             interrupt.ignore()
             sys.exit(interrupted.report(out, exc))
-        finally:
-            interrupt.ignore()  # the command's work is over: it exits with its own code
 
     return wrapper  # type: ignore[return-value]
 
