@@ -47,7 +47,7 @@ def _count_totals(paths: list[str], p: Progress, stop: threading.Event) -> None:
 
 PROGRESS_MODES = ("auto", "always", "never")
 LINE_SECONDS = 30.0
-# for tests only: the interval of the plain lines (a test cannot wait 30 s per line)
+# the interval of the plain lines; tests make it short (a test cannot wait 30 s per line)
 INTERVAL_VARIABLE = "BUNKER_PROGRESS_INTERVAL"
 
 
