@@ -46,8 +46,9 @@ class Stopper:
         self.archiver.halt()
         if self.checkpointer is not None:
             self.checkpointer.write()
-        else:
-            self.writer.flush()  # no checkpoints: what was stored is at least indexed for the next run
+        # what was stored is indexed for the next run also when there was nothing finished to
+        # checkpoint, or no checkpoints (after a checkpoint this finds nothing new)
+        self.writer.flush()
         raise interrupt.Interrupted(signum)
 
 
