@@ -98,9 +98,9 @@ def adopt_abandoned_checkpoints(
     report = AdoptionReport(dry_run=dry_run)
     log = RunLog()
     lease = Lease(repo, put.client_key, cert.client, cert.name, "prune", chain_head(repo, cert, state_dir)[0])
-    lease.write()
-    note_running(state_dir, lease.session)  # a claim this prune leaves when killed is known dead here at once
     try:
+        lease.write()  # in the try: a signal right after it still releases the lease
+        note_running(state_dir, lease.session)  # a claim this prune leaves when killed is known dead here at once
         now = lease.storage_time()
         seen = [s for s in sessions(repo) if s.session != lease.session]
         done: dict[tuple[str, str], tuple[str, int]] | None = None  # runs adopted before (read once)

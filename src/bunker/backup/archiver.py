@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from bunker.backup import files_cache as fc
-from bunker.backup.chunk_store import ChunkStore, Readable
+from bunker.backup.chunk_store import ChunkStore, Halted, Readable
 from bunker.backup.excludes import PSEUDO_FILESYSTEMS, Excludes, mount_types
 from bunker.backup.file_reader import MAX_REREADS, ReadOutcome, read_stable
 from bunker.backup.hardlinks import HardLinks
@@ -154,6 +154,9 @@ class Archiver:
         self._vframes: list[VirtualFrame] = []
         self._root_entry: dict[str, Any] | None = None
         self.checkpoint: Callable[[], None] | None = None  # called from the main thread's ticks
+        # called on the main thread at every tick, with the walk as it is: may halt() the run,
+        # write a last checkpoint and raise to end it (run.py, an interrupted run)
+        self.stop: Callable[[], None] | None = None
         self.partial_files = PartialFiles(files_cache, writer.index.locations)
         self.chunks = ChunkStore(writer, self.partial_files, self._count_bytes, self._count_resumed)
 
@@ -172,6 +175,8 @@ class Archiver:
     def _read_file(self, path: bytes, size0: int, entry: dict[str, Any], job: DirJob, name: bytes) -> None:
         try:
             self._record(read_stable(path, self.chunks.consume), path, entry, job, name)
+        except Halted:
+            pass  # the run stops: the entry keeps no content, so no tree of this run holds it
         except Exception as exc:  # noqa: BLE001 - one file must never abort the run
             self._record(
                 ReadOutcome("error", [], message=f"could not back up this file: {exc}"), path, entry, job, name
@@ -444,6 +449,9 @@ class Archiver:
             self._maybe_tick()
 
     def _maybe_tick(self) -> None:
+        if self.stop is not None:
+            self.stop()
+        self._small.settle(record=True)
         now = time.monotonic()
         if now - self._last_tick >= 0.2:
             self._last_tick = now
@@ -452,6 +460,15 @@ class Archiver:
                 self.tick()
             if self.checkpoint:
                 self.checkpoint()
+
+    def halt(self) -> None:
+        """Stop reading (main thread; the run is interrupted): reads in progress stop at their
+        next chunk, queued files are dropped, batches of small files in flight are finished. The
+        walk stays as it is, so :meth:`partial_root` then gives everything that was finished."""
+        self.chunks.halt()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._small_pool.shutdown()
+        self._small.settle(record=False)
 
     def partial_root(self) -> tuple[bytes | None, set[bytes]]:
         """The root tree of what is finished so far and the chunks it needs (main thread only)."""
@@ -511,8 +528,8 @@ class Archiver:
         try:
             root = self._build_root([os.fsencode(os.path.abspath(p)) for p in paths])
             self.partial_files.save()  # forget the resume records of the files read to the end
-        finally:
-            self._pool.shutdown(wait=True)
+        finally:  # on an exception (a second signal) the files not read yet are dropped
+            self._pool.shutdown(wait=True, cancel_futures=True)
             self._small_pool.shutdown()
         self.stats["duration_ms"] = int((time.monotonic() - t0) * 1000)
         self.stats.update(self.chunks.tree_stats(root))
@@ -589,31 +606,3 @@ class Archiver:
         entries += [e for e in holder.entries if not e.pop("drop", False)]
         return self._store_tree(self._fit(entries, path or b"/"))
 
-
-def stream_entry(archiver: Archiver, name: str, f: BinaryIO) -> ArchiveResult:
-    """Back up one stream (standard input) as a single file ``name`` at the snapshot's root."""
-    t0 = time.monotonic()
-    try:
-        chunks, size = archiver.store_stream(f)
-    finally:
-        archiver._pool.shutdown(wait=True)
-    archiver.chunk_ids.update(chunks)
-    now = time.time_ns()
-    uid, gid = os.getuid(), os.getgid()
-    entry = {
-        "n": os.fsencode(name),
-        "t": "f",
-        "m": 0o600,
-        "u": uid,
-        "g": gid,
-        "U": archiver._owners.user(uid),
-        "G": archiver._owners.group(gid),
-        "mt": now,
-        "ct": now,
-        "sz": size,
-        "c": chunks,
-    }
-    root = archiver._store_tree(archiver._fit([entry], b"/"))
-    archiver.stats.update(files=1, files_new=1, bytes=size, duration_ms=int((time.monotonic() - t0) * 1000))
-    archiver.stats.update(archiver.chunks.tree_stats(root))
-    return ArchiveResult(root, archiver.chunk_ids, archiver.stats)

@@ -28,6 +28,10 @@ from bunker.repo.tree import MAX_TREE, encode_tree
 READ_WHOLE = 8 << 20  # files up to this size are read in one go and cut in memory
 
 
+class Halted(Exception):
+    """The run is stopping (:meth:`ChunkStore.halt`): the file being read is left out."""
+
+
 class Readable(Protocol):
     def readinto(self, b: memoryview) -> int: ...
 
@@ -51,6 +55,12 @@ class ChunkStore:
         # (FORMAT.md section 13, stats ``entries`` and ``entry_bytes``); every tree of a run is
         # stored through store_tree, so a directory's subtrees are always here already
         self._totals: dict[bytes, tuple[int, int, int]] = {}  # entries, entry_bytes, files
+        self.halted = False
+
+    def halt(self) -> None:
+        """Make every read in progress stop at its next chunk with :class:`Halted` (an
+        interrupted run: what is in flight is left to the next run)."""
+        self.halted = True
 
     def _cdc(self) -> FastCDC:
         c = getattr(self._local, "cdc", None)
@@ -63,6 +73,8 @@ class ChunkStore:
         w = self.writer
         out = []
         for piece in cut(self._cdc(), data):
+            if self.halted:
+                raise Halted
             cid = blob.chunk_id(w.secrets, piece)
             out.append(cid)
             if not w.known(cid):
@@ -116,6 +128,8 @@ class ChunkStore:
         total = sum(int(p[1]) for p in track.pairs) if track else 0
         w = self.writer
         for c in self._cdc().cut_stream(f):
+            if self.halted:
+                raise Halted
             cid = blob.chunk_id(w.secrets, c.data)
             out.append(cid)
             total += c.length
@@ -144,9 +158,14 @@ class ChunkStore:
             os.lseek(fd, offset, os.SEEK_SET)
             try:
                 with os.fdopen(os.dup(fd), "rb", buffering=0) as f:
-                    return self.store_stream(f, track)
-            finally:
+                    stored = self.store_stream(f, track)
+            except Halted:
+                raise  # still being read for the final checkpoint, which keeps its stored prefix
+            except BaseException:
                 self.partial_files.finish(track)
+                raise
+            self.partial_files.finish(track)
+            return stored
         chunks = self.store_bytes(data)
         self._count(len(data))
         return chunks, len(data)

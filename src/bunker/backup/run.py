@@ -16,12 +16,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
-from bunker import dirs
-from bunker.backup.archiver import Archiver, ArchiveResult, Progress, stream_entry
+from bunker import dirs, interrupt
+from bunker.backup.archiver import Archiver, ArchiveResult, Progress
 from bunker.backup.checkpoint import Checkpointer, adopt_dead_checkpoints, clear_running, mark_running
 from bunker.backup.commit import Committed, chain_head, commit_snapshot
 from bunker.backup.excludes import Excludes
 from bunker.backup.files_cache import FilesCache
+from bunker.backup.interrupted import Stopper, interval_text, keep_interrupted
+from bunker.backup.stream import stream_entry
 from bunker.backup.unindexed import (
     clear_unfinished,
     index_stopped_runs_packs,
@@ -67,7 +69,9 @@ class BackupRequest:
 class BackupOutcome:
     committed: Committed
     log: RunLog
-    result: ArchiveResult
+    result: ArchiveResult | None  # None: interrupted, ``committed`` is the incomplete snapshot it kept
+    interrupted: int | None = None  # the signal that stopped the run
+    late_signal: int | None = None  # a signal that came while the snapshot was written (it is complete)
 
 
 def client_tag(put: PutKey) -> str:
@@ -132,14 +136,19 @@ def run_backup(
     state_dir = dirs.state_dir(repo.repo_id, tag)
     start_head, _ = chain_head(repo, cert, state_dir)  # a rollback is reported when the snapshot is linked
     lease = Lease(repo, put.client_key, cert.client, cert.name, "backup", start_head)
-    lease.write()
     unseen: set[str] = set()
     committed_names: list[str] = []  # the lease goes once these are listed
+    keep_lease = False
+    # a path backup stops in order on SIGINT/SIGTERM (backup/interrupted.py); standard input and
+    # tar streams keep no checkpoints and stop at once
+    stoppable = req.tar is None and req.stdin_name is None
     try:
-        # a run of this machine that was killed: its last checkpoint becomes an incomplete snapshot
-        _, unseen = adopt_dead_checkpoints(
-            repo, put, cert, state_dir, log, lease.session, lease.storage_time(), start_head, lease
-        )
+        lease.write()  # in the try: a signal right after it still releases the lease
+        with interrupt.deferred():  # a snapshot is written whole
+            # a run of this machine that was killed: its last checkpoint becomes an incomplete snapshot
+            _, unseen = adopt_dead_checkpoints(
+                repo, put, cert, state_dir, log, lease.session, lease.storage_time(), start_head, lease
+            )
         _state(log, lambda: mark_running(state_dir, lease.session, unseen))
         # after the lease: a pack condemned from now on waits for this session (docs/format.md section 15)
         # a session deduplicates only against packs it can see listed (a spool lists only its own)
@@ -174,8 +183,9 @@ def run_backup(
             progress=progress,
             tick=lambda: _tick(lease, tick),
         )
-        if req.tar is None and req.stdin_name is None and req.checkpoint_seconds > 0:
-            archiver.checkpoint = Checkpointer(
+        checkpointer = None
+        if stoppable and req.checkpoint_seconds > 0:
+            checkpointer = archiver.checkpoint = Checkpointer(
                 repo,
                 put,
                 writer,
@@ -189,45 +199,115 @@ def run_backup(
                 req.checkpoint_seconds,
                 tree_stats=archiver.chunks.partial_stats,
             )
+        if stoppable:
+            archiver.stop = Stopper(archiver, checkpointer, writer, log)
+        result: ArchiveResult | None = None
+        committed: Committed | None = None
+        interrupted: int | None = None
         try:
-            try:
-                result = _archive(archiver, req)
-                writer.flush()  # packs and index first: whether they went to the spool belongs in the snapshot's log
-            except RepositoryFull as exc:
-                raise with_figures(exc, writer, archiver.progress, req.paths) from None
-            spooled = _spool_event(repo, req, log)
-            files_cache_warned = _files_cache_event(log, fcache, files_cache_warned)
-            committed = commit_snapshot(
-                repo,
-                put,
-                cert,
-                writer,
-                root=result.root,
-                chunk_ids=result.chunk_ids,
-                stats=result.stats,
-                log=log,
-                body_extra=body_extra(),
-                state_dir=state_dir,
-                session=lease.session,
-                master_on_client=req.master_on_client,
-                lease=lease,
-            )
-            committed_names.append(committed.name)
-            if not (isinstance(repo.backend, SpoolingBackend) and repo.backend.offline):
-                clear_unfinished(state_dir)  # its packs are indexed (offline: in the spool, delivered later)
-            if committed.head_problem:
-                log.add("warn", "state-unwritable", committed.head_problem)
-            if not spooled:
-                _spool_event(repo, req, log)  # the repository stopped answering while the snapshot was written
-            fcache.flush()
-            _files_cache_event(log, fcache, files_cache_warned)
+            with interrupt.deferred() if stoppable else contextlib.nullcontext():
+                try:
+                    try:
+                        result = _archive(archiver, req)
+                    except interrupt.Interrupted as exc:
+                        if exc.forced or not stoppable:
+                            raise
+                        interrupted = exc.signum  # the Stopper wrote the last checkpoint
+                    # a snapshot is written whole, whatever the input: a signal meanwhile is acted on after it
+                    with interrupt.deferred():
+                        if result is not None:
+                            # packs and index first: whether they went to the spool belongs in the snapshot's log
+                            writer.flush()
+                            spooled = _spool_event(repo, req, log)
+                            files_cache_warned = _files_cache_event(log, fcache, files_cache_warned)
+                            committed = commit_snapshot(
+                                repo,
+                                put,
+                                cert,
+                                writer,
+                                root=result.root,
+                                chunk_ids=result.chunk_ids,
+                                stats=result.stats,
+                                log=log,
+                                body_extra=body_extra(),
+                                state_dir=state_dir,
+                                session=lease.session,
+                                master_on_client=req.master_on_client,
+                                lease=lease,
+                            )
+                            if not spooled:  # the repository stopped answering while the snapshot was written
+                                _spool_event(repo, req, log)
+                        else:
+                            assert interrupted is not None
+                            # the last checkpoint becomes this run's incomplete snapshot
+                            committed = keep_interrupted(repo, put, cert, lease, state_dir, log)
+                            if committed is None:
+                                raise _nothing_kept(interrupted, checkpointer is not None)
+                        committed_names.append(committed.name)
+                        if not (isinstance(repo.backend, SpoolingBackend) and repo.backend.offline):
+                            # its packs are indexed (offline: in the spool, delivered later)
+                            clear_unfinished(state_dir)
+                        if committed.head_problem:
+                            log.add("warn", "state-unwritable", committed.head_problem)
+                        fcache.flush()
+                        _files_cache_event(log, fcache, files_cache_warned)
+                        # a signal after the last tick came while the snapshot was written: it is complete
+                        late = interrupt.take()
+                except RepositoryFull as exc:
+                    raise with_figures(exc, writer, archiver.progress, req.paths) from None
         finally:
             writer.close()
             fcache.close()
+    except interrupt.Interrupted as exc:
+        if exc.message:
+            raise
+        if exc.forced and lease.checkpoint is not None and not committed_names:
+            keep_lease = True  # its last checkpoint: the next run makes it an incomplete snapshot
+            unseen.add(lease.session)
+        raise _stopped(exc, req, lease, keep_lease) from None
     finally:
-        lease.release(committed_names)
+        if not keep_lease:
+            with interrupt.deferred(absorb=True):  # the run is over either way
+                lease.release(committed_names)
         _state(log, lambda: clear_running(state_dir, unseen))
-    return BackupOutcome(committed, log, result)
+    assert committed is not None
+    return BackupOutcome(committed, log, result, interrupted, None if interrupted else late)
+
+
+def _nothing_kept(signum: int, checkpoints: bool) -> interrupt.Interrupted:
+    """The interrupt of a path backup that had no checkpoint to keep."""
+    why = "it had finished nothing yet" if checkpoints else "checkpoints are off (--checkpoint-interval 0)"
+    return interrupt.Interrupted(
+        signum,
+        message=f"no snapshot was written: {why}. What it stored is indexed: the next backup reads the files again "
+        "but stores only what is new",
+        hint="run the same backup again",
+    )
+
+
+def _stopped(exc: interrupt.Interrupted, req: BackupRequest, lease: Lease, kept: bool) -> interrupt.Interrupted:
+    """What a run stopped outside the orderly path means (while starting, standard input or a
+    tar stream, or a second signal)."""
+    every = interval_text(req.checkpoint_seconds)
+    if kept:
+        assert lease.checkpoint is not None
+        when = time.strftime("%H:%M:%S", time.localtime(float(lease.checkpoint["time"])))
+        message = (
+            f"stopped again before its last state was written: its lease keeps the checkpoint of {when} "
+            f"(checkpoints every {every}), no snapshot now"
+        )
+        hint = "run the same backup again: it first turns that checkpoint into an incomplete snapshot"
+    elif exc.forced:
+        message = "stopped again before its last state was written: no snapshot was written"
+        hint = "run the same backup again"
+    elif req.stdin_name is not None or req.tar is not None:
+        what = "standard input" if req.stdin_name is not None else "a tar archive"
+        message = f"no snapshot was written: a backup of {what} keeps no checkpoints (its input can only be read once)"
+        hint = "run it again with the whole input"
+    else:
+        message = "the backup stopped while starting, before it stored anything; no snapshot was written"
+        hint = "run the same backup again"
+    return interrupt.Interrupted(exc.signum, forced=exc.forced, message=message, hint=hint)
 
 
 def _state(log: RunLog, write: Callable[[], None]) -> None:

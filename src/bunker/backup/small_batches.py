@@ -17,6 +17,7 @@ import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import Future
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Generic, Protocol, TypeVar
 
 from bunker.backup.file_reader import ReadOutcome
@@ -72,6 +73,10 @@ class SmallBatches(Generic[J]):
         # two batches per worker keep every worker busy while bounding the files in flight
         self._slots = threading.BoundedSemaphore(2 * (workers or os.cpu_count() or 2) + 2)
         self.error: BaseException | None = None
+        # batches whose worker process died, for the walking thread to record (settle): a
+        # SIGTERM to the whole process group (`systemctl stop`) kills the workers as it stops
+        # the run, and those files are then simply left out, not failures to report
+        self._broken: list[tuple[list[tuple[bytes, dict[str, Any], J, bytes, int]], BaseException]] = []
 
     def queue(self, path: bytes, entry: dict[str, Any], job: J, name: bytes, size: int) -> None:
         """Add a file (``entry`` in ``job``) to the current batch; submit the batch once full."""
@@ -89,8 +94,25 @@ class SmallBatches(Generic[J]):
         batch, self._batch, self._batch_bytes = self._batch, [], 0
         while not self._slots.acquire(timeout=0.2):
             self._waiting()
-        fut = self._pool.submit([b[0] for b in batch])
+        try:
+            fut = self._pool.submit([b[0] for b in batch])
+        except BrokenProcessPool as exc:
+            self._slots.release()
+            with self._lock:
+                self._broken.append((batch, exc))
+            return
         fut.add_done_callback(lambda f: self._done(f, batch))
+
+    def settle(self, record: bool) -> None:
+        """On the walking thread: the files of batches whose worker process died are recorded
+        as failed, or with ``record`` False (the run is halting) just left out."""
+        with self._lock:
+            broken, self._broken = self._broken, []
+        for batch, exc in broken:
+            for path, entry, job, name, _ in batch:
+                if record:
+                    self._record(ReadOutcome("error", [], message=f"worker failed: {exc}"), path, entry, job, name)
+                self._finish(job)
 
     def _done(
         self,
@@ -98,8 +120,16 @@ class SmallBatches(Generic[J]):
         batch: list[tuple[bytes, dict[str, Any], J, bytes, int]],
     ) -> None:
         try:
+            if fut.cancelled():  # a halted run: these files are left out (their entries hold no content)
+                for _, _, job, _, _ in batch:
+                    self._finish(job)
+                return
             try:
                 results = fut.result()
+            except BrokenProcessPool as exc:
+                with self._lock:
+                    self._broken.append((batch, exc))
+                return
             except Exception as exc:  # noqa: BLE001 - a dead worker must not lose the run
                 results = [(ReadOutcome("error", [], message=f"worker failed: {exc}"), [])] * len(batch)
             w = self._writer

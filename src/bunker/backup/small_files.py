@@ -8,7 +8,6 @@ main process only deduplicates and appends the blobs to packs.
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 from concurrent.futures import Future, ProcessPoolExecutor
 
@@ -18,6 +17,7 @@ from bunker.backup.chunker import cut, make_cdc
 from bunker.backup.file_reader import ReadOutcome, read_all, read_stable
 from bunker.crypto.derive import PutSecrets
 from bunker.fs.fsmeta import DataReader
+from bunker.process_pool import process_pool
 from bunker.repo import blob
 
 # (chunk id, blob bytes, raw length, K_blob)
@@ -77,10 +77,7 @@ class SmallFilePool:
 
     def submit(self, paths: list[bytes]) -> Future[list[tuple[ReadOutcome, list[Blob]]]]:
         if self._pool is None:
-            # forkserver: never fork a process that already runs threads
-            ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload(["bunker.backup.small_files"])
-            self._pool = ProcessPoolExecutor(self._workers, mp_context=ctx, initializer=_init, initargs=self._args)
+            self._pool = process_pool(self._workers, "bunker.backup.small_files", _init, self._args)
         return self._pool.submit(read_batch, paths)
 
     def shutdown(self) -> None:

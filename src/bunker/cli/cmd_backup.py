@@ -10,15 +10,18 @@ import click
 
 from bunker import dirs
 from bunker.backup.archiver import Progress
+from bunker.backup.commit import Committed
 from bunker.backup.excludes import read_exclude_file
 from bunker.backup.run import BackupRequest, run_backup
 from bunker.cli import context
 from bunker.cli.cmd_clients import check_client_name, check_host_name
 from bunker.cli.main import EXIT_FOR_LEVEL, cli, common, default_client_name, handles_errors, make_options
 from bunker.cli.output import human_bytes
-from bunker.cli.progress import ProgressDisplay
+from bunker.cli.progress import PROGRESS_MODES, ProgressDisplay
 from bunker.crypto.keyfile import PutKey
 from bunker.errors import BunkerError, CorruptObject, ExitCode, ObjectMissing, StorageError
+from bunker.interrupt import ignore as ignore_signals
+from bunker.interrupt import signal_name
 from bunker.node.forward import forward, forward_problems, forward_summary
 from bunker.node.spool import Spool, offline_repository, parse_age, spooling_repository
 from bunker.repo.repository import Repository
@@ -162,7 +165,16 @@ def _default_repository_exists(url: str) -> bool:
     help="Back up the content of a tar/pax archive (plain or compressed; - reads standard input), metadata as stored.",
 )
 @click.option("--host", help="Host name recorded in the snapshot (default: this machine's).")
-@click.option("--no-progress", is_flag=True, help="No progress display even on a terminal.")
+@click.option(
+    "--progress",
+    "progress_mode",
+    type=click.Choice(PROGRESS_MODES),
+    default="auto",
+    show_default=True,
+    help="auto: a live line on a terminal, else a line every 30 s on stderr (not with --json); always: also "
+    "with --json; never: none.",
+)
+@click.option("--no-progress", is_flag=True, help="The same as --progress=never.")
 @click.option(
     "--checkpoint-interval",
     metavar="AGE",
@@ -184,7 +196,8 @@ def backup(**kwargs: Any) -> None:
     paths: tuple[str, ...] = kwargs.pop("paths")
     stdin_name = kwargs.pop("stdin_name")
     tar_source = kwargs.pop("tar_source")
-    no_progress = kwargs.pop("no_progress")
+    progress_mode = "never" if kwargs.pop("no_progress") else kwargs.pop("progress_mode")
+    kwargs.pop("progress_mode", None)
     spool_warn_age = kwargs.pop("spool_warn_age")
     checkpoint_seconds = parse_age(kwargs.pop("checkpoint_interval"))
     excludes = list(kwargs.pop("exclude"))
@@ -240,7 +253,7 @@ def backup(**kwargs: Any) -> None:
     if spool_warn_age is not None:
         req.spool_warn_age = parse_age(spool_warn_age)
     progress = Progress()
-    with ProgressDisplay(progress, list(paths), enabled=False if (no_progress or opts.as_json) else None):
+    with ProgressDisplay(progress, list(paths), progress_mode, opts.as_json):
         try:
             outcome = run_backup(repo, put, req, progress)
         except RepositoryFull as exc:
@@ -255,29 +268,58 @@ def backup(**kwargs: Any) -> None:
                     free_step=exc.free_step,
                 ) from None
             raise
+    ignore_signals()  # the backup's work is done, whatever comes now: only its report is left
     c, log = outcome.committed, outcome.log
     s = c.stats
     level = max(c.level, log.level, key=LEVELS.index)  # the run's level (see _spool_event)
     spooled = isinstance(repo.backend, SpoolingBackend) and repo.backend.offline
-    out.document(
-        {
-            "snapshot": c.name.split("/", 1)[1],
-            "seq": c.seq,
-            "level": level,
-            "spooled": spooled,
-            "stats": s,
-            "events": [e.to_json() for e in log.events],
-            "repository": repo.backend.url,
-        }
-    )
+    doc = {
+        "snapshot": c.name.split("/", 1)[1],
+        "seq": c.seq,
+        "level": level,
+        "spooled": spooled,
+        "stats": s,
+        "events": [e.to_json() for e in log.events],
+        "repository": repo.backend.url,
+        "complete": outcome.interrupted is None,
+    }
+    if outcome.interrupted is not None:
+        doc["interrupted"] = signal_name(outcome.interrupted)
+        doc["exit_code"] = 128 + outcome.interrupted
+    out.document(doc)
     if not opts.as_json:
         for e in log.events:
             if e.level != "ok":
                 where = f" {e.path.decode('utf-8', 'backslashreplace')}:" if e.path else ""
                 click.echo(f"{e.level}:{where} {e.message}", err=True)
-        click.echo(
-            f"snapshot {c.name.split('/', 1)[1][:12]} #{c.seq} level {level}: {s['files']} files, "
-            f"{human_bytes(s['bytes'])}; {s['files_new']} new, {s['files_changed']} changed; "
-            f"added {human_bytes(s['stored_new'])} stored in {s['duration_ms'] / 1000:.1f} s"
+        if outcome.interrupted is None:
+            click.echo(
+                f"snapshot {c.name.split('/', 1)[1][:12]} #{c.seq} level {level}: {s['files']} files, "
+                f"{human_bytes(s['bytes'])}; {s['files_new']} new, {s['files_changed']} changed; "
+                f"added {human_bytes(s['stored_new'])} stored in {s['duration_ms'] / 1000:.1f} s"
+            )
+    if outcome.interrupted is not None:
+        _report_interrupted(outcome.interrupted, c, spooled, repo.backend.url)
+        sys.exit(128 + outcome.interrupted)
+    if outcome.late_signal is not None:
+        out.info(
+            f"bunker: {signal_name(outcome.late_signal)} came while the snapshot was being written; the snapshot is "
+            "complete"
         )
     sys.exit(EXIT_FOR_LEVEL[level])
+
+
+def _report_interrupted(signum: int, c: Committed, spooled: bool, url: str) -> None:
+    """What an interrupted backup kept (stderr, with --json too: the document says it as well)."""
+    s = c.stats
+    where = "in the local spool (forwarded later)" if spooled else f"in {url}"
+    click.echo(
+        f"bunker: interrupted by {signal_name(signum)}: what the run had finished is incomplete snapshot "
+        f"{c.name.split('/', 1)[1][:12]} #{c.seq} {where} ({s.get('files', 0)} files, "
+        f"{human_bytes(s.get('bytes', 0))}), which restores what it covers; its lease is released",
+        err=True,
+    )
+    click.echo(
+        "  next step: run the same backup again: it reads again only the files that were being read when it stopped",
+        err=True,
+    )

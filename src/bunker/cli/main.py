@@ -10,9 +10,10 @@ from typing import Any, TypeVar
 
 import click
 
-from bunker import dirs
+from bunker import dirs, interrupt
 from bunker.build_info import version_text
 from bunker.child_env import withhold_secrets
+from bunker.cli import interrupted
 from bunker.cli.context import Options
 from bunker.cli.output import Output
 from bunker.errors import BunkerError, ExitCode
@@ -41,30 +42,33 @@ def common(f: F) -> F:
 
 
 def handles_errors(f: F) -> F:
-    """Turn BunkerError into its message, hint and exit code."""
+    """Turn BunkerError into its message, hint and exit code, and SIGINT/SIGTERM into the
+    command's own interrupt message and 130/143."""
 
     @functools.wraps(f)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         out = Output(bool(kwargs.get("as_json")))
+        interrupt.install()  # from here on SIGINT/SIGTERM unwind the command (leases, worker pools)
         try:
-            return f(*args, **kwargs)
-        except BunkerError as exc:
-            out.error(exc)
-            sys.exit(exc.exit_code)
-        except OSError as exc:  # a filesystem error no layer gave a message of its own
-            from bunker.cli.files import unexpected_os_error
+            try:
+                return f(*args, **kwargs)
+            except BunkerError as exc:
+                out.error(exc)
+                sys.exit(exc.exit_code)
+            except OSError as exc:  # a filesystem error no layer gave a message of its own
+                from bunker.cli.files import unexpected_os_error
 
-            # a full disk under bunker's own files names those directories; anything else names the file
-            failure = local_files_full(exc) if exc.errno in FULL_ERRNOS else unexpected_os_error(exc)
-            out.error(failure)
-            sys.exit(failure.exit_code)
-        except KeyboardInterrupt:
-            click.echo(
-                "bunker: interrupted; no snapshot was written. Data stored more than about 10 s ago is indexed "
-                "and the next backup will not upload it again",
-                err=True,
-            )
-            sys.exit(130)
+                # a full disk under bunker's own files names those directories; anything else names the file
+                failure = local_files_full(exc) if exc.errno in FULL_ERRNOS else unexpected_os_error(exc)
+                out.error(failure)
+                sys.exit(failure.exit_code)
+            finally:
+                interrupt.ignore()  # the command's work is over: it exits with its own code
+        except KeyboardInterrupt as exc:
+            # the command was stopped, or a signal came just as it ended (before the line above):
+            # reported here, never click's "Aborted!"
+            interrupt.ignore()
+            sys.exit(interrupted.report(out, exc))
 
     return wrapper  # type: ignore[return-value]
 

@@ -1,4 +1,6 @@
-"""A live progress line on a terminal (files, bytes, rate, ETA); silent otherwise."""
+"""Progress of a backup on stderr: a live line on a terminal (files, bytes, rate, ETA), and without
+one (cron, systemd) a plain line every 30 s, so a log shows that a long run is working
+(``backup --progress=auto|always|never``)."""
 
 from __future__ import annotations
 
@@ -43,19 +45,39 @@ def _count_totals(paths: list[str], p: Progress, stop: threading.Event) -> None:
         p.total_files, p.total_bytes = files, size
 
 
-class ProgressDisplay:
-    """Shows ``Progress`` on stderr while a backup runs, if stderr is a terminal."""
+PROGRESS_MODES = ("auto", "always", "never")
+LINE_SECONDS = 30.0
+# the interval of the plain lines; tests make it short (a test cannot wait 30 s per line)
+INTERVAL_VARIABLE = "BUNKER_PROGRESS_INTERVAL"
 
-    def __init__(self, progress: Progress, paths: list[str], enabled: bool | None = None) -> None:
+
+def line_interval() -> float:
+    try:
+        seconds = float(os.environ.get(INTERVAL_VARIABLE, LINE_SECONDS))
+    except ValueError:
+        return LINE_SECONDS
+    return seconds if seconds > 0 else LINE_SECONDS
+
+
+class ProgressDisplay:
+    """Shows ``Progress`` on stderr while a backup runs. ``mode``: ``auto`` shows a live line on a
+    terminal and a plain line every 30 s otherwise, except with --json; ``always`` does so with
+    --json too (stderr never mixes into the JSON on stdout); ``never`` shows nothing."""
+
+    def __init__(self, progress: Progress, paths: list[str], mode: str = "auto", as_json: bool = False) -> None:
         self.p = progress
-        self.enabled = sys.stderr.isatty() if enabled is None else enabled
+        shown = mode == "always" or (mode == "auto" and not as_json)
+        self.live = shown and sys.stderr.isatty()
+        self.lines = shown and not self.live
         self._stop = threading.Event()
         self._t0 = time.monotonic()
         self._live: Live | None = None
-        if self.enabled and paths:
+        self._liner: threading.Thread | None = None
+        if (self.live or self.lines) and paths:
             threading.Thread(target=_count_totals, args=(paths, progress, self._stop), daemon=True).start()
 
-    def render(self) -> Text:
+    def summary(self) -> str:
+        """Files, bytes, rate and, once the sizes are counted, percent done and time left."""
         p = self.p
         el = max(time.monotonic() - self._t0, 1e-6)
         rate = p.nbytes / el
@@ -64,11 +86,23 @@ class ProgressDisplay:
             frac = min(p.nbytes / p.total_bytes, 1.0)
             eta = (p.total_bytes - p.nbytes) / rate if rate > 0 else 0
             line += f"  {frac * 100:5.1f}% of {human_bytes(p.total_bytes)}  ETA {int(eta // 60)}:{int(eta % 60):02d}"
-        cur = display_path(p.current)[-60:]
-        return Text(f"{line}  {cur}", no_wrap=True, overflow="ellipsis")
+        return line
+
+    def render(self) -> Text:
+        cur = display_path(self.p.current)[-60:]
+        return Text(f"{self.summary()}  {cur}", no_wrap=True, overflow="ellipsis")
+
+    def _print_lines(self, interval: float) -> None:
+        while not self._stop.wait(interval):
+            el = int(time.monotonic() - self._t0)
+            where = f"  at {display_path(self.p.current)}" if self.p.current else ""
+            text = f"bunker: backup running for {el // 60}:{el % 60:02d}: {self.summary()}{where}\n"
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.write(text)
+                sys.stderr.flush()
 
     def __enter__(self) -> ProgressDisplay:
-        if self.enabled:
+        if self.live:
             self._live = Live(
                 self.render(),
                 console=Console(stderr=True),
@@ -77,9 +111,16 @@ class ProgressDisplay:
                 get_renderable=self.render,
             )
             self._live.__enter__()
+        elif self.lines:
+            self._liner = threading.Thread(
+                target=self._print_lines, args=(line_interval(),), name="bunker-progress", daemon=True
+            )
+            self._liner.start()
         return self
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self._stop.set()
+        if self._liner is not None:
+            self._liner.join(timeout=5)
         if self._live is not None:
             self._live.__exit__(et, ev, tb)

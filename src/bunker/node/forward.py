@@ -108,10 +108,10 @@ def forward(
     cert = repo.check_put_key(put)
     state_dir = dirs.state_dir(repo.repo_id, client_tag(put))
     lease = Lease(repo, put.client_key, cert.client, cert.name, "forward")
-    lease.write()
-    note_running(state_dir, lease.session)  # a claim this run leaves when killed is known dead here at once
     lock = threading.Lock()
     try:
+        lease.write()  # in the try: a signal right after it still releases the lease
+        note_running(state_dir, lease.session)  # a claim this run leaves when killed is known dead here at once
         bulk = [i for i in pending if not i.name.startswith("snapshots/")]
         snaps = [i.name for i in pending if i.name.startswith("snapshots/")]
 
@@ -140,9 +140,15 @@ def forward(
             group = [i for i in bulk if i.name.startswith(prefix)]
             if not group:
                 continue
-            with ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="bunker-forward") as pool:
-                held = [i for i, done in zip(group, pool.map(lambda i: send(i, False), group), strict=True) if not done]
-                list(pool.map(lambda i: send(i, True), held))
+            pool = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="bunker-forward")
+            try:
+                futures = [pool.submit(send, i, False) for i in group]
+                held = [i for i, fut in zip(group, futures, strict=True) if not fut.result()]
+                for fut in [pool.submit(send, i, True) for i in held]:
+                    fut.result()
+            finally:
+                # interrupted or failed: the objects not sent yet stay in the spool for the next forward
+                pool.shutdown(wait=True, cancel_futures=True)
         if snaps:
             _send_snapshots(repo, put, cert, spool, local, snaps, lease, state_dir, report)
         spool.clear_leftovers()

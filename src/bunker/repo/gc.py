@@ -172,8 +172,8 @@ class Pruner:
     def run(self) -> PruneReport:
         """Phase 2 for the records that are due, then phase 1 for new garbage, then repack."""
         lease = Lease(self.repo, self.put.client_key, self.cert.client, self.cert.name, "prune")
-        lease.write()
         try:
+            lease.write()  # in the try: a signal right after it still releases the lease
             now = lease.storage_time()
             invalid: list[tuple[str, str]] = []
             seen = sessions(self.repo, invalid)

@@ -26,7 +26,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
-from bunker import encoding
+from bunker import encoding, interrupt
 from bunker.crypto.sign import BadSignature, SigningKey, verify
 from bunker.errors import BunkerError, CorruptObject, ObjectMissing
 from bunker.repo.objects import MAGIC_SESSION, parse_signed
@@ -72,6 +72,10 @@ class Lease:
         name, data = make_lease(
             self.session, self.counter, self.client, self.kind, self.signer, self.cert_name, checkpoint, self.base
         )
+        with interrupt.deferred():  # a lease object stored is one this lease knows to remove
+            self._put(name, data)
+
+    def _put(self, name: str, data: bytes) -> None:
         self.repo.backend.put(name, data)
         old, self.name, self.written = self.name, name, time.monotonic()
         if self.counter == 0:
@@ -97,7 +101,12 @@ class Lease:
     def release(self, committed: Iterable[str] = ()) -> None:
         """End the session: remove its lease objects once every name in ``committed`` (what
         others must see, e.g. its snapshot) shows in the storage's listing, waiting up to
-        LISTING_WAIT for it; else leave the lease to expire."""
+        LISTING_WAIT for it; else leave the lease to expire. A signal meanwhile is acted on once
+        the lease is gone (interrupt.deferred)."""
+        with interrupt.deferred():
+            self._release(committed)
+
+    def _release(self, committed: Iterable[str]) -> None:
         try:
             if not wait_until_listed(self.repo, committed):
                 # the lease stays until it expires, without a checkpoint: the run completed, so

@@ -9,7 +9,6 @@ the trailer's blob list, reads the pack once, and checks its name, its body hash
 
 from __future__ import annotations
 
-import multiprocessing
 import os
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from bunker import encoding
 from bunker.crypto import aead
 from bunker.crypto.derive import PutSecrets
 from bunker.errors import BunkerError, ObjectMissing, StorageError
+from bunker.process_pool import process_pool
 from bunker.repo import blob
 from bunker.repo.objects import content_hash
 from bunker.repo.pack import KIND_DATA, KIND_META, BlobEntry, unwrap_blob_key
@@ -115,11 +115,7 @@ class PackVerifierPool:
 
     def submit(self, job: PackJob) -> Future[PackResult]:
         if self._pool is None:
-            ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload(["bunker.repo.pack_verifier"])
-            self._pool = ProcessPoolExecutor(
-                os.cpu_count() or 2, mp_context=ctx, initializer=_init, initargs=(self._url,)
-            )
+            self._pool = process_pool(os.cpu_count() or 2, "bunker.repo.pack_verifier", _init, (self._url,))
         return self._pool.submit(verify_pack, job)
 
     def shutdown(self) -> None:

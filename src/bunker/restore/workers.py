@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import functools
-import multiprocessing
 import os
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any
 
 from bunker.crypto.derive import PutSecrets
 from bunker.fs import deep_path
+from bunker.process_pool import process_pool
 from bunker.repo.blob_reader import BlobRef, fetch_blob, open_blob, prefetch_blobs
 from bunker.restore.file_writer import Piece, WriteResult, apply_meta, write_file
 from bunker.storage import Backend, open_backend
@@ -76,11 +76,7 @@ class RestorePool:
 
     def submit(self, items: list[Item]) -> Future[list[WriteResult]]:
         if self._pool is None:
-            ctx = multiprocessing.get_context("forkserver")
-            ctx.set_forkserver_preload(["bunker.restore.workers"])
-            self._pool = ProcessPoolExecutor(
-                os.cpu_count() or 2, mp_context=ctx, initializer=_init, initargs=self._args
-            )
+            self._pool = process_pool(os.cpu_count() or 2, "bunker.restore.workers", _init, self._args)
         return self._pool.submit(write_batch, items)
 
     def shutdown(self) -> None:

@@ -1,0 +1,79 @@
+"""Worker process pools that never outlive their command.
+
+The pools (small files in a backup, restore's writers, check's pack verifier) start their
+workers through a forkserver, so a worker's parent is the forkserver, not the command. When the
+command dies without shutting its pool down (kill -9, the OOM killer), nothing tells the workers:
+they wait forever on their task queue, and keep the forkserver (which holds the command's stdout
+and stderr) and the resource tracker alive with them. So every worker watches the command's
+process itself (a pidfd on Linux, which becomes readable when the process ends, else polling)
+and exits when it is gone; then the forkserver and the resource tracker, whose pipes only the
+command and the workers hold, end too.
+
+Workers ignore SIGINT: Ctrl-C on a terminal reaches the whole process group, and it is the
+command that decides how to stop (it shuts the pool down). SIGTERM keeps its default: a pool
+whose worker died is torn down with SIGTERM to the others (concurrent.futures), which must work.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import select
+import signal
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor
+from typing import Any
+
+POLL_SECONDS = 1.0  # without pidfds: how often a worker looks whether the command still runs
+
+
+def process_pool(
+    workers: int, preload: str, initializer: Callable[..., None], initargs: tuple[Any, ...]
+) -> ProcessPoolExecutor:
+    """A pool of ``workers`` processes started by a forkserver that imported module ``preload``;
+    each runs ``initializer(*initargs)`` first and exits when this process ends."""
+    # forkserver: never fork a process that already runs threads
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([preload])
+    return ProcessPoolExecutor(
+        workers, mp_context=ctx, initializer=_start_worker, initargs=(os.getpid(), initializer, initargs)
+    )
+
+
+def _start_worker(command: int, initializer: Callable[..., None], initargs: tuple[Any, ...]) -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    watch_command(command)
+    initializer(*initargs)
+
+
+def watch_command(pid: int) -> None:
+    """End this process as soon as process ``pid`` has ended (at once if it already has)."""
+    fd: int | None = None
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os._exit(1)
+    except (AttributeError, OSError):
+        fd = None  # not Linux, or a kernel before 5.3: poll instead
+    threading.Thread(target=_exit_when_gone, args=(pid, fd), name="bunker-watch-command", daemon=True).start()
+
+
+def _exit_when_gone(pid: int, fd: int | None) -> None:
+    if fd is not None:
+        select.select([fd], [], [])  # a pidfd becomes readable when its process has ended
+    else:
+        while _running(pid):
+            time.sleep(POLL_SECONDS)
+    os._exit(1)
+
+
+def _running(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
