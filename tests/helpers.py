@@ -16,16 +16,18 @@ import socket
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import blake3
+import pytest
 
 PASSPHRASE = "correct horse battery staple"
 # the console script of the Python running the tests (not a version-manager shim found on PATH,
@@ -1161,3 +1163,30 @@ def resign_snapshot(repo_path: Path, snapshot: str, put: Any, **changes: Any) ->
     name = name_for("snapshots", data).split("/", 1)[1]
     (repo_path / "snapshots" / name).write_bytes(data)
     return name
+
+
+@contextlib.contextmanager
+def loop_ext4(size: int, prefix: str, without_root: str) -> Iterator[Path]:
+    """A small ext4 filesystem of ``size`` bytes (no blocks reserved for root), loop-mounted
+    for the block and removed afterwards: a real disk that fills. Skips the test with
+    ``without_root`` (what covers the case otherwise) when not root or without mkfs.ext4."""
+    if os.geteuid() != 0 or not shutil.which("mkfs.ext4"):
+        pytest.skip(f"needs root and mkfs.ext4 to mount a small filesystem ({without_root})")
+    base = Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+    img, mnt = base / "ext4.img", base / "mnt"
+    mnt.mkdir()
+    with open(img, "wb") as f:
+        f.truncate(size)
+    mounted = False
+    try:
+        cp = subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(img)], capture_output=True, check=False)
+        if cp.returncode == 0:
+            cp = subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], capture_output=True, check=False)
+        if cp.returncode != 0:
+            pytest.skip(f"mounting an ext4 image failed: {cp.stderr.decode().strip()}")
+        mounted = True
+        yield mnt
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
+        shutil.rmtree(base, ignore_errors=True)

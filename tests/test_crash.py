@@ -40,7 +40,7 @@ import pytest
 from bunker.repo.moves import parse_move_record
 from bunker.repo.objects import MAGIC_MOVED
 from bunker.repo.snapshot import parse_snapshot
-from helpers import BUNKER, Repo, expect_rc, init_repo, js, make_env, make_tree, restored_path, snapshot_tree
+from helpers import BUNKER, Repo, expect_rc, init_repo, js, loop_ext4, make_env, make_tree, restored_path, snapshot_tree
 
 BUDGET = float(os.environ.get("BUNKER_CRASH_SECONDS", "120"))
 # the disk of the full-disk variant: room for what the repository grows to (snapshots are never
@@ -349,26 +349,8 @@ def disk(request: pytest.FixtureRequest) -> Iterator[Path | None]:
     if not request.param:
         yield None
         return
-    if os.geteuid() != 0 or not shutil.which("mkfs.ext4"):
-        pytest.skip("a repository disk that fills needs root and mkfs.ext4 to mount a small filesystem")
-    base = Path(tempfile.mkdtemp(prefix="bunker-crash-disk-", dir="/tmp"))
-    img, mnt = base / "ext4.img", base / "mnt"
-    mnt.mkdir()
-    with open(img, "wb") as f:
-        f.truncate(DISK_SIZE)
-    mounted = False
-    try:
-        cp = subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(img)], capture_output=True, check=False)
-        if cp.returncode == 0:
-            cp = subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], capture_output=True, check=False)
-        if cp.returncode != 0:
-            pytest.skip(f"mounting an ext4 image failed: {cp.stderr.decode().strip()}")
-        mounted = True
+    with loop_ext4(DISK_SIZE, "bunker-crash-disk-", "a repository disk that fills is tested as root") as mnt:
         yield mnt
-    finally:
-        if mounted:
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
-        shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.mark.slow

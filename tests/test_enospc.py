@@ -21,7 +21,6 @@ import os
 import re
 import shutil
 import subprocess
-import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -39,7 +38,7 @@ from bunker.storage.full import RepositoryFull
 from bunker.storage.local import LocalBackend
 from bunker.storage.services import open_s3
 from faults import FaultPlan, FaultyBackend
-from helpers import BUNKER, Repo, b3, init_repo, js, make_tree, restored_path, snapshot_tree, start_wsgidav
+from helpers import BUNKER, Repo, b3, init_repo, js, loop_ext4, make_tree, restored_path, snapshot_tree, start_wsgidav
 
 HASH_NAMED = ("config", "clients", "packs", "index", "refs", "snapshots", "retired", "gc")
 
@@ -47,31 +46,14 @@ HASH_NAMED = ("config", "clients", "packs", "index", "refs", "snapshots", "retir
 @pytest.fixture
 def small_fs() -> Iterator[Path]:
     """A 48 MiB ext4 filesystem (no blocks reserved for root), loop-mounted."""
-    if os.geteuid() != 0 or not shutil.which("mkfs.ext4"):
-        pytest.skip("needs root and mkfs.ext4 to mount a small filesystem (test_full_quota_* covers the rest)")
-    base = Path(tempfile.mkdtemp(prefix="bunker-full-", dir="/tmp"))
-    img, mnt = base / "ext4.img", base / "mnt"
-    mnt.mkdir()
-    with open(img, "wb") as f:
-        f.truncate(48 << 20)
-    mounted = False
-    try:
-        cp = subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(img)], capture_output=True, check=False)
-        if cp.returncode == 0:
-            cp = subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], capture_output=True, check=False)
-        if cp.returncode != 0:
-            pytest.skip(f"mounting an ext4 image failed: {cp.stderr.decode().strip()}")
-        mounted = True
+    with loop_ext4(48 << 20, "bunker-full-", "test_full_quota_* covers the rest") as mnt:
         yield mnt
-    finally:
-        if mounted:
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def _fill(mnt: Path, leave: int) -> Path:
     """A file that takes all but ``leave`` bytes of the filesystem."""
     filler = mnt / "filler"
+    os.sync()  # blocks of earlier writes still in delayed allocation count as free until written
     free = shutil.disk_usage(mnt).free
     with open(filler, "ab") as f:
         if free > leave:

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,32 +16,25 @@ import pytest
 
 from bunker.errors import ExitCode
 from conftest import Unprivileged
-from helpers import Repo, describe, init_repo, js, make_env, make_tree, restored_path, run_bunker, snapshot_tree
+from helpers import (
+    Repo,
+    describe,
+    init_repo,
+    js,
+    loop_ext4,
+    make_env,
+    make_tree,
+    restored_path,
+    run_bunker,
+    snapshot_tree,
+)
 
 
 @pytest.fixture
 def full_fs() -> Iterator[Path]:
     """A 16 MiB ext4 filesystem (no blocks reserved for root), loop-mounted."""
-    if os.geteuid() != 0 or not shutil.which("mkfs.ext4"):
-        pytest.skip("needs root and mkfs.ext4 to mount a small filesystem (the unprivileged test covers the rest)")
-    base = Path(tempfile.mkdtemp(prefix="bunker-localfull-", dir="/tmp"))
-    img, mnt = base / "ext4.img", base / "mnt"
-    mnt.mkdir()
-    with open(img, "wb") as f:
-        f.truncate(16 << 20)
-    mounted = False
-    try:
-        cp = subprocess.run(["mkfs.ext4", "-q", "-F", "-m", "0", str(img)], capture_output=True, check=False)
-        if cp.returncode == 0:
-            cp = subprocess.run(["mount", "-o", "loop", str(img), str(mnt)], capture_output=True, check=False)
-        if cp.returncode != 0:
-            pytest.skip(f"mounting an ext4 image failed: {cp.stderr.decode().strip()}")
-        mounted = True
+    with loop_ext4(16 << 20, "bunker-localfull-", "the unprivileged test covers the rest") as mnt:
         yield mnt
-    finally:
-        if mounted:
-            subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
-        shutil.rmtree(base, ignore_errors=True)
 
 
 def _fill_to_the_last_byte(mnt: Path) -> None:

@@ -191,6 +191,11 @@ def test_second_signal_stops_at_once_and_names_the_checkpoint(repo: Repo, tmp_pa
     snapshot."""
     src = tmp_path / "src"
     _source(src)
+    # twice the data: on an idle machine the whole run can end within about a checkpoint interval
+    more = src / "c-more"
+    more.mkdir()
+    for i in range(BIG_FILES):
+        (more / f"g{i:02}.bin").write_bytes(os.urandom(BIG_SIZE))
     proc = _start(repo, "backup", "--checkpoint-interval", "1s", src)
     _freeze_when(proc, lambda: _checkpointed(repo) >= 1)
     children = _descendants(proc.pid)

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bunker import encoding
-from bunker.backup.chain import clear_running, note_running
+from bunker.backup.chain import note_running, releasing
 from bunker.backup.checkpoint import checkpoint_snapshot, stale_checkpoint, used_sessions
 from bunker.backup.commit import chain_head
 from bunker.crypto.keyfile import PutKey
@@ -153,8 +153,8 @@ def adopt_abandoned_checkpoints(
             report.adopted.append({**row, "snapshot": committed.name, "seq": committed.seq})
             lease.refresh_if_due()
     finally:
-        lease.release()
-        clear_running(state_dir, session=lease.session)
+        with releasing(state_dir, lease.session):
+            lease.release()
     report.events = [{"level": e.level, "code": e.code, "message": e.message} for e in log.events]
     return report
 

@@ -205,9 +205,13 @@ def note_running(state_dir: str, session: str) -> None:
         _write_running(state_dir, record)
 
 
-def clear_running(state_dir: str, killed: Iterable[str] | None = None, session: str | None = None) -> None:
+def clear_running(
+    state_dir: str, killed: Iterable[str] | None = None, session: str | None = None, failed: Iterable[str] = ()
+) -> None:
     """A run ended: forget ``session`` (None: every session of this process); ``killed``, when
-    given, replaces the killed sessions not adopted yet."""
+    given, replaces the killed sessions not adopted yet. ``failed``: sessions whose lease could
+    not be released (the storage failed under them): recorded as killed, so their claims and
+    checkpoints are taken over at once by the next run here instead of after the lease expires."""
     pid = os.getpid()
     with chain_lock(state_dir):
         record = read_running(state_dir)
@@ -216,7 +220,21 @@ def clear_running(state_dir: str, killed: Iterable[str] | None = None, session: 
                 del record.runs[s]
         if killed is not None:
             record.killed = sorted(set(killed))
+        record.killed = sorted(set(record.killed) | set(failed))
         _write_running(state_dir, record)
+
+
+@contextlib.contextmanager
+def releasing(state_dir: str, session: str) -> Iterator[None]:
+    """Around a lease's release at the end of a run that is not a backup (forward, prune): the
+    run is forgotten here whether the release works or not, and a failed release leaves the
+    session known as killed (see clear_running)."""
+    released = False
+    try:
+        yield
+        released = True
+    finally:
+        clear_running(state_dir, session=session, failed=() if released else (session,))
 
 
 def killed_sessions(state_dir: str) -> set[str]:

@@ -266,10 +266,16 @@ def run_backup(
             unseen.add(lease.session)
         raise _stopped(exc, req, lease, keep_lease) from None
     finally:
-        if not keep_lease:
-            with interrupt.deferred(absorb=True):  # the run is over either way
-                lease.release(committed_names)
-        _state(log, lambda: clear_running(state_dir, unseen))
+        released = keep_lease
+        try:
+            if not keep_lease:
+                with interrupt.deferred(absorb=True):  # the run is over either way
+                    lease.release(committed_names)
+                released = True
+        finally:
+            # a lease the storage failed to release: its session is known dead here (clear_running)
+            failed = () if released else (lease.session,)
+            _state(log, lambda: clear_running(state_dir, unseen, failed=failed))
     assert committed is not None
     return BackupOutcome(committed, log, result, interrupted, None if interrupted else late)
 

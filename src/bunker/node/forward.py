@@ -20,7 +20,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from bunker import dirs, encoding
-from bunker.backup.chain import clear_running, note_running
+from bunker.backup.chain import note_running, releasing
 from bunker.backup.run import client_tag
 from bunker.crypto.keyfile import PutKey
 from bunker.errors import CorruptObject, ObjectMissing
@@ -153,8 +153,8 @@ def forward(
             _send_snapshots(repo, put, cert, spool, local, snaps, lease, state_dir, report)
         spool.clear_leftovers()
     finally:
-        lease.release(report.snapshots)
-        clear_running(state_dir, session=lease.session)
+        with releasing(state_dir, lease.session):
+            lease.release(report.snapshots)
     report.left = len(spool.pending())
     return report
 

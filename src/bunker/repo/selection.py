@@ -185,7 +185,8 @@ def select(
                 f"no snapshot of this machine's client {f.client!r} matches (on a machine that backs up, `latest` "
                 "means its own client's)"
                 + (" (forgotten snapshots are never `latest`)" if retired else ""),
-                "name another client with --client NAME (`bunker snapshots` lists them), or a snapshot by its id",
+                "name another client with --client NAME (`bunker snapshots` lists them), or a snapshot by its id"
+                + (" (`bunker snapshots --all` lists forgotten ones too)" if retired else ""),
                 exit_code=ExitCode.USAGE,
             )
         if not cands:
