@@ -96,8 +96,9 @@ def document_script(blocks: list[Block], scratch: Path) -> str:
     """One bash script of the blocks: each announces itself on stderr before it runs."""
     parts = []
     for b in blocks:
-        text = b.script().replace("sh scripts/install", f"sh {ROOT}/scripts/install")
-        text = re.sub("|".join(map(re.escape, PATH_MAP)), lambda m: str(scratch) + m.group(0), text)
+        # the examples' paths first: the checkout itself may live under /tmp (a CI clone)
+        text = re.sub("|".join(map(re.escape, PATH_MAP)), lambda m: str(scratch) + m.group(0), b.script())
+        text = text.replace("sh scripts/install", f"sh {ROOT}/scripts/install")
         parts.append(f"echo '@@ {b.name}' >&2\n{text}")
     return "\n".join(parts) + "\n"
 

@@ -338,7 +338,8 @@ def test_rerun_after_a_full_disk_uses_the_packs_it_stored(small_fs: Path, tmp_pa
     (src / "big.bin").write_bytes(os.urandom(28 << 20))
     filler = _fill(small_fs, leave=20 << 20)  # room for the first pack, not for the second
 
-    cp = repo.run("backup", src, "--json", "--no-progress")
+    # one pack at a time: with two in flight the disk may fill under the first one as well
+    cp = repo.run("backup", src, "--json", "--no-progress", env={**repo.env, "BUNKER_UPLOADS_IN_FLIGHT": "1"})
     assert cp.returncode == ExitCode.FATAL, cp.stderr
     doc = js(cp)
     _assert_clear_full_message(cp.stderr, doc, where)

@@ -8,6 +8,7 @@ Order of writes (docs/format.md section 17): packs, then index, then snapshot.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -21,6 +22,16 @@ from bunker.repo.pack import KIND_DATA, BlobEntry, PackWriter
 from bunker.repo.repository import Repository
 
 MAX_UPLOADS_IN_FLIGHT = 2
+
+
+def uploads_in_flight() -> int:
+    """How many packs a run uploads at once: 2, or BUNKER_UPLOADS_IN_FLIGHT (1 to 16; 1 writes
+    packs strictly one after the other, e.g. on a link that stalls with two streams)."""
+    try:
+        n = int(os.environ.get("BUNKER_UPLOADS_IN_FLIGHT", MAX_UPLOADS_IN_FLIGHT))
+    except ValueError:
+        return MAX_UPLOADS_IN_FLIGHT
+    return min(max(n, 1), 16)
 
 
 class SessionWriter:
@@ -39,8 +50,9 @@ class SessionWriter:
         self._open: dict[str, PackWriter] = {}
         self._opened_at: dict[str, float] = {}
         self._uploads: list[Future[None]] = []
-        self._upload_slots = threading.BoundedSemaphore(MAX_UPLOADS_IN_FLIGHT)
-        self._pool = ThreadPoolExecutor(MAX_UPLOADS_IN_FLIGHT, thread_name_prefix="bunker-upload")
+        in_flight = uploads_in_flight()
+        self._upload_slots = threading.BoundedSemaphore(in_flight)
+        self._pool = ThreadPoolExecutor(in_flight, thread_name_prefix="bunker-upload")
         self._new_entries: list[tuple[bytes, Location]] = []
         self.packs_written: list[str] = []
         self.bytes_stored = 0  # bytes of the packs stored so far
