@@ -348,7 +348,8 @@ def test_rerun_after_a_full_disk_uses_the_packs_it_stored(small_fs: Path, tmp_pa
     need = re.search(r"the next run needs room for (?:at most )?about ([0-9.]+) MB", doc["hint"])
     assert need, doc["hint"]
     needed = float(need.group(1)) * 1e6
-    assert 12e6 < needed < 16e6, doc["hint"]  # the second half of big.bin, not all of it
+    # about the second half of big.bin (12 MiB, less what the stopped run had not read yet), not all of it
+    assert 8e6 < needed < 16e6, doc["hint"]
     assert [p.name for p in (where / "snapshots").iterdir()] == [first["snapshot"]]
 
     # free what the message asks for, and a little for metadata and the filesystem's own blocks
@@ -359,7 +360,7 @@ def test_rerun_after_a_full_disk_uses_the_packs_it_stored(small_fs: Path, tmp_pa
     assert again["level"] in ("ok", "note") and again["spooled"] is False
     reindexed = [e for e in again["events"] if e["code"] == "packs-reindexed"]
     assert len(reindexed) == 1 and "not stored again" in reindexed[0]["message"], again["events"]
-    assert again["stats"]["stored_new"] < needed + (1 << 20)
+    assert again["stats"]["stored_new"] < needed + (2 << 20)  # and what the stopped run had not read yet
     js(repo.ok("restore", again["snapshot"], "--target", tmp_path / "t", "--json"))
     assert snapshot_tree(restored_path(tmp_path / "t", src), dir_mtimes=False) == snapshot_tree(src, dir_mtimes=False)
     shutil.rmtree(tmp_path / "t")
