@@ -1190,3 +1190,25 @@ def loop_ext4(size: int, prefix: str, without_root: str) -> Iterator[Path]:
         if mounted:
             subprocess.run(["umount", "-l", str(mnt)], capture_output=True, check=False)
         shutil.rmtree(base, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def serve_socket(sock: Path, repo_path: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """`bunker serve --socket` on ``repo_path`` as its own process, for the block (ready once
+    its socket exists); terminated afterwards."""
+    assert BUNKER
+    server = subprocess.Popen(
+        [BUNKER, "serve", "--socket", str(sock), "--repo", str(repo_path)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            assert server.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        yield server
+    finally:
+        server.terminate()
+        server.wait(10)

@@ -10,13 +10,11 @@ Each test runs with the default retry settings, and reads the time bunker says i
 from __future__ import annotations
 
 import re
-import subprocess
-import time
 from pathlib import Path
 
 from bunker.errors import ExitCode
 from bunker.storage.object_store import NO_ANSWER_SECONDS
-from helpers import BUNKER, describe, free_port, init_repo, js, make_env, make_tree, run_bunker
+from helpers import describe, free_port, init_repo, js, make_env, make_tree, run_bunker, serve_socket
 
 DEFAULTS = ("BUNKER_STORAGE_RETRIES", "BUNKER_STORAGE_RETRY_DELAY", "BUNKER_STORAGE_TIMEOUT")
 
@@ -40,26 +38,12 @@ def _nothing_answers(url: str, env: dict[str, str], *needles: str) -> None:
 
 
 def test_stopped_bunker_serve_sends_the_backup_to_the_spool(tmp_path: Path) -> None:
-    assert BUNKER
     sock = tmp_path / "bunker.sock"
-    server = subprocess.Popen(
-        [BUNKER, "serve", "--socket", str(sock), "--repo", str(tmp_path / "repo")],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while not sock.exists():
-            assert server.poll() is None and time.monotonic() < deadline
-            time.sleep(0.02)
+    with serve_socket(sock, tmp_path / "repo"):
         repo = init_repo(tmp_path / "home", url=f"unix://{sock}")
         src = tmp_path / "src"
         make_tree(src)
         repo.backup(src, args=("--no-progress",))
-    finally:
-        server.terminate()
-        server.wait(10)
     for k in DEFAULTS:
         repo.env.pop(k, None)
     # the socket file may stay behind (refused) or be gone (no such file): nothing answers either way

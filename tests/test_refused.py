@@ -28,7 +28,18 @@ from bunker.errors import ExitCode
 from bunker.storage.refused import StorageRefused
 from bunker.storage.services import open_s3
 from conftest import Unprivileged
-from helpers import BUNKER, Repo, describe, init_repo, js, make_env, make_tree, restored_path, run_bunker, snapshot_tree
+from helpers import (
+    Repo,
+    describe,
+    init_repo,
+    js,
+    make_env,
+    make_tree,
+    restored_path,
+    run_bunker,
+    serve_socket,
+    snapshot_tree,
+)
 
 
 @pytest.fixture
@@ -143,19 +154,8 @@ def test_directory_this_user_may_not_write_is_refused(unprivileged: Unprivileged
 
 def test_bunker_serve_on_a_read_only_disk_answers_refused(mount_point: Path, tmp_path: Path) -> None:
     """The server's disk is read-only: FAILED with the kind "refused" (FORMAT.md section 22)."""
-    assert BUNKER
     where, sock = mount_point / "repo", tmp_path / "bunker.sock"
-    server = subprocess.Popen(
-        [BUNKER, "serve", "--socket", str(sock), "--repo", str(where)],
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while not sock.exists():
-            assert server.poll() is None and time.monotonic() < deadline
-            time.sleep(0.02)
+    with serve_socket(sock, where):
         repo = dataclasses.replace(init_repo(tmp_path / "home", url=f"unix://{sock}"), path=where)
         src = tmp_path / "src"
         make_tree(src, seed=4)
@@ -168,9 +168,6 @@ def test_bunker_serve_on_a_read_only_disk_answers_refused(mount_point: Path, tmp
         finally:
             _remount(mount_point, "rw")
         _delivered(repo, src, tmp_path)
-    finally:
-        server.terminate()
-        server.wait(10)
 
 
 def test_sftp_server_on_a_read_only_disk_is_refused(mount_point: Path, tmp_path: Path, sshd: Any) -> None:
