@@ -70,7 +70,7 @@ class World:
 
 
 @pytest.fixture(scope="module")
-def world(tmp_path_factory: pytest.TempPathFactory) -> World:
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
     base = tmp_path_factory.mktemp("adversary")
     repo = init_repo(base / "r", client="alice", host="alice-host")
     keys = {"alice": repo.put_key}
@@ -102,7 +102,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
     for name, (client, seq) in genuine.items():
         if client not in heads or seq > heads[client][1]:
             heads[client] = (name_for("clients", puts[client].certificate), seq, name)
-    return World(
+    yield World(
         repo,
         load_master_key(str(repo.master_key), PASSPHRASE),
         puts["mallory"],
@@ -113,6 +113,7 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> World:
         base / "floor-home",
         name_for("clients", puts["old"].certificate),
     )
+    shutil.rmtree(base, ignore_errors=True)  # half a gigabyte of copied repositories: gone once the module passed
 
 
 # ------------------------------------------------------------------------------------- operations
