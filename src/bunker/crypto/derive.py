@@ -21,6 +21,14 @@ CTX_CHUNKER = _CTX + "chunker gear seed"
 CTX_INDEX = _CTX + "index, trailer and reference key"
 CTX_DOMAIN_ID = _CTX + "dedup domain id"
 CTX_PATH_SET = _CTX + "path set id key"
+# a node's keys, from its own 32-byte node seed (crypto/node_keys.py), and the keys of a link
+# between two nodes, from their link keys' X25519 agreement (node/bundle.py)
+CTX_NODE_SIGN = _CTX + "node signing key Ed25519"
+CTX_NODE_MLKEM = _CTX + "node KEM key ML-KEM-768 seed"
+CTX_NODE_X25519 = _CTX + "node KEM key X25519"
+CTX_NODE_LINK = _CTX + "node link key X25519"
+CTX_LINK_MASK = _CTX + "link mask key"
+CTX_LINK_NAME = _CTX + "link name key"
 
 
 def derive(context: str, material: bytes, length: int = 32) -> bytes:
