@@ -67,6 +67,7 @@ SENDFILE_STEP = 1 << 30
 COPY_STEP = 1 << 20  # read/write steps where sendfile does not work
 _NO_SENDFILE = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV)
 _STRAY_TEXT = "something that is not a regular file has the piece's name"
+_SWAPPED_TEXT = "the temp file was replaced while it was written"
 
 
 def is_piece_file(st: os.stat_result) -> bool:
@@ -244,12 +245,23 @@ class LocalMailbox(Mailbox):
                         os.unlink(tmp, dir_fd=dirfd)
                     raise
                 os.fsync(dirfd)
+                # what was renamed may not be what was written: the temp file swapped meanwhile
+                if not stat.S_ISREG(os.stat(name, dir_fd=dirfd, follow_symlinks=False).st_mode):
+                    raise OSError(errno.EEXIST, _SWAPPED_TEXT)
 
             try:
                 self._as_owner(write)
             except OSError as exc:
                 if exc.errno == errno.EEXIST and exc.strerror == _STRAY_TEXT:
                     raise self._not_a_piece(name) from None
+                if exc.errno == errno.EEXIST and exc.strerror == _SWAPPED_TEXT:
+                    raise StorageError(
+                        f"could not write piece {name} into the mailbox {self.url}: {_SWAPPED_TEXT}, and what now "
+                        f"has its name is {self._describe(name)}: another program or person changes the folder",
+                        "a carried medium is untrusted: look at the folder (`ls -la`), remove what is not a piece, "
+                        "then run the command again",
+                        exit_code=ExitCode.FATAL,
+                    ) from None
                 if exc.errno in FULL_ERRNOS:
                     raise self._full(name, size, self.free_space(), exc.strerror or str(exc)) from None
                 raise self._error(exc, f"write piece {name} into the mailbox {self.url}") from None
@@ -438,6 +450,10 @@ class LocalMailbox(Mailbox):
             )
         return NotAPiece(name, self.url, kind_of(st))
 
+    def _describe(self, name: str) -> str:
+        st = self._lstat(name)
+        return "nothing" if st is None else "a piece" if is_piece_file(st) else kind_of(st)
+
     def _full(self, name: str, size: int, free: int | None, why: str) -> BunkerError:
         return mailbox_full(name, self.url, size, free, why, f"Free space on that medium (`df -h {self.root}`)")
 
@@ -464,9 +480,22 @@ class LocalMailbox(Mailbox):
                 f"could not {what}: {reason}: {self._who()} may not write into the mailbox",
                 f"make {self.root} writable by its owner (chmod u+rwx), or give it to the user the node runs as",
             )
-        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ESTALE, errno.ENODEV):
+        if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ESTALE, errno.ENODEV) and not self._still_there():
             return self._missing(reason)
+        if exc.errno == errno.ENOENT:
+            return StorageError(
+                f"could not {what}: {reason}: something removed a file bunker was writing in the mailbox",
+                "another program works in the mailbox folder: stop it, then run the command again",
+                exit_code=ExitCode.FATAL,
+            )
         return storage_error(exc, f"could not {what}", self.root)
+
+    def _still_there(self) -> bool:
+        """Whether the folder is still there (not removed, its medium not gone)."""
+        try:
+            return self._dirfd >= 0 and os.fstat(self._dirfd).st_nlink > 0
+        except OSError:
+            return False
 
     def _missing(self, reason: str) -> StorageError:
         return StorageError(
