@@ -40,7 +40,7 @@ from bunker.storage.mailbox import (
     open_mailbox,
 )
 from bunker.storage.refused import StorageRefused
-from helpers import S3_CREDENTIALS, S3_REGION, S3Server, loop_ext4
+from helpers import S3_CREDENTIALS, S3_REGION, S3Server, WebDavServer, loop_ext4
 
 SRC = str(Path(__file__).resolve().parent.parent / "src")
 MiB = 1 << 20
@@ -76,17 +76,22 @@ class Place:
 
     kind: str
     url: str
-    folder: Path | None = None  # the folder itself (local and sftp: the sshd is on this machine)
-    s3: S3Server | None = None
+    folder: Path | None = None  # the folder on this machine (local; sftp and WebDAV serve one here)
+    server: S3Server | WebDavServer | None = None  # a server that logs its requests
     prefix: str = ""
 
+    @property
+    def temps_shown(self) -> bool:
+        """Whether writers' temp files are files named like a dot and a piece (local, sftp)."""
+        return self.kind in ("local", "sftp")
+
     def _op(self) -> opendal.Operator:
-        assert self.s3 is not None
+        assert isinstance(self.server, S3Server)
         return opendal.Operator(
             "s3",
-            bucket=self.s3.bucket,
+            bucket=self.server.bucket,
             root=f"/{self.prefix}/",
-            endpoint=self.s3.endpoint,
+            endpoint=self.server.endpoint,
             region=S3_REGION,
             access_key_id=S3_CREDENTIALS["AWS_ACCESS_KEY_ID"],
             secret_access_key=S3_CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
@@ -108,10 +113,10 @@ class Place:
         return {e.path.rstrip("/") for e in self._op().list("/")} - {""}
 
     def requests(self) -> int:
-        return len(self.s3.requests()) if self.s3 is not None else 0
+        return len(self.server.requests()) if self.server is not None else 0
 
 
-@pytest.fixture(params=["local", "s3", "sftp"])
+@pytest.fixture(params=["local", "s3", "sftp", "webdav"])
 def place(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Place]:
     if request.param == "local":
         folder = tmp_path / "usb" / "link"
@@ -119,14 +124,21 @@ def place(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Place]:
         yield Place("local", str(folder), folder)
     elif request.param == "s3":
         request.getfixturevalue("s3_env")
-        server: S3Server = request.getfixturevalue("s3_server")
+        s3: S3Server = request.getfixturevalue("s3_server")
         prefix: str = request.getfixturevalue("s3_prefix")
-        yield Place("s3", server.url(prefix), s3=server, prefix=prefix)
-    else:
+        yield Place("s3", s3.url(prefix), server=s3, prefix=prefix)
+    elif request.param == "sftp":
         request.getfixturevalue("sftp_env")
         folder = tmp_path / "server" / "link"
         folder.mkdir(parents=True)
         yield Place("sftp", request.getfixturevalue("sshd").url(folder), folder)
+    else:
+        request.getfixturevalue("webdav_env")
+        dav: WebDavServer = request.getfixturevalue("webdav_server")
+        prefix = "t-" + secrets.token_hex(6)
+        (dav.root / prefix).mkdir()
+        yield Place("webdav", dav.url(prefix), dav.root / prefix, server=dav, prefix=prefix)
+        shutil.rmtree(dav.root / prefix, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------ conformance
@@ -139,6 +151,10 @@ def test_round_trip_of_empty_small_and_large_pieces(place: Place, tmp_path: Path
         assert mb.list() == [] and mb.strays().count == 0
         for n, f in files.items():
             mb.put_file(n, f)
+        if isinstance(place.server, S3Server):  # one PUT per piece, never a multipart upload
+            assert not [r for r in place.server.requests() if "uploads" in r or "uploadId" in r]
+            puts = [r for r in place.server.requests() if r.startswith(f"PUT /{place.server.bucket}/{place.prefix}/")]
+            assert len(puts) == 3, puts
         listed = mb.list()
         assert [i.name for i in listed] == sorted(sizes)
         assert {i.name: i.size for i in listed} == sizes
@@ -153,7 +169,7 @@ def test_round_trip_of_empty_small_and_large_pieces(place: Place, tmp_path: Path
             assert stat.S_IMODE(out.stat().st_mode) == 0o600
             out.unlink()
         assert os.listdir(tmp_path / "out") == []  # no temp file left beside a fetched piece
-        if place.folder is not None:
+        if place.temps_shown and place.folder is not None:
             assert {stat.S_IMODE(p.stat().st_mode) for p in place.folder.iterdir()} == {0o600}
 
         # a piece sent again replaces the one there
@@ -206,7 +222,7 @@ def test_strays_are_listed_and_never_taken_for_pieces(place: Place, tmp_path: Pa
     foreign = ["A" * 64, "a" * 63, "a" * 65, "notes.txt", "packs/x", ".DS_Store"]
     for name in foreign:
         place.plant(name)
-    if place.folder is not None:
+    if place.temps_shown:
         place.plant("." + piece())  # a writer's temp file: neither a piece nor a stray
     src = tmp_path / "src"
     src.write_bytes(b"piece\n")
@@ -235,7 +251,7 @@ def test_a_killed_writer_leaves_nothing_a_listing_shows(place: Place, tmp_path: 
     temps: set[str] = set()
     for attempt in range(4):
         name = piece()
-        if place.folder is not None:
+        if place.temps_shown:
             temps = {n for n in os.listdir(place.folder) if is_temp_name(n)}
         child = subprocess.Popen(
             [sys.executable, "-c", KILLED_WRITER, place.url, name, str(src)],
@@ -246,7 +262,7 @@ def test_a_killed_writer_leaves_nothing_a_listing_shows(place: Place, tmp_path: 
         try:
             assert child.stdout is not None
             assert child.stdout.readline() == b"writing\n", child.stderr.read() if child.stderr else ""
-            if place.folder is not None:
+            if place.temps_shown:
                 deadline = time.monotonic() + 60
                 while child.poll() is None and {n for n in os.listdir(place.folder) if is_temp_name(n)} <= temps:
                     assert time.monotonic() < deadline
@@ -263,7 +279,7 @@ def test_a_killed_writer_leaves_nothing_a_listing_shows(place: Place, tmp_path: 
             assert listed in ([], [(name, 64 * MiB)])  # nothing, or the whole piece
             for n, _ in listed:
                 mb.delete(n)
-    if place.folder is not None:
+    if place.temps_shown:
         assert caught >= 1
         # the temp files of the killed writers, once stale, are swept (local: when a mailbox
         # opens; sftp: after the first put)
@@ -307,7 +323,7 @@ def test_streams_without_holding_the_piece_in_memory_on_sftp(
 
 def test_object_store_mailbox_makes_no_prefix_folders(s3_env: dict[str, str], s3_server: S3Server) -> None:
     prefix = "t-" + secrets.token_hex(6)
-    place = Place("s3", s3_server.url(prefix), s3=s3_server, prefix=prefix)
+    place = Place("s3", s3_server.url(prefix), server=s3_server, prefix=prefix)
     with open_mailbox(place.url, create=True) as mb:
         assert mb.list() == []
     assert place.names() == set()

@@ -310,6 +310,8 @@ class ObjectStoreMailbox(Mailbox):
         out = []
         for info in self._backend._list(""):
             name = info.name
+            if name == "/":
+                continue  # the folder itself (WebDAV lists its collection)
             if name.endswith("/"):
                 out.append(Entry(ObjectInfo(name.rstrip("/"), 0, 0.0), regular=False, directory=True))
                 continue
