@@ -566,6 +566,27 @@ def test_root_writes_as_the_folders_owner(tmp_path: Path) -> None:
         mb.delete(name)
         assert os.listdir(where) == []
 
+        # a daemon's threads write at once: each through its own child
+        names = [piece() for _ in range(4)]
+        errors: list[BaseException] = []
+
+        def put(n: str) -> None:
+            try:
+                mb.put_file(n, src)
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=put, args=(n,)) for n in names]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert errors == []
+        assert [i.name for i in mb.list()] == sorted(names)
+        assert {(where / n).stat().st_uid for n in names} == {NOBODY}
+        for n in names:
+            mb.delete(n)
+
     # a folder its owner may not write: refused, naming the owner root writes as
     where.chmod(0o500)
     with open_mailbox(str(where)) as mb, pytest.raises(StorageRefused) as e:

@@ -9,19 +9,16 @@ Whoever had the disk may have planted anything in the folder. So:
   (through which root would read any file of that filesystem) is a stray: never listed, never
   read, never written through. Reads check the file they opened is the one they examined.
 - When bunker runs as root and the folder belongs to another user, everything that changes the
-  folder (create, rename, delete, mkdir, the sweep) runs in a short forked child that has set
-  its groups, gid and uid to that user's and does only system calls before it exits (DESIGN §8:
-  "a root daemon drops to the link directory's owner to write there"). A child rather than a
-  per-thread credential switch: it drops every capability (that user's quotas and the disk's
-  reserved blocks apply; CAP_DAC_OVERRIDE is gone), the rest of the process, other threads
-  included, never runs with changed credentials, and it needs no exec (that user need not be
-  able to run this Python). The child inherits the folder's and the source file's descriptors,
-  so it needs no access to the folder's path nor to the piece it sends. Reads stay with root,
-  without following symlinks.
+  folder (create, rename, delete, mkdir, the sweep) runs as that user, in a short forked child
+  (storage/owner.py says why a child). The child inherits the folder's and the source file's
+  descriptors, so it needs no access to the folder's path nor to the piece it sends. Reads stay
+  with root, without following symlinks.
 - A write is a temp file (a dot and 64 random hex digits), fsynced, renamed over the name, the
-  folder fsynced; temp files of killed writers are swept when the mailbox opens, once older
-  than STALE_TEMP_SECONDS. Bytes move in the kernel (sendfile): put and fetch use no memory
-  for the piece whatever its size.
+  folder fsynced, then checked: a regular file must be under the name (a temp file swapped for
+  a symlink meanwhile was renamed, never written through, and the put fails saying so). Temp
+  files of killed writers are swept when the mailbox opens, once older than
+  STALE_TEMP_SECONDS. Bytes move in the kernel (sendfile): put and fetch use no memory for the
+  piece whatever its size.
 
 A mailbox should be a folder *on* the carried disk, never its mount point: with the disk
 unplugged the folder is then missing (a clear error) instead of an empty mount point on the
@@ -34,11 +31,9 @@ import contextlib
 import errno
 import os
 import pwd
-import signal
 import stat
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 
 from bunker.errors import BunkerError, ExitCode, StorageError
 from bunker.storage.backend import ObjectInfo
@@ -55,9 +50,10 @@ from bunker.storage.mailbox import (
     temp_name,
     write_atomically,
 )
+from bunker.storage.owner import Owner
 from bunker.storage.refused import StorageRefused
 
-__all__ = ["LocalMailbox", "Owner"]
+__all__ = ["LocalMailbox"]
 
 _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -117,80 +113,6 @@ def copy_fd(src: int, dst: int) -> int:
         offset += len(data)
 
 
-@dataclass(frozen=True)
-class Owner:
-    """The user whose folder root writes into, and the credentials to write with."""
-
-    uid: int
-    gid: int
-    groups: tuple[int, ...]
-    name: str
-
-    @classmethod
-    def of(cls, st: os.stat_result) -> Owner | None:
-        """Who must write into the folder ``st`` describes: its owner when this process is root
-        and the folder is not root's, else None (this process writes as itself)."""
-        if os.geteuid() != 0 or st.st_uid == 0:
-            return None
-        try:
-            pw = pwd.getpwuid(st.st_uid)
-        except KeyError:  # a carried disk's user unknown here: its uid, the folder's group
-            return cls(st.st_uid, st.st_gid, (st.st_gid,), f"uid {st.st_uid}")
-        try:
-            groups = tuple(os.getgrouplist(pw.pw_name, pw.pw_gid))
-        except OSError:
-            groups = (pw.pw_gid,)
-        return cls(pw.pw_uid, pw.pw_gid, groups, f"{pw.pw_name}, uid {pw.pw_uid}")
-
-    def run(self, fn: Callable[[], None]) -> None:
-        """Run ``fn`` (system calls on inherited descriptors) in a forked child with this user's
-        credentials; an OSError it raises is raised here (its errno and text)."""
-        r, w = os.pipe2(os.O_CLOEXEC)
-        # Python 3.12+ warns that forking a threaded process may deadlock the child: this child
-        # takes no lock (it only makes system calls, then _exit)
-        pid = os.fork()
-        if pid == 0:  # pragma: no cover - the child's lines are not traced
-            code = 1
-            try:
-                os.close(r)
-                for sig in (signal.SIGINT, signal.SIGTERM):  # stop, removing the temp file
-                    signal.signal(sig, signal.default_int_handler)
-                os.setgroups(list(self.groups))
-                os.setresgid(self.gid, self.gid, self.gid)
-                os.setresuid(self.uid, self.uid, self.uid)
-                fn()
-                code = 0
-            except OSError as exc:
-                os.write(w, f"{exc.errno or 0}\0{exc.strerror or exc}".encode(errors="replace"))
-            except BaseException as exc:
-                with contextlib.suppress(BaseException):
-                    os.write(w, f"{errno.EINTR}\0stopped ({type(exc).__name__})".encode())
-            finally:
-                os._exit(code)
-        os.close(w)
-        try:
-            try:
-                _, status = os.waitpid(pid, 0)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.kill(pid, signal.SIGTERM)  # the child removes its temp file and exits
-                    os.waitpid(pid, 0)
-                raise
-            os.set_blocking(r, False)  # another thread's child may hold the pipe's write end
-            data = b""
-            with contextlib.suppress(BlockingIOError):
-                while chunk := os.read(r, 4096):
-                    data += chunk
-        finally:
-            os.close(r)
-        if os.waitstatus_to_exitcode(status) == 0:
-            return
-        code_text, _, text = data.decode(errors="replace").partition("\0")
-        if not code_text:
-            raise OSError(errno.EINTR, f"the writer running as {self.name} stopped (wait status {status})")
-        raise OSError(int(code_text), text)
-
-
 class LocalMailbox(Mailbox):
     """A mailbox in a local folder (see the module docstring)."""
 
@@ -211,7 +133,7 @@ class LocalMailbox(Mailbox):
 
     def _entries(self) -> list[Entry]:
         # a temp name on anything but a regular file is no writer's: a stray
-        return [e for e, _ in self._scan() if not (is_temp_name(e.info.name) and e.regular)]
+        return [e for e in self._scan() if not (is_temp_name(e.info.name) and e.regular)]
 
     def _put_file(self, name: str, path: str) -> None:
         src = read_source(path)
@@ -368,7 +290,7 @@ class LocalMailbox(Mailbox):
         try:
             stale = [
                 e.info.name
-                for e, _ in self._scan()
+                for e in self._scan()
                 if is_temp_name(e.info.name) and e.regular and now - e.info.mtime > STALE_TEMP_SECONDS
             ]
         except BunkerError:
@@ -388,7 +310,7 @@ class LocalMailbox(Mailbox):
         with contextlib.suppress(OSError):
             self._as_owner(sweep)
 
-    def _scan(self) -> list[tuple[Entry, os.stat_result]]:
+    def _scan(self) -> list[Entry]:
         # a descriptor of its own: scandir on a shared one would share its position with other threads
         try:
             fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self._dirfd)
@@ -401,7 +323,7 @@ class LocalMailbox(Mailbox):
                         except FileNotFoundError:
                             continue  # deleted while listing
                         info = ObjectInfo(e.name, st.st_size, st.st_mtime)
-                        out.append((Entry(info, is_piece_file(st), stat.S_ISDIR(st.st_mode)), st))
+                        out.append(Entry(info, is_piece_file(st), stat.S_ISDIR(st.st_mode)))
                 return out
             finally:
                 os.close(fd)
