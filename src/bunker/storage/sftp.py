@@ -81,6 +81,9 @@ async def _close_quietly(f: asyncssh.SFTPClientFile, timeout: float) -> None:
 class SftpBackend(Backend):
     """A repository in a directory on an sftp server (see the module docstring)."""
 
+    # what the first request does, in error messages (a link's mailbox opens a mailbox)
+    OPENING = "open the repository"
+
     def __init__(self, loc: SftpLocation, *, create: bool = False, env: Mapping[str, str] | None = None) -> None:
         env = os.environ if env is None else env
         self.loc = loc
@@ -92,7 +95,7 @@ class SftpBackend(Backend):
         self._hardlink = True
         self._sweep_started = False
         try:
-            self._call("open the repository", "", lambda s: self._open(s, create))
+            self._call(self.OPENING, "", lambda s: self._open(s, create))
         except BaseException:
             self.close()
             raise

@@ -26,13 +26,14 @@ KNOWN_FORMS = (
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*):")
 
 
-def _refuse(url: str, problem: str, hint: str) -> NoReturn:
-    raise BunkerError(f"repository {url!r} {problem}", hint, exit_code=ExitCode.USAGE)
+def _refuse(url: str, problem: str, hint: str, what: str = "repository") -> NoReturn:
+    raise BunkerError(f"{what} {url!r} {problem}", hint, exit_code=ExitCode.USAGE)
 
 
-def local_path(url: str) -> str | None:
+def local_path(url: str, *, what: str = "repository") -> str | None:
     """The local directory ``url`` names (a path or a ``file://`` URL), None for a URL of
-    another scheme; refuses what looks like a URL but is not one bunker knows (exit 2)."""
+    another scheme; refuses what looks like a URL but is not one bunker knows (exit 2).
+    ``what`` names the place in messages (a link's mailbox takes the same URLs)."""
     m = _SCHEME.match(url)
     if m is None:
         return url
@@ -45,17 +46,17 @@ def local_path(url: str) -> str | None:
                 url,
                 f"is a {scheme}:// URL that lacks the '//' after '{scheme}:'",
                 f"did you mean {fixed!r}? For a local directory of that name write ./{url}",
+                what,
             )
         _refuse(
             url,
             f"starts like a URL (scheme {scheme!r}) that this bunker does not know",
             f"use {KNOWN_FORMS}; an ssh server's directory is sftp://user@host/path, not host:path; for a local "
             f"directory of that name write ./{url}",
+            what,
         )
     if scheme not in SCHEMES:
-        _refuse(
-            url, f"has the URL scheme {scheme!r}, which this bunker does not support", f"use {KNOWN_FORMS}"
-        )
+        _refuse(url, f"has the URL scheme {scheme!r}, which this bunker does not support", f"use {KNOWN_FORMS}", what)
     if scheme != "file":
         return None
     parsed = urlparse(url)
@@ -64,6 +65,7 @@ def local_path(url: str) -> str | None:
             url,
             "is not a local file:// URL",
             "a file URL names an absolute path on this machine: file:///path (three slashes)",
+            what,
         )
     return unquote(parsed.path)
 
