@@ -156,7 +156,10 @@ def revoke(**kwargs: Any) -> None:
         raise BunkerError("give --last or --last-seq, not both", "", exit_code=ExitCode.USAGE)
     opts, out = make_options(kwargs)
     repo = context.open_repository(opts)
-    certs = [c for c in repo.certificates() if c.client == name or c.name.split("/", 1)[1].startswith(name)]
+    # an exact client name wins over certificate ids that merely start with the same letters
+    certs = [c for c in repo.certificates() if c.client == name] or [
+        c for c in repo.certificates() if c.name.split("/", 1)[1].startswith(name)
+    ]
     if len(certs) != 1:
         known = ", ".join(sorted({c.client for c in repo.certificates()})) or "none"
         raise BunkerError(
