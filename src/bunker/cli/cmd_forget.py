@@ -123,6 +123,7 @@ def open_for_records(
     passphrase is asked only then), the signer, and why a real run could not sign. Records this
     machine signed that the storage lost are counted as present, and put back by a real run."""
     repo = context.open_repository(opts)
+    context.refuse_on_node(repo, what)
     master = None
     if opts.master_key or os.environ.get("BUNKER_MASTER_KEY"):
         master = context.load_master(opts, repo, purpose)

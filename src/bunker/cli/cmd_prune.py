@@ -50,6 +50,7 @@ def prune(**kwargs: Any) -> None:
     threshold = kwargs.pop("repack_threshold")
     opts, out = make_options(kwargs)
     repo = context.open_repository(opts)
+    context.refuse_on_node(repo, "prune")
     put = context.load_put(opts, repo)
     # refuses a key without `prune`
     pruner = Pruner(repo, put, grace=grace, repack_threshold=threshold, dry_run=dry_run, progress=out.info)

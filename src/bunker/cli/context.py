@@ -135,6 +135,20 @@ def open_repository(opts: Options) -> Repository:
     return Repository.open(backend, pinned[0], pinned_by=pinned[1])
 
 
+def refuse_on_node(repo: Repository, what: str) -> None:
+    """Stop before ``what`` (forget, prune, unforget) when the repository is reached through a
+    node: those run only on the repository of record (docs/hierarchy.md, "Roles")."""
+    node = getattr(repo.backend, "server_node", "")
+    if node:
+        raise BunkerError(
+            f"the repository at {repo.backend.url} is served by node {node!r}, which takes backups append-only: "
+            f"{what} runs only on the repository of record. Nothing was changed",
+            "run the same command with --repo naming the repository of record (the top of the hierarchy); "
+            "what it decides reaches the node with its next `bunker node forward`",
+            exit_code=ExitCode.USAGE,
+        )
+
+
 def load_put(opts: Options, repo: Repository) -> PutKey:
     """The put key for ``repo``; a clear error if there is none."""
     path = opts.put_key_file(repo.repo_id)

@@ -116,6 +116,8 @@ def main() -> None:
         cmd_forward,
         cmd_key,
         cmd_migrate,
+        cmd_node,
+        cmd_node_keys,
         cmd_prune,
         cmd_restore,
         cmd_serve,

@@ -31,6 +31,7 @@ import stat
 import sys
 import threading
 import traceback
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -40,7 +41,7 @@ from bunker.errors import BunkerError, ExitCode, ObjectMissing
 from bunker.repo.config import FORMAT_VERSION
 from bunker.repo.objects import content_hash, is_hash_name
 from bunker.storage import wire
-from bunker.storage.backend import InvalidName, validate_name, validate_prefix
+from bunker.storage.backend import InvalidName, ObjectInfo, validate_name, validate_prefix
 from bunker.storage.full import RepositoryFull
 from bunker.storage.local import LocalBackend
 from bunker.storage.prefixes import known_names
@@ -59,11 +60,29 @@ def log(message: str) -> None:
 
 
 @dataclass(frozen=True)
+class NodeRole:
+    """What makes a server a node's (node/node_serve.py): which store a client reaches, and
+    what it may write there (clients back up; records come down from the top only)."""
+
+    name: str
+    resolve: Callable[[str | None, bool], str]  # (requested path, create) -> store directory
+    writable: tuple[str, ...]  # prefixes clients may create objects under
+    refusal: str  # why anything else is refused, and where it runs instead
+    refusal_hint: str
+    # store directory -> objects evicted under record receipts (listed, marked as held upstream)
+    upstream_held: Callable[[str], dict[str, ObjectInfo]] = lambda _store: {}
+    # store directory -> bytes over the store's bound after eviction ("" when there is room)
+    full: Callable[[str], str] = lambda _store: ""
+
+
+@dataclass(frozen=True)
 class ServeConfig:
-    """What one server offers: the repository directory and whether it is append-only."""
+    """What one server offers: the repository directory and whether it is append-only (a
+    node's server: its role, which picks the store per connection)."""
 
     repo: str
     append_only: bool = False
+    node: NodeRole | None = None
 
 
 class _Bad(Exception):
@@ -142,31 +161,39 @@ class Session:
             return False
         requested = hello.fields.get("repo")
         create = hello.fields.get("create") is True
-        if requested is not None:
-            if not isinstance(requested, str) or not requested or "\x00" in requested:
-                self._hello_error("the client asked for a malformed repository path", "", ExitCode.USAGE)
+        if requested is not None and (not isinstance(requested, str) or not requested or "\x00" in requested):
+            self._hello_error("the client asked for a malformed repository path", "", ExitCode.USAGE)
+            return False
+        repo_dir = self.config.repo
+        if self.config.node is not None:
+            try:
+                repo_dir = self.config.node.resolve(requested, create)
+            except BunkerError as exc:
+                self._hello_error(exc.message, exc.hint, exc.exit_code)
                 return False
-            if os.path.realpath(requested) != os.path.realpath(self.config.repo):
-                self._hello_error(
-                    f"this server serves only the repository {self.config.repo}, not {wire.text(requested, 500)}",
-                    f"use the repository path {self.config.repo} in the URL (the server's `serve --repo`, "
-                    "e.g. a forced command in authorized_keys, fixes it)",
-                    ExitCode.NO_REPOSITORY,
-                )
-                return False
+        elif requested is not None and os.path.realpath(requested) != os.path.realpath(self.config.repo):
+            self._hello_error(
+                f"this server serves only the repository {self.config.repo}, not {wire.text(requested, 500)}",
+                f"use the repository path {self.config.repo} in the URL (the server's `serve --repo`, "
+                "e.g. a forced command in authorized_keys, fixes it)",
+                ExitCode.NO_REPOSITORY,
+            )
+            return False
         try:
-            self.backend = LocalBackend(self.config.repo, create=create)
+            self.backend = LocalBackend(repo_dir, create=create and self.config.node is None)
         except BunkerError as exc:
             self._hello_error(exc.message, exc.hint, exc.exit_code)
             return False
         fields = {
             "version": version,
             "server": __version__,
-            "repo": self.config.repo,
+            "repo": repo_dir,
             "append_only": self.config.append_only,
             "create_if_absent": True,
             "max_frame": wire.MAX_FRAME,
         }
+        if self.config.node is not None:
+            fields["node"] = self.config.node.name
         try:
             self.stream.write(wire.encode_hello(fields))
         except OSError:
@@ -259,6 +286,18 @@ class Session:
         if f.code == wire.PUT:
             name = _object_name(_str(m, "n"), self.peer)
             if_absent = _bool(m, "x")
+            node = self.config.node
+            if node is not None and name.split("/", 1)[0] not in node.writable:
+                raise _Bad(wire.REFUSED, f"refused to store {name}: {node.refusal}", node.refusal_hint)
+            if node is not None and name.startswith("packs/"):
+                why = node.full(b.root)
+                if why:
+                    meta = {
+                        "m": why,
+                        "h": "this backup stays in your own spool and goes up later",
+                        "k": wire.KIND_NODE_FULL,
+                    }
+                    return wire.FAILED, meta, b""
             if self.config.append_only:
                 if is_hash_name(name) and content_hash(f.payload) != name.split("/", 1)[1]:
                     raise _Bad(
@@ -270,14 +309,23 @@ class Session:
             stored = b.put(name, f.payload, if_absent=if_absent)
             return (wire.OK if stored else wire.EXISTS), {}, b""
         if f.code == wire.GET:
-            return self._get(b, validate_name(_str(m, "n")), _int(m, "o"), _opt_int(m, "l"))
+            name = validate_name(_str(m, "n"))
+            try:
+                return self._get(b, name, _int(m, "o"), _opt_int(m, "l"))
+            except ObjectMissing:
+                if self.config.node is not None and name in self.config.node.upstream_held(b.root):
+                    return wire.MISSING, {"w": "upstream"}, b""
+                raise
         if f.code == wire.LIST:
             if _bool(m, "j"):
                 strays = b.strays(validate_prefix(_str(m, "p")))
                 return wire.OK, {"j": list(strays.shown), "jn": strays.count}, encoding.pack([])
-            return self._list(b, validate_prefix(_str(m, "p")), _str(m, "a", ""))
+            return self._list(b, validate_prefix(_str(m, "p")), _str(m, "a", ""), _bool(m, "u"))
         if f.code == wire.DELETE:
             name = validate_name(_str(m, "n"))
+            if self.config.node is not None and not name.startswith("sessions/"):
+                node = self.config.node
+                raise _Bad(wire.REFUSED, f"refused to delete {name}: {node.refusal}", node.refusal_hint)
             if self.config.append_only and not name.startswith("sessions/"):
                 raise _Bad(
                     wire.REFUSED,
@@ -287,7 +335,12 @@ class Session:
             b.delete(name)
             return wire.OK, {}, b""
         if f.code == wire.STAT:
-            info = b.stat(validate_name(_str(m, "n")))
+            name = validate_name(_str(m, "n"))
+            info = b.stat(name)
+            if info is None and self.config.node is not None:
+                held = self.config.node.upstream_held(b.root).get(name)
+                if held is not None:
+                    return wire.OK, {"s": held.size, "t": held.mtime, "w": "upstream"}, b""
             if info is None:
                 return wire.MISSING, {}, b""
             return wire.OK, {"s": info.size, "t": info.mtime}, b""
@@ -309,8 +362,16 @@ class Session:
                 return wire.TOO_LARGE, {"s": info.size}, b""
         return wire.OK, {}, b.get(name, offset, length)
 
-    def _list(self, b: LocalBackend, prefix: str, after: str) -> tuple[int, dict[str, Any], bytes]:
-        entries = sorted((i for i in b.list(prefix) if i.name > after), key=lambda i: i.name)
+    def _list(
+        self, b: LocalBackend, prefix: str, after: str, upstream_only: bool = False
+    ) -> tuple[int, dict[str, Any], bytes]:
+        held = self.config.node.upstream_held(b.root) if self.config.node is not None else {}
+        # a node lists what it evicted under record receipts too: clients deduplicate against it
+        listed = {} if upstream_only else {i.name: i for i in b.list(prefix)}
+        for name, info in held.items():
+            if name.startswith(prefix) and name not in listed:
+                listed[name] = info
+        entries = sorted((i for i in listed.values() if i.name > after), key=lambda i: i.name)
         page = entries[: wire.LIST_PAGE]
         payload = encoding.pack([[i.name[len(prefix) :], i.size, i.mtime] for i in page])
         return wire.OK, {"more": len(entries) > len(page)}, payload

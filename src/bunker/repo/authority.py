@@ -9,9 +9,11 @@ import os
 import time
 
 from bunker.crypto.keyfile import MasterKey, PutKey
+from bunker.crypto.node_keys import NodePublic
 from bunker.crypto.sign import SigningKey
 from bunker.repo.certs import Certificate, bind_host, make_certificate
 from bunker.repo.config import FORMAT_VERSION, RepoConfig, Revocation, make_config
+from bunker.repo.node_certs import NodeCertificate, make_node_certificate, parse_node_certificate
 from bunker.repo.repository import Repository, RepositoryError
 
 
@@ -88,6 +90,8 @@ def write_config(repo: Repository, master: MasterKey, **changes: object) -> Repo
         merges=tuple(h for h in repo.chain.fork if h in repo.configs),
         revoked=next_revocations(repo),
         legacy=dict(repo.chain.legacy),
+        # a node revoked on any branch stays revoked: revocation is never undone
+        revoked_nodes=tuple(sorted({n for c in repo.configs.values() for n in c.revoked_nodes})),
         created=time.time(),
         format=FORMAT_VERSION,
     )
@@ -103,3 +107,22 @@ def revoke_client(repo: Repository, master: MasterKey, cert: Certificate, last: 
     against its packs."""
     kept = tuple(r for r in next_revocations(repo) if r.client != cert.name)
     return write_config(repo, master, revoked=(*kept, Revocation(cert.name, last_seq, last)))
+
+
+def issue_node(
+    repo: Repository, master: MasterKey, node: str, public: NodePublic, capabilities: tuple[str, ...]
+) -> NodeCertificate:
+    """Publish a certificate for a node (docs/hierarchy.md): its name, keys and capabilities,
+    with the current config version as the node's floor."""
+    _own(repo, master)
+    repo.refuse_if_forked("certify a node")
+    data = make_node_certificate(master.signing, repo.repo_id, node, public, capabilities, repo.config.version)
+    repo.put_object("nodes", data)
+    return parse_node_certificate(data, repo.config.master_verify, repo.repo_id)
+
+
+def revoke_node(repo: Repository, master: MasterKey, cert: NodeCertificate) -> RepoConfig:
+    """Publish a config version that no longer trusts ``cert``: its receipts free nothing and
+    its bundles are refused from then on."""
+    revoked = tuple(sorted({*repo.config.revoked_nodes, cert.name}))
+    return write_config(repo, master, revoked_nodes=revoked)

@@ -32,6 +32,7 @@ from bunker.repo.config import FORMAT_VERSION, parse_config
 from bunker.repo.config_chain import missing_links
 from bunker.repo.index import decrypt_index, parse_index_frame
 from bunker.repo.leases import sessions
+from bunker.repo.node_certs import parse_node_certificate
 from bunker.repo.objects import (
     MAGIC_GC,
     MAGIC_INDEX,
@@ -70,8 +71,7 @@ def span(offset: int, length: int, raw_length: int) -> Span:
 TRANSIENT = ("packs", "index", "gc", "sessions")
 # listed in this order: everything an object names was stored before it (docs/format.md
 # section 17), and a record explaining a pack's absence is stored before the pack is deleted
-LIST_ORDER = ("config", "clients", "snapshots", "refs", "index", "packs", "retired", "gc", "sessions")
-
+LIST_ORDER = ("config", "clients", "nodes", "snapshots", "refs", "index", "packs", "retired", "gc", "sessions")
 
 
 class Checker:
@@ -140,11 +140,25 @@ class Checker:
         self.progress("configs and certificates")
         self._check_configs(names["config"])
         self._check_certs(names["clients"])
+        self._check_node_certs(names["nodes"])
         if keyless or self.master:
             self._check_small_objects(names)
         self.progress("packs")
         self._full = keyless or self.master is not None
-        self._trailers = self._check_packs(names["packs"], full=self._full)
+        # a node lists packs it evicted under record receipts: the repository of record holds
+        # them (docs/hierarchy.md); they are named as upstream, never as missing or damaged
+        upstream_names = getattr(self.backend, "upstream_names", None)
+        upstream = upstream_names("packs/") if upstream_names is not None else set()
+        self._upstream = upstream
+        if upstream:
+            r.counts["upstream"] = len(upstream)
+            r.add(
+                "packs/",
+                f"{len(upstream)} packs are held upstream (evicted by this node under record receipts: "
+                "the repository of record holds them; check it there)",
+                "note",
+            )
+        self._trailers = self._check_packs([n for n in names["packs"] if n not in upstream], full=self._full)
         self.progress("indexes")
         self._also_in = {}
         self._locations = {}
@@ -222,9 +236,7 @@ class Checker:
                 "`bunker key merge-configs`",
             )
         for cfg_name, missing in missing_links(repo.configs, repo.chain):
-            self.report.add(
-                cfg_name, f"it follows {missing}, which is missing (a config version was deleted)", "warn"
-            )
+            self.report.add(cfg_name, f"it follows {missing}, which is missing (a config version was deleted)", "warn")
 
     def _check_certs(self, names: list[str]) -> None:
         assert self.repo
@@ -236,6 +248,17 @@ class Checker:
                 self.repo._certs[n] = parse_certificate(data, self.repo.config.master_verify, self.repo.repo_id)
             except encoding.FormatError as exc:
                 self.report.add(n, f"invalid client certificate: {exc}")
+
+    def _check_node_certs(self, names: list[str]) -> None:
+        assert self.repo
+        for n in names:
+            data = self._get(n)
+            if data is None:
+                continue
+            try:
+                parse_node_certificate(data, self.repo.config.master_verify, self.repo.repo_id)
+            except encoding.FormatError as exc:
+                self.report.add(n, f"invalid node certificate: {exc}")
 
     def _secrets_for_domain(self, domain_id: str) -> PutSecrets | None:
         if self.secrets is not None and self.secrets.domain_id == domain_id:
@@ -422,6 +445,8 @@ class Checker:
                 t = trailers.get(loc.pack)
                 if t is None and f"packs/{loc.pack}" in self._vanished:
                     continue  # deleted by a prune since it was listed (see _settle)
+                if t is None and f"packs/{loc.pack}" in self._upstream:
+                    t = {cid: span(loc.offset, loc.length, loc.raw_length)}  # held upstream: checked there
                 if t is None:
                     wrong += 1
                     if wrong <= 5:

@@ -52,11 +52,12 @@ class RepoConfig:
     prev: str = ""  # config/<hex> of the version this one follows ("" for the first)
     merges: tuple[str, ...] = ()  # config/<hex> of other branches' heads this version joins
     legacy: dict[str, tuple[str, ...]] = field(default_factory=dict)  # cert -> format-1 chain heads (snapshots/<hex>)
+    revoked_nodes: tuple[str, ...] = ()  # node certificates (nodes/<hex>) no longer trusted
 
     def to_body(self) -> dict[str, Any]:
         if self.format != FORMAT_VERSION:
             raise ValueError("bunker writes only format-2 configs")
-        return {
+        body: dict[str, Any] = {
             "format": FORMAT_VERSION,
             "version": self.version,
             "prev": self.prev,
@@ -71,6 +72,9 @@ class RepoConfig:
             "legacy": {cert: sorted(heads) for cert, heads in sorted(self.legacy.items())},
             "created": self.created,
         }
+        if self.revoked_nodes:  # optional: configs without revoked nodes keep their old shape
+            body["revoked_nodes"] = sorted(self.revoked_nodes)
+        return body
 
 
 def make_config(cfg: RepoConfig, master: SigningKey) -> bytes:
@@ -120,7 +124,10 @@ def parse_config(data: bytes) -> RepoConfig:
     prev: str = ""
     merges: tuple[str, ...] = ()
     legacy: dict[str, tuple[str, ...]] = {}
+    revoked_nodes: tuple[str, ...] = ()
     if fmt >= 2:
+        if "revoked_nodes" in b:
+            revoked_nodes = tuple(check_ref(n, "nodes") for n in encoding.field(b, "revoked_nodes", list))
         prev = encoding.field(b, "prev", str)
         if prev:
             check_ref(prev, "config")
@@ -147,6 +154,7 @@ def parse_config(data: bytes) -> RepoConfig:
         prev=prev,
         merges=merges,
         legacy=legacy,
+        revoked_nodes=revoked_nodes,
     )
 
 

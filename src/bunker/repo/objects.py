@@ -32,6 +32,7 @@ MAGIC_UNRETIRED = b"BKUR"  # withdrawal of a retirement (`bunker unforget`), als
 MAGIC_SESSION = b"BKSS"
 MAGIC_GC = b"BKGC"
 MAGIC_MOVED = b"BKMV"  # a move record of a repack, also under gc/
+MAGIC_NODE = b"BKND"  # a node certificate (nodes/)
 
 # the main kind of each prefix (gc/ also holds MAGIC_MOVED, retired/ also MAGIC_UNRETIRED)
 MAGIC_OF_PREFIX = {
@@ -44,6 +45,7 @@ MAGIC_OF_PREFIX = {
     "retired": MAGIC_RETIRED,
     "gc": MAGIC_GC,
     "sessions": MAGIC_SESSION,
+    "nodes": MAGIC_NODE,
 }
 MAX_SIGNED_OBJECT = 64 << 20  # no signed object of ours is near this; larger is hostile
 

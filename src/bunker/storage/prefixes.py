@@ -54,7 +54,7 @@ REGISTRY: tuple[Prefix, ...] = (
     Prefix("gc", HASH, "GC condemnation and move records"),
     Prefix("status", HASH, "status records (reserved: not written yet)", reserved=True),
     Prefix("policy", HASH, "policy objects (reserved: not written yet)", reserved=True),
-    Prefix("nodes", HASH, "node certificates (reserved: not written yet)", reserved=True),
+    Prefix("nodes", HASH, "node certificates"),
     Prefix("sessions", SESSION, "leases of running writers"),
 )
 BY_NAME = {p.name: p for p in REGISTRY}

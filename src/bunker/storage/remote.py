@@ -167,6 +167,7 @@ class RemoteBackend(Backend):
         self.append_only = False
         self.server_version = ""
         self.server_repo = ""  # the repository directory on the server, as its hello says
+        self.server_node = ""  # the node's name when the server is a node (docs/hierarchy.md)
         self._answered = False  # a server answered once: a refused connection then gets every retry
         self._finalizer = weakref.finalize(self, self._current.close, self._opener)
         try:
@@ -229,6 +230,27 @@ class RemoteBackend(Backend):
                 return
             after = page[-1].name
 
+    def upstream_names(self, prefix: str) -> set[str]:
+        """Objects under ``prefix`` a node lists but no longer holds: evicted under record
+        receipts, held by the repository of record (empty for a server that is not a node)."""
+        if not self.server_node:
+            return set()
+        out: set[str] = set()
+        after = ""
+        while True:
+            f = self._call("list", prefix, wire.LIST, {"p": validate_prefix(prefix), "a": after, "u": True})
+            if f.code != wire.OK:
+                raise self._status_error(f, "list", prefix)
+            try:
+                rows = encoding.unpack(f.payload)
+                page = [prefix + str(r[0]) for r in rows]
+            except (encoding.FormatError, TypeError, IndexError) as exc:
+                raise wire.ProtocolError(f"the server sent a malformed listing of {prefix} ({exc})", "") from None
+            out.update(page)
+            if not f.meta.get("more") or not page:
+                return out
+            after = max(page)
+
     def strays(self, prefix: str) -> Strays:
         """The server's own report (LIST with ``j``). A server that predates it sends none, and
         one of an older version may not know a reserved prefix: nothing to report then (its
@@ -279,6 +301,7 @@ class RemoteBackend(Backend):
             self.append_only = fields.get("append_only") is True
             self.server_version = wire.text(fields.get("server"), 100)
             self.server_repo = wire.text(fields.get("repo"), 1000)
+            self.server_node = wire.text(fields.get("node"), 100) if fields.get("node") else ""
             max_frame = fields.get("max_frame")
             limit = max_frame if isinstance(max_frame, int) and 0 < max_frame <= wire.MAX_FRAME else wire.MAX_FRAME
             self._current.conn = conn = Connection(stream, describe, limit)
@@ -360,6 +383,10 @@ class RemoteBackend(Backend):
                 f"could not {where}: the server's repository refuses writes (the server says: {message})",
                 f"on the server ({server}): {fix}",
             )
+        if f.code == wire.FAILED and f.meta.get("k") == wire.KIND_NODE_FULL:
+            # a node whose store holds only data not yet recorded upstream: like an unreachable
+            # repository, the backup keeps its data in this machine's spool and sends it later
+            return StorageError(f"could not {where}: {message}", hint, exit_code=ExitCode.WARN)
         if f.code == wire.FAILED and f.meta.get("k") == wire.KIND_FULL:
             # the server's disk is full: not "unreachable" (a backup must not spool), no retry helps
             server = self.loc.host if self.loc.scheme == "ssh" else "the machine that runs `bunker serve`"

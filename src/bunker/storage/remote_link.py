@@ -12,6 +12,7 @@ import re
 import shlex
 import socket
 import subprocess
+import sys
 import threading
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -23,6 +24,7 @@ from bunker import __version__
 from bunker.child_env import child_env
 from bunker.errors import BunkerError, ExitCode, StorageError
 from bunker.storage import wire
+from bunker.storage.node_path import split_node_path
 from bunker.storage.ssh_address import SshAddress, parse_ssh_address, ssh_dir
 
 DEFAULT_REMOTE_PATH = "bunker"
@@ -67,6 +69,8 @@ class RemoteLocation:
     @property
     def url(self) -> str:
         """The canonical URL: what messages show and worker processes reopen."""
+        if self.scheme == "node":
+            return self.path  # a node directory: reopening it starts its server again
         if self.scheme == "unix":
             return "unix://" + quote(self.path, safe="/")
         return self.address.canonical("ssh")
@@ -78,6 +82,8 @@ class RemoteLocation:
     @property
     def where(self) -> str:
         """How messages name the place."""
+        if self.scheme == "node":
+            return f"the node at {self.path} (started for this run)"
         if self.scheme == "unix":
             return f"the bunker server at {self.path}"
         return f"the bunker server on {self.host_port} (ssh), repository {self.address.shown_path}"
@@ -121,6 +127,8 @@ class Opener(Protocol):
 
 def opener_for(loc: RemoteLocation, env: Mapping[str, str], timeout: float) -> Opener:
     """The opener for ``loc``'s scheme."""
+    if loc.scheme == "node":
+        return ForkOpener(loc, timeout)
     return UnixOpener(loc, timeout) if loc.scheme == "unix" else SshOpener(loc, env, timeout)
 
 
@@ -206,6 +214,69 @@ class UnixOpener:
 
     def close(self) -> None:
         """Nothing to release: each connection's socket is closed with it."""
+
+
+class ForkOpener:
+    """Starts the node's own server for this run: ``bunker node serve DIR --stdio`` as a child
+    of this process (the forked mode, docs/hierarchy.md), with the same Python and bunker."""
+
+    def __init__(self, loc: RemoteLocation, timeout: float) -> None:
+        self.loc, self.timeout = loc, timeout
+        self.node_dir = node_dir_of(loc.path)
+        self.test_hint = f"`bunker node status {self.node_dir}` should show the node"
+        self._streams: list[_ProcStream] = []
+
+    def argv(self) -> list[str]:
+        return [sys.executable, "-m", "bunker", "node", "serve", self.node_dir, "--stdio"]
+
+    def open(self, *, create: bool) -> tuple[wire.Stream, Callable[[], str], dict[str, Any]]:
+        self.close()
+        proc = subprocess.Popen(
+            self.argv(),
+            env=child_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            bufsize=0,
+            start_new_session=True,  # the terminal's Ctrl-C reaches bunker, which ends the node itself
+        )
+        assert proc.stderr is not None
+        tail = _Tail(proc.stderr)
+        stream = _ProcStream(proc)
+        self._streams.append(stream)
+
+        def describe() -> str:
+            tail.thread.join(0.5)
+            return f"; node: {tail.lines[-1]}" if tail.lines else ""
+
+        fields = {"repo": self.loc.path, "create": create, "client": __version__}
+        try:
+            return stream, describe, handshake(stream, fields, self.timeout, self.loc.where)
+        except (wire.ConnectionClosed, OSError, wire.ProtocolError):
+            stream.close()
+            rc = stream.reap(5)
+            tail.thread.join(2)
+            said = tail.text().strip().splitlines()
+            raise StorageError(
+                f"the node server for {self.node_dir} ended before it answered ({said[-1] if said else f'exit {rc}'})",
+                f"run `bunker node serve {shlex.quote(self.node_dir)} --stdio < /dev/null` to see what it says",
+                exit_code=ExitCode.FATAL,
+            ) from None
+        except BaseException:
+            stream.close()
+            raise
+
+    def close(self) -> None:
+        """End every node server this opener started."""
+        streams, self._streams = self._streams, []
+        for s in streams:
+            s.close()
+
+
+def node_dir_of(path: str) -> str:
+    """The node directory of a node path (``DIR`` or ``DIR/<repository id>``)."""
+    found = split_node_path(path)
+    return found[0] if found else path
 
 
 _HOST_KEY = re.compile(r"^debug1: Server host key: (\S+) (SHA256:[A-Za-z0-9+/=]+)")

@@ -8,6 +8,7 @@ colon is written with ``./`` in front.
 
 from __future__ import annotations
 
+import os
 import re
 from typing import NoReturn
 from urllib.parse import unquote, urlparse
@@ -15,6 +16,7 @@ from urllib.parse import unquote, urlparse
 from bunker.errors import BunkerError, ExitCode
 from bunker.storage.backend import Backend
 from bunker.storage.local import LocalBackend
+from bunker.storage.node_path import split_node_path
 
 OBJECT_STORE_SCHEMES = ("s3", "gcs", "azblob", "b2", "webdav+http", "webdav+https")
 SCHEMES = ("file", *OBJECT_STORE_SCHEMES, "sftp", "ssh", "unix")
@@ -75,6 +77,12 @@ def open_backend(url: str, *, create: bool = False) -> Backend:
     ``azblob://``, ``b2://``, ``webdav+https://``), ``sftp://``, ``ssh://`` or ``unix://`` URL."""
     path = local_path(url)
     if path is not None:
+        if split_node_path(path) is not None:
+            # a node directory: its own server takes the writes (storage/node_path.py)
+            from bunker.storage.remote import RemoteBackend
+            from bunker.storage.remote_link import RemoteLocation
+
+            return RemoteBackend(RemoteLocation("node", os.path.abspath(path)), create=create)
         return LocalBackend(path, create=create)
     scheme = urlparse(url).scheme.lower()
     if scheme in OBJECT_STORE_SCHEMES:

@@ -56,6 +56,7 @@ TOO_LARGE = 7  # a GET whose answer would exceed MAX_PAYLOAD; meta s is the obje
 # FAILED's meta ``k``: what kind of failure (absent, or a kind this side does not know: a plain
 # storage failure)
 KIND_FULL = "full"  # the server's disk is full (ENOSPC, EDQUOT): no point retrying, nor spooling
+KIND_NODE_FULL = "node-full"  # a node's store is full of data not yet recorded upstream: spool, warn
 KIND_REFUSED = "refused"  # the server's disk refuses writes (read-only, permissions): spool, but err
 STATUSES = {
     OK: "ok",

@@ -1,0 +1,372 @@
+"""bunker node init | card | seed | export-seed | serve | upstream | forward: a node (docs/hierarchy.md)."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+from typing import Any
+
+import click
+
+from bunker.cli import context
+from bunker.cli.files import write_output
+from bunker.cli.main import cli, common, handles_errors, make_options
+from bunker.cli.output import Output, human_bytes
+from bunker.errors import BunkerError, ExitCode
+
+
+def _out(kwargs: dict[str, Any]) -> Output:
+    return Output(bool(kwargs.pop("as_json", False)))
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print one JSON document on stdout.")
+
+
+@cli.group()
+def node() -> None:
+    """Run a node: a server close to its clients that carries their backups upstream."""
+
+
+@node.command("init")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--name", help="The node's name (public: in its certificate); default: the directory's name.")
+@click.option("--store", type=click.Path(file_okay=False), help="Where it keeps objects [default: DIR/store].")
+@click.option("--max-size", help="Bound of the store, e.g. 500G: beyond it the node evicts recorded data.")
+@click.option("--seed", "seed_file", type=click.Path(dir_okay=False, exists=True), help="A seed file made at the top.")
+@json_option
+@handles_errors
+def init_cmd(
+    directory: str, name: str | None, store: str | None, max_size: str | None, seed_file: str | None, **kwargs: Any
+) -> None:
+    """Make a node directory with a new node key."""
+    from bunker.node.node_dir import NodeDir, parse_size
+
+    out = _out(kwargs)
+    bound = parse_size(max_size) if max_size else None
+    nd = NodeDir.init(directory, name or os.path.basename(os.path.abspath(directory)), store, bound)
+    doc: dict[str, Any] = {"node": nd.name, "id": nd.config.node_id, "directory": nd.root, "store": nd.config.store}
+    out.line(f"made node {nd.name} ({nd.config.node_id[:16]}) in {nd.root}")
+    if seed_file:
+        doc["seeded"] = _seed(nd, seed_file, out)
+    out.document(doc)
+    out.line(
+        f"next: `bunker node card {nd.root} > {nd.name}.card`, then at the top "
+        f"`bunker key new-node {nd.name}.card --caps relay`"
+    )
+
+
+def _seed(nd: Any, seed_file: str, out: Output) -> dict[str, Any]:
+    from bunker.node.seeding import import_seed
+
+    with open(seed_file, "rb") as f:
+        seeded = import_seed(nd, f.read(), seed_file)
+    what = "now relays" if seeded.created else "updated"
+    out.line(
+        f"node {nd.name} {what} repository {seeded.repo_id} ({seeded.added} records added, "
+        f"{seeded.present} already there)"
+    )
+    return {"repository": seeded.repo_id, "added": seeded.added, "present": seeded.present, "created": seeded.created}
+
+
+@node.command("card")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--out", "dest", type=click.Path(dir_okay=False), help="Write the card to FILE instead of stdout.")
+@handles_errors
+def card_cmd(directory: str, dest: str | None) -> None:
+    """Print the node's public card (for `bunker key new-node` and for pairing a link)."""
+    from bunker.node.node_dir import NodeDir
+
+    text = NodeDir(directory).card()
+    if dest:
+        write_output(dest, text, "the node card")
+    else:
+        click.echo(text, nl=False)
+
+
+@node.command("seed")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.argument("seed_file", type=click.Path(dir_okay=False, exists=True))
+@json_option
+@handles_errors
+def seed_cmd(directory: str, seed_file: str, **kwargs: Any) -> None:
+    """Add a repository to the node from a seed file (or what is new in it)."""
+    from bunker.node.node_dir import NodeDir
+
+    out = _out(kwargs)
+    out.document(_seed(NodeDir(directory), seed_file, out))
+
+
+@node.command("export-seed")
+@common
+@click.argument("dest", type=click.Path(dir_okay=False))
+@handles_errors
+def export_seed_cmd(dest: str, **kwargs: Any) -> None:
+    """Write a seed file of the repository: its configs and certificates (nothing secret)."""
+    from bunker.node.seeding import export_seed
+
+    opts, out = make_options(kwargs)
+    repo = context.open_repository(opts)
+    data = export_seed(repo)
+    write_output(dest, data, "the seed file")
+    out.document({"repository": repo.repo_id, "seed": os.path.abspath(dest), "bytes": len(data)})
+    out.line(f"seed of repository {repo.repo_id} written to {dest} ({human_bytes(len(data))})")
+
+
+@node.command("serve")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--stdio", is_flag=True, help="Serve one client on stdin/stdout (ssh, inetd, systemd Accept=yes).")
+@click.option("--socket", "socket_path", metavar="PATH", help="Listen on a unix socket, a thread per client.")
+@click.option("--socket-mode", default="600", show_default=True, help="Permissions of the --socket file (octal).")
+@handles_errors
+def serve_cmd(directory: str, stdio: bool, socket_path: str | None, socket_mode: str) -> None:
+    """Serve the node's stores to clients (append-only; forget and prune run at the top)."""
+    from bunker.cli.cmd_serve import _mode
+    from bunker.node.node_dir import NodeDir
+    from bunker.node.node_serve import node_serve_config
+    from bunker.node.serve import SocketServer, log, serve_stdio
+
+    if stdio == bool(socket_path):
+        raise BunkerError(
+            "bunker node serve needs exactly one of --stdio and --socket PATH",
+            "use --stdio under ssh, inetd or systemd (Accept=yes), --socket PATH for a standing server",
+            exit_code=ExitCode.USAGE,
+        )
+    nd = NodeDir(directory)
+    config = node_serve_config(nd)
+    if stdio:
+        sys.exit(serve_stdio(config))
+    assert socket_path is not None
+    server = SocketServer(socket_path, config, _mode(socket_mode))
+
+    def stop(*_: object) -> None:
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stop)
+    log(f"node {nd.name} serving on {server.path}")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.close()
+
+
+@node.group("upstream")
+def upstream() -> None:
+    """Where the node sends what it holds."""
+
+
+@upstream.command("add")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.argument("name")
+@click.option("--direct", "direct_url", metavar="URL", help="The repository of record itself (any backend).")
+@click.option("--link", "link_url", metavar="URL", help="A mailbox shared with another node (folder, sftp, S3).")
+@click.option("--card", "card_file", type=click.Path(dir_okay=False, exists=True), help="The far node's card (--link).")
+@click.option(
+    "--piece-size", help="Largest piece written to the mailbox (--link), e.g. 4G for a FAT32 disk [default: 256M]."
+)
+@json_option
+@handles_errors
+def upstream_add(
+    directory: str,
+    name: str,
+    direct_url: str | None,
+    link_url: str | None,
+    card_file: str | None,
+    piece_size: str | None,
+    **kwargs: Any,
+) -> None:
+    """Add an upstream: --direct URL, or --link URL --card FILE."""
+    from bunker.node.node_dir import parse_size
+    from bunker.node.upstreams import add_upstream
+
+    out = _out(kwargs)
+    size = parse_size(piece_size) if piece_size else None
+    up = add_upstream(directory, name, direct_url, link_url, card_file, size)
+    out.document(
+        {"upstream": up.name, "kind": up.kind, "url": up.url, "repository": up.repo or None, "peer": up.peer or None}
+    )
+    far = f"node {up.peer_name} ({up.peer[:16]})" if up.kind == "link" else f"repository {up.repo[:16]}"
+    out.line(f"upstream {up.name}: {up.kind} {up.url} -> {far}")
+
+
+@upstream.command("list")
+@click.argument("directory", type=click.Path(file_okay=False))
+@json_option
+@handles_errors
+def upstream_list(directory: str, **kwargs: Any) -> None:
+    """List the node's upstreams."""
+    from dataclasses import asdict
+
+    from bunker.node.node_dir import NodeDir
+
+    out = _out(kwargs)
+    nd = NodeDir(directory)
+    out.document({"upstreams": [{k: v for k, v in asdict(u).items() if k != "card"} for u in nd.config.upstreams]})
+    for u in nd.config.upstreams:
+        out.line(f"{u.name:<16} {u.kind:<7} {u.url}")
+    if not nd.config.upstreams:
+        out.line(
+            "no upstream yet: add one with `bunker node upstream add DIR NAME --direct URL | --link URL --card FILE`"
+        )
+
+
+@node.command("forward")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.argument("name", required=False)
+@json_option
+@handles_errors
+def forward_cmd(directory: str, name: str | None, **kwargs: Any) -> None:
+    """Send what the node holds to its upstreams (or only to NAME)."""
+    from bunker.node.eviction import evict_all
+    from bunker.node.node_dir import NodeDir
+    from bunker.node.relay import forward_all
+
+    out = _out(kwargs)
+    nd = NodeDir(directory)
+    results = forward_all(nd, name)
+    evictions, full = evict_all(nd)
+    problems = [(p.level, p.code, p.message) for p in results.problems] + full
+    out.document(
+        {
+            "node": nd.name,
+            "deliveries": [r.to_json() for r in results.reports],
+            "evicted": [e.to_json() for e in evictions],
+            "problems": [{"level": lv, "code": c, "message": m} for lv, c, m in problems],
+        }
+    )
+    for line in results.lines():
+        out.line(line)
+    _report_evictions(out, evictions)
+    sys.exit(_exit(problems))
+
+
+@node.command("list")
+@common
+@handles_errors
+def list_cmd(**kwargs: Any) -> None:
+    """List the nodes the repository's master key certified (name, id, capabilities, revoked)."""
+    from bunker.repo.node_certs import node_certificates, revoked_nodes
+
+    opts, out = make_options(kwargs)
+    repo = context.open_repository(opts)
+    revoked = revoked_nodes(repo)
+    certs = node_certificates(repo)
+    out.document(
+        {
+            "nodes": [
+                {
+                    "node": c.node,
+                    "id": c.node_id,
+                    "certificate": c.name,
+                    "capabilities": list(c.capabilities),
+                    "config_version": c.config_version,
+                    "revoked": c.name in revoked,
+                }
+                for c in certs
+            ]
+        }
+    )
+    for c in certs:
+        state = "REVOKED" if c.name in revoked else ""
+        out.line(f"{c.node:<16} {c.node_id[:16]}  {','.join(c.capabilities):<20} {state}".rstrip())
+    if not certs:
+        out.line("no node is certified for this repository (`bunker key new-node CARD` certifies one)")
+
+
+@node.command("status")
+@click.argument("directory", type=click.Path(file_okay=False))
+@json_option
+@handles_errors
+def status_cmd(directory: str, **kwargs: Any) -> None:
+    """What the node holds per repository, and what each upstream still lacks."""
+    from bunker.node.node_dir import NodeDir
+    from bunker.node.node_status import node_status
+
+    out = _out(kwargs)
+    nd = NodeDir(directory)
+    doc = node_status(nd)
+    out.document(doc)
+    out.line(f"node {nd.name} ({nd.config.node_id[:16]}) in {nd.root}")
+    bound = human_bytes(nd.config.max_size) if nd.config.max_size else "unbounded"
+    for r in doc["repositories"]:
+        out.line(
+            f"repository {r['repository'][:16]}: holds {r['objects']} objects ({human_bytes(r['bytes'])}, "
+            f"bound {bound})"
+        )
+        for u in r["upstreams"]:
+            out.line(
+                f"  upstream {u['name']:<12} lacks {u['owed_objects']} objects ({human_bytes(u['owed_bytes'])}), "
+                f"{u['recorded']} recorded at the top"
+            )
+
+
+@node.group("downstream")
+def downstream() -> None:
+    """Nodes that send their data to this one."""
+
+
+@downstream.command("add")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.argument("name")
+@click.option("--link", "link_url", required=True, metavar="URL", help="The mailbox shared with the far node.")
+@click.option(
+    "--card", "card_file", required=True, type=click.Path(dir_okay=False, exists=True), help="The far node's card."
+)
+@json_option
+@handles_errors
+def downstream_add(directory: str, name: str, link_url: str, card_file: str, **kwargs: Any) -> None:
+    """Add a downstream node reached through a mailbox (it adds this node as its --link upstream)."""
+    from bunker.node.upstreams import add_downstream
+
+    out = _out(kwargs)
+    down = add_downstream(directory, name, link_url, card_file)
+    out.document({"downstream": down.name, "url": down.url, "peer": down.peer})
+    out.line(f"downstream {down.name}: link {down.url} <- node {down.peer_name} ({down.peer[:16]})")
+
+
+@node.command("import")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.argument("name", required=False)
+@json_option
+@handles_errors
+def import_cmd(directory: str, name: str | None, **kwargs: Any) -> None:
+    """Take in the pieces waiting in the node's mailboxes (or only link NAME's)."""
+    from bunker.node.eviction import evict_all
+    from bunker.node.link_import import import_all
+    from bunker.node.node_dir import NodeDir
+
+    out = _out(kwargs)
+    nd = NodeDir(directory)
+    reports, problems = import_all(nd, name)
+    evictions, full = evict_all(nd)
+    problems += full
+    out.document(
+        {
+            "node": nd.name,
+            "imports": [r.to_json() for r in reports],
+            "evicted": [e.to_json() for e in evictions],
+            "problems": [{"level": lv, "code": c, "message": m} for lv, c, m in problems],
+        }
+    )
+    for r in reports:
+        out.line(r.summary())
+    _report_evictions(out, evictions)
+    sys.exit(_exit(problems))
+
+
+def _report_evictions(out: Output, evictions: list[Any]) -> None:
+    for e in evictions:
+        out.line(
+            f"evicted {len(e.evicted)} packs ({human_bytes(e.evicted_bytes)}) of repository {e.repo_id[:16]}, recorded "
+            f"upstream: the store holds {human_bytes(e.used_after)} of {human_bytes(e.bound)}"
+        )
+
+
+def _exit(problems: list[tuple[str, str, str]]) -> int:
+    for level, _code, message in problems:
+        click.echo(f"{level}: {message}", err=True)
+    levels = {p[0] for p in problems}
+    return ExitCode.ERR if "err" in levels else ExitCode.WARN if "warn" in levels else ExitCode.OK
+

@@ -1,0 +1,330 @@
+"""`bunker node import`: take in the pieces waiting in the node's mailboxes (docs/hierarchy.md,
+"Links and bundles").
+
+For every piece in a link's mailbox, in this order, and before anything is written:
+
+1. its name must be the keyed hash of its bytes under the link's name key for pieces *to this
+   node*: pieces for another node (or this node's own, waiting for the far side) are left where
+   they are; one whose sealed key opens for this node but whose name does not match is damaged
+   (cut short, altered) and is moved to ``state/quarantine`` — named, nothing imported;
+2. its seal opens, its header is signed by the link's far node and names this node, the far node
+   and a repository this node relays (else quarantined);
+3. replay: a sequence number imported before is a duplicate (removed, noted); one at or below
+   the low-water mark is a replay (removed, an error); gaps are allowed;
+4. the far node must hold a certificate of the repository that is not revoked;
+5. each object is checked against its manifest digest as it streams, and its name against the
+   digest (every object that crosses a link is hash-named). Data from a downstream node may only
+   be packs, index, reference objects and snapshots; snapshots are staged (node/staging.py).
+   Records from an upstream node may only be configs, certificates, retirement and GC records
+   and receipts (node/receipt_flow.py); a config must verify as the repository's.
+
+A piece imported whole is removed from the mailbox. Data pieces are answered with a hop receipt
+(written into the mailbox at once: a carried disk takes it back).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass, field
+
+from bunker import encoding
+from bunker.errors import BunkerError, StorageError
+from bunker.node.bundle_format import PieceError
+from bunker.node.bundle_reader import identify, open_piece
+from bunker.node.links import DUPLICATE, NEW, Link, LinkCounters, link_keys, links
+from bunker.node.node_dir import NodeDir, read_json
+from bunker.node.receipt_flow import ReceiptOutcome, apply_receipt, issue_hop_receipt, note_received
+from bunker.node.receipts import PREFIX as RECEIPT_PREFIX
+from bunker.node.receipts import parse_receipt
+from bunker.node.relay_link import send_down
+from bunker.node.staging import publish_ready, stage
+from bunker.repo.config import parse_config
+from bunker.repo.node_certs import trusted_node
+from bunker.repo.objects import is_hash_name
+from bunker.repo.repository import Repository
+from bunker.storage.mailbox import open_mailbox
+
+DATA_PREFIXES = ("packs/", "index/", "refs/", "snapshots/")
+RECORD_PREFIXES = ("config/", "clients/", "nodes/", "retired/", "gc/")
+
+
+@dataclass
+class ImportReport:
+    link: str
+    direction: str
+    pieces: int = 0  # imported whole
+    objects: int = 0
+    bytes: int = 0
+    published: list[str] = field(default_factory=list)
+    waiting: dict[str, list[str]] = field(default_factory=dict)
+    duplicates: int = 0
+    replayed: list[str] = field(default_factory=list)
+    foreign: int = 0  # pieces in the mailbox that are not for this node
+    quarantined: list[tuple[str, str]] = field(default_factory=list)  # (piece, why)
+    refused: list[tuple[str, str]] = field(default_factory=list)  # (object, why)
+    receipts: ReceiptOutcome = field(default_factory=ReceiptOutcome)
+    records: int = 0
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "link": self.link,
+            "direction": self.direction,
+            "pieces": self.pieces,
+            "objects": self.objects,
+            "bytes": self.bytes,
+            "published": self.published,
+            "waiting": self.waiting,
+            "duplicates": self.duplicates,
+            "replayed": self.replayed,
+            "foreign": self.foreign,
+            "quarantined": [{"piece": p, "why": w} for p, w in self.quarantined],
+            "refused": [{"object": o, "why": w} for o, w in self.refused],
+            "receipts_accepted": self.receipts.accepted,
+            "receipts_refused": self.receipts.refused,
+            "recorded": self.receipts.recorded,
+            "records": self.records,
+        }
+
+    def summary(self) -> str:
+        return (
+            f"{self.link} ({self.direction}): {self.pieces} pieces, {self.objects} objects, "
+            f"{len(self.published)} snapshots published, {len(self.waiting)} staged, "
+            f"{len(self.receipts.accepted)} receipts"
+        )
+
+
+def _quarantine(nd: NodeDir, path: str, name: str) -> None:
+    dest = os.path.join(nd.state_dir("quarantine"), name)
+    with contextlib.suppress(OSError):
+        os.replace(path, dest)
+
+
+def _digest_name_ok(name: str, digest: bytes) -> bool:
+    return is_hash_name(name) and name.split("/", 1)[1] == digest.hex()
+
+
+def import_link(nd: NodeDir, link: Link) -> ImportReport:
+    """Import every piece for this node waiting in ``link``'s mailbox."""
+    report = ImportReport(link.name, link.direction)
+    peer = link.conf.peer_public()
+    candidates = {repo_id: link_keys(nd, link, repo_id) for repo_id in nd.repositories()}
+    own = set(read_json(os.path.join(nd.state_dir("links", link.name), "own-pieces.json"), {}))
+    incoming = nd.state_dir("incoming")
+    imported: dict[str, tuple[list[str], list[int]]] = {}
+    mailbox = open_mailbox(link.conf.url)
+    try:
+        for info in mailbox.list():
+            if info.name in own:
+                continue
+            tmp = os.path.join(incoming, info.name)
+            mailbox.fetch(info.name, tmp)
+            try:
+                try:
+                    keys = identify(tmp, list(candidates.values()), my_keys=nd.keys, name=info.name)
+                except PieceError as exc:
+                    report.quarantined.append((info.name, exc.message))
+                    _quarantine(nd, tmp, info.name)
+                    mailbox.delete(info.name)
+                    continue
+                if keys is None:
+                    report.foreign += 1
+                    continue
+                outcome = _import_piece(nd, link, keys.repo_id, tmp, info.name, keys, peer, report)
+                if outcome is None:
+                    _quarantine(nd, tmp, info.name)
+                    mailbox.delete(info.name)
+                    continue
+                names, seq = outcome
+                if seq:
+                    got = imported.setdefault(keys.repo_id, ([], []))
+                    got[0].extend(names)
+                    got[1].append(seq)
+                mailbox.delete(info.name)
+            finally:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(tmp)
+    finally:
+        mailbox.close()
+    for repo_id in nd.repositories():
+        staged = publish_ready(nd, repo_id, nd.store(repo_id))
+        report.published += staged.published
+        report.waiting.update(staged.waiting)
+        if link.direction == "down" and repo_id in imported:
+            names, seqs = imported[repo_id]
+            note_received(nd, repo_id, link.name, names)
+            lacking = sorted({n for need in staged.waiting.values() for n in need})
+            issue_hop_receipt(nd, repo_id, link, names, seqs, lacking)
+            send_down(nd, repo_id, link.conf)
+    return report
+
+
+def _import_piece(
+    nd: NodeDir,
+    link: Link,
+    repo_id: str,
+    path: str,
+    name: str,
+    keys: object,
+    peer: object,
+    report: ImportReport,
+) -> tuple[list[str], int] | None:
+    """Import one piece; None when it must be quarantined (the reason is in the report).
+    Returns the names imported and the piece's number (0 for a duplicate or a replay)."""
+    store = nd.store(repo_id)
+    try:
+        opened = open_piece(path, nd.keys, keys, peer, name=name)  # type: ignore[arg-type]
+    except PieceError as exc:
+        report.quarantined.append((name, exc.message))
+        return None
+    with opened:
+        h = opened.header
+        counters = LinkCounters(nd, link.name, repo_id)
+        verdict = counters.judge(h.seq)
+        if verdict != NEW:
+            if verdict == DUPLICATE:
+                report.duplicates += 1
+            else:
+                report.replayed.append(name)
+            return [], 0
+        repo = Repository.open(store, repo_id, floor=False)
+        if trusted_node(repo, h.sender) is None:
+            report.quarantined.append(
+                (
+                    name,
+                    f"it comes from node {link.conf.peer_name} ({h.sender[:16]}), which holds no certificate of "
+                    "this repository that is not revoked",
+                )
+            )
+            return None
+        want = "data" if link.direction == "down" else "down"
+        if h.kind != want:
+            report.quarantined.append((name, f"a {h.kind} piece cannot come this way over link {link.name}"))
+            return None
+        names: list[str] = []
+        try:
+            for entry, chunks in opened.stream():
+                data = b"".join(chunks)
+                if _take(nd, link, repo_id, store, entry.name, entry.digest, data, report):
+                    names.append(entry.name)
+                    report.objects += 1
+                    report.bytes += len(data)
+        except PieceError as exc:
+            report.quarantined.append((name, exc.message))
+            return None
+        counters.imported(h.seq, time.time())
+        counters.save()
+        report.pieces += 1
+        return names, h.seq
+
+
+def _take(
+    nd: NodeDir,
+    link: Link,
+    repo_id: str,
+    store: object,
+    name: str,
+    digest: bytes,
+    data: bytes,
+    report: ImportReport,
+) -> bool:
+    """Put one verified object where it belongs; False (and the reason) when it is refused."""
+    from bunker.storage.backend import Backend
+
+    assert isinstance(store, Backend)
+    if name.startswith(RECEIPT_PREFIX) and link.direction == "up":
+        try:
+            receipt = parse_receipt(data)
+        except encoding.FormatError as exc:
+            report.refused.append((name, f"malformed receipt: {exc}"))
+            return False
+        apply_receipt(nd, repo_id, link, receipt, report.receipts)
+        return True
+    if not _digest_name_ok(name, digest):
+        report.refused.append((name, "its name is not the hash of its bytes"))
+        return False
+    allowed = DATA_PREFIXES if link.direction == "down" else RECORD_PREFIXES
+    if not name.startswith(allowed):
+        report.refused.append((name, f"a {name.split('/', 1)[0]}/ object cannot come this way over link {link.name}"))
+        return False
+    if name.startswith("config/"):
+        try:
+            cfg = parse_config(data)
+        except encoding.FormatError as exc:
+            report.refused.append((name, f"invalid config: {exc}"))
+            return False
+        if cfg.repo_id != repo_id:
+            report.refused.append((name, f"a config of repository {cfg.repo_id[:16]}"))
+            return False
+    if name.startswith("snapshots/"):
+        stage(nd, repo_id, name, data)
+        return True
+    if store.put(name, data, if_absent=True) and link.direction == "up":
+        report.records += 1
+    return True
+
+
+def import_all(nd: NodeDir, only: str | None = None) -> tuple[list[ImportReport], list[tuple[str, str, str]]]:
+    """Import from every link (or only ``only``); problems as (level, code, message)."""
+    reports: list[ImportReport] = []
+    problems: list[tuple[str, str, str]] = []
+    chosen = [lk for lk in links(nd) if only is None or lk.name == only]
+    if only is not None and not chosen:
+        nd.upstream(only)  # names the links there are
+    for link in chosen:
+        try:
+            r = import_link(nd, link)
+        except StorageError as exc:
+            problems.append(
+                (
+                    "warn",
+                    "mailbox-unreachable",
+                    f"the mailbox of link {link.name} cannot be reached ({exc.message}); nothing is lost: "
+                    f"import again once it is there ({exc.hint})",
+                )
+            )
+            continue
+        except BunkerError as exc:
+            problems.append(("err", "import-failed", f"link {link.name}: {exc.message} (next step: {exc.hint})"))
+            continue
+        reports.append(r)
+        for piece, why in r.quarantined:
+            problems.append(
+                (
+                    "err",
+                    "piece-refused",
+                    f"piece {piece[:16]} in the mailbox of link {link.name} was not imported: {why}; it was "
+                    f"moved to {nd.state_dir('quarantine')}",
+                )
+            )
+        for piece in r.replayed:
+            problems.append(
+                (
+                    "err",
+                    "piece-replayed",
+                    f"piece {piece[:16]} in the mailbox of link {link.name} is an old piece imported before "
+                    "(below the replay window): someone put it back; it was removed, nothing imported",
+                )
+            )
+        if r.duplicates:
+            problems.append(
+                (
+                    "note",
+                    "piece-duplicate",
+                    f"{r.duplicates} pieces in the mailbox of link {link.name} were imported before; removed",
+                )
+            )
+        for obj, why in r.refused:
+            problems.append(("err", "object-refused", f"{obj} from link {link.name} was refused: {why}"))
+        for why in r.receipts.refused:
+            problems.append(("err", "receipt-refused", f"link {link.name}: {why}"))
+        if r.foreign:
+            problems.append(
+                (
+                    "note",
+                    "foreign-pieces",
+                    f"{r.foreign} pieces in the mailbox of link {link.name} are not for this node; left there",
+                )
+            )
+    return reports, problems

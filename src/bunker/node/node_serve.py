@@ -1,0 +1,126 @@
+"""`bunker node serve`: a node's stores offered to clients over the serve protocol.
+
+The protocol and its safety rules are `bunker serve`'s (node/serve.py). What a node adds:
+
+- the store is chosen per connection: a client names the node directory (the node's only
+  repository) or ``<node dir>/<repository id>``; an ssh forced command pins the node whatever
+  the client asks;
+- clients only back up: they may create packs, index, reference, snapshot and session objects
+  and delete their own leases. Configs, certificates, retirement and GC records come down from
+  the repository of record, where forget, prune, repack, unforget and key changes run; a node
+  refuses them with that explanation (docs/hierarchy.md, "Roles");
+- a node never creates a repository: it serves one once it was seeded.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+
+from bunker.errors import ExitCode
+from bunker.node.eviction import evicted, store_full
+from bunker.node.node_dir import REPO_ID, NodeDir, NodeError, split_node_path
+from bunker.node.serve import NodeRole, ServeConfig
+from bunker.storage.backend import ObjectInfo
+
+# what a client writes when it backs up (format.md 17); nothing else comes from below
+CLIENT_PREFIXES = ("packs", "index", "refs", "snapshots", "sessions")
+
+
+def _resolver(node: NodeDir) -> Callable[[str | None, bool], str]:
+    def resolve(requested: str | None, create: bool) -> str:
+        if create:
+            raise NodeError(
+                f"node {node.name} does not create repositories",
+                "create the repository at the top (`bunker init` on the repository of record), export a seed "
+                f"there (`bunker node export-seed`) and add it to the node (`bunker node seed {node.root} FILE`)",
+                exit_code=ExitCode.USAGE,
+            )
+        repo_id: str | None = None
+        if requested is not None:
+            if REPO_ID.fullmatch(requested):
+                repo_id = requested
+            else:
+                found = split_node_path(requested)
+                if found is None or os.path.realpath(found[0]) != os.path.realpath(node.root):
+                    stores = {os.path.realpath(node.store_path(r)): r for r in node.repositories()}
+                    repo_id = stores.get(os.path.realpath(requested))
+                    if repo_id is None:
+                        raise NodeError(
+                            f"this server is node {node.name} at {node.root}; it does not serve {requested[:300]}",
+                            f"use {node.root} (or {node.root}/<repository id>) as the path in the URL",
+                            exit_code=ExitCode.NO_REPOSITORY,
+                        )
+                else:
+                    repo_id = found[1]
+        if repo_id is None:
+            repo_id = node.only_repository()
+        node.store(repo_id)  # refuses a repository this node does not relay
+        return node.store_path(repo_id)
+
+    return resolve
+
+
+class _Watch:
+    """What the server tells about a store, re-read at most every REREAD seconds (a daemon's
+    eviction and imports change it while connections last)."""
+
+    REREAD = 5.0
+
+    def __init__(self, node: NodeDir) -> None:
+        self.node = node
+        self._lock = threading.Lock()
+        self._held: dict[str, tuple[float, dict[str, ObjectInfo]]] = {}
+        self._full: dict[str, tuple[float, str]] = {}
+
+    def _repo(self, store_dir: str) -> str:
+        return os.path.basename(store_dir.rstrip("/"))
+
+    def upstream_held(self, store_dir: str) -> dict[str, ObjectInfo]:
+        now = time.monotonic()
+        with self._lock:
+            got = self._held.get(store_dir)
+            if got is None or now - got[0] > self.REREAD:
+                record = evicted(self.node, self._repo(store_dir))
+                infos = {n: ObjectInfo(n, int(str(v["size"])), float(str(v["time"]))) for n, v in record.items()}
+                got = (now, infos)
+                self._held[store_dir] = got
+            return got[1]
+
+    def full(self, store_dir: str) -> str:
+        now = time.monotonic()
+        with self._lock:
+            got = self._full.get(store_dir)
+            if got is None or now - got[0] > self.REREAD:
+                over = store_full(self.node, self._repo(store_dir))
+                why = (
+                    f"node {self.node.name}'s store is {over} bytes over its bound "
+                    f"({self.node.config.max_size} bytes) with data its upstreams have not recorded yet"
+                    if over
+                    else ""
+                )
+                got = (now, why)
+                self._full[store_dir] = got
+            return got[1]
+
+
+def node_serve_config(node: NodeDir) -> ServeConfig:
+    """The serve configuration of ``node``: append-only, client prefixes only."""
+    direct = [u.url for u in node.config.upstreams if u.kind == "direct"]
+    where = f" ({direct[0]})" if direct else ""
+    watch = _Watch(node)
+    role = NodeRole(
+        name=node.name,
+        resolve=_resolver(node),
+        writable=CLIENT_PREFIXES,
+        refusal=(
+            f"this is node {node.name}, which serves clients append-only; forget, prune, repack, unforget and key "
+            f"changes run only on the repository of record{where}"
+        ),
+        refusal_hint="run that command with --repo naming the repository of record, not the node",
+        upstream_held=watch.upstream_held,
+        full=watch.full,
+    )
+    return ServeConfig(node.root, append_only=True, node=role)

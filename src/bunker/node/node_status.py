@@ -1,0 +1,42 @@
+"""`bunker node status`: what a node holds and owes (docs/hierarchy.md, "Watching a node")."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from bunker.node.holdings import UP_PREFIXES, UpstreamState, owed
+from bunker.node.node_dir import NodeDir
+
+
+def node_status(nd: NodeDir) -> dict[str, Any]:
+    """A JSON-ready summary of ``nd``: per repository, what it holds and what each upstream lacks."""
+    repos = []
+    for repo_id in nd.repositories():
+        store = nd.store(repo_id)
+        held = [i for p in UP_PREFIXES for i in store.list(p)]
+        ups = []
+        for up in nd.config.upstreams:
+            if up.kind == "direct" and up.repo != repo_id:
+                continue
+            state = UpstreamState(nd, repo_id, up.name)
+            todo = owed(store, state)
+            ups.append(
+                {
+                    "name": up.name,
+                    "kind": up.kind,
+                    "owed_objects": todo.count,
+                    "owed_bytes": todo.size,
+                    "recorded": len(state.recorded),
+                }
+            )
+        repos.append(
+            {"repository": repo_id, "objects": len(held), "bytes": sum(i.size for i in held), "upstreams": ups}
+        )
+    return {
+        "node": nd.name,
+        "id": nd.config.node_id,
+        "directory": nd.root,
+        "store": nd.config.store,
+        "max_size": nd.config.max_size,
+        "repositories": repos,
+    }

@@ -1,0 +1,174 @@
+"""A node's delivery to a *direct* upstream: the repository of record itself, on any backend
+(docs/hierarchy.md, "Up").
+
+Every object is written, read back and checked against its name before it counts as delivered;
+that read-back is what a record receipt certifies, so a direct delivery marks what it wrote as
+*recorded* at once (only recorded objects may be evicted). Snapshots go last, each only once
+every pack its pack set names is at the top, in chain order; a snapshot whose place in its
+client's chain the top already holds with another snapshot is a fork: it is kept on the node and
+named, never sent.
+
+The same run brings the top's records down into the node's store (configs, certificates, node
+certificates, retirement and GC records), so the node's clients see revocations and condemned
+packs as the top does.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+from bunker import encoding
+from bunker.errors import BunkerError, CorruptObject, ExitCode, ObjectMissing
+from bunker.node.holdings import DOWN_PREFIXES, UpstreamState, owed, snapshot_packs
+from bunker.node.node_dir import NodeDir, Upstream
+from bunker.repo.objects import content_hash, is_hash_name
+from bunker.repo.repository import Repository
+from bunker.repo.snapshot import parse_snapshot
+from bunker.storage.backend import Backend, ObjectInfo
+from bunker.storage.url import open_backend
+
+UPLOAD_THREADS = 3
+
+
+@dataclass
+class DirectReport:
+    """What one delivery to a direct upstream did."""
+
+    upstream: str
+    repo_id: str
+    sent: int = 0
+    sent_bytes: int = 0
+    present: int = 0  # already at the top (counted as delivered)
+    snapshots: list[str] = field(default_factory=list)
+    held: list[tuple[str, str]] = field(default_factory=list)  # (snapshot, why) kept for a later run
+    forks: list[str] = field(default_factory=list)  # snapshots whose chain place the top holds otherwise
+    damaged: list[str] = field(default_factory=list)
+    down: int = 0  # records brought down from the top
+
+    def to_json(self) -> dict[str, object]:
+        return {
+            "upstream": self.upstream,
+            "repository": self.repo_id,
+            "sent": self.sent,
+            "sent_bytes": self.sent_bytes,
+            "present": self.present,
+            "snapshots": self.snapshots,
+            "held": [{"snapshot": s, "why": w} for s, w in self.held],
+            "forks": self.forks,
+            "damaged": self.damaged,
+            "records_down": self.down,
+        }
+
+
+def open_top(upstream: Upstream, repo_id: str) -> tuple[Backend, Repository]:
+    """The repository of record behind a direct upstream, checked to be ``repo_id``."""
+    backend = open_backend(upstream.url)
+    try:
+        return backend, Repository.open(backend, repo_id, floor=False, pinned_by=f"upstream {upstream.name}")
+    except BaseException:
+        backend.close()
+        raise
+
+
+def _copy(src: Backend, dst: Backend, info: ObjectInfo) -> bool:
+    """Copy one object, read it back and check it by name; False if it was already there."""
+    data = src.get(info.name)
+    if is_hash_name(info.name) and content_hash(data) != info.name.split("/", 1)[1]:
+        raise CorruptObject(info.name, "its bytes in the node's store do not match its name")
+    stored = dst.put(info.name, data, if_absent=True)
+    back = dst.get(info.name)
+    if back != data:
+        raise BunkerError(
+            f"{info.name} does not read back from the upstream as written",
+            "the upstream's storage is damaged or another writer replaced the object; run `bunker check` there",
+            exit_code=ExitCode.INTEGRITY,
+        )
+    return stored
+
+
+def bring_down(top: Backend, store: Backend) -> int:
+    """Copy the top's records the node's store lacks; returns how many."""
+    n = 0
+    for prefix in DOWN_PREFIXES:
+        have = {i.name for i in store.list(prefix)}
+        for info in top.list(prefix):
+            if info.name in have:
+                continue
+            data = top.get(info.name)
+            if is_hash_name(info.name) and content_hash(data) != info.name.split("/", 1)[1]:
+                continue  # damaged at the top: `check` there names it; never spread it
+            if store.put(info.name, data, if_absent=True):
+                n += 1
+    return n
+
+
+def _chain_places(top: Backend) -> dict[tuple[str, int], str]:
+    """(certificate, sequence number) -> snapshot name of every envelope at the top."""
+    places: dict[tuple[str, int], str] = {}
+    for info in top.list("snapshots/"):
+        try:
+            env = parse_snapshot(top.get(info.name)).env
+        except (encoding.FormatError, ObjectMissing, CorruptObject):
+            continue
+        places[(env.cert, env.seq)] = info.name
+    return places
+
+
+def forward_direct(
+    node: NodeDir, repo_id: str, upstream: Upstream, progress: Callable[[int, int], None] | None = None
+) -> DirectReport:
+    """Deliver what ``node`` holds of ``repo_id`` to the direct ``upstream``."""
+    report = DirectReport(upstream.name, repo_id)
+    store = node.store(repo_id)
+    state = UpstreamState(node, repo_id, upstream.name)
+    top, _ = open_top(upstream, repo_id)
+    lock = threading.Lock()
+    try:
+        todo = owed(store, state)
+        report.damaged = todo.damaged
+        done = 0
+
+        def one(info: ObjectInfo) -> None:
+            nonlocal done
+            stored = _copy(store, top, info)
+            with lock:
+                if stored:
+                    report.sent += 1
+                    report.sent_bytes += info.size
+                else:
+                    report.present += 1
+                state.mark_recorded([info.name])
+                done += 1
+                if progress:
+                    progress(done, todo.count)
+
+        with ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="bunker-node-up") as pool:
+            for _ in pool.map(one, todo.data):
+                pass
+        state.save()
+        at_top = {i.name for i in top.list("packs/")}
+        places = _chain_places(top) if todo.snapshots else {}
+        for info, env in todo.snapshots:
+            if places.get((env.cert, env.seq), info.name) != info.name:
+                report.forks.append(info.name)
+                continue
+            try:
+                missing = [p for p in snapshot_packs(env, top.get) if p not in at_top]
+            except (encoding.FormatError, ObjectMissing, CorruptObject) as exc:
+                report.held.append((info.name, f"its pack set cannot be read at the top ({exc})"))
+                continue
+            if missing:
+                report.held.append((info.name, f"{len(missing)} of its packs are not at the top yet"))
+                continue
+            one(info)
+            places[(env.cert, env.seq)] = info.name
+            report.snapshots.append(info.name)
+        state.save()
+        report.down = bring_down(top, store)
+    finally:
+        state.save()
+        top.close()
+    return report

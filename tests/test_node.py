@@ -1,0 +1,162 @@
+"""Nodes (docs/hierarchy.md): a node directory with its key and card, certified by the master key,
+seeded from the top; clients back up into it exactly as into a repository (forked: the client
+names the node directory; on demand: a unix socket), append-only, with forget/prune refused and
+explained; `node forward` delivers to the repository of record (direct upstream), snapshots only
+once their packs are there, and brings the top's records down."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+from bunker.errors import ExitCode
+from helpers import BUNKER, Repo, compare_trees, expect_rc, init_repo, js, make_tree, restored_path, run_bunker
+
+
+def node_cmd(repo: Repo, *args: str | Path, rc: int | tuple[int, ...] = 0) -> subprocess.CompletedProcess[str]:
+    codes = (rc,) if isinstance(rc, int) else rc
+    return expect_rc(run_bunker("node", *args, env=repo.env), *codes)
+
+
+def backup_into(repo: Repo, url: str | Path, *paths: Path, rc: int | tuple[int, ...] = 0) -> dict[str, Any]:
+    """`bunker backup` into ``url`` (a node directory or a node's socket) with ``repo``'s keys."""
+    codes = (rc,) if isinstance(rc, int) else rc
+    doc: dict[str, Any] = js(expect_rc(run_bunker("backup", *paths, "--json", "--repo", url, env=repo.env), *codes))
+    return doc
+
+
+def make_node(repo: Repo, where: Path, name: str, caps: str = "relay", **opts: str) -> Path:
+    """`node init`, its card certified at the top, seeded from the top's seed file."""
+    extra = [x for k, v in opts.items() for x in (f"--{k.replace('_', '-')}", v)]
+    node_cmd(repo, "init", where, "--name", name, *extra)
+    card = where.parent / f"{name}.card"
+    node_cmd(repo, "card", where, "--out", card)
+    seed = where.parent / f"{name}.seed"
+    repo.ok("key", "new-node", card, "--caps", caps, "--seed-out", seed)
+    node_cmd(repo, "seed", where, seed)
+    return where
+
+
+def test_node_relays_backups_to_the_repository_of_record(tmp_path: Path) -> None:
+    top = init_repo(tmp_path / "top")
+    office = make_node(top, tmp_path / "office", "office")
+    node_cmd(top, "upstream", "add", office, "top", "--direct", top.path)
+    src = tmp_path / "src"
+    make_tree(src)
+    # the client names the node directory: its server is started for the run (forked mode)
+    doc = backup_into(top, office, src)
+    assert doc["level"] in ("ok", "note") and not doc.get("spooled")
+    assert top.objects("snapshots") == []  # nothing at the top before the node forwards
+    status = js(node_cmd(top, "status", office, "--json"))
+    (repo_status,) = status["repositories"]
+    assert repo_status["repository"] == top.id and repo_status["upstreams"][0]["owed_objects"] > 0
+
+    fwd = js(node_cmd(top, "forward", office, "--json"))
+    (delivery,) = fwd["deliveries"]
+    assert len(delivery["snapshots"]) == 1 and delivery["sent"] > 1 and fwd["problems"] == []
+    assert len(top.objects("snapshots")) == 1
+    # again: nothing left to send
+    again = js(node_cmd(top, "forward", office, "--json"))["deliveries"][0]
+    assert again["sent"] == 0 and again["snapshots"] == []
+    assert js(node_cmd(top, "status", office, "--json"))["repositories"][0]["upstreams"][0]["owed_objects"] == 0
+
+    # the top holds a whole, authentic copy: check passes there and a restore is identical
+    top.ok("check", "--read-data")
+    target = tmp_path / "restored"
+    top.ok("restore", "latest", "--target", target)
+    compare_trees(src, restored_path(target, src))
+    shutil.rmtree(target)
+
+
+def test_node_is_append_only_and_says_where_forget_runs(tmp_path: Path) -> None:
+    top = init_repo(tmp_path / "top")
+    office = make_node(top, tmp_path / "office", "office")
+    node_cmd(top, "upstream", "add", office, "top", "--direct", top.path)
+    src = tmp_path / "src"
+    make_tree(src)
+    backup_into(top, office, src)
+    for command in (("forget", "--keep-last", "1"), ("prune",), ("unforget", "0000")):
+        cp = run_bunker(*command, "--master-key", top.master_key, "--repo", office, env=top.env)
+        assert cp.returncode == ExitCode.USAGE, (command, cp.stderr)
+        assert "node 'office'" in cp.stderr and "repository of record" in cp.stderr, cp.stderr
+    # a client that writes past the refusal (an older bunker) meets the node's own refusal
+    cp = run_bunker("key", "new-client", "x", "--out", tmp_path / "x.put", "--repo", office, env=top.env)
+    assert cp.returncode != 0 and "repository of record" in cp.stderr, cp.stderr
+    cp = run_bunker("init", "--repo", office, env=top.env)
+    assert cp.returncode != 0 and "does not create repositories" in cp.stderr, cp.stderr
+    # the node's store is untouched: the snapshot is still there and goes up
+    assert len(js(node_cmd(top, "forward", office, "--json"))["deliveries"][0]["snapshots"]) == 1
+
+
+def test_records_come_down_and_revocation_reaches_the_node(tmp_path: Path) -> None:
+    top = init_repo(tmp_path / "top")
+    office = make_node(top, tmp_path / "office", "office", caps="relay,record")
+    node_cmd(top, "upstream", "add", office, "top", "--direct", top.path)
+    listed = js(top.ok("node", "list", "--json"))["nodes"]
+    assert [(n["node"], n["revoked"], sorted(n["capabilities"])) for n in listed] == [
+        ("office", False, ["record", "relay"])
+    ]
+    # a second client certified at the top after the node was seeded reaches the node by forward
+    put2 = tmp_path / "second.put"
+    top.ok("key", "new-client", "second", "--out", put2)
+    before = {p.name for p in (office / "store" / top.id / "clients").iterdir()}
+    fwd = js(node_cmd(top, "forward", office, "--json"))["deliveries"][0]
+    after = {p.name for p in (office / "store" / top.id / "clients").iterdir()}
+    assert fwd["records_down"] >= 1 and len(after) == len(before) + 1
+    # a node revocation made at the top reaches the node's store in the next forward
+    top.ok("key", "revoke-node", "office")
+    assert js(top.ok("node", "list", "--json"))["nodes"][0]["revoked"] is True
+    node_cmd(top, "forward", office)
+    configs = [json.loads(run_bunker("key", "info", "--json", "--repo", office, env=top.env).stdout)]
+    assert configs[0]["config_version"] >= 2
+
+
+def test_node_serves_on_a_socket(tmp_path: Path) -> None:
+    top = init_repo(tmp_path / "top")
+    office = make_node(top, tmp_path / "office", "office")
+    sock = tmp_path / "office.sock"
+    server = subprocess.Popen(
+        [BUNKER, "node", "serve", str(office), "--socket", str(sock)], env=top.env, stderr=subprocess.PIPE
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not sock.exists():
+            assert server.poll() is None and time.monotonic() < deadline, server.stderr.read() if server.stderr else ""
+            time.sleep(0.05)
+        src = tmp_path / "src"
+        make_tree(src)
+        doc = backup_into(top, f"unix://{sock}", src)
+        assert not doc.get("spooled")
+        listed = js(run_bunker("snapshots", "--json", "--repo", f"unix://{sock}", env=top.env))
+        assert len(listed["snapshots"]) == 1
+    finally:
+        server.terminate()
+        assert server.wait(20) == 0
+    assert not sock.exists()
+
+
+def test_seed_and_card_damage_is_refused(tmp_path: Path) -> None:
+    top = init_repo(tmp_path / "top")
+    node_cmd(top, "init", tmp_path / "n", "--name", "n")
+    seed = tmp_path / "top.seed"
+    top.ok("node", "export-seed", seed)
+    data = bytearray(seed.read_bytes())
+    data[len(data) // 2] ^= 1
+    bad = tmp_path / "bad.seed"
+    bad.write_bytes(bytes(data))
+    cp = node_cmd(top, "seed", tmp_path / "n", bad, rc=ExitCode.USAGE)
+    assert "not a usable seed file" in cp.stderr
+    assert not any((tmp_path / "n" / "store").iterdir())  # nothing written
+    card = tmp_path / "n.card"
+    node_cmd(top, "card", tmp_path / "n", "--out", card)
+    doc: dict[str, Any] = json.loads(card.read_text())
+    doc["name"] = "other"  # a name is not bound by the id, but a swapped key is:
+    doc["id"] = "0" * 64
+    card.write_text(json.dumps(doc))
+    cp = top.ok("key", "new-node", card, rc=ExitCode.USAGE)
+    assert "not a usable node card" in cp.stderr
+    assert top.objects("nodes") == []

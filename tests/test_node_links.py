@@ -1,0 +1,228 @@
+"""Links between nodes (docs/hierarchy.md): office sends bundles through a folder standing for a
+USB disk (carried by moving its files), hq imports them (staged: a snapshot is published only
+with all its packs), forwards to the repository of record, and record receipts come back down;
+office evicts to its bound only what they cover. Tampered, foreign, replayed and cut pieces are
+named and import nothing; a record receipt from a node without the record capability frees
+nothing."""
+
+from __future__ import annotations
+
+import random
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bunker.errors import ExitCode
+from helpers import Repo, compare_trees, flip_bit, init_repo, js, make_tree, restored_path, run_bunker
+from test_node import backup_into, node_cmd
+
+
+@dataclass
+class Hierarchy:
+    top: Repo
+    office: Path
+    hq: Path
+    disk_office: Path  # the mailbox folder as office mounts it
+    disk_hq: Path  # the same disk as hq mounts it
+
+    def carry_up(self) -> int:
+        return _move(self.disk_office, self.disk_hq)
+
+    def carry_down(self) -> int:
+        return _move(self.disk_hq, self.disk_office)
+
+    def node(self, *args: str | Path, rc: int | tuple[int, ...] = 0) -> dict[str, Any]:
+        doc: dict[str, Any] = js(node_cmd(self.top, *args, "--json", rc=rc))
+        return doc
+
+
+def _move(src: Path, dst: Path) -> int:
+    n = 0
+    for p in sorted(src.iterdir()):
+        shutil.move(str(p), str(dst / p.name))
+        n += 1
+    return n
+
+
+def build(tmp_path: Path, office_caps: str = "relay", hq_caps: str = "relay,record", **office_opts: str) -> Hierarchy:
+    top = init_repo(tmp_path / "top")
+    env = top.env
+    office, hq = tmp_path / "office", tmp_path / "hq"
+    extra = [x for k, v in office_opts.items() for x in (f"--{k.replace('_', '-')}", v)]
+    node_cmd(top, "init", office, "--name", "office", *extra)
+    node_cmd(top, "init", hq, "--name", "hq")
+    for n, caps in ((office, office_caps), (hq, hq_caps)):
+        node_cmd(top, "card", n, "--out", tmp_path / f"{n.name}.card")
+        top.ok("key", "new-node", tmp_path / f"{n.name}.card", "--caps", caps)
+    seed = tmp_path / "top.seed"
+    top.ok("node", "export-seed", seed)
+    for n in (office, hq):
+        node_cmd(top, "seed", n, seed)
+    disk_office, disk_hq = tmp_path / "usb-at-office", tmp_path / "usb-at-hq"
+    disk_office.mkdir()
+    disk_hq.mkdir()
+    node_cmd(top, "upstream", "add", hq, "top", "--direct", top.path)
+    node_cmd(top, "upstream", "add", office, "hq", "--link", disk_office, "--card", tmp_path / "hq.card")
+    node_cmd(top, "downstream", "add", hq, "office", "--link", disk_hq, "--card", tmp_path / "office.card")
+    assert run_bunker("node", "status", office, env=env).returncode == 0
+    return Hierarchy(top, office, hq, disk_office, disk_hq)
+
+
+def test_carried_link_delivers_and_record_receipts_allow_eviction(tmp_path: Path) -> None:
+    h = build(tmp_path, max_size="4M")
+    src = tmp_path / "src"
+    make_tree(src)
+    (src / "big1").write_bytes(random.Random(1).randbytes(2_500_000))
+    backup_into(h.top, h.office, src)
+    (src / "big2").write_bytes(random.Random(2).randbytes(2_500_000))
+    backup_into(h.top, h.office, src)
+
+    up = h.node("forward", h.office, rc=ExitCode.WARN)
+    (delivery,) = up["deliveries"]
+    assert len(delivery["snapshots"]) == 2 and delivery["pieces"]
+    # the bound is not reached by eviction yet: nothing is recorded upstream
+    assert up["evicted"] == [] and any(p["code"] == "store-full" for p in up["problems"])
+    assert h.carry_up() == len(delivery["pieces"])
+
+    got = h.node("import", h.hq)
+    (imp,) = got["imports"]
+    assert len(imp["published"]) == 2 and imp["waiting"] == {} and imp["quarantined"] == []
+    assert list(h.disk_hq.iterdir()), "hq answers with a hop receipt on the disk"
+    top_fwd = h.node("forward", h.hq)
+    assert len(top_fwd["deliveries"][0]["snapshots"]) == 2
+    h.top.ok("check", "--read-data")
+
+    assert h.carry_down() >= 2
+    back = h.node("import", h.office)
+    (imp,) = back["imports"]
+    assert set(imp["receipts_accepted"]) == {"hop", "record"} and imp["receipts_refused"] == []
+    # now office may evict what hq recorded at the top, down to its bound
+    (ev,) = back["evicted"]
+    assert ev["evicted"] > 0 and ev["used_after"] <= 4 << 20
+    status = h.node("status", h.office)
+    assert status["repositories"][0]["upstreams"][0]["owed_objects"] == 0
+
+    # the repository of record restores everything, byte for byte
+    target = tmp_path / "restored"
+    h.top.ok("restore", "latest", "--target", target)
+    compare_trees(src, restored_path(target, src))
+    shutil.rmtree(target)
+
+    # office still lists what it evicted: the next backup deduplicates against it, and `check`
+    # through the node names the evicted packs as held upstream, not as missing
+    shutil.copy(src / "big1", src / "big1-again")  # read and chunked anew: its chunks are upstream only
+    third = backup_into(h.top, h.office, src)
+    assert third["stats"]["stored_new"] < 100_000, third["stats"]
+    cp = run_bunker("check", "--json", "--repo", h.office, env=h.top.env)
+    doc = js(cp)
+    assert cp.returncode == 0, cp.stderr
+    assert doc["counts"]["upstream"] == ev["evicted"]
+
+
+
+def test_staged_snapshot_waits_for_a_lost_piece(tmp_path: Path) -> None:
+    """A split set whose first piece (packs come first) is lost: what needs it waits at hq, the
+    hop receipt names what is missing, office resends it, and everything is published."""
+    h = build(tmp_path)
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(random.Random(3).randbytes(3_000_000))
+    backup_into(h.top, h.office, src)
+    (src / "b").write_bytes(random.Random(5).randbytes(3_000_000))
+    backup_into(h.top, h.office, src)
+    # small pieces: the bundle splits into several, each importable alone
+    conf = h.office / "node.json"
+    conf.write_text(conf.read_text().replace('"piece_size": 0', f'"piece_size": {4 << 20}'))
+    sent = h.node("forward", h.office)["deliveries"][0]
+    assert len(sent["pieces"]) >= 2 and len(sent["snapshots"]) == 2
+    lost = sent["pieces"][0]  # the first piece carries packs (write order): this disk is lost
+    (h.disk_office / lost).unlink()
+    h.carry_up()
+    imp = h.node("import", h.hq)["imports"][0]
+    assert len(imp["waiting"]) >= 1 and len(imp["published"]) + len(imp["waiting"]) == 2
+    h.carry_down()
+    back = h.node("import", h.office)["imports"][0]
+    assert "hop" in back["receipts_accepted"]
+    resent = h.node("forward", h.office)["deliveries"][0]
+    assert resent["objects"] >= 1 and resent["snapshots"] == []
+    h.carry_up()
+    imp2 = h.node("import", h.hq)["imports"][0]
+    assert len(imp["published"]) + len(imp2["published"]) == 2 and imp2["waiting"] == {}
+
+
+def test_tampered_foreign_and_replayed_pieces_import_nothing(tmp_path: Path) -> None:
+    h = build(tmp_path)
+    src = tmp_path / "src"
+    make_tree(src)
+    backup_into(h.top, h.office, src)
+    (piece,) = h.node("forward", h.office)["deliveries"][0]["pieces"]
+    good = (h.disk_office / piece).read_bytes()
+
+    # a flipped byte: named, quarantined, nothing imported
+    flip_bit(h.disk_office / piece, len(good) // 2)
+    h.carry_up()
+    doc = h.node("import", h.hq, rc=ExitCode.ERR)
+    imp = doc["imports"][0]
+    assert imp["pieces"] == 0 and imp["objects"] == 0 and len(imp["quarantined"]) == 1
+    assert not list((h.hq / "store" / h.top.id / "snapshots").iterdir())
+
+    # a truncated piece: the same
+    (h.disk_hq / piece).write_bytes(good[: len(good) - 5000])
+    imp = h.node("import", h.hq, rc=ExitCode.ERR)["imports"][0]
+    assert imp["pieces"] == 0 and len(imp["quarantined"]) == 1
+
+    # a piece for another node: left alone, noted
+    stranger = tmp_path / "stranger"
+    node_cmd(h.top, "init", stranger, "--name", "stranger")
+    node_cmd(h.top, "card", stranger, "--out", tmp_path / "stranger.card")
+    node_cmd(h.top, "seed", stranger, tmp_path / "top.seed")
+    other_disk = tmp_path / "other-disk"
+    other_disk.mkdir()
+    node_cmd(h.top, "upstream", "add", h.office, "stranger", "--link", other_disk, "--card",
+             tmp_path / "stranger.card")
+    h.node("forward", h.office, "stranger", rc=(0, 1))
+    (foreign,) = list(other_disk.iterdir())
+    shutil.copy(foreign, h.disk_hq / foreign.name)
+    imp = h.node("import", h.hq)["imports"][0]
+    assert imp["foreign"] == 1 and imp["pieces"] == 0
+    (h.disk_hq / foreign.name).unlink()
+
+    # the good piece imports; the same piece again is a duplicate, a no-op
+    (h.disk_hq / piece).write_bytes(good)
+    imp = h.node("import", h.hq)["imports"][0]
+    assert imp["pieces"] == 1 and len(imp["published"]) == 1
+    for p in list(h.disk_hq.iterdir()):
+        p.unlink()  # the hop receipt: not carried back in this test
+    (h.disk_hq / piece).write_bytes(good)
+    imp = h.node("import", h.hq)["imports"][0]
+    assert imp["duplicates"] == 1 and imp["pieces"] == 0 and not (h.disk_hq / piece).exists()
+
+
+def test_record_receipt_from_a_node_without_record_frees_nothing(tmp_path: Path) -> None:
+    h = build(tmp_path, hq_caps="relay", max_size="1M")
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(random.Random(4).randbytes(2_500_000))
+    backup_into(h.top, h.office, src)
+    h.node("forward", h.office, rc=(0, 1))
+    h.carry_up()
+    h.node("import", h.hq)
+    # hq has no record capability: it issues no record receipt of its own accord; a forged one
+    # (made with hq's key by hand) is refused by office
+    from bunker.node.node_dir import NodeDir
+    from bunker.node.receipts import make_receipt
+    from bunker.node.relay_link import queue_receipt
+
+    hq = NodeDir(str(h.hq))
+    office_id = NodeDir(str(h.office)).config.node_id
+    covers = [f"packs/{p.name}" for p in (h.office / "store" / h.top.id / "packs").iterdir()]
+    forged = make_receipt(hq.keys, kind="record", repo=h.top.id, downstream=office_id, seq=1, covers=covers)
+    queue_receipt(hq, h.top.id, "office", forged)
+    h.node("forward", h.hq, rc=(0, 1))
+    h.carry_down()
+    doc = h.node("import", h.office, rc=ExitCode.ERR)
+    imp = doc["imports"][0]
+    assert any("record capability" in why for why in imp["receipts_refused"])
+    assert doc["evicted"] == []
+    assert len(list((h.office / "store" / h.top.id / "packs").iterdir())) == len(covers)
