@@ -41,6 +41,7 @@ from bunker.node.receipts import parse_receipt
 from bunker.node.relay_link import send_down
 from bunker.node.staging import publish_ready, stage
 from bunker.repo.config import parse_config
+from bunker.repo.node_acks import parse_ack, verify_ack
 from bunker.repo.node_certs import trusted_node
 from bunker.repo.objects import is_hash_name
 from bunker.repo.repository import Repository
@@ -245,6 +246,13 @@ def _take(
         report.refused.append((name, "its name is not the hash of its bytes"))
         return False
     allowed = DATA_PREFIXES if link.direction == "down" else RECORD_PREFIXES
+    if link.direction == "down" and name.startswith("gc/"):
+        why = _ack_problem(nd, repo_id, data)
+        if why:
+            report.refused.append((name, why))
+            return False
+        store.put(name, data, if_absent=True)
+        return True
     if not name.startswith(allowed):
         report.refused.append((name, f"a {name.split('/', 1)[0]}/ object cannot come this way over link {link.name}"))
         return False
@@ -263,6 +271,20 @@ def _take(
     if store.put(name, data, if_absent=True) and link.direction == "up":
         report.records += 1
     return True
+
+
+def _ack_problem(nd: NodeDir, repo_id: str, data: bytes) -> str:
+    """Why a gc/ object from a node below is refused ("" when it is a valid acknowledgement of a
+    node certified for the repository: the only gc/ object that comes up)."""
+    try:
+        _, node, _, _, _ = parse_ack(data)
+        cert = trusted_node(Repository.open(nd.store(repo_id), repo_id, floor=False), node)
+        if cert is None:
+            return f"a session acknowledgement of node {node[:16]}, which holds no certificate that is not revoked"
+        verify_ack(data, repo_id, cert)
+    except encoding.FormatError as exc:
+        return f"not a valid session acknowledgement ({exc}): only those come up in gc/"
+    return ""
 
 
 def import_all(nd: NodeDir, only: str | None = None) -> tuple[list[ImportReport], list[tuple[str, str, str]]]:

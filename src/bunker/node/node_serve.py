@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 
 from bunker.errors import ExitCode
+from bunker.node.acks import note_session
 from bunker.node.eviction import evicted, store_full
 from bunker.node.node_dir import REPO_ID, NodeDir, NodeError, split_node_path
 from bunker.node.serve import NodeRole, ServeConfig
@@ -122,5 +123,6 @@ def node_serve_config(node: NodeDir) -> ServeConfig:
         refusal_hint="run that command with --repo naming the repository of record, not the node",
         upstream_held=watch.upstream_held,
         full=watch.full,
+        session_event=lambda store_dir, sid: note_session(node, os.path.basename(store_dir.rstrip("/")), sid),
     )
     return ServeConfig(node.root, append_only=True, node=role)

@@ -22,8 +22,10 @@ from dataclasses import dataclass, field
 
 from bunker import encoding
 from bunker.errors import BunkerError, CorruptObject, ExitCode, ObjectMissing
+from bunker.node.acks import acks_to_send, drop_older_acks, own_ack
 from bunker.node.holdings import DOWN_PREFIXES, UpstreamState, owed, snapshot_packs
 from bunker.node.node_dir import NodeDir, Upstream
+from bunker.node.staging import staged_names
 from bunker.repo.objects import content_hash, is_hash_name
 from bunker.repo.repository import Repository
 from bunker.repo.snapshot import parse_snapshot
@@ -117,6 +119,19 @@ def _chain_places(top: Backend) -> dict[tuple[str, int], str]:
     return places
 
 
+def _send_acks(
+    nd: NodeDir, repo_id: str, store: Backend, top: Backend, state: UpstreamState, caught_up: bool
+) -> None:
+    """This node's acknowledgement for the top, and those of the nodes below it that it passes on
+    (node/acks.py): after the data, so an acknowledgement never arrives before what it covers."""
+    caught_up = caught_up and not staged_names(nd, repo_id) and not owed(store, state).count
+    have = {i.name for i in top.list("gc/")}
+    for info in acks_to_send(nd, store, have, caught_up):
+        _copy(store, top, info)
+    name, data = own_ack(nd, repo_id, store, state.delivered)
+    top.put(name, data, if_absent=True)
+
+
 def forward_direct(
     node: NodeDir, repo_id: str, upstream: Upstream, progress: Callable[[int, int], None] | None = None
 ) -> DirectReport:
@@ -167,7 +182,9 @@ def forward_direct(
             places[(env.cert, env.seq)] = info.name
             report.snapshots.append(info.name)
         state.save()
+        _send_acks(node, repo_id, store, top, state, caught_up=not report.held and not report.forks)
         report.down = bring_down(top, store)
+        drop_older_acks(node, store)
     finally:
         state.save()
         top.close()

@@ -19,18 +19,22 @@ import time
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
+from bunker.node.acks import acks_to_send, own_ack
 from bunker.node.bundle import BundleObject, write_bundle
 from bunker.node.bundle_format import ManifestEntry, plan_pieces
 from bunker.node.holdings import DOWN_PREFIXES, UpstreamState, owed, snapshot_packs
 from bunker.node.links import Link, LinkCounters, link_keys
 from bunker.node.node_dir import NodeDir, Upstream, read_json, write_json
 from bunker.node.receipts import Receipt, parse_receipt
+from bunker.node.staging import staged_names
+from bunker.repo.node_acks import parse_ack
 from bunker.storage.backend import ObjectInfo
 from bunker.storage.local import LocalBackend
 from bunker.storage.mailbox import open_mailbox
 
 DEFAULT_PIECE_SIZE = 256 << 20
 DEFAULT_RESEND_AFTER = 7 * 86400.0
+ACK_STEP = 3600.0  # an acknowledgement alone goes up once it says at least this much more
 
 
 @dataclass
@@ -174,12 +178,19 @@ def forward_link(nd: NodeDir, repo_id: str, conf: Upstream) -> LinkReport:
             report.held.append((info.name, f"{len(lacking)} of its packs are not on this node"))
             continue
         snaps.append(info)
-    chosen = data + snaps
-    if not chosen:
-        return report
+    caught_up = not todo.count and not report.held and not staged_names(nd, repo_id)
+    relayed = acks_to_send(nd, store, set(state.delivered) | set(log.sent), caught_up)
+    chosen = data + snaps + relayed
+    ack_name, ack = own_ack(nd, repo_id, store, state.delivered)
+    ack_path = os.path.join(nd.state_dir(repo_id, "up", conf.name), "ack-before.json")
+    before = parse_ack(ack)[2]
+    if not chosen and before <= float(read_json(ack_path, 0.0)) + ACK_STEP:
+        return report  # nothing new to say: no piece
     root = store.root if isinstance(store, LocalBackend) else ""
     objects = [BundleObject(_entry(i), _opener(os.path.join(root, i.name))) for i in chosen]
+    objects.append(BundleObject(ManifestEntry.of(ack_name, ack), ack))  # last: after what it covers
     report.pieces = _send(nd, link, repo_id, "data", objects, {})
+    write_json(ack_path, before)
     log.mark([i.name for i in chosen])
     log.save()
     report.objects = len(chosen)

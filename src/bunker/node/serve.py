@@ -73,6 +73,8 @@ class NodeRole:
     upstream_held: Callable[[str], dict[str, ObjectInfo]] = lambda _store: {}
     # store directory -> bytes over the store's bound after eviction ("" when there is room)
     full: Callable[[str], str] = lambda _store: ""
+    # store directory, session id: a client wrote or deleted a lease (node/acks.py notes it)
+    session_event: Callable[[str, str], None] = lambda _store, _session: None
 
 
 @dataclass(frozen=True)
@@ -306,6 +308,8 @@ class Session:
                         "the client is broken or compromised: run `bunker check` on the client's data",
                     )
                 if_absent = True  # never replace an object
+            if node is not None and name.startswith("sessions/"):
+                node.session_event(b.root, name.split("/", 1)[1].split(".", 1)[0])
             stored = b.put(name, f.payload, if_absent=if_absent)
             return (wire.OK if stored else wire.EXISTS), {}, b""
         if f.code == wire.GET:
@@ -333,6 +337,8 @@ class Session:
                     "deleting (prune, index merges) needs a server started without --append-only",
                 )
             b.delete(name)
+            if self.config.node is not None:
+                self.config.node.session_event(b.root, name.split("/", 1)[1].split(".", 1)[0])
             return wire.OK, {}, b""
         if f.code == wire.STAT:
             name = validate_name(_str(m, "n"))

@@ -33,6 +33,11 @@ def staged_dir(nd: NodeDir, repo_id: str) -> str:
     return nd.state_dir(repo_id, "staged")
 
 
+def staged_names(nd: NodeDir, repo_id: str) -> list[str]:
+    """Snapshots staged here, waiting for their packs."""
+    return [f"snapshots/{leaf}" for leaf in sorted(os.listdir(staged_dir(nd, repo_id))) if not leaf.endswith(".tmp")]
+
+
 def stage(nd: NodeDir, repo_id: str, name: str, data: bytes) -> None:
     """Hold snapshot ``name`` (its bytes checked against its name by the caller)."""
     path = os.path.join(staged_dir(nd, repo_id), name.split("/", 1)[1])

@@ -32,8 +32,10 @@ from bunker.repo.config import FORMAT_VERSION, parse_config
 from bunker.repo.config_chain import missing_links
 from bunker.repo.index import decrypt_index, parse_index_frame
 from bunker.repo.leases import sessions
-from bunker.repo.node_certs import parse_node_certificate
+from bunker.repo.node_acks import parse_ack, verify_ack
+from bunker.repo.node_certs import parse_node_certificate, trusted_node
 from bunker.repo.objects import (
+    MAGIC_ACK,
     MAGIC_GC,
     MAGIC_INDEX,
     MAGIC_MOVED,
@@ -248,6 +250,17 @@ class Checker:
                 self.repo._certs[n] = parse_certificate(data, self.repo.config.master_verify, self.repo.repo_id)
             except encoding.FormatError as exc:
                 self.report.add(n, f"invalid client certificate: {exc}")
+
+    def _check_ack(self, name: str, data: bytes) -> None:
+        assert self.repo
+        try:
+            _, node, _, _, _ = parse_ack(data)
+            cert = trusted_node(self.repo, node)
+            if cert is None:
+                raise encoding.FormatError(f"no trusted certificate of node {node[:16]} is in the repository")
+            verify_ack(data, self.repo.repo_id, cert)
+        except encoding.FormatError as exc:
+            self.report.add(name, f"session acknowledgement not authentic: {exc}", "warn")
 
     def _check_node_certs(self, names: list[str]) -> None:
         assert self.repo
@@ -529,6 +542,9 @@ class Checker:
         for n in names["gc"]:
             data = self._get(n)
             if data is None:
+                continue
+            if data[:4] == MAGIC_ACK:  # a node's session acknowledgement (repo/node_acks.py)
+                self._check_ack(n, data)
                 continue
             # gc/ also holds the move records of repacks (repo/moves.py)
             m = MAGIC_MOVED if data[:4] == MAGIC_MOVED else MAGIC_GC

@@ -23,6 +23,7 @@ snapshot whose pack set cannot be read stops the prune before anything is delete
 
 from __future__ import annotations
 
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,6 +38,7 @@ from bunker.repo.index import Location, decrypt_index, make_index, parse_index_f
 from bunker.repo.index_cache import IndexCache
 from bunker.repo.leases import MAX_LEASE_SECONDS, Lease, Session, sessions
 from bunker.repo.moves import MoveRecord, PackMoves, make_move_record
+from bunker.repo.node_acks import AckView
 from bunker.repo.objects import MAGIC_GC, MAGIC_INDEX, MAX_SIGNED_OBJECT, parse_signed
 from bunker.repo.other_secret import (
     certificate_domains,
@@ -168,6 +170,7 @@ class Pruner:
         self._condemned: set[str] = set()  # condemned packs that no snapshot needs (see run)
         self._naming: Counter[str] = Counter()
         self._other_secret: list[str] = []  # snapshots a damaged put key wrote: no roots (see _mark)
+        self._acks: AckView | None = None  # nodes' session acknowledgements, read when first needed
 
     def run(self) -> PruneReport:
         """Phase 2 for the records that are due, then phase 1 for new garbage, then repack."""
@@ -216,6 +219,9 @@ class Pruner:
                 liveness = self._liveness(roots, moves, sizes)
                 lease.refresh_if_due()
             self._finish_moves(moves, now, live, referenced, sizes, liveness)
+            if self._acks is not None and not self.dry_run:
+                for ack in self._acks.older:  # a node's newest acknowledgement says all the older ones did
+                    self.repo.backend.delete(ack.name)
             lease.refresh_if_due()
             still = {p for r in pending if r.name not in done for p in r.packs}
             excluded = still | set(self.report.deleted) | set(self.report.rescued) | moves.sources()
@@ -350,6 +356,19 @@ class Pruner:
             return (
                 f"{len(blockers)} session(s) that may not have seen it are still running (e.g. a {b.kind} of "
                 f"{b.client!r}); the next prune after they end deletes its packs"
+            )
+        # sessions on nodes below are seen only through their acknowledgements (repo/node_acks.py)
+        if self._acks is None:
+            self._acks = AckView(self.repo)
+        waiting = self._acks.blockers(rec.stored)
+        if waiting:
+            cert, ack = waiting[0]
+            when = time.strftime("%Y-%m-%d %H:%M", time.gmtime(ack.before)) if ack else ""
+            last = f"its newest covers until {when} UTC" if ack else "none arrived yet"
+            return (
+                f"node {cert.node!r} has not yet acknowledged that the sessions it served before this record ended "
+                f"and went up ({last}); it does with its next `bunker node forward` once they have. A node that is "
+                "gone for good: `bunker key revoke-node NAME` at the top releases the wait"
             )
         return ""
 

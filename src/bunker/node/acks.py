@@ -1,0 +1,128 @@
+"""A node's session acknowledgements (repo/node_acks.py; docs/hierarchy.md, "Garbage collection
+across the hierarchy").
+
+The node's server notes every session its clients run (``state/<repository>/sessions/<id>``: the
+file's content is when the session's first lease arrived, its modification time when the last
+one was written or deleted). For an upstream U the node may acknowledge ``before = X`` where X is
+the earliest of: now; the start of every session still alive; and the start of every ended
+session during which an object was written that U does not hold yet (its writer may be that
+session). Objects that came from nodes below are not this node's sessions: those nodes'
+acknowledgements cover them, and this node passes those on only when it holds nothing that U
+lacks and stages nothing, so an acknowledgement never overtakes the data it speaks for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+
+from bunker import encoding
+from bunker.errors import CorruptObject, ObjectMissing
+from bunker.node.holdings import UP_PREFIXES
+from bunker.node.node_dir import NodeDir
+from bunker.repo.leases import sessions
+from bunker.repo.node_acks import make_ack, parse_ack
+from bunker.repo.objects import MAGIC_ACK, content_hash
+from bunker.repo.repository import Repository
+from bunker.storage.backend import Backend, ObjectInfo
+
+WINDOW_SLACK = 5.0  # seconds of clock granularity around a session's window
+KEEP_ENDED = 3600.0  # an ended session's note stays this long after it no longer matters
+
+
+def sessions_dir(nd: NodeDir, repo_id: str) -> str:
+    return nd.state_dir(repo_id, "sessions")
+
+
+def note_session(nd: NodeDir, repo_id: str, session: str) -> None:
+    """Called by the node's server for every lease a client writes or deletes."""
+    path = os.path.join(sessions_dir(nd, repo_id), session)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        with contextlib.suppress(OSError):
+            os.utime(path)
+        return
+    with os.fdopen(fd, "w") as f:
+        f.write(f"{time.time()}\n")
+
+
+def _windows(nd: NodeDir, repo_id: str) -> dict[str, tuple[float, float]]:
+    out: dict[str, tuple[float, float]] = {}
+    d = sessions_dir(nd, repo_id)
+    for leaf in os.listdir(d):
+        path = os.path.join(d, leaf)
+        try:
+            with open(path, encoding="ascii") as f:
+                start = float(f.read().strip())
+            out[leaf] = (start, os.stat(path).st_mtime)
+        except (OSError, ValueError):
+            continue
+    return out
+
+
+def acknowledged_time(nd: NodeDir, repo_id: str, store: Backend, delivered: set[str] | dict[str, float]) -> float:
+    """The ``before`` this node may acknowledge to an upstream that holds ``delivered``."""
+    now = time.time()
+    repo = Repository.open(store, repo_id, floor=False)
+    live = {s.session: s.started for s in sessions(repo) if s.alive(now)}
+    windows = _windows(nd, repo_id)
+    x = min([now, *live.values(), *(w[0] for sid, w in windows.items() if sid in live)])
+    pending = [i for p in UP_PREFIXES for i in store.list(p) if i.name not in delivered]
+    oldest_pending = min((i.mtime for i in pending), default=now)
+    for info in pending:
+        for sid, (start, last) in windows.items():
+            if start - WINDOW_SLACK <= info.mtime <= (now if sid in live else last) + WINDOW_SLACK:
+                x = min(x, start)
+    # notes of sessions that ended before anything still pending was written matter no more
+    for sid, (_start, last) in windows.items():
+        if sid not in live and last < oldest_pending - KEEP_ENDED:
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(sessions_dir(nd, repo_id), sid))
+    return x
+
+
+def own_ack(nd: NodeDir, repo_id: str, store: Backend, delivered: set[str] | dict[str, float]) -> tuple[str, bytes]:
+    """A fresh acknowledgement of this node for an upstream holding ``delivered``."""
+    data = make_ack(nd.keys, repo_id, acknowledged_time(nd, repo_id, store, delivered))
+    return f"gc/{content_hash(data)}", data
+
+
+def held_acks(store: Backend) -> dict[str, list[tuple[float, ObjectInfo]]]:
+    """node id -> its acknowledgements in ``store`` (before, object), newest first."""
+    out: dict[str, list[tuple[float, ObjectInfo]]] = {}
+    for info in store.list("gc/"):
+        try:
+            data = store.get(info.name)
+            if not data.startswith(MAGIC_ACK):
+                continue
+            _, node, before, _, _ = parse_ack(data)
+        except (encoding.FormatError, ObjectMissing, CorruptObject):
+            continue
+        out.setdefault(node, []).append((before, info))
+    for acks in out.values():
+        acks.sort(key=lambda a: -a[0])
+    return out
+
+
+def acks_to_send(nd: NodeDir, store: Backend, upstream_has: set[str], caught_up: bool) -> list[ObjectInfo]:
+    """The newest acknowledgement of each node below this one that the upstream lacks, when this
+    node holds nothing the upstream lacks (``caught_up``); never this node's own (made fresh)."""
+    if not caught_up:
+        return []
+    out = []
+    for node, acks in held_acks(store).items():
+        if node == nd.config.node_id:
+            continue
+        newest = acks[0][1]
+        if newest.name not in upstream_has:
+            out.append(newest)
+    return out
+
+
+def drop_older_acks(nd: NodeDir, store: Backend) -> None:
+    """Keep one acknowledgement per node in the store: the newest says all the older ones did."""
+    for acks in held_acks(store).values():
+        for _, info in acks[1:]:
+            store.delete(info.name)

@@ -1,0 +1,87 @@
+"""Garbage collection across the hierarchy (docs/hierarchy.md): a prune at the repository of record
+never deletes what a session running on a node below uses. The top knows nothing of office's
+sessions (their leases live in office's store): it waits for every node's session
+acknowledgement to cover the condemnation, and the acknowledgements travel up behind the data."""
+
+from __future__ import annotations
+
+import os
+import random
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+from helpers import BUNKER, compare_trees, js, restored_path, run_bunker
+from test_node_links import build
+
+
+def _wait_for(pred, what: str, seconds: float = 60) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + seconds
+    while not pred():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
+
+
+def test_prune_at_the_top_waits_for_a_session_running_on_a_node(tmp_path: Path) -> None:
+    h = build(tmp_path)
+    top = h.top
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "kept").write_bytes(random.Random(7).randbytes(1_500_000))
+
+    def round_trip() -> None:
+        """office -> disk -> hq -> top, and the receipts back down to office."""
+        h.node("forward", h.office, rc=(0, 1))
+        h.carry_up()
+        h.node("import", h.hq)
+        h.node("forward", h.hq)
+        h.carry_down()
+        h.node("import", h.office)
+
+    first = js(run_bunker("backup", src, "--json", "--repo", h.office, env=top.env))
+    round_trip()
+    packs_of_first = {p.name for p in (top.path / "packs").iterdir()}
+
+    # a second session starts on office and is held mid-run: its lease is in office's store only
+    (src / "more").write_bytes(random.Random(8).randbytes(30_000_000))
+    env = dict(top.env, BUNKER_PROGRESS="never")
+    second = subprocess.Popen(
+        [BUNKER, "backup", str(src), "--json", "--repo", str(h.office)],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
+    leases = h.office / "store" / top.id / "sessions"
+    _wait_for(lambda: any(not p.name.startswith(".") for p in leases.iterdir()), "the second backup's lease")
+    os.killpg(second.pid, signal.SIGSTOP)
+    try:
+        # at the top the first snapshot is forgotten: its packs become garbage, condemned, due at once
+        pruner = tmp_path / "pruner.put"
+        top.ok("key", "new-client", "pruner", "--prune", "--out", pruner)
+        top.ok("forget", first["snapshot"].split("/")[-1][:12], "--master-key", top.master_key)
+        top.ok("prune", "--put-key", pruner, "--grace", "0s")
+        doc = js(top.ok("prune", "--put-key", pruner, "--grace", "0s", "--json"))
+        waiting = " ".join(w["reason"] for w in doc["waiting"])
+        assert "node 'office'" in waiting or "node 'hq'" in waiting, doc
+        assert doc["deleted"] == 0
+        assert packs_of_first <= {p.name for p in (top.path / "packs").iterdir()}
+    finally:
+        os.killpg(second.pid, signal.SIGCONT)
+    out, err = second.communicate(timeout=300)
+    assert second.returncode in (0, 1), err.decode()
+    second_snap = js(subprocess.CompletedProcess([], 0, out.decode(), ""))["snapshot"]
+
+    # the second snapshot goes up; the acknowledgements that follow it release the wait, and the
+    # packs it shares with the forgotten snapshot are kept (rescued), the rest goes
+    round_trip()
+    round_trip()
+    doc = js(top.ok("prune", "--put-key", pruner, "--grace", "0s", "--json"))
+    assert doc["waiting"] == [], doc["waiting"]
+    top.ok("check", "--read-data")
+    target = tmp_path / "restored"
+    top.ok("restore", second_snap.split("/")[-1][:12], "--target", target, "--master-key", top.master_key)
+    compare_trees(src, restored_path(target, src))
+    shutil.rmtree(target)
