@@ -160,3 +160,18 @@ def test_seed_and_card_damage_is_refused(tmp_path: Path) -> None:
     cp = top.ok("key", "new-node", card, rc=ExitCode.USAGE)
     assert "not a usable node card" in cp.stderr
     assert top.objects("nodes") == []
+
+
+def test_a_node_that_hears_nothing_from_upstream_warns(tmp_path: Path) -> None:
+    top = init_repo(tmp_path / "top")
+    office = make_node(top, tmp_path / "office", "office")
+    node_cmd(top, "upstream", "add", office, "top", "--direct", top.path)
+    assert js(node_cmd(top, "forward", office, "--json"))["problems"] == []
+    assert js(node_cmd(top, "status", office, "--json"))["problems"] == []
+    conf = office / "node.json"
+    doc = json.loads(conf.read_text())
+    doc["stale_after"] = 0  # heard from a moment ago: already too long
+    conf.write_text(json.dumps(doc))
+    status = js(node_cmd(top, "status", office, "--json", rc=ExitCode.WARN))
+    (problem,) = status["problems"]
+    assert problem["code"] == "upstream-stale" and "revocations" in problem["message"]

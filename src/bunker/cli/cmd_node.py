@@ -222,12 +222,13 @@ def forward_cmd(directory: str, name: str | None, **kwargs: Any) -> None:
     from bunker.node.eviction import evict_all
     from bunker.node.node_dir import NodeDir
     from bunker.node.relay import forward_all
+    from bunker.node.staleness import stale_problems
 
     out = _out(kwargs)
     nd = NodeDir(directory)
     results = forward_all(nd, name)
     evictions, full = evict_all(nd)
-    problems = [(p.level, p.code, p.message) for p in results.problems] + full
+    problems = [(p.level, p.code, p.message) for p in results.problems] + full + stale_problems(nd)
     out.document(
         {
             "node": nd.name,
@@ -300,6 +301,7 @@ def status_cmd(directory: str, **kwargs: Any) -> None:
                 f"  upstream {u['name']:<12} lacks {u['owed_objects']} objects ({human_bytes(u['owed_bytes'])}), "
                 f"{u['recorded']} recorded at the top"
             )
+    sys.exit(_exit([(p["level"], p["code"], p["message"]) for p in doc["problems"]]))
 
 
 @node.group("downstream")
@@ -336,12 +338,13 @@ def import_cmd(directory: str, name: str | None, **kwargs: Any) -> None:
     from bunker.node.eviction import evict_all
     from bunker.node.link_import import import_all
     from bunker.node.node_dir import NodeDir
+    from bunker.node.staleness import stale_problems
 
     out = _out(kwargs)
     nd = NodeDir(directory)
     reports, problems = import_all(nd, name)
     evictions, full = evict_all(nd)
-    problems += full
+    problems += full + stale_problems(nd)
     out.document(
         {
             "node": nd.name,

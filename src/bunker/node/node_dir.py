@@ -60,6 +60,7 @@ class Upstream:
     card: str = ""  # link: the far node's public keys (base64 of NodePublic.to_bytes())
     piece_size: int = 0  # link: largest piece written to its mailbox (0: the default)
     resend_after: float = 0.0  # link: seconds before what no receipt names is sent again (0: default)
+    added: float = 0.0  # when it was added (a link never heard from is stale only after stale_after)
 
     def peer_public(self) -> NodePublic:
         return NodePublic.from_bytes(base64.b64decode(self.card))

@@ -6,6 +6,7 @@ from typing import Any
 
 from bunker.node.holdings import UP_PREFIXES, UpstreamState, owed
 from bunker.node.node_dir import NodeDir
+from bunker.node.staleness import last_heard, stale_problems
 
 
 def node_status(nd: NodeDir) -> dict[str, Any]:
@@ -27,6 +28,7 @@ def node_status(nd: NodeDir) -> dict[str, Any]:
                     "owed_objects": todo.count,
                     "owed_bytes": todo.size,
                     "recorded": len(state.recorded),
+                    "last_heard": last_heard(nd, repo_id, up.name, up.kind) or None,
                 }
             )
         repos.append(
@@ -39,4 +41,5 @@ def node_status(nd: NodeDir) -> dict[str, Any]:
         "store": nd.config.store,
         "max_size": nd.config.max_size,
         "repositories": repos,
+        "problems": [{"level": lv, "code": c, "message": m} for lv, c, m in stale_problems(nd)],
     }

@@ -26,6 +26,7 @@ from bunker.node.acks import acks_to_send, drop_older_acks, own_ack
 from bunker.node.holdings import DOWN_PREFIXES, UpstreamState, owed, snapshot_packs
 from bunker.node.node_dir import NodeDir, Upstream
 from bunker.node.staging import staged_names
+from bunker.node.staleness import note_heard
 from bunker.repo.objects import content_hash, is_hash_name
 from bunker.repo.repository import Repository
 from bunker.repo.snapshot import parse_snapshot
@@ -184,6 +185,7 @@ def forward_direct(
         state.save()
         _send_acks(node, repo_id, store, top, state, caught_up=not report.held and not report.forks)
         report.down = bring_down(top, store)
+        note_heard(node, repo_id, upstream.name)
         drop_older_acks(node, store)
     finally:
         state.save()

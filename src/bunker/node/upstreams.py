@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import os
+import time
 
 from bunker.errors import ExitCode
 from bunker.node.node_dir import NodeDir, NodeError, Upstream, parse_card
@@ -51,6 +52,7 @@ def _link(nd: NodeDir, name: str, link_url: str, card_file: str | None, piece_si
         peer_name=peer_name,
         card=base64.b64encode(public.to_bytes()).decode(),
         piece_size=piece_size or 0,
+        added=time.time(),
     )
 
 
@@ -98,7 +100,7 @@ def add_upstream(
                 f"`bunker node seed {nd.root} FILE`",
                 exit_code=ExitCode.USAGE,
             )
-        up = Upstream(name=name, kind="direct", url=url, repo=repo.repo_id)
+        up = Upstream(name=name, kind="direct", url=url, repo=repo.repo_id, added=time.time())
     else:
         assert link_url is not None
         up = _link(nd, name, link_url, card_file, piece_size)
