@@ -5,6 +5,7 @@ acknowledgement to cover the condemnation, and the acknowledgements travel up be
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import shutil
@@ -85,3 +86,88 @@ def test_prune_at_the_top_waits_for_a_session_running_on_a_node(tmp_path: Path) 
     top.ok("restore", second_snap.split("/")[-1][:12], "--target", target, "--master-key", top.master_key)
     compare_trees(src, restored_path(target, src))
     shutil.rmtree(target)
+
+
+def test_a_dead_sessions_checkpoint_on_a_node_is_a_root_at_the_top(tmp_path: Path) -> None:
+    """A backup killed on office leaves a checkpoint there; its packs reach the top, where no
+    snapshot names them yet: office sends a checkpoint root up, so a prune at the top keeps them
+    until the client's next run (through office) adopts the checkpoint."""
+    from bunker.encoding import FormatError
+    from bunker.repo.records import parse_lease
+
+    h = build(tmp_path)
+    top = h.top
+    src = tmp_path / "src"
+    for d in range(6):
+        (src / f"d{d}").mkdir(parents=True)
+        for f in range(10):
+            (src / f"d{d}" / f"f{f}").write_bytes(os.urandom(2 << 20))
+    leases = h.office / "store" / top.id / "sessions"
+
+    def checkpointed() -> bool:
+        for p in leases.iterdir() if leases.is_dir() else ():
+            try:
+                if not p.name.startswith(".") and parse_lease(p.read_bytes())[0].get("checkpoint"):
+                    return True
+            except (OSError, FormatError):
+                continue
+        return False
+
+    proc = subprocess.Popen(
+        [BUNKER, "backup", str(src), "--repo", str(h.office), "--no-progress", "--checkpoint-interval", "0.2s"],
+        env=top.env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        _wait_for(lambda: checkpointed() or proc.poll() is not None, "a checkpoint")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert checkpointed(), "the backup ended before a checkpoint"
+    past = time.time() - 7200  # the storage's clock says the lease expired long ago
+    for p in leases.iterdir():
+        os.utime(p, (past, past))
+
+    h.node("forward", h.office, rc=(0, 1))
+    h.carry_up()
+    h.node("import", h.hq)
+    h.node("forward", h.hq)
+    from bunker.repo.refs import read_set
+
+    (lease,) = [p for p in leases.iterdir() if parse_lease(p.read_bytes())[0].get("checkpoint")][-1:]
+    packset = parse_lease(lease.read_bytes())[0]["checkpoint"]["packset"]
+    named = {f"packs/{p}" for p in read_set(packset, lambda n: (top.path / n).read_bytes())}
+    assert named and all((top.path / n).exists() for n in named), "the checkpoint's packs went up"
+    pruner = tmp_path / "pruner.put"
+    top.ok("key", "new-client", "pruner", "--prune", "--out", pruner)
+    top.ok("prune", "--put-key", pruner, "--grace", "0s")  # condemns what nothing names
+    for _ in range(2):  # every node acknowledges past the condemnation: deletions are due
+        h.carry_down()
+        h.node("import", h.office)
+        h.node("forward", h.office, rc=(0, 1))
+        h.carry_up()
+        h.node("import", h.hq)
+        h.node("forward", h.hq)
+    doc = js(top.ok("prune", "--put-key", pruner, "--grace", "0s", "--json"))
+    assert doc["waiting"] == [], doc["waiting"]
+    assert all((top.path / n).exists() for n in named), "a prune at the top deleted the checkpoint's packs"
+
+    # the client's next run through office adopts the checkpoint; once that is at the top, the
+    # root is spent and a prune removes it
+    again = js(run_bunker("backup", src, "--json", "--repo", h.office, env=top.env))
+    assert any(e["code"] == "incomplete-snapshot" for e in again["events"]), again["events"]
+    h.carry_down()
+    h.node("import", h.office)
+    h.node("forward", h.office, rc=(0, 1))
+    h.carry_up()
+    h.node("import", h.hq)
+    h.node("forward", h.hq)
+    top.ok("prune", "--put-key", pruner, "--grace", "0s")
+    from bunker.repo.objects import MAGIC_CKROOT
+
+    roots = [p for p in (top.path / "gc").iterdir() if p.read_bytes()[:4] == MAGIC_CKROOT]
+    assert roots == []
+    top.ok("check", "--read-data")

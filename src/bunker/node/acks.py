@@ -20,10 +20,12 @@ import time
 from bunker import encoding
 from bunker.errors import CorruptObject, ObjectMissing
 from bunker.node.holdings import UP_PREFIXES
-from bunker.node.node_dir import NodeDir
+from bunker.node.node_dir import NodeDir, read_json, write_json
+from bunker.node.staleness import records_asof
+from bunker.repo.checkpoint_roots import make_checkpoint_root
 from bunker.repo.leases import sessions
 from bunker.repo.node_acks import make_ack, parse_ack
-from bunker.repo.objects import MAGIC_ACK, content_hash
+from bunker.repo.objects import MAGIC_ACK, MAGIC_CKROOT, content_hash
 from bunker.repo.repository import Repository
 from bunker.storage.backend import Backend, ObjectInfo
 
@@ -62,13 +64,44 @@ def _windows(nd: NodeDir, repo_id: str) -> dict[str, tuple[float, float]]:
     return out
 
 
+def checkpoint_roots_held(nd: NodeDir, repo_id: str, store: Backend) -> dict[str, str]:
+    """For every dead session in the store that left a checkpoint: the name of its checkpoint
+    root record (repo/checkpoint_roots.py), made and stored once. session id -> gc/<hex>."""
+    now = time.time()
+    repo = Repository.open(store, repo_id, floor=False)
+    path = os.path.join(nd.state_dir(repo_id), "checkpoint-roots.json")
+    made: dict[str, str] = read_json(path, {})
+    out: dict[str, str] = {}
+    for s in sessions(repo):
+        if s.alive(now) or s.checkpoint is None:
+            continue
+        lease_name = s.names[-1]
+        name = made.get(lease_name)
+        if name is None or not store.exists(name):
+            data = make_checkpoint_root(nd.keys, repo_id, lease_name, store.get(lease_name))
+            name = f"gc/{content_hash(data)}"
+            store.put(name, data, if_absent=True)
+            made[lease_name] = name
+        out[s.session] = name
+    write_json(path, {k: v for k, v in made.items() if v in out.values()})
+    return out
+
+
 def acknowledged_time(nd: NodeDir, repo_id: str, store: Backend, delivered: set[str] | dict[str, float]) -> float:
     """The ``before`` this node may acknowledge to an upstream that holds ``delivered``."""
     now = time.time()
     repo = Repository.open(store, repo_id, floor=False)
-    live = {s.session: s.started for s in sessions(repo) if s.alive(now)}
+    all_sessions = sessions(repo)
+    live = {s.session: s.started for s in all_sessions if s.alive(now)}
+    # a dead session's checkpoint is not over until its root went up (or its client adopted it)
+    roots = checkpoint_roots_held(nd, repo_id, store)
+    live.update(
+        {s.session: s.started for s in all_sessions if roots.get(s.session, "") not in delivered and s.session in roots}
+    )
     windows = _windows(nd, repo_id)
-    x = min([now, *live.values(), *(w[0] for sid, w in windows.items() if sid in live)])
+    # a session that starts before the store holds the top's newest GC records may use a pack the
+    # top condemned: nothing after what the store is known to hold can be acknowledged
+    x = min([now, records_asof(nd, repo_id), *live.values(), *(w[0] for sid, w in windows.items() if sid in live)])
     pending = [i for p in UP_PREFIXES for i in store.list(p) if i.name not in delivered]
     oldest_pending = min((i.mtime for i in pending), default=now)
     for info in pending:
@@ -107,11 +140,18 @@ def held_acks(store: Backend) -> dict[str, list[tuple[float, ObjectInfo]]]:
 
 
 def acks_to_send(nd: NodeDir, store: Backend, upstream_has: set[str], caught_up: bool) -> list[ObjectInfo]:
-    """The newest acknowledgement of each node below this one that the upstream lacks, when this
-    node holds nothing the upstream lacks (``caught_up``); never this node's own (made fresh)."""
-    if not caught_up:
-        return []
+    """Checkpoint roots the upstream lacks (any time: they only keep data), then the newest
+    acknowledgement of each node below this one that the upstream lacks, when this node holds
+    nothing the upstream lacks (``caught_up``); never this node's own (made fresh)."""
     out = []
+    for info in store.list("gc/"):
+        if info.name in upstream_has:
+            continue
+        with contextlib.suppress(ObjectMissing):
+            if store.get(info.name, 0, 4) == MAGIC_CKROOT:
+                out.append(info)
+    if not caught_up:
+        return out
     for node, acks in held_acks(store).items():
         if node == nd.config.node_id:
             continue

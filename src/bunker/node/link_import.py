@@ -34,16 +34,18 @@ from bunker.errors import BunkerError, StorageError
 from bunker.node.bundle_format import PieceError
 from bunker.node.bundle_reader import identify, open_piece
 from bunker.node.links import DUPLICATE, NEW, Link, LinkCounters, link_keys, links
-from bunker.node.node_dir import NodeDir, read_json
+from bunker.node.node_dir import NodeDir, read_json, write_json
 from bunker.node.receipt_flow import ReceiptOutcome, apply_receipt, issue_hop_receipt, note_received
 from bunker.node.receipts import PREFIX as RECEIPT_PREFIX
 from bunker.node.receipts import parse_receipt
 from bunker.node.relay_link import send_down
 from bunker.node.staging import publish_ready, stage
+from bunker.node.staleness import note_records_asof
+from bunker.repo.checkpoint_roots import read_checkpoint_root
 from bunker.repo.config import parse_config
 from bunker.repo.node_acks import parse_ack, verify_ack
 from bunker.repo.node_certs import trusted_node
-from bunker.repo.objects import is_hash_name
+from bunker.repo.objects import MAGIC_CKROOT, is_hash_name
 from bunker.repo.repository import Repository
 from bunker.storage.mailbox import open_mailbox
 
@@ -94,6 +96,36 @@ class ImportReport:
             f"{len(self.published)} snapshots published, {len(self.waiting)} staged, "
             f"{len(self.receipts.accepted)} receipts"
         )
+
+
+def _asof_path(nd: NodeDir, repo_id: str, link: Link) -> str:
+    return os.path.join(nd.state_dir("links", link.name), f"{repo_id}-asof.json")
+
+
+def _claims_asof(nd: NodeDir, repo_id: str, link: Link, seq: int, asof: float) -> None:
+    """The down bundle that ends with piece ``seq`` says: every record the sender held at
+    ``asof`` is in its pieces up to ``seq``."""
+    path = _asof_path(nd, repo_id, link)
+    claims: dict[str, float] = read_json(path, {})
+    claims[str(seq)] = asof
+    write_json(path, claims)
+
+
+def _settle_asof(nd: NodeDir, repo_id: str, link: Link) -> None:
+    """Take the newest claim whose pieces, and every piece before them, were all imported (pieces
+    arrive in any order; one lost piece holds every later claim back)."""
+    path = _asof_path(nd, repo_id, link)
+    claims: dict[str, float] = read_json(path, {})
+    if not claims:
+        return
+    counters = LinkCounters(nd, link.name, repo_id)
+    upto = counters.floor
+    while upto + 1 in counters.seen:
+        upto += 1
+    done = [s for s in claims if int(s) <= upto]
+    if done:
+        note_records_asof(nd, repo_id, max(claims[s] for s in done))
+        write_json(path, {s: v for s, v in claims.items() if int(s) > upto})
 
 
 def _quarantine(nd: NodeDir, path: str, name: str) -> None:
@@ -149,6 +181,8 @@ def import_link(nd: NodeDir, link: Link) -> ImportReport:
     finally:
         mailbox.close()
     for repo_id in nd.repositories():
+        if link.direction == "up":
+            _settle_asof(nd, repo_id, link)
         staged = publish_ready(nd, repo_id, nd.store(repo_id))
         report.published += staged.published
         report.waiting.update(staged.waiting)
@@ -216,6 +250,9 @@ def _import_piece(
             return None
         counters.imported(h.seq, time.time())
         counters.save()
+        asof = h.extra.get("records_asof")
+        if link.direction == "up" and h.index == h.count - 1 and isinstance(asof, (int, float)):
+            _claims_asof(nd, repo_id, link, h.seq, float(asof))
         report.pieces += 1
         return names, h.seq
 
@@ -276,9 +313,16 @@ def _take(
 def _ack_problem(nd: NodeDir, repo_id: str, data: bytes) -> str:
     """Why a gc/ object from a node below is refused ("" when it is a valid acknowledgement of a
     node certified for the repository: the only gc/ object that comes up)."""
+    repo = Repository.open(nd.store(repo_id), repo_id, floor=False)
+    if data.startswith(MAGIC_CKROOT):
+        try:
+            read_checkpoint_root(repo, "", data)
+        except encoding.FormatError as exc:
+            return f"not a valid checkpoint root ({exc})"
+        return ""
     try:
         _, node, _, _, _ = parse_ack(data)
-        cert = trusted_node(Repository.open(nd.store(repo_id), repo_id, floor=False), node)
+        cert = trusted_node(repo, node)
         if cert is None:
             return f"a session acknowledgement of node {node[:16]}, which holds no certificate that is not revoked"
         verify_ack(data, repo_id, cert)

@@ -16,17 +16,18 @@ packs as the top does.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 from bunker import encoding
 from bunker.errors import BunkerError, CorruptObject, ExitCode, ObjectMissing
-from bunker.node.acks import acks_to_send, drop_older_acks, own_ack
+from bunker.node.acks import acks_to_send, checkpoint_roots_held, drop_older_acks, own_ack
 from bunker.node.holdings import DOWN_PREFIXES, UpstreamState, owed, snapshot_packs
 from bunker.node.node_dir import NodeDir, Upstream
 from bunker.node.staging import staged_names
-from bunker.node.staleness import note_heard
+from bunker.node.staleness import note_heard, note_records_asof
 from bunker.repo.objects import content_hash, is_hash_name
 from bunker.repo.repository import Repository
 from bunker.repo.snapshot import parse_snapshot
@@ -126,9 +127,11 @@ def _send_acks(
     """This node's acknowledgement for the top, and those of the nodes below it that it passes on
     (node/acks.py): after the data, so an acknowledgement never arrives before what it covers."""
     caught_up = caught_up and not staged_names(nd, repo_id) and not owed(store, state).count
+    checkpoint_roots_held(nd, repo_id, store)  # dead sessions' checkpoints go up as roots
     have = {i.name for i in top.list("gc/")}
     for info in acks_to_send(nd, store, have, caught_up):
         _copy(store, top, info)
+        state.mark_recorded([info.name])
     name, data = own_ack(nd, repo_id, store, state.delivered)
     top.put(name, data, if_absent=True)
 
@@ -184,7 +187,9 @@ def forward_direct(
             report.snapshots.append(info.name)
         state.save()
         _send_acks(node, repo_id, store, top, state, caught_up=not report.held and not report.forks)
+        asof = time.time()  # every record the top held by now is in the store after bring_down
         report.down = bring_down(top, store)
+        note_records_asof(node, repo_id, asof)
         note_heard(node, repo_id, upstream.name)
         drop_older_acks(node, store)
     finally:

@@ -19,7 +19,7 @@ import time
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from bunker.node.acks import acks_to_send, own_ack
+from bunker.node.acks import acks_to_send, checkpoint_roots_held, own_ack
 from bunker.node.bundle import BundleObject, write_bundle
 from bunker.node.bundle_format import ManifestEntry, plan_pieces
 from bunker.node.holdings import DOWN_PREFIXES, UpstreamState, owed, snapshot_packs
@@ -27,6 +27,7 @@ from bunker.node.links import Link, LinkCounters, link_keys
 from bunker.node.node_dir import NodeDir, Upstream, read_json, write_json
 from bunker.node.receipts import Receipt, parse_receipt
 from bunker.node.staging import staged_names
+from bunker.node.staleness import records_asof
 from bunker.repo.node_acks import parse_ack
 from bunker.storage.backend import ObjectInfo
 from bunker.storage.local import LocalBackend
@@ -35,6 +36,7 @@ from bunker.storage.mailbox import open_mailbox
 DEFAULT_PIECE_SIZE = 256 << 20
 DEFAULT_RESEND_AFTER = 7 * 86400.0
 ACK_STEP = 3600.0  # an acknowledgement alone goes up once it says at least this much more
+ASOF_STEP = 3600.0  # nothing but a newer "records as of" goes down once it is this much newer
 
 
 @dataclass
@@ -179,6 +181,7 @@ def forward_link(nd: NodeDir, repo_id: str, conf: Upstream) -> LinkReport:
             continue
         snaps.append(info)
     caught_up = not todo.count and not report.held and not staged_names(nd, repo_id)
+    checkpoint_roots_held(nd, repo_id, store)  # dead sessions' checkpoints go up as roots
     relayed = acks_to_send(nd, store, set(state.delivered) | set(log.sent), caught_up)
     chosen = data + snaps + relayed
     ack_name, ack = own_ack(nd, repo_id, store, state.delivered)
@@ -222,12 +225,16 @@ def send_down(nd: NodeDir, repo_id: str, conf: Upstream) -> LinkReport:
             continue
         with open(os.path.join(outbox, leaf), "rb") as f:
             receipts.append(parse_receipt(f.read()))
-    if not records and not receipts:
+    asof = records_asof(nd, repo_id)
+    told = os.path.join(nd.state_dir(repo_id, "down", conf.name), "asof-sent.json")
+    if not records and not receipts and asof <= float(read_json(told, 0.0)) + ASOF_STEP:
         return report
+    write_json(told, asof)
     root = store.root if isinstance(store, LocalBackend) else ""
     objects = [BundleObject(_entry(i), _opener(os.path.join(root, i.name))) for i in records]
     objects += [BundleObject(ManifestEntry.of(r.object_name, r.raw), r.raw) for r in receipts]
-    report.pieces = _send(nd, link, repo_id, "down", objects, {})
+    # the node below may then say its sessions saw every record the top held at this time
+    report.pieces = _send(nd, link, repo_id, "down", objects, {"records_asof": records_asof(nd, repo_id)})
     log.mark([i.name for i in records])
     log.save()
     for r in receipts:

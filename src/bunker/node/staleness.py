@@ -53,3 +53,19 @@ def stale_problems(nd: NodeDir) -> list[tuple[str, str, str]]:
                 )
             )
     return out
+
+
+def records_asof_path(nd: NodeDir, repo_id: str) -> str:
+    return os.path.join(nd.state_dir(repo_id), "records-asof.json")
+
+
+def note_records_asof(nd: NodeDir, repo_id: str, asof: float) -> None:
+    """The store now holds every record (configs, certificates, retirement and GC records) the
+    repository of record held at ``asof``: a session starting from now on sees them all."""
+    if asof > records_asof(nd, repo_id):
+        write_json(records_asof_path(nd, repo_id), asof)
+
+
+def records_asof(nd: NodeDir, repo_id: str) -> float:
+    """Up to when the store holds the top's records (0: never heard)."""
+    return float(read_json(records_asof_path(nd, repo_id), 0.0))

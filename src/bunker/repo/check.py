@@ -28,6 +28,7 @@ from bunker.repo import refs
 from bunker.repo.certs import Certificate, parse_certificate
 from bunker.repo.check_report import CheckReport
 from bunker.repo.check_snapshots import Fresh, Pending, SnapshotChecks
+from bunker.repo.checkpoint_roots import read_checkpoint_root
 from bunker.repo.config import FORMAT_VERSION, parse_config
 from bunker.repo.config_chain import missing_links
 from bunker.repo.index import decrypt_index, parse_index_frame
@@ -36,6 +37,7 @@ from bunker.repo.node_acks import parse_ack, verify_ack
 from bunker.repo.node_certs import parse_node_certificate, trusted_node
 from bunker.repo.objects import (
     MAGIC_ACK,
+    MAGIC_CKROOT,
     MAGIC_GC,
     MAGIC_INDEX,
     MAGIC_MOVED,
@@ -545,6 +547,12 @@ class Checker:
                 continue
             if data[:4] == MAGIC_ACK:  # a node's session acknowledgement (repo/node_acks.py)
                 self._check_ack(n, data)
+                continue
+            if data[:4] == MAGIC_CKROOT:  # a checkpoint held by a node (repo/checkpoint_roots.py)
+                try:
+                    read_checkpoint_root(self.repo, n, data)
+                except encoding.FormatError as exc:
+                    self.report.add(n, f"checkpoint root not usable: {exc}", "warn")
                 continue
             # gc/ also holds the move records of repacks (repo/moves.py)
             m = MAGIC_MOVED if data[:4] == MAGIC_MOVED else MAGIC_GC

@@ -34,6 +34,7 @@ from bunker.crypto.sign import BadSignature, verify
 from bunker.errors import BunkerError, CorruptObject, ExitCode, KeyRequired, ObjectMissing
 from bunker.repo import refs
 from bunker.repo.blob_reader import read_trailer
+from bunker.repo.checkpoint_roots import checkpoint_roots, named_sessions
 from bunker.repo.index import Location, decrypt_index, make_index, parse_index_frame
 from bunker.repo.index_cache import IndexCache
 from bunker.repo.leases import MAX_LEASE_SECONDS, Lease, Session, sessions
@@ -171,6 +172,7 @@ class Pruner:
         self._naming: Counter[str] = Counter()
         self._other_secret: list[str] = []  # snapshots a damaged put key wrote: no roots (see _mark)
         self._acks: AckView | None = None  # nodes' session acknowledgements, read when first needed
+        self._spent_roots: list[str] = []  # checkpoint roots whose session a snapshot here names
 
     def run(self) -> PruneReport:
         """Phase 2 for the records that are due, then phase 1 for new garbage, then repack."""
@@ -219,6 +221,9 @@ class Pruner:
                 liveness = self._liveness(roots, moves, sizes)
                 lease.refresh_if_due()
             self._finish_moves(moves, now, live, referenced, sizes, liveness)
+            if not self.dry_run:
+                for name in self._spent_roots:
+                    self.repo.backend.delete(name)
             if self._acks is not None and not self.dry_run:
                 for ack in self._acks.older:  # a node's newest acknowledgement says all the older ones did
                     self.repo.backend.delete(ack.name)
@@ -253,6 +258,22 @@ class Pruner:
                     raise self._unmarkable(what, exc) from None
                 packs = tuple(self._packs_named(packset, what))
                 roots.append(Root(what, packset, packs, str(s.checkpoint.get("chunkset")), domain))
+        # dead sessions' checkpoints held by nodes below (repo/checkpoint_roots.py): kept until an
+        # envelope here names their session; then their records go
+        named = named_sessions(self.repo)
+        for cr in checkpoint_roots(self.repo):
+            if cr.session in named:
+                self._spent_roots.append(cr.name)
+                continue
+            what = f"the checkpoint in {cr.lease_name} (held by a node)"
+            try:
+                domain = self.repo.certificate(cr.cert).domain
+            except (CorruptObject, ObjectMissing) as exc:
+                raise self._unmarkable(what, exc) from None
+            packset = str(cr.checkpoint.get("packset"))
+            roots.append(
+                Root(what, packset, tuple(self._packs_named(packset, what)), str(cr.checkpoint.get("chunkset")), domain)
+            )
         for info in self.repo.backend.list("snapshots/"):
             if info.name in retired:
                 continue

@@ -219,6 +219,12 @@ def sessions(repo: Repository, problems: list[tuple[str, str]] | None = None) ->
     return out
 
 
+def lease_problem(repo: Repository, data: bytes, signer: str) -> str:
+    """Why a lease's bytes do not count ("" when signed by ``signer``, a valid certificate that
+    is not revoked): for leases carried in other records (repo/checkpoint_roots.py)."""
+    return _not_authentic(repo, data, signer)
+
+
 def _not_authentic(repo: Repository, data: bytes, signer: str) -> str:
     """Why the lease ``data`` does not count ("" when it is signed by the valid, not revoked
     certificate ``signer``)."""

@@ -1,0 +1,111 @@
+"""Checkpoint roots (``gc/<hash>``, magic ``BKCR``; docs/format.md section 24): a dead session's
+last checkpoint, forwarded up by the node that holds it, so that a prune at the repository of
+record keeps what the checkpoint names.
+
+A client killed on a node leaves its last lease (with its checkpoint) in the node's store; its
+next run through that node turns it into an incomplete snapshot (docs/format.md section 17). The
+packs it names reach the top like any others, where no snapshot names them yet: without a root a
+prune there would condemn and delete them, and the adopted snapshot would arrive with holes. The
+record carries the client-signed lease bytes (verified as a lease is), signed by the node; it
+protects the checkpoint's packs until an envelope at the top names its session (committed or
+adopted), and a prune then removes it. Prune at the top does not adopt such a checkpoint itself:
+the client's next run through its node does.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from bunker import encoding
+from bunker.crypto.node_keys import NodeKeys
+from bunker.crypto.sign import BadSignature
+from bunker.errors import CorruptObject, ObjectMissing
+from bunker.repo.leases import lease_problem
+from bunker.repo.node_certs import trusted_node
+from bunker.repo.objects import MAGIC_CKROOT
+from bunker.repo.records import parse_lease
+from bunker.repo.repository import Repository
+from bunker.repo.snapshot import parse_snapshot
+
+DOMAIN = b"bunker checkpoint root v1"
+MAX_ROOT = 1 << 20
+
+
+@dataclass(frozen=True)
+class CheckpointRoot:
+    name: str  # gc/<hex>
+    node: str
+    session: str
+    lease_name: str  # sessions/<session>.<counter>
+    cert: str  # the client certificate that signed the lease
+    checkpoint: dict[str, Any]
+
+
+def make_checkpoint_root(keys: NodeKeys, repo_id: str, lease_name: str, lease: bytes) -> bytes:
+    """A node-signed record of the lease ``lease_name`` (its exact bytes)."""
+    body = encoding.pack(
+        {"repo": repo_id, "node": keys.node_id, "lease_name": lease_name, "lease": lease, "time": time.time()}
+    )
+    return MAGIC_CKROOT + encoding.pack({"body": body, "sig": keys.sign(DOMAIN, body)})
+
+
+def read_checkpoint_root(repo: Repository, name: str, data: bytes) -> CheckpointRoot:
+    """Verify a checkpoint root: the node's signature (a node certified for the repository, not
+    revoked) and the lease it carries (named as it says, signed by a client that is not revoked,
+    with a checkpoint). Raises FormatError."""
+    if not data.startswith(MAGIC_CKROOT) or len(data) > MAX_ROOT:
+        raise encoding.FormatError("not a checkpoint root")
+    outer = encoding.expect_map(encoding.unpack(data[len(MAGIC_CKROOT) :]), "body", "sig")
+    body_bytes = encoding.field_bytes(outer, "body")
+    b = encoding.expect_map(encoding.unpack(body_bytes), "repo", "node", "lease_name", "lease", "time")
+    if encoding.field(b, "repo", str) != repo.repo_id:
+        raise encoding.FormatError("a checkpoint root of another repository")
+    node = encoding.field(b, "node", str)
+    cert = trusted_node(repo, node)
+    if cert is None:
+        raise encoding.FormatError(f"no trusted certificate of node {node[:16]}")
+    try:
+        cert.public.verify(DOMAIN, body_bytes, encoding.field_bytes(outer, "sig", 64))
+    except BadSignature:
+        raise encoding.FormatError("the checkpoint root's signature does not verify") from None
+    lease_name = encoding.field(b, "lease_name", str)
+    lease = encoding.field_bytes(b, "lease")
+    lease_body, signer = parse_lease(lease, lease_name)
+    why = lease_problem(repo, lease, signer)
+    if why:
+        raise encoding.FormatError(why)
+    cp = lease_body.get("checkpoint")
+    if not isinstance(cp, dict):
+        raise encoding.FormatError("the lease holds no checkpoint")
+    return CheckpointRoot(name, node, str(lease_body["session"]), lease_name, signer, cp)
+
+
+def checkpoint_roots(repo: Repository) -> list[CheckpointRoot]:
+    """Every valid checkpoint root in ``gc/`` (invalid ones are skipped: `check` reports them)."""
+    out = []
+    for info in repo.backend.list("gc/"):
+        try:
+            data = repo.get_object(info.name)
+            if not data.startswith(MAGIC_CKROOT):
+                continue
+            out.append(read_checkpoint_root(repo, info.name, data))
+        except (encoding.FormatError, CorruptObject, ObjectMissing):
+            continue
+    return out
+
+
+def named_sessions(repo: Repository) -> set[str]:
+    """Sessions an envelope names: committed by their run, or adopted."""
+    out: set[str] = set()
+    for info in repo.backend.list("snapshots/"):
+        try:
+            env = parse_snapshot(repo.get_object(info.name)).env
+        except (encoding.FormatError, CorruptObject, ObjectMissing):
+            continue
+        if env.session:
+            out.add(env.session)
+        if env.adopted is not None:
+            out.add(env.adopted.session)
+    return out
