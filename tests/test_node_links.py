@@ -226,3 +226,59 @@ def test_record_receipt_from_a_node_without_record_frees_nothing(tmp_path: Path)
     assert any("record capability" in why for why in imp["receipts_refused"])
     assert doc["evicted"] == []
     assert len(list((h.office / "store" / h.top.id / "packs").iterdir())) == len(covers)
+
+
+def test_an_online_link_through_an_s3_prefix(tmp_path: Path, s3_server: Any, s3_prefix: str) -> None:
+    """The same link with its mailbox on an object store: both nodes name one S3 prefix, nothing is
+    carried; data goes up and the record receipts come down through it."""
+    top = init_repo(tmp_path / "top")
+    env = dict(top.env, **s3_server.env())
+    top.env.update(env)
+    office, hq = tmp_path / "office", tmp_path / "hq"
+    for n, caps in ((office, "relay"), (hq, "relay,record")):
+        node_cmd(top, "init", n, "--name", n.name)
+        node_cmd(top, "card", n, "--out", tmp_path / f"{n.name}.card")
+        top.ok("key", "new-node", tmp_path / f"{n.name}.card", "--caps", caps)
+    seed = tmp_path / "top.seed"
+    top.ok("node", "export-seed", seed)
+    mailbox = s3_server.url(s3_prefix + "-mailbox")
+    for n in (office, hq):
+        node_cmd(top, "seed", n, seed)
+    node_cmd(top, "upstream", "add", hq, "top", "--direct", top.path)
+    node_cmd(top, "upstream", "add", office, "hq", "--link", mailbox, "--card", tmp_path / "hq.card")
+    node_cmd(top, "downstream", "add", hq, "office", "--link", mailbox, "--card", tmp_path / "office.card")
+    src = tmp_path / "src"
+    make_tree(src)
+    backup_into(top, office, src)
+    node_cmd(top, "forward", office)
+    imp = js(node_cmd(top, "import", hq, "--json"))["imports"][0]
+    assert len(imp["published"]) == 1 and imp["foreign"] == 0
+    node_cmd(top, "forward", hq)
+    back = js(node_cmd(top, "import", office, "--json"))["imports"][0]
+    assert "record" in back["receipts_accepted"] and back["foreign"] == 0
+    assert len(js(top.ok("snapshots", "--json"))["snapshots"]) == 1
+    top.ok("check", "--read-data")
+
+
+def test_one_node_relays_two_repositories(tmp_path: Path) -> None:
+    a = init_repo(tmp_path / "a")
+    b = init_repo(tmp_path / "b")
+    node = tmp_path / "node"
+    node_cmd(a, "init", node, "--name", "shared")
+    node_cmd(a, "card", node, "--out", tmp_path / "node.card")
+    for repo in (a, b):
+        repo.ok("key", "new-node", tmp_path / "node.card", "--seed-out", tmp_path / f"{repo.id}.seed")
+        node_cmd(repo, "seed", node, tmp_path / f"{repo.id}.seed")
+        node_cmd(repo, "upstream", "add", node, f"top-{repo.id[:8]}", "--direct", repo.path)
+    src = tmp_path / "src"
+    make_tree(src)
+    # naming only the node is ambiguous now: the message says how to name one
+    cp = run_bunker("backup", src, "--repo", node, env=a.env)
+    assert cp.returncode == ExitCode.USAGE and "relays 2 repositories" in cp.stderr, cp.stderr
+    for repo in (a, b):
+        backup_into(repo, node / repo.id, src)
+    doc = js(node_cmd(a, "forward", node, "--json"))
+    assert sorted(len(d["snapshots"]) for d in doc["deliveries"]) == [1, 1]
+    for repo in (a, b):
+        assert len(js(repo.ok("snapshots", "--json"))["snapshots"]) == 1
+        repo.ok("check")
