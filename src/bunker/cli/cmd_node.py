@@ -300,6 +300,9 @@ def status_cmd(directory: str, **kwargs: Any) -> None:
                 f"  upstream {u['name']:<12} lacks {u['owed_objects']} objects ({human_bytes(u['owed_bytes'])}), "
                 f"{u['recorded']} recorded at the top"
             )
+    if doc["key_rotation"] and doc["key_rotation"]["waiting_links"]:
+        waiting = ", ".join(doc["key_rotation"]["waiting_links"])
+        out.line(f"key rotation: links {waiting} still use the previous key until their far nodes take the new card")
 
 
 @node.group("downstream")

@@ -6,6 +6,7 @@ from typing import Any
 
 from bunker.node.holdings import UP_PREFIXES, UpstreamState, owed
 from bunker.node.node_dir import NodeDir
+from bunker.node.rotation import rotation_status
 
 
 def node_status(nd: NodeDir) -> dict[str, Any]:
@@ -39,4 +40,5 @@ def node_status(nd: NodeDir) -> dict[str, Any]:
         "store": nd.config.store,
         "max_size": nd.config.max_size,
         "repositories": repos,
+        "key_rotation": rotation_status(nd),
     }

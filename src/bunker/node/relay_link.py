@@ -25,6 +25,7 @@ from bunker.node.holdings import DOWN_PREFIXES, UpstreamState, owed, snapshot_pa
 from bunker.node.links import Link, LinkCounters, link_keys
 from bunker.node.node_dir import NodeDir, Upstream, read_json, write_json
 from bunker.node.receipts import Receipt, parse_receipt
+from bunker.node.rotation import sending_keys, successor_due, successor_for, successor_sent
 from bunker.storage.backend import ObjectInfo
 from bunker.storage.local import LocalBackend
 from bunker.storage.mailbox import open_mailbox
@@ -115,8 +116,12 @@ def _opener(path: str):  # type: ignore[no-untyped-def]
 def _send(
     nd: NodeDir, link: Link, repo_id: str, kind: str, objects: list[BundleObject], extra: dict[str, object]
 ) -> list[str]:
-    """Write ``objects`` as one bundle over ``link`` and put its pieces into the mailbox."""
+    """Write ``objects`` as one bundle over ``link`` and put its pieces into the mailbox (with
+    the node's successor record while the far node has not taken up its last key rotation)."""
     conf = link.conf
+    successor = successor_for(nd, link.name)
+    if successor is not None:
+        objects = [*objects, BundleObject(ManifestEntry.of(successor.object_name, successor.raw), successor.raw)]
     keys = link_keys(nd, link, repo_id)
     peer = conf.peer_public()
     size = conf.piece_size or DEFAULT_PIECE_SIZE
@@ -125,7 +130,15 @@ def _send(
     first = counters.take(len(plan))
     outgoing = nd.state_dir("outgoing")
     written = write_bundle(
-        nd.keys, keys, peer, outgoing, kind=kind, first_seq=first, objects=objects, max_piece_size=size, extra=extra
+        sending_keys(nd, link.name),
+        keys,
+        peer,
+        outgoing,
+        kind=kind,
+        first_seq=first,
+        objects=objects,
+        max_piece_size=size,
+        extra=extra,
     )
     names = []
     mailbox = open_mailbox(conf.url, create=True)
@@ -143,6 +156,8 @@ def _send(
     mine: dict[str, float] = read_json(own, {})
     mine.update({n: time.time() for n in names})
     write_json(own, mine)
+    if successor is not None:
+        successor_sent(nd, link.name)
     return names
 
 
@@ -175,7 +190,7 @@ def forward_link(nd: NodeDir, repo_id: str, conf: Upstream) -> LinkReport:
             continue
         snaps.append(info)
     chosen = data + snaps
-    if not chosen:
+    if not chosen and not successor_due(nd, conf.name, resend):
         return report
     root = store.root if isinstance(store, LocalBackend) else ""
     objects = [BundleObject(_entry(i), _opener(os.path.join(root, i.name))) for i in chosen]
@@ -211,7 +226,7 @@ def send_down(nd: NodeDir, repo_id: str, conf: Upstream) -> LinkReport:
             continue
         with open(os.path.join(outbox, leaf), "rb") as f:
             receipts.append(parse_receipt(f.read()))
-    if not records and not receipts:
+    if not records and not receipts and not successor_due(nd, conf.name, conf.resend_after or DEFAULT_RESEND_AFTER):
         return report
     root = store.root if isinstance(store, LocalBackend) else ""
     objects = [BundleObject(_entry(i), _opener(os.path.join(root, i.name))) for i in records]
