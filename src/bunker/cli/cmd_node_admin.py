@@ -1,4 +1,4 @@
-"""bunker node rotate-key: changing a node's key (docs/hierarchy.md)."""
+"""bunker node rotate-key | quota: changing a node's key and bounding its writers (docs/hierarchy.md)."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import click
 from bunker.cli.cmd_node import _out, json_option, node
 from bunker.cli.files import write_output
 from bunker.cli.main import handles_errors
+from bunker.cli.output import human_bytes
 
 
 @node.command("rotate-key")
@@ -47,3 +48,34 @@ def rotate_key_cmd(directory: str, dest: str | None, **kwargs: Any) -> None:
         "capabilities the node has now); its links go on with the old key until the far nodes hold that "
         "certificate and take the new card, which forward and import do by themselves"
     )
+
+
+@node.command("quota")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.argument("client")
+@click.argument("size")
+@json_option
+@handles_errors
+def quota_cmd(directory: str, client: str, size: str, **kwargs: Any) -> None:
+    """Bound what CLIENT (client name or certificate id) may leave undelivered here; SIZE none: no bound."""
+    from bunker.node.node_dir import NodeDir, parse_size
+    from bunker.node.quota import find_client
+
+    out = _out(kwargs)
+    nd = NodeDir(directory)
+    key = find_client(nd, client)
+    if size.strip().lower() in ("none", "off"):
+        nd.config.quotas.pop(key, None)
+        bound = None
+    else:
+        bound = parse_size(size)
+        nd.config.quotas[key] = bound
+    nd.save()
+    out.document({"node": nd.name, "client": key, "quota": bound})
+    if bound is None:
+        out.line(f"node {nd.name}: no quota for {key} any more")
+    else:
+        out.line(
+            f"node {nd.name}: {key} may leave at most {human_bytes(bound)} undelivered here; beyond it its backups "
+            "stay in its own spool until the node forwarded what it holds (new connections apply it)"
+        )

@@ -86,6 +86,7 @@ class NodeConfig:
     downstreams: list[Upstream] = field(default_factory=list)  # links whose far node sends data here
     evict_after: str = "all"  # "all", "any", or a number k of upstreams
     stale_after: int = DEFAULT_STALE_AFTER
+    quotas: dict[str, int] = field(default_factory=dict)  # certificate or client name -> undelivered bytes
     format: int = NODE_FORMAT
 
     def to_json(self) -> str:

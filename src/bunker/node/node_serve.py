@@ -22,6 +22,7 @@ from collections.abc import Callable
 from bunker.errors import ExitCode
 from bunker.node.eviction import evicted, store_full
 from bunker.node.node_dir import REPO_ID, NodeDir, NodeError, split_node_path
+from bunker.node.quota import QuotaGate
 from bunker.node.serve import NodeRole, ServeConfig
 from bunker.storage.backend import ObjectInfo
 
@@ -122,5 +123,6 @@ def node_serve_config(node: NodeDir) -> ServeConfig:
         refusal_hint="run that command with --repo naming the repository of record, not the node",
         upstream_held=watch.upstream_held,
         full=watch.full,
+        pack_gate=lambda store: QuotaGate(NodeDir(node.root), store),  # quotas as node.json says now
     )
     return ServeConfig(node.root, append_only=True, node=role)

@@ -41,4 +41,5 @@ def node_status(nd: NodeDir) -> dict[str, Any]:
         "max_size": nd.config.max_size,
         "repositories": repos,
         "key_rotation": rotation_status(nd),
+        "quotas": dict(nd.config.quotas),
     }
