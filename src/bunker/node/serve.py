@@ -76,6 +76,8 @@ class NodeRole:
     # store directory -> one connection's judge of the packs it is sent (node/quota.py): None
     # to store it, else ("full" | "refused", why)
     pack_gate: Callable[[str], Callable[[str, memoryview], tuple[str, str] | None]] | None = None
+    # store directory, snapshot name -> when the repository of record holds it (0.0: not yet)
+    recorded: Callable[[str, str], float] | None = None
 
 
 @dataclass(frozen=True)
@@ -350,7 +352,10 @@ class Session:
                     return wire.OK, {"s": held.size, "t": held.mtime, "w": "upstream"}, b""
             if info is None:
                 return wire.MISSING, {}, b""
-            return wire.OK, {"s": info.size, "t": info.mtime}, b""
+            answer: dict[str, Any] = {"s": info.size, "t": info.mtime}
+            if self.config.node is not None and self.config.node.recorded and name.startswith("snapshots/"):
+                answer["r"] = self.config.node.recorded(b.root, name)  # older clients ignore it
+            return wire.OK, answer, b""
         if f.code == wire.PING:
             return wire.OK, {}, b""
         raise _Bad(wire.INVALID, f"unknown request code {f.code}", "the client is newer than this server")
