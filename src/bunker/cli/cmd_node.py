@@ -301,8 +301,11 @@ def status_cmd(directory: str, **kwargs: Any) -> None:
                 f"{u['recorded']} recorded at the top"
             )
     if doc["key_rotation"] and doc["key_rotation"]["waiting_links"]:
-        waiting = ", ".join(doc["key_rotation"]["waiting_links"])
-        out.line(f"key rotation: links {waiting} still use the previous key until their far nodes take the new card")
+        waiting = doc["key_rotation"]["waiting_links"]
+        out.line(
+            f"key rotation: link{'s' if len(waiting) > 1 else ''} {', '.join(waiting)} still on the previous key, "
+            "until the far node takes the new card"
+        )
 
 
 @node.group("downstream")
