@@ -23,6 +23,7 @@ from bunker.errors import BunkerError, CorruptObject, ExitCode, ObjectMissing, S
 from bunker.interrupt import ignore as ignore_signals
 from bunker.interrupt import signal_name
 from bunker.node.forward import forward, forward_problems, forward_summary
+from bunker.node.record_age import unrecorded_events
 from bunker.node.spool import Spool, offline_repository, parse_age, spooling_repository
 from bunker.repo.repository import Repository
 from bunker.runlog import LEVELS
@@ -94,6 +95,7 @@ def _open_with_spool(opts: context.Options, out: Any) -> tuple[Repository, PutKe
         unseeded = spool.seed(repo, put)
         if unseeded:
             events.append(("warn", "spool-unwritable", unseeded))
+        events += unrecorded_events(repo, put)  # into a node: has the top recorded what it holds?
     except StorageError as exc:
         return offline_repository(spool, repo.repo_id, exc), put, events
     except (CorruptObject, ObjectMissing) as exc:

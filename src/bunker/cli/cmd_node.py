@@ -301,6 +301,12 @@ def status_cmd(directory: str, **kwargs: Any) -> None:
                 f"  upstream {u['name']:<12} lacks {u['owed_objects']} objects ({human_bytes(u['owed_bytes'])}), "
                 f"{u['recorded']} recorded at the top"
             )
+    if doc["key_rotation"] and doc["key_rotation"]["waiting_links"]:
+        waiting = doc["key_rotation"]["waiting_links"]
+        out.line(
+            f"key rotation: link{'s' if len(waiting) > 1 else ''} {', '.join(waiting)} still on the previous key, "
+            "until the far node takes the new card"
+        )
     sys.exit(_exit([(p["level"], p["code"], p["message"]) for p in doc["problems"]]))
 
 

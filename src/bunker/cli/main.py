@@ -117,6 +117,7 @@ def main() -> None:
         cmd_key,
         cmd_migrate,
         cmd_node,
+        cmd_node_admin,
         cmd_node_keys,
         cmd_prune,
         cmd_restore,

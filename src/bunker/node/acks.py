@@ -18,6 +18,7 @@ import os
 import time
 
 from bunker import encoding
+from bunker.crypto.node_keys import NodeKeys
 from bunker.errors import CorruptObject, ObjectMissing
 from bunker.node.holdings import UP_PREFIXES
 from bunker.node.node_dir import NodeDir, read_json, write_json
@@ -25,6 +26,7 @@ from bunker.node.staleness import records_asof
 from bunker.repo.checkpoint_roots import make_checkpoint_root
 from bunker.repo.leases import sessions
 from bunker.repo.node_acks import make_ack, parse_ack
+from bunker.repo.node_certs import trusted_node
 from bunker.repo.objects import MAGIC_ACK, MAGIC_CKROOT, content_hash
 from bunker.repo.repository import Repository
 from bunker.storage.backend import Backend, ObjectInfo
@@ -78,7 +80,7 @@ def checkpoint_roots_held(nd: NodeDir, repo_id: str, store: Backend) -> dict[str
         lease_name = s.names[-1]
         name = made.get(lease_name)
         if name is None or not store.exists(name):
-            data = make_checkpoint_root(nd.keys, repo_id, lease_name, store.get(lease_name))
+            data = make_checkpoint_root(certified_keys(nd, repo), repo_id, lease_name, store.get(lease_name))
             name = f"gc/{content_hash(data)}"
             store.put(name, data, if_absent=True)
             made[lease_name] = name
@@ -116,9 +118,27 @@ def acknowledged_time(nd: NodeDir, repo_id: str, store: Backend, delivered: set[
     return x
 
 
-def own_ack(nd: NodeDir, repo_id: str, store: Backend, delivered: set[str] | dict[str, float]) -> tuple[str, bytes]:
-    """A fresh acknowledgement of this node for an upstream holding ``delivered``."""
-    data = make_ack(nd.keys, repo_id, acknowledged_time(nd, repo_id, store, delivered))
+def certified_keys(nd: NodeDir, repo: Repository) -> NodeKeys:
+    """The node's keys that the repository certified: the current ones, or after a rotation
+    whose new certificate has not arrived yet, the previous ones (node/rotation.py)."""
+    if trusted_node(repo, nd.keys.node_id) is None:
+        prev = nd.previous_keys
+        if prev is not None and trusted_node(repo, prev.node_id) is not None:
+            return prev
+    return nd.keys
+
+
+def own_ack(
+    nd: NodeDir,
+    repo_id: str,
+    store: Backend,
+    delivered: set[str] | dict[str, float],
+    keys: NodeKeys | None = None,
+) -> tuple[str, bytes]:
+    """A fresh acknowledgement of this node for an upstream holding ``delivered``, signed with
+    ``keys`` (a link's sending keys) or the keys the repository certified."""
+    signer = keys or certified_keys(nd, Repository.open(store, repo_id, floor=False))
+    data = make_ack(signer, repo_id, acknowledged_time(nd, repo_id, store, delivered))
     return f"gc/{content_hash(data)}", data
 
 
@@ -152,8 +172,10 @@ def acks_to_send(nd: NodeDir, store: Backend, upstream_has: set[str], caught_up:
                 out.append(info)
     if not caught_up:
         return out
+    prev = nd.previous_keys
+    own_ids = {nd.config.node_id, *((prev.node_id,) if prev is not None else ())}
     for node, acks in held_acks(store).items():
-        if node == nd.config.node_id:
+        if node in own_ids:
             continue
         newest = acks[0][1]
         if newest.name not in upstream_has:

@@ -33,14 +33,16 @@ from bunker import encoding
 from bunker.errors import BunkerError, StorageError
 from bunker.node.bundle_format import PieceError
 from bunker.node.bundle_reader import identify, open_piece
-from bunker.node.links import DUPLICATE, NEW, Link, LinkCounters, link_keys, links
+from bunker.node.links import DUPLICATE, NEW, Link, LinkCounters, links
 from bunker.node.node_dir import NodeDir, read_json, write_json
 from bunker.node.receipt_flow import ReceiptOutcome, apply_receipt, issue_hop_receipt, note_received
 from bunker.node.receipts import PREFIX as RECEIPT_PREFIX
 from bunker.node.receipts import parse_receipt
 from bunker.node.relay_link import send_down
+from bunker.node.rotation import Candidate, apply_successors, candidates, keep_successor, opened_with
 from bunker.node.staging import publish_ready, stage
 from bunker.node.staleness import note_records_asof
+from bunker.node.successor import PREFIX as SUCCESSOR_PREFIX
 from bunker.repo.checkpoint_roots import read_checkpoint_root
 from bunker.repo.config import parse_config
 from bunker.repo.node_acks import parse_ack, verify_ack
@@ -69,6 +71,8 @@ class ImportReport:
     refused: list[tuple[str, str]] = field(default_factory=list)  # (object, why)
     receipts: ReceiptOutcome = field(default_factory=ReceiptOutcome)
     records: int = 0
+    adopted: str = ""  # the far node's new id, when this import took up its key rotation
+    successor_waiting: list[str] = field(default_factory=list)  # why its successor record waits
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -88,6 +92,7 @@ class ImportReport:
             "receipts_refused": self.receipts.refused,
             "recorded": self.receipts.recorded,
             "records": self.records,
+            "peer_rotated_to": self.adopted or None,
         }
 
     def summary(self) -> str:
@@ -141,8 +146,9 @@ def _digest_name_ok(name: str, digest: bytes) -> bool:
 def import_link(nd: NodeDir, link: Link) -> ImportReport:
     """Import every piece for this node waiting in ``link``'s mailbox."""
     report = ImportReport(link.name, link.direction)
-    peer = link.conf.peer_public()
-    candidates = {repo_id: link_keys(nd, link, repo_id) for repo_id in nd.repositories()}
+    _take_successors(nd, link, report)  # a certificate that came since may let one wait no longer
+    # this node's current and previous keys, the far node's current and previous (node/rotation.py)
+    cands = candidates(nd, link.conf, nd.repositories())
     own = set(read_json(os.path.join(nd.state_dir("links", link.name), "own-pieces.json"), {}))
     incoming = nd.state_dir("incoming")
     imported: dict[str, tuple[list[str], list[int]]] = {}
@@ -155,7 +161,7 @@ def import_link(nd: NodeDir, link: Link) -> ImportReport:
             mailbox.fetch(info.name, tmp)
             try:
                 try:
-                    keys = identify(tmp, list(candidates.values()), my_keys=nd.keys, name=info.name)
+                    keys = identify(tmp, [c.link for c in cands], my_keys=nd.keys, name=info.name)
                 except PieceError as exc:
                     report.quarantined.append((info.name, exc.message))
                     _quarantine(nd, tmp, info.name)
@@ -164,12 +170,14 @@ def import_link(nd: NodeDir, link: Link) -> ImportReport:
                 if keys is None:
                     report.foreign += 1
                     continue
-                outcome = _import_piece(nd, link, keys.repo_id, tmp, info.name, keys, peer, report)
+                cand = next(c for c in cands if c.link is keys)
+                outcome = _import_piece(nd, link, keys.repo_id, tmp, info.name, cand, report)
                 if outcome is None:
                     _quarantine(nd, tmp, info.name)
                     mailbox.delete(info.name)
                     continue
                 names, seq = outcome
+                opened_with(nd, link.name, cand.mine)
                 if seq:
                     got = imported.setdefault(keys.repo_id, ([], []))
                     got[0].extend(names)
@@ -180,6 +188,7 @@ def import_link(nd: NodeDir, link: Link) -> ImportReport:
                     os.unlink(tmp)
     finally:
         mailbox.close()
+    _take_successors(nd, link, report)
     for repo_id in nd.repositories():
         if link.direction == "up":
             _settle_asof(nd, repo_id, link)
@@ -195,21 +204,27 @@ def import_link(nd: NodeDir, link: Link) -> ImportReport:
     return report
 
 
+def _take_successors(nd: NodeDir, link: Link, report: ImportReport) -> None:
+    taken = apply_successors(nd, link.conf)
+    report.adopted = taken.adopted or report.adopted
+    report.successor_waiting = taken.waiting
+    report.refused += taken.refused
+
+
 def _import_piece(
     nd: NodeDir,
     link: Link,
     repo_id: str,
     path: str,
     name: str,
-    keys: object,
-    peer: object,
+    cand: Candidate,
     report: ImportReport,
 ) -> tuple[list[str], int] | None:
     """Import one piece; None when it must be quarantined (the reason is in the report).
     Returns the names imported and the piece's number (0 for a duplicate or a replay)."""
     store = nd.store(repo_id)
     try:
-        opened = open_piece(path, nd.keys, keys, peer, name=name)  # type: ignore[arg-type]
+        opened = open_piece(path, cand.mine, cand.link, cand.peer, name=name)
     except PieceError as exc:
         report.quarantined.append((name, exc.message))
         return None
@@ -271,6 +286,11 @@ def _take(
     from bunker.storage.backend import Backend
 
     assert isinstance(store, Backend)
+    if name.startswith(SUCCESSOR_PREFIX):  # the far node rotated its key (node/rotation.py)
+        why = keep_successor(nd, link.name, data)
+        if why is not None:
+            report.refused.append((name, why))
+        return False
     if name.startswith(RECEIPT_PREFIX) and link.direction == "up":
         try:
             receipt = parse_receipt(data)
@@ -385,6 +405,8 @@ def import_all(nd: NodeDir, only: str | None = None) -> tuple[list[ImportReport]
             problems.append(("err", "object-refused", f"{obj} from link {link.name} was refused: {why}"))
         for why in r.receipts.refused:
             problems.append(("err", "receipt-refused", f"link {link.name}: {why}"))
+        for why in r.successor_waiting:
+            problems.append(("note", "successor-waiting", f"link {link.name}: {why}"))
         if r.foreign:
             problems.append(
                 (

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from bunker.node.bundle_format import LinkKeys
 from bunker.node.node_dir import NodeDir, Upstream, read_json, write_json
+from bunker.node.rotation import sending_keys
 
 REPLAY_WINDOW = 100_000
 
@@ -44,7 +45,9 @@ def links(nd: NodeDir) -> list[Link]:
 
 
 def link_keys(nd: NodeDir, link: Link, repo_id: str) -> LinkKeys:
-    return LinkKeys.between(nd.keys, link.conf.peer_public(), repo_id)
+    """The keys this node sends with over ``link`` (its previous ones while the far node has
+    not taken up its last key rotation: node/rotation.py)."""
+    return LinkKeys.between(sending_keys(nd, link.name), link.conf.peer_public(), repo_id)
 
 
 class LinkCounters:

@@ -4,6 +4,8 @@ Layout of ``DIR``:
 
 - ``node.json``: name, store path and size bound, upstreams, eviction rule, staleness bound;
 - ``node.key``: the node seed (32 random bytes; every node key derives from it), 0600;
+- ``node.key.previous``: the seed before the last `bunker node rotate-key` (one generation is
+  kept: pieces sealed to the old key still open; node/rotation.py);
 - ``state/``: per repository and link: sequence numbers, receipts, what was sent;
 - the store (``DIR/store`` unless ``--store PATH``): one repository directory per repository the
   node relays (``<store>/<repository id>``), in the repository format, so clients, `check` and
@@ -36,6 +38,8 @@ from bunker.storage.node_path import NODE_FILE, REPO_ID, is_node_dir, split_node
 __all__ = ["NODE_FILE", "REPO_ID", "NodeConfig", "NodeDir", "NodeError", "Upstream", "is_node_dir", "split_node_path"]
 
 KEY_FILE = "node.key"
+PREVIOUS_KEY_FILE = "node.key.previous"
+NEXT_KEY_FILE = "node.key.next"  # only while `bunker node rotate-key` runs
 CARD_KIND = "bunker node card"
 NODE_FORMAT = 1
 DEFAULT_STALE_AFTER = 7 * 86400  # a week without news from upstream: revocations may be missing
@@ -61,9 +65,14 @@ class Upstream:
     piece_size: int = 0  # link: largest piece written to its mailbox (0: the default)
     resend_after: float = 0.0  # link: seconds before what no receipt names is sent again (0: default)
     added: float = 0.0  # when it was added (a link never heard from is stale only after stale_after)
+    previous_card: str = ""  # link: the far node's keys before its last rotation (node/rotation.py)
 
     def peer_public(self) -> NodePublic:
         return NodePublic.from_bytes(base64.b64decode(self.card))
+
+    def previous_public(self) -> NodePublic | None:
+        """The far node's keys before it rotated them (its pieces written before still open)."""
+        return NodePublic.from_bytes(base64.b64decode(self.previous_card)) if self.previous_card else None
 
 
 @dataclass
@@ -78,6 +87,7 @@ class NodeConfig:
     downstreams: list[Upstream] = field(default_factory=list)  # links whose far node sends data here
     evict_after: str = "all"  # "all", "any", or a number k of upstreams
     stale_after: int = DEFAULT_STALE_AFTER
+    quotas: dict[str, int] = field(default_factory=dict)  # certificate or client name -> undelivered bytes
     format: int = NODE_FORMAT
 
     def to_json(self) -> str:
@@ -221,28 +231,16 @@ class NodeDir:
 
     @property
     def keys(self) -> NodeKeys:
+        """The node's current keys (node.key)."""
         if self._keys is None:
             where = os.path.join(self.root, KEY_FILE)
-            try:
-                with open(where, encoding="utf-8") as f:
-                    doc = json.loads(f.read())
-                seed = bytes.fromhex(doc["seed"])
-                ok = len(seed) == 32 and json.loads(key_text(seed))["check"] == doc["check"]
-            except (OSError, ValueError, KeyError, TypeError) as exc:
-                raise NodeError(
-                    f"the node key {where} cannot be read ({exc})",
-                    "restore node.key from a backup of the node directory; without it the node must be made again "
-                    "and certified anew (`bunker node init`, `bunker key new-node`)",
-                    exit_code=ExitCode.BAD_REPOSITORY,
-                ) from None
-            if not ok:
-                raise NodeError(
-                    f"the node key {where} is damaged (its checksum does not match)",
-                    "restore node.key from a backup of the node directory",
-                    exit_code=ExitCode.BAD_REPOSITORY,
-                )
-            keys = NodeKeys.from_seed(seed)
+            keys = read_key_file(where)
             if keys.public().node_id != self.config.node_id:
+                nxt = os.path.join(self.root, NEXT_KEY_FILE)
+                if os.path.exists(nxt) and read_key_file(nxt).node_id == self.config.node_id:
+                    # a `rotate-key` stopped between saving node.json and renaming the new key
+                    os.replace(nxt, where)
+                    return self.keys
                 raise NodeError(
                     f"the node key {where} is not the key of node {self.name} ({self.config.node_id[:16]})",
                     "put this node's own node.key back",
@@ -250,6 +248,12 @@ class NodeDir:
                 )
             self._keys = keys
         return self._keys
+
+    @property
+    def previous_keys(self) -> NodeKeys | None:
+        """The node's keys before its last rotation (node.key.previous), if it rotated."""
+        where = os.path.join(self.root, PREVIOUS_KEY_FILE)
+        return read_key_file(where) if os.path.exists(where) else None
 
     def card(self) -> str:
         return card_text(self.name, self.keys.public())
@@ -311,6 +315,29 @@ class NodeDir:
             f"add it with `bunker node upstream add {self.root} {name} --direct URL | --link URL --card FILE`",
             exit_code=ExitCode.USAGE,
         )
+
+
+def read_key_file(where: str) -> NodeKeys:
+    """The node keys of a key file (node.key or node.key.previous), checked against its checksum."""
+    try:
+        with open(where, encoding="utf-8") as f:
+            doc = json.loads(f.read())
+        seed = bytes.fromhex(doc["seed"])
+        ok = len(seed) == 32 and json.loads(key_text(seed))["check"] == doc["check"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise NodeError(
+            f"the node key {where} cannot be read ({exc})",
+            "restore it from a backup of the node directory; without node.key the node must be made again "
+            "and certified anew (`bunker node init`, `bunker key new-node`)",
+            exit_code=ExitCode.BAD_REPOSITORY,
+        ) from None
+    if not ok:
+        raise NodeError(
+            f"the node key {where} is damaged (its checksum does not match)",
+            "restore it from a backup of the node directory",
+            exit_code=ExitCode.BAD_REPOSITORY,
+        )
+    return NodeKeys.from_seed(seed)
 
 
 def read_json(path: str, default: Any) -> Any:

@@ -22,7 +22,9 @@ from collections.abc import Callable
 from bunker.errors import ExitCode
 from bunker.node.acks import note_session
 from bunker.node.eviction import evicted, store_full
+from bunker.node.holdings import UpstreamState
 from bunker.node.node_dir import REPO_ID, NodeDir, NodeError, split_node_path
+from bunker.node.quota import QuotaGate
 from bunker.node.serve import NodeRole, ServeConfig
 from bunker.storage.backend import ObjectInfo
 
@@ -75,6 +77,7 @@ class _Watch:
         self._lock = threading.Lock()
         self._held: dict[str, tuple[float, dict[str, ObjectInfo]]] = {}
         self._full: dict[str, tuple[float, str]] = {}
+        self._recorded: dict[str, tuple[float, dict[str, float]]] = {}
 
     def _repo(self, store_dir: str) -> str:
         return os.path.basename(store_dir.rstrip("/"))
@@ -106,6 +109,24 @@ class _Watch:
                 self._full[store_dir] = got
             return got[1]
 
+    def recorded(self, store_dir: str, name: str) -> float:
+        """When an upstream first recorded snapshot ``name`` at the repository of record (record
+        receipt, or a direct delivery read back); 0.0 when none did yet."""
+        now = time.monotonic()
+        with self._lock:
+            got = self._recorded.get(store_dir)
+            if got is None or now - got[0] > self.REREAD:
+                repo_id = self._repo(store_dir)
+                first: dict[str, float] = {}
+                for up in self.node.config.upstreams:
+                    if up.kind == "link" or up.repo == repo_id:
+                        for n, when in UpstreamState(self.node, repo_id, up.name).recorded.items():
+                            if n.startswith("snapshots/"):
+                                first[n] = min(when, first.get(n, when))
+                got = (now, first)
+                self._recorded[store_dir] = got
+            return got[1].get(name, 0.0)
+
 
 def node_serve_config(node: NodeDir) -> ServeConfig:
     """The serve configuration of ``node``: append-only, client prefixes only."""
@@ -124,5 +145,7 @@ def node_serve_config(node: NodeDir) -> ServeConfig:
         upstream_held=watch.upstream_held,
         full=watch.full,
         session_event=lambda store_dir, sid: note_session(node, os.path.basename(store_dir.rstrip("/")), sid),
+        pack_gate=lambda store: QuotaGate(NodeDir(node.root), store),  # quotas as node.json says now
+        recorded=watch.recorded,
     )
     return ServeConfig(node.root, append_only=True, node=role)

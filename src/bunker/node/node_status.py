@@ -6,6 +6,7 @@ from typing import Any
 
 from bunker.node.holdings import UP_PREFIXES, UpstreamState, owed
 from bunker.node.node_dir import NodeDir
+from bunker.node.rotation import rotation_status
 from bunker.node.staleness import last_heard, stale_problems
 
 
@@ -42,4 +43,6 @@ def node_status(nd: NodeDir) -> dict[str, Any]:
         "max_size": nd.config.max_size,
         "repositories": repos,
         "problems": [{"level": lv, "code": c, "message": m} for lv, c, m in stale_problems(nd)],
+        "key_rotation": rotation_status(nd),
+        "quotas": dict(nd.config.quotas),
     }

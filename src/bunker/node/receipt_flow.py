@@ -25,6 +25,7 @@ from bunker.node.links import Link
 from bunker.node.node_dir import NodeDir, read_json, write_json
 from bunker.node.receipts import IssuedChain, Receipt, ReceivedChain, make_receipt, verify_receipt
 from bunker.node.relay_link import SentLog, queue_receipt
+from bunker.node.rotation import my_ids, peer_ids, sending_keys
 from bunker.repo.node_certs import trusted_node
 from bunker.repo.repository import Repository
 from bunker.repo.snapshot import parse_snapshot
@@ -58,7 +59,7 @@ def issue_hop_receipt(
     """Sign and queue a hop receipt to the downstream node of ``link``."""
     chain = IssuedChain(nd, repo_id, "hop", link.conf.peer)
     receipt = make_receipt(
-        nd.keys,
+        sending_keys(nd, link.name),
         kind="hop",
         repo=repo_id,
         downstream=link.conf.peer,
@@ -93,15 +94,16 @@ def issue_record_receipts(nd: NodeDir, repo_id: str) -> int:
     would be refused below). Returns how many were queued."""
     store = nd.store(repo_id)
     repo = Repository.open(store, repo_id, floor=False)
-    mine = trusted_node(repo, nd.config.node_id)
-    if mine is None or not mine.can("record"):
-        return 0
     recorded: set[str] = set()
     for up in nd.config.upstreams:
         if up.kind == "direct" and up.repo == repo_id:
             recorded |= set(UpstreamState(nd, repo_id, up.name).recorded)
     issued = 0
     for down in nd.config.downstreams:
+        keys = sending_keys(nd, down.name)  # the key the far node knows (node/rotation.py)
+        mine = trusted_node(repo, keys.node_id)
+        if mine is None or not mine.can("record"):
+            continue
         got = set(read_json(received_log(nd, repo_id, down.name), {}))
         done_path = os.path.join(nd.state_dir(repo_id, "down", down.name), "receipted.json")
         done: dict[str, float] = read_json(done_path, {})
@@ -110,7 +112,7 @@ def issue_record_receipts(nd: NodeDir, repo_id: str) -> int:
             continue
         chain = IssuedChain(nd, repo_id, "record", down.peer)
         receipt = make_receipt(
-            nd.keys,
+            keys,
             kind="record",
             repo=repo_id,
             downstream=down.peer,
@@ -149,10 +151,10 @@ def apply_receipt(nd: NodeDir, repo_id: str, link: Link, receipt: Receipt, out: 
     if receipt.kind == "record" and not issuer.can("record"):
         out.refused.append(f"{who}: node {issuer.node} is not certified with the record capability; it frees nothing")
         return
-    if receipt.kind == "hop" and receipt.issuer != link.conf.peer:
+    if receipt.kind == "hop" and receipt.issuer not in peer_ids(link.conf):
         out.refused.append(f"{who}: a hop receipt comes from the next node only ({link.conf.peer_name})")
         return
-    if receipt.downstream not in (nd.config.node_id, link.conf.peer):
+    if receipt.downstream not in (*my_ids(nd), *peer_ids(link.conf)):
         out.refused.append(f"{who}: issued to another node ({receipt.downstream[:16]})")
         return
     chain = ReceivedChain(nd, repo_id, receipt.kind, receipt.issuer)

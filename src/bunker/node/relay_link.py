@@ -26,6 +26,7 @@ from bunker.node.holdings import DOWN_PREFIXES, UpstreamState, owed, snapshot_pa
 from bunker.node.links import Link, LinkCounters, link_keys
 from bunker.node.node_dir import NodeDir, Upstream, read_json, write_json
 from bunker.node.receipts import Receipt, parse_receipt
+from bunker.node.rotation import sending_keys, successor_due, successor_for, successor_sent
 from bunker.node.staging import staged_names
 from bunker.node.staleness import records_asof
 from bunker.repo.node_acks import parse_ack
@@ -121,8 +122,12 @@ def _opener(path: str):  # type: ignore[no-untyped-def]
 def _send(
     nd: NodeDir, link: Link, repo_id: str, kind: str, objects: list[BundleObject], extra: dict[str, object]
 ) -> list[str]:
-    """Write ``objects`` as one bundle over ``link`` and put its pieces into the mailbox."""
+    """Write ``objects`` as one bundle over ``link`` and put its pieces into the mailbox (with
+    the node's successor record while the far node has not taken up its last key rotation)."""
     conf = link.conf
+    successor = successor_for(nd, link.name)
+    if successor is not None:
+        objects = [*objects, BundleObject(ManifestEntry.of(successor.object_name, successor.raw), successor.raw)]
     keys = link_keys(nd, link, repo_id)
     peer = conf.peer_public()
     size = conf.piece_size or DEFAULT_PIECE_SIZE
@@ -131,7 +136,15 @@ def _send(
     first = counters.take(len(plan))
     outgoing = nd.state_dir("outgoing")
     written = write_bundle(
-        nd.keys, keys, peer, outgoing, kind=kind, first_seq=first, objects=objects, max_piece_size=size, extra=extra
+        sending_keys(nd, link.name),
+        keys,
+        peer,
+        outgoing,
+        kind=kind,
+        first_seq=first,
+        objects=objects,
+        max_piece_size=size,
+        extra=extra,
     )
     names = []
     mailbox = open_mailbox(conf.url, create=True)
@@ -149,6 +162,8 @@ def _send(
     mine: dict[str, float] = read_json(own, {})
     mine.update({n: time.time() for n in names})
     write_json(own, mine)
+    if successor is not None:
+        successor_sent(nd, link.name)
     return names
 
 
@@ -184,10 +199,11 @@ def forward_link(nd: NodeDir, repo_id: str, conf: Upstream) -> LinkReport:
     checkpoint_roots_held(nd, repo_id, store)  # dead sessions' checkpoints go up as roots
     relayed = acks_to_send(nd, store, set(state.delivered) | set(log.sent), caught_up)
     chosen = data + snaps + relayed
-    ack_name, ack = own_ack(nd, repo_id, store, state.delivered)
+    ack_name, ack = own_ack(nd, repo_id, store, state.delivered, sending_keys(nd, conf.name))
     ack_path = os.path.join(nd.state_dir(repo_id, "up", conf.name), "ack-before.json")
     before = parse_ack(ack)[2]
-    if not chosen and before <= float(read_json(ack_path, 0.0)) + ACK_STEP:
+    quiet = before <= float(read_json(ack_path, 0.0)) + ACK_STEP
+    if not chosen and quiet and not successor_due(nd, conf.name, resend):
         return report  # nothing new to say: no piece
     root = store.root if isinstance(store, LocalBackend) else ""
     objects = [BundleObject(_entry(i), _opener(os.path.join(root, i.name))) for i in chosen]
@@ -227,7 +243,13 @@ def send_down(nd: NodeDir, repo_id: str, conf: Upstream) -> LinkReport:
             receipts.append(parse_receipt(f.read()))
     asof = records_asof(nd, repo_id)
     told = os.path.join(nd.state_dir(repo_id, "down", conf.name), "asof-sent.json")
-    if not records and not receipts and asof <= float(read_json(told, 0.0)) + ASOF_STEP:
+    quiet = asof <= float(read_json(told, 0.0)) + ASOF_STEP
+    if (
+        not records
+        and not receipts
+        and quiet
+        and not successor_due(nd, conf.name, conf.resend_after or DEFAULT_RESEND_AFTER)
+    ):
         return report
     write_json(told, asof)
     root = store.root if isinstance(store, LocalBackend) else ""

@@ -75,6 +75,11 @@ class NodeRole:
     full: Callable[[str], str] = lambda _store: ""
     # store directory, session id: a client wrote or deleted a lease (node/acks.py notes it)
     session_event: Callable[[str, str], None] = lambda _store, _session: None
+    # store directory -> one connection's judge of the packs it is sent (node/quota.py): None
+    # to store it, else ("full" | "refused", why)
+    pack_gate: Callable[[str], Callable[[str, memoryview], tuple[str, str] | None]] | None = None
+    # store directory, snapshot name -> when the repository of record holds it (0.0: not yet)
+    recorded: Callable[[str, str], float] | None = None
 
 
 @dataclass(frozen=True)
@@ -122,6 +127,7 @@ class Session:
         self.backend: LocalBackend | None = None
         self._wlock = threading.Lock()
         self._broken = False  # the reply stream failed: the client is gone
+        self._gate: Callable[[str, memoryview], tuple[str, str] | None] | None = None  # quotas, per connection
 
     # ------------------------------------------------------------------ the connection
 
@@ -293,9 +299,12 @@ class Session:
                 raise _Bad(wire.REFUSED, f"refused to store {name}: {node.refusal}", node.refusal_hint)
             if node is not None and name.startswith("packs/"):
                 why = node.full(b.root)
-                if why:
+                verdict = ("full", why) if why else self._pack_verdict(node, b.root, name, f.payload)
+                if verdict is not None and verdict[0] == "refused":
+                    raise _Bad(wire.REFUSED, verdict[1], "the client is broken or compromised: check its put key")
+                if verdict is not None:
                     meta = {
-                        "m": why,
+                        "m": verdict[1],
                         "h": "this backup stays in your own spool and goes up later",
                         "k": wire.KIND_NODE_FULL,
                     }
@@ -349,10 +358,21 @@ class Session:
                     return wire.OK, {"s": held.size, "t": held.mtime, "w": "upstream"}, b""
             if info is None:
                 return wire.MISSING, {}, b""
-            return wire.OK, {"s": info.size, "t": info.mtime}, b""
+            answer: dict[str, Any] = {"s": info.size, "t": info.mtime}
+            if self.config.node is not None and self.config.node.recorded and name.startswith("snapshots/"):
+                answer["r"] = self.config.node.recorded(b.root, name)  # older clients ignore it
+            return wire.OK, answer, b""
         if f.code == wire.PING:
             return wire.OK, {}, b""
         raise _Bad(wire.INVALID, f"unknown request code {f.code}", "the client is newer than this server")
+
+    def _pack_verdict(self, node: NodeRole, store: str, name: str, data: memoryview) -> tuple[str, str] | None:
+        if node.pack_gate is None:
+            return None
+        with self._wlock:
+            if self._gate is None:
+                self._gate = node.pack_gate(store)
+        return self._gate(name, data)
 
     def _get(self, b: LocalBackend, name: str, offset: int, length: int | None) -> tuple[int, dict[str, Any], bytes]:
         if length is not None and length < 0:

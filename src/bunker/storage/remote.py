@@ -37,7 +37,15 @@ from typing import Any
 from bunker import encoding
 from bunker.errors import BunkerError, ExitCode, ObjectMissing, StorageError
 from bunker.storage import wire
-from bunker.storage.backend import STRAYS_SHOWN, Backend, Capabilities, ObjectInfo, Strays, validate_prefix
+from bunker.storage.backend import (
+    STRAYS_SHOWN,
+    Backend,
+    Capabilities,
+    ObjectInfo,
+    Strays,
+    validate_name,
+    validate_prefix,
+)
 from bunker.storage.full import server_disk_full
 from bunker.storage.object_store import MAX_RETRY_DELAY, RetryPolicy
 from bunker.storage.prefixes import MAX_SHOWN, printable
@@ -250,6 +258,22 @@ class RemoteBackend(Backend):
             if not f.meta.get("more") or not page:
                 return out
             after = max(page)
+
+    def snapshot_recorded(self, name: str) -> tuple[float, float | None] | None:
+        """For a snapshot on a node: (when the node stored it, when the repository of record
+        recorded it: 0.0 not yet, None when the server does not say: not a node, or an older
+        one); None when the server does not hold it."""
+        f = self._call("stat", name, wire.STAT, {"n": validate_name(name)})
+        if f.code == wire.MISSING:
+            return None
+        if f.code != wire.OK:
+            raise self._status_error(f, "stat", name)
+        mtime, recorded = f.meta.get("t"), f.meta.get("r")
+        if not isinstance(mtime, (int, float)):
+            raise wire.ProtocolError(f"the server sent a malformed answer for {name}", "")
+        if not self.server_node or not isinstance(recorded, (int, float)) or isinstance(recorded, bool):
+            return float(mtime), None
+        return float(mtime), float(recorded)
 
     def strays(self, prefix: str) -> Strays:
         """The server's own report (LIST with ``j``). A server that predates it sends none, and
