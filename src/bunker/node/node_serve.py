@@ -3,8 +3,9 @@
 The protocol and its safety rules are `bunker serve`'s (node/serve.py). What a node adds:
 
 - the store is chosen per connection: a client names the node directory (the node's only
-  repository) or ``<node dir>/<repository id>``; an ssh forced command pins the node whatever
-  the client asks;
+  repository) or ``<node dir>/<repository id>``; a node's server serves only its node, so any
+  other path (an ssh forced command runs it whatever the client asked for) reaches it too, its
+  last component choosing a repository when it is one's id;
 - clients only back up: they may create packs, index, reference, snapshot and session objects
   and delete their own leases. Configs, certificates, retirement and GC records come down from
   the repository of record, where forget, prune, repack, unforget and key changes run; a node
@@ -51,11 +52,11 @@ def _resolver(node: NodeDir) -> Callable[[str | None, bool], str]:
                     stores = {os.path.realpath(node.store_path(r)): r for r in node.repositories()}
                     repo_id = stores.get(os.path.realpath(requested))
                     if repo_id is None:
-                        raise NodeError(
-                            f"this server is node {node.name} at {node.root}; it does not serve {requested[:300]}",
-                            f"use {node.root} (or {node.root}/<repository id>) as the path in the URL",
-                            exit_code=ExitCode.NO_REPOSITORY,
-                        )
+                        # the server is pinned to this node (an ssh forced command runs it whatever
+                        # path the client asked for): another path picks at most a repository, by a
+                        # last component that is its id; the client checks the id against its key
+                        last = os.path.basename(requested.rstrip("/"))
+                        repo_id = last if REPO_ID.fullmatch(last) else None
                 else:
                     repo_id = found[1]
         if repo_id is None:

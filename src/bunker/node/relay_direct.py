@@ -164,9 +164,14 @@ def forward_direct(
                 if progress:
                     progress(done, todo.count)
 
-        with ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="bunker-node-up") as pool:
+        pool = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="bunker-node-up")
+        try:
             for _ in pool.map(one, todo.data):
                 pass
+        finally:
+            # a failure or a stop (SIGTERM to `node run`) ends the run after the objects in
+            # flight: the rest is not tried (an unreachable upstream would fail each in turn)
+            pool.shutdown(wait=True, cancel_futures=True)
         state.save()
         at_top = {i.name for i in top.list("packs/")}
         places = _chain_places(top) if todo.snapshots else {}

@@ -52,8 +52,17 @@ MAX_INFLIGHT = 16  # requests read and not yet answered
 MAX_INFLIGHT_BYTES = 2 * wire.MAX_FRAME  # request bodies held at once
 
 
+_to_syslog = False  # stderr is the client's connection (inetd): log lines go to syslog
+
+
 def log(message: str) -> None:
-    """One line on stderr (ssh passes it to the client; systemd to the journal)."""
+    """One line on stderr (ssh passes it to the client; systemd to the journal), or to syslog
+    under inetd, which hands the connection over as stderr too."""
+    if _to_syslog:
+        import syslog
+
+        syslog.syslog(syslog.LOG_INFO, message)
+        return
     with contextlib.suppress(OSError, ValueError):
         sys.stderr.write(f"bunker serve: {message}\n")
         sys.stderr.flush()
@@ -446,9 +455,30 @@ def _bool(m: dict[str, Any], key: str) -> bool:
 # --------------------------------------------------------------------------- the two front ends
 
 
+def _stderr_is_the_connection(*fds: int) -> bool:
+    """Whether fd 2 is the socket ``fds`` are (inetd passes the connection as fds 0, 1 and 2)."""
+    try:
+        err = os.fstat(2)
+        if not stat.S_ISSOCK(err.st_mode):
+            return False
+        return any((st.st_dev, st.st_ino) == (err.st_dev, err.st_ino) for st in map(os.fstat, fds))
+    except OSError:
+        return False
+
+
 def serve_stdio(config: ServeConfig) -> int:
     """Serve one client on stdin/stdout (ssh, inetd, systemd Accept=yes); return the exit code."""
+    global _to_syslog
     rfd, wfd = os.dup(0), os.dup(1)
+    if _stderr_is_the_connection(rfd, wfd):
+        # a log line written there would land in the protocol stream and break it
+        import syslog
+
+        syslog.openlog("bunker", syslog.LOG_PID, syslog.LOG_DAEMON)
+        _to_syslog = True
+        null = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(null, 2)
+        os.close(null)
     # nothing else may ever write into the protocol stream: stray output goes to stderr
     os.dup2(2, 1)
     devnull = os.open(os.devnull, os.O_RDONLY)
