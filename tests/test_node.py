@@ -175,3 +175,18 @@ def test_a_node_that_hears_nothing_from_upstream_warns(tmp_path: Path) -> None:
     status = js(node_cmd(top, "status", office, "--json", rc=ExitCode.WARN))
     (problem,) = status["problems"]
     assert problem["code"] == "upstream-stale" and "revocations" in problem["message"]
+
+
+def test_a_client_of_another_build_backs_up_into_a_node(tmp_path: Path) -> None:
+    """RECOVERY.md names the build that wrote it: a client whose text differs (another bunker
+    version) neither rewrites a node's copy nor fails over it."""
+    top = init_repo(tmp_path / "top")
+    office = make_node(top, tmp_path / "office", "office")
+    recovery = office / "store" / top.id / "RECOVERY.md"
+    recovery.write_text(recovery.read_text() + "\nwritten by another build\n")
+    before = recovery.read_bytes()
+    src = tmp_path / "src"
+    make_tree(src)
+    doc = backup_into(top, office, src)
+    assert not doc.get("spooled") and doc["level"] in ("ok", "note"), doc["events"]
+    assert recovery.read_bytes() == before

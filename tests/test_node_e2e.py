@@ -72,6 +72,8 @@ def test_two_clients_office_daemon_carried_disk_hq_over_ssh_top_on_s3(
     for n, caps in ((office, "relay"), (hq, "relay,record")):
         bunker("node", "card", n, "--out", tmp_path / f"{n.name}.card")
         bunker("key", "new-node", tmp_path / f"{n.name}.card", "--caps", caps, "--repo", url)
+    second_key = tmp_path / "second.put"
+    bunker("key", "new-client", "second", "--out", second_key, "--repo", url)
     seed = tmp_path / "top.seed"
     bunker("node", "export-seed", seed, "--repo", url)
     for n in (office, hq):
@@ -82,8 +84,6 @@ def test_two_clients_office_daemon_carried_disk_hq_over_ssh_top_on_s3(
     bunker("node", "upstream", "add", hq, "top", "--direct", url)
     bunker("node", "upstream", "add", office, "hq", "--link", disk_office, "--card", tmp_path / "hq.card")
     bunker("node", "downstream", "add", hq, "office", "--link", disk_hq, "--card", tmp_path / "office.card")
-    second_key = tmp_path / "second.put"
-    bunker("key", "new-client", "second", "--out", second_key, "--repo", url)
 
     # hq's server runs on demand, through sshd: a forced command pins the node
     sshd = start_sshd(tmp_path / "sshd")

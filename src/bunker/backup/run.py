@@ -123,7 +123,8 @@ def run_backup(
     log = RunLog()
     for level, code, message in req.events:
         log.add(level, code, message)
-    repo.write_documents()
+    if not getattr(repo.backend, "server_node", ""):  # a node's copies come with its seed
+        repo.write_documents()
     if req.master_on_client:
         log.add(
             "note",

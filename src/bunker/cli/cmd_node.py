@@ -248,8 +248,9 @@ def forward_cmd(directory: str, name: str | None, **kwargs: Any) -> None:
 
     out = _out(kwargs)
     nd = NodeDir(directory)
-    results = forward_all(nd, name)
-    evictions, full = evict_all(nd)
+    with nd.moving():  # waits for a daemon's cycle under way
+        results = forward_all(nd, name)
+        evictions, full = evict_all(nd)
     problems = [(p.level, p.code, p.message) for p in results.problems] + full + stale_problems(nd)
     out.document(
         {
@@ -370,8 +371,9 @@ def import_cmd(directory: str, name: str | None, **kwargs: Any) -> None:
 
     out = _out(kwargs)
     nd = NodeDir(directory)
-    reports, problems = import_all(nd, name)
-    evictions, full = evict_all(nd)
+    with nd.moving():  # waits for a daemon's cycle under way
+        reports, problems = import_all(nd, name)
+        evictions, full = evict_all(nd)
     problems += full + stale_problems(nd)
     out.document(
         {

@@ -232,18 +232,19 @@ class Daemon:
                 once=True,
             )
         done: list[str] = []
-        for peer in self.peers.values():
-            if peer.next_due <= now:
-                self._serve_peer(nd, peer, done)
-        try:
-            # an unbounded store has nothing to evict: no listing of it every cycle
-            evictions, full = evict_all(nd) if nd.config.max_size is not None else ([], [])
-        except (BunkerError, OSError) as exc:
-            self.log.say("err", f"eviction in node {nd.name}'s store failed: {exc}", once=True)
-        else:
-            done += [describe(e) for e in evictions]
-            for level, _code, message in full:
-                self.log.say(level, message, once=True)
+        with nd.moving():  # never beside a `node forward` or `node import` run by hand
+            for peer in self.peers.values():
+                if peer.next_due <= now:
+                    self._serve_peer(nd, peer, done)
+            try:
+                # an unbounded store has nothing to evict: no listing of it every cycle
+                evictions, full = evict_all(nd) if nd.config.max_size is not None else ([], [])
+            except (BunkerError, OSError) as exc:
+                evictions, full = [], []
+                self.log.say("err", f"eviction in node {nd.name}'s store failed: {exc}", once=True)
+        done += [describe(e) for e in evictions]
+        for level, _code, message in full:
+            self.log.say(level, message, once=True)
         done = [d for d in done if d]
         if done:
             self.log.say("ok", "; ".join(done))

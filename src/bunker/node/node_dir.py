@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import fcntl
 import json
 import os
 import re
 import secrets
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -304,6 +306,19 @@ class NodeDir:
         path = os.path.join(self.root, "state", *parts)
         os.makedirs(path, mode=0o700, exist_ok=True)
         return path
+
+    @contextlib.contextmanager
+    def moving(self) -> Iterator[None]:
+        """Hold the node's data-moving lock (an flock on ``state/moving.lock``, released by the
+        kernel whatever ends the process): forwards, imports and evictions of one node never run
+        at once, whether a daemon's cycle or a command run by hand (sequence numbers, sent logs
+        and receipt chains are read, advanced and written by each)."""
+        fd = os.open(os.path.join(self.state_dir(), "moving.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
 
     def upstream(self, name: str) -> Upstream:
         for u in self.config.upstreams:

@@ -44,7 +44,7 @@ from bunker.storage import wire
 from bunker.storage.backend import InvalidName, ObjectInfo, validate_name, validate_prefix
 from bunker.storage.full import RepositoryFull
 from bunker.storage.local import LocalBackend
-from bunker.storage.prefixes import known_names
+from bunker.storage.prefixes import FIXED_NAMES, known_names
 from bunker.storage.refused import StorageRefused
 
 WORKERS = 4  # requests handled at once per connection (the client runs 2-3 threads)
@@ -304,6 +304,10 @@ class Session:
             name = _object_name(_str(m, "n"), self.peer)
             if_absent = _bool(m, "x")
             node = self.config.node
+            if node is not None and name in FIXED_NAMES:
+                # a client of another build would rewrite RECOVERY.md and FORMAT.md with its own
+                # text; a node's copies come with its seed (node/seeding.py): left as they are
+                return wire.EXISTS, {}, b""
             if node is not None and name.split("/", 1)[0] not in node.writable:
                 raise _Bad(wire.REFUSED, f"refused to store {name}: {node.refusal}", node.refusal_hint)
             if node is not None and name.startswith("packs/"):
