@@ -197,7 +197,6 @@ def import_link(nd: NodeDir, link: Link) -> ImportReport:
         report.waiting.update(staged.waiting)
         if link.direction == "down" and repo_id in imported:
             names, seqs = imported[repo_id]
-            note_received(nd, repo_id, link.name, names)
             lacking = sorted({n for need in staged.waiting.values() for n in need})
             issue_hop_receipt(nd, repo_id, link, names, seqs, lacking)
             send_down(nd, repo_id, link.conf)
@@ -263,6 +262,10 @@ def _import_piece(
         except PieceError as exc:
             report.quarantined.append((name, exc.message))
             return None
+        if link.direction == "down":
+            # noted before the piece counts as imported: a run killed after that sees the piece
+            # as a duplicate next time, and what it carried must still get its record receipt
+            note_received(nd, repo_id, link.name, names)
         counters.imported(h.seq, time.time())
         counters.save()
         asof = h.extra.get("records_asof")

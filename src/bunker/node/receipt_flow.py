@@ -69,8 +69,10 @@ def issue_hop_receipt(
         pieces=pieces,
         missing=missing,
     )
-    queue_receipt(nd, repo_id, link.name, receipt)
+    # the number is spent before the receipt can leave: a run killed between the two must not
+    # give the next receipt the same number (the far side would refuse one as a rollback)
     chain.advance(receipt)
+    queue_receipt(nd, repo_id, link.name, receipt)
     return receipt
 
 
@@ -122,8 +124,10 @@ def issue_record_receipts(nd: NodeDir, repo_id: str) -> int:
             heads=_heads(store, new),
             config_version=repo.config.version,
         )
-        queue_receipt(nd, repo_id, down.name, receipt)
+        # number spent first (see issue_hop_receipt); killed before ``done`` is written, the
+        # next run covers the same objects again under the next number: harmless
         chain.advance(receipt)
+        queue_receipt(nd, repo_id, down.name, receipt)
         now = time.time()
         done.update({n: now for n in new})
         write_json(done_path, done)
@@ -167,7 +171,6 @@ def apply_receipt(nd: NodeDir, repo_id: str, link: Link, receipt: Receipt, out: 
             "chain): the issuer was rolled back or its key is misused; nothing is freed by it"
         )
         return
-    chain.accept(receipt)
     state = UpstreamState(nd, repo_id, link.name)
     if receipt.kind == "hop":
         state.mark_delivered(receipt.covers)
@@ -187,4 +190,8 @@ def apply_receipt(nd: NodeDir, repo_id: str, link: Link, receipt: Receipt, out: 
             if covers & set(read_json(received_log(nd, repo_id, down.name), {})):
                 queue_receipt(nd, repo_id, down.name, receipt)
     state.save()
+    # noted in the issuer's chain only once applied: a run killed before this imports the piece
+    # again and applies the receipt again (applying is idempotent); noted first, the receipt
+    # would be a duplicate next time and what it covers never recorded (never evicted)
+    chain.accept(receipt)
     out.accepted.append(receipt.kind)
