@@ -27,7 +27,7 @@ from bunker.repo.checkpoint_roots import make_checkpoint_root
 from bunker.repo.leases import sessions
 from bunker.repo.node_acks import make_ack, parse_ack
 from bunker.repo.node_certs import trusted_node
-from bunker.repo.objects import MAGIC_ACK, MAGIC_CKROOT, content_hash
+from bunker.repo.objects import MAGIC_ACK, MAGIC_CKROOT, MAGIC_GC, MAGIC_MOVED, content_hash
 from bunker.repo.repository import Repository
 from bunker.storage.backend import Backend, ObjectInfo
 
@@ -188,3 +188,15 @@ def drop_older_acks(nd: NodeDir, store: Backend) -> None:
     for acks in held_acks(store).values():
         for _, info in acks[1:]:
             store.delete(info.name)
+
+
+def condemned_since(backend: Backend, since: float) -> bool:
+    """Whether ``backend`` holds a condemnation or move record stored after ``since``: one that
+    waits for acknowledgements (an acknowledgement without new data is worth sending then)."""
+    for info in backend.list("gc/"):
+        if info.mtime <= since:
+            continue
+        with contextlib.suppress(ObjectMissing):
+            if backend.get(info.name, 0, 4) in (MAGIC_GC, MAGIC_MOVED):
+                return True
+    return False

@@ -15,6 +15,7 @@ packs as the top does.
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -23,18 +24,21 @@ from dataclasses import dataclass, field
 
 from bunker import encoding
 from bunker.errors import BunkerError, CorruptObject, ExitCode, ObjectMissing
-from bunker.node.acks import acks_to_send, checkpoint_roots_held, drop_older_acks, own_ack
+from bunker.node.acks import acks_to_send, checkpoint_roots_held, condemned_since, drop_older_acks, own_ack
 from bunker.node.holdings import DOWN_PREFIXES, UpstreamState, owed, snapshot_packs
-from bunker.node.node_dir import NodeDir, Upstream
+from bunker.node.node_dir import NodeDir, Upstream, read_json, write_json
 from bunker.node.staging import staged_names
 from bunker.node.staleness import note_heard, note_records_asof
-from bunker.repo.objects import content_hash, is_hash_name
+from bunker.repo.node_acks import parse_ack
+from bunker.repo.objects import MAGIC_ACK, MAGIC_CKROOT, content_hash, is_hash_name
 from bunker.repo.repository import Repository
 from bunker.repo.snapshot import parse_snapshot
 from bunker.storage.backend import Backend, ObjectInfo
 from bunker.storage.url import open_backend
 
 UPLOAD_THREADS = 3
+UP_ONLY = (MAGIC_ACK, MAGIC_CKROOT)  # gc/ objects that come from nodes and never go back down
+ACK_STEP = 3600.0  # an acknowledgement without new data is written once it says this much more
 
 
 @dataclass
@@ -104,6 +108,8 @@ def bring_down(top: Backend, store: Backend) -> int:
             data = top.get(info.name)
             if is_hash_name(info.name) and content_hash(data) != info.name.split("/", 1)[1]:
                 continue  # damaged at the top: `check` there names it; never spread it
+            if data[:4] in UP_ONLY:
+                continue  # nodes' acknowledgements and checkpoint roots only ever go up
             if store.put(info.name, data, if_absent=True):
                 n += 1
     return n
@@ -122,7 +128,7 @@ def _chain_places(top: Backend) -> dict[tuple[str, int], str]:
 
 
 def _send_acks(
-    nd: NodeDir, repo_id: str, store: Backend, top: Backend, state: UpstreamState, caught_up: bool
+    nd: NodeDir, repo_id: str, store: Backend, top: Backend, state: UpstreamState, caught_up: bool, moved: bool
 ) -> None:
     """This node's acknowledgement for the top, and those of the nodes below it that it passes on
     (node/acks.py): after the data, so an acknowledgement never arrives before what it covers."""
@@ -133,7 +139,13 @@ def _send_acks(
         _copy(store, top, info)
         state.mark_recorded([info.name])
     name, data = own_ack(nd, repo_id, store, state.delivered)
-    top.put(name, data, if_absent=True)
+    said = os.path.join(state.dir, "ack-before.json")
+    before = parse_ack(data)[2]
+    last = float(read_json(said, 0.0))
+    # a new object when it says something: new data, a condemnation that waits, or an hour more
+    if moved or before > last + ACK_STEP or (before > last and condemned_since(top, last)):
+        top.put(name, data, if_absent=True)
+        write_json(said, before)
 
 
 def forward_direct(
@@ -191,7 +203,8 @@ def forward_direct(
             places[(env.cert, env.seq)] = info.name
             report.snapshots.append(info.name)
         state.save()
-        _send_acks(node, repo_id, store, top, state, caught_up=not report.held and not report.forks)
+        moved = bool(report.sent or report.snapshots)
+        _send_acks(node, repo_id, store, top, state, caught_up=not report.held and not report.forks, moved=moved)
         asof = time.time()  # every record the top held by now is in the store after bring_down
         report.down = bring_down(top, store)
         note_records_asof(node, repo_id, asof)

@@ -19,7 +19,8 @@ import time
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-from bunker.node.acks import acks_to_send, checkpoint_roots_held, own_ack
+from bunker.errors import ObjectMissing
+from bunker.node.acks import acks_to_send, checkpoint_roots_held, condemned_since, own_ack
 from bunker.node.bundle import BundleObject, write_bundle
 from bunker.node.bundle_format import ManifestEntry, plan_pieces
 from bunker.node.holdings import DOWN_PREFIXES, UpstreamState, owed, snapshot_packs
@@ -30,7 +31,8 @@ from bunker.node.rotation import sending_keys, successor_due, successor_for, suc
 from bunker.node.staging import staged_names
 from bunker.node.staleness import records_asof
 from bunker.repo.node_acks import parse_ack
-from bunker.storage.backend import ObjectInfo
+from bunker.repo.objects import MAGIC_ACK, MAGIC_CKROOT
+from bunker.storage.backend import Backend, ObjectInfo
 from bunker.storage.local import LocalBackend
 from bunker.storage.mailbox import open_mailbox
 
@@ -202,20 +204,34 @@ def forward_link(nd: NodeDir, repo_id: str, conf: Upstream) -> LinkReport:
     ack_name, ack = own_ack(nd, repo_id, store, state.delivered, sending_keys(nd, conf.name))
     ack_path = os.path.join(nd.state_dir(repo_id, "up", conf.name), "ack-before.json")
     before = parse_ack(ack)[2]
-    quiet = before <= float(read_json(ack_path, 0.0)) + ACK_STEP
+    said = read_json(ack_path, {})
+    said = said if isinstance(said, dict) else {"before": said, "at": 0.0}
+    last, last_at = float(said.get("before", 0.0)), float(said.get("at", 0.0))
+    # worth a piece alone: an hour more, or a condemnation that came down since and waits for it
+    quiet = before <= last + ACK_STEP and not (before > last and condemned_since(store, last_at))
     if not chosen and quiet and not successor_due(nd, conf.name, resend):
         return report  # nothing new to say: no piece
     root = store.root if isinstance(store, LocalBackend) else ""
     objects = [BundleObject(_entry(i), _opener(os.path.join(root, i.name))) for i in chosen]
     objects.append(BundleObject(ManifestEntry.of(ack_name, ack), ack))  # last: after what it covers
     report.pieces = _send(nd, link, repo_id, "data", objects, {})
-    write_json(ack_path, before)
+    write_json(ack_path, {"before": before, "at": time.time()})
     log.mark([i.name for i in chosen])
     log.save()
     report.objects = len(chosen)
     report.bytes = sum(i.size for i in chosen)
     report.snapshots = [i.name for i in snaps]
     return report
+
+
+def _up_only(store: Backend, info: ObjectInfo) -> bool:
+    """Nodes' acknowledgements and checkpoint roots only ever go up (repo/node_acks.py)."""
+    if not info.name.startswith("gc/"):
+        return False
+    try:
+        return store.get(info.name, 0, 4) in (MAGIC_ACK, MAGIC_CKROOT)
+    except ObjectMissing:
+        return True
 
 
 def queue_receipt(nd: NodeDir, repo_id: str, link: str, receipt: Receipt) -> None:
@@ -233,7 +249,7 @@ def send_down(nd: NodeDir, repo_id: str, conf: Upstream) -> LinkReport:
     report = LinkReport(conf.name, repo_id, "down")
     store = nd.store(repo_id)
     log = SentLog(nd, repo_id, conf.name, "down")
-    records = [i for p in DOWN_PREFIXES for i in store.list(p) if i.name not in log.sent]
+    records = [i for p in DOWN_PREFIXES for i in store.list(p) if i.name not in log.sent and not _up_only(store, i)]
     outbox = nd.state_dir(repo_id, "down", conf.name, "outbox")
     receipts: list[Receipt] = []
     for leaf in sorted(os.listdir(outbox)):
