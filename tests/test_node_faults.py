@@ -16,9 +16,8 @@ Then a settle phase runs every step without kills until nothing moves, and the t
 nothing lost (every snapshot a client completed is at the top and restores byte-identical), the
 top checks clean with --read-data and office checks clean (evicted packs counted as upstream), no
 client chain is forked, every record receipt office accepted names only objects the top holds (and
-every hop receipt only objects hq holds),
-office's store is within its bound (or it says why not), and no run that was not killed reported an
-error.
+every hop receipt only objects hq holds), office's store is within its bound (or it says why not),
+and no run that was not killed reported an error.
 
 The targeted tests kill a process at a named point of the node code that random timing rarely
 hits (tests/tools/bunker_killed_at.py: the real CLI, killed with SIGKILL by itself when a named
