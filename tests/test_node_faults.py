@@ -520,13 +520,15 @@ def verify(lab: Lab) -> None:
     repo_state = h.office / "state" / top.id
     recorded = json.loads((repo_state / "up" / "hq" / "recorded.json").read_text())
     evicted = json.loads((repo_state / "evicted.json").read_text()) if (repo_state / "evicted.json").exists() else {}
-    untrue = [n for n in [*recorded, *evicted] if not (top.path / n).is_file()]
+    # (session acknowledgements, gc/, are superseded by the next one of their node and removed:
+    # hq keeps one per node, a prune at the top the newest; the data objects are what counts)
+    untrue = [n for n in [*recorded, *evicted] if not n.startswith("gc/") and not (top.path / n).is_file()]
     assert not untrue, f"{ctx}: office holds record receipts for objects the top lacks: {untrue[:10]}"
     assert set(evicted) <= set(recorded), f"{ctx}: office evicted what no record receipt names"
     # ... and every object a hop receipt named is at hq (hq never evicts; settled, nothing is staged)
     delivered = json.loads((repo_state / "up" / "hq" / "delivered.json").read_text())
     hq_store = h.hq / "store" / top.id
-    untrue = [n for n in delivered if not (hq_store / n).is_file()]
+    untrue = [n for n in delivered if not n.startswith("gc/") and not (hq_store / n).is_file()]
     assert not untrue, f"{ctx}: office holds hop receipts for objects hq lacks: {untrue[:10]}"
 
     # office's store is within its bound once everything is recorded, or says why not
@@ -587,16 +589,15 @@ def schedule(tmp_path: Path, seed: int, kills: int, max_steps: int, kill_rate: f
 SEED = int(os.environ.get("BUNKER_NODE_FAULTS_SEED", "1"))
 
 
-@pytest.mark.usefixtures("subreaper")
-def test_kill_nine_at_random_moments(tmp_path: Path) -> None:
-    schedule(tmp_path, SEED, kills=30, max_steps=120, kill_rate=0.9)
+KILLS = int(os.environ.get("BUNKER_NODE_FAULTS_KILLS", "30"))
 
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("subreaper")
-def test_kill_nine_at_random_moments_long(tmp_path: Path) -> None:
-    kills = int(os.environ.get("BUNKER_NODE_FAULTS_KILLS", "300"))
-    schedule(tmp_path, SEED + 1000, kills=kills, max_steps=kills * 5, kill_rate=0.8)
+def test_kill_nine_at_random_moments(tmp_path: Path) -> None:
+    """CI's run: 30 kills. A longer run: BUNKER_NODE_FAULTS_KILLS=300 (and another
+    BUNKER_NODE_FAULTS_SEED); docs/reliability.md has the figures of the last one."""
+    schedule(tmp_path, SEED, kills=KILLS, max_steps=KILLS * 4, kill_rate=0.9)
 
 
 # ---------------------------------------------------------------------------------- kill points
