@@ -82,7 +82,8 @@ def target(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Target]:
         return
     if kind == "unix":
         # the serve protocol's server on a unix socket, in this process
-        from bunker.node.serve import ServeConfig, SocketServer
+        from bunker.node.serve import ServeConfig
+        from bunker.node.serve_frontends import SocketServer
 
         server = SocketServer(str(tmp_path / "serve.sock"), ServeConfig(str(tmp_path / "repo"))).start()
         b = open_backend(f"unix://{tmp_path / 'serve.sock'}", create=True)

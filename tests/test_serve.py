@@ -459,7 +459,8 @@ def test_server_refuses_names_that_break_their_prefixs_rule(tmp_path: Path, mode
 def test_listings_never_show_names_that_could_be_confused(tmp_path: Path) -> None:
     """Files put into a served directory by other means: a listing shows only objects; a name
     with a newline, a directory under a hash name, junk: left out, and reported on request."""
-    from bunker.node.serve import ServeConfig, SocketServer
+    from bunker.node.serve import ServeConfig
+    from bunker.node.serve_frontends import SocketServer
 
     repo = tmp_path / "repo"
     good = "packs/" + b3(b"a pack")
@@ -664,7 +665,8 @@ def test_a_frozen_server_is_given_up_and_replaced(
 
 def test_listing_pages_and_objects_larger_than_a_frame(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Long listings come in pages; an object larger than one frame is read in ranges."""
-    from bunker.node.serve import ServeConfig, SocketServer
+    from bunker.node.serve import ServeConfig
+    from bunker.node.serve_frontends import SocketServer
 
     monkeypatch.setattr(wire, "LIST_PAGE", 3)
     server = SocketServer(str(tmp_path / "s.sock"), ServeConfig(str(tmp_path / "repo"))).start()

@@ -124,7 +124,8 @@ def serve_cmd(directory: str, stdio: bool, socket_path: str | None, socket_mode:
     from bunker.cli.cmd_serve import _mode
     from bunker.node.node_dir import NodeDir
     from bunker.node.node_serve import node_serve_config
-    from bunker.node.serve import SocketServer, log, serve_stdio
+    from bunker.node.serve import log
+    from bunker.node.serve_frontends import SocketServer, serve_stdio
 
     if stdio == bool(socket_path):
         raise BunkerError(

@@ -52,7 +52,8 @@ def serve(stdio: bool, socket_path: str | None, socket_mode: str, repo: str, app
     """
     import os
 
-    from bunker.node.serve import ServeConfig, SocketServer, log, serve_stdio
+    from bunker.node.serve import ServeConfig, log
+    from bunker.node.serve_frontends import SocketServer, serve_stdio
 
     if stdio == bool(socket_path):
         raise BunkerError(

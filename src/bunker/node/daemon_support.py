@@ -18,7 +18,8 @@ import time
 
 from bunker.errors import ExitCode
 from bunker.node.node_dir import NodeDir, NodeError
-from bunker.node.serve import ServeConfig, SocketServer
+from bunker.node.serve import ServeConfig
+from bunker.node.serve_frontends import SocketServer
 
 LOCK_FILE = "daemon.lock"  # in DIR/state: held (flock) while a daemon runs the node
 RETRY_FIRST = 5.0  # seconds before the first retry of an upstream that failed
