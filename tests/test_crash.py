@@ -1,6 +1,6 @@
 """Crash test (issues 5 and 11): backups, prunes and forwards killed with SIGKILL or SIGTERM at
 random moments, for as many steps as a fixed time budget allows (BUNKER_CRASH_SECONDS, default
-120; the random choices follow BUNKER_CRASH_SEED, default 1). Besides single runs, a step may run
+80; the random choices follow BUNKER_CRASH_SEED, default 1). Besides single runs, a step may run
 two backups of the client at once (from this machine, or from a second data directory with the
 same put key, as a second machine would), deliver the spool with two forwards at once or with a
 forward beside a backup, or delete this machine's state directory or roll it back to an old copy
@@ -42,7 +42,7 @@ from bunker.repo.objects import MAGIC_MOVED
 from bunker.repo.snapshot import parse_snapshot
 from helpers import BUNKER, Repo, expect_rc, init_repo, js, loop_ext4, make_env, make_tree, restored_path, snapshot_tree
 
-BUDGET = float(os.environ.get("BUNKER_CRASH_SECONDS", "120"))
+BUDGET = float(os.environ.get("BUNKER_CRASH_SECONDS", "80"))
 # the disk of the full-disk variant: room for what the repository grows to (snapshots are never
 # forgotten here) until the test fills it
 DISK_SIZE = (4 << 30) + int(BUDGET / 2) * (40 << 20)
