@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import signal
 import sys
 from typing import Any
 
@@ -13,7 +12,7 @@ from bunker.cli import context
 from bunker.cli.files import write_output
 from bunker.cli.main import cli, common, handles_errors, make_options
 from bunker.cli.output import Output, human_bytes
-from bunker.errors import BunkerError, ExitCode
+from bunker.errors import ExitCode
 
 
 def _out(kwargs: dict[str, Any]) -> Output:
@@ -121,58 +120,13 @@ def export_seed_cmd(dest: str, **kwargs: Any) -> None:
 @handles_errors
 def serve_cmd(directory: str, stdio: bool, socket_path: str | None, socket_mode: str) -> None:
     """Serve the node's stores to clients (append-only; forget and prune run at the top)."""
-    from bunker.cli.cmd_serve import _mode
+    from bunker.cli.cmd_serve import check_one_front_end, run_front_end
     from bunker.node.node_dir import NodeDir
     from bunker.node.node_serve import node_serve_config
-    from bunker.node.serve import log
-    from bunker.node.serve_frontends import SocketServer, serve_stdio
 
-    if stdio == bool(socket_path):
-        raise BunkerError(
-            "bunker node serve needs exactly one of --stdio and --socket PATH",
-            "use --stdio under ssh, inetd or systemd (Accept=yes), --socket PATH for a standing server",
-            exit_code=ExitCode.USAGE,
-        )
+    check_one_front_end("bunker node serve", stdio, socket_path)
     nd = NodeDir(directory)
-    config = node_serve_config(nd)
-    if stdio:
-        sys.exit(serve_stdio(config))
-    assert socket_path is not None
-    server = SocketServer(socket_path, config, _mode(socket_mode))
-
-    def stop(*_: object) -> None:
-        raise SystemExit(0)
-
-    signal.signal(signal.SIGTERM, stop)
-    log(f"node {nd.name} serving on {server.path}")
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.close()
-
-
-@node.command("run")
-@click.argument("directory", type=click.Path(file_okay=False))
-@click.option("--socket", "socket_path", metavar="PATH", help="Also serve clients on this unix socket.")
-@click.option("--socket-mode", default="600", show_default=True, help="Permissions of the --socket file (octal).")
-@click.option(
-    "--interval",
-    type=click.FloatRange(min=1),
-    default=60,
-    show_default=True,
-    metavar="SECONDS",
-    help="How often it imports and forwards (at once, too, when a new snapshot arrives).",
-)
-@handles_errors
-def run_cmd(directory: str, socket_path: str | None, socket_mode: str, interval: float) -> None:
-    """Run the node as a service: serve clients (--socket), import and forward continuously,
-    retry an upstream that is away with a growing wait. Logs go to stderr; SIGTERM stops it."""
-    from bunker.cli.cmd_serve import _mode
-    from bunker.node.daemon import run_node
-
-    sys.exit(run_node(directory, socket_path, _mode(socket_mode), interval))
+    run_front_end(node_serve_config(nd), stdio, socket_path, socket_mode, f"node {nd.name} serving")
 
 
 @node.group("upstream")

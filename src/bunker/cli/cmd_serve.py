@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from bunker.cli.main import cli, handles_errors
 from bunker.errors import BunkerError, ExitCode
+
+if TYPE_CHECKING:  # the server's modules load only when a server runs
+    from bunker.node.serve import ServeConfig
 
 
 def _mode(value: str) -> int:
@@ -52,15 +55,8 @@ def serve(stdio: bool, socket_path: str | None, socket_mode: str, repo: str, app
     """
     import os
 
-    from bunker.node.serve import ServeConfig, log
-    from bunker.node.serve_frontends import SocketServer, serve_stdio
 
-    if stdio == bool(socket_path):
-        raise BunkerError(
-            "bunker serve needs exactly one of --stdio and --socket PATH",
-            "use --stdio under ssh, inetd or systemd (Accept=yes), --socket PATH for a standing server",
-            exit_code=ExitCode.USAGE,
-        )
+    check_one_front_end("bunker serve", stdio, socket_path)
     from bunker.storage.url import local_path
 
     directory = local_path(repo)  # a typo like sftp:/x is refused, never served as a new directory
@@ -70,7 +66,29 @@ def serve(stdio: bool, socket_path: str | None, socket_mode: str, repo: str, app
             "pass the repository's directory with --repo DIR (clients reach it through ssh:// or unix://)",
             exit_code=ExitCode.USAGE,
         )
+    from bunker.node.serve import ServeConfig
+
     config = ServeConfig(os.path.abspath(directory), append_only)
+    mode = "append-only" if append_only else "read-write"
+    run_front_end(config, stdio, socket_path, socket_mode, f"serving {config.repo} ({mode})")
+
+
+def check_one_front_end(command: str, stdio: bool, socket_path: str | None) -> None:
+    """Exactly one of --stdio and --socket PATH (before anything is opened)."""
+    if stdio == bool(socket_path):
+        raise BunkerError(
+            f"{command} needs exactly one of --stdio and --socket PATH",
+            "use --stdio under ssh, inetd or systemd (Accept=yes), --socket PATH for a standing server",
+            exit_code=ExitCode.USAGE,
+        )
+
+
+def run_front_end(config: ServeConfig, stdio: bool, socket_path: str | None, socket_mode: str, what: str) -> None:
+    """Serve ``config`` on stdin/stdout (one client) or on a unix socket until SIGTERM or Ctrl-C;
+    exits the process with the server's code (`bunker serve`, `bunker node serve`)."""
+    from bunker.node.serve import log
+    from bunker.node.serve_frontends import SocketServer, serve_stdio
+
     if stdio:
         sys.exit(serve_stdio(config))
     assert socket_path is not None
@@ -80,8 +98,7 @@ def serve(stdio: bool, socket_path: str | None, socket_mode: str, repo: str, app
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, stop)
-    mode = "append-only" if append_only else "read-write"
-    log(f"serving {config.repo} ({mode}) on {server.path}")
+    log(f"{what} on {server.path}")
     try:
         server.serve_forever()
     except KeyboardInterrupt:

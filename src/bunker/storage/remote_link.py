@@ -216,7 +216,38 @@ class UnixOpener:
         """Nothing to release: each connection's socket is closed with it."""
 
 
-class ForkOpener:
+class _ChildOpener:
+    """An opener whose connections are child processes speaking the protocol on their stdin and
+    stdout (ssh, or a node's own server): it starts them and ends them all on close()."""
+
+    def __init__(self) -> None:
+        self._streams: list[_ProcStream] = []
+
+    def _spawn(self, argv: list[str]) -> tuple[_ProcStream, _Tail]:
+        # a session of its own: the terminal's Ctrl-C reaches bunker, which ends the child itself;
+        # no passphrase in its environment (child_env)
+        proc = subprocess.Popen(
+            argv,
+            env=child_env(),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            bufsize=0,
+            start_new_session=True,
+        )
+        assert proc.stderr is not None
+        stream = _ProcStream(proc)
+        self._streams.append(stream)
+        return stream, _Tail(proc.stderr)
+
+    def close(self) -> None:
+        """End every child this opener started."""
+        streams, self._streams = self._streams, []
+        for s in streams:
+            s.close()
+
+
+class ForkOpener(_ChildOpener):
     """Starts the node's own server for this run: ``bunker node serve DIR --stdio`` as a child
     of this process (the forked mode, docs/hierarchy.md), with the same Python and bunker."""
 
@@ -224,26 +255,14 @@ class ForkOpener:
         self.loc, self.timeout = loc, timeout
         self.node_dir = node_dir_of(loc.path)
         self.test_hint = f"`bunker node status {self.node_dir}` should show the node"
-        self._streams: list[_ProcStream] = []
+        super().__init__()
 
     def argv(self) -> list[str]:
         return [sys.executable, "-m", "bunker", "node", "serve", self.node_dir, "--stdio"]
 
     def open(self, *, create: bool) -> tuple[wire.Stream, Callable[[], str], dict[str, Any]]:
         self.close()
-        proc = subprocess.Popen(
-            self.argv(),
-            env=child_env(),
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            bufsize=0,
-            start_new_session=True,  # the terminal's Ctrl-C reaches bunker, which ends the node itself
-        )
-        assert proc.stderr is not None
-        tail = _Tail(proc.stderr)
-        stream = _ProcStream(proc)
-        self._streams.append(stream)
+        stream, tail = self._spawn(self.argv())
 
         def describe() -> str:
             tail.thread.join(0.5)
@@ -265,12 +284,6 @@ class ForkOpener:
         except BaseException:
             stream.close()
             raise
-
-    def close(self) -> None:
-        """End every node server this opener started."""
-        streams, self._streams = self._streams, []
-        for s in streams:
-            s.close()
 
 
 def node_dir_of(path: str) -> str:
@@ -404,7 +417,7 @@ def _ssh_config_path(path: str) -> str:
     return '"' + path.replace("%", "%%") + '"'
 
 
-class SshOpener:
+class SshOpener(_ChildOpener):
     """Runs ``ssh ... <remote path> serve --stdio --repo PATH`` (OpenSSH client, BatchMode)."""
 
     def __init__(self, loc: RemoteLocation, env: Mapping[str, str], timeout: float) -> None:
@@ -429,7 +442,7 @@ class SshOpener:
                 f"the known_hosts file {self.known_hosts_file!r} cannot be named to ssh",
                 f"point {KNOWN_HOSTS_VAR} at a file whose path has no double quote or control character",
             )
-        self._streams: list[_ProcStream] = []
+        super().__init__()
 
     @property
     def known_hosts_file(self) -> str:
@@ -468,26 +481,14 @@ class SshOpener:
     def open(self, *, create: bool) -> tuple[wire.Stream, Callable[[], str], dict[str, Any]]:
         self.close()
         try:
-            # a session of its own: the terminal's Ctrl-C reaches bunker, which ends ssh itself
-            proc = subprocess.Popen(
-                self.argv(),
-                env=child_env(),  # no passphrase for ssh, its ProxyCommand or the far side
-                stdin=subprocess.PIPE,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                bufsize=0,
-                start_new_session=True,
-            )
+            stream, tail = self._spawn(self.argv())
         except FileNotFoundError:
             raise BunkerError(
                 "the ssh command is not installed on this machine",
                 "install the OpenSSH client (Debian: `apt install openssh-client`)",
                 exit_code=ExitCode.FATAL,
             ) from None
-        assert proc.stderr is not None
-        tail = _Tail(proc.stderr)
-        stream = _ProcStream(proc)
-        self._streams.append(stream)
+        proc = stream.proc
 
         def describe() -> str:
             with contextlib.suppress(subprocess.TimeoutExpired):
@@ -517,12 +518,6 @@ class SshOpener:
         except BaseException:
             stream.close()
             raise
-
-    def close(self) -> None:
-        """End every ssh process this opener started."""
-        streams, self._streams = self._streams, []
-        for s in streams:
-            s.close()
 
     def _failure(self, rc: int | None, err: str, host_key: str) -> BaseException:
         """What an ssh that ended before the handshake means (see docs/user-guide.md)."""
