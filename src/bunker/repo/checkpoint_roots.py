@@ -27,7 +27,6 @@ from bunker.repo.node_certs import trusted_node
 from bunker.repo.objects import MAGIC_CKROOT
 from bunker.repo.records import parse_lease
 from bunker.repo.repository import Repository
-from bunker.repo.snapshot import parse_snapshot
 
 DOMAIN = b"bunker checkpoint root v1"
 MAX_ROOT = 1 << 20
@@ -93,19 +92,4 @@ def checkpoint_roots(repo: Repository) -> list[CheckpointRoot]:
             out.append(read_checkpoint_root(repo, info.name, data))
         except (encoding.FormatError, CorruptObject, ObjectMissing):
             continue
-    return out
-
-
-def named_sessions(repo: Repository) -> set[str]:
-    """Sessions an envelope names: committed by their run, or adopted."""
-    out: set[str] = set()
-    for info in repo.backend.list("snapshots/"):
-        try:
-            env = parse_snapshot(repo.get_object(info.name)).env
-        except (encoding.FormatError, CorruptObject, ObjectMissing):
-            continue
-        if env.session:
-            out.add(env.session)
-        if env.adopted is not None:
-            out.add(env.adopted.session)
     return out

@@ -34,7 +34,7 @@ from bunker.crypto.sign import BadSignature, verify
 from bunker.errors import BunkerError, CorruptObject, ExitCode, KeyRequired, ObjectMissing
 from bunker.repo import refs
 from bunker.repo.blob_reader import read_trailer
-from bunker.repo.checkpoint_roots import checkpoint_roots, named_sessions
+from bunker.repo.checkpoint_roots import checkpoint_roots
 from bunker.repo.index import Location, decrypt_index, make_index, parse_index_frame
 from bunker.repo.index_cache import IndexCache
 from bunker.repo.leases import MAX_LEASE_SECONDS, Lease, Session, sessions
@@ -248,6 +248,7 @@ class Pruner:
         retired = self.repo.retired_snapshots()
         domains = certificate_domains(self.repo)
         roots: list[Root] = []
+        named: set[str] = set()  # sessions a live snapshot names
         for s in seen:
             if s.checkpoint is not None:
                 what = f"the checkpoint in {s.names[-1]}"
@@ -258,9 +259,26 @@ class Pruner:
                     raise self._unmarkable(what, exc) from None
                 packs = tuple(self._packs_named(packset, what))
                 roots.append(Root(what, packset, packs, str(s.checkpoint.get("chunkset")), domain))
-        # dead sessions' checkpoints held by nodes below (repo/checkpoint_roots.py): kept until an
-        # envelope here names their session; then their records go
-        named = named_sessions(self.repo)
+        for info in self.repo.backend.list("snapshots/"):
+            if info.name in retired:
+                continue
+            try:
+                snap = parse_snapshot(self.repo.get_object(info.name))
+            except (encoding.FormatError, CorruptObject, ObjectMissing) as exc:
+                raise self._unmarkable(info.name, exc) from None
+            env = snap.env
+            named.update(sid for sid in (env.session, env.adopted.session if env.adopted else "") if sid)
+            if snapshot_with_other_secret(self.repo, snap, domains, self.put.secrets.domain_id):
+                # written by a damaged put key of this domain's clients: no key can read its data, so
+                # it keeps nothing; it is retired, and its packs go like any garbage
+                self._other_secret.append(info.name)
+                continue
+            roots.append(
+                Root(info.name, env.packset, tuple(self._packs_named(env.packset, info.name)), env.chunkset, env.domain)
+            )
+            self.report.snapshots_marked += 1
+        # dead sessions' checkpoints held by nodes below (repo/checkpoint_roots.py): kept until a
+        # live envelope here names their session (its own run, or an adoption); then they go
         for cr in checkpoint_roots(self.repo):
             if cr.session in named:
                 self._spent_roots.append(cr.name)
@@ -271,26 +289,8 @@ class Pruner:
             except (CorruptObject, ObjectMissing) as exc:
                 raise self._unmarkable(what, exc) from None
             packset = str(cr.checkpoint.get("packset"))
-            roots.append(
-                Root(what, packset, tuple(self._packs_named(packset, what)), str(cr.checkpoint.get("chunkset")), domain)
-            )
-        for info in self.repo.backend.list("snapshots/"):
-            if info.name in retired:
-                continue
-            try:
-                snap = parse_snapshot(self.repo.get_object(info.name))
-            except (encoding.FormatError, CorruptObject, ObjectMissing) as exc:
-                raise self._unmarkable(info.name, exc) from None
-            env = snap.env
-            if snapshot_with_other_secret(self.repo, snap, domains, self.put.secrets.domain_id):
-                # written by a damaged put key of this domain's clients: no key can read its data, so
-                # it keeps nothing; it is retired, and its packs go like any garbage
-                self._other_secret.append(info.name)
-                continue
-            roots.append(
-                Root(info.name, env.packset, tuple(self._packs_named(env.packset, info.name)), env.chunkset, env.domain)
-            )
-            self.report.snapshots_marked += 1
+            packs = tuple(self._packs_named(packset, what))
+            roots.append(Root(what, packset, packs, str(cr.checkpoint.get("chunkset")), domain))
         return roots
 
     def _liveness(self, roots: list[Root], moves: PackMoves, sizes: dict[str, int]) -> Liveness:
