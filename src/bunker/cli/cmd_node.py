@@ -129,6 +129,28 @@ def serve_cmd(directory: str, stdio: bool, socket_path: str | None, socket_mode:
     run_front_end(node_serve_config(nd), stdio, socket_path, socket_mode, f"node {nd.name} serving")
 
 
+@node.command("run")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--socket", "socket_path", metavar="PATH", help="Also serve clients on this unix socket.")
+@click.option("--socket-mode", default="600", show_default=True, help="Permissions of the --socket file (octal).")
+@click.option(
+    "--interval",
+    type=click.FloatRange(min=1),
+    default=60,
+    show_default=True,
+    metavar="SECONDS",
+    help="How often it imports and forwards (at once, too, when a new snapshot arrives).",
+)
+@handles_errors
+def run_cmd(directory: str, socket_path: str | None, socket_mode: str, interval: float) -> None:
+    """Run the node as a service: serve clients (--socket), import and forward continuously,
+    retry an upstream that is away with a growing wait. Logs go to stderr; SIGTERM stops it."""
+    from bunker.cli.cmd_serve import _mode
+    from bunker.node.daemon import run_node
+
+    sys.exit(run_node(directory, socket_path, _mode(socket_mode), interval))
+
+
 @node.group("upstream")
 def upstream() -> None:
     """Where the node sends what it holds."""
