@@ -57,7 +57,10 @@ def _kill_after_checkpoint(repo: Repo, src: Path, min_files: int = 1, env: dict[
                 break
             time.sleep(0.005)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass  # it ended by itself: the assertion below says so
         proc.wait()
     assert repo.objects("snapshots") == [], "the backup finished before it could be killed"
     assert _checkpointed(repo) >= min_files
