@@ -573,10 +573,12 @@ def schedule(tmp_path: Path, seed: int, kills: int, max_steps: int, kill_rate: f
     lab.settle()
     settle_s = time.monotonic() - t0 - schedule_s
     verify(lab)
+    usual = {k: round(v, 2) for k, v in sorted(lab.typical.items())}
     print(
         f"node faults: seed {seed}: {lab.steps} steps, {lab.kills} kills {dict(sorted(lab.killed.items()))}, "
         f"{len(lab.taken)} snapshots taken ({lab.spooled_backups} spooled), {lab.evicted()} packs evicted; "
-        f"schedule {schedule_s:.0f} s, settle {settle_s:.0f} s, total {time.monotonic() - t0:.0f} s"
+        f"schedule {schedule_s:.0f} s, settle {settle_s:.0f} s, total {time.monotonic() - t0:.0f} s; start "
+        f"{lab.startup:.2f} s, usual {usual}"
     )
     if os.environ.get("BUNKER_NODE_FAULTS_LOG"):
         print(lab.history())
@@ -589,7 +591,7 @@ SEED = int(os.environ.get("BUNKER_NODE_FAULTS_SEED", "1"))
 
 @pytest.mark.usefixtures("subreaper")
 def test_kill_nine_at_random_moments(tmp_path: Path) -> None:
-    schedule(tmp_path, SEED, kills=30, max_steps=120, kill_rate=0.9)
+    schedule(tmp_path, SEED, kills=30, max_steps=160, kill_rate=0.9)
 
 
 @pytest.mark.slow
