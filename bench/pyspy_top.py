@@ -49,7 +49,9 @@ def main() -> None:
     incl: Counter[str] = Counter()
     procs: Counter[str] = Counter()
     total = 0
-    for line in open(path, encoding="utf-8", errors="replace"):
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().splitlines()
+    for line in lines:
         line = line.rstrip("\n")
         if not line:
             continue

@@ -12,8 +12,8 @@ them before exiting: /usr/bin/time's user/sys then cover the whole process tree.
 is one Python start-up (~15 ms, no imports beyond the standard library's os/ctypes).
 
 Peak RSS from /usr/bin/time stays the maximum of any *single* process. With BENCH_MEM_LOG=FILE the
-wrapper also samples, every BENCH_MEM_INTERVAL s (default 0.2), the summed RSS and PSS of the whole tree (PSS shares pages
-between forked workers fairly) and appends one CSV line per run:
+wrapper also samples, every BENCH_MEM_INTERVAL s (default 0.2), the summed RSS and PSS of the whole
+tree (PSS shares pages between forked workers fairly) and appends one CSV line per run:
   unix_time,peak_tree_rss_kb,peak_tree_pss_kb,peak_processes,exit_code,command...
 """
 import ctypes

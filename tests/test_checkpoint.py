@@ -4,6 +4,7 @@ checkpoint, that restores what it covers; the next run redoes only what was not 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -57,10 +58,8 @@ def _kill_after_checkpoint(repo: Repo, src: Path, min_files: int = 1, env: dict[
                 break
             time.sleep(0.005)
     finally:
-        try:
+        with contextlib.suppress(ProcessLookupError):  # ended by itself: the assertion below says so
             os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass  # it ended by itself: the assertion below says so
         proc.wait()
     assert repo.objects("snapshots") == [], "the backup finished before it could be killed"
     assert _checkpointed(repo) >= min_files
