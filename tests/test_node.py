@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from bunker.errors import ExitCode
+from bunker.node.node_serve import accepts_certificate
 from helpers import BUNKER, Repo, compare_trees, expect_rc, init_repo, js, make_tree, restored_path, run_bunker
 
 
@@ -113,6 +114,42 @@ def test_records_come_down_and_revocation_reaches_the_node(tmp_path: Path) -> No
     node_cmd(top, "forward", office)
     configs = [json.loads(run_bunker("key", "info", "--json", "--repo", office, env=top.env).stdout)]
     assert configs[0]["config_version"] >= 2
+
+
+def test_a_client_certified_after_the_node_was_seeded_backs_up_into_it(tmp_path: Path) -> None:
+    """Its put key carries its certificate: the node takes that (the master key signed it for
+    this repository) before any down bundle brings it; another repository's is refused, named."""
+    top = init_repo(tmp_path / "top")
+    office = make_node(top, tmp_path / "office", "office")
+    node_cmd(top, "upstream", "add", office, "top", "--direct", top.path)
+    put2 = tmp_path / "second.put"
+    top.ok("key", "new-client", "second", "--out", put2)
+    env = {k: v for k, v in top.env.items() if k != "BUNKER_PASSPHRASE"}
+    src = tmp_path / "src"
+    make_tree(src)
+    doc = js(
+        expect_rc(run_bunker("backup", src, "--json", "--repo", office, env={**env, "BUNKER_PUT_KEY": str(put2)}), 0)
+    )
+    assert doc["level"] in ("ok", "note") and not doc.get("spooled")
+    node_cmd(top, "forward", office)
+    (snap,) = js(top.ok("snapshots", "--json"))["snapshots"]
+    assert snap["client"] == "second"
+    top.ok("check", "--keyless")
+
+    # what the node's server asks of a certificate from below: the master key's signature for
+    # this very repository (another repository's certificate, or one byte altered, is refused)
+    store = office / "store" / top.id
+    mine = (
+        store
+        / "clients"
+        / next(p.name for p in (top.path / "clients").iterdir() if (store / "clients" / p.name).exists())
+    )
+    good = mine.read_bytes()
+    assert accepts_certificate(str(store), good)
+    assert not accepts_certificate(str(store), good[:-1] + bytes([good[-1] ^ 1]))
+    other = init_repo(tmp_path / "other")
+    (foreign,) = (other.path / "clients").iterdir()
+    assert not accepts_certificate(str(store), foreign.read_bytes())
 
 
 def test_node_serves_on_a_socket(tmp_path: Path) -> None:

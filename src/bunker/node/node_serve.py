@@ -7,8 +7,9 @@ The protocol and its safety rules are `bunker serve`'s (node/serve.py). What a n
   other path (an ssh forced command runs it whatever the client asked for) reaches it too, its
   last component choosing a repository when it is one's id;
 - clients only back up: they may create packs, index, reference, snapshot and session objects
-  and delete their own leases. Configs, certificates, retirement and GC records come down from
-  the repository of record, where forget, prune, repack, unforget and key changes run; a node
+  and delete their own leases, and store their own certificate when the master key issued it
+  after the node was seeded. Configs, retirement and GC records come down from the repository
+  of record, where forget, prune, repack, unforget and key changes run; a node
   refuses them with that explanation (docs/hierarchy.md, "Roles");
 - a node never creates a repository: it serves one once it was seeded.
 """
@@ -20,14 +21,18 @@ import threading
 import time
 from collections.abc import Callable
 
-from bunker.errors import ExitCode
+from bunker import encoding
+from bunker.errors import BunkerError, ExitCode
 from bunker.node.acks import note_session
 from bunker.node.eviction import evicted, store_full
 from bunker.node.holdings import UpstreamState
 from bunker.node.node_dir import REPO_ID, NodeDir, NodeError, split_node_path
 from bunker.node.quota import QuotaGate
 from bunker.node.serve import NodeRole, ServeConfig
+from bunker.repo.certs import parse_certificate
+from bunker.repo.repository import Repository
 from bunker.storage.backend import ObjectInfo
+from bunker.storage.local import LocalBackend
 
 # what a client writes when it backs up (format.md 17); nothing else comes from below
 CLIENT_PREFIXES = ("packs", "index", "refs", "snapshots", "sessions")
@@ -129,6 +134,19 @@ class _Watch:
             return got[1].get(name, 0.0)
 
 
+def accepts_certificate(store_dir: str, data: bytes) -> bool:
+    """Whether ``data`` is a client certificate the master key issued for the repository of
+    ``store_dir``. A client certified after its node was seeded brings its certificate (it is in
+    its put key) before the next down bundle would: the node stores it as the top holds it, the
+    same bytes under the same name. Nothing else of clients/ is taken from below."""
+    try:
+        repo = Repository.open(LocalBackend(store_dir), os.path.basename(store_dir.rstrip("/")), floor=False)
+        parse_certificate(data, repo.config.master_verify, repo.repo_id)
+    except (BunkerError, encoding.FormatError):
+        return False
+    return True
+
+
 def node_serve_config(node: NodeDir) -> ServeConfig:
     """The serve configuration of ``node``: append-only, client prefixes only."""
     direct = [u.url for u in node.config.upstreams if u.kind == "direct"]
@@ -148,5 +166,6 @@ def node_serve_config(node: NodeDir) -> ServeConfig:
         session_event=lambda store_dir, sid: note_session(node, os.path.basename(store_dir.rstrip("/")), sid),
         pack_gate=lambda store: QuotaGate(NodeDir(node.root), store),  # quotas as node.json says now
         recorded=watch.recorded,
+        certificate_ok=accepts_certificate,
     )
     return ServeConfig(node.root, append_only=True, node=role)

@@ -94,6 +94,9 @@ class NodeRole:
     pack_gate: Callable[[str], Callable[[str, memoryview], tuple[str, str] | None]] | None = None
     # store directory, snapshot name -> when the repository of record holds it (0.0: not yet)
     recorded: Callable[[str, str], float] | None = None
+    # store directory, bytes -> whether they are a certificate the master key issued for the
+    # store's repository (a client certified after the node was seeded stores its own)
+    certificate_ok: Callable[[str, bytes], bool] = lambda _store, _data: False
 
 
 @dataclass(frozen=True)
@@ -313,7 +316,20 @@ class Session:
                 # a client of another build would rewrite RECOVERY.md and FORMAT.md with its own
                 # text; a node's copies come with its seed (node/seeding.py): left as they are
                 return wire.EXISTS, {}, b""
-            if node is not None and name.split("/", 1)[0] not in node.writable:
+            if (
+                node is not None
+                and name.split("/", 1)[0] not in node.writable
+                and not (name.startswith("clients/") and node.certificate_ok(b.root, bytes(f.payload)))
+            ):
+                if name.startswith("clients/"):
+                    raise _Bad(
+                        wire.REFUSED,
+                        f"refused to store {name}: node {node.name} knows no certificate of this repository with "
+                        "these bytes signed by its master key, so it cannot take backups from this put key",
+                        "bring the node up to date with the repository of record (`bunker node forward` or "
+                        "`bunker node import` on the node, or `bunker node seed` with a fresh seed file); if it "
+                        "still refuses, the put key belongs to another repository",
+                    )
                 raise _Bad(wire.REFUSED, f"refused to store {name}: {node.refusal}", node.refusal_hint)
             if node is not None and name.startswith("packs/"):
                 why = node.full(b.root)
