@@ -372,8 +372,8 @@ def _body_extra(req: BackupRequest, host: str, started: float) -> dict[str, Any]
 
 def _spool_event(repo: Repository, req: BackupRequest, log: RunLog) -> bool:
     """Log that the run went to the local spool: err when the repository refused (it will not
-    come back by itself: storage/refused.py), else note (warn once spooled data is older than
-    ``req.spool_warn_age``). Returns True if it did."""
+    come back by itself: storage/refused.py), warn when it is a node without room for now, else
+    note (warn once spooled data is older than ``req.spool_warn_age``). Returns True if it did."""
     b = repo.backend
     if not (isinstance(b, SpoolingBackend) and b.offline):
         return False
@@ -385,6 +385,17 @@ def _spool_event(repo: Repository, req: BackupRequest, log: RunLog) -> bool:
             f"the repository at {b.url} refuses writes ({b.refused.message}): {kept}, and the next backup or "
             f"`bunker forward` delivers it once the repository takes writes again. Next step: {b.refused.fix}, "
             "then run `bunker forward`",
+        )
+        return True
+    if b.full is not None:
+        log.add(
+            "warn",
+            "node-full",
+            f"the node at {b.url} cannot take this backup now ({b.full.message}): {kept}, and the next backup "
+            "or `bunker forward` delivers it once the node has room; a node frees room when its upstream "
+            "records what it holds. Next step: on the node, `bunker node status` shows what waits for which "
+            "upstream; make that upstream reachable (or carry the link's disk), or raise the node's --max-size "
+            "or this client's quota",
         )
         return True
     oldest = oldest_pending(b.spool)

@@ -45,6 +45,16 @@ class StorageRefused(StorageError):
         self.fix = fix
 
 
+class NodeStoreFull(StorageError):
+    """A node answered that it cannot take this backup's packs now: its store is full of data its
+    upstream has not recorded yet, or this client's quota there is used up (docs/hierarchy.md).
+    Not a fault of this machine and not for ever: the node frees room once its upstream records
+    what it holds. A backup keeps its data in the spool and the run ends at level warn."""
+
+    def __init__(self, message: str, hint: str) -> None:
+        super().__init__(message, hint, exit_code=ExitCode.WARN)
+
+
 def is_refused_errno(code: int | None) -> bool:
     """Whether an OSError's errno means the storage refuses (read-only, permissions)."""
     return code in REFUSED_ERRNOS

@@ -49,7 +49,7 @@ from bunker.storage.backend import (
 from bunker.storage.full import server_disk_full
 from bunker.storage.object_store import MAX_RETRY_DELAY, RetryPolicy
 from bunker.storage.prefixes import MAX_SHOWN, printable
-from bunker.storage.refused import StorageRefused
+from bunker.storage.refused import NodeStoreFull, StorageRefused
 from bunker.storage.remote_link import Lost, Opener, RemoteLocation, opener_for, parse_remote_url
 
 __all__ = ["RemoteBackend", "ServerRefused", "open_remote", "parse_remote_url"]
@@ -410,7 +410,7 @@ class RemoteBackend(Backend):
         if f.code == wire.FAILED and f.meta.get("k") == wire.KIND_NODE_FULL:
             # a node whose store holds only data not yet recorded upstream: like an unreachable
             # repository, the backup keeps its data in this machine's spool and sends it later
-            return StorageError(f"could not {where}: {message}", hint, exit_code=ExitCode.WARN)
+            return NodeStoreFull(f"could not {where}: {message}", hint)
         if f.code == wire.FAILED and f.meta.get("k") == wire.KIND_FULL:
             # the server's disk is full: not "unreachable" (a backup must not spool), no retry helps
             server = self.loc.host if self.loc.scheme == "ssh" else "the machine that runs `bunker serve`"

@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from bunker.errors import ObjectMissing, StorageError
 from bunker.storage.backend import Backend, Capabilities, ObjectInfo
 from bunker.storage.local import LocalBackend
-from bunker.storage.refused import StorageRefused
+from bunker.storage.refused import NodeStoreFull, StorageRefused
 
 # Copied from the upstream so the spool opens as a repository; never forwarded.
 SEED_PREFIXES = ("config/", "clients/")
@@ -50,6 +50,7 @@ class SpoolingBackend(Backend):
         self.url = upstream.url if upstream is not None else (url or spool.url)
         self.reason = reason
         self.refused = refused  # why the upstream refused, when it did (not merely unreachable)
+        self.full: NodeStoreFull | None = None  # the upstream is a node without room for now
         self._lock = threading.Lock()
 
     @property
@@ -64,6 +65,8 @@ class SpoolingBackend(Backend):
                 self.reason = exc.message
                 if isinstance(exc, StorageRefused):
                     self.refused = exc
+                if isinstance(exc, NodeStoreFull):
+                    self.full = exc
 
     def _put(self, name: str, data: bytes | memoryview, if_absent: bool) -> bool:
         up = self.upstream
