@@ -35,21 +35,14 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+from remote import corpus_bytes as tree_bytes  # noqa: E402 - bytes of the regular files under a directory
+
 SHARED = Path(os.environ.get("SHARED", HERE.parent.parent / "shared" / "bench"))
 WORK = Path(os.environ.get("BENCH_WORK", "/dev/shm/bunker-bench"))
 _SCRIPT = Path(sys.executable).with_name("bunker")
 BUNKER = str(_SCRIPT) if _SCRIPT.exists() else "bunker"  # the running Python's console script
 PASSPHRASE = "bench passphrase"
-
-
-def tree_bytes(root: Path) -> int:
-    total = 0
-    for dirpath, _, names in os.walk(root):
-        for n in names:
-            p = os.path.join(dirpath, n)
-            if not os.path.islink(p):
-                total += os.lstat(p).st_size
-    return total
 
 
 def corpus(scale: float, root: Path) -> Path:
