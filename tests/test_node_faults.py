@@ -376,7 +376,10 @@ class Lab:
         pytest.fail(
             f"seed {self.seed}: still moving after {SETTLE_ROUNDS} settle rounds (on the disk: {on_disk}; "
             f"last imports: hq {ih['imports']}, office {io['imports']}; spooled: "
-            f"{[self.spooled(c) for c in self.clients]})\n" + self.history()
+            f"{[self.spooled(c) for c in self.clients]}); failed runs:\n"
+            + "\n".join(self.findings[-5:])
+            + "\n"
+            + self.history()
         )
 
     def spooled(self, c: Client) -> list[Path]:

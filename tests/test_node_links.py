@@ -282,3 +282,42 @@ def test_one_node_relays_two_repositories(tmp_path: Path) -> None:
     for repo in (a, b):
         assert len(js(repo.ok("snapshots", "--json"))["snapshots"]) == 1
         repo.ok("check")
+
+
+def test_a_piece_from_a_node_certified_after_the_receiver_was_seeded_waits_in_the_mailbox(tmp_path: Path) -> None:
+    """hq was seeded before office was certified: office's piece is no damage, so it stays in the
+    mailbox (a warning with the next step) and is imported once hq's records came down."""
+    top = init_repo(tmp_path / "top")
+    office, hq = tmp_path / "office", tmp_path / "hq"
+    node_cmd(top, "init", hq, "--name", "hq")
+    node_cmd(top, "card", hq, "--out", tmp_path / "hq.card")
+    top.ok("key", "new-node", tmp_path / "hq.card", "--caps", "relay,record", "--seed-out", tmp_path / "hq.seed")
+    node_cmd(top, "seed", hq, tmp_path / "hq.seed")
+    node_cmd(top, "init", office, "--name", "office")
+    node_cmd(top, "card", office, "--out", tmp_path / "office.card")
+    top.ok("key", "new-node", tmp_path / "office.card", "--caps", "relay", "--seed-out", tmp_path / "office.seed")
+    node_cmd(top, "seed", office, tmp_path / "office.seed")
+    disk = tmp_path / "usb"
+    disk.mkdir()
+    node_cmd(top, "upstream", "add", hq, "top", "--direct", top.path)
+    node_cmd(top, "upstream", "add", office, "hq", "--link", disk, "--card", tmp_path / "hq.card")
+    node_cmd(top, "downstream", "add", hq, "office", "--link", disk, "--card", tmp_path / "office.card")
+    src = tmp_path / "src"
+    make_tree(src)
+    backup_into(top, office, src)
+    node_cmd(top, "forward", office)
+    pieces = sorted(p.name for p in disk.iterdir())
+    assert pieces
+
+    first = js(node_cmd(top, "import", hq, "--json", rc=ExitCode.WARN))
+    (waiting,) = {p["code"] for p in first["problems"]} - {"foreign-pieces"}
+    assert waiting == "sender-unknown", first["problems"]
+    assert "node forward" in first["problems"][0]["message"]
+    assert not (hq / "state" / "quarantine").exists() or not any((hq / "state" / "quarantine").iterdir())
+    assert set(pieces) <= {p.name for p in disk.iterdir()}  # left where they were
+
+    node_cmd(top, "forward", hq)  # office's certificate comes down from the top
+    second = js(node_cmd(top, "import", hq, "--json"))
+    assert second["imports"][0]["pieces"] == len(pieces) and len(second["imports"][0]["published"]) == 1
+    node_cmd(top, "forward", hq)
+    assert len(top.objects("snapshots")) == 1

@@ -46,7 +46,7 @@ from bunker.node.successor import PREFIX as SUCCESSOR_PREFIX
 from bunker.repo.checkpoint_roots import read_checkpoint_root
 from bunker.repo.config import parse_config
 from bunker.repo.node_acks import parse_ack, verify_ack
-from bunker.repo.node_certs import trusted_node
+from bunker.repo.node_certs import node_certificates, trusted_node
 from bunker.repo.objects import MAGIC_CKROOT, is_hash_name
 from bunker.repo.repository import Repository
 from bunker.storage.mailbox import open_mailbox
@@ -67,6 +67,7 @@ class ImportReport:
     duplicates: int = 0
     replayed: list[str] = field(default_factory=list)
     foreign: int = 0  # pieces in the mailbox that are not for this node
+    unknown_sender: list[tuple[str, str]] = field(default_factory=list)  # (piece, sender): left to wait
     quarantined: list[tuple[str, str]] = field(default_factory=list)  # (piece, why)
     refused: list[tuple[str, str]] = field(default_factory=list)  # (object, why)
     receipts: ReceiptOutcome = field(default_factory=ReceiptOutcome)
@@ -86,6 +87,7 @@ class ImportReport:
             "duplicates": self.duplicates,
             "replayed": self.replayed,
             "foreign": self.foreign,
+            "unknown_sender": [{"piece": p, "sender": who} for p, who in self.unknown_sender],
             "quarantined": [{"piece": p, "why": w} for p, w in self.quarantined],
             "refused": [{"object": o, "why": w} for o, w in self.refused],
             "receipts_accepted": self.receipts.accepted,
@@ -172,6 +174,8 @@ def import_link(nd: NodeDir, link: Link) -> ImportReport:
                     continue
                 cand = next(c for c in cands if c.link is keys)
                 outcome = _import_piece(nd, link, keys.repo_id, tmp, info.name, cand, report)
+                if outcome is WAIT:
+                    continue
                 if outcome is None:
                     _quarantine(nd, tmp, info.name)
                     mailbox.delete(info.name)
@@ -210,6 +214,9 @@ def _take_successors(nd: NodeDir, link: Link, report: ImportReport) -> None:
     report.refused += taken.refused
 
 
+WAIT: tuple[list[str], int] = ([], -1)  # _import_piece: leave the piece in the mailbox for a later import
+
+
 def _import_piece(
     nd: NodeDir,
     link: Link,
@@ -238,6 +245,11 @@ def _import_piece(
                 report.replayed.append(name)
             return [], 0
         repo = Repository.open(store, repo_id, floor=False)
+        if trusted_node(repo, h.sender) is None and not any(c.node_id == h.sender for c in node_certificates(repo)):
+            # certified at the top after this node's store last heard from it: not damage, so the
+            # piece stays in the mailbox for the import after the certificate has come down
+            report.unknown_sender.append((name, f"node {link.conf.peer_name} ({h.sender[:16]})"))
+            return WAIT
         if trusted_node(repo, h.sender) is None:
             report.quarantined.append(
                 (
@@ -385,6 +397,17 @@ def import_all(nd: NodeDir, only: str | None = None) -> tuple[list[ImportReport]
                     "piece-refused",
                     f"piece {piece[:16]} in the mailbox of link {link.name} was not imported: {why}; it was "
                     f"moved to {nd.state_dir('quarantine')}",
+                )
+            )
+        for piece, who in r.unknown_sender:
+            problems.append(
+                (
+                    "warn",
+                    "sender-unknown",
+                    f"piece {piece[:16]} in the mailbox of link {link.name} comes from {who}, whose certificate "
+                    f"has not reached node {nd.name} yet; it was left in the mailbox, nothing imported. Next step: "
+                    "bring the top's records down (`bunker node forward` on this node, or a fresh seed file with "
+                    "`bunker node seed`), then import again",
                 )
             )
         for piece in r.replayed:
