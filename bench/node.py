@@ -101,14 +101,18 @@ class Bench:
                     peak = max(peak, int(fields[1]))
         return wall, peak, cp.stdout
 
-    def node(self, top: Path, where: Path, name: str, caps: str) -> Path:
-        self.run("node", "init", where, "--name", name)
-        card = where.parent / f"{name}.card"
-        self.run("node", "card", where, "--out", card)
-        seed = where.parent / f"{name}.seed"
-        self.run("key", "new-node", card, "--caps", caps, "--seed-out", seed, "--repo", top)
-        self.run("node", "seed", where, seed)
-        return where
+    def nodes(self, top: Path, *specs: tuple[Path, str, str]) -> None:
+        """Make, certify and then seed nodes (directory, name, capabilities): seeded after every
+        certificate exists, each knows the others' from the start."""
+        for where, name, caps in specs:
+            self.run("node", "init", where, "--name", name)
+            card = where.parent / f"{name}.card"
+            self.run("node", "card", where, "--out", card)
+            self.run("key", "new-node", card, "--caps", caps, "--repo", top)
+        seed = top.parent / "top.seed"
+        self.run("node", "export-seed", seed, "--repo", top)
+        for where, _, _ in specs:
+            self.run("node", "seed", where, seed)
 
 
 def one(scale: float, rep: int, data: Path, nbytes: int) -> list[dict[str, object]]:
@@ -139,7 +143,8 @@ def one(scale: float, rep: int, data: Path, nbytes: int) -> list[dict[str, objec
 
         top = t / "top"
         b.run("init", "--repo", top, "--client", "bench2")
-        office = b.node(top, t / "office", "office", "relay")
+        office, hq, branch = t / "office", t / "hq", t / "branch"
+        b.nodes(top, (office, "office", "relay"), (hq, "hq", "relay,record"), (branch, "branch", "relay"))
         b.run("node", "upstream", "add", office, "top", "--direct", top)
         wall, peak, _ = b.timed("backup", "--no-progress", "--repo", office, data)
         row("backup into a node", wall, peak, tree_bytes(office / "store"))
@@ -148,8 +153,6 @@ def one(scale: float, rep: int, data: Path, nbytes: int) -> list[dict[str, objec
         row("node forward (direct)", wall, peak, delivered)
         shutil.rmtree(office)
 
-        hq = b.node(top, t / "hq", "hq", "relay,record")
-        branch = b.node(top, t / "branch", "branch", "relay")
         mailbox = t / "mailbox"
         mailbox.mkdir()
         b.run("node", "upstream", "add", branch, "hq", "--link", mailbox, "--card", t / "hq.card")

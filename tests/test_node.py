@@ -227,3 +227,38 @@ def test_a_client_of_another_build_backs_up_into_a_node(tmp_path: Path) -> None:
     doc = backup_into(top, office, src)
     assert not doc.get("spooled") and doc["level"] in ("ok", "note"), doc["events"]
     assert recovery.read_bytes() == before
+
+
+def test_a_forward_finds_what_it_sent_before_evicted_by_the_node(tmp_path: Path) -> None:
+    """A client's `bunker forward` killed after its puts went through leaves the packs in its
+    spool and on the node; the node forwards them and evicts them (the top recorded them). The
+    next `bunker forward` counts them as held (listed as upstream) instead of failing on them."""
+    top = init_repo(tmp_path / "top")
+    office = make_node(top, tmp_path / "office", "office")
+    node_cmd(top, "upstream", "add", office, "top", "--direct", top.path)
+    src = tmp_path / "src"
+    make_tree(src)
+    backup_into(top, office, src)
+    node_cmd(top, "forward", office)
+
+    away = tmp_path / "office-away"
+    office.rename(away)  # the node cannot be reached: the next backup goes to the client's spool
+    (src / "new").write_bytes(b"spooled while the node was away" * 5000)
+    doc = backup_into(top, office, src, rc=(0, 1))
+    assert doc["spooled"], doc["events"]
+    away.rename(office)
+    spooled_packs = [p for p in (top.base / "data").rglob("packs/*") if p.is_file() and not p.name.startswith(".")]
+    assert spooled_packs
+    store_packs = office / "store" / top.id / "packs"
+    for p in spooled_packs:  # what a killed forward's puts left on the node
+        shutil.copy(p, store_packs / p.name)
+    conf = office / "node.json"  # a bound that every recorded pack must leave for
+    conf.write_text(json.dumps({**json.loads(conf.read_text()), "max_size": 1024}))
+    node_cmd(top, "forward", office, rc=(0, 1))  # up to the top, recorded, then evicted to the bound
+    assert not any((store_packs / p.name).exists() for p in spooled_packs)
+
+    fwd = expect_rc(run_bunker("forward", "--json", "--repo", office, env=top.env), 0)
+    assert js(fwd)["snapshots"], fwd.stdout
+    node_cmd(top, "forward", office, rc=(0, 1))  # (the node's metadata alone is over a 1 KiB bound)
+    assert len(top.objects("snapshots")) == 2
+    top.ok("check", "--read-data")
