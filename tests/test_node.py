@@ -84,9 +84,10 @@ def test_node_is_append_only_and_says_where_forget_runs(tmp_path: Path) -> None:
         cp = run_bunker(*command, "--master-key", top.master_key, "--repo", office, env=top.env)
         assert cp.returncode == ExitCode.USAGE, (command, cp.stderr)
         assert "node 'office'" in cp.stderr and "repository of record" in cp.stderr, cp.stderr
-    # a client that writes past the refusal (an older bunker) meets the node's own refusal
-    cp = run_bunker("key", "new-client", "x", "--out", tmp_path / "x.put", "--repo", office, env=top.env)
-    assert cp.returncode != 0 and "repository of record" in cp.stderr, cp.stderr
+    for command in (("key", "new-client", "x", "--out", tmp_path / "x.put"), ("key", "revoke", top.client)):
+        cp = run_bunker(*command, "--repo", office, env=top.env)
+        assert cp.returncode == ExitCode.USAGE and "repository of record" in cp.stderr, (command, cp.stderr)
+    assert not (tmp_path / "x.put").exists()
     cp = run_bunker("init", "--repo", office, env=top.env)
     assert cp.returncode != 0 and "does not create repositories" in cp.stderr, cp.stderr
     # the node's store is untouched: the snapshot is still there and goes up
@@ -123,7 +124,13 @@ def test_a_client_certified_after_the_node_was_seeded_backs_up_into_it(tmp_path:
     office = make_node(top, tmp_path / "office", "office")
     node_cmd(top, "upstream", "add", office, "top", "--direct", top.path)
     put2 = tmp_path / "second.put"
+    before = {p.name for p in top.objects("clients")}
     top.ok("key", "new-client", "second", "--out", put2)
+    (new_cert,) = [p for p in top.objects("clients") if p.name not in before]
+    # taken away at the top: what the node took from the client must reach the top by itself
+    # (a certificate written through a node by a bunker that did not refuse key changes there)
+    cert_bytes = new_cert.read_bytes()
+    new_cert.unlink()
     env = {k: v for k, v in top.env.items() if k != "BUNKER_PASSPHRASE"}
     src = tmp_path / "src"
     make_tree(src)
@@ -132,6 +139,7 @@ def test_a_client_certified_after_the_node_was_seeded_backs_up_into_it(tmp_path:
     )
     assert doc["level"] in ("ok", "note") and not doc.get("spooled")
     node_cmd(top, "forward", office)
+    assert new_cert.read_bytes() == cert_bytes
     (snap,) = js(top.ok("snapshots", "--json"))["snapshots"]
     assert snap["client"] == "second"
     top.ok("check", "--keyless")

@@ -74,6 +74,7 @@ def new_client(**kwargs: Any) -> None:
     opts, out = make_options(kwargs)
     check_writable(dest, "the put key")  # before a certificate is issued for a key that could not be kept
     repo = context.open_repository(opts)
+    context.refuse_on_node(repo, "`bunker key new-client`")
     master = context.load_master(opts, repo, "making a put key")
     caps = ("backup", "prune") if can_prune else ("backup",)
     put = issue_client(repo, master, name, caps, domain, host or "")
@@ -156,6 +157,7 @@ def revoke(**kwargs: Any) -> None:
         raise BunkerError("give --last or --last-seq, not both", "", exit_code=ExitCode.USAGE)
     opts, out = make_options(kwargs)
     repo = context.open_repository(opts)
+    context.refuse_on_node(repo, "`bunker key revoke`")
     # an exact client name wins over certificate ids that merely start with the same letters
     certs = [c for c in repo.certificates() if c.client == name] or [
         c for c in repo.certificates() if c.name.split("/", 1)[1].startswith(name)
@@ -196,6 +198,7 @@ def merge_configs(**kwargs: Any) -> None:
     this machine saw and the repository lost (needs the master key)."""
     opts, out = make_options(kwargs)
     repo = Repository.open(open_backend(opts.repo_url), context.explicit_repo_id(opts), floor=False)
+    context.refuse_on_node(repo, "`bunker key merge-configs`")
     seen = ConfigFloor(repo.repo_id).load()
     lost = seen is not None and floor_problem(repo.chain, seen) is not None
     if not repo.chain.forked and not lost:

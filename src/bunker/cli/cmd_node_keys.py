@@ -46,6 +46,7 @@ def new_node(card_file: str, caps: str, seed_out: str | None, **kwargs: Any) -> 
         check_writable(seed_out, "the seed file")
     opts, out = make_options(kwargs)
     repo = context.open_repository(opts)
+    context.refuse_on_node(repo, "`bunker key new-node`")
     master = context.load_master(opts, repo, "certifying a node")
     cert = issue_node(repo, master, name, public, capabilities)
     doc: dict[str, Any] = {
@@ -75,6 +76,7 @@ def revoke_node_cmd(node: str, **kwargs: Any) -> None:
 
     opts, out = make_options(kwargs)
     repo = context.open_repository(opts)
+    context.refuse_on_node(repo, "`bunker key revoke-node`")
     revoked = revoked_nodes(repo)
     found = [
         c

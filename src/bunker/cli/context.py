@@ -136,8 +136,8 @@ def open_repository(opts: Options) -> Repository:
 
 
 def refuse_on_node(repo: Repository, what: str) -> None:
-    """Stop before ``what`` (forget, prune, unforget) when the repository is reached through a
-    node: those run only on the repository of record (docs/hierarchy.md, "Roles")."""
+    """Stop before ``what`` (forget, prune, unforget, key changes) when the repository is reached
+    through a node: those run only on the repository of record (docs/hierarchy.md, "Roles")."""
     node = getattr(repo.backend, "server_node", "")
     if node:
         raise BunkerError(

@@ -33,6 +33,7 @@ from bunker import encoding
 from bunker.errors import BunkerError, StorageError
 from bunker.node.bundle_format import PieceError
 from bunker.node.bundle_reader import identify, open_piece
+from bunker.node.holdings import UpstreamState
 from bunker.node.links import DUPLICATE, NEW, Link, LinkCounters, links
 from bunker.node.node_dir import NodeDir, read_json, write_json
 from bunker.node.receipt_flow import ReceiptOutcome, apply_receipt, issue_hop_receipt, note_received
@@ -43,6 +44,7 @@ from bunker.node.rotation import Candidate, apply_successors, candidates, keep_s
 from bunker.node.staging import publish_ready, stage
 from bunker.node.staleness import note_records_asof
 from bunker.node.successor import PREFIX as SUCCESSOR_PREFIX
+from bunker.repo.certs import parse_certificate
 from bunker.repo.checkpoint_roots import read_checkpoint_root
 from bunker.repo.config import parse_config
 from bunker.repo.node_acks import parse_ack, verify_ack
@@ -51,7 +53,7 @@ from bunker.repo.objects import MAGIC_CKROOT, is_hash_name
 from bunker.repo.repository import Repository
 from bunker.storage.mailbox import open_mailbox
 
-DATA_PREFIXES = ("packs/", "index/", "refs/", "snapshots/")
+DATA_PREFIXES = ("clients/", "packs/", "index/", "refs/", "snapshots/")
 RECORD_PREFIXES = ("config/", "clients/", "nodes/", "retired/", "gc/")
 
 
@@ -328,6 +330,13 @@ def _take(
     if not name.startswith(allowed):
         report.refused.append((name, f"a {name.split('/', 1)[0]}/ object cannot come this way over link {link.name}"))
         return False
+    if link.direction == "down" and name.startswith("clients/"):
+        repo = Repository.open(store, repo_id, floor=False)
+        try:
+            parse_certificate(data, repo.config.master_verify, repo_id)
+        except encoding.FormatError as exc:
+            report.refused.append((name, f"not a certificate the master key issued for this repository ({exc})"))
+            return False
     if name.startswith("config/"):
         try:
             cfg = parse_config(data)
@@ -342,6 +351,10 @@ def _take(
         return True
     if store.put(name, data, if_absent=True) and link.direction == "up":
         report.records += 1
+        if name.startswith("clients/"):  # it came from above: never sent back up that link
+            state = UpstreamState(nd, repo_id, link.name)
+            state.mark_recorded([name])
+            state.save()
     return True
 
 

@@ -97,12 +97,15 @@ def _copy(src: Backend, dst: Backend, info: ObjectInfo) -> bool:
     return stored
 
 
-def bring_down(top: Backend, store: Backend) -> int:
-    """Copy the top's records the node's store lacks; returns how many."""
+def bring_down(top: Backend, store: Backend, state: UpstreamState | None = None) -> int:
+    """Copy the top's records the node's store lacks; returns how many. With ``state``, every
+    record the top holds counts as recorded there (a certificate is never sent back up)."""
     n = 0
     for prefix in DOWN_PREFIXES:
         have = {i.name for i in store.list(prefix)}
         for info in top.list(prefix):
+            if state is not None and prefix == "clients/" and info.name not in state.recorded:
+                state.mark_recorded([info.name])
             if info.name in have:
                 continue
             data = top.get(info.name)
@@ -206,7 +209,7 @@ def forward_direct(
         moved = bool(report.sent or report.snapshots)
         _send_acks(node, repo_id, store, top, state, caught_up=not report.held and not report.forks, moved=moved)
         asof = time.time()  # every record the top held by now is in the store after bring_down
-        report.down = bring_down(top, store)
+        report.down = bring_down(top, store, state)
         note_records_asof(node, repo_id, asof)
         note_heard(node, repo_id, upstream.name)
         drop_older_acks(node, store)
