@@ -10,6 +10,14 @@ signed by the pruner's certificate, and its envelope names whose run it was (``a
 and retention put it under that client (repo/selection.py ``owner``). Then the session's lease
 objects go. A client that comes back later finds no lease for its killed session and forgets it.
 
+A backup killed on a node leaves its lease in the node's store, out of reach here; the node sends a
+checkpoint root up, which keeps the checkpoint's packs but is never adopted here, since the
+client's next run through the node adopts the checkpoint. Once the node gave the session up (its
+lease older than the node's ``abandon_after``, no client run there adopted it: node/abandon.py) it
+sends a root marked ``abandoned`` (repo/checkpoint_roots.py), and a prune adopts that checkpoint
+here the same way, once every object it names has arrived (docs/hierarchy.md, "Garbage collection
+across the hierarchy").
+
 Only checkpoints of the pruner's own dedup domain are adopted: the snapshot's chunk set must be
 readable with the domain's S, which the pruner holds only for its own domain. Others are left
 alone and reported.
@@ -30,7 +38,9 @@ from bunker.crypto.keyfile import PutKey
 from bunker.errors import BunkerError, CorruptObject, ObjectMissing, StorageError
 from bunker.repo import refs
 from bunker.repo.certs import Certificate
+from bunker.repo.checkpoint_roots import checkpoint_roots
 from bunker.repo.leases import Lease, Session, sessions, wait_until_listed
+from bunker.repo.moves import PackMoves
 from bunker.repo.records import ChainBase
 from bunker.repo.repository import Repository
 from bunker.repo.selection import adoption_problem
@@ -55,8 +65,10 @@ class AdoptionReport:
     """What a prune did (or, with ``dry_run``, would do) with dead sessions' checkpoints."""
 
     dry_run: bool = False
-    adopted: list[dict[str, Any]] = field(default_factory=list)  # session, client, lease, time, snapshot, seq
-    kept: list[dict[str, Any]] = field(default_factory=list)  # session, client, lease, time, why, reason
+    # session, client, cert, lease, time, node, roots, snapshot, seq (node: the node that gave it up, or "")
+    adopted: list[dict[str, Any]] = field(default_factory=list)
+    # session, client, cert, lease, time, node, roots, why, reason
+    kept: list[dict[str, Any]] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)  # warnings of the pruner's chain
 
     def to_json(self) -> dict[str, object]:
@@ -77,12 +89,15 @@ class AdoptionReport:
                 if a["snapshot"]
                 else "as an incomplete snapshot"
             )
+            origin = f", given up by node {a['node']!r}," if a.get("node") else ""
             out.append(
-                f"{verb} the last checkpoint ({_when(a['time'])}) of a dead run of client {a['client']!r} {what} "
+                f"{verb} the last checkpoint ({_when(a['time'])}) of a dead run of client {a['client']!r}{origin} "
+                f"{what} "
                 f"in this pruner's chain, listed under {a['client']!r}; it restores what that run had stored"
             )
         for k in self.kept:
-            out.append(f"  checkpoint of client {k['client']!r} ({k['lease']}): {k['reason']}")
+            where = f" on node {k['node']!r}" if k.get("node") else ""
+            out.append(f"  checkpoint of client {k['client']!r} ({k['lease']}{where}): {k['reason']}")
         for e in self.events:
             out.append(f"  {e['level']}: {e['message']}")
         return out
@@ -92,9 +107,11 @@ def adopt_abandoned_checkpoints(
     repo: Repository, put: PutKey, cert: Certificate, state_dir: str, grace: float, *, dry_run: bool = False
 ) -> AdoptionReport:
     """Turn the last checkpoint of every session dead for at least ``grace`` seconds (storage
-    time) into an incomplete snapshot in ``cert``'s chain (chain head kept in ``state_dir``),
-    recording whose run it was, then remove the session's lease objects. ``cert`` must allow
-    pruning (checked by the caller, as for the prune that follows)."""
+    time), and of every session a node gave up (an abandoned checkpoint root), into an incomplete
+    snapshot in ``cert``'s chain (chain head kept in ``state_dir``), recording whose run it was,
+    then remove the session's lease objects (a root goes once an envelope names the session:
+    repo/gc.py). ``cert`` must allow pruning (checked by the caller, as for the prune that
+    follows)."""
     report = AdoptionReport(dry_run=dry_run)
     log = RunLog()
     lease = Lease(repo, put.client_key, cert.client, cert.name, "prune", chain_head(repo, cert, state_dir)[0])
@@ -105,35 +122,45 @@ def adopt_abandoned_checkpoints(
         seen = [s for s in sessions(repo) if s.session != lease.session]
         done: dict[tuple[str, str], tuple[str, int]] | None = None  # runs adopted before (read once)
         used: set[str] | None = None  # sessions a trusted snapshot holds (read once)
-        for s in sorted(seen, key=lambda s: (s.started, s.session)):
-            if s.checkpoint is None or s.alive(now):
-                continue
-            row = _row(repo, s)
-            dead_for = now - (s.refreshed + s.expires_after)
-            why = _not_adoptable(repo, put, s, row, dead_for, grace, dry_run)
+        candidates = [
+            _Candidate(s, now - (s.refreshed + s.expires_after))
+            for s in sorted(seen, key=lambda s: (s.started, s.session))
+            if s.checkpoint is not None and not s.alive(now)
+        ]
+        given_up = _given_up(repo, {s.session for s in seen})
+        if given_up:
+            done, used = _already_adopted(repo), used_sessions(repo)
+            # a session an envelope names already: its roots are spent, and the prune removes them
+            candidates += [c for c in given_up if c.s.session not in used and (c.s.cert, c.s.session) not in done]
+        for c in candidates:
+            s = c.s
+            row = _row(repo, c)
+            why = _not_arrived(repo, put, c) if c.roots else None
+            if why is None:
+                why = _not_adoptable(repo, put, s, row, c.dead_for, grace, dry_run)
             if why is not None:
                 row.update(why=why[0], reason=why[1])
                 report.kept.append(row)
                 if why[0] == UNUSABLE and not dry_run:
-                    _remove(repo, s)
+                    _remove(repo, c)
                 continue
             if dry_run:
                 report.adopted.append({**row, "snapshot": "", "seq": 0})
                 continue
-            if done is None:
+            if done is None or used is None:
                 done, used = _already_adopted(repo), used_sessions(repo)
             if (s.cert, s.session) in done:  # a prune killed after writing the snapshot: the lease is left
-                _remove(repo, s)
+                _remove(repo, c)
                 name, seq = done[(s.cert, s.session)]
                 report.adopted.append({**row, "snapshot": name, "seq": seq})
                 continue
-            assert used is not None
             if s.session in used:  # its client's own run made it a snapshot, or a lease put back
                 row.update(why=UNUSABLE, reason="a snapshot already holds this run; its lease is removed")
                 report.kept.append(row)
-                _remove(repo, s)
+                _remove(repo, c)
                 continue
             adoption = Adoption(s.cert, row["client"], s.session)
+            assert s.checkpoint is not None
             try:
                 committed = checkpoint_snapshot(
                     repo, put, cert, s.session, s.checkpoint, state_dir, log, adoption, lease=lease
@@ -143,13 +170,14 @@ def adopt_abandoned_checkpoints(
             except (BunkerError, encoding.FormatError, KeyError, TypeError, ValueError) as exc:
                 row.update(why=UNUSABLE, reason=_unusable(exc, False))
                 report.kept.append(row)
-                _remove(repo, s)
+                _remove(repo, c)
                 continue
             # the snapshot first, then the lease: a prune marking meanwhile sees one or the other
             # (on storage whose listings lag, the lease stays until the snapshot is listed: the
             # next prune finds it adopted and removes it)
             if wait_until_listed(repo, [committed.name]):
-                _remove(repo, s)
+                _remove(repo, c, spent=True)
+            used.add(s.session)
             report.adopted.append({**row, "snapshot": committed.name, "seq": committed.seq})
             lease.refresh_if_due()
     finally:
@@ -159,7 +187,38 @@ def adopt_abandoned_checkpoints(
     return report
 
 
-def _row(repo: Repository, s: Session) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _Candidate:
+    """A dead session's checkpoint: from its lease here, or from checkpoint roots a node sent up
+    (``roots``: every valid one of the session, abandoned or not; ``node``: the node that gave it
+    up, by name)."""
+
+    s: Session
+    dead_for: float  # seconds since its lease expired (a session a node gave up: waited enough)
+    node: str = ""
+    roots: tuple[str, ...] = ()
+
+
+def _given_up(repo: Repository, here: set[str]) -> list[_Candidate]:
+    """A candidate for every session that a node gave up: a valid checkpoint root with
+    ``abandoned`` (signed by a node the repository certifies; repo/checkpoint_roots.py), one per
+    session, in the order the checkpoints were made. A plain root is never adopted here."""
+    roots = [r for r in checkpoint_roots(repo) if r.session not in here]
+    out: list[_Candidate] = []
+    for r in roots:
+        if not r.abandoned or any(c.s.session == r.session for c in out):
+            continue
+        cp_time = r.checkpoint.get("time")
+        t = float(cp_time) if isinstance(cp_time, (int, float)) else 0.0
+        # the checkpoint's lease carried as a dead session (started, refreshed: the checkpoint's time)
+        s = Session(r.session, t, t, 0.0, "backup", "", (), r.cert, r.checkpoint, r.counter, r.base)
+        same = tuple(x.name for x in roots if x.session == r.session and x.cert == r.cert)
+        out.append(_Candidate(s, float("inf"), r.node_name, same))
+    return sorted(out, key=lambda c: (c.s.started, c.s.session))
+
+
+def _row(repo: Repository, c: _Candidate) -> dict[str, Any]:
+    s = c.s
     try:
         client = repo.certificate(s.cert).client  # sessions() verified the lease with it
     except (CorruptObject, ObjectMissing):
@@ -169,8 +228,10 @@ def _row(repo: Repository, s: Session) -> dict[str, Any]:
         "session": s.session,
         "client": client,
         "cert": s.cert,
-        "lease": s.names[-1],
+        "lease": s.names[-1] if s.names else f"sessions/{s.session}.{s.counter}",
         "time": float(cp_time) if isinstance(cp_time, (int, float)) else s.refreshed,
+        "node": c.node,  # the node that gave it up ("" for a lease in this repository's sessions/)
+        "roots": list(c.roots),
     }
 
 
@@ -216,6 +277,37 @@ def _not_adoptable(
     return None
 
 
+def _not_arrived(repo: Repository, put: PutKey, c: _Candidate) -> tuple[str, str] | None:
+    """(WAITING, reason) while a checkpoint a node gave up names reference objects or packs that
+    have not reached this repository yet (they travel up like any data: a snapshot is never
+    published with holes); None once all are here."""
+    assert c.s.checkpoint is not None
+    cp = c.s.checkpoint
+    try:
+        packs = refs.read_set(str(cp["packset"]), repo.get_object)
+        refs.read_set(str(cp["chunkset"]), repo.get_object, put.secrets)
+    except ObjectMissing as exc:
+        return WAITING, _in_transit(c, f"its reference object {exc.object_name}")
+    except (BunkerError, encoding.FormatError, KeyError, TypeError, ValueError):
+        return None  # not a matter of waiting: _not_adoptable says what it is
+    existing = {i.name.split("/", 1)[1] for i in repo.backend.list("packs/")}
+    lacking = [p for p in packs if p not in existing]
+    if lacking:
+        moves = PackMoves.load(repo)
+        lacking = [p for p in lacking if not moves.covered(p, existing)]
+    if lacking:
+        return WAITING, _in_transit(c, f"{len(lacking)} of the {len(packs)} packs it names")
+    return None
+
+
+def _in_transit(c: _Candidate, what: str) -> str:
+    return (
+        f"node {c.node!r} gave it up (its client did not adopt it there), but {what} has not reached this repository "
+        f"yet; it is kept, and the first prune after the data arrived adopts it (run `bunker node forward` on "
+        f"{c.node!r} and on the nodes between it and here)"
+    )
+
+
 def _unusable(exc: Exception, dry_run: bool) -> str:
     msg = exc.message if isinstance(exc, BunkerError) else str(exc)
     return (
@@ -237,9 +329,16 @@ def _already_adopted(repo: Repository) -> dict[tuple[str, str], tuple[str, int]]
     return out
 
 
-def _remove(repo: Repository, s: Session) -> None:
+def _remove(repo: Repository, c: _Candidate, *, spent: bool = False) -> None:
     """Remove a session's lease objects, newest first: the newest carries the checkpoint, so an
-    interrupted removal leaves at most checkpoint-less objects (a prune clears those)."""
-    for n in reversed(s.names):
+    interrupted removal leaves at most checkpoint-less objects (a prune clears those). The
+    checkpoint roots of a session a node gave up go too when it cannot be adopted (nobody else
+    will adopt it); once it is adopted (``spent``) the prune that follows removes them, as it
+    removes every root whose session an envelope names (repo/gc.py)."""
+    for n in reversed(c.s.names):
         with contextlib.suppress(BunkerError, OSError):
             repo.backend.delete(n)
+    if not spent:
+        for n in c.roots:
+            with contextlib.suppress(BunkerError, OSError):
+                repo.backend.delete(n)

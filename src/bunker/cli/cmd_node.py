@@ -33,17 +33,31 @@ def node() -> None:
 @click.option("--store", type=click.Path(file_okay=False), help="Where it keeps objects [default: DIR/store].")
 @click.option("--max-size", help="Bound of the store, e.g. 500G: beyond it the node evicts recorded data.")
 @click.option("--seed", "seed_file", type=click.Path(dir_okay=False, exists=True), help="A seed file made at the top.")
+@click.option(
+    "--abandon-after",
+    metavar="AGE",
+    help="How long a dead backup's last checkpoint waits for its client's next run here before the node gives "
+    "it up to the repository of record, whose prune adopts it (default 14d; e.g. 30d).",
+)
 @json_option
 @handles_errors
 def init_cmd(
-    directory: str, name: str | None, store: str | None, max_size: str | None, seed_file: str | None, **kwargs: Any
+    directory: str,
+    name: str | None,
+    store: str | None,
+    max_size: str | None,
+    seed_file: str | None,
+    abandon_after: str | None,
+    **kwargs: Any,
 ) -> None:
     """Make a node directory with a new node key."""
-    from bunker.node.node_dir import NodeDir, parse_size
+    from bunker.node.node_dir import DEFAULT_ABANDON_AFTER, NodeDir, parse_size
+    from bunker.node.spool import parse_age
 
     out = _out(kwargs)
     bound = parse_size(max_size) if max_size else None
-    nd = NodeDir.init(directory, name or os.path.basename(os.path.abspath(directory)), store, bound)
+    after = int(parse_age(abandon_after)) if abandon_after is not None else DEFAULT_ABANDON_AFTER
+    nd = NodeDir.init(directory, name or os.path.basename(os.path.abspath(directory)), store, bound, after)
     doc: dict[str, Any] = {"node": nd.name, "id": nd.config.node_id, "directory": nd.root, "store": nd.config.store}
     out.line(f"made node {nd.name} ({nd.config.node_id[:16]}) in {nd.root}")
     if seed_file:
@@ -233,6 +247,7 @@ def forward_cmd(directory: str, name: str | None, **kwargs: Any) -> None:
         {
             "node": nd.name,
             "deliveries": [r.to_json() for r in results.reports],
+            "abandoned": [a.to_json() for a in results.abandoned],
             "evicted": [e.to_json() for e in evictions],
             "problems": [{"level": lv, "code": c, "message": m} for lv, c, m in problems],
         }

@@ -1,4 +1,5 @@
-"""bunker node rotate-key | quota: changing a node's key and bounding its writers (docs/hierarchy.md)."""
+"""bunker node rotate-key | quota | abandon-after: changing a node's key, bounding its writers, and
+how long dead backups' checkpoints wait for their clients (docs/hierarchy.md)."""
 
 from __future__ import annotations
 
@@ -79,3 +80,25 @@ def quota_cmd(directory: str, client: str, size: str, **kwargs: Any) -> None:
             f"node {nd.name}: {key} may leave at most {human_bytes(bound)} undelivered here; beyond it its backups "
             "stay in its own spool until the node forwarded what it holds (new connections apply it)"
         )
+
+
+@node.command("abandon-after")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.argument("age")
+@json_option
+@handles_errors
+def abandon_after_cmd(directory: str, age: str, **kwargs: Any) -> None:
+    """How long a dead backup's last checkpoint waits here for its client (AGE, e.g. 14d) before the
+    node gives it up to the repository of record, whose prune adopts it."""
+    from bunker.node.node_dir import NodeDir
+    from bunker.node.spool import parse_age
+
+    out = _out(kwargs)
+    nd = NodeDir(directory)
+    nd.config.abandon_after = int(parse_age(age))
+    nd.save()
+    out.document({"node": nd.name, "abandon_after": nd.config.abandon_after})
+    out.line(
+        f"node {nd.name}: the last checkpoint of a backup dead for {nd.config.abandon_after / 86400:g} days that its "
+        "client did not adopt is given up to the repository of record at the next `bunker node forward`"
+    )

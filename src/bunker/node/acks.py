@@ -52,6 +52,24 @@ def note_session(nd: NodeDir, repo_id: str, session: str) -> None:
         f.write(f"{time.time()}\n")
 
 
+def abandon_dir(nd: NodeDir, repo_id: str) -> str:
+    """Where node/abandon.py keeps the sessions whose lease it took out of the store."""
+    return nd.state_dir(repo_id, "abandon")
+
+
+def abandoning(nd: NodeDir, repo_id: str) -> dict[str, tuple[float, str]]:
+    """Sessions whose lease node/abandon.py took out of the store: session -> (when its first
+    lease object was stored, the name of its abandoned root; "" until that is made)."""
+    d = abandon_dir(nd, repo_id)
+    out: dict[str, tuple[float, str]] = {}
+    for leaf in os.listdir(d):
+        if leaf.endswith(".json"):
+            plan = read_json(os.path.join(d, leaf), None)
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                out[str(plan["session"])] = (float(plan["started"]), str(plan.get("root", "")))
+    return out
+
+
 def _windows(nd: NodeDir, repo_id: str) -> dict[str, tuple[float, float]]:
     out: dict[str, tuple[float, float]] = {}
     d = sessions_dir(nd, repo_id)
@@ -100,6 +118,8 @@ def acknowledged_time(nd: NodeDir, repo_id: str, store: Backend, delivered: set[
     live.update(
         {s.session: s.started for s in all_sessions if roots.get(s.session, "") not in delivered and s.session in roots}
     )
+    # nor is one whose lease the node took out to give it up, until its abandoned root went up
+    live.update({sid: start for sid, (start, root) in abandoning(nd, repo_id).items() if root not in delivered})
     windows = _windows(nd, repo_id)
     # a session that starts before the store holds the top's newest GC records may use a pack the
     # top condemned: nothing after what the store is known to hold can be acknowledged

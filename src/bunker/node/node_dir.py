@@ -2,7 +2,9 @@
 
 Layout of ``DIR``:
 
-- ``node.json``: name, store path and size bound, upstreams, eviction rule, staleness bound;
+- ``node.json``: name, store path and size bound, upstreams, eviction rule, staleness bound, and
+  ``abandon_after`` (seconds after which a dead backup's checkpoint no client adopted is given up
+  to the top: node/abandon.py);
 - ``node.key``: the node seed (32 random bytes; every node key derives from it), 0600;
 - ``node.key.previous``: the seed before the last `bunker node rotate-key` (one generation is
   kept: pieces sealed to the old key still open; node/rotation.py);
@@ -45,6 +47,7 @@ NEXT_KEY_FILE = "node.key.next"  # only while `bunker node rotate-key` runs
 CARD_KIND = "bunker node card"
 NODE_FORMAT = 1
 DEFAULT_STALE_AFTER = 7 * 86400  # a week without news from upstream: revocations may be missing
+DEFAULT_ABANDON_AFTER = 14 * 86400  # a dead backup's checkpoint waits this long for its client (node/abandon.py)
 EVICT_RULES = ("all", "any")
 
 
@@ -89,6 +92,7 @@ class NodeConfig:
     downstreams: list[Upstream] = field(default_factory=list)  # links whose far node sends data here
     evict_after: str = "all"  # "all", "any", or a number k of upstreams
     stale_after: int = DEFAULT_STALE_AFTER
+    abandon_after: int = DEFAULT_ABANDON_AFTER
     quotas: dict[str, int] = field(default_factory=dict)  # certificate or client name -> undelivered bytes
     format: int = NODE_FORMAT
 
@@ -192,7 +196,14 @@ class NodeDir:
     # ------------------------------------------------------------------ making one
 
     @classmethod
-    def init(cls, root: str, name: str, store: str | None = None, max_size: int | None = None) -> NodeDir:
+    def init(
+        cls,
+        root: str,
+        name: str,
+        store: str | None = None,
+        max_size: int | None = None,
+        abandon_after: int = DEFAULT_ABANDON_AFTER,
+    ) -> NodeDir:
         """Make a new node directory with a fresh node key."""
         root = os.path.abspath(root)
         problem = node_name_problem(name)
@@ -217,6 +228,7 @@ class NodeDir:
             node_id=keys.public().node_id,
             store=os.path.abspath(store) if store else os.path.join(root, "store"),
             max_size=max_size,
+            abandon_after=abandon_after,
         )
         os.makedirs(cfg.store, mode=0o700, exist_ok=True)
         write_private_file(os.path.join(root, NODE_FILE), cfg.to_json())

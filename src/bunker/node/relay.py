@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bunker.errors import BunkerError, ExitCode, StorageError
+from bunker.node.abandon import Abandonment, abandon_all
 from bunker.node.node_dir import NodeDir, Upstream
 from bunker.node.receipt_flow import issue_record_receipts
 from bunker.node.relay_direct import DirectReport, forward_direct
@@ -30,6 +31,7 @@ class Forwarded:
 
     reports: list[Any] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
+    abandoned: list[Abandonment] = field(default_factory=list)  # dead backups' checkpoints given up (node/abandon.py)
 
     def lines(self) -> list[str]:
         out = []
@@ -58,6 +60,10 @@ def forward_all(nd: NodeDir, only: str | None = None) -> Forwarded:
     ups = [u for u in nd.config.upstreams if only in (None, u.name)]
     if only and not ups and not downs:
         nd.upstream(only)  # names the links there are
+    # before the relays: an abandoned root made now goes up in this same run
+    result.abandoned, problems = abandon_all(nd)
+    result.problems += [Problem(*p) for p in problems]
+    result.problems += [Problem("note", f"checkpoint-{a.state}", a.message(nd.name)) for a in result.abandoned]
     if not nd.config.upstreams:
         result.problems.append(
             Problem(

@@ -137,7 +137,9 @@ def _send_acks(
     (node/acks.py): after the data, so an acknowledgement never arrives before what it covers."""
     caught_up = caught_up and not staged_names(nd, repo_id) and not owed(store, state).count
     checkpoint_roots_held(nd, repo_id, store)  # dead sessions' checkpoints go up as roots
-    have = {i.name for i in top.list("gc/")}
+    # what went up once is not sent again: a root the top removed (its session is in a snapshot
+    # there, or it could not be adopted) stays removed
+    have = {i.name for i in top.list("gc/")} | set(state.delivered)
     for info in acks_to_send(nd, store, have, caught_up):
         _copy(store, top, info)
         state.mark_recorded([info.name])

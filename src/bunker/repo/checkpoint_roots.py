@@ -8,8 +8,15 @@ packs it names reach the top like any others, where no snapshot names them yet: 
 prune there would condemn and delete them, and the adopted snapshot would arrive with holes. The
 record carries the client-signed lease bytes (verified as a lease is), signed by the node; it
 protects the checkpoint's packs until an envelope at the top names its session (committed or
-adopted), and a prune then removes it. Prune at the top does not adopt such a checkpoint itself:
-the client's next run through its node does.
+adopted), and a prune then removes it.
+
+The client's next run through its node adopts the checkpoint. A client that never runs there again:
+once the lease is older than the node's ``abandon_after`` the node takes it out of its store and,
+when no run of a client there adopted it, signs a new record for the same lease with ``abandoned``
+set (node/abandon.py). A prune at the top adopts an abandoned checkpoint as it adopts a dead
+session's lease (backup/adoption.py); a record without the flag is never adopted there. The flag is
+inside the node's signature: a record altered to carry it, or signed by a node the repository does
+not certify, is not read at all.
 """
 
 from __future__ import annotations
@@ -25,7 +32,7 @@ from bunker.errors import CorruptObject, ObjectMissing
 from bunker.repo.leases import lease_problem
 from bunker.repo.node_certs import trusted_node
 from bunker.repo.objects import MAGIC_CKROOT
-from bunker.repo.records import parse_lease
+from bunker.repo.records import ChainBase, lease_base, parse_lease
 from bunker.repo.repository import Repository
 
 DOMAIN = b"bunker checkpoint root v1"
@@ -40,20 +47,35 @@ class CheckpointRoot:
     lease_name: str  # sessions/<session>.<counter>
     cert: str  # the client certificate that signed the lease
     checkpoint: dict[str, Any]
+    abandoned: bool = False  # the node signed that no client run there adopts it (node/abandon.py)
+    node_name: str = ""  # the node's name in its certificate
+    base: ChainBase | None = None  # the chain head the dead run started from
+    counter: int = 0  # of the lease
 
 
-def make_checkpoint_root(keys: NodeKeys, repo_id: str, lease_name: str, lease: bytes) -> bytes:
-    """A node-signed record of the lease ``lease_name`` (its exact bytes)."""
-    body = encoding.pack(
-        {"repo": repo_id, "node": keys.node_id, "lease_name": lease_name, "lease": lease, "time": time.time()}
-    )
+def make_checkpoint_root(
+    keys: NodeKeys, repo_id: str, lease_name: str, lease: bytes, *, abandoned: bool = False
+) -> bytes:
+    """A node-signed record of the lease ``lease_name`` (its exact bytes); ``abandoned``: the node
+    took the lease out of its store and no run of a client there adopted it."""
+    fields: dict[str, Any] = {
+        "repo": repo_id,
+        "node": keys.node_id,
+        "lease_name": lease_name,
+        "lease": lease,
+        "time": time.time(),
+    }
+    if abandoned:  # absent otherwise: a plain record keeps the bytes it always had
+        fields["abandoned"] = True
+    body = encoding.pack(fields)
     return MAGIC_CKROOT + encoding.pack({"body": body, "sig": keys.sign(DOMAIN, body)})
 
 
 def read_checkpoint_root(repo: Repository, name: str, data: bytes) -> CheckpointRoot:
     """Verify a checkpoint root: the node's signature (a node certified for the repository, not
     revoked) and the lease it carries (named as it says, signed by a client that is not revoked,
-    with a checkpoint). Raises FormatError."""
+    with a checkpoint). ``abandoned`` is read from inside the signed body: absent is False, anything
+    but a boolean is refused. Raises FormatError."""
     if not data.startswith(MAGIC_CKROOT) or len(data) > MAX_ROOT:
         raise encoding.FormatError("not a checkpoint root")
     outer = encoding.expect_map(encoding.unpack(data[len(MAGIC_CKROOT) :]), "body", "sig")
@@ -69,6 +91,9 @@ def read_checkpoint_root(repo: Repository, name: str, data: bytes) -> Checkpoint
         cert.public.verify(DOMAIN, body_bytes, encoding.field_bytes(outer, "sig", 64))
     except BadSignature:
         raise encoding.FormatError("the checkpoint root's signature does not verify") from None
+    abandoned = b.get("abandoned", False)
+    if not isinstance(abandoned, bool):
+        raise encoding.FormatError("the checkpoint root's abandoned field is not a boolean")
     lease_name = encoding.field(b, "lease_name", str)
     lease = encoding.field_bytes(b, "lease")
     lease_body, signer = parse_lease(lease, lease_name)
@@ -78,7 +103,19 @@ def read_checkpoint_root(repo: Repository, name: str, data: bytes) -> Checkpoint
     cp = lease_body.get("checkpoint")
     if not isinstance(cp, dict):
         raise encoding.FormatError("the lease holds no checkpoint")
-    return CheckpointRoot(name, node, str(lease_body["session"]), lease_name, signer, cp)
+    counter = lease_body.get("counter", 0)
+    return CheckpointRoot(
+        name,
+        node,
+        str(lease_body["session"]),
+        lease_name,
+        signer,
+        cp,
+        abandoned,
+        cert.node,
+        lease_base(lease_body),
+        counter if type(counter) is int else 0,
+    )
 
 
 def checkpoint_roots(repo: Repository) -> list[CheckpointRoot]:
