@@ -133,7 +133,7 @@ def test_altered_foreign_and_revoked_statements_are_refused(tmp_path: Path) -> N
     def refused(path: Path, why: str) -> None:
         rc, doc = _check_json(top, tmp_path / "auditor", path)
         assert rc == ExitCode.INTEGRITY, doc
-        (problem,) = _about(doc, f"witness statement {path}")
+        (problem,) = _about(doc, str(path))
         assert problem["problem"].startswith("witness statement refused: ") and why in problem["problem"], problem
         assert problem["cause"] == "witness" and not _about(doc, newest), doc  # what it says is not used
 
@@ -174,7 +174,7 @@ def test_altered_foreign_and_revoked_statements_are_refused(tmp_path: Path) -> N
     refused(statement, "is revoked in this repository's config")
     rc, doc = _check_json(top, tmp_path / "auditor", office)
     assert rc == ExitCode.INTEGRITY and not _about(doc, newest), doc
-    (problem,) = _about(doc, f"node directory {office}")
+    (problem,) = _about(doc, str(office))
     assert "revoked" in problem["problem"], problem
     human = _check(top, tmp_path / "auditor", statement)
     assert "witness statement(s) refused" in human.stdout, human.stdout

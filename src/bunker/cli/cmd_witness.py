@@ -64,7 +64,7 @@ def witness_sources(paths: tuple[str, ...]) -> list[Source]:
     out: list[Source] = []
     for p in paths:
         if is_node_dir(p):
-            out.append((f"node directory {p}", _from_node(p)))
+            out.append((p, _from_node(p)))
         elif os.path.isdir(p):
             raise BunkerError(
                 f"--witness {p} is a directory but not a node directory (no node.json)",
@@ -72,7 +72,7 @@ def witness_sources(paths: tuple[str, ...]) -> list[Source]:
                 exit_code=ExitCode.USAGE,
             )
         else:
-            out.append((f"witness statement {p}", _from_file(p)))
+            out.append((p, _from_file(p)))
     return out
 
 
