@@ -13,6 +13,7 @@ from bunker.backup.chain import load_head, witnesses
 from bunker.backup.files_cache import FilesCache
 from bunker.backup.run import client_cache, client_tag
 from bunker.cli import context
+from bunker.cli.cmd_witness import witness_sources
 from bunker.cli.main import cli, common, handles_errors, make_options
 from bunker.cli.output import human_bytes
 from bunker.errors import BunkerError, ExitCode
@@ -46,10 +47,20 @@ def _repository_id(text: str) -> str:
 @click.option("--keyless", is_flag=True, help="Use no key: hashes, signatures, chains and pack sets only.")
 @click.option("--expect", "expect", help="Repository id (fingerprint) the copy must have (with --keyless).")
 @click.option("--read-data", is_flag=True, help="Decrypt every blob and verify its chunk id (master key).")
+@click.option(
+    "--witness",
+    "witness_paths",
+    multiple=True,
+    type=click.Path(exists=True),
+    metavar="PATH",
+    help="A node's witness statement (`bunker node witness`) or a node directory: the newest snapshots it saw "
+    "the repository of record hold must still be there (repeatable).",
+)
 @handles_errors
 def check(**kwargs: Any) -> None:
     """Check the repository's integrity (put key by default; --keyless; --read-data)."""
     keyless, expect, read_data = kwargs.pop("keyless"), kwargs.pop("expect"), kwargs.pop("read_data")
+    statements = witness_sources(kwargs.pop("witness_paths"))
     if expect is not None:
         expect = _repository_id(expect)
     opts, out = make_options(kwargs)
@@ -64,7 +75,9 @@ def check(**kwargs: Any) -> None:
     if keyless:
         if expect:
             heads = [(h.cert, h.seq, h.name) for h in witnesses(expect.lower())]
-        checker = Checker(backend, expect.lower() if expect else None, heads=heads, pending=pending)
+        checker = Checker(
+            backend, expect.lower() if expect else None, heads=heads, pending=pending, statements=statements
+        )
     else:
         repo = context.open_repository(opts)
         heads = [(h.cert, h.seq, h.name) for h in witnesses(repo.repo_id)]
@@ -96,6 +109,7 @@ def check(**kwargs: Any) -> None:
             pending=pending,
             progress=(lambda s: out.info(f"checking {s}…")) if sys.stderr.isatty() and not opts.as_json else None,
             own_cert=own_cert,
+            statements=statements,
         )
     report = checker.run(keyless)
     if report.repo_id:
@@ -122,7 +136,8 @@ def check(**kwargs: Any) -> None:
     else:
         errs = [p for p in report.problems if p.severity == "err"]
         damage = sum(1 for p in errs if p.cause == "damage")
-        other = len(errs) - damage
+        refused = sum(1 for p in errs if p.cause == "witness")
+        other = len(errs) - damage - refused
         parts = []
         if damage:
             parts.append(
@@ -135,6 +150,8 @@ def check(**kwargs: Any) -> None:
                 f"{other} problem(s) come from a put key that was damaged when it wrote: {NEXT_STEP} "
                 "(see docs/recovery.md)"
             )
+        if refused:
+            parts.append(f"{refused} witness statement(s) refused: what they say was not checked (see above)")
         out.line("; ".join(parts))
         sys.exit(ExitCode.INTEGRITY)
 

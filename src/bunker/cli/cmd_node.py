@@ -316,6 +316,9 @@ def status_cmd(directory: str, **kwargs: Any) -> None:
                 f"  upstream {u['name']:<12} lacks {u['owed_objects']} objects ({human_bytes(u['owed_bytes'])}), "
                 f"{u['recorded']} recorded at the top"
             )
+        if r["witnessed"]:
+            n = len(r["witnessed"])
+            out.line(f"  witnesses the newest snapshot of {n} client(s) at the top (`bunker node witness`)")
     if doc["key_rotation"] and doc["key_rotation"]["waiting_links"]:
         waiting = doc["key_rotation"]["waiting_links"]
         out.line(

@@ -123,6 +123,7 @@ def main() -> None:
         cmd_restore,
         cmd_serve,
         cmd_unforget,
+        cmd_witness,
     )
 
     withhold_secrets()  # before anything can start a child process

@@ -8,6 +8,7 @@ from bunker.node.holdings import UP_PREFIXES, UpstreamState, owed
 from bunker.node.node_dir import NodeDir
 from bunker.node.rotation import rotation_status
 from bunker.node.staleness import last_heard, stale_problems
+from bunker.node.witnessed import witnessed_heads
 
 
 def node_status(nd: NodeDir) -> dict[str, Any]:
@@ -33,7 +34,14 @@ def node_status(nd: NodeDir) -> dict[str, Any]:
                 }
             )
         repos.append(
-            {"repository": repo_id, "objects": len(held), "bytes": sum(i.size for i in held), "upstreams": ups}
+            {
+                "repository": repo_id,
+                "objects": len(held),
+                "bytes": sum(i.size for i in held),
+                "upstreams": ups,
+                # the newest snapshot per client it saw the repository of record hold (node/witnessed.py)
+                "witnessed": [h.to_body() for h in witnessed_heads(nd, repo_id)],
+            }
         )
     return {
         "node": nd.name,

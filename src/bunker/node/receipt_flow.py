@@ -8,8 +8,9 @@ Applied (a receipt that came down a link): it must be signed by a node certified
 repository and not revoked — for a record receipt, one with the ``record`` capability — name this
 node (or the upstream node it relayed it for) as its downstream, and fit the issuer's receipt
 chain. A hop receipt stops resending what it names and brings back what it lacks; a record
-receipt marks objects as held by the repository of record (only those may be evicted) and is
-relayed unchanged to the downstream nodes that sent any of them.
+receipt marks objects as held by the repository of record (only those may be evicted), its chain
+heads become heads this node witnesses (node/witnessed.py), and it is relayed unchanged to the
+downstream nodes that sent any of them.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from bunker.node.node_dir import NodeDir, read_json, write_json
 from bunker.node.receipts import IssuedChain, Receipt, ReceivedChain, make_receipt, verify_receipt
 from bunker.node.relay_link import SentLog, queue_receipt
 from bunker.node.rotation import my_ids, peer_ids, sending_keys
+from bunker.node.witnessed import note_record_receipt
 from bunker.repo.node_certs import trusted_node
 from bunker.repo.repository import Repository
 from bunker.repo.snapshot import parse_snapshot
@@ -185,6 +187,7 @@ def apply_receipt(nd: NodeDir, repo_id: str, link: Link, receipt: Receipt, out: 
         before = len(state.recorded)
         state.mark_recorded(receipt.covers)
         out.recorded += len(state.recorded) - before
+        note_record_receipt(nd, repo_id, receipt, issuer.node)  # what the top holds: witnessed
         covers = set(receipt.covers)
         for down in nd.config.downstreams:  # relayed unchanged to the nodes that sent any of it
             if covers & set(read_json(received_log(nd, repo_id, down.name), {})):

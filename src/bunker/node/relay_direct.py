@@ -6,7 +6,7 @@ that read-back is what a record receipt certifies, so a direct delivery marks wh
 *recorded* at once (only recorded objects may be evicted). Snapshots go last, each only once
 every pack its pack set names is at the top, in chain order; a snapshot whose place in its
 client's chain the top already holds with another snapshot is a fork: it is kept on the node and
-named, never sent.
+named, never sent. Each snapshot read back is a head the node witnesses (node/witnessed.py).
 
 The same run brings the top's records down into the node's store (configs, certificates, node
 certificates, retirement and GC records), so the node's clients see revocations and condemned
@@ -29,10 +29,12 @@ from bunker.node.holdings import DOWN_PREFIXES, UpstreamState, owed, snapshot_pa
 from bunker.node.node_dir import NodeDir, Upstream, read_json, write_json
 from bunker.node.staging import staged_names
 from bunker.node.staleness import note_heard, note_records_asof
+from bunker.node.witnessed import note_witnessed
 from bunker.repo.node_acks import parse_ack
 from bunker.repo.objects import MAGIC_ACK, MAGIC_CKROOT, content_hash, is_hash_name
 from bunker.repo.repository import Repository
 from bunker.repo.snapshot import parse_snapshot
+from bunker.repo.witnesses import WitnessedHead
 from bunker.storage.backend import Backend, ObjectInfo
 from bunker.storage.url import open_backend
 
@@ -162,6 +164,7 @@ def forward_direct(
     state = UpstreamState(node, repo_id, upstream.name)
     top, _ = open_top(upstream, repo_id)
     lock = threading.Lock()
+    seen: list[WitnessedHead] = []  # snapshots written to the top and read back: witnessed
     try:
         todo = owed(store, state)
         report.damaged = todo.damaged
@@ -207,6 +210,7 @@ def forward_direct(
             one(info)
             places[(env.cert, env.seq)] = info.name
             report.snapshots.append(info.name)
+            seen.append(WitnessedHead(env.cert, env.seq, info.name, "direct", upstream.name, time.time()))
         state.save()
         moved = bool(report.sent or report.snapshots)
         _send_acks(node, repo_id, store, top, state, caught_up=not report.held and not report.forks, moved=moved)
@@ -217,5 +221,6 @@ def forward_direct(
         drop_older_acks(node, store)
     finally:
         state.save()
+        note_witnessed(node, repo_id, seen)
         top.close()
     return report

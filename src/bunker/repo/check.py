@@ -8,6 +8,8 @@
   its pack set; the client's remembered chain head is still in the repository.
 - read data (master key): additionally decrypt every blob of every pack and verify its chunk id,
   and hold every tree (the blobs of ``meta`` packs) to the rules restore and ls apply.
+- at every depth: the chain heads nodes saw the repository of record hold (their witness
+  statements, repo/witnesses.py) are still in it.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ from bunker.repo.pack import (
 )
 from bunker.repo.pack_verifier import PackJob, PackVerifierPool
 from bunker.repo.repository import Repository
+from bunker.repo.witnesses import Source, Witness, statements_witnesses
 from bunker.storage.backend import PREFIXES, Backend
 from bunker.storage.prefixes import WRITTEN, rule_for
 
@@ -90,6 +93,7 @@ class Checker:
         pending: Pending | None = None,
         progress: Callable[[str], None] | None = None,
         own_cert: str = "",
+        statements: list[Source] | None = None,
     ) -> None:
         self.backend = backend
         self.expect = expect
@@ -97,6 +101,8 @@ class Checker:
         self.master = master
         # witnesses outside the storage: (cert name, remembered seq, remembered snapshot name)
         self.heads = heads or []
+        self.statements = statements or []  # nodes' witness statements to read (repo/witnesses.py)
+        self._witnesses: list[Witness] = []
         self.pending = pending  # this machine's snapshots waiting in its spool: not withheld
         self.report = CheckReport()
         self.progress = progress or (lambda s: None)
@@ -145,6 +151,8 @@ class Checker:
         self._check_configs(names["config"])
         self._check_certs(names["clients"])
         self._check_node_certs(names["nodes"])
+        # this machine's heads first: a node's statement of the same head adds nothing
+        self._witnesses = [Witness(*h) for h in self.heads] + statements_witnesses(repo, r, self.statements)
         if keyless or self.master:
             self._check_small_objects(names)
         self.progress("packs")
@@ -489,7 +497,7 @@ class Checker:
             self._get,
             self._secrets_for_domain,
             self.master,
-            self.heads,
+            self._witnesses,
             self._stored,
             self.pending,
         ).run(names, retired_names, packs, locations, self._also_in, set(self._other_secret), self._settle)

@@ -5,9 +5,10 @@ Each snapshot must verify on its own and lie on a trusted chain (repo/trust.py);
 key its body must open under its envelope's binding. Per certificate the sequence numbers run
 without gaps or forks; two envelopes holding one run mean a copy; every pack of a snapshot's
 pack set (resolved through repack move records) must exist, and with a key every chunk of its
-chunk set must be indexed in those packs. The chain heads this machine remembers are witnesses
-that the newest snapshots were not withheld; those of its snapshots that wait in its local spool
-(the repository was unreachable or refused writes) are pending, not withheld: a note.
+chunk set must be indexed in those packs. The chain heads this machine remembers, and those nodes
+saw the repository of record hold (repo/witnesses.py), are witnesses that the newest snapshots
+were not withheld; this machine's snapshots that wait in its local spool (the repository was
+unreachable or refused writes) are pending, not withheld: a note.
 """
 
 from __future__ import annotations
@@ -31,8 +32,7 @@ from bunker.repo.repository import Repository
 from bunker.repo.retention import FUTURE_TOLERANCE, signed_time_in_future
 from bunker.repo.snapshot import Envelope, ParsedSnapshot, open_body, parse_snapshot, path_set_id
 from bunker.repo.trust import chain_trust
-
-Chains = dict[str, dict[int, tuple[str, str]]]  # cert -> seq -> (snapshot, prev)
+from bunker.repo.witnesses import Chains, Witness, judge
 
 
 @dataclass(frozen=True)
@@ -69,12 +69,12 @@ class SnapshotChecks:
         get: Callable[[str], bytes | None],
         secrets_for: Callable[[str], PutSecrets | None],
         master: MasterKey | None,
-        heads: list[tuple[str, int, str]],
+        witnesses: list[Witness],
         stored: dict[str, float],
         pending: Pending | None = None,
     ) -> None:
         self.repo, self.report, self.get, self.secrets_for = repo, report, get, secrets_for
-        self.master, self.heads, self.stored = master, heads, stored
+        self.master, self.witnesses, self.stored = master, witnesses, stored
         self.pending = pending or Pending()
 
     def run(
@@ -143,7 +143,7 @@ class SnapshotChecks:
             for problem, cause in problems:
                 self.report.add(n, problem, cause=cause)
         self._chains(chains)
-        self._witnesses(chains)
+        judge(self.repo, self.report, chains, self.witnesses, retired, self._waiting, self.pending.where)
         return sets.naming
 
     def _retired(self, names: list[str], quiet: set[str] | None = None) -> set[str]:
@@ -251,30 +251,6 @@ class SnapshotChecks:
                 expected = s + 1
                 if s > 1 and (s - 1) in chain and chain[s - 1][0] != prev:
                     self.report.add(name, f"client {client!r}: snapshot #{s} does not link to #{s - 1} (chain altered)")
-
-    def _witnesses(self, chains: Chains) -> None:
-        for cert_name, seq, head_name in self.heads:
-            have = chains.get(cert_name, {})
-            newest = max(have) if have else 0
-            try:
-                who = f"client {self.repo.certificate(cert_name).client!r}"
-            except (CorruptObject, ObjectMissing):
-                who = f"the client of {cert_name}"
-            if seq > newest and self._waiting(cert_name, newest, seq, head_name, have):
-                self.report.add(
-                    head_name,
-                    f"{who}: snapshots #{newest + 1}..#{seq} are not in the repository yet: they wait in this "
-                    f"machine's local spool {self.pending.where}; the next backup or `bunker forward` delivers them",
-                    "note",
-                )
-            elif seq > newest:
-                self.report.add(
-                    head_name,
-                    f"{who} wrote snapshot #{seq} (this machine remembers it) but the repository's newest is "
-                    f"#{newest}: snapshots were deleted or the repository was rolled back",
-                )
-            elif seq in have and have[seq][0] != head_name:
-                self.report.add(head_name, f"{who}'s snapshot #{seq} was replaced by another object")
 
     def _waiting(self, cert_name: str, newest: int, seq: int, head_name: str, have: dict[int, tuple[str, str]]) -> bool:
         """Whether the spool holds every snapshot from the repository's newest up to the

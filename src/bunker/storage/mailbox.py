@@ -1,6 +1,6 @@
 """A link's mailbox: a flat folder on any backend through which two nodes exchange pieces.
 
-Two nodes joined by a link (DESIGN §8) pass each other *pieces* (sealed bundle files, up to a few
+Two nodes joined by a link (docs/hierarchy.md) pass each other *pieces* (sealed bundle files, up to a few
 hundred MiB, sometimes GBs) through a mailbox: a local folder (a USB disk carried by hand), an sftp
 directory, or a prefix of an object store (S3, GCS, Azure Blob, B2, WebDAV). Either side may push
 or pull. Nothing on the medium may be recognisable, so the mailbox is flat and every file in it is

@@ -1,5 +1,5 @@
-"""Writing into a folder as its owner, for a root process (DESIGN §8: "a root daemon drops to
-the link directory's owner to write there"; storage/mailbox_local.py uses it).
+"""Writing into a folder as its owner, for a root process (docs/hierarchy.md, "Up": a root node
+writes into a link's folder as the folder's owner; storage/mailbox_local.py uses it).
 
 Each change runs in a short forked child that sets its groups, gid and uid to the owner's, makes
 its system calls on descriptors it inherited, and exits. A child rather than a per-thread
