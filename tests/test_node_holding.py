@@ -43,9 +43,9 @@ def records_of(store: Path, node: Path) -> list[Path]:
     return [p for p in holding_records(store) if parse_holding(p.name, p.read_bytes())[0].node == node_id]
 
 
-def check_top(top: Repo, rc: int | tuple[int, ...]) -> dict[str, Any]:
+def check_top(top: Repo, rc: int | tuple[int, ...], **env: str) -> dict[str, Any]:
     """A keyless check of the repository of record: node certificates are all it needs."""
-    cp = run_bunker("check", "--keyless", "--expect", top.id, "--json", "--repo", top.path, env=top.env)
+    cp = run_bunker("check", "--keyless", "--expect", top.id, "--json", "--repo", top.path, env={**top.env, **env})
     codes = (rc,) if isinstance(rc, int) else rc
     assert cp.returncode in codes, cp.stdout + cp.stderr
     doc: dict[str, Any] = js(cp)
@@ -126,6 +126,10 @@ def test_a_gap_in_transit_is_a_note_until_the_data_arrives(tmp_path: Path) -> No
     assert "client 'testclient': snapshots #3..#4 are in transit: node 'office' holds them since" in note
     assert "(waiting for its upstream 'hq')" in note
     assert problems(doc, "err") == []
+    # in transit for longer than BUNKER_RECORD_WARN_DAYS (counted from the client's #5): a warning
+    doc = check_top(top, 0, BUNKER_RECORD_WARN_DAYS="0")
+    (late,) = [p for p in problems(doc, "warn") if "#3..#4 are still not here" in p]
+    assert "node 'office' holds them since" in late and "run `bunker node status` on it" in late
 
     # the record is what makes the difference
     aside = tmp_path / record.name
@@ -204,6 +208,22 @@ def test_a_forged_or_revoked_nodes_holding_record_hides_nothing(tmp_path: Path) 
         path.write_bytes(forged)
         gap_is_damage("holding record not authentic")
         path.unlink()
+
+    # office's own key, but #3 does not link to #2: a certified node's word is not believed either
+    # when its snapshots do not fit the chain around the gap
+    from bunker.node.node_dir import NodeDir
+    from bunker.repo.holding_records import Held, make_holding, parse_holding
+
+    claims = parse_holding("", good)[0]
+    bent = {
+        c: [Held(x.seq, x.name, "snapshots/" + "0" * 64 if x.seq == 3 else x.prev, x.since) for x in hs]
+        for c, hs in claims.held.items()
+    }
+    data = make_holding(NodeDir(str(h.office)).keys, top.id, claims.upstream, bent)
+    path = top.path / "gc" / b3(data)
+    path.write_bytes(data)
+    gap_is_damage("holding records of node 'office' name snapshots there, but they do not cover the gap")
+    path.unlink()
 
     # a node below forwards a forged record: hq refuses it on import, it never reaches the top
     forged = forgeries[1]

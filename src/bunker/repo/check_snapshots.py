@@ -265,10 +265,8 @@ class SnapshotChecks:
         except encoding.FormatError:
             written = self.stored.get(name, 0.0)
         left = chain[first - 1][0] if first > 1 else ""
-        found = self._transit.explain(cert_name, client, first, after - 1, left, prev, written)
-        if found is not None:
-            return found[1], found[0]
-        return f"client {client!r}: snapshots #{first}..#{after - 1} are missing (deleted or withheld)", "err"
+        level, problem = self._transit.explain(cert_name, client, first, after - 1, left, prev, written)
+        return problem, level
 
     def _witnesses(self, chains: Chains) -> None:
         for cert_name, seq, head_name in self.heads:

@@ -228,33 +228,39 @@ class InTransit:
 
     def explain(
         self, cert: str, client: str, first: int, last: int, left: str, right_prev: str, written: float
-    ) -> tuple[str, str] | None:
-        """(level, text) when records cover the gap #first..#last of ``cert``'s chain: each
-        missing snapshot named, each linking to the one before it (``left``, the snapshot before
-        the gap; "" when the gap starts at #1), and the snapshot after the gap linking to the
-        last (``right_prev``). ``written``: when the snapshot after the gap was written (it
-        followed the missing ones). None when they do not cover it."""
+    ) -> tuple[str, str]:
+        """(level, text) of the gap #first..#last in ``cert``'s chain: a note (a warning once old)
+        when records cover it — each missing snapshot named, each linking to the one before it
+        (``left``, the snapshot before the gap; "" when the gap starts at #1), and the snapshot
+        after the gap linking to the last (``right_prev``) — else damage. ``written``: when the
+        snapshot after the gap was written (the missing ones are older)."""
+        what = f"snapshot #{first} is" if first == last else f"snapshots #{first}..#{last} are"
         chosen: list[tuple[Held, HoldingRecord]] = []
         prev = left
         for seq in range(first, last + 1):
             fit = next((c for c in self.claims.get((cert, seq), []) if c[0].prev == prev), None)
             if fit is None:
-                return None
+                break
             chosen.append(fit)
             prev = fit[0].name
-        if prev != right_prev:
-            return None
+        if len(chosen) < last - first + 1 or prev != right_prev:
+            damage = f"client {client!r}: snapshots #{first}..#{last} are missing (deleted or withheld)"
+            named = sorted({r.node_name for s in range(first, last + 1) for _, r in self.claims.get((cert, s), [])})
+            if named:
+                damage += (
+                    f"; holding records of node {', '.join(repr(n) for n in named)} name snapshots there, but they "
+                    "do not cover the gap or do not link to the snapshots around it, so they are not believed"
+                )
+            return "err", damage
         days = warn_days()
         holders = _holders(chosen)
-        what = f"snapshot #{first} is" if first == last else f"snapshots #{first}..#{last} are"
         if self.now - written <= days * 86400:
             return "note", f"client {client!r}: {what} in transit: {holders}"
         return "warn", (
             f"client {client!r}: {what} still not here, {(self.now - written) / 86400:.1f} days after the client "
             f"wrote the snapshot that follows them ({utc(written)}): {holders}. If that node holds them, its link "
-            "does not move (run `bunker node status` on it, carry or reconnect the link); if it does not, they are "
-            f"lost and the client's backups of that time exist nowhere else. {RECORD_WARN_ENV} sets how many days "
-            f"are allowed (now {days:g})"
+            "does not move: run `bunker node status` on it and carry or reconnect the link; if it does not, they "
+            f"are lost and exist nowhere else. {RECORD_WARN_ENV} sets how many days are allowed (now {days:g})"
         )
 
 
