@@ -91,7 +91,9 @@ def move_client(tmp_path: Path) -> Moved:
     # the client moves: its repository is now branch (its chain head, #4, stays on this machine)
     (src / "s5").write_bytes(random.Random(5).randbytes(20_000))
     fifth = backup_into(h.top, branch, src, rc=(0, ExitCode.WARN))
-    assert fifth["snapshot"]
+    (moved,) = [e for e in fifth["events"] if e["code"] == "chain-rollback"]
+    assert "node 'branch' holds this client's snapshots up to #0, but this client wrote #4" in moved["message"]
+    assert "If this client backed up through another node before, that is expected" in moved["message"]
     up = js(node_cmd(h.top, "forward", branch, "--json"))["deliveries"][0]
     assert up["snapshots"] and up["held"] == [], up
     assert len(h.top.objects("snapshots")) == 3

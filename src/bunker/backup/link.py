@@ -72,6 +72,17 @@ def chain_head(repo: Repository, cert: Certificate, state_dir: str) -> tuple[Cha
                 "was damaged then (an older bunker did not check), so nobody can restore it; this run stores again "
                 "what it held, and `bunker prune` with a prune-capable key retires it",
             )
+        node = getattr(repo.backend, "server_node", "")
+        if mine is not None and mine.seq > rseq and node:
+            # a client that moved from another node: that node still holds its newest snapshots
+            return ChainBase(mine.seq, mine.name), (
+                "chain-rollback",
+                f"node {node!r} holds this client's snapshots up to #{rseq}, but this client wrote #{mine.seq} "
+                f"({mine.name}). If this client backed up through another node before, that is expected: that "
+                "node delivers them to the repository of record, and `bunker check` there names them as in transit "
+                "(docs/hierarchy.md). Otherwise snapshots were deleted or the node was rolled back: run `bunker "
+                "check` at the repository of record. The new snapshot continues the remembered chain",
+            )
         if mine is not None and mine.seq > rseq:
             return ChainBase(mine.seq, mine.name), (
                 "chain-rollback",
