@@ -72,7 +72,7 @@ def chain_head(repo: Repository, cert: Certificate, state_dir: str) -> tuple[Cha
                 "was damaged then (an older bunker did not check), so nobody can restore it; this run stores again "
                 "what it held, and `bunker prune` with a prune-capable key retires it",
             )
-        node = getattr(repo.backend, "server_node", "")
+        node = _node_name(repo)
         if mine is not None and mine.seq > rseq and node:
             # a client that moved from another node: that node still holds its newest snapshots
             return ChainBase(mine.seq, mine.name), (
@@ -97,6 +97,16 @@ def chain_head(repo: Repository, cert: Certificate, state_dir: str) -> tuple[Cha
             with contextlib.suppress(OSError):
                 save_head(state_dir, ChainHead(rseq, repo_head.name, cert.name))
         return ChainBase(rseq, repo_head.name), None
+
+
+def _node_name(repo: Repository) -> str:
+    """The name of the node serving ``repo`` ("" when no node does), also behind the wrapper that
+    spools writes while it cannot be reached (node/spool.py)."""
+    for backend in (repo.backend, getattr(repo.backend, "upstream", None)):
+        node = getattr(backend, "server_node", "")
+        if isinstance(node, str) and node:
+            return node
+    return ""
 
 
 def _with_other_secret(repo: Repository, name: str) -> bool:
