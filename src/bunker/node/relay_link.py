@@ -205,7 +205,7 @@ def forward_link(nd: NodeDir, repo_id: str, conf: Upstream) -> LinkReport:
     keys = sending_keys(nd, conf.name)
     ahead = holdings_ahead(nd, repo_id, store, state, conf.name, todo.snapshots, keys)
     chosen = [i for i in ahead if log.due(i.name, resend, now)] + data + snaps + relayed
-    ack_name, ack = own_ack(nd, repo_id, store, state.delivered, sending_keys(nd, conf.name))
+    ack_name, ack = own_ack(nd, repo_id, store, state.delivered, keys)
     ack_path = os.path.join(nd.state_dir(repo_id, "up", conf.name), "ack-before.json")
     before = parse_ack(ack)[2]
     said = read_json(ack_path, {})
