@@ -72,6 +72,17 @@ def chain_head(repo: Repository, cert: Certificate, state_dir: str) -> tuple[Cha
                 "was damaged then (an older bunker did not check), so nobody can restore it; this run stores again "
                 "what it held, and `bunker prune` with a prune-capable key retires it",
             )
+        node = _node_name(repo)
+        if mine is not None and mine.seq > rseq and node:
+            # a client that moved from another node: that node still holds its newest snapshots
+            return ChainBase(mine.seq, mine.name), (
+                "chain-rollback",
+                f"node {node!r} holds this client's snapshots up to #{rseq}, but this client wrote #{mine.seq} "
+                f"({mine.name}). If this client backed up through another node before, that is expected: that "
+                "node delivers them to the repository of record, and `bunker check` there names them as in transit "
+                "(docs/hierarchy.md). Otherwise snapshots were deleted or the node was rolled back: run `bunker "
+                "check` at the repository of record. The new snapshot continues the remembered chain",
+            )
         if mine is not None and mine.seq > rseq:
             return ChainBase(mine.seq, mine.name), (
                 "chain-rollback",
@@ -86,6 +97,16 @@ def chain_head(repo: Repository, cert: Certificate, state_dir: str) -> tuple[Cha
             with contextlib.suppress(OSError):
                 save_head(state_dir, ChainHead(rseq, repo_head.name, cert.name))
         return ChainBase(rseq, repo_head.name), None
+
+
+def _node_name(repo: Repository) -> str:
+    """The name of the node serving ``repo`` ("" when no node does), also behind the wrapper that
+    spools writes while it cannot be reached (node/spool.py)."""
+    for backend in (repo.backend, getattr(repo.backend, "upstream", None)):
+        node = getattr(backend, "server_node", "")
+        if isinstance(node, str) and node:
+            return node
+    return ""
 
 
 def _with_other_secret(repo: Repository, name: str) -> bool:

@@ -14,7 +14,8 @@ For every piece in a link's mailbox, in this order, and before anything is writt
 4. the far node must hold a certificate of the repository that is not revoked;
 5. each object is checked against its manifest digest as it streams, and its name against the
    digest (every object that crosses a link is hash-named). Data from a downstream node may only
-   be packs, index, reference objects and snapshots; snapshots are staged (node/staging.py).
+   be packs, index, reference objects and snapshots, and in gc/ nodes' session acknowledgements,
+   checkpoint roots and holding records that verify; snapshots are staged (node/staging.py).
    Records from an upstream node may only be configs, certificates, retirement and GC records
    and receipts (node/receipt_flow.py); a config must verify as the repository's.
 
@@ -47,9 +48,10 @@ from bunker.node.successor import PREFIX as SUCCESSOR_PREFIX
 from bunker.repo.certs import parse_certificate
 from bunker.repo.checkpoint_roots import read_checkpoint_root
 from bunker.repo.config import parse_config
+from bunker.repo.holding_records import read_holding
 from bunker.repo.node_acks import parse_ack, verify_ack
 from bunker.repo.node_certs import node_certificates, trusted_node
-from bunker.repo.objects import MAGIC_CKROOT, is_hash_name
+from bunker.repo.objects import MAGIC_CKROOT, MAGIC_HOLDING, is_hash_name
 from bunker.repo.repository import Repository
 from bunker.storage.mailbox import open_mailbox
 
@@ -359,14 +361,21 @@ def _take(
 
 
 def _ack_problem(nd: NodeDir, repo_id: str, data: bytes) -> str:
-    """Why a gc/ object from a node below is refused ("" when it is a valid acknowledgement of a
-    node certified for the repository: the only gc/ object that comes up)."""
+    """Why a gc/ object from a node below is refused ("" when it is a valid session
+    acknowledgement, checkpoint root or holding record of a node certified for the repository:
+    the only gc/ objects that come up)."""
     repo = Repository.open(nd.store(repo_id), repo_id, floor=False)
     if data.startswith(MAGIC_CKROOT):
         try:
             read_checkpoint_root(repo, "", data)
         except encoding.FormatError as exc:
             return f"not a valid checkpoint root ({exc})"
+        return ""
+    if data.startswith(MAGIC_HOLDING):
+        try:
+            read_holding(repo, "", data)
+        except encoding.FormatError as exc:
+            return f"not a valid holding record ({exc})"
         return ""
     try:
         _, node, _, _, _ = parse_ack(data)
@@ -375,7 +384,10 @@ def _ack_problem(nd: NodeDir, repo_id: str, data: bytes) -> str:
             return f"a session acknowledgement of node {node[:16]}, which holds no certificate that is not revoked"
         verify_ack(data, repo_id, cert)
     except encoding.FormatError as exc:
-        return f"not a valid session acknowledgement ({exc}): only those come up in gc/"
+        return (
+            f"not a valid session acknowledgement ({exc}): only those, checkpoint roots and holding records "
+            "come up in gc/"
+        )
     return ""
 
 

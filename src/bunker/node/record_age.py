@@ -12,39 +12,20 @@ chain head) to the newest one that is at least N days old (``BUNKER_RECORD_WARN_
 
 from __future__ import annotations
 
-import os
 import time
 
 from bunker import dirs, encoding
 from bunker.backup.chain import load_head
 from bunker.backup.run import client_tag
 from bunker.crypto.keyfile import PutKey
-from bunker.errors import BunkerError, CorruptObject, ExitCode, ObjectMissing
+from bunker.errors import CorruptObject, ObjectMissing
+from bunker.repo.holding_records import RECORD_WARN_ENV, warn_days
 from bunker.repo.repository import Repository
 from bunker.repo.snapshot import parse_snapshot
 from bunker.storage.remote import RemoteBackend
 
-ENV = "BUNKER_RECORD_WARN_DAYS"
-DEFAULT_DAYS = 7.0
+ENV = RECORD_WARN_ENV
 MAX_WALK = 200  # envelopes read at most (a week of hourly backups is 168)
-
-
-def warn_days() -> float:
-    """N from ``BUNKER_RECORD_WARN_DAYS`` (days, may be fractional; default 7)."""
-    text = os.environ.get(ENV, "").strip()
-    if not text:
-        return DEFAULT_DAYS
-    try:
-        days = float(text)
-        if not days >= 0:
-            raise ValueError(text)
-    except ValueError:
-        raise BunkerError(
-            f"{ENV}={text!r} is not a number of days",
-            f"set {ENV} to a number such as 7 or 0.5, or unset it (default {DEFAULT_DAYS:g})",
-            exit_code=ExitCode.USAGE,
-        ) from None
-    return days
 
 
 def unrecorded_events(repo: Repository, put: PutKey, now: float | None = None) -> list[tuple[str, str, str]]:

@@ -24,14 +24,22 @@ from dataclasses import dataclass, field
 
 from bunker import encoding
 from bunker.errors import BunkerError, CorruptObject, ExitCode, ObjectMissing
-from bunker.node.acks import acks_to_send, checkpoint_roots_held, condemned_since, drop_older_acks, own_ack
+from bunker.node.acks import (
+    acks_to_send,
+    certified_keys,
+    checkpoint_roots_held,
+    condemned_since,
+    drop_older_acks,
+    own_ack,
+)
+from bunker.node.holding import holdings_ahead
 from bunker.node.holdings import DOWN_PREFIXES, UpstreamState, owed, snapshot_packs
 from bunker.node.node_dir import NodeDir, Upstream, read_json, write_json
 from bunker.node.staging import staged_names
 from bunker.node.staleness import note_heard, note_records_asof
 from bunker.node.witnessed import note_witnessed
 from bunker.repo.node_acks import parse_ack
-from bunker.repo.objects import MAGIC_ACK, MAGIC_CKROOT, content_hash, is_hash_name
+from bunker.repo.objects import MAGIC_ACK, MAGIC_CKROOT, MAGIC_HOLDING, content_hash, is_hash_name
 from bunker.repo.repository import Repository
 from bunker.repo.snapshot import parse_snapshot
 from bunker.repo.witnesses import WitnessedHead
@@ -39,7 +47,7 @@ from bunker.storage.backend import Backend, ObjectInfo
 from bunker.storage.url import open_backend
 
 UPLOAD_THREADS = 3
-UP_ONLY = (MAGIC_ACK, MAGIC_CKROOT)  # gc/ objects that come from nodes and never go back down
+UP_ONLY = (MAGIC_ACK, MAGIC_CKROOT, MAGIC_HOLDING)  # gc/ objects that come from nodes and never go back down
 ACK_STEP = 3600.0  # an acknowledgement without new data is written once it says this much more
 
 
@@ -114,7 +122,7 @@ def bring_down(top: Backend, store: Backend, state: UpstreamState | None = None)
             if is_hash_name(info.name) and content_hash(data) != info.name.split("/", 1)[1]:
                 continue  # damaged at the top: `check` there names it; never spread it
             if data[:4] in UP_ONLY:
-                continue  # nodes' acknowledgements and checkpoint roots only ever go up
+                continue  # nodes' acknowledgements, checkpoint roots and holding records only ever go up
             if store.put(info.name, data, if_absent=True):
                 n += 1
     return n
@@ -168,6 +176,11 @@ def forward_direct(
     try:
         todo = owed(store, state)
         report.damaged = todo.damaged
+        # holding records first (node/holding.py): the top hears what is on its way before the data
+        keys = certified_keys(node, Repository.open(store, repo_id, floor=False))
+        for info in holdings_ahead(node, repo_id, store, state, upstream.name, todo.snapshots, keys):
+            _copy(store, top, info)
+            state.mark_recorded([info.name])
         done = 0
 
         def one(info: ObjectInfo) -> None:

@@ -23,6 +23,7 @@ from bunker.errors import ObjectMissing
 from bunker.node.acks import acks_to_send, checkpoint_roots_held, condemned_since, own_ack
 from bunker.node.bundle import BundleObject, write_bundle
 from bunker.node.bundle_format import ManifestEntry, plan_pieces
+from bunker.node.holding import holdings_ahead
 from bunker.node.holdings import DOWN_PREFIXES, UpstreamState, owed, snapshot_packs
 from bunker.node.links import Link, LinkCounters, link_keys
 from bunker.node.node_dir import NodeDir, Upstream, read_json, write_json
@@ -31,7 +32,7 @@ from bunker.node.rotation import sending_keys, successor_due, successor_for, suc
 from bunker.node.staging import staged_names
 from bunker.node.staleness import records_asof
 from bunker.repo.node_acks import parse_ack
-from bunker.repo.objects import MAGIC_ACK, MAGIC_CKROOT
+from bunker.repo.objects import MAGIC_ACK, MAGIC_CKROOT, MAGIC_HOLDING
 from bunker.storage.backend import Backend, ObjectInfo
 from bunker.storage.local import LocalBackend
 from bunker.storage.mailbox import open_mailbox
@@ -200,8 +201,11 @@ def forward_link(nd: NodeDir, repo_id: str, conf: Upstream) -> LinkReport:
     caught_up = not todo.count and not report.held and not staged_names(nd, repo_id)
     checkpoint_roots_held(nd, repo_id, store)  # dead sessions' checkpoints go up as roots
     relayed = acks_to_send(nd, store, set(state.delivered) | set(log.sent), caught_up)
-    chosen = data + snaps + relayed
-    ack_name, ack = own_ack(nd, repo_id, store, state.delivered, sending_keys(nd, conf.name))
+    # holding records ahead of the data they speak for (node/holding.py): in the first piece
+    keys = sending_keys(nd, conf.name)
+    ahead = holdings_ahead(nd, repo_id, store, state, conf.name, todo.snapshots, keys)
+    chosen = [i for i in ahead if log.due(i.name, resend, now)] + data + snaps + relayed
+    ack_name, ack = own_ack(nd, repo_id, store, state.delivered, keys)
     ack_path = os.path.join(nd.state_dir(repo_id, "up", conf.name), "ack-before.json")
     before = parse_ack(ack)[2]
     said = read_json(ack_path, {})
@@ -225,11 +229,12 @@ def forward_link(nd: NodeDir, repo_id: str, conf: Upstream) -> LinkReport:
 
 
 def _up_only(store: Backend, info: ObjectInfo) -> bool:
-    """Nodes' acknowledgements and checkpoint roots only ever go up (repo/node_acks.py)."""
+    """Nodes' acknowledgements, checkpoint roots and holding records only ever go up
+    (repo/node_acks.py, repo/checkpoint_roots.py, repo/holding_records.py)."""
     if not info.name.startswith("gc/"):
         return False
     try:
-        return store.get(info.name, 0, 4) in (MAGIC_ACK, MAGIC_CKROOT)
+        return store.get(info.name, 0, 4) in (MAGIC_ACK, MAGIC_CKROOT, MAGIC_HOLDING)
     except ObjectMissing:
         return True
 

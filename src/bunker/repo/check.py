@@ -33,6 +33,7 @@ from bunker.repo.check_snapshots import Fresh, Pending, SnapshotChecks
 from bunker.repo.checkpoint_roots import read_checkpoint_root
 from bunker.repo.config import FORMAT_VERSION, parse_config
 from bunker.repo.config_chain import missing_links
+from bunker.repo.holding_records import read_holding
 from bunker.repo.index import decrypt_index, parse_index_frame
 from bunker.repo.leases import sessions
 from bunker.repo.node_acks import parse_ack, verify_ack
@@ -41,6 +42,7 @@ from bunker.repo.objects import (
     MAGIC_ACK,
     MAGIC_CKROOT,
     MAGIC_GC,
+    MAGIC_HOLDING,
     MAGIC_INDEX,
     MAGIC_MOVED,
     content_hash,
@@ -561,6 +563,13 @@ class Checker:
                     read_checkpoint_root(self.repo, n, data)
                 except encoding.FormatError as exc:
                     self.report.add(n, f"checkpoint root not usable: {exc}", "warn")
+                continue
+            if data[:4] == MAGIC_HOLDING:  # snapshots a node holds for its upstream (repo/holding_records.py)
+                try:
+                    read_holding(self.repo, n, data)
+                except encoding.FormatError as exc:
+                    why = "it is ignored, so it hides no gap in a chain; `bunker prune` removes it"
+                    self.report.add(n, f"holding record not authentic: {exc}; {why}", "warn")
                 continue
             # gc/ also holds the move records of repacks (repo/moves.py)
             m = MAGIC_MOVED if data[:4] == MAGIC_MOVED else MAGIC_GC

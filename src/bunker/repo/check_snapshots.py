@@ -24,6 +24,7 @@ from bunker.crypto.keyfile import MasterKey
 from bunker.errors import BunkerError, CorruptObject, ObjectMissing, StorageError
 from bunker.repo import refs
 from bunker.repo.check_report import CheckReport, utc
+from bunker.repo.holding_records import InTransit, holding_records
 from bunker.repo.moves import PackMoves
 from bunker.repo.objects import MAGIC_UNRETIRED
 from bunker.repo.other_secret import NEXT_STEP, certificate_domains, snapshot_with_other_secret
@@ -55,6 +56,7 @@ class Fresh:
     vanished: set[str]  # bare pack names listed at the start and gone now
 
 
+Found = tuple[str, str]  # (problem, level) as CheckReport.add takes them
 # what a snapshot's sets miss: (problem, cause) as CheckReport.add takes them
 Missing = list[tuple[str, str]]
 
@@ -76,6 +78,7 @@ class SnapshotChecks:
         self.repo, self.report, self.get, self.secrets_for = repo, report, get, secrets_for
         self.master, self.witnesses, self.stored = master, witnesses, stored
         self.pending = pending or Pending()
+        self._transit: InTransit | None = None  # nodes' holding records, read at the first gap
 
     def run(
         self,
@@ -245,12 +248,25 @@ class SnapshotChecks:
             for s in sorted(chain):
                 name, prev = chain[s]
                 if s > expected:
-                    self.report.add(
-                        name, f"client {client!r}: snapshots #{expected}..#{s - 1} are missing (deleted or withheld)"
-                    )
+                    self.report.add(name, *self._gap(cert_name, client, expected, s, chain))
                 expected = s + 1
                 if s > 1 and (s - 1) in chain and chain[s - 1][0] != prev:
                     self.report.add(name, f"client {client!r}: snapshot #{s} does not link to #{s - 1} (chain altered)")
+
+    def _gap(self, cert_name: str, client: str, first: int, after: int, chain: dict[int, tuple[str, str]]) -> Found:
+        """(problem, level) of the gap #first..#after-1: damage, unless nodes' holding records say
+        the snapshots are on their way up (repo/holding_records.py)."""
+        if self._transit is None:
+            self._transit = InTransit(holding_records(self.repo, self.get)[0])
+        name, prev = chain[after]
+        try:
+            env = parse_snapshot(self.get(name) or b"").env
+            written = min(env.time, self.stored.get(name, env.time))
+        except encoding.FormatError:
+            written = self.stored.get(name, 0.0)
+        left = chain[first - 1][0] if first > 1 else ""
+        level, problem = self._transit.explain(cert_name, client, first, after - 1, left, prev, written)
+        return problem, level
 
     def _waiting(self, cert_name: str, newest: int, seq: int, head_name: str, have: dict[int, tuple[str, str]]) -> bool:
         """Whether the spool holds every snapshot from the repository's newest up to the

@@ -35,6 +35,7 @@ from bunker.errors import BunkerError, CorruptObject, ExitCode, KeyRequired, Obj
 from bunker.repo import refs
 from bunker.repo.blob_reader import read_trailer
 from bunker.repo.checkpoint_roots import checkpoint_roots
+from bunker.repo.holding_records import spent_holdings
 from bunker.repo.index import Location, decrypt_index, make_index, parse_index_frame
 from bunker.repo.index_cache import IndexCache
 from bunker.repo.leases import MAX_LEASE_SECONDS, Lease, Session, sessions
@@ -173,6 +174,8 @@ class Pruner:
         self._other_secret: list[str] = []  # snapshots a damaged put key wrote: no roots (see _mark)
         self._acks: AckView | None = None  # nodes' session acknowledgements, read when first needed
         self._spent_roots: list[str] = []  # checkpoint roots whose session a snapshot here names
+        self._listed: set[str] = set()  # every snapshot here, retired or not
+        self._places: set[tuple[str, int]] = set()  # (certificate, sequence number) of the live ones
 
     def run(self) -> PruneReport:
         """Phase 2 for the records that are due, then phase 1 for new garbage, then repack."""
@@ -222,7 +225,8 @@ class Pruner:
                 lease.refresh_if_due()
             self._finish_moves(moves, now, live, referenced, sizes, liveness)
             if not self.dry_run:
-                for name in self._spent_roots:
+                # and nodes' holding records that speak of nothing missing here any more
+                for name in self._spent_roots + spent_holdings(self.repo, self._listed, self._places):
                     self.repo.backend.delete(name)
             if self._acks is not None and not self.dry_run:
                 for ack in self._acks.older:  # a node's newest acknowledgement says all the older ones did
@@ -260,6 +264,7 @@ class Pruner:
                 packs = tuple(self._packs_named(packset, what))
                 roots.append(Root(what, packset, packs, str(s.checkpoint.get("chunkset")), domain))
         for info in self.repo.backend.list("snapshots/"):
+            self._listed.add(info.name)
             if info.name in retired:
                 continue
             try:
@@ -267,6 +272,7 @@ class Pruner:
             except (encoding.FormatError, CorruptObject, ObjectMissing) as exc:
                 raise self._unmarkable(info.name, exc) from None
             env = snap.env
+            self._places.add((env.cert, env.seq))
             named.update(sid for sid in (env.session, env.adopted.session if env.adopted else "") if sid)
             if snapshot_with_other_secret(self.repo, snap, domains, self.put.secrets.domain_id):
                 # written by a damaged put key of this domain's clients: no key can read its data, so

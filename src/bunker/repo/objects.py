@@ -35,6 +35,7 @@ MAGIC_MOVED = b"BKMV"  # a move record of a repack, also under gc/
 MAGIC_NODE = b"BKND"  # a node certificate (nodes/)
 MAGIC_ACK = b"BKAK"  # a node's session acknowledgement, under gc/ (repo/node_acks.py)
 MAGIC_CKROOT = b"BKCR"  # a dead session's checkpoint forwarded by a node, under gc/ (repo/checkpoint_roots.py)
+MAGIC_HOLDING = b"BKHO"  # snapshots a node holds for its upstream, under gc/ (repo/holding_records.py)
 
 # the main kind of each prefix (gc/ also holds MAGIC_MOVED, retired/ also MAGIC_UNRETIRED)
 MAGIC_OF_PREFIX = {
