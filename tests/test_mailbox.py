@@ -667,3 +667,22 @@ def test_after_a_put_the_folder_holds_only_hex_names(tmp_path: Path) -> None:
         mb.put_file(piece(), src)
     (name,) = os.listdir(mbdir)
     assert len(name) == 64 and set(name) <= set("0123456789abcdef")
+
+
+def test_a_piece_given_up_on_the_same_filesystem_is_linked_not_copied(tmp_path: Path) -> None:
+    """A writer that gives its piece file up (``consume``) pays no second write on the same
+    filesystem; one that keeps its file gets a copy that its later changes cannot reach."""
+    mbdir = tmp_path / "link"
+    given, kept = tmp_path / "given", tmp_path / "kept"
+    given.write_bytes(b"given " * 1000)
+    kept.write_bytes(b"kept " * 1000)
+    a, b = piece(), piece()
+    with open_mailbox(str(mbdir), create=True) as mb:
+        mb.put_file(a, given, consume=True)
+        mb.put_file(b, kept)
+    assert (mbdir / a).stat().st_ino == given.stat().st_ino
+    given.unlink()  # what the writer does next
+    assert (mbdir / a).read_bytes() == b"given " * 1000 and (mbdir / a).stat().st_nlink == 1
+    assert (mbdir / b).stat().st_ino != kept.stat().st_ino
+    kept.write_bytes(b"changed")
+    assert (mbdir / b).read_bytes() == b"kept " * 1000

@@ -154,7 +154,7 @@ def _send(
     try:
         for piece in written:
             try:
-                mailbox.put_file(piece.name, piece.path)
+                mailbox.put_file(piece.name, piece.path, consume=True)
             finally:
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(piece.path)

@@ -199,11 +199,13 @@ class Mailbox(ABC):
         )
         return Strays(tuple(names[:STRAYS_SHOWN]), len(names))
 
-    def put_file(self, name: str, path: str | os.PathLike[str]) -> None:
+    def put_file(self, name: str, path: str | os.PathLike[str], *, consume: bool = False) -> None:
         """Store the local file ``path`` as the piece ``name``, atomically (a reader sees the
         whole piece or none); a piece already there under that name is replaced. Raises
-        NotAPiece when something that is not a regular file has the name."""
-        self._put_file(validate_piece_name(name), os.fspath(path))
+        NotAPiece when something that is not a regular file has the name. ``consume``: the
+        caller gives the file up (never changes it again, deletes it afterwards), so a folder on
+        the same filesystem may take the file itself rather than a copy."""
+        self._put_file(validate_piece_name(name), os.fspath(path), consume)
 
     def fetch(self, name: str, dest_path: str | os.PathLike[str]) -> int:
         """Copy the piece ``name`` to the local file ``dest_path`` (replaced atomically: whole or
@@ -240,7 +242,7 @@ class Mailbox(ABC):
         """Every name in the mailbox but writers' temp files."""
 
     @abstractmethod
-    def _put_file(self, name: str, path: str) -> None: ...
+    def _put_file(self, name: str, path: str, consume: bool) -> None: ...
 
     @abstractmethod
     def _fetch(self, name: str, dest: str) -> int: ...
@@ -324,7 +326,7 @@ class ObjectStoreMailbox(Mailbox):
             out.append(Entry(info, regular=True))
         return out
 
-    def _put_file(self, name: str, path: str) -> None:
+    def _put_file(self, name: str, path: str, consume: bool) -> None:
         fd = read_source(path)
         try:
             with open(fd, "rb", closefd=False) as f:

@@ -18,7 +18,8 @@ Whoever had the disk may have planted anything in the folder. So:
   a symlink meanwhile was renamed, never written through, and the put fails saying so). Temp
   files of killed writers are swept when the mailbox opens, once older than
   STALE_TEMP_SECONDS. Bytes move in the kernel (sendfile): put and fetch use no memory for the
-  piece whatever its size.
+  piece whatever its size. A piece file its writer gives up (``consume``) on the same filesystem
+  is linked in, not copied, when this process writes as itself.
 
 A mailbox should be a folder *on* the carried disk, never its mount point: with the disk
 unplugged the folder is then missing (a clear error) instead of an empty mount point on the
@@ -135,7 +136,7 @@ class LocalMailbox(Mailbox):
         # a temp name on anything but a regular file is no writer's: a stray
         return [e for e in self._scan() if not (is_temp_name(e.info.name) and e.regular)]
 
-    def _put_file(self, name: str, path: str) -> None:
+    def _put_file(self, name: str, path: str, consume: bool) -> None:
         src = read_source(path)
         try:
             size = os.fstat(src).st_size
@@ -143,6 +144,22 @@ class LocalMailbox(Mailbox):
             if free is not None and size > free:
                 raise self._full(name, size, free, "checked before writing")
             dirfd, tmp = self._dirfd, temp_name()
+            # a link shares the source's bytes, owner and mode: only for a file the caller gives
+            # up, when this process writes as itself, and only while the path still names the
+            # regular file that was opened
+            src_st = os.fstat(src)
+            try:
+                path_st = os.stat(path, follow_symlinks=False)
+            except OSError:
+                path_st = None
+            linkable = (
+                consume
+                and self._owner is None
+                and path_st is not None
+                and (path_st.st_dev, path_st.st_ino) == (src_st.st_dev, src_st.st_ino)
+                and src_st.st_dev == os.fstat(dirfd).st_dev
+                and src_st.st_nlink == 1
+            )
 
             def write() -> None:
                 try:
@@ -152,13 +169,18 @@ class LocalMailbox(Mailbox):
                 else:
                     if not stat.S_ISREG(there.st_mode):
                         raise OSError(errno.EEXIST, _STRAY_TEXT)
-                fd = os.open(tmp, _CREATE, 0o600, dir_fd=dirfd)
                 try:
-                    try:
-                        copy_fd(src, fd)
-                        os.fsync(fd)
-                    finally:
-                        os.close(fd)
+                    if linkable:
+                        # the piece file is whole and synced already: on the same filesystem a
+                        # second name for it costs nothing, where a copy costs a full write
+                        os.link(path, tmp, dst_dir_fd=dirfd, follow_symlinks=False)
+                    else:
+                        fd = os.open(tmp, _CREATE, 0o600, dir_fd=dirfd)
+                        try:
+                            copy_fd(src, fd)
+                            os.fsync(fd)
+                        finally:
+                            os.close(fd)
                     # renameat never follows a symlink at either name: one planted meanwhile is
                     # replaced, or moved to the name, where readers refuse it
                     os.rename(tmp, name, src_dir_fd=dirfd, dst_dir_fd=dirfd)

@@ -263,7 +263,7 @@ class SftpMailbox(Mailbox):
     def _entries(self) -> list[Entry]:
         return self._conn.entries()
 
-    def _put_file(self, name: str, path: str) -> None:
+    def _put_file(self, name: str, path: str, consume: bool) -> None:
         src = read_source(path)
         try:
             size = os.fstat(src).st_size
