@@ -26,8 +26,15 @@ def _tree(root: Path, dirs: int = 6, files: int = 10, size: int = 4 << 20) -> No
 
 def _checkpointed(repo: Repo) -> int:
     """How many files the newest checkpoint in the repository covers (-1: none yet)."""
+    return checkpointed_in(repo.path)
+
+
+def checkpointed_in(store: Path) -> int:
+    """How many files the newest checkpoint in the repository directory ``store`` (a node's
+    store too) covers (-1: none yet)."""
     best = -1
-    for p in (repo.path / "sessions").iterdir():
+    sessions = store / "sessions"
+    for p in sessions.iterdir() if sessions.is_dir() else ():
         if p.name.startswith("."):
             continue  # a lease being written (the local backend's temp file)
         try:

@@ -22,7 +22,6 @@ from typing import Any
 
 from bunker import encoding
 from bunker.crypto.node_keys import NodeKeys
-from bunker.encoding import FormatError
 from bunker.node.acks import abandon_dir
 from bunker.node.node_dir import NodeDir
 from bunker.repo.checkpoint_roots import make_checkpoint_root, read_checkpoint_root
@@ -34,7 +33,7 @@ from bunker.repo.repository import Repository
 from bunker.repo.snapshot import parse_snapshot
 from bunker.storage.local import LocalBackend
 from helpers import BUNKER, Repo, init_repo, js, make_env, restored_path
-from test_checkpoint import _tree
+from test_checkpoint import _tree, checkpointed_in
 from test_node import backup_into, make_node, node_cmd
 
 DAY = 86400.0
@@ -44,20 +43,6 @@ FILES = 60
 def _leases(store: Path) -> list[Path]:
     d = store / "sessions"
     return sorted(p for p in d.iterdir() if not p.name.startswith(".")) if d.is_dir() else []
-
-
-def _checkpointed(store: Path) -> int:
-    """How many files the newest checkpoint in the node's store covers (-1: none yet)."""
-    best = -1
-    for p in _leases(store):
-        try:
-            body, _ = parse_lease(p.read_bytes())
-        except (OSError, FormatError):
-            continue  # replaced while read
-        cp = body.get("checkpoint")
-        if cp:
-            best = max(best, int(cp["stats"].get("files", 0)))
-    return best
 
 
 def _kill_into_node(top: Repo, node: Path, src: Path) -> str:
@@ -73,14 +58,14 @@ def _kill_into_node(top: Repo, node: Path, src: Path) -> str:
     )
     deadline = time.monotonic() + 120
     try:
-        while time.monotonic() < deadline and proc.poll() is None and _checkpointed(store) < 1:
+        while time.monotonic() < deadline and proc.poll() is None and checkpointed_in(store) < 1:
             time.sleep(0.005)
     finally:
         with contextlib.suppress(ProcessLookupError):  # ended by itself: the assertion below says so
             os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
     assert not (store / "snapshots").is_dir() or not any((store / "snapshots").iterdir()), "the backup finished"
-    assert _checkpointed(store) >= 1
+    assert checkpointed_in(store) >= 1
     (first,) = [p.name for p in _leases(store) if p.name.endswith(".0")]
     return first.rsplit(".", 1)[0]
 

@@ -33,13 +33,7 @@ def test_prune_at_the_top_waits_for_a_session_running_on_a_node(tmp_path: Path) 
     (src / "kept").write_bytes(random.Random(7).randbytes(1_500_000))
 
     def round_trip() -> None:
-        """office -> disk -> hq -> top, and the receipts back down to office."""
-        h.node("forward", h.office, rc=(0, 1))
-        h.carry_up()
-        h.node("import", h.hq)
-        h.node("forward", h.hq)
-        h.carry_down()
-        h.node("import", h.office)
+        h.round_trip()
 
     first = js(run_bunker("backup", src, "--json", "--repo", h.office, env=top.env))
     round_trip()

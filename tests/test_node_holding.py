@@ -69,12 +69,7 @@ def move_client(tmp_path: Path) -> Moved:
     for i in (1, 2):
         (src / f"s{i}").write_bytes(random.Random(i).randbytes(20_000))
         backup_into(h.top, h.office, src)
-    h.node("forward", h.office, rc=(0, 1))
-    h.carry_up()
-    h.node("import", h.hq)
-    h.node("forward", h.hq)
-    h.carry_down()
-    h.node("import", h.office)
+    h.round_trip()
     assert len(h.top.objects("snapshots")) == 2
 
     for i in (3, 4):

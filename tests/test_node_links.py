@@ -36,6 +36,15 @@ class Hierarchy:
         doc: dict[str, Any] = js(node_cmd(self.top, *args, "--json", rc=rc))
         return doc
 
+    def round_trip(self) -> dict[str, Any]:
+        """office -> disk -> hq -> top, and the receipts back down to office; office's import."""
+        self.node("forward", self.office, rc=(0, 1))
+        self.carry_up()
+        self.node("import", self.hq)
+        self.node("forward", self.hq)
+        self.carry_down()
+        return self.node("import", self.office)
+
 
 def _move(src: Path, dst: Path) -> int:
     n = 0
@@ -120,7 +129,6 @@ def test_carried_link_delivers_and_record_receipts_allow_eviction(tmp_path: Path
     assert doc["counts"]["upstream"] == ev["evicted"]
 
 
-
 def test_staged_snapshot_waits_for_a_lost_piece(tmp_path: Path) -> None:
     """A split set whose first piece (packs come first) is lost: what needs it waits at hq, the
     hop receipt names what is missing, office resends it, and everything is published."""
@@ -179,8 +187,7 @@ def test_tampered_foreign_and_replayed_pieces_import_nothing(tmp_path: Path) -> 
     node_cmd(h.top, "seed", stranger, tmp_path / "top.seed")
     other_disk = tmp_path / "other-disk"
     other_disk.mkdir()
-    node_cmd(h.top, "upstream", "add", h.office, "stranger", "--link", other_disk, "--card",
-             tmp_path / "stranger.card")
+    node_cmd(h.top, "upstream", "add", h.office, "stranger", "--link", other_disk, "--card", tmp_path / "stranger.card")
     h.node("forward", h.office, "stranger", rc=(0, 1))
     (foreign,) = list(other_disk.iterdir())
     shutil.copy(foreign, h.disk_hq / foreign.name)

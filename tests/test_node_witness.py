@@ -99,12 +99,7 @@ def test_a_direct_upstream_witnesses_a_withheld_snapshot(tmp_path: Path) -> None
 def test_a_record_receipt_through_a_link_witnesses_a_withheld_snapshot(tmp_path: Path) -> None:
     h = build(tmp_path)
     _two_backups_through(h.top, h.office, tmp_path)
-    h.node("forward", h.office, rc=(0, 1))
-    h.carry_up()
-    h.node("import", h.hq)
-    h.node("forward", h.hq)
-    h.carry_down()
-    assert "record" in h.node("import", h.office)["imports"][0]["receipts_accepted"]
+    assert "record" in h.round_trip()["imports"][0]["receipts_accepted"]
     (head,) = h.node("status", h.office)["repositories"][0]["witnessed"]
     assert (head["seq"], head["via"], head["source"], head["receipt"]) == (2, "record", "hq", 1), head
     newest = head["snapshot"]
