@@ -42,10 +42,16 @@ def make_node(repo: Repo, where: Path, name: str, caps: str = "relay", **opts: s
     return where
 
 
-def test_node_relays_backups_to_the_repository_of_record(tmp_path: Path) -> None:
+def office_with_top(tmp_path: Path) -> tuple[Repo, Path]:
+    """A repository of record and node ``office`` delivering to it directly."""
     top = init_repo(tmp_path / "top")
     office = make_node(top, tmp_path / "office", "office")
     node_cmd(top, "upstream", "add", office, "top", "--direct", top.path)
+    return top, office
+
+
+def test_node_relays_backups_to_the_repository_of_record(tmp_path: Path) -> None:
+    top, office = office_with_top(tmp_path)
     src = tmp_path / "src"
     make_tree(src)
     # the client names the node directory: its server is started for the run (forked mode)
@@ -74,9 +80,7 @@ def test_node_relays_backups_to_the_repository_of_record(tmp_path: Path) -> None
 
 
 def test_node_is_append_only_and_says_where_forget_runs(tmp_path: Path) -> None:
-    top = init_repo(tmp_path / "top")
-    office = make_node(top, tmp_path / "office", "office")
-    node_cmd(top, "upstream", "add", office, "top", "--direct", top.path)
+    top, office = office_with_top(tmp_path)
     src = tmp_path / "src"
     make_tree(src)
     backup_into(top, office, src)
@@ -120,9 +124,7 @@ def test_records_come_down_and_revocation_reaches_the_node(tmp_path: Path) -> No
 def test_a_client_certified_after_the_node_was_seeded_backs_up_into_it(tmp_path: Path) -> None:
     """Its put key carries its certificate: the node takes that (the master key signed it for
     this repository) before any down bundle brings it; another repository's is refused, named."""
-    top = init_repo(tmp_path / "top")
-    office = make_node(top, tmp_path / "office", "office")
-    node_cmd(top, "upstream", "add", office, "top", "--direct", top.path)
+    top, office = office_with_top(tmp_path)
     put2 = tmp_path / "second.put"
     before = {p.name for p in top.objects("clients")}
     top.ok("key", "new-client", "second", "--out", put2)
@@ -208,9 +210,7 @@ def test_seed_and_card_damage_is_refused(tmp_path: Path) -> None:
 
 
 def test_a_node_that_hears_nothing_from_upstream_warns(tmp_path: Path) -> None:
-    top = init_repo(tmp_path / "top")
-    office = make_node(top, tmp_path / "office", "office")
-    node_cmd(top, "upstream", "add", office, "top", "--direct", top.path)
+    top, office = office_with_top(tmp_path)
     assert js(node_cmd(top, "forward", office, "--json"))["problems"] == []
     assert js(node_cmd(top, "status", office, "--json"))["problems"] == []
     conf = office / "node.json"
@@ -241,9 +241,7 @@ def test_a_forward_finds_what_it_sent_before_evicted_by_the_node(tmp_path: Path)
     """A client's `bunker forward` killed after its puts went through leaves the packs in its
     spool and on the node; the node forwards them and evicts them (the top recorded them). The
     next `bunker forward` counts them as held (listed as upstream) instead of failing on them."""
-    top = init_repo(tmp_path / "top")
-    office = make_node(top, tmp_path / "office", "office")
-    node_cmd(top, "upstream", "add", office, "top", "--direct", top.path)
+    top, office = office_with_top(tmp_path)
     src = tmp_path / "src"
     make_tree(src)
     backup_into(top, office, src)

@@ -22,8 +22,8 @@ import pytest
 
 from bunker.errors import ExitCode
 from bunker.storage import wire
-from helpers import BUNKER, Repo, compare_trees, init_repo, make_tree, restored_path
-from test_node import backup_into, make_node, node_cmd
+from helpers import BUNKER, compare_trees, make_tree, restored_path
+from test_node import backup_into, node_cmd, office_with_top
 
 DEADLINE = 90.0  # seconds: only against hangs, never a measure of speed
 
@@ -95,13 +95,6 @@ def running(pid: int) -> bool:
     except OSError:
         return False
     return state != b"Z"
-
-
-def office_with_top(tmp_path: Path) -> tuple[Repo, Path]:
-    top = init_repo(tmp_path / "top")
-    office = make_node(top, tmp_path / "office", "office")
-    node_cmd(top, "upstream", "add", office, "top", "--direct", top.path)
-    return top, office
 
 
 def test_daemon_serves_forwards_runs_once_and_survives_kill_9(tmp_path: Path) -> None:

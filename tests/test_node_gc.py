@@ -32,11 +32,8 @@ def test_prune_at_the_top_waits_for_a_session_running_on_a_node(tmp_path: Path) 
     src.mkdir()
     (src / "kept").write_bytes(random.Random(7).randbytes(1_500_000))
 
-    def round_trip() -> None:
-        h.round_trip()
-
     first = js(run_bunker("backup", src, "--json", "--repo", h.office, env=top.env))
-    round_trip()
+    h.round_trip()
     packs_of_first = {p.name for p in (top.path / "packs").iterdir()}
 
     # a second session starts on office and is held mid-run: its lease is in office's store only
@@ -71,8 +68,8 @@ def test_prune_at_the_top_waits_for_a_session_running_on_a_node(tmp_path: Path) 
 
     # the second snapshot goes up; the acknowledgements that follow it release the wait, and the
     # packs it shares with the forgotten snapshot are kept (rescued), the rest goes
-    round_trip()
-    round_trip()
+    h.round_trip()
+    h.round_trip()
     doc = js(top.ok("prune", "--put-key", pruner, "--grace", "0s", "--json"))
     assert doc["waiting"] == [], doc["waiting"]
     top.ok("check", "--read-data")
@@ -125,10 +122,7 @@ def test_a_dead_sessions_checkpoint_on_a_node_is_a_root_at_the_top(tmp_path: Pat
     for p in leases.iterdir():
         os.utime(p, (past, past))
 
-    h.node("forward", h.office, rc=(0, 1))
-    h.carry_up()
-    h.node("import", h.hq)
-    h.node("forward", h.hq)
+    h.up()
     from bunker.repo.refs import read_set
 
     (lease,) = [p for p in leases.iterdir() if parse_lease(p.read_bytes())[0].get("checkpoint")][-1:]
@@ -139,12 +133,8 @@ def test_a_dead_sessions_checkpoint_on_a_node_is_a_root_at_the_top(tmp_path: Pat
     top.ok("key", "new-client", "pruner", "--prune", "--out", pruner)
     top.ok("prune", "--put-key", pruner, "--grace", "0s")  # condemns what nothing names
     for _ in range(2):  # every node acknowledges past the condemnation: deletions are due
-        h.carry_down()
-        h.node("import", h.office)
-        h.node("forward", h.office, rc=(0, 1))
-        h.carry_up()
-        h.node("import", h.hq)
-        h.node("forward", h.hq)
+        h.down()
+        h.up()
     doc = js(top.ok("prune", "--put-key", pruner, "--grace", "0s", "--json"))
     assert doc["waiting"] == [], doc["waiting"]
     assert all((top.path / n).exists() for n in named), "a prune at the top deleted the checkpoint's packs"
@@ -153,12 +143,8 @@ def test_a_dead_sessions_checkpoint_on_a_node_is_a_root_at_the_top(tmp_path: Pat
     # root is spent and a prune removes it
     again = js(run_bunker("backup", src, "--json", "--repo", h.office, env=top.env))
     assert any(e["code"] == "incomplete-snapshot" for e in again["events"]), again["events"]
-    h.carry_down()
-    h.node("import", h.office)
-    h.node("forward", h.office, rc=(0, 1))
-    h.carry_up()
-    h.node("import", h.hq)
-    h.node("forward", h.hq)
+    h.down()
+    h.up()
     top.ok("prune", "--put-key", pruner, "--grace", "0s")
     from bunker.repo.objects import MAGIC_CKROOT
 

@@ -36,14 +36,22 @@ class Hierarchy:
         doc: dict[str, Any] = js(node_cmd(self.top, *args, "--json", rc=rc))
         return doc
 
-    def round_trip(self) -> dict[str, Any]:
-        """office -> disk -> hq -> top, and the receipts back down to office; office's import."""
+    def up(self) -> None:
+        """office -> disk -> hq -> top."""
         self.node("forward", self.office, rc=(0, 1))
         self.carry_up()
         self.node("import", self.hq)
         self.node("forward", self.hq)
+
+    def down(self) -> dict[str, Any]:
+        """hq's receipts and records -> disk -> office; office's import."""
         self.carry_down()
         return self.node("import", self.office)
+
+    def round_trip(self) -> dict[str, Any]:
+        """Up to the top and the receipts back down to office; office's import."""
+        self.up()
+        return self.down()
 
 
 def _move(src: Path, dst: Path) -> int:
@@ -54,20 +62,33 @@ def _move(src: Path, dst: Path) -> int:
     return n
 
 
-def build(tmp_path: Path, office_caps: str = "relay", hq_caps: str = "relay,record", **office_opts: str) -> Hierarchy:
+def build(
+    tmp_path: Path,
+    office_caps: str = "relay",
+    hq_caps: str = "relay,record",
+    hq_seeded_first: bool = False,
+    **office_opts: str,
+) -> Hierarchy:
+    """office -> a folder carried by hand -> hq -> the repository of record. ``hq_seeded_first``:
+    hq is seeded before office is certified (its store does not know office yet)."""
     top = init_repo(tmp_path / "top")
     env = top.env
     office, hq = tmp_path / "office", tmp_path / "hq"
     extra = [x for k, v in office_opts.items() for x in (f"--{k.replace('_', '-')}", v)]
     node_cmd(top, "init", office, "--name", "office", *extra)
     node_cmd(top, "init", hq, "--name", "hq")
-    for n, caps in ((office, office_caps), (hq, hq_caps)):
+    order = ((hq, hq_caps), (office, office_caps)) if hq_seeded_first else ((office, office_caps), (hq, hq_caps))
+    seed = tmp_path / "top.seed"
+    for n, caps in order:
         node_cmd(top, "card", n, "--out", tmp_path / f"{n.name}.card")
         top.ok("key", "new-node", tmp_path / f"{n.name}.card", "--caps", caps)
-    seed = tmp_path / "top.seed"
-    top.ok("node", "export-seed", seed)
-    for n in (office, hq):
-        node_cmd(top, "seed", n, seed)
+        if hq_seeded_first:  # each seeded as soon as it is certified
+            top.ok("node", "export-seed", seed)
+            node_cmd(top, "seed", n, seed)
+    if not hq_seeded_first:
+        top.ok("node", "export-seed", seed)
+        for n in (office, hq):
+            node_cmd(top, "seed", n, seed)
     disk_office, disk_hq = tmp_path / "usb-at-office", tmp_path / "usb-at-hq"
     disk_office.mkdir()
     disk_hq.mkdir()
@@ -294,25 +315,14 @@ def test_one_node_relays_two_repositories(tmp_path: Path) -> None:
 def test_a_piece_from_a_node_certified_after_the_receiver_was_seeded_waits_in_the_mailbox(tmp_path: Path) -> None:
     """hq was seeded before office was certified: office's piece is no damage, so it stays in the
     mailbox (a warning with the next step) and is imported once hq's records came down."""
-    top = init_repo(tmp_path / "top")
-    office, hq = tmp_path / "office", tmp_path / "hq"
-    node_cmd(top, "init", hq, "--name", "hq")
-    node_cmd(top, "card", hq, "--out", tmp_path / "hq.card")
-    top.ok("key", "new-node", tmp_path / "hq.card", "--caps", "relay,record", "--seed-out", tmp_path / "hq.seed")
-    node_cmd(top, "seed", hq, tmp_path / "hq.seed")
-    node_cmd(top, "init", office, "--name", "office")
-    node_cmd(top, "card", office, "--out", tmp_path / "office.card")
-    top.ok("key", "new-node", tmp_path / "office.card", "--caps", "relay", "--seed-out", tmp_path / "office.seed")
-    node_cmd(top, "seed", office, tmp_path / "office.seed")
-    disk = tmp_path / "usb"
-    disk.mkdir()
-    node_cmd(top, "upstream", "add", hq, "top", "--direct", top.path)
-    node_cmd(top, "upstream", "add", office, "hq", "--link", disk, "--card", tmp_path / "hq.card")
-    node_cmd(top, "downstream", "add", hq, "office", "--link", disk, "--card", tmp_path / "office.card")
+    h = build(tmp_path, hq_seeded_first=True)
+    top, hq = h.top, h.hq
     src = tmp_path / "src"
     make_tree(src)
-    backup_into(top, office, src)
-    node_cmd(top, "forward", office)
+    backup_into(top, h.office, src)
+    node_cmd(top, "forward", h.office)
+    h.carry_up()
+    disk = h.disk_hq
     pieces = sorted(p.name for p in disk.iterdir())
     assert pieces
 

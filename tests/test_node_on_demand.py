@@ -19,7 +19,7 @@ import pytest
 
 from bunker.errors import ExitCode
 from helpers import BUNKER, compare_trees, init_repo, make_tree, restored_path, run_bunker, start_sshd
-from test_node import backup_into, make_node, node_cmd
+from test_node import backup_into, make_node, node_cmd, office_with_top
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "docs" / "examples"
 UNITS = ("bunker-node.service", "bunker-node.socket", "bunker-node@.service")
@@ -106,9 +106,7 @@ class AcceptYes:
 
 
 def test_socket_activation_and_inetd_serve_on_stdin_and_stdout(tmp_path: Path) -> None:
-    top = init_repo(tmp_path / "top")
-    office = make_node(top, tmp_path / "office", "office")
-    node_cmd(top, "upstream", "add", office, "top", "--direct", top.path)
+    top, office = office_with_top(tmp_path)
     argv = _on_demand_argv(office)
     by_systemd = AcceptYes(tmp_path / "systemd.sock", argv, top.env, tmp_path / "journal.log")
     by_inetd = AcceptYes(tmp_path / "inetd.sock", argv, top.env, tmp_path / "unused.log", inetd=True)

@@ -9,14 +9,12 @@ from pathlib import Path
 from typing import Any
 
 from bunker.errors import ExitCode
-from helpers import expect_rc, init_repo, js, run_bunker
-from test_node import backup_into, make_node, node_cmd
+from helpers import expect_rc, js, run_bunker
+from test_node import backup_into, node_cmd, office_with_top
 
 
 def test_quota_keeps_a_writer_in_its_own_spool_until_the_node_forwarded(tmp_path: Path) -> None:
-    top = init_repo(tmp_path / "top")
-    office = make_node(top, tmp_path / "office", "office")
-    node_cmd(top, "upstream", "add", office, "top", "--direct", top.path)
+    top, office = office_with_top(tmp_path)
     set_quota = js(node_cmd(top, "quota", office, top.client, "4M", "--json"))
     assert set_quota["client"] == top.client and set_quota["quota"] == 4 << 20
     src = tmp_path / "src"
@@ -62,9 +60,7 @@ def _backup(top: Any, office: Path, src: Path, days: str | None) -> dict[str, An
 
 
 def test_client_warns_when_its_snapshot_waits_unrecorded_on_the_node(tmp_path: Path) -> None:
-    top = init_repo(tmp_path / "top")
-    office = make_node(top, tmp_path / "office", "office")
-    node_cmd(top, "upstream", "add", office, "top", "--direct", top.path)
+    top, office = office_with_top(tmp_path)
     src = tmp_path / "src"
     src.mkdir()
     (src / "a").write_bytes(b"first")

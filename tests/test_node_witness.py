@@ -24,7 +24,7 @@ from bunker.repo.repository import Repository
 from bunker.repo.witnesses import WitnessedHead, make_statement, read_statement
 from bunker.storage.local import LocalBackend
 from helpers import Repo, init_repo, js, make_env, make_tree, run_bunker
-from test_node import backup_into, make_node, node_cmd
+from test_node import backup_into, make_node, node_cmd, office_with_top
 from test_node_links import build
 from test_unforget import _pruner
 
@@ -59,9 +59,7 @@ def _two_backups_through(top: Repo, node: Path, tmp_path: Path) -> None:
 
 def _direct(tmp_path: Path) -> tuple[Repo, Path, str]:
     """Client -> office -> (direct) top, two snapshots forwarded; returns the newest's name."""
-    top = init_repo(tmp_path / "top")
-    office = make_node(top, tmp_path / "office", "office")
-    node_cmd(top, "upstream", "add", office, "top", "--direct", top.path)
+    top, office = office_with_top(tmp_path)
     _two_backups_through(top, office, tmp_path)
     node_cmd(top, "forward", office)
     (repo_status,) = js(node_cmd(top, "status", office, "--json"))["repositories"]
