@@ -20,7 +20,7 @@ import time
 from bunker import encoding
 from bunker.crypto.node_keys import NodeKeys
 from bunker.errors import CorruptObject, ObjectMissing
-from bunker.node.holdings import UP_PREFIXES
+from bunker.node.holdings import SESSION_OUTPUT
 from bunker.node.node_dir import NodeDir, read_json, write_json
 from bunker.node.staleness import records_asof
 from bunker.repo.checkpoint_roots import make_checkpoint_root
@@ -124,8 +124,7 @@ def acknowledged_time(nd: NodeDir, repo_id: str, store: Backend, delivered: set[
     # a session that starts before the store holds the top's newest GC records may use a pack the
     # top condemned: nothing after what the store is known to hold can be acknowledged
     x = min([now, records_asof(nd, repo_id), *live.values(), *(w[0] for sid, w in windows.items() if sid in live)])
-    # (certificates are no session's output, and no prune deletes them)
-    pending = [i for p in UP_PREFIXES if p != "clients/" for i in store.list(p) if i.name not in delivered]
+    pending = [i for p in SESSION_OUTPUT for i in store.list(p) if i.name not in delivered]
     oldest_pending = min((i.mtime for i in pending), default=now)
     for info in pending:
         for sid, (start, last) in windows.items():

@@ -29,7 +29,8 @@ from bunker.storage.backend import Backend, ObjectInfo
 # what flows up, in the order it is sent; sessions/ (leases, checkpoints) stay on the node.
 # clients/: a certificate a client brought to the node (node/node_serve.py) reaches the top before
 # any snapshot it signed (one the top issued is already there: sent once, found present)
-UP_PREFIXES = ("clients/", "packs/", "index/", "refs/", "snapshots/")
+SESSION_OUTPUT = ("packs/", "index/", "refs/", "snapshots/")  # what clients' backups write
+UP_PREFIXES = ("clients/", *SESSION_OUTPUT)
 # what flows down from the repository of record to every node
 DOWN_PREFIXES = ("config/", "clients/", "nodes/", "retired/", "gc/")
 

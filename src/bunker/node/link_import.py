@@ -34,7 +34,7 @@ from bunker import encoding
 from bunker.errors import BunkerError, StorageError
 from bunker.node.bundle_format import PieceError
 from bunker.node.bundle_reader import identify, open_piece
-from bunker.node.holdings import UpstreamState
+from bunker.node.holdings import UP_PREFIXES, UpstreamState
 from bunker.node.links import DUPLICATE, NEW, Link, LinkCounters, links
 from bunker.node.node_dir import NodeDir, read_json, write_json
 from bunker.node.receipt_flow import ReceiptOutcome, apply_receipt, issue_hop_receipt, note_received
@@ -55,7 +55,6 @@ from bunker.repo.objects import MAGIC_CKROOT, MAGIC_HOLDING, is_hash_name
 from bunker.repo.repository import Repository
 from bunker.storage.mailbox import open_mailbox
 
-DATA_PREFIXES = ("clients/", "packs/", "index/", "refs/", "snapshots/")
 RECORD_PREFIXES = ("config/", "clients/", "nodes/", "retired/", "gc/")
 
 
@@ -321,7 +320,7 @@ def _take(
     if not _digest_name_ok(name, digest):
         report.refused.append((name, "its name is not the hash of its bytes"))
         return False
-    allowed = DATA_PREFIXES if link.direction == "down" else RECORD_PREFIXES
+    allowed = UP_PREFIXES if link.direction == "down" else RECORD_PREFIXES
     if link.direction == "down" and name.startswith("gc/"):
         why = _ack_problem(nd, repo_id, data)
         if why:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from bunker.node.holdings import UP_PREFIXES, UpstreamState, owed
+from bunker.node.holdings import SESSION_OUTPUT, UpstreamState, owed
 from bunker.node.node_dir import NodeDir
 from bunker.node.rotation import rotation_status
 from bunker.node.staleness import last_heard, stale_problems
@@ -16,7 +16,7 @@ def node_status(nd: NodeDir) -> dict[str, Any]:
     repos = []
     for repo_id in nd.repositories():
         store = nd.store(repo_id)
-        held = [i for p in UP_PREFIXES for i in store.list(p)]
+        held = [i for p in SESSION_OUTPUT for i in store.list(p)]
         ups = []
         for up in nd.config.upstreams:
             if up.kind == "direct" and up.repo != repo_id:
