@@ -126,6 +126,53 @@ def run_bunker(
     return out
 
 
+RUN_SLICE, HOLD = 0.02, 0.08  # a paced run goes at a fifth of its speed, its timers alike
+
+
+def kill_run_when(
+    *args: str | os.PathLike[str], env: Mapping[str, str], reached: Any, paced: bool = False, timeout: float = 120
+) -> tuple[int | None, str]:
+    """Run `bunker *args` and SIGKILL its process group once ``reached()`` holds.
+
+    ``paced``: the run is let go for RUN_SLICE at a time and held (SIGSTOP) while ``reached`` is
+    checked, so that on a loaded machine the test's own checks keep up with the run. Returns the
+    run's exit code if it ended by itself (None when killed) and its stderr, for the caller's
+    assertion message."""
+    assert BUNKER, "the bunker console script is not installed (pip install -e .)"
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(
+            [BUNKER, *(os.fspath(a) for a in args)],
+            env=dict(env),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            start_new_session=True,
+        )
+        ended: int | None = None
+        deadline = time.monotonic() + timeout
+        try:
+            while time.monotonic() < deadline:
+                time.sleep(RUN_SLICE if paced else 0.005)
+                if paced:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGSTOP)
+                if reached():
+                    break
+                ended = proc.poll()
+                if ended is not None:
+                    break
+                if paced:
+                    time.sleep(HOLD)  # held: the run's interval timers (checkpoints) come due meanwhile
+                    with contextlib.suppress(ProcessLookupError):
+                        os.killpg(proc.pid, signal.SIGCONT)
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        err.seek(0)
+        return ended, err.read().decode("utf-8", "backslashreplace")
+
+
 def js(cp: subprocess.CompletedProcess[str]) -> Any:
     """The one JSON document a --json command printed on stdout."""
     try:

@@ -4,16 +4,12 @@ checkpoint, that restores what it covers; the next run redoes only what was not 
 
 from __future__ import annotations
 
-import contextlib
 import os
-import signal
-import subprocess
-import time
 from pathlib import Path
 
 from bunker.encoding import FormatError
 from bunker.repo.records import parse_lease
-from helpers import BUNKER, Repo, js, restored_path
+from helpers import Repo, js, kill_run_when, restored_path
 
 
 def _tree(root: Path, dirs: int = 6, files: int = 10, size: int = 4 << 20) -> None:
@@ -22,6 +18,22 @@ def _tree(root: Path, dirs: int = 6, files: int = 10, size: int = 4 << 20) -> No
         sub.mkdir(parents=True)
         for f in range(files):
             (sub / f"f{f}.bin").write_bytes(os.urandom(size))
+
+
+def add_tail(root: Path) -> None:
+    """A tail of 128 MiB read last (``root/z``): a backup reads up to 96 MiB ahead of the files
+    it has finished (backup/archiver.py), so without it a checkpoint covering files could come
+    only near the end of a run, and a loaded machine may finish the run first."""
+    tail = root / "z"
+    tail.mkdir(parents=True)
+    for i in range(8):
+        (tail / f"tail{i}.img").write_bytes(os.urandom(16 << 20))
+
+
+def tree_with_tail(root: Path) -> None:
+    """``_tree`` (60 files of 2 MiB), then ``add_tail``."""
+    _tree(root, files=10, size=2 << 20)
+    add_tail(root)
 
 
 def _checkpointed(repo: Repo) -> int:
@@ -47,29 +59,45 @@ def checkpointed_in(store: Path) -> int:
     return best
 
 
+def unindexed_checkpoint_chunks(store: Path, put_key: Path) -> int:
+    """How many chunks the checkpoints in ``store`` (a repository or a node's store) name that no
+    index object there locates: a checkpoint adopted after a kill must name none (a pack that
+    lands after the checkpoint's flush wrote its index object is indexed before the lease)."""
+    from bunker.crypto.keyfile import load_put_key
+    from bunker.repo.index import decrypt_index, parse_index_frame
+    from bunker.repo.refs import read_set
+
+    secrets = load_put_key(str(put_key)).secrets
+    indexed = {
+        c for p in (store / "index").iterdir() for c, _ in decrypt_index(parse_index_frame(p.read_bytes()), secrets)
+    }
+    lost = 0
+    for p in (store / "sessions").iterdir():
+        cp = parse_lease(p.read_bytes())[0].get("checkpoint") if not p.name.startswith(".") else None
+        if cp:
+            chunks = read_set(cp["chunkset"], lambda n: (store / n).read_bytes(), secrets)
+            lost += sum(1 for c in chunks if c not in indexed)
+    return lost
+
+
 def _kill_after_checkpoint(repo: Repo, src: Path, min_files: int = 1, env: dict[str, str] | None = None) -> None:
     """Run a backup (as ``env``, default the repository's client) with checkpoints every 0.2 s
     and SIGKILL it once a checkpoint covers ``min_files`` files (a checkpoint rides on a lease
     refresh)."""
-    proc = subprocess.Popen(
-        [BUNKER, "backup", "--repo", str(repo.path), "--no-progress", "--checkpoint-interval", "0.2s", str(src)],
+    ended, stderr = kill_run_when(
+        "backup",
+        "--repo",
+        repo.path,
+        "--no-progress",
+        "--checkpoint-interval",
+        "0.2s",
+        src,
         env=env or repo.env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+        reached=lambda: _checkpointed(repo) >= min_files,
     )
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if _checkpointed(repo) >= min_files:
-                break
-            time.sleep(0.005)
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # ended by itself: the assertion below says so
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert repo.objects("snapshots") == [], "the backup finished before it could be killed"
+    assert repo.objects("snapshots") == [], f"the backup finished (exit {ended}) before it could be killed: {stderr}"
     assert _checkpointed(repo) >= min_files
+    assert unindexed_checkpoint_chunks(repo.path, repo.put_key) == 0
 
 
 def test_killed_backup_becomes_an_incomplete_snapshot(repo: Repo, tmp_path: Path) -> None:

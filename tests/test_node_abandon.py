@@ -11,7 +11,6 @@ test_adopt_by_prune.py)."""
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -32,8 +31,8 @@ from bunker.repo.refs import read_set
 from bunker.repo.repository import Repository
 from bunker.repo.snapshot import parse_snapshot
 from bunker.storage.local import LocalBackend
-from helpers import BUNKER, Repo, init_repo, js, make_env, restored_path
-from test_checkpoint import _tree, checkpointed_in
+from helpers import BUNKER, Repo, init_repo, js, kill_run_when, make_env, restored_path
+from test_checkpoint import _tree, checkpointed_in, tree_with_tail, unindexed_checkpoint_chunks
 from test_node import backup_into, make_node, node_cmd
 
 DAY = 86400.0
@@ -49,23 +48,23 @@ def _kill_into_node(top: Repo, node: Path, src: Path) -> str:
     """A backup into ``node`` (forked node server) killed once a checkpoint covers a file, as
     test_checkpoint.py ``_kill_after_checkpoint`` does with a repository. Returns its session."""
     store = node / "store" / top.id
-    proc = subprocess.Popen(
-        [BUNKER, "backup", "--repo", str(node), "--no-progress", "--checkpoint-interval", "0.2s", str(src)],
+    ended, stderr = kill_run_when(
+        "backup",
+        "--repo",
+        node,
+        "--no-progress",
+        "--checkpoint-interval",
+        "0.2s",
+        src,
         env=top.env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+        reached=lambda: checkpointed_in(store) >= 1,
+        paced=True,
     )
-    deadline = time.monotonic() + 120
-    try:
-        while time.monotonic() < deadline and proc.poll() is None and checkpointed_in(store) < 1:
-            time.sleep(0.005)
-    finally:
-        with contextlib.suppress(ProcessLookupError):  # ended by itself: the assertion below says so
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert not (store / "snapshots").is_dir() or not any((store / "snapshots").iterdir()), "the backup finished"
+    assert not (store / "snapshots").is_dir() or not any((store / "snapshots").iterdir()), (
+        f"the backup finished (exit {ended}): {stderr}"
+    )
     assert checkpointed_in(store) >= 1
+    assert unindexed_checkpoint_chunks(store, top.put_key) == 0
     (first,) = [p.name for p in _leases(store) if p.name.endswith(".0")]
     return first.rsplit(".", 1)[0]
 
@@ -82,7 +81,7 @@ def _setup(tmp_path: Path, **node_opts: str) -> tuple[Repo, Path, Path, Path, st
     office = make_node(top, tmp_path / "office", "office", **node_opts)
     node_cmd(top, "upstream", "add", office, "top", "--direct", top.path)
     src = tmp_path / "src"
-    _tree(src, files=FILES // 6, size=2 << 20)
+    tree_with_tail(src)
     session = _kill_into_node(top, office, src)
     return top, office, src, office / "store" / top.id, session
 
@@ -222,7 +221,7 @@ def test_a_session_running_when_the_lease_is_moved_delays_the_abandoned_record(t
     assert NodeDir(str(office)).config.abandon_after == 3600
     node_cmd(top, "upstream", "add", office, "top", "--direct", top.path)
     src = tmp_path / "src"
-    _tree(src, files=FILES // 6, size=2 << 20)
+    tree_with_tail(src)
     session = _kill_into_node(top, office, src)
     store = office / "store" / top.id
     _age(store, 2 * 3600)

@@ -5,7 +5,6 @@ acknowledgement to cover the condemnation, and the acknowledgements travel up be
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import shutil
@@ -14,7 +13,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from helpers import BUNKER, compare_trees, js, restored_path, run_bunker
+from helpers import BUNKER, compare_trees, js, kill_run_when, restored_path, run_bunker
+from test_checkpoint import tree_with_tail
 from test_node_links import build
 
 
@@ -89,10 +89,7 @@ def test_a_dead_sessions_checkpoint_on_a_node_is_a_root_at_the_top(tmp_path: Pat
     h = build(tmp_path)
     top = h.top
     src = tmp_path / "src"
-    for d in range(6):
-        (src / f"d{d}").mkdir(parents=True)
-        for f in range(10):
-            (src / f"d{d}" / f"f{f}").write_bytes(os.urandom(2 << 20))
+    tree_with_tail(src)
     leases = h.office / "store" / top.id / "sessions"
 
     def checkpointed() -> bool:
@@ -104,20 +101,19 @@ def test_a_dead_sessions_checkpoint_on_a_node_is_a_root_at_the_top(tmp_path: Pat
                 continue
         return False
 
-    proc = subprocess.Popen(
-        [BUNKER, "backup", str(src), "--repo", str(h.office), "--no-progress", "--checkpoint-interval", "0.2s"],
+    ended, stderr = kill_run_when(
+        "backup",
+        src,
+        "--repo",
+        h.office,
+        "--no-progress",
+        "--checkpoint-interval",
+        "0.2s",
         env=top.env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
+        reached=checkpointed,
+        paced=True,
     )
-    try:
-        _wait_for(lambda: checkpointed() or proc.poll() is not None, "a checkpoint")
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
-    assert checkpointed(), "the backup ended before a checkpoint"
+    assert checkpointed(), f"the backup ended (exit {ended}) before a checkpoint: {stderr}"
     past = time.time() - 7200  # the storage's clock says the lease expired long ago
     for p in leases.iterdir():
         os.utime(p, (past, past))
@@ -125,7 +121,11 @@ def test_a_dead_sessions_checkpoint_on_a_node_is_a_root_at_the_top(tmp_path: Pat
     h.up()
     from bunker.repo.refs import read_set
 
-    (lease,) = [p for p in leases.iterdir() if parse_lease(p.read_bytes())[0].get("checkpoint")][-1:]
+    # the newest refresh: the one office's checkpoint root names
+    lease = max(
+        (p for p in leases.iterdir() if parse_lease(p.read_bytes())[0].get("checkpoint")),
+        key=lambda p: int(p.name.rsplit(".", 1)[1]),
+    )
     packset = parse_lease(lease.read_bytes())[0]["checkpoint"]["packset"]
     named = {f"packs/{p}" for p in read_set(packset, lambda n: (top.path / n).read_bytes())}
     assert named and all((top.path / n).exists() for n in named), "the checkpoint's packs went up"

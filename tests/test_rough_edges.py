@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from helpers import Repo, describe, js, restored_path
-from test_checkpoint import _kill_after_checkpoint
+from test_checkpoint import _kill_after_checkpoint, add_tail
 
 
 def test_stable_proc_and_sys_files_are_stored_as_they_are(repo: Repo, tmp_path: Path) -> None:
@@ -124,12 +124,7 @@ def test_incomplete_snapshot_lists_what_it_restores(repo: Repo, tmp_path: Path) 
             (sub / f"s{f}").write_bytes(os.urandom(2000))
         for f in range(3):
             (sub / f"big{f}").write_bytes(os.urandom(3 << 20))
-    # a tail read after the checkpoint sought: on a loaded machine the run must still be going
-    # when a checkpoint covers 300 files
-    tail = src / "z"
-    tail.mkdir()
-    for f in range(12):
-        (tail / f"tail{f}").write_bytes(os.urandom(4 << 20))
+    add_tail(src)  # the run is still going when a checkpoint covers 300 files
     _kill_after_checkpoint(repo, src, min_files=300)
     repo.backup(src)
     (first,) = [s for s in js(repo.ok("snapshots", "--json"))["snapshots"] if s["seq"] == 1]

@@ -96,6 +96,10 @@ class Checkpointer:
         while True:
             self.writer.flush()
             if all(c in locs for c in chunk_ids):
+                # a pack another thread handed over after the flush took its list of uploads may
+                # have landed since: its chunks are located but in no index object yet, and a
+                # checkpoint adopted after a kill must name only indexed chunks
+                self.writer.write_index()
                 break
             if time.monotonic() > deadline:
                 return
