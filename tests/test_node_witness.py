@@ -83,7 +83,7 @@ def test_a_direct_upstream_witnesses_a_withheld_snapshot(tmp_path: Path) -> None
     (problem,) = _about(doc, newest)
     text = problem["problem"]
     assert "node 'office' saw the repository hold client 'testclient''s snapshot #2" in text, text
-    assert "direct delivery to upstream 'top'" in text and "newest is #1" in text and "rolled back" in text, text
+    assert "read at its direct upstream 'top'" in text and "newest is #1" in text and "rolled back" in text, text
     assert f"copy {newest}" in text and "`bunker check` here again" in text, text
 
     statement = tmp_path / "office.witness"

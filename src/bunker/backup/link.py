@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from bunker.backup.chain import ChainHead, chain_lock, load_head, read_running, save_head
+from bunker.backup.node_head import node_head
 from bunker.crypto.keyfile import PutKey
 from bunker.errors import BunkerError, ExitCode, ObjectMissing
 from bunker.repo.certs import Certificate
@@ -31,6 +32,7 @@ from bunker.repo.repository import Repository
 from bunker.repo.snapshot import Envelope
 from bunker.runlog import RunLog
 
+CHAIN_HEAD_FROM_NODE = "chain-head-from-node"  # a note, not a warning: the chain goes on unbroken
 MAX_WAIT = 3600.0  # for a live run holding the number (it links within seconds; its lease ends in 15 min)
 
 # (seq, prev) of the next snapshot, given the chain's head
@@ -56,7 +58,8 @@ def chain_head(repo: Repository, cert: Certificate, state_dir: str) -> tuple[Cha
     or the repository was rolled back (the chain keeps pointing at the remembered head), or the
     remembered head was written with a damaged put key. A head the repository knows and this
     machine does not (its state directory was deleted or restored from an old copy) is
-    remembered from now on, where the disk takes it."""
+    remembered from now on, where the disk takes it. Behind a node, a newer head the node saw at
+    the repository of record (backup/node_head.py) is taken, with a note saying so."""
     with chain_lock(state_dir):
         mine = load_head(state_dir)
         if mine is not None and repo.backend.capabilities().partial:
@@ -65,6 +68,23 @@ def chain_head(repo: Repository, cert: Certificate, state_dir: str) -> tuple[Cha
             return ChainBase(mine.seq, mine.name), None
         repo_head = repo.client_head(cert.name)
         rseq = repo_head.snap.env.seq if repo_head else 0
+        # behind a node, the listing holds only the node's copies: the node may know of a newer
+        # snapshot at the repository of record (a client that lost its state, or moved here)
+        seen = node_head(repo, cert) if _node_name(repo) else None
+        if (
+            seen is not None
+            and seen.seq > rseq
+            and (mine is None or mine.seq < seen.seq or (mine.seq, mine.name) == (seen.seq, seen.name))
+        ):
+            with contextlib.suppress(OSError):  # a full disk here: the next run asks the node again
+                save_head(state_dir, ChainHead(seen.seq, seen.name, cert.name))
+            return ChainBase(seen.seq, seen.name), (
+                CHAIN_HEAD_FROM_NODE,
+                f"node {seen.node!r} holds none of client {cert.client!r}'s snapshots after #{rseq} (the client moved "
+                f"here, or this machine lost its state directory), but it saw the repository of record hold snapshot "
+                f"#{seen.seq} ({seen.how}): the new snapshot continues the chain from there, and what the node does "
+                "not hold is stored again",
+            )
         if mine is not None and mine.seq > rseq and _with_other_secret(repo, mine.name):
             return ChainBase(mine.seq, mine.name), (
                 "damaged-key-snapshot",
@@ -158,7 +178,7 @@ class ChainWriter:
         head, warning = chain_head(self.repo, self.cert, self.state_dir)
         if warning and not self._warned:
             self._warned = True
-            self.log.add("warn", *warning)
+            self.log.add("note" if warning[0] == CHAIN_HEAD_FROM_NODE else "warn", *warning)
         return head
 
     def repo_head(self) -> ChainBase:

@@ -29,6 +29,7 @@ from bunker.node.holdings import UpstreamState
 from bunker.node.node_dir import REPO_ID, NodeDir, NodeError, split_node_path
 from bunker.node.quota import QuotaGate
 from bunker.node.serve import NodeRole, ServeConfig
+from bunker.node.witnessed import statement_for
 from bunker.repo.certs import parse_certificate
 from bunker.repo.repository import Repository
 from bunker.storage.backend import ObjectInfo
@@ -167,5 +168,6 @@ def node_serve_config(node: NodeDir) -> ServeConfig:
         pack_gate=lambda store: QuotaGate(NodeDir(node.root), store),  # quotas as node.json says now
         recorded=watch.recorded,
         certificate_ok=accepts_certificate,
+        statement=lambda store_dir: statement_for(NodeDir(node.root), os.path.basename(store_dir.rstrip("/"))),
     )
     return ServeConfig(node.root, append_only=True, node=role)

@@ -27,7 +27,7 @@ from bunker.node.node_dir import NodeDir, read_json, write_json
 from bunker.node.receipts import IssuedChain, Receipt, ReceivedChain, make_receipt, verify_receipt
 from bunker.node.relay_link import SentLog, queue_receipt
 from bunker.node.rotation import my_ids, peer_ids, sending_keys
-from bunker.node.witnessed import note_record_receipt
+from bunker.node.witnessed import note_record_receipt, witnessed_heads
 from bunker.repo.node_certs import trusted_node
 from bunker.repo.repository import Repository
 from bunker.repo.snapshot import parse_snapshot
@@ -92,6 +92,17 @@ def _heads(store: Backend, names: set[str]) -> dict[str, tuple[int, str]]:
     return heads
 
 
+def _heads_known(nd: NodeDir, repo_id: str, store: Backend, names: set[str]) -> dict[str, tuple[int, str]]:
+    """The chain heads a record receipt carries: those of the snapshots it covers, and every other
+    client's newest this node saw at the repository of record (node/top_heads.py), so that the
+    nodes below learn the heads of clients they never served (a client that moved there)."""
+    heads = {h.cert: (h.seq, h.snapshot) for h in witnessed_heads(nd, repo_id)}
+    for cert, (seq, name) in _heads(store, names).items():
+        if seq > heads.get(cert, (0, ""))[0]:
+            heads[cert] = (seq, name)
+    return heads
+
+
 def issue_record_receipts(nd: NodeDir, repo_id: str) -> int:
     """For each downstream link: a record receipt for what it sent that a direct upstream now
     holds (written and read back). Only a node certified with ``record`` issues them (others
@@ -123,7 +134,7 @@ def issue_record_receipts(nd: NodeDir, repo_id: str) -> int:
             seq=chain.seq + 1,
             prev=chain.prev,
             covers=sorted(new),
-            heads=_heads(store, new),
+            heads=_heads_known(nd, repo_id, store, new),
             config_version=repo.config.version,
         )
         # number spent first (see issue_hop_receipt); killed before ``done`` is written, the

@@ -6,7 +6,8 @@ that read-back is what a record receipt certifies, so a direct delivery marks wh
 *recorded* at once (only recorded objects may be evicted). Snapshots go last, each only once
 every pack its pack set names is at the top, in chain order; a snapshot whose place in its
 client's chain the top already holds with another snapshot is a fork: it is kept on the node and
-named, never sent. Each snapshot read back is a head the node witnesses (node/witnessed.py).
+named, never sent. Each snapshot read back is a head the node witnesses (node/witnessed.py), and
+so is the newest snapshot of every other client at the top (node/top_heads.py).
 
 The same run brings the top's records down into the node's store (configs, certificates, node
 certificates, retirement and GC records), so the node's clients see revocations and condemned
@@ -37,6 +38,7 @@ from bunker.node.holdings import DOWN_PREFIXES, UpstreamState, owed, snapshot_pa
 from bunker.node.node_dir import NodeDir, Upstream, read_json, write_json
 from bunker.node.staging import staged_names
 from bunker.node.staleness import note_heard, note_records_asof
+from bunker.node.top_heads import note_top_heads
 from bunker.node.witnessed import note_witnessed
 from bunker.repo.node_acks import parse_ack
 from bunker.repo.objects import MAGIC_ACK, MAGIC_CKROOT, MAGIC_HOLDING, content_hash, is_hash_name
@@ -230,6 +232,7 @@ def forward_direct(
         asof = time.time()  # every record the top held by now is in the store after bring_down
         report.down = bring_down(top, store, state)
         note_records_asof(node, repo_id, asof)
+        note_top_heads(node, repo_id, upstream.name, top, store)  # with the certificates just brought down
         note_heard(node, repo_id, upstream.name)
         drop_older_acks(node, store)
     finally:

@@ -97,6 +97,10 @@ class NodeRole:
     # store directory, bytes -> whether they are a certificate the master key issued for the
     # store's repository (a client certified after the node was seeded stores its own)
     certificate_ok: Callable[[str, bytes], bool] = lambda _store, _data: False
+    # store directory -> the node's signed witness statement for the store's repository: the
+    # newest snapshot per client it knows the repository of record holds (a client that has no
+    # chain head of its own takes it from there: backup/link.py)
+    statement: Callable[[str], bytes] | None = None
 
 
 @dataclass(frozen=True)
@@ -367,6 +371,11 @@ class Session:
             if _bool(m, "j"):
                 strays = b.strays(validate_prefix(_str(m, "p")))
                 return wire.OK, {"j": list(strays.shown), "jn": strays.count}, encoding.pack([])
+            if _bool(m, "h"):
+                node = self.config.node
+                if node is None or node.statement is None:
+                    raise _Bad(wire.INVALID, "this server is not a node: it keeps no witness statement")
+                return wire.OK, {"h": True}, node.statement(b.root)
             return self._list(b, validate_prefix(_str(m, "p")), _str(m, "a", ""), _bool(m, "u"))
         if f.code == wire.DELETE:
             name = validate_name(_str(m, "n"))

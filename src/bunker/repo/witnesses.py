@@ -40,7 +40,8 @@ Chains = dict[str, dict[int, tuple[str, str]]]  # cert -> seq -> (snapshot, prev
 @dataclass(frozen=True)
 class WitnessedHead:
     """The newest snapshot of one client that a node knows the repository of record holds, and
-    how it knows: ``direct`` (it wrote the snapshot to its upstream ``source`` and read it back)
+    how it knows: ``direct`` (it read the snapshot at its direct upstream ``source``: one it wrote
+    and read back, or another client's newest there)
     or ``record`` (record receipt number ``receipt`` from node ``source``, id ``issuer``)."""
 
     cert: str  # clients/<hex>
@@ -87,7 +88,7 @@ class WitnessedHead:
     def describe(self) -> str:
         """How the node knows, for a message: "record receipt #3 from node hq, <date>"."""
         if self.via == "direct":
-            return f"its direct delivery to upstream {self.source!r}, written and read back {utc(self.time)}"
+            return f"read at its direct upstream {self.source!r} {utc(self.time)}"
         return f"record receipt #{self.receipt} from node {self.source!r}, {utc(self.time)}"
 
 

@@ -259,6 +259,19 @@ class RemoteBackend(Backend):
                 return out
             after = max(page)
 
+    def witness_statement(self) -> bytes | None:
+        """A node's signed witness statement for this repository (the newest snapshot per client
+        it knows the repository of record holds; repo/witnesses.py verifies it); None for a
+        server that is not a node, or a node too old to give one."""
+        if not self.server_node:
+            return None
+        f = self._call("list", "snapshots/", wire.LIST, {"p": "snapshots/", "a": "", "h": True})
+        if f.code == wire.INVALID:
+            return None
+        if f.code != wire.OK:
+            raise self._status_error(f, "list", "snapshots/")
+        return bytes(f.payload) if f.meta.get("h") is True else None
+
     def snapshot_recorded(self, name: str) -> tuple[float, float | None] | None:
         """For a snapshot on a node: (when the node stored it, when the repository of record
         recorded it: 0.0 not yet, None when the server does not say: not a node, or an older
