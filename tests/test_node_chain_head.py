@@ -22,8 +22,8 @@ def _lose_state(client: Repo | dict[str, str]) -> None:
     shutil.rmtree(Path(env["XDG_DATA_HOME"]) / "bunker" / "state")
 
 
-def _chain(top: Repo, client: str) -> list[tuple[int, str]]:
-    rows = js(top.ok("snapshots", "--json", "--client", client))["snapshots"]
+def _chain(top: Repo, client: str, rc: int | tuple[int, ...] = 0) -> list[tuple[int, str]]:
+    rows = js(top.ok("snapshots", "--json", "--client", client, rc=rc))["snapshots"]
     return sorted((s["seq"], s["id"]) for s in rows)
 
 
@@ -86,4 +86,38 @@ def test_a_client_that_moved_takes_its_head_from_a_record_receipt(tmp_path: Path
     assert doc["seq"] == 2
     h.round_trip()
     assert [seq for seq, _ in _chain(top, top.client)] == [1, 2]
+    assert js(top.ok("check", "--json"))["ok"] is True
+
+
+def test_snapshots_numbered_without_the_head_are_a_fork_the_next_run_leaves(tmp_path: Path) -> None:
+    """Before the node ever heard from the top, a client without state wrote #1 and #2 there:
+    both take places the top holds otherwise (the second only links to the first). The node keeps
+    both back; the client's next run learns the top's head from the node and continues from it."""
+    top = init_repo(tmp_path / "top")
+    src = tmp_path / "src"
+    make_tree(src)
+    top.backup(src)  # #1 at the top
+    branch = make_node(top, tmp_path / "branch", "branch")
+    node_cmd(top, "upstream", "add", branch, "top", "--direct", top.path)
+    _lose_state(top)
+    fork1 = backup_into(top, branch, src)
+    (src / "more").write_bytes(b"y" * 7000)
+    fork2 = backup_into(top, branch, src)
+    assert (fork1["seq"], fork2["seq"]) == (1, 2)
+
+    fwd = js(node_cmd(top, "forward", branch, "--json", rc=3))
+    forks = {f"snapshots/{d['snapshot']}" for d in (fork1, fork2)}
+    assert set(fwd["deliveries"][0]["forks"]) == forks, fwd  # #2 would link the top to a snapshot it lacks
+    assert {p["code"] for p in fwd["problems"]} == {"fork"}
+    # (this machine remembers the fork's #2, which the top lacks: `snapshots` says so, exit 14)
+    assert [seq for seq, _ in _chain(top, top.client, rc=14)] == [1]
+
+    doc = backup_into(top, branch, src, rc=1)
+    (ev,) = [e for e in doc["events"] if e["code"] == "chain-fork-avoided"]
+    assert ev["level"] == "warn" and f"snapshots/{fork1['snapshot']}" in ev["message"], ev
+    assert doc["seq"] == 2
+    fwd = js(node_cmd(top, "forward", branch, "--json", rc=3))["deliveries"][0]
+    assert fwd["snapshots"] == [f"snapshots/{doc['snapshot']}"] and set(fwd["forks"]) == forks, fwd
+    chain = _chain(top, top.client)
+    assert [seq for seq, _ in chain] == [1, 2] and chain[1][1] == doc["snapshot"]
     assert js(top.ok("check", "--json"))["ok"] is True

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from types import TracebackType
 
 from bunker.backup.chain import ChainHead, chain_lock, load_head, read_running, save_head
-from bunker.backup.node_head import node_head
+from bunker.backup.node_head import NodeHead, node_head
 from bunker.crypto.keyfile import PutKey
 from bunker.errors import BunkerError, ExitCode, ObjectMissing
 from bunker.repo.certs import Certificate
@@ -71,20 +71,19 @@ def chain_head(repo: Repository, cert: Certificate, state_dir: str) -> tuple[Cha
         # behind a node, the listing holds only the node's copies: the node may know of a newer
         # snapshot at the repository of record (a client that lost its state, or moved here)
         seen = node_head(repo, cert) if _node_name(repo) else None
-        if (
-            seen is not None
-            and seen.seq > rseq
-            and (mine is None or mine.seq < seen.seq or (mine.seq, mine.name) == (seen.seq, seen.name))
-        ):
-            with contextlib.suppress(OSError):  # a full disk here: the next run asks the node again
-                save_head(state_dir, ChainHead(seen.seq, seen.name, cert.name))
-            return ChainBase(seen.seq, seen.name), (
-                CHAIN_HEAD_FROM_NODE,
-                f"node {seen.node!r} holds none of client {cert.client!r}'s snapshots after #{rseq} (the client moved "
-                f"here, or this machine lost its state directory), but it saw the repository of record hold snapshot "
-                f"#{seen.seq} ({seen.how}): the new snapshot continues the chain from there, and what the node does "
-                "not hold is stored again",
-            )
+        if seen is not None:
+            heads = [(mine.seq, mine.name)] if mine is not None else []
+            heads += [(rseq, repo_head.name)] if repo_head is not None else []
+            local = max(heads, key=lambda h: h[0], default=(0, ""))
+            # the head this client would take otherwise is the top's, or older: the top's then; or
+            # it links (on the node) to another snapshot at the top's place: a fork the node keeps
+            # back, and what builds on it would never reach the top either
+            fork = "" if local[0] < seen.seq else _forked_from(repo, local, seen)
+            # (remembered already: an earlier call of this run took it from the node)
+            if local[0] < seen.seq or fork or (local == (seen.seq, seen.name) and rseq < seen.seq):
+                with contextlib.suppress(OSError):  # a full disk here: the next run asks the node again
+                    save_head(state_dir, ChainHead(seen.seq, seen.name, cert.name))
+                return ChainBase(seen.seq, seen.name), _from_node(seen, cert, rseq, fork)
         if mine is not None and mine.seq > rseq and _with_other_secret(repo, mine.name):
             return ChainBase(mine.seq, mine.name), (
                 "damaged-key-snapshot",
@@ -117,6 +116,48 @@ def chain_head(repo: Repository, cert: Certificate, state_dir: str) -> tuple[Cha
             with contextlib.suppress(OSError):
                 save_head(state_dir, ChainHead(rseq, repo_head.name, cert.name))
         return ChainBase(rseq, repo_head.name), None
+
+
+MAX_FORK_WALK = 1000  # snapshots a head may be ahead of the top's on a node (undelivered)
+
+
+def _forked_from(repo: Repository, local: tuple[int, str], seen: NodeHead) -> str:
+    """The snapshot at ``seen``'s place in the chain that ends at ``local`` (seq, name), walked
+    back through the snapshots the node holds, when it is not ``seen``'s: a fork. "" when the
+    chain passes through ``seen``, or a link is not on the node (in transit: nothing known)."""
+    seq, name = local
+    for _ in range(MAX_FORK_WALK):
+        if seq <= seen.seq:
+            return name if seq == seen.seq and name != seen.name else ""
+        try:
+            snap = repo.parsed_snapshot(name)
+        except ObjectMissing:
+            return ""
+        if snap is None or snap.env.seq != seq:
+            return ""
+        seq, name = seq - 1, snap.env.prev
+    return ""
+
+
+def _from_node(seen: NodeHead, cert: Certificate, rseq: int, fork: str) -> tuple[str, str]:
+    """The event for a chain head taken from the node's witness statement (``fork``: the
+    snapshot at that place in the chain this client would have continued, which the repository
+    of record holds otherwise)."""
+    how = f"it saw the repository of record hold snapshot #{seen.seq} ({seen.how})"
+    if fork:
+        return (
+            "chain-fork-avoided",
+            f"the chain this client would continue holds {fork} as client {cert.client!r}'s snapshot #{seen.seq}, but "
+            f"node {seen.node!r} says {how}: that snapshot and those after it are a fork, which the node keeps "
+            "back and never sends (a run of this client numbered them without knowing the newest snapshot). The "
+            "new snapshot continues the chain from the repository of record's, and takes along what the fork held",
+        )
+    return (
+        CHAIN_HEAD_FROM_NODE,
+        f"node {seen.node!r} holds none of client {cert.client!r}'s snapshots after #{rseq} (the client moved here, or "
+        f"this machine lost its state directory), but {how}: the new snapshot continues the chain from there, and "
+        "what the node does not hold is stored again",
+    )
 
 
 def _node_name(repo: Repository) -> str:

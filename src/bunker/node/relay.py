@@ -131,9 +131,11 @@ def _forward_up(nd: NodeDir, up: Upstream, result: Forwarded) -> None:
                 Problem(
                     "err",
                     "fork",
-                    f"{snap} takes a place in its client's chain that the repository of record already "
-                    f"holds with another snapshot; it stays on node {nd.name}. Run `bunker check` at the "
-                    "top: the client backed up past this node",
+                    f"{snap} is a fork of its client's chain: the repository of record holds another snapshot "
+                    f"at its place, or at the place of one it builds on; it stays on node {nd.name}, never sent. "
+                    "Nothing to do on the node: the client's next backup through it continues from the top's "
+                    "snapshot and takes along what the fork held (docs/hierarchy.md, \"A client without a chain "
+                    "head\"); if the client backs up elsewhere, run `bunker check` at the top",
                 )
             )
         for snap in report.damaged:

@@ -211,7 +211,9 @@ def forward_direct(
         at_top = {i.name for i in top.list("packs/")}
         places = _chain_places(top) if todo.snapshots else {}
         for info, env in todo.snapshots:
-            if places.get((env.cert, env.seq), info.name) != info.name:
+            # a snapshot that links to one kept back as a fork continues the fork: the top
+            # would get a link to a snapshot it never holds (snapshots come in chain order)
+            if places.get((env.cert, env.seq), info.name) != info.name or env.prev in report.forks:
                 report.forks.append(info.name)
                 continue
             try:
