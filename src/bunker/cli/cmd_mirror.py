@@ -7,6 +7,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import click
@@ -14,14 +15,14 @@ import click
 from bunker.cli.main import cli, handles_errors
 from bunker.cli.output import Output, human_bytes
 from bunker.cli.progress import line_interval
-from bunker.errors import ExitCode
+from bunker.errors import BunkerError, ExitCode, ObjectMissing
 from bunker.node.spool import parse_age
 from bunker.repo.gc import DEFAULT_GRACE
 from bunker.repo.mirror_compare import compare as compare_copies
 from bunker.repo.mirror_prune import MirrorPruner
 from bunker.repo.mirror_sync import DEFAULT_JOBS, EXAMPLES, Syncer, SyncProgress
 from bunker.storage import open_backend
-from bunker.storage.backend import Backend
+from bunker.storage.backend import Backend, ObjectInfo
 from bunker.storage.url import local_path
 
 
@@ -35,9 +36,49 @@ def _options(f: Any) -> Any:
     return f
 
 
-def _open(url: str, *, create: bool = False) -> Backend:
-    local_path(url)  # a URL typo is refused (exit 2) before anything is made for it
-    return open_backend(url, create=create)
+def _open(url: str, what: str, *, create: bool = False) -> Backend:
+    """The backend of argument ``what`` (SRC, DST, A, B); errors name the argument, not --repo."""
+    local_path(url, what=what)  # a URL typo is refused (exit 2) before anything is made for it
+    try:
+        return open_backend(url, create=create)
+    except BunkerError as exc:
+        if exc.exit_code != ExitCode.NO_REPOSITORY:
+            raise
+        raise BunkerError(
+            f"{what} {url}: {exc.message}; nothing was copied or compared",
+            f"check the {what} argument (a repository path or URL, as --repo takes it)",
+            exit_code=ExitCode.NO_REPOSITORY,
+        ) from None
+
+
+class _NotYet(Backend):
+    """A mirror directory that does not exist yet, seen by --dry-run (which creates nothing):
+    it holds no object."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+
+    def _put(self, name: str, data: bytes | memoryview, if_absent: bool) -> bool:
+        raise AssertionError("a dry run writes nothing")
+
+    def _get(self, name: str, offset: int, length: int | None) -> bytes:
+        raise ObjectMissing(name)
+
+    def _list(self, prefix: str) -> Iterator[ObjectInfo]:
+        return iter(())
+
+    def _delete(self, name: str) -> None:
+        raise AssertionError("a dry run deletes nothing")
+
+    def _stat(self, name: str) -> ObjectInfo | None:
+        return None
+
+
+def _open_dst(url: str, dry_run: bool) -> Backend:
+    path = local_path(url, what="DST")
+    if dry_run and path is not None and not os.path.exists(path):
+        return _NotYet(path)
+    return _open(url, "DST", create=not dry_run)
 
 
 def _remote_path(kwargs: dict[str, Any]) -> None:
@@ -124,8 +165,8 @@ def sync(**kwargs: Any) -> None:
     out = Output(as_json)
     grace = parse_age(kwargs["grace"]) if kwargs["grace"] is not None else DEFAULT_GRACE
     _remote_path(kwargs)
-    src = _open(src_url)
-    dst = _open(dst_url, create=not kwargs["dry_run"])
+    src = _open(src_url, "SRC")
+    dst = _open_dst(dst_url, kwargs["dry_run"])
     progress = SyncProgress()
     syncer = Syncer(src, dst, jobs=kwargs["jobs"], dry_run=kwargs["dry_run"], progress=progress)
     shown = kwargs["progress"] == "always" or (kwargs["progress"] == "auto" and not as_json)
@@ -187,7 +228,7 @@ def compare(**kwargs: Any) -> None:
     a_url, b_url, as_json = kwargs.pop("a"), kwargs.pop("b"), kwargs.pop("as_json")
     out = Output(as_json)
     _remote_path(kwargs)
-    report = compare_copies(_open(a_url), _open(b_url))
+    report = compare_copies(_open(a_url, "A"), _open(b_url, "B"))
     out.document(report.to_json())
     out.line(f"A: {report.urls['a']}")
     out.line(f"B: {report.urls['b']}")

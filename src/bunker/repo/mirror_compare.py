@@ -86,7 +86,7 @@ class CompareReport:
 def compare(a: Backend, b: Backend) -> CompareReport:
     """Compare two copies of one repository (raises BunkerError, exit DIFFERENT, when they are
     copies of two different repositories)."""
-    repos = {"a": open_copy(a), "b": open_copy(b)}
+    repos = {"a": open_copy(a, "A"), "b": open_copy(b, "B")}
     backends = {"a": a, "b": b}
     r = CompareReport(urls={s: backends[s].url for s in SIDES}, repo_id=repos["a"].repo_id)
     if repos["b"].repo_id != repos["a"].repo_id:

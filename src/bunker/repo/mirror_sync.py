@@ -117,10 +117,20 @@ def listing(backend: Backend, prefixes: Iterable[str]) -> dict[str, dict[str, in
     return {p: {i.name: i.size for i in backend.list(p + "/")} for p in prefixes}
 
 
-def open_copy(backend: Backend, expected: str | None = None) -> Repository:
-    """The repository in ``backend``, opened keyless. This machine's config floor is neither
-    checked nor raised (repo/repository.py): a mirror may be behind, and a comparison says so."""
-    return Repository.open(backend, expected, floor=False)
+def open_copy(backend: Backend, what: str) -> Repository:
+    """The repository in ``backend`` (``what``: the argument that named it, e.g. SRC), opened
+    keyless. This machine's config floor is neither checked nor raised (repo/repository.py): a
+    mirror may be behind, and a comparison says so."""
+    try:
+        return Repository.open(backend, floor=False)
+    except BunkerError as exc:
+        if exc.exit_code != ExitCode.NO_REPOSITORY:
+            raise
+        raise BunkerError(
+            f"{what} {backend.url} holds no bunker repository: nothing was copied or compared",
+            f"check the {what} argument: it names a repository (a path or URL, as --repo takes it)",
+            exit_code=ExitCode.NO_REPOSITORY,
+        ) from None
 
 
 def refuse_foreign(dst: Backend, repo_id: str) -> None:
@@ -165,7 +175,7 @@ class Syncer:
     def run(self) -> SyncReport:
         """Copy phase by phase (PHASES); return the report. Raises BunkerError when the source
         holds no repository or the mirror holds another one."""
-        repo = self.repo = open_copy(self.src)
+        repo = self.repo = open_copy(self.src, "SRC")
         self.report.repo_id = repo.repo_id
         refuse_foreign(self.dst, repo.repo_id)
         self.src_names = listing(self.src, LIST_ORDER)
@@ -215,9 +225,14 @@ class Syncer:
             return
         # each worker holds one object's bytes at a time, so memory stays within jobs x the
         # largest object (a pack: packs.target, 16 MiB by default, docs/format.md section 8)
-        with ThreadPoolExecutor(self.jobs, thread_name_prefix="bunker-sync") as pool:
+        pool = ThreadPoolExecutor(self.jobs, thread_name_prefix="bunker-sync")
+        try:
             for _ in pool.map(lambda item: self._copy(*item), items):
                 pass
+        finally:
+            # on an error or an interrupt, the objects not started yet are dropped (not copied
+            # on before the command can stop); those in progress finish whole
+            pool.shutdown(wait=True, cancel_futures=True)
 
     def _copy(self, name: str, size: int, repair: bool) -> None:
         try:
