@@ -121,7 +121,7 @@ def test_sync_to_s3(s3_server: S3Server, s3_prefix: str, repo: Repo, tmp_path: P
 def test_killed_sync_resumes(repo: Repo, tmp_path: Path) -> None:
     data = tmp_path / "data"
     data.mkdir()
-    for i in range(4):  # several packs (16 MiB each), so a kill lands between them
+    for i in range(3):  # several packs (16 MiB each), so a kill lands between them
         (data / f"f{i}.bin").write_bytes(os.urandom(12 << 20))
     repo.backup(data)
     mirror = tmp_path / "mirror"
@@ -155,6 +155,15 @@ def test_altered_object_is_refused_and_named(repo: Repo, tmp_path: Path) -> None
     doc = _sync(repo, repo.path, mirror, rc=ExitCode.INTEGRITY)
     assert [r["object"] for r in doc["refused"]] == [f"packs/{pack.name}"]
     assert not (mirror / "packs" / pack.name).exists()
+    cp = _compare(repo, repo.path, mirror)
+    assert cp.returncode == ExitCode.DIFFERENT and js(cp)["only"]["a"]["packs"]["count"] == 1, describe(cp)
+
+    # a snapshot altered in one copy is untrusted there, never counted as equal
+    snap = repo.objects("snapshots")[0]
+    flip_bit(mirror / "snapshots" / snap.name, 40)
+    doc = js(_compare(repo, repo.path, mirror))
+    assert [u["snapshot"] for u in doc["untrusted"]["b"]] == [f"snapshots/{snap.name}"], doc
+    assert any("untrusted" in f and "not counted as equal" in f for f in doc["findings"])
 
 
 def test_sync_prune_follows_signed_records_after_the_grace(repo: Repo, tmp_path: Path) -> None:
@@ -168,15 +177,13 @@ def test_sync_prune_follows_signed_records_after_the_grace(repo: Repo, tmp_path:
     key = tmp_path / "pruner.put"
     repo.ok("key", "new-client", "pruner", "--prune", "--out", key)
     mirror = tmp_path / "mirror"
-    _sync(repo, repo.path, mirror)
-    # an object no record names, put in the mirror by someone: it must stay
-    stray = os.urandom(5000)
-    (mirror / "packs" / b3(stray)).write_bytes(stray)
-
     repo.ok("forget", snap_a, "--put-key", key)
     before = {p.name for p in repo.objects("packs")}
     repo.ok("prune", "--put-key", key, "--grace", "0s")  # condemns a's packs
-    _sync(repo, repo.path, mirror)  # the mirror takes the records
+    _sync(repo, repo.path, mirror)  # the mirror takes the packs and the records
+    # an object no record names, put in the mirror by someone: it must stay
+    stray = os.urandom(5000)
+    (mirror / "packs" / b3(stray)).write_bytes(stray)
     repo.ok("prune", "--put-key", key, "--grace", "0s")  # deletes them at the source, then its record
     gone = before - {p.name for p in repo.objects("packs")}
     assert gone and repo.objects("gc") == []
