@@ -15,6 +15,7 @@ class ExitCode:
     USAGE = 2  # bad command line (click's own code)
     ERR = 3  # run finished at level err: backup taken, some items missing
     FATAL = 4  # nothing was done (generic failure)
+    DIFFERENT = 5  # compare: the two copies of a repository differ (or a snapshot in them is untrusted)
     NEED_PASSPHRASE = 10  # a passphrase is needed and there is no tty nor BUNKER_PASSPHRASE
     BAD_PASSPHRASE = 11  # the passphrase does not open the master key
     KEY_MISSING = 12  # the needed key file is not there, or a put key was given where the master is needed

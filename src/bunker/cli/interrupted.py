@@ -44,6 +44,12 @@ MESSAGES: dict[str, tuple[str, str]] = {
         "export-tar stopped before it finished: the archive written so far is incomplete",
         "delete it and run the same `bunker export-tar` again",
     ),
+    "sync": (
+        "sync stopped before it finished: what it copied is complete and consistent in the mirror (objects are "
+        "written whole, data before what names it), the rest is missing there",
+        "run the same `bunker sync` again: it copies only what the mirror still lacks",
+    ),
+    "compare": ("the comparison stopped: no result, and nothing was changed", "run the same `bunker compare` again"),
     "snapshots": ("the listing stopped; nothing was changed", "run it again"),
     "ls": ("the listing stopped; nothing was changed", "run it again"),
 }

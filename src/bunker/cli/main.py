@@ -101,6 +101,7 @@ def cli() -> None:
     """Bunker: encrypted, deduplicating backups that need no password to take.
 
     Exit codes: 0 ok/note, 1 warn, 2 usage, 3 err (backup taken, some items missing), 4 fatal,
+    5 compared copies differ,
     10 passphrase needed but no terminal, 11 wrong passphrase, 12 key missing, 13 no repository,
     14 damage found, 15 repository or key unusable.
     """
@@ -116,6 +117,7 @@ def main() -> None:
         cmd_forward,
         cmd_key,
         cmd_migrate,
+        cmd_mirror,
         cmd_node,
         cmd_node_admin,
         cmd_node_keys,
