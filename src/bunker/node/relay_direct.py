@@ -38,12 +38,11 @@ from bunker.node.holdings import DOWN_PREFIXES, UpstreamState, owed, snapshot_pa
 from bunker.node.node_dir import NodeDir, Upstream, read_json, write_json
 from bunker.node.staging import staged_names
 from bunker.node.staleness import note_heard, note_records_asof
-from bunker.node.top_heads import note_top_heads
+from bunker.node.top_heads import note_top_heads, top_snapshots
 from bunker.node.witnessed import note_witnessed
 from bunker.repo.node_acks import parse_ack
 from bunker.repo.objects import MAGIC_ACK, MAGIC_CKROOT, MAGIC_HOLDING, content_hash, is_hash_name
 from bunker.repo.repository import Repository
-from bunker.repo.snapshot import parse_snapshot
 from bunker.repo.witnesses import WitnessedHead
 from bunker.storage.backend import Backend, ObjectInfo
 from bunker.storage.url import open_backend
@@ -130,16 +129,6 @@ def bring_down(top: Backend, store: Backend, state: UpstreamState | None = None)
     return n
 
 
-def _chain_places(top: Backend) -> dict[tuple[str, int], str]:
-    """(certificate, sequence number) -> snapshot name of every envelope at the top."""
-    places: dict[tuple[str, int], str] = {}
-    for info in top.list("snapshots/"):
-        try:
-            env = parse_snapshot(top.get(info.name)).env
-        except (encoding.FormatError, ObjectMissing, CorruptObject):
-            continue
-        places[(env.cert, env.seq)] = info.name
-    return places
 
 
 def _send_acks(
@@ -209,7 +198,9 @@ def forward_direct(
             pool.shutdown(wait=True, cancel_futures=True)
         state.save()
         at_top = {i.name for i in top.list("packs/")}
-        places = _chain_places(top) if todo.snapshots else {}
+        # (certificate, sequence number) -> the top's verified snapshot there (each read once)
+        verified = top_snapshots(node, repo_id, upstream.name, top, store) if todo.snapshots else {}
+        places = {place: name for name, place in verified.items()}
         for info, env in todo.snapshots:
             # a snapshot that links to one kept back as a fork continues the fork: the top
             # would get a link to a snapshot it never holds (snapshots come in chain order)

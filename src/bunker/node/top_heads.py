@@ -27,9 +27,11 @@ from bunker.repo.witnesses import WitnessedHead
 from bunker.storage.backend import Backend
 
 
-def note_top_heads(nd: NodeDir, repo_id: str, upstream: str, top: Backend, store: Backend) -> int:
-    """Verify the envelopes at ``top`` not read before (with the certificates in the node's
-    ``store``) and witness the newest of each client. Returns how many heads were raised."""
+def top_snapshots(nd: NodeDir, repo_id: str, upstream: str, top: Backend, store: Backend) -> dict[str, tuple[str, int]]:
+    """Every snapshot at ``top`` whose signature verifies with a certificate in the node's
+    ``store``: name -> (certificate, sequence number). Envelopes are read once (the state file
+    keeps what was verified); one that does not verify yet is read again next time (its
+    certificate may not have come down yet)."""
     path = os.path.join(nd.state_dir(repo_id, "up", upstream), "top-snapshots.json")
     known: dict[str, list[object]] = read_json(path, {})
     repo = Repository.open(store, repo_id, floor=False)
@@ -42,18 +44,19 @@ def note_top_heads(nd: NodeDir, repo_id: str, upstream: str, top: Backend, store
             snap = parse_snapshot(top.get(name))
         except (encoding.FormatError, ObjectMissing, CorruptObject):
             continue  # damaged or gone: `check` at the top names it
-        trusted, _problem = repo.verify_snapshot_signature(snap)
-        if trusted:  # else read again next time: its certificate may not have come down yet
+        if repo.verify_snapshot_signature(snap)[0]:
             known[name] = [snap.env.cert, snap.env.seq]
             added = True
-    if added:
+    if added or len(known) > len(listed):
         write_json(path, {n: known[n] for n in listed if n in known})
+    return {n: (str(known[n][0]), int(str(known[n][1]))) for n in listed if n in known}
+
+
+def note_top_heads(nd: NodeDir, repo_id: str, upstream: str, top: Backend, store: Backend) -> int:
+    """Witness the newest verified snapshot of each client at ``top``. Returns how many heads
+    were raised."""
     heads: dict[str, tuple[int, str]] = {}
-    for name in listed:
-        entry = known.get(name)
-        if entry is None:
-            continue
-        cert, seq = str(entry[0]), int(str(entry[1]))
+    for name, (cert, seq) in top_snapshots(nd, repo_id, upstream, top, store).items():
         if seq > heads.get(cert, (0, ""))[0]:
             heads[cert] = (seq, name)
     now = time.time()
