@@ -132,7 +132,7 @@ RUN_SLICE, HOLD = 0.02, 0.08  # a paced run goes at a fifth of its speed, its ti
 def kill_run_when(
     *args: str | os.PathLike[str], env: Mapping[str, str], reached: Any, paced: bool = False, timeout: float = 120
 ) -> tuple[int | None, str]:
-    """Run `bunker *args` and SIGKILL its process group once ``reached()`` holds.
+    """Run `bunker *args` and SIGKILL it and every process below it once ``reached()`` holds.
 
     ``paced``: the run is let go for RUN_SLICE at a time and held (SIGSTOP) while ``reached`` is
     checked, so that on a loaded machine the test's own checks keep up with the run. Returns the
@@ -166,8 +166,15 @@ def kill_run_when(
                     with contextlib.suppress(ProcessLookupError):
                         os.killpg(proc.pid, signal.SIGCONT)
         finally:
+            # the whole tree at once, also children in sessions of their own (a forked node
+            # server): one left alive would still carry out requests the run had sent it (a lease
+            # refresh written after the caller judged the run dead)
+            below = _descendants(proc.pid)
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(proc.pid, signal.SIGKILL)
+            for pid in below:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
             proc.wait()
         err.seek(0)
         return ended, err.read().decode("utf-8", "backslashreplace")

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from bunker.encoding import FormatError
 from bunker.repo.records import parse_lease
-from helpers import Repo, js, kill_run_when, restored_path
+from helpers import Repo, b3, js, kill_run_when, restored_path
 
 
 def _tree(root: Path, dirs: int = 6, files: int = 10, size: int = 4 << 20) -> None:
@@ -67,14 +67,18 @@ def unindexed_checkpoint_chunks(store: Path, put_key: Path) -> int:
     from bunker.repo.index import decrypt_index, parse_index_frame
     from bunker.repo.refs import read_set
 
-    secrets = load_put_key(str(put_key)).secrets
-    indexed = {
-        c for p in (store / "index").iterdir() for c, _ in decrypt_index(parse_index_frame(p.read_bytes()), secrets)
-    }
+    put = load_put_key(str(put_key))
+    secrets = put.secrets
+    indexed: set[bytes] = set()
+    for p in (store / "index").iterdir():
+        obj = parse_index_frame(p.read_bytes())
+        if obj.body["domain"] == secrets.domain_id:  # other dedup domains' indexes are not ours to read
+            indexed.update(c for c, _ in decrypt_index(obj, secrets))
     lost = 0
     for p in (store / "sessions").iterdir():
-        cp = parse_lease(p.read_bytes())[0].get("checkpoint") if not p.name.startswith(".") else None
-        if cp:
+        lease = parse_lease(p.read_bytes()) if not p.name.startswith(".") else None
+        cp = lease[0].get("checkpoint") if lease is not None else None
+        if cp and lease is not None and lease[1] == f"clients/{b3(put.certificate)}":
             chunks = read_set(cp["chunkset"], lambda n: (store / n).read_bytes(), secrets)
             lost += sum(1 for c in chunks if c not in indexed)
     return lost
@@ -97,7 +101,8 @@ def _kill_after_checkpoint(repo: Repo, src: Path, min_files: int = 1, env: dict[
     )
     assert repo.objects("snapshots") == [], f"the backup finished (exit {ended}) before it could be killed: {stderr}"
     assert _checkpointed(repo) >= min_files
-    assert unindexed_checkpoint_chunks(repo.path, repo.put_key) == 0
+    key = Path(env["BUNKER_PUT_KEY"]) if env and "BUNKER_PUT_KEY" in env else repo.put_key
+    assert unindexed_checkpoint_chunks(repo.path, key) == 0
 
 
 def test_killed_backup_becomes_an_incomplete_snapshot(repo: Repo, tmp_path: Path) -> None:
