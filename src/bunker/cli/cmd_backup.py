@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Any
 
 import click
@@ -13,6 +14,7 @@ from bunker.backup.archiver import Progress
 from bunker.backup.commit import Committed
 from bunker.backup.excludes import read_exclude_file
 from bunker.backup.run import BackupRequest, run_backup
+from bunker.backup.status import leave_status
 from bunker.cli import context
 from bunker.cli.cmd_clients import check_client_name, check_host_name
 from bunker.cli.main import EXIT_FOR_LEVEL, cli, common, default_client_name, handles_errors, make_options
@@ -255,20 +257,15 @@ def backup(**kwargs: Any) -> None:
     if spool_warn_age is not None:
         req.spool_warn_age = parse_age(spool_warn_age)
     progress = Progress()
+    started = time.time()
     with ProgressDisplay(progress, list(paths), progress_mode, opts.as_json):
         try:
             outcome = run_backup(repo, put, req, progress)
-        except RepositoryFull as exc:
-            b = repo.backend
-            if isinstance(b, SpoolingBackend) and b.offline:
-                # this machine's disk, not the repository's: say why the backup was going there
-                raise RepositoryFull(
-                    f"the repository at {b.url} cannot be reached ({b.reason}), and the local spool that keeps "
-                    f"backups meanwhile has no room: {exc.message}",
-                    exc.hint,
-                    exit_code=exc.exit_code,
-                    free_step=exc.free_step,
-                ) from None
+        except BunkerError as exc:
+            # a failed run leaves its status record too: the top sees the failure, not silence
+            failed = {"level": "fatal", "code": "backup-failed", "message": f"{exc.message} (next step: {exc.hint})"}
+            leave_status(repo, put, started=started, level="fatal", exit_code=exc.exit_code, events=[failed])
+            _raise_full_as_spool(exc, repo)
             raise
     ignore_signals()  # the backup's work is done, whatever comes now: only its report is left
     c, log = outcome.committed, outcome.log
@@ -288,6 +285,18 @@ def backup(**kwargs: Any) -> None:
     if outcome.interrupted is not None:
         doc["interrupted"] = signal_name(outcome.interrupted)
         doc["exit_code"] = 128 + outcome.interrupted
+    doc["status"] = leave_status(
+        repo,
+        put,
+        started=started,
+        level=level,
+        exit_code=EXIT_FOR_LEVEL[level] if outcome.interrupted is None else 128 + outcome.interrupted,
+        snapshot=c.name,
+        snapshot_seq=c.seq,
+        complete=outcome.interrupted is None,
+        stats=s,
+        events=[e.to_json() for e in log.events],
+    )
     out.document(doc)
     if not opts.as_json:
         for e in log.events:
@@ -309,6 +318,20 @@ def backup(**kwargs: Any) -> None:
             "complete"
         )
     sys.exit(EXIT_FOR_LEVEL[level])
+
+
+def _raise_full_as_spool(exc: BunkerError, repo: Repository) -> None:
+    """A full spool while the repository is away: this machine's disk, not the repository's (say
+    why the backup was going there)."""
+    b = repo.backend
+    if isinstance(exc, RepositoryFull) and isinstance(b, SpoolingBackend) and b.offline:
+        raise RepositoryFull(
+            f"the repository at {b.url} cannot be reached ({b.reason}), and the local spool that keeps "
+            f"backups meanwhile has no room: {exc.message}",
+            exc.hint,
+            exit_code=exc.exit_code,
+            free_step=exc.free_step,
+        ) from None
 
 
 def _report_interrupted(signum: int, c: Committed, spooled: bool, url: str) -> None:

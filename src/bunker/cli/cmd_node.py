@@ -297,8 +297,10 @@ def list_cmd(**kwargs: Any) -> None:
 @handles_errors
 def status_cmd(directory: str, **kwargs: Any) -> None:
     """What the node holds per repository, and what each upstream still lacks."""
+    from bunker.cli.cmd_status import describe_row
     from bunker.node.node_dir import NodeDir
     from bunker.node.node_status import node_status
+    from bunker.repo.status_records import SILENT_AFTER
 
     out = _out(kwargs)
     nd = NodeDir(directory)
@@ -319,6 +321,9 @@ def status_cmd(directory: str, **kwargs: Any) -> None:
         if r["witnessed"]:
             n = len(r["witnessed"])
             out.line(f"  witnesses the newest snapshot of {n} client(s) at the top (`bunker node witness`)")
+        for c in r["clients"]:
+            at_top = f"; at the top up to #{c['top_head']['seq']}" if c["top_head"] else "; none at the top yet"
+            out.line(f"  client {describe_row(c, SILENT_AFTER)}{at_top}")
     if doc["key_rotation"] and doc["key_rotation"]["waiting_links"]:
         waiting = doc["key_rotation"]["waiting_links"]
         out.line(

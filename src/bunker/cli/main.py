@@ -124,6 +124,7 @@ def main() -> None:
         cmd_prune,
         cmd_restore,
         cmd_serve,
+        cmd_status,
         cmd_unforget,
         cmd_witness,
     )

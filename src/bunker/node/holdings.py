@@ -30,7 +30,7 @@ from bunker.storage.backend import Backend, ObjectInfo
 # clients/: a certificate a client brought to the node (node/node_serve.py) reaches the top before
 # any snapshot it signed (one the top issued is already there: sent once, found present)
 SESSION_OUTPUT = ("packs/", "index/", "refs/", "snapshots/")  # what clients' backups write
-UP_PREFIXES = ("clients/", *SESSION_OUTPUT)
+UP_PREFIXES = ("clients/", *SESSION_OUTPUT, "status/")  # status records travel with the data
 # what flows down from the repository of record to every node
 DOWN_PREFIXES = ("config/", "clients/", "nodes/", "retired/", "gc/")
 

@@ -36,7 +36,7 @@ from bunker.storage.backend import ObjectInfo
 from bunker.storage.local import LocalBackend
 
 # what a client writes when it backs up (format.md 17); nothing else comes from below
-CLIENT_PREFIXES = ("packs", "index", "refs", "snapshots", "sessions")
+CLIENT_PREFIXES = ("packs", "index", "refs", "snapshots", "sessions", "status")
 
 
 def _resolver(node: NodeDir) -> Callable[[str | None, bool], str]:

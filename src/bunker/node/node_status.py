@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 from bunker.node.holdings import SESSION_OUTPUT, UpstreamState, owed
@@ -9,11 +10,14 @@ from bunker.node.node_dir import NodeDir
 from bunker.node.rotation import rotation_status
 from bunker.node.staleness import last_heard, stale_problems
 from bunker.node.witnessed import witnessed_heads
+from bunker.repo.repository import Repository
+from bunker.repo.status_records import status_rows
 
 
 def node_status(nd: NodeDir) -> dict[str, Any]:
     """A JSON-ready summary of ``nd``: per repository, what it holds and what each upstream lacks."""
     repos = []
+    silent: list[str] = []
     for repo_id in nd.repositories():
         store = nd.store(repo_id)
         held = [i for p in SESSION_OUTPUT for i in store.list(p)]
@@ -33,9 +37,23 @@ def node_status(nd: NodeDir) -> dict[str, Any]:
                     "last_heard": last_heard(nd, repo_id, up.name, up.kind) or None,
                 }
             )
+        heads = {h.cert: h for h in witnessed_heads(nd, repo_id)}
+        # the clients that back up through this node: their status records are in its store
+        rows, untrusted = status_rows(Repository.open(store, repo_id, floor=False), time.time())
+        clients = []
+        for row in rows:
+            if not row["records"]:
+                continue
+            head = heads.get(row["cert"])
+            row["top_head"] = {"seq": head.seq, "time": head.time, "via": head.via} if head else None
+            clients.append(row)
+            if row["silent"]:
+                silent.append(f"client {row['client']!r} left no status record on node {nd.name} for 3 days")
         repos.append(
             {
                 "repository": repo_id,
+                "clients": clients,
+                "untrusted_status": untrusted,
                 "objects": len(held),
                 "bytes": sum(i.size for i in held),
                 "upstreams": ups,
@@ -50,7 +68,8 @@ def node_status(nd: NodeDir) -> dict[str, Any]:
         "store": nd.config.store,
         "max_size": nd.config.max_size,
         "repositories": repos,
-        "problems": [{"level": lv, "code": c, "message": m} for lv, c, m in stale_problems(nd)],
+        "problems": [{"level": lv, "code": c, "message": m} for lv, c, m in stale_problems(nd)]
+        + [{"level": "warn", "code": "client-silent", "message": m} for m in silent],
         "key_rotation": rotation_status(nd),
         "quotas": dict(nd.config.quotas),
     }

@@ -62,6 +62,7 @@ from bunker.repo.pack import (
 )
 from bunker.repo.pack_verifier import PackJob, PackVerifierPool
 from bunker.repo.repository import Repository
+from bunker.repo.status_records import status_problems
 from bunker.repo.witnesses import Source, Witness, statements_witnesses
 from bunker.storage.backend import PREFIXES, Backend
 from bunker.storage.prefixes import WRITTEN, rule_for
@@ -80,7 +81,10 @@ def span(offset: int, length: int, raw_length: int) -> Span:
 TRANSIENT = ("packs", "index", "gc", "sessions")
 # listed in this order: everything an object names was stored before it (docs/format.md
 # section 17), and a record explaining a pack's absence is stored before the pack is deleted
-LIST_ORDER = ("config", "clients", "nodes", "snapshots", "refs", "index", "packs", "retired", "gc", "sessions")
+LIST_ORDER = (
+    "status",  # names snapshots: listed before them
+    *("config", "clients", "nodes", "snapshots", "refs", "index", "packs", "retired", "gc", "sessions"),
+)
 
 
 class Checker:
@@ -153,6 +157,8 @@ class Checker:
         self._check_configs(names["config"])
         self._check_certs(names["clients"])
         self._check_node_certs(names["nodes"])
+        for name, why, level in status_problems(repo):  # clients' run reports (repo/status_records.py)
+            r.add(name, why, level)
         # this machine's heads first: a node's statement of the same head adds nothing
         self._witnesses = [Witness(*h) for h in self.heads] + statements_witnesses(repo, r, self.statements)
         if keyless or self.master:

@@ -52,7 +52,7 @@ REGISTRY: tuple[Prefix, ...] = (
     Prefix("snapshots", HASH, "snapshots"),
     Prefix("retired", HASH, "retirement records and their withdrawals (unretire records)"),
     Prefix("gc", HASH, "GC condemnation and move records"),
-    Prefix("status", HASH, "status records (reserved: not written yet)", reserved=True),
+    Prefix("status", HASH, "status records of clients' runs"),
     Prefix("policy", HASH, "policy objects (reserved: not written yet)", reserved=True),
     Prefix("nodes", HASH, "node certificates"),
     Prefix("sessions", SESSION, "leases of running writers"),

@@ -1,0 +1,92 @@
+"""Status records (docs/hierarchy.md, "Status of the clients"; docs/format.md section 25): every
+backup run, a failed one too, leaves a signed record under status/; `bunker status` reads them
+without a key, flags silent clients, refuses altered ones; they travel up through a node with
+the data, and `bunker node status` lists the clients below the node."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from bunker.repo.status_records import open_text, parse_status
+from helpers import PASSPHRASE, init_repo, js, make_tree, rename_to_hash
+from test_node import backup_into, node_cmd, office_with_top
+
+
+def _rows(doc: dict) -> dict[str, dict]:  # type: ignore[type-arg]
+    return {r["client"]: r for r in doc["clients"]}
+
+
+def test_every_run_leaves_a_status_record_and_status_reads_them_keyless(tmp_path: Path) -> None:
+    repo = init_repo(tmp_path / "r")
+    src = tmp_path / "src"
+    make_tree(src)
+    first = repo.backup(src)
+    second = repo.backup(src)
+    assert first["status"] and second["status"] and first["status"] != second["status"]
+    bad_tar = tmp_path / "bad.tar"
+    bad_tar.write_bytes(os.urandom(3000))
+    failed = repo.run("backup", "--tar", bad_tar, "--json")
+    assert failed.returncode == 4
+
+    doc = js(repo.ok("status", "--json", rc=3))  # the newest run failed: err
+    row = _rows(doc)[repo.client]
+    assert (row["seq"], row["level"], row["exit"], row["snapshot"]) == (3, "fatal", 4, "")
+    assert row["codes"] == {"backup-failed": 1} and row["problems"] == [] and row["silent"] is False
+    assert doc["untrusted"] == []
+    # the readable part holds codes and numbers; the message is sealed to the master key
+    names = sorted(p.name for p in (repo.path / "status").iterdir())
+    assert len(names) == 3
+    raw = {n: (repo.path / "status" / n).read_bytes() for n in names}
+    newest = next(n for n, b in raw.items() if parse_status(f"status/{n}", b)[0].seq == 3)
+    assert b"tar archive" not in raw[newest] and b"invalid header" not in raw[newest]
+    from bunker.crypto.keyfile import load_master_key
+
+    master = load_master_key(str(repo.master_key), PASSPHRASE)
+    (event,) = open_text(parse_status(f"status/{newest}", raw[newest])[0], repo.id, master.data_private)
+    assert "cannot read the tar archive" in event["message"]
+
+    # a good run again: ok, linked to the failed one
+    again = repo.backup(src)
+    row = _rows(js(repo.ok("status", "--json")))[repo.client]
+    assert (row["seq"], row["snapshot"], row["snapshot_seq"]) == (4, f"snapshots/{again['snapshot']}", 3)
+    # silent: nothing newer than the bound
+    silent = js(repo.ok("status", "--json", "--silent-after", "0s", rc=1))
+    assert _rows(silent)[repo.client]["silent"] is True
+
+
+def test_an_altered_status_record_is_refused(tmp_path: Path) -> None:
+    repo = init_repo(tmp_path / "r")
+    src = tmp_path / "src"
+    make_tree(src)
+    repo.backup(src)
+    (path,) = (repo.path / "status").iterdir()
+    data = bytearray(path.read_bytes())
+    i = data.index(b"\xa4exit\x00")  # exit code 0 in the signed body (msgpack) ...
+    data[i + 5] = 1  # ... becomes 1: a well-formed record whose signature no longer verifies
+    path.write_bytes(bytes(data))
+    forged = rename_to_hash(path)
+    doc = js(repo.ok("status", "--json", rc=(1, 3)))
+    assert any(forged.name in u for u in doc["untrusted"]), doc
+    assert _rows(doc)[repo.client].get("seq") is None  # nothing trusted is left of it
+    check = js(repo.ok("check", "--json", rc=(1, 3, 14)))
+    named = [p for p in check["problems"] if p["object"] == f"status/{forged.name}"]
+    assert named and "status record refused" in named[0]["problem"], check["problems"]
+
+
+def test_status_records_travel_up_through_a_node(tmp_path: Path) -> None:
+    top, office = office_with_top(tmp_path)
+    src = tmp_path / "src"
+    make_tree(src)
+    doc = backup_into(top, office, src)
+    assert doc["status"]
+    st = js(node_cmd(top, "status", office, "--json"))
+    (clients,) = [r["clients"] for r in st["repositories"]]
+    (row,) = clients
+    assert row["client"] == top.client and row["seq"] == 1 and row["top_head"] is None
+    js(node_cmd(top, "forward", office, "--json"))
+    assert (top.path / doc["status"]).exists(), "the status record went up with the data"
+    row = _rows(js(top.ok("status", "--json")))[top.client]
+    assert row["seq"] == 1 and row["snapshot"] == f"snapshots/{doc['snapshot']}"
+    st = js(node_cmd(top, "status", office, "--json"))
+    assert st["repositories"][0]["clients"][0]["top_head"]["seq"] == 1
