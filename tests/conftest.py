@@ -246,7 +246,7 @@ def s3_env(monkeypatch: pytest.MonkeyPatch, s3_server: S3Server) -> dict[str, st
 def rgw_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     """A real S3 implementation: Ceph's RADOS Gateway on a throw-away one-node cluster (one per
     test worker, on free ports, ~2 s to start) with the bucket ``bunker-test``; skipped, saying
-    what to install, where ../shared/services/ceph-rgw.sh or Ceph is missing."""
+    what to install, where the launcher (helpers.RGW_SCRIPT) or Ceph is missing."""
     why = rgw_unavailable()
     if why is not None:
         pytest.skip(why)

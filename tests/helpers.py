@@ -591,7 +591,8 @@ def start_moto(workdir: Path, bucket: str = "bunker-test", *, check_credentials:
 
 # A real S3 implementation: a throw-away one-node Ceph cluster (monitor, one in-memory OSD,
 # radosgw) on loopback, started by the launcher that CI keeps beside the repository
-# (../shared/services/ceph-rgw.sh; ~2 s to start). docs/reliability.md says what it adds to moto.
+# (services/ceph-rgw.sh in the folder `shared` beside it; ~2 s to start). docs/reliability.md says
+# what it adds to moto.
 RGW_SCRIPT = HERE.parent.parent / "shared" / "services" / "ceph-rgw.sh"
 RGW_INSTALL = "apt-get install -y --no-install-recommends ceph-mon ceph-osd radosgw ceph-common"
 _RGW_TOOLS = ("ceph-mon", "ceph-osd", "radosgw", "radosgw-admin", "monmaptool", "ceph")
@@ -601,8 +602,8 @@ _RGW_PORTS = 10  # the launcher uses PORT (S3), PORT+1 (monitor), PORT+2..PORT+9
 def rgw_unavailable() -> str | None:
     """Why no RADOS Gateway can be started here (what to install, where), or None."""
     where = (
-        f"the Ceph RGW tests need the launcher ../shared/services/ceph-rgw.sh beside the repository "
-        f"(looked for {RGW_SCRIPT}) and Ceph's packages (as root: `{RGW_INSTALL}`; scripts/test installs "
+        f"the Ceph RGW tests need the launcher {RGW_SCRIPT} (services/ceph-rgw.sh in the folder `shared` "
+        f"beside the repository, as in CI) and Ceph's packages (as root: `{RGW_INSTALL}`; scripts/test installs "
         "them when the launcher is there)"
     )
     if not RGW_SCRIPT.is_file():
