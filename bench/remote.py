@@ -1,15 +1,20 @@
 #!/usr/bin/env python3
 """Backup and restore of the `mixed` corpus over each storage backend, against the local one.
 
-    python3 bench/remote.py [--corpus DIR] [--backends local,s3] [--reps N] [--out DIR]
+    python3 bench/remote.py [--corpus DIR] [--backends local,s3,rgw] [--rgw] [--reps N] [--out DIR]
 
 The S3 server is a real `moto` server process on 127.0.0.1 (started here, as the tests do), so
 it shares the machine's cores with bunker: the figures are what loopback allows, not what a real
-object store gives. Per backend and repetition: `bunker init`, a timed first `backup` of the
-corpus, a timed `restore` of it into an empty directory (checked with `diff -r`). Prints MB/s
-(corpus bytes over wall seconds) and the ratio to the local backend (issue 4's targets: S3
-backup and restore >= 0.7x local; sftp >= 0.3x). The sftp variant starts a real OpenSSH sshd on
-127.0.0.1 (as the tests do; needs root). Writes `remote.csv` into --out.
+object store gives. `rgw` is a real S3 implementation, Ceph's RADOS Gateway on a throw-away
+one-node cluster (in-memory OSD) on loopback, started as the tests start it (with TCP_NODELAY);
+it is in the default list where ../shared/services/ceph-rgw.sh and Ceph are installed (else the
+script says what is missing), and `--rgw` asks for it explicitly. Per backend and repetition:
+`bunker init`, a timed first `backup` of the corpus, a timed `restore` of it into an empty
+directory (checked with `diff -r`). Prints MB/s (corpus bytes over wall seconds), the ratio to
+the local backend (issue 4's targets: S3 backup and restore >= 0.7x local, sftp >= 0.3x; issue
+14's for RGW: backup >= 0.8x, restore >= 0.7x) and the S3 servers' CPU time (RGW: monitor, OSD
+and radosgw together). The sftp variant starts a real OpenSSH sshd on 127.0.0.1 (as the tests
+do; needs root). Writes `remote.csv` into --out.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
-from helpers import SSH_SCRUB, start_moto, start_sshd  # noqa: E402 - the tests' own server launchers
+from helpers import SSH_SCRUB, rgw_unavailable, start_moto, start_rgw, start_sshd  # noqa: E402 - the tests' own launchers
 
 DEFAULT_CORPUS = Path(os.environ.get("BENCH_WORK", "/dev/shm/bunker-bench")) / "corpus-mixed-s1.0" / "mixed"
 
@@ -42,12 +47,13 @@ def corpus_bytes(root: Path) -> int:
     return total
 
 
-def proc_cpu(pid: int | None) -> float:
-    """CPU seconds (user + system) a process has used so far (0 when there is none)."""
-    if pid is None:
-        return 0.0
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def proc_cpu(pids: list[int] | None) -> float:
+    """CPU seconds (user + system) processes have used so far (0 when there are none)."""
+    total = 0.0
+    for pid in pids or []:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return total
 
 
 def run(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> float:
@@ -62,27 +68,39 @@ def run(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--corpus", type=Path, default=DEFAULT_CORPUS)
-    ap.add_argument("--backends", default="local,s3,sftp" if os.geteuid() == 0 else "local,s3")
+    default = "local,s3,sftp" if os.geteuid() == 0 else "local,s3"
+    ap.add_argument("--backends", default=default + ("" if rgw_unavailable() else ",rgw"))
+    ap.add_argument("--rgw", action="store_true", help="add rgw to --backends (an error where it cannot start)")
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--bunker", default=shutil.which("bunker") or "bunker")
     args = ap.parse_args()
     if not args.corpus.is_dir():
         raise SystemExit(f"no corpus at {args.corpus}: build it with bench/run.sh (or pass --corpus)")
+    backends = list(dict.fromkeys(args.backends.split(",") + (["rgw"] if args.rgw else [])))
+    if "rgw" in backends and rgw_unavailable():
+        raise SystemExit(f"rgw: {rgw_unavailable()}")
+    if "rgw" not in backends:
+        print(f"(no rgw: {rgw_unavailable() or 'not asked for'})")
     size = corpus_bytes(args.corpus)
     work = Path(tempfile.mkdtemp(prefix="bunker-remote-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
     servers = []
     rows: list[tuple[str, int, str, float]] = []
     try:
         urls: dict[str, tuple[str, dict[str, str]]] = {}
-        server_pid: dict[str, int] = {}
-        for b in args.backends.split(","):
+        server_pid: dict[str, list[int]] = {}
+        for b in backends:
             if b == "local":
                 urls[b] = (str(work / "repo-local"), {})
             elif b == "s3":
                 srv = start_moto(work / "moto", bucket="bench")
                 servers.append(srv)
-                server_pid[b] = srv.proc.pid
+                server_pid[b] = srv.pids()
+                urls[b] = (srv.url("repo"), {k: v for k, v in srv.env().items() if not k.startswith("BUNKER_STORAGE")})
+            elif b == "rgw":
+                srv = start_rgw(work / "rgw", bucket="bench")
+                servers.append(srv)
+                server_pid[b] = srv.pids()
                 urls[b] = (srv.url("repo"), {k: v for k, v in srv.env().items() if not k.startswith("BUNKER_STORAGE")})
             elif b == "sftp":  # needs root: sshd logs in as root with a generated key
                 ssh = start_sshd(work / "sshd")
@@ -100,7 +118,7 @@ def main() -> None:
                     {**extra, "BUNKER_REMOTE_PATH": args.bunker},
                 )
             else:
-                raise SystemExit(f"unknown backend {b!r} (local, s3, sftp, ssh)")
+                raise SystemExit(f"unknown backend {b!r} (local, s3, rgw, sftp, ssh)")
         for rep in range(1, args.reps + 1):
             for b, (url, extra) in urls.items():
                 home = work / f"home-{b}-{rep}"
@@ -114,7 +132,7 @@ def main() -> None:
                     "XDG_CACHE_HOME": str(home / "cache"),
                     "BUNKER_PASSPHRASE": "bench",
                 }
-                repo_url = url.replace("/repo?", f"/repo-{rep}?") if b == "s3" else f"{url}-{rep}"
+                repo_url = url.replace("/repo?", f"/repo-{rep}?") if b in ("s3", "rgw") else f"{url}-{rep}"
                 run([args.bunker, "init", "--repo", repo_url], env)
                 subprocess.run(["cat", *map(str, args.corpus.rglob("*"))], capture_output=True)  # warm cache
                 c0 = proc_cpu(server_pid.get(b))

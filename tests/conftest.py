@@ -30,7 +30,9 @@ from helpers import (  # noqa: E402
     SshServer,
     init_repo,
     make_env,
+    rgw_unavailable,
     start_moto,
+    start_rgw,
     start_sshd,
 )
 
@@ -224,16 +226,41 @@ def s3_prefix() -> str:
     return "t-" + secrets.token_hex(6)
 
 
+def _server_env(monkeypatch: pytest.MonkeyPatch, server: S3Server) -> dict[str, str]:
+    for k in AWS_SCRUB:
+        monkeypatch.delenv(k, raising=False)
+    env = server.env()
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    return env
+
+
 @pytest.fixture
 def s3_env(monkeypatch: pytest.MonkeyPatch, s3_server: S3Server) -> dict[str, str]:
     """The moto server's credentials (and a short retry budget) in this process's environment,
     with the developer's own AWS settings removed."""
-    for k in AWS_SCRUB:
-        monkeypatch.delenv(k, raising=False)
-    env = s3_server.env()
-    for k, v in env.items():
-        monkeypatch.setenv(k, v)
-    return env
+    return _server_env(monkeypatch, s3_server)
+
+
+@pytest.fixture(scope="session")
+def rgw_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
+    """A real S3 implementation: Ceph's RADOS Gateway on a throw-away one-node cluster (one per
+    test worker, on free ports, ~2 s to start) with the bucket ``bunker-test``; skipped, saying
+    what to install, where the launcher (helpers.RGW_SCRIPT) or Ceph is missing."""
+    why = rgw_unavailable()
+    if why is not None:
+        pytest.skip(why)
+    server = start_rgw(tmp_path_factory.mktemp("rgw"))
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def rgw_env(monkeypatch: pytest.MonkeyPatch, rgw_server: S3Server) -> dict[str, str]:
+    """As s3_env, for the RADOS Gateway."""
+    return _server_env(monkeypatch, rgw_server)
 
 
 @pytest.fixture(scope="session")

@@ -490,12 +490,16 @@ def free_port() -> int:
 
 @dataclass
 class S3Server:
-    """A moto S3 server process on 127.0.0.1 with one bucket."""
+    """An S3 server on 127.0.0.1 with one bucket: a moto process (``proc``), or a Ceph RADOS
+    Gateway cluster started by ceph-rgw.sh in ``workdir`` (start_rgw; ``kind`` "rgw")."""
 
     endpoint: str
     bucket: str
-    proc: subprocess.Popen[bytes]
+    proc: subprocess.Popen[bytes] | None
     log: Path
+    credentials: dict[str, str] = field(default_factory=lambda: dict(S3_CREDENTIALS))
+    kind: str = "moto"
+    workdir: Path | None = None
 
     def url(self, prefix: str, **params: str) -> str:
         query = "&".join(f"{k}={v}" for k, v in {"endpoint": self.endpoint, "region": S3_REGION, **params}.items())
@@ -503,14 +507,34 @@ class S3Server:
 
     def env(self, **extra: str) -> dict[str, str]:
         """Credentials, and a short retry budget (a test must not wait a minute for a refusal)."""
-        return {**S3_CREDENTIALS, "BUNKER_STORAGE_RETRIES": "2", "BUNKER_STORAGE_RETRY_DELAY": "0.05", **extra}
+        return {**self.credentials, "BUNKER_STORAGE_RETRIES": "2", "BUNKER_STORAGE_RETRY_DELAY": "0.05", **extra}
 
     def requests(self) -> list[str]:
         """The request lines the server logged so far (``PUT /bucket/key HTTP/1.1" 200``)."""
-        text = re.sub(r"\x1b\[[0-9;]*m", "", self.log.read_text("utf-8", "replace"))  # werkzeug's colours
+        text = self.log.read_text("utf-8", "replace")
+        if self.kind == "rgw":
+            # radosgw's access lines (log level 1): `... beast: 0x..: 127.0.0.1 - tester [time]
+            # "PUT /bucket/key HTTP/1.1" 412 247 - "user agent" - latency=...`; cut at the agent
+            return [
+                line.split('"', 1)[1].split(' "', 1)[0]
+                for line in text.splitlines()
+                if " beast: " in line and line.count('"') >= 2
+            ]
+        text = re.sub(r"\x1b\[[0-9;]*m", "", text)  # werkzeug's colours
         return [line.split('"', 1)[1] for line in text.splitlines() if line.count('"') >= 2]
 
+    def pids(self) -> list[int]:
+        """The server's processes (RGW: monitor, OSD and radosgw)."""
+        if self.proc is not None:
+            return [self.proc.pid]
+        assert self.workdir is not None
+        return [int(p.read_text()) for p in sorted((self.workdir / "run").glob("*.pid")) if p.read_text().strip()]
+
     def stop(self) -> None:
+        if self.proc is None:
+            assert self.workdir is not None
+            subprocess.run([str(RGW_SCRIPT), "stop", str(self.workdir)], capture_output=True, timeout=60, check=False)
+            return
         self.proc.terminate()
         try:
             self.proc.wait(10)
@@ -568,6 +592,158 @@ def start_moto(workdir: Path, bucket: str = "bunker-test", *, check_credentials:
         proc.kill()
         proc.wait()
     raise AssertionError(f"the moto S3 server did not start:\n{last}")
+
+
+# ------------------------------------------------------------------- S3 (Ceph RADOS Gateway)
+
+# A real S3 implementation: a throw-away one-node Ceph cluster (monitor, one in-memory OSD,
+# radosgw) on loopback, started by the launcher that CI keeps beside the repository
+# (services/ceph-rgw.sh in the folder `shared` beside it; ~2 s to start). docs/reliability.md says
+# what it adds to moto.
+RGW_SCRIPT = HERE.parent.parent / "shared" / "services" / "ceph-rgw.sh"
+RGW_INSTALL = "apt-get install -y --no-install-recommends ceph-mon ceph-osd radosgw ceph-common"
+_RGW_TOOLS = ("ceph-mon", "ceph-osd", "radosgw", "radosgw-admin", "monmaptool", "ceph")
+_RGW_PORTS = 10  # the launcher uses PORT (S3), PORT+1 (monitor), PORT+2..PORT+9 (OSD)
+
+
+def rgw_unavailable() -> str | None:
+    """Why no RADOS Gateway can be started here (what to install, where), or None."""
+    where = (
+        f"the Ceph RGW tests need the launcher {RGW_SCRIPT} (services/ceph-rgw.sh in the folder `shared` "
+        f"beside the repository, as in CI) and Ceph's packages (as root: `{RGW_INSTALL}`; scripts/test installs "
+        "them when the launcher is there)"
+    )
+    if not RGW_SCRIPT.is_file():
+        return f"{where}: the launcher is missing"
+    missing = [t for t in _RGW_TOOLS if shutil.which(t) is None]
+    if missing:
+        return f"{where}: Ceph is not installed (no {', '.join(missing)})"
+    return None
+
+
+def _port_block(n: int) -> int:
+    """A port P with P..P+n-1 free on 127.0.0.1 right now, below the kernel's range for outgoing
+    connections (so that no client socket takes one before the server binds it)."""
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    rng = random.SystemRandom()
+    for _ in range(200):
+        base = rng.randrange(max(1024, low - 16000), low - n)
+        try:
+            with contextlib.ExitStack() as stack:
+                for port in range(base, base + n):
+                    s = stack.enter_context(socket.socket())
+                    s.bind(("127.0.0.1", port))
+            return base
+        except OSError:
+            continue
+    raise AssertionError(f"found no {n} consecutive free ports on 127.0.0.1")
+
+
+def _running(pid: int) -> bool:
+    """The process exists and is no zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def _rgw_restart_nodelay(server: S3Server, port: int) -> None:
+    """Replace the launcher's radosgw by one whose HTTP frontend sets TCP_NODELAY (beast's
+    ``tcp_nodelay=1``; Ceph 16's default is off, and the launcher has no knob for it). Without
+    it a response whose body is written after its headers and fits in one segment waits for
+    the client's delayed ACK: ~40 ms per GET of a small object or range and per refused
+    conditional PUT (measured: 45 ms against 1 ms; docs/reliability.md). The cluster and its
+    S3 user stay; this costs ~2 s."""
+    assert server.workdir is not None
+    d = server.workdir
+    pid_file = d / "run" / "client.rgw.pid"
+    pid = int(pid_file.read_text())
+    # a clean stop (~2 s) drops its watches on the cluster's control objects; a killed one's
+    # stay until they time out (30 s), and the next radosgw waits for them
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while _running(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)  # radosgw 16 can hang when stopped soon after its start
+    frontends = f"beast endpoint=127.0.0.1:{port} tcp_nodelay=1"
+    # detached as the launcher does it (its stop finds the process by this pid file)
+    cp = subprocess.run(
+        ["sh", "-c", 'setsid "$@" </dev/null >>"$LOG" 2>&1 & echo $!', "sh", "radosgw", "-c", str(d / "ceph.conf")]
+        + ["-n", "client.rgw", "--rgw-frontends", frontends, "-f"],
+        env={**os.environ, "LOG": str(d / "log" / "daemons.log")},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    pid_file.write_text(cp.stdout.strip() + "\n")
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if _http("GET", server.endpoint + "/", timeout=1.0) == 200:
+                return
+        except OSError:
+            pass
+        assert time.monotonic() < deadline, f"radosgw did not come back with tcp_nodelay (see {d / 'log'})"
+        time.sleep(0.05)
+
+
+def start_rgw(workdir: Path, bucket: str = "bunker-test", *, nodelay: bool = True) -> S3Server:
+    """Start a RADOS Gateway cluster in ``workdir`` on free ports (the launcher refuses taken
+    ones: then other ports), create ``bucket`` with a signed CreateBucket request. ``nodelay``:
+    with TCP_NODELAY on its HTTP frontend, as a deployment should have it (_rgw_restart_nodelay)."""
+    why = rgw_unavailable()
+    assert why is None, why
+    env = {k: v for k, v in os.environ.items() if k not in AWS_SCRUB}
+    last = ""
+    for _ in range(3):
+        port = _port_block(_RGW_PORTS)
+        cp = subprocess.run(
+            [str(RGW_SCRIPT), "start", str(workdir), str(port)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            stdin=subprocess.DEVNULL,
+            env=env,
+            check=False,
+        )
+        if cp.returncode != 0:
+            last = cp.stderr[-3000:]  # the launcher stopped what it started
+            continue
+        exports = dict(
+            line.removeprefix("export ").split("=", 1) for line in cp.stdout.splitlines() if line.startswith("export ")
+        )
+        server = S3Server(
+            exports["AWS_ENDPOINT_URL"],
+            bucket,
+            None,
+            workdir / "log" / "client.rgw.log",
+            credentials={k: exports[k] for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")},
+            kind="rgw",
+            workdir=workdir,
+        )
+        try:
+            if nodelay:
+                _rgw_restart_nodelay(server, port)
+            import boto3  # moto's dependency (the test extras)
+
+            keys = server.credentials
+            client = boto3.client(
+                "s3",
+                endpoint_url=server.endpoint,
+                region_name=S3_REGION,
+                aws_access_key_id=keys["AWS_ACCESS_KEY_ID"],
+                aws_secret_access_key=keys["AWS_SECRET_ACCESS_KEY"],
+            )
+            client.create_bucket(Bucket=bucket)
+        except BaseException:
+            server.stop()
+            raise
+        return server
+    raise AssertionError(f"the Ceph RADOS Gateway did not start:\n{last}")
 
 
 class FlakyProxy:

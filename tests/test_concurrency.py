@@ -1,7 +1,7 @@
 """Concurrent writers without locks (issue 5): several clients back up into one repository at
 once while a prune loop (grace 0, the harshest setting) condemns and deletes; afterwards every
 snapshot restores byte-identical and the repository checks clean. Real processes, real storage:
-a local directory and a moto S3 server."""
+a local directory, a moto S3 server and a real S3 implementation (Ceph's RADOS Gateway)."""
 
 from __future__ import annotations
 
@@ -126,9 +126,13 @@ def test_concurrent_backups_and_prune_local(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_concurrent_backups_and_prune_s3(s3_server: S3Server, s3_prefix: str, tmp_path: Path) -> None:
-    url = s3_server.url(s3_prefix)
-    extra = s3_server.env()
+@pytest.mark.parametrize("server", ["s3_server", "rgw_server"], ids=["moto", "rgw"])
+def test_concurrent_backups_and_prune_s3(
+    server: str, request: pytest.FixtureRequest, s3_prefix: str, tmp_path: Path
+) -> None:
+    s3: S3Server = request.getfixturevalue(server)
+    url = s3.url(s3_prefix)
+    extra = s3.env()
     env = make_env(tmp_path / "owner")
     for k in AWS_SCRUB:
         env.pop(k, None)
