@@ -5,7 +5,9 @@ record signed by someone allowed to prune says so (docs/format.md section 15):
 
 - a pack the mirror holds and the source no longer holds, that a valid condemnation record
   (``BKGC``) or move record (``BKMV``, once every pack its blobs moved to is in the mirror)
-  condemns, once the grace period has passed since the record's signed time;
+  condemns, once the grace period has passed since the record's signed time, and that no
+  snapshot of either copy names (a pack condemned once and needed again is kept at the source;
+  if the source then lost it, the mirror's copy repairs it);
 - a snapshot the mirror holds and the source no longer holds, that a valid retirement record in
   force (not withdrawn by an unretire record) retires, once the grace has passed likewise.
 
@@ -27,7 +29,9 @@ from bunker.errors import BunkerError, CorruptObject, ObjectMissing
 from bunker.repo.moves import MoveRecord, PackMoves, parse_move_record
 from bunker.repo.objects import MAGIC_GC, MAGIC_MOVED, MAGIC_RETIRED, SignedObject, content_hash, parse_signed
 from bunker.repo.records import Retirements, parse_condemnation
+from bunker.repo.refs import read_set
 from bunker.repo.repository import Repository
+from bunker.repo.snapshot import parse_snapshot
 from bunker.storage.backend import Backend
 
 
@@ -87,10 +91,17 @@ class MirrorPruner:
         the deleted objects is what was kept)."""
         condemned, moves = self._gc_records()
         retired = self._retirements()
+        named, unreadable = self._named_by_snapshots(set(retired))
         dst_packs = {n.split("/", 1)[1] for n in self.dst_names["packs"]}
         for name in sorted(set(self.dst_names["packs"]) - set(self.src_names["packs"])):
             pack = name.split("/", 1)[1]
             why = self._pack_due(pack, condemned, moves, dst_packs)
+            if not why and unreadable:
+                why = f"the pack set of {unreadable} cannot be read, so no pack is deleted (`bunker check --keyless`)"
+            elif not why and pack in named:
+                # condemned once and needed again (rescued at the source), then lost there: the
+                # mirror's copy is the one that repairs it
+                why = "a snapshot not retired still names it; the source lost it: copy it back with `bunker sync`"
             self._decide(name, why)
             if not why and not self.dry_run:
                 dst_packs.discard(pack)
@@ -165,6 +176,29 @@ class MirrorPruner:
             except (encoding.FormatError, CorruptObject, ObjectMissing) as exc:
                 self.report.ignored_records.append((name, exc.message if isinstance(exc, BunkerError) else str(exc)))
         return {snap: [_Record(r, times[r]) for r in recs if r in times] for snap, recs in found.active().items()}
+
+    def _named_by_snapshots(self, retired: set[str]) -> tuple[set[str], str]:
+        """Every pack a snapshot in either copy names (retired ones aside), read keylessly from
+        pack sets; and the first snapshot whose pack set could not be read ("" when none)."""
+        named: set[str] = set()
+        for name in self._names("snapshots"):
+            if name in retired:
+                continue
+            data = self._read(name)
+            if data is None:
+                continue
+            try:
+                packset = parse_snapshot(data).env.packset
+                named.update(read_set(packset, self._ref))
+            except (encoding.FormatError, BunkerError):
+                return named, name
+        return named, ""
+
+    def _ref(self, name: str) -> bytes:
+        data = self._read(name)
+        if data is None:
+            raise ObjectMissing(name)
+        return data
 
     # ------------------------------------------------------------------ decisions
     def _grace_left(self, records: list[_Record], what: str) -> str:
