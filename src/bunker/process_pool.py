@@ -37,9 +37,25 @@ def process_pool(
     # forkserver: never fork a process that already runs threads
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([preload])
+    _start_forkserver()
     return ProcessPoolExecutor(
         workers, mp_context=ctx, initializer=_start_worker, initargs=(os.getpid(), initializer, initargs)
     )
+
+
+def _start_forkserver() -> None:
+    """Start the forkserver (and the resource tracker) now, with SIGINT blocked. Both are fresh
+    interpreters: a Ctrl-C reaches the whole process group, and one that came while they start up
+    and import the preload killed them with a traceback (or "Fatal Python error") on the
+    command's stderr. They inherit the blocked signal (and ignore SIGINT anyway, as do the
+    workers they fork); this thread gets a SIGINT that came meanwhile once it is unblocked."""
+    from multiprocessing import forkserver
+
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        forkserver.ensure_running()
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 def _start_worker(command: int, initializer: Callable[..., None], initargs: tuple[Any, ...]) -> None:
