@@ -33,7 +33,7 @@ def _spool_objects(repo: Repo) -> list[str]:
         return []
     out = []
     for d in root.iterdir():
-        for prefix in ("packs", "index", "refs", "snapshots"):
+        for prefix in ("packs", "index", "refs", "snapshots", "status"):
             if (d / prefix).is_dir():
                 out += [f"{prefix}/{p.name}" for p in (d / prefix).iterdir() if not p.name.startswith(".")]
     return sorted(out)

@@ -90,3 +90,22 @@ def test_status_records_travel_up_through_a_node(tmp_path: Path) -> None:
     assert row["seq"] == 1 and row["snapshot"] == f"snapshots/{doc['snapshot']}"
     st = js(node_cmd(top, "status", office, "--json"))
     assert st["repositories"][0]["clients"][0]["top_head"]["seq"] == 1
+
+
+def test_a_spooled_runs_status_record_goes_up_with_its_snapshot(tmp_path: Path) -> None:
+    repo = init_repo(tmp_path / "r")
+    src = tmp_path / "src"
+    make_tree(src)
+    repo.backup(src)  # a run that reached the repository seeds this machine's spool
+    away = repo.path.parent / "away"
+    repo.path.rename(away)
+    try:
+        doc = repo.backup(src)  # the repository is away: into this machine's spool
+        assert doc["spooled"] and doc["status"]
+    finally:
+        away.rename(repo.path)
+    assert not (repo.path / doc["status"]).exists()
+    repo.ok("forward")
+    assert (repo.path / doc["status"]).exists(), "the status record waited in the spool and went up"
+    row = _rows(js(repo.ok("status", "--json")))[repo.client]
+    assert row["seq"] == 2 and row["level"] in ("ok", "note", "warn")

@@ -134,12 +134,11 @@ def forward(
                 on_object(info)
             return True
 
-        # packs before index before refs: one prefix at a time, in parallel within it; what
-        # another delivery is sending is waited for before the next prefix
-        for prefix in ("packs/", "index/", "refs/", "retired/", "gc/"):
+        def send_group(prefix: str) -> None:
+            """One prefix's objects, in parallel; what another delivery is sending is waited for."""
             group = [i for i in bulk if i.name.startswith(prefix)]
             if not group:
-                continue
+                return
             pool = ThreadPoolExecutor(UPLOAD_THREADS, thread_name_prefix="bunker-forward")
             try:
                 futures = [pool.submit(send, i, False) for i in group]
@@ -149,8 +148,13 @@ def forward(
             finally:
                 # interrupted or failed: the objects not sent yet stay in the spool for the next forward
                 pool.shutdown(wait=True, cancel_futures=True)
+
+        # packs before index before refs, one prefix at a time; the runs' status records last
+        for prefix in ("packs/", "index/", "refs/", "retired/", "gc/"):
+            send_group(prefix)
         if snaps:
             _send_snapshots(repo, put, cert, spool, local, snaps, lease, state_dir, report)
+        send_group("status/")
         spool.clear_leftovers()
     finally:
         with releasing(state_dir, lease.session):

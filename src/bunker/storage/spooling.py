@@ -30,7 +30,8 @@ from bunker.storage.refused import NodeStoreFull, StorageRefused
 SEED_PREFIXES = ("config/", "clients/")
 # What a spool holds for the upstream, in the order it must arrive there (docs/format.md section 17: packs,
 # then index, then snapshot; reference objects before the snapshot that names them).
-FORWARD_PREFIXES = ("packs/", "index/", "refs/", "retired/", "gc/", "snapshots/")
+# Status records (a run's report) last: a spooled snapshot they name may be renumbered on delivery.
+FORWARD_PREFIXES = ("packs/", "index/", "refs/", "retired/", "gc/", "snapshots/", "status/")
 
 
 class SpoolingBackend(Backend):
