@@ -325,6 +325,11 @@ def test_permanent_errors_are_not_retried(kind: str, request: pytest.FixtureRequ
     # exist"): the error is recognised by the code either way
     assert exc.value.exit_code == ExitCode.NO_REPOSITORY
     assert "the bucket or container does not exist (NoSuchBucket" in exc.value.message, exc.value.message
+    # radosgw writes its access log after answering: wait for the line, then count
+    deadline = time.monotonic() + 10
+    while not any(f"/no-such-bucket/{s3_prefix}/" in r for r in s3_server.requests()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.3)
     assert len([r for r in s3_server.requests() if f"/no-such-bucket/{s3_prefix}/" in r]) == 1
     with pytest.raises(BunkerError) as exc:
         list(b.list("packs/"))
