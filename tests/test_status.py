@@ -109,3 +109,17 @@ def test_a_spooled_runs_status_record_goes_up_with_its_snapshot(tmp_path: Path) 
     assert (repo.path / doc["status"]).exists(), "the status record waited in the spool and went up"
     row = _rows(js(repo.ok("status", "--json")))[repo.client]
     assert row["seq"] == 2 and row["level"] in ("ok", "note", "warn")
+
+
+def test_a_state_file_that_names_no_snapshot_witnesses_nothing(tmp_path: Path) -> None:
+    """A chain head file that does not name a snapshot (damaged, or another state file's content
+    in its place) is no witness: check reports no damage from it."""
+    import json
+
+    repo = init_repo(tmp_path / "r")
+    src = tmp_path / "src"
+    make_tree(src)
+    doc = repo.backup(src)
+    (head_file,) = (Path(repo.env["XDG_DATA_HOME"]) / "bunker" / "state").glob("*/*/chain.json")
+    head_file.write_text(json.dumps({"seq": 9, "name": doc["status"]}))
+    assert js(repo.ok("check", "--json"))["ok"] is True

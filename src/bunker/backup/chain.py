@@ -42,13 +42,18 @@ class ChainHead:
 
 
 def load_head(state_dir: str) -> ChainHead | None:
-    """The remembered head, or None if this client never finished a snapshot here."""
+    """The remembered head, or None if this client never finished a snapshot here (or the file
+    does not name a snapshot: a damaged state file witnesses nothing, it never reports damage)."""
     try:
         with open(os.path.join(state_dir, "chain.json"), encoding="utf-8") as f:
             d = json.load(f)
-        return ChainHead(int(d["seq"]), str(d["name"]), str(d.get("cert", "")))
+        head = ChainHead(int(d["seq"]), str(d["name"]), str(d.get("cert", "")))
     except (OSError, ValueError, KeyError, TypeError):
         return None
+    prefix, _, digest = head.name.partition("/")
+    if prefix != "snapshots" or len(digest) != 64 or head.seq < 1:
+        return None
+    return head
 
 
 def save_head(state_dir: str, head: ChainHead) -> None:
