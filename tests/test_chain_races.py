@@ -300,6 +300,35 @@ def test_deleted_state_directory_then_an_offline_backup_is_renumbered_not_forked
     assert repo.backup(src)["seq"] == 4
 
 
+def test_a_forward_killed_after_linking_leaves_a_head_the_next_one_corrects(repo: Repo, tmp_path: Path) -> None:
+    """A forward that stored the renumbered snapshot and died before it remembered it and
+    deleted the spooled copy: the next forward finds the run upstream, drops the copy and
+    remembers the snapshot upstream as the head. Before, the head kept naming the spooled copy,
+    and `bunker check` reported the chain as rolled back (a crash test caught it under load)."""
+    src = tmp_path / "src"
+    make_tree(src)
+    repo.backup(src)
+    (src / "second.bin").write_bytes(os.urandom(50_000))
+    repo.backup(src)
+    shutil.rmtree(_state_root(repo))
+    (src / "offline.bin").write_bytes(os.urandom(50_000))
+    offline = _offline_backup(repo, src)
+    (spooled,) = Path(repo.env["XDG_DATA_HOME"]).glob(f"bunker/spool/*/snapshots/{offline['snapshot']}")
+    kept, head_before = spooled.read_bytes(), (_state_dir(repo) / "chain.json").read_text()
+    assert json.loads(head_before)["name"] == f"snapshots/{offline['snapshot']}"
+    (moved,) = js(repo.ok("forward", "--json"))["renumbered"]
+    # what that run left when killed between storing #3 and the rest
+    spooled.write_bytes(kept)
+    (_state_dir(repo) / "chain.json").write_text(head_before)
+    fwd = js(repo.ok("forward", "--json"))
+    assert fwd["already_upstream"] >= 1 and fwd["snapshots"] == [] and fwd["left"] == 0, fwd
+    assert not spooled.exists()
+    head = json.loads((_state_dir(repo) / "chain.json").read_text())
+    assert head["seq"] == 3 and head["name"] == f"snapshots/{moved['snapshot']}"
+    _no_fork(repo, [1, 2, 3])
+    assert repo.backup(src)["seq"] == 4
+
+
 def test_stale_copy_of_the_state_directory_then_offline_backups_are_renumbered(repo: Repo, tmp_path: Path) -> None:
     src = tmp_path / "src"
     make_tree(src)

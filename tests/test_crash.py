@@ -95,11 +95,19 @@ class Lab:
         self.died = 0  # runs ended by a signal they did not handle (they may leave a lease behind)
         self.full = Counter[str]()  # how the runs on a full repository disk ended
         self.saved_state: Path | None = None
+        self.variant = ""  # how the last offline backup was delivered
 
     # ------------------------------------------------------------------ helpers
     @property
     def state_root(self) -> Path:
         return Path(self.repo.env["XDG_DATA_HOME"]) / "bunker" / "state"
+
+    def state_files(self) -> dict[str, str]:
+        """This machine's state files (chain heads, status numbers) by path: named when a check fails."""
+        return {
+            str(p.relative_to(self.state_root)): p.read_text(errors="replace")
+            for p in sorted(self.state_root.rglob("*.json"))
+        }
 
     def seeded(self) -> bool:
         """A run reached the repository from this machine: its spool can take an offline backup."""
@@ -254,6 +262,7 @@ class Lab:
             away.rename(self.repo.path)
         forward = ("forward", "--repo", self.repo.path)
         x = self.rng.random()
+        self.variant = "alone" if x < 0.5 else "two forwards" if x < 0.75 else "beside a backup"
         if x < 0.5:
             self.run_or_kill("forward", [self.start(*forward)], 2.0)
         elif x < 0.75:
@@ -363,23 +372,28 @@ def test_kill_backups_prunes_and_forwards_at_random(tmp_path: Path, disk: Path |
     budget = BUDGET if disk is None else BUDGET / 2
     deadline = time.monotonic() + budget
     steps = 0
+    actions: list[str] = []  # what each step did (named when a check fails)
     while time.monotonic() < deadline:
         leases, died = lab.leases(), lab.died
         x = lab.rng.random()
         if disk is not None and (x < 0.2 or steps == 3):  # (at least one fill however short the run)
-            lab.full_disk()
+            step = lab.full_disk
         elif x < 0.32:
-            lab.backup()
+            step = lab.backup
         elif x < 0.44:
-            lab.overlapping_backups()
+            step = lab.overlapping_backups
         elif x < 0.68:
-            lab.prune()
+            step = lab.prune
         elif x < 0.9 and lab.seeded():  # offline needs a run that reached the repository (it seeds the spool)
-            lab.offline_then_deliver()
+            step = lab.offline_then_deliver
         elif x >= 0.9:
-            lab.state_chaos()
+            step = lab.state_chaos
         else:
-            lab.backup()
+            step = lab.backup
+        kills = sum(lab.kills.values())
+        step()
+        variant = f" {lab.variant}" if step == lab.offline_then_deliver else ""
+        actions.append(f"{step.__name__}{variant}{' (killed)' if sum(lab.kills.values()) > kills else ''}")
         if lab.died == died:  # every run of the step ended by itself: none left a lease or claim
             assert lab.leases() <= leases, (steps, lab.leases() - leases)
         if lab.rng.random() < 0.15:
@@ -390,7 +404,8 @@ def test_kill_backups_prunes_and_forwards_at_random(tmp_path: Path, disk: Path |
             # (a backup waiting in the spool is this machine's newest: the repository lacks it
             # until it is forwarded)
             check = js(repo.ok("check", "--json", rc=(0, 14)))
-            assert check["ok"] is True, (steps, check["problems"])
+            errors = [p for p in check["problems"] if p["severity"] == "err"]  # (warnings would hide them)
+            assert check["ok"] is True, (steps, errors, lab.state_files(), actions)
 
     # afterwards: time passes (a run killed while it held a claim no longer holds it), what
     # waits in the spool arrives, a backup runs, garbage goes
@@ -465,7 +480,7 @@ def test_kill_backups_prunes_and_forwards_at_random(tmp_path: Path, disk: Path |
         f"state directory {lab.state_events}; full disk {dict(lab.full) if disk else 'not used'}; "
         f"{len(snaps)} snapshots ({sum(not s['complete'] for s in snaps)} "
         f"incomplete), {restored} complete ones restored byte-identical, {partial} incomplete ones (from killed runs' "
-        f"checkpoints) restored what they cover, {adopted} adopted by prune restored what they cover"
+        f"checkpoints) restored what they cover, {adopted} adopted by prune restored what they cover; steps: {actions}"
     )
     # (the shorter full-disk variant kills fewer runs; it fills the disk at least once)
     assert sum(lab.kills.values()) >= (10 if disk is None else 3) and restored >= 3

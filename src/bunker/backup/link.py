@@ -228,6 +228,17 @@ class ChainWriter:
         rec = self.repo.client_head(self.cert.name)
         return ChainBase(rec.snap.env.seq, rec.name) if rec is not None else ChainBase(0, "")
 
+    def delivered(self, spooled: str, seq: int, name: str) -> None:
+        """The spooled snapshot ``spooled`` is in the repository as #``seq`` ``name`` (linked by
+        another delivery, or by one killed after it stored the snapshot and before it remembered
+        it): remember that as the head where this machine's memory still names the spooled copy
+        or an older snapshot. Without this, the spooled copy's name stays the remembered head
+        after the copy is gone, and `bunker check` reports the chain as rolled back."""
+        mine = load_head(self.state_dir)
+        if mine is None or mine.name == spooled or mine.seq < seq:
+            with contextlib.suppress(OSError):  # a full disk here: the next run learns it from the repository
+                save_head(self.state_dir, ChainHead(seq, name, self.cert.name))
+
     def append(
         self,
         make: Callable[[int, str], tuple[Envelope, bytes]],

@@ -33,7 +33,7 @@ from bunker.node.vanished import Repaired, VanishedRepair
 from bunker.repo.certs import Certificate
 from bunker.repo.leases import Lease
 from bunker.repo.records import ChainBase
-from bunker.repo.repository import Repository
+from bunker.repo.repository import Repository, SnapshotRecord
 from bunker.repo.snapshot import Envelope, ParsedSnapshot, make_snapshot, parse_snapshot
 from bunker.runlog import RunLog
 from bunker.storage.local import LocalBackend
@@ -79,7 +79,9 @@ def deliver_own_snapshots(
     try:
         with ChainWriter(repo, put, cert, state_dir, lease.session, out.log, lease) as chain:
             for name, data, snap in _spooled(spool, names, out):
-                if _upstream_already(repo, snap):
+                upstream = _upstream_copy(repo, snap)
+                if upstream is not None:
+                    chain.delivered(name, upstream.snap.env.seq, upstream.name)
                     spool.delete(name)
                     out.already += 1
                     continue
@@ -133,16 +135,17 @@ def _spooled(spool: LocalBackend, names: list[str], out: Delivery) -> list[tuple
     return sorted(found, key=lambda x: x[2].env.seq)
 
 
-def _upstream_already(repo: Repository, snap: ParsedSnapshot) -> bool:
-    """True if a trusted snapshot upstream holds the same run of this client (under this name
-    or, renumbered, under another)."""
+def _upstream_copy(repo: Repository, snap: ParsedSnapshot) -> SnapshotRecord | None:
+    """The trusted snapshot upstream that holds the same run of this client (under this name
+    or, renumbered, under another), if there is one."""
     e = snap.env
     if not e.session:
-        return False
-    return any(
-        r.trusted and r.snap.env.cert == e.cert and r.snap.env.session == e.session and r.snap.env.counter == e.counter
-        for r in repo.snapshots()
-    )
+        return None
+    for r in repo.snapshots():
+        theirs = r.snap.env
+        if r.trusted and theirs.cert == e.cert and theirs.session == e.session and theirs.counter == e.counter:
+            return r
+    return None
 
 
 def _place(env: Envelope, head: ChainBase) -> tuple[int, str]:
