@@ -39,9 +39,11 @@ def leave_status(
     complete: bool = False,
     stats: Mapping[str, int] | None = None,
     events: Iterable[Mapping[str, Any]] = (),
+    policy: int = 0,
 ) -> str:
-    """Sign and store this run's status record; returns its name, or "" when it could not be
-    stored (the storage failed too: the run's own report says what happened)."""
+    """Sign and store this run's status record (``policy``: the policy version the run
+    applied, 0 for none); returns its name, or "" when it could not be stored (the storage
+    failed too: the run's own report says what happened)."""
     cert = f"clients/{content_hash(put.certificate)}"
     state = os.path.join(dirs.state_dir(repo.repo_id, content_hash(put.certificate)[:16]), STATE_FILE)
     try:
@@ -67,6 +69,7 @@ def leave_status(
         complete=complete,
         counts={k: int(v) for k, v in (stats or {}).items() if k in COUNTED},
         events=events,
+        policy=policy,
     )
     try:
         name = repo.put_object("status", data)

@@ -13,6 +13,7 @@ from bunker import dirs
 from bunker.backup.archiver import Progress
 from bunker.backup.commit import Committed
 from bunker.backup.excludes import read_exclude_file
+from bunker.backup.policy_applied import apply_policy
 from bunker.backup.run import BackupRequest, run_backup
 from bunker.backup.status import leave_status
 from bunker.cli import context
@@ -182,10 +183,8 @@ def _default_repository_exists(url: str) -> bool:
 @click.option(
     "--checkpoint-interval",
     metavar="AGE",
-    default="10s",
-    show_default=True,
     help="Persist progress this often (0 = never): a killed run redoes at most about this much, and what it "
-    "stored becomes an incomplete snapshot.",
+    "stored becomes an incomplete snapshot [default: the policy's checkpoint-interval, else 10s].",
 )
 @click.option(
     "--spool-warn-age",
@@ -203,7 +202,8 @@ def backup(**kwargs: Any) -> None:
     progress_mode = "never" if kwargs.pop("no_progress") else kwargs.pop("progress_mode")
     kwargs.pop("progress_mode", None)
     spool_warn_age = kwargs.pop("spool_warn_age")
-    checkpoint_seconds = parse_age(kwargs.pop("checkpoint_interval"))
+    checkpoint_text = kwargs.pop("checkpoint_interval")
+    checkpoint_seconds = parse_age(checkpoint_text) if checkpoint_text is not None else None
     excludes = list(kwargs.pop("exclude"))
     for f in kwargs.pop("exclude_file"):
         excludes += read_exclude_file(f)
@@ -237,6 +237,7 @@ def backup(**kwargs: Any) -> None:
         if not os.path.lexists(p):
             raise BunkerError(f"{p} does not exist", "check the path; no backup was taken", exit_code=ExitCode.USAGE)
     repo, put, forward_events = _open_with_spool(opts, out)
+    applied = apply_policy(repo, put, checkpoint_seconds)
     req = BackupRequest(
         paths=list(paths),
         excludes=excludes,
@@ -249,11 +250,11 @@ def backup(**kwargs: Any) -> None:
         stdin=sys.stdin.buffer if (stdin_name or tar_source == "-") else None,
         tar=tar_source,
         master_on_client=context.master_on_client(repo.repo_id),
-        events=forward_events,
+        events=forward_events + applied.events,
     )
     if host:
         req.host = host
-    req.checkpoint_seconds = checkpoint_seconds
+    req.checkpoint_seconds = applied.checkpoint_seconds
     if spool_warn_age is not None:
         req.spool_warn_age = parse_age(spool_warn_age)
     progress = Progress()
@@ -264,7 +265,8 @@ def backup(**kwargs: Any) -> None:
         except BunkerError as exc:
             # a failed run leaves its status record too: the top sees the failure, not silence
             failed = {"level": "fatal", "code": "backup-failed", "message": f"{exc.message} (next step: {exc.hint})"}
-            leave_status(repo, put, started=started, level="fatal", exit_code=exc.exit_code, events=[failed])
+            code, version = exc.exit_code, applied.version
+            leave_status(repo, put, started=started, level="fatal", exit_code=code, events=[failed], policy=version)
             _raise_full_as_spool(exc, repo)
             raise
     ignore_signals()  # the backup's work is done, whatever comes now: only its report is left
@@ -296,7 +298,10 @@ def backup(**kwargs: Any) -> None:
         complete=outcome.interrupted is None,
         stats=s,
         events=[e.to_json() for e in log.events],
+        policy=applied.version,
     )
+    if applied.version:
+        doc["policy"] = applied.version
     out.document(doc)
     if not opts.as_json:
         for e in log.events:

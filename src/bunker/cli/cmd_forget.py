@@ -22,6 +22,7 @@ from bunker.errors import BunkerError, ExitCode, KeyRequired
 from bunker.repo import record_witness, retention
 from bunker.repo.certs import parse_certificate
 from bunker.repo.forgetting import Plan, group_rows, newest_of_path_set, plan_policy, resolve_ids
+from bunker.repo.policy_memory import policy_in_force
 from bunker.repo.records import Retirements, make_retirement
 from bunker.repo.repository import Repository, SnapshotRecord
 from bunker.repo.selection import owner, trusted_times
@@ -46,9 +47,18 @@ def _fmt_time(t: float) -> str:
     return datetime.datetime.fromtimestamp(retention.clamp_time(t)).strftime("%Y-%m-%d %H:%M:%S")
 
 
-def _policy(kwargs: dict[str, Any], ids: tuple[str, ...]) -> retention.Policy | None:
+def _policy(kwargs: dict[str, Any], ids: tuple[str, ...], use_policy: bool) -> retention.Policy | None:
+    """The rules given on the command line (None with ids, or with --policy)."""
     within_text = kwargs.pop("keep_within")
     counts = {rule: kwargs.pop(f"keep_{rule}") for rule in retention.RULES}
+    if use_policy:
+        if ids or within_text is not None or any(counts.values()):
+            raise BunkerError(
+                "--policy takes neither snapshot ids nor retention rules: the policy gives each client's rules",
+                "run `bunker forget --policy` alone, or give rules here without --policy",
+                exit_code=ExitCode.USAGE,
+            )
+        return None
     if ids:
         if within_text is not None or any(counts.values()):
             raise BunkerError(
@@ -165,6 +175,13 @@ def remember(repo: Repository, name: str, data: bytes) -> None:
     help="Keep every snapshot less than DURATION older than the newest of its group (2d, 12h, 1w, 3m, 1y, 1y6m).",
 )
 @click.option("--client", help="Only this client's snapshots.")
+@click.option(
+    "--policy",
+    "use_policy",
+    is_flag=True,
+    help="Apply each client's retention rules from the repository's policy (`bunker policy set`) instead of rules "
+    "given here.",
+)
 @click.option("--dry-run", "-n", is_flag=True, help="Show what would be kept and forgotten, and why; change nothing.")
 @handles_errors
 def forget(**kwargs: Any) -> None:
@@ -173,44 +190,84 @@ def forget(**kwargs: Any) -> None:
     `snapshots`. Its data stays until `bunker prune`; `bunker unforget ID` brings it back until then.
     A policy never forgets the newest snapshot of a path set, nor one brought back by unforget."""
     ids, client, dry_run = kwargs.pop("snapshot_ids"), kwargs.pop("client"), kwargs.pop("dry_run")
-    policy = _policy(kwargs, ids)
+    use_policy = kwargs.pop("use_policy")
+    policy = _policy(kwargs, ids, use_policy)
     opts, out = make_options(kwargs)
     repo, master, signer, cannot_sign = open_for_records(
         opts, out, dry_run, "forget snapshots", "grouping by path set and signing retirement records"
     )
     retirements = repo.retirements()
-    if policy is None:
+    if policy is None and not use_policy:
         _forget_ids(repo, out, list(ids), client, signer, cannot_sign, retirements, dry_run)
         return
-    plan = plan_policy(repo, policy, client, master, retirements)
-    forgotten = plan.forgotten()
+    # (client, rules, their plan): one set of rules given here, or each client's from the policy
+    plans: list[tuple[str | None, retention.Policy, Plan]] = []
+    without_rules: list[str] = []
+    policy_doc: Any
+    if policy is not None:
+        plans.append((client, policy, plan_policy(repo, policy, client, master, retirements)))
+        policy_doc = policy.describe()
+    else:
+        current, events = policy_in_force(repo)
+        for level, _code, message in events:
+            out.info(f"{level}: {message}")
+        if current is None:
+            raise BunkerError(
+                "--policy: the repository holds no policy",
+                "set one with `bunker policy set FILE` (it may give retention rules per client), or give the rules "
+                f"here: {RULE_OPTIONS}",
+                exit_code=ExitCode.USAGE,
+            )
+        clients = [client] if client else sorted({owner(repo, r) for r in repo.snapshots()})
+        for c in clients:
+            rules = current.retention_for(c)
+            if rules is None:
+                without_rules.append(c)
+            else:
+                plans.append((c, rules, plan_policy(repo, rules, c, master, retirements)))
+        policy_doc = {
+            "version": current.version,
+            "name": current.name,
+            "clients": {c: rules.describe() for c, rules, _ in plans},
+            "without_rules": without_rules,
+        }
+    forgotten = [(rules, rec) for _, rules, plan in plans for rec in plan.forgotten()]
     written: list[str] = []
     if not dry_run and forgotten:
         assert signer is not None  # signer_for raised otherwise
-        reason = f"bunker forget {policy.describe()}"
-        for rec in forgotten:
-            data = make_retirement(rec.name, reason, signer.key, signer.cert)
+        version = f"policy version {policy_doc['version']}: " if isinstance(policy_doc, dict) else ""
+        for rules, rec in forgotten:
+            data = make_retirement(rec.name, f"bunker forget {version}{rules.describe()}", signer.key, signer.cert)
             written.append(repo.put_object("retired", data))
             remember(repo, written[-1], data)
-    groups = group_rows(plan)
+    groups = [row for _, _, plan in plans for row in group_rows(plan)]
+    merged = Plan(by_paths=master is not None)
+    for _, _, plan in plans:
+        merged.groups += plan.groups
+        merged.skipped += plan.skipped
+        for who, n in plan.by_client_only.items():
+            merged.by_client_only[who] = merged.by_client_only.get(who, 0) + n
     out.document(
         {
             "repository": repo.backend.url,
             "id": repo.repo_id,
             "dry_run": dry_run,
-            "policy": policy.describe(),
-            "grouping": "client+paths" if plan.by_paths else "client+path-set",
-            "grouped_by_client_only": plan.by_client_only,
+            "policy": policy_doc,
+            "grouping": "client+paths" if merged.by_paths else "client+path-set",
+            "grouped_by_client_only": merged.by_client_only,
             "signer": signer.who if signer else None,
             "groups": groups,
-            "skipped": plan.skipped,
-            "kept": plan.kept(),
+            "skipped": merged.skipped,
+            "kept": merged.kept(),
             "forgotten": len(forgotten),
             "retirement_records": written,
         }
     )
-    _print_plan(out, policy, plan, groups)
-    total = plan.kept() + len(forgotten)
+    for c, rules, plan in plans:
+        _print_plan(out, rules, plan, group_rows(plan), f" for client {c!r}" if use_policy else "")
+    for c in without_rules:
+        out.line(f"client {c!r}: the policy gives it no retention rules: nothing of it is forgotten")
+    total = merged.kept() + len(forgotten)
     if not total:
         out.line("no snapshots to consider" + (f" for client {client!r}" if client else ""))
     elif dry_run:
@@ -228,9 +285,9 @@ def forget(**kwargs: Any) -> None:
         out.line(f"all {total} snapshot(s) are kept by the policy; nothing to forget")
 
 
-def _print_plan(out: Any, policy: retention.Policy, plan: Plan, groups: list[dict[str, Any]]) -> None:
+def _print_plan(out: Any, policy: retention.Policy, plan: Plan, groups: list[dict[str, Any]], who: str = "") -> None:
     tz = datetime.datetime.now().astimezone().tzname()
-    out.line(f"policy: {policy.describe()} (periods in local time, {tz})")
+    out.line(f"policy{who}: {policy.describe()} (periods in local time, {tz})")
     if plan.by_paths:
         out.line("grouped by client and path set (the master key opened the paths)")
     else:

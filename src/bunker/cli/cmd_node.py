@@ -300,8 +300,6 @@ def status_cmd(directory: str, **kwargs: Any) -> None:
     from bunker.cli.cmd_status import describe_row
     from bunker.node.node_dir import NodeDir
     from bunker.node.node_status import node_status
-    from bunker.repo.status_records import SILENT_AFTER
-
     out = _out(kwargs)
     nd = NodeDir(directory)
     doc = node_status(nd)
@@ -318,12 +316,14 @@ def status_cmd(directory: str, **kwargs: Any) -> None:
                 f"  upstream {u['name']:<12} lacks {u['owed_objects']} objects ({human_bytes(u['owed_bytes'])}), "
                 f"{u['recorded']} recorded at the top"
             )
+        if r["policy"]:
+            out.line(f"  policy version {r['policy']['version']} in force here (passed down to the clients)")
         if r["witnessed"]:
             n = len(r["witnessed"])
             out.line(f"  witnesses the newest snapshot of {n} client(s) at the top (`bunker node witness`)")
         for c in r["clients"]:
             at_top = f"; at the top up to #{c['top_head']['seq']}" if c["top_head"] else "; none at the top yet"
-            out.line(f"  client {describe_row(c, SILENT_AFTER)}{at_top}")
+            out.line(f"  client {describe_row(c)}{at_top}")
     if doc["key_rotation"] and doc["key_rotation"]["waiting_links"]:
         waiting = doc["key_rotation"]["waiting_links"]
         out.line(

@@ -19,7 +19,7 @@ def _when(t: float) -> str:
     return datetime.datetime.fromtimestamp(t).strftime("%Y-%m-%d %H:%M")
 
 
-def describe_row(row: dict[str, Any], silent_after: float) -> str:
+def describe_row(row: dict[str, Any]) -> str:
     """One client's line: its newest run, or that it never reported; flagged when silent."""
     who = f"{row['client']!r}" + (" (revoked)" if row["revoked"] else "")
     if "ended" not in row:
@@ -29,7 +29,9 @@ def describe_row(row: dict[str, Any], silent_after: float) -> str:
         last = f"last {row['run']} {_when(row['ended'])}: level {row['level']}, exit {row['exit']}, " + (
             snap if row["snapshot"] else "no snapshot"
         )
-    flag = f" — SILENT for more than {silent_after / 86400:g} days" if row["silent"] else ""
+    flag = f" — SILENT for more than {row['silent_after'] / 86400:g} days" if row["silent"] else ""
+    if row.get("policy"):
+        last += f", policy version {row['policy']}"
     return f"{who}: {last}{flag}"
 
 
@@ -38,14 +40,14 @@ def describe_row(row: dict[str, Any], silent_after: float) -> str:
 @click.option(
     "--silent-after",
     metavar="AGE",
-    default=f"{SILENT_AFTER / 86400:g}d",
-    show_default=True,
-    help="Flag a client whose newest status record is older than AGE (e.g. 12h, 3d).",
+    help="Flag a client whose newest status record is older than AGE (e.g. 12h, 3d) [default: the policy's "
+    f"silent-after for each client, else {SILENT_AFTER / 86400:g}d].",
 )
 @handles_errors
 def status(**kwargs: Any) -> None:
     """Each client's last run, from the status records every backup leaves (no key needed)."""
-    silent_after = parse_age(kwargs.pop("silent_after"))
+    given = kwargs.pop("silent_after")
+    silent_after = parse_age(given) if given is not None else None
     opts, out = make_options(kwargs)
     repo = context.open_repository(opts)
     rows, bad = status_rows(repo, time.time(), silent_after)
@@ -55,14 +57,14 @@ def status(**kwargs: Any) -> None:
     level = "err" if bad or failing else "warn" if silent or any(r["problems"] for r in rows) else "ok"
     out.document({"repository": repo.repo_id, "clients": rows, "untrusted": bad, "level": level})
     for r in rows:
-        out.line(describe_row(r, silent_after))
+        out.line(describe_row(r))
         for p in r["problems"]:
             out.line(f"  problem: {p}")
     for b in bad:
         out.line(f"untrusted status record {b}")
     if silent:
         out.info(
-            f"{len(silent)} client(s) left no status record for more than {silent_after / 86400:g} days: find out on "
+            f"{len(silent)} client(s) left no status record within their silence limit: find out on "
             "those machines whether backups still run (a stopped timer, a machine gone, a node that withholds them)"
         )
     if bad:

@@ -121,6 +121,7 @@ def main() -> None:
         cmd_node,
         cmd_node_admin,
         cmd_node_keys,
+        cmd_policy,
         cmd_prune,
         cmd_restore,
         cmd_serve,

@@ -32,7 +32,7 @@ from bunker.storage.backend import Backend, ObjectInfo
 SESSION_OUTPUT = ("packs/", "index/", "refs/", "snapshots/")  # what clients' backups write
 UP_PREFIXES = ("clients/", *SESSION_OUTPUT, "status/")  # status records travel with the data
 # what flows down from the repository of record to every node
-DOWN_PREFIXES = ("config/", "clients/", "nodes/", "retired/", "gc/")
+DOWN_PREFIXES = ("config/", "clients/", "nodes/", "retired/", "gc/", "policy/")
 
 
 @dataclass

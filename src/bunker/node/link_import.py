@@ -52,10 +52,11 @@ from bunker.repo.holding_records import read_holding
 from bunker.repo.node_acks import parse_ack, verify_ack
 from bunker.repo.node_certs import node_certificates, trusted_node
 from bunker.repo.objects import MAGIC_CKROOT, MAGIC_HOLDING, is_hash_name
+from bunker.repo.policy import parse_policy
 from bunker.repo.repository import Repository
 from bunker.storage.mailbox import open_mailbox
 
-RECORD_PREFIXES = ("config/", "clients/", "nodes/", "retired/", "gc/")
+RECORD_PREFIXES = ("config/", "clients/", "nodes/", "retired/", "gc/", "policy/")
 
 
 @dataclass
@@ -337,6 +338,13 @@ def _take(
             parse_certificate(data, repo.config.master_verify, repo_id)
         except encoding.FormatError as exc:
             report.refused.append((name, f"not a certificate the master key issued for this repository ({exc})"))
+            return False
+    if name.startswith("policy/"):
+        repo = Repository.open(store, repo_id, floor=False)
+        try:
+            parse_policy(data, repo.config.master_verify, repo_id)
+        except encoding.FormatError as exc:
+            report.refused.append((name, f"not a policy the master key signed for this repository ({exc})"))
             return False
     if name.startswith("config/"):
         try:

@@ -10,6 +10,7 @@ from bunker.node.node_dir import NodeDir
 from bunker.node.rotation import rotation_status
 from bunker.node.staleness import last_heard, stale_problems
 from bunker.node.witnessed import witnessed_heads
+from bunker.repo.policy import read_policies
 from bunker.repo.repository import Repository
 from bunker.repo.status_records import status_rows
 
@@ -39,7 +40,9 @@ def node_status(nd: NodeDir) -> dict[str, Any]:
             )
         heads = {h.cert: h for h in witnessed_heads(nd, repo_id)}
         # the clients that back up through this node: their status records are in its store
-        rows, untrusted = status_rows(Repository.open(store, repo_id, floor=False), time.time())
+        held_repo = Repository.open(store, repo_id, floor=False)
+        rows, untrusted = status_rows(held_repo, time.time())
+        in_force = read_policies(held_repo).current
         clients = []
         for row in rows:
             if not row["records"]:
@@ -48,12 +51,15 @@ def node_status(nd: NodeDir) -> dict[str, Any]:
             row["top_head"] = {"seq": head.seq, "time": head.time, "via": head.via} if head else None
             clients.append(row)
             if row["silent"]:
-                silent.append(f"client {row['client']!r} left no status record on node {nd.name} for 3 days")
+                days = f"{row['silent_after'] / 86400:g}"
+                silent.append(f"client {row['client']!r} left no status record on node {nd.name} for {days} days")
         repos.append(
             {
                 "repository": repo_id,
                 "clients": clients,
                 "untrusted_status": untrusted,
+                # the owner's policy as it reached this node (repo/policy.py)
+                "policy": {"version": in_force.version, "name": in_force.name} if in_force else None,
                 "objects": len(held),
                 "bytes": sum(i.size for i in held),
                 "upstreams": ups,

@@ -61,6 +61,7 @@ from bunker.repo.pack import (
     verify_footer,
 )
 from bunker.repo.pack_verifier import PackJob, PackVerifierPool
+from bunker.repo.policy import read_policies
 from bunker.repo.repository import Repository
 from bunker.repo.status_records import status_problems
 from bunker.repo.witnesses import Source, Witness, statements_witnesses
@@ -83,7 +84,7 @@ TRANSIENT = ("packs", "index", "gc", "sessions")
 # section 17), and a record explaining a pack's absence is stored before the pack is deleted
 LIST_ORDER = (
     "status",  # names snapshots: listed before them
-    *("config", "clients", "nodes", "snapshots", "refs", "index", "packs", "retired", "gc", "sessions"),
+    *("config", "clients", "nodes", "policy", "snapshots", "refs", "index", "packs", "retired", "gc", "sessions"),
 )
 
 
@@ -159,6 +160,8 @@ class Checker:
         self._check_node_certs(names["nodes"])
         for name, why, level in status_problems(repo):  # clients' run reports (repo/status_records.py)
             r.add(name, why, level)
+        for name, why in read_policies(repo).problems:  # the owner's policy (repo/policy.py)
+            r.add(name, f"policy refused: {why}" if "two policies" not in why else why)
         # this machine's heads first: a node's statement of the same head adds nothing
         self._witnesses = [Witness(*h) for h in self.heads] + statements_witnesses(repo, r, self.statements)
         if keyless or self.master:

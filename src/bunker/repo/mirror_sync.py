@@ -42,7 +42,7 @@ PHASES: tuple[tuple[str, ...], ...] = (
     ("gc", "retired"),
     ("snapshots",),
 )
-# hash-named prefixes no phase names (the reserved status/ and policy/) go last
+# hash-named prefixes no phase names (status/ and policy/) go last
 PHASES = (*PHASES, tuple(p for p in HASH_NAMED if not any(p in ph for ph in PHASES)))
 # the source is listed so that whatever a listed object names is listed too, even while backups
 # write there: an object is listed before the objects it names (which were stored before it)

@@ -22,6 +22,7 @@ from bunker.crypto.kem import DataPrivateKey, DataPublicKey, OpenFailed
 from bunker.crypto.sign import BadSignature, SigningKey, verify
 from bunker.errors import CorruptObject, ObjectMissing
 from bunker.repo.objects import check_ref, make_signed, parse_signed
+from bunker.repo.policy import read_policies
 from bunker.repo.repository import Repository
 from bunker.runlog import LEVELS
 
@@ -49,6 +50,7 @@ class StatusRecord:
     complete: bool
     counts: dict[str, int] = field(default_factory=dict)
     codes: dict[str, int] = field(default_factory=dict)
+    policy: int = 0  # the policy version the run applied (0: none)
     sealed_key: bytes = b""
     text: bytes = b""
 
@@ -75,6 +77,7 @@ def make_status(
     complete: bool = False,
     counts: Mapping[str, int] | None = None,
     events: Iterable[Mapping[str, Any]] = (),
+    policy: int = 0,
 ) -> bytes:
     """One signed status record. ``events``: the run's events (level, code, message, path):
     their codes are counted in the readable part, their messages sealed to the master key."""
@@ -102,6 +105,7 @@ def make_status(
         "complete": bool(complete),
         "counts": {str(k): int(v) for k, v in sorted((counts or {}).items())},
         "codes": dict(sorted(codes.items())),
+        "policy": int(policy),
         "sealed_key": data_public.seal(text_key, TEXT_INFO + repo_id.encode()),
         "text": aead.encrypt(text_key, encoding.pack([dict(e) for e in events]), probe.aad(repo_id)),
     }
@@ -150,10 +154,19 @@ def parse_status(name: str, data: bytes) -> tuple[StatusRecord, Any]:
         complete=encoding.field(b, "complete", bool),
         counts=dict(counts),
         codes=dict(codes),
+        policy=_policy_version(b),
         sealed_key=encoding.field_bytes(b, "sealed_key"),
         text=encoding.field_bytes(b, "text"),
     )
     return rec, obj
+
+
+def _policy_version(body: dict[str, Any]) -> int:
+    """The policy version a run applied (0: none, or a record written before runs reported it)."""
+    v = body.get("policy", 0)
+    if type(v) is not int or v < 0:
+        raise encoding.FormatError("status record with a malformed policy version")
+    return v
 
 
 def verify_status(repo: Repository, name: str, data: bytes) -> StatusRecord:
@@ -238,12 +251,14 @@ SILENT_AFTER = 3 * 86400.0  # a client whose newest record is older than this ha
 
 
 def status_rows(
-    repo: Repository, now: float, silent_after: float = SILENT_AFTER
+    repo: Repository, now: float, silent_after: float | None = None
 ) -> tuple[list[dict[str, Any]], list[str]]:
     """One row per client certificate (those with no record yet too) for `bunker status` and
     `bunker node status`, and the records that could not be trusted. A row's ``silent`` is true
     when its newest record ended more than ``silent_after`` seconds before ``now`` (or there is
-    none)."""
+    none); without ``silent_after``, each client's limit is the policy's ``silent-after`` for it
+    (repo/policy.py), else ``SILENT_AFTER``."""
+    policy = read_policies(repo).current if silent_after is None else None
     statuses = client_statuses(repo)
     bad = statuses.pop("", ClientStatus("", "")).problems
     revoked = repo.revoked
@@ -267,10 +282,15 @@ def status_rows(
                 complete=r.complete,
                 codes=r.codes,
                 counts=r.counts,
+                policy=r.policy,
             )
         row["problems"] = list(st.problems) if st else []
         ended = row.get("ended")
-        row["silent"] = not row["revoked"] and (ended is None or now - float(ended) > silent_after)
+        limit = silent_after
+        if limit is None:
+            limit = float(policy.settings_for(client).get("silent-after", SILENT_AFTER)) if policy else SILENT_AFTER
+        row["silent_after"] = limit
+        row["silent"] = not row["revoked"] and (ended is None or now - float(ended) > limit)
         rows.append(row)
     return rows, bad
 

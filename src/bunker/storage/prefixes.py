@@ -53,7 +53,7 @@ REGISTRY: tuple[Prefix, ...] = (
     Prefix("retired", HASH, "retirement records and their withdrawals (unretire records)"),
     Prefix("gc", HASH, "GC condemnation and move records"),
     Prefix("status", HASH, "status records of clients' runs"),
-    Prefix("policy", HASH, "policy objects (reserved: not written yet)", reserved=True),
+    Prefix("policy", HASH, "the owner's policy versions, signed by the master key"),
     Prefix("nodes", HASH, "node certificates"),
     Prefix("sessions", SESSION, "leases of running writers"),
 )
