@@ -216,7 +216,8 @@ def _fake_ssh(tmp_path: Path) -> tuple[dict[str, str], Path]:
     bin_dir.mkdir(exist_ok=True)
     pid_file = tmp_path / "ssh.pid"
     script = bin_dir / "ssh"
-    script.write_text(f"#!/bin/sh\necho $$ > {pid_file}\nexec sleep 600\n")
+    # written whole under another name, then renamed: a reader never sees it half written
+    script.write_text(f"#!/bin/sh\necho $$ > {pid_file}.tmp\nmv {pid_file}.tmp {pid_file}\nexec sleep 600\n")
     script.chmod(0o755)
     env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "BUNKER_STORAGE_TIMEOUT": "600"}
     return env, pid_file

@@ -16,6 +16,7 @@ class ExitCode:
     ERR = 3  # run finished at level err: backup taken, some items missing
     FATAL = 4  # nothing was done (generic failure)
     DIFFERENT = 5  # compare: the two copies of a repository differ (or a snapshot in them is untrusted)
+    REQUESTED = 6  # restore: data a node evicted was requested from its upstream; rerun when it has arrived
     NEED_PASSPHRASE = 10  # a passphrase is needed and there is no tty nor BUNKER_PASSPHRASE
     BAD_PASSPHRASE = 11  # the passphrase does not open the master key
     KEY_MISSING = 12  # the needed key file is not there, or a put key was given where the master is needed
@@ -71,6 +72,25 @@ class ObjectMissing(BunkerError):
             f"object {name} is missing from the repository",
             hint or "run `bunker check` to see what else is missing; a mirror may still hold it",
         )
+
+
+class RequestedUpstream(ObjectMissing):
+    """An object the node a client reads through evicted (the repository of record holds it):
+    the node requested it from its upstream and the client reruns once it has arrived."""
+
+    exit_code = ExitCode.REQUESTED
+
+    def __init__(self, name: str, node: str, why: str, route: list[str]) -> None:
+        super().__init__(name)
+        self.message = (
+            f"object {name} was evicted by node {node!r} (the repository of record holds it); the node requested it "
+            f"from {', '.join(repr(r) for r in route) or 'its upstreams'}: {why}"
+        )
+        self.hint = (
+            f"run the command again once it has arrived; `bunker node requests DIR` on node {node!r} lists the "
+            "request, and its next `bunker node forward` (or its daemon) asks again"
+        )
+        self.args = (self.message,)
 
 
 class KeyRequired(BunkerError):

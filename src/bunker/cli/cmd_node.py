@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import Any
 
 import click
@@ -235,27 +236,60 @@ def forward_cmd(directory: str, name: str | None, **kwargs: Any) -> None:
     from bunker.node.eviction import evict_all
     from bunker.node.node_dir import NodeDir
     from bunker.node.relay import forward_all
+    from bunker.node.requests import describe_retries, retry_all
     from bunker.node.staleness import stale_problems
 
     out = _out(kwargs)
     nd = NodeDir(directory)
     with nd.moving():  # waits for a daemon's cycle under way
         results = forward_all(nd, name)
+        retried = retry_all(nd, force=True)  # restore requests: asked again at once when run by hand
         evictions, full = evict_all(nd)
     problems = [(p.level, p.code, p.message) for p in results.problems] + full + stale_problems(nd)
     out.document(
         {
             "node": nd.name,
             "deliveries": [r.to_json() for r in results.reports],
+            "requests": {r: {"fetched": f, "pending": p} for r, (f, p) in retried.items()},
             "abandoned": [a.to_json() for a in results.abandoned],
             "evicted": [e.to_json() for e in evictions],
             "problems": [{"level": lv, "code": c, "message": m} for lv, c, m in problems],
         }
     )
-    for line in results.lines():
+    for line in results.lines() + describe_retries(retried):
         out.line(line)
     _report_evictions(out, evictions)
     sys.exit(_exit(problems))
+
+
+@node.command("requests")
+@click.argument("directory", type=click.Path(file_okay=False))
+@json_option
+@handles_errors
+def requests_cmd(directory: str, **kwargs: Any) -> None:
+    """Restore requests: objects clients read that this node had evicted, asked for upstream."""
+    from bunker.node.node_dir import NodeDir
+    from bunker.node.requests import journal
+
+    out = _out(kwargs)
+    nd = NodeDir(directory)
+    rows = [
+        {"repository": repo_id, "object": name, **r}
+        for repo_id in nd.repositories()
+        for name, r in sorted(journal(nd, repo_id).items(), key=lambda kv: float(kv[1].get("since", 0.0)))
+    ]
+    pending = [r for r in rows if r.get("state") == "pending"]
+    out.document({"node": nd.name, "requests": rows, "pending": len(pending)})
+    for r in rows:
+        since = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(r["since"])))
+        route = ", ".join(r.get("route") or []) or "no upstream"
+        if r.get("state") == "pending":
+            out.line(f"{r['object']}: PENDING since {since} via {route}, {r.get('tries', 0)} tries: {r.get('why', '')}")
+        else:
+            got = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(r.get("fetched", 0.0))))
+            out.line(f"{r['object']}: fetched {got} via {route} (asked since {since}; kept here for restores)")
+    if not rows:
+        out.line(f"node {nd.name} has no restore requests")
 
 
 @node.command("list")

@@ -422,5 +422,13 @@ def restore(**kwargs: Any) -> None:
             f"{human_bytes(stats.bytes)}; level {log.level}"
             + (f"; {stats.failed} items could not be restored" if stats.failed else "")
         )
+    if stats.requested:
+        # data a node evicted was requested upstream: not damage, a wait (docs/hierarchy.md)
+        click.echo(
+            f"{stats.requested} file(s) need data that was requested from upstream: run this restore again once it "
+            "has arrived (`bunker node requests DIR` on the node shows the requests)",
+            err=True,
+        )
+        sys.exit(ExitCode.REQUESTED)
     if stats.failed or log.level == "err":
         sys.exit(ExitCode.ERR)

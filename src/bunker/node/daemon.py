@@ -42,6 +42,7 @@ from bunker.node.node_serve import node_serve_config
 from bunker.node.relay import forward_all
 from bunker.node.relay_direct import DirectReport
 from bunker.node.relay_link import LinkReport
+from bunker.node.requests import describe_retries, retry_all
 
 DEFAULT_INTERVAL = 60.0
 POLL = 1.0  # how often an idle daemon looks for a new snapshot in its stores
@@ -236,6 +237,10 @@ class Daemon:
             for peer in self.peers.values():
                 if peer.next_due <= now:
                     self._serve_peer(nd, peer, done)
+            try:
+                done += describe_retries(retry_all(nd))  # restore requests whose backoff passed
+            except (BunkerError, OSError) as exc:
+                self.log.say("err", f"restore requests of node {nd.name} could not be retried: {exc}", once=True)
             try:
                 # an unbounded store has nothing to evict: no listing of it every cycle
                 evictions, full = evict_all(nd) if nd.config.max_size is not None else ([], [])

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 
 from bunker.node.holdings import UpstreamState
 from bunker.node.node_dir import NodeDir, read_json, write_json
+from bunker.node.requests import pinned
 from bunker.storage.backend import ObjectInfo
 
 # what eviction may take, in the order it takes it; everything else is metadata a node keeps
@@ -93,8 +94,10 @@ def evict(nd: NodeDir, repo_id: str) -> Evicted:
     if bound is None or used <= bound:
         return out
     allowed = recorded_enough(nd, repo_id)
+    keep = pinned(nd, repo_id)  # fetched back for a restore (node/requests.py)
     candidates = sorted(
-        (i for i in infos if i.name.startswith(EVICTABLE) and i.name in allowed), key=lambda i: (i.mtime, i.name)
+        (i for i in infos if i.name.startswith(EVICTABLE) and i.name in allowed and i.name not in keep),
+        key=lambda i: (i.mtime, i.name),
     )
     store = nd.store(repo_id)
     record = evicted(nd, repo_id)

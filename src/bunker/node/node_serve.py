@@ -148,6 +148,16 @@ def accepts_certificate(store_dir: str, data: bytes) -> bool:
     return True
 
 
+def _fetch(node: NodeDir, store_dir: str, name: str) -> tuple[bytes | None, str, list[str]]:
+    """A client reads an object this node evicted: request it upstream (node/requests.py)."""
+    from bunker.node.requests import request
+
+    nd = NodeDir(node.root)  # (re-read: the daemon may have changed upstreams since the server started)
+    repo_id = os.path.basename(store_dir.rstrip("/"))
+    got = request(nd, repo_id, nd.store(repo_id), name)
+    return got.data, got.why, got.route
+
+
 def node_serve_config(node: NodeDir) -> ServeConfig:
     """The serve configuration of ``node``: append-only, client prefixes only."""
     direct = [u.url for u in node.config.upstreams if u.kind == "direct"]
@@ -169,5 +179,6 @@ def node_serve_config(node: NodeDir) -> ServeConfig:
         recorded=watch.recorded,
         certificate_ok=accepts_certificate,
         statement=lambda store_dir: statement_for(NodeDir(node.root), os.path.basename(store_dir.rstrip("/"))),
+        fetch=lambda store_dir, name: _fetch(node, store_dir, name),
     )
     return ServeConfig(node.root, append_only=True, node=role)

@@ -101,6 +101,9 @@ class NodeRole:
     # newest snapshot per client it knows the repository of record holds (a client that has no
     # chain head of its own takes it from there: backup/link.py)
     statement: Callable[[str], bytes] | None = None
+    # store directory, name of an evicted object a client reads -> (its bytes when an upstream
+    # gave them at once, else None; why it waits; the route it was requested on) (node/requests.py)
+    fetch: Callable[[str, str], tuple[bytes | None, str, list[str]]] | None = None
 
 
 @dataclass(frozen=True)
@@ -364,9 +367,15 @@ class Session:
             try:
                 return self._get(b, name, _int(m, "o"), _opt_int(m, "l"))
             except ObjectMissing:
-                if self.config.node is not None and name in self.config.node.upstream_held(b.root):
+                node = self.config.node
+                if node is None or name not in node.upstream_held(b.root):
+                    raise
+                if node.fetch is None:
                     return wire.MISSING, {"w": "upstream"}, b""
-                raise
+                data, why, route = node.fetch(b.root, name)
+                if data is None:
+                    return wire.MISSING, {"w": "requested", "node": node.name, "why": why, "route": route}, b""
+                return self._get(b, name, _int(m, "o"), _opt_int(m, "l"))
         if f.code == wire.LIST:
             if _bool(m, "j"):
                 strays = b.strays(validate_prefix(_str(m, "p")))

@@ -16,7 +16,7 @@ import stat
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
-from bunker.errors import BunkerError
+from bunker.errors import BunkerError, RequestedUpstream
 from bunker.fs import deep_path
 from bunker.fs.fsmeta import RegionCursor, apply_xattrs, locked_flags, locked_message, unlock
 from bunker.repo.blob_reader import BlobRef
@@ -39,6 +39,7 @@ class WriteResult(NamedTuple):
     message: str = ""
     errno: int = 0
     meta_notes: tuple[MetaNote, ...] = ()
+    requested: bool = False  # a gap is data the node evicted and requested upstream (rerun later)
 
 
 class _SparseOut:
@@ -95,6 +96,7 @@ def write_file(
         return WriteResult("error", 0, f"cannot create file: {exc.strerror}", exc.errno or 0)
     pos = 0
     gaps: list[str] = []
+    requested = False
     sparse = _SparseOut(fd, size, holes) if holes else None
     try:
         for piece in pieces:
@@ -102,6 +104,7 @@ def write_file(
                 try:
                     data = fetch(piece)
                 except BunkerError as exc:
+                    requested = requested or isinstance(exc, RequestedUpstream)
                     gaps.append(f"bytes {pos}-{pos + piece.raw_length}: {exc.message}")
                     pos += piece.raw_length
                     if sparse is not None:
@@ -140,7 +143,7 @@ def write_file(
         return failed
     if gaps:
         more = f" (+{len(gaps) - 5} more)" if len(gaps) > 5 else ""
-        return WriteResult("damaged", pos, "; ".join(gaps[:5]) + more, meta_notes=notes)
+        return WriteResult("damaged", pos, "; ".join(gaps[:5]) + more, meta_notes=notes, requested=requested)
     return WriteResult("ok", pos, meta_notes=notes)
 
 

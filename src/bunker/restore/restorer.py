@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from bunker import encoding
-from bunker.errors import BunkerError, CorruptObject, ExitCode, ObjectMissing
+from bunker.errors import BunkerError, CorruptObject, ExitCode, ObjectMissing, RequestedUpstream
 from bunker.fs import deep_path
 from bunker.fs.fsmeta import flag_letters, locked_flags, locked_message, set_flags, unlock
 from bunker.repo.blob_reader import BlobReader, BlobRef, ReadAhead
@@ -84,6 +84,7 @@ class RestoreStats:
     other: int = 0
     bytes: int = 0
     failed: int = 0
+    requested: int = 0  # of the failed: files waiting for data a node requested upstream
 
 
 @dataclass
@@ -101,6 +102,7 @@ class Restorer:
         self._as_root = os.geteuid() == 0
         self._disk_full = threading.Event()
         self._lock = threading.Lock()
+        self._requested: set[bytes] = set()  # files with data a node requested upstream
         self._small_seen = 0
         # a remote repository answers each read after a round trip: batch small files from the start
         self._pool_after = 0 if self.reader.repo.backend.capabilities().remote else SMALL_POOL_AFTER
@@ -266,7 +268,11 @@ class Restorer:
             try:
                 entries = self.walk_tree(depth, t, display_path(p))
             except (CorruptObject, ObjectMissing) as exc:
-                self.log.add("err", "tree-damaged", f"directory contents cannot be restored: {exc.message}", p)
+                if isinstance(exc, RequestedUpstream):  # a wait, not damage: the rerun restores it
+                    self.log.add("err", "restore-requested", f"directory contents not restored yet: {exc.message}", p)
+                    self.stats.requested += 1
+                else:
+                    self.log.add("err", "tree-damaged", f"directory contents cannot be restored: {exc.message}", p)
                 self.stats.failed += 1
                 continue
             names: set[bytes] = set()
@@ -376,12 +382,15 @@ class Restorer:
         return created
 
     # ------------------------------------------------------------------ files
-    def _pieces(self, e: dict[str, Any]) -> list[Piece]:
+    def _pieces(self, e: dict[str, Any], path: bytes) -> list[Piece]:
         out: list[Piece] = []
         for cid in e.get("c", []):
             try:
                 out.append(self.reader.ref(cid))
             except BunkerError as exc:
+                if isinstance(exc, RequestedUpstream):  # a wait, not damage (see _done)
+                    with self._lock:
+                        self._requested.add(path)
                 loc = self.reader.locations.get(cid)
                 out.append((loc.raw_length if loc else 0, exc.message))
         return out
@@ -390,7 +399,7 @@ class Restorer:
         if self._disk_full.is_set():
             self.stats.failed += 1
             return
-        pieces = self._pieces(e)
+        pieces = self._pieces(e, path)
         meta = {k: v for k, v in e.items() if k != "c"}  # the chunk list is in pieces already
         size = e.get("sz", 0)
         self._small_seen += size <= SMALL_FILE
@@ -461,7 +470,19 @@ class Restorer:
                 self.stats.files += 1
             else:
                 self.stats.failed += 1
-        if r.status == "damaged":
+        with self._lock:
+            requested = r.requested or path in self._requested
+            self._requested.discard(path)
+        if requested and r.status != "ok":
+            with self._lock:
+                self.stats.requested += 1
+            self.log.add(
+                "err",
+                "restore-requested",
+                f"restored with holes where data is not here yet (requested from upstream): {r.message}",
+                path,
+            )
+        elif r.status == "damaged":
             self.log.add("err", "file-damaged", f"restored with damaged parts left as holes: {r.message}", path)
         elif r.status == "error":
             self.log.add("err", "restore-failed", r.message, path)
@@ -500,7 +521,7 @@ class Restorer:
                 self._flagged.append((path, e["fl"]))
             if not self._as_root:
                 self._owner_check(path, e)
-            self._write_in_thread(path, self._pieces(e), {k: v for k, v in e.items() if k != "c"}, fresh)
+            self._write_in_thread(path, self._pieces(e, path), {k: v for k, v in e.items() if k != "c"}, fresh)
         else:
             self._restore_entry({k: v for k, v in e.items() if k != "ino"}, path, [], fresh)
 

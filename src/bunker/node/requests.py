@@ -1,0 +1,187 @@
+"""Restore requests (docs/hierarchy.md, "Restore requests"): a client reads an object this node
+evicted under record receipts; the node asks its upstreams for it instead of failing.
+
+Each request is kept in ``state/<repository>/requests.json`` (name -> when first asked, its
+route, tries, state) before anything is fetched, so a node killed meanwhile still knows it. A
+direct upstream is asked at once, while the client waits: the object is read there, checked
+against its name, stored again and served. A request no upstream could answer stays *pending*
+and is tried again by every `bunker node forward` (and the daemon's rounds), with backoff; the
+client is told its data was requested and reruns the restore once it has arrived.
+
+An object fetched for a request is pinned: eviction leaves it for ``PIN_SECONDS`` after it was
+last asked for, so a restore that reads it again (a rerun, or the same pack for another file)
+finds it here.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from bunker.errors import BunkerError, ObjectMissing
+from bunker.node.node_dir import NodeDir, read_json, write_json
+from bunker.repo.objects import content_hash, is_hash_name
+from bunker.storage.backend import Backend
+from bunker.storage.url import open_backend
+
+PIN_SECONDS = 24 * 3600.0
+FIRST_RETRY = 60.0  # a pending request is tried again after this, doubling up to MAX_RETRY
+MAX_RETRY = 3600.0
+KEEP_ANSWERED = 7 * 86400.0  # answered requests stay listed this long
+
+_threads = threading.Lock()  # threads of one server; the flock keeps processes apart
+
+
+def _path(nd: NodeDir, repo_id: str) -> str:
+    return os.path.join(nd.state_dir(repo_id), "requests.json")
+
+
+@contextlib.contextmanager
+def _locked(nd: NodeDir, repo_id: str) -> Iterator[None]:
+    """Hold the journal: the node's servers, forwards and daemon each read-modify-write it."""
+    with _threads:
+        fd = os.open(os.path.join(nd.state_dir(repo_id), "requests.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+
+def journal(nd: NodeDir, repo_id: str) -> dict[str, dict[str, Any]]:
+    """name -> {since, route, tries, next, state ("pending" | "fetched"), fetched, last_asked, why}."""
+    got: dict[str, dict[str, Any]] = read_json(_path(nd, repo_id), {})
+    return got
+
+
+def pinned(nd: NodeDir, repo_id: str, now: float | None = None) -> set[str]:
+    """Objects eviction must leave: fetched for a request asked for within PIN_SECONDS."""
+    now = time.time() if now is None else now
+    return {
+        n
+        for n, r in journal(nd, repo_id).items()
+        if r.get("state") == "fetched" and now - float(r.get("last_asked", 0.0)) < PIN_SECONDS
+    }
+
+
+def _direct(nd: NodeDir, repo_id: str) -> list[tuple[str, str]]:
+    return [(u.name, u.url) for u in nd.config.upstreams if u.kind == "direct" and u.repo == repo_id]
+
+
+def _route(nd: NodeDir, repo_id: str) -> list[str]:
+    return [u.name for u in nd.config.upstreams if u.kind == "link" or u.repo == repo_id]
+
+
+def _fetch(name: str, upstreams: list[tuple[str, str]]) -> tuple[bytes | None, str]:
+    """The object's bytes from the first direct upstream that holds them intact, or why not."""
+    why = "this node has no direct upstream for the repository: the request waits for a link"
+    for up, url in upstreams:
+        try:
+            data = open_backend(url).get(name)
+        except ObjectMissing:
+            why = f"upstream {up!r} does not hold it (pruned there, or not delivered yet)"
+            continue
+        except (BunkerError, OSError) as exc:
+            why = f"upstream {up!r} cannot be read: {exc.message if isinstance(exc, BunkerError) else exc}"
+            continue
+        if is_hash_name(name) and content_hash(data) != name.split("/", 1)[1]:
+            why = f"upstream {up!r} returned bytes that do not match the name (damaged there)"
+            continue
+        return data, ""
+    return None, why
+
+
+@dataclass
+class Answer:
+    data: bytes | None  # the object, when it could be fetched now
+    why: str  # why not (the request stays pending)
+    route: list[str]
+
+
+def request(nd: NodeDir, repo_id: str, store: Backend, name: str) -> Answer:
+    """A client read ``name``, which this node evicted: record the request, ask the direct
+    upstreams at once, store what arrives. Returns the bytes, or why the request waits."""
+    now = time.time()
+    route = _route(nd, repo_id)
+    with _locked(nd, repo_id):
+        reqs = journal(nd, repo_id)
+        r = reqs.setdefault(name, {"since": now, "route": route, "tries": 0, "next": 0.0, "state": "pending"})
+        r["last_asked"] = now
+        write_json(_path(nd, repo_id), reqs)  # persisted before anything is fetched
+    data, why = _fetch(name, _direct(nd, repo_id))
+    if data is not None:
+        store.put(name, data, if_absent=True)
+    _settle(nd, repo_id, {name: why if data is None else ""})
+    return Answer(data, why, route)
+
+
+def _settle(nd: NodeDir, repo_id: str, outcomes: dict[str, str]) -> None:
+    """Record each request's outcome ("": fetched, else why it waits)."""
+    now = time.time()
+    with _locked(nd, repo_id):
+        reqs = journal(nd, repo_id)
+        for name, why in outcomes.items():
+            r = reqs.get(name)
+            if r is None:
+                continue
+            r["tries"] = int(r.get("tries", 0)) + 1
+            if why:
+                r["why"] = why
+                r["next"] = now + min(MAX_RETRY, FIRST_RETRY * 2 ** min(int(r["tries"]) - 1, 12))
+            else:
+                r.update(state="fetched", fetched=now, why="")
+        for name in [n for n, r in reqs.items() if r.get("state") == "fetched"]:
+            if now - float(reqs[name].get("last_asked", 0.0)) > KEEP_ANSWERED:
+                del reqs[name]
+        write_json(_path(nd, repo_id), reqs)
+
+
+def retry_pending(nd: NodeDir, repo_id: str, *, force: bool = False) -> tuple[int, int]:
+    """Try the pending requests whose backoff has passed (all with ``force``) at the direct
+    upstreams; returns (fetched, still pending)."""
+    now = time.time()
+    due = [n for n, r in journal(nd, repo_id).items() if r.get("state") == "pending" and (force or r["next"] <= now)]
+    if not due:
+        return 0, sum(r.get("state") == "pending" for r in journal(nd, repo_id).values())
+    store = nd.store(repo_id)
+    upstreams = _direct(nd, repo_id)
+    outcomes = {}
+    for name in due:
+        if store.stat(name) is not None:
+            outcomes[name] = ""  # it came down another way meanwhile
+            continue
+        data, why = _fetch(name, upstreams)
+        if data is not None:
+            store.put(name, data, if_absent=True)
+        outcomes[name] = why if data is None else ""
+    _settle(nd, repo_id, outcomes)
+    pending = sum(r.get("state") == "pending" for r in journal(nd, repo_id).values())
+    return sum(1 for w in outcomes.values() if not w), pending
+
+
+def retry_all(nd: NodeDir, *, force: bool = False) -> dict[str, tuple[int, int]]:
+    """``retry_pending`` in every repository this node relays that has requests: repository ->
+    (fetched, still pending)."""
+    out = {}
+    for repo_id in nd.repositories():
+        if os.path.exists(_path(nd, repo_id)):
+            out[repo_id] = retry_pending(nd, repo_id, force=force)
+    return out
+
+
+def describe_retries(results: dict[str, tuple[int, int]]) -> list[str]:
+    """Lines for people: what the retries fetched, what still waits."""
+    lines = []
+    for repo_id, (fetched, pending) in results.items():
+        if fetched or pending:
+            lines.append(
+                f"restore requests in repository {repo_id[:16]}: {fetched} object(s) fetched from upstream, "
+                f"{pending} still pending"
+            )
+    return lines
