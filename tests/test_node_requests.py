@@ -14,6 +14,7 @@ from typing import Any
 from bunker.errors import ExitCode
 from helpers import compare_trees, expect_rc, js, restored_path, run_bunker
 from test_node import backup_into, node_cmd, office_with_top
+from test_node_links import build
 
 
 def _bounded_node_holding_a_backup(tmp_path: Path) -> tuple[Any, Path, Path, str]:
@@ -66,19 +67,75 @@ def test_an_unreachable_upstream_keeps_the_request_and_the_rerun_completes(tmp_p
     top.path.rename(away)  # the repository of record cannot be reached
     target = tmp_path / "t"
     doc = _restore(top, office, snap, target, ExitCode.REQUESTED)
-    assert doc["stats"]["requested"] >= 1, doc
-    (ev, *_) = [e for e in doc["events"] if e["code"] == "restore-requested"]
-    assert "was evicted by node 'office'" in ev["message"] and "requested it from 'top'" in ev["message"], ev
+    # every evicted pack of the snapshot is requested before anything is written
+    assert "could not be fetched at once: requested" in doc["error"] and "nothing was restored" in doc["error"], doc
+    assert "was evicted by node 'office'" in doc["error"] and "requested it from 'top'" in doc["error"], doc
+    assert "run this restore again once they have arrived" in doc["hint"], doc
+    assert not target.exists() or not any(target.iterdir())
     reqs = js(node_cmd(top, "requests", office, "--json"))
     assert reqs["pending"] >= 1 and all(r["state"] == "pending" for r in reqs["requests"]), reqs
     assert all("cannot be read" in r["why"] for r in reqs["requests"]), reqs
-    shutil.rmtree(target)
+    shutil.rmtree(target, ignore_errors=True)
 
     away.rename(top.path)
     fwd = js(node_cmd(top, "forward", office, "--json", rc=(0, 1)))
     (got,) = fwd["requests"].values()
     assert got["pending"] == 0 and got["fetched"] == reqs["pending"], fwd
     doc = _restore(top, office, snap, target, 0)  # the rerun finds everything on the node
+    assert doc["stats"]["failed"] == 0
+    compare_trees(src, restored_path(target, src))
+    shutil.rmtree(target)
+
+
+def test_a_request_travels_up_a_carried_link_and_the_answer_comes_down(tmp_path: Path) -> None:
+    """office -> a carried folder -> hq -> the top, both nodes bounded so that both evict: the
+    restore through office is requested; the request goes up in office's next bundle, hq fetches
+    the packs from the top, its next down bundle carries them, and the rerun completes."""
+    h = build(tmp_path)
+    for n in (h.office, h.hq):
+        conf = n / "node.json"
+        conf.write_text(json.dumps({**json.loads(conf.read_text()), "max_size": 64 << 10}))
+    top = h.top
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):
+        (src / f"f{i}.bin").write_bytes(os.urandom(700_000))
+    snap = backup_into(top, h.office, src)["snapshot"]
+
+    def up() -> None:  # (exit 1: a store over its bound until the top has recorded what it holds)
+        h.node("forward", h.office, rc=(0, 1))
+        h.carry_up()
+        h.node("import", h.hq, rc=(0, 1))
+        h.node("forward", h.hq, rc=(0, 1))
+
+    def down() -> dict[str, Any]:
+        h.carry_down()
+        return h.node("import", h.office, rc=(0, 1))
+
+    for _ in range(2):  # up to the top, hq evicts what the top read back; office evicts under hq's receipt
+        up()
+        down()
+    packs = {p.name for p in (top.path / "packs").iterdir()}
+    held = {p.name for n in (h.office, h.hq) for p in n.glob("store/*/packs/*")}
+    assert packs - held, "packs evicted at both levels"
+
+    target = tmp_path / "t"
+    doc = _restore(top, h.office, snap, target, ExitCode.REQUESTED)
+    assert "requested it from 'hq'" in doc["error"], doc
+    shutil.rmtree(target, ignore_errors=True)
+    pending = js(node_cmd(top, "requests", h.office, "--json"))
+    assert pending["pending"] >= 1 and all(r["route"] == ["hq"] for r in pending["requests"]), pending
+
+    up()  # the request rides office's next bundle; hq fetches from the top and answers
+    at_hq = js(node_cmd(top, "requests", h.hq, "--json"))
+    assert {r["state"] for r in at_hq["requests"]} == {"fetched"}, at_hq
+    assert all(r["for"] == ["office"] for r in at_hq["requests"]), at_hq
+    got = down()
+    (imported,) = [r for r in got["imports"] if r["requested_objects_received"]]
+    assert imported["requested_objects_received"] == pending["pending"], got
+    assert js(node_cmd(top, "requests", h.office, "--json"))["pending"] == 0
+
+    doc = _restore(top, h.office, snap, target, 0)
     assert doc["stats"]["failed"] == 0
     compare_trees(src, restored_path(target, src))
     shutil.rmtree(target)

@@ -35,6 +35,7 @@ from bunker.repo.selection import (
 )
 from bunker.repo.snapshot import open_body
 from bunker.repo.tree import TreeBudget
+from bunker.restore.evicted import request_evicted_packs
 from bunker.restore.restorer import Restorer
 from bunker.runlog import RunLog, display_path
 
@@ -398,7 +399,17 @@ def restore(**kwargs: Any) -> None:
         )
     f = pop_filters(kwargs)
     opts, out = make_options(kwargs)
-    _, _, rec, reader, root = _open_for_reading(opts, spec, f, "restore")
+    repo, _, rec, reader, root = _open_for_reading(opts, spec, f, "restore")
+    waiting = request_evicted_packs(repo, rec)
+    if waiting:
+        first = waiting[0]
+        raise BunkerError(
+            f"{len(waiting)} pack(s) snapshot {rec.short_id} needs were evicted by the node this repository is reached "
+            f"through and could not be fetched at once: requested ({first.message}); nothing was restored",
+            "run this restore again once they have arrived: `bunker node requests DIR` on the node lists the requests, "
+            "and its next `bunker node forward` (or its daemon) asks again",
+            exit_code=ExitCode.REQUESTED,
+        )
     log = RunLog()
     restorer = Restorer(reader, os.fsencode(os.path.abspath(target)), log, numeric_owner=numeric, budget=budget_of(rec))
     stats = restorer.restore(root, list(paths))

@@ -29,6 +29,7 @@ import contextlib
 import os
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from bunker import encoding
 from bunker.errors import BunkerError, StorageError
@@ -41,6 +42,8 @@ from bunker.node.receipt_flow import ReceiptOutcome, apply_receipt, issue_hop_re
 from bunker.node.receipts import PREFIX as RECEIPT_PREFIX
 from bunker.node.receipts import parse_receipt
 from bunker.node.relay_link import send_down
+from bunker.node.request_link import PREFIX as REQUEST_PREFIX
+from bunker.node.request_link import take_answer, take_request
 from bunker.node.rotation import Candidate, apply_successors, candidates, keep_successor, opened_with
 from bunker.node.staging import publish_ready, stage
 from bunker.node.staleness import note_records_asof
@@ -78,6 +81,8 @@ class ImportReport:
     records: int = 0
     adopted: str = ""  # the far node's new id, when this import took up its key rotation
     successor_waiting: list[str] = field(default_factory=list)  # why its successor record waits
+    requests: list[dict[str, Any]] = field(default_factory=list)  # restore requests from below, as taken
+    answers: int = 0  # objects this node requested that came down
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -99,6 +104,8 @@ class ImportReport:
             "recorded": self.receipts.recorded,
             "records": self.records,
             "peer_rotated_to": self.adopted or None,
+            "restore_requests": self.requests,
+            "requested_objects_received": self.answers,
         }
 
     def summary(self) -> str:
@@ -318,9 +325,20 @@ def _take(
             return False
         apply_receipt(nd, repo_id, link, receipt, report.receipts)
         return True
+    if name.startswith(REQUEST_PREFIX) and link.direction == "down":  # restore requests from below
+        try:
+            taken = take_request(nd, repo_id, link.name, data, store)
+        except encoding.FormatError as exc:
+            report.refused.append((name, f"malformed restore request: {exc}"))
+            return False
+        report.requests.append(taken)
+        return False  # (not an object of the repository: no receipt names it)
     if not _digest_name_ok(name, digest):
         report.refused.append((name, "its name is not the hash of its bytes"))
         return False
+    if link.direction == "up" and name.startswith("packs/") and take_answer(nd, repo_id, store, name, data):
+        report.answers += 1  # an object this node requested for a restore
+        return True
     allowed = UP_PREFIXES if link.direction == "down" else RECORD_PREFIXES
     if link.direction == "down" and name.startswith("gc/"):
         why = _ack_problem(nd, repo_id, data)

@@ -28,6 +28,7 @@ from bunker.node.holdings import DOWN_PREFIXES, UpstreamState, owed, snapshot_pa
 from bunker.node.links import Link, LinkCounters, link_keys
 from bunker.node.node_dir import NodeDir, Upstream, read_json, write_json
 from bunker.node.receipts import Receipt, parse_receipt
+from bunker.node.request_link import answers_owed, answers_sent, mark_sent, parse_request, requests_to_send
 from bunker.node.rotation import sending_keys, successor_due, successor_for, successor_sent
 from bunker.node.staging import staged_names
 from bunker.node.staleness import records_asof
@@ -39,6 +40,7 @@ from bunker.storage.mailbox import open_mailbox
 
 DEFAULT_PIECE_SIZE = 256 << 20
 DEFAULT_RESEND_AFTER = 7 * 86400.0
+REQUEST_RESEND = 86400.0  # a restore request with no answer goes up again after this
 ACK_STEP = 3600.0  # an acknowledgement alone goes up once it says at least this much more
 ASOF_STEP = 3600.0  # nothing but a newer "records as of" goes down once it is this much newer
 
@@ -58,6 +60,8 @@ class LinkReport:
     held: list[tuple[str, str]] = field(default_factory=list)
     forks: list[str] = field(default_factory=list)
     damaged: list[str] = field(default_factory=list)
+    requested: int = 0  # up: objects asked for by restore requests (node/request_link.py)
+    answers: int = 0  # down: requested objects sent
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -70,17 +74,20 @@ class LinkReport:
             "snapshots": self.snapshots,
             "receipts": self.receipts,
             "held": [{"snapshot": s, "why": w} for s, w in self.held],
+            "requested": self.requested,
+            "answers": self.answers,
         }
 
     def summary(self) -> str:
         if self.direction == "down":
             return (
                 f"{self.link} ({self.repo_id[:16]}, down): {len(self.pieces)} pieces, {self.objects} records, "
-                f"{self.receipts} receipts"
+                f"{self.receipts} receipts" + (f", {self.answers} requested objects" if self.answers else "")
             )
         return (
             f"{self.link} ({self.repo_id[:16]}): {len(self.pieces)} pieces, {self.objects} objects "
             f"({self.bytes} bytes), {len(self.snapshots)} snapshots"
+            + (f", a restore request for {self.requested} objects" if self.requested else "")
         )
 
 
@@ -213,12 +220,19 @@ def forward_link(nd: NodeDir, repo_id: str, conf: Upstream) -> LinkReport:
     last, last_at = float(said.get("before", 0.0)), float(said.get("at", 0.0))
     # worth a piece alone: an hour more, or a condemnation that came down since and waits for it
     quiet = before <= last + ACK_STEP and not (before > last and condemned_since(store, last_at))
-    if not chosen and quiet and not successor_due(nd, conf.name, resend):
+    # restore requests: asked again after a day if no answer came (node/request_link.py)
+    asking = requests_to_send(nd, repo_id, conf.name, min(resend, REQUEST_RESEND))
+    if not chosen and quiet and asking is None and not successor_due(nd, conf.name, resend):
         return report  # nothing new to say: no piece
     root = store.root if isinstance(store, LocalBackend) else ""
     objects = [BundleObject(_entry(i), _opener(os.path.join(root, i.name))) for i in chosen]
+    if asking is not None:
+        objects.append(BundleObject(ManifestEntry.of(*asking), asking[1]))
     objects.append(BundleObject(ManifestEntry.of(ack_name, ack), ack))  # last: after what it covers
     report.pieces = _send(nd, link, repo_id, "data", objects, {})
+    if asking is not None:
+        mark_sent(nd, repo_id, conf.name, asking[1])
+        report.requested = len(parse_request(asking[1], repo_id))
     write_json(ack_path, {"before": before, "at": time.time()})
     log.mark([i.name for i in chosen])
     log.save()
@@ -262,12 +276,14 @@ def send_down(nd: NodeDir, repo_id: str, conf: Upstream) -> LinkReport:
             continue
         with open(os.path.join(outbox, leaf), "rb") as f:
             receipts.append(parse_receipt(f.read()))
+    answers = answers_owed(nd, repo_id, conf.name, store)  # objects its restore requests asked for
     asof = records_asof(nd, repo_id)
     told = os.path.join(nd.state_dir(repo_id, "down", conf.name), "asof-sent.json")
     quiet = asof <= float(read_json(told, 0.0)) + ASOF_STEP
     if (
         not records
         and not receipts
+        and not answers
         and quiet
         and not successor_due(nd, conf.name, conf.resend_after or DEFAULT_RESEND_AFTER)
     ):
@@ -276,10 +292,14 @@ def send_down(nd: NodeDir, repo_id: str, conf: Upstream) -> LinkReport:
     root = store.root if isinstance(store, LocalBackend) else ""
     objects = [BundleObject(_entry(i), _opener(os.path.join(root, i.name))) for i in records]
     objects += [BundleObject(ManifestEntry.of(r.object_name, r.raw), r.raw) for r in receipts]
+    answered = [i for i in (store.stat(n) for n in answers) if i is not None]
+    objects += [BundleObject(_entry(i), _opener(os.path.join(root, i.name))) for i in answered]
     # the node below may then say its sessions saw every record the top held at this time
     report.pieces = _send(nd, link, repo_id, "down", objects, {"records_asof": records_asof(nd, repo_id)})
     log.mark([i.name for i in records])
     log.save()
+    answers_sent(nd, repo_id, conf.name, [i.name for i in answered])
+    report.answers = len(answered)
     for r in receipts:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(os.path.join(outbox, r.hash))

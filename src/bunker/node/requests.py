@@ -8,9 +8,10 @@ against its name, stored again and served. A request no upstream could answer st
 and is tried again by every `bunker node forward` (and the daemon's rounds), with backoff; the
 client is told its data was requested and reruns the restore once it has arrived.
 
-An object fetched for a request is pinned: eviction leaves it for ``PIN_SECONDS`` after it was
-last asked for, so a restore that reads it again (a rerun, or the same pack for another file)
-finds it here.
+An object fetched for a request is pinned, with every pack of the snapshots this node holds
+whose pack sets name it: eviction leaves them for ``PIN_SECONDS`` after the request was last
+made, so the restore's rerun finds the whole set here (a pack it did not need to request is not
+evicted to make room for one that arrived).
 """
 
 from __future__ import annotations
@@ -24,9 +25,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
+from bunker import encoding
 from bunker.errors import BunkerError, ObjectMissing
+from bunker.node.holdings import snapshot_packs
 from bunker.node.node_dir import NodeDir, read_json, write_json
 from bunker.repo.objects import content_hash, is_hash_name
+from bunker.repo.snapshot import parse_snapshot
 from bunker.storage.backend import Backend
 from bunker.storage.url import open_backend
 
@@ -43,31 +47,81 @@ def _path(nd: NodeDir, repo_id: str) -> str:
 
 
 @contextlib.contextmanager
-def _locked(nd: NodeDir, repo_id: str) -> Iterator[None]:
-    """Hold the journal: the node's servers, forwards and daemon each read-modify-write it."""
+def locked_journal(nd: NodeDir, repo_id: str) -> Iterator[dict[str, dict[str, Any]]]:
+    """The journal, held: the node's servers, imports, forwards and daemon each read-modify-write
+    it; what the block changed is saved when it ends."""
     with _threads:
         fd = os.open(os.path.join(nd.state_dir(repo_id), "requests.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            yield
+            reqs = journal(nd, repo_id)
+            yield reqs
+            write_json(_path(nd, repo_id), reqs)
         finally:
             os.close(fd)
 
 
+def answers_path(nd: NodeDir, repo_id: str, link: str) -> str:
+    return os.path.join(nd.state_dir(repo_id, "down", link), "answers.json")
+
+
+def queue_answers(nd: NodeDir, repo_id: str, link: str, names: list[str]) -> None:
+    """Owe the node below ``link`` these objects: its next down bundle carries them
+    (node/request_link.py)."""
+    if not names:
+        return
+    path = answers_path(nd, repo_id, link)
+    owed: list[str] = read_json(path, [])
+    write_json(path, sorted(set(owed) | set(names)))
+
+
 def journal(nd: NodeDir, repo_id: str) -> dict[str, dict[str, Any]]:
-    """name -> {since, route, tries, next, state ("pending" | "fetched"), fetched, last_asked, why}."""
+    """name -> {since, route, tries, next, state ("pending" | "fetched"), fetched, last_asked, why,
+    for (links of nodes below that asked), sent (link -> when it went up in a bundle)}."""
     got: dict[str, dict[str, Any]] = read_json(_path(nd, repo_id), {})
     return got
 
 
+def _sets_path(nd: NodeDir, repo_id: str) -> str:
+    return os.path.join(nd.state_dir(repo_id), "pinned-sets.json")
+
+
 def pinned(nd: NodeDir, repo_id: str, now: float | None = None) -> set[str]:
-    """Objects eviction must leave: fetched for a request asked for within PIN_SECONDS."""
+    """Objects eviction must leave: those fetched for a request, and every pack of a snapshot a
+    request was for, while asked for within PIN_SECONDS (a restore reads the whole set: a pack it
+    did not need to request must not be evicted to make room for one it did)."""
     now = time.time() if now is None else now
-    return {
+    out = {
         n
         for n, r in journal(nd, repo_id).items()
-        if r.get("state") == "fetched" and now - float(r.get("last_asked", 0.0)) < PIN_SECONDS
+        if r.get("state") in ("fetched", "pending") and now - float(r.get("last_asked", 0.0)) < PIN_SECONDS
     }
+    sets: dict[str, dict[str, Any]] = read_json(_sets_path(nd, repo_id), {})
+    for entry in sets.values():
+        if now - float(entry.get("time", 0.0)) < PIN_SECONDS:
+            out.update(entry.get("packs", []))
+    return out
+
+
+def _pin_sets_with(nd: NodeDir, repo_id: str, store: Backend, name: str, now: float) -> None:
+    """Pin the pack sets of the snapshots this node holds that name ``name`` (read keylessly)."""
+    path = _sets_path(nd, repo_id)
+    sets: dict[str, dict[str, Any]] = read_json(path, {})
+    sets = {s: e for s, e in sets.items() if now - float(e.get("time", 0.0)) < PIN_SECONDS}
+    if any(name in e.get("packs", []) for e in sets.values()):
+        for e in sets.values():
+            if name in e.get("packs", []):
+                e["time"] = now
+        write_json(path, sets)
+        return
+    for info in store.list("snapshots/"):
+        try:
+            packs = snapshot_packs(parse_snapshot(store.get(info.name)).env, store.get)
+        except (BunkerError, encoding.FormatError):
+            continue  # unreadable here: nothing to pin for it
+        if name in packs:
+            sets[info.name] = {"time": now, "packs": packs}
+    write_json(path, sets)
 
 
 def _direct(nd: NodeDir, repo_id: str) -> list[tuple[str, str]]:
@@ -104,28 +158,33 @@ class Answer:
     route: list[str]
 
 
-def request(nd: NodeDir, repo_id: str, store: Backend, name: str) -> Answer:
-    """A client read ``name``, which this node evicted: record the request, ask the direct
-    upstreams at once, store what arrives. Returns the bytes, or why the request waits."""
+def request(nd: NodeDir, repo_id: str, store: Backend, name: str, for_link: str = "") -> Answer:
+    """A client (or, ``for_link``, the node below that link) reads ``name``, which this node
+    evicted: record the request, ask the direct upstreams at once, store what arrives. Returns
+    the bytes, or why the request waits (it then goes up the links in the route)."""
     now = time.time()
     route = _route(nd, repo_id)
-    with _locked(nd, repo_id):
-        reqs = journal(nd, repo_id)
-        r = reqs.setdefault(name, {"since": now, "route": route, "tries": 0, "next": 0.0, "state": "pending"})
+    with locked_journal(nd, repo_id) as reqs:  # persisted before anything is fetched
+        _pin_sets_with(nd, repo_id, store, name, now)
+        r = reqs.get(name)
+        if r is None or r.get("state") != "pending":
+            r = reqs[name] = {"since": now, "route": route, "tries": 0, "next": 0.0, "state": "pending", "for": []}
         r["last_asked"] = now
-        write_json(_path(nd, repo_id), reqs)  # persisted before anything is fetched
+        if for_link and for_link not in r.setdefault("for", []):
+            r["for"].append(for_link)
     data, why = _fetch(name, _direct(nd, repo_id))
     if data is not None:
         store.put(name, data, if_absent=True)
-    _settle(nd, repo_id, {name: why if data is None else ""})
+    settle(nd, repo_id, {name: why if data is None else ""})
     return Answer(data, why, route)
 
 
-def _settle(nd: NodeDir, repo_id: str, outcomes: dict[str, str]) -> None:
-    """Record each request's outcome ("": fetched, else why it waits)."""
+def settle(nd: NodeDir, repo_id: str, outcomes: dict[str, str]) -> None:
+    """Record each request's outcome ("": fetched, else why it waits); what nodes below asked
+    for and arrived is owed to them."""
     now = time.time()
-    with _locked(nd, repo_id):
-        reqs = journal(nd, repo_id)
+    owe: dict[str, list[str]] = {}
+    with locked_journal(nd, repo_id) as reqs:
         for name, why in outcomes.items():
             r = reqs.get(name)
             if r is None:
@@ -136,10 +195,13 @@ def _settle(nd: NodeDir, repo_id: str, outcomes: dict[str, str]) -> None:
                 r["next"] = now + min(MAX_RETRY, FIRST_RETRY * 2 ** min(int(r["tries"]) - 1, 12))
             else:
                 r.update(state="fetched", fetched=now, why="")
+                for link in r.get("for", []):
+                    owe.setdefault(link, []).append(name)
         for name in [n for n, r in reqs.items() if r.get("state") == "fetched"]:
             if now - float(reqs[name].get("last_asked", 0.0)) > KEEP_ANSWERED:
                 del reqs[name]
-        write_json(_path(nd, repo_id), reqs)
+    for link, names in owe.items():
+        queue_answers(nd, repo_id, link, names)
 
 
 def retry_pending(nd: NodeDir, repo_id: str, *, force: bool = False) -> tuple[int, int]:
@@ -160,7 +222,7 @@ def retry_pending(nd: NodeDir, repo_id: str, *, force: bool = False) -> tuple[in
         if data is not None:
             store.put(name, data, if_absent=True)
         outcomes[name] = why if data is None else ""
-    _settle(nd, repo_id, outcomes)
+    settle(nd, repo_id, outcomes)
     pending = sum(r.get("state") == "pending" for r in journal(nd, repo_id).values())
     return sum(1 for w in outcomes.values() if not w), pending
 
