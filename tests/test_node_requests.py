@@ -139,3 +139,29 @@ def test_a_request_travels_up_a_carried_link_and_the_answer_comes_down(tmp_path:
     assert doc["stats"]["failed"] == 0
     compare_trees(src, restored_path(target, src))
     shutil.rmtree(target)
+
+
+def test_a_request_for_data_pruned_at_the_top_ends_with_the_signed_record(tmp_path: Path) -> None:
+    """The snapshot is forgotten and pruned at the top after the node evicted its packs: the
+    condemnation record (signed, come down to the node) ends the request, and the restore says
+    the data is gone for good instead of waiting for it."""
+    top, office, src, snap = _bounded_node_holding_a_backup(tmp_path)
+    pruner = tmp_path / "pruner.put"
+    top.ok("key", "new-client", "pruner", "--prune", "--out", pruner)
+    (src / "other.bin").write_bytes(os.urandom(5000))
+    for f in src.glob("f*.bin"):
+        f.unlink()
+    backup_into(top, office, src)  # a newer snapshot that shares none of the old packs
+    js(node_cmd(top, "forward", office, "--json", rc=(0, 1)))
+    top.ok("forget", snap[:12], "--master-key", top.master_key)
+    deleted = 0
+    for _ in range(3):  # condemn; the record goes down and the node's acknowledgement up; delete
+        deleted += js(top.ok("prune", "--put-key", pruner, "--grace", "0s", "--json"))["deleted"]
+        js(node_cmd(top, "forward", office, "--json", rc=(0, 1)))
+    assert deleted >= 1
+    target = tmp_path / "t"
+    doc = _restore(top, office, snap, target, ExitCode.INTEGRITY)
+    assert "gone for good" in doc["error"] and "condemned it" in doc["error"], doc
+    assert "restore another snapshot" in doc["hint"], doc
+    reqs = js(node_cmd(top, "requests", office, "--json"))
+    assert reqs["pending"] == 0 and {r["state"] for r in reqs["requests"]} == {"gone"}, reqs

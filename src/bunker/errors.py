@@ -74,6 +74,20 @@ class ObjectMissing(BunkerError):
         )
 
 
+class DeletedUpstream(ObjectMissing):
+    """An object the node a client reads through evicted, which the repository of record
+    deleted since (a signed condemnation record says so): the request for it ended."""
+
+    def __init__(self, name: str, node: str, why: str) -> None:
+        super().__init__(name)
+        self.message = f"object {name} was evicted by node {node!r}, and it is gone for good: {why}"
+        self.hint = (
+            "restore another snapshot (`bunker snapshots` lists those that are not forgotten); a mirror kept with "
+            "`bunker sync` may still hold it"
+        )
+        self.args = (self.message,)
+
+
 class RequestedUpstream(ObjectMissing):
     """An object the node a client reads through evicted (the repository of record holds it):
     the node requested it from its upstream and the client reruns once it has arrived."""

@@ -285,6 +285,8 @@ def requests_cmd(directory: str, **kwargs: Any) -> None:
         route = ", ".join(r.get("route") or []) or "no upstream"
         if r.get("state") == "pending":
             out.line(f"{r['object']}: PENDING since {since} via {route}, {r.get('tries', 0)} tries: {r.get('why', '')}")
+        elif r.get("state") == "gone":
+            out.line(f"{r['object']}: GONE (asked since {since}): {r.get('why', '')}")
         else:
             got = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(r.get("fetched", 0.0))))
             out.line(f"{r['object']}: fetched {got} via {route} (asked since {since}; kept here for restores)")

@@ -148,14 +148,15 @@ def accepts_certificate(store_dir: str, data: bytes) -> bool:
     return True
 
 
-def _fetch(node: NodeDir, store_dir: str, name: str) -> tuple[bytes | None, str, list[str]]:
-    """A client reads an object this node evicted: request it upstream (node/requests.py)."""
+def _fetch(node: NodeDir, store_dir: str, name: str) -> tuple[bytes | None, str, list[str], bool]:
+    """A client reads an object this node evicted: request it upstream (node/requests.py).
+    (bytes or None, why not, the route, whether it is gone for good)."""
     from bunker.node.requests import request
 
     nd = NodeDir(node.root)  # (re-read: the daemon may have changed upstreams since the server started)
     repo_id = os.path.basename(store_dir.rstrip("/"))
     got = request(nd, repo_id, nd.store(repo_id), name)
-    return got.data, got.why, got.route
+    return got.data, got.why, got.route, got.gone
 
 
 def node_serve_config(node: NodeDir) -> ServeConfig:

@@ -154,8 +154,30 @@ def _fetch(name: str, upstreams: list[tuple[str, str]]) -> tuple[bytes | None, s
 @dataclass
 class Answer:
     data: bytes | None  # the object, when it could be fetched now
-    why: str  # why not (the request stays pending)
+    why: str  # why not (the request stays pending, or ends when ``gone``)
     route: list[str]
+    gone: bool = False  # a signed record says the repository of record deleted it: the request ends
+
+
+def deleted_by(store: Backend, repo_id: str, name: str) -> str:
+    """Why ``name`` is gone for good ("" when nothing says so): a condemnation record signed by
+    the master key or a prune-capable client (they come down with the other records) names it;
+    no snapshot that is not forgotten needs it, and prune deletes it at the top."""
+    from bunker.repo.gc import condemnations
+    from bunker.repo.repository import Repository
+
+    leaf = name.split("/", 1)[1]
+    try:
+        repo = Repository.open(store, repo_id, floor=False)
+        for c in condemnations(repo):
+            if leaf in c.packs:
+                return (
+                    f"the repository of record condemned it ({c.name}, a signed record): the snapshots that needed it "
+                    "were forgotten, and prune deletes it there"
+                )
+    except (BunkerError, encoding.FormatError):
+        return ""
+    return ""
 
 
 def request(nd: NodeDir, repo_id: str, store: Backend, name: str, for_link: str = "") -> Answer:
@@ -175,13 +197,14 @@ def request(nd: NodeDir, repo_id: str, store: Backend, name: str, for_link: str 
     data, why = _fetch(name, _direct(nd, repo_id))
     if data is not None:
         store.put(name, data, if_absent=True)
-    settle(nd, repo_id, {name: why if data is None else ""})
-    return Answer(data, why, route)
+    gone = deleted_by(store, repo_id, name) if data is None else ""
+    settle(nd, repo_id, {name: why if data is None else ""}, ended={name: gone} if gone else None)
+    return Answer(data, gone or why, route, gone=bool(gone))
 
 
-def settle(nd: NodeDir, repo_id: str, outcomes: dict[str, str]) -> None:
-    """Record each request's outcome ("": fetched, else why it waits); what nodes below asked
-    for and arrived is owed to them."""
+def settle(nd: NodeDir, repo_id: str, outcomes: dict[str, str], ended: dict[str, str] | None = None) -> None:
+    """Record each request's outcome ("": fetched, else why it waits; ``ended``: why it ends,
+    the object gone for good); what nodes below asked for and arrived is owed to them."""
     now = time.time()
     owe: dict[str, list[str]] = {}
     with locked_journal(nd, repo_id) as reqs:
@@ -190,14 +213,16 @@ def settle(nd: NodeDir, repo_id: str, outcomes: dict[str, str]) -> None:
             if r is None:
                 continue
             r["tries"] = int(r.get("tries", 0)) + 1
-            if why:
+            if ended and name in ended:
+                r.update(state="gone", why=ended[name], ended=now)
+            elif why:
                 r["why"] = why
                 r["next"] = now + min(MAX_RETRY, FIRST_RETRY * 2 ** min(int(r["tries"]) - 1, 12))
             else:
                 r.update(state="fetched", fetched=now, why="")
                 for link in r.get("for", []):
                     owe.setdefault(link, []).append(name)
-        for name in [n for n, r in reqs.items() if r.get("state") == "fetched"]:
+        for name in [n for n, r in reqs.items() if r.get("state") in ("fetched", "gone")]:
             if now - float(reqs[name].get("last_asked", 0.0)) > KEEP_ANSWERED:
                 del reqs[name]
     for link, names in owe.items():
@@ -214,6 +239,7 @@ def retry_pending(nd: NodeDir, repo_id: str, *, force: bool = False) -> tuple[in
     store = nd.store(repo_id)
     upstreams = _direct(nd, repo_id)
     outcomes = {}
+    ended = {}
     for name in due:
         if store.stat(name) is not None:
             outcomes[name] = ""  # it came down another way meanwhile
@@ -222,7 +248,10 @@ def retry_pending(nd: NodeDir, repo_id: str, *, force: bool = False) -> tuple[in
         if data is not None:
             store.put(name, data, if_absent=True)
         outcomes[name] = why if data is None else ""
-    settle(nd, repo_id, outcomes)
+        gone = deleted_by(store, repo_id, name) if data is None else ""
+        if gone:
+            ended[name] = gone
+    settle(nd, repo_id, outcomes, ended)
     pending = sum(r.get("state") == "pending" for r in journal(nd, repo_id).values())
     return sum(1 for w in outcomes.values() if not w), pending
 

@@ -102,8 +102,9 @@ class NodeRole:
     # chain head of its own takes it from there: backup/link.py)
     statement: Callable[[str], bytes] | None = None
     # store directory, name of an evicted object a client reads -> (its bytes when an upstream
-    # gave them at once, else None; why it waits; the route it was requested on) (node/requests.py)
-    fetch: Callable[[str, str], tuple[bytes | None, str, list[str]]] | None = None
+    # gave them at once, else None; why it waits; the route it was requested on; whether a signed
+    # record says it is gone for good) (node/requests.py)
+    fetch: Callable[[str, str], tuple[bytes | None, str, list[str], bool]] | None = None
 
 
 @dataclass(frozen=True)
@@ -372,9 +373,10 @@ class Session:
                     raise
                 if node.fetch is None:
                     return wire.MISSING, {"w": "upstream"}, b""
-                data, why, route = node.fetch(b.root, name)
+                data, why, route, gone = node.fetch(b.root, name)
                 if data is None:
-                    return wire.MISSING, {"w": "requested", "node": node.name, "why": why, "route": route}, b""
+                    kind = "gone" if gone else "requested"
+                    return wire.MISSING, {"w": kind, "node": node.name, "why": why, "route": route}, b""
                 return self._get(b, name, _int(m, "o"), _opt_int(m, "l"))
         if f.code == wire.LIST:
             if _bool(m, "j"):

@@ -11,7 +11,7 @@ directories would need a round trip per level of the tree).
 
 from __future__ import annotations
 
-from bunker.errors import ObjectMissing, RequestedUpstream
+from bunker.errors import BunkerError, DeletedUpstream, ExitCode, ObjectMissing, RequestedUpstream
 from bunker.repo import refs
 from bunker.repo.repository import Repository, SnapshotRecord
 
@@ -34,6 +34,12 @@ def request_evicted_packs(repo: Repository, rec: SnapshotRecord) -> list[Request
             repo.backend.get(name, 0, 1)  # the node requests it, and fetches it at once where it can
         except RequestedUpstream as exc:
             waiting.append(exc)
+        except DeletedUpstream as exc:
+            raise BunkerError(
+                f"snapshot {rec.short_id} cannot be restored: {exc.message}; nothing was restored",
+                exc.hint,
+                exit_code=ExitCode.INTEGRITY,
+            ) from None
         except ObjectMissing:
             continue  # neither here nor requestable: the restore names what it lacks
     return waiting

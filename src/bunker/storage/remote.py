@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from bunker import encoding
-from bunker.errors import BunkerError, ExitCode, ObjectMissing, RequestedUpstream, StorageError
+from bunker.errors import BunkerError, DeletedUpstream, ExitCode, ObjectMissing, RequestedUpstream, StorageError
 from bunker.storage import wire
 from bunker.storage.backend import (
     STRAYS_SHOWN,
@@ -206,6 +206,8 @@ class RemoteBackend(Backend):
         if f.code == wire.OK:
             return bytes(f.payload)
         if f.code == wire.MISSING:
+            if f.meta.get("w") == "gone":
+                raise DeletedUpstream(name, str(f.meta.get("node", "")), str(f.meta.get("why", "")))
             if f.meta.get("w") == "requested":
                 route = f.meta.get("route")
                 raise RequestedUpstream(
