@@ -12,8 +12,9 @@ from pathlib import Path
 from typing import Any
 
 from bunker.errors import ExitCode
-from helpers import compare_trees, expect_rc, js, restored_path, run_bunker
+from helpers import compare_trees, expect_rc, js, kill_run_when, restored_path, run_bunker
 from test_node import backup_into, node_cmd, office_with_top
+from test_node_daemon import _fake_ssh, _upstream_over_ssh
 from test_node_links import build
 
 
@@ -165,3 +166,32 @@ def test_a_request_for_data_pruned_at_the_top_ends_with_the_signed_record(tmp_pa
     assert "restore another snapshot" in doc["hint"], doc
     reqs = js(node_cmd(top, "requests", office, "--json"))
     assert reqs["pending"] == 0 and {r["state"] for r in reqs["requests"]} == {"gone"}, reqs
+
+
+def test_a_request_survives_kill_9_of_the_restore_and_the_node(tmp_path: Path) -> None:
+    """The upstream hangs (an ssh that never answers) while the node fetches for a restore; the
+    restore, the node's server and the ssh below it are killed with SIGKILL: the request was
+    journaled before the fetch began, so the node's next forward fetches it, and the rerun of
+    the restore completes."""
+    top, office, src, snap = _bounded_node_holding_a_backup(tmp_path)
+    conf = office / "node.json"
+    good = conf.read_text()
+    _upstream_over_ssh(office)
+    extra, pid_file = _fake_ssh(tmp_path)
+    target = tmp_path / "t"
+    ended, err = kill_run_when(
+        "restore", snap, "--target", target, "--repo", office, env={**top.env, **extra}, reached=pid_file.exists
+    )
+    assert ended is None, err  # killed while the node waited for the upstream
+    reqs = js(node_cmd(top, "requests", office, "--json"))
+    assert reqs["pending"] >= 1 and all(r["route"] == ["top"] for r in reqs["requests"]), reqs
+    shutil.rmtree(target, ignore_errors=True)
+
+    conf.write_text(good)  # the upstream answers again
+    fwd = js(node_cmd(top, "forward", office, "--json", rc=(0, 1)))
+    (got,) = fwd["requests"].values()
+    assert got == {"fetched": reqs["pending"], "pending": 0}, fwd
+    doc = _restore(top, office, snap, target, 0)
+    assert doc["stats"]["failed"] == 0
+    compare_trees(src, restored_path(target, src))
+    shutil.rmtree(target)

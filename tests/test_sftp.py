@@ -127,7 +127,10 @@ def test_init_backup_restore_check_over_sftp(sshd: SshServer, tmp_path: Path) ->
     url = sshd.url(remote)
     repo = init_repo(tmp_path / "r", url=url, env_extra=_ssh_env(tmp_path / "r", sshd))
     assert sorted(p.name for p in remote.iterdir() if p.is_dir()) == sorted(
-        ["clients", "config", "gc", "index", "nodes", "packs", "refs", "retired", "sessions", "snapshots", "status"]
+        [
+            *("clients", "config", "gc", "index", "nodes", "packs", "policy", "refs", "retired", "sessions"),
+            *("snapshots", "status"),
+        ]
     )
     src = tmp_path / "src"
     files = make_tree(src)
