@@ -8,11 +8,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
+import time
 from pathlib import Path
 from typing import Any
 
 from bunker.errors import ExitCode
-from helpers import compare_trees, expect_rc, js, kill_run_when, restored_path, run_bunker
+from helpers import BUNKER, compare_trees, expect_rc, js, kill_run_when, restored_path, run_bunker
 from test_node import backup_into, node_cmd, office_with_top
 from test_node_daemon import _fake_ssh, _upstream_over_ssh
 from test_node_links import build
@@ -193,5 +195,29 @@ def test_a_request_survives_kill_9_of_the_restore_and_the_node(tmp_path: Path) -
     assert got == {"fetched": reqs["pending"], "pending": 0}, fwd
     doc = _restore(top, office, snap, target, 0)
     assert doc["stats"]["failed"] == 0
+    compare_trees(src, restored_path(target, src))
+    shutil.rmtree(target)
+
+
+def test_restore_wait_waits_until_the_requested_data_arrives(tmp_path: Path) -> None:
+    top, office, src, snap = _bounded_node_holding_a_backup(tmp_path)
+    away = top.path.with_name("away")
+    top.path.rename(away)
+    target = tmp_path / "t"
+    args = [BUNKER, "restore", snap, "--target", str(target), "--wait", "5m", "--json", "--repo", str(office)]
+    proc = subprocess.Popen(args, env=top.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 60
+        while not js(node_cmd(top, "requests", office, "--json"))["pending"]:
+            assert time.monotonic() < deadline and proc.poll() is None, "the restore did not request anything"
+            time.sleep(0.2)
+        away.rename(top.path)  # the repository of record is back: the next ask fetches at once
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert "waiting for" in err and "requested pack(s) to arrive" in err, err
+    assert json.loads(out)["stats"]["failed"] == 0
     compare_trees(src, restored_path(target, src))
     shutil.rmtree(target)

@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -445,3 +446,23 @@ def test_progress_lines_without_a_terminal(repo: Repo) -> None:
     for quiet in (("--no-progress",), ("--progress", "never"), ("--json",)):
         rc, _, err = _progress_run(repo, *quiet, wait_for_line=False)
         assert rc == 0 and "backup running" not in err, (quiet, err)
+
+
+def test_the_forkserver_starts_with_sigint_blocked() -> None:
+    """A Ctrl-C that reaches the process group while the forkserver imports must not kill it with
+    a traceback: it starts with SIGINT blocked. (The resource tracker's start unblocks SIGINT in
+    the calling thread whatever the mask was; the forkserver, started after it, once inherited
+    that and died with "Fatal Python error" on the command's stderr.)"""
+    code = (
+        "import multiprocessing\n"
+        "from multiprocessing import forkserver\n"
+        "from bunker.process_pool import _start_forkserver\n"
+        "multiprocessing.get_context('forkserver')\n"
+        "_start_forkserver()\n"
+        "pid = forkserver._forkserver._forkserver_pid\n"
+        "status = open(f'/proc/{pid}/status').read()\n"
+        "print(next(line.split()[1] for line in status.splitlines() if line.startswith('SigBlk:')))\n"
+    )
+    cp = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 0, cp.stderr
+    assert int(cp.stdout.strip(), 16) & (1 << (signal.SIGINT - 1)), cp.stdout

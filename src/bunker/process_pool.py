@@ -49,10 +49,15 @@ def _start_forkserver() -> None:
     and import the preload killed them with a traceback (or "Fatal Python error") on the
     command's stderr. They inherit the blocked signal (and ignore SIGINT anyway, as do the
     workers they fork); this thread gets a SIGINT that came meanwhile once it is unblocked."""
-    from multiprocessing import forkserver
+    from multiprocessing import forkserver, resource_tracker
 
     old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
+        # the tracker first, on its own: its start unblocks SIGINT and SIGTERM in this thread when
+        # it returns, whatever the mask was, so the forkserver (which would start it) is started
+        # after blocking SIGINT again
+        resource_tracker.ensure_running()
+        signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
         forkserver.ensure_running()
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, old)

@@ -354,6 +354,10 @@ def status_cmd(directory: str, **kwargs: Any) -> None:
             )
         if r["policy"]:
             out.line(f"  policy version {r['policy']['version']} in force here (passed down to the clients)")
+        if r["requests"]["pending"]:
+            since = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["requests"]["oldest"]))
+            n = r["requests"]["pending"]
+            out.line(f"  {n} restore request(s) wait for data from upstream, oldest since {since} (`node requests`)")
         if r["witnessed"]:
             n = len(r["witnessed"])
             out.line(f"  witnesses the newest snapshot of {n} client(s) at the top (`bunker node witness`)")

@@ -18,6 +18,7 @@ from bunker.cli.output import human_bytes, quote_name
 from bunker.crypto.keyfile import MasterKey
 from bunker.errors import BunkerError, ExitCode
 from bunker.fs.fsmeta import acl_text, flag_letters, hole_bytes
+from bunker.node.spool import parse_age
 from bunker.repo import refs
 from bunker.repo.blob_reader import BlobReader
 from bunker.repo.index_cache import IndexCache
@@ -35,7 +36,7 @@ from bunker.repo.selection import (
 )
 from bunker.repo.snapshot import open_body
 from bunker.repo.tree import TreeBudget
-from bunker.restore.evicted import request_evicted_packs
+from bunker.restore.evicted import wait_for_evicted_packs
 from bunker.restore.restorer import Restorer
 from bunker.runlog import RunLog, display_path
 
@@ -381,6 +382,13 @@ def ls_cmd(**kwargs: Any) -> None:
 @click.argument("paths", nargs=-1)
 @click.option("--target", "-t", required=True, type=click.Path(file_okay=False), help="Directory to restore into.")
 @click.option("--numeric-owner", is_flag=True, help="As root, use stored uid/gid instead of user/group names.")
+@click.option(
+    "--wait",
+    "wait_for",
+    metavar="AGE",
+    help="Through a node that evicted data the snapshot needs: wait up to AGE (e.g. 30m, 2d) for the requested "
+    "data to arrive, then restore (without it the restore stops with exit 6 and you run it again).",
+)
 @handles_errors
 def restore(**kwargs: Any) -> None:
     """Restore SNAPSHOT (an id prefix or `latest`), or only PATHS of it, into --target. Needs the master key."""
@@ -390,6 +398,8 @@ def restore(**kwargs: Any) -> None:
         kwargs.pop("target"),
         kwargs.pop("numeric_owner"),
     )
+    wait_text = kwargs.pop("wait_for")
+    wait_seconds = parse_age(wait_text) if wait_text is not None else 0.0
     if not target.strip():
         # an empty name would mean the current directory: never a guess for where files land
         raise BunkerError(
@@ -400,12 +410,13 @@ def restore(**kwargs: Any) -> None:
     f = pop_filters(kwargs)
     opts, out = make_options(kwargs)
     repo, _, rec, reader, root = _open_for_reading(opts, spec, f, "restore")
-    waiting = request_evicted_packs(repo, rec)
+    waiting = wait_for_evicted_packs(repo, rec, wait_seconds, out.info)
     if waiting:
         first = waiting[0]
         raise BunkerError(
             f"{len(waiting)} pack(s) snapshot {rec.short_id} needs were evicted by the node this repository is reached "
-            f"through and could not be fetched at once: requested ({first.message}); nothing was restored",
+            f"through and could not be fetched {'in ' + wait_text if wait_text else 'at once'}: requested "
+            f"({first.message}); nothing was restored",
             "run this restore again once they have arrived: `bunker node requests DIR` on the node lists the requests, "
             "and its next `bunker node forward` (or its daemon) asks again",
             exit_code=ExitCode.REQUESTED,

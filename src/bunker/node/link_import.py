@@ -350,19 +350,15 @@ def _take(
     if not name.startswith(allowed):
         report.refused.append((name, f"a {name.split('/', 1)[0]}/ object cannot come this way over link {link.name}"))
         return False
-    if link.direction == "down" and name.startswith("clients/"):
+    # a certificate from below (a client certified after the node was seeded), a policy from
+    # above: master-signed, checked against the config the store holds
+    if (link.direction == "down" and name.startswith("clients/")) or name.startswith("policy/"):
+        parse, what = (parse_certificate, "certificate") if name.startswith("clients/") else (parse_policy, "policy")
         repo = Repository.open(store, repo_id, floor=False)
         try:
-            parse_certificate(data, repo.config.master_verify, repo_id)
+            parse(data, repo.config.master_verify, repo_id)
         except encoding.FormatError as exc:
-            report.refused.append((name, f"not a certificate the master key issued for this repository ({exc})"))
-            return False
-    if name.startswith("policy/"):
-        repo = Repository.open(store, repo_id, floor=False)
-        try:
-            parse_policy(data, repo.config.master_verify, repo_id)
-        except encoding.FormatError as exc:
-            report.refused.append((name, f"not a policy the master key signed for this repository ({exc})"))
+            report.refused.append((name, f"not a {what} the master key signed for this repository ({exc})"))
             return False
     if name.startswith("config/"):
         try:

@@ -7,6 +7,7 @@ from typing import Any
 
 from bunker.node.holdings import SESSION_OUTPUT, UpstreamState, owed
 from bunker.node.node_dir import NodeDir
+from bunker.node.requests import journal
 from bunker.node.rotation import rotation_status
 from bunker.node.staleness import last_heard, stale_problems
 from bunker.node.witnessed import witnessed_heads
@@ -58,6 +59,8 @@ def node_status(nd: NodeDir) -> dict[str, Any]:
                 "repository": repo_id,
                 "clients": clients,
                 "untrusted_status": untrusted,
+                # restore requests still waiting for data from upstream (node/requests.py)
+                "requests": _pending_requests(nd, repo_id),
                 # the owner's policy as it reached this node (repo/policy.py)
                 "policy": {"version": in_force.version, "name": in_force.name} if in_force else None,
                 "objects": len(held),
@@ -79,3 +82,8 @@ def node_status(nd: NodeDir) -> dict[str, Any]:
         "key_rotation": rotation_status(nd),
         "quotas": dict(nd.config.quotas),
     }
+
+
+def _pending_requests(nd: NodeDir, repo_id: str) -> dict[str, object]:
+    pending = [float(r.get("since", 0.0)) for r in journal(nd, repo_id).values() if r.get("state") == "pending"]
+    return {"pending": len(pending), "oldest": min(pending) if pending else None}

@@ -17,8 +17,8 @@ from typing import Any
 
 from bunker import encoding
 from bunker.node.eviction import evicted
-from bunker.node.node_dir import NodeDir, read_json, write_json
-from bunker.node.requests import answers_path, journal, locked_journal, queue_answers, request, settle
+from bunker.node.node_dir import NodeDir, read_json
+from bunker.node.requests import answers_path, journal, locked_journal, owed_answers, queue_answers, request, settle
 from bunker.repo.objects import content_hash, is_hash_name
 from bunker.storage.backend import Backend
 
@@ -78,9 +78,10 @@ def answers_owed(nd: NodeDir, repo_id: str, link: str, store: Backend) -> list[s
 
 
 def answers_sent(nd: NodeDir, repo_id: str, link: str, names: list[str]) -> None:
-    path = answers_path(nd, repo_id, link)
-    owed: list[str] = read_json(path, [])
-    write_json(path, [n for n in owed if n not in set(names)])
+    """These owed objects went into a down bundle over ``link``."""
+    sent = set(names)
+    with owed_answers(nd, repo_id, link) as owed:
+        owed[:] = [n for n in owed if n not in sent]
 
 
 def take_request(nd: NodeDir, repo_id: str, link: str, data: bytes, store: Backend) -> dict[str, Any]:

@@ -47,32 +47,48 @@ def _path(nd: NodeDir, repo_id: str) -> str:
 
 
 @contextlib.contextmanager
+def _held(lock_file: str) -> Iterator[None]:
+    """Hold ``lock_file`` against the node's other processes and this one's other threads (never
+    nested: each lock guards one state file)."""
+    with _threads:
+        fd = os.open(lock_file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            yield
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
 def locked_journal(nd: NodeDir, repo_id: str) -> Iterator[dict[str, dict[str, Any]]]:
     """The journal, held: the node's servers, imports, forwards and daemon each read-modify-write
     it; what the block changed is saved when it ends."""
-    with _threads:
-        fd = os.open(os.path.join(nd.state_dir(repo_id), "requests.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            reqs = journal(nd, repo_id)
-            yield reqs
-            write_json(_path(nd, repo_id), reqs)
-        finally:
-            os.close(fd)
+    with _held(os.path.join(nd.state_dir(repo_id), "requests.lock")):
+        reqs = journal(nd, repo_id)
+        yield reqs
+        write_json(_path(nd, repo_id), reqs)
 
 
 def answers_path(nd: NodeDir, repo_id: str, link: str) -> str:
     return os.path.join(nd.state_dir(repo_id, "down", link), "answers.json")
 
 
-def queue_answers(nd: NodeDir, repo_id: str, link: str, names: list[str]) -> None:
-    """Owe the node below ``link`` these objects: its next down bundle carries them
-    (node/request_link.py)."""
-    if not names:
-        return
+@contextlib.contextmanager
+def owed_answers(nd: NodeDir, repo_id: str, link: str) -> Iterator[list[str]]:
+    """What the node below ``link`` is owed (node/request_link.py), held: a server's request
+    adds to it while a forward's down bundle takes from it; changes are saved when it ends."""
     path = answers_path(nd, repo_id, link)
-    owed: list[str] = read_json(path, [])
-    write_json(path, sorted(set(owed) | set(names)))
+    with _held(path + ".lock"):
+        owed: list[str] = read_json(path, [])
+        yield owed
+        write_json(path, sorted(set(owed)))
+
+
+def queue_answers(nd: NodeDir, repo_id: str, link: str, names: list[str]) -> None:
+    """Owe the node below ``link`` these objects: its next down bundle carries them."""
+    if names:
+        with owed_answers(nd, repo_id, link) as owed:
+            owed.extend(names)
 
 
 def journal(nd: NodeDir, repo_id: str) -> dict[str, dict[str, Any]]:

@@ -11,6 +11,9 @@ directories would need a round trip per level of the tree).
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+
 from bunker.errors import BunkerError, DeletedUpstream, ExitCode, ObjectMissing, RequestedUpstream
 from bunker.repo import refs
 from bunker.repo.repository import Repository, SnapshotRecord
@@ -43,3 +46,25 @@ def request_evicted_packs(repo: Repository, rec: SnapshotRecord) -> list[Request
         except ObjectMissing:
             continue  # neither here nor requestable: the restore names what it lacks
     return waiting
+
+
+FIRST_POLL = 5.0  # seconds between asking again while waiting, doubling up to MAX_POLL
+MAX_POLL = 300.0
+
+
+def wait_for_evicted_packs(
+    repo: Repository, rec: SnapshotRecord, seconds: float, say: Callable[[str], None]
+) -> list[RequestedUpstream]:
+    """``request_evicted_packs``, asked again with backoff for up to ``seconds`` while some
+    wait (``say`` reports each wait); returns those still waiting at the end."""
+    deadline = time.monotonic() + seconds
+    poll = FIRST_POLL
+    while True:
+        waiting = request_evicted_packs(repo, rec)
+        left = deadline - time.monotonic()
+        if not waiting or left <= 0:
+            return waiting
+        nap = min(poll, left)
+        say(f"waiting for {len(waiting)} requested pack(s) to arrive at the node; asking again in {nap:.0f} s")
+        time.sleep(nap)
+        poll = min(poll * 2, MAX_POLL)
