@@ -78,6 +78,8 @@ def test_an_unreachable_upstream_keeps_the_request_and_the_rerun_completes(tmp_p
     reqs = js(node_cmd(top, "requests", office, "--json"))
     assert reqs["pending"] >= 1 and all(r["state"] == "pending" for r in reqs["requests"]), reqs
     assert all("cannot be read" in r["why"] for r in reqs["requests"]), reqs
+    status = js(node_cmd(top, "status", office, "--json", rc=(0, 1)))["repositories"][0]["requests"]
+    assert status["pending"] == reqs["pending"] and status["oldest"] > 0, status
     shutil.rmtree(target, ignore_errors=True)
 
     away.rename(top.path)
