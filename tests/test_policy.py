@@ -148,3 +148,23 @@ def test_a_policy_set_at_the_top_reaches_a_client_two_levels_down(tmp_path: Path
     assert plan["policy"]["clients"] == {"laptop": "--keep-last 1"}, plan
     assert (plan["kept"], plan["forgotten"]) == (1, 3), plan
     assert js(top.ok("check", "--json"))["ok"] is True
+
+
+def test_a_forged_policy_does_not_come_down_a_link(tmp_path: Path) -> None:
+    """A policy planted in hq's store (not signed by the master key) goes down in hq's next
+    bundle like any record; office's import refuses it and names it, and keeps what it had."""
+    h = build(tmp_path)
+    top = h.top
+    top.ok("policy", "set", _write(tmp_path / "p1.toml", "[defaults]\nkeep-last = 3\n"))
+    h.node("forward", h.hq)  # hq copies the records from the top
+    (store,) = h.hq.glob("store/*")
+    forged = make_policy(SigningKey(os.urandom(32)), top.id, 2, "policy/" + "0" * 64, {"keep-last": 1}, {})
+    name = _put(store, forged)
+    h.node("forward", h.hq)  # the down bundle to office carries both
+    h.carry_down()
+    got = h.node("import", h.office, rc=3)  # (err: an object was refused)
+    refused = [r for imp in got["imports"] for r in imp["refused"]]
+    assert [r["object"] for r in refused] == [f"policy/{name}"], got
+    assert "not a policy the master key signed" in refused[0]["why"], refused
+    office = h.node("status", h.office, rc=(0, 1))["repositories"][0]
+    assert office["policy"]["version"] == 1, office
