@@ -74,6 +74,36 @@ def test_an_altered_status_record_is_refused(tmp_path: Path) -> None:
     assert named and "status record refused" in named[0]["problem"], check["problems"]
 
 
+def test_a_replayed_or_withheld_status_record_is_named(tmp_path: Path) -> None:
+    """Another repository's record stored here is refused; deleting a client's newest failed
+    record to pass an older `ok` off as current leaves the next record linking to nothing, which
+    is named, and the older `ok` is no newer than it was (silent once its age passes the limit)."""
+    a, b = init_repo(tmp_path / "a"), init_repo(tmp_path / "b")
+    src = tmp_path / "src"
+    make_tree(src)
+    a.backup(src)
+    b.backup(src)
+    (theirs,) = (b.path / "status").iterdir()
+    (a.path / "status" / theirs.name).write_bytes(theirs.read_bytes())  # replayed into another repository
+    doc = js(a.ok("status", "--json", rc=(1, 3)))
+    assert any(theirs.name in u and "another repository" in u for u in doc["untrusted"]), doc
+
+    bad_tar = tmp_path / "bad.tar"
+    bad_tar.write_bytes(os.urandom(3000))
+    assert a.run("backup", "--tar", bad_tar, "--json").returncode == 4  # record #2: fatal
+    a.backup(src)  # record #3 links to #2
+    records = {
+        parse_status(f"status/{p.name}", p.read_bytes())[0].seq: p
+        for p in (a.path / "status").iterdir()
+        if p.name != theirs.name
+    }
+    records[2].unlink()  # the failed run's record withheld
+    row = _rows(js(a.ok("status", "--json", rc=(1, 3))))[a.client]
+    assert row["seq"] == 3 and any("links to record #2" in p and "which is not here" in p for p in row["problems"]), row
+    old = _rows(js(a.ok("status", "--json", "--silent-after", "0s", rc=(1, 3))))[a.client]
+    assert old["silent"] is True
+
+
 def test_status_records_travel_up_through_a_node(tmp_path: Path) -> None:
     top, office = office_with_top(tmp_path)
     src = tmp_path / "src"

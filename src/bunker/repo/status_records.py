@@ -241,6 +241,12 @@ def client_statuses(repo: Repository) -> dict[str, ClientStatus]:
                 if r.seq > 1 and (r.seq - 1) in chain and r.prev not in {p.name for p in chain[r.seq - 1]}:
                     st.problems.append(f"{r.name} (#{r.seq}) does not link to the record #{r.seq - 1} there")
                     st.problem_objects.append(r.name)
+                elif r.seq > 1 and (r.seq - 1) not in chain:
+                    # a machine that lost its state starts again at #1: it never leaves a gap; the
+                    # record it names was deleted, or is withheld (or still on its way up)
+                    missing = f"record #{r.seq - 1} ({r.prev}), which is not here"
+                    st.problems.append(f"{r.name} (#{r.seq}) links to {missing}")
+                    st.problem_objects.append(r.name)
         # the newest run by its time: a machine that lost its state starts again at #1, and its
         # new records must not hide behind the old chain's higher numbers
         st.newest = max((r for recs in chain.values() for r in recs), key=lambda r: (r.ended, r.seq, r.name))
