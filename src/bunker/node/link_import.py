@@ -74,6 +74,7 @@ class ImportReport:
     duplicates: int = 0
     replayed: list[str] = field(default_factory=list)
     foreign: int = 0  # pieces in the mailbox that are not for this node
+    own: int = 0  # pieces in the mailbox this node wrote itself (for the far node: left there)
     unknown_sender: list[tuple[str, str]] = field(default_factory=list)  # (piece, sender): left to wait
     quarantined: list[tuple[str, str]] = field(default_factory=list)  # (piece, why)
     refused: list[tuple[str, str]] = field(default_factory=list)  # (object, why)
@@ -96,6 +97,7 @@ class ImportReport:
             "duplicates": self.duplicates,
             "replayed": self.replayed,
             "foreign": self.foreign,
+            "own": self.own,
             "unknown_sender": [{"piece": p, "sender": who} for p, who in self.unknown_sender],
             "quarantined": [{"piece": p, "why": w} for p, w in self.quarantined],
             "refused": [{"object": o, "why": w} for o, w in self.refused],
@@ -169,6 +171,7 @@ def import_link(nd: NodeDir, link: Link) -> ImportReport:
     try:
         for info in mailbox.list():
             if info.name in own:
+                report.own += 1
                 continue
             tmp = os.path.join(incoming, info.name)
             mailbox.fetch(info.name, tmp)
