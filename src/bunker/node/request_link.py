@@ -105,11 +105,13 @@ def take_request(nd: NodeDir, repo_id: str, link: str, data: bytes, store: Backe
 
 
 def take_answer(nd: NodeDir, repo_id: str, store: Backend, name: str, data: bytes) -> bool:
-    """An object came down; keep it if this node requested it (True), else refuse it."""
-    if journal(nd, repo_id).get(name, {}).get("state") != "pending":
+    """An object came down; keep it if this node requested it (True), else refuse it. A second
+    answer to a request already answered (asked again while the first was on its way) is taken
+    quietly: the pack is here."""
+    state = journal(nd, repo_id).get(name, {}).get("state")
+    if state not in ("pending", "fetched") or content_hash(data) != name.split("/", 1)[1]:
         return False
-    if content_hash(data) != name.split("/", 1)[1]:
-        return False
-    store.put(name, data, if_absent=True)
-    settle(nd, repo_id, {name: ""})
+    if state == "pending":
+        store.put(name, data, if_absent=True)
+        settle(nd, repo_id, {name: ""})
     return True
