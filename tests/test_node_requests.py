@@ -59,6 +59,7 @@ def test_a_restore_through_a_node_fetches_evicted_packs_from_the_direct_upstream
     assert all(r["route"] == ["top"] for r in reqs["requests"])
     fetched = {r["object"].split("/", 1)[1] for r in reqs["requests"]}
     assert fetched <= _packs_held(office) and not fetched & before
+    assert js(top.ok("requests", "--json"))["node"] is None  # the repository itself requests nothing
     # pinned: the next forward's eviction leaves them for the restore's reruns
     js(node_cmd(top, "forward", office, "--json", rc=(0, 1)))
     assert fetched <= _packs_held(office)
@@ -78,6 +79,12 @@ def test_an_unreachable_upstream_keeps_the_request_and_the_rerun_completes(tmp_p
     reqs = js(node_cmd(top, "requests", office, "--json"))
     assert reqs["pending"] >= 1 and all(r["state"] == "pending" for r in reqs["requests"]), reqs
     assert all("cannot be read" in r["why"] for r in reqs["requests"]), reqs
+    # the client sees them too, through the node
+    seen = js(run_bunker("requests", "--json", "--repo", office, env=top.env))
+    assert seen["node"] == "office" and [r["object"] for r in seen["requests"]] == [
+        r["object"] for r in reqs["requests"]
+    ], seen
+    assert all(r["state"] == "pending" and r["route"] == ["top"] for r in seen["requests"]), seen
     status = js(node_cmd(top, "status", office, "--json", rc=(0, 1)))["repositories"][0]["requests"]
     assert status["pending"] == reqs["pending"] and status["oldest"] > 0, status
     shutil.rmtree(target, ignore_errors=True)

@@ -123,6 +123,7 @@ def main() -> None:
         cmd_node_keys,
         cmd_policy,
         cmd_prune,
+        cmd_requests,
         cmd_restore,
         cmd_serve,
         cmd_status,

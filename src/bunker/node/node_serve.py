@@ -20,6 +20,7 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from typing import Any
 
 from bunker import encoding
 from bunker.errors import BunkerError, ExitCode
@@ -159,6 +160,15 @@ def _fetch(node: NodeDir, store_dir: str, name: str) -> tuple[bytes | None, str,
     return got.data, got.why, got.route, got.gone
 
 
+def _requests(node: NodeDir, store_dir: str) -> list[dict[str, Any]]:
+    """The store's restore requests as a client sees them (node/requests.py)."""
+    from bunker.node.requests import journal
+
+    keep = ("state", "since", "route", "tries", "why", "fetched")
+    got = journal(NodeDir(node.root), os.path.basename(store_dir.rstrip("/")))
+    return [{"object": n, **{k: r[k] for k in keep if k in r}} for n, r in sorted(got.items())]
+
+
 def node_serve_config(node: NodeDir) -> ServeConfig:
     """The serve configuration of ``node``: append-only, client prefixes only."""
     direct = [u.url for u in node.config.upstreams if u.kind == "direct"]
@@ -181,5 +191,6 @@ def node_serve_config(node: NodeDir) -> ServeConfig:
         certificate_ok=accepts_certificate,
         statement=lambda store_dir: statement_for(NodeDir(node.root), os.path.basename(store_dir.rstrip("/"))),
         fetch=lambda store_dir, name: _fetch(node, store_dir, name),
+        requests=lambda store_dir: _requests(node, store_dir),
     )
     return ServeConfig(node.root, append_only=True, node=role)

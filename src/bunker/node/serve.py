@@ -105,6 +105,8 @@ class NodeRole:
     # gave them at once, else None; why it waits; the route it was requested on; whether a signed
     # record says it is gone for good) (node/requests.py)
     fetch: Callable[[str, str], tuple[bytes | None, str, list[str], bool]] | None = None
+    # store directory -> its restore requests, for `bunker requests` on a client
+    requests: Callable[[str], list[dict[str, Any]]] | None = None
 
 
 @dataclass(frozen=True)
@@ -382,6 +384,11 @@ class Session:
             if _bool(m, "j"):
                 strays = b.strays(validate_prefix(_str(m, "p")))
                 return wire.OK, {"j": list(strays.shown), "jn": strays.count}, encoding.pack([])
+            if _bool(m, "r"):
+                node = self.config.node
+                if node is None or node.requests is None:
+                    raise _Bad(wire.INVALID, "this server is not a node: it requests nothing upstream")
+                return wire.OK, {"r": True}, encoding.pack(node.requests(b.root))
             if _bool(m, "h"):
                 node = self.config.node
                 if node is None or node.statement is None:

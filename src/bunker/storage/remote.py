@@ -282,6 +282,26 @@ class RemoteBackend(Backend):
             raise self._status_error(f, "list", "snapshots/")
         return bytes(f.payload) if f.meta.get("h") is True else None
 
+    def restore_requests(self) -> list[dict[str, Any]] | None:
+        """A node's restore requests for this repository (node/requests.py: object, state, since,
+        route, tries, why); None for a server that is not a node, or a node too old to say."""
+        if not self.server_node:
+            return None
+        f = self._call("list", "packs/", wire.LIST, {"p": "packs/", "a": "", "r": True})
+        if f.code == wire.INVALID:
+            return None
+        if f.code != wire.OK:
+            raise self._status_error(f, "list", "packs/")
+        if f.meta.get("r") is not True:
+            return None
+        try:
+            rows = encoding.unpack(f.payload)
+            if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
+                raise ValueError("not a list of maps")
+        except (encoding.FormatError, ValueError) as exc:
+            raise wire.ProtocolError(f"the node sent malformed restore requests ({exc})", "") from None
+        return rows
+
     def snapshot_recorded(self, name: str) -> tuple[float, float | None] | None:
         """For a snapshot on a node: (when the node stored it, when the repository of record
         recorded it: 0.0 not yet, None when the server does not say: not a node, or an older
