@@ -268,6 +268,7 @@ def forward_cmd(directory: str, name: str | None, **kwargs: Any) -> None:
 @handles_errors
 def requests_cmd(directory: str, **kwargs: Any) -> None:
     """Restore requests: objects clients read that this node had evicted, asked for upstream."""
+    from bunker.cli.cmd_requests import describe_request
     from bunker.node.node_dir import NodeDir
     from bunker.node.requests import journal
 
@@ -281,15 +282,7 @@ def requests_cmd(directory: str, **kwargs: Any) -> None:
     pending = [r for r in rows if r.get("state") == "pending"]
     out.document({"node": nd.name, "requests": rows, "pending": len(pending)})
     for r in rows:
-        since = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(r["since"])))
-        route = ", ".join(r.get("route") or []) or "no upstream"
-        if r.get("state") == "pending":
-            out.line(f"{r['object']}: PENDING since {since} via {route}, {r.get('tries', 0)} tries: {r.get('why', '')}")
-        elif r.get("state") == "gone":
-            out.line(f"{r['object']}: GONE (asked since {since}): {r.get('why', '')}")
-        else:
-            got = time.strftime("%Y-%m-%d %H:%M", time.localtime(float(r.get("fetched", 0.0))))
-            out.line(f"{r['object']}: fetched {got} via {route} (asked since {since}; kept here for restores)")
+        out.line(describe_request(r))
     if not rows:
         out.line(f"node {nd.name} has no restore requests")
 

@@ -14,6 +14,19 @@ def _when(t: Any) -> str:
     return datetime.datetime.fromtimestamp(float(t)).strftime("%Y-%m-%d %H:%M") if t else "?"
 
 
+def describe_request(r: dict[str, Any]) -> str:
+    """One restore request for people (as node/requests.py journals it)."""
+    route = ", ".join(r.get("route") or []) or "no upstream"
+    state = str(r.get("state", "?"))
+    if state == "pending":
+        how = f"PENDING since {_when(r.get('since'))} via {route}, {r.get('tries', 0)} tries: {r.get('why', '')}"
+    elif state == "gone":
+        how = f"GONE (asked since {_when(r.get('since'))}): {r.get('why', '')}"
+    else:
+        how = f"arrived {_when(r.get('fetched'))} via {route} (asked since {_when(r.get('since'))})"
+    return f"{r.get('object', '?')}: {how}"
+
+
 @cli.command()
 @common
 @handles_errors
@@ -35,12 +48,4 @@ def requests(**kwargs: Any) -> None:
     if not rows:
         out.line(f"node {node!r} has no restore requests")
     for r in rows:
-        route = ", ".join(r.get("route") or []) or "no upstream"
-        state = str(r.get("state", "?"))
-        if state == "pending":
-            line = f"PENDING since {_when(r.get('since'))} via {route}, {r.get('tries', 0)} tries: {r.get('why', '')}"
-        elif state == "gone":
-            line = f"GONE: {r.get('why', '')}"
-        else:
-            line = f"arrived {_when(r.get('fetched'))} via {route}"
-        out.line(f"{r.get('object', '?')}: {line}")
+        out.line(describe_request(r))

@@ -148,23 +148,32 @@ def _route(nd: NodeDir, repo_id: str) -> list[str]:
     return [u.name for u in nd.config.upstreams if u.kind == "link" or u.repo == repo_id]
 
 
-def _fetch(name: str, upstreams: list[tuple[str, str]]) -> tuple[bytes | None, str]:
-    """The object's bytes from the first direct upstream that holds them intact, or why not."""
-    why = "this node has no direct upstream for the repository: the request waits for a link"
-    for up, url in upstreams:
-        try:
-            data = open_backend(url).get(name)
-        except ObjectMissing:
-            why = f"upstream {up!r} does not hold it (pruned there, or not delivered yet)"
-            continue
-        except (BunkerError, OSError) as exc:
-            why = f"upstream {up!r} cannot be read: {exc.message if isinstance(exc, BunkerError) else exc}"
-            continue
-        if is_hash_name(name) and content_hash(data) != name.split("/", 1)[1]:
-            why = f"upstream {up!r} returned bytes that do not match the name (damaged there)"
-            continue
-        return data, ""
-    return None, why
+class _Upstreams:
+    """The node's direct upstreams for one repository, each opened once when first asked."""
+
+    def __init__(self, nd: NodeDir, repo_id: str) -> None:
+        self._urls = _direct(nd, repo_id)
+        self._open: dict[str, Backend] = {}
+
+    def fetch(self, name: str) -> tuple[bytes | None, str]:
+        """The object's bytes from the first direct upstream that holds them intact, or why not."""
+        why = "this node has no direct upstream for the repository: the request waits for a link"
+        for up, url in self._urls:
+            try:
+                if up not in self._open:
+                    self._open[up] = open_backend(url)
+                data = self._open[up].get(name)
+            except ObjectMissing:
+                why = f"upstream {up!r} does not hold it (pruned there, or not delivered yet)"
+                continue
+            except (BunkerError, OSError) as exc:
+                why = f"upstream {up!r} cannot be read: {exc.message if isinstance(exc, BunkerError) else exc}"
+                continue
+            if is_hash_name(name) and content_hash(data) != name.split("/", 1)[1]:
+                why = f"upstream {up!r} returned bytes that do not match the name (damaged there)"
+                continue
+            return data, ""
+        return None, why
 
 
 @dataclass
@@ -210,12 +219,19 @@ def request(nd: NodeDir, repo_id: str, store: Backend, name: str, for_link: str 
         r["last_asked"] = now
         if for_link and for_link not in r.setdefault("for", []):
             r["for"].append(for_link)
-    data, why = _fetch(name, _direct(nd, repo_id))
+    data, why, gone = _ask(_Upstreams(nd, repo_id), store, repo_id, name)
+    settle(nd, repo_id, {name: why}, ended={name: gone} if gone else None)
+    return Answer(data, gone or why, route, gone=bool(gone))
+
+
+def _ask(upstreams: _Upstreams, store: Backend, repo_id: str, name: str) -> tuple[bytes | None, str, str]:
+    """Fetch ``name`` from the direct upstreams into ``store``: (its bytes or None, why it waits,
+    why it is gone for good)."""
+    data, why = upstreams.fetch(name)
     if data is not None:
         store.put(name, data, if_absent=True)
-    gone = deleted_by(store, repo_id, name) if data is None else ""
-    settle(nd, repo_id, {name: why if data is None else ""}, ended={name: gone} if gone else None)
-    return Answer(data, gone or why, route, gone=bool(gone))
+        return data, "", ""
+    return None, why, deleted_by(store, repo_id, name)
 
 
 def settle(nd: NodeDir, repo_id: str, outcomes: dict[str, str], ended: dict[str, str] | None = None) -> None:
@@ -253,18 +269,14 @@ def retry_pending(nd: NodeDir, repo_id: str, *, force: bool = False) -> tuple[in
     if not due:
         return 0, sum(r.get("state") == "pending" for r in journal(nd, repo_id).values())
     store = nd.store(repo_id)
-    upstreams = _direct(nd, repo_id)
-    outcomes = {}
-    ended = {}
+    upstreams = _Upstreams(nd, repo_id)
+    outcomes: dict[str, str] = {}
+    ended: dict[str, str] = {}
     for name in due:
         if store.stat(name) is not None:
             outcomes[name] = ""  # it came down another way meanwhile
             continue
-        data, why = _fetch(name, upstreams)
-        if data is not None:
-            store.put(name, data, if_absent=True)
-        outcomes[name] = why if data is None else ""
-        gone = deleted_by(store, repo_id, name) if data is None else ""
+        _, outcomes[name], gone = _ask(upstreams, store, repo_id, name)
         if gone:
             ended[name] = gone
     settle(nd, repo_id, outcomes, ended)

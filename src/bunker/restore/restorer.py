@@ -464,18 +464,18 @@ class Restorer:
     def _done(self, path: bytes, r: WriteResult) -> None:
         if r.errno == errno.ENOSPC:
             self._disk_full.set()
+        requested = False
         with self._lock:
             self.stats.bytes += r.nbytes
             if r.status == "ok":
                 self.stats.files += 1
             else:
                 self.stats.failed += 1
-        with self._lock:
-            requested = r.requested or path in self._requested
-            self._requested.discard(path)
-        if requested and r.status != "ok":
-            with self._lock:
-                self.stats.requested += 1
+                # (a file's pieces name data its node requested: a wait, not damage)
+                requested = r.requested or path in self._requested
+                self._requested.discard(path)
+                self.stats.requested += requested
+        if requested:
             self.log.add(
                 "err",
                 "restore-requested",

@@ -273,29 +273,30 @@ class RemoteBackend(Backend):
         """A node's signed witness statement for this repository (the newest snapshot per client
         it knows the repository of record holds; repo/witnesses.py verifies it); None for a
         server that is not a node, or a node too old to give one."""
+        payload = self._node_answer("h")
+        return bytes(payload) if payload is not None else None
+
+    def _node_answer(self, flag: str) -> bytes | memoryview | None:
+        """The payload of a LIST that only a node answers (meta ``flag`` true, format.md section
+        22); None from a server that is not a node, or a node too old to know ``flag``."""
         if not self.server_node:
             return None
-        f = self._call("list", "snapshots/", wire.LIST, {"p": "snapshots/", "a": "", "h": True})
+        # (config/: a node too old to know the flag answers a listing, the shortest there is)
+        f = self._call("list", "config/", wire.LIST, {"p": "config/", "a": "", flag: True})
         if f.code == wire.INVALID:
             return None
         if f.code != wire.OK:
-            raise self._status_error(f, "list", "snapshots/")
-        return bytes(f.payload) if f.meta.get("h") is True else None
+            raise self._status_error(f, "list", "config/")
+        return f.payload if f.meta.get(flag) is True else None
 
     def restore_requests(self) -> list[dict[str, Any]] | None:
         """A node's restore requests for this repository (node/requests.py: object, state, since,
         route, tries, why); None for a server that is not a node, or a node too old to say."""
-        if not self.server_node:
-            return None
-        f = self._call("list", "packs/", wire.LIST, {"p": "packs/", "a": "", "r": True})
-        if f.code == wire.INVALID:
-            return None
-        if f.code != wire.OK:
-            raise self._status_error(f, "list", "packs/")
-        if f.meta.get("r") is not True:
+        payload = self._node_answer("r")
+        if payload is None:
             return None
         try:
-            rows = encoding.unpack(f.payload)
+            rows = encoding.unpack(payload)
             if not isinstance(rows, list) or not all(isinstance(r, dict) for r in rows):
                 raise ValueError("not a list of maps")
         except (encoding.FormatError, ValueError) as exc:
