@@ -31,7 +31,13 @@ def _bounded_node_holding_a_backup(tmp_path: Path) -> tuple[Any, Path, Path, str
     snap = backup_into(top, office, src)["snapshot"]
     fwd = js(node_cmd(top, "forward", office, "--json", rc=(0, 1)))
     assert fwd["evicted"] and fwd["evicted"][0]["evicted"] >= 1, fwd
+    _bound(office, 16 << 20)  # room to fetch it all back in one go (batches: the test below)
     return top, office, src, snap
+
+
+def _bound(office: Path, size: int) -> None:
+    conf = office / "node.json"
+    conf.write_text(json.dumps({**json.loads(conf.read_text()), "max_size": size}))
 
 
 def _restore(top: Any, office: Path, snap: str, target: Path, rc: int) -> dict[str, Any]:
@@ -60,9 +66,15 @@ def test_a_restore_through_a_node_fetches_evicted_packs_from_the_direct_upstream
     fetched = {r["object"].split("/", 1)[1] for r in reqs["requests"]}
     assert fetched <= _packs_held(office) and not fetched & before
     assert js(top.ok("requests", "--json"))["node"] is None  # the repository itself requests nothing
-    # pinned: the next forward's eviction leaves them for the restore's reruns
+    # the restore completed and ended its lease: what was fetched for it is released, and the
+    # node's eviction takes it again
+    leases = json.loads(next(office.glob("state/*/leases.json")).read_text())
+    assert leases == {} and all(
+        r.get("released") for r in json.loads(next(office.glob("state/*/requests.json")).read_text()).values()
+    )
+    _bound(office, 64 << 10)
     js(node_cmd(top, "forward", office, "--json", rc=(0, 1)))
-    assert fetched <= _packs_held(office)
+    assert not fetched & _packs_held(office)
 
 
 def test_an_unreachable_upstream_keeps_the_request_and_the_rerun_completes(tmp_path: Path) -> None:
@@ -130,6 +142,7 @@ def test_a_request_travels_up_a_carried_link_and_the_answer_comes_down(tmp_path:
     packs = {p.name for p in (top.path / "packs").iterdir()}
     held = {p.name for n in (h.office, h.hq) for p in n.glob("store/*/packs/*")}
     assert packs - held, "packs evicted at both levels"
+    _bound(h.office, 16 << 20)  # room to take them all back in one go
 
     target = tmp_path / "t"
     doc = _restore(top, h.office, snap, target, ExitCode.REQUESTED)
@@ -230,3 +243,64 @@ def test_restore_wait_waits_until_the_requested_data_arrives(tmp_path: Path) -> 
     assert json.loads(out)["stats"]["failed"] == 0
     compare_trees(src, restored_path(target, src))
     shutil.rmtree(target)
+
+
+def _large_packs(office: Path) -> set[str]:
+    return {p.name for p in office.glob("store/*/packs/*") if p.stat().st_size > 500_000}
+
+
+def test_a_restore_larger_than_the_node_store_runs_in_batches_and_resumes(tmp_path: Path) -> None:
+    """Three files of 700 kB, each backed up in its own pack, restored through a node whose store
+    can fetch back one such pack at a time: the restore runs in batches, releasing each. A batch
+    whose pack the upstream cannot give stops the restore (exit 6); the rerun continues with that
+    batch and does not ask again for the one it restored."""
+    top, office = office_with_top(tmp_path)
+    conf = office / "node.json"
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "sub" / "small.txt").write_text("held by every batch")
+    packs: list[set[str]] = []
+    for i in range(3):
+        (src / f"f{i}.bin").write_bytes(os.urandom(700_000))
+        if i == 1:
+            os.link(src / "f1.bin", src / "sub" / "f1-link.bin")  # a second name waits with the first
+        before = _large_packs(office)
+        snap = backup_into(top, office, src)["snapshot"]
+        packs.append(_large_packs(office) - before)
+    assert all(len(p) == 1 for p in packs), packs
+    conf.write_text(json.dumps({**json.loads(conf.read_text()), "max_size": 64 << 10}))
+    js(node_cmd(top, "forward", office, "--json", rc=(0, 1)))
+    assert not _large_packs(office), "all evicted"
+    store = next(office.glob("store/*"))
+    meta = sum(f.stat().st_size for f in store.rglob("*") if f.is_file() and f.parts[-2] != "sessions")
+    conf.write_text(json.dumps({**json.loads(conf.read_text()), "max_size": meta + 800_000}))  # one pack's room
+
+    (second,) = packs[1]
+    hidden = top.path / "packs" / f"{second}.away"
+    (top.path / "packs" / second).rename(hidden)  # the upstream cannot give batch 2's pack for now
+    target = tmp_path / "t"
+    doc = _restore(top, office, snap, target, ExitCode.REQUESTED)
+    assert "batch 2 of the restore" in doc["error"] and "2 file(s) restored so far, 3 left" in doc["error"], doc
+    assert "it continues with this batch" in doc["hint"], doc
+    assert (target / restored_path(target, src).relative_to(target) / "f0.bin").exists()
+    (first,) = packs[0]
+    reqs = {r["object"]: r for r in js(node_cmd(top, "requests", office, "--json"))["requests"]}
+    assert reqs[f"packs/{first}"]["state"] == "fetched" and reqs[f"packs/{first}"]["tries"] == 1, reqs
+    assert json.loads(next(office.glob("state/*/leases.json")).read_text()) == {}, "the lease ended"
+
+    hidden.rename(top.path / "packs" / second)
+    cmd = run_bunker("restore", snap, "--target", target, "--json", "--repo", office, env=top.env)
+    doc = js(expect_rc(cmd, 0))
+    assert "restoring in batches" in cmd.stderr and "batch 1:" in cmd.stderr, cmd.stderr
+    assert doc["stats"]["kept"] == 2 and doc["stats"]["failed"] == 0, doc
+    compare_trees(src, restored_path(target, src))
+    shutil.rmtree(target)
+    reqs = {r["object"]: r for r in js(node_cmd(top, "requests", office, "--json"))["requests"]}
+    assert reqs[f"packs/{first}"]["tries"] == 1, "the rerun did not ask again for what it restored"
+    assert all(reqs[f"packs/{p}"]["state"] == "fetched" for s in packs for p in s), reqs
+    # the restore ended: its lease is gone and nothing it fetched is pinned any more
+    assert json.loads(next(office.glob("state/*/leases.json")).read_text()) == {}
+    # each batch's pack was evicted once it was restored: the store kept its bound throughout
+    assert len(_large_packs(office)) <= 1
+    used = sum(f.stat().st_size for f in store.rglob("*") if f.is_file() and f.parts[-2] != "sessions")
+    assert used <= meta + 800_000

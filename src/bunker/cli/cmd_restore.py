@@ -36,7 +36,9 @@ from bunker.repo.selection import (
 )
 from bunker.repo.snapshot import open_body
 from bunker.repo.tree import TreeBudget
-from bunker.restore.evicted import wait_for_evicted_packs
+from bunker.restore.batches import restore_in_batches
+from bunker.restore.evicted import evicted_packs, wait_for_evicted_packs
+from bunker.restore.lease import RestoreLease
 from bunker.restore.restorer import Restorer
 from bunker.runlog import RunLog, display_path
 
@@ -410,20 +412,40 @@ def restore(**kwargs: Any) -> None:
     f = pop_filters(kwargs)
     opts, out = make_options(kwargs)
     repo, _, rec, reader, root = _open_for_reading(opts, spec, f, "restore")
-    waiting = wait_for_evicted_packs(repo, rec, wait_seconds, out.info)
-    if waiting:
-        first = waiting[0]
-        raise BunkerError(
-            f"{len(waiting)} pack(s) snapshot {rec.short_id} needs were evicted by the node this repository is reached "
-            f"through and could not be fetched {'in ' + wait_text if wait_text else 'at once'}: requested "
-            f"({first.message}); nothing was restored",
-            "run this restore again once they have arrived: `bunker node requests DIR` on the node lists the requests, "
-            "and its next `bunker node forward` (or its daemon) asks again",
-            exit_code=ExitCode.REQUESTED,
-        )
     log = RunLog()
-    restorer = Restorer(reader, os.fsencode(os.path.abspath(target)), log, numeric_owner=numeric, budget=budget_of(rec))
-    stats = restorer.restore(root, list(paths))
+    lease = RestoreLease(repo.backend, rec.name)  # through a node: its packs stay while this runs
+    completed = False
+    try:
+        leased = lease.take()
+        need = evicted_packs(repo, rec) if leased else {}
+
+        def make_restorer() -> Restorer:
+            return Restorer(
+                reader, os.fsencode(os.path.abspath(target)), log, numeric_owner=numeric, budget=budget_of(rec)
+            )
+
+        if lease.room is not None and sum(need.values()) > lease.room:
+            out.info(
+                f"the node holds {lease.room} bytes of room, and the {len(need)} pack(s) it evicted that snapshot "
+                f"{rec.short_id} needs are {sum(need.values())} bytes: restoring in batches"
+            )
+            stats = restore_in_batches(repo, rec, make_restorer, root, list(paths), lease, wait_seconds, out.info)
+        else:
+            waiting = wait_for_evicted_packs(repo, rec, wait_seconds, out.info)
+            if waiting:
+                first = waiting[0]
+                raise BunkerError(
+                    f"{len(waiting)} pack(s) snapshot {rec.short_id} needs were evicted by the node this repository "
+                    f"is reached through and could not be fetched {'in ' + wait_text if wait_text else 'at once'}: "
+                    f"requested ({first.message}); nothing was restored",
+                    "run this restore again once they have arrived: `bunker node requests DIR` on the node lists the "
+                    "requests, and its next `bunker node forward` (or its daemon) asks again",
+                    exit_code=ExitCode.REQUESTED,
+                )
+            stats = make_restorer().restore(root, list(paths))
+        completed = not stats.requested
+    finally:
+        lease.end(done=completed)
     for _, message in damaged_packs(reader):
         log.add("err", "pack-damaged", message)
     out.document(
@@ -443,6 +465,7 @@ def restore(**kwargs: Any) -> None:
             f"{stats.links} symlinks, {stats.hardlinks} hard links, {stats.other} other items, "
             f"{human_bytes(stats.bytes)}; level {log.level}"
             + (f"; {stats.failed} items could not be restored" if stats.failed else "")
+            + (f"; {stats.kept} files were restored by an earlier run of this restore" if stats.kept else "")
         )
     if stats.requested:
         # data a node evicted was requested upstream: not damage, a wait (docs/hierarchy.md)

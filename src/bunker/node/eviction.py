@@ -19,6 +19,7 @@ import time
 from dataclasses import dataclass, field
 
 from bunker.node.holdings import UpstreamState
+from bunker.node.leases import leased
 from bunker.node.node_dir import NodeDir, read_json, write_json
 from bunker.node.requests import pinned
 from bunker.storage.backend import ObjectInfo
@@ -94,7 +95,7 @@ def evict(nd: NodeDir, repo_id: str) -> Evicted:
     if bound is None or used <= bound:
         return out
     allowed = recorded_enough(nd, repo_id)
-    keep = pinned(nd, repo_id)  # fetched back for a restore (node/requests.py)
+    keep = pinned(nd, repo_id) | leased(nd, repo_id)  # for restores (node/requests.py, node/leases.py)
     candidates = sorted(
         (i for i in infos if i.name.startswith(EVICTABLE) and i.name in allowed and i.name not in keep),
         key=lambda i: (i.mtime, i.name),
@@ -119,6 +120,19 @@ def evict(nd: NodeDir, repo_id: str) -> Evicted:
     out.used_after = used
     out.over = max(0, used - bound)
     return out
+
+
+def room_for_restore(nd: NodeDir, repo_id: str) -> int | None:
+    """Bytes the node can fetch back for a restore while it keeps its bound: the room left, plus
+    what eviction could take (recorded, neither pinned nor leased). None: the store is unbounded."""
+    bound = nd.config.max_size
+    if bound is None:
+        return None
+    used, infos = store_usage(nd, repo_id)
+    allowed = recorded_enough(nd, repo_id)
+    keep = pinned(nd, repo_id) | leased(nd, repo_id)
+    evictable = sum(i.size for i in infos if i.name.startswith(EVICTABLE) and i.name in allowed and i.name not in keep)
+    return max(0, bound - used + evictable)
 
 
 def store_full(nd: NodeDir, repo_id: str) -> int:

@@ -33,7 +33,7 @@ from bunker.node.serve import NodeRole, ServeConfig
 from bunker.node.witnessed import statement_for
 from bunker.repo.certs import parse_certificate
 from bunker.repo.repository import Repository
-from bunker.storage.backend import ObjectInfo
+from bunker.storage.backend import ObjectInfo, validate_name
 from bunker.storage.local import LocalBackend
 
 # what a client writes when it backs up (format.md 17); nothing else comes from below
@@ -157,6 +157,10 @@ def _fetch(node: NodeDir, store_dir: str, name: str) -> tuple[bytes | None, str,
     nd = NodeDir(node.root)  # (re-read: the daemon may have changed upstreams since the server started)
     repo_id = os.path.basename(store_dir.rstrip("/"))
     got = request(nd, repo_id, nd.store(repo_id), name)
+    if got.data is not None:
+        from bunker.node.eviction import evict
+
+        evict(nd, repo_id)  # back under the bound: what restores released goes, what they lease stays
     return got.data, got.why, got.route, got.gone
 
 
@@ -167,6 +171,47 @@ def _requests(node: NodeDir, store_dir: str) -> list[dict[str, Any]]:
     keep = ("state", "since", "route", "tries", "why", "fetched")
     got = journal(NodeDir(node.root), os.path.basename(store_dir.rstrip("/")))
     return [{"object": n, **{k: r[k] for k in keep if k in r}} for n, r in sorted(got.items())]
+
+
+def _lease(node: NodeDir, store_dir: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """A restore takes, renews or ends its lease (node/leases.py); packs it released are evicted
+    at once where the store is over its bound, so its next batch has room. Returns {until, room}."""
+    from bunker.node.eviction import evict, room_for_restore
+    from bunker.node.leases import hold
+
+    snapshot, lease_id = fields.get("ls"), fields.get("li")
+    seconds, released = fields.get("lt", 600.0), fields.get("lr", [])
+    if (
+        not isinstance(snapshot, str)
+        or not snapshot.startswith("snapshots/")
+        or not isinstance(lease_id, str)
+        or not 8 <= len(lease_id) <= 64
+        or not lease_id.isalnum()
+        or not isinstance(seconds, (int, float))
+        or not isinstance(released, list)
+        or not all(isinstance(p, str) and p.startswith("packs/") for p in released)
+    ):
+        raise BunkerError("malformed restore lease", "the client is broken: report it with its version")
+    validate_name(snapshot)
+    for p in released:
+        validate_name(p)
+    nd = NodeDir(node.root)
+    repo_id = os.path.basename(store_dir.rstrip("/"))
+    end, done = fields.get("le") is True, fields.get("ld") is True
+    until = hold(
+        nd,
+        repo_id,
+        nd.store(repo_id),
+        lease_id,
+        snapshot,
+        seconds=float(seconds),
+        released=set(released),
+        end=end,
+        done=done,
+    )
+    if released or done:
+        evict(nd, repo_id)
+    return {"until": until, "room": room_for_restore(nd, repo_id)}
 
 
 def node_serve_config(node: NodeDir) -> ServeConfig:
@@ -192,5 +237,6 @@ def node_serve_config(node: NodeDir) -> ServeConfig:
         statement=lambda store_dir: statement_for(NodeDir(node.root), os.path.basename(store_dir.rstrip("/"))),
         fetch=lambda store_dir, name: _fetch(node, store_dir, name),
         requests=lambda store_dir: _requests(node, store_dir),
+        lease=lambda store_dir, fields: _lease(node, store_dir, fields),
     )
     return ServeConfig(node.root, append_only=True, node=role)

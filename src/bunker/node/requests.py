@@ -11,7 +11,8 @@ client is told its data was requested and reruns the restore once it has arrived
 An object fetched for a request is pinned, with every pack of the snapshots this node holds
 whose pack sets name it: eviction leaves them for ``PIN_SECONDS`` after the request was last
 made, so the restore's rerun finds the whole set here (a pack it did not need to request is not
-evicted to make room for one that arrived).
+evicted to make room for one that arrived). A restore that ends, or a batch of a restore larger
+than the store that is done, releases its packs at once (node/leases.py, ``release``).
 """
 
 from __future__ import annotations
@@ -57,6 +58,13 @@ def _held(lock_file: str) -> Iterator[None]:
             yield
         finally:
             os.close(fd)
+
+
+@contextlib.contextmanager
+def locked_state(nd: NodeDir, repo_id: str, what: str) -> Iterator[None]:
+    """Hold the lock of state file ``what`` of ``repo_id`` (node/leases.py)."""
+    with _held(os.path.join(nd.state_dir(repo_id), f"{what}.lock")):
+        yield
 
 
 @contextlib.contextmanager
@@ -110,7 +118,9 @@ def pinned(nd: NodeDir, repo_id: str, now: float | None = None) -> set[str]:
     out = {
         n
         for n, r in journal(nd, repo_id).items()
-        if r.get("state") in ("fetched", "pending") and now - float(r.get("last_asked", 0.0)) < PIN_SECONDS
+        if r.get("state") in ("fetched", "pending")
+        and not r.get("released")
+        and now - float(r.get("last_asked", 0.0)) < PIN_SECONDS
     }
     sets: dict[str, dict[str, Any]] = read_json(_sets_path(nd, repo_id), {})
     for entry in sets.values():
@@ -138,6 +148,23 @@ def _pin_sets_with(nd: NodeDir, repo_id: str, store: Backend, name: str, now: fl
         if name in packs:
             sets[info.name] = {"time": now, "packs": packs}
     write_json(path, sets)
+
+
+def release(nd: NodeDir, repo_id: str, names: set[str]) -> None:
+    """The restore that needed ``names`` is done with them (it ended, or restored the batch
+    they were fetched for): they are no longer pinned for it, and eviction may take them back."""
+    if not names:
+        return
+    now = time.time()
+    with locked_journal(nd, repo_id) as reqs:
+        for name in names & reqs.keys():
+            if reqs[name].get("state") == "fetched":
+                reqs[name]["released"] = now
+        path = _sets_path(nd, repo_id)
+        sets: dict[str, dict[str, Any]] = read_json(path, {})
+        for entry in sets.values():
+            entry["packs"] = [p for p in entry.get("packs", []) if p not in names]
+        write_json(path, {s: e for s, e in sets.items() if e["packs"]})
 
 
 def _direct(nd: NodeDir, repo_id: str) -> list[tuple[str, str]]:
@@ -217,6 +244,7 @@ def request(nd: NodeDir, repo_id: str, store: Backend, name: str, for_link: str 
         if r is None or r.get("state") != "pending":
             r = reqs[name] = {"since": now, "route": route, "tries": 0, "next": 0.0, "state": "pending", "for": []}
         r["last_asked"] = now
+        r.pop("released", None)  # asked again after a restore released it: pinned again
         if for_link and for_link not in r.setdefault("for", []):
             r["for"].append(for_link)
     data, why, gone = _ask(_Upstreams(nd, repo_id), store, repo_id, name)

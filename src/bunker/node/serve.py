@@ -107,6 +107,9 @@ class NodeRole:
     fetch: Callable[[str, str], tuple[bytes | None, str, list[str], bool]] | None = None
     # store directory -> its restore requests, for `bunker requests` on a client
     requests: Callable[[str], list[dict[str, Any]]] | None = None
+    # store directory, a restore's lease fields (format.md section 22: snapshot, lease id,
+    # seconds, released packs, end, done) -> {until, room} (node/leases.py)
+    lease: Callable[[str, dict[str, Any]], dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -389,6 +392,12 @@ class Session:
                 if node is None or node.requests is None:
                     raise _Bad(wire.INVALID, "this server is not a node: it requests nothing upstream")
                 return wire.OK, {"r": True}, encoding.pack(node.requests(b.root))
+            if _bool(m, "l"):
+                node = self.config.node
+                if node is None or node.lease is None:
+                    raise _Bad(wire.INVALID, "this server is not a node: it evicts nothing a restore could lease")
+                fields: dict[str, Any] = {k: m[k] for k in ("ls", "li", "lt", "lr", "le", "ld") if k in m}
+                return wire.OK, {"l": True}, encoding.pack(node.lease(b.root, fields))
             if _bool(m, "h"):
                 node = self.config.node
                 if node is None or node.statement is None:
@@ -454,9 +463,11 @@ class Session:
     ) -> tuple[int, dict[str, Any], bytes]:
         held = self.config.node.upstream_held(b.root) if self.config.node is not None else {}
         # a node lists what it evicted under record receipts too: clients deduplicate against it
-        listed = {} if upstream_only else {i.name: i for i in b.list(prefix)}
+        here = {i.name: i for i in b.list(prefix)}
+        # upstream only: what the node does not hold now (one fetched back for a restore is here)
+        listed = {} if upstream_only else here
         for name, info in held.items():
-            if name.startswith(prefix) and name not in listed:
+            if name.startswith(prefix) and name not in here:
                 listed[name] = info
         entries = sorted((i for i in listed.values() if i.name > after), key=lambda i: i.name)
         page = entries[: wire.LIST_PAGE]

@@ -19,22 +19,26 @@ from bunker.repo import refs
 from bunker.repo.repository import Repository, SnapshotRecord
 
 
-def request_evicted_packs(repo: Repository, rec: SnapshotRecord) -> list[RequestedUpstream]:
-    """Make the node the repository is reached through hold every pack ``rec`` needs; returns
-    the requests it could not answer at once (empty when not reached through a node)."""
-    held_upstream = getattr(repo.backend, "upstream_names", None)
+def evicted_packs(repo: Repository, rec: SnapshotRecord) -> dict[str, int]:
+    """The packs ``rec`` needs that the node the repository is reached through evicted: name ->
+    size (empty when not reached through a node)."""
+    held_upstream = getattr(repo.backend, "upstream_sizes", None)
     if held_upstream is None:
-        return []
-    evicted = held_upstream("packs/")
+        return {}
+    evicted: dict[str, int] = held_upstream("packs/")
     if not evicted:
-        return []
+        return {}
+    names = (f"packs/{pack}" for pack in refs.read_set(rec.snap.env.packset, repo.backend.get))
+    return {n: evicted[n] for n in names if n in evicted}
+
+
+def request_packs(repo: Repository, rec: SnapshotRecord, names: list[str]) -> list[RequestedUpstream]:
+    """Make the node hold ``names``: one byte of each is read, which a node that evicted it
+    requests (fetching it at once where it can); returns the requests it could not answer."""
     waiting: list[RequestedUpstream] = []
-    for pack in refs.read_set(rec.snap.env.packset, repo.backend.get):
-        name = f"packs/{pack}"
-        if name not in evicted:
-            continue
+    for name in names:
         try:
-            repo.backend.get(name, 0, 1)  # the node requests it, and fetches it at once where it can
+            repo.backend.get(name, 0, 1)
         except RequestedUpstream as exc:
             waiting.append(exc)
         except DeletedUpstream as exc:
@@ -48,19 +52,25 @@ def request_evicted_packs(repo: Repository, rec: SnapshotRecord) -> list[Request
     return waiting
 
 
+def request_evicted_packs(repo: Repository, rec: SnapshotRecord) -> list[RequestedUpstream]:
+    """Make the node the repository is reached through hold every pack ``rec`` needs; returns
+    the requests it could not answer at once (empty when not reached through a node)."""
+    return request_packs(repo, rec, sorted(evicted_packs(repo, rec)))
+
+
 FIRST_POLL = 5.0  # seconds between asking again while waiting, doubling up to MAX_POLL
 MAX_POLL = 300.0
 
 
 def wait_for_evicted_packs(
-    repo: Repository, rec: SnapshotRecord, seconds: float, say: Callable[[str], None]
+    repo: Repository, rec: SnapshotRecord, seconds: float, say: Callable[[str], None], names: list[str] | None = None
 ) -> list[RequestedUpstream]:
-    """``request_evicted_packs``, asked again with backoff for up to ``seconds`` while some
-    wait (``say`` reports each wait); returns those still waiting at the end."""
+    """``request_evicted_packs`` (or ``request_packs`` of ``names``), asked again with backoff for
+    up to ``seconds`` while some wait (``say`` reports each wait); returns those still waiting."""
     deadline = time.monotonic() + seconds
     poll = FIRST_POLL
     while True:
-        waiting = request_evicted_packs(repo, rec)
+        waiting = request_evicted_packs(repo, rec) if names is None else request_packs(repo, rec, names)
         left = deadline - time.monotonic()
         if not waiting or left <= 0:
             return waiting

@@ -85,6 +85,7 @@ class RestoreStats:
     bytes: int = 0
     failed: int = 0
     requested: int = 0  # of the failed: files waiting for data a node requested upstream
+    kept: int = 0  # files an earlier run of a batched restore wrote (restore/batches.py)
 
 
 @dataclass
@@ -97,6 +98,13 @@ class Restorer:
     stats: RestoreStats = field(default_factory=RestoreStats)
     # caps each walk at the snapshot's signed statistics; the default has only the cycle rule
     budget: TreeBudget = field(default_factory=TreeBudget)
+    # a batched restore (restore/batches.py): packs not at hand now; a file with data in one is
+    # left for a later batch (listed in ``deferred`` with its packs) ...
+    unavailable: set[str] | None = None
+    # ... files (paths below the target) an earlier run's batches wrote, left as they are ...
+    done_before: set[bytes] = field(default_factory=set)
+    # ... and directory metadata and flags wait for :meth:`finish_tree`
+    hold_final: bool = False
 
     def __post_init__(self) -> None:
         self._as_root = os.geteuid() == 0
@@ -120,6 +128,9 @@ class Restorer:
         self._ids = (os.geteuid(), os.getegid())
         self._owners_lost = 0
         self._owner_example: tuple[bytes, dict[str, Any]] | None = None
+        self._dirs: list[tuple[bytes, dict[str, Any]]] = []
+        self.deferred: list[tuple[bytes, set[str]]] = []  # (path below the target, its packs)
+        self._deferred_inos: dict[int, set[str]] = {}
 
     # ------------------------------------------------------------------ trees
     def tree(self, tid: bytes) -> list[dict[str, Any]]:
@@ -211,18 +222,9 @@ class Restorer:
             self._procs.shutdown()
         for path, e, fresh in self._more_names:
             self._hardlink(path, e, fresh)
-        for path, e in reversed(dirs):
-            self._meta(path, e)
-        for path, fl in reversed(self._flagged):
-            lost, why = set_flags(path, fl, self._as_root)
-            if lost:
-                self.log.add(
-                    "note",
-                    "flags-not-restored",
-                    f"inode flags {flag_letters(lost) or hex(lost)} not restored ({why})"
-                    + ("; restore as root to set them" if not self._as_root else ""),
-                    path,
-                )
+        self._dirs = dirs
+        if not self.hold_final:
+            self.finish_tree()
         if self._owners_lost and self._owner_example is not None:
             path, e = self._owner_example
             self.log.add(
@@ -242,6 +244,22 @@ class Restorer:
                 # nothing restored at all is fatal, as a target that takes nothing is
                 exit_code=ExitCode.ERR if self.stats.files else ExitCode.FATAL,
             )
+
+    def finish_tree(self) -> None:
+        """Directory metadata bottom-up, then inode flags: last, once every item is written (a
+        batched restore calls it when its last batch is done: docs/hierarchy.md)."""
+        for path, e in reversed(self._dirs):
+            self._meta(path, e)
+        for path, fl in reversed(self._flagged):
+            lost, why = set_flags(path, fl, self._as_root)
+            if lost:
+                self.log.add(
+                    "note",
+                    "flags-not-restored",
+                    f"inode flags {flag_letters(lost) or hex(lost)} not restored ({why})"
+                    + ("; restore as root to set them" if not self._as_root else ""),
+                    path,
+                )
 
     def _parents(self, chain: list[dict[str, Any]], dirs: list[tuple[bytes, dict[str, Any]]]) -> bytes | None:
         """Make the directories above a path restored alone, each as the full restore makes a
@@ -309,6 +327,8 @@ class Restorer:
     ) -> None:
         """Restore one item; ``fresh``: its parent was created empty by this restore."""
         t = e["t"]
+        if t == "f" and self.unavailable is not None and self._left_for_later(e, full):
+            return
         if "ino" in e and t != "d":
             if e["ino"] in self._links:  # a further name of an inode restored already: linked at the end
                 self._more_names.append((full, e, fresh))
@@ -338,6 +358,26 @@ class Restorer:
             self.stats.links += 1
         else:
             self._restore_special(e, full, fresh)
+
+    def _left_for_later(self, e: dict[str, Any], full: bytes) -> bool:
+        """In a batched restore: whether this file waits for a later batch (its data is in a pack
+        not at hand; further names of its inode wait with it) or an earlier run wrote it."""
+        rel = os.path.relpath(full, self.target)
+        if rel in self.done_before:
+            self.stats.kept += 1
+            return True
+        ino = e.get("ino")
+        packs = self._deferred_inos.get(ino) if ino is not None else None
+        if packs is None:
+            locations = self.reader.locations
+            packs = {loc.pack for cid in e.get("c", []) if (loc := locations.get(cid)) is not None}
+            assert self.unavailable is not None
+            if not packs & self.unavailable:
+                return False
+            if ino is not None:
+                self._deferred_inos[ino] = packs
+        self.deferred.append((rel, packs))
+        return True
 
     def _mkdir(self, path: bytes, parent_fresh: bool) -> bool | None:
         """Create a directory: True if created empty, False if an existing one is reused, None on failure."""

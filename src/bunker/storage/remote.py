@@ -251,23 +251,7 @@ class RemoteBackend(Backend):
     def upstream_names(self, prefix: str) -> set[str]:
         """Objects under ``prefix`` a node lists but no longer holds: evicted under record
         receipts, held by the repository of record (empty for a server that is not a node)."""
-        if not self.server_node:
-            return set()
-        out: set[str] = set()
-        after = ""
-        while True:
-            f = self._call("list", prefix, wire.LIST, {"p": validate_prefix(prefix), "a": after, "u": True})
-            if f.code != wire.OK:
-                raise self._status_error(f, "list", prefix)
-            try:
-                rows = encoding.unpack(f.payload)
-                page = [prefix + str(r[0]) for r in rows]
-            except (encoding.FormatError, TypeError, IndexError) as exc:
-                raise wire.ProtocolError(f"the server sent a malformed listing of {prefix} ({exc})", "") from None
-            out.update(page)
-            if not f.meta.get("more") or not page:
-                return out
-            after = max(page)
+        return set(self.upstream_sizes(prefix))
 
     def witness_statement(self) -> bytes | None:
         """A node's signed witness statement for this repository (the newest snapshot per client
@@ -276,13 +260,13 @@ class RemoteBackend(Backend):
         payload = self._node_answer("h")
         return bytes(payload) if payload is not None else None
 
-    def _node_answer(self, flag: str) -> bytes | memoryview | None:
+    def _node_answer(self, flag: str, fields: dict[str, Any] | None = None) -> bytes | memoryview | None:
         """The payload of a LIST that only a node answers (meta ``flag`` true, format.md section
         22); None from a server that is not a node, or a node too old to know ``flag``."""
         if not self.server_node:
             return None
         # (config/: a node too old to know the flag answers a listing, the shortest there is)
-        f = self._call("list", "config/", wire.LIST, {"p": "config/", "a": "", flag: True})
+        f = self._call("list", "config/", wire.LIST, {"p": "config/", "a": "", flag: True, **(fields or {})})
         if f.code == wire.INVALID:
             return None
         if f.code != wire.OK:
@@ -302,6 +286,47 @@ class RemoteBackend(Backend):
         except (encoding.FormatError, ValueError) as exc:
             raise wire.ProtocolError(f"the node sent malformed restore requests ({exc})", "") from None
         return rows
+
+    def restore_lease(
+        self, snapshot: str, lease_id: str, seconds: float, released: list[str], end: bool = False, done: bool = False
+    ) -> dict[str, Any] | None:
+        """Take, renew or end a node's restore lease on ``snapshot`` (node/leases.py; ``released``
+        packs are done with, ``done``: the restore completed): {until, room}; None from a server
+        that is not a node, or a node too old to lease."""
+        fields = {"ls": snapshot, "li": lease_id, "lt": seconds, "lr": released, "le": end, "ld": done}
+        payload = self._node_answer("l", fields)
+        if payload is None:
+            return None
+        try:
+            got = encoding.unpack(payload)
+            if not isinstance(got, dict) or not isinstance(got.get("until"), (int, float)):
+                raise ValueError("not a lease")
+            room = got.get("room")
+            if room is not None and (not isinstance(room, int) or isinstance(room, bool)):
+                raise ValueError("room is not a number")
+        except (encoding.FormatError, ValueError) as exc:
+            raise wire.ProtocolError(f"the node sent a malformed restore lease ({exc})", "") from None
+        return got
+
+    def upstream_sizes(self, prefix: str) -> dict[str, int]:
+        """``upstream_names`` with each object's size."""
+        if not self.server_node:
+            return {}
+        out: dict[str, int] = {}
+        after = ""
+        while True:
+            f = self._call("list", prefix, wire.LIST, {"p": validate_prefix(prefix), "a": after, "u": True})
+            if f.code != wire.OK:
+                raise self._status_error(f, "list", prefix)
+            try:
+                rows = encoding.unpack(f.payload)
+                page = {prefix + str(r[0]): int(r[1]) for r in rows}
+            except (encoding.FormatError, TypeError, IndexError, ValueError) as exc:
+                raise wire.ProtocolError(f"the server sent a malformed listing of {prefix} ({exc})", "") from None
+            out.update(page)
+            if not f.meta.get("more") or not page:
+                return out
+            after = max(page)
 
     def snapshot_recorded(self, name: str) -> tuple[float, float | None] | None:
         """For a snapshot on a node: (when the node stored it, when the repository of record
