@@ -168,3 +168,55 @@ def test_a_forged_policy_does_not_come_down_a_link(tmp_path: Path) -> None:
     assert "not a policy the master key signed" in refused[0]["why"], refused
     office = h.node("status", h.office, rc=(0, 1))["repositories"][0]
     assert office["policy"]["version"] == 1, office
+
+
+def test_node_settings_in_the_policy_reach_the_node_and_apply(tmp_path: Path) -> None:
+    """`[node-defaults]` and `[nodes.NAME]` in the policy set at the top come down to node office
+    (a direct upstream) and override its node.json: a client quota keeps a backup in the
+    client's spool, the bound makes the node evict, and a short staleness limit warns."""
+    import json
+    import random
+    import time
+
+    from bunker.errors import ExitCode
+    from test_node import backup_into, node_cmd, office_with_top
+
+    top, office = office_with_top(tmp_path)
+    bad = _write(tmp_path / "bad.toml", '[nodes.office]\nmax-size = "lots"\n')
+    refused = top.run("policy", "set", bad)
+    assert refused.returncode == 2 and "max-size = 'lots' is not a size" in refused.stderr, refused.stderr
+    text = '[node-defaults]\nstale-after = "1h"\n[nodes.office]\nclient-quota = "4M"\nevict-after = "any"\n'
+    assert js(top.ok("policy", "set", _write(tmp_path / "p1.toml", text), "--json"))["version"] == 1
+    shown = js(top.ok("policy", "show", "--node", "office", "--json"))
+    assert shown["node_settings"] == {"stale-after": 3600.0, "client-quota": 4 << 20, "evict-after": "any"}, shown
+    assert "client-quota = 4.0 MiB" in top.ok("policy", "show").stdout
+    js(node_cmd(top, "forward", office, "--json"))  # the policy comes down
+    status = js(node_cmd(top, "status", office, "--json"))["repositories"][0]
+    assert status["settings"]["client_quota"] == 4 << 20 and status["settings"]["policy_version"] == 1, status
+    assert status["settings"]["from_policy"] == ["client-quota", "evict-after", "stale-after"], status
+
+    # the policy's client quota: a second 3 MB waits in the client's own spool
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a").write_bytes(random.Random(1).randbytes(3_000_000))
+    assert not backup_into(top, office, src)["spooled"]
+    (src / "b").write_bytes(random.Random(2).randbytes(3_000_000))
+    second = backup_into(top, office, src, rc=ExitCode.WARN)
+    assert second["spooled"], second
+    (full,) = [e for e in second["events"] if e["code"] == "node-full"]
+    assert "over its quota of 4194304 bytes" in full["message"], full
+
+    # version 2: no quota, a bound of 1 MiB (node.json has none) and a staleness limit of 1 s
+    text = '[node-defaults]\nstale-after = "1s"\n[nodes.office]\nmax-size = "1M"\n'
+    top.ok("policy", "set", _write(tmp_path / "p2.toml", text))
+    js(node_cmd(top, "forward", office, "--json"))
+    expect_rc(run_bunker("forward", "--repo", office, env=top.env), 0)  # the spooled backup goes up
+    fwd = js(node_cmd(top, "forward", office, "--json", rc=(0, 1)))
+    assert fwd["evicted"] and fwd["evicted"][0]["bound"] == 1 << 20, fwd
+    assert json.loads((office / "node.json").read_text())["max_size"] is None
+    time.sleep(1.5)
+    status = js(node_cmd(top, "status", office, "--json", rc=(0, 1)))
+    assert status["repositories"][0]["settings"]["max_size"] == 1 << 20
+    assert any(p["code"] == "upstream-stale" for p in status["problems"]), status["problems"]
+    text_status = node_cmd(top, "status", office, rc=(0, 1)).stdout
+    assert "bound 1.0 MiB" in text_status and "policy version 2 sets for this node: max-size, stale-after" in text_status

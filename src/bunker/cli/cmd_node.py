@@ -334,12 +334,16 @@ def status_cmd(directory: str, **kwargs: Any) -> None:
     doc = node_status(nd)
     out.document(doc)
     out.line(f"node {nd.name} ({nd.config.node_id[:16]}) in {nd.root}")
-    bound = human_bytes(nd.config.max_size) if nd.config.max_size else "unbounded"
     for r in doc["repositories"]:
+        settings = r["settings"]
+        bound = human_bytes(settings["max_size"]) if settings["max_size"] else "unbounded"
+        given = settings["from_policy"]
         out.line(
             f"repository {r['repository'][:16]}: holds {r['objects']} objects ({human_bytes(r['bytes'])}, "
             f"bound {bound})"
         )
+        if given:
+            out.line(f"  policy version {settings['policy_version']} sets for this node: {', '.join(given)}")
         for u in r["upstreams"]:
             out.line(
                 f"  upstream {u['name']:<12} lacks {u['owed_objects']} objects ({human_bytes(u['owed_bytes'])}), "

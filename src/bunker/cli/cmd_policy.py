@@ -11,9 +11,11 @@ import click
 
 from bunker.cli import context
 from bunker.cli.main import cli, common, handles_errors, make_options
+from bunker.cli.output import human_bytes
 from bunker.errors import BunkerError, ExitCode
+from bunker.node.node_dir import parse_size
 from bunker.node.spool import parse_age
-from bunker.repo.policy import SETTINGS, make_policy, read_policies
+from bunker.repo.policy import NODE_SETTINGS, SETTINGS, make_policy, read_policies
 from bunker.repo.policy_memory import policy_in_force
 
 EXAMPLE = """[defaults]
@@ -41,25 +43,34 @@ def _usage(what: str, path: str) -> BunkerError:
     )
 
 
-def _settings(table: Any, where: str, path: str) -> dict[str, Any]:
-    """A table of the file as policy settings (ages given as text become seconds)."""
+def _settings(table: Any, where: str, path: str, known: dict[str, tuple[str, str]] = SETTINGS) -> dict[str, Any]:
+    """A table of the file as policy settings of ``known`` (ages and sizes given as text become
+    seconds and bytes)."""
     if not isinstance(table, dict):
         raise _usage(f"{where} must be a table", path)
     out: dict[str, Any] = {}
     for key, value in table.items():
-        if key not in SETTINGS:
-            raise _usage(f"{where}: unknown setting {key!r} (known: {', '.join(SETTINGS)})", path)
-        if SETTINGS[key][0] == "age" and isinstance(value, str):
+        if key not in known:
+            raise _usage(f"{where}: unknown setting {key!r} (known: {', '.join(known)})", path)
+        kind = known[key][0]
+        if kind in ("age", "size") and isinstance(value, str):
             try:
-                value = parse_age(value)
+                value = parse_age(value) if kind == "age" else parse_size(value)
             except BunkerError:
-                raise _usage(f"{where}: {key} = {value!r} is not an age (e.g. 90s, 5m, 12h, 3d)", path) from None
+                example = "90s, 5m, 12h, 3d" if kind == "age" else "500M, 20G, 1.5T"
+                raise _usage(
+                    f"{where}: {key} = {value!r} is not {'an age' if kind == 'age' else 'a size'} (e.g. {example})",
+                    path,
+                ) from None
         out[key] = value
     return out
 
 
-def read_policy_file(path: str) -> tuple[dict[str, Any], dict[str, dict[str, Any]], tuple[str, ...]]:
-    """(defaults, per-client settings, fixed settings) from a TOML policy file."""
+def read_policy_file(
+    path: str,
+) -> tuple[dict[str, Any], dict[str, dict[str, Any]], tuple[str, ...], dict[str, Any], dict[str, dict[str, Any]]]:
+    """(defaults, per-client settings, fixed settings, node defaults, per-node settings) from a
+    TOML policy file."""
     try:
         with open(path, "rb") as f:
             doc = tomllib.load(f)
@@ -69,9 +80,13 @@ def read_policy_file(path: str) -> tuple[dict[str, Any], dict[str, dict[str, Any
         ) from None
     except tomllib.TOMLDecodeError as exc:
         raise _usage(f"not valid TOML ({exc})", path) from None
-    unknown = sorted(set(doc) - {"defaults", "clients", "fixed"})
+    unknown = sorted(set(doc) - {"defaults", "clients", "fixed", "node-defaults", "nodes"})
     if unknown:
-        raise _usage(f"unknown section {unknown[0]!r} (a policy file has [defaults], [clients.NAME] and fixed)", path)
+        raise _usage(
+            f"unknown section {unknown[0]!r} (a policy file has [defaults], [clients.NAME], [node-defaults], "
+            "[nodes.NAME] and fixed)",
+            path,
+        )
     defaults = _settings(doc.get("defaults", {}), "[defaults]", path)
     raw_clients = doc.get("clients", {})
     if not isinstance(raw_clients, dict):
@@ -80,7 +95,12 @@ def read_policy_file(path: str) -> tuple[dict[str, Any], dict[str, dict[str, Any
     fixed = doc.get("fixed", [])
     if not isinstance(fixed, list) or not all(isinstance(f, str) and f in SETTINGS for f in fixed):
         raise _usage(f"fixed must list settings by name (known: {', '.join(SETTINGS)})", path)
-    return defaults, clients, tuple(fixed)
+    node_defaults = _settings(doc.get("node-defaults", {}), "[node-defaults]", path, NODE_SETTINGS)
+    raw_nodes = doc.get("nodes", {})
+    if not isinstance(raw_nodes, dict):
+        raise _usage("nodes must be tables: [nodes.NAME]", path)
+    nodes = {name: _settings(t, f"[nodes.{name}]", path, NODE_SETTINGS) for name, t in raw_nodes.items()}
+    return defaults, clients, tuple(fixed), node_defaults, nodes
 
 
 def _age_text(seconds: float) -> str:
@@ -100,7 +120,8 @@ def _show_settings(out: Any, title: str, settings: dict[str, Any], fixed: tuple[
     if not settings:
         out.line("  (nothing set)")
     for key, value in settings.items():
-        shown = _age_text(float(value)) if SETTINGS[key][0] == "age" else value
+        kind = (SETTINGS.get(key) or NODE_SETTINGS[key])[0]
+        shown = _age_text(float(value)) if kind == "age" else human_bytes(value) if kind == "size" else value
         out.line(f"  {key} = {shown}" + ("  (fixed: the command line may not override it)" if key in fixed else ""))
 
 
@@ -111,7 +132,7 @@ def _show_settings(out: Any, title: str, settings: dict[str, Any], fixed: tuple[
 def set_policy(file: str, **kwargs: Any) -> None:
     """Store FILE (TOML) as the repository's next policy version (needs the master key). It
     reaches clients and nodes below with the other records."""
-    defaults, clients, fixed = read_policy_file(file)
+    defaults, clients, fixed, node_defaults, nodes = read_policy_file(file)
     opts, out = make_options(kwargs)
     repo = context.open_repository(opts)
     context.refuse_on_node(repo, "`bunker policy set`")
@@ -127,6 +148,8 @@ def set_policy(file: str, **kwargs: Any) -> None:
             defaults,
             clients,
             fixed,
+            node_defaults,
+            nodes,
         )
     except ValueError as exc:
         raise _usage(str(exc), file) from None
@@ -147,8 +170,9 @@ def set_policy(file: str, **kwargs: Any) -> None:
 @policy.command("show")
 @common
 @click.option("--client", help="The settings that apply to this client (its own over the defaults).")
+@click.option("--node", help="The settings that apply to this node (its own over the node defaults).")
 @handles_errors
-def show_policy(client: str | None, **kwargs: Any) -> None:
+def show_policy(client: str | None, node: str | None, **kwargs: Any) -> None:
     """The policy in force here (no key needed): the repository's newest version, or the one
     this machine applied before if the repository holds an older one."""
     opts, out = make_options(kwargs)
@@ -162,6 +186,9 @@ def show_policy(client: str | None, **kwargs: Any) -> None:
     if client is not None:
         doc["client"] = client
         doc["settings"] = current.settings_for(client) if current else {}
+    if node is not None:
+        doc["node"] = node
+        doc["node_settings"] = current.settings_for_node(node) if current else {}
     out.document(doc)
     for level, _code, message in events:
         out.info(f"{level}: {message}")
@@ -169,9 +196,16 @@ def show_policy(client: str | None, **kwargs: Any) -> None:
         out.line("no policy is set: every client runs with its own command-line settings")
         return
     out.line(f"policy version {current.version} ({current.name}), set {_when(current.time)}")
-    if client is not None:
-        _show_settings(out, f"settings for client {client!r}:", current.settings_for(client), current.fixed)
+    if client is not None or node is not None:
+        if client is not None:
+            _show_settings(out, f"settings for client {client!r}:", current.settings_for(client), current.fixed)
+        if node is not None:
+            _show_settings(out, f"settings for node {node!r}:", current.settings_for_node(node), ())
         return
     _show_settings(out, "defaults:", current.defaults, current.fixed)
     for name, settings in sorted(current.clients.items()):
         _show_settings(out, f"client {name!r}:", settings, current.fixed)
+    if current.node_defaults or current.nodes:
+        _show_settings(out, "node defaults:", current.node_defaults, ())
+        for name, settings in sorted(current.nodes.items()):
+            _show_settings(out, f"node {name!r}:", settings, ())

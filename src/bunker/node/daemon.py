@@ -39,6 +39,7 @@ from bunker.node.eviction import Evicted, evict_all
 from bunker.node.link_import import ImportReport, import_all
 from bunker.node.node_dir import NodeDir
 from bunker.node.node_serve import node_serve_config
+from bunker.node.node_settings import node_settings
 from bunker.node.relay import forward_all
 from bunker.node.relay_direct import DirectReport
 from bunker.node.relay_link import LinkReport
@@ -243,7 +244,8 @@ class Daemon:
                 self.log.say("err", f"restore requests of node {nd.name} could not be retried: {exc}", once=True)
             try:
                 # an unbounded store has nothing to evict: no listing of it every cycle
-                evictions, full = evict_all(nd) if nd.config.max_size is not None else ([], [])
+                bounded = any(node_settings(nd, r).max_size is not None for r in nd.repositories())
+                evictions, full = evict_all(nd) if bounded else ([], [])
             except (BunkerError, OSError) as exc:
                 evictions, full = [], []
                 self.log.say("err", f"eviction in node {nd.name}'s store failed: {exc}", once=True)

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from bunker.node.holdings import UpstreamState
 from bunker.node.leases import leased
 from bunker.node.node_dir import NodeDir, read_json, write_json
+from bunker.node.node_settings import node_settings
 from bunker.node.requests import pinned
 from bunker.storage.backend import ObjectInfo
 
@@ -81,14 +82,14 @@ def recorded_enough(nd: NodeDir, repo_id: str) -> dict[str, list[str]]:
     for up in ups:
         for name in UpstreamState(nd, repo_id, up).recorded:
             by.setdefault(name, []).append(up)
-    rule = nd.config.evict_after
+    rule = node_settings(nd, repo_id).evict_after
     need = len(ups) if rule == "all" else 1 if rule == "any" else min(int(rule), len(ups))
     return {n: u for n, u in by.items() if len(u) >= need}
 
 
 def evict(nd: NodeDir, repo_id: str) -> Evicted:
     """Bring the store under the node's bound, as far as recorded data allows."""
-    bound = nd.config.max_size
+    bound = node_settings(nd, repo_id).max_size
     out = Evicted(repo_id, bound)
     used, infos = store_usage(nd, repo_id)
     out.used_before = out.used_after = used
@@ -125,7 +126,7 @@ def evict(nd: NodeDir, repo_id: str) -> Evicted:
 def room_for_restore(nd: NodeDir, repo_id: str) -> int | None:
     """Bytes the node can fetch back for a restore while it keeps its bound: the room left, plus
     what eviction could take (recorded, neither pinned nor leased). None: the store is unbounded."""
-    bound = nd.config.max_size
+    bound = node_settings(nd, repo_id).max_size
     if bound is None:
         return None
     used, infos = store_usage(nd, repo_id)
@@ -137,7 +138,7 @@ def room_for_restore(nd: NodeDir, repo_id: str) -> int | None:
 
 def store_full(nd: NodeDir, repo_id: str) -> int:
     """Bytes the store is over its bound after what eviction could do (0: room left)."""
-    bound = nd.config.max_size
+    bound = node_settings(nd, repo_id).max_size
     if bound is None:
         return 0
     used, _ = store_usage(nd, repo_id)
@@ -159,7 +160,8 @@ def evict_all(nd: NodeDir) -> tuple[list[Evicted], list[tuple[str, str, str]]]:
                     f"node {nd.name}'s store for repository {repo_id[:16]} is {e.over} bytes over its bound "
                     f"({e.bound} bytes) with data its upstreams have not recorded yet: nothing of it may be evicted. "
                     "Clients keep new backups in their own spool meanwhile; forward to the upstreams (and bring their "
-                    f"receipts back), or raise the bound in {nd.root}/node.json (max_size)",
+                    f"receipts back), or raise the bound (max_size in {nd.root}/node.json, or max-size in the owner's "
+                    "policy where it sets one: `bunker policy show --node`)",
                 )
             )
     return reports, problems

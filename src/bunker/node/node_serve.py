@@ -28,6 +28,7 @@ from bunker.node.acks import note_session
 from bunker.node.eviction import evicted, store_full
 from bunker.node.holdings import UpstreamState
 from bunker.node.node_dir import REPO_ID, NodeDir, NodeError, split_node_path
+from bunker.node.node_settings import node_settings
 from bunker.node.quota import QuotaGate
 from bunker.node.serve import NodeRole, ServeConfig
 from bunker.node.witnessed import statement_for
@@ -107,9 +108,10 @@ class _Watch:
             got = self._full.get(store_dir)
             if got is None or now - got[0] > self.REREAD:
                 over = store_full(self.node, self._repo(store_dir))
+                bound = node_settings(self.node, self._repo(store_dir)).max_size
                 why = (
                     f"node {self.node.name}'s store is {over} bytes over its bound "
-                    f"({self.node.config.max_size} bytes) with data its upstreams have not recorded yet"
+                    f"({bound} bytes) with data its upstreams have not recorded yet"
                     if over
                     else ""
                 )

@@ -7,6 +7,7 @@ from typing import Any
 
 from bunker.node.holdings import SESSION_OUTPUT, UpstreamState, owed
 from bunker.node.node_dir import NodeDir
+from bunker.node.node_settings import node_settings
 from bunker.node.requests import journal
 from bunker.node.rotation import rotation_status
 from bunker.node.staleness import last_heard, stale_problems
@@ -63,6 +64,8 @@ def node_status(nd: NodeDir) -> dict[str, Any]:
                 "requests": _pending_requests(nd, repo_id),
                 # the owner's policy as it reached this node (repo/policy.py)
                 "policy": {"version": in_force.version, "name": in_force.name} if in_force else None,
+                # what the node applies here: node.json, overridden by the policy's node settings
+                "settings": node_settings(nd, repo_id).to_json(),
                 "objects": len(held),
                 "bytes": sum(i.size for i in held),
                 "upstreams": ups,

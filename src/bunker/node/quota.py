@@ -27,6 +27,7 @@ from bunker import encoding
 from bunker.errors import BunkerError, CorruptObject, ExitCode, ObjectMissing
 from bunker.node.holdings import UpstreamState
 from bunker.node.node_dir import NodeDir, NodeError
+from bunker.node.node_settings import node_settings
 from bunker.repo.certs import Certificate, parse_certificate
 from bunker.repo.pack import FOOTER_FIRST_READ, NeedMoreBytes, fetch_footer, parse_footer, verify_footer
 from bunker.repo.repository import Repository
@@ -79,8 +80,10 @@ class QuotaGate:
 
     def __init__(self, nd: NodeDir, store_dir: str) -> None:
         self.nd = nd
-        self.quotas = dict(nd.config.quotas)
         self.repo_id = os.path.basename(store_dir.rstrip("/"))
+        self.quotas = dict(nd.config.quotas)
+        # the owner's policy may give every client a quota (node/node_settings.py); node.json's own win
+        self.default_quota = node_settings(nd, self.repo_id).client_quota
         self.store_dir = store_dir
         self._lock = threading.Lock()
         self._undelivered: dict[str, int] | None = None
@@ -100,7 +103,7 @@ class QuotaGate:
 
     def __call__(self, name: str, data: bytes | memoryview) -> tuple[str, str] | None:
         """None when the pack ``name`` may be stored; else (FULL or REFUSED, why)."""
-        if not self.quotas:
+        if not self.quotas and self.default_quota is None:
             return None
         try:
             try:
@@ -114,6 +117,8 @@ class QuotaGate:
             quota = self.quotas.get(footer.signer)
             if quota is None and cert is not None:
                 quota = self.quotas.get(cert.client)
+            if quota is None and cert is not None:
+                quota = self.default_quota  # (a writer the node knows no certificate of: as before)
             if quota is None:
                 return None
             try:

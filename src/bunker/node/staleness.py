@@ -13,6 +13,7 @@ import time
 
 from bunker.node.links import LinkCounters
 from bunker.node.node_dir import NodeDir, read_json, write_json
+from bunker.node.node_settings import node_settings
 
 
 def heard_path(nd: NodeDir, repo_id: str, upstream: str) -> str:
@@ -40,7 +41,7 @@ def stale_problems(nd: NodeDir) -> list[tuple[str, str, str]]:
             if up.kind == "direct" and up.repo != repo_id:
                 continue
             heard = last_heard(nd, repo_id, up.name, up.kind)
-            if now - max(heard, up.added) <= nd.config.stale_after:
+            if now - max(heard, up.added) <= node_settings(nd, repo_id).stale_after:
                 continue
             since = f"for {(now - heard) / 86400:.1f} days" if heard else "ever"
             out.append(

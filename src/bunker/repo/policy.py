@@ -38,6 +38,13 @@ SETTINGS: dict[str, tuple[str, str]] = {
     "silent-after": ("age", "status: flag a client whose newest status record is older than this"),
 }
 RETENTION = tuple(s for s in SETTINGS if s.startswith("keep-"))
+# what every node applies (its own node.json where the policy is silent): sizes are bytes
+NODE_SETTINGS: dict[str, tuple[str, str]] = {
+    "max-size": ("size", "eviction: keep the node's store under this many bytes"),
+    "evict-after": ("rule", "eviction: packs recorded by `all` upstreams, `any` one, or a number of them"),
+    "stale-after": ("age", "warn when an upstream has sent nothing down for this long"),
+    "client-quota": ("size", "bytes each client may leave on the node that its upstreams do not hold yet"),
+}
 MAX_CLIENTS = 10_000
 
 
@@ -52,10 +59,16 @@ class RepoPolicy:
     defaults: dict[str, Any] = field(default_factory=dict)
     clients: dict[str, dict[str, Any]] = field(default_factory=dict)
     fixed: tuple[str, ...] = ()
+    node_defaults: dict[str, Any] = field(default_factory=dict)
+    nodes: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def settings_for(self, client: str) -> dict[str, Any]:
         """The settings that apply to ``client``: its own over the defaults."""
         return {**self.defaults, **self.clients.get(client, {})}
+
+    def settings_for_node(self, node: str) -> dict[str, Any]:
+        """The settings that apply to the node named ``node``: its own over the node defaults."""
+        return {**self.node_defaults, **self.nodes.get(node, {})}
 
     def retention_for(self, client: str) -> Policy | None:
         """``client``'s retention rules, or None when the policy gives it none."""
@@ -74,19 +87,25 @@ class RepoPolicy:
             "defaults": self.defaults,
             "clients": self.clients,
             "fixed": list(self.fixed),
+            "node_defaults": self.node_defaults,
+            "nodes": self.nodes,
         }
 
 
-def settings_problem(settings: Mapping[str, Any]) -> str | None:
-    """Why ``settings`` are not valid policy settings (None when they are)."""
+def settings_problem(settings: Mapping[str, Any], known: Mapping[str, tuple[str, str]] = SETTINGS) -> str | None:
+    """Why ``settings`` are not valid policy settings of ``known`` (None when they are)."""
     for key, value in settings.items():
-        if key not in SETTINGS:
-            return f"unknown setting {key!r} (known: {', '.join(SETTINGS)})"
-        kind = SETTINGS[key][0]
+        if key not in known:
+            return f"unknown setting {key!r} (known: {', '.join(known)})"
+        kind = known[key][0]
         if kind == "count" and (type(value) is not int or value < 0):
             return f"{key} must be a whole number of 0 or more, not {value!r}"
         if kind == "age" and (type(value) not in (int, float) or not value >= 0):
             return f"{key} must be a number of seconds of 0 or more, not {value!r}"
+        if kind == "size" and (type(value) is not int or value < 0):
+            return f"{key} must be a number of bytes of 0 or more, not {value!r}"
+        if kind == "rule" and not (value in ("all", "any") or (type(value) is int and value >= 1)):
+            return f"{key} must be all, any or a number of upstreams of 1 or more, not {value!r}"
         if kind == "duration":
             try:
                 parse_duration(value if isinstance(value, str) else "")
@@ -103,10 +122,17 @@ def make_policy(
     defaults: Mapping[str, Any],
     clients: Mapping[str, Mapping[str, Any]],
     fixed: tuple[str, ...] = (),
+    node_defaults: Mapping[str, Any] | None = None,
+    nodes: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> bytes:
     """Sign a policy version (needs the master key); raise ValueError for invalid settings."""
     for where, s in [("defaults", defaults), *((f"client {c!r}", s) for c, s in clients.items())]:
         why = settings_problem(s)
+        if why:
+            raise ValueError(f"{where}: {why}")
+    node_defaults, nodes = dict(node_defaults or {}), dict(nodes or {})
+    for where, s in [("node-defaults", node_defaults), *((f"node {n!r}", s) for n, s in nodes.items())]:
+        why = settings_problem(s, NODE_SETTINGS)
         if why:
             raise ValueError(f"{where}: {why}")
     unknown = [f for f in fixed if f not in SETTINGS]
@@ -124,6 +150,9 @@ def make_policy(
         "clients": {c: dict(s) for c, s in sorted(clients.items())},
         "fixed": sorted(set(fixed)),
     }
+    if node_defaults or nodes:  # (absent otherwise: a reader of version 1 of the body reads the rest)
+        body["node-defaults"] = node_defaults
+        body["nodes"] = {n: dict(s) for n, s in sorted(nodes.items())}
     return make_signed(MAGIC_POLICY, body, master, "")
 
 
@@ -155,6 +184,19 @@ def parse_policy(data: bytes, master_verify: bytes, repo_id: str) -> RepoPolicy:
             raise encoding.FormatError(f"the policy holds an invalid setting: {why}")
     if not all(isinstance(f, str) and f in SETTINGS for f in fixed):
         raise encoding.FormatError("the policy fixes unknown settings")
+    node_defaults = b.get("node-defaults", {})
+    nodes = b.get("nodes", {})
+    if (
+        not isinstance(node_defaults, dict)
+        or not isinstance(nodes, dict)
+        or len(nodes) > MAX_CLIENTS
+        or not all(isinstance(n, str) and isinstance(s, dict) for n, s in nodes.items())
+    ):
+        raise encoding.FormatError("the policy's node settings are malformed")
+    for s in (node_defaults, *nodes.values()):
+        why = settings_problem(s, NODE_SETTINGS)
+        if why:
+            raise encoding.FormatError(f"the policy holds an invalid node setting: {why}")
     return RepoPolicy(
         name=name_for("policy", data),
         version=version,
@@ -163,6 +205,8 @@ def parse_policy(data: bytes, master_verify: bytes, repo_id: str) -> RepoPolicy:
         defaults=dict(defaults),
         clients={c: dict(s) for c, s in clients.items()},
         fixed=tuple(fixed),
+        node_defaults=dict(node_defaults),
+        nodes={n: dict(s) for n, s in nodes.items()},
     )
 
 
