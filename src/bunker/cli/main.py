@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import importlib
 import os
 import sys
 from collections.abc import Callable
@@ -95,7 +96,55 @@ def make_options(kwargs: dict[str, Any]) -> tuple[Options, Output]:
     return opts, Output(opts.as_json)
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+# each command's modules, imported only when the command runs: a run of one command does not pay
+# for importing every other (tests/test_cli_commands.py checks the map against the modules)
+COMMAND_MODULES: dict[str, tuple[str, ...]] = {
+    "backup": ("cmd_backup",),
+    "check": ("cmd_check",),
+    "compare": ("cmd_mirror",),
+    "export-tar": ("cmd_export",),
+    "forget": ("cmd_forget",),
+    "forward": ("cmd_forward",),
+    "index": ("cmd_check",),
+    "init": ("cmd_backup",),
+    "key": ("cmd_key", "cmd_clients", "cmd_node_keys"),
+    "ls": ("cmd_restore",),
+    "migrate": ("cmd_migrate",),
+    "node": ("cmd_node", "cmd_node_admin", "cmd_witness"),
+    "policy": ("cmd_policy",),
+    "prune": ("cmd_prune",),
+    "requests": ("cmd_requests",),
+    "restore": ("cmd_restore",),
+    "serve": ("cmd_serve",),
+    "snapshots": ("cmd_restore",),
+    "status": ("cmd_status",),
+    "sync": ("cmd_mirror",),
+    "unforget": ("cmd_unforget",),
+    "verify": ("cmd_check",),
+}
+
+
+class LazyCommands(click.Group):
+    """The top-level group: a command's modules are imported when it is looked up."""
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        for module in COMMAND_MODULES.get(cmd_name, ()):
+            importlib.import_module(f"bunker.cli.{module}")
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        load_all_commands()
+        return super().list_commands(ctx)
+
+
+def load_all_commands() -> None:
+    """Import every command module (``bunker --help`` lists them all)."""
+    for modules in COMMAND_MODULES.values():
+        for module in modules:
+            importlib.import_module(f"bunker.cli.{module}")
+
+
+@click.group(cls=LazyCommands, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.version_option(version_text(), prog_name="bunker")
 def cli() -> None:
     """Bunker: encrypted, deduplicating backups that need no password to take.
@@ -108,29 +157,6 @@ def cli() -> None:
 
 
 def main() -> None:
-    from bunker.cli import (  # noqa: F401 - registers commands
-        cmd_backup,
-        cmd_check,
-        cmd_clients,
-        cmd_export,
-        cmd_forget,
-        cmd_forward,
-        cmd_key,
-        cmd_migrate,
-        cmd_mirror,
-        cmd_node,
-        cmd_node_admin,
-        cmd_node_keys,
-        cmd_policy,
-        cmd_prune,
-        cmd_requests,
-        cmd_restore,
-        cmd_serve,
-        cmd_status,
-        cmd_unforget,
-        cmd_witness,
-    )
-
     withhold_secrets()  # before anything can start a child process
     limit_malloc_arenas()
     cli(prog_name="bunker")
