@@ -85,7 +85,7 @@ def test_an_unreachable_upstream_keeps_the_request_and_the_rerun_completes(tmp_p
     doc = _restore(top, office, snap, target, ExitCode.REQUESTED)
     # every evicted pack of the snapshot is requested before anything is written
     assert "could not be fetched at once: requested" in doc["error"] and "nothing was restored" in doc["error"], doc
-    assert "was evicted by node 'office'" in doc["error"] and "requested it from 'top'" in doc["error"], doc
+    assert "is not held by node 'office' (evicted" in doc["error"] and "requested it from 'top'" in doc["error"], doc
     assert "run this restore again once they have arrived" in doc["hint"], doc
     assert not target.exists() or not any(target.iterdir())
     reqs = js(node_cmd(top, "requests", office, "--json"))

@@ -219,4 +219,5 @@ def test_node_settings_in_the_policy_reach_the_node_and_apply(tmp_path: Path) ->
     assert status["repositories"][0]["settings"]["max_size"] == 1 << 20
     assert any(p["code"] == "upstream-stale" for p in status["problems"]), status["problems"]
     text_status = node_cmd(top, "status", office, rc=(0, 1)).stdout
-    assert "bound 1.0 MiB" in text_status and "policy version 2 sets for this node: max-size, stale-after" in text_status
+    assert "bound 1.0 MiB" in text_status
+    assert "policy version 2 sets for this node: max-size, stale-after" in text_status

@@ -80,7 +80,10 @@ class DeletedUpstream(ObjectMissing):
 
     def __init__(self, name: str, node: str, why: str) -> None:
         super().__init__(name)
-        self.message = f"object {name} was evicted by node {node!r}, and it is gone for good: {why}"
+        self.message = (
+            f"object {name} is not held by node {node!r} (evicted, or only listed there), and it is gone for "
+            f"good: {why}"
+        )
         self.hint = (
             "restore another snapshot (`bunker snapshots` lists those that are not forgotten); a mirror kept with "
             "`bunker sync` may still hold it"
@@ -97,7 +100,8 @@ class RequestedUpstream(ObjectMissing):
     def __init__(self, name: str, node: str, why: str, route: list[str]) -> None:
         super().__init__(name)
         self.message = (
-            f"object {name} was evicted by node {node!r} (the repository of record holds it); the node requested it "
+            f"object {name} is not held by node {node!r} (evicted, or only listed there; the repository of record "
+            "holds it); the node requested it "
             f"from {', '.join(repr(r) for r in route) or 'its upstreams'}: {why}"
         )
         self.hint = (

@@ -269,6 +269,7 @@ def forward_cmd(directory: str, name: str | None, **kwargs: Any) -> None:
 def requests_cmd(directory: str, **kwargs: Any) -> None:
     """Restore requests: objects clients read that this node had evicted, asked for upstream."""
     from bunker.cli.cmd_requests import describe_request
+    from bunker.node.listing import listings
     from bunker.node.node_dir import NodeDir
     from bunker.node.requests import journal
 
@@ -278,6 +279,11 @@ def requests_cmd(directory: str, **kwargs: Any) -> None:
         {"repository": repo_id, "object": name, **r}
         for repo_id in nd.repositories()
         for name, r in sorted(journal(nd, repo_id).items(), key=lambda kv: float(kv[1].get("since", 0.0)))
+    ]
+    rows += [  # listing requests (node/listing.py)
+        {"repository": repo_id, "listing": client, **r}
+        for repo_id in nd.repositories()
+        for client, r in sorted(listings(nd, repo_id).items())
     ]
     pending = [r for r in rows if r.get("state") == "pending"]
     out.document({"node": nd.name, "requests": rows, "pending": len(pending)})

@@ -435,8 +435,9 @@ def restore(**kwargs: Any) -> None:
             if waiting:
                 first = waiting[0]
                 raise BunkerError(
-                    f"{len(waiting)} pack(s) snapshot {rec.short_id} needs were evicted by the node this repository "
-                    f"is reached through and could not be fetched {'in ' + wait_text if wait_text else 'at once'}: "
+                    f"{len(waiting)} pack(s) snapshot {rec.short_id} needs are held only upstream of the node this "
+                    "repository is reached through and could not be fetched "
+                    f"{'in ' + wait_text if wait_text else 'at once'}: "
                     f"requested ({first.message}); nothing was restored",
                     "run this restore again once they have arrived: `bunker node requests DIR` on the node lists the "
                     "requests, and its next `bunker node forward` (or its daemon) asks again",

@@ -22,7 +22,7 @@ from bunker.node.holdings import UpstreamState
 from bunker.node.leases import leased
 from bunker.node.node_dir import NodeDir, read_json, write_json
 from bunker.node.node_settings import node_settings
-from bunker.node.requests import pinned
+from bunker.node.requests import locked_state, pinned
 from bunker.storage.backend import ObjectInfo
 
 # what eviction may take, in the order it takes it; everything else is metadata a node keeps
@@ -102,22 +102,23 @@ def evict(nd: NodeDir, repo_id: str) -> Evicted:
         key=lambda i: (i.mtime, i.name),
     )
     store = nd.store(repo_id)
-    record = evicted(nd, repo_id)
     now = time.time()
-    try:
-        for info in candidates:
-            if used <= bound:
-                break
-            # the record first: a node killed between the two lists an object it still holds
-            # (harmless), never one it lost without a trace
-            record[info.name] = {"size": info.size, "time": now, "recorded_by": allowed[info.name]}
+    with locked_state(nd, repo_id, "evicted"):  # a listing (node/listing.py) adds to the record too
+        record = evicted(nd, repo_id)
+        try:
+            for info in candidates:
+                if used <= bound:
+                    break
+                # the record first: a node killed between the two lists an object it still holds
+                # (harmless), never one it lost without a trace
+                record[info.name] = {"size": info.size, "time": now, "recorded_by": allowed[info.name]}
+                write_json(evicted_path(nd, repo_id), record)
+                store.delete(info.name)
+                used -= info.size
+                out.evicted.append(info.name)
+                out.evicted_bytes += info.size
+        finally:
             write_json(evicted_path(nd, repo_id), record)
-            store.delete(info.name)
-            used -= info.size
-            out.evicted.append(info.name)
-            out.evicted_bytes += info.size
-    finally:
-        write_json(evicted_path(nd, repo_id), record)
     out.used_after = used
     out.over = max(0, used - bound)
     return out

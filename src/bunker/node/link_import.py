@@ -37,6 +37,9 @@ from bunker.node.bundle_format import PieceError
 from bunker.node.bundle_reader import identify, open_piece
 from bunker.node.holdings import UP_PREFIXES, UpstreamState
 from bunker.node.links import DUPLICATE, NEW, Link, LinkCounters, links
+from bunker.node.listing_link import is_answer as is_listing_answer
+from bunker.node.listing_link import take_answer as take_listing_answer
+from bunker.node.listing_link import take_listed_object
 from bunker.node.node_dir import NodeDir, read_json, write_json
 from bunker.node.receipt_flow import ReceiptOutcome, apply_receipt, issue_hop_receipt, note_received
 from bunker.node.receipts import PREFIX as RECEIPT_PREFIX
@@ -84,6 +87,7 @@ class ImportReport:
     successor_waiting: list[str] = field(default_factory=list)  # why its successor record waits
     requests: list[dict[str, Any]] = field(default_factory=list)  # restore requests from below, as taken
     answers: int = 0  # objects this node requested that came down
+    listings: list[dict[str, Any]] = field(default_factory=list)  # listing answers that came down, as taken
 
     def to_json(self) -> dict[str, object]:
         return {
@@ -108,6 +112,7 @@ class ImportReport:
             "peer_rotated_to": self.adopted or None,
             "restore_requests": self.requests,
             "requested_objects_received": self.answers,
+            "listings": self.listings,
         }
 
     def summary(self) -> str:
@@ -328,6 +333,12 @@ def _take(
             return False
         apply_receipt(nd, repo_id, link, receipt, report.receipts)
         return True
+    if name.startswith(REQUEST_PREFIX) and link.direction == "up" and is_listing_answer(data):
+        try:
+            report.listings.append(take_listing_answer(nd, repo_id, store, link.name, data))
+        except encoding.FormatError as exc:
+            report.refused.append((name, f"malformed listing answer: {exc}"))
+        return False  # (not an object of the repository)
     if name.startswith(REQUEST_PREFIX) and link.direction == "down":  # restore requests from below
         try:
             taken = take_request(nd, repo_id, link.name, data, store)
@@ -341,6 +352,9 @@ def _take(
         return False
     if link.direction == "up" and name.startswith("packs/") and take_answer(nd, repo_id, store, name, data):
         report.answers += 1  # an object this node requested for a restore
+        return True
+    if link.direction == "up" and take_listed_object(nd, repo_id, store, name, data):
+        report.answers += 1  # an object a listing this node asked for brings
         return True
     allowed = UP_PREFIXES if link.direction == "down" else RECORD_PREFIXES
     if link.direction == "down" and name.startswith("gc/"):

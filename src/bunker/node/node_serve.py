@@ -168,11 +168,25 @@ def _fetch(node: NodeDir, store_dir: str, name: str) -> tuple[bytes | None, str,
 
 def _requests(node: NodeDir, store_dir: str) -> list[dict[str, Any]]:
     """The store's restore requests as a client sees them (node/requests.py)."""
+    from bunker.node.listing import listings
     from bunker.node.requests import journal
 
-    keep = ("state", "since", "route", "tries", "why", "fetched")
-    got = journal(NodeDir(node.root), os.path.basename(store_dir.rstrip("/")))
-    return [{"object": n, **{k: r[k] for k in keep if k in r}} for n, r in sorted(got.items())]
+    keep = ("state", "since", "route", "tries", "why", "fetched", "snapshots")
+    nd, repo_id = NodeDir(node.root), os.path.basename(store_dir.rstrip("/"))
+    rows = [{"object": n, **{k: r[k] for k in keep if k in r}} for n, r in sorted(journal(nd, repo_id).items())]
+    rows += [{"listing": c, **{k: r[k] for k in keep if k in r}} for c, r in sorted(listings(nd, repo_id).items())]
+    return rows
+
+
+def _listing(node: NodeDir, store_dir: str, client: str) -> dict[str, Any]:
+    """A client asks for the snapshots ``client`` wrote anywhere (node/listing.py)."""
+    from bunker.node.listing import request_listing
+
+    if len(client) > 200:
+        raise BunkerError("a client name of more than 200 characters", "name the client as its certificate does")
+    nd = NodeDir(node.root)
+    repo_id = os.path.basename(store_dir.rstrip("/"))
+    return request_listing(nd, repo_id, nd.store(repo_id), client)
 
 
 def _lease(node: NodeDir, store_dir: str, fields: dict[str, Any]) -> dict[str, Any]:
@@ -240,5 +254,6 @@ def node_serve_config(node: NodeDir) -> ServeConfig:
         fetch=lambda store_dir, name: _fetch(node, store_dir, name),
         requests=lambda store_dir: _requests(node, store_dir),
         lease=lambda store_dir, fields: _lease(node, store_dir, fields),
+        listing=lambda store_dir, client: _listing(node, store_dir, client),
     )
     return ServeConfig(node.root, append_only=True, node=role)

@@ -88,5 +88,8 @@ def node_status(nd: NodeDir) -> dict[str, Any]:
 
 
 def _pending_requests(nd: NodeDir, repo_id: str) -> dict[str, object]:
-    pending = [float(r.get("since", 0.0)) for r in journal(nd, repo_id).values() if r.get("state") == "pending"]
+    from bunker.node.listing import listings
+
+    asked = [*journal(nd, repo_id).values(), *listings(nd, repo_id).values()]
+    pending = [float(r.get("since", 0.0)) for r in asked if r.get("state") == "pending"]
     return {"pending": len(pending), "oldest": min(pending) if pending else None}

@@ -26,6 +26,8 @@ from bunker.node.bundle_format import ManifestEntry, plan_pieces
 from bunker.node.holding import holdings_ahead
 from bunker.node.holdings import DOWN_PREFIXES, UpstreamState, owed, snapshot_packs
 from bunker.node.links import Link, LinkCounters, link_keys
+from bunker.node.listing_link import answers_to_send as listing_answers
+from bunker.node.listing_link import answers_went as listing_answers_went
 from bunker.node.node_dir import NodeDir, Upstream, read_json, write_json
 from bunker.node.receipts import Receipt, parse_receipt
 from bunker.node.request_link import answers_owed, answers_sent, mark_sent, parse_request, requests_to_send
@@ -277,6 +279,7 @@ def send_down(nd: NodeDir, repo_id: str, conf: Upstream) -> LinkReport:
         with open(os.path.join(outbox, leaf), "rb") as f:
             receipts.append(parse_receipt(f.read()))
     answers = answers_owed(nd, repo_id, conf.name, store)  # objects its restore requests asked for
+    listed = listing_answers(nd, repo_id, conf.name)  # listings it asked for (node/listing_link.py)
     asof = records_asof(nd, repo_id)
     told = os.path.join(nd.state_dir(repo_id, "down", conf.name), "asof-sent.json")
     quiet = asof <= float(read_json(told, 0.0)) + ASOF_STEP
@@ -284,6 +287,7 @@ def send_down(nd: NodeDir, repo_id: str, conf: Upstream) -> LinkReport:
         not records
         and not receipts
         and not answers
+        and not listed
         and quiet
         and not successor_due(nd, conf.name, conf.resend_after or DEFAULT_RESEND_AFTER)
     ):
@@ -294,11 +298,14 @@ def send_down(nd: NodeDir, repo_id: str, conf: Upstream) -> LinkReport:
     objects += [BundleObject(ManifestEntry.of(r.object_name, r.raw), r.raw) for r in receipts]
     answered = [i for i in (store.stat(n) for n in answers) if i is not None]
     objects += [BundleObject(_entry(i), _opener(os.path.join(root, i.name))) for i in answered]
+    # a listing's answer after its objects: the node below finds them all when it reads it
+    objects += [BundleObject(ManifestEntry.of(name, raw), raw) for name, raw in listed]
     # the node below may then say its sessions saw every record the top held at this time
     report.pieces = _send(nd, link, repo_id, "down", objects, {"records_asof": records_asof(nd, repo_id)})
     log.mark([i.name for i in records])
     log.save()
     answers_sent(nd, repo_id, conf.name, [i.name for i in answered])
+    listing_answers_went(nd, repo_id, conf.name, [name for name, _ in listed])
     report.answers = len(answered)
     for r in receipts:
         with contextlib.suppress(FileNotFoundError):

@@ -5,7 +5,8 @@ own upstream if it evicted them too (node/requests.py); the node below takes an 
 down bundle only when it has a pending request for it.
 
 A request object (``requests/<hash>``, magic ``BKRQ``) is the msgpack map {"v": 1, "repo",
-"objects": [names], "time"}. It needs no signature of its own: the piece that carries it is
+"objects": [names], "time"}, and "listings": [client names] when it carries listing requests
+(node/listing_link.py). It needs no signature of its own: the piece that carries it is
 authenticated by the link's keys, as receipts are. The node above keeps, per downstream link,
 the names it owes (``state/<repo>/down/<link>/answers.json``) until a down bundle carried them.
 """
@@ -17,6 +18,8 @@ from typing import Any
 
 from bunker import encoding
 from bunker.node.eviction import evicted
+from bunker.node.listing import request_listing
+from bunker.node.listing_link import listings_to_send, mark_listings_sent
 from bunker.node.node_dir import NodeDir, read_json
 from bunker.node.requests import answers_path, journal, locked_journal, owed_answers, queue_answers, request, settle
 from bunker.repo.objects import content_hash, is_hash_name
@@ -27,10 +30,21 @@ MAGIC_REQUEST = b"BKRQ"
 MAX_OBJECTS = 100_000
 
 
-def make_request(repo_id: str, names: list[str]) -> tuple[str, bytes]:
-    """(object name, bytes) of a request for ``names``."""
-    raw = MAGIC_REQUEST + encoding.pack({"v": 1, "repo": repo_id, "objects": sorted(names), "time": time.time()})
+def make_request(repo_id: str, names: list[str], clients: list[str] | None = None) -> tuple[str, bytes]:
+    """(object name, bytes) of a request for ``names`` (and the listings of ``clients``)."""
+    body: dict[str, Any] = {"v": 1, "repo": repo_id, "objects": sorted(names), "time": time.time()}
+    if clients:
+        body["listings"] = sorted(clients)
+    raw = MAGIC_REQUEST + encoding.pack(body)
     return PREFIX + content_hash(raw), raw
+
+
+def parse_listings(data: bytes) -> list[str]:
+    """The clients whose listing a request asks for (after ``parse_request`` accepted it)."""
+    got = encoding.unpack(data[4:]).get("listings", [])
+    if not isinstance(got, list) or len(got) > MAX_OBJECTS or not all(isinstance(c, str) and c for c in got):
+        raise encoding.FormatError("a restore request with malformed listings")
+    return [str(c) for c in got]
 
 
 def parse_request(data: bytes, repo_id: str) -> list[str]:
@@ -59,7 +73,8 @@ def requests_to_send(nd: NodeDir, repo_id: str, link: str, resend_after: float) 
         and link in r.get("route", [])
         and now - float(r.get("sent", {}).get(link, 0.0)) >= resend_after
     ]
-    return make_request(repo_id, due) if due else None
+    clients = listings_to_send(nd, repo_id, link, resend_after)
+    return make_request(repo_id, due, clients) if due or clients else None
 
 
 def mark_sent(nd: NodeDir, repo_id: str, link: str, data: bytes) -> None:
@@ -69,6 +84,7 @@ def mark_sent(nd: NodeDir, repo_id: str, link: str, data: bytes) -> None:
     with locked_journal(nd, repo_id) as reqs:
         for name in names & set(reqs):
             reqs[name].setdefault("sent", {})[link] = now
+    mark_listings_sent(nd, repo_id, link, parse_listings(data))
 
 
 def answers_owed(nd: NodeDir, repo_id: str, link: str, store: Backend) -> list[str]:
@@ -101,7 +117,14 @@ def take_request(nd: NodeDir, repo_id: str, link: str, data: bytes, store: Backe
         else:
             unknown.append(name)  # never held here: its answer cannot come from this node
     queue_answers(nd, repo_id, link, here)
-    return {"owed": len(here), "requested": len(waiting), "unknown": unknown}
+    listed = [request_listing(nd, repo_id, store, client, for_link=link) for client in parse_listings(data)]
+    return {
+        "owed": len(here),
+        "requested": len(waiting),
+        "unknown": unknown,
+        "listings": sum(r.get("state") == "fetched" for r in listed),
+        "listings_requested": sum(r.get("state") == "pending" for r in listed),
+    }
 
 
 def take_answer(nd: NodeDir, repo_id: str, store: Backend, name: str, data: bytes) -> bool:

@@ -315,10 +315,16 @@ def retry_pending(nd: NodeDir, repo_id: str, *, force: bool = False) -> tuple[in
 def retry_all(nd: NodeDir, *, force: bool = False) -> dict[str, tuple[int, int]]:
     """``retry_pending`` in every repository this node relays that has requests: repository ->
     (fetched, still pending)."""
+    from bunker.node.listing import listings, retry_listings
+
     out = {}
     for repo_id in nd.repositories():
-        if os.path.exists(_path(nd, repo_id)):
-            out[repo_id] = retry_pending(nd, repo_id, force=force)
+        got = retry_pending(nd, repo_id, force=force) if os.path.exists(_path(nd, repo_id)) else (0, 0)
+        if listings(nd, repo_id):  # listing requests (node/listing.py) are retried alike
+            more = retry_listings(nd, repo_id, force=force)
+            got = (got[0] + more[0], got[1] + more[1])
+        if got != (0, 0) or os.path.exists(_path(nd, repo_id)):
+            out[repo_id] = got
     return out
 
 

@@ -110,6 +110,8 @@ class NodeRole:
     # store directory, a restore's lease fields (format.md section 22: snapshot, lease id,
     # seconds, released packs, end, done) -> {until, room} (node/leases.py)
     lease: Callable[[str, dict[str, Any]], dict[str, Any]] | None = None
+    # store directory, client name (or "*") -> its listing request, asked upstream (node/listing.py)
+    listing: Callable[[str, str], dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -391,6 +393,9 @@ class Session:
                 node = self.config.node
                 if node is None or node.requests is None:
                     raise _Bad(wire.INVALID, "this server is not a node: it requests nothing upstream")
+                client = m.get("rl")
+                if isinstance(client, str) and client and node.listing is not None:
+                    node.listing(b.root, client)  # a listing request first (node/listing.py)
                 return wire.OK, {"r": True}, encoding.pack(node.requests(b.root))
             if _bool(m, "l"):
                 node = self.config.node

@@ -273,10 +273,12 @@ class RemoteBackend(Backend):
             raise self._status_error(f, "list", "config/")
         return f.payload if f.meta.get(flag) is True else None
 
-    def restore_requests(self) -> list[dict[str, Any]] | None:
+    def restore_requests(self, listing: str = "") -> list[dict[str, Any]] | None:
         """A node's restore requests for this repository (node/requests.py: object, state, since,
-        route, tries, why); None for a server that is not a node, or a node too old to say."""
-        payload = self._node_answer("r")
+        route, tries, why; node/listing.py: listing requests, by client); with ``listing``, a
+        listing request for that client (``*``: every client) is made first. None for a server
+        that is not a node, or a node too old to say."""
+        payload = self._node_answer("r", {"rl": listing} if listing else None)
         if payload is None:
             return None
         try:
