@@ -153,3 +153,57 @@ def test_a_state_file_that_names_no_snapshot_witnesses_nothing(tmp_path: Path) -
     (head_file,) = (Path(repo.env["XDG_DATA_HOME"]) / "bunker" / "state").glob("*/*/chain.json")
     head_file.write_text(json.dumps({"seq": 9, "name": doc["status"]}))
     assert js(repo.ok("check", "--json"))["ok"] is True
+
+
+def test_a_node_signs_the_record_of_a_client_that_could_not_run(tmp_path: Path) -> None:
+    """A backup through a node whose put key is gone cannot sign its own record: the node signs
+    a fatal one for it (once per ten minutes), which goes up; the top's status shows the failed
+    run, reported by the node, and the client's own next record wins again."""
+    from bunker.errors import ExitCode
+    from helpers import expect_rc, run_bunker
+
+    top, office = office_with_top(tmp_path)
+    src = tmp_path / "src"
+    make_tree(src)
+    backup_into(top, office, src)
+    key = top.put_key
+    away = key.with_name("put.away")
+    key.rename(away)
+    failed = run_bunker("backup", src, "--repo", office, env=top.env)
+    assert failed.returncode == ExitCode.KEY_MISSING, failed.stderr
+    assert "the node signed a status record of this failed run" in failed.stderr, failed.stderr
+    again = run_bunker("backup", src, "--repo", office, env=top.env)  # within ten minutes: the same record
+    assert again.returncode == ExitCode.KEY_MISSING
+    reports = [p for p in (office / "store" / top.id / "status").iterdir()]
+    assert len(reports) == 2, reports  # the first run's own, and one report
+
+    js(node_cmd(top, "forward", office, "--json"))
+    doc = js(top.ok("status", "--json", rc=3))
+    row = _rows(doc)[top.client]
+    assert (row["level"], row["exit"], row["reported_by"]) == ("fatal", ExitCode.KEY_MISSING, "office"), row
+    assert row["codes"] == {"put-key-unusable": 1} and doc["untrusted"] == [], doc
+    assert "reported by node 'office'" in top.ok("status", rc=3).stdout
+    # the message is sealed to the master key, as a client's own
+    from bunker.crypto.keyfile import load_master_key
+
+    master = load_master_key(str(top.master_key), PASSPHRASE)
+    records = list((top.path / "status").iterdir())
+    name = next(p for p in records if parse_status(f"status/{p.name}", p.read_bytes())[0].reporter)
+    rec = parse_status(f"status/{name.name}", name.read_bytes())[0]
+    (event,) = open_text(rec, top.id, master.data_private)
+    assert "no put key" in event["message"], event
+    expect_rc(run_bunker("check", "--keyless", "--repo", top.path, env=top.env), 0, 1)
+
+    # altered, the report is refused like any record
+    data = bytearray(name.read_bytes())
+    data[-5] ^= 1
+    name.write_bytes(bytes(data))
+    bad = js(top.ok("status", "--json", rc=3))
+    assert bad["untrusted"], bad
+    name.unlink()
+
+    away.rename(key)  # the key is back: the client's own record is the newest again
+    backup_into(top, office, src)
+    js(node_cmd(top, "forward", office, "--json"))
+    row = _rows(js(top.ok("status", "--json")))[top.client]
+    assert "reported_by" not in row and row["level"] in ("ok", "note"), row

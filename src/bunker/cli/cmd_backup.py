@@ -11,6 +11,7 @@ import click
 
 from bunker import dirs
 from bunker.backup.archiver import Progress
+from bunker.backup.chain import witnesses
 from bunker.backup.commit import Committed
 from bunker.backup.excludes import read_exclude_file
 from bunker.backup.policy_applied import apply_policy
@@ -88,7 +89,11 @@ def _open_with_spool(opts: context.Options, out: Any) -> tuple[Repository, PutKe
     except StorageError as exc:
         repo = offline_repository(spool, context.explicit_repo_id(opts), exc)
         return repo, context.load_put(opts, repo), []
-    put = context.load_put(opts, repo)
+    try:
+        put = context.load_put(opts, repo)
+    except BunkerError as exc:
+        _report_could_not_run(repo, exc, out)
+        raise
     events: list[tuple[str, str, str]] = []
     try:
         if spool.pending():
@@ -112,6 +117,24 @@ def _open_with_spool(opts: context.Options, out: Any) -> tuple[Repository, PutKe
             )
         )
     return spooling_repository(repo, spool), put, events
+
+
+def _report_could_not_run(repo: Repository, exc: BunkerError, out: Any) -> None:
+    """This run cannot sign its own status record (its put key is unusable): through a node, ask
+    the node to sign one for it (node/reports.py), so the top sees a failed run, not silence.
+    The certificate is the one this machine's chain head remembers; a machine that never backed
+    up here, or backs up as several clients, cannot say whose run failed."""
+    report = getattr(repo.backend, "report_failure", None)
+    certs = sorted({h.cert for h in witnesses(repo.repo_id) if h.cert})
+    if report is None or len(certs) != 1:
+        return
+    message = f"{exc.message} (next step: {exc.hint})"[:4000]
+    try:
+        name = report(certs[0], "put-key-unusable", int(exc.exit_code), message, time.time())
+    except BunkerError:
+        return  # the node cannot take it: the run's own error is what matters now
+    if name:
+        out.info(f"the node signed a status record of this failed run ({name}): the repository's owner sees it")
 
 
 def _refuse_if_keys_elsewhere(url: str) -> None:

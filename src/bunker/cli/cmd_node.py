@@ -354,6 +354,11 @@ def status_cmd(directory: str, **kwargs: Any) -> None:
             out.line(
                 f"  upstream {u['name']:<12} lacks {u['owed_objects']} objects ({human_bytes(u['owed_bytes'])}), "
                 f"{u['recorded']} recorded at the top"
+                + (
+                    f", the newest {time.strftime('%Y-%m-%d %H:%M', time.localtime(u['last_recorded']))}"
+                    if u.get("last_recorded")
+                    else ""
+                )
             )
         if r["policy"]:
             out.line(f"  policy version {r['policy']['version']} in force here (passed down to the clients)")

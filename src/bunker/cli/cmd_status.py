@@ -29,6 +29,8 @@ def describe_row(row: dict[str, Any]) -> str:
         last = f"last {row['run']} {_when(row['ended'])}: level {row['level']}, exit {row['exit']}, " + (
             snap if row["snapshot"] else "no snapshot"
         )
+    if row.get("reported_by"):
+        last += f" — reported by node {row['reported_by']!r}: the client could not run"
     flag = f" — SILENT for more than {row['silent_after'] / 86400:g} days" if row["silent"] else ""
     if row.get("policy"):
         last += f", policy version {row['policy']}"

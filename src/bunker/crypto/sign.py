@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Protocol
+
 import blake3
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
@@ -14,6 +16,12 @@ PUBLIC_SIZE = 32
 
 class BadSignature(ValueError):
     """A signature that does not verify."""
+
+
+class Signer(Protocol):
+    """Anything that signs in a domain as :class:`SigningKey` does (a node's keys too)."""
+
+    def sign(self, domain: bytes, message: bytes) -> bytes: ...
 
 
 class SigningKey:

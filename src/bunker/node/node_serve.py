@@ -230,6 +230,26 @@ def _lease(node: NodeDir, store_dir: str, fields: dict[str, Any]) -> dict[str, A
     return {"until": until, "room": room_for_restore(nd, repo_id)}
 
 
+def _report(node: NodeDir, store_dir: str, fields: dict[str, Any]) -> dict[str, Any]:
+    """A client that could not run says so; the node signs its status record (node/reports.py)."""
+    from bunker.node.reports import report_failure
+
+    cert, code, exit_code = fields.get("fc"), fields.get("fk"), fields.get("fx")
+    message, started = fields.get("fm", ""), fields.get("fs", 0.0)
+    if (
+        not isinstance(cert, str)
+        or not cert.startswith("clients/")
+        or not isinstance(code, str)
+        or type(exit_code) is not int
+        or not isinstance(message, str)
+        or not isinstance(started, (int, float))
+    ):
+        raise BunkerError("malformed failure report", "the client is broken: report it with its version")
+    validate_name(cert)
+    nd = NodeDir(node.root)
+    return report_failure(nd, os.path.basename(store_dir.rstrip("/")), cert, code, exit_code, message, float(started))
+
+
 def node_serve_config(node: NodeDir) -> ServeConfig:
     """The serve configuration of ``node``: append-only, client prefixes only."""
     direct = [u.url for u in node.config.upstreams if u.kind == "direct"]
@@ -255,5 +275,6 @@ def node_serve_config(node: NodeDir) -> ServeConfig:
         requests=lambda store_dir: _requests(node, store_dir),
         lease=lambda store_dir, fields: _lease(node, store_dir, fields),
         listing=lambda store_dir, client: _listing(node, store_dir, client),
+        report=lambda store_dir, fields: _report(node, store_dir, fields),
     )
     return ServeConfig(node.root, append_only=True, node=role)

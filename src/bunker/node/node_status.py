@@ -37,6 +37,8 @@ def node_status(nd: NodeDir) -> dict[str, Any]:
                     "owed_objects": todo.count,
                     "owed_bytes": todo.size,
                     "recorded": len(state.recorded),
+                    # when the newest record receipt (or direct read-back) covered something
+                    "last_recorded": max(state.recorded.values(), default=None),
                     "last_heard": last_heard(nd, repo_id, up.name, up.kind) or None,
                 }
             )

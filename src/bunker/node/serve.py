@@ -112,6 +112,10 @@ class NodeRole:
     lease: Callable[[str, dict[str, Any]], dict[str, Any]] | None = None
     # store directory, client name (or "*") -> its listing request, asked upstream (node/listing.py)
     listing: Callable[[str, str], dict[str, Any]] | None = None
+    # store directory, a failure report's fields (format.md section 22: certificate, code, exit,
+    # message, started) -> {status, new}: the node signs a status record for a client that could
+    # not run (node/reports.py)
+    report: Callable[[str, dict[str, Any]], dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -401,8 +405,14 @@ class Session:
                 node = self.config.node
                 if node is None or node.lease is None:
                     raise _Bad(wire.INVALID, "this server is not a node: it evicts nothing a restore could lease")
-                fields: dict[str, Any] = {k: m[k] for k in ("ls", "li", "lt", "lr", "le", "ld") if k in m}
-                return wire.OK, {"l": True}, encoding.pack(node.lease(b.root, fields))
+                lease: dict[str, Any] = {k: m[k] for k in ("ls", "li", "lt", "lr", "le", "ld") if k in m}
+                return wire.OK, {"l": True}, encoding.pack(node.lease(b.root, lease))
+            if _bool(m, "f"):
+                node = self.config.node
+                if node is None or node.report is None:
+                    raise _Bad(wire.INVALID, "this server is not a node: it signs nothing for its clients")
+                report: dict[str, Any] = {k: m[k] for k in ("fc", "fk", "fx", "fm", "fs") if k in m}
+                return wire.OK, {"f": True}, encoding.pack(node.report(b.root, report))
             if _bool(m, "h"):
                 node = self.config.node
                 if node is None or node.statement is None:

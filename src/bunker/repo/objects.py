@@ -17,7 +17,7 @@ from typing import Any
 import blake3
 
 from bunker import encoding
-from bunker.crypto.sign import SigningKey
+from bunker.crypto.sign import Signer
 from bunker.storage.prefixes import HASH_NAMED as HASH_NAMED  # the registry's, for the readers
 from bunker.storage.prefixes import is_hash_name as is_hash_name
 
@@ -82,7 +82,7 @@ class SignedObject:
     sig: bytes
 
 
-def make_signed(magic: bytes, body: dict[str, Any], key: SigningKey, signer: str) -> bytes:
+def make_signed(magic: bytes, body: dict[str, Any], key: Signer, signer: str) -> bytes:
     """Encode and sign ``body`` as a signed object of kind ``magic``."""
     body_bytes = encoding.pack(body)
     return magic + encoding.pack({"body": body_bytes, "signer": signer, "sig": key.sign(magic, body_bytes)})

@@ -7,6 +7,11 @@ messages) are sealed to the master key. Records of one certificate form a chain 
 ``prev``), so an old ``ok`` cannot be passed off as the newest: the newest is the highest number
 whose signature verifies. Records travel up through nodes with the data, so the top (and every
 node on the way) can tell which clients ran, how it went, and which fell silent, without a key.
+
+A client that could not run at all (its put key unusable: it cannot sign) tells the node it
+backs up through, and the node signs the record for it (``reporter``: the node's id; verified
+with the node's certificate). Such reports are numbered per node and client, apart from the
+client's own chain, and show as the client's last run when they are newer than its own record.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ from typing import Any
 from bunker import encoding
 from bunker.crypto import aead
 from bunker.crypto.kem import DataPrivateKey, DataPublicKey, OpenFailed
-from bunker.crypto.sign import BadSignature, SigningKey, verify
+from bunker.crypto.sign import BadSignature, Signer, verify
 from bunker.errors import CorruptObject, ObjectMissing
+from bunker.repo.node_certs import trusted_node
 from bunker.repo.objects import check_ref, make_signed, parse_signed
 from bunker.repo.policy import read_policies
 from bunker.repo.repository import Repository
@@ -53,6 +59,7 @@ class StatusRecord:
     policy: int = 0  # the policy version the run applied (0: none)
     sealed_key: bytes = b""
     text: bytes = b""
+    reporter: str = ""  # the id of the node that signed it for a client that could not run ("": the client)
 
     def aad(self, repo_id: str) -> bytes:
         """What the sealed text is bound to: this repository, certificate and number."""
@@ -63,7 +70,7 @@ def make_status(
     *,
     repo_id: str,
     cert: str,
-    signer: SigningKey,
+    signer: Signer,
     data_public: DataPublicKey,
     seq: int,
     prev: str,
@@ -78,9 +85,12 @@ def make_status(
     counts: Mapping[str, int] | None = None,
     events: Iterable[Mapping[str, Any]] = (),
     policy: int = 0,
+    reporter: str = "",
 ) -> bytes:
     """One signed status record. ``events``: the run's events (level, code, message, path):
-    their codes are counted in the readable part, their messages sealed to the master key."""
+    their codes are counted in the readable part, their messages sealed to the master key.
+    ``reporter``: the id of the node whose key ``signer`` is, reporting for a client that could
+    not run."""
     events = list(events)
     codes: dict[str, int] = {}
     for e in events:
@@ -109,6 +119,8 @@ def make_status(
         "sealed_key": data_public.seal(text_key, TEXT_INFO + repo_id.encode()),
         "text": aead.encrypt(text_key, encoding.pack([dict(e) for e in events]), probe.aad(repo_id)),
     }
+    if reporter:
+        body["reporter"] = reporter
     return make_signed(MAGIC_STATUS, body, signer, cert)
 
 
@@ -157,8 +169,17 @@ def parse_status(name: str, data: bytes) -> tuple[StatusRecord, Any]:
         policy=_policy_version(b),
         sealed_key=encoding.field_bytes(b, "sealed_key"),
         text=encoding.field_bytes(b, "text"),
+        reporter=_reporter(b),
     )
     return rec, obj
+
+
+def _reporter(body: dict[str, Any]) -> str:
+    """The node that signed a record for a client that could not run ("": the client itself)."""
+    v = body.get("reporter", "")
+    if not isinstance(v, str) or (v and (len(v) != 64 or any(c not in "0123456789abcdef" for c in v))):
+        raise encoding.FormatError("status record with a malformed reporter")
+    return v
 
 
 def _policy_version(body: dict[str, Any]) -> int:
@@ -178,7 +199,16 @@ def verify_status(repo: Repository, name: str, data: bytes) -> StatusRecord:
         raise encoding.FormatError("the status record belongs to another repository")
     cert = repo.certificate(rec.cert)
     try:
-        verify(cert.verify_key, MAGIC_STATUS, obj.body_bytes, obj.sig)
+        if rec.reporter:
+            node = trusted_node(repo, rec.reporter)
+            if node is None:
+                raise encoding.FormatError(
+                    f"it says node {rec.reporter[:16]} signed it, and no certificate of that node that is not revoked "
+                    "is in the repository"
+                )
+            node.public.verify(MAGIC_STATUS, obj.body_bytes, obj.sig)
+        else:
+            verify(cert.verify_key, MAGIC_STATUS, obj.body_bytes, obj.sig)
     except BadSignature:
         raise encoding.FormatError("its signature does not verify (forged or altered)") from None
     return rec
@@ -204,6 +234,7 @@ class ClientStatus:
     cert: str
     client: str
     newest: StatusRecord | None = None
+    reported: StatusRecord | None = None  # the newest record a node signed for it (it could not run)
     records: int = 0
     problems: list[str] = field(default_factory=list)  # records that do not verify or link
     problem_objects: list[str] = field(default_factory=list)  # the record each problem is about
@@ -214,6 +245,7 @@ def client_statuses(repo: Repository) -> dict[str, ClientStatus]:
     record that does not verify, two records with one number, a link to a record not there)."""
     out: dict[str, ClientStatus] = {}
     by_cert: dict[str, dict[int, list[StatusRecord]]] = {}
+    reports: dict[str, list[StatusRecord]] = {}
     for info in repo.backend.list("status/"):
         try:
             rec = verify_status(repo, info.name, repo.backend.get(info.name))
@@ -225,13 +257,15 @@ def client_statuses(repo: Repository) -> dict[str, ClientStatus]:
             bad.problems.append(f"{info.name}: {msg}")
             bad.problem_objects.append(info.name)
             continue
+        if rec.reporter:  # a node's report for a client that could not run: numbered apart
+            reports.setdefault(rec.cert, []).append(rec)
+            continue
         by_cert.setdefault(rec.cert, {}).setdefault(rec.seq, []).append(rec)
+    for cert, recs in reports.items():
+        st = out.setdefault(cert, ClientStatus(cert, _client_of(repo, cert)))
+        st.reported = max(recs, key=lambda r: (r.ended, r.seq, r.name))
     for cert, chain in by_cert.items():
-        try:
-            client = repo.certificate(cert).client
-        except (CorruptObject, ObjectMissing):
-            client = cert
-        st = out.setdefault(cert, ClientStatus(cert, client))
+        st = out.setdefault(cert, ClientStatus(cert, _client_of(repo, cert)))
         st.records = sum(len(v) for v in chain.values())
         for seq, recs in sorted(chain.items()):
             if len(recs) > 1:
@@ -251,6 +285,13 @@ def client_statuses(repo: Repository) -> dict[str, ClientStatus]:
         # new records must not hide behind the old chain's higher numbers
         st.newest = max((r for recs in chain.values() for r in recs), key=lambda r: (r.ended, r.seq, r.name))
     return out
+
+
+def _client_of(repo: Repository, cert: str) -> str:
+    try:
+        return repo.certificate(cert).client
+    except (CorruptObject, ObjectMissing):
+        return cert
 
 
 SILENT_AFTER = 3 * 86400.0  # a client whose newest record is older than this has fallen silent
@@ -274,8 +315,13 @@ def status_rows(
         st = statuses.get(name)
         client = certs[name].client if name in certs else (st.client if st else name)
         row: dict[str, Any] = {"client": client, "cert": name, "revoked": name in revoked, "records": 0}
-        if st is not None and st.newest is not None:
+        if st is not None and (st.newest is not None or st.reported is not None):
             r = st.newest
+            if st.reported is not None and (r is None or st.reported.ended > r.ended):
+                r = st.reported  # the client could not run since its own last record: its node said so
+                node = trusted_node(repo, r.reporter)
+                row["reported_by"] = node.node if node is not None else r.reporter
+            assert r is not None
             row.update(
                 records=st.records,
                 seq=r.seq,

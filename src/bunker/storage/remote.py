@@ -310,6 +310,22 @@ class RemoteBackend(Backend):
             raise wire.ProtocolError(f"the node sent a malformed restore lease ({exc})", "") from None
         return got
 
+    def report_failure(self, cert: str, code: str, exit_code: int, message: str, started: float) -> str | None:
+        """Tell a node that the client with certificate ``cert`` could not run: the node signs
+        its status record (node/reports.py). The record's name; None from a server that is not a
+        node, or a node too old to report."""
+        fields = {"fc": cert, "fk": code, "fx": exit_code, "fm": message, "fs": started}
+        payload = self._node_answer("f", fields)
+        if payload is None:
+            return None
+        try:
+            got = encoding.unpack(payload)
+            if not isinstance(got, dict) or not isinstance(got.get("status"), str):
+                raise ValueError("not a report")
+        except (encoding.FormatError, ValueError) as exc:
+            raise wire.ProtocolError(f"the node sent a malformed answer to a failure report ({exc})", "") from None
+        return str(got["status"])
+
     def upstream_sizes(self, prefix: str) -> dict[str, int]:
         """``upstream_names`` with each object's size."""
         if not self.server_node:
