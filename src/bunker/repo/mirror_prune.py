@@ -9,7 +9,12 @@ record signed by someone allowed to prune says so (docs/format.md section 15):
   snapshot of either copy names (a pack condemned once and needed again is kept at the source;
   if the source then lost it, the mirror's copy repairs it);
 - a snapshot the mirror holds and the source no longer holds, that a valid retirement record in
-  force (not withdrawn by an unretire record) retires, once the grace has passed likewise.
+  force (not withdrawn by an unretire record) retires, once the grace has passed likewise;
+- an index object the mirror holds and the source no longer holds (a prune or a rewrite of the
+  index replaced it there), once the grace has passed since the mirror took it. No record names
+  these, and none needs to: an index object is a cache of pack trailers, so a mirror that lacks
+  one reads the trailers of the packs it covered instead (docs/format.md section 15); deleting
+  it can cost time, never data.
 
 Valid means what prune and check accept (Repository.verify_pruner): signed by the master key, or
 by a certificate with ``prune`` that is not revoked. Records are read from both copies: the
@@ -109,6 +114,10 @@ class MirrorPruner:
             recs = retired.get(name)
             if recs:
                 self._decide(name, self._grace_left(recs, "retirement record"))
+        for name in sorted(set(self.dst_names.get("index", {})) - set(self.src_names.get("index", {}))):
+            info = self.dst.stat(name)
+            if info is not None:
+                self._decide(name, self._grace_left([_Record(name, info.mtime)], "mirror's copy of"))
         return self.report
 
     # ------------------------------------------------------------------ records
