@@ -36,7 +36,8 @@ from bunker.errors import BunkerError
 from bunker.interrupt import Interrupted, signal_name
 from bunker.node.daemon_support import DrainableServer, Journal, end_children, retry_delay, take_lock
 from bunker.node.eviction import Evicted, evict_all
-from bunker.node.link_import import ImportReport, import_all
+from bunker.node.link_import import import_all
+from bunker.node.link_objects import ImportReport
 from bunker.node.node_dir import NodeDir
 from bunker.node.node_serve import node_serve_config
 from bunker.node.node_settings import node_settings
