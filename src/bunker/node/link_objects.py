@@ -5,6 +5,7 @@ receipts, restore requests and their answers, listings, and what is refused and 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -195,18 +196,17 @@ def _ack_problem(nd: NodeDir, repo_id: str, data: bytes) -> str:
     acknowledgement, checkpoint root or holding record of a node certified for the repository:
     the only gc/ objects that come up)."""
     repo = Repository.open(nd.store(repo_id), repo_id, floor=False)
-    if data.startswith(MAGIC_CKROOT):
-        try:
-            read_checkpoint_root(repo, "", data)
-        except encoding.FormatError as exc:
-            return f"not a valid checkpoint root ({exc})"
-        return ""
-    if data.startswith(MAGIC_HOLDING):
-        try:
-            read_holding(repo, "", data)
-        except encoding.FormatError as exc:
-            return f"not a valid holding record ({exc})"
-        return ""
+    readers: tuple[tuple[bytes, Callable[[Repository, str, bytes], object], str], ...] = (
+        (MAGIC_CKROOT, read_checkpoint_root, "checkpoint root"),
+        (MAGIC_HOLDING, read_holding, "holding record"),
+    )
+    for magic, read, what in readers:
+        if data.startswith(magic):
+            try:
+                read(repo, "", data)
+            except encoding.FormatError as exc:
+                return f"not a valid {what} ({exc})"
+            return ""
     try:
         _, node, _, _, _ = parse_ack(data)
         cert = trusted_node(repo, node)

@@ -6,6 +6,7 @@ listings, restore leases, and reports for a client that could not run. Every que
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from bunker import encoding
@@ -18,21 +19,9 @@ class NodeQueries:
     """Mixed into RemoteBackend (storage/remote.py), which provides the connection."""
 
     server_node: str  # the node's name when the server is a node ("" otherwise)
-
-    def _call(
-        self,
-        what: str,
-        name: str,
-        op: int,
-        meta: dict[str, Any],
-        payload: bytes | memoryview = b"",
-        *,
-        io: bool = False,
-    ) -> wire.Frame:
-        raise NotImplementedError
-
-    def _status_error(self, f: wire.Frame, what: str, name: str) -> BunkerError:
-        raise NotImplementedError
+    # (what, name, op, meta, payload=b"", *, io=False) -> the answer's frame; raises when lost
+    _call: Callable[..., wire.Frame]
+    _status_error: Callable[[wire.Frame, str, str], BunkerError]
 
     def upstream_names(self, prefix: str) -> set[str]:
         """Objects under ``prefix`` a node lists but no longer holds: evicted under record
