@@ -120,6 +120,21 @@ def _distribution_python() -> str | None:
     return None
 
 
+def _remove_stale_environments(where: Path, keep: Path) -> None:
+    """Remove the environments of checkouts that are gone (each is a few hundred MB): those
+    whose ``.source`` names a directory that no longer exists, or that have none (made before
+    it was written)."""
+    for venv in where.glob("venv-*"):
+        if venv == keep:
+            continue
+        try:
+            gone = not Path((venv / ".source").read_text()).is_dir()
+        except OSError:
+            gone = True
+        if gone:
+            shutil.rmtree(venv, ignore_errors=True)
+
+
 def nobody_environment(where: Path) -> tuple[list[str], str]:
     """A prefix that runs bunker as user nobody from an environment made with the operating
     system's Python (for a machine whose own Python, e.g. a pyenv under a 0700 /root, is out of
@@ -133,6 +148,7 @@ def nobody_environment(where: Path) -> tuple[list[str], str]:
     src = Path(__file__).resolve().parent.parent
     key = hashlib.sha256(f"{src}\0{py}".encode()).hexdigest()[:16]  # one per checkout and python
     venv = where / f"venv-{key}"
+    _remove_stale_environments(where, venv)
     vpy = venv / "bin" / "python"
     ready = venv / ".deps-installed"
     if not ready.exists():
@@ -142,6 +158,7 @@ def nobody_environment(where: Path) -> tuple[list[str], str]:
             if cp.returncode != 0:
                 return [], f"{' '.join(cmd[:3])}: {(cp.stderr or cp.stdout).strip()[-300:]}"
         ready.touch()
+    (venv / ".source").write_text(str(src))
     # this checkout's code, copied in once per change of it (the workers of a session share it)
     package = src / "src" / "bunker"
     files = sorted(p for p in package.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
