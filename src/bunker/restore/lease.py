@@ -35,8 +35,12 @@ class RestoreLease:
         self._lock = threading.Lock()
 
     def take(self) -> bool:
-        """Take the lease; False when there is no node to lease from."""
-        if self._call is None or not self._ask():
+        """Take the lease; False when there is no node to lease from (or it could not give one:
+        the restore then runs as through a node that leases nothing, its requests' pins aside)."""
+        try:
+            if self._call is None or not self._ask():
+                return False
+        except BunkerError:
             return False
         self.held = True
         self._renewer = threading.Thread(target=self._renew_loop, name="bunker-restore-lease", daemon=True)
@@ -54,9 +58,11 @@ class RestoreLease:
         return True
 
     def renew(self, released: Iterable[str] = ()) -> int | None:
-        """Renew the lease, releasing ``released`` packs (a batch restored); the node's room now."""
+        """Renew the lease, releasing ``released`` packs (a batch restored); the node's room now
+        (as last told, when the node cannot answer this time)."""
         if self.held:
-            self._ask(released)
+            with contextlib.suppress(BunkerError):
+                self._ask(released)
         return self.room
 
     def _renew_loop(self) -> None:
