@@ -65,7 +65,9 @@ def _run_clients_and_prune(repo: Repo, tmp_path: Path, url: str, extra_env: dict
                 _mutate(src, rng)
                 cp = run_bunker("backup", "--repo", url, "--no-progress", "--json", src, env=env, timeout=300)
                 if cp.returncode != 0:
-                    raise AssertionError(f"client {i} run {run}: exit {cp.returncode}: {cp.stderr[-2000:]} {cp.stdout[-3000:]}")
+                    raise AssertionError(
+                        f"client {i} run {run}: exit {cp.returncode}: {cp.stderr[-2000:]} {cp.stdout[-3000:]}"
+                    )
                 snap = js(cp)["snapshot"]
                 state = snapshot_tree(src, dir_mtimes=False)  # what the snapshot must restore
                 with lock:
