@@ -10,8 +10,13 @@ and exits when it is gone; then the forkserver and the resource tracker, whose p
 command and the workers hold, end too.
 
 Workers ignore SIGINT: Ctrl-C on a terminal reaches the whole process group, and it is the
-command that decides how to stop (it shuts the pool down). SIGTERM keeps its default: a pool
-whose worker died is torn down with SIGTERM to the others (concurrent.futures), which must work.
+command that decides how to stop (it shuts the pool down). SIGTERM reaches the whole group too
+(`systemctl stop`, `kill -- -PGID`), but it must end a worker: a pool whose worker died is torn
+down with SIGTERM to the others (concurrent.futures). A worker must never end while it sends a
+result, though: the pool reads results from one pipe, and half a message there stops the pool's
+reader forever, and with it the command. So a worker that gets SIGTERM takes no new task and
+ends once it is idle (its task's result sent: TERM_IDLE after the task ended), at the latest
+after TERM_LIMIT.
 """
 
 from __future__ import annotations
@@ -27,6 +32,47 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
 POLL_SECONDS = 1.0  # without pidfds: how often a worker looks whether the command still runs
+TERM_IDLE = 1.0  # after SIGTERM, a worker ends once this long has passed since its last task ended
+TERM_LIMIT = 60.0  # ... and after this long whatever it does
+
+_busy = 0  # tasks this worker is running (0 or 1: one task at a time)
+_idle_since = 0.0  # monotonic time its last task ended
+_terminating = False
+
+
+class _TrackedPool(ProcessPoolExecutor):
+    """A ProcessPoolExecutor whose workers know when they run a task (see the module's docstring)."""
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        return super().submit(_tracked, fn, *args, **kwargs)
+
+
+def _tracked(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    global _busy, _idle_since
+    if _terminating:  # told to end: no new task (nothing is being sent now, so it may end at once)
+        os._exit(128 + signal.SIGTERM)
+    _busy += 1
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _busy -= 1
+        _idle_since = time.monotonic()
+
+
+def _on_term(signum: int, frame: object) -> None:
+    global _terminating
+    if not _terminating:
+        _terminating = True
+        threading.Thread(target=_end_when_idle, args=(signum,), name="bunker-term", daemon=True).start()
+
+
+def _end_when_idle(signum: int) -> None:
+    deadline = time.monotonic() + TERM_LIMIT
+    while time.monotonic() < deadline:
+        if _busy == 0 and time.monotonic() - _idle_since >= TERM_IDLE:
+            break
+        time.sleep(0.05)
+    os._exit(128 + signum)
 
 
 def process_pool(
@@ -38,7 +84,7 @@ def process_pool(
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([preload])
     _start_forkserver()
-    return ProcessPoolExecutor(
+    return _TrackedPool(
         workers, mp_context=ctx, initializer=_start_worker, initargs=(os.getpid(), initializer, initargs)
     )
 
@@ -65,6 +111,7 @@ def _start_forkserver() -> None:
 
 def _start_worker(command: int, initializer: Callable[..., None], initargs: tuple[Any, ...]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _on_term)
     watch_command(command)
     initializer(*initargs)
 
