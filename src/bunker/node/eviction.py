@@ -27,7 +27,20 @@ from bunker.storage.backend import ObjectInfo
 
 # what eviction may take, in the order it takes it; everything else is metadata a node keeps
 EVICTABLE = ("packs/",)
-HELD_PREFIXES = ("packs/", "index/", "refs/", "snapshots/", "config/", "clients/", "nodes/", "retired/", "gc/")
+# everything a store holds counts against its bound (sessions/ aside: leases, a few bytes each)
+HELD_PREFIXES = (
+    "packs/",
+    "index/",
+    "refs/",
+    "snapshots/",
+    "status/",
+    "config/",
+    "clients/",
+    "nodes/",
+    "retired/",
+    "gc/",
+    "policy/",
+)
 
 
 @dataclass
