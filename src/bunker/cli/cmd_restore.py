@@ -431,7 +431,9 @@ def restore(**kwargs: Any) -> None:
             )
             stats = restore_in_batches(repo, rec, make_restorer, root, list(paths), lease, wait_seconds, out.info)
         else:
-            waiting = wait_for_evicted_packs(repo, rec, wait_seconds, out.info)
+            # (through a node that leases, the evicted packs were just listed: not listed again)
+            names = sorted(need) if leased else None
+            waiting = wait_for_evicted_packs(repo, rec, wait_seconds, out.info, names=names)
             if waiting:
                 first = waiting[0]
                 raise BunkerError(

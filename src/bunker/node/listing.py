@@ -31,9 +31,9 @@ from bunker.errors import BunkerError
 from bunker.node.eviction import evicted, evicted_path
 from bunker.node.holdings import UpstreamState
 from bunker.node.node_dir import NodeDir, read_json, write_json
-from bunker.node.requests import FIRST_RETRY, MAX_RETRY, locked_state
+from bunker.node.requests import direct_upstreams, locked_state, next_try, upstream_route
 from bunker.repo import refs
-from bunker.repo.objects import content_hash, is_hash_name
+from bunker.repo.objects import matches_name
 from bunker.repo.snapshot import parse_snapshot
 from bunker.storage.backend import Backend
 from bunker.storage.url import open_backend
@@ -43,13 +43,13 @@ MAX_SNAPSHOTS = 1_000_000
 REFRESH_AFTER = 86400.0  # a listing that came over a link is asked for again after this
 
 
-def _path(nd: NodeDir, repo_id: str) -> str:
+def listings_path(nd: NodeDir, repo_id: str) -> str:
     return os.path.join(nd.state_dir(repo_id), "listings.json")
 
 
 def listings(nd: NodeDir, repo_id: str) -> dict[str, dict[str, Any]]:
     """client -> its listing request (see the module's docstring)."""
-    got: dict[str, dict[str, Any]] = read_json(_path(nd, repo_id), {})
+    got: dict[str, dict[str, Any]] = read_json(listings_path(nd, repo_id), {})
     return got
 
 
@@ -59,24 +59,21 @@ class Found:
 
     snapshots: list[str] = field(default_factory=list)
     objects: list[str] = field(default_factory=list)  # every object a restore needs here: refs, index, snapshots
-    copied: int = 0  # of those, how many the store lacked
     packs: dict[str, int] = field(default_factory=dict)  # every pack of those snapshots, by size
 
 
 def _verified(source: Backend, name: str) -> bytes:
     data = source.get(name)
-    if is_hash_name(name) and content_hash(data) != name.split("/", 1)[1]:
+    if not matches_name(name, data):
         raise BunkerError(f"{name} does not match its name at the upstream", "run `bunker check` there")
     return data
 
 
-def collect(source: Backend, store: Backend, client: str, sizes: dict[str, int] | None = None) -> Found:
-    """The snapshots of ``client`` (every client for ALL_CLIENTS) that ``source`` holds, with
-    what a restore needs of them, copied into ``store`` where it lacks them: reference objects and
-    index objects first, snapshots last (the format's write order). ``source`` may be ``store``
-    itself (a node answering the node below from what it holds). ``sizes``: sizes of packs the
-    store does not hold, known already (its evicted list); the others come from ``source``'s
-    listing."""
+def collect(source: Backend, store: Backend, client: str) -> Found:
+    """The snapshots of ``client`` (every client for ALL_CLIENTS) that ``source`` (a direct
+    upstream) holds, with what a restore needs of them, copied into ``store`` where it lacks them:
+    reference objects and index objects first, snapshots last (the format's write order), and
+    the size of every pack of those snapshots."""
     found = Found()
     held = {i.name for p in ("snapshots/", "refs/", "index/") for i in store.list(p)}
     wanted: list[tuple[str, bytes]] = []
@@ -105,7 +102,6 @@ def collect(source: Backend, store: Backend, client: str, sizes: dict[str, int] 
         data = _verified(source, name)
         store.put(name, data, if_absent=True)
         held.add(name)
-        found.copied += 1
         return data
 
     packs: set[str] = set()
@@ -123,15 +119,8 @@ def collect(source: Backend, store: Backend, client: str, sizes: dict[str, int] 
         found.snapshots.append(name)
         if name not in held:
             store.put(name, data, if_absent=True)
-            found.copied += 1
-    known = dict(sizes or {})
-    for p in packs - known.keys():
-        here = store.stat(p)
-        if here is not None:
-            known[p] = here.size
-    if packs - known.keys():
-        known.update({i.name: i.size for i in source.list("packs/") if i.name in packs})
-    found.packs = {p: int(known.get(p, 0)) for p in sorted(packs)}
+    sizes = {i.name: i.size for i in source.list("packs/") if i.name in packs}
+    found.packs = {p: int(sizes.get(p, 0)) for p in sorted(packs)}
     return found
 
 
@@ -153,17 +142,9 @@ def register(nd: NodeDir, repo_id: str, store: Backend, found: Found, via: str) 
             state.save()
 
 
-def _direct(nd: NodeDir, repo_id: str) -> list[tuple[str, str]]:
-    return [(u.name, u.url) for u in nd.config.upstreams if u.kind == "direct" and u.repo == repo_id]
-
-
-def _route(nd: NodeDir, repo_id: str) -> list[str]:
-    return [u.name for u in nd.config.upstreams if u.kind == "link" or u.repo == repo_id]
-
-
 def _fetch_from_direct(nd: NodeDir, repo_id: str, store: Backend, client: str) -> tuple[Found | None, str]:
     why = "this node has no direct upstream for the repository: the request waits for a link"
-    for up, url in _direct(nd, repo_id):
+    for up, url in direct_upstreams(nd, repo_id):
         try:
             found = collect(open_backend(url), store, client)
         except (BunkerError, OSError, encoding.FormatError) as exc:
@@ -186,10 +167,10 @@ def settle_listing(nd: NodeDir, repo_id: str, client: str, found: Found | None, 
         r["tries"] = int(r.get("tries", 0)) + 1
         if found is None:
             r["why"] = why
-            r["next"] = now + min(MAX_RETRY, FIRST_RETRY * 2 ** min(int(r["tries"]) - 1, 12))
+            r["next"] = next_try(int(r["tries"]), now)
         else:
             r.update(state="fetched", fetched=now, why="", snapshots=len(found.snapshots))
-        write_json(_path(nd, repo_id), got)
+        write_json(listings_path(nd, repo_id), got)
         answer = dict(r)
     if found is not None:
         from bunker.node.listing_link import queue_listing_answer
@@ -203,7 +184,7 @@ def request_listing(nd: NodeDir, repo_id: str, store: Backend, client: str, for_
     """A client (or, ``for_link``, the node below that link) asks for ``client``'s snapshots:
     record the request, ask the direct upstreams at once. Returns the request's entry."""
     now = time.time()
-    direct = bool(_direct(nd, repo_id))
+    direct = bool(direct_upstreams(nd, repo_id))
     with locked_state(nd, repo_id, "listings"):
         got = listings(nd, repo_id)
         r = got.get(client)
@@ -212,14 +193,20 @@ def request_listing(nd: NodeDir, repo_id: str, store: Backend, client: str, for_
             # again after REFRESH_AFTER brings what was written since)
             if for_link and for_link not in r.setdefault("for", []):
                 r["for"].append(for_link)
-            write_json(_path(nd, repo_id), got)
+            write_json(listings_path(nd, repo_id), got)
             return dict(r)
         if r is None or r.get("state") != "pending":
-            r = got[client] = {"since": now, "route": _route(nd, repo_id), "tries": 0, "next": 0.0, "state": "pending"}
+            r = got[client] = {
+                "since": now,
+                "route": upstream_route(nd, repo_id),
+                "tries": 0,
+                "next": 0.0,
+                "state": "pending",
+            }
         r["last_asked"] = now
         if for_link and for_link not in r.setdefault("for", []):
             r["for"].append(for_link)
-        write_json(_path(nd, repo_id), got)
+        write_json(listings_path(nd, repo_id), got)
     found, why = _fetch_from_direct(nd, repo_id, store, client)
     return settle_listing(nd, repo_id, client, found, why)
 

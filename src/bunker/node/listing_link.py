@@ -16,10 +16,10 @@ import time
 from typing import Any
 
 from bunker import encoding
-from bunker.node.listing import Found, listing_open, listings, register, settle_listing
+from bunker.node.listing import Found, listing_open, listings, listings_path, register, settle_listing
 from bunker.node.node_dir import NodeDir, remove_quietly, write_json
-from bunker.node.requests import locked_state, queue_answers
-from bunker.repo.objects import content_hash, is_hash_name
+from bunker.node.requests import due_over, locked_state, queue_answers
+from bunker.repo.objects import content_hash, is_hash_name, matches_name
 from bunker.storage.backend import Backend
 
 MAGIC_ANSWER = b"BKLA"
@@ -29,14 +29,7 @@ MAX_NAMES = 10_000_000
 
 def listings_to_send(nd: NodeDir, repo_id: str, link: str, resend_after: float) -> list[str]:
     """The clients whose pending listing goes up over ``link`` in the next bundle."""
-    now = time.time()
-    return sorted(
-        c
-        for c, r in listings(nd, repo_id).items()
-        if r.get("state") == "pending"
-        and link in r.get("route", [])
-        and now - float(r.get("sent", {}).get(link, 0.0)) >= resend_after
-    )
+    return due_over(listings(nd, repo_id), link, resend_after)
 
 
 def mark_listings_sent(nd: NodeDir, repo_id: str, link: str, clients: list[str]) -> None:
@@ -45,7 +38,7 @@ def mark_listings_sent(nd: NodeDir, repo_id: str, link: str, clients: list[str])
         got = listings(nd, repo_id)
         for c in set(clients) & got.keys():
             got[c].setdefault("sent", {})[link] = now
-        write_json(os.path.join(nd.state_dir(repo_id), "listings.json"), got)
+        write_json(listings_path(nd, repo_id), got)
 
 
 def _outbox(nd: NodeDir, repo_id: str, link: str) -> str:
@@ -129,7 +122,7 @@ def take_listed_object(nd: NodeDir, repo_id: str, store: Backend, name: str, dat
     listing of this node is open, when its bytes match its name (True); else refused."""
     if not name.startswith(LISTED_PREFIXES) or not listing_open(nd, repo_id):
         return False
-    if not is_hash_name(name) or content_hash(data) != name.split("/", 1)[1]:
+    if not is_hash_name(name) or not matches_name(name, data):
         return False
     store.put(name, data, if_absent=True)
     return True

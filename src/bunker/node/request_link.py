@@ -21,7 +21,16 @@ from bunker.node.eviction import evicted
 from bunker.node.listing import request_listing
 from bunker.node.listing_link import listings_to_send, mark_listings_sent
 from bunker.node.node_dir import NodeDir, read_json
-from bunker.node.requests import answers_path, journal, locked_journal, owed_answers, queue_answers, request, settle
+from bunker.node.requests import (
+    answers_path,
+    due_over,
+    journal,
+    locked_journal,
+    owed_answers,
+    queue_answers,
+    request,
+    settle,
+)
 from bunker.repo.objects import content_hash, is_hash_name
 from bunker.storage.backend import Backend
 
@@ -65,14 +74,7 @@ def parse_request(data: bytes, repo_id: str) -> list[str]:
 def requests_to_send(nd: NodeDir, repo_id: str, link: str, resend_after: float) -> tuple[str, bytes] | None:
     """The request object for the next up bundle over ``link``: every pending request routed
     there that was not sent over it within ``resend_after`` seconds (None: nothing to ask)."""
-    now = time.time()
-    due = [
-        name
-        for name, r in journal(nd, repo_id).items()
-        if r.get("state") == "pending"
-        and link in r.get("route", [])
-        and now - float(r.get("sent", {}).get(link, 0.0)) >= resend_after
-    ]
+    due = due_over(journal(nd, repo_id), link, resend_after)
     clients = listings_to_send(nd, repo_id, link, resend_after)
     return make_request(repo_id, due, clients) if due or clients else None
 

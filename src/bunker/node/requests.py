@@ -30,7 +30,7 @@ from bunker import encoding
 from bunker.errors import BunkerError, ObjectMissing
 from bunker.node.holdings import snapshot_packs
 from bunker.node.node_dir import NodeDir, read_json, write_json
-from bunker.repo.objects import content_hash, is_hash_name
+from bunker.repo.objects import matches_name
 from bunker.repo.snapshot import parse_snapshot
 from bunker.storage.backend import Backend
 from bunker.storage.url import open_backend
@@ -167,11 +167,13 @@ def release(nd: NodeDir, repo_id: str, names: set[str]) -> None:
         write_json(path, {s: e for s, e in sets.items() if e["packs"]})
 
 
-def _direct(nd: NodeDir, repo_id: str) -> list[tuple[str, str]]:
+def direct_upstreams(nd: NodeDir, repo_id: str) -> list[tuple[str, str]]:
+    """(name, url) of the node's direct upstreams for ``repo_id``."""
     return [(u.name, u.url) for u in nd.config.upstreams if u.kind == "direct" and u.repo == repo_id]
 
 
-def _route(nd: NodeDir, repo_id: str) -> list[str]:
+def upstream_route(nd: NodeDir, repo_id: str) -> list[str]:
+    """The upstreams a request for ``repo_id`` goes to: its direct upstreams and every link."""
     return [u.name for u in nd.config.upstreams if u.kind == "link" or u.repo == repo_id]
 
 
@@ -179,7 +181,7 @@ class _Upstreams:
     """The node's direct upstreams for one repository, each opened once when first asked."""
 
     def __init__(self, nd: NodeDir, repo_id: str) -> None:
-        self._urls = _direct(nd, repo_id)
+        self._urls = direct_upstreams(nd, repo_id)
         self._open: dict[str, Backend] = {}
 
     def fetch(self, name: str) -> tuple[bytes | None, str]:
@@ -196,7 +198,7 @@ class _Upstreams:
             except (BunkerError, OSError) as exc:
                 why = f"upstream {up!r} cannot be read: {exc.message if isinstance(exc, BunkerError) else exc}"
                 continue
-            if is_hash_name(name) and content_hash(data) != name.split("/", 1)[1]:
+            if not matches_name(name, data):
                 why = f"upstream {up!r} returned bytes that do not match the name (damaged there)"
                 continue
             return data, ""
@@ -237,7 +239,7 @@ def request(nd: NodeDir, repo_id: str, store: Backend, name: str, for_link: str 
     evicted: record the request, ask the direct upstreams at once, store what arrives. Returns
     the bytes, or why the request waits (it then goes up the links in the route)."""
     now = time.time()
-    route = _route(nd, repo_id)
+    route = upstream_route(nd, repo_id)
     with locked_journal(nd, repo_id) as reqs:  # persisted before anything is fetched
         _pin_sets_with(nd, repo_id, store, name, now)
         r = reqs.get(name)
@@ -262,6 +264,24 @@ def _ask(upstreams: _Upstreams, store: Backend, repo_id: str, name: str) -> tupl
     return None, why, deleted_by(store, repo_id, name)
 
 
+def next_try(tries: int, now: float) -> float:
+    """When a request tried ``tries`` times is tried again: FIRST_RETRY, doubling up to MAX_RETRY."""
+    return now + min(MAX_RETRY, FIRST_RETRY * 2.0 ** min(tries - 1, 12))
+
+
+def due_over(entries: dict[str, dict[str, Any]], link: str, resend_after: float) -> list[str]:
+    """The pending entries (requests, listings) routed over ``link`` that did not go up it
+    within ``resend_after`` seconds: they ride the next up bundle."""
+    now = time.time()
+    return sorted(
+        key
+        for key, r in entries.items()
+        if r.get("state") == "pending"
+        and link in r.get("route", [])
+        and now - float(r.get("sent", {}).get(link, 0.0)) >= resend_after
+    )
+
+
 def settle(nd: NodeDir, repo_id: str, outcomes: dict[str, str], ended: dict[str, str] | None = None) -> None:
     """Record each request's outcome ("": fetched, else why it waits; ``ended``: why it ends,
     the object gone for good); what nodes below asked for and arrived is owed to them."""
@@ -277,7 +297,7 @@ def settle(nd: NodeDir, repo_id: str, outcomes: dict[str, str], ended: dict[str,
                 r.update(state="gone", why=ended[name], ended=now)
             elif why:
                 r["why"] = why
-                r["next"] = now + min(MAX_RETRY, FIRST_RETRY * 2 ** min(int(r["tries"]) - 1, 12))
+                r["next"] = next_try(int(r["tries"]), now)
             else:
                 r.update(state="fetched", fetched=now, why="")
                 for link in r.get("for", []):

@@ -59,6 +59,12 @@ def content_hash(data: bytes | memoryview) -> str:
     return blake3.blake3(data, max_threads=threads).hexdigest()
 
 
+def matches_name(name: str, data: bytes | memoryview) -> bool:
+    """False when ``name`` is hash-named and ``data`` does not hash to it (damaged or swapped
+    bytes); names of other prefixes say nothing about their bytes."""
+    return not is_hash_name(name) or content_hash(data) == name.split("/", 1)[1]
+
+
 def name_for(prefix: str, data: bytes | memoryview) -> str:
     """The hash name of an object under ``prefix``."""
     return f"{prefix}/{content_hash(data)}"

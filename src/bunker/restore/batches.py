@@ -31,7 +31,7 @@ from bunker.errors import BunkerError, ExitCode
 from bunker.private_files import write_private_file
 from bunker.repo import refs
 from bunker.repo.repository import Repository, SnapshotRecord
-from bunker.restore.evicted import wait_for_evicted_packs
+from bunker.restore.evicted import evicted_packs, wait_for_evicted_packs
 from bunker.restore.lease import RestoreLease
 from bunker.restore.restorer import Restorer, RestoreStats
 from bunker.runlog import display_path
@@ -81,11 +81,6 @@ def plan_batch(
     return batch, chosen, rest
 
 
-def _evicted(repo: Repository) -> dict[str, int]:
-    sizes = getattr(repo.backend, "upstream_sizes", None)
-    return sizes("packs/") if sizes is not None else {}
-
-
 def _add(total: RestoreStats, more: RestoreStats) -> None:
     for f in fields(RestoreStats):
         setattr(total, f.name, getattr(total, f.name) + getattr(more, f.name))
@@ -102,7 +97,7 @@ def restore_in_batches(
     say: Callable[[str], None],
 ) -> RestoreStats:
     """Restore ``paths`` of ``rec`` (all of it without) in batches that fit the node's room."""
-    evicted = _evicted(repo)
+    evicted = evicted_packs(repo, rec)
     first = make_restorer()
     journal = BatchJournal(repo.repo_id, rec.name, first.target)
     first.unavailable = {n.split("/", 1)[1] for n in evicted}
@@ -116,7 +111,7 @@ def restore_in_batches(
     while left:
         number += 1
         room = lease.renew() or 0
-        evicted = _evicted(repo)
+        evicted = evicted_packs(repo, rec)
         batch, chosen, left = plan_batch(left, evicted, room)
         if not chosen:
             # one file alone needs more than the room: its batch takes the store over its bound
