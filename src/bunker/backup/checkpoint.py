@@ -92,10 +92,11 @@ class Checkpointer:
         # another thread reserved, or a full pack it is about to hand to the uploader): flush
         # until all are in uploaded packs, or leave this checkpoint to the next tick.
         locs = self.writer.index.locations
+        ids = list(chunk_ids)
         deadline = time.monotonic() + 30
         while True:
             self.writer.flush()
-            if all(c in locs for c in chunk_ids):
+            if not locs.missing(ids):
                 # a pack another thread handed over after the flush took its list of uploads may
                 # have landed since: its chunks are located but in no index object yet, and a
                 # checkpoint adopted after a kill must name only indexed chunks
@@ -105,7 +106,7 @@ class Checkpointer:
                 return
             time.sleep(0.02)
         self.save_cache()
-        packs = {locs[c].pack for c in chunk_ids}
+        packs, _ = locs.locate_many(ids)
         packset = refs.build_packset(packs)
         chunkset = refs.build_chunkset(chunk_ids, self.put.secrets)
         for objs in (packset, chunkset):

@@ -42,15 +42,13 @@ def commit_snapshot(
     """Write everything the snapshot needs, then the snapshot itself (the final one of
     ``session``, whose lease is ``lease``) as the next link of the client's chain."""
     writer.flush()
-    locs = writer.index.locations
-    missing = [c for c in chunk_ids if c not in locs]
+    pack_names, missing = writer.index.locations.locate_many(list(chunk_ids))
     if missing:
         raise BunkerError(
             f"{len(missing)} chunks of this backup are not in the index after flushing",
             "this is a bug in bunker; please report it. No snapshot was written",
             exit_code=ExitCode.FATAL,
         )
-    pack_names = {locs[c].pack for c in chunk_ids}
     packset = refs.build_packset(pack_names)
     chunkset = refs.build_chunkset(chunk_ids, put.secrets)
     for objs in (packset, chunkset):

@@ -13,6 +13,8 @@ import contextlib
 import os
 from collections.abc import Container, Iterable
 
+import numpy as np
+
 from bunker import encoding
 from bunker.crypto.derive import PutSecrets
 from bunker.crypto.sign import BadSignature, verify
@@ -20,6 +22,7 @@ from bunker.errors import CorruptObject, ObjectMissing
 from bunker.private_files import private_dirs, write_private_file
 from bunker.repo.blob_reader import read_trailer
 from bunker.repo.index import Location, LocationMap, decrypt_index, parse_index_frame
+from bunker.repo.location_map import ID, LocationColumns
 from bunker.repo.objects import MAGIC_INDEX, MAX_SIGNED_OBJECT, is_hash_name
 from bunker.repo.pack import fetch_footer
 from bunker.repo.repository import Repository
@@ -99,16 +102,17 @@ class IndexCache:
                 for stale in cached - listed:
                     with contextlib.suppress(OSError):
                         os.unlink(os.path.join(self.cache_dir, stale))
+        listed_packs = self.listed_packs
         for name in names:
             leaf = name.split("/", 1)[1]
-            entries = None
+            columns = None
             if leaf in cached and self.cache_dir:
                 try:
                     with open(os.path.join(self.cache_dir, leaf), "rb") as f:
-                        entries = _decode_cached(f.read())
+                        columns = _decode_cached(f.read())
                 except (OSError, encoding.FormatError):
-                    entries = None
-            if entries is None:
+                    columns = None
+            if columns is None:
                 if sizes.get(name, 0) > MAX_SIGNED_OBJECT:  # never fetched: no index object is near this
                     self.problems.append(
                         f"{name}: {sizes[name]} bytes, larger than any signed object may be ({MAX_SIGNED_OBJECT}): "
@@ -118,11 +122,12 @@ class IndexCache:
                 entries = self._fetch(name, revoked)
                 if entries is None:
                     continue
+                columns = LocationColumns.from_entries(entries)
                 if self.cache_dir:
-                    self._store_cached(leaf, entries)
-            if self.listed_packs is not None:
-                entries = [(cid, loc) for cid, loc in entries if loc.pack in self.listed_packs]
-            self.add(entries)
+                    self._store_cached(leaf, columns)
+            if listed_packs is not None:
+                columns = columns.select(listed_packs.__contains__)
+            self.add_columns(columns)
             self.objects.add(name)
         return self
 
@@ -140,14 +145,13 @@ class IndexCache:
             self.problems.append(f"{name}: {exc}")
             return None
 
-    def _store_cached(self, leaf: str, entries: list[tuple[bytes, Location]]) -> None:
+    def _store_cached(self, leaf: str, columns: LocationColumns) -> None:
         assert self.cache_dir
         if self.cache_problem:
             return  # no room: read from the repository next time
-        rows = [[cid, loc.pack, loc.offset, loc.length, loc.raw_length] for cid, loc in entries]
         try:
             # a cache: rebuilt from the repository when lost, so not fsynced
-            write_private_file(os.path.join(self.cache_dir, leaf), encoding.pack(rows), durable=False)
+            write_private_file(os.path.join(self.cache_dir, leaf), _encode_cached(columns), durable=False)
         except OSError as exc:
             self._uncached(exc)
 
@@ -168,6 +172,15 @@ class IndexCache:
         entries = entries if isinstance(entries, list) else list(entries)
         self.named_packs.update(loc.pack for _, loc in entries)
         self.locations.update(entries)
+
+    def add_columns(self, columns: LocationColumns) -> None:
+        """Add the entries of one index object, given as columns (as :meth:`add`)."""
+        if self.absent_packs:
+            columns = columns.select(lambda p: p not in self.absent_packs)
+        if self.only_packs is not None:
+            columns = columns.select(self.only_packs.__contains__)
+        self.named_packs.update(columns.used_packs())
+        self.locations.update_columns(columns)
 
     def add_unindexed_packs(self, only_writer: str | None = None, listed: Iterable[str] | None = None) -> int:
         """Add the blobs of every pack of this domain that no index object names, read from the
@@ -210,17 +223,33 @@ class IndexCache:
         """Note an index object this client just wrote (so the next load need not fetch it)."""
         self.objects.add(name)
         if self.cache_dir:
-            self._store_cached(name.split("/", 1)[1], entries)
+            self._store_cached(name.split("/", 1)[1], LocationColumns.from_entries(entries))
 
 
-def _decode_cached(data: bytes) -> list[tuple[bytes, Location]]:
-    rows = encoding.unpack(data)
-    if not isinstance(rows, list):
-        raise encoding.FormatError("bad cache file")
-    out = []
-    packs: dict[str, str] = {}  # one string per pack name, not one per row (~110 B per chunk)
-    for r in rows:
-        if not (isinstance(r, list) and len(r) == 5):
-            raise encoding.FormatError("bad cache row")
-        out.append((r[0], Location(packs.setdefault(r[1], r[1]), r[2], r[3], r[4])))
-    return out
+_CACHE_MAGIC = b"BKIX2\n"  # columns; files of the older row format are read again from the repository
+
+
+def _encode_cached(c: LocationColumns) -> bytes:
+    return _CACHE_MAGIC + encoding.pack(
+        {
+            "packs": c.packs,
+            "ids": c.ids,
+            "pack": c.pack_numbers.astype("<u4").tobytes(),
+            "cols": c.cols.astype("<u8").tobytes(),
+        }
+    )
+
+
+def _decode_cached(data: bytes) -> LocationColumns:
+    if not data.startswith(_CACHE_MAGIC):
+        raise encoding.FormatError("index cache file of another format")
+    m = encoding.expect_map(encoding.unpack(data[len(_CACHE_MAGIC) :]), "packs", "ids", "pack", "cols")
+    packs = encoding.field(m, "packs", list)
+    ids, pack, cols = (encoding.field_bytes(m, k) for k in ("ids", "pack", "cols"))
+    n = len(ids) // ID
+    if len(ids) != n * ID or len(pack) != 4 * n or len(cols) != 24 * n or not all(isinstance(p, str) for p in packs):
+        raise encoding.FormatError("bad index cache file")
+    pnos = np.frombuffer(pack, dtype="<u4").astype(np.uint32)
+    if n and int(pnos.max()) >= len(packs):
+        raise encoding.FormatError("bad index cache file")
+    return LocationColumns(ids, packs, pnos, np.frombuffer(cols, dtype="<u8").astype(np.uint64).reshape(n, 3))

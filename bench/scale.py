@@ -1,0 +1,150 @@
+#!/usr/bin/env python3
+"""Scale: what a client's chunk index costs at millions of chunks (docs/performance.md, "Scale").
+
+    python3 bench/scale.py [--chunks 1000000,10000000] [--per-object 20000] [--work DIR] [--keep]
+
+For each size it builds a local repository whose index objects (real ones: signed, encrypted,
+as a backup writes them) locate that many synthetic chunks (random 32-byte ids, 500 chunks per
+pack, packs that exist only as names), then loads the index in a fresh process twice, as a
+backup does:
+
+- ``cold``: every index object fetched, verified and decrypted, and the local cache written;
+- ``warm``: from the client's index cache (the common case: index objects never change).
+
+and reports wall time, the process's RSS before and after the load (the index's steady cost per
+chunk), its peak RSS, and 200,000 lookups. A projection to 100 M chunks scales the warm figures
+linearly (the map's memory is linear in its entries by construction).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SRC = os.path.join(HERE, "..", "src")
+
+BUILD = r"""
+import os, sys, json, time
+from bunker.cli.context import init_repository
+from bunker.crypto.keyfile import load_put_key
+from bunker.repo.index import Location, make_index
+from bunker.repo.repository import Repository
+from bunker.storage import open_backend
+
+repo_dir, n, per = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+created = init_repository(repo_dir, "scale")
+repo = Repository.open(open_backend(repo_dir))
+put = load_put_key(created.put_path)
+cert = repo.check_put_key(put)
+t0 = time.monotonic()
+done = 0
+while done < n:
+    k = min(per, n - done)
+    ids = os.urandom(32 * k)
+    entries = []
+    for i in range(k):
+        pack = f"{(done + i) // 500:064x}"
+        entries.append((ids[32 * i : 32 * i + 32], Location(pack, ((done + i) % 500) * 2100, 2100, 4096)))
+    repo.put_object("index", make_index(entries, put.secrets, put.client_key, cert.name))
+    done += k
+print(json.dumps({"put_path": created.put_path, "build_s": time.monotonic() - t0}))
+"""
+
+LOAD = r"""
+import os, sys, json, time, resource
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+from bunker.crypto.keyfile import load_put_key
+from bunker.repo.index_cache import IndexCache
+from bunker.repo.repository import Repository
+from bunker.storage import open_backend
+import numpy  # imported before the first figure: its own memory is not the index's
+
+repo_dir, put_path, cache_dir = sys.argv[1:4]
+repo = Repository.open(open_backend(repo_dir))
+put = load_put_key(put_path)
+before = rss()
+t0 = time.monotonic()
+index = IndexCache(repo, put.secrets, cache_dir).load()
+n = len(index)
+load_s = time.monotonic() - t0
+after = rss()
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+locs = index.locations
+some = list(locs)[:: max(1, n // 100000)][:100000]
+others = [os.urandom(32) for _ in range(100000)]
+t0 = time.monotonic()
+hits = sum(1 for c in some if c in locs) + sum(1 for c in others if c in locs)
+lookup_ns = (time.monotonic() - t0) / (len(some) + len(others)) * 1e9
+t0 = time.monotonic()
+packs, missing = locs.locate_many(some + others)
+bulk_ns = (time.monotonic() - t0) / (len(some) + len(others)) * 1e9
+assert hits == len(some) and len(missing) == len(others)
+print(json.dumps({"chunks": n, "load_s": load_s, "rss_before": before, "rss_after": after, "peak": peak,
+                  "arrays": locs.nbytes(), "lookup_ns": lookup_ns, "bulk_ns": bulk_ns}))
+"""
+
+
+def _run(code: str, *args: str, env: dict[str, str]) -> dict[str, float]:
+    out = subprocess.run([sys.executable, "-c", code, *args], env=env, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--chunks", default="1000000,10000000", help="comma-separated sizes")
+    ap.add_argument("--per-object", type=int, default=20000, help="entries per index object")
+    ap.add_argument("--work", default="", help="where the repositories go (default: a temporary directory)")
+    ap.add_argument("--keep", action="store_true", help="keep the repositories")
+    args = ap.parse_args()
+    work = args.work or tempfile.mkdtemp(prefix="bunker-scale-")
+    os.makedirs(work, exist_ok=True)
+    rows = []
+    try:
+        for n in (int(x) for x in args.chunks.split(",")):
+            home = os.path.join(work, f"home-{n}")
+            env = dict(os.environ, HOME=home, XDG_CONFIG_HOME=f"{home}/.config", XDG_DATA_HOME=f"{home}/.local/share")
+            env.update(XDG_CACHE_HOME=f"{home}/.cache", BUNKER_PASSPHRASE="scale", PYTHONPATH=SRC)
+            repo_dir, cache = os.path.join(work, f"repo-{n}"), os.path.join(work, f"cache-{n}")
+            t0 = time.monotonic()
+            built = _run(BUILD, repo_dir, str(n), str(args.per_object), env=env)
+            print(f"{n:>11,} chunks: built in {time.monotonic() - t0:.1f} s", flush=True)
+            for phase in ("cold", "warm"):
+                r = _run(LOAD, repo_dir, str(built["put_path"]), cache, env=env)
+                per = (r["rss_after"] - r["rss_before"]) / r["chunks"]
+                row = {"chunks": n, "phase": phase, **r, "rss_per_chunk": per}
+                rows.append(row)
+                grew, arrays, peak = (r["rss_after"] - r["rss_before"]) / 2**20, r["arrays"] / n, r["peak"] / 2**20
+                print(
+                    f"{n:>11,} chunks {phase}: load {r['load_s']:.2f} s, RSS +{grew:.0f} MiB ({per:.1f} B/chunk; "
+                    f"arrays {arrays:.1f} B/chunk), peak {peak:.0f} MiB, "
+                    f"lookup {r['lookup_ns']:.0f} ns, bulk {r['bulk_ns']:.0f} ns",
+                    flush=True,
+                )
+            if not args.keep:
+                shutil.rmtree(repo_dir)
+                shutil.rmtree(cache, ignore_errors=True)
+        warm = [r for r in rows if r["phase"] == "warm"]
+        if warm:
+            big = max(warm, key=lambda r: r["chunks"])
+            f = 100_000_000 / big["chunks"]
+            print(
+                f"projected to 100,000,000 chunks (warm, linear from {big['chunks']:,}): "
+                f"load {big['load_s'] * f:.0f} s, index {big['rss_per_chunk'] * 1e8 / 2**30:.1f} GiB"
+            )
+        print(json.dumps(rows))
+    finally:
+        if not args.keep and not args.work:
+            shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
