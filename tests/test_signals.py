@@ -451,6 +451,40 @@ def test_progress_lines_without_a_terminal(repo: Repo) -> None:
         assert rc == 0 and "backup running" not in err, (quiet, err)
 
 
+def test_progress_shows_the_share_done_counted_by_a_process_of_its_own(repo: Repo, tmp_path: Path) -> None:
+    """The files and bytes to back up are counted by a process of its own (cli/count_tree.py),
+    not a thread competing with the walk; its count reaches the progress line ("% of"), and it
+    is gone when the backup ends."""
+    src = tmp_path / "src"
+    for d in range(20):
+        (src / f"d{d}").mkdir(parents=True)
+        for f in range(100):
+            (src / f"d{d}" / f"f{f}").write_bytes(os.urandom(f * 10))
+    (src / "big.bin").write_bytes(os.urandom(96 << 20))  # long enough a run for a few lines
+    total = sum(p.stat().st_size for p in src.rglob("*") if p.is_file())
+    from bunker.cli import count_tree
+
+    cp = subprocess.run(
+        [sys.executable, "-I", "-S", count_tree.__file__, str(src)], capture_output=True, text=True, timeout=60
+    )
+    assert cp.stdout.split() == ["2001", str(total)], (cp.stdout, cp.stderr)
+
+    env = {**repo.env, "BUNKER_PROGRESS_INTERVAL": "0.05"}
+    cp = subprocess.run([BUNKER, "backup", str(src), "--repo", str(repo.path)], env=env, capture_output=True, text=True)
+    assert cp.returncode == 0, cp.stderr
+    lines = [x for x in cp.stderr.splitlines() if x.startswith("bunker: backup running for ")]
+    from bunker.cli.output import human_bytes
+
+    assert any(f"% of {human_bytes(total)}  ETA" in x for x in lines), lines
+    left = []
+    for pid in os.listdir("/proc"):
+        with contextlib.suppress(OSError):
+            cmd = Path(f"/proc/{pid}/cmdline").read_bytes()
+            if b"count_tree.py" in cmd and str(src).encode() in cmd:
+                left.append(pid)
+    assert left == [], "the counting process outlived the backup"
+
+
 def test_the_forkserver_starts_with_sigint_blocked() -> None:
     """A Ctrl-C that reaches the process group while the forkserver imports must not kill it with
     a traceback: it starts with SIGINT blocked. (The resource tracker's start unblocks SIGINT in

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -16,33 +17,46 @@ from rich.live import Live
 from rich.text import Text
 
 from bunker.backup.archiver import Progress
+from bunker.child_env import child_env
 from bunker.cli.output import human_bytes
 from bunker.runlog import display_path
 
 
-def _count_totals(paths: list[str], p: Progress, stop: threading.Event) -> None:
-    files = size = 0
-    stack = [os.path.abspath(x) for x in paths]
-    while stack and not stop.is_set():
-        top = stack.pop()
+class TotalsCounter:
+    """Counts the files and bytes to back up in a process of its own (cli/count_tree.py) and
+    puts them into ``progress`` when done."""
+
+    def __init__(self, paths: list[str], progress: Progress) -> None:
+        self.p = progress
+        script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "count_tree.py")
         try:
-            with os.scandir(top) as it:
-                for e in it:
-                    try:
-                        if e.is_dir(follow_symlinks=False):
-                            stack.append(e.path)
-                        elif e.is_file(follow_symlinks=False):
-                            files += 1
-                            size += e.stat(follow_symlinks=False).st_size
-                    except OSError:
-                        pass
-        except NotADirectoryError:
-            with contextlib.suppress(OSError):
-                files, size = files + 1, size + os.lstat(top).st_size
+            self.proc: subprocess.Popen[bytes] | None = subprocess.Popen(
+                [sys.executable, "-I", "-S", script, *paths],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.DEVNULL,
+                env=child_env(),
+            )
         except OSError:
-            pass
-    if not stop.is_set():
-        p.total_files, p.total_bytes = files, size
+            self.proc = None  # no percent and no ETA: the backup itself is not affected
+            return
+        threading.Thread(target=self._read, name="bunker-count", daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc is not None
+        with contextlib.suppress(OSError, ValueError):
+            out = self.proc.stdout.read() if self.proc.stdout else b""
+            files, size = (int(x) for x in out.split())
+            self.p.total_files, self.p.total_bytes = files, size
+
+    def stop(self) -> None:
+        """End the count if it still runs (the backup is over)."""
+        if self.proc is not None and self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                self.proc.kill()
+        if self.proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.proc.wait(timeout=5)
 
 
 PROGRESS_MODES = ("auto", "always", "never")
@@ -73,8 +87,7 @@ class ProgressDisplay:
         self._t0 = time.monotonic()
         self._live: Live | None = None
         self._liner: threading.Thread | None = None
-        if (self.live or self.lines) and paths:
-            threading.Thread(target=_count_totals, args=(paths, progress, self._stop), daemon=True).start()
+        self._counter = TotalsCounter(paths, progress) if (self.live or self.lines) and paths else None
 
     def summary(self) -> str:
         """Files, bytes, rate and, once the sizes are counted, percent done and time left."""
@@ -120,6 +133,8 @@ class ProgressDisplay:
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self._stop.set()
+        if self._counter is not None:
+            self._counter.stop()
         if self._liner is not None:
             self._liner.join(timeout=5)
         if self._live is not None:
