@@ -1,9 +1,15 @@
 #!/usr/bin/env python3
-"""Scale: what a client's chunk index costs at millions of chunks (docs/performance.md, "Scale").
+"""Scale: what a client's chunk index and a backup's chunk-id set cost at millions of chunks
+(docs/performance.md, "Scale").
 
-    python3 bench/scale.py [--chunks 1000000,10000000] [--per-object 20000] [--work DIR] [--keep]
+    python3 bench/scale.py [--chunks 1000000,10000000] [--ops index,chunkset] [--per-object 20000]
+                           [--work DIR] [--keep]
 
-For each size it builds a local repository whose index objects (real ones: signed, encrypted,
+``chunkset``: a backup's set of the chunk ids its snapshot names (ChunkIdSet), filled with that
+many random ids a thousand at a time, then written as chunk set objects: time, resident bytes
+per chunk, peak RSS.
+
+``index``: for each size it builds a local repository whose index objects (real ones: signed, encrypted,
 as a backup writes them) locate that many synthetic chunks (random 32-byte ids, 500 chunks per
 pack, packs that exist only as names), then loads the index in a fresh process twice, as a
 backup does:
@@ -57,6 +63,33 @@ while done < n:
 print(json.dumps({"put_path": created.put_path, "build_s": time.monotonic() - t0}))
 """
 
+CHUNKSET = r"""
+import os, sys, json, time, resource
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+from bunker.crypto.derive import PutSecrets
+from bunker.repo.chunk_id_set import ChunkIdSet
+from bunker.repo import refs
+
+n = int(sys.argv[1])
+before = rss()
+t0 = time.monotonic()
+ids = ChunkIdSet()
+step = 1000
+for i in range(0, n, step):  # as a backup records files: a few ids at a time
+    block = os.urandom(32 * step)
+    ids.update([block[j : j + 32] for j in range(0, 32 * step, 32)])
+len(ids)
+add_s = time.monotonic() - t0
+after = rss()
+t0 = time.monotonic()
+objs = refs.build_chunkset(ids, PutSecrets(bytes(32)))
+build_s = time.monotonic() - t0
+print(json.dumps({"chunks": n, "add_s": add_s, "rss_per_chunk": (after - before) / n, "build_s": build_s,
+                  "parts": len(objs) - 2, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}))
+"""
+
 LOAD = r"""
 import os, sys, json, time, resource
 def rss():
@@ -104,12 +137,24 @@ def main() -> None:
     ap.add_argument("--per-object", type=int, default=20000, help="entries per index object")
     ap.add_argument("--work", default="", help="where the repositories go (default: a temporary directory)")
     ap.add_argument("--keep", action="store_true", help="keep the repositories")
+    ap.add_argument("--ops", default="index,chunkset", help="index (a client's index load), chunkset (a backup's ids)")
     args = ap.parse_args()
     work = args.work or tempfile.mkdtemp(prefix="bunker-scale-")
     os.makedirs(work, exist_ok=True)
     rows = []
     try:
-        for n in (int(x) for x in args.chunks.split(",")):
+        ops = set(args.ops.split(","))
+        for n in (int(x) for x in args.chunks.split(",")) if "chunkset" in ops else ():
+            env = dict(os.environ, PYTHONPATH=SRC)
+            r = _run(CHUNKSET, str(n), env=env)
+            rows.append({"op": "chunkset", **r})
+            print(
+                f"{n:>11,} chunks, a backup's chunk-id set: added in {r['add_s']:.2f} s, "
+                f"{r['rss_per_chunk']:.1f} B/chunk resident, chunk set objects ({r['parts']} parts) "
+                f"built in {r['build_s']:.2f} s, peak {r['peak'] / 2**20:.0f} MiB",
+                flush=True,
+            )
+        for n in (int(x) for x in args.chunks.split(",")) if "index" in ops else ():
             home = os.path.join(work, f"home-{n}")
             env = dict(os.environ, HOME=home, XDG_CONFIG_HOME=f"{home}/.config", XDG_DATA_HOME=f"{home}/.local/share")
             env.update(XDG_CACHE_HOME=f"{home}/.cache", BUNKER_PASSPHRASE="scale", PYTHONPATH=SRC)
@@ -132,7 +177,7 @@ def main() -> None:
             if not args.keep:
                 shutil.rmtree(repo_dir)
                 shutil.rmtree(cache, ignore_errors=True)
-        warm = [r for r in rows if r["phase"] == "warm"]
+        warm = [r for r in rows if r.get("phase") == "warm"]
         if warm:
             big = max(warm, key=lambda r: r["chunks"])
             f = 100_000_000 / big["chunks"]

@@ -151,13 +151,15 @@ def nobody_environment(where: Path) -> tuple[list[str], str]:
     _remove_stale_environments(where, venv)
     vpy = venv / "bin" / "python"
     ready = venv / ".deps-installed"
-    if not ready.exists():
+    # made again when the dependencies change (a checkout at the same path that gained one)
+    deps = hashlib.sha256((src / "pyproject.toml").read_bytes()).hexdigest()
+    if not ready.exists() or ready.read_text() != deps:
         shutil.rmtree(venv, ignore_errors=True)
         for cmd in ([py, "-m", "venv", str(venv)], [str(vpy), "-m", "pip", "install", "-q", str(src)]):
             cp = subprocess.run(cmd, capture_output=True, text=True, timeout=600, check=False)
             if cp.returncode != 0:
                 return [], f"{' '.join(cmd[:3])}: {(cp.stderr or cp.stdout).strip()[-300:]}"
-        ready.touch()
+        ready.write_text(deps)
     (venv / ".source").write_text(str(src))
     # this checkout's code, copied in once per change of it (the workers of a session share it)
     package = src / "src" / "bunker"

@@ -13,7 +13,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bunker import encoding
-from bunker.repo import location_map
+from bunker.crypto.derive import PutSecrets
+from bunker.repo import chunk_id_set, location_map, refs
+from bunker.repo.chunk_id_set import ChunkIdSet
 from bunker.repo.index_cache import _decode_cached, _encode_cached
 from bunker.repo.location_map import Location, LocationColumns, LocationMap
 
@@ -70,6 +72,44 @@ def _compare_with_a_dict(steps: list[tuple[str, list[tuple[bytes, int]]]]) -> No
     assert m.packs() == {loc.pack for loc in model.values()}
 
 
+@settings(max_examples=100, deadline=None)
+@given(st.lists(batch, max_size=8), st.lists(step, max_size=4))
+def test_a_two_pass_load_is_the_same_map(
+    batches: list[list[tuple[bytes, int]]], later: list[tuple[str, list[tuple[bytes, int]]]]
+) -> None:
+    """Loading batches in two passes (first to sort, then to place) gives the map that adding
+    them one by one gives, later copies of an id included, also after more entries are added
+    and folded in."""
+    cols = [LocationColumns.from_entries([(cid, _loc(i)) for cid, i in b]) for b in batches]
+    m, model = LocationMap(), LocationMap()
+    m.bulk_load(iter(cols), lambda: iter(cols))
+    for c in cols:
+        model.update_columns(c)
+    assert len(m) == len(model) and sorted(m) == sorted(model)
+    assert {cid: m[cid] for cid in model} == {cid: model[cid] for cid in model}
+    assert m.packs() == model.packs()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(location_map, "_FOLD_AT", 2)
+        for _, entries in later:
+            pairs = [(cid, _loc(i + 7)) for cid, i in entries]
+            m.update(pairs)
+            model.update(pairs)
+        assert len(m) == len(model) and {cid: m[cid] for cid in m} == {cid: model[cid] for cid in model}
+
+
+def test_a_two_pass_load_refuses_a_second_pass_that_differs() -> None:
+    one = LocationColumns.from_entries([(os.urandom(32), _loc(i)) for i in range(10)])
+    two = LocationColumns.from_entries([(os.urandom(32), _loc(i)) for i in range(9)])
+    with pytest.raises(encoding.FormatError):
+        LocationMap().bulk_load(iter([one]), lambda: iter([two]))
+    with pytest.raises(encoding.FormatError):
+        LocationMap().bulk_load(iter([one]), lambda: iter([one, one]))
+    m = LocationMap()
+    m.add(os.urandom(32), _loc(1))
+    m.bulk_load(iter([one]), lambda: iter([two]))  # not empty: one pass, the second never read
+    assert len(m) == 11
+
+
 def test_a_million_random_ids_in_under_64_bytes_each() -> None:
     """The point of the map: 1 M chunks at under 64 B each, every one found, no false hits."""
     n = 1_000_000
@@ -77,9 +117,16 @@ def test_a_million_random_ids_in_under_64_bytes_each() -> None:
     cols = np.stack([np.arange(n, dtype=np.uint64), np.full(n, 4000, np.uint64), np.full(n, 9000, np.uint64)], 1)
     m = LocationMap()
     step = 100_000
-    for i in range(0, n, step):  # as index objects come in
-        pnos = (np.arange(i, i + step, dtype=np.uint32) // 2000) % 500
-        m.update_columns(LocationColumns(raw[32 * i : 32 * (i + step)], PACKS * 100, pnos, cols[i : i + step]))
+    batches = [
+        LocationColumns(
+            raw[32 * i : 32 * (i + step)],
+            PACKS * 100,
+            (np.arange(i, i + step, dtype=np.uint32) // 2000) % 500,
+            cols[i : i + step],
+        )
+        for i in range(0, n, step)  # as index objects come in
+    ]
+    m.bulk_load(iter(batches), lambda: iter(batches))
     assert len(m) == n
     assert m.nbytes() / n < 64, m.nbytes() / n
     sample = [raw[32 * i : 32 * i + 32] for i in range(0, n, 997)]
@@ -131,3 +178,33 @@ def test_cache_files_keep_the_columns_and_refuse_other_formats() -> None:
         LocationMap().update_columns(bad)
     with pytest.raises(encoding.FormatError):
         LocationMap().add(os.urandom(32), Location(PACKS[0], 1 << 41, 1, 1))
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.lists(ids, max_size=40), max_size=10), st.integers(1, 6))
+def test_a_chunk_id_set_is_a_set_kept_sorted(adds: list[list[bytes]], run: int) -> None:
+    """ChunkIdSet holds what a set holds, sorted as bytes, however its runs merged; its chunk
+    set objects are the ones a plain set gives."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(chunk_id_set, "_RUN", run)  # many small runs, merged often
+        s = ChunkIdSet()
+        model: set[bytes] = set()
+        for group in adds:
+            if len(group) == 1:
+                s.add(group[0])
+            else:
+                s.update(group)
+            model.update(group)
+            assert len(s) == len(model)
+        assert list(s) == sorted(model)
+        more = [bytes([250]) * 32, next(iter(model), bytes(32))]
+        both = s.union(more)
+        assert list(both) == sorted(model | set(more)) and list(s) == sorted(model)
+    secrets = PutSecrets(bytes(32))
+    assert refs.build_chunkset(s, secrets) == refs.build_chunkset(model, secrets)
+
+
+def test_a_chunk_id_set_of_ids_sharing_a_prefix_sorts_them_whole() -> None:
+    a = [bytes(8) + os.urandom(24) for _ in range(50)] + [bytes(8) + bytes(24)] * 3
+    s = ChunkIdSet(a)
+    assert list(s) == sorted(set(a))

@@ -41,6 +41,7 @@ from bunker.backup.small_files import SmallFilePool
 from bunker.encoding import FormatError
 from bunker.fs import deep_path
 from bunker.fs.fsmeta import inode_meta, name_acl, path_meta
+from bunker.repo.chunk_id_set import ChunkIdSet
 from bunker.repo.session_writer import SessionWriter
 from bunker.repo.tree import fit_entry
 from bunker.runlog import RunLog
@@ -81,7 +82,7 @@ _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_
 @dataclass
 class ArchiveResult:
     root: bytes
-    chunk_ids: set[bytes]
+    chunk_ids: ChunkIdSet
     stats: dict[str, int]
 
 
@@ -121,7 +122,7 @@ class Archiver:
         self._owners = OwnerNames()
         self._done_lock = threading.Lock()
         self._ready: deque[DirJob] = deque()
-        self.chunk_ids: set[bytes] = set()
+        self.chunk_ids = ChunkIdSet()
         self.stats = {
             "files": 0,
             "dirs": 0,
@@ -470,15 +471,14 @@ class Archiver:
         self._small_pool.shutdown()
         self._small.settle(record=False)
 
-    def partial_root(self) -> tuple[bytes | None, set[bytes]]:
+    def partial_root(self) -> tuple[bytes | None, ChunkIdSet]:
         """The root tree of what is finished so far and the chunks it needs (main thread only)."""
         frames = [*self._wstack, *self._ready]
         root, chunks = partial_root(self._vframes, frames, self._root_entry, self.chunks.store_tree)
         # finished subtrees are named by their tree id alone: their files' chunks are in
         # chunk_ids (with those of files recorded since, which are stored too: harmless)
         with self._done_lock:
-            chunks |= self.chunk_ids
-        return root, chunks
+            return root, self.chunk_ids.union(chunks)
 
     def save_partial_cache(self) -> None:
         """Put the files-cache records of directories in progress into the cache (merged with

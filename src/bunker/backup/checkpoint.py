@@ -28,6 +28,7 @@ from bunker.crypto.keyfile import PutKey
 from bunker.errors import BunkerError, ObjectMissing
 from bunker.repo import refs
 from bunker.repo.certs import Certificate
+from bunker.repo.chunk_id_set import ChunkIdSet
 from bunker.repo.leases import Lease, Session, sessions, wait_until_listed
 from bunker.repo.records import ChainBase
 from bunker.repo.repository import Repository
@@ -59,7 +60,7 @@ class Checkpointer:
         writer: SessionWriter,
         lease: Lease,
         log: RunLog,
-        partial: Callable[[], tuple[bytes | None, set[bytes]]],
+        partial: Callable[[], tuple[bytes | None, ChunkIdSet]],
         save_cache: Callable[[], None],
         body_extra: Callable[[], dict[str, Any]],
         where: Callable[[], bytes],
@@ -92,7 +93,7 @@ class Checkpointer:
         # another thread reserved, or a full pack it is about to hand to the uploader): flush
         # until all are in uploaded packs, or leave this checkpoint to the next tick.
         locs = self.writer.index.locations
-        ids = list(chunk_ids)
+        ids = chunk_ids.array()
         deadline = time.monotonic() + 30
         while True:
             self.writer.flush()

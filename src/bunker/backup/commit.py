@@ -13,6 +13,7 @@ from bunker.crypto.keyfile import PutKey
 from bunker.errors import BunkerError, ExitCode
 from bunker.repo import refs
 from bunker.repo.certs import Certificate
+from bunker.repo.chunk_id_set import ChunkIdSet
 from bunker.repo.leases import Lease
 from bunker.repo.repository import Repository
 from bunker.repo.session_writer import SessionWriter
@@ -29,7 +30,7 @@ def commit_snapshot(
     writer: SessionWriter,
     *,
     root: bytes,
-    chunk_ids: set[bytes],
+    chunk_ids: ChunkIdSet,
     stats: dict[str, int],
     log: RunLog,
     body_extra: dict[str, Any],
@@ -42,7 +43,7 @@ def commit_snapshot(
     """Write everything the snapshot needs, then the snapshot itself (the final one of
     ``session``, whose lease is ``lease``) as the next link of the client's chain."""
     writer.flush()
-    pack_names, missing = writer.index.locations.locate_many(list(chunk_ids))
+    pack_names, missing = writer.index.locations.locate_many(chunk_ids.array())
     if missing:
         raise BunkerError(
             f"{len(missing)} chunks of this backup are not in the index after flushing",

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Container, Iterable
+from collections.abc import Container, Iterable, Iterator
 
 import numpy as np
 
@@ -102,34 +102,76 @@ class IndexCache:
                 for stale in cached - listed:
                     with contextlib.suppress(OSError):
                         os.unlink(os.path.join(self.cache_dir, stale))
-        listed_packs = self.listed_packs
-        for name in names:
-            leaf = name.split("/", 1)[1]
-            columns = None
-            if leaf in cached and self.cache_dir:
-                try:
-                    with open(os.path.join(self.cache_dir, leaf), "rb") as f:
-                        columns = _decode_cached(f.read())
-                except (OSError, encoding.FormatError):
-                    columns = None
-            if columns is None:
-                if sizes.get(name, 0) > MAX_SIGNED_OBJECT:  # never fetched: no index object is near this
-                    self.problems.append(
-                        f"{name}: {sizes[name]} bytes, larger than any signed object may be ({MAX_SIGNED_OBJECT}): "
-                        "not read"
-                    )
-                    continue
-                entries = self._fetch(name, revoked)
-                if entries is None:
-                    continue
-                columns = LocationColumns.from_entries(entries)
-                if self.cache_dir:
-                    self._store_cached(leaf, columns)
-            if listed_packs is not None:
-                columns = columns.select(listed_packs.__contains__)
-            self.add_columns(columns)
-            self.objects.add(name)
+        # Two passes (LocationMap.bulk_load): the first reads, checks and caches every index
+        # object and keeps only what sorting needs; the second reads the cached copies again
+        # and places each entry in the final arrays. An object that could not be cached is kept
+        # in memory between the passes.
+        plan: list[tuple[str, LocationColumns | None]] = []
+
+        def first() -> Iterator[LocationColumns]:
+            for name in names:
+                leaf = name.split("/", 1)[1]
+                columns = self._read_cached(leaf) if leaf in cached else None
+                kept = None
+                if columns is None:
+                    if sizes.get(name, 0) > MAX_SIGNED_OBJECT:  # never fetched: no index object is near this
+                        self.problems.append(
+                            f"{name}: {sizes[name]} bytes, larger than any signed object may be "
+                            f"({MAX_SIGNED_OBJECT}): not read"
+                        )
+                        continue
+                    entries = self._fetch(name, revoked)
+                    if entries is None:
+                        continue
+                    columns = LocationColumns.from_entries(entries)
+                    if not (self.cache_dir and self._store_cached(leaf, columns)):
+                        kept = columns
+                columns = self._usable(columns)
+                plan.append((leaf, kept))
+                self.named_packs.update(columns.used_packs())
+                self.objects.add(name)
+                yield columns
+
+        def again() -> Iterator[LocationColumns]:
+            for leaf, kept in plan:
+                columns = kept if kept is not None else self._read_cached(leaf)
+                if columns is None:
+                    raise encoding.FormatError(f"index cache file {leaf} vanished while the index was loaded")
+                yield self._usable(columns)
+
+        try:
+            self.locations.bulk_load(first(), again)
+        except encoding.FormatError:
+            # a cache file changed between the passes (another run of this client rewrote it,
+            # a disk error): load once more in one pass, from the repository where needed
+            self.locations = LocationMap()
+            for leaf, kept in plan:
+                columns = kept if kept is not None else self._read_cached(leaf)
+                if columns is None:
+                    entries = self._fetch(f"index/{leaf}", revoked)
+                    columns = LocationColumns.from_entries(entries or [])
+                self.locations.update_columns(self._usable(columns))
         return self
+
+    def _read_cached(self, leaf: str) -> LocationColumns | None:
+        """The cached copy of index object ``leaf``, or None (none, unreadable, another format)."""
+        if not self.cache_dir:
+            return None
+        try:
+            with open(os.path.join(self.cache_dir, leaf), "rb") as f:
+                return _decode_cached(f.read())
+        except (OSError, encoding.FormatError):
+            return None
+
+    def _usable(self, columns: LocationColumns) -> LocationColumns:
+        """The entries of an index object this index takes (listed, not absent, among the only packs)."""
+        if self.listed_packs is not None:
+            columns = columns.select(self.listed_packs.__contains__)
+        if self.absent_packs:
+            columns = columns.select(lambda p: p not in self.absent_packs)
+        if self.only_packs is not None:
+            columns = columns.select(self.only_packs.__contains__)
+        return columns
 
     def _fetch(self, name: str, revoked: Container[str]) -> list[tuple[bytes, Location]] | None:
         try:
@@ -145,15 +187,18 @@ class IndexCache:
             self.problems.append(f"{name}: {exc}")
             return None
 
-    def _store_cached(self, leaf: str, columns: LocationColumns) -> None:
+    def _store_cached(self, leaf: str, columns: LocationColumns) -> bool:
+        """Write the cached copy of index object ``leaf``; False if it could not be written."""
         assert self.cache_dir
         if self.cache_problem:
-            return  # no room: read from the repository next time
+            return False  # no room: read from the repository next time
         try:
             # a cache: rebuilt from the repository when lost, so not fsynced
             write_private_file(os.path.join(self.cache_dir, leaf), _encode_cached(columns), durable=False)
         except OSError as exc:
             self._uncached(exc)
+            return False
+        return True
 
     def _uncached(self, exc: OSError) -> None:
         """Stop writing the cache directory: index objects not cached are read from the
@@ -172,15 +217,6 @@ class IndexCache:
         entries = entries if isinstance(entries, list) else list(entries)
         self.named_packs.update(loc.pack for _, loc in entries)
         self.locations.update(entries)
-
-    def add_columns(self, columns: LocationColumns) -> None:
-        """Add the entries of one index object, given as columns (as :meth:`add`)."""
-        if self.absent_packs:
-            columns = columns.select(lambda p: p not in self.absent_packs)
-        if self.only_packs is not None:
-            columns = columns.select(self.only_packs.__contains__)
-        self.named_packs.update(columns.used_packs())
-        self.locations.update_columns(columns)
 
     def add_unindexed_packs(self, only_writer: str | None = None, listed: Iterable[str] | None = None) -> int:
         """Add the blobs of every pack of this domain that no index object names, read from the

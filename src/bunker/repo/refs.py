@@ -10,7 +10,7 @@ deterministically (SIV-style, key from S_index) so equal parts stay equal object
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import blake3
@@ -18,6 +18,7 @@ import blake3
 from bunker import encoding
 from bunker.crypto import aead
 from bunker.crypto.derive import PutSecrets, keyed_hash
+from bunker.repo.chunk_id_set import ChunkIdSet
 from bunker.repo.objects import MAGIC_REFS, check_ref, name_for
 
 KIND_PACKSET = "packset"
@@ -29,17 +30,19 @@ def _chunkset_key(secrets: PutSecrets) -> bytes:
     return keyed_hash(secrets.index_key, b"chunkset")
 
 
-def _split(items: list[bytes]) -> list[list[bytes]]:
-    parts: list[list[bytes]] = []
+def _split(items: Iterable[bytes]) -> Iterator[list[bytes]]:
+    """The parts of a set's sorted items: a part ends after an item whose hash has its low 11
+    bits zero (content-defined, so one added item changes one part)."""
     cur: list[bytes] = []
+    any_part = False
     for it in items:
         cur.append(it)
         if int.from_bytes(blake3.blake3(it).digest(4), "little") & _BOUNDARY_MASK == 0:
-            parts.append(cur)
+            yield cur
+            any_part = True
             cur = []
-    if cur or not parts:
-        parts.append(cur)
-    return parts
+    if cur or not any_part:
+        yield cur
 
 
 def _obj(body: dict[str, object]) -> bytes:
@@ -62,9 +65,15 @@ def build_packset(pack_names: Iterable[str]) -> dict[str, bytes]:
     return out
 
 
-def build_chunkset(chunk_ids: Iterable[bytes], secrets: PutSecrets) -> dict[str, bytes]:
-    """Objects of a chunk set (see :func:`build_packset`)."""
-    items = sorted(set(chunk_ids))
+def build_chunkset(chunk_ids: Iterable[bytes] | ChunkIdSet, secrets: PutSecrets) -> dict[str, bytes]:
+    """Objects of a chunk set (see :func:`build_packset`). A :class:`ChunkIdSet` is read in
+    order without a bytes object per id held at once (10 M ids)."""
+    if isinstance(chunk_ids, ChunkIdSet):
+        count = len(chunk_ids)
+        items: Iterable[bytes] = iter(chunk_ids)
+    else:
+        listed = sorted(set(chunk_ids))
+        count, items = len(listed), listed
     key = _chunkset_key(secrets)
     out: dict[str, bytes] = {}
     parts = []
@@ -74,7 +83,7 @@ def build_chunkset(chunk_ids: Iterable[bytes], secrets: PutSecrets) -> dict[str,
         name = name_for("refs", data)
         out[name] = data
         parts.append(name)
-    top = _obj({"kind": KIND_CHUNKSET, "domain": secrets.domain_id, "parts": parts, "count": len(items)})
+    top = _obj({"kind": KIND_CHUNKSET, "domain": secrets.domain_id, "parts": parts, "count": count})
     out[name_for("refs", top)] = top
     out["top"] = top
     return out
