@@ -175,7 +175,15 @@ class IndexCache:
 
     def _fetch(self, name: str, revoked: Container[str]) -> list[tuple[bytes, Location]] | None:
         try:
-            obj = parse_index_frame(self.repo.get_object(name))
+            data = self.repo.get_object(name)
+        except ObjectMissing:
+            # listed, then gone: a prune rewrote it, and it writes the index object that keeps
+            # its entries before it deletes this one (docs/format.md section 15). That newer
+            # object came after the listing, so this run only misses its entries for dedup
+            # (what they locate is stored once more). Not damage: `bunker check` finds that.
+            return None
+        try:
+            obj = parse_index_frame(data)
             if obj.body["domain"] != self.secrets.domain_id:
                 return []  # another dedup domain: not ours to use
             if obj.signer in revoked:
