@@ -16,6 +16,7 @@ from typing import Any
 
 from bunker.backup.commit import commit_snapshot
 from bunker.crypto.keyfile import PutKey, load_put_key
+from bunker.repo.chunk_id_set import ChunkIdSet
 from bunker.repo.index_cache import IndexCache
 from bunker.repo.leases import Lease
 from bunker.repo.records import new_session_id
@@ -200,7 +201,7 @@ def test_a_run_waits_for_a_live_claim_and_takes_the_next_number(repo: Repo) -> N
             cert,
             writer,
             root=root,
-            chunk_ids={root},
+            chunk_ids=ChunkIdSet([root]),
             stats={"files": 0, "dirs": 0, "bytes": 0, "entries": 0, "entry_bytes": 0},
             log=RunLog(),
             body_extra=body,

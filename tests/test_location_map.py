@@ -52,7 +52,8 @@ def _compare_with_a_dict(steps: list[tuple[str, list[tuple[bytes, int]]]]) -> No
         elif how == "many":
             m.update(pairs)
         else:
-            m.update_columns(LocationColumns.from_entries(pairs))
+            batch = [LocationColumns.from_entries(pairs)]
+            m.bulk_load(batch, lambda b=batch: b)  # two passes into an empty map, else added
         for cid, loc in pairs:
             model.setdefault(cid, loc)
         assert len(m) == len(model)
@@ -84,7 +85,7 @@ def test_a_two_pass_load_is_the_same_map(
     m, model = LocationMap(), LocationMap()
     m.bulk_load(iter(cols), lambda: iter(cols))
     for c in cols:
-        model.update_columns(c)
+        model.update(c.entries())
     assert len(m) == len(model) and sorted(m) == sorted(model)
     assert {cid: m[cid] for cid in model} == {cid: model[cid] for cid in model}
     assert m.packs() == model.packs()
@@ -175,7 +176,7 @@ def test_cache_files_keep_the_columns_and_refuse_other_formats() -> None:
     with pytest.raises(encoding.FormatError):
         _decode_cached(_encode_cached(bad))
     with pytest.raises(encoding.FormatError):
-        LocationMap().update_columns(bad)
+        LocationMap().bulk_load([bad], lambda: [bad])
     with pytest.raises(encoding.FormatError):
         LocationMap().add(os.urandom(32), Location(PACKS[0], 1 << 41, 1, 1))
 

@@ -22,6 +22,7 @@ from bunker.crypto.keyfile import load_put_key
 from bunker.errors import ExitCode
 from bunker.repo import blob
 from bunker.repo.blob_reader import BlobReader
+from bunker.repo.chunk_id_set import ChunkIdSet
 from bunker.repo.index_cache import IndexCache
 from bunker.repo.pack import KIND_META
 from bunker.repo.records import new_session_id
@@ -166,7 +167,7 @@ def _craft(repo: Repo, tmp_path: Path, trees: Callable[[Callable[[bytes], bytes]
             cert,
             writer,
             root=root,
-            chunk_ids=chunks,
+            chunk_ids=ChunkIdSet(chunks),
             stats={"files": 0, "dirs": 0, "bytes": 0, **stats},
             log=RunLog(),
             body_extra=body,

@@ -97,7 +97,8 @@ class Checkpointer:
         deadline = time.monotonic() + 30
         while True:
             self.writer.flush()
-            if not locs.missing(ids):
+            packs, missing = locs.locate_many(ids)
+            if not missing:
                 # a pack another thread handed over after the flush took its list of uploads may
                 # have landed since: its chunks are located but in no index object yet, and a
                 # checkpoint adopted after a kill must name only indexed chunks
@@ -107,7 +108,6 @@ class Checkpointer:
                 return
             time.sleep(0.02)
         self.save_cache()
-        packs, _ = locs.locate_many(ids)
         packset = refs.build_packset(packs)
         chunkset = refs.build_chunkset(chunk_ids, self.put.secrets)
         for objs in (packset, chunkset):

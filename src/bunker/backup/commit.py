@@ -30,7 +30,7 @@ def commit_snapshot(
     writer: SessionWriter,
     *,
     root: bytes,
-    chunk_ids: ChunkIdSet | set[bytes],
+    chunk_ids: ChunkIdSet,
     stats: dict[str, int],
     log: RunLog,
     body_extra: dict[str, Any],
@@ -43,8 +43,6 @@ def commit_snapshot(
     """Write everything the snapshot needs, then the snapshot itself (the final one of
     ``session``, whose lease is ``lease``) as the next link of the client's chain."""
     writer.flush()
-    if not isinstance(chunk_ids, ChunkIdSet):
-        chunk_ids = ChunkIdSet(chunk_ids)
     pack_names, missing = writer.index.locations.locate_many(chunk_ids.array())
     if missing:
         raise BunkerError(

@@ -14,7 +14,7 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from bunker.repo.location_arrays import ID, runs
+from bunker.repo.location_arrays import ID, id_prefix, runs
 
 _RUN = 1 << 16  # ids added before they are sorted into a run of their own (~5 MB as bytes)
 
@@ -27,9 +27,9 @@ def sorted_unique(parts: list[np.ndarray]) -> np.ndarray:
     parts.clear()
     if len(ids) < 2:
         return ids
-    prefix = ids[:, :8].copy().view(">u8").ravel()
+    prefix = id_prefix(ids)
     order = np.argsort(prefix, kind="stable")
-    prefix = prefix[order]
+    prefix.sort()
     ids = ids[order]
     del order
     same = np.flatnonzero(prefix[1:] == prefix[:-1])

@@ -144,13 +144,14 @@ class IndexCache:
         except encoding.FormatError:
             # a cache file changed between the passes (another run of this client rewrote it,
             # a disk error): load once more in one pass, from the repository where needed
-            self.locations = LocationMap()
+            batches = []
             for leaf, kept in plan:
                 columns = kept if kept is not None else self._read_cached(leaf)
                 if columns is None:
-                    entries = self._fetch(f"index/{leaf}", revoked)
-                    columns = LocationColumns.from_entries(entries or [])
-                self.locations.update_columns(self._usable(columns))
+                    columns = LocationColumns.from_entries(self._fetch(f"index/{leaf}", revoked) or [])
+                batches.append(self._usable(columns))
+            self.locations = LocationMap()
+            self.locations.bulk_load(batches, lambda: batches)
         return self
 
     def _read_cached(self, leaf: str) -> LocationColumns | None:
@@ -164,14 +165,15 @@ class IndexCache:
             return None
 
     def _usable(self, columns: LocationColumns) -> LocationColumns:
-        """The entries of an index object this index takes (listed, not absent, among the only packs)."""
+        """The entries of an index object this index takes: of listed packs (see __init__),
+        and of packs it takes at all (:meth:`_takes`)."""
         if self.listed_packs is not None:
             columns = columns.select(self.listed_packs.__contains__)
-        if self.absent_packs:
-            columns = columns.select(lambda p: p not in self.absent_packs)
-        if self.only_packs is not None:
-            columns = columns.select(self.only_packs.__contains__)
-        return columns
+        return columns.select(self._takes)
+
+    def _takes(self, pack: str) -> bool:
+        """Whether entries of ``pack`` are located: not absent, and among the only packs."""
+        return pack not in self.absent_packs and (self.only_packs is None or pack in self.only_packs)
 
     def _fetch(self, name: str, revoked: Container[str]) -> list[tuple[bytes, Location]] | None:
         try:
@@ -218,10 +220,8 @@ class IndexCache:
 
     def add(self, entries: Iterable[tuple[bytes, Location]]) -> None:
         """Add entries (first location wins: equal chunks in two packs are both valid)."""
-        if self.absent_packs:
-            entries = [(cid, loc) for cid, loc in entries if loc.pack not in self.absent_packs]
-        if self.only_packs is not None:
-            entries = [(cid, loc) for cid, loc in entries if loc.pack in self.only_packs]
+        if self.absent_packs or self.only_packs is not None:
+            entries = [(cid, loc) for cid, loc in entries if self._takes(loc.pack)]
         entries = entries if isinstance(entries, list) else list(entries)
         self.named_packs.update(loc.pack for _, loc in entries)
         self.locations.update(entries)

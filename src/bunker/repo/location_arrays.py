@@ -37,7 +37,7 @@ CODES = ("I", "Q", "I", "I")
 
 
 class LocationArrays:
-    """An immutable, deduplicated set of entries: ids grouped by bucket, columns in the same
+    """An immutable set of entries: ids grouped by bucket, columns in the same
     row order. Within a bucket, rows keep the order they were added in. ``ids`` is a bytearray
     and the columns are Python arrays: items index at Python speed (numpy's scalar indexing
     costs several times more), and numpy views them without a copy for vectorized work."""
@@ -55,8 +55,8 @@ class LocationArrays:
         self.ids, self.starts, self.shift = ids, starts, shift
         self.pack, self.offset, self.length, self.raw = cols
         self.n = len(ids) // ID
-        # rows that repeat an id of an earlier row of their bucket (a two-pass load keeps them;
-        # lookups find the earlier row first, and the next fold drops them)
+        # rows that repeat an id of an earlier row of their bucket (a chunk stored in two
+        # packs): lookups find the earlier row first; length and iteration skip these
         self.dups = dups
 
     def row(self, cid: bytes) -> int:
@@ -85,84 +85,111 @@ EMPTY = LocationArrays(bytearray(), array("I", [0, 0]), 32, (array("I"), array("
 
 def build_arrays(parts: list[list[np.ndarray] | None]) -> LocationArrays:
     """Arrays of the entries of ``parts`` (each: ids as an (n, 32) array, then the four
-    columns; in the order the entries were added); of equal ids only the first is kept.
-
-    The parts are consumed: each is scattered into the new arrays at its sorted positions and
-    dropped, and the heap is given back to the system as they go, so loading 10 M entries peaks
-    at the staged parts plus 16 B per entry, not at several copies of them."""
+    columns; in the order the entries were added). The list is consumed: each part is dropped
+    once it is placed."""
     sizes = [0 if p is None else len(p[0]) for p in parts]
-    total = sum(sizes)
+    prefix = np.concatenate([id_prefix(p[0]) for p in parts if p is not None] or [np.zeros(0, np.uint64)])
+
+    def consumed() -> Iterator[list[np.ndarray]]:
+        for i, part in enumerate(parts):
+            parts[i] = None
+            if part is not None and len(part[0]):
+                yield part
+
+    return _place([k for k in sizes if k], prefix, consumed())
+
+
+def build_two_pass(
+    first: Iterable[LocationColumns],
+    again: Callable[[], Iterable[LocationColumns]],
+    numbers: dict[str, int],
+    names: list[str],
+) -> LocationArrays:
+    """The arrays of all batches in two passes: the first keeps only each id's 8-byte prefix
+    to sort by, the second places every entry at its sorted row (so the batches are never all
+    in memory at once). ``numbers``/``names``: the map's pack numbering, extended here. Raises
+    FormatError if ``again()`` gives other batches than ``first``."""
+    prefixes, sizes, maps = [], [], []
+    for c in first:
+        check_columns(c)
+        if len(c):
+            sizes.append(len(c))
+            maps.append(pack_numbers(c.packs, numbers, names))
+            prefixes.append(id_prefix(np.frombuffer(c.ids, dtype=np.uint8).reshape(len(c), ID)))
+    prefix = np.concatenate(prefixes or [np.zeros(0, np.uint64)])
+    del prefixes
+
+    def placed() -> Iterator[list[np.ndarray]]:
+        k = 0
+        for c in again():
+            if not len(c):
+                continue
+            if k >= len(maps):
+                raise encoding.FormatError("the index changed while it was loaded")
+            ids = np.frombuffer(c.ids, dtype=np.uint8).reshape(len(c), ID)
+            yield [ids, maps[k][c.pack_numbers], c.cols[:, 0], c.cols[:, 1], c.cols[:, 2]]
+            k += 1
+
+    return _place(sizes, prefix, placed())
+
+
+def id_prefix(ids: np.ndarray) -> np.ndarray:
+    """The first 8 bytes of each id ((n, 32) uint8) as big-endian integers: sorted, they sort
+    the ids as bytes do (up to ties)."""
+    return ids[:, :8].copy().view(">u8").ravel()
+
+
+def _place(sizes: list[int], prefix: np.ndarray, parts: Iterable[list[np.ndarray]]) -> LocationArrays:
+    """Arrays of the parts (of ``sizes`` entries each; ``prefix``: every entry's id prefix, in
+    the same order), each entry scattered straight to its row. Of entries with equal ids the
+    first stays found; the later rows are marked in ``dups``."""
+    total = len(prefix)
     if total == 0:
         return EMPTY
-    prefix = np.empty(total, dtype=np.uint64)
-    at = 0
-    for p, k in zip(parts, sizes, strict=True):
-        if p is not None:
-            prefix[at : at + k] = p[0][:, :8].copy().view(">u8").ravel()
-            at += k
-    order = np.argsort(prefix, kind="stable")  # stable: equal prefixes keep the order added
+    order = np.argsort(prefix, kind="stable")  # stable: equal ids keep the order added
     prefix.sort()  # in place: the same as prefix[order], without another copy
-    keep = np.ones(total, dtype=bool)
     same = np.flatnonzero(prefix[1:] == prefix[:-1])
-    if len(same):
-        # runs of one 8-byte prefix: (almost always) one chunk stored in two packs; of each id
-        # only its first row stays
-        offsets = np.cumsum([0] + sizes)
-        for first, last in runs(same.tolist()):
-            seen: set[bytes] = set()
-            for r in range(first, last + 1):
-                g = int(order[r])
-                k = int(np.searchsorted(offsets, g, side="right")) - 1
-                part = parts[k]
-                assert part is not None
-                key = part[0][g - int(offsets[k])].tobytes()
-                keep[r] = key not in seen
-                seen.add(key)
-    if len(same):
-        prefix = prefix[keep]
-    n = len(prefix)
-    bits = max(8, min(31, (n - 1).bit_length() - 1))  # one or two chunks per bucket
+    bits = max(8, min(31, (total - 1).bit_length() - 1))  # one or two entries per bucket
     prefix >>= np.uint64(64 - bits)  # in place: the bucket of each id, below 2**31
     counts = np.bincount(prefix.view(np.int64), minlength=1 << bits)
     del prefix
     starts = array("I", [0]) * ((1 << bits) + 1)
     np.cumsum(counts, out=np.frombuffer(starts, dtype=np.uint32)[1:], dtype=np.uint32)
     del counts
-    # where each added row goes in the new arrays (-1: a later copy of an id, dropped)
-    small = np.int32 if total < 1 << 31 else np.int64
-    dest = np.empty(total, dtype=small)
-    if len(same):
-        dest[order] = np.where(keep, np.cumsum(keep, dtype=small) - 1, -1)
-    else:
-        dest[order] = np.arange(total, dtype=small)
-    del order, keep
-    ids = bytearray(n * ID)
-    out = [np.frombuffer(ids, dtype=np.uint8).reshape(n, ID)]
-    cols = [array(code, [0]) * n for code in CODES]
+    dest = np.empty(total, dtype=np.int32 if total < 1 << 31 else np.int64)  # each entry's row
+    dest[order] = np.arange(total, dtype=dest.dtype)
+    del order
+    ids = bytearray(total * ID)
+    cols = [array(code, [0]) * total for code in CODES]
+    out = [np.frombuffer(ids, dtype=np.uint8).reshape(total, ID)]
     out += [np.frombuffer(c, dtype=t) for c, t in zip(cols, DTYPES, strict=True)]
-    at = given = 0
-    for i, k in enumerate(sizes):
-        part = parts[i]
-        if part is None:
-            continue
-        d = dest[at : at + k]
-        if len(same):
-            kept = np.greater_equal(d, 0)
-            d = d[kept]
-            for dst, src in zip(out, part, strict=True):
-                dst[d] = src[kept]
-        else:
-            for dst, src in zip(out, part, strict=True):
-                dst[d] = src
-        at += k
-        parts[i] = None
-        del part, d
-        given += k
-        if given >= 1 << 20 and total >= TRIM_AT:  # every 1 M entries (52 MB) copied
+    at = k = given = 0
+    for part in parts:
+        n = len(part[0])
+        if k >= len(sizes) or n != sizes[k]:
+            raise encoding.FormatError("the index changed while it was loaded")
+        d = dest[at : at + n]
+        for dst, src in zip(out, part, strict=True):
+            dst[d] = src
+        at, k, given = at + n, k + 1, given + n
+        del part
+        if given >= 1 << 20 and total >= TRIM_AT:  # every 1 M entries (52 MB) placed
             heap.give_back()
             given = 0
+    if k != len(sizes):
+        raise encoding.FormatError("the index changed while it was loaded")
     del out
-    return LocationArrays(ids, starts, 32 - bits, (cols[0], cols[1], cols[2], cols[3]))
+    dups: set[int] = set()
+    for lo, hi in runs(same.tolist()):  # rows sharing a prefix: (almost always) one id twice
+        seen: set[bytes] = set()
+        for r in range(lo, hi + 1):
+            key = bytes(ids[r * ID : (r + 1) * ID])
+            if key in seen:
+                dups.add(r)
+            seen.add(key)
+    if total >= TRIM_AT:
+        heap.give_back()  # the freed parts and temporaries
+    return LocationArrays(ids, starts, 32 - bits, (cols[0], cols[1], cols[2], cols[3]), frozenset(dups))
 
 
 def runs(positions: list[int]) -> Iterator[tuple[int, int]]:
@@ -226,68 +253,6 @@ def pack_numbers(packs: Sequence[str], numbers: dict[str, int], names: list[str]
             names.append(p)
         mine.append(pno)
     return np.array(mine, dtype=np.uint32)
-
-
-def build_two_pass(
-    first: Iterable[LocationColumns],
-    again: Callable[[], Iterable[LocationColumns]],
-    numbers: dict[str, int],
-    names: list[str],
-) -> LocationArrays:
-    """The arrays of all batches: the first pass keeps only each id's 8-byte prefix to sort by,
-    the second places every entry at its sorted row. Later copies of an id stay as rows marked
-    in ``dups``."""
-    prefixes, sizes, maps = [], [], []
-    for c in first:
-        check_columns(c)
-        n = len(c)
-        sizes.append(n)
-        maps.append(pack_numbers(c.packs, numbers, names))
-        prefixes.append(np.frombuffer(c.ids, dtype=np.uint8).reshape(n, ID)[:, :8].copy().view(">u8").ravel())
-    total = sum(sizes)
-    if total == 0:
-        return EMPTY
-    prefix = np.concatenate(prefixes)
-    del prefixes
-    order = np.argsort(prefix, kind="stable")  # stable: equal prefixes keep the order added
-    prefix.sort()
-    same = np.flatnonzero(prefix[1:] == prefix[:-1])
-    bits = max(8, min(31, (total - 1).bit_length() - 1))
-    prefix >>= np.uint64(64 - bits)
-    counts = np.bincount(prefix.view(np.int64), minlength=1 << bits)
-    del prefix
-    starts = array("I", [0]) * ((1 << bits) + 1)
-    np.cumsum(counts, out=np.frombuffer(starts, dtype=np.uint32)[1:], dtype=np.uint32)
-    del counts
-    dest = np.empty(total, dtype=np.int32 if total < 1 << 31 else np.int64)
-    dest[order] = np.arange(total, dtype=dest.dtype)
-    del order
-    ids = bytearray(total * ID)
-    ids_2d = np.frombuffer(ids, dtype=np.uint8).reshape(total, ID)
-    cols = [array(code, [0]) * total for code in CODES]
-    pack, offset, length, raw = (np.frombuffer(c, dtype=t) for c, t in zip(cols, DTYPES, strict=True))
-    at = k = 0
-    for c in again():
-        if k >= len(sizes) or len(c) != sizes[k]:
-            raise encoding.FormatError("the index changed while it was loaded")
-        n = sizes[k]
-        d = dest[at : at + n]
-        ids_2d[d] = np.frombuffer(c.ids, dtype=np.uint8).reshape(n, ID)
-        pack[d] = maps[k][c.pack_numbers]
-        offset[d], length[d], raw[d] = c.cols[:, 0], c.cols[:, 1], c.cols[:, 2]
-        at += n
-        k += 1
-    if k != len(sizes):
-        raise encoding.FormatError("the index changed while it was loaded")
-    dups: set[int] = set()
-    for lo, hi in runs(same.tolist()):
-        seen: set[bytes] = set()
-        for r in range(lo, hi + 1):
-            key = bytes(ids[r * ID : (r + 1) * ID])
-            if key in seen:
-                dups.add(r)
-            seen.add(key)
-    return LocationArrays(ids, starts, 32 - bits, (cols[0], cols[1], cols[2], cols[3]), frozenset(dups))
 
 
 def check_entry(cid: bytes, offset: int, length: int, raw: int) -> None:

@@ -28,13 +28,11 @@ from typing import TypeVar, overload
 
 import numpy as np
 
-from bunker import heap
 from bunker.repo.location_arrays import (
     DTYPES,
     EMPTY,
     HEAD,
     ID,
-    TRIM_AT,
     Location,
     LocationColumns,
     build_arrays,
@@ -42,7 +40,6 @@ from bunker.repo.location_arrays import (
     check_columns,
     check_entry,
     np_view,
-    pack_numbers,
     rows_of,
 )
 
@@ -56,14 +53,11 @@ class LocationMap(Mapping[bytes, Location]):
     """chunk id -> Location, about 60 bytes per chunk (see the module's docstring). The first
     location added for a chunk wins (equal chunks stored in two packs are both valid)."""
 
-    __slots__ = ("_arrays", "_new", "_staged", "_packs", "_numbers", "_lock")
+    __slots__ = ("_arrays", "_new", "_packs", "_numbers", "_lock")
 
     def __init__(self) -> None:
         self._arrays = EMPTY
         self._new: dict[bytes, tuple[int, int, int, int]] = {}
-        # column batches not folded in yet (loading many index objects folds once): ids as an
-        # (n, 32) array and the four columns
-        self._staged: list[list[np.ndarray] | None] = []
         self._packs: list[str] = []
         self._numbers: dict[str, int] = {}
         self._lock = threading.Lock()
@@ -76,8 +70,6 @@ class LocationMap(Mapping[bytes, Location]):
     def update(self, entries: Iterable[tuple[bytes, Location]]) -> None:
         """Record many locations (first one per chunk wins)."""
         with self._lock:
-            if self._staged:
-                self._fold()
             arrays, new, numbers, packs = self._arrays, self._new, self._numbers, self._packs
             for cid, (pack, offset, length, raw) in entries:
                 if cid in new or arrays.row(cid) >= 0:
@@ -91,76 +83,35 @@ class LocationMap(Mapping[bytes, Location]):
             if len(new) >= max(_FOLD_AT, arrays.n // 4):
                 self._fold()
 
-    def update_columns(self, c: LocationColumns) -> None:
-        """Record many locations given as columns (first one per chunk wins, also against
-        entries added before). They are folded in at the next lookup."""
-        n = len(c)
-        if n == 0:
-            return
-        check_columns(c)
-        with self._lock:
-            mine = pack_numbers(c.packs, self._numbers, self._packs)
-            self._staged.append(
-                [
-                    np.frombuffer(c.ids, dtype=np.uint8).reshape(n, ID),
-                    mine[c.pack_numbers],
-                    c.cols[:, 0].astype(np.uint64),
-                    c.cols[:, 1].astype(np.uint32),
-                    c.cols[:, 2].astype(np.uint32),
-                ]
-            )
-
     def bulk_load(self, first: Iterable[LocationColumns], again: Callable[[], Iterable[LocationColumns]]) -> None:
-        """Load many batches of entries into an empty map in two passes, so the peak memory is
-        the final arrays plus ~12 B per entry instead of twice the arrays (a client loading 10 M
-        entries: docs/performance.md, "Scale"). ``first`` is read once to count and sort;
-        ``again()`` must give the same batches in the same order, which are then placed
-        straight into the final arrays. A map that holds entries already just adds ``first``.
-        Raises FormatError if ``again()`` gives other batches than ``first`` (the map is then
-        left empty)."""
+        """Load many batches of entries (a client's index objects) in two passes, so the peak
+        memory is the final arrays plus ~12 B per entry instead of twice the arrays
+        (docs/performance.md, "Scale"). ``first`` is read once to sort; ``again()`` must give
+        the same batches in the same order, which are then placed straight into the arrays.
+        Raises FormatError if it does not (the map is then unchanged). Into a map that holds
+        entries already, ``first`` is just added."""
         with self._lock:
-            empty = not (self._arrays.n or self._new or self._staged)
-        if not empty:
-            for c in first:
-                self.update_columns(c)
-            return
-        with self._lock:
-            built = build_two_pass(first, again, self._numbers, self._packs)
-            self._arrays = built
-        if built.n >= TRIM_AT:
-            heap.give_back()
+            if not (self._arrays.n or self._new):
+                self._arrays = build_two_pass(first, again, self._numbers, self._packs)
+                return
+        for c in first:
+            check_columns(c)
+            self.update(c.entries())
 
     def _fold(self) -> None:
-        """New arrays of the current ones, the dict of new entries, then the staged columns (in
-        that order, so the first location added wins). Under the lock."""
-        staged = self._staged
+        """New arrays of the current ones and the dict of new entries, in that order (the
+        first location added wins). Under the lock."""
+        new = self._new
+        vals = np.array(list(new.values()), dtype=np.uint64).reshape(len(new), 4)
+        ids = np.frombuffer(b"".join(new), dtype=np.uint8).reshape(len(new), ID)
         parts: list[list[np.ndarray] | None] = [self._arrays.columns()]
-        if self._new:
-            new = self._new
-            vals = np.array(list(new.values()), dtype=np.uint64).reshape(len(new), 4)
-            ids = np.frombuffer(b"".join(new), dtype=np.uint8).reshape(len(new), ID)
-            parts.append([ids] + [vals[:, i].astype(t) for i, t in enumerate(DTYPES)])
-            del vals, ids, new
-        for i in range(len(staged)):
-            parts.append(staged[i])
-            staged[i] = None  # the list stays non-empty: readers wait for this fold (see _find)
-        built = build_arrays(parts)
-        self._arrays = built  # first: a reader that finds the dict emptied finds the entries here
+        parts.append([ids] + [vals[:, i].astype(t) for i, t in enumerate(DTYPES)])
+        del vals, ids
+        self._arrays = build_arrays(parts)  # first: a reader that finds the dict emptied finds the entries here
         self._new = {}
-        self._staged = []
-        if built.n >= TRIM_AT:
-            heap.give_back()  # the temporaries were several times the arrays' size
-
-    def _settle(self) -> None:
-        """Fold staged column batches in before a lookup."""
-        with self._lock:
-            if self._staged:
-                self._fold()
 
     # -------------------------------------------------------------- looking up
     def _find(self, cid: bytes) -> tuple[int, int, int, int] | None:
-        if self._staged:
-            self._settle()
         v = self._new.get(cid)
         if v is not None or len(cid) != ID:
             return v
@@ -195,8 +146,6 @@ class LocationMap(Mapping[bytes, Location]):
 
     def __contains__(self, cid: object) -> bool:
         # the hot lookup of a backup (is this chunk stored?): LocationArrays.row inlined
-        if self._staged:
-            self._settle()
         if cid in self._new:
             return True
         if type(cid) is not bytes or len(cid) != ID:
@@ -214,8 +163,6 @@ class LocationMap(Mapping[bytes, Location]):
         return cid in self._new or (self._arrays is not a and self._arrays.row(cid) >= 0)
 
     def __iter__(self) -> Iterator[bytes]:
-        if self._staged:
-            self._settle()
         a, new = self._arrays, dict(self._new)
         ids, dups = a.ids, a.dups
         for r in range(a.n):
@@ -224,8 +171,6 @@ class LocationMap(Mapping[bytes, Location]):
         yield from new
 
     def __len__(self) -> int:
-        if self._staged:
-            self._settle()
         return self._arrays.n - len(self._arrays.dups) + len(self._new)
 
     def locate_many(self, chunk_ids: Sequence[bytes] | np.ndarray) -> tuple[set[str], list[bytes]]:
@@ -243,8 +188,6 @@ class LocationMap(Mapping[bytes, Location]):
                 else:
                     packs.add(self._packs[v[0]])
             return packs, missing
-        if self._staged:
-            self._settle()
         a, new = self._arrays, self._new
         if isinstance(chunk_ids, np.ndarray):
             q = chunk_ids
@@ -271,8 +214,6 @@ class LocationMap(Mapping[bytes, Location]):
 
     def packs(self) -> set[str]:
         """The packs that hold at least one chunk of the map."""
-        if self._staged:
-            self._settle()
         a = self._arrays
         pack = np_view(a.pack)
         if a.dups:
@@ -283,7 +224,5 @@ class LocationMap(Mapping[bytes, Location]):
 
     def nbytes(self) -> int:
         """Bytes the arrays take (the dict of new entries not counted)."""
-        if self._staged:
-            self._settle()
         a = self._arrays
         return len(a.ids) + sum(x.itemsize * len(x) for x in (a.starts, a.pack, a.offset, a.length, a.raw))
