@@ -67,12 +67,13 @@ def test_a_restore_through_a_node_fetches_evicted_packs_from_the_direct_upstream
     assert fetched <= _packs_held(office) and not fetched & before
     assert js(top.ok("requests", "--json"))["node"] is None  # the repository itself requests nothing
     # the restore completed and ended its lease: what was fetched for it is released, and the
-    # node's eviction takes it again
+    # node's eviction takes it again (a bound below the metadata alone: with 64 KiB, a small pack of
+    # tree blobs fetched last could stay because the store was already under the bound without it)
     leases = json.loads(next(office.glob("state/*/leases.json")).read_text())
     assert leases == {} and all(
         r.get("released") for r in json.loads(next(office.glob("state/*/requests.json")).read_text()).values()
     )
-    _bound(office, 64 << 10)
+    _bound(office, 1)
     js(node_cmd(top, "forward", office, "--json", rc=(0, 1)))
     assert not fetched & _packs_held(office)
 
