@@ -5,7 +5,11 @@ however often its arrays are rebuilt, also while other threads read it."""
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import threading
+from array import array
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,16 +78,21 @@ def _compare_with_a_dict(steps: list[tuple[str, list[tuple[bytes, int]]]]) -> No
 
 
 @settings(max_examples=100, deadline=None)
-@given(st.lists(batch, max_size=8), st.lists(step, max_size=4))
+@given(st.lists(batch, max_size=8), st.lists(step, max_size=4), st.integers(1, 60))
 def test_a_two_pass_load_is_the_same_map(
-    batches: list[list[tuple[bytes, int]]], later: list[tuple[str, list[tuple[bytes, int]]]]
+    batches: list[list[tuple[bytes, int]]], later: list[tuple[str, list[tuple[bytes, int]]]], fold_at: int
 ) -> None:
     """Loading batches in two passes (first to sort, then to place) gives the map that adding
     them one by one gives, later copies of an id included, also after more entries are added
-    and folded in."""
+    and folded in; so does a load that stays below the size where arrays are built (``fold_at``
+    entries), which only adds them."""
     cols = [LocationColumns.from_entries([(cid, _loc(i)) for cid, i in b]) for b in batches]
     m, model = LocationMap(), LocationMap()
-    m.bulk_load(iter(cols), lambda: iter(cols))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(location_map, "_FOLD_AT", fold_at)
+        m.bulk_load(iter(cols), lambda: iter(cols))
+    if sum(len(c) for c in cols) >= fold_at:
+        assert m._arrays.n and not m._new
     for c in cols:
         model.update(c.entries())
     assert len(m) == len(model) and sorted(m) == sorted(model)
@@ -101,10 +110,12 @@ def test_a_two_pass_load_is_the_same_map(
 def test_a_two_pass_load_refuses_a_second_pass_that_differs() -> None:
     one = LocationColumns.from_entries([(os.urandom(32), _loc(i)) for i in range(10)])
     two = LocationColumns.from_entries([(os.urandom(32), _loc(i)) for i in range(9)])
-    with pytest.raises(encoding.FormatError):
-        LocationMap().bulk_load(iter([one]), lambda: iter([two]))
-    with pytest.raises(encoding.FormatError):
-        LocationMap().bulk_load(iter([one]), lambda: iter([one, one]))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(location_map, "_FOLD_AT", 5)  # so that 10 entries are placed in two passes
+        with pytest.raises(encoding.FormatError):
+            LocationMap().bulk_load(iter([one]), lambda: iter([two]))
+        with pytest.raises(encoding.FormatError):
+            LocationMap().bulk_load(iter([one]), lambda: iter([one, one]))
     m = LocationMap()
     m.add(os.urandom(32), _loc(1))
     m.bulk_load(iter([one]), lambda: iter([two]))  # not empty: one pass, the second never read
@@ -122,8 +133,8 @@ def test_a_million_random_ids_in_under_64_bytes_each() -> None:
         LocationColumns(
             raw[32 * i : 32 * (i + step)],
             PACKS * 100,
-            (np.arange(i, i + step, dtype=np.uint32) // 2000) % 500,
-            cols[i : i + step],
+            array("I", ((np.arange(i, i + step, dtype=np.uint32) // 2000) % 500).tobytes()),
+            array("Q", cols[i : i + step].tobytes()),
         )
         for i in range(0, n, step)  # as index objects come in
     ]
@@ -172,7 +183,7 @@ def test_cache_files_keep_the_columns_and_refuse_other_formats() -> None:
     assert _decode_cached(_encode_cached(cols)).entries() == entries
     with pytest.raises(encoding.FormatError):
         _decode_cached(encoding.pack([[c, loc.pack, 1, 2, 3] for c, loc in entries]))  # the older row format
-    bad = LocationColumns(cols.ids, cols.packs[:1], cols.pack_numbers + 3, cols.cols)
+    bad = LocationColumns(cols.ids, cols.packs[:1], array("I", [p + 3 for p in cols.pack_numbers]), cols.cols)
     with pytest.raises(encoding.FormatError):
         _decode_cached(_encode_cached(bad))
     with pytest.raises(encoding.FormatError):
@@ -209,3 +220,31 @@ def test_a_chunk_id_set_of_ids_sharing_a_prefix_sorts_them_whole() -> None:
     a = [bytes(8) + os.urandom(24) for _ in range(50)] + [bytes(8) + bytes(24)] * 3
     s = ChunkIdSet(a)
     assert list(s) == sorted(set(a))
+
+
+def test_a_small_index_and_chunk_id_set_never_import_numpy(tmp_path: Path) -> None:
+    """Importing numpy costs ~50 ms, more than loading a small repository's whole index: the
+    map, its cache files and a backup's chunk-id set stay in Python until they grow large."""
+    code = """
+import os, sys
+from bunker.crypto.derive import PutSecrets
+from bunker.repo import refs
+from bunker.repo.chunk_id_set import ChunkIdSet
+from bunker.repo.index_cache import _decode_cached, _encode_cached
+from bunker.repo.location_map import Location, LocationColumns, LocationMap
+import bunker.restore.workers, bunker.backup.small_files, bunker.repo.pack_verifier
+entries = [(os.urandom(32), Location(f"{i % 7:064x}", i, 10, 20)) for i in range(5000)]
+batches = [LocationColumns.from_entries(entries[i : i + 1000]) for i in range(0, 5000, 1000)]
+cols = [_decode_cached(_encode_cached(c)) for c in batches]
+cols = [c.select(lambda p: p != f"{3:064x}") for c in cols]
+m = LocationMap()
+m.bulk_load(iter(cols), lambda: iter(cols))
+s = ChunkIdSet(cid for cid, _ in entries)
+packs, missing = m.locate_many(s.sorted_ids())
+assert len(missing) == sum(1 for _, loc in entries if loc.pack == f"{3:064x}") and len(packs) == 6
+assert m.packs() == packs and len(s.union([bytes(32)])) == 5001
+refs.build_chunkset(s, PutSecrets(bytes(32)))
+print("numpy" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr

@@ -93,7 +93,7 @@ class Checkpointer:
         # another thread reserved, or a full pack it is about to hand to the uploader): flush
         # until all are in uploaded packs, or leave this checkpoint to the next tick.
         locs = self.writer.index.locations
-        ids = chunk_ids.array()
+        ids = chunk_ids.sorted_ids()
         deadline = time.monotonic() + 30
         while True:
             self.writer.flush()

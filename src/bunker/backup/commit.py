@@ -43,7 +43,7 @@ def commit_snapshot(
     """Write everything the snapshot needs, then the snapshot itself (the final one of
     ``session``, whose lease is ``lease``) as the next link of the client's chain."""
     writer.flush()
-    pack_names, missing = writer.index.locations.locate_many(chunk_ids.array())
+    pack_names, missing = writer.index.locations.locate_many(chunk_ids.sorted_ids())
     if missing:
         raise BunkerError(
             f"{len(missing)} chunks of this backup are not in the index after flushing",

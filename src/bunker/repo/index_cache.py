@@ -13,8 +13,6 @@ import contextlib
 import os
 from collections.abc import Container, Iterable, Iterator
 
-import numpy as np
-
 from bunker import encoding
 from bunker.crypto.derive import PutSecrets
 from bunker.crypto.sign import BadSignature, verify
@@ -22,7 +20,7 @@ from bunker.errors import CorruptObject, ObjectMissing
 from bunker.private_files import private_dirs, write_private_file
 from bunker.repo.blob_reader import read_trailer
 from bunker.repo.index import Location, LocationMap, decrypt_index, parse_index_frame
-from bunker.repo.location_map import ID, LocationColumns
+from bunker.repo.location_arrays import ID, LocationColumns, check_columns
 from bunker.repo.objects import MAGIC_INDEX, MAX_SIGNED_OBJECT, is_hash_name
 from bunker.repo.pack import fetch_footer
 from bunker.repo.repository import Repository
@@ -274,14 +272,8 @@ _CACHE_MAGIC = b"BKIX2\n"  # columns; files of the older row format are read aga
 
 
 def _encode_cached(c: LocationColumns) -> bytes:
-    return _CACHE_MAGIC + encoding.pack(
-        {
-            "packs": c.packs,
-            "ids": c.ids,
-            "pack": c.pack_numbers.astype("<u4").tobytes(),
-            "cols": c.cols.astype("<u8").tobytes(),
-        }
-    )
+    pack, cols = c.little_endian()
+    return _CACHE_MAGIC + encoding.pack({"packs": c.packs, "ids": c.ids, "pack": pack, "cols": cols})
 
 
 def _decode_cached(data: bytes) -> LocationColumns:
@@ -293,7 +285,6 @@ def _decode_cached(data: bytes) -> LocationColumns:
     n = len(ids) // ID
     if len(ids) != n * ID or len(pack) != 4 * n or len(cols) != 24 * n or not all(isinstance(p, str) for p in packs):
         raise encoding.FormatError("bad index cache file")
-    pnos = np.frombuffer(pack, dtype="<u4").astype(np.uint32)
-    if n and int(pnos.max()) >= len(packs):
-        raise encoding.FormatError("bad index cache file")
-    return LocationColumns(ids, packs, pnos, np.frombuffer(cols, dtype="<u8").astype(np.uint64).reshape(n, 3))
+    columns = LocationColumns.from_little_endian(ids, packs, pack, cols)
+    check_columns(columns)  # (a damaged file: FormatError, and the object is fetched again)
+    return columns

@@ -11,9 +11,11 @@ instead (location_arrays.py; docs/performance.md, "Scale"):
 
 That is ~56 bytes per chunk. A client's index is loaded in two passes
 (:meth:`LocationMap.bulk_load`), so loading peaks at about the arrays' own size plus 12 bytes per
-chunk. Entries added after the arrays were built (the packs a backup uploads) go to a small dict
-first and are folded into new arrays when it grows, so adding stays cheap and the arrays are
-rebuilt a logarithmic number of times. Lookups of many ids at once
+chunk. A map of fewer than 65,536 entries (a small repository's index) is only the dict of new
+entries below: it never imports numpy (id_arrays.py, which builds the arrays). Entries added
+after the arrays were built (the packs a backup uploads) go to a small dict first and are folded
+into new arrays when it grows, so adding stays cheap and the arrays are rebuilt a logarithmic
+number of times. Lookups of many ids at once
 (:meth:`LocationMap.locate_many`) run vectorized; a single lookup costs well under a microsecond.
 
 Readers need no lock: the arrays are replaced whole (one attribute), and the dict of new entries
@@ -24,24 +26,13 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import TypeVar, overload
+from itertools import chain
+from typing import TYPE_CHECKING, TypeVar, overload
 
-import numpy as np
+from bunker.repo.location_arrays import EMPTY, HEAD, ID, Location, LocationColumns, check_columns, check_entry
 
-from bunker.repo.location_arrays import (
-    DTYPES,
-    EMPTY,
-    HEAD,
-    ID,
-    Location,
-    LocationColumns,
-    build_arrays,
-    build_two_pass,
-    check_columns,
-    check_entry,
-    np_view,
-    rows_of,
-)
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["ID", "Location", "LocationColumns", "LocationMap"]
 
@@ -89,22 +80,39 @@ class LocationMap(Mapping[bytes, Location]):
         (docs/performance.md, "Scale"). ``first`` is read once to sort; ``again()`` must give
         the same batches in the same order, which are then placed straight into the arrays.
         Raises FormatError if it does not (the map is then unchanged). Into a map that holds
-        entries already, ``first`` is just added."""
-        with self._lock:
-            if not (self._arrays.n or self._new):
-                self._arrays = build_two_pass(first, again, self._numbers, self._packs)
-                return
-        for c in first:
+        entries already, or when all of ``first`` stays below the size at which arrays are
+        built, ``first`` is just added."""
+        batches = iter(first)
+        if not (self._arrays.n or self._new):
+            held: list[LocationColumns] = []
+            total = 0
+            for c in batches:
+                held.append(c)
+                total += len(c)
+                if total >= _FOLD_AT:
+                    from bunker.repo.id_arrays import build_two_pass
+
+                    with self._lock:
+                        if not (self._arrays.n or self._new):  # (nothing was added meanwhile)
+                            self._arrays = build_two_pass(chain(held, batches), again, self._numbers, self._packs)
+                            return
+                    break
+            batches = chain(held, batches)
+        for c in batches:
             check_columns(c)
             self.update(c.entries())
 
     def _fold(self) -> None:
         """New arrays of the current ones and the dict of new entries, in that order (the
         first location added wins). Under the lock."""
+        import numpy as np
+
+        from bunker.repo.id_arrays import DTYPES, build_arrays, columns_of
+
         new = self._new
         vals = np.array(list(new.values()), dtype=np.uint64).reshape(len(new), 4)
         ids = np.frombuffer(b"".join(new), dtype=np.uint8).reshape(len(new), ID)
-        parts: list[list[np.ndarray] | None] = [self._arrays.columns()]
+        parts: list[list[np.ndarray] | None] = [columns_of(self._arrays)]
         parts.append([ids] + [vals[:, i].astype(t) for i, t in enumerate(DTYPES)])
         del vals, ids
         self._arrays = build_arrays(parts)  # first: a reader that finds the dict emptied finds the entries here
@@ -176,26 +184,29 @@ class LocationMap(Mapping[bytes, Location]):
     def locate_many(self, chunk_ids: Sequence[bytes] | np.ndarray) -> tuple[set[str], list[bytes]]:
         """The packs that hold ``chunk_ids`` (bytes, or an (n, 32) uint8 array) and the ids that
         are not located, vectorized (a snapshot of 10 M chunks takes seconds, not minutes)."""
-        n = len(chunk_ids)
-        if n < 64:
+        a, new = self._arrays, self._new
+        if len(chunk_ids) < 64 or not a.n:
             packs: set[str] = set()
             missing: list[bytes] = []
             for c in chunk_ids:
-                cid = c.tobytes() if isinstance(c, np.ndarray) else c
+                cid = c if type(c) is bytes else bytes(c)  # a row of an array: its 32 bytes
                 v = self._find(cid)
                 if v is None:
                     missing.append(cid)
                 else:
                     packs.add(self._packs[v[0]])
             return packs, missing
-        a, new = self._arrays, self._new
+        import numpy as np
+
+        from bunker.repo.id_arrays import np_view, rows_of
+
         if isinstance(chunk_ids, np.ndarray):
             q = chunk_ids
         else:
-            q = np.frombuffer(b"".join(chunk_ids), dtype=np.uint8).reshape(n, ID)
+            q = np.frombuffer(b"".join(chunk_ids), dtype=np.uint8).reshape(len(chunk_ids), ID)
         rows = rows_of(a, q)
         found = rows >= 0
-        numbers = set(np.unique(np_view(a.pack)[rows[found]]).tolist()) if a.n else set()
+        numbers = set(np.unique(np_view(a.pack)[rows[found]]).tolist())
         missing = []
         for i in np.flatnonzero(~found).tolist():
             c = q[i].tobytes()
@@ -215,10 +226,16 @@ class LocationMap(Mapping[bytes, Location]):
     def packs(self) -> set[str]:
         """The packs that hold at least one chunk of the map."""
         a = self._arrays
-        pack = np_view(a.pack)
-        if a.dups:
-            pack = np.delete(pack, sorted(a.dups))
-        numbers = set(np.unique(pack).tolist()) if a.n else set()
+        numbers: set[int] = set()
+        if a.n:
+            import numpy as np
+
+            from bunker.repo.id_arrays import np_view
+
+            pack = np_view(a.pack)
+            if a.dups:
+                pack = np.delete(pack, sorted(a.dups))
+            numbers.update(np.unique(pack).tolist())
         numbers.update(v[0] for v in list(self._new.values()))
         return {self._packs[p] for p in numbers}
 
