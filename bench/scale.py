@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
-"""Scale: what a client's chunk index and a backup's chunk-id set cost at millions of chunks
-(docs/performance.md, "Scale").
+"""Scale: what a client's chunk index, a backup's chunk-id set and prune's marking cost at
+millions of chunks (docs/performance.md, "Scale").
 
-    python3 bench/scale.py [--chunks 1000000,10000000] [--ops index,chunkset] [--per-object 20000]
-                           [--work DIR] [--keep]
+    python3 bench/scale.py [--chunks 1000000,10000000] [--ops index,chunkset,prune]
+                           [--per-object 20000] [--work DIR] [--keep]
 
 ``chunkset``: a backup's set of the chunk ids its snapshot names (ChunkIdSet), filled with that
 many random ids a thousand at a time, then written as chunk set objects: time, resident bytes
@@ -20,6 +20,13 @@ backup does:
 and reports wall time, the process's RSS before and after the load (the index's steady cost per
 chunk), its peak RSS, and 200,000 lookups. A projection to 100 M chunks scales the warm figures
 linearly (the map's memory is linear in its entries by construction).
+
+``prune``: the same repository with the chunk sets of two snapshots (the older names every third
+chunk of the first 70 %, the newer the last 50 %), then in a fresh process what a prune does per
+chunk: every chunk copy read from the index objects (repo/liveness.py ``all_copies``), both
+chunk sets marked part by part (``mark_live``), and the packs to repack chosen; time, resident
+bytes per chunk and peak RSS. (The rest of a prune costs per snapshot and per pack, not per
+chunk: listing, the snapshots' envelopes and pack sets, deleting, copying what it repacks.)
 """
 
 from __future__ import annotations
@@ -37,30 +44,48 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 SRC = os.path.join(HERE, "..", "src")
 
 BUILD = r"""
-import os, sys, json, time
+import os, random, sys, json, time
 from bunker.cli.context import init_repository
 from bunker.crypto.keyfile import load_put_key
+from bunker.repo import refs
+from bunker.repo.chunk_id_set import ChunkIdSet
 from bunker.repo.index import Location, make_index
 from bunker.repo.repository import Repository
 from bunker.storage import open_backend
 
-repo_dir, n, per = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+repo_dir, n, per, roots = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4] == "roots"
 created = init_repository(repo_dir, "scale")
 repo = Repository.open(open_backend(repo_dir))
 put = load_put_key(created.put_path)
 cert = repo.check_put_key(put)
 t0 = time.monotonic()
 done = 0
+rng = random.Random(n)  # ids a second process can make again (the prune op's chunk sets)
+older, newer = ChunkIdSet(), ChunkIdSet()
 while done < n:
     k = min(per, n - done)
-    ids = os.urandom(32 * k)
+    ids = rng.randbytes(32 * k)
     entries = []
     for i in range(k):
         pack = f"{(done + i) // 500:064x}"
         entries.append((ids[32 * i : 32 * i + 32], Location(pack, ((done + i) % 500) * 2100, 2100, 4096)))
     repo.put_object("index", make_index(entries, put.secrets, put.client_key, cert.name))
+    if roots:
+        # two snapshots: the older names every third chunk of the first 70 %, the
+        # newer the last 50 % (so some packs are mostly garbage and others wholly live)
+        if done < 0.7 * n:
+            older.update(ids[32 * i : 32 * i + 32] for i in range(0, k, 3))
+        if done >= 0.5 * n:
+            newer.update(ids[32 * i : 32 * i + 32] for i in range(0, k))
     done += k
-print(json.dumps({"put_path": created.put_path, "build_s": time.monotonic() - t0}))
+tops = []
+for s in (older, newer) if roots else ():
+    objs = refs.build_chunkset(s, put.secrets)
+    for name, data in objs.items():
+        if name != "top":
+            repo.put_object("refs", data)
+    tops.append(refs.top_name(objs))
+print(json.dumps({"put_path": created.put_path, "build_s": time.monotonic() - t0, "roots": tops}))
 """
 
 CHUNKSET = r"""
@@ -126,6 +151,42 @@ print(json.dumps({"chunks": n, "load_s": load_s, "rss_before": before, "rss_afte
 """
 
 
+PRUNE = r"""
+import os, sys, json, time, resource
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+from bunker.crypto.keyfile import load_put_key
+from bunker.repo.liveness import all_copies, mark_live
+from bunker.repo.repack import choose
+from bunker.repo.repository import Repository
+from bunker.storage import open_backend
+import numpy  # imported before the first figure: its own memory is not the marking's
+
+repo_dir, put_path, tops = sys.argv[1], sys.argv[2], sys.argv[3].split(",")
+repo = Repository.open(open_backend(repo_dir))
+put = load_put_key(put_path)
+before = rss()
+t0 = time.monotonic()
+liveness = all_copies(repo, put.secrets, [])
+copies_s = time.monotonic() - t0
+t0 = time.monotonic()
+roots = [(f"root {i}", liveness.packs, top) for i, top in enumerate(tops)]
+mark_live(liveness, roots, repo.get_object, put.secrets)
+mark_s = time.monotonic() - t0
+t0 = time.monotonic()
+sizes = {p: 500 * 2100 for p in liveness.packs}
+chosen = choose(liveness, sizes, liveness.packs, 0.5, 4 << 20)
+live = sum(liveness.live_bytes(p) for p in liveness.packs)
+copied = sum(len(liveness.live_ids(p)) for p in chosen[:100])
+choose_s = time.monotonic() - t0
+after = rss()
+print(json.dumps({"copies_s": copies_s, "mark_s": mark_s, "choose_s": choose_s, "rss_before": before,
+                  "rss_after": after, "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "packs": len(liveness.packs), "chosen": len(chosen), "live_bytes": live}))
+"""
+
+
 def _run(code: str, *args: str, env: dict[str, str]) -> dict[str, float]:
     out = subprocess.run([sys.executable, "-c", code, *args], env=env, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
@@ -137,7 +198,11 @@ def main() -> None:
     ap.add_argument("--per-object", type=int, default=20000, help="entries per index object")
     ap.add_argument("--work", default="", help="where the repositories go (default: a temporary directory)")
     ap.add_argument("--keep", action="store_true", help="keep the repositories")
-    ap.add_argument("--ops", default="index,chunkset", help="index (a client's index load), chunkset (a backup's ids)")
+    ap.add_argument(
+        "--ops",
+        default="index,chunkset,prune",
+        help="index (a client's index load), chunkset (a backup's ids), prune (prune's marking of what is live)",
+    )
     args = ap.parse_args()
     work = args.work or tempfile.mkdtemp(prefix="bunker-scale-")
     os.makedirs(work, exist_ok=True)
@@ -154,15 +219,26 @@ def main() -> None:
                 f"built in {r['build_s']:.2f} s, peak {r['peak'] / 2**20:.0f} MiB",
                 flush=True,
             )
-        for n in (int(x) for x in args.chunks.split(",")) if "index" in ops else ():
+        for n in (int(x) for x in args.chunks.split(",")) if ops & {"index", "prune"} else ():
             home = os.path.join(work, f"home-{n}")
             env = dict(os.environ, HOME=home, XDG_CONFIG_HOME=f"{home}/.config", XDG_DATA_HOME=f"{home}/.local/share")
             env.update(XDG_CACHE_HOME=f"{home}/.cache", BUNKER_PASSPHRASE="scale", PYTHONPATH=SRC)
             repo_dir, cache = os.path.join(work, f"repo-{n}"), os.path.join(work, f"cache-{n}")
             t0 = time.monotonic()
-            built = _run(BUILD, repo_dir, str(n), str(args.per_object), env=env)
+            roots = "roots" if "prune" in ops else "none"
+            built = _run(BUILD, repo_dir, str(n), str(args.per_object), roots, env=env)
             print(f"{n:>11,} chunks: built in {time.monotonic() - t0:.1f} s", flush=True)
-            for phase in ("cold", "warm"):
+            if "prune" in ops:
+                r = _run(PRUNE, repo_dir, str(built["put_path"]), ",".join(built["roots"]), env=env)  # type: ignore[arg-type]
+                rows.append({"op": "prune", "chunks": n, **r})
+                grew, peak = (r["rss_after"] - r["rss_before"]) / n, r["peak"] / 2**20
+                print(
+                    f"{n:>11,} chunks, prune's marking: copies read in {r['copies_s']:.2f} s, two snapshots' "
+                    f"chunk sets marked in {r['mark_s']:.2f} s, {r['chosen']:,} of {r['packs']:,} packs chosen "
+                    f"in {r['choose_s']:.2f} s; {grew:.1f} B/chunk resident, peak {peak:.0f} MiB",
+                    flush=True,
+                )
+            for phase in ("cold", "warm") if "index" in ops else ():
                 r = _run(LOAD, repo_dir, str(built["put_path"]), cache, env=env)
                 per = (r["rss_after"] - r["rss_before"]) / r["chunks"]
                 row = {"chunks": n, "phase": phase, **r, "rss_per_chunk": per}

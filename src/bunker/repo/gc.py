@@ -39,6 +39,7 @@ from bunker.repo.holding_records import spent_holdings
 from bunker.repo.index import Location, decrypt_index, make_index, parse_index_frame
 from bunker.repo.index_cache import IndexCache
 from bunker.repo.leases import MAX_LEASE_SECONDS, Lease, Session, sessions
+from bunker.repo.liveness import Liveness, UnreadableRoot, all_copies, mark_live
 from bunker.repo.moves import MoveRecord, PackMoves, make_move_record
 from bunker.repo.node_acks import AckView
 from bunker.repo.objects import MAGIC_GC, MAGIC_INDEX, MAX_SIGNED_OBJECT, parse_signed
@@ -50,7 +51,7 @@ from bunker.repo.other_secret import (
     snapshot_with_other_secret,
 )
 from bunker.repo.records import make_condemnation, parse_condemnation
-from bunker.repo.repack import DEFAULT_THRESHOLD, Liveness, choose, pack_contents, repack
+from bunker.repo.repack import DEFAULT_THRESHOLD, choose, repack
 from bunker.repo.repository import Repository
 from bunker.repo.snapshot import parse_snapshot
 
@@ -301,25 +302,18 @@ class Pruner:
 
     def _liveness(self, roots: list[Root], moves: PackMoves, sizes: dict[str, int]) -> Liveness:
         """Which chunks of each of this domain's packs a live snapshot or checkpoint needs."""
-        liveness = Liveness(pack_contents(self.repo, self.put.secrets, sizes))
+        liveness = all_copies(self.repo, self.put.secrets, sizes)
         seen: set[tuple[str, str]] = set()
-        parts: dict[str, bytes] = {}  # snapshots of one client share most chunk-set parts
-
-        def fetch(name: str) -> bytes:
-            data = parts.get(name)
-            if data is None:
-                data = parts[name] = self.repo.get_object(name)
-            return data
-
+        marked = []
         for r in roots:
             if r.domain != self.put.secrets.domain_id or (r.packset, r.chunkset) in seen:
                 continue
             seen.add((r.packset, r.chunkset))
-            try:
-                cids = refs.read_set(r.chunkset, fetch, self.put.secrets)
-            except (encoding.FormatError, CorruptObject, ObjectMissing) as exc:
-                raise self._unmarkable(r.what, exc) from None
-            liveness.add_root(moves.resolve(r.packs), cids)
+            marked.append((r.what, moves.resolve(r.packs), r.chunkset))
+        try:
+            mark_live(liveness, marked, self.repo.get_object, self.put.secrets)
+        except UnreadableRoot as exc:
+            raise self._unmarkable(exc.what, exc.cause) from None
         return liveness
 
     def _packs_named(self, packset: str, what: str) -> list[str]:
@@ -474,7 +468,7 @@ class Pruner:
         self, liveness: Liveness, referenced: set[str], excluded: set[str], sizes: dict[str, int], lease: Lease
     ) -> None:
         target = int(self.repo.config.packs["target"])
-        eligible = [p for p in referenced if p in sizes and p in liveness.contents and p not in excluded]
+        eligible = [p for p in referenced if p in sizes and liveness.has_pack(p) and p not in excluded]
         chosen = choose(liveness, sizes, eligible, self.repack_threshold, target)
         if not chosen:
             return
@@ -540,8 +534,8 @@ class Pruner:
             held: set[bytes] = set()
             for t in moves.resolve([p]) - {p}:
                 if t in sizes:
-                    held.update(liveness.contents.get(t, {}))
-            (doomed if liveness.live.get(p, set()) <= held else rescued).append(p)
+                    held.update(liveness.chunk_ids(t))
+            (doomed if liveness.live_ids(p) <= held else rescued).append(p)
         self.report.rescued += rescued
         self.report.deleted += doomed
         self.report.deleted_bytes += sum(sizes[p] for p in doomed)

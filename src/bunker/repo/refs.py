@@ -119,19 +119,37 @@ def read_set(top: str, fetch: Callable[[str], bytes], secrets: PutSecrets | None
     m = parse_refs(fetch(top))
     out: list[Any] = []
     for part_name in m["parts"]:  # type: ignore[attr-defined]
-        part = parse_refs(fetch(part_name))
-        if part["kind"] == KIND_PACKSET + "-part" and m["kind"] == KIND_PACKSET:
-            out.extend(part["items"])  # type: ignore[arg-type]
-        elif part["kind"] == KIND_CHUNKSET + "-part" and m["kind"] == KIND_CHUNKSET:
+        if m["kind"] == KIND_CHUNKSET:
             if secrets is None:
                 raise encoding.FormatError("a chunk set needs the put key")
-            try:
-                plain = aead.decrypt(_chunkset_key(secrets), part["ct"], secrets.domain_id.encode())  # type: ignore[arg-type]
-            except aead.DecryptionFailed:
-                raise encoding.FormatError(f"chunk set part {part_name} does not decrypt") from None
-            if len(plain) % 32:
-                raise encoding.FormatError(f"chunk set part {part_name} has a bad length")
+            plain = read_chunkset_part(part_name, fetch, secrets)
             out.extend(plain[i : i + 32] for i in range(0, len(plain), 32))
-        else:
+            continue
+        part = parse_refs(fetch(part_name))
+        if part["kind"] != KIND_PACKSET + "-part":
             raise encoding.FormatError(f"part {part_name} does not belong to a {m['kind']}")
+        out.extend(part["items"])  # type: ignore[arg-type]
     return out
+
+
+def chunkset_parts(top: str, fetch: Callable[[str], bytes]) -> list[str]:
+    """The names of a chunk set's parts (read each with :func:`read_chunkset_part`)."""
+    m = parse_refs(fetch(top))
+    if m["kind"] != KIND_CHUNKSET:
+        raise encoding.FormatError(f"{top} is not a chunk set")
+    parts: list[str] = m["parts"]  # type: ignore[assignment]
+    return parts
+
+
+def read_chunkset_part(name: str, fetch: Callable[[str], bytes], secrets: PutSecrets) -> bytes:
+    """The chunk ids of one chunk set part, 32 bytes each, end to end."""
+    part = parse_refs(fetch(name))
+    if part["kind"] != KIND_CHUNKSET + "-part":
+        raise encoding.FormatError(f"part {name} does not belong to a {KIND_CHUNKSET}")
+    try:
+        plain = aead.decrypt(_chunkset_key(secrets), part["ct"], secrets.domain_id.encode())  # type: ignore[arg-type]
+    except aead.DecryptionFailed:
+        raise encoding.FormatError(f"chunk set part {name} does not decrypt") from None
+    if len(plain) % 32:
+        raise encoding.FormatError(f"chunk set part {name} has a bad length")
+    return plain

@@ -17,16 +17,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import blake3
 
 from bunker import encoding
 from bunker.crypto.derive import PutSecrets
-from bunker.crypto.sign import BadSignature, SigningKey, verify
+from bunker.crypto.sign import SigningKey
 from bunker.errors import CorruptObject, ObjectMissing
-from bunker.repo.blob_reader import read_trailer
-from bunker.repo.index import Location, decrypt_index, make_index, parse_index_frame
-from bunker.repo.objects import MAGIC_INDEX, MAX_SIGNED_OBJECT
+from bunker.repo.index import Location, make_index
 from bunker.repo.pack import (
     HEADER,
     BlobEntry,
@@ -37,68 +36,12 @@ from bunker.repo.pack import (
 )
 from bunker.repo.repository import Repository
 
+if TYPE_CHECKING:
+    from bunker.repo.liveness import Liveness
+
 DEFAULT_THRESHOLD = 0.5  # repack a pack when less than this share of it is live
 SMALL_SHARE = 8  # a pack under 1/8 of the target size is small
 MIN_SMALL = 4  # small packs are merged once there are this many
-
-
-def pack_contents(repo: Repository, secrets: PutSecrets, existing: Iterable[str]) -> dict[str, dict[bytes, Location]]:
-    """Every chunk copy of this dedup domain, per pack: from the index objects (all of them,
-    not first-wins), then from the trailers of existing packs no index names (killed runs).
-    Unreadable index objects are skipped: check reports them, and their packs' trailers fill in."""
-    out: dict[str, dict[bytes, Location]] = {}
-    for info in list(repo.backend.list("index/")):
-        if info.size > MAX_SIGNED_OBJECT:
-            continue  # larger than any signed object may be: never fetched (check reports it)
-        try:
-            obj = parse_index_frame(repo.get_object(info.name))
-            if obj.body.get("domain") != secrets.domain_id:
-                continue
-            verify(repo.certificate(obj.signer).verify_key, MAGIC_INDEX, obj.body_bytes, obj.sig)
-            entries = decrypt_index(obj, secrets)
-        except (encoding.FormatError, BadSignature, CorruptObject, ObjectMissing):
-            continue
-        for cid, loc in entries:
-            out.setdefault(loc.pack, {})[cid] = loc
-    for pack in existing:
-        if pack in out:
-            continue
-        try:
-            blobs, _, _ = read_trailer(repo, pack, secrets)
-        except (CorruptObject, ObjectMissing):
-            continue  # another domain's pack, or damaged
-        out[pack] = {b.chunk_id: Location(pack, b.offset, b.length, b.raw_length) for b in blobs}
-    return out
-
-
-@dataclass
-class Liveness:
-    """Which chunks of each pack live snapshots need (``live``), from their chunk sets and
-    resolved pack sets; ``contents`` are all chunk copies per pack."""
-
-    contents: dict[str, dict[bytes, Location]]
-    live: dict[str, set[bytes]] = field(default_factory=dict)
-    holders: dict[bytes, list[str]] = field(init=False, default_factory=dict)
-
-    def __post_init__(self) -> None:
-        for pack, chunks in self.contents.items():
-            for cid in chunks:
-                self.holders.setdefault(cid, []).append(pack)
-
-    def add_root(self, packs: set[str], chunk_ids: Iterable[bytes]) -> None:
-        """One snapshot or checkpoint: its resolved pack set and its chunk set."""
-        for cid in chunk_ids:
-            for p in self.holders.get(cid, ()):
-                if p in packs:
-                    self.live.setdefault(p, set()).add(cid)
-
-    def live_bytes(self, pack: str) -> int:
-        c = self.contents.get(pack, {})
-        return sum(c[cid].length for cid in self.live.get(pack, ()) if cid in c)
-
-    def blob_bytes(self, pack: str) -> int:
-        """All blob bytes of a pack (without its sealed keys and footer, which a copy has too)."""
-        return sum(loc.length for loc in self.contents.get(pack, {}).values())
 
 
 class PackCopier:
@@ -228,7 +171,7 @@ def repack(
 
     for pack in packs:
         try:
-            src = read_source(repo, pack, secrets, liveness.live.get(pack, set()))
+            src = read_source(repo, pack, secrets, liveness.live_ids(pack))
         except (CorruptObject, ObjectMissing) as exc:
             result.skipped.append((pack, str(exc)))
             continue

@@ -1,0 +1,253 @@
+"""Liveness (part of ``bunker prune``): every chunk copy of a dedup domain's packs, and which of
+them the live snapshots and checkpoints need.
+
+A chunk held by pack P is live in P if a live snapshot (or checkpoint) whose pack set, resolved
+through the move records, names P needs it (repack.py says why). A dict per pack of chunk id ->
+Location, a map from each chunk to its packs and a set of live chunks per pack cost ~500 B per
+chunk copy: 5 GB at 10 M chunks. :class:`Liveness` keeps the copies as columns instead (chunk
+id, pack number, blob length: 40 B per copy) with an order sorted by chunk id, and one flag per
+copy for "live" (docs/performance.md, "Scale"). Marking takes a snapshot's chunk set one part at
+a time, never the whole set as Python objects.
+"""
+
+from __future__ import annotations
+
+from array import array
+from collections.abc import Callable, Collection, Iterable
+
+import numpy as np
+
+from bunker import encoding, heap
+from bunker.crypto.derive import PutSecrets
+from bunker.crypto.sign import BadSignature, verify
+from bunker.errors import CorruptObject, ObjectMissing
+from bunker.repo import refs
+from bunker.repo.blob_reader import read_trailer
+from bunker.repo.id_arrays import id_prefix
+from bunker.repo.index import Location, decrypt_index, parse_index_frame
+from bunker.repo.location_arrays import ID, TRIM_AT, runs
+from bunker.repo.objects import MAGIC_INDEX, MAX_SIGNED_OBJECT
+from bunker.repo.repository import Repository
+
+
+class CopiesBuilder:
+    """Collects chunk copies (chunk id, pack, blob length) in flat buffers."""
+
+    def __init__(self) -> None:
+        self.ids = bytearray()
+        self.pack = array("I")
+        self.length = array("I")
+        self.numbers: dict[str, int] = {}
+
+    def add(self, entries: Iterable[tuple[bytes, Location]]) -> None:
+        ids, pack, length, numbers = self.ids, self.pack, self.length, self.numbers
+        for cid, loc in entries:
+            if len(cid) != ID:
+                raise encoding.FormatError("chunk id of the wrong length")
+            pno = numbers.get(loc.pack)
+            if pno is None:
+                pno = numbers[loc.pack] = len(numbers)
+            ids += cid
+            pack.append(pno)
+            length.append(loc.length)
+
+    def has_pack(self, pack: str) -> bool:
+        return pack in self.numbers
+
+    def build(self) -> Liveness:
+        return Liveness(list(self.numbers), self.ids, self.pack, self.length)
+
+
+def all_copies(repo: Repository, secrets: PutSecrets, existing: Iterable[str]) -> Liveness:
+    """Every chunk copy of this dedup domain, nothing live yet: from the index objects (all of
+    them, not first-wins), then from the trailers of ``existing`` packs no index names (killed
+    runs). Unreadable index objects are skipped: check reports them, and their packs' trailers
+    fill in."""
+    found = CopiesBuilder()
+    for info in list(repo.backend.list("index/")):
+        if info.size > MAX_SIGNED_OBJECT:
+            continue  # larger than any signed object may be: never fetched (check reports it)
+        try:
+            obj = parse_index_frame(repo.get_object(info.name))
+            if obj.body.get("domain") != secrets.domain_id:
+                continue
+            verify(repo.certificate(obj.signer).verify_key, MAGIC_INDEX, obj.body_bytes, obj.sig)
+            entries = decrypt_index(obj, secrets)
+        except (encoding.FormatError, BadSignature, CorruptObject, ObjectMissing):
+            continue
+        found.add(entries)
+    for pack in existing:
+        if found.has_pack(pack):
+            continue
+        try:
+            blobs, _, _ = read_trailer(repo, pack, secrets)
+        except (CorruptObject, ObjectMissing):
+            continue  # another domain's pack, or damaged
+        found.add((b.chunk_id, Location(pack, b.offset, b.length, b.raw_length)) for b in blobs)
+    return found.build()
+
+
+class UnreadableRoot(Exception):
+    """A root's chunk set could not be read: prune cannot tell what it needs."""
+
+    def __init__(self, what: str, cause: Exception) -> None:
+        super().__init__(what, cause)
+        self.what, self.cause = what, cause
+
+
+def mark_live(
+    liveness: Liveness,
+    roots: Iterable[tuple[str, Collection[str], str]],
+    fetch: Callable[[str], bytes],
+    secrets: PutSecrets,
+) -> None:
+    """Mark what ``roots`` need: (what it is, its resolved pack set, its chunk set's top object)
+    each. Snapshots of one client share most chunk-set parts: each part is read once and marked
+    with the packs of every root that names it (a copy is live if some root names its chunk and
+    its pack, so marking part by part with the union of those roots' packs is the same). Raises
+    UnreadableRoot."""
+    pack_sets: dict[frozenset[str], int] = {}  # each distinct pack set, numbered
+    users: dict[str, set[int]] = {}  # chunk-set part -> the pack sets of the roots naming it
+    named_by: dict[str, str] = {}  # chunk-set part -> a root that names it (for messages)
+    for what, packs, chunkset in roots:
+        try:
+            parts = refs.chunkset_parts(chunkset, fetch)
+        except (encoding.FormatError, CorruptObject, ObjectMissing) as exc:
+            raise UnreadableRoot(what, exc) from None
+        k = pack_sets.setdefault(frozenset(packs), len(pack_sets))
+        for name in parts:
+            users.setdefault(name, set()).add(k)
+            named_by.setdefault(name, what)
+    by_number = list(pack_sets)
+    groups: dict[frozenset[int], list[str]] = {}
+    for name, used_by in users.items():
+        groups.setdefault(frozenset(used_by), []).append(name)
+    for ks, names in groups.items():
+        mask = liveness.pack_mask(p for k in ks for p in by_number[k])
+        for name in names:
+            try:
+                ids = refs.read_chunkset_part(name, fetch, secrets)
+            except (encoding.FormatError, CorruptObject, ObjectMissing) as exc:
+                raise UnreadableRoot(named_by[name], exc) from None
+            liveness.mark(ids, mask)
+
+
+class Liveness:
+    """Chunk copies per pack and which of them are live (see the module's docstring)."""
+
+    def __init__(self, packs: list[str], ids: bytearray, pack: array[int], length: array[int]) -> None:
+        self.packs = packs
+        self._number = {p: i for i, p in enumerate(packs)}
+        n = len(pack)
+        self._ids = np.frombuffer(ids, dtype=np.uint8).reshape(n, ID)
+        self._pack = np.frombuffer(pack, dtype=np.uint32)
+        self._length = np.frombuffer(length, dtype=np.uint32)
+        # copies ordered by their id's first 8 bytes: a chunk's copies sit together, and a copy
+        # listed twice (an index object and its rewrite) is counted once
+        prefix = id_prefix(self._ids)
+        order = np.argsort(prefix, kind="stable")
+        prefix.sort()
+        self._counted = np.ones(n, dtype=bool)  # False: a copy that repeats one before it
+        tied = np.flatnonzero(prefix[1:] == prefix[:-1])  # i: rows i and i + 1 share the prefix
+        if len(tied):
+            starts = np.ones(len(tied), dtype=bool)
+            starts[1:] = tied[1:] != tied[:-1] + 1
+            ends = np.ones(len(tied), dtype=bool)
+            ends[:-1] = starts[1:]
+            pairs = tied[starts & ends]  # runs of two rows (a chunk in two packs, or listed twice)
+            a, b = order[pairs], order[pairs + 1]
+            repeat = (self._pack[a] == self._pack[b]) & (self._ids[a] == self._ids[b]).all(axis=1)
+            self._counted[b[repeat]] = False
+            for lo, hi in runs(tied[~(starts & ends)].tolist()):  # longer runs (rare): one by one
+                seen: set[tuple[bytes, int]] = set()
+                for r in order[lo : hi + 1].tolist():
+                    key = (self._ids[r].tobytes(), int(self._pack[r]))
+                    if key in seen:
+                        self._counted[r] = False
+                    seen.add(key)
+        self._order = order.astype(np.int32 if n < 1 << 31 else np.int64)
+        del order
+        self._sorted = prefix  # the id prefix of each copy in that order, for searchsorted
+        if n >= TRIM_AT:
+            heap.give_back()  # the index objects' decoded entries and the sort's temporaries
+        self._live = np.zeros(n, dtype=bool)
+        self._by_pack: tuple[np.ndarray, np.ndarray] | None = None
+        self._sums: tuple[np.ndarray, np.ndarray] | None = None
+
+    # ---------------------------------------------------------------- marking
+    def pack_mask(self, packs: Iterable[str]) -> np.ndarray:
+        """A flag per pack number: set for ``packs`` (names this domain does not hold are left out)."""
+        mask = np.zeros(max(1, len(self.packs)), dtype=bool)
+        numbers = [self._number[p] for p in packs if p in self._number]
+        mask[numbers] = True
+        return mask
+
+    def mark(self, chunk_ids: bytes, packs: np.ndarray) -> None:
+        """Mark live the copies of ``chunk_ids`` (32-byte ids end to end: a chunk set's part)
+        held in packs that ``packs`` (from :meth:`pack_mask`) flags."""
+        if len(chunk_ids) % ID:
+            raise encoding.FormatError("chunk ids of the wrong length")
+        q = np.frombuffer(chunk_ids, dtype=np.uint8).reshape(-1, ID)
+        if not len(q) or not len(self._sorted):
+            return
+        self._sums = None
+        qp = id_prefix(q)
+        at = np.searchsorted(self._sorted, qp, side="left")
+        end = np.searchsorted(self._sorted, qp, side="right")
+        open_ = np.flatnonzero(at < end)
+        while len(open_):  # each chunk's copies (usually one) in step with all the others'
+            rows = self._order[at[open_]]
+            hit = (self._ids[rows] == q[open_]).all(axis=1) & packs[self._pack[rows]]
+            self._live[rows[hit]] = True
+            at[open_] += 1
+            open_ = open_[at[open_] < end[open_]]
+
+    # ---------------------------------------------------------------- reading
+    def has_pack(self, pack: str) -> bool:
+        """Whether any chunk copy of this domain is known in ``pack``."""
+        return pack in self._number
+
+    def live_bytes(self, pack: str) -> int:
+        """Blob bytes of ``pack`` that live snapshots need."""
+        return self._sum(pack, 1)
+
+    def blob_bytes(self, pack: str) -> int:
+        """All blob bytes of a pack (without its sealed keys and footer, which a copy has too)."""
+        return self._sum(pack, 0)
+
+    def live_ids(self, pack: str) -> set[bytes]:
+        """The chunks of ``pack`` that live snapshots need."""
+        rows = self._rows(pack)
+        return {self._ids[r].tobytes() for r in rows[self._live[rows]].tolist()}
+
+    def chunk_ids(self, pack: str) -> set[bytes]:
+        """Every chunk ``pack`` holds."""
+        return {self._ids[r].tobytes() for r in self._rows(pack).tolist()}
+
+    def _sum(self, pack: str, live: int) -> int:
+        pno = self._number.get(pack)
+        if pno is None:
+            return 0
+        if self._sums is None:
+            k, counted = len(self.packs), self._counted
+            every = np.bincount(self._pack[counted], weights=self._length[counted], minlength=k)
+            both = counted & self._live
+            alive = np.bincount(self._pack[both], weights=self._length[both], minlength=k)
+            self._sums = (every, alive)
+        return int(self._sums[live][pno])
+
+    def _rows(self, pack: str) -> np.ndarray:
+        """The rows of the copies ``pack`` holds (each copy once)."""
+        pno = self._number.get(pack)
+        if pno is None:
+            return np.zeros(0, dtype=np.int64)
+        if self._by_pack is None:
+            rows = np.argsort(self._pack, kind="stable")
+            rows = rows[self._counted[rows]].astype(self._order.dtype)
+            starts = np.zeros(len(self.packs) + 1, dtype=np.int64)
+            np.cumsum(np.bincount(self._pack[rows], minlength=len(self.packs)), out=starts[1:])
+            self._by_pack = (rows, starts)
+            if len(rows) >= TRIM_AT:
+                heap.give_back()
+        rows, starts = self._by_pack
+        return rows[starts[pno] : starts[pno + 1]]
