@@ -1,14 +1,23 @@
 """The client's index (repo/index_cache.py) read from real repositories: an index object a
-prune rewrote between the listing and the read is not reported as damage."""
+prune rewrote between the listing and the read is not reported as damage; writers split many
+entries into several index objects."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
+import blake3
+import pytest
+
 from bunker.crypto.keyfile import load_put_key
+from bunker.repo import index as index_objects
 from bunker.repo.index_cache import IndexCache
+from bunker.repo.liveness import all_copies
+from bunker.repo.repack import repack
 from bunker.repo.repository import Repository
+from bunker.repo.session_writer import SessionWriter
 from bunker.storage.backend import ObjectInfo
 from bunker.storage.local import LocalBackend
 from helpers import Repo
@@ -39,3 +48,46 @@ def test_an_index_object_pruned_after_the_listing_is_not_damage(repo: Repo, tmp_
     assert raced.problems == [], raced.problems
     assert len(raced.objects) == 2 and 0 < len(raced) < len(whole)
     assert all(raced.get(cid) == whole.get(cid) for cid in raced.locations)
+
+
+def test_many_entries_are_written_as_several_index_objects(
+    repo: Repo, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Readers refuse a signed object over 64 MiB (~1.3 M index entries), so a writer splits:
+    a backup's session writer and a repack each write index objects of at most INDEX_BATCH
+    entries (a repack: whole packs each), and every chunk stays located."""
+    monkeypatch.setattr(index_objects, "INDEX_BATCH", 3)
+    r = Repository.open(LocalBackend(str(repo.path)))
+    put = load_put_key(str(repo.put_key))
+    cert = r.check_put_key(put)
+
+    def indexes() -> set[str]:
+        return {i.name for i in r.backend.list("index/")}
+
+    writer = SessionWriter(r, put, cert.name, IndexCache(r, put.secrets, None).load())
+    rounds: list[list[bytes]] = []
+    for n in (10, 3, 3, 3):  # one pack per round
+        before = indexes()
+        chunks = [os.urandom(1000) for _ in range(n)]
+        rounds.append([blake3.blake3(c).digest() for c in chunks])
+        for cid, data in zip(rounds[-1], chunks, strict=True):
+            writer.store(cid, data)
+        writer.flush()
+        assert len(indexes() - before) == (n + 2) // 3  # 10 entries: 3 + 3 + 3 + 1
+    writer.close()
+    located = IndexCache(r, put.secrets, None).load()
+    assert all(cid in located for ids in rounds for cid in ids)
+    small = sorted({located.locations[cid].pack for ids in rounds[1:] for cid in ids})
+    assert len(small) == 3
+
+    # a repack of the three small packs (every chunk live) into packs of about 2,000 bytes: a new
+    # pack per source, and an index object per new pack once three entries are waiting
+    liveness = all_copies(r, put.secrets, small)
+    for p in small:
+        liveness.mark(b"".join(liveness.chunk_ids(p)), liveness.pack_mask([p]))
+    before = indexes()
+    result = repack(r, put.secrets, put.client_key, cert.name, small, liveness, 2000)
+    assert len(result.written) == 3 and len(indexes() - before) == 3
+    after = all_copies(r, put.secrets, [])
+    copied = set().union(*(after.chunk_ids(n) for n, _ in result.written))
+    assert copied == {cid for ids in rounds[1:] for cid in ids}

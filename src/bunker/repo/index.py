@@ -25,10 +25,16 @@ def _key(secrets: PutSecrets, salt: bytes) -> bytes:
     return keyed_hash(secrets.index_key, b"index\x00" + salt)
 
 
+# entries per index object a writer puts at most (~5 MB): readers refuse any signed object over
+# MAX_SIGNED_OBJECT (64 MiB, ~1.3 M entries), so a repack or a fast backup of millions of small
+# chunks writes several
+INDEX_BATCH = 100_000
+
+
 def make_index(
     entries: Iterable[tuple[bytes, Location]], secrets: PutSecrets, signer: SigningKey, cert_name: str
 ) -> bytes:
-    """Encode, encrypt and sign one index object."""
+    """Encode, encrypt and sign one index object (of at most INDEX_BATCH entries: split more)."""
     packs: dict[str, int] = {}
     rows = []
     for cid, loc in entries:

@@ -144,7 +144,7 @@ class Liveness:
         self._length = np.frombuffer(length, dtype=np.uint32)
         # copies ordered by their id's first 8 bytes: a chunk's copies sit together, and a copy
         # listed twice (an index object and its rewrite) is counted once
-        prefix = id_prefix(self._ids)
+        prefix = id_prefix(self._ids).astype(np.uint64)  # native order: searchsorted would convert it per call
         order = np.argsort(prefix, kind="stable")
         prefix.sort()
         self._counted = np.ones(n, dtype=bool)  # False: a copy that repeats one before it
@@ -191,7 +191,7 @@ class Liveness:
         if not len(q) or not len(self._sorted):
             return
         self._sums = None
-        qp = id_prefix(q)
+        qp = id_prefix(q).astype(np.uint64)
         at = np.searchsorted(self._sorted, qp, side="left")
         end = np.searchsorted(self._sorted, qp, side="right")
         open_ = np.flatnonzero(at < end)

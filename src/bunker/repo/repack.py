@@ -25,6 +25,7 @@ from bunker import encoding
 from bunker.crypto.derive import PutSecrets
 from bunker.crypto.sign import SigningKey
 from bunker.errors import CorruptObject, ObjectMissing
+from bunker.repo import index as index_objects
 from bunker.repo.index import Location, make_index
 from bunker.repo.pack import (
     HEADER,
@@ -167,6 +168,9 @@ def repack(
         index_entries.extend((cid, Location(name, off, ln, raw)) for cid, off, ln, raw in copier.entries)
         for src in receivers.pop(kind, []):
             result.moves[src].append(name)
+        if len(index_entries) >= index_objects.INDEX_BATCH:  # (whole packs per index object)
+            repo.put_object("index", make_index(index_entries, secrets, signer, cert_name))
+            index_entries.clear()
         tick()
 
     for pack in packs:

@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from bunker.crypto.keyfile import PutKey
 from bunker.repo import blob
+from bunker.repo import index as index_objects
 from bunker.repo.index import Location, make_index
 from bunker.repo.index_cache import IndexCache
 from bunker.repo.pack import KIND_DATA, BlobEntry, PackWriter
@@ -174,11 +175,11 @@ class SessionWriter:
         with self._lock:
             entries, self._new_entries = self._new_entries, []
         self._last_index = time.monotonic()
-        if not entries:
-            return None
-        data = make_index(entries, self.secrets, self.put.client_key, self.cert_name)
-        name = self.repo.put_object("index", data)
-        self.index.record_written(name, entries)
+        name = None
+        for at in range(0, len(entries), index_objects.INDEX_BATCH):
+            batch = entries[at : at + index_objects.INDEX_BATCH]
+            name = self.repo.put_object("index", make_index(batch, self.secrets, self.put.client_key, self.cert_name))
+            self.index.record_written(name, batch)
         return name
 
     def persist_if_due(self) -> None:
