@@ -215,3 +215,23 @@ def test_restore_goes_on_past_a_damaged_chunk(repo: Repo, tmp_path: Path) -> Non
     cp = repo.run("restore", "latest", "--target", tmp_path / "t2")
     assert cp.returncode == 3
     assert "a.bin" in cp.stderr and "1 items could not be restored" in cp.stdout
+
+
+def test_chunks_no_index_entry_locates_are_named_per_snapshot(template: Repo, tmp_path: Path) -> None:
+    """A put-key check reads each snapshot's chunk set (part by part) and names the chunks no
+    agreeing index entry places in the snapshot's packs: with every index object gone, all of
+    them, with the count the healthy check reports."""
+    path = _copy(template, tmp_path)
+    healthy = js(run_bunker("check", "--json", "--repo", path, env=template.env))
+    assert healthy["ok"] and healthy["counts"]["snapshot_chunks"] > 0, healthy
+    for p in (path / "index").iterdir():
+        if not p.name.startswith("."):
+            p.unlink()
+    cp = run_bunker("check", "--json", "--repo", path, env=template.env)
+    doc = js(cp)
+    lost = [p for p in doc["problems"] if "chunks are not indexed in its packs" in p["problem"]]
+    assert len(lost) == 2 and all(p["severity"] == "err" for p in lost), describe(cp)
+    counts = sorted(int(p["problem"].split(" of its ")[0]) for p in lost)
+    totals = sorted(int(p["problem"].split(" of its ")[1].split()[0]) for p in lost)
+    assert counts == totals and sum(totals) == healthy["counts"]["snapshot_chunks"] == doc["counts"]["snapshot_chunks"]
+    assert all("bunker index rebuild" in p["problem"] for p in lost)

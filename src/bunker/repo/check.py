@@ -64,19 +64,13 @@ from bunker.repo.pack_verifier import PackJob, PackVerifierPool
 from bunker.repo.policy import read_policies
 from bunker.repo.repository import Repository
 from bunker.repo.status_records import status_problems
+from bunker.repo.trailer_spans import OpenedTrailers, PackBlobs, span
 from bunker.repo.witnesses import Source, Witness, statements_witnesses
 from bunker.storage.backend import PREFIXES, Backend
 from bunker.storage.prefixes import WRITTEN, rule_for
 
 # a blob's place in its pack as the trailer gives it, packed into one int (offset, length, raw
 # length): a tuple of three ints per chunk costs ~100 B more, for every chunk of the repository
-Span = int
-
-
-def span(offset: int, length: int, raw_length: int) -> Span:
-    return (offset << 64) | (length << 32) | raw_length
-
-
 # what a running prune deletes (packs, index objects it rewrites, its records) or a session
 # removes when it ends (leases): such an object vanishing while the check runs is no damage
 TRANSIENT = ("packs", "index", "gc", "sessions")
@@ -122,7 +116,7 @@ class Checker:
         # secret this check has, trailer under another secret (repo/other_secret.py)
         self._other_secret: dict[str, str] = {}
         self._vanished: set[str] = set()  # transient objects gone between listing and reading
-        self._trailers: dict[str, dict[bytes, Span]] = {}
+        self._trailers: dict[str, PackBlobs] = {}
         self._locations: dict[bytes, str] = {}
         self._names: dict[str, list[str]] = {}
 
@@ -306,10 +300,10 @@ class Checker:
             return self._domain_secrets[domain_id]
         return None
 
-    def _check_packs(self, names: list[str], full: bool) -> dict[str, dict[bytes, Span]]:
-        """Verify every pack; return its trailer's blobs (pack hex -> chunk id -> span) where readable.
+    def _check_packs(self, names: list[str], full: bool) -> dict[str, PackBlobs]:
+        """Verify every pack; return its trailer's blobs (pack hex -> blobs) where readable.
         With the master key, blobs are verified in worker processes (see pack_verifier)."""
-        out: dict[str, dict[bytes, Span]] = {}
+        out: dict[str, PackBlobs] = {}
         lock = threading.Lock()
         verifier = PackVerifierPool(self.backend.url) if self.master is not None else None
 
@@ -333,7 +327,7 @@ class Checker:
         self,
         n: str,
         full: bool,
-        out: dict[str, dict[bytes, Span]],
+        out: dict[str, PackBlobs],
         lock: threading.Lock,
         verifier: PackVerifierPool | None,
     ) -> None:
@@ -398,7 +392,7 @@ class Checker:
                 "still uses them; replace the pack from a mirror if you have one",
             )
         with lock:
-            out[n.split("/", 1)[1]] = {b.chunk_id: span(b.offset, b.length, b.raw_length) for b in trailer.blobs}
+            out[n.split("/", 1)[1]] = PackBlobs.of(trailer.blobs)
             r.counts["blobs"] += len(trailer.blobs)
         if verifier is None or self.master is None:
             return
@@ -447,13 +441,14 @@ class Checker:
             self.report.counts["blobs_verified"] += res.verified
 
     def _check_indexes(
-        self, names: list[str], trailers: dict[str, dict[bytes, Span]], locations: dict[bytes, str]
+        self, names: list[str], trailers: dict[str, PackBlobs], locations: dict[bytes, str]
     ) -> None:
         """Check every index against the pack trailers; add chunk id -> pack of the entries that
         agree to ``locations`` (chunks stored in more than one pack, because two writers stored
         the same chunk at once, get their other packs in ``_also_in``: a snapshot that names any
         copy's pack is satisfied)."""
         assert self.repo
+        opened = OpenedTrailers(trailers)
         packs: dict[str, str] = {}  # one string per pack name
         for n in names:
             data = self._get(n)
@@ -476,7 +471,7 @@ class Checker:
                 continue
             wrong = 0
             for cid, loc in entries:
-                t = trailers.get(loc.pack)
+                t = opened.get(loc.pack)
                 if t is None and f"packs/{loc.pack}" in self._vanished:
                     continue  # deleted by a prune since it was listed (see _settle)
                 if t is None and f"packs/{loc.pack}" in self._upstream:

@@ -35,6 +35,8 @@ from bunker.repo.snapshot import Envelope, ParsedSnapshot, open_body, parse_snap
 from bunker.repo.trust import chain_trust
 from bunker.repo.witnesses import Chains, Witness, judge
 
+_NONE: frozenset[str] = frozenset()  # no further packs hold the chunk
+
 
 @dataclass(frozen=True)
 class Pending:
@@ -346,14 +348,23 @@ class _Sets:
             return [*out, (f"chunk set {e.chunkset} incomplete: {exc}", "damage")]
         if secrets is None:
             return out
+        # part by part: a snapshot of 10 M chunks is never a list of 10 M ids
+        chunks = lost = 0
+        first_lost = b""
         try:
-            cset = refs.read_set(e.chunkset, self.fetch, secrets)
+            for part in refs.chunkset_parts(e.chunkset, self.fetch):
+                ids = refs.read_chunkset_part(part, self.fetch, secrets)
+                chunks += len(ids) // 32
+                for at in range(0, len(ids), 32):
+                    c = ids[at : at + 32]
+                    if self.locations.get(c) not in resolved and not self.also_in.get(c, _NONE) & resolved:
+                        lost += 1
+                        first_lost = first_lost or c
         except StorageError:
             raise
         except (BunkerError, encoding.FormatError) as exc:
             return [*out, (f"chunk set {e.chunkset} unreadable: {exc}", "damage")]
-        lost = [c for c in cset if self.locations.get(c) not in resolved and not self.also_in.get(c, set()) & resolved]
-        if lost and (e.complete or len(lost) > e.stats.get("chunks_lost", 0)):
+        if lost and (e.complete or lost > e.stats.get("chunks_lost", 0)):
             # an incomplete snapshot declares how many chunks it lacks (forward could not
             # store them again): those are known, not damage
             if foreign:
@@ -361,8 +372,8 @@ class _Sets:
                 # kept per certificate, before it was kept per secret)
                 out.append(
                     (
-                        f"{len(lost)} of its {len(cset)} chunks are not indexed in its packs (e.g. "
-                        f"{lost[0].hex()[:16]}): it names {len(foreign)} pack(s) written with another secret (e.g. "
+                        f"{lost} of its {chunks} chunks are not indexed in its packs (e.g. "
+                        f"{first_lost.hex()[:16]}): it names {len(foreign)} pack(s) written with another secret (e.g. "
                         f"packs/{foreign[0]}), so the files whose data is there cannot be restored from it; the next "
                         "backup with a good put key stores them again",
                         "other-secret",
@@ -371,12 +382,12 @@ class _Sets:
             else:
                 out.append(
                     (
-                        f"{len(lost)} of its {len(cset)} chunks are not indexed in its packs (e.g. "
-                        f"{lost[0].hex()[:16]}); if the packs are intact, `bunker index rebuild` re-indexes them from "
-                        "their trailers",
+                        f"{lost} of its {chunks} chunks are not indexed in its packs (e.g. "
+                        f"{first_lost.hex()[:16]}); if the packs are intact, `bunker index rebuild` re-indexes them "
+                        "from their trailers",
                         "damage",
                     )
                 )
         if self.count:
-            self.c.report.counts["snapshot_chunks"] += len(cset)
+            self.c.report.counts["snapshot_chunks"] += chunks
         return out
