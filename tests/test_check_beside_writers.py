@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from bunker.crypto.keyfile import load_master_key, load_put_key
+from bunker.repo import agreed_copies
 from bunker.repo.check import Checker
 from bunker.repo.gc import Pruner
 from bunker.repo.leases import Lease
@@ -39,8 +40,15 @@ class Meanwhile(LocalBackend):
         yield from found
 
 
-@pytest.mark.parametrize("mode", ["keyless", "put-key", "read-data"])
-def test_check_beside_a_prune_a_backup_and_an_ending_session_reports_no_damage(tmp_path: Path, mode: str) -> None:
+@pytest.mark.parametrize("mode", ["keyless", "put-key", "read-data", "put-key-table"])
+def test_check_beside_a_prune_a_backup_and_an_ending_session_reports_no_damage(
+    tmp_path: Path, mode: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """(put-key-table: where index entries place chunks is kept in the table a check of a large
+    repository uses, repo/agreed_copies.py, also for what the second listing adds.)"""
+    if mode == "put-key-table":
+        monkeypatch.setattr(agreed_copies, "LARGE", 1)
+        mode = "put-key"
     repo: Repo = init_repo(tmp_path / "r")
     prune_key = tmp_path / "pruner.put"
     repo.ok("key", "new-client", "pruner", "--prune", "--out", prune_key)

@@ -8,8 +8,8 @@ from __future__ import annotations
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bunker.repo.index import Location
-from bunker.repo.liveness import CopiesBuilder
+from bunker.repo.copy_table import CopiesBuilder
+from bunker.repo.liveness import Liveness
 
 PACKS = [f"{i:064x}" for i in range(6)]
 # ids that share their first 8 or 16 bytes, so the sort's tie-breaking is exercised
@@ -31,8 +31,8 @@ def test_marks_what_the_plain_model_marks(
             contents.setdefault(pack, {}).setdefault(cid, length)
     found = CopiesBuilder()
     for b in batches:  # a copy listed again (by another index object) is the same blob: same length
-        found.add((cid, Location(pack, 0, contents[pack][cid], 1)) for cid, pack, _ in b)
-    liveness = found.build()
+        found.add((cid, pack, contents[pack][cid]) for cid, pack, _ in b)
+    liveness = Liveness(found)
     live: dict[str, set[bytes]] = {}
     for chunks, packs in roots:
         mask = liveness.pack_mask(packs)
@@ -52,12 +52,12 @@ def test_marks_what_the_plain_model_marks(
 
 
 def test_nothing_is_live_without_roots_and_an_empty_domain_works() -> None:
-    empty = CopiesBuilder().build()
+    empty = Liveness(CopiesBuilder())
     empty.mark(IDS[0], empty.pack_mask(PACKS))
     assert not empty.has_pack(PACKS[0]) and empty.live_bytes(PACKS[0]) == 0 and empty.live_ids(PACKS[0]) == set()
     found = CopiesBuilder()
-    found.add([(IDS[0], Location(PACKS[0], 0, 10, 10))])
-    one = found.build()
+    found.add([(IDS[0], PACKS[0], 10)])
+    one = Liveness(found)
     assert one.blob_bytes(PACKS[0]) == 10 and one.live_bytes(PACKS[0]) == 0
     one.mark(IDS[0], one.pack_mask([PACKS[1]]))  # named, but in a pack set without its pack
     assert one.live_ids(PACKS[0]) == set()

@@ -27,6 +27,7 @@ from bunker.crypto.keyfile import MasterKey
 from bunker.crypto.sign import BadSignature, verify
 from bunker.errors import BunkerError, CorruptObject, ObjectMissing, StorageError
 from bunker.repo import refs
+from bunker.repo.agreed_copies import AgreedCopies
 from bunker.repo.certs import Certificate, parse_certificate
 from bunker.repo.check_report import CheckReport
 from bunker.repo.check_snapshots import Fresh, Pending, SnapshotChecks
@@ -109,7 +110,6 @@ class Checker:
         self.progress = progress or (lambda s: None)
         self.repo: Repository | None = None
         self._domain_secrets: dict[str, PutSecrets] = {}
-        self._also_in: dict[bytes, set[str]] = {}  # see _check_indexes
         self._stored: dict[str, float] = {}  # snapshot name -> the storage's own time for it
         self.own_cert = own_cert  # clients/<hash> of the put key checking, if any
         # pack hex -> its writer ("this client" or client 'x'): signed by a writer of a domain whose
@@ -117,7 +117,7 @@ class Checker:
         self._other_secret: dict[str, str] = {}
         self._vanished: set[str] = set()  # transient objects gone between listing and reading
         self._trailers: dict[str, PackBlobs] = {}
-        self._locations: dict[bytes, str] = {}
+        self._agreed = AgreedCopies()  # see _check_indexes
         self._names: dict[str, list[str]] = {}
 
     # ------------------------------------------------------------------ entry point
@@ -177,11 +177,10 @@ class Checker:
             )
         self._trailers = self._check_packs([n for n in names["packs"] if n not in upstream], full=self._full)
         self.progress("indexes")
-        self._also_in = {}
-        self._locations = {}
-        self._check_indexes(names["index"], self._trailers, self._locations)
+        self._agreed = AgreedCopies()
+        self._check_indexes(names["index"], self._trailers, self._agreed)
         self.progress("snapshots")
-        self._check_snapshots(names["snapshots"], names["retired"], set(names["packs"]), self._locations)
+        self._check_snapshots(names["snapshots"], names["retired"], set(names["packs"]), self._agreed)
         self._check_records(names)
         r.counts["vanished_while_checking"] = len(self._vanished)
         return r
@@ -441,15 +440,13 @@ class Checker:
             self.report.counts["blobs_verified"] += res.verified
 
     def _check_indexes(
-        self, names: list[str], trailers: dict[str, PackBlobs], locations: dict[bytes, str]
+        self, names: list[str], trailers: dict[str, PackBlobs], agreed: AgreedCopies
     ) -> None:
-        """Check every index against the pack trailers; add chunk id -> pack of the entries that
-        agree to ``locations`` (chunks stored in more than one pack, because two writers stored
-        the same chunk at once, get their other packs in ``_also_in``: a snapshot that names any
-        copy's pack is satisfied)."""
+        """Check every index against the pack trailers; add chunk id and pack of the entries that
+        agree to ``agreed`` (a chunk stored in more than one pack, because two writers stored the
+        same chunk at once, has each: a snapshot that names any copy's pack is satisfied)."""
         assert self.repo
         opened = OpenedTrailers(trailers)
-        packs: dict[str, str] = {}  # one string per pack name
         for n in names:
             data = self._get(n)
             if data is None:
@@ -470,6 +467,7 @@ class Checker:
                 self.report.add(n, str(exc))
                 continue
             wrong = 0
+            good: list[tuple[bytes, str]] = []
             for cid, loc in entries:
                 t = opened.get(loc.pack)
                 if t is None and f"packs/{loc.pack}" in self._vanished:
@@ -488,13 +486,12 @@ class Checker:
                     if wrong <= 5:
                         self.report.add(n, f"entry for chunk {cid.hex()[:16]} disagrees with pack {loc.pack[:16]}…")
                     continue
-                pack = packs.setdefault(loc.pack, loc.pack)
-                if locations.setdefault(cid, pack) != pack:
-                    self._also_in.setdefault(cid, set()).add(pack)
+                good.append((cid, loc.pack))
+            agreed.add(good)
             self.report.counts["index_entries"] += len(entries)
 
     def _check_snapshots(
-        self, names: list[str], retired_names: list[str], packs: set[str], locations: dict[bytes, str]
+        self, names: list[str], retired_names: list[str], packs: set[str], agreed: AgreedCopies
     ) -> None:
         assert self.repo
         needed = SnapshotChecks(
@@ -506,7 +503,7 @@ class Checker:
             self._witnesses,
             self._stored,
             self.pending,
-        ).run(names, retired_names, packs, locations, self._also_in, set(self._other_secret), self._settle)
+        ).run(names, retired_names, packs, agreed, set(self._other_secret), self._settle)
         for pack, who in sorted(self._other_secret.items()):
             what = (
                 f"written with another secret: its writer's signature holds, but its trailer does not open with the "
@@ -537,14 +534,13 @@ class Checker:
             self._names["packs"] += new_packs
         new_index = sorted(set(index_now) - set(self._names["index"]))
         if new_index:
-            self._check_indexes(new_index, self._trailers, self._locations)
+            self._check_indexes(new_index, self._trailers, self._agreed)
             self._names["index"] += new_index
         gone = {n for n in start if n not in listed} | {n for n in self._vanished if n.startswith("packs/")}
         present = listed - {n for n in self._vanished if n.startswith("packs/")}
         return Fresh(
             packs=present,
-            locations=self._locations,
-            also_in=self._also_in,
+            agreed=self._agreed,
             retired_names=[i.name for i in self.backend.list("retired/")],
             vanished={n.split("/", 1)[1] for n in gone},
         )

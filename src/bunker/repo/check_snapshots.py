@@ -23,6 +23,7 @@ from bunker.crypto.derive import PutSecrets
 from bunker.crypto.keyfile import MasterKey
 from bunker.errors import BunkerError, CorruptObject, ObjectMissing, StorageError
 from bunker.repo import refs
+from bunker.repo.agreed_copies import AgreedCopies
 from bunker.repo.check_report import CheckReport, utc
 from bunker.repo.holding_records import InTransit, holding_records
 from bunker.repo.moves import PackMoves
@@ -34,8 +35,6 @@ from bunker.repo.retention import FUTURE_TOLERANCE, signed_time_in_future
 from bunker.repo.snapshot import Envelope, ParsedSnapshot, open_body, parse_snapshot, path_set_id
 from bunker.repo.trust import chain_trust
 from bunker.repo.witnesses import Chains, Witness, judge
-
-_NONE: frozenset[str] = frozenset()  # no further packs hold the chunk
 
 
 @dataclass(frozen=True)
@@ -52,8 +51,7 @@ class Fresh:
     """The repository as listed again at the end of a check (repo/check.py ``_settle``)."""
 
     packs: set[str]  # packs/<hex>
-    locations: dict[bytes, str]
-    also_in: dict[bytes, set[str]]
+    agreed: AgreedCopies
     retired_names: list[str]
     vanished: set[str]  # bare pack names listed at the start and gone now
 
@@ -87,14 +85,12 @@ class SnapshotChecks:
         names: list[str],
         retired_names: list[str],
         packs: set[str],
-        locations: dict[bytes, str],
-        also_in: dict[bytes, set[str]],
+        agreed: AgreedCopies,
         other_secret: Collection[str] = (),
         settle: Callable[[], Fresh] | None = None,
     ) -> dict[str, list[str]]:
-        """``packs``: the listed pack names; ``locations``: chunk id -> pack of the index
-        entries that agree with the trailers; ``also_in``: further packs holding a chunk;
-        ``other_secret``: packs written with another secret (repo/other_secret.py).
+        """``packs``: the listed pack names; ``agreed``: where the index entries that agree
+        with the trailers place each chunk; ``other_secret``: packs written with another secret (repo/other_secret.py).
         ``settle``: the repository as listed again; what a snapshot misses is reported only if
         it still misses it then (a prune beside the check deletes what no snapshot needs).
         Returns which trusted, not retired snapshots name each of the ``other_secret`` packs."""
@@ -105,7 +101,7 @@ class SnapshotChecks:
         off_chain = chain_trust({n: s.env for n, s in parsed.items()}, self.repo.revoked, self.repo.chain.legacy)
         chains: Chains = defaultdict(dict)
         runs: dict[tuple[str, int], str] = {}  # (session, checkpoint) -> the snapshot holding it
-        sets = _Sets(self, packs, locations, also_in, other_secret)
+        sets = _Sets(self, packs, agreed, other_secret)
         missing: dict[str, Missing] = {}  # snapshot -> what its sets miss, reported after settling
         live = []
         for n, snap in damaged_key.items():
@@ -138,7 +134,7 @@ class SnapshotChecks:
         if settle is not None:
             fresh = settle()
             retired |= self._retired(fresh.retired_names, quiet=set(retired_names))
-            again = _Sets(self, fresh.packs, fresh.locations, fresh.also_in, other_secret, count=False)
+            again = _Sets(self, fresh.packs, fresh.agreed, other_secret, count=False)
             for n in live:
                 if n in retired:
                     missing.pop(n, None)  # forgotten while the check ran
@@ -287,12 +283,11 @@ class _Sets:
         self,
         checks: SnapshotChecks,
         packs: set[str],
-        locations: dict[bytes, str],
-        also_in: dict[bytes, set[str]],
+        agreed: AgreedCopies,
         other_secret: Collection[str],
         count: bool = True,
     ) -> None:
-        self.c, self.packs, self.locations, self.also_in = checks, packs, locations, also_in
+        self.c, self.packs, self.agreed = checks, packs, agreed
         self.count = count  # the second look (after settling) does not count chunks nor naming again
         self.other_secret = other_secret
         self.naming: dict[str, list[str]] = {}  # pack written with another secret -> snapshots naming it
@@ -351,15 +346,14 @@ class _Sets:
         # part by part: a snapshot of 10 M chunks is never a list of 10 M ids
         chunks = lost = 0
         first_lost = b""
+        missing_in = self.agreed.missing_in(resolved)
         try:
             for part in refs.chunkset_parts(e.chunkset, self.fetch):
                 ids = refs.read_chunkset_part(part, self.fetch, secrets)
                 chunks += len(ids) // 32
-                for at in range(0, len(ids), 32):
-                    c = ids[at : at + 32]
-                    if self.locations.get(c) not in resolved and not self.also_in.get(c, _NONE) & resolved:
-                        lost += 1
-                        first_lost = first_lost or c
+                part_lost, first = missing_in(ids)
+                lost += part_lost
+                first_lost = first_lost or first
         except StorageError:
             raise
         except (BunkerError, encoding.FormatError) as exc:

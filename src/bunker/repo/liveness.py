@@ -4,15 +4,14 @@ them the live snapshots and checkpoints need.
 A chunk held by pack P is live in P if a live snapshot (or checkpoint) whose pack set, resolved
 through the move records, names P needs it (repack.py says why). A dict per pack of chunk id ->
 Location, a map from each chunk to its packs and a set of live chunks per pack cost ~500 B per
-chunk copy: 5 GB at 10 M chunks. :class:`Liveness` keeps the copies as columns instead (chunk
-id, pack number, blob length: 40 B per copy) with an order sorted by chunk id, and one flag per
-copy for "live" (docs/performance.md, "Scale"). Marking takes a snapshot's chunk set one part at
-a time, never the whole set as Python objects.
+chunk copy: 5 GB at 10 M chunks. :class:`Liveness` keeps the copies in a CopyTable instead
+(copy_table.py: columns sorted by chunk id) with each copy's blob length and one flag per copy
+for "live" (docs/performance.md, "Scale"). Marking takes a snapshot's chunk set one part at a
+time, never the whole set as Python objects.
 """
 
 from __future__ import annotations
 
-from array import array
 from collections.abc import Callable, Collection, Iterable
 
 import numpy as np
@@ -23,39 +22,11 @@ from bunker.crypto.sign import BadSignature, verify
 from bunker.errors import CorruptObject, ObjectMissing
 from bunker.repo import refs
 from bunker.repo.blob_reader import read_trailer
-from bunker.repo.id_arrays import id_prefix
-from bunker.repo.index import Location, decrypt_index, parse_index_frame
-from bunker.repo.location_arrays import ID, TRIM_AT, runs
+from bunker.repo.copy_table import CopiesBuilder, CopyTable
+from bunker.repo.index import decrypt_index, parse_index_frame
+from bunker.repo.location_arrays import TRIM_AT
 from bunker.repo.objects import MAGIC_INDEX, MAX_SIGNED_OBJECT
 from bunker.repo.repository import Repository
-
-
-class CopiesBuilder:
-    """Collects chunk copies (chunk id, pack, blob length) in flat buffers."""
-
-    def __init__(self) -> None:
-        self.ids = bytearray()
-        self.pack = array("I")
-        self.length = array("I")
-        self.numbers: dict[str, int] = {}
-
-    def add(self, entries: Iterable[tuple[bytes, Location]]) -> None:
-        ids, pack, length, numbers = self.ids, self.pack, self.length, self.numbers
-        for cid, loc in entries:
-            if len(cid) != ID:
-                raise encoding.FormatError("chunk id of the wrong length")
-            pno = numbers.get(loc.pack)
-            if pno is None:
-                pno = numbers[loc.pack] = len(numbers)
-            ids += cid
-            pack.append(pno)
-            length.append(loc.length)
-
-    def has_pack(self, pack: str) -> bool:
-        return pack in self.numbers
-
-    def build(self) -> Liveness:
-        return Liveness(list(self.numbers), self.ids, self.pack, self.length)
 
 
 def all_copies(repo: Repository, secrets: PutSecrets, existing: Iterable[str]) -> Liveness:
@@ -75,7 +46,7 @@ def all_copies(repo: Repository, secrets: PutSecrets, existing: Iterable[str]) -
             entries = decrypt_index(obj, secrets)
         except (encoding.FormatError, BadSignature, CorruptObject, ObjectMissing):
             continue
-        found.add(entries)
+        found.add((cid, loc.pack, loc.length) for cid, loc in entries)
     for pack in existing:
         if found.has_pack(pack):
             continue
@@ -83,8 +54,8 @@ def all_copies(repo: Repository, secrets: PutSecrets, existing: Iterable[str]) -
             blobs, _, _ = read_trailer(repo, pack, secrets)
         except (CorruptObject, ObjectMissing):
             continue  # another domain's pack, or damaged
-        found.add((b.chunk_id, Location(pack, b.offset, b.length, b.raw_length)) for b in blobs)
-    return found.build()
+        found.add((b.chunk_id, pack, b.length) for b in blobs)
+    return Liveness(found)
 
 
 class UnreadableRoot(Exception):
@@ -135,80 +106,23 @@ def mark_live(
             liveness.mark(ids, mask)
 
 
-class Liveness:
-    """Chunk copies per pack and which of them are live (see the module's docstring)."""
+class Liveness(CopyTable):
+    """Chunk copies per pack with their blob lengths, and which of them are live (see the
+    module's docstring)."""
 
-    def __init__(self, packs: list[str], ids: bytearray, pack: array[int], length: array[int]) -> None:
-        self.packs = packs
-        self._number = {p: i for i, p in enumerate(packs)}
-        n = len(pack)
-        self._ids = np.frombuffer(ids, dtype=np.uint8).reshape(n, ID)
-        self._pack = np.frombuffer(pack, dtype=np.uint32)
-        self._length = np.frombuffer(length, dtype=np.uint32)
-        # copies ordered by their id's first 8 bytes: a chunk's copies sit together, and a copy
-        # listed twice (an index object and its rewrite) is counted once
-        prefix = id_prefix(self._ids).astype(np.uint64)  # native order: searchsorted would convert it per call
-        order = np.argsort(prefix, kind="stable")
-        prefix.sort()
-        self._counted = np.ones(n, dtype=bool)  # False: a copy that repeats one before it
-        tied = np.flatnonzero(prefix[1:] == prefix[:-1])  # i: rows i and i + 1 share the prefix
-        if len(tied):
-            starts = np.ones(len(tied), dtype=bool)
-            starts[1:] = tied[1:] != tied[:-1] + 1
-            ends = np.ones(len(tied), dtype=bool)
-            ends[:-1] = starts[1:]
-            pairs = tied[starts & ends]  # runs of two rows (a chunk in two packs, or listed twice)
-            a, b = order[pairs], order[pairs + 1]
-            repeat = (self._pack[a] == self._pack[b]) & (self._ids[a] == self._ids[b]).all(axis=1)
-            self._counted[b[repeat]] = False
-            for lo, hi in runs(tied[~(starts & ends)].tolist()):  # longer runs (rare): one by one
-                seen: set[tuple[bytes, int]] = set()
-                for r in order[lo : hi + 1].tolist():
-                    key = (self._ids[r].tobytes(), int(self._pack[r]))
-                    if key in seen:
-                        self._counted[r] = False
-                    seen.add(key)
-        self._order = order.astype(np.int32 if n < 1 << 31 else np.int64)
-        del order
-        self._sorted = prefix  # the id prefix of each copy in that order, for searchsorted
-        if n >= TRIM_AT:
-            heap.give_back()  # the index objects' decoded entries and the sort's temporaries
+    def __init__(self, found: CopiesBuilder) -> None:
+        super().__init__(found)
+        n = len(self)
         self._live = np.zeros(n, dtype=bool)
         self._by_pack: tuple[np.ndarray, np.ndarray] | None = None
         self._sums: tuple[np.ndarray, np.ndarray] | None = None
 
-    # ---------------------------------------------------------------- marking
-    def pack_mask(self, packs: Iterable[str]) -> np.ndarray:
-        """A flag per pack number: set for ``packs`` (names this domain does not hold are left out)."""
-        mask = np.zeros(max(1, len(self.packs)), dtype=bool)
-        numbers = [self._number[p] for p in packs if p in self._number]
-        mask[numbers] = True
-        return mask
-
     def mark(self, chunk_ids: bytes, packs: np.ndarray) -> None:
         """Mark live the copies of ``chunk_ids`` (32-byte ids end to end: a chunk set's part)
         held in packs that ``packs`` (from :meth:`pack_mask`) flags."""
-        if len(chunk_ids) % ID:
-            raise encoding.FormatError("chunk ids of the wrong length")
-        q = np.frombuffer(chunk_ids, dtype=np.uint8).reshape(-1, ID)
-        if not len(q) or not len(self._sorted):
-            return
         self._sums = None
-        qp = id_prefix(q).astype(np.uint64)
-        at = np.searchsorted(self._sorted, qp, side="left")
-        end = np.searchsorted(self._sorted, qp, side="right")
-        open_ = np.flatnonzero(at < end)
-        while len(open_):  # each chunk's copies (usually one) in step with all the others'
-            rows = self._order[at[open_]]
-            hit = (self._ids[rows] == q[open_]).all(axis=1) & packs[self._pack[rows]]
-            self._live[rows[hit]] = True
-            at[open_] += 1
-            open_ = open_[at[open_] < end[open_]]
-
-    # ---------------------------------------------------------------- reading
-    def has_pack(self, pack: str) -> bool:
-        """Whether any chunk copy of this domain is known in ``pack``."""
-        return pack in self._number
+        for _, rows in self.matches(chunk_ids, packs):
+            self._live[rows] = True
 
     def live_bytes(self, pack: str) -> int:
         """Blob bytes of ``pack`` that live snapshots need."""
