@@ -27,6 +27,12 @@ chunk: every chunk copy read from the index objects (repo/liveness.py ``all_copi
 chunk sets marked part by part (``mark_live``), and the packs to repack chosen; time, resident
 bytes per chunk and peak RSS. (The rest of a prune costs per snapshot and per pack, not per
 chunk: listing, the snapshots' envelopes and pack sets, deleting, copying what it repacks.)
+
+``check`` (not run by default: building the repository stores every chunk): a repository of
+real packs (tiny blobs, 500 to a pack, an index object per pack) and one snapshot naming every
+chunk, then `bunker check` with the put key in a fresh process (in-process Checker): every
+pack's footer and trailer read and verified, every index object checked against the trailers,
+the snapshot's chunk set looked up; time, resident bytes per chunk after, peak RSS.
 """
 
 from __future__ import annotations
@@ -187,6 +193,71 @@ print(json.dumps({"copies_s": copies_s, "mark_s": mark_s, "choose_s": choose_s, 
 """
 
 
+PACKED = r"""
+import os, random, sys, json, time
+from bunker.backup.commit import commit_snapshot
+from bunker.cli.context import init_repository
+from bunker.crypto.keyfile import load_put_key
+from bunker.repo import blob
+from bunker.repo.chunk_id_set import ChunkIdSet
+from bunker.repo.index_cache import IndexCache
+from bunker.repo.pack import KIND_META
+from bunker.repo.records import new_session_id
+from bunker.repo.repository import Repository
+from bunker.repo.session_writer import SessionWriter
+from bunker.repo.tree import encode_tree
+from bunker.runlog import RunLog
+from bunker.storage import open_backend
+
+repo_dir, n, state = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+created = init_repository(repo_dir, "scale")
+repo = Repository.open(open_backend(repo_dir))
+put = load_put_key(created.put_path)
+cert = repo.check_put_key(put)
+t0 = time.monotonic()
+writer = SessionWriter(repo, put, cert.name, IndexCache(repo, put.secrets, None).load())
+ids = ChunkIdSet()
+rng = random.Random(n)
+for i in range(n):  # tiny blobs, 500 to a pack (and an index object per pack)
+    data = rng.randbytes(16)
+    cid = blob.chunk_id(put.secrets, data)
+    writer.store(cid, data)
+    ids.add(cid)
+    if i % 500 == 499:
+        writer.flush()
+root = blob.chunk_id(put.secrets, encode_tree([]))
+writer.store(root, encode_tree([]), KIND_META)
+ids.add(root)
+now = time.time()
+body = {"host": "scale", "user": "x", "paths": ["/"], "tags": [], "started": now, "finished": now, "argv": []}
+commit_snapshot(repo, put, cert, writer, root=root, chunk_ids=ids, stats={"files": 0, "dirs": 0, "bytes": 0},
+                log=RunLog(), body_extra=body, state_dir=state, session=new_session_id())
+writer.close()
+print(json.dumps({"put_path": created.put_path, "repo_id": repo.repo_id, "build_s": time.monotonic() - t0}))
+"""
+
+CHECK = r"""
+import os, sys, json, time, resource
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+from bunker.crypto.keyfile import load_put_key
+from bunker.repo.check import Checker
+from bunker.storage import open_backend
+import numpy  # imported before the first figure: its own memory is not the check's
+
+repo_dir, put_path, repo_id = sys.argv[1:4]
+put = load_put_key(put_path)
+before = rss()
+t0 = time.monotonic()
+report = Checker(open_backend(repo_dir), repo_id, secrets=put.secrets).run(keyless=False)
+check_s = time.monotonic() - t0
+print(json.dumps({"check_s": check_s, "rss_before": before, "rss_after": rss(),
+                  "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+                  "problems": [p.to_json() for p in report.problems][:3], "counts": dict(report.counts)}))
+"""
+
+
 def _run(code: str, *args: str, env: dict[str, str]) -> dict[str, float]:
     out = subprocess.run([sys.executable, "-c", code, *args], env=env, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
@@ -201,7 +272,8 @@ def main() -> None:
     ap.add_argument(
         "--ops",
         default="index,chunkset,prune",
-        help="index (a client's index load), chunkset (a backup's ids), prune (prune's marking of what is live)",
+        help="index (a client's index load), chunkset (a backup's ids), prune (prune's marking of what is live), "
+        "check (a put-key check of real packs)",
     )
     args = ap.parse_args()
     work = args.work or tempfile.mkdtemp(prefix="bunker-scale-")
@@ -253,6 +325,27 @@ def main() -> None:
             if not args.keep:
                 shutil.rmtree(repo_dir)
                 shutil.rmtree(cache, ignore_errors=True)
+        for n in (int(x) for x in args.chunks.split(",")) if "check" in ops else ():
+            home = os.path.join(work, f"home-check-{n}")
+            env = dict(os.environ, HOME=home, XDG_CONFIG_HOME=f"{home}/.config", XDG_DATA_HOME=f"{home}/.local/share")
+            env.update(XDG_CACHE_HOME=f"{home}/.cache", BUNKER_PASSPHRASE="scale", PYTHONPATH=SRC)
+            repo_dir = os.path.join(work, f"repo-check-{n}")
+            t0 = time.monotonic()
+            built = _run(PACKED, repo_dir, str(n), os.path.join(home, "state"), env=env)
+            took = time.monotonic() - t0
+            print(f"{n:>11,} chunks in packs of 500 and one snapshot: built in {took:.1f} s", flush=True)
+            r = _run(CHECK, repo_dir, str(built["put_path"]), str(built["repo_id"]), env=env)
+            rows.append({"op": "check", "chunks": n, **r})
+            grew, peak = (r["rss_after"] - r["rss_before"]) / n, r["peak"] / 2**20
+            problems = [p for p in r["problems"] if p["severity"] == "err"]  # type: ignore[union-attr]
+            print(
+                f"{n:>11,} chunks, check (put key): {r['check_s']:.2f} s, {grew:.1f} B/chunk resident after, "
+                f"peak {peak:.0f} MiB; {r['counts']['snapshot_chunks']:,} snapshot chunks checked, "  # type: ignore[index]
+                f"{len(problems)} errors",
+                flush=True,
+            )
+            if not args.keep:
+                shutil.rmtree(repo_dir)
         warm = [r for r in rows if r.get("phase") == "warm"]
         if warm:
             big = max(warm, key=lambda r: r["chunks"])

@@ -46,7 +46,7 @@ class AgreedCopies:
         if len(first) >= LARGE:
             from bunker.repo.copy_table import CopiesBuilder
 
-            self._builder = CopiesBuilder()
+            self._builder = CopiesBuilder(lengths=False)
             self._builder.add((cid, pack, 0) for cid, pack in first.items())
             self._builder.add((cid, pack, 0) for cid, packs in self._also.items() for pack in packs)
             self._first, self._also = {}, {}
@@ -59,7 +59,7 @@ class AgreedCopies:
             from bunker.repo.copy_table import CopiesBuilder, CopyTable
 
             self._tables.append(CopyTable(self._builder))  # (the table takes the builder's buffers)
-            self._builder = CopiesBuilder()
+            self._builder = CopiesBuilder(lengths=False)
         masks = [t.pack_mask(packs) for t in self._tables]
         first, also = self._first, self._also
 

@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import blake3
 
-from bunker import encoding
+from bunker import encoding, heap
 from bunker.crypto.derive import PutSecrets
 from bunker.crypto.keyfile import MasterKey
 from bunker.crypto.sign import BadSignature, verify
@@ -118,6 +118,7 @@ class Checker:
         self._vanished: set[str] = set()  # transient objects gone between listing and reading
         self._trailers: dict[str, PackBlobs] = {}
         self._agreed = AgreedCopies()  # see _check_indexes
+        self._read_before: set[str] = set()  # packs whose trailers the first pass read (see run)
         self._names: dict[str, list[str]] = {}
 
     # ------------------------------------------------------------------ entry point
@@ -179,6 +180,12 @@ class Checker:
         self.progress("indexes")
         self._agreed = AgreedCopies()
         self._check_indexes(names["index"], self._trailers, self._agreed)
+        # the trailers are not needed again unless index objects appear while the check runs:
+        # dropped now, before the snapshots' chunks are looked up (a check of 10 M chunks peaked
+        # at 1.17 GB with them kept, docs/performance.md); _settle reads again those it needs
+        self._read_before = set(self._trailers)
+        self._trailers = {}
+        heap.give_back()
         self.progress("snapshots")
         self._check_snapshots(names["snapshots"], names["retired"], set(names["packs"]), self._agreed)
         self._check_records(names)
@@ -299,12 +306,13 @@ class Checker:
             return self._domain_secrets[domain_id]
         return None
 
-    def _check_packs(self, names: list[str], full: bool) -> dict[str, PackBlobs]:
+    def _check_packs(self, names: list[str], full: bool, data: bool = True) -> dict[str, PackBlobs]:
         """Verify every pack; return its trailer's blobs (pack hex -> blobs) where readable.
-        With the master key, blobs are verified in worker processes (see pack_verifier)."""
+        With the master key (and ``data``), blobs are verified in worker processes (see
+        pack_verifier)."""
         out: dict[str, PackBlobs] = {}
         lock = threading.Lock()
-        verifier = PackVerifierPool(self.backend.url) if self.master is not None else None
+        verifier = PackVerifierPool(self.backend.url) if self.master is not None and data else None
 
         def one(n: str) -> None:
             try:
@@ -446,7 +454,7 @@ class Checker:
         agree to ``agreed`` (a chunk stored in more than one pack, because two writers stored the
         same chunk at once, has each: a snapshot that names any copy's pack is satisfied)."""
         assert self.repo
-        opened = OpenedTrailers(trailers)
+        opened = OpenedTrailers(trailers, self._trailer_again)
         for n in names:
             data = self._get(n)
             if data is None:
@@ -489,6 +497,18 @@ class Checker:
                 good.append((cid, loc.pack))
             agreed.add(good)
             self.report.counts["index_entries"] += len(entries)
+
+    def _trailer_again(self, pack: str) -> PackBlobs | None:
+        """The trailer of a pack the first pass read, for an index object that appeared since
+        (run() dropped them): read and verified again, what the first read found is reported
+        already. None for a pack the first pass could not read (the entry is then reported)."""
+        if pack not in self._read_before:
+            return None
+        report, self.report = self.report, CheckReport()
+        try:
+            return self._check_packs([f"packs/{pack}"], full=False, data=False).get(pack)
+        finally:
+            self.report = report
 
     def _check_snapshots(
         self, names: list[str], retired_names: list[str], packs: set[str], agreed: AgreedCopies

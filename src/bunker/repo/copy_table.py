@@ -15,18 +15,27 @@ from collections.abc import Iterable, Iterator
 import numpy as np
 
 from bunker import encoding, heap
-from bunker.repo.id_arrays import id_prefix
 from bunker.repo.location_arrays import ID, TRIM_AT, runs
+
+
+def native_prefix(ids: np.ndarray) -> np.ndarray:
+    """The first 8 bytes of each id ((n, 32) uint8) as integers that sort as the ids do, in the
+    machine's byte order (searchsorted converts an array of the other order on every call)."""
+    prefix = ids[:, :8].copy().view(np.uint64).ravel()
+    if np.little_endian:
+        prefix.byteswap(inplace=True)  # (one copy: id_prefix's big-endian view would need two)
+    return prefix
 
 
 class CopiesBuilder:
     """Collects chunk copies (chunk id, pack, and a number per copy such as its blob length)
     in flat buffers."""
 
-    def __init__(self) -> None:
+    def __init__(self, lengths: bool = True) -> None:
+        """``lengths``: keep the number given with each copy (else it is dropped: 4 B per copy)."""
         self.ids = bytearray()
         self.pack = array("I")
-        self.length = array("I")
+        self.length = array("I") if lengths else None
         self.numbers: dict[str, int] = {}
 
     def __len__(self) -> int:
@@ -43,7 +52,8 @@ class CopiesBuilder:
                 pno = numbers[name] = len(numbers)
             ids += cid
             pack.append(pno)
-            length.append(n)
+            if length is not None:
+                length.append(n)
 
     def has_pack(self, pack: str) -> bool:
         return pack in self.numbers
@@ -59,8 +69,8 @@ class CopyTable:
         n = len(found.pack)
         self._ids = np.frombuffer(found.ids, dtype=np.uint8).reshape(n, ID)
         self._pack = np.frombuffer(found.pack, dtype=np.uint32)
-        self._length = np.frombuffer(found.length, dtype=np.uint32)
-        prefix = id_prefix(self._ids).astype(np.uint64)  # native order: searchsorted would convert it per call
+        self._length = np.frombuffer(found.length if found.length is not None else b"", dtype=np.uint32)
+        prefix = native_prefix(self._ids)
         order = np.argsort(prefix, kind="stable")
         prefix.sort()
         self._counted = np.ones(n, dtype=bool)  # False: a copy that repeats one before it
@@ -111,7 +121,7 @@ class CopyTable:
         q = np.frombuffer(chunk_ids, dtype=np.uint8).reshape(-1, ID)
         if not len(q) or not len(self._sorted):
             return
-        qp = id_prefix(q).astype(np.uint64)
+        qp = native_prefix(q)
         at = np.searchsorted(self._sorted, qp, side="left")
         end = np.searchsorted(self._sorted, qp, side="right")
         open_ = np.flatnonzero(at < end)

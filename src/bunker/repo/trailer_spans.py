@@ -7,6 +7,7 @@ blob here, against ~200 B as a dict entry.
 from __future__ import annotations
 
 from array import array
+from collections.abc import Callable
 from typing import NamedTuple
 
 from bunker.repo.pack import BlobEntry
@@ -46,14 +47,20 @@ class OpenedTrailers:
 
     KEEP = 256
 
-    def __init__(self, trailers: dict[str, PackBlobs]) -> None:
+    def __init__(
+        self, trailers: dict[str, PackBlobs], again: Callable[[str], PackBlobs | None] = lambda pack: None
+    ) -> None:
+        """``again``: reads a trailer that is not in ``trailers`` (one dropped to save memory)."""
         self.trailers = trailers
+        self.again = again
         self._open: dict[str, dict[bytes, Span]] = {}
 
     def get(self, pack: str) -> dict[bytes, Span] | None:
         t = self._open.get(pack)
         if t is None:
             blobs = self.trailers.get(pack)
+            if blobs is None:
+                blobs = self.again(pack)
             if blobs is None:
                 return None
             if len(self._open) >= self.KEEP:
