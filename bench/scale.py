@@ -32,7 +32,8 @@ chunk: listing, the snapshots' envelopes and pack sets, deleting, copying what i
 real packs (tiny blobs, 500 to a pack, an index object per pack) and one snapshot naming every
 chunk, then `bunker check` with the put key in a fresh process (in-process Checker): every
 pack's footer and trailer read and verified, every index object checked against the trailers,
-the snapshot's chunk set looked up; time, resident bytes per chunk after, peak RSS.
+the snapshot's chunk set looked up; time, resident bytes per chunk after, peak RSS (of the
+checking process: with ``--read-data`` the blobs are verified in worker processes besides).
 """
 
 from __future__ import annotations
@@ -233,7 +234,8 @@ body = {"host": "scale", "user": "x", "paths": ["/"], "tags": [], "started": now
 commit_snapshot(repo, put, cert, writer, root=root, chunk_ids=ids, stats={"files": 0, "dirs": 0, "bytes": 0},
                 log=RunLog(), body_extra=body, state_dir=state, session=new_session_id())
 writer.close()
-print(json.dumps({"put_path": created.put_path, "repo_id": repo.repo_id, "build_s": time.monotonic() - t0}))
+print(json.dumps({"put_path": created.put_path, "master_path": created.master_path, "repo_id": repo.repo_id,
+                  "build_s": time.monotonic() - t0}))
 """
 
 CHECK = r"""
@@ -241,16 +243,17 @@ import os, sys, json, time, resource
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-from bunker.crypto.keyfile import load_put_key
+from bunker.crypto.keyfile import load_master_key, load_put_key
 from bunker.repo.check import Checker
 from bunker.storage import open_backend
 import numpy  # imported before the first figure: its own memory is not the check's
 
-repo_dir, put_path, repo_id = sys.argv[1:4]
+repo_dir, put_path, repo_id, master_path = sys.argv[1:5]
 put = load_put_key(put_path)
+master = load_master_key(master_path, os.environ["BUNKER_PASSPHRASE"]) if master_path else None
 before = rss()
 t0 = time.monotonic()
-report = Checker(open_backend(repo_dir), repo_id, secrets=put.secrets).run(keyless=False)
+report = Checker(open_backend(repo_dir), repo_id, secrets=put.secrets, master=master).run(keyless=False)
 check_s = time.monotonic() - t0
 print(json.dumps({"check_s": check_s, "rss_before": before, "rss_after": rss(),
                   "peak": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
@@ -269,6 +272,7 @@ def main() -> None:
     ap.add_argument("--per-object", type=int, default=20000, help="entries per index object")
     ap.add_argument("--work", default="", help="where the repositories go (default: a temporary directory)")
     ap.add_argument("--keep", action="store_true", help="keep the repositories")
+    ap.add_argument("--read-data", action="store_true", help="the check op reads and verifies every blob too")
     ap.add_argument(
         "--ops",
         default="index,chunkset,prune",
@@ -334,12 +338,14 @@ def main() -> None:
             built = _run(PACKED, repo_dir, str(n), os.path.join(home, "state"), env=env)
             took = time.monotonic() - t0
             print(f"{n:>11,} chunks in packs of 500 and one snapshot: built in {took:.1f} s", flush=True)
-            r = _run(CHECK, repo_dir, str(built["put_path"]), str(built["repo_id"]), env=env)
+            master = str(built["master_path"]) if args.read_data else ""
+            r = _run(CHECK, repo_dir, str(built["put_path"]), str(built["repo_id"]), master, env=env)
             rows.append({"op": "check", "chunks": n, **r})
             grew, peak = (r["rss_after"] - r["rss_before"]) / n, r["peak"] / 2**20
             problems = [p for p in r["problems"] if p["severity"] == "err"]  # type: ignore[union-attr]
+            how = "--read-data" if master else "put key"
             print(
-                f"{n:>11,} chunks, check (put key): {r['check_s']:.2f} s, {grew:.1f} B/chunk resident after, "
+                f"{n:>11,} chunks, check ({how}): {r['check_s']:.2f} s, {grew:.1f} B/chunk resident after, "
                 f"peak {peak:.0f} MiB; {r['counts']['snapshot_chunks']:,} snapshot chunks checked, "  # type: ignore[index]
                 f"{len(problems)} errors",
                 flush=True,

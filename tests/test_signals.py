@@ -360,7 +360,7 @@ def test_restore_and_check_stop_with_their_own_message(repo: Repo, tmp_path: Pat
     rc, _, err = _deliver(proc, signal.SIGINT, True)
     assert rc == 130, err
     assert "interrupted by SIGINT: the restore stopped before it finished" in err, err
-    assert "snapshot was written" not in err and "Traceback" not in err
+    assert "snapshot was written" not in err and "Traceback" not in err, err
     _assert_all_gone(children)
     shutil.rmtree(target)
 

@@ -78,11 +78,13 @@ def _end_when_idle(signum: int) -> None:
 def process_pool(
     workers: int, preload: str, initializer: Callable[..., None], initargs: tuple[Any, ...]
 ) -> ProcessPoolExecutor:
-    """A pool of ``workers`` processes started by a forkserver that imported module ``preload``;
-    each runs ``initializer(*initargs)`` first and exits when this process ends."""
+    """A pool of ``workers`` processes started by a forkserver that imported module ``preload``
+    (and bunker.forkserver_quiet, which keeps a worker handed over while this command was being
+    stopped from printing a traceback); each runs ``initializer(*initargs)`` first and exits
+    when this process ends."""
     # forkserver: never fork a process that already runs threads
     ctx = multiprocessing.get_context("forkserver")
-    ctx.set_forkserver_preload([preload])
+    ctx.set_forkserver_preload([preload, "bunker.forkserver_quiet"])
     _start_forkserver()
     return _TrackedPool(
         workers, mp_context=ctx, initializer=_start_worker, initargs=(os.getpid(), initializer, initargs)
