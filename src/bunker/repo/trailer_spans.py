@@ -42,8 +42,8 @@ class PackBlobs(NamedTuple):
 
 
 class OpenedTrailers:
-    """The spans of the packs the index check compares entries with, a dict for the most recently
-    used packs only (index objects name the packs of one run together)."""
+    """The spans of the packs the index check compares entries with, as dicts for the last
+    KEEP packs opened only (index objects name the packs of one run together)."""
 
     KEEP = 256
 
