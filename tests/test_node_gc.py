@@ -131,7 +131,9 @@ def test_a_dead_sessions_checkpoint_on_a_node_is_a_root_at_the_top(tmp_path: Pat
     assert named and all((top.path / n).exists() for n in named), "the checkpoint's packs went up"
     pruner = tmp_path / "pruner.put"
     top.ok("key", "new-client", "pruner", "--prune", "--out", pruner)
-    top.ok("prune", "--put-key", pruner, "--grace", "0s")  # condemns what nothing names
+    # condemns what nothing names; a checkpoint pack with any dead blob is repacked (its blobs
+    # move to a new pack), which the incomplete snapshot the next run makes must survive
+    top.ok("prune", "--put-key", pruner, "--grace", "0s", "--repack-threshold", "1.0")
     for _ in range(2):  # every node acknowledges past the condemnation: deletions are due
         h.down()
         h.up()
@@ -147,6 +149,8 @@ def test_a_dead_sessions_checkpoint_on_a_node_is_a_root_at_the_top(tmp_path: Pat
     assert all((top.path / n).exists() or moves.covered(n.split("/", 1)[1], existing) for n in named), (
         "a prune at the top deleted the checkpoint's packs"
     )
+    # what this test is for: the snapshot that adopts the checkpoint names a pack the top moved
+    assert any(not (top.path / n).exists() for n in named), "no pack of the checkpoint was repacked"
 
     # the client's next run through office adopts the checkpoint; once that is at the top, the
     # root is spent and a prune removes it

@@ -40,6 +40,7 @@ from bunker.node.staging import staged_names
 from bunker.node.staleness import note_heard, note_records_asof
 from bunker.node.top_heads import note_top_heads, top_snapshots
 from bunker.node.witnessed import note_witnessed
+from bunker.repo.moves import PackMoves
 from bunker.repo.node_acks import parse_ack
 from bunker.repo.objects import MAGIC_ACK, MAGIC_CKROOT, MAGIC_HOLDING, content_hash, is_hash_name
 from bunker.repo.repository import Repository
@@ -92,6 +93,15 @@ def open_top(upstream: Upstream, repo_id: str) -> tuple[Backend, Repository]:
         raise
 
 
+def not_moved(missing: list[str], moves: PackMoves, at_top: set[str]) -> list[str]:
+    """Those of ``missing`` (``packs/<hex>`` absent at the top) whose blobs no repack there moved
+    into packs the top holds. A pack the top repacked while a snapshot naming it waited below is
+    not owed again: the top's snapshot reads it through the move record (docs/format.md section
+    15), and the old pack, deleted there, may be gone from the node too."""
+    held = {n.split("/", 1)[1] for n in at_top}
+    return [p for p in missing if not moves.covered(p.split("/", 1)[1], held)]
+
+
 def _copy(src: Backend, dst: Backend, info: ObjectInfo) -> bool:
     """Copy one object, read it back and check it by name; False if it was already there."""
     data = src.get(info.name)
@@ -129,8 +139,6 @@ def bring_down(top: Backend, store: Backend, state: UpstreamState | None = None)
     return n
 
 
-
-
 def _send_acks(
     nd: NodeDir, repo_id: str, store: Backend, top: Backend, state: UpstreamState, caught_up: bool, moved: bool
 ) -> None:
@@ -161,7 +169,7 @@ def forward_direct(
     report = DirectReport(upstream.name, repo_id)
     store = node.store(repo_id)
     state = UpstreamState(node, repo_id, upstream.name)
-    top, _ = open_top(upstream, repo_id)
+    top, top_repo = open_top(upstream, repo_id)
     lock = threading.Lock()
     seen: list[WitnessedHead] = []  # snapshots written to the top and read back: witnessed
     try:
@@ -201,6 +209,7 @@ def forward_direct(
         # (certificate, sequence number) -> the top's verified snapshot there (each read once)
         verified = top_snapshots(node, repo_id, upstream.name, top, store) if todo.snapshots else {}
         places = {place: name for name, place in verified.items()}
+        moves: PackMoves | None = None  # the top's move records, read when a pack is not there
         for info, env in todo.snapshots:
             # a snapshot that links to one kept back as a fork continues the fork: the top
             # would get a link to a snapshot it never holds (snapshots come in chain order)
@@ -209,6 +218,9 @@ def forward_direct(
                 continue
             try:
                 missing = [p for p in snapshot_packs(env, top.get) if p not in at_top]
+                if missing:
+                    moves = moves or PackMoves.load(top_repo)
+                    missing = not_moved(missing, moves, at_top)
             except (encoding.FormatError, ObjectMissing, CorruptObject) as exc:
                 report.held.append((info.name, f"its pack set cannot be read at the top ({exc})"))
                 continue
