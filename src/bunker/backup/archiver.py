@@ -38,6 +38,17 @@ from bunker.backup.partial import VirtualFrame, partial_root
 from bunker.backup.resume import PartialFiles, Tracked
 from bunker.backup.small_batches import SmallBatches
 from bunker.backup.small_files import SmallFilePool
+from bunker.backup.tree_reuse import (
+    PRESTAT_MAX,
+    TREE_KEY,
+    Child,
+    TreeRecord,
+    children_digest,
+    deferral,
+    has_links,
+    lstat_children,
+    record_tree,
+)
 from bunker.encoding import FormatError
 from bunker.fs import deep_path
 from bunker.fs.fsmeta import inode_meta, name_acl, path_meta
@@ -74,6 +85,11 @@ class DirJob:
     pending: int = 0
     names: deque[bytes] = field(default_factory=deque)
     dev: int = -1  # the filesystem this directory is walked on (for --one-file-system)
+    stated: deque[Child] = field(default_factory=deque)  # listed and lstat'ed ahead (tree_reuse.py)
+    digest: bytes | None = None  # of its children, when its tree may be recorded for reuse
+    events: int = 0  # how many events the run had logged when it was opened
+    reuse: TreeRecord | None = None  # the recorded tree, if nothing changed in its own children
+    deferred: list[Child] = field(default_factory=list)  # reusing: children whose entries are not built
 
 
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -132,6 +148,7 @@ class Archiver:
             "files_unchanged": 0,
             "errors": 0,
             "bytes_resumed": 0,
+            "trees_reused": 0,
         }
         self._last_tick = time.monotonic()
         self._small_pool = SmallFilePool(writer.secrets, chunker, small_workers)
@@ -295,18 +312,12 @@ class Archiver:
                 self.progress.files += 1
             return None
         if stat.S_ISREG(mode):
-            e = self._meta(name, st, "f")
-            e["sz"] = st.st_size
-            job.entries.append(e)
             self.stats["files"] += 1
             self.stats["bytes"] += st.st_size
             cached = fc.lookup(job.cache_old, name, st)
             locs = self.writer.index.locations
             if cached is not None and all(c in locs for c in cached[0]):
-                e["c"] = cached[0]
-                if cached[1]:
-                    self._add_meta(e, cached[1], [], path)
-                job.cache_new[name] = job.cache_old[name]
+                e = self._unchanged_file(job, name, path, st, cached)
                 self.chunk_ids.update(cached[0])
                 self.stats["files_unchanged"] += 1
                 self.progress.files += 1
@@ -314,6 +325,9 @@ class Archiver:
                 if linked:
                     self._hardlinks.first_name(e, st, path, reading=False)
             else:
+                e = self._meta(name, st, "f")
+                e["sz"] = st.st_size
+                job.entries.append(e)
                 if linked:
                     self._hardlinks.first_name(e, st, path, reading=True)
                 self.stats["files_changed" if name in job.cache_old else "files_new"] += 1
@@ -363,9 +377,22 @@ class Archiver:
             self._hardlinks.first_name(e, st, path, reading=False)
         return None
 
+    def _unchanged_file(
+        self, job: DirJob, name: bytes, path: bytes, st: os.stat_result, cached: tuple[list[bytes], dict[str, Any]]
+    ) -> dict[str, Any]:
+        """The entry of a regular file the files cache holds unchanged, added to ``job``."""
+        e = self._meta(name, st, "f")
+        e["sz"] = st.st_size
+        e["c"] = cached[0]
+        if cached[1]:
+            self._add_meta(e, cached[1], [], path)
+        job.entries.append(e)
+        job.cache_new[name] = job.cache_old[name]
+        return e
+
     def _open_dir(self, path: bytes, entry: dict[str, Any] | None) -> DirJob | None:
         """Start a directory: read its xattrs, ACL and flags into ``entry``, and list it."""
-        job = DirJob(path, [], entry, self.cache.load_dir(path))
+        job = DirJob(path, [], entry, self.cache.load_dir(path), events=len(self.log.events))
         names: list[bytes] = []
         try:
             if entry is not None:
@@ -423,12 +450,78 @@ class Archiver:
     def _finish_dir(self, job: DirJob) -> None:
         if self._small.error is not None:
             raise self._small.error
+        if job.reuse is not None:
+            subtrees = [e.get("st") for e in job.entries if e.get("t") == "d"]
+            if subtrees == job.reuse.subtrees:  # nothing changed below either: its tree is the recorded one
+                tid = job.reuse.tree
+                self.chunks.reuse_tree(tid, job.reuse.totals)
+                self.chunk_ids.add(tid)
+                if job.parent_entry is not None:
+                    job.parent_entry["st"] = tid
+                self.stats["trees_reused"] += 1
+                self.progress.dirs += 1
+                return  # its files-cache row stays as it is
+            self._build_deferred(job)
         entries = [e for e in job.entries if not e.pop("drop", False)]
         tid = self._store_tree(self._fit(entries, job.path))
         if job.parent_entry is not None:
             job.parent_entry["st"] = tid
+        job.cache_new.pop(TREE_KEY, None)
+        if job.digest is not None and len(self.log.events) == job.events:  # nothing said of it
+            named = [e.get("st") for e in entries if e.get("t") == "d"]
+            below = [t for t in named if isinstance(t, bytes)]
+            if len(below) == len(named):
+                record_tree(job.cache_new, TreeRecord(job.digest, tid, below, self.chunks.tree_totals(tid)))
         self.cache.save_dir(job.path, job.cache_new)
         self.progress.dirs += 1
+
+    def _prestat(self, job: DirJob) -> None:
+        """List ``job``'s children with their lstat results ahead of the walk and, when nothing
+        changed in them since its tree was recorded, defer every entry but the subdirectories'
+        (tree_reuse.py)."""
+        if self.atime or len(job.names) > PRESTAT_MAX:
+            return
+        pairs = self.excludes.kept(job.path.rstrip(b"/") + b"/", job.names)
+        try:
+            fd = deep_path.open(job.path, _OPEN_DIR)
+        except OSError:
+            return  # the walk lstats each child by its path and says what happened
+        try:
+            children = lstat_children(fd, pairs)
+        finally:
+            os.close(fd)
+        job.names = deque(name for name, _ in pairs[len(children) :])  # from one it could not lstat
+        job.stated = deque(children)
+        if job.names or has_links(children):
+            return
+        job.digest = children_digest(job.dev, children, self._owners)
+        d = deferral(job.cache_old, children, job.digest, self.writer.known, self.writer.index.locations)
+        if d is None:
+            return
+        job.reuse = d.record
+        job.deferred = [c for c in children if not stat.S_ISDIR(c[2].st_mode)]
+        job.stated = deque(c for c in children if stat.S_ISDIR(c[2].st_mode))
+        job.cache_new = dict(job.cache_old)
+        self.chunk_ids.update(d.chunks)
+        self.stats["files"] += d.files
+        self.stats["files_unchanged"] += d.files
+        self.stats["bytes"] += d.nbytes
+        self.progress.files += d.files
+        self.progress.nbytes += d.nbytes
+
+    def _build_deferred(self, job: DirJob) -> None:
+        """Build the entries a reusing directory deferred (its recorded tree does not fit after
+        all, or a checkpoint needs its partial tree); they were counted when deferred."""
+        deferred, job.deferred, job.reuse = job.deferred, [], None
+        for name, path, st in deferred:
+            if stat.S_ISREG(st.st_mode):
+                cached = fc.lookup(job.cache_old, name, st)
+                assert cached is not None  # a hit when deferred, and the record is unchanged since
+                self._unchanged_file(job, name, path, st, cached)
+            else:  # a symlink, device, fifo or socket: never descended into
+                self._entry(job, name, path, st, job.dev)
+        if deferred:
+            job.entries.sort(key=lambda e: e["n"])
 
     def _drain(self, wait: bool) -> None:
         while self._ready:
@@ -474,6 +567,9 @@ class Archiver:
     def partial_root(self) -> tuple[bytes | None, ChunkIdSet]:
         """The root tree of what is finished so far and the chunks it needs (main thread only)."""
         frames = [*self._wstack, *self._ready]
+        for job in frames:
+            if job.reuse is not None:
+                self._build_deferred(job)
         root, chunks = partial_root(self._vframes, frames, self._root_entry, self.chunks.store_tree)
         # finished subtrees are named by their tree id alone: their files' chunks are in
         # chunk_ids (with those of files recorded since, which are stored too: harmless)
@@ -495,30 +591,35 @@ class Archiver:
         if first.dev < 0:
             first.dev = root_dev
         stack = self._wstack = [first]
+        self._prestat(first)
         while stack:
             job = stack[-1]
-            if not job.names:
+            if job.stated:
+                name, path, st = job.stated.popleft()
+            elif job.names:
+                name = job.names.popleft()
+                path = job.path.rstrip(b"/") + b"/" + name
+                if self.excludes.excluded(path, name):
+                    continue
+                try:
+                    st = deep_path.lstat(path)
+                except FileNotFoundError:
+                    self.log.add("note", "vanished", "item vanished before it could be read", path)
+                    continue
+                except OSError as exc:
+                    self.log.os_error("err", "stat-failed", path, exc, "cannot stat; it is not in this backup")
+                    self.stats["errors"] += 1
+                    continue
+            else:
                 stack.pop()
                 self._ready.append(job)
                 self._drain(wait=False)
-                continue
-            name = job.names.popleft()
-            path = job.path.rstrip(b"/") + b"/" + name
-            if self.excludes.excluded(path, name):
-                continue
-            try:
-                st = deep_path.lstat(path)
-            except FileNotFoundError:
-                self.log.add("note", "vanished", "item vanished before it could be read", path)
-                continue
-            except OSError as exc:
-                self.log.os_error("err", "stat-failed", path, exc, "cannot stat; it is not in this backup")
-                self.stats["errors"] += 1
                 continue
             self.progress.current = path
             child = self._entry(job, name, path, st, job.dev)
             if child is not None:
                 stack.append(child)
+                self._prestat(child)
             self._maybe_tick()
 
     def run(self, paths: list[str]) -> ArchiveResult:
@@ -605,4 +706,3 @@ class Archiver:
         self.cache.save_dir(holder.path, merged)
         entries += [e for e in holder.entries if not e.pop("drop", False)]
         return self._store_tree(self._fit(entries, path or b"/"))
-

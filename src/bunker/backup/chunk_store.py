@@ -109,6 +109,14 @@ class ChunkStore:
             self.writer.store(cid, data, KIND_META)
         return cid
 
+    def tree_totals(self, tid: bytes) -> tuple[int, int, int]:
+        """(entries, bytes of files, files) below a tree stored or reused by this run."""
+        return self._totals[tid]
+
+    def reuse_tree(self, tid: bytes, totals: tuple[int, int, int]) -> None:
+        """Count a tree an earlier run stored (backup/tree_reuse.py) as this run's, with its totals."""
+        self._totals.setdefault(tid, totals)
+
     def tree_stats(self, root: bytes) -> dict[str, int]:
         """The ``entries`` and ``entry_bytes`` statistics of a root tree stored by this run."""
         n, nbytes, _ = self._totals[root]

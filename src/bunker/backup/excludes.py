@@ -11,6 +11,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import re
+from collections.abc import Iterable
 
 from bunker.errors import BunkerError, ExitCode
 from bunker.fs import deep_path
@@ -106,6 +107,14 @@ class Excludes:
             except OSError:
                 pass
         return None
+
+    def kept(self, base: bytes, names: Iterable[bytes]) -> list[tuple[bytes, bytes]]:
+        """(name, path) of each of ``names`` in the directory ``base`` (ending in "/") that is
+        not excluded."""
+        if self._name_re is None and self._path_re is None:
+            skip = self._skip
+            return [(n, p) for n in names if (p := base + n) not in skip]
+        return [(n, p) for n in names if not self.excluded(p := base + n, n)]
 
     def excluded(self, path: bytes, name: bytes) -> bool:
         if path in self._skip:

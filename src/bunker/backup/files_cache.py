@@ -3,7 +3,8 @@ keys read with its content (holes, xattrs, ACL, inode flags), so an unchanged fi
 nor hashed again. Changing xattrs, ACLs or flags changes the ctime, so a hit is still exact.
 
 One sqlite row per directory keeps lookups few (a no-change run over 200k files in 3k
-directories makes 3k reads). A hit is trusted only if every chunk id is still in the index, so
+directories makes 3k reads). The row also holds the directory's tree record under the empty
+name (tree_reuse.py): what lets a run in which nothing changed there skip building its tree. A hit is trusted only if every chunk id is still in the index, so
 a pruned or foreign repository can never make bunker skip a file whose data is gone.
 
 A cache that cannot be written (its disk is full, or read-only) costs speed, never the backup:

@@ -1,0 +1,142 @@
+"""A directory in which nothing changed keeps the tree an earlier run stored (backup/tree_reuse.py):
+a no-change run builds no entry of its files. Every kind of change is seen (the directory and its
+ancestors are built again, and the newest snapshot restores the source as it is now); a directory
+during whose walk a problem was logged, or with a hard-linked file, is never recorded; and a
+checkpoint taken while such a directory is open still holds its files."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from helpers import Repo, compare_trees, js, kill_run_when, restored_path, xattrs_supported
+from test_checkpoint import _checkpointed
+
+
+def _source(src: Path) -> int:
+    """A small tree; returns how many directories a backup of ``src`` walks (``src`` too)."""
+    for d in ("a", "a/sub", "b", "c"):
+        (src / d).mkdir(parents=True)
+    for i in range(5):
+        (src / "a" / f"f{i}").write_bytes(os.urandom(100 + i))
+        (src / "b" / f"g{i}").write_bytes(os.urandom(3000 + i))
+    (src / "a" / "sub" / "deep").write_bytes(b"deep")
+    (src / "top.txt").write_bytes(b"top")
+    os.symlink("a/f0", src / "link")
+    return 5
+
+
+def _restores_as_source(repo: Repo, src: Path, target: Path) -> None:
+    repo.ok("restore", "latest", "--target", target)
+    compare_trees(src, restored_path(target, src))
+    shutil.rmtree(target)
+
+
+def _same_size_new_content(p: Path) -> None:
+    st = p.stat()
+    p.write_bytes(os.urandom(st.st_size))
+    os.utime(p, ns=(st.st_atime_ns, st.st_mtime_ns))  # only the ctime tells
+
+
+def test_unchanged_directories_reuse_their_trees_and_every_change_is_seen(repo: Repo, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    dirs = _source(src)
+    first = repo.backup(src)
+    assert first["stats"]["trees_reused"] == 0
+    second = repo.backup(src)
+    assert second["stats"]["trees_reused"] == dirs
+    assert second["stats"]["files_unchanged"] == first["stats"]["files"]
+    for key in ("files", "bytes", "entries", "entry_bytes", "chunks"):
+        assert second["stats"][key] == first["stats"][key], key
+    assert second["stats"]["chunks_new"] == 0  # the very same root tree: nothing new at all
+
+    # (what changes, the directories built again: the changed one and its ancestors)
+    changes: list[tuple[str, Callable[[], None], int]] = [
+        ("content, same size and times", lambda: _same_size_new_content(src / "a" / "f1"), 2),
+        ("mode", lambda: os.chmod(src / "a" / "f2", 0o600), 2),
+        ("a file renamed", lambda: os.rename(src / "b" / "g1", src / "b" / "g1.old"), 2),
+        ("a file deleted", lambda: os.unlink(src / "b" / "g2"), 2),
+        ("a file added two levels down", lambda: (src / "a" / "sub" / "new").write_bytes(b"new"), 3),
+        ("a symlink replaced", lambda: (os.unlink(src / "link"), os.symlink("b/g0", src / "link")), 1),
+        ("a directory's mode", lambda: os.chmod(src / "c", 0o700), 1),
+        ("a file in a directory made empty", lambda: (src / "c" / "x").write_bytes(b"x"), 2),
+    ]
+    if xattrs_supported(src):
+        changes.append(("an xattr", lambda: os.setxattr(src / "a" / "f3", "user.k", b"v"), 2))
+    if os.geteuid() == 0:
+        changes.append(("an owner", lambda: os.chown(src / "b" / "g3", 4321, 4321), 2))
+    for what, change, built in changes:
+        change()
+        doc = repo.backup(src)
+        assert doc["stats"]["trees_reused"] == dirs - built, what
+        _restores_as_source(repo, src, tmp_path / "t")
+    assert repo.backup(src)["stats"]["trees_reused"] == dirs
+    assert js(repo.ok("check", "--read-data", "--json"))["ok"] is True
+
+
+def test_a_directory_with_a_problem_or_a_hard_link_is_never_reused(repo: Repo, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    dirs = _source(src)
+    (src / "b" / "g0").rename(src / "b" / "z-future")  # walked last in b
+    year_2300 = 10_413_792_000 * 10**9
+    os.utime(src / "b" / "z-future", ns=(year_2300, year_2300))
+    if (src / "b" / "z-future").stat().st_mtime_ns != year_2300:
+        pytest.skip("this filesystem cannot hold the year 2300")
+    os.link(src / "top.txt", src / "c" / "linked")
+    first = repo.backup(src, rc=3)
+    assert [e["code"] for e in first["events"] if e["level"] == "err"] == ["bad-metadata"]
+    second = repo.backup(src, rc=3)
+    # the err event comes again: b (the problem) and src (open while it was logged) are built
+    # again, and so is c (a hard link, and so is src's own top.txt); a and a/sub are reused
+    assert [e["code"] for e in second["events"] if e["level"] == "err"] == ["bad-metadata"]
+    assert second["stats"]["trees_reused"] == dirs - 3
+    assert second["stats"]["chunks_new"] == 0
+    target = tmp_path / "t"
+    repo.ok("restore", "latest", "--target", target)
+    out = restored_path(target, src)
+    assert (out / "c" / "linked").stat().st_ino == (out / "top.txt").stat().st_ino
+    assert (out / "a" / "sub" / "deep").read_bytes() == b"deep"
+    shutil.rmtree(target)
+
+
+def test_a_checkpoint_while_a_reused_directory_is_open_holds_its_files(repo: Repo, tmp_path: Path) -> None:
+    """``src`` is unchanged (its children's lstat results are the same: files are added two
+    levels down), so its own files wait unbuilt while the walk reads 128 MiB below it. A
+    checkpoint then must still list them: the incomplete snapshot restores them."""
+    src = tmp_path / "src"
+    _source(src)
+    tail = src / "w" / "z"
+    tail.mkdir(parents=True)
+    repo.backup(src)
+    for i in range(8):
+        (tail / f"tail{i}.img").write_bytes(os.urandom(16 << 20))
+    ended, stderr = kill_run_when(
+        "backup",
+        "--repo",
+        repo.path,
+        "--no-progress",
+        "--checkpoint-interval",
+        "0.2s",
+        src,
+        env=repo.env,
+        reached=lambda: _checkpointed(repo) >= 1,
+    )
+    assert len(repo.objects("snapshots")) == 1, (
+        f"the backup finished (exit {ended}) before it could be killed: {stderr}"
+    )
+    doc = repo.backup(src)
+    assert any(e["code"] == "incomplete-snapshot" for e in doc["events"]), doc["events"]
+    snaps = {s["seq"]: s for s in js(repo.ok("snapshots", "--json"))["snapshots"]}
+    assert snaps[2]["complete"] is False
+    target = tmp_path / "t"
+    repo.ok("restore", snaps[2]["id"], "--target", target)
+    out = restored_path(target, src)
+    assert (out / "top.txt").read_bytes() == b"top"
+    assert os.readlink(out / "link") == "a/f0"
+    assert sorted(p.name for p in (out / "a").iterdir()) == ["f0", "f1", "f2", "f3", "f4", "sub"]
+    shutil.rmtree(target)
+    _restores_as_source(repo, src, tmp_path / "t2")
