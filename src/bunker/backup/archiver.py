@@ -40,7 +40,6 @@ from bunker.backup.small_batches import SmallBatches
 from bunker.backup.small_files import SmallFilePool
 from bunker.backup.tree_reuse import (
     PRESTAT_MAX,
-    TREE_KEY,
     Child,
     TreeRecord,
     children_digest,
@@ -466,7 +465,7 @@ class Archiver:
         tid = self._store_tree(self._fit(entries, job.path))
         if job.parent_entry is not None:
             job.parent_entry["st"] = tid
-        job.cache_new.pop(TREE_KEY, None)
+        job.cache_new.pop(fc.TREE_KEY, None)
         if job.digest is not None and len(self.log.events) == job.events:  # nothing said of it
             named = [e.get("st") for e in entries if e.get("t") == "d"]
             below = [t for t in named if isinstance(t, bytes)]

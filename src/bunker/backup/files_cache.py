@@ -3,9 +3,10 @@ keys read with its content (holes, xattrs, ACL, inode flags), so an unchanged fi
 nor hashed again. Changing xattrs, ACLs or flags changes the ctime, so a hit is still exact.
 
 One sqlite row per directory keeps lookups few (a no-change run over 200k files in 3k
-directories makes 3k reads). The row also holds the directory's tree record under the empty
-name (tree_reuse.py): what lets a run in which nothing changed there skip building its tree. A hit is trusted only if every chunk id is still in the index, so
-a pruned or foreign repository can never make bunker skip a file whose data is gone.
+directories makes 3k reads). A hit is trusted only if every chunk id is still in the index, so
+a pruned or foreign repository can never make bunker skip a file whose data is gone. The row
+also holds the directory's tree record under the empty name (tree_reuse.py): what lets a run
+in which nothing changed there skip building its tree.
 
 A cache that cannot be written (its disk is full, or read-only) costs speed, never the backup:
 the cache keeps working in memory for the run, and ``problem`` says why (the run ends at warn).
@@ -23,8 +24,10 @@ from typing import Any
 from bunker import encoding
 from bunker.private_files import SQLITE_SIDE_FILES, private_file
 
-# name -> [ino, size, mtime_ns, ctime_ns, [chunk ids], {hole, x, acl, fl} or None]
+# name -> [ino, size, mtime_ns, ctime_ns, [chunk ids], {hole, x, acl, fl} or None]; and under
+# TREE_KEY the directory's tree record (tree_reuse.py)
 DirRecord = dict[bytes, list[Any]]
+TREE_KEY = b""  # no directory entry has this name
 
 
 class FilesCache:
@@ -144,7 +147,8 @@ class FilesCache:
         return rec if isinstance(rec, list) and len(rec) == 4 else None
 
     def records(self) -> Iterator[tuple[bytes, DirRecord]]:
-        """Every directory's records (flushed ones), e.g. to find the files holding a chunk."""
+        """Every directory's file records (flushed ones), e.g. to find the files holding a
+        chunk; without the tree records."""
         self.flush()
         with self._lock:
             rows = self._db.execute("SELECT path, data FROM dirs").fetchall()
@@ -156,6 +160,7 @@ class FilesCache:
             except encoding.FormatError:
                 continue
             if isinstance(rec, dict):
+                rec.pop(TREE_KEY, None)
                 yield bytes(path), rec
 
     def close(self) -> None:

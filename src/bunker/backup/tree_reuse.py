@@ -36,10 +36,9 @@ from dataclasses import dataclass
 
 import blake3
 
-from bunker.backup.files_cache import DirRecord, lookup
+from bunker.backup.files_cache import TREE_KEY, DirRecord, lookup
 from bunker.backup.owners import OwnerNames
 
-TREE_KEY = b""  # the files-cache row's key of the tree record: no directory entry has this name
 ENTRY_VERSION = 1  # bump when what an entry holds changes: every directory is built once again
 PRESTAT_MAX = 4096  # a larger directory is walked as before, without keeping its lstat results
 
