@@ -405,7 +405,15 @@ def test_kill_backups_prunes_and_forwards_at_random(tmp_path: Path, disk: Path |
             # until it is forwarded)
             check = js(repo.ok("check", "--json", rc=(0, 14)))
             errors = [p for p in check["problems"] if p["severity"] == "err"]  # (warnings would hide them)
-            assert check["ok"] is True, (steps, errors, lab.state_files(), actions)
+            # a text, not a tuple: pytest shortens a tuple's repr, and the problem's text is the point
+            assert check["ok"] is True, "\n".join(
+                [
+                    f"check after step {steps} found:",
+                    *(f"  {p.get('object')}: {p.get('problem')} ({p.get('cause')})" for p in errors),
+                    f"steps: {actions}",
+                    f"state files: {lab.state_files()}",
+                ]
+            )
 
     # afterwards: time passes (a run killed while it held a claim no longer holds it), what
     # waits in the spool arrives, a backup runs, garbage goes
