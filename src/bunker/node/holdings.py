@@ -72,8 +72,18 @@ class UpstreamState:
             self.delivered.setdefault(n, now)
 
     def save(self) -> None:
-        write_json(os.path.join(self.dir, "delivered.json"), self.delivered)
+        # recorded first: a kill between the two writes then leaves names recorded but not
+        # delivered, which the next run sends again (harmless), never names delivered but not
+        # recorded, which a direct upstream's forward would skip for ever without recording them
         write_json(os.path.join(self.dir, "recorded.json"), self.recorded)
+        write_json(os.path.join(self.dir, "delivered.json"), self.delivered)
+
+    def delivered_is_recorded(self) -> None:
+        """For a direct upstream, where delivering is recording: forget as delivered what is not
+        recorded (left by a run killed between the two writes of a version that wrote delivered
+        first), so it is copied again and recorded."""
+        for n in [n for n in self.delivered if n not in self.recorded]:
+            del self.delivered[n]
 
 
 def owed(store: Backend, state: UpstreamState) -> Owed:

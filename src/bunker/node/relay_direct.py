@@ -169,6 +169,7 @@ def forward_direct(
     report = DirectReport(upstream.name, repo_id)
     store = node.store(repo_id)
     state = UpstreamState(node, repo_id, upstream.name)
+    state.delivered_is_recorded()
     top, top_repo = open_top(upstream, repo_id)
     lock = threading.Lock()
     seen: list[WitnessedHead] = []  # snapshots written to the top and read back: witnessed
