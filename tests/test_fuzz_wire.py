@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from bunker.crypto.sign import SigningKey
 from bunker.encoding import FormatError
 from bunker.errors import BunkerError
-from bunker.repo.gc import condemnations, condemned_packs
+from bunker.repo.condemnations import condemnations, condemned_packs
 from bunker.repo.leases import sessions
 from bunker.repo.moves import PackMoves, make_move_record, parse_move_record
 from bunker.repo.records import (

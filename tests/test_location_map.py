@@ -22,6 +22,7 @@ from bunker.repo import chunk_id_set, location_map, refs
 from bunker.repo.chunk_id_set import ChunkIdSet
 from bunker.repo.index_cache import _decode_cached, _encode_cached
 from bunker.repo.location_map import Location, LocationColumns, LocationMap
+from helpers import Repo
 
 PACKS = [f"{i:064x}" for i in range(5)]
 
@@ -248,3 +249,24 @@ print("numpy" in sys.modules)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
     assert out.returncode == 0 and out.stdout.strip() == "False", out.stderr
+
+
+def test_a_backup_of_a_small_repository_never_imports_numpy(repo: Repo, tmp_path: Path) -> None:
+    """The whole command, not only the index: a backup reads the prune's records without
+    importing the prune (repo/condemnations.py), whose chunk tables need numpy."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "f").write_bytes(b"x" * 1000)
+    repo.backup(src)
+    out = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "bunker", "backup", str(src), "--repo", str(repo.path)],
+        capture_output=True,
+        text=True,
+        env=repo.env,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in out.stderr.splitlines() if line.startswith("import time:")}
+    assert "bunker.backup.run" in imported, sorted(imported)
+    lines = out.stderr.splitlines()
+    at = next((i for i, ln in enumerate(lines) if ln.rsplit("|", 1)[-1].strip() == "numpy"), None)
+    assert at is None, "\n".join(ln for ln in lines[at:] if "bunker" in ln)[:3000]

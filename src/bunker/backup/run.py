@@ -34,7 +34,7 @@ from bunker.backup.unindexed import (
 from bunker.crypto.keyfile import PutKey
 from bunker.errors import BunkerError, ExitCode
 from bunker.private_files import SQLITE_SIDE_FILES, private_dirs
-from bunker.repo.gc import condemned_packs
+from bunker.repo.condemnations import condemned_packs
 from bunker.repo.index_cache import IndexCache
 from bunker.repo.leases import Lease
 from bunker.repo.repository import Repository

@@ -217,7 +217,7 @@ def deleted_by(store: Backend, repo_id: str, name: str) -> str:
     """Why ``name`` is gone for good ("" when nothing says so): a condemnation record signed by
     the master key or a prune-capable client (they come down with the other records) names it;
     no snapshot that is not forgotten needs it, and prune deletes it at the top."""
-    from bunker.repo.gc import condemnations
+    from bunker.repo.condemnations import condemnations
     from bunker.repo.repository import Repository
 
     leaf = name.split("/", 1)[1]

@@ -35,6 +35,7 @@ from bunker.errors import BunkerError, CorruptObject, ExitCode, KeyRequired, Obj
 from bunker.repo import refs
 from bunker.repo.blob_reader import read_trailer
 from bunker.repo.checkpoint_roots import checkpoint_roots
+from bunker.repo.condemnations import Condemnation, condemnations
 from bunker.repo.holding_records import spent_holdings
 from bunker.repo.index import Location, decrypt_index, make_index, parse_index_frame
 from bunker.repo.index_cache import IndexCache
@@ -42,7 +43,7 @@ from bunker.repo.leases import MAX_LEASE_SECONDS, Lease, Session, sessions
 from bunker.repo.liveness import Liveness, UnreadableRoot, all_copies, mark_live
 from bunker.repo.moves import MoveRecord, PackMoves, make_move_record
 from bunker.repo.node_acks import AckView
-from bunker.repo.objects import MAGIC_GC, MAGIC_INDEX, MAX_SIGNED_OBJECT, parse_signed
+from bunker.repo.objects import MAGIC_INDEX, MAX_SIGNED_OBJECT
 from bunker.repo.other_secret import (
     certificate_domains,
     index_with_other_secret,
@@ -50,44 +51,12 @@ from bunker.repo.other_secret import (
     retire,
     snapshot_with_other_secret,
 )
-from bunker.repo.records import make_condemnation, parse_condemnation
+from bunker.repo.records import make_condemnation
 from bunker.repo.repack import DEFAULT_THRESHOLD, choose, repack
 from bunker.repo.repository import Repository
 from bunker.repo.snapshot import parse_snapshot
 
 DEFAULT_GRACE = 24 * 3600.0
-
-
-@dataclass(frozen=True)
-class Condemnation:
-    """A valid ``gc/`` record: its packs, and when the storage stored it."""
-
-    name: str
-    packs: tuple[str, ...]
-    stored: float
-
-
-def condemnations(repo: Repository) -> list[Condemnation]:
-    """Every ``gc/`` record signed by the master key or a client allowed to prune (others are
-    ignored: a forged record could only make clients store data again; check reports it)."""
-    out = []
-    for info in repo.backend.list("gc/"):
-        try:
-            data = repo.get_object(info.name)
-            if data[:4] != MAGIC_GC:
-                continue  # a move record (repo/moves.py)
-            repo.verify_pruner(parse_signed(data, MAGIC_GC), "condemn packs")
-            packs = parse_condemnation(data)
-        except (encoding.FormatError, CorruptObject, ObjectMissing):
-            continue
-        out.append(Condemnation(info.name, tuple(packs), info.mtime))
-    return out
-
-
-def condemned_packs(repo: Repository) -> set[str]:
-    """Packs a new session must treat as absent: those of condemnation records, and those a
-    repack replaced."""
-    return {p for c in condemnations(repo) for p in c.packs} | PackMoves.load(repo).sources()
 
 
 @dataclass(frozen=True)
