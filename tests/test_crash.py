@@ -395,7 +395,7 @@ def test_kill_backups_prunes_and_forwards_at_random(tmp_path: Path, disk: Path |
         variant = f" {lab.variant}" if step == lab.offline_then_deliver else ""
         actions.append(f"{step.__name__}{variant}{' (killed)' if sum(lab.kills.values()) > kills else ''}")
         if lab.died == died:  # every run of the step ended by itself: none left a lease or claim
-            assert lab.leases() <= leases, (steps, lab.leases() - leases)
+            assert lab.leases() <= leases, f"step {steps} left {sorted(lab.leases() - leases)}; steps: {actions}"
         if lab.rng.random() < 0.15:
             lab.age_leases()
         steps += 1
