@@ -485,6 +485,25 @@ def test_progress_shows_the_share_done_counted_by_a_process_of_its_own(repo: Rep
     assert left == [], "the counting process outlived the backup"
 
 
+def test_a_short_run_never_starts_the_count(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The count walks the whole tree once more: a run that ends before its first progress line
+    would need the totals (a no-change backup, mostly) never starts it; a longer one does."""
+    from bunker.backup.archiver import Progress
+    from bunker.cli import progress
+
+    monkeypatch.setattr(progress, "COUNT_AFTER_LINES", 0.3)
+    (tmp_path / "f").write_bytes(b"x" * 10)
+    for wait, counted in ((0.0, False), (2.0, True)):
+        p = Progress()
+        display = progress.ProgressDisplay(p, [str(tmp_path)], "always")
+        with display:
+            deadline = time.monotonic() + wait
+            while time.monotonic() < deadline and p.total_files is None:
+                time.sleep(0.05)
+        assert (display._counter is not None) == counted, wait
+        assert (p.total_files == 1) == counted, wait
+
+
 def test_the_forkserver_starts_with_sigint_blocked() -> None:
     """A Ctrl-C that reaches the process group while the forkserver imports must not kill it with
     a traceback: it starts with SIGINT blocked. (The resource tracker's start unblocks SIGINT in

@@ -60,6 +60,8 @@ class TotalsCounter:
 
 
 PROGRESS_MODES = ("auto", "always", "never")
+COUNT_AFTER_LIVE = 1.0  # seconds a run with a live line lasts before its totals are counted
+COUNT_AFTER_LINES = 5.0  # the same for a line every interval (at most half the interval)
 LINE_SECONDS = 30.0
 # the interval of the plain lines; tests make it short (a test cannot wait 30 s per line)
 INTERVAL_VARIABLE = "BUNKER_PROGRESS_INTERVAL"
@@ -87,7 +89,20 @@ class ProgressDisplay:
         self._t0 = time.monotonic()
         self._live: Live | None = None
         self._liner: threading.Thread | None = None
-        self._counter = TotalsCounter(paths, progress) if (self.live or self.lines) and paths else None
+        self._counter: TotalsCounter | None = None
+        self._count_later: threading.Timer | None = None
+        if (self.live or self.lines) and paths:
+            # the count walks the whole tree once more, competing for the cores: a run shorter
+            # than the delay (a backup in which little changed) shows no line that needs it
+            delay = COUNT_AFTER_LIVE if self.live else min(COUNT_AFTER_LINES, line_interval() / 2)
+            self._count_later = threading.Timer(delay, self._start_count, (paths,))
+            self._count_later.daemon = True
+            self._count_lock = threading.Lock()
+
+    def _start_count(self, paths: list[str]) -> None:
+        with self._count_lock:
+            if not self._stop.is_set():
+                self._counter = TotalsCounter(paths, self.p)
 
     def summary(self) -> str:
         """Files, bytes, rate and, once the sizes are counted, percent done and time left."""
@@ -115,6 +130,8 @@ class ProgressDisplay:
                 sys.stderr.flush()
 
     def __enter__(self) -> ProgressDisplay:
+        if self._count_later is not None:
+            self._count_later.start()
         if self.live:
             self._live = Live(
                 self.render(),
@@ -133,8 +150,11 @@ class ProgressDisplay:
 
     def __exit__(self, et: type[BaseException] | None, ev: BaseException | None, tb: TracebackType | None) -> None:
         self._stop.set()
-        if self._counter is not None:
-            self._counter.stop()
+        if self._count_later is not None:
+            self._count_later.cancel()
+            with self._count_lock:  # a count starting now sees the stop and does not start
+                if self._counter is not None:
+                    self._counter.stop()
         if self._liner is not None:
             self._liner.join(timeout=5)
         if self._live is not None:
