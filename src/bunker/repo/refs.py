@@ -35,9 +35,12 @@ def _split(items: Iterable[bytes]) -> Iterator[list[bytes]]:
     bits zero (content-defined, so one added item changes one part)."""
     cur: list[bytes] = []
     any_part = False
+    b3 = blake3.blake3
     for it in items:
         cur.append(it)
-        if int.from_bytes(blake3.blake3(it).digest(4), "little") & _BOUNDARY_MASK == 0:
+        # the low 11 bits of the little-endian hash: its first byte and 3 bits of the second
+        d = b3(it).digest(2)
+        if not d[0] and not d[1] & (_BOUNDARY_MASK >> 8):
             yield cur
             any_part = True
             cur = []
