@@ -84,10 +84,12 @@ def unindexed_checkpoint_chunks(store: Path, put_key: Path) -> int:
     return lost
 
 
-def _kill_after_checkpoint(repo: Repo, src: Path, min_files: int = 1, env: dict[str, str] | None = None) -> None:
+def _kill_after_checkpoint(
+    repo: Repo, src: Path, min_files: int = 1, env: dict[str, str] | None = None, snapshots: int = 0
+) -> None:
     """Run a backup (as ``env``, default the repository's client) with checkpoints every 0.2 s
     and SIGKILL it once a checkpoint covers ``min_files`` files (a checkpoint rides on a lease
-    refresh)."""
+    refresh). ``snapshots``: how many the repository holds before."""
     ended, stderr = kill_run_when(
         "backup",
         "--repo",
@@ -99,7 +101,9 @@ def _kill_after_checkpoint(repo: Repo, src: Path, min_files: int = 1, env: dict[
         env=env or repo.env,
         reached=lambda: _checkpointed(repo) >= min_files,
     )
-    assert repo.objects("snapshots") == [], f"the backup finished (exit {ended}) before it could be killed: {stderr}"
+    assert len(repo.objects("snapshots")) == snapshots, (
+        f"the backup finished (exit {ended}) before it could be killed: {stderr}"
+    )
     assert _checkpointed(repo) >= min_files
     key = Path(env["BUNKER_PUT_KEY"]) if env and "BUNKER_PUT_KEY" in env else repo.put_key
     assert unindexed_checkpoint_chunks(repo.path, key) == 0

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from helpers import Repo, compare_trees, js, kill_run_when, restored_path, xattrs_supported
-from test_checkpoint import _checkpointed
+from helpers import Repo, compare_trees, js, restored_path, xattrs_supported
+from test_checkpoint import _kill_after_checkpoint
 
 
 def _source(src: Path) -> int:
@@ -112,20 +112,7 @@ def test_a_checkpoint_while_a_reused_directory_is_open_holds_its_files(repo: Rep
     repo.backup(src)
     for i in range(8):
         (tail / f"tail{i}.img").write_bytes(os.urandom(16 << 20))
-    ended, stderr = kill_run_when(
-        "backup",
-        "--repo",
-        repo.path,
-        "--no-progress",
-        "--checkpoint-interval",
-        "0.2s",
-        src,
-        env=repo.env,
-        reached=lambda: _checkpointed(repo) >= 1,
-    )
-    assert len(repo.objects("snapshots")) == 1, (
-        f"the backup finished (exit {ended}) before it could be killed: {stderr}"
-    )
+    _kill_after_checkpoint(repo, src, snapshots=1)
     doc = repo.backup(src)
     assert any(e["code"] == "incomplete-snapshot" for e in doc["events"]), doc["events"]
     snaps = {s["seq"]: s for s in js(repo.ok("snapshots", "--json"))["snapshots"]}
