@@ -21,6 +21,8 @@ after TERM_LIMIT.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import multiprocessing
 import os
 import select
@@ -86,9 +88,35 @@ def process_pool(
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([preload, "bunker.forkserver_quiet"])
     _start_forkserver()
-    return _TrackedPool(
+    pool = _TrackedPool(
         workers, mp_context=ctx, initializer=_start_worker, initargs=(os.getpid(), initializer, initargs)
     )
+    _widen_result_pipe(pool)
+    return pool
+
+
+RESULT_PIPE_BYTES = 1 << 20
+
+
+def _widen_result_pipe(pool: ProcessPoolExecutor) -> None:
+    """Give the pipe that carries results back the room of a whole result (1 MiB instead of
+    64 KiB, Linux only). The command's thread that reads it shares the interpreter with the busy
+    walk: after each read it waits for its turn (up to the switch interval, 5 ms), so a 300 KiB
+    result read 64 KiB at a time took that wait five times, and the workers sat blocked in their
+    writes meanwhile (docs/performance.md). Where the size cannot be raised, results just flow
+    slower."""
+    set_size = getattr(fcntl, "F_SETPIPE_SZ", None)
+    reader = getattr(getattr(pool, "_result_queue", None), "_reader", None)
+    if set_size is None or reader is None:
+        return
+    try:
+        with open("/proc/sys/fs/pipe-max-size") as f:
+            limit = int(f.read())
+    except (OSError, ValueError):
+        limit = RESULT_PIPE_BYTES
+    # over the user's pipe quota (pipe-user-pages-soft) the call fails: the default size still works
+    with contextlib.suppress(OSError):
+        fcntl.fcntl(reader.fileno(), set_size, min(RESULT_PIPE_BYTES, limit))
 
 
 def _start_forkserver() -> None:

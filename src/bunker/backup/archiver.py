@@ -150,7 +150,7 @@ class Archiver:
             "trees_reused": 0,
         }
         self._last_tick = time.monotonic()
-        self._small_pool = SmallFilePool(writer.secrets, chunker, small_workers)
+        self._small_pool = SmallFilePool(writer.secrets, chunker, writer.put.data_public, small_workers)
         self._small_seen = 0
         # both complete directories' entries from other threads, so they share the lock over the
         # pending counts and wake the main thread like a finished file does

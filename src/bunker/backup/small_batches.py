@@ -21,10 +21,10 @@ from concurrent.futures.process import BrokenProcessPool
 from typing import Any, Generic, Protocol, TypeVar
 
 from bunker.backup.file_reader import ReadOutcome
-from bunker.backup.small_files import Blob, SmallFilePool
+from bunker.backup.small_files import BatchResult, SmallFilePool
 from bunker.repo.session_writer import SessionWriter
 
-SMALL_BATCH_FILES = 128
+SMALL_BATCH_FILES = 256
 SMALL_BATCH_BYTES = 4 << 20
 
 
@@ -116,7 +116,7 @@ class SmallBatches(Generic[J]):
 
     def _done(
         self,
-        fut: Future[list[tuple[ReadOutcome, list[Blob]]]],
+        fut: Future[BatchResult],
         batch: list[tuple[bytes, dict[str, Any], J, bytes, int]],
     ) -> None:
         try:
@@ -125,18 +125,23 @@ class SmallBatches(Generic[J]):
                     self._finish(job)
                 return
             try:
-                results = fut.result()
+                outcomes, run = fut.result()
             except BrokenProcessPool as exc:
                 with self._lock:
                     self._broken.append((batch, exc))
                 return
             except Exception as exc:  # noqa: BLE001 - a dead worker must not lose the run
-                results = [(ReadOutcome("error", [], message=f"worker failed: {exc}"), [])] * len(batch)
-            w = self._writer
-            for (path, entry, job, name, _), (outcome, blobs) in zip(batch, results, strict=True):
+                outcomes, run = [ReadOutcome("error", [], message=f"worker failed: {exc}")] * len(batch), None
+            if run is not None:
                 try:
-                    for cid, ct, raw, k in blobs:
-                        w.store_encrypted(cid, ct, raw, k)
+                    self._writer.store_run(run)  # before any file that names its chunks is recorded
+                except BaseException as exc:  # noqa: BLE001 - the walking thread raises it
+                    self.error = exc
+                    for _, _, job, _, _ in batch:
+                        self._finish(job)
+                    return
+            for (path, entry, job, name, _), outcome in zip(batch, outcomes, strict=True):
+                try:
                     self._record(outcome, path, entry, job, name)
                     self._progress.nbytes += outcome.size
                 except BaseException as exc:  # noqa: BLE001

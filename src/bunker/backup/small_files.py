@@ -2,8 +2,10 @@
 
 Reading, hashing, compressing and encrypting a 2 KiB file is mostly Python glue and short calls
 that each drop and retake the GIL; in threads that degenerates into GIL ping-pong. So batches of
-small files go to worker processes (one GIL each), which return chunk ids and encrypted blobs; the
-main process only deduplicates and appends the blobs to packs.
+small files go to worker processes (one GIL each). Each worker also wraps the blob keys under a
+key group of its own and returns a batch's blobs as one run (repo/grouped_pack.py): chunk ids
+and trailer rows, and the blobs' bytes in one piece; the main process only deduplicates and
+appends runs to packs.
 """
 
 from __future__ import annotations
@@ -16,28 +18,36 @@ from pyfastcdc import FastCDC
 from bunker.backup.chunker import cut, make_cdc
 from bunker.backup.file_reader import ReadOutcome, read_all, read_stable
 from bunker.crypto.derive import PutSecrets
+from bunker.crypto.kem import DataPublicKey
 from bunker.fs.fsmeta import DataReader
 from bunker.process_pool import process_pool
 from bunker.repo import blob
+from bunker.repo.grouped_pack import GroupRun, GroupRunBuilder
+from bunker.repo.pack import KeyGroup
 
 # (chunk id, blob bytes, raw length, K_blob)
-Blob = tuple[bytes, bytearray, int, bytes]
+Blob = tuple[bytes, bytes | bytearray, int, bytes]
+# what a batch gives: each file's outcome, and the blobs of all its files
+BatchResult = tuple[list[ReadOutcome], GroupRun]
 
 _secrets: PutSecrets | None = None
 _cdc: FastCDC | None = None
+_group: KeyGroup | None = None
 
 
-def _init(secret: bytes, chunker: dict[str, int]) -> None:
-    global _secrets, _cdc
+def _init(secret: bytes, chunker: dict[str, int], data_public: DataPublicKey) -> None:
+    global _secrets, _cdc, _group
     _secrets = PutSecrets(secret)
     _cdc = make_cdc(chunker, _secrets)
+    _group = KeyGroup(_secrets, data_public)  # one for the worker's life: one sealed key per pack
 
 
 class _Encryptor:
-    """The ``consume`` step of one file: chunk, hash and encrypt, keeping the blobs."""
+    """The ``consume`` step of one file: chunk, hash and encrypt, keeping the blobs that
+    ``known`` (the batch so far) does not hold."""
 
-    def __init__(self, secrets: PutSecrets, cdc: FastCDC) -> None:
-        self.secrets, self.cdc = secrets, cdc
+    def __init__(self, secrets: PutSecrets, cdc: FastCDC, known: GroupRunBuilder) -> None:
+        self.secrets, self.cdc, self.known = secrets, cdc, known
         self.blobs: list[Blob] = []
 
     def __call__(self, fd: int, size: int, holes: list[int]) -> tuple[list[bytes], int]:
@@ -48,34 +58,40 @@ class _Encryptor:
         for piece in cut(self.cdc, data):
             cid = blob.chunk_id(self.secrets, piece)
             ids.append(cid)
-            if cid not in seen:
+            if cid not in seen and cid not in self.known:
                 seen.add(cid)
                 ct, k = blob.encrypt_blob(self.secrets, cid, piece)
                 self.blobs.append((cid, ct, len(piece), k))
         return ids, len(data)
 
 
-def read_batch(paths: list[bytes]) -> list[tuple[ReadOutcome, list[Blob]]]:
+def read_batch(paths: list[bytes]) -> BatchResult:
     """Read and encrypt each file of a batch (runs in a worker process)."""
-    assert _secrets is not None and _cdc is not None
-    enc = _Encryptor(_secrets, _cdc)
-    out = []
+    assert _secrets is not None and _cdc is not None and _group is not None
+    run = GroupRunBuilder(_group)
+    enc = _Encryptor(_secrets, _cdc, run)
+    outcomes = []
     for path in paths:
         enc.blobs = []
         outcome = read_stable(path, enc)
-        out.append((outcome, enc.blobs if outcome.status in ("ok", "changing") else []))
-    return out
+        if outcome.status in ("ok", "changing"):
+            for b in enc.blobs:
+                run.add(*b)
+        outcomes.append(outcome)
+    return outcomes, run.take()
 
 
 class SmallFilePool:
     """A process pool started on first use (its start-up costs ~0.2 s, worth it only for many files)."""
 
-    def __init__(self, secrets: PutSecrets, chunker: dict[str, int], workers: int | None = None) -> None:
-        self._args = (secrets.secret, dict(chunker))
+    def __init__(
+        self, secrets: PutSecrets, chunker: dict[str, int], data_public: DataPublicKey, workers: int | None = None
+    ) -> None:
+        self._args = (secrets.secret, dict(chunker), data_public)
         self._workers = workers or os.cpu_count() or 2
         self._pool: ProcessPoolExecutor | None = None
 
-    def submit(self, paths: list[bytes]) -> Future[list[tuple[ReadOutcome, list[Blob]]]]:
+    def submit(self, paths: list[bytes]) -> Future[BatchResult]:
         if self._pool is None:
             self._pool = process_pool(self._workers, "bunker.backup.small_files", _init, self._args)
         return self._pool.submit(read_batch, paths)

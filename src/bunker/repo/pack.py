@@ -101,6 +101,22 @@ def group_info(domain_id: str) -> bytes:
     return GROUP_INFO + domain_id.encode()
 
 
+class KeyGroup:
+    """A random group key and its HPKE seal to the data public key (FORMAT.md 10.4): blob keys
+    wrapped under it open only with the master key."""
+
+    __slots__ = ("_cipher", "sealed")
+
+    def __init__(self, secrets: PutSecrets, data_public: DataPublicKey) -> None:
+        group_key = os.urandom(32)
+        self._cipher = aead.Cipher(group_key)
+        self.sealed = data_public.seal(group_key, group_info(secrets.domain_id))
+
+    def wrap(self, k_blob: bytes) -> bytes:
+        """A blob key wrapped under the group key (AES Key Wrap, 40 bytes)."""
+        return self._cipher.wrap_key(k_blob)
+
+
 class PackWriter:
     """Builds one pack in memory as a list of parts (no copying while it grows); the body hash is
     computed incrementally. Not thread-safe: the caller serializes ``add``."""
@@ -112,9 +128,8 @@ class PackWriter:
         self._secrets = secrets
         self._signer = signer
         self._cert = cert_name
-        group_key = os.urandom(32)
-        self._group = aead.Cipher(group_key)
-        sealed = data_public.seal(group_key, group_info(secrets.domain_id))
+        self._group = KeyGroup(secrets, data_public)
+        sealed = self._group.sealed
         self._parts: list[bytes | bytearray] = [HEADER, sealed]
         self._size = len(HEADER) + len(sealed)
         self._groups = [(len(HEADER), len(sealed))]
@@ -132,12 +147,16 @@ class PackWriter:
     def add(self, cid: bytes, blob: bytes | bytearray, raw_length: int, k_blob: bytes) -> BlobEntry:
         """Append an encrypted blob right after the previous one (or the group's sealed key); its
         key is wrapped under this pack's group key with AES Key Wrap."""
-        wrapped = self._group.wrap_key(k_blob)
+        wrapped = self._group.wrap(k_blob)
         entry = BlobEntry(cid, len(self._groups) - 1, self._size, len(blob), raw_length, wrapped)
         self._parts.append(blob)
         self._size += len(blob)
         self.entries.append(entry)
         return entry
+
+    def locations(self) -> list[tuple[bytes, int, int, int]]:
+        """(chunk id, offset, length, raw length) of each blob, in pack order."""
+        return [(e.chunk_id, e.offset, e.length, e.raw_length) for e in self.entries]
 
     def finish(self) -> tuple[str, bytes]:
         """Seal the trailer, sign, and return (hex name, pack bytes)."""

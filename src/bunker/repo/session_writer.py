@@ -17,12 +17,14 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from bunker.crypto.keyfile import PutKey
 from bunker.repo import blob
 from bunker.repo import index as index_objects
+from bunker.repo.grouped_pack import GroupedPackWriter, GroupRun
 from bunker.repo.index import Location, make_index
 from bunker.repo.index_cache import IndexCache
-from bunker.repo.pack import KIND_DATA, BlobEntry, PackWriter
+from bunker.repo.pack import KIND_DATA, PackWriter
 from bunker.repo.repository import Repository
 
 MAX_UPLOADS_IN_FLIGHT = 2
+GROUPED = "data/grouped"  # the open pack of blobs made by worker processes
 
 
 def uploads_in_flight() -> int:
@@ -48,7 +50,8 @@ class SessionWriter:
         self.flush_seconds = float(repo.config.packs["flush_seconds"])
         self._lock = threading.Lock()
         self._pending: set[bytes] = set()  # reserved or in an unflushed pack
-        self._open: dict[str, PackWriter] = {}
+        # open packs by kind; GROUPED holds data blobs made by worker processes (grouped_pack.py)
+        self._open: dict[str, PackWriter | GroupedPackWriter] = {}
         self._opened_at: dict[str, float] = {}
         self._uploads: list[Future[None]] = []
         in_flight = uploads_in_flight()
@@ -79,21 +82,49 @@ class SessionWriter:
         self._append(kind, cid, ct, len(data), k_blob)
         return True
 
-    def store_encrypted(self, cid: bytes, ct: bytearray, raw_length: int, k_blob: bytes, kind: str = KIND_DATA) -> bool:
-        """Store a chunk already encrypted elsewhere (a worker process) unless it is known."""
+    def store_run(self, run: GroupRun) -> None:
+        """Store the blobs of a worker's run (grouped_pack.py) that are not known yet; those
+        known are cut out of the run's data."""
+        full = None
         with self._lock:
-            if cid in self.index.locations or cid in self._pending:
-                return False
-            self._pending.add(cid)
-        self._append(kind, cid, ct, raw_length, k_blob)
-        return True
+            self._raise_upload_error()
+            locations, pending = self.index.locations, self._pending
+            rows, spans, at, dropped = [], [], 0, False
+            for row in run.rows:
+                cid, length = row[0], int(row[1])  # type: ignore[call-overload]
+                if cid in pending or cid in locations:
+                    dropped = True
+                else:
+                    pending.add(cid)  # type: ignore[arg-type]
+                    rows.append(row)
+                    spans.append((at, length))
+                    self.bytes_added += length
+                    self.raw_added += int(row[2])  # type: ignore[call-overload]
+                at += length
+            if not rows:
+                return
+            data = run.data
+            if dropped:
+                view = memoryview(data)
+                data = b"".join([view[o : o + n] for o, n in spans])
+            self.chunks_added += len(rows)
+            gw = self._open.get(GROUPED)
+            if not isinstance(gw, GroupedPackWriter):
+                gw = GroupedPackWriter(KIND_DATA, self.secrets, self.put.client_key, self.cert_name)
+                self._open[GROUPED] = gw
+                self._opened_at[GROUPED] = time.monotonic()
+            gw.add(run.sealed, data, rows)
+            if gw.size >= self.pack_target:
+                full = self._open.pop(GROUPED)
+        if full is not None:
+            self._submit(full)
 
     def _append(self, kind: str, cid: bytes, ct: bytearray, raw_length: int, k_blob: bytes) -> None:
         full = None
         with self._lock:
             self._raise_upload_error()
             pw = self._open.get(kind)
-            if pw is None:
+            if not isinstance(pw, PackWriter):
                 pw = self._open[kind] = PackWriter(
                     kind, self.secrets, self.put.data_public, self.put.client_key, self.cert_name
                 )
@@ -119,18 +150,17 @@ class SessionWriter:
             self._submit(pw)
         return bool(old)
 
-    def _submit(self, pw: PackWriter) -> None:
+    def _submit(self, pw: PackWriter | GroupedPackWriter) -> None:
         self._upload_slots.acquire()  # bounds memory: at most N sealed packs waiting
         name, data = pw.finish()
-        entries = pw.entries
-        fut = self._pool.submit(self._upload, name, data, entries)
+        fut = self._pool.submit(self._upload, name, data, pw.locations())
         with self._lock:
             self._uploads.append(fut)
 
-    def _upload(self, name: str, data: bytes, entries: list[BlobEntry]) -> None:
+    def _upload(self, name: str, data: bytes, rows: list[tuple[bytes, int, int, int]]) -> None:
         try:
             self.repo.backend.put(f"packs/{name}", data)
-            locs = [(e.chunk_id, Location(name, e.offset, e.length, e.raw_length)) for e in entries]
+            locs = [(cid, Location(name, offset, length, raw)) for cid, offset, length, raw in rows]
             with self._lock:
                 self.index.add(locs)
                 self._new_entries.extend(locs)
