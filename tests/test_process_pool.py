@@ -44,3 +44,28 @@ def test_sigterm_to_the_workers_while_they_send_results_never_hangs_the_pool(tmp
         assert cp.returncode == 0, cp.stderr[-3000:]
         done, broken = (int(x) for x in cp.stdout.split())
         assert done >= 1 and done + broken == 24, cp.stdout
+
+
+WIDE_SCRIPT = """
+import fcntl
+from bunker.process_pool import RESULT_PIPE_BYTES, process_pool
+
+def main():
+    pool = process_pool(1, "os", int, (0,))
+    got = fcntl.fcntl(pool._result_queue._reader.fileno(), getattr(fcntl, "F_GETPIPE_SZ", 1032))
+    print(pool.submit(sum, [1, 2]).result(), got == RESULT_PIPE_BYTES)
+    pool.shutdown(wait=True)
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_the_result_pipe_holds_a_whole_batch_result(tmp_path: Path) -> None:
+    """A batch's result (~300 KiB for 256 small files) fits the widened pipe, so the thread that
+    reads results does not wait for its turn at the interpreter after every 64 KiB."""
+    script = tmp_path / "pool_wide.py"
+    script.write_text(WIDE_SCRIPT)
+    cp = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert cp.returncode == 0, cp.stderr
+    assert cp.stdout.split() == ["3", "True"], cp.stdout + cp.stderr
