@@ -48,12 +48,13 @@ def test_sigterm_to_the_workers_while_they_send_results_never_hangs_the_pool(tmp
 
 WIDE_SCRIPT = """
 import fcntl
-from bunker.process_pool import RESULT_PIPE_BYTES, process_pool
+from bunker.process_pool import PIPE_BYTES, process_pool
 
 def main():
     pool = process_pool(1, "os", int, (0,))
-    got = fcntl.fcntl(pool._result_queue._reader.fileno(), getattr(fcntl, "F_GETPIPE_SZ", 1032))
-    print(pool.submit(sum, [1, 2]).result(), got == RESULT_PIPE_BYTES)
+    got = [fcntl.fcntl(q._reader.fileno(), getattr(fcntl, "F_GETPIPE_SZ", 1032))
+           for q in (pool._result_queue, pool._call_queue)]
+    print(pool.submit(sum, [1, 2]).result(), got == [PIPE_BYTES] * 2)
     pool.shutdown(wait=True)
 
 if __name__ == "__main__":
@@ -61,9 +62,10 @@ if __name__ == "__main__":
 """
 
 
-def test_the_result_pipe_holds_a_whole_batch_result(tmp_path: Path) -> None:
+def test_the_pipes_hold_a_whole_batch(tmp_path: Path) -> None:
     """A batch's result (~300 KiB for 256 small files) fits the widened pipe, so the thread that
-    reads results does not wait for its turn at the interpreter after every 64 KiB."""
+    reads results does not wait for its turn at the interpreter after every 64 KiB; the same for
+    the tasks (a restore's batches)."""
     script = tmp_path / "pool_wide.py"
     script.write_text(WIDE_SCRIPT)
     cp = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)

@@ -91,32 +91,34 @@ def process_pool(
     pool = _TrackedPool(
         workers, mp_context=ctx, initializer=_start_worker, initargs=(os.getpid(), initializer, initargs)
     )
-    _widen_result_pipe(pool)
+    _widen_pipes(pool)
     return pool
 
 
-RESULT_PIPE_BYTES = 1 << 20
+PIPE_BYTES = 1 << 20
 
 
-def _widen_result_pipe(pool: ProcessPoolExecutor) -> None:
-    """Give the pipe that carries results back the room of a whole result (1 MiB instead of
-    64 KiB, Linux only). The command's thread that reads it shares the interpreter with the busy
-    walk: after each read it waits for its turn (up to the switch interval, 5 ms), so a 300 KiB
-    result read 64 KiB at a time took that wait five times, and the workers sat blocked in their
-    writes meanwhile (docs/performance.md). Where the size cannot be raised, results just flow
-    slower."""
+def _widen_pipes(pool: ProcessPoolExecutor) -> None:
+    """Give the pipes that carry tasks out and results back the room of a whole batch (1 MiB
+    instead of 64 KiB, Linux only). The command's threads that read and write them share the
+    interpreter with the busy walk or restore: after each system call they wait for their turn
+    (up to the switch interval, 5 ms), so a 300 KiB result read 64 KiB at a time took that wait
+    five times, and the workers sat blocked in their writes meanwhile (docs/performance.md).
+    Where the size cannot be raised, batches just flow slower."""
     set_size = getattr(fcntl, "F_SETPIPE_SZ", None)
-    reader = getattr(getattr(pool, "_result_queue", None), "_reader", None)
-    if set_size is None or reader is None:
+    if set_size is None:
         return
     try:
         with open("/proc/sys/fs/pipe-max-size") as f:
             limit = int(f.read())
     except (OSError, ValueError):
-        limit = RESULT_PIPE_BYTES
-    # over the user's pipe quota (pipe-user-pages-soft) the call fails: the default size still works
-    with contextlib.suppress(OSError):
-        fcntl.fcntl(reader.fileno(), set_size, min(RESULT_PIPE_BYTES, limit))
+        limit = PIPE_BYTES
+    for queue in (getattr(pool, "_result_queue", None), getattr(pool, "_call_queue", None)):
+        reader = getattr(queue, "_reader", None)
+        if reader is not None:
+            # over the user's pipe quota (pipe-user-pages-soft) this fails: the default size works
+            with contextlib.suppress(OSError):
+                fcntl.fcntl(reader.fileno(), set_size, min(PIPE_BYTES, limit))
 
 
 def _start_forkserver() -> None:
