@@ -15,6 +15,7 @@ from bunker import encoding
 from bunker.crypto import aead
 from bunker.crypto.derive import PutSecrets, keyed_hash
 from bunker.crypto.sign import SigningKey
+from bunker.repo.location_arrays import LocationRow
 from bunker.repo.location_map import Location, LocationMap
 from bunker.repo.objects import MAGIC_INDEX, SignedObject, make_signed, parse_signed
 
@@ -32,14 +33,14 @@ INDEX_BATCH = 100_000
 
 
 def make_index(
-    entries: Iterable[tuple[bytes, Location]], secrets: PutSecrets, signer: SigningKey, cert_name: str
+    entries: Iterable[tuple[bytes, LocationRow]], secrets: PutSecrets, signer: SigningKey, cert_name: str
 ) -> bytes:
     """Encode, encrypt and sign one index object (of at most INDEX_BATCH entries: split more)."""
     packs: dict[str, int] = {}
     rows = []
-    for cid, loc in entries:
-        pno = packs.setdefault(loc.pack, len(packs))
-        rows.append([cid, pno, loc.offset, loc.length, loc.raw_length])
+    for cid, (pack, offset, length, raw_length) in entries:
+        pno = packs.setdefault(pack, len(packs))
+        rows.append([cid, pno, offset, length, raw_length])
     salt = os.urandom(16)
     plain = encoding.pack_ordered({"entries": rows, "packs": list(packs)})  # keys sorted
     ct = aead.encrypt(_key(secrets, salt), plain, secrets.domain_id.encode())

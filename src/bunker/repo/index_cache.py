@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Container, Iterable, Iterator
+from collections.abc import Container, Iterable, Iterator, Sequence
 
 from bunker import encoding
 from bunker.crypto.derive import PutSecrets
@@ -20,7 +20,7 @@ from bunker.errors import CorruptObject, ObjectMissing
 from bunker.private_files import private_dirs, write_private_file
 from bunker.repo.blob_reader import read_trailer
 from bunker.repo.index import Location, LocationMap, decrypt_index, parse_index_frame
-from bunker.repo.location_arrays import ID, LocationColumns, check_columns
+from bunker.repo.location_arrays import ID, LocationColumns, LocationRow, check_columns
 from bunker.repo.objects import MAGIC_INDEX, MAX_SIGNED_OBJECT, is_hash_name
 from bunker.repo.pack import fetch_footer
 from bunker.repo.repository import Repository
@@ -216,12 +216,12 @@ class IndexCache:
             "from the repository on every run (slower); free space on that disk (or make it writable)"
         )
 
-    def add(self, entries: Iterable[tuple[bytes, Location]]) -> None:
+    def add(self, entries: Iterable[tuple[bytes, LocationRow]]) -> None:
         """Add entries (first location wins: equal chunks in two packs are both valid)."""
         if self.absent_packs or self.only_packs is not None:
-            entries = [(cid, loc) for cid, loc in entries if self._takes(loc.pack)]
+            entries = [(cid, loc) for cid, loc in entries if self._takes(loc[0])]
         entries = entries if isinstance(entries, list) else list(entries)
-        self.named_packs.update(loc.pack for _, loc in entries)
+        self.named_packs.update({loc[0] for _, loc in entries})
         self.locations.update(entries)
 
     def add_unindexed_packs(self, only_writer: str | None = None, listed: Iterable[str] | None = None) -> int:
@@ -261,7 +261,7 @@ class IndexCache:
         self.add_unindexed_packs()
         return len(missing), sum(1 for c in missing if c not in self.locations)
 
-    def record_written(self, name: str, entries: list[tuple[bytes, Location]]) -> None:
+    def record_written(self, name: str, entries: Sequence[tuple[bytes, LocationRow]]) -> None:
         """Note an index object this client just wrote (so the next load need not fetch it)."""
         self.objects.add(name)
         if self.cache_dir:

@@ -36,6 +36,9 @@ class Location(NamedTuple):
     raw_length: int
 
 
+# a Location or a plain tuple of the same fields (cheaper to make: a writer adds ~200,000 a minute)
+LocationRow = tuple[str, int, int, int]
+
 CODES = ("I", "Q", "I", "I")  # pack number, offset, length, raw length
 
 
@@ -133,9 +136,9 @@ class LocationColumns:
         return len(self.ids) // ID
 
     @classmethod
-    def from_entries(cls, entries: Sequence[tuple[bytes, Location]]) -> LocationColumns:
+    def from_entries(cls, entries: Sequence[tuple[bytes, LocationRow]]) -> LocationColumns:
         numbers: dict[str, int] = {}
-        pnos = array("I", [numbers.setdefault(loc.pack, len(numbers)) for _, loc in entries])
+        pnos = array("I", [numbers.setdefault(loc[0], len(numbers)) for _, loc in entries])
         cols = array("Q", chain.from_iterable(loc[1:] for _, loc in entries))
         return cls(b"".join(cid for cid, _ in entries), list(numbers), pnos, cols)
 

@@ -29,7 +29,16 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from itertools import chain
 from typing import TYPE_CHECKING, TypeVar, overload
 
-from bunker.repo.location_arrays import EMPTY, HEAD, ID, Location, LocationColumns, check_columns, check_entry
+from bunker.repo.location_arrays import (
+    EMPTY,
+    HEAD,
+    ID,
+    Location,
+    LocationColumns,
+    LocationRow,
+    check_columns,
+    check_entry,
+)
 
 if TYPE_CHECKING:
     import numpy as np
@@ -58,7 +67,7 @@ class LocationMap(Mapping[bytes, Location]):
         """Record ``loc`` for ``cid`` unless the chunk already has a location."""
         self.update([(cid, loc)])
 
-    def update(self, entries: Iterable[tuple[bytes, Location]]) -> None:
+    def update(self, entries: Iterable[tuple[bytes, LocationRow]]) -> None:
         """Record many locations (first one per chunk wins)."""
         with self._lock:
             arrays, new, numbers, packs = self._arrays, self._new, self._numbers, self._packs

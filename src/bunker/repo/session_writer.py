@@ -18,8 +18,9 @@ from bunker.crypto.keyfile import PutKey
 from bunker.repo import blob
 from bunker.repo import index as index_objects
 from bunker.repo.grouped_pack import GroupedPackWriter, GroupRun
-from bunker.repo.index import Location, make_index
+from bunker.repo.index import make_index
 from bunker.repo.index_cache import IndexCache
+from bunker.repo.location_arrays import LocationRow
 from bunker.repo.pack import KIND_DATA, PackWriter
 from bunker.repo.repository import Repository
 
@@ -57,7 +58,7 @@ class SessionWriter:
         in_flight = uploads_in_flight()
         self._upload_slots = threading.BoundedSemaphore(in_flight)
         self._pool = ThreadPoolExecutor(in_flight, thread_name_prefix="bunker-upload")
-        self._new_entries: list[tuple[bytes, Location]] = []
+        self._new_entries: list[tuple[bytes, LocationRow]] = []
         self.packs_written: list[str] = []
         self.bytes_stored = 0  # bytes of the packs stored so far
         self.bytes_added = 0  # stored (encrypted) bytes of new blobs
@@ -160,7 +161,7 @@ class SessionWriter:
     def _upload(self, name: str, data: bytes, rows: list[tuple[bytes, int, int, int]]) -> None:
         try:
             self.repo.backend.put(f"packs/{name}", data)
-            locs = [(cid, Location(name, offset, length, raw)) for cid, offset, length, raw in rows]
+            locs = [(cid, (name, offset, length, raw)) for cid, offset, length, raw in rows]
             with self._lock:
                 self.index.add(locs)
                 self._new_entries.extend(locs)
