@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import blake3
 
@@ -61,7 +61,7 @@ from bunker.repo.pack import (
     parse_footer,
     verify_footer,
 )
-from bunker.repo.pack_verifier import PackJob, PackVerifierPool
+from bunker.repo.pack_verifier import PackJob, PackResult, PackVerifierPool
 from bunker.repo.policy import read_policies
 from bunker.repo.repository import Repository
 from bunker.repo.status_records import status_problems
@@ -120,6 +120,8 @@ class Checker:
         self._agreed = AgreedCopies()  # see _check_indexes
         self._read_before: set[str] = set()  # packs whose trailers the first pass read (see run)
         self._names: dict[str, list[str]] = {}
+        self._verifying: list[PackVerifierPool] = []  # pools whose workers may still verify blobs
+        self._verify_error: StorageError | None = None  # the first storage failure a worker met
 
     # ------------------------------------------------------------------ entry point
     def run(self, keyless: bool) -> CheckReport:
@@ -176,10 +178,19 @@ class Checker:
                 "the repository of record holds them; check it there)",
                 "note",
             )
-        self._trailers = self._check_packs([n for n in names["packs"] if n not in upstream], full=self._full)
-        self.progress("indexes")
-        self._agreed = AgreedCopies()
-        self._check_indexes(names["index"], self._trailers, self._agreed)
+        try:
+            # the workers go on verifying blobs while the index objects are checked against the
+            # trailers (which are all read by then)
+            self._trailers = self._check_packs(
+                [n for n in names["packs"] if n not in upstream], full=self._full, wait=False
+            )
+            self.progress("indexes")
+            self._agreed = AgreedCopies()
+            self._check_indexes(names["index"], self._trailers, self._agreed)
+        except BaseException:
+            self._finish_verifying(cancel=True)  # stopped (Ctrl-C) or failed: not worth waiting for
+            raise
+        self._finish_verifying()
         # the trailers are not needed again unless index objects appear while the check runs:
         # dropped now, before the snapshots' chunks are looked up (a check of 10 M chunks peaked
         # at 1.17 GB with them kept, docs/performance.md); _settle reads again those it needs
@@ -306,13 +317,16 @@ class Checker:
             return self._domain_secrets[domain_id]
         return None
 
-    def _check_packs(self, names: list[str], full: bool, data: bool = True) -> dict[str, PackBlobs]:
+    def _check_packs(self, names: list[str], full: bool, data: bool = True, wait: bool = True) -> dict[str, PackBlobs]:
         """Verify every pack; return its trailer's blobs (pack hex -> blobs) where readable.
         With the master key (and ``data``), blobs are verified in worker processes (see
-        pack_verifier)."""
+        pack_verifier); without ``wait`` some may still be when this returns: then
+        :meth:`_finish_verifying` waits for them."""
         out: dict[str, PackBlobs] = {}
         lock = threading.Lock()
         verifier = PackVerifierPool(self.backend.url) if self.master is not None and data else None
+        if verifier is not None:
+            self._verifying.append(verifier)
 
         def one(n: str) -> None:
             try:
@@ -325,10 +339,24 @@ class Checker:
         try:
             with ThreadPoolExecutor(os.cpu_count() or 2) as pool:
                 list(pool.map(one, names))
-        finally:
-            if verifier is not None:
-                verifier.shutdown()
+        except BaseException:
+            self._finish_verifying(cancel=True)
+            raise
+        if wait:
+            self._finish_verifying()
         return out
+
+    def _finish_verifying(self, cancel: bool = False) -> None:
+        """Wait for the blobs being verified in worker processes (unless ``cancel``), then end
+        the workers."""
+        verifying, self._verifying = self._verifying, []
+        for verifier in verifying:
+            verifier.shutdown(wait_for_jobs=not cancel)
+        if cancel:
+            return
+        if self._verify_error is not None:
+            error, self._verify_error = self._verify_error, None
+            raise error
 
     def _check_pack(
         self,
@@ -431,10 +459,15 @@ class Checker:
             self._vanish(n)
             return
         job = PackJob(n, info.size, body_length, body_hash, keys, blobs, secret, kind)
+        verifier.submit(job, lambda fut: self._verified(n, fut))
+
+    def _verified(self, n: str, fut: Future[PackResult]) -> None:
+        """Record what a worker found in pack ``n`` (on the thread that completed ``fut``)."""
         try:
-            res = verifier.submit(job).result()
-        except StorageError:
-            raise
+            res = fut.result()
+        except StorageError as exc:  # the storage failed, not the pack: the check ends (_finish_verifying)
+            self._verify_error = self._verify_error or exc
+            return
         except Exception as exc:  # noqa: BLE001 - a crashed worker is a finding, not the end of the check
             self.report.add(n, f"could not be verified (worker failed: {exc})")
             return

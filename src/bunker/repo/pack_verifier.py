@@ -10,6 +10,8 @@ the trailer's blob list, reads the pack once, and checks its name, its body hash
 from __future__ import annotations
 
 import os
+import threading
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -28,6 +30,7 @@ from bunker.repo.tree import decode_tree
 from bunker.storage import Backend, open_backend
 
 MAX_REPORTED_BLOBS = 10  # per pack: the count says how many more
+JOBS_PER_WORKER = 2  # packs handed to the workers at once, per worker: one running, one waiting
 
 
 @dataclass(frozen=True)
@@ -107,18 +110,36 @@ def verify_pack(job: PackJob, backend: Backend | None = None) -> PackResult:
 
 
 class PackVerifierPool:
-    """Worker processes for :func:`verify_pack`, started on first use."""
+    """Worker processes for :func:`verify_pack`, started on first use. At most
+    :data:`JOBS_PER_WORKER` jobs per worker are submitted at once (a job holds its pack's whole
+    trailer): :meth:`submit` waits for room."""
 
     def __init__(self, url: str) -> None:
         self._url = url
+        self._workers = os.cpu_count() or 2
         self._pool: ProcessPoolExecutor | None = None
+        self._room = threading.BoundedSemaphore(JOBS_PER_WORKER * self._workers)
 
-    def submit(self, job: PackJob) -> Future[PackResult]:
+    def submit(self, job: PackJob, done: Callable[[Future[PackResult]], None]) -> None:
+        """Verify ``job`` in a worker; ``done(future)`` runs when it has (on another thread)."""
         if self._pool is None:
-            self._pool = process_pool(os.cpu_count() or 2, "bunker.repo.pack_verifier", _init, (self._url,))
-        return self._pool.submit(verify_pack, job)
+            self._pool = process_pool(self._workers, "bunker.repo.pack_verifier", _init, (self._url,))
+        self._room.acquire()
+        try:
+            fut = self._pool.submit(verify_pack, job)
+        except BaseException:
+            self._room.release()
+            raise
+        fut.add_done_callback(lambda f: self._finished(f, done))
 
-    def shutdown(self) -> None:
+    def _finished(self, fut: Future[PackResult], done: Callable[[Future[PackResult]], None]) -> None:
+        try:
+            done(fut)
+        finally:
+            self._room.release()
+
+    def shutdown(self, wait_for_jobs: bool = False) -> None:
+        """End the workers: after the jobs submitted are done (``wait_for_jobs``), else at once."""
         if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool.shutdown(wait=True, cancel_futures=not wait_for_jobs)
             self._pool = None
