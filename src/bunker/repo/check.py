@@ -344,6 +344,8 @@ class Checker:
             raise
         if wait:
             self._finish_verifying()
+        elif verifier is not None:
+            verifier.close()
         return out
 
     def _finish_verifying(self, cancel: bool = False) -> None:

@@ -119,16 +119,20 @@ class PackVerifierPool:
         self._workers = os.cpu_count() or 2
         self._pool: ProcessPoolExecutor | None = None
         self._room = threading.BoundedSemaphore(JOBS_PER_WORKER * self._workers)
+        self._running = 0  # jobs submitted whose ``done`` has not returned yet
+        self._idle = threading.Condition()
 
     def submit(self, job: PackJob, done: Callable[[Future[PackResult]], None]) -> None:
         """Verify ``job`` in a worker; ``done(future)`` runs when it has (on another thread)."""
         if self._pool is None:
             self._pool = process_pool(self._workers, "bunker.repo.pack_verifier", _init, (self._url,))
         self._room.acquire()
+        with self._idle:
+            self._running += 1
         try:
             fut = self._pool.submit(verify_pack, job)
         except BaseException:
-            self._room.release()
+            self._ended()
             raise
         fut.add_done_callback(lambda f: self._finished(f, done))
 
@@ -136,10 +140,27 @@ class PackVerifierPool:
         try:
             done(fut)
         finally:
-            self._room.release()
+            self._ended()
+
+    def _ended(self) -> None:
+        self._room.release()
+        with self._idle:
+            self._running -= 1
+            self._idle.notify_all()
+
+    def close(self) -> None:
+        """No more jobs: each worker ends once the jobs submitted are done (its memory with it),
+        without waiting here."""
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
 
     def shutdown(self, wait_for_jobs: bool = False) -> None:
-        """End the workers: after the jobs submitted are done (``wait_for_jobs``), else at once."""
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=not wait_for_jobs)
-            self._pool = None
+        """End the workers: once every job submitted is done and recorded (``wait_for_jobs``),
+        else at once, cancelling the jobs not started."""
+        if self._pool is None:
+            return
+        if wait_for_jobs:
+            with self._idle:
+                self._idle.wait_for(lambda: self._running == 0)
+        self._pool.shutdown(wait=True, cancel_futures=not wait_for_jobs)
+        self._pool = None
