@@ -234,8 +234,10 @@ from bunker.repo.chunk_id_set import ChunkIdSet
 from bunker.repo.index_cache import _decode_cached, _encode_cached
 from bunker.repo.location_map import Location, LocationColumns, LocationMap
 import bunker.restore.workers, bunker.backup.small_files, bunker.repo.pack_verifier
-entries = [(os.urandom(32), Location(f"{i % 7:064x}", i, 10, 20)) for i in range(5000)]
-batches = [LocationColumns.from_entries(entries[i : i + 1000]) for i in range(0, 5000, 1000)]
+entries = [(os.urandom(32), Location(f"{i % 7:064x}", i, 10, 20)) for i in range(20000)]
+# index objects of 5,000 entries: over the size at which columns are checked with numpy once it
+# is imported, but numpy is not imported for them
+batches = [LocationColumns.from_entries(entries[i : i + 5000]) for i in range(0, 20000, 5000)]
 cols = [_decode_cached(_encode_cached(c)) for c in batches]
 cols = [c.select(lambda p: p != f"{3:064x}") for c in cols]
 m = LocationMap()
@@ -243,7 +245,7 @@ m.bulk_load(iter(cols), lambda: iter(cols))
 s = ChunkIdSet(cid for cid, _ in entries)
 packs, missing = m.locate_many(s.sorted_ids())
 assert len(missing) == sum(1 for _, loc in entries if loc.pack == f"{3:064x}") and len(packs) == 6
-assert m.packs() == packs and len(s.union([bytes(32)])) == 5001
+assert m.packs() == packs and len(s.union([bytes(32)])) == 20001
 refs.build_chunkset(s, PutSecrets(bytes(32)))
 print("numpy" in sys.modules)
 """
