@@ -61,7 +61,9 @@ class TotalsCounter:
 
 PROGRESS_MODES = ("auto", "always", "never")
 COUNT_AFTER_LIVE = 1.0  # seconds a run with a live line lasts before its totals are counted
-COUNT_AFTER_LINES = 5.0  # the same for a line every interval (at most half the interval)
+# the same for a line every interval (at most half the interval): the first line needs the totals
+# only after the interval (30 s), and a run that ends before then wasted the count's walk
+COUNT_AFTER_LINES = 15.0
 LINE_SECONDS = 30.0
 # the interval of the plain lines; tests make it short (a test cannot wait 30 s per line)
 INTERVAL_VARIABLE = "BUNKER_PROGRESS_INTERVAL"
