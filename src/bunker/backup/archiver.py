@@ -162,6 +162,7 @@ class Archiver:
             self._wake,
             self.progress,
             self._record,
+            self._add_chunk_ids,
             self._maybe_tick,
         )
         self._hardlinks = HardLinks(self._done_lock, self._wake, log)
@@ -201,17 +202,26 @@ class Archiver:
         finally:
             self._finish_file(job, size0)
 
-    def _record(self, r: ReadOutcome, path: bytes, entry: dict[str, Any], job: DirJob, name: bytes) -> None:
-        """Put a read's outcome into the directory's entry, files cache and run log."""
+    def _record(
+        self, r: ReadOutcome, path: bytes, entry: dict[str, Any], job: DirJob, name: bytes, ids_added: bool = False
+    ) -> None:
+        """Put a read's outcome into the directory's entry, files cache and run log (and its
+        chunk ids into the snapshot's, unless ``ids_added``)."""
         if self._hardlinks.reading:
             try:
-                self._record_outcome(r, path, entry, job, name)
+                self._record_outcome(r, path, entry, job, name, ids_added)
             finally:
                 self._hardlinks.read_done(entry)
         else:
-            self._record_outcome(r, path, entry, job, name)
+            self._record_outcome(r, path, entry, job, name, ids_added)
 
-    def _record_outcome(self, r: ReadOutcome, path: bytes, entry: dict[str, Any], job: DirJob, name: bytes) -> None:
+    def _add_chunk_ids(self, ids: list[bytes]) -> None:
+        with self._done_lock:
+            self.chunk_ids.update(ids)
+
+    def _record_outcome(
+        self, r: ReadOutcome, path: bytes, entry: dict[str, Any], job: DirJob, name: bytes, ids_added: bool
+    ) -> None:
         if r.problems:
             for problem in r.problems:
                 self.log.add("warn", "metadata-unreadable", f"{problem}; the file itself is stored", path)
@@ -231,8 +241,8 @@ class Archiver:
                     "and new content: back it up again when it is idle, or snapshot the filesystem first",
                     path,
                 )
-            with self._done_lock:
-                self.chunk_ids.update(r.chunks)
+            if not ids_added:
+                self._add_chunk_ids(r.chunks)
             return
         entry["c"] = []
         entry["drop"] = True  # not in the backup: the tree must not claim it

@@ -58,7 +58,8 @@ class SmallBatches(Generic[J]):
         lock: threading.Lock,
         wake: Callable[[], None],
         progress: _Progress,
-        record: Callable[[ReadOutcome, bytes, dict[str, Any], J, bytes], None],
+        record: Callable[[ReadOutcome, bytes, dict[str, Any], J, bytes, bool], None],
+        add_ids: Callable[[list[bytes]], None],
         waiting: Callable[[], None] = lambda: None,
     ) -> None:
         self._pool = pool
@@ -66,7 +67,8 @@ class SmallBatches(Generic[J]):
         self._lock = lock  # guards the directories' pending counts and the progress files count
         self._wake = wake  # tells the walking thread a count went down
         self._progress = progress
-        self._record = record
+        self._record = record  # (outcome, path, entry, job, name, whether its chunk ids were added already)
+        self._add_ids = add_ids  # adds chunk ids to the snapshot's
         self._waiting = waiting  # called while the walking thread waits for a slot (lease, checkpoints)
         self._batch: list[tuple[bytes, dict[str, Any], J, bytes, int]] = []
         self._batch_bytes = 0
@@ -111,7 +113,8 @@ class SmallBatches(Generic[J]):
         for batch, exc in broken:
             for path, entry, job, name, _ in batch:
                 if record:
-                    self._record(ReadOutcome("error", [], message=f"worker failed: {exc}"), path, entry, job, name)
+                    failed = ReadOutcome("error", [], message=f"worker failed: {exc}")
+                    self._record(failed, path, entry, job, name, False)
                 self._finish(job)
 
     def _done(
@@ -140,14 +143,19 @@ class SmallBatches(Generic[J]):
                     for _, _, job, _, _ in batch:
                         self._finish(job)
                     return
-            for (path, entry, job, name, _), outcome in zip(batch, outcomes, strict=True):
-                try:
-                    self._record(outcome, path, entry, job, name)
+            # the snapshot's chunk ids first, all at once, then the entries that name them
+            self._add_ids([cid for o in outcomes if o.status in ("ok", "changing") for cid in o.chunks])
+            try:
+                for (path, entry, job, name, _), outcome in zip(batch, outcomes, strict=True):
+                    self._record(outcome, path, entry, job, name, True)
                     self._progress.nbytes += outcome.size
-                except BaseException as exc:  # noqa: BLE001
-                    self.error = exc
-                finally:
-                    self._finish(job)
+            except BaseException as exc:  # noqa: BLE001 - the walking thread raises it
+                self.error = exc
+            finally:
+                with self._lock:
+                    for _, _, job, _, _ in batch:
+                        job.pending -= 1
+                    self._progress.files += len(batch)
         finally:
             self._slots.release()
             self._wake()
