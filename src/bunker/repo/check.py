@@ -342,16 +342,18 @@ class Checker:
         except BaseException:
             self._finish_verifying(cancel=True)
             raise
-        if wait:
-            self._finish_verifying()
-        elif verifier is not None:
-            verifier.close()
+        if verifier is not None:
+            if wait:
+                self._finish_verifying(verifier)
+            else:
+                verifier.close()
         return out
 
-    def _finish_verifying(self, cancel: bool = False) -> None:
+    def _finish_verifying(self, only: PackVerifierPool | None = None, cancel: bool = False) -> None:
         """Wait for the blobs being verified in worker processes (unless ``cancel``), then end
-        the workers."""
-        verifying, self._verifying = self._verifying, []
+        the workers: those of pool ``only``, or of every pool."""
+        verifying = [only] if only is not None else list(self._verifying)
+        self._verifying = [v for v in self._verifying if v not in verifying]
         for verifier in verifying:
             verifier.shutdown(wait_for_jobs=not cancel)
         if cancel:

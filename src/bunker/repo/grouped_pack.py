@@ -10,7 +10,7 @@ the main process a dedup check and a row, not a pickled copy of its bytes and a 
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import blake3
 
@@ -19,7 +19,7 @@ from bunker.crypto.sign import SigningKey
 from bunker.repo.pack import HEADER, KeyGroup, seal_tail
 
 # a trailer row (FORMAT.md 10.3): [chunk id, length, raw length, wrapped key]
-Row = list[object]
+Row = list[Any]
 
 
 class GroupRun(NamedTuple):
@@ -75,7 +75,7 @@ class GroupedPackWriter:
 
     def add(self, sealed: bytes, data: bytes, rows: list[Row]) -> None:
         """Append blobs (``data``, back to back, described by ``rows``) under group ``sealed``."""
-        if sum(int(r[1]) for r in rows) != len(data):  # type: ignore[call-overload]
+        if sum(r[1] for r in rows) != len(data):
             raise ValueError("the blobs' lengths do not add up to the run's data")
         group = self._groups.get(sealed)
         if group is None:
@@ -101,9 +101,8 @@ class GroupedPackWriter:
             parts.append(sealed)
             pos += len(sealed)
             for row in rows:
-                length = int(row[1])  # type: ignore[call-overload]
-                locations.append((row[0], pos, length, int(row[2])))  # type: ignore[arg-type,call-overload]
-                pos += length
+                locations.append((row[0], pos, row[1], row[2]))
+                pos += row[1]
             parts.extend(datas)
         hasher = blake3.blake3()
         for part in parts:

@@ -92,15 +92,15 @@ class SessionWriter:
             locations, pending = self.index.locations, self._pending
             rows, spans, at, dropped = [], [], 0, False
             for row in run.rows:
-                cid, length = row[0], int(row[1])  # type: ignore[call-overload]
+                cid, length = row[0], row[1]
                 if cid in pending or cid in locations:
                     dropped = True
                 else:
-                    pending.add(cid)  # type: ignore[arg-type]
+                    pending.add(cid)
                     rows.append(row)
                     spans.append((at, length))
                     self.bytes_added += length
-                    self.raw_added += int(row[2])  # type: ignore[call-overload]
+                    self.raw_added += row[2]
                 at += length
             if not rows:
                 return
