@@ -47,7 +47,7 @@ from bunker.runlog import RunLog, display_path
 
 SMALL_FILE = 256 << 10  # files up to this size go to worker processes ...
 SMALL_POOL_AFTER = 1000  # ... once this many were seen
-BATCH_FILES = 128
+BATCH_FILES = 256
 BATCH_BYTES = 8 << 20
 
 
