@@ -440,7 +440,8 @@ class Restorer:
             self.stats.failed += 1
             return
         pieces = self._pieces(e, path)
-        meta = {k: v for k, v in e.items() if k != "c"}  # the chunk list is in pieces already
+        meta = dict(e)  # a copy without the chunk list (it is in pieces already)
+        meta.pop("c", None)
         size = e.get("sz", 0)
         self._small_seen += size <= SMALL_FILE
         if size <= SMALL_FILE and self._small_seen > self._pool_after:
