@@ -101,7 +101,7 @@ class FilesCache:
     def save_dir(self, path: bytes, record: DirRecord) -> None:
         """Remember a directory's records (written on the next flush)."""
         with self._lock:
-            self._pending[path] = encoding.pack(record)
+            self._pending[path] = encoding.pack_local(record)
 
     def flush(self) -> None:
         """Write pending records durably enough for a cache (one transaction). A cache file that
