@@ -58,10 +58,24 @@ def encode_tree(entries: list[dict[str, Any]]) -> bytes:
     the hot path: most entries have neither.
     """
     ordered = [
-        dict(sorted((e if "x" not in e and "acl" not in e else _sort_maps(e)).items()))
-        for e in sorted(entries, key=_name)
+        _sorted_keys(e if "x" not in e and "acl" not in e else _sort_maps(e)) for e in sorted(entries, key=_name)
     ]
     return encoding.pack_ordered({"e": ordered, "v": 1})
+
+
+# an entry's keys in the order they were added -> the same keys sorted: a backup makes entries
+# of a handful of key sets, each in one order, so most entries are reordered without a sort
+_KEY_ORDERS: dict[tuple[str, ...], tuple[str, ...]] = {}
+
+
+def _sorted_keys(e: dict[str, Any]) -> dict[str, Any]:
+    keys = tuple(e)
+    order = _KEY_ORDERS.get(keys)
+    if order is None:
+        order = tuple(sorted(keys))
+        if len(_KEY_ORDERS) < 4096:  # (entries of untrusted trees may bring any key set)
+            _KEY_ORDERS[keys] = order
+    return {k: e[k] for k in order}
 
 
 def _sort_maps(e: dict[str, Any]) -> dict[str, Any]:
