@@ -111,11 +111,11 @@ class SmallBatches(Generic[J]):
         with self._lock:
             broken, self._broken = self._broken, []
         for batch, exc in broken:
-            for path, entry, job, name, _ in batch:
-                if record:
-                    failed = ReadOutcome("error", [], message=f"worker failed: {exc}")
+            if record:
+                failed = ReadOutcome("error", [], message=f"worker failed: {exc}")
+                for path, entry, job, name, _ in batch:
                     self._record(failed, path, entry, job, name, False)
-                self._finish(job)
+            self._finish(batch)
 
     def _done(
         self,
@@ -124,8 +124,7 @@ class SmallBatches(Generic[J]):
     ) -> None:
         try:
             if fut.cancelled():  # a halted run: these files are left out (their entries hold no content)
-                for _, _, job, _, _ in batch:
-                    self._finish(job)
+                self._finish(batch)
                 return
             try:
                 outcomes, run = fut.result()
@@ -140,8 +139,7 @@ class SmallBatches(Generic[J]):
                     self._writer.store_run(run)  # before any file that names its chunks is recorded
                 except BaseException as exc:  # noqa: BLE001 - the walking thread raises it
                     self.error = exc
-                    for _, _, job, _, _ in batch:
-                        self._finish(job)
+                    self._finish(batch)
                     return
             # the snapshot's chunk ids first, all at once, then the entries that name them
             self._add_ids([cid for o in outcomes if o.status in ("ok", "changing") for cid in o.chunks])
@@ -152,15 +150,14 @@ class SmallBatches(Generic[J]):
             except BaseException as exc:  # noqa: BLE001 - the walking thread raises it
                 self.error = exc
             finally:
-                with self._lock:
-                    for _, _, job, _, _ in batch:
-                        job.pending -= 1
-                    self._progress.files += len(batch)
+                self._finish(batch)
         finally:
             self._slots.release()
             self._wake()
 
-    def _finish(self, job: J) -> None:
+    def _finish(self, batch: list[tuple[bytes, dict[str, Any], J, bytes, int]]) -> None:
+        """The batch's files are done (recorded or left out): one lock for all of them."""
         with self._lock:
-            job.pending -= 1
-            self._progress.files += 1
+            for _, _, job, _, _ in batch:
+                job.pending -= 1
+            self._progress.files += len(batch)
