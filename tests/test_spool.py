@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from bunker.errors import ExitCode
 from helpers import (
@@ -241,3 +243,76 @@ def test_forward_marks_incomplete_and_names_changed_files(tmp_path: Path) -> Non
     for p in src.rglob("*"):
         if p.is_file() and not p.is_symlink() and p.name != "journal.txt":
             assert (restored / p.relative_to(src)).read_bytes() == p.read_bytes()
+
+
+def _killed_forward_then_prunes(
+    repo: Repo, src: Path, tmp_path: Path, prunes: int
+) -> tuple[list[str], Callable[[], dict[str, Any]]]:
+    """A backup, one offline with new data, then a forward killed once its packs were up (its
+    index object and snapshot stay in the spool), then ``prunes`` prunes at grace 0: the first
+    condemns those packs (no index or snapshot names them upstream), the second deletes them.
+    Returns the names of the packs that went up, and the prune (another machine's)."""
+    repo.backup(src)
+    away = tmp_path / "away"
+    repo.path.rename(away)
+    (src / "while-away.bin").write_bytes(os.urandom(300_000))
+    assert repo.backup(src)["spooled"]
+    away.rename(repo.path)
+    spool = next((Path(repo.env["XDG_DATA_HOME"]) / "bunker" / "spool").iterdir())
+    sent = [p for p in (spool / "packs").iterdir() if not p.name.startswith(".")]
+    for p in sent:  # what `forward` does for each pack before the kill: upload, then delete the copy
+        shutil.copy(p, repo.path / "packs" / p.name)
+        p.unlink()
+    pruner = tmp_path / "pruner.put"
+    repo.ok("key", "new-client", "pruner", "--prune", "--out", pruner)
+    env = make_env(tmp_path / "pruner-home")
+
+    def prune() -> dict[str, Any]:
+        return js(repo.ok("prune", "--put-key", pruner, "--grace", "0s", "--json", env=env))
+
+    docs = [prune() for _ in range(prunes)]
+    assert docs[0]["condemned"] == len(sent)
+    if prunes > 1:
+        assert docs[1]["deleted"] == len(sent)
+    return [p.name for p in sent], prune
+
+
+def test_forward_after_its_packs_were_pruned_names_none_of_them(tmp_path: Path) -> None:
+    """The packs a killed forward sent were deleted by prunes before the next forward: the
+    spooled index object that names them is not sent as it is (check would call it damaged),
+    and the snapshot is repaired (the new file from its source; its directory listings, which
+    only those packs held, are lost and say so)."""
+    repo = init_repo(tmp_path / "r")
+    src = tmp_path / "src"
+    make_tree(src)
+    sent, _ = _killed_forward_then_prunes(repo, src, tmp_path, prunes=2)
+    fwd = js(repo.ok("forward", "--json", rc=ExitCode.ERR))
+    assert fwd["indexes_trimmed"] == 1 and fwd["left"] == 0
+    (fix,) = fwd["repaired"]
+    assert fix["vanished_packs"] == len(sent) and fix["recovered_chunks"] > 0 and not fix["complete"]
+    check = js(repo.ok("check", "--json"))
+    assert check["ok"] is True, check["problems"]
+    assert not any(name in json.dumps(check) for name in sent)
+
+
+def test_forward_copies_what_it_needs_from_condemned_packs(tmp_path: Path) -> None:
+    """The packs a killed forward sent were condemned (not yet deleted) before the next forward:
+    it treats them as absent like every session (a prune may delete them meanwhile), copies
+    the blobs its snapshot needs from them into a pack of its own, and the snapshot arrives
+    complete; the next prunes delete the condemned packs and nothing is missing."""
+    repo = init_repo(tmp_path / "r")
+    src = tmp_path / "src"
+    make_tree(src)
+    sent, prune = _killed_forward_then_prunes(repo, src, tmp_path, prunes=1)
+    fwd = js(repo.ok("forward", "--json"))
+    assert fwd["indexes_trimmed"] == 1 and fwd["left"] == 0
+    (fix,) = fwd["repaired"]
+    assert fix["vanished_packs"] == len(sent) and fix["lost_chunks"] == 0 and fix["complete"]
+    snap = json.dumps(js(repo.ok("snapshots", "--json")))
+    assert fix["snapshot"][:12] in snap
+    for _ in range(2):
+        prune()
+    assert not any((repo.path / "packs" / name).exists() for name in sent)
+    check = js(repo.ok("check", "--read-data", "--json"))
+    assert check["ok"] is True, check["problems"]
+    _restore_and_compare(repo, src, tmp_path / "t", fix["snapshot"])

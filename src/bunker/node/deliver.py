@@ -31,6 +31,7 @@ from bunker.errors import BunkerError, CorruptObject, ObjectMissing
 from bunker.node.spool import verify_by_name
 from bunker.node.vanished import Repaired, VanishedRepair
 from bunker.repo.certs import Certificate
+from bunker.repo.condemnations import ListedPacks
 from bunker.repo.leases import Lease
 from bunker.repo.records import ChainBase
 from bunker.repo.repository import Repository, SnapshotRecord
@@ -68,14 +69,14 @@ def deliver_own_snapshots(
     cert: Certificate,
     spool: LocalBackend,
     names: list[str],
-    upstream_packs: set[str],
+    packs: ListedPacks,
     lease: Lease,
     state_dir: str,
 ) -> Delivery:
     """Link the spooled snapshots ``names`` of ``cert`` into its chain in ``repo`` (see the
     module's docstring). A snapshot another delivery took meanwhile is skipped quietly."""
     out = Delivery()
-    repair = VanishedRepair(repo, put, cert, upstream_packs, lease.refresh_if_due)
+    repair = VanishedRepair(repo, put, cert, packs, lease.refresh_if_due)
     try:
         with ChainWriter(repo, put, cert, state_dir, lease.session, out.log, lease) as chain:
             for name, data, snap in _spooled(spool, names, out):

@@ -28,6 +28,8 @@ from bunker.node.deliver import Renumbered, deliver_own_snapshots
 from bunker.node.spool import BUSY, MINE, Spool, verify_by_name
 from bunker.node.vanished import Repaired
 from bunker.repo.certs import Certificate
+from bunker.repo.condemnations import ListedPacks
+from bunker.repo.index import decrypt_index, make_index, parse_index_frame
 from bunker.repo.leases import Lease
 from bunker.repo.objects import content_hash, is_hash_name
 from bunker.repo.repository import Repository
@@ -50,6 +52,7 @@ class ForwardReport:
     repaired: list[Repaired] = field(default_factory=list)  # signed again: packs had vanished upstream
     damaged: list[str] = field(default_factory=list)  # spool objects whose bytes do not match their name
     renumbered: list[Renumbered] = field(default_factory=list)  # signed again onto the chain's real head
+    indexes_trimmed: int = 0  # spooled index objects sent without entries for packs gone or condemned upstream
     others: list[str] = field(default_factory=list)  # another client's snapshots: left for its own run
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (level, code, message) of the chain
     left: int = 0  # objects still in the spool afterwards
@@ -85,6 +88,7 @@ class ForwardReport:
             ],
             "other_clients": [s.split("/", 1)[1] for s in self.others],
             "damaged": self.damaged,
+            "indexes_trimmed": self.indexes_trimmed,
             "left": self.left,
         }
 
@@ -114,13 +118,14 @@ def forward(
         note_running(state_dir, lease.session)  # a claim this run leaves when killed is known dead here at once
         bulk = [i for i in pending if not i.name.startswith("snapshots/")]
         snaps = [i.name for i in pending if i.name.startswith("snapshots/")]
+        trim: _IndexTrim | None = None  # once the packs are up
 
         def send(info: ObjectInfo, wait: bool) -> bool:
             """Deliver one object unless another delivery holds it (False: left to it)."""
             with spool.delivering(info.name, wait=wait) as state:
                 if state == BUSY:
                     return False
-                outcome = _deliver(repo, local, info) if state == MINE else "gone"
+                outcome = _deliver(repo, local, info, trim) if state == MINE else "gone"
             with lock:
                 if outcome == "sent":
                     report.sent += 1
@@ -150,10 +155,17 @@ def forward(
                 pool.shutdown(wait=True, cancel_futures=True)
 
         # packs before index before refs, one prefix at a time; the runs' status records last
-        for prefix in ("packs/", "index/", "refs/", "retired/", "gc/"):
+        send_group("packs/")
+        # what the index objects and snapshots sent from now on may name: the spool's packs are
+        # up; an earlier delivery's may have been condemned or deleted since (a killed forward
+        # leaves packs that no snapshot names yet)
+        packs = ListedPacks.read(repo)
+        trim = _IndexTrim(put, cert, packs, lock)
+        for prefix in ("index/", "refs/", "retired/", "gc/"):
             send_group(prefix)
+        report.indexes_trimmed = trim.trimmed
         if snaps:
-            _send_snapshots(repo, put, cert, spool, local, snaps, lease, state_dir, report)
+            _send_snapshots(repo, put, cert, spool, local, snaps, lease, state_dir, report, packs)
         send_group("status/")
         spool.clear_leftovers()
     finally:
@@ -173,11 +185,11 @@ def _send_snapshots(
     lease: Lease,
     state_dir: str,
     report: ForwardReport,
+    packs: ListedPacks,
 ) -> None:
     """Deliver the spooled snapshots ``names``: this client's onto its chain (node/deliver.py);
     another client's (a second put key on this machine) wait for that client's own run, which
     alone can sign them again should its chain have moved."""
-    upstream_packs = {i.name.split("/", 1)[1] for i in repo.backend.list("packs/")}
     own = []
     for name in names:
         try:
@@ -191,7 +203,7 @@ def _send_snapshots(
             own.append(name)
         else:
             report.others.append(name)
-    done = deliver_own_snapshots(repo, put, cert, local, own, upstream_packs, lease, state_dir)
+    done = deliver_own_snapshots(repo, put, cert, local, own, packs, lease, state_dir)
     report.snapshots += done.snapshots
     report.sent += len(done.snapshots)
     report.sent_bytes += done.sent_bytes
@@ -202,10 +214,40 @@ def _send_snapshots(
     report.events += [(e.level, e.code, e.message) for e in done.log.events]
 
 
-def _deliver(repo: Repository, local: LocalBackend, info: ObjectInfo) -> str:
+class _IndexTrim:
+    """Spooled index objects without their entries for packs the upstream no longer has, or
+    that a prune condemned: sent as they are, those entries would name packs that are gone (or
+    soon go), and `check` would rightly call the index damaged. The entries that stay are
+    written in a new index object signed by this client."""
+
+    def __init__(self, put: PutKey, cert: Certificate, packs: ListedPacks, lock: threading.Lock) -> None:
+        self.put, self.cert, self.packs, self.lock = put, cert, packs, lock
+        self.trimmed = 0  # index objects written anew or dropped
+
+    def __call__(self, data: bytes) -> bytes | None:
+        """The index object to send instead of ``data`` (empty: none, every entry went), or None
+        to send ``data`` as it is (every entry stays, or it is not of this client's dedup
+        domain: then a later prune rewrites it, repo/gc.py)."""
+        try:
+            obj = parse_index_frame(data)
+            if obj.body.get("domain") != self.put.secrets.domain_id:
+                return None
+            entries = decrypt_index(obj, self.put.secrets)
+        except encoding.FormatError:
+            return None
+        kept = [(cid, loc) for cid, loc in entries if self.packs.usable(loc.pack)]
+        if len(kept) == len(entries):
+            return None
+        with self.lock:
+            self.trimmed += 1
+        return make_index(kept, self.put.secrets, self.put.client_key, self.cert.name) if kept else b""
+
+
+def _deliver(repo: Repository, local: LocalBackend, info: ObjectInfo, trim: _IndexTrim | None = None) -> str:
     """Make the upstream hold ``info.name``; delete the local copy once confirmed.
     Returns "sent", "present", "gone" (no local copy left) or "damaged" (the local copy does not
-    match its name: deleted)."""
+    match its name: deleted). An index object goes through ``trim`` first ("trimmed": what of
+    it may be sent went under a new name)."""
     name = info.name
     if verify_by_name(repo.backend, name, info.size):
         local.delete(name)
@@ -219,17 +261,30 @@ def _deliver(repo: Repository, local: LocalBackend, info: ObjectInfo) -> str:
         # whose pack vanished upstream
         local.delete(name)
         return "damaged"
+    if trim is not None and name.startswith("index/"):
+        instead = trim(data)
+        if instead is not None:
+            if instead:
+                sent = repo.put_object("index", instead)
+                if not verify_by_name(repo.backend, sent, len(instead)):
+                    raise _not_returned(sent)
+            local.delete(name)
+            return "trimmed"
     repo.backend.put(name, data)
     del data
     if not verify_by_name(repo.backend, name, info.size):
-        raise CorruptObject(
-            name,
-            "the upstream does not return what was just sent to it",
-            "the upstream storage is failing; the object stays in the local spool: check the storage, then run "
-            "`bunker forward` again",
-        )
+        raise _not_returned(name)
     local.delete(name)
     return "sent"
+
+
+def _not_returned(name: str) -> CorruptObject:
+    return CorruptObject(
+        name,
+        "the upstream does not return what was just sent to it",
+        "the upstream storage is failing; the object stays in the local spool: check the storage, then run "
+        "`bunker forward` again",
+    )
 
 
 def forward_summary(report: ForwardReport, url: str) -> str:
@@ -274,8 +329,8 @@ def forward_problems(report: ForwardReport, spool_root: str) -> list[tuple[str, 
                     "err",
                     "forward-incomplete",
                     f"snapshot {r.new.split('/', 1)[1][:12]} was forwarded incomplete: {r.vanished_packs} packs it "
-                    f"deduplicated against vanished upstream while this machine was offline, and {r.lost_chunks} "
-                    f"chunks could not be stored again because their files changed since"
+                    "deduplicated against vanished upstream (or a prune condemned them) while this machine was "
+                    f"offline, and {r.lost_chunks} chunks could not be stored again because their files changed since"
                     + (f" (affected: {files})" if files else " (directory listings)")
                     + "; the next backup stores the current content of those files",
                 )
@@ -286,8 +341,9 @@ def forward_problems(report: ForwardReport, spool_root: str) -> list[tuple[str, 
                     "note",
                     "forward-recovered",
                     f"snapshot {r.new.split('/', 1)[1][:12]}: {r.vanished_packs} packs it deduplicated against "
-                    f"vanished upstream while this machine was offline; {r.recovered_chunks} chunks were stored "
-                    "again from the unchanged source files, the snapshot is complete",
+                    "vanished upstream (or a prune condemned them) while this machine was offline; "
+                    f"{r.recovered_chunks} chunks were stored again from the unchanged source files or copied from "
+                    "condemned packs still there, the snapshot is complete",
                 )
             )
     for n in report.renumbered:

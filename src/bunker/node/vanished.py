@@ -2,10 +2,14 @@
 
 An offline run deduplicates against the packs it last saw upstream. If a prune removed some of
 them meanwhile (an offline session can outlive any grace period, docs/format.md section 15), forwarding the
-snapshot as it is would deliver holes. Instead, under the forwarding lease:
+snapshot as it is would deliver holes. A pack a prune condemned counts as vanished too: the
+forwarding session treats it as absent like any session, since a prune may delete it while the
+snapshot goes up. Instead, under the forwarding lease:
 
-1. the chunks that lived only in vanished packs are stored again from the source files, where
-   the files cache shows a file unchanged since it was backed up;
+1. the chunks that lived only in vanished packs are copied from condemned packs that are still
+   there (their ciphertext, wrapped keys and sealed group keys as they are, as a repack copies:
+   no key is needed), and the rest is stored again from the source files, where the files cache
+   shows a file unchanged since it was backed up;
 2. what cannot be recovered makes the snapshot *incomplete* (level err), naming the affected
    files (from the files cache; lost directory listings are counted);
 3. the snapshot gets a new pack set and is signed again when it is linked into the chain
@@ -19,7 +23,7 @@ import contextlib
 import dataclasses
 import os
 import stat
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from pyfastcdc import FastCDC
@@ -29,10 +33,14 @@ from bunker.backup.files_cache import FilesCache, lookup
 from bunker.backup.run import client_cache
 from bunker.crypto.derive import PutSecrets
 from bunker.crypto.keyfile import PutKey
+from bunker.errors import CorruptObject, ObjectMissing
 from bunker.fs import deep_path
 from bunker.repo import blob, refs
 from bunker.repo.certs import Certificate
+from bunker.repo.condemnations import ListedPacks
+from bunker.repo.index import Location, make_index
 from bunker.repo.index_cache import IndexCache
+from bunker.repo.repack import PackCopier, read_source
 from bunker.repo.repository import Repository
 from bunker.repo.session_writer import SessionWriter
 from bunker.repo.snapshot import Envelope
@@ -59,18 +67,18 @@ class Repaired:
 
 
 class VanishedRepair:
-    """Repairs spooled snapshots of ``cert`` whose packs vanished upstream (``upstream_packs``:
-    the packs listed there). ``refresh`` keeps the caller's lease alive."""
+    """Repairs spooled snapshots of ``cert`` whose packs vanished upstream or were condemned
+    there (``packs``: read after the caller's lease). ``refresh`` keeps the caller's lease alive."""
 
     def __init__(
         self,
         repo: Repository,
         put: PutKey,
         cert: Certificate,
-        upstream_packs: set[str],
+        packs: ListedPacks,
         refresh: Callable[[], None] = lambda: None,
     ) -> None:
-        self.repo, self.put, self.cert, self.upstream_packs, self.refresh = repo, put, cert, upstream_packs, refresh
+        self.repo, self.put, self.cert, self.packs, self.refresh = repo, put, cert, packs, refresh
         self._recovery: _Recovery | None = None
 
     def repair(self, name: str, env: Envelope) -> tuple[Envelope, Repaired | None]:
@@ -78,17 +86,18 @@ class VanishedRepair:
         upstream, after storing again what it can; what was repaired (None: nothing vanished).
         The caller signs it again."""
         packs = refs.read_set(env.packset, self.repo.get_object)
-        vanished = sorted(p for p in packs if p not in self.upstream_packs)
+        vanished = sorted(p for p in packs if not self.packs.usable(p))
         if not vanished:
             return env, None
         fix = Repaired(name, name, vanished_packs=len(vanished))
         stats = dict(env.stats)
         level, complete = env.level, env.complete
         if self._recovery is None:
-            self._recovery = _Recovery(self.repo, self.put, self.cert, vanished)
+            self._recovery = _Recovery(self.repo, self.put, self.cert, self.packs)
         recovery = self._recovery
         chunk_ids = refs.read_set(env.chunkset, self.repo.get_object, self.put.secrets)
-        lost = recovery.recover(chunk_ids, self.refresh)
+        condemned = [p for p in vanished if p in self.packs.listed]
+        lost = recovery.recover(chunk_ids, condemned, self.refresh)
         locs = recovery.index.locations
         packset_objs = refs.build_packset({locs[c].pack for c in chunk_ids if c in locs})
         for obj_name, data in packset_objs.items():
@@ -113,23 +122,31 @@ class VanishedRepair:
 
 
 class _Recovery:
-    """The index view without the vanished packs, a writer for what is stored again, and the
-    files cache to find and name source files."""
+    """The index view of the usable packs, a writer for what is stored again, and the files
+    cache to find and name source files."""
 
-    def __init__(self, repo: Repository, put: PutKey, cert: Certificate, vanished: Iterable[str]) -> None:
-        self.repo, self.put = repo, put
+    def __init__(self, repo: Repository, put: PutKey, cert: Certificate, packs: ListedPacks) -> None:
+        self.repo, self.put, self.cert = repo, put, cert
         cache_dir = client_cache(repo, put)
-        self.index = IndexCache(repo, put.secrets, None, absent_packs=vanished).load()
+        self.index = IndexCache(
+            repo, put.secrets, None, absent_packs=packs.condemned, listed_packs=packs.listed
+        ).load()
         self.writer = SessionWriter(repo, put, cert.name, self.index)
         path = os.path.join(cache_dir, "files.sqlite")
         self.files = FilesCache(path if os.path.exists(path) else None)
         self.cdc = make_cdc(repo.config.chunker, put.secrets)
         self.recovered: set[bytes] = set()
 
-    def recover(self, chunk_ids: list[bytes], refresh: Callable[[], None]) -> set[bytes]:
-        """Store again what of ``chunk_ids`` is not located, from unchanged source files;
-        return the chunks still lost."""
+    def recover(self, chunk_ids: list[bytes], condemned: list[str], refresh: Callable[[], None]) -> set[bytes]:
+        """Store again what of ``chunk_ids`` is not located: copied from the ``condemned`` packs
+        that still hold it, else from unchanged source files; return the chunks still lost."""
         wanted = {c for c in chunk_ids if c not in self.index.locations}
+        if not wanted:
+            return set()
+        for pack in condemned:
+            if wanted:
+                wanted -= self._copy(pack, wanted)
+                refresh()
         if not wanted:
             return set()
         for path, st in self._unchanged_sources(wanted):
@@ -140,6 +157,29 @@ class _Recovery:
             refresh()
         self.writer.flush()
         return {c for c in wanted if c not in self.index.locations}
+
+    def _copy(self, pack: str, wanted: set[bytes]) -> set[bytes]:
+        """Copy the blobs of ``wanted`` that condemned ``pack`` holds into a new pack signed by
+        this client, and index it; returns the chunks copied. Nothing when the pack went
+        meanwhile, does not verify, or its writer was revoked (repo/repack.py)."""
+        try:
+            src = read_source(self.repo, pack, self.put.secrets, wanted)
+        except (CorruptObject, ObjectMissing):
+            return set()
+        if not src.groups:
+            return set()
+        copier = PackCopier(src.kind, self.put.secrets, self.put.client_key, self.cert.name)
+        for sealed, blobs in src.groups:
+            fresh = [(e, d) for e, d in blobs if e.chunk_id not in copier.chunk_ids]
+            if fresh:
+                copier.add_group(sealed, fresh)
+        name, data = copier.finish()
+        self.repo.backend.put(f"packs/{name}", data)
+        entries = [(cid, Location(name, off, ln, raw)) for cid, off, ln, raw in copier.entries]
+        self.repo.put_object("index", make_index(entries, self.put.secrets, self.put.client_key, self.cert.name))
+        self.index.add(entries)
+        self.recovered |= copier.chunk_ids
+        return copier.chunk_ids
 
     def _unchanged_sources(self, wanted: set[bytes]) -> Iterator[tuple[bytes, os.stat_result]]:
         for dirpath, record in self.files.records():

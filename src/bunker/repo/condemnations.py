@@ -44,3 +44,26 @@ def condemned_packs(repo: Repository) -> set[str]:
     """Packs a new session must treat as absent: those of condemnation records, and those a
     repack replaced."""
     return {p for c in condemnations(repo) for p in c.packs} | PackMoves.load(repo).sources()
+
+
+@dataclass(frozen=True)
+class ListedPacks:
+    """What a session that names existing packs (a delivery from the spool) may rely on: the
+    packs a listing showed, and those of them a record condemns, which it must treat as absent
+    (docs/format.md section 15: a prune may delete them while it runs)."""
+
+    listed: frozenset[str]
+    condemned: frozenset[str]
+
+    @classmethod
+    def read(cls, repo: Repository) -> ListedPacks:
+        """Read after the session's lease: the records first, then the listing. A record removed
+        in between had its packs deleted before it went (repo/gc.py), so the listing no longer
+        shows them; a record stored after the lease waits for the session."""
+        condemned = condemned_packs(repo)
+        listed = frozenset(i.name.split("/", 1)[1] for i in repo.backend.list("packs/"))
+        return cls(listed, frozenset(condemned & listed))
+
+    def usable(self, pack: str) -> bool:
+        """Whether a new object may name ``pack``: it is there and no prune may delete it."""
+        return pack in self.listed and pack not in self.condemned
