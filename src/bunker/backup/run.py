@@ -42,7 +42,6 @@ from bunker.repo.session_writer import SessionWriter
 from bunker.runlog import RunLog
 from bunker.storage.full import RepositoryFull
 from bunker.storage.spooling import SpoolingBackend, oldest_pending
-from bunker.tar.reader import tar_entries
 
 
 @dataclass
@@ -345,6 +344,8 @@ def _files_cache_event(log: RunLog, fcache: FilesCache, warned: bool) -> bool:
 def _archive(archiver: Archiver, req: BackupRequest) -> ArchiveResult:
     """Read and store the source: a tar stream, standard input or paths."""
     if req.tar is not None:
+        from bunker.tar.reader import tar_entries  # (only a --tar backup needs the tar machinery)
+
         return tar_entries(archiver, req.tar, req.stdin)
     if req.stdin_name is not None:
         return stream_entry(archiver, req.stdin_name, req.stdin or sys.stdin.buffer)

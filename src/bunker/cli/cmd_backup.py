@@ -18,7 +18,7 @@ from bunker.backup.policy_applied import apply_policy
 from bunker.backup.run import BackupRequest, run_backup
 from bunker.backup.status import leave_status
 from bunker.cli import context
-from bunker.cli.cmd_clients import check_client_name, check_host_name
+from bunker.cli.client_names import check_client_name, check_host_name
 from bunker.cli.main import EXIT_FOR_LEVEL, cli, common, default_client_name, handles_errors, make_options
 from bunker.cli.output import human_bytes
 from bunker.cli.progress import PROGRESS_MODES, ProgressDisplay

@@ -8,39 +8,18 @@ from typing import Any
 import click
 
 from bunker.cli import context
+from bunker.cli.client_names import check_client_name, check_host_name
 from bunker.cli.cmd_key import key
 from bunker.cli.files import check_writable, write_output
 from bunker.cli.main import common, handles_errors, make_options
 from bunker.crypto.keyfile import put_key_text
 from bunker.errors import BunkerError, ExitCode
 from bunker.repo.authority import issue_client, revoke_client, write_config
-from bunker.repo.certs import MAX_HOST, Certificate
+from bunker.repo.certs import Certificate
 from bunker.repo.config_chain import ConfigFloor, floor_problem
 from bunker.repo.repository import Repository
 from bunker.repo.trust import chain_of
 from bunker.storage import open_backend
-
-MAX_CLIENT_NAME = 128
-
-
-def check_client_name(name: str) -> str:
-    """A client name is printed in listings and stored in certificates: printable, no slash."""
-    if not name or len(name) > MAX_CLIENT_NAME or not name.isprintable() or "/" in name or name != name.strip():
-        raise BunkerError(
-            f"client name {name!r} is not usable",
-            f"use 1 to {MAX_CLIENT_NAME} printable characters without '/' or leading/trailing spaces "
-            "(a pseudonym is best: the name is public)",
-            exit_code=ExitCode.USAGE,
-        )
-    return name
-
-
-def check_host_name(host: str) -> str:
-    if not host or len(host.encode()) > MAX_HOST or not host.isprintable():
-        raise BunkerError(
-            f"host name {host!r} is not usable", f"use 1 to {MAX_HOST} printable bytes", exit_code=ExitCode.USAGE
-        )
-    return host
 
 
 @key.command("new-client")

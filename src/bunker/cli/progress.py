@@ -11,15 +11,16 @@ import sys
 import threading
 import time
 from types import TracebackType
-
-from rich.console import Console
-from rich.live import Live
-from rich.text import Text
+from typing import TYPE_CHECKING
 
 from bunker.backup.archiver import Progress
 from bunker.child_env import child_env
 from bunker.cli.output import human_bytes
 from bunker.runlog import display_path
+
+if TYPE_CHECKING:  # rich is loaded only for a live display on a terminal (~14 ms otherwise lost)
+    from rich.live import Live
+    from rich.text import Text
 
 
 class TotalsCounter:
@@ -119,6 +120,8 @@ class ProgressDisplay:
         return line
 
     def render(self) -> Text:
+        from rich.text import Text
+
         cur = display_path(self.p.current)[-60:]
         return Text(f"{self.summary()}  {cur}", no_wrap=True, overflow="ellipsis")
 
@@ -135,6 +138,9 @@ class ProgressDisplay:
         if self._count_later is not None:
             self._count_later.start()
         if self.live:
+            from rich.console import Console
+            from rich.live import Live
+
             self._live = Live(
                 self.render(),
                 console=Console(stderr=True),

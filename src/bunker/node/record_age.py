@@ -12,7 +12,9 @@ chain head) to the newest one that is at least N days old (``BUNKER_RECORD_WARN_
 
 from __future__ import annotations
 
+import sys
 import time
+from typing import TYPE_CHECKING, cast
 
 from bunker import dirs, encoding
 from bunker.backup.chain import load_head
@@ -22,7 +24,9 @@ from bunker.errors import CorruptObject, ObjectMissing
 from bunker.repo.holding_records import RECORD_WARN_ENV, warn_days
 from bunker.repo.repository import Repository
 from bunker.repo.snapshot import parse_snapshot
-from bunker.storage.remote import RemoteBackend
+
+if TYPE_CHECKING:
+    from bunker.storage.remote import RemoteBackend
 
 ENV = RECORD_WARN_ENV
 MAX_WALK = 200  # envelopes read at most (a week of hourly backups is 168)
@@ -31,8 +35,12 @@ MAX_WALK = 200  # envelopes read at most (a week of hourly backups is 168)
 def unrecorded_events(repo: Repository, put: PutKey, now: float | None = None) -> list[tuple[str, str, str]]:
     """(level, code, message) when this client's snapshots wait on its node unrecorded for N
     days or more; nothing when the repository is not a node, or a node that does not say."""
-    backend = repo.backend
-    if not isinstance(backend, RemoteBackend) or not backend.server_node:
+    # only a `bunker serve` node says (storage/remote.py, which a local repository never loads)
+    remote = sys.modules.get("bunker.storage.remote")
+    if remote is None or not isinstance(repo.backend, remote.RemoteBackend):
+        return []
+    backend = cast("RemoteBackend", repo.backend)
+    if not backend.server_node:
         return []
     head = load_head(dirs.state_dir(repo.repo_id, client_tag(put)))
     if head is None:

@@ -109,7 +109,33 @@ class LocationMap(Mapping[bytes, Location]):
             batches = chain(held, batches)
         for c in batches:
             check_columns(c)
-            self.update(c.entries())
+            self._update_columns(c)
+
+    def _update_columns(self, c: LocationColumns) -> None:
+        """``update`` with the entries of checked columns (``check_columns``), without a
+        Location object per entry: the index load of every run goes through here."""
+        ids, cols, local = c.ids, c.cols, c.packs
+        with self._lock:
+            arrays, new, numbers, packs = self._arrays, self._new, self._numbers, self._packs
+            pnos: list[int | None] = [None] * len(local)
+            searched = arrays.n > 0
+            for i, (pn, offset, length, raw) in enumerate(
+                zip(c.pack_numbers, cols[0::3], cols[1::3], cols[2::3], strict=True)
+            ):
+                cid = ids[i * ID : (i + 1) * ID]
+                if cid in new or (searched and arrays.row(cid) >= 0):
+                    continue
+                pno = pnos[pn]
+                if pno is None:
+                    pack = local[pn]
+                    pno = numbers.get(pack)
+                    if pno is None:
+                        pno = numbers[pack] = len(packs)
+                        packs.append(pack)
+                    pnos[pn] = pno
+                new[cid] = (pno, offset, length, raw)
+            if len(new) >= max(_FOLD_AT, arrays.n // 4):
+                self._fold()
 
     def _fold(self) -> None:
         """New arrays of the current ones and the dict of new entries, in that order (the
