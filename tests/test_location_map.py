@@ -217,6 +217,28 @@ def test_a_chunk_id_set_is_a_set_kept_sorted(adds: list[list[bytes]], run: int) 
     assert refs.build_chunkset(s, secrets) == refs.build_chunkset(model, secrets)
 
 
+def test_a_small_chunk_id_set_read_then_grown_holds_the_new_ids() -> None:
+    """A small set sorts once for all reads (a commit reads it several times); an id added
+    after a read is in the next one."""
+    a, b, c, d = (bytes([n]) * 32 for n in (1, 2, 0, 3))
+    s = ChunkIdSet([b, a])
+    assert list(s) == [a, b] and s.sorted_ids() is s.sorted_ids()
+    s.add(c)
+    assert list(s) == [c, a, b]
+    s.update([d, a])
+    assert list(s) == [c, a, b, d] and len(s) == 4
+
+
+def test_locating_a_snapshots_chunks_in_a_map_of_new_entries_only() -> None:
+    """A small repository's map holds every entry in its dict: a snapshot's sorted ids (a
+    tuple) are located there, and the ones it lacks are named."""
+    m = LocationMap()
+    here, there, gone = os.urandom(32), os.urandom(32), os.urandom(32)
+    m.update([(here, Location("a" * 64, 0, 10, 10)), (there, Location("b" * 64, 0, 10, 10))])
+    packs, missing = m.locate_many((here, gone, there))
+    assert packs == {"a" * 64, "b" * 64} and missing == [gone]
+
+
 def test_a_chunk_id_set_of_ids_sharing_a_prefix_sorts_them_whole() -> None:
     a = [bytes(8) + os.urandom(24) for _ in range(50)] + [bytes(8) + bytes(24)] * 3
     s = ChunkIdSet(a)

@@ -16,8 +16,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
-from concurrent.futures.process import BrokenProcessPool
+from concurrent.futures import BrokenExecutor, Future
 from typing import Any, Generic, Protocol, TypeVar
 
 from bunker.backup.file_reader import ReadOutcome
@@ -98,7 +97,7 @@ class SmallBatches(Generic[J]):
             self._waiting()
         try:
             fut = self._pool.submit([b[0] for b in batch])
-        except BrokenProcessPool as exc:
+        except BrokenExecutor as exc:  # (a BrokenProcessPool: its module loads with the pool)
             self._slots.release()
             with self._lock:
                 self._broken.append((batch, exc))
@@ -128,7 +127,7 @@ class SmallBatches(Generic[J]):
                 return
             try:
                 outcomes, run = fut.result()
-            except BrokenProcessPool as exc:
+            except BrokenExecutor as exc:  # (a BrokenProcessPool: its module loads with the pool)
                 with self._lock:
                     self._broken.append((batch, exc))
                 return

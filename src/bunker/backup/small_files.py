@@ -11,7 +11,8 @@ appends runs to packs.
 from __future__ import annotations
 
 import os
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Future
+from typing import TYPE_CHECKING
 
 from pyfastcdc import FastCDC
 
@@ -20,10 +21,12 @@ from bunker.backup.file_reader import ReadOutcome, read_all, read_stable
 from bunker.crypto.derive import PutSecrets
 from bunker.crypto.kem import DataPublicKey
 from bunker.fs.fsmeta import DataReader
-from bunker.process_pool import process_pool
 from bunker.repo import blob
 from bunker.repo.grouped_pack import GroupRun, GroupRunBuilder
 from bunker.repo.pack import KeyGroup
+
+if TYPE_CHECKING:
+    from concurrent.futures import ProcessPoolExecutor
 
 # (chunk id, blob bytes, raw length, K_blob)
 Blob = tuple[bytes, bytes | bytearray, int, bytes]
@@ -93,6 +96,10 @@ class SmallFilePool:
 
     def submit(self, paths: list[bytes]) -> Future[BatchResult]:
         if self._pool is None:
+            # (multiprocessing is loaded with the first batch: a run that reads no small file, like
+            # most runs over unchanged files, does without it)
+            from bunker.process_pool import process_pool
+
             self._pool = process_pool(self._workers, "bunker.backup.small_files", _init, self._args)
         return self._pool.submit(read_batch, paths)
 

@@ -30,18 +30,21 @@ class ChunkIdSet:
     def __init__(self, ids: Iterable[bytes] = ()) -> None:
         self._runs: list[np.ndarray] = []  # sorted and unique each, larger first
         self._added: list[bytes] = []
+        self._small: tuple[bytes, ...] | None = None  # the sorted ids, while only ``_added`` holds them
         self._lock = threading.Lock()
         self.update(ids)
 
     def add(self, cid: bytes) -> None:
         with self._lock:
             self._added.append(cid)
+            self._small = None
             if len(self._added) >= _RUN:
                 self._sort_added()
 
     def update(self, ids: Iterable[bytes]) -> None:
         with self._lock:
             self._added.extend(ids)
+            self._small = None
             if len(self._added) >= _RUN:
                 self._sort_added()
 
@@ -65,9 +68,11 @@ class ChunkIdSet:
         array (not to be changed)."""
         with self._lock:
             if not self._runs:
-                _check(self._added)
-                self._added = sorted(set(self._added))
-                return tuple(self._added)
+                if self._small is None:  # (a commit reads the set several times: sorted once)
+                    _check(self._added)
+                    self._small = tuple(sorted(set(self._added)))
+                    self._added = list(self._small)
+                return self._small
             self._sort_added()
             if len(self._runs) >= 2:
                 from bunker.repo.id_arrays import sorted_unique

@@ -220,9 +220,20 @@ class LocationMap(Mapping[bytes, Location]):
         """The packs that hold ``chunk_ids`` (bytes, or an (n, 32) uint8 array) and the ids that
         are not located, vectorized (a snapshot of 10 M chunks takes seconds, not minutes)."""
         a, new = self._arrays, self._new
+        if not a.n and type(chunk_ids) is tuple:  # every entry in the dict (a small repository)
+            get = new.get
+            numbers: set[int] = set()
+            missing: list[bytes] = []
+            for cid in chunk_ids:
+                v = get(cid)
+                if v is None:
+                    missing.append(cid)
+                else:
+                    numbers.add(v[0])
+            return {self._packs[n] for n in numbers}, missing
         if len(chunk_ids) < 64 or not a.n:
             packs: set[str] = set()
-            missing: list[bytes] = []
+            missing = []
             for c in chunk_ids:
                 cid = c if type(c) is bytes else bytes(c)  # a row of an array: its 32 bytes
                 v = self._find(cid)

@@ -82,6 +82,7 @@ class Repository:
         self.repo_id = chain.current.repo_id
         self._certs: dict[str, Certificate] = {}
         self._parsed: dict[str, ParsedSnapshot | None] = {}  # hash-named, so never stale
+        self._verified: set[str] = set()  # snapshots whose own checks passed (they cannot change)
         # retention records this machine wrote that the storage no longer lists
         # (repo/record_witness.py): counted as present by retirements()
         self.witnessed: dict[str, bytes] = {}
@@ -383,6 +384,16 @@ class Repository:
             )
         return True, ""
 
+    def _own_trust(self, name: str, snap: ParsedSnapshot) -> tuple[bool, str]:
+        """``verify_snapshot_signature`` once per snapshot that passes (a backup lists the
+        snapshots twice: for its chain's head, and when it links); a failure is checked again."""
+        if name in self._verified:
+            return True, ""
+        trusted, problem = self.verify_snapshot_signature(snap)
+        if trusted:
+            self._verified.add(name)
+        return trusted, problem
+
     def parsed_snapshot(self, name: str) -> ParsedSnapshot | None:
         """The parsed snapshot object ``name`` (cached: hash-named objects never change), None
         when it is damaged or malformed (check reports it)."""
@@ -422,7 +433,7 @@ class Repository:
                 continue
             if snap is not None:
                 listed.append((info.name, snap, info.mtime))
-        own = {name: self.verify_snapshot_signature(snap) for name, snap, _ in listed}
+        own = {name: self._own_trust(name, snap) for name, snap, _ in listed}
         chained = chain_trust(
             {name: snap.env for name, snap, _ in listed if own[name][0]},
             self.revoked,
