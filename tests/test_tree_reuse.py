@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from bunker.backup import chunkset_memo
+from bunker.repo.snapshot import parse_snapshot
 from helpers import Repo, compare_trees, js, restored_path, xattrs_supported
 from test_checkpoint import _kill_after_checkpoint
 
@@ -125,3 +127,38 @@ def test_a_checkpoint_while_a_reused_directory_is_open_holds_its_files(repo: Rep
     assert sorted(p.name for p in (out / "a").iterdir()) == ["f0", "f1", "f2", "f3", "f4", "sub"]
     shutil.rmtree(target)
     _restores_as_source(repo, src, tmp_path / "t2")
+
+
+def _chunkset_of(repo: Repo, snapshot_id: str) -> str:
+    (path,) = [p for p in repo.objects("snapshots") if p.name == snapshot_id]
+    return parse_snapshot(path.read_bytes()).env.chunkset
+
+
+def test_a_run_with_the_last_snapshots_root_names_its_chunk_set_again(repo: Repo, tmp_path: Path) -> None:
+    """Nothing changed: the run names its last snapshot's chunk set (the same root names the
+    same chunks) instead of building it; a lost object of that set is built again; a change
+    gives a new set. check --read-data agrees with each snapshot's set."""
+    src = tmp_path / "src"
+    _source(src)
+    first = repo.backup(src)
+    memo = next(Path(repo.env["XDG_CACHE_HOME"]).rglob(chunkset_memo.FILE))
+    memo.unlink()  # the set is built again and remembered
+    second = repo.backup(src)
+    assert _chunkset_of(repo, second["snapshot"]) == _chunkset_of(repo, first["snapshot"])
+    assert memo.exists()
+    before = memo.stat().st_mtime_ns
+    third = repo.backup(src)  # named again: the memo is left as it is
+    assert _chunkset_of(repo, third["snapshot"]) == _chunkset_of(repo, first["snapshot"])
+    assert memo.stat().st_mtime_ns == before
+
+    top = repo.path / _chunkset_of(repo, first["snapshot"])
+    top.unlink()  # a repository that lost the set's top object: this run stores it again
+    fourth = repo.backup(src)
+    assert _chunkset_of(repo, fourth["snapshot"]) == _chunkset_of(repo, first["snapshot"]) and top.exists()
+
+    (src / "a" / "new").write_bytes(os.urandom(500))
+    changed = repo.backup(src)
+    assert _chunkset_of(repo, changed["snapshot"]) != _chunkset_of(repo, first["snapshot"])
+    assert changed["stats"]["chunks"] == first["stats"]["chunks"] + 1  # the new file (two trees replaced)
+    assert js(repo.ok("check", "--read-data", "--json"))["ok"] is True
+    _restores_as_source(repo, src, tmp_path / "t")

@@ -8,6 +8,7 @@ from typing import Any
 
 import blake3
 
+from bunker.backup import chunkset_memo
 from bunker.backup.link import ChainWriter, Committed, chain_head
 from bunker.crypto.keyfile import PutKey
 from bunker.errors import BunkerError, ExitCode
@@ -39,9 +40,12 @@ def commit_snapshot(
     complete: bool = True,
     master_on_client: bool = False,
     lease: Lease | None = None,
+    cache_dir: str | None = None,
 ) -> Committed:
     """Write everything the snapshot needs, then the snapshot itself (the final one of
-    ``session``, whose lease is ``lease``) as the next link of the client's chain."""
+    ``session``, whose lease is ``lease``) as the next link of the client's chain. With the
+    client's ``cache_dir``, the chunk set of the last snapshot is named again when its root is
+    this one's (backup/chunkset_memo.py)."""
     writer.flush()
     pack_names, missing = writer.index.locations.locate_many(chunk_ids.sorted_ids())
     if missing:
@@ -51,14 +55,20 @@ def commit_snapshot(
             exit_code=ExitCode.FATAL,
         )
     packset = refs.build_packset(pack_names)
-    chunkset = refs.build_chunkset(chunk_ids, put.secrets)
-    for objs in (packset, chunkset):
-        for name, data in objs.items():
-            if name != "top":
-                repo.put_object("refs", data)
+    _put_refs(repo, packset)
+    count = len(chunk_ids)
+    memo = chunkset_memo.recall(cache_dir) if cache_dir else None
+    if memo is not None and memo.usable(repo, root, count):
+        chunkset_name = memo.top
+    else:
+        chunkset = refs.build_chunkset(chunk_ids, put.secrets)
+        _put_refs(repo, chunkset)
+        chunkset_name = refs.top_name(chunkset)
+        if cache_dir:
+            chunkset_memo.remember(cache_dir, root, chunkset, count)
     stats = dict(stats)
     stats.update(
-        chunks=len(chunk_ids),
+        chunks=count,
         chunks_new=writer.chunks_added,
         bytes_new=writer.raw_added,
         stored_new=writer.bytes_added,
@@ -88,7 +98,7 @@ def commit_snapshot(
                 complete=complete,
                 stats=stats,
                 packset=refs.top_name(packset),
-                chunkset=refs.top_name(chunkset),
+                chunkset=chunkset_name,
                 domain=put.secrets.domain_id,
                 body_hash=blake3.blake3(body_ct).digest(),
                 sealed_key=sealed,
@@ -100,3 +110,10 @@ def commit_snapshot(
             return env, make_snapshot(env, body_ct, put.client_key)
 
         return chain.append(make)
+
+
+def _put_refs(repo: Repository, objects: dict[str, bytes]) -> None:
+    """Store a set's objects (built by refs.build_packset or refs.build_chunkset)."""
+    for name, data in objects.items():
+        if name != "top":
+            repo.put_object("refs", data)

@@ -234,6 +234,7 @@ def run_backup(
                                 session=lease.session,
                                 master_on_client=req.master_on_client,
                                 lease=lease,
+                                cache_dir=cache_dir,
                             )
                             if not spooled:  # the repository stopped answering while the snapshot was written
                                 _spool_event(repo, req, log)
