@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import getpass
 import os
-import shutil
 import socket
 import sys
 import time
@@ -19,6 +18,7 @@ from typing import Any, BinaryIO
 from bunker import dirs, interrupt
 from bunker.backup.archiver import Archiver, ArchiveResult, Progress
 from bunker.backup.checkpoint import Checkpointer, adopt_dead_checkpoints, clear_running, mark_running
+from bunker.backup.client_dirs import client_cache, client_tag
 from bunker.backup.commit import Committed, chain_head, commit_snapshot
 from bunker.backup.excludes import Excludes
 from bunker.backup.files_cache import FilesCache
@@ -33,7 +33,6 @@ from bunker.backup.unindexed import (
 )
 from bunker.crypto.keyfile import PutKey
 from bunker.errors import BunkerError, ExitCode
-from bunker.private_files import SQLITE_SIDE_FILES, private_dirs
 from bunker.repo.condemnations import condemned_packs
 from bunker.repo.index_cache import IndexCache
 from bunker.repo.leases import Lease
@@ -71,30 +70,6 @@ class BackupOutcome:
     result: ArchiveResult | None  # None: interrupted, ``committed`` is the incomplete snapshot it kept
     interrupted: int | None = None  # the signal that stopped the run
     late_signal: int | None = None  # a signal that came while the snapshot was written (it is complete)
-
-
-def client_tag(put: PutKey) -> str:
-    """Directory name for this client's local state (from its certificate, not secret)."""
-    from bunker.repo.objects import content_hash
-
-    return content_hash(put.certificate)[:16]
-
-
-def client_cache(repo: Repository, put: PutKey) -> str:
-    """This client's cache directory (files cache, index cache). Chunk ids depend on the put
-    secret, so the caches are kept per secret as well as per certificate: a run with another
-    secret (a damaged put key) never trusts this one's records, nor this one its. A cache kept
-    per certificate only (older versions) gives its files cache over, whose entries count only
-    for chunks the index shows, and drops its index cache, which is rebuilt from the repository."""
-    parent = dirs.client_cache_dir(repo.repo_id, client_tag(put))
-    path = dirs.client_cache_dir(repo.repo_id, client_tag(put), put.secrets.domain_id)
-    if os.path.exists(os.path.join(parent, "files.sqlite")) and not os.path.exists(path):
-        private_dirs(path)
-        for suffix in ("", *SQLITE_SIDE_FILES):
-            with contextlib.suppress(OSError):  # a run beside this one moved it first
-                os.rename(os.path.join(parent, "files.sqlite" + suffix), os.path.join(path, "files.sqlite" + suffix))
-        shutil.rmtree(os.path.join(parent, "index"), ignore_errors=True)
-    return path
 
 
 def run_backup(

@@ -10,8 +10,8 @@ import click
 
 from bunker import dirs
 from bunker.backup.chain import load_head, witnesses
+from bunker.backup.client_dirs import client_cache, client_tag
 from bunker.backup.files_cache import FilesCache
-from bunker.backup.run import client_cache, client_tag
 from bunker.cli import context
 from bunker.cli.cmd_witness import witness_sources
 from bunker.cli.main import cli, common, handles_errors, make_options

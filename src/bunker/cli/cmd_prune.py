@@ -8,7 +8,7 @@ import click
 
 from bunker import dirs
 from bunker.backup.adoption import adopt_abandoned_checkpoints
-from bunker.backup.run import client_tag
+from bunker.backup.client_dirs import client_tag
 from bunker.cli import context
 from bunker.cli.main import cli, common, handles_errors, make_options
 from bunker.cli.output import human_bytes

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from bunker import dirs, encoding
 from bunker.backup.chain import note_running, releasing
-from bunker.backup.run import client_tag
+from bunker.backup.client_dirs import client_tag
 from bunker.crypto.keyfile import PutKey
 from bunker.errors import CorruptObject, ObjectMissing
 from bunker.node.deliver import Renumbered, deliver_own_snapshots

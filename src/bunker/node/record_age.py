@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, cast
 
 from bunker import dirs, encoding
 from bunker.backup.chain import load_head
-from bunker.backup.run import client_tag
+from bunker.backup.client_dirs import client_tag
 from bunker.crypto.keyfile import PutKey
 from bunker.errors import CorruptObject, ObjectMissing
 from bunker.repo.holding_records import RECORD_WARN_ENV, warn_days

@@ -29,8 +29,8 @@ from dataclasses import dataclass, field
 from pyfastcdc import FastCDC
 
 from bunker.backup.chunker import file_pieces, make_cdc
+from bunker.backup.client_dirs import client_cache
 from bunker.backup.files_cache import FilesCache, lookup
-from bunker.backup.run import client_cache
 from bunker.crypto.derive import PutSecrets
 from bunker.crypto.keyfile import PutKey
 from bunker.errors import CorruptObject, ObjectMissing
