@@ -11,7 +11,7 @@ grew past that list (a small backup) is sorted in Python and never imports numpy
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 from bunker.repo.location_arrays import ID
@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     import numpy as np
 
 _RUN = 1 << 16  # ids added before they are sorted into a run of their own (~5 MB as bytes)
+BLOCK = 1 << 16  # ids made bytes at once when the set is read in blocks
 
 
 class ChunkIdSet:
@@ -94,6 +95,17 @@ class ChunkIdSet:
 
     def __len__(self) -> int:
         return len(self.sorted_ids())
+
+    def blocks(self, size: int = BLOCK) -> Iterator[Sequence[bytes]]:
+        """The ids in sorted order, in consecutive blocks of at most ``size`` (bytes objects
+        for one block at a time: 10 M ids are never all held as bytes)."""
+        ids = self.sorted_ids()
+        if isinstance(ids, tuple):
+            yield ids
+            return
+        for start in range(0, len(ids), size):
+            raw = ids[start : start + size].tobytes()
+            yield [raw[i : i + ID] for i in range(0, len(raw), ID)]
 
     def __iter__(self) -> Iterator[bytes]:
         """The ids in sorted order, as bytes."""

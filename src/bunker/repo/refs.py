@@ -10,7 +10,7 @@ deterministically (SIV-style, key from S_index) so equal parts stay equal object
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 import blake3
@@ -30,20 +30,29 @@ def _chunkset_key(secrets: PutSecrets) -> bytes:
     return keyed_hash(secrets.index_key, b"chunkset")
 
 
-def _split(items: Iterable[bytes]) -> Iterator[list[bytes]]:
+def _split(items: Sequence[bytes]) -> Iterator[list[bytes]]:
     """The parts of a set's sorted items: a part ends after an item whose hash has its low 11
     bits zero (content-defined, so one added item changes one part)."""
+    return _split_blocks([items])
+
+
+def _split_blocks(blocks: Iterable[Sequence[bytes]]) -> Iterator[list[bytes]]:
+    """:func:`_split` of the items given in consecutive blocks (a part may span blocks): the
+    ends are found in one pass over a block, and the parts are cut out of it by slices."""
     cur: list[bytes] = []
     any_part = False
     b3 = blake3.blake3
-    for it in items:
-        cur.append(it)
+    low = _BOUNDARY_MASK >> 8
+    for block in blocks:
+        start = 0
         # the low 11 bits of the little-endian hash: its first byte and 3 bits of the second
-        d = b3(it).digest(2)
-        if not d[0] and not d[1] & (_BOUNDARY_MASK >> 8):
+        for end in [i + 1 for i, it in enumerate(block) if not (d := b3(it).digest(2))[0] and not d[1] & low]:
+            cur.extend(block[start:end])
             yield cur
             any_part = True
             cur = []
+            start = end
+        cur.extend(block[start:])
     if cur or not any_part:
         yield cur
 
@@ -73,14 +82,14 @@ def build_chunkset(chunk_ids: Iterable[bytes] | ChunkIdSet, secrets: PutSecrets)
     order without a bytes object per id held at once (10 M ids)."""
     if isinstance(chunk_ids, ChunkIdSet):
         count = len(chunk_ids)
-        items: Iterable[bytes] = iter(chunk_ids)
+        blocks: Iterable[Sequence[bytes]] = chunk_ids.blocks()
     else:
         listed = sorted(set(chunk_ids))
-        count, items = len(listed), listed
+        count, blocks = len(listed), [listed]
     key = _chunkset_key(secrets)
     out: dict[str, bytes] = {}
     parts = []
-    for part in _split(items):
+    for part in _split_blocks(blocks):
         ct = aead.encrypt_deterministic(key, b"".join(part), secrets.domain_id.encode())
         data = _obj({"kind": KIND_CHUNKSET + "-part", "domain": secrets.domain_id, "ct": ct})
         name = name_for("refs", data)
