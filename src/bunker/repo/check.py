@@ -180,25 +180,27 @@ class Checker:
             )
         try:
             # the workers go on verifying blobs while the index objects are checked against the
-            # trailers (which are all read by then)
+            # trailers (which are all read by then), and then the snapshots (nothing there waits
+            # for what the workers find: they add their findings to the report)
             self._trailers = self._check_packs(
                 [n for n in names["packs"] if n not in upstream], full=self._full, wait=False
             )
             self.progress("indexes")
             self._agreed = AgreedCopies()
             self._check_indexes(names["index"], self._trailers, self._agreed)
+            # the trailers are not needed again unless index objects appear while the check runs:
+            # dropped now, before the snapshots' chunks are looked up (a check of 10 M chunks
+            # peaked at 1.17 GB with them kept, docs/performance.md); _settle reads again those
+            # it needs
+            self._read_before = set(self._trailers)
+            self._trailers = {}
+            heap.give_back()
+            self.progress("snapshots")
+            self._check_snapshots(names["snapshots"], names["retired"], set(names["packs"]), self._agreed)
         except BaseException:
             self._finish_verifying(cancel=True)  # stopped (Ctrl-C) or failed: not worth waiting for
             raise
         self._finish_verifying()
-        # the trailers are not needed again unless index objects appear while the check runs:
-        # dropped now, before the snapshots' chunks are looked up (a check of 10 M chunks peaked
-        # at 1.17 GB with them kept, docs/performance.md); _settle reads again those it needs
-        self._read_before = set(self._trailers)
-        self._trailers = {}
-        heap.give_back()
-        self.progress("snapshots")
-        self._check_snapshots(names["snapshots"], names["retired"], set(names["packs"]), self._agreed)
         self._check_records(names)
         r.counts["vanished_while_checking"] = len(self._vanished)
         return r
@@ -324,7 +326,9 @@ class Checker:
         :meth:`_finish_verifying` waits for them."""
         out: dict[str, PackBlobs] = {}
         lock = threading.Lock()
-        verifier = PackVerifierPool(self.backend.url) if self.master is not None and data else None
+        # (not waiting: the jobs are handed to the workers from a thread of the pool's own while
+        # the caller checks the index objects and the snapshots)
+        verifier = PackVerifierPool(self.backend.url, queued=not wait) if self.master is not None and data else None
         if verifier is not None:
             self._verifying.append(verifier)
 
@@ -443,8 +447,10 @@ class Checker:
         except encoding.FormatError as exc:
             r.add(n, str(exc))
             return
+        # (the worker takes the blobs from the trailer of the copy it reads: a job waiting for a
+        # worker holds no list of them, so the trailers can go before the snapshots are checked)
         self._verify_in_worker(
-            n, footer.body_length, footer.body_hash, keys, trailer.blobs, secrets.secret, verifier, trailer.kind
+            n, footer.body_length, footer.body_hash, keys, None, secrets.secret, verifier, trailer.kind
         )
 
     def _verify_in_worker(
@@ -453,7 +459,7 @@ class Checker:
         body_length: int,
         body_hash: bytes,
         keys: list[bytes],
-        blobs: list[BlobEntry],
+        blobs: list[BlobEntry] | None,
         secret: bytes,
         verifier: PackVerifierPool,
         kind: str = KIND_DATA,

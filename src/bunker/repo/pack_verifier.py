@@ -24,7 +24,7 @@ from bunker.crypto.derive import PutSecrets
 from bunker.errors import BunkerError, ObjectMissing, StorageError
 from bunker.process_pool import process_pool
 from bunker.repo import blob
-from bunker.repo.pack import KIND_DATA, KIND_META, BlobEntry, unwrap_blob_key
+from bunker.repo.pack import KIND_DATA, KIND_META, BlobEntry, decrypt_trailer, parse_footer, unwrap_blob_key
 from bunker.repo.tree import decode_tree
 from bunker.storage import Backend, open_backend
 
@@ -34,14 +34,17 @@ JOBS_PER_WORKER = 2  # packs handed to the workers at once, per worker: one runn
 
 @dataclass(frozen=True)
 class PackJob:
-    """What a worker needs to verify one pack (``secret``: S of the pack's dedup domain)."""
+    """What a worker needs to verify one pack (``secret``: S of the pack's dedup domain).
+    ``blobs`` None: the worker takes them from the trailer of the copy it reads (the main
+    process read and checked that trailer already; a copy that differs fails the hashes), so a
+    job waiting for a worker holds no list of the pack's blobs."""
 
     name: str
     size: int
     body_length: int
     body_hash: bytes
     group_keys: list[bytes]
-    blobs: list[BlobEntry] = field(repr=False)
+    blobs: list[BlobEntry] | None = field(repr=False)
     secret: bytes = field(repr=False)
     kind: str = KIND_DATA  # the trailer's: a "meta" pack's blobs are trees
 
@@ -92,15 +95,22 @@ def verify_pack(job: PackJob, backend: Backend | None = None) -> PackResult:
     secrets = _secrets.get(job.secret)
     if secrets is None:
         secrets = _secrets[job.secret] = PutSecrets(job.secret)
+    blobs, kind = job.blobs, job.kind
+    if blobs is None:
+        try:
+            trailer = decrypt_trailer(parse_footer(data, len(data)), secrets)
+        except encoding.FormatError as exc:
+            return PackResult(len(data), [*problems, f"its trailer does not open in the copy read now: {exc}"], 0)
+        blobs, kind = trailer.blobs, trailer.kind
     keys = [aead.Cipher(k) for k in job.group_keys]
     bad = 0
-    for b in job.blobs:
+    for b in blobs:
         try:
             k = unwrap_blob_key(keys[b.group], b)
             plain = blob.decrypt_blob(k, b.chunk_id, view[b.offset : b.offset + b.length], b.raw_length)
             if not blob.verify_blob(secrets, b.chunk_id, plain):
                 raise blob.BlobError("content does not match its chunk id")
-            if job.kind == KIND_META:
+            if kind == KIND_META:
                 try:
                     decode_tree(plain)  # the rules every reader of the tree applies
                 except encoding.FormatError as exc:
@@ -111,27 +121,60 @@ def verify_pack(job: PackJob, backend: Backend | None = None) -> PackResult:
                 problems.append(f"chunk {b.chunk_id.hex()[:16]} at offset {b.offset}: {exc}")
     if bad > MAX_REPORTED_BLOBS:
         problems.append(f"{bad - MAX_REPORTED_BLOBS} more damaged chunks in this pack")
-    return PackResult(len(data), problems, len(job.blobs) - bad)
+    return PackResult(len(data), problems, len(blobs) - bad)
 
 
 class PackVerifierPool:
     """Worker processes for :func:`verify_pack`, started on first use. At most
-    :data:`JOBS_PER_WORKER` jobs per worker are submitted at once (a job holds its pack's whole
-    trailer): :meth:`submit` waits for room."""
+    :data:`JOBS_PER_WORKER` jobs per worker are submitted at once (a job may hold its pack's
+    whole trailer): :meth:`submit` waits for room. A pool made with ``queued`` takes jobs
+    without waiting and hands them to the workers from a thread of its own once :meth:`close`
+    says there are no more, so its caller goes on with other work meanwhile."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, queued: bool = False) -> None:
         self._url = url
         self._workers = os.cpu_count() or 2
         self._pool: ProcessPoolExecutor | None = None
         self._room = threading.BoundedSemaphore(JOBS_PER_WORKER * self._workers)
         self._running = 0  # jobs submitted whose ``done`` has not returned yet
         self._idle = threading.Condition()
+        self._queue: list[tuple[PackJob, Callable[[Future[PackResult]], None]]] | None = [] if queued else None
+        self._queue_lock = threading.Lock()
+        self._feeder: threading.Thread | None = None
+        self._stop = False  # shutdown without waiting: the feeder hands over no more
+        self.error: BaseException | None = None  # what stopped the feeder (the storage failed)
 
     def submit(self, job: PackJob, done: Callable[[Future[PackResult]], None]) -> None:
         """Verify ``job`` in a worker; ``done(future)`` runs when it has (on another thread)."""
+        if self._queue is not None:
+            with self._queue_lock:
+                self._queue.append((job, done))
+            return
+        self._hand_over(job, done)
+
+    def _feed(self, jobs: list[tuple[PackJob, Callable[[Future[PackResult]], None]]]) -> None:
+        try:
+            for job, done in jobs:
+                while not self._room.acquire(timeout=0.1):
+                    if self._stop:
+                        return
+                if self._stop:
+                    self._room.release()
+                    return
+                self._hand_over(job, done, room=True)
+        except BaseException as exc:  # noqa: BLE001 - reported by shutdown, on the caller's thread
+            self.error = exc
+        finally:
+            jobs.clear()
+            if self._pool is not None:
+                self._pool.shutdown(wait=False)
+
+    def _hand_over(self, job: PackJob, done: Callable[[Future[PackResult]], None], room: bool = False) -> None:
+        """Submit ``job`` once there is room (``room``: the caller took it already)."""
         if self._pool is None:
             self._pool = process_pool(self._workers, "bunker.repo.pack_verifier", _init, (self._url,))
-        self._room.acquire()
+        if not room:
+            self._room.acquire()
         with self._idle:
             self._running += 1
         try:
@@ -155,13 +198,26 @@ class PackVerifierPool:
 
     def close(self) -> None:
         """No more jobs: each worker ends once the jobs submitted are done (its memory with it),
-        without waiting here."""
+        without waiting here. A queued pool starts handing its jobs over now."""
+        if self._queue is not None:
+            with self._queue_lock:
+                jobs, self._queue = self._queue, None
+            self._feeder = threading.Thread(target=self._feed, args=(jobs,), name="bunker-verify-feed", daemon=True)
+            self._feeder.start()
+            return
         if self._pool is not None:
             self._pool.shutdown(wait=False)
 
     def shutdown(self, wait_for_jobs: bool = False) -> None:
         """End the workers: once every job submitted is done and recorded (``wait_for_jobs``),
-        else at once, cancelling the jobs not started."""
+        else at once, cancelling the jobs not started. Raises what stopped the feeder."""
+        if self._feeder is not None:
+            self._stop = not wait_for_jobs
+            self._feeder.join()
+            self._feeder = None
+            if self.error is not None and wait_for_jobs:
+                error, self.error = self.error, None
+                raise error
         if self._pool is None:
             return
         if wait_for_jobs:
