@@ -246,12 +246,14 @@ def test_forward_marks_incomplete_and_names_changed_files(tmp_path: Path) -> Non
 
 
 def _killed_forward_then_prunes(
-    repo: Repo, src: Path, tmp_path: Path, prunes: int
+    repo: Repo, src: Path, tmp_path: Path, prunes: int, local_copies: bool = True
 ) -> tuple[list[str], Callable[[], dict[str, Any]]]:
     """A backup, one offline with new data, then a forward killed once its packs were up (its
-    index object and snapshot stay in the spool), then ``prunes`` prunes at grace 0: the first
-    condemns those packs (no index or snapshot names them upstream), the second deletes them.
-    Returns the names of the packs that went up, and the prune (another machine's)."""
+    index object and snapshot stay in the spool, and so do the packs' local copies, unless
+    ``local_copies`` is False: what a forward of an older version left), then ``prunes``
+    prunes at grace 0: the first condemns those packs (no index or snapshot names them
+    upstream), the second deletes them. Returns the names of the packs that went up, and the
+    prune (another machine's)."""
     repo.backup(src)
     away = tmp_path / "away"
     repo.path.rename(away)
@@ -260,9 +262,10 @@ def _killed_forward_then_prunes(
     away.rename(repo.path)
     spool = next((Path(repo.env["XDG_DATA_HOME"]) / "bunker" / "spool").iterdir())
     sent = [p for p in (spool / "packs").iterdir() if not p.name.startswith(".")]
-    for p in sent:  # what `forward` does for each pack before the kill: upload, then delete the copy
+    for p in sent:  # what `forward` does for each pack before the kill
         shutil.copy(p, repo.path / "packs" / p.name)
-        p.unlink()
+        if not local_copies:
+            p.unlink()
     pruner = tmp_path / "pruner.put"
     repo.ok("key", "new-client", "pruner", "--prune", "--out", pruner)
     env = make_env(tmp_path / "pruner-home")
@@ -277,15 +280,31 @@ def _killed_forward_then_prunes(
     return [p.name for p in sent], prune
 
 
-def test_forward_after_its_packs_were_pruned_names_none_of_them(tmp_path: Path) -> None:
-    """The packs a killed forward sent were deleted by prunes before the next forward: the
-    spooled index object that names them is not sent as it is (check would call it damaged),
-    and the snapshot is repaired (the new file from its source; its directory listings, which
-    only those packs held, are lost and say so)."""
+def test_forward_after_its_packs_were_pruned_sends_them_again(tmp_path: Path) -> None:
+    """The packs a killed forward sent were deleted by prunes before the next forward (nothing
+    upstream named them yet): their local copies stayed in the spool, so the next forward sends
+    them again and the snapshot arrives complete, as it was taken."""
     repo = init_repo(tmp_path / "r")
     src = tmp_path / "src"
     make_tree(src)
     sent, _ = _killed_forward_then_prunes(repo, src, tmp_path, prunes=2)
+    assert not any((repo.path / "packs" / name).exists() for name in sent)
+    fwd = js(repo.ok("forward", "--json"))
+    assert fwd["repaired"] == [] and fwd["indexes_trimmed"] == 0 and fwd["left"] == 0
+    assert all((repo.path / "packs" / name).exists() for name in sent)
+    assert js(repo.ok("check", "--read-data", "--json"))["ok"] is True
+    _restore_and_compare(repo, src, tmp_path / "t")
+
+
+def test_forward_without_the_local_copies_names_no_pruned_pack(tmp_path: Path) -> None:
+    """The same with the local copies gone (a forward of an older version deleted each once it
+    was up): the spooled index object that names the deleted packs is not sent as it is (check
+    would call it damaged), and the snapshot is repaired (the new file from its source; its
+    directory listings, which only those packs held, are lost and say so)."""
+    repo = init_repo(tmp_path / "r")
+    src = tmp_path / "src"
+    make_tree(src)
+    sent, _ = _killed_forward_then_prunes(repo, src, tmp_path, prunes=2, local_copies=False)
     fwd = js(repo.ok("forward", "--json", rc=ExitCode.ERR))
     assert fwd["indexes_trimmed"] == 1 and fwd["left"] == 0
     (fix,) = fwd["repaired"]

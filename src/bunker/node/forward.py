@@ -2,7 +2,9 @@
 
 Order (docs/format.md section 17): packs, index, reference objects, then snapshots. Each object is sent, read
 back and checked against its name (BLAKE3 of the bytes) before the local copy is deleted, so
-nothing leaves the spool before the upstream holds a good copy. The whole delivery runs under a
+nothing leaves the spool before the upstream holds a good copy; a pack's copy stays until no
+spooled snapshot may need it (upstream, nothing names it before its snapshot arrives, so a
+prune may delete it as garbage if this delivery stops first). The whole delivery runs under a
 lease. Deliveries of one spool may overlap (two `bunker forward`, a backup that forwards first):
 a delivery holds each object it sends (node/spool.py ``delivering``), and one that finds an
 object held or gone moves on; snapshots are linked one delivery at a time under the client's
@@ -119,14 +121,18 @@ def forward(
         bulk = [i for i in pending if not i.name.startswith("snapshots/")]
         snaps = [i.name for i in pending if i.name.startswith("snapshots/")]
         trim: _IndexTrim | None = None  # once the packs are up
+        kept: list[str] = []  # packs upstream whose local copies stay until no snapshot here needs them
 
         def send(info: ObjectInfo, wait: bool) -> bool:
             """Deliver one object unless another delivery holds it (False: left to it)."""
             with spool.delivering(info.name, wait=wait) as state:
                 if state == BUSY:
                     return False
-                outcome = _deliver(repo, local, info, trim) if state == MINE else "gone"
+                keep = info.name.startswith("packs/")
+                outcome = _deliver(repo, local, info, trim, keep) if state == MINE else "gone"
             with lock:
+                if keep and outcome in ("sent", "present"):
+                    kept.append(info.name)
                 if outcome == "sent":
                     report.sent += 1
                     report.sent_bytes += info.size
@@ -166,6 +172,12 @@ def forward(
         report.indexes_trimmed = trim.trimmed
         if snaps:
             _send_snapshots(repo, put, cert, spool, local, snaps, lease, state_dir, report, packs)
+        # a pack's local copy goes once no spooled snapshot may need it: a delivery stopped before
+        # its snapshots went leaves packs upstream that nothing there names yet, which a prune
+        # deletes as garbage; the next delivery sends them again from here
+        if not any(i.name.startswith("snapshots/") for i in spool.pending()):
+            for name in kept:
+                local.delete(name)
         send_group("status/")
         spool.clear_leftovers()
     finally:
@@ -243,14 +255,17 @@ class _IndexTrim:
         return make_index(kept, self.put.secrets, self.put.client_key, self.cert.name) if kept else b""
 
 
-def _deliver(repo: Repository, local: LocalBackend, info: ObjectInfo, trim: _IndexTrim | None = None) -> str:
-    """Make the upstream hold ``info.name``; delete the local copy once confirmed.
-    Returns "sent", "present", "gone" (no local copy left) or "damaged" (the local copy does not
-    match its name: deleted). An index object goes through ``trim`` first ("trimmed": what of
-    it may be sent went under a new name)."""
+def _deliver(
+    repo: Repository, local: LocalBackend, info: ObjectInfo, trim: _IndexTrim | None = None, keep: bool = False
+) -> str:
+    """Make the upstream hold ``info.name``; delete the local copy once confirmed (unless
+    ``keep``). Returns "sent", "present", "gone" (no local copy left) or "damaged" (the local
+    copy does not match its name: deleted). An index object goes through ``trim`` first
+    ("trimmed": what of it may be sent went under a new name)."""
     name = info.name
     if verify_by_name(repo.backend, name, info.size):
-        local.delete(name)
+        if not keep:
+            local.delete(name)
         return "present"
     try:
         data = local.get(name)
@@ -274,7 +289,8 @@ def _deliver(repo: Repository, local: LocalBackend, info: ObjectInfo, trim: _Ind
     del data
     if not verify_by_name(repo.backend, name, info.size):
         raise _not_returned(name)
-    local.delete(name)
+    if not keep:
+        local.delete(name)
     return "sent"
 
 
