@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from bunker import encoding
+from bunker import encoding, interrupt
 from bunker.backup.link import ChainWriter
 from bunker.crypto.keyfile import PutKey
 from bunker.errors import BunkerError, CorruptObject, ObjectMissing
@@ -92,23 +92,26 @@ def deliver_own_snapshots(
                     msg = exc.message if isinstance(exc, BunkerError) else str(exc)
                     out.held.append((name, f"its pack set cannot be read: {msg}"))
                     continue
-                sent = _link(put, chain, env, data, snap)
-                lease.refresh_if_due()
-                if not verify_by_name(repo.backend, sent.name, sent.size):
-                    raise CorruptObject(
-                        sent.name,
-                        "the upstream does not return what was just sent to it",
-                        "the upstream storage is failing; the snapshot stays in the local spool: check the storage, "
-                        "then run `bunker forward` again",
-                    )
-                spool.delete(name)
-                out.snapshots.append(sent.name)
-                out.sent_bytes += sent.size
-                if fix is not None:
-                    fix.new = sent.name
-                    out.repaired.append(fix)
-                if sent.seq != snap.env.seq:
-                    out.renumbered.append(Renumbered(name, sent.name, snap.env.seq, sent.seq))
+                # a snapshot is linked whole: its claim, the snapshot, the claim's release (a signal
+                # meanwhile would leave the claim behind) and the spool's copy gone
+                with interrupt.deferred():
+                    sent = _link(put, chain, env, data, snap)
+                    lease.refresh_if_due()
+                    if not verify_by_name(repo.backend, sent.name, sent.size):
+                        raise CorruptObject(
+                            sent.name,
+                            "the upstream does not return what was just sent to it",
+                            "the upstream storage is failing; the snapshot stays in the local spool: check the "
+                            "storage, then run `bunker forward` again",
+                        )
+                    spool.delete(name)
+                    out.snapshots.append(sent.name)
+                    out.sent_bytes += sent.size
+                    if fix is not None:
+                        fix.new = sent.name
+                        out.repaired.append(fix)
+                    if sent.seq != snap.env.seq:
+                        out.renumbered.append(Renumbered(name, sent.name, snap.env.seq, sent.seq))
     finally:
         repair.close()
     return out
