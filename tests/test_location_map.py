@@ -20,7 +20,7 @@ from bunker import encoding
 from bunker.crypto.derive import PutSecrets
 from bunker.repo import chunk_id_set, location_map, refs
 from bunker.repo.chunk_id_set import ChunkIdSet
-from bunker.repo.index_cache import _decode_cached, _encode_cached
+from bunker.repo.index_cache import CachedIndex, _decode_cached, _encode_cached
 from bunker.repo.location_map import Location, LocationColumns, LocationMap
 from helpers import Repo
 
@@ -181,12 +181,17 @@ def test_readers_see_every_entry_while_the_arrays_are_rebuilt(monkeypatch: pytes
 def test_cache_files_keep_the_columns_and_refuse_other_formats() -> None:
     entries = [(os.urandom(32), _loc(i)) for i in range(100)]
     cols = LocationColumns.from_entries(entries)
-    assert _decode_cached(_encode_cached(cols)).entries() == entries
+    got = _decode_cached(_encode_cached(CachedIndex("client-a", cols)))
+    assert got.columns.entries() == entries and got.signer == "client-a"
     with pytest.raises(encoding.FormatError):
         _decode_cached(encoding.pack([[c, loc.pack, 1, 2, 3] for c, loc in entries]))  # the older row format
+    pack, cols_le = cols.little_endian()
+    older = {"packs": cols.packs, "ids": cols.ids, "pack": pack, "cols": cols_le}
+    with pytest.raises(encoding.FormatError):  # columns without their signer
+        _decode_cached(b"BKIX2\n" + encoding.pack(older))
     bad = LocationColumns(cols.ids, cols.packs[:1], array("I", [p + 3 for p in cols.pack_numbers]), cols.cols)
     with pytest.raises(encoding.FormatError):
-        _decode_cached(_encode_cached(bad))
+        _decode_cached(_encode_cached(CachedIndex("client-a", bad)))
     with pytest.raises(encoding.FormatError):
         LocationMap().bulk_load([bad], lambda: [bad])
     with pytest.raises(encoding.FormatError):
@@ -253,14 +258,14 @@ import os, sys
 from bunker.crypto.derive import PutSecrets
 from bunker.repo import refs
 from bunker.repo.chunk_id_set import ChunkIdSet
-from bunker.repo.index_cache import _decode_cached, _encode_cached
+from bunker.repo.index_cache import CachedIndex, _decode_cached, _encode_cached
 from bunker.repo.location_map import Location, LocationColumns, LocationMap
 import bunker.restore.workers, bunker.backup.small_files, bunker.repo.pack_verifier
 entries = [(os.urandom(32), Location(f"{i % 7:064x}", i, 10, 20)) for i in range(20000)]
 # index objects of 5,000 entries: over the size at which columns are checked with numpy once it
 # is imported, but numpy is not imported for them
 batches = [LocationColumns.from_entries(entries[i : i + 5000]) for i in range(0, 20000, 5000)]
-cols = [_decode_cached(_encode_cached(c)) for c in batches]
+cols = [_decode_cached(_encode_cached(CachedIndex("w", c))).columns for c in batches]
 cols = [c.select(lambda p: p != f"{3:064x}") for c in cols]
 m = LocationMap()
 m.bulk_load(iter(cols), lambda: iter(cols))

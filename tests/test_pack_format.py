@@ -260,13 +260,13 @@ def test_altered_or_wrong_wrapped_key_does_not_open(built: Built) -> None:
     b = t.blobs[0]
     for bad in (bytes([b.wrapped_key[0] ^ 1]) + b.wrapped_key[1:], b.wrapped_key[:-1] + b"\x00", b"", b"w" * 60):
         with pytest.raises(FormatError, match="wrapped blob key does not open"):
-            unwrap_blob_key(group, replace(b, wrapped_key=bad))
+            unwrap_blob_key(group, b._replace(wrapped_key=bad))
     with pytest.raises(FormatError, match="wrapped blob key does not open"):
         unwrap_blob_key(aead.Cipher(os.urandom(32)), b)  # another group's key
     # a wrapped key moved to another entry unwraps (AES-KW binds no chunk id) but opens nothing:
     # the blob's AEAD has its own chunk id as associated data
     other = t.blobs[1]
-    k = unwrap_blob_key(group, replace(b, wrapped_key=other.wrapped_key))
+    k = unwrap_blob_key(group, b._replace(wrapped_key=other.wrapped_key))
     with pytest.raises(blob.BlobError):
         blob.decrypt_blob(k, b.chunk_id, built.data[b.offset : b.offset + b.length], b.raw_length)
 

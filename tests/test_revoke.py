@@ -57,6 +57,31 @@ def test_revoked_client_is_flagged_refused_and_not_deduplicated(repo: Repo, tmp_
     assert cp.returncode == ExitCode.USAGE and "thief" in cp.stderr
 
 
+def test_a_writer_revoked_after_its_index_objects_were_cached_is_not_deduplicated(repo: Repo, tmp_path: Path) -> None:
+    """The owner's index cache holds the thief's index objects from a backup before the
+    revocation; after it, the owner's next backup stores the shared content again, and a restore
+    (which reads every writer's data, through the same cache) still gets the thief's files."""
+    key, env = _thief(repo, tmp_path)
+    src, other = tmp_path / "src", tmp_path / "other"
+    src.mkdir()
+    other.mkdir()
+    (src / "shared.bin").write_bytes(os.urandom(1 << 20))
+    (other / "own.txt").write_bytes(b"the owner's own file")
+    thief = repo.backup(src, env=env)
+    repo.backup(other)  # the owner loads (and caches) the index, the thief's objects too
+    cache = next(Path(repo.env["XDG_CACHE_HOME"]).glob("**/index"))
+    assert len(list(cache.iterdir())) >= 2
+
+    repo.ok("key", "revoke", "thief", "--last-seq", "1", "--json")
+    own = repo.backup(src)
+    assert own["stats"]["stored_new"] > 500_000
+
+    dest = tmp_path / "dest"
+    repo.ok("restore", thief["snapshot"], "--target", dest)
+    (restored,) = dest.rglob("shared.bin")
+    assert restored.read_bytes() == (src / "shared.bin").read_bytes()
+
+
 def test_check_read_data_names_a_poisoned_blob_of_a_revoked_client(repo: Repo, tmp_path: Path) -> None:
     """A client whose put key was stolen can store a blob under the id of content it guessed, with
     other content: dedup against it would poison backups. After revocation nobody uses it, and

@@ -66,7 +66,7 @@ def index_stopped_runs_packs(
     if not entries:
         return 0
     name = repo.put_object("index", make_index(entries, put.secrets, put.client_key, cert.name))
-    index.record_written(name, entries)
+    index.record_written(name, entries, cert.name)
     size = sum(loc.length for _, loc in entries)
     log.add(
         "note",

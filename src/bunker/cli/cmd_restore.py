@@ -11,8 +11,9 @@ from typing import Any
 import click
 
 from bunker import encoding
+from bunker.backup.client_dirs import client_cache
 from bunker.cli import context
-from bunker.cli.known_heads import known_heads, own_client
+from bunker.cli.known_heads import known_heads, own_client, own_put_key
 from bunker.cli.main import cli, common, handles_errors, make_options
 from bunker.cli.output import human_bytes, quote_name
 from bunker.crypto.keyfile import MasterKey
@@ -209,9 +210,10 @@ def _open_for_reading(
     repo = context.open_repository(opts)
     master = context.load_master(opts, repo, purpose)
     known: list[KnownHead] = []
+    put = own_put_key(opts, repo)
     if spec == "latest":
         # on a machine that backs up, `latest` is its own client's unless told otherwise
-        mine = None if (f.client or f.host) else own_client(opts, repo)
+        mine = None if (f.client or f.host) else own_client(repo, put)
         if mine is not None:
             f.client, f.own_client = mine, True
         known = known_heads(opts, repo)
@@ -244,7 +246,10 @@ def _open_for_reading(
         packs: set[str] | None = PackMoves.load(repo).resolve(refs.read_set(rec.snap.env.packset, repo.get_object))
     except (BunkerError, encoding.FormatError):
         packs = None
-    index = IndexCache(repo, secrets, None, for_dedup=False, only_packs=packs).load()
+    # the index cache of this machine's own client, where it is of the snapshot's dedup domain:
+    # its copies hold every writer's entries with their signer (a reader takes them all)
+    cache_dir = client_cache(repo, put) if put is not None and put.secrets.domain_id == secrets.domain_id else None
+    index = IndexCache(repo, secrets, cache_dir, for_dedup=False, only_packs=packs).load()
     try:
         chunks = refs.read_set(rec.snap.env.chunkset, repo.get_object, secrets)
     except (BunkerError, encoding.FormatError):

@@ -10,7 +10,7 @@ import os
 from bunker import encoding
 from bunker.backup.chain import witnesses
 from bunker.cli.context import Options
-from bunker.crypto.keyfile import load_put_key
+from bunker.crypto.keyfile import PutKey, load_put_key
 from bunker.errors import BunkerError
 from bunker.node.spool import Spool
 from bunker.repo.certs import parse_certificate
@@ -18,18 +18,27 @@ from bunker.repo.repository import Repository
 from bunker.repo.selection import KnownHead
 
 
-def own_client(opts: Options, repo: Repository) -> str | None:
-    """The client name of this machine's put key for ``repo``, if it has a usable one."""
+def own_put_key(opts: Options, repo: Repository) -> PutKey | None:
+    """This machine's put key for ``repo``, if it has a readable one (its certificate is not
+    checked here)."""
     path = opts.put_key_file(repo.repo_id)
     if not path or not os.path.exists(path):
         return None
     try:
         put = load_put_key(path)
-        if put.repo_id != repo.repo_id:
-            return None
-        return parse_certificate(put.certificate, repo.config.master_verify, repo.repo_id).client
     except (BunkerError, encoding.FormatError, OSError):
         return None  # an unusable put key is `key info`'s and `backup`'s to report, not a reader's
+    return put if put.repo_id == repo.repo_id else None
+
+
+def own_client(repo: Repository, put: PutKey | None) -> str | None:
+    """The client name of this machine's put key ``put`` (:func:`own_put_key`), if it is usable."""
+    if put is None:
+        return None
+    try:
+        return parse_certificate(put.certificate, repo.config.master_verify, repo.repo_id).client
+    except (BunkerError, encoding.FormatError):
+        return None
 
 
 def known_heads(opts: Options, repo: Repository) -> list[KnownHead]:

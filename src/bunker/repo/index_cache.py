@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Container, Iterable, Iterator, Sequence
+from typing import NamedTuple
 
 from bunker import encoding
 from bunker.crypto.derive import PutSecrets
@@ -83,8 +84,6 @@ class IndexCache:
         # cached index objects stay valid and in use, so dedup keeps working offline
         partial = self.repo.backend.capabilities().partial
         cached: set[str] = set()
-        if self.cache_dir and not self.for_dedup:
-            self.cache_dir = None  # the cache holds the dedup view only
         if self.cache_dir:
             try:
                 private_dirs(self.cache_dir)
@@ -103,28 +102,28 @@ class IndexCache:
         # Two passes (LocationMap.bulk_load): the first reads, checks and caches every index
         # object and keeps only what sorting needs; the second reads the cached copies again
         # and places each entry in the final arrays. An object that could not be cached is kept
-        # in memory between the passes.
-        plan: list[tuple[str, LocationColumns | None]] = []
+        # in memory between the passes. The cache holds every object whole with its signer, so
+        # readers use it too, and a writer revoked after its objects were cached is skipped.
+        plan: list[tuple[str, CachedIndex | None]] = []
 
         def first() -> Iterator[LocationColumns]:
             for name in names:
                 leaf = name.split("/", 1)[1]
-                columns = self._read_cached(leaf) if leaf in cached else None
+                got = self._read_cached(leaf) if leaf in cached else None
                 kept = None
-                if columns is None:
+                if got is None:
                     if sizes.get(name, 0) > MAX_SIGNED_OBJECT:  # never fetched: no index object is near this
                         self.problems.append(
                             f"{name}: {sizes[name]} bytes, larger than any signed object may be "
                             f"({MAX_SIGNED_OBJECT}): not read"
                         )
                         continue
-                    entries = self._fetch(name, revoked)
-                    if entries is None:
+                    got = self._fetch(name)
+                    if got is None:
                         continue
-                    columns = LocationColumns.from_entries(entries)
-                    if not (self.cache_dir and self._store_cached(leaf, columns)):
-                        kept = columns
-                columns = self._usable(columns)
+                    if not (self.cache_dir and self._store_cached(leaf, got)):
+                        kept = got
+                columns = self._usable(got, revoked)
                 plan.append((leaf, kept))
                 self.named_packs.update(columns.used_packs())
                 self.objects.add(name)
@@ -132,10 +131,10 @@ class IndexCache:
 
         def again() -> Iterator[LocationColumns]:
             for leaf, kept in plan:
-                columns = kept if kept is not None else self._read_cached(leaf)
-                if columns is None:
+                got = kept if kept is not None else self._read_cached(leaf)
+                if got is None:
                     raise encoding.FormatError(f"index cache file {leaf} vanished while the index was loaded")
-                yield self._usable(columns)
+                yield self._usable(got, revoked)
 
         try:
             self.locations.bulk_load(first(), again)
@@ -144,15 +143,15 @@ class IndexCache:
             # a disk error): load once more in one pass, from the repository where needed
             batches = []
             for leaf, kept in plan:
-                columns = kept if kept is not None else self._read_cached(leaf)
-                if columns is None:
-                    columns = LocationColumns.from_entries(self._fetch(f"index/{leaf}", revoked) or [])
-                batches.append(self._usable(columns))
+                got = kept if kept is not None else self._read_cached(leaf)
+                if got is None:
+                    got = self._fetch(f"index/{leaf}") or CachedIndex("", LocationColumns.from_entries([]))
+                batches.append(self._usable(got, revoked))
             self.locations = LocationMap()
             self.locations.bulk_load(batches, lambda: batches)
         return self
 
-    def _read_cached(self, leaf: str) -> LocationColumns | None:
+    def _read_cached(self, leaf: str) -> CachedIndex | None:
         """The cached copy of index object ``leaf``, or None (none, unreadable, another format)."""
         if not self.cache_dir:
             return None
@@ -162,9 +161,13 @@ class IndexCache:
         except (OSError, encoding.FormatError):
             return None
 
-    def _usable(self, columns: LocationColumns) -> LocationColumns:
-        """The entries of an index object this index takes: of listed packs (see __init__),
-        and of packs it takes at all (:meth:`_takes`)."""
+    def _usable(self, got: CachedIndex, revoked: Container[str]) -> LocationColumns:
+        """The entries of an index object this index takes: none of a revoked writer's for
+        dedup (``revoked``), of listed packs (see __init__), and of packs it takes at all
+        (:meth:`_takes`)."""
+        columns = got.columns
+        if got.signer in revoked:
+            return columns.select(lambda _pack: False)  # clients do not dedup against revoked writers
         if self.listed_packs is not None:
             columns = columns.select(self.listed_packs.__contains__)
         return columns.select(self._takes)
@@ -173,7 +176,9 @@ class IndexCache:
         """Whether entries of ``pack`` are located: not absent, and among the only packs."""
         return pack not in self.absent_packs and (self.only_packs is None or pack in self.only_packs)
 
-    def _fetch(self, name: str, revoked: Container[str]) -> list[tuple[bytes, Location]] | None:
+    def _fetch(self, name: str) -> CachedIndex | None:
+        """Index object ``name`` from the repository, verified and decrypted (no entries when it
+        is another dedup domain's); None when it is gone or damaged (in ``problems``)."""
         try:
             data = self.repo.get_object(name)
         except ObjectMissing:
@@ -185,24 +190,22 @@ class IndexCache:
         try:
             obj = parse_index_frame(data)
             if obj.body["domain"] != self.secrets.domain_id:
-                return []  # another dedup domain: not ours to use
-            if obj.signer in revoked:
-                return []  # clients do not dedup against revoked writers
+                return CachedIndex("", LocationColumns.from_entries([]))  # another dedup domain: not ours to use
             cert = self.repo.certificate(obj.signer)
             verify(cert.verify_key, MAGIC_INDEX, obj.body_bytes, obj.sig)
-            return decrypt_index(obj, self.secrets)
+            return CachedIndex(obj.signer, LocationColumns.from_entries(decrypt_index(obj, self.secrets)))
         except (CorruptObject, ObjectMissing, encoding.FormatError, BadSignature) as exc:
             self.problems.append(f"{name}: {exc}")
             return None
 
-    def _store_cached(self, leaf: str, columns: LocationColumns) -> bool:
+    def _store_cached(self, leaf: str, got: CachedIndex) -> bool:
         """Write the cached copy of index object ``leaf``; False if it could not be written."""
         assert self.cache_dir
         if self.cache_problem:
             return False  # no room: read from the repository next time
         try:
             # a cache: rebuilt from the repository when lost, so not fsynced
-            write_private_file(os.path.join(self.cache_dir, leaf), _encode_cached(columns), durable=False)
+            write_private_file(os.path.join(self.cache_dir, leaf), _encode_cached(got), durable=False)
         except OSError as exc:
             self._uncached(exc)
             return False
@@ -252,34 +255,49 @@ class IndexCache:
             n += 1
         return n
 
-    def cover(self, chunk_ids: Iterable[bytes]) -> tuple[int, int]:
+    def cover(self, chunk_ids: Sequence[bytes]) -> tuple[int, int]:
         """Make sure every chunk of ``chunk_ids`` is located, reading unindexed packs' trailers
         if needed. Returns (chunks that were not indexed, chunks still not found)."""
-        missing = [c for c in chunk_ids if c not in self.locations]
+        missing = self.locations.missing(chunk_ids)  # vectorized: a snapshot's whole chunk set
         if not missing:
             return 0, 0
         self.add_unindexed_packs()
         return len(missing), sum(1 for c in missing if c not in self.locations)
 
-    def record_written(self, name: str, entries: Sequence[tuple[bytes, LocationRow]]) -> None:
-        """Note an index object this client just wrote (so the next load need not fetch it)."""
+    def record_written(self, name: str, entries: Sequence[tuple[bytes, LocationRow]], signer: str) -> None:
+        """Note an index object this client just wrote, signed by certificate ``signer`` (so
+        the next load need not fetch it)."""
         self.objects.add(name)
         if self.cache_dir:
-            self._store_cached(name.split("/", 1)[1], LocationColumns.from_entries(entries))
+            self._store_cached(name.split("/", 1)[1], CachedIndex(signer, LocationColumns.from_entries(entries)))
 
 
-_CACHE_MAGIC = b"BKIX2\n"  # columns; files of the older row format are read again from the repository
+class CachedIndex(NamedTuple):
+    """An index object as the cache keeps it: its signer's certificate name (empty for another
+    dedup domain's object, which has no entries for this one) and all its entries."""
+
+    signer: str
+    columns: LocationColumns
 
 
-def _encode_cached(c: LocationColumns) -> bytes:
+# columns and signer; files of older formats (rows; columns without the signer, of which a
+# revoked writer's were kept empty) are read again from the repository
+_CACHE_MAGIC = b"BKIX3\n"
+
+
+def _encode_cached(got: CachedIndex) -> bytes:
+    c = got.columns
     pack, cols = c.little_endian()
-    return _CACHE_MAGIC + encoding.pack({"packs": c.packs, "ids": c.ids, "pack": pack, "cols": cols})
+    return _CACHE_MAGIC + encoding.pack(
+        {"signer": got.signer, "packs": c.packs, "ids": c.ids, "pack": pack, "cols": cols}
+    )
 
 
-def _decode_cached(data: bytes) -> LocationColumns:
+def _decode_cached(data: bytes) -> CachedIndex:
     if not data.startswith(_CACHE_MAGIC):
         raise encoding.FormatError("index cache file of another format")
-    m = encoding.expect_map(encoding.unpack(data[len(_CACHE_MAGIC) :]), "packs", "ids", "pack", "cols")
+    m = encoding.expect_map(encoding.unpack(data[len(_CACHE_MAGIC) :]), "signer", "packs", "ids", "pack", "cols")
+    signer = encoding.field(m, "signer", str)
     packs = encoding.field(m, "packs", list)
     ids, pack, cols = (encoding.field_bytes(m, k) for k in ("ids", "pack", "cols"))
     n = len(ids) // ID
@@ -287,4 +305,4 @@ def _decode_cached(data: bytes) -> LocationColumns:
         raise encoding.FormatError("bad index cache file")
     columns = LocationColumns.from_little_endian(ids, packs, pack, cols)
     check_columns(columns)  # (a damaged file: FormatError, and the object is fetched again)
-    return columns
+    return CachedIndex(signer, columns)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import os
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import blake3
 
@@ -49,10 +50,10 @@ KIND_DATA = "data"
 KIND_META = "meta"
 
 
-@dataclass(frozen=True)
-class BlobEntry:
+class BlobEntry(NamedTuple):
     """One blob of a pack as listed by its trailer (``group`` and ``offset`` are implied by the
-    blob's place in the trailer: the reader computes them)."""
+    blob's place in the trailer: the reader computes them). A tuple: a trailer makes one per
+    blob, and a frozen dataclass costs several times as much to make."""
 
     chunk_id: bytes
     group: int

@@ -210,7 +210,7 @@ class SessionWriter:
         for at in range(0, len(entries), index_objects.INDEX_BATCH):
             batch = entries[at : at + index_objects.INDEX_BATCH]
             name = self.repo.put_object("index", make_index(batch, self.secrets, self.put.client_key, self.cert_name))
-            self.index.record_written(name, batch)
+            self.index.record_written(name, batch, self.cert_name)
         return name
 
     def persist_if_due(self) -> None:

@@ -42,7 +42,7 @@ from bunker.restore.file_writer import (
     remove_existing,
     write_file,
 )
-from bunker.restore.workers import Item, RestorePool
+from bunker.restore.workers import BatchResult, Item, RestorePool
 from bunker.runlog import RunLog, display_path
 
 SMALL_FILE = 256 << 10  # files up to this size go to worker processes ...
@@ -491,14 +491,18 @@ class Restorer:
         fut.add_done_callback(lambda f: self._batch_done(f, paths))
         self._track(fut, errors_handled=True)
 
-    def _batch_done(self, fut: Future[list[WriteResult]], paths: list[bytes]) -> None:
+    def _batch_done(self, fut: Future[BatchResult], paths: list[bytes]) -> None:
         try:
             try:
-                results = fut.result()
+                ok, nbytes, others = fut.result()
             except Exception as exc:  # noqa: BLE001 - a dead worker must not stop the restore
-                results = [WriteResult("error", 0, f"worker failed: {exc}")] * len(paths)
-            for path, r in zip(paths, results, strict=True):
-                self._done(path, r)
+                failed = WriteResult("error", 0, f"worker failed: {exc}")
+                ok, nbytes, others = 0, 0, [(i, failed) for i in range(len(paths))]
+            with self._lock:
+                self.stats.files += ok
+                self.stats.bytes += nbytes
+            for i, r in others:
+                self._done(paths[i], r)
         finally:
             self._slots.release()
 

@@ -34,27 +34,50 @@ def _init(
     _as_root, _numeric = as_root, numeric_owner
 
 
-def write_batch(items: list[Item]) -> list[WriteResult]:
+# What a batch sends back: the files written whole without a note (counted, with their bytes),
+# and the result of every other one by its place in the batch. Most files of a restore are the
+# former, and a result for each would cost the main process a decoding and a callback per file.
+BatchResult = tuple[int, int, list[tuple[int, WriteResult]]]
+
+
+def wire_items(items: list[Item]) -> list[Item]:
+    """A batch as it is sent to a worker: each located blob as a plain tuple (a named tuple
+    costs pickle several times as much: the worker makes them BlobRefs again)."""
+    return [
+        (path, [tuple(p) if type(p) is BlobRef else p for p in pieces], entry, fresh)  # type: ignore[misc]
+        for path, pieces, entry, fresh in items
+    ]
+
+
+def write_batch(items: list[Item]) -> BatchResult:
     """Write each file of a batch and apply its metadata (runs in a worker process). The batch's
     blobs are read first with a few merged range reads (they usually sit side by side in a pack)."""
     assert _backend is not None and _secrets is not None
     backend, secrets = _backend, _secrets
+    items = [
+        (path, [BlobRef._make(p) if len(p) == 6 else p for p in pieces], entry, fresh)
+        for path, pieces, entry, fresh in items
+    ]
     fetched = prefetch_blobs(backend, [p for _, pieces, _, _ in items for p in pieces if isinstance(p, BlobRef)])
 
     def fetch(ref: BlobRef) -> bytes:
         data = fetched.get((ref.pack, ref.offset))
         return fetch_blob(backend, secrets, ref) if data is None else open_blob(secrets, ref, data)
 
-    out = []
-    for path, pieces, entry, fresh in items:
+    ok = nbytes = 0
+    others: list[tuple[int, WriteResult]] = []
+    for i, (path, pieces, entry, fresh) in enumerate(items):
         meta = functools.partial(apply_meta, e=entry, as_root=_as_root, numeric_owner=_numeric)
         hole = entry.get("hole")
-        out.append(
-            write_file(
-                path, pieces, fetch, fresh=fresh, meta=meta, size=entry.get("sz", 0), holes=hole, as_root=_as_root
-            )
+        r = write_file(
+            path, pieces, fetch, fresh=fresh, meta=meta, size=entry.get("sz", 0), holes=hole, as_root=_as_root
         )
-    return out
+        if r.status == "ok" and not r.meta_notes:
+            ok += 1
+            nbytes += r.nbytes
+        else:
+            others.append((i, r))
+    return ok, nbytes, others
 
 
 class RestorePool:
@@ -74,10 +97,10 @@ class RestorePool:
         self._args = (url, secrets.secret, as_root, numeric_owner, target, target_id)
         self._pool: ProcessPoolExecutor | None = None
 
-    def submit(self, items: list[Item]) -> Future[list[WriteResult]]:
+    def submit(self, items: list[Item]) -> Future[BatchResult]:
         if self._pool is None:
             self._pool = process_pool(os.cpu_count() or 2, "bunker.restore.workers", _init, self._args)
-        return self._pool.submit(write_batch, items)
+        return self._pool.submit(write_batch, wire_items(items))
 
     def shutdown(self) -> None:
         if self._pool is not None:
