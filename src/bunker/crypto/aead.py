@@ -92,5 +92,12 @@ def encrypt_deterministic(key: bytes, plaintext: bytes, aad: bytes = b"") -> byt
 
 
 def decrypt(key: bytes, data: bytes | memoryview, aad: bytes = b"") -> bytes:
-    """Open nonce || ciphertext; raise DecryptionFailed if it does not authenticate."""
-    return Cipher(key).decrypt(data, aad)
+    """Open nonce || ciphertext; raise DecryptionFailed if it does not authenticate. (One
+    message under a key: no :class:`Cipher` is kept, as for every blob a restore opens.)"""
+    if len(data) < OVERHEAD:
+        raise DecryptionFailed("ciphertext too short")
+    view = memoryview(data)
+    try:
+        return AESGCM(key).decrypt(bytes(view[:NONCE_SIZE]), view[NONCE_SIZE:], aad)
+    except InvalidTag:
+        raise DecryptionFailed("ciphertext does not authenticate") from None

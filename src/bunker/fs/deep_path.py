@@ -239,6 +239,17 @@ def open_dir(path: bytes) -> int:
         os.close(fd)
 
 
+def open_parent(path: bytes) -> int:
+    """A new ``O_PATH`` descriptor of the directory that holds ``path``, reached as every call of
+    this module reaches it (below a confined root: no symlink followed); the caller closes it.
+    Calls with ``dir_fd=`` on it and the leaf name then need no lookup of the path's directories
+    (a restore writes many files into one directory)."""
+    fd, _, _ = _at(path)
+    if fd is None:  # a short path outside every confined root
+        return os.open(path[: path.rfind(b"/")] or (b"/" if path.startswith(b"/") else b"."), _O_DIR)
+    return os.dup(fd)  # its own: the cached one is valid only until this thread's next call here
+
+
 def _parent(path: bytes) -> tuple[int, bytes]:
     """(descriptor of the parent directory, leaf name) of a deep path. The descriptor belongs to
     this thread's cache: it stays valid only until this thread's next call of this module."""
@@ -394,9 +405,18 @@ def link(src: bytes, dst: bytes) -> None:
         os.close(sfd)
 
 
+_NOT_NAMES = (b"", b".", b"..")
+
+
 def rename(src: bytes, dst: bytes) -> None:
     """``os.rename(src, dst)`` for paths of any length (neither is followed if a symlink)."""
     sfd, sleaf, _ = _at(src)
+    cut = dst.rfind(b"/")
+    leaf = dst[cut + 1 :]
+    if sfd is not None and cut > 0 and src.rfind(b"/") == cut and src[:cut] == dst[:cut] and leaf not in _NOT_NAMES:
+        # within one directory (a restored file put in place): one descriptor serves both names
+        os.rename(sleaf, leaf, src_dir_fd=sfd, dst_dir_fd=sfd)
+        return
     if sfd is None:
         dfd, dleaf, _ = _at(dst)
         os.rename(sleaf, dleaf, dst_dir_fd=dfd)

@@ -11,7 +11,7 @@ signature fails"). Such packs are listed in ``damaged`` for the reader to report
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -21,7 +21,7 @@ from bunker.crypto.derive import PutSecrets
 from bunker.crypto.kem import DataPrivateKey
 from bunker.errors import BunkerError, CorruptObject, ObjectMissing
 from bunker.repo import blob
-from bunker.repo.index import Location
+from bunker.repo.index import Location, LocationMap
 from bunker.repo.pack import BlobEntry, decrypt_trailer, fetch_footer, open_group_key, unwrap_blob_key, verify_footer
 from bunker.repo.repository import Repository
 from bunker.storage.backend import Backend
@@ -134,6 +134,49 @@ class BlobReader:
             raise ObjectMissing(f"chunk {cid.hex()[:16]}", "no index entry for it: run `bunker check`")
         entry, k_blob = self.blob_key(loc.pack, cid)
         return BlobRef(loc.pack, entry.offset, entry.length, entry.raw_length, cid, k_blob)
+
+    def packs_of(self, cids: Sequence[bytes]) -> list[str | None]:
+        """The pack the index places each of ``cids`` in (None: not located), all at once."""
+        locations = self.locations
+        if isinstance(locations, LocationMap):
+            return locations.packs_of(cids)
+        return [loc.pack if (loc := locations.get(cid)) is not None else None for cid in cids]
+
+    def refs(self, cids: Sequence[bytes]) -> list[BlobRef | BunkerError]:
+        """:meth:`ref` of each of ``cids``, or the error that stops it: the chunks located all
+        at once (a restore resolves a batch of small files' chunks together)."""
+        packs = self.packs_of(cids)
+        out: list[BlobRef | BunkerError] = []
+        opened: dict[str, OpenPack | BunkerError] = {}
+        for cid, pack in zip(cids, packs, strict=True):
+            if pack is None:
+                out.append(ObjectMissing(f"chunk {cid.hex()[:16]}", "no index entry for it: run `bunker check`"))
+                continue
+            op = opened.get(pack)
+            if op is None:
+                try:
+                    op = self.open_pack(pack)
+                except BunkerError as exc:
+                    op = exc
+                opened[pack] = op
+            if not isinstance(op, OpenPack):
+                out.append(op)
+                continue
+            entry = op.entries.get(cid)
+            if entry is None:
+                out.append(
+                    CorruptObject(
+                        f"packs/{pack}", f"it does not hold chunk {cid.hex()[:16]} that the index places there"
+                    )
+                )
+                continue
+            try:
+                key = unwrap_blob_key(op.group_keys[entry.group], entry)
+            except encoding.FormatError as exc:
+                out.append(CorruptObject(f"packs/{pack}", str(exc)))
+                continue
+            out.append(BlobRef(pack, entry.offset, entry.length, entry.raw_length, cid, key))
+        return out
 
     def read(self, cid: bytes, max_raw: int | None = None) -> bytes:
         """The plaintext of chunk ``cid``, verified against its id. Meant for trees: the blobs of

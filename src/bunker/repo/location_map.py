@@ -265,6 +265,34 @@ class LocationMap(Mapping[bytes, Location]):
                 numbers.add(v[0])
         return {self._packs[p] for p in numbers}, missing
 
+    def packs_of(self, chunk_ids: Sequence[bytes]) -> list[str | None]:
+        """The pack of each of ``chunk_ids`` (None where it is not located), vectorized when
+        they are many: a restore locates a batch of files' chunks at once."""
+        a = self._arrays
+        if len(chunk_ids) < 64 or not a.n or not all(len(c) == ID for c in chunk_ids):
+            out: list[str | None] = []
+            for cid in chunk_ids:
+                v = self._find(cid)
+                out.append(None if v is None else self._packs[v[0]])
+            return out
+        import numpy as np
+
+        from bunker.repo.id_arrays import np_view, rows_of
+
+        rows = rows_of(a, np.frombuffer(b"".join(chunk_ids), dtype=np.uint8).reshape(len(chunk_ids), ID))
+        numbers = np_view(a.pack)[np.maximum(rows, 0)].tolist()
+        names, new = self._packs, self._new
+        out = []
+        for cid, r, p in zip(chunk_ids, rows.tolist(), numbers, strict=True):
+            if r >= 0:
+                out.append(names[p])
+                continue
+            v = new.get(cid)
+            if v is None and self._arrays is not a:  # folded meanwhile
+                v = self._find(cid)
+            out.append(None if v is None else names[v[0]])
+        return out
+
     def missing(self, chunk_ids: Sequence[bytes] | np.ndarray) -> list[bytes]:
         """The ids of ``chunk_ids`` that are not located."""
         return self.locate_many(chunk_ids)[1]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import grp
+import itertools
 import os
 import pwd
 import stat
@@ -76,6 +77,7 @@ def write_file(
     size: int = 0,
     holes: list[int] | None = None,
     as_root: bool = False,
+    dir_fd: int | None = None,
 ) -> WriteResult:
     """Create ``path`` and write its chunks in order. A chunk that cannot be read leaves a hole
     of its length (the rest of the file is still right) and is reported. ``fresh``: the parent
@@ -87,11 +89,12 @@ def write_file(
     to ``path`` only once its data and metadata are written: a restore stopped by a full disk, an
     error or a kill never leaves a partial file under the real name (an existing file there stays
     as it was until it is replaced whole). An existing file that is immutable or append-only is
-    unlocked first as root (``as_root``), else refused."""
+    unlocked first as root (``as_root``), else refused. ``dir_fd``: a descriptor of the directory
+    that holds ``path`` (deep_path.open_parent), so that creating and renaming need no lookups."""
     try:
         if not fresh:
             remove_existing(path, keep_regular=True, as_root=as_root)  # a regular file is replaced by the rename
-        fd, part = open_part(path)
+        fd, part = open_part(path, dir_fd)
     except OSError as exc:
         return WriteResult("error", 0, f"cannot create file: {exc.strerror}", exc.errno or 0)
     pos = 0
@@ -138,7 +141,7 @@ def write_file(
         _discard(part)
         return WriteResult("error", pos, f"cannot write file: {exc.strerror}", exc.errno or 0)
     os.close(fd)
-    failed = _put_in_place(part, path, as_root)
+    failed = _put_in_place(part, path, as_root, dir_fd)
     if failed is not None:
         return failed
     if gaps:
@@ -150,15 +153,30 @@ def write_file(
 PART_PREFIX = b".bunker-part-"  # a file being restored, renamed to its real name once complete
 
 
-def open_part(path: bytes) -> tuple[int, bytes]:
-    """Create a new, empty temporary file (PART_PREFIX and a random suffix) beside ``path``:
-    (descriptor, its path)."""
+_part_stem: tuple[int, bytes] = (0, b"")  # (process id, this process's random part of the names)
+_part_numbers = itertools.count()
+
+
+def _part_name() -> bytes:
+    """A fresh temporary name: PART_PREFIX, random bytes drawn once per process, a counter."""
+    global _part_stem
+    pid = os.getpid()
+    if _part_stem[0] != pid:  # a forked worker draws its own
+        _part_stem = (pid, PART_PREFIX + os.urandom(6).hex().encode() + b"-")
+    return _part_stem[1] + b"%x" % next(_part_numbers)
+
+
+def open_part(path: bytes, dir_fd: int | None = None) -> tuple[int, bytes]:
+    """Create a new, empty temporary file (PART_PREFIX and a suffix no other run uses) beside
+    ``path`` (in ``dir_fd`` when given: the directory that holds it): (descriptor, its path)."""
     head = path[: path.rfind(b"/") + 1]
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     for _ in range(100):
-        part = head + PART_PREFIX + os.urandom(6).hex().encode()
+        name = _part_name()
         try:
-            return deep_path.open(part, flags, 0o600), part
+            if dir_fd is not None:
+                return os.open(name, flags, 0o600, dir_fd=dir_fd), head + name
+            return deep_path.open(head + name, flags, 0o600), head + name
         except FileExistsError:
             continue
     raise FileExistsError(errno.EEXIST, "no free temporary name beside the file", path)
@@ -169,12 +187,16 @@ def _discard(part: bytes) -> None:
         deep_path.unlink(part)
 
 
-def _put_in_place(part: bytes, path: bytes, as_root: bool) -> WriteResult | None:
+def _put_in_place(part: bytes, path: bytes, as_root: bool, dir_fd: int | None = None) -> WriteResult | None:
     """Rename the complete temporary file to ``path`` (replacing a file there); None when done,
-    else the failure (the temporary file is removed)."""
+    else the failure (the temporary file is removed). ``dir_fd``: the directory holding both."""
     try:
         try:
-            deep_path.rename(part, path)
+            if dir_fd is not None:
+                leaves = part[part.rfind(b"/") + 1 :], path[path.rfind(b"/") + 1 :]
+                os.rename(*leaves, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            else:
+                deep_path.rename(part, path)
         except PermissionError:
             if not locked_flags(path):
                 raise

@@ -22,6 +22,7 @@ import errno
 import os
 import stat
 import threading
+from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,7 @@ from bunker.errors import BunkerError, CorruptObject, ExitCode, ObjectMissing, R
 from bunker.fs import deep_path
 from bunker.fs.fsmeta import flag_letters, locked_flags, locked_message, set_flags, unlock
 from bunker.repo.blob_reader import BlobReader, BlobRef, ReadAhead
+from bunker.repo.pack import BlobEntry
 from bunker.repo.tree import MAX_TREE, TreeBudget, decode_tree
 from bunker.restore.file_writer import (
     MetaNote,
@@ -42,13 +44,17 @@ from bunker.restore.file_writer import (
     remove_existing,
     write_file,
 )
-from bunker.restore.workers import BatchResult, Item, RestorePool
+from bunker.restore.workers import RETRY, BatchResult, RestorePool, WireItem, WirePiece
 from bunker.runlog import RunLog, display_path
 
 SMALL_FILE = 256 << 10  # files up to this size go to worker processes ...
 SMALL_POOL_AFTER = 1000  # ... once this many were seen
-BATCH_FILES = 256
+BATCH_FILES = 1024
 BATCH_BYTES = 8 << 20
+
+
+# a small file waiting for its batch: (path, chunk ids, metadata entry without them, fresh)
+BatchFile = tuple[bytes, list[bytes], dict[str, Any], bool]
 
 
 class DiskFull(BunkerError):
@@ -114,7 +120,7 @@ class Restorer:
         self._small_seen = 0
         # a remote repository answers each read after a round trip: batch small files from the start
         self._pool_after = 0 if self.reader.repo.backend.capabilities().remote else SMALL_POOL_AFTER
-        self._batch: list[Item] = []
+        self._batch: list[BatchFile] = []
         self._batch_bytes = 0
         self._procs: RestorePool | None = None
         # only pending work is kept: a finished batch's paths and entries are released at once
@@ -423,33 +429,43 @@ class Restorer:
 
     # ------------------------------------------------------------------ files
     def _pieces(self, e: dict[str, Any], path: bytes) -> list[Piece]:
+        return self._pieces_of(e.get("c", []), path)
+
+    def _pieces_of(self, cids: list[bytes], path: bytes) -> list[Piece]:
+        return self._as_pieces(cids, self.reader.refs(cids), path)
+
+    def _as_pieces(self, cids: list[bytes], refs: Iterable[BlobRef | BunkerError], path: bytes) -> list[Piece]:
+        """The pieces of a file from its chunks' :meth:`BlobReader.refs`: a chunk that cannot be
+        read becomes its length (where the index knows it) and why."""
         out: list[Piece] = []
-        for cid in e.get("c", []):
-            try:
-                out.append(self.reader.ref(cid))
-            except BunkerError as exc:
-                if isinstance(exc, RequestedUpstream):  # a wait, not damage (see _done)
-                    with self._lock:
-                        self._requested.add(path)
-                loc = self.reader.locations.get(cid)
-                out.append((loc.raw_length if loc else 0, exc.message))
+        for cid, ref in zip(cids, refs, strict=True):
+            if type(ref) is BlobRef:
+                out.append(ref)
+                continue
+            assert isinstance(ref, BunkerError)
+            if isinstance(ref, RequestedUpstream):  # a wait, not damage (see _done)
+                with self._lock:
+                    self._requested.add(path)
+            loc = self.reader.locations.get(cid)
+            out.append((loc.raw_length if loc else 0, ref.message))
         return out
 
     def _restore_file(self, e: dict[str, Any], path: bytes, fresh: bool) -> None:
         if self._disk_full.is_set():
             self.stats.failed += 1
             return
-        pieces = self._pieces(e, path)
-        meta = dict(e)  # a copy without the chunk list (it is in pieces already)
-        meta.pop("c", None)
+        meta = dict(e)  # a copy without the chunk list (its pieces go separately)
+        cids = meta.pop("c", [])
         size = e.get("sz", 0)
         self._small_seen += size <= SMALL_FILE
         if size <= SMALL_FILE and self._small_seen > self._pool_after:
-            self._batch.append((path, pieces, meta, fresh))
+            # located when the batch is sent, all its chunks at once
+            self._batch.append((path, cids, meta, fresh))
             self._batch_bytes += size
             if len(self._batch) >= BATCH_FILES or self._batch_bytes >= BATCH_BYTES:
                 self._flush_batch()
         else:
+            pieces = self._pieces(e, path)
             self._track(self._threads.submit(self._write_in_thread, path, pieces, meta, fresh))
 
     def _track(self, fut: Future[Any], errors_handled: bool = False) -> None:
@@ -482,27 +498,59 @@ class Restorer:
         self._done(path, r)
 
     def _flush_batch(self) -> None:
+        """Send the batch to a worker process. Its chunks are located here all at once and found
+        in their packs' trailers (the master key that opens the packs' key groups stays in this
+        process); the worker unwraps the blobs' keys. A file with a chunk that is not located or
+        not found, or in a pack that cannot be opened, is resolved here whole (its pieces say why)."""
         if not self._batch or self._procs is None:
             return
-        batch, self._batch, self._batch_bytes = self._batch, [], 0
+        files, self._batch, self._batch_bytes = self._batch, [], 0
+        packs = self.reader.packs_of([cid for _, cids, _, _ in files for cid in cids])
+        opened: dict[str | None, dict[bytes, BlobEntry]] = {}
+        keys: dict[str, list[bytes]] = {}
+        for pack in set(packs):
+            if pack is None:
+                continue
+            try:
+                op = self.reader.open_pack(pack)
+            except BunkerError:
+                continue
+            opened[pack] = op.entries
+            keys[pack] = [c.key for c in op.group_keys]
+        items: list[WireItem] = []
+        at = 0
+        for path, cids, meta, fresh in files:
+            pieces: list[WirePiece] = []
+            for cid, pack in zip(cids, packs[at : at + len(cids)], strict=True):
+                entry = opened[pack].get(cid) if pack in opened else None
+                if entry is None:
+                    pieces = [tuple(p) if type(p) is BlobRef else p for p in self._pieces_of(cids, path)]  # type: ignore[misc]
+                    break
+                pieces.append((pack, *entry))  # type: ignore[arg-type]
+            at += len(cids)
+            items.append((path, pieces, meta, fresh))
         self._slots.acquire()
-        fut = self._procs.submit(batch)
-        paths = [item[0] for item in batch]  # all the callback needs: the batch itself is released
-        fut.add_done_callback(lambda f: self._batch_done(f, paths))
+        fut = self._procs.submit(keys, items)
+        fut.add_done_callback(lambda f: self._batch_done(f, files))
         self._track(fut, errors_handled=True)
 
-    def _batch_done(self, fut: Future[BatchResult], paths: list[bytes]) -> None:
+    def _batch_done(self, fut: Future[BatchResult], files: list[BatchFile]) -> None:
         try:
             try:
                 ok, nbytes, others = fut.result()
             except Exception as exc:  # noqa: BLE001 - a dead worker must not stop the restore
                 failed = WriteResult("error", 0, f"worker failed: {exc}")
-                ok, nbytes, others = 0, 0, [(i, failed) for i in range(len(paths))]
+                ok, nbytes, others = 0, 0, [(i, failed) for i in range(len(files))]
             with self._lock:
                 self.stats.files += ok
                 self.stats.bytes += nbytes
             for i, r in others:
-                self._done(paths[i], r)
+                path, cids, meta, fresh = files[i]
+                if r.status == RETRY:  # a blob key the worker could not unwrap: resolved here, with why
+                    pieces = self._pieces_of(cids, path)
+                    self._track(self._threads.submit(self._write_in_thread, path, pieces, meta, fresh))
+                else:
+                    self._done(path, r)
         finally:
             self._slots.release()
 

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any
 
+from bunker.crypto import aead
 from bunker.crypto.derive import PutSecrets
 from bunker.fs import deep_path
 from bunker.process_pool import process_pool
@@ -14,8 +16,22 @@ from bunker.repo.blob_reader import BlobRef, fetch_blob, open_blob, prefetch_blo
 from bunker.restore.file_writer import Piece, WriteResult, apply_meta, write_file
 from bunker.storage import Backend, open_backend
 
+# A piece as a batch carries it: located by the main process, with its blob's trailer entry
+# as (pack, chunk id, key group, offset, length, raw length, wrapped key), its key unwrapped here
+# (see :func:`write_batch`); resolved whole by the main process (a BlobRef as a plain tuple); or
+# unresolved: (its length, why).
+WirePiece = tuple[str, bytes, int, int, int, int, bytes] | tuple[str, int, int, int, bytes, bytes] | tuple[int, str]
 # (path, pieces, metadata entry without its chunk list, parent directory created by this restore)
 Item = tuple[bytes, list[Piece], dict[str, Any], bool]
+WireItem = tuple[bytes, list[WirePiece], dict[str, Any], bool]
+
+# What a batch sends back: the files written whole without a note (counted, with their bytes),
+# and the result of every other one by its place in the batch. Most files of a restore are the
+# former, and a result for each would cost the main process a decoding and a callback per file.
+# A file with a blob key that does not unwrap here returns RETRY and is written by the main
+# process instead, which reports exactly what is wrong with it.
+BatchResult = tuple[int, int, list[tuple[int, WriteResult]]]
+RETRY = "retry"
 
 _backend: Backend | None = None
 _secrets: PutSecrets | None = None
@@ -34,49 +50,80 @@ def _init(
     _as_root, _numeric = as_root, numeric_owner
 
 
-# What a batch sends back: the files written whole without a note (counted, with their bytes),
-# and the result of every other one by its place in the batch. Most files of a restore are the
-# former, and a result for each would cost the main process a decoding and a callback per file.
-BatchResult = tuple[int, int, list[tuple[int, WriteResult]]]
+def _located(pieces: list[WirePiece], keys: dict[str, list[aead.Cipher]]) -> list[Piece] | None:
+    """A file's pieces with the key of every located blob unwrapped; None when one does not
+    unwrap (the main process writes that file)."""
+    out: list[Piece] = []
+    for p in pieces:
+        if len(p) == 7:
+            pack, cid, group, offset, length, raw, wrapped = p
+            ciphers = keys.get(pack)
+            if ciphers is None or not 0 <= group < len(ciphers):
+                return None
+            try:
+                key = ciphers[group].unwrap_key(wrapped)
+            except aead.DecryptionFailed:
+                return None
+            out.append(BlobRef(pack, offset, length, raw, cid, key))
+        elif len(p) == 6:
+            out.append(BlobRef._make(p))
+        else:
+            out.append(p)
+    return out
 
 
-def wire_items(items: list[Item]) -> list[Item]:
-    """A batch as it is sent to a worker: each located blob as a plain tuple (a named tuple
-    costs pickle several times as much: the worker makes them BlobRefs again)."""
-    return [
-        (path, [tuple(p) if type(p) is BlobRef else p for p in pieces], entry, fresh)  # type: ignore[misc]
-        for path, pieces, entry, fresh in items
-    ]
-
-
-def write_batch(items: list[Item]) -> BatchResult:
-    """Write each file of a batch and apply its metadata (runs in a worker process). The batch's
-    blobs are read first with a few merged range reads (they usually sit side by side in a pack)."""
+def write_batch(keys: dict[str, list[bytes]], items: list[WireItem]) -> BatchResult:
+    """Write each file of a batch and apply its metadata (runs in a worker process). ``keys``:
+    the opened key groups of every pack a located piece names. The batch's blobs are read first with a
+    few merged range reads (they usually sit side by side in a pack)."""
     assert _backend is not None and _secrets is not None
     backend, secrets = _backend, _secrets
-    items = [
-        (path, [BlobRef._make(p) if len(p) == 6 else p for p in pieces], entry, fresh)
-        for path, pieces, entry, fresh in items
-    ]
-    fetched = prefetch_blobs(backend, [p for _, pieces, _, _ in items for p in pieces if isinstance(p, BlobRef)])
+    ciphers = {pack: [aead.Cipher(k) for k in group_keys] for pack, group_keys in keys.items()}
+    others: list[tuple[int, WriteResult]] = []
+    files: list[tuple[int, Item]] = []
+    for i, (path, pieces, entry, fresh) in enumerate(items):
+        located = _located(pieces, ciphers)
+        if located is None:
+            others.append((i, WriteResult(RETRY, 0)))
+        else:
+            files.append((i, (path, located, entry, fresh)))
+    fetched = prefetch_blobs(backend, [p for _, (_, pieces, _, _) in files for p in pieces if isinstance(p, BlobRef)])
 
     def fetch(ref: BlobRef) -> bytes:
         data = fetched.get((ref.pack, ref.offset))
         return fetch_blob(backend, secrets, ref) if data is None else open_blob(secrets, ref, data)
 
     ok = nbytes = 0
-    others: list[tuple[int, WriteResult]] = []
-    for i, (path, pieces, entry, fresh) in enumerate(items):
-        meta = functools.partial(apply_meta, e=entry, as_root=_as_root, numeric_owner=_numeric)
-        hole = entry.get("hole")
-        r = write_file(
-            path, pieces, fetch, fresh=fresh, meta=meta, size=entry.get("sz", 0), holes=hole, as_root=_as_root
-        )
-        if r.status == "ok" and not r.meta_notes:
-            ok += 1
-            nbytes += r.nbytes
-        else:
-            others.append((i, r))
+    head, dir_fd = b"", None  # the directory of the files written last (a batch's files share a few)
+    try:
+        for i, (path, located, entry, fresh) in files:
+            if path[: path.rfind(b"/")] != head or dir_fd is None:
+                if dir_fd is not None:
+                    os.close(dir_fd)
+                head, dir_fd = path[: path.rfind(b"/")], None
+                with contextlib.suppress(OSError):  # the file's own calls report why
+                    dir_fd = deep_path.open_parent(path)
+            meta = functools.partial(apply_meta, e=entry, as_root=_as_root, numeric_owner=_numeric)
+            hole = entry.get("hole")
+            r = write_file(
+                path,
+                located,
+                fetch,
+                fresh=fresh,
+                meta=meta,
+                size=entry.get("sz", 0),
+                holes=hole,
+                as_root=_as_root,
+                dir_fd=dir_fd,
+            )
+            if r.status == "ok" and not r.meta_notes:
+                ok += 1
+                nbytes += r.nbytes
+            else:
+                others.append((i, r))
+    finally:
+        if dir_fd is not None:
+            os.close(dir_fd)
     return ok, nbytes, others
 
 
@@ -97,10 +144,10 @@ class RestorePool:
         self._args = (url, secrets.secret, as_root, numeric_owner, target, target_id)
         self._pool: ProcessPoolExecutor | None = None
 
-    def submit(self, items: list[Item]) -> Future[BatchResult]:
+    def submit(self, keys: dict[str, list[bytes]], items: list[WireItem]) -> Future[BatchResult]:
         if self._pool is None:
             self._pool = process_pool(os.cpu_count() or 2, "bunker.restore.workers", _init, self._args)
-        return self._pool.submit(write_batch, wire_items(items))
+        return self._pool.submit(write_batch, keys, items)
 
     def shutdown(self) -> None:
         if self._pool is not None:
