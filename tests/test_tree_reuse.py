@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from bunker.backup import chunkset_memo
+from bunker.crypto.keyfile import load_put_key
+from bunker.repo import refs
 from bunker.repo.snapshot import parse_snapshot
 from helpers import Repo, compare_trees, js, restored_path, xattrs_supported
 from test_checkpoint import _kill_after_checkpoint
@@ -162,3 +164,34 @@ def test_a_run_with_the_last_snapshots_root_names_its_chunk_set_again(repo: Repo
     assert changed["stats"]["chunks"] == first["stats"]["chunks"] + 1  # the new file (two trees replaced)
     assert js(repo.ok("check", "--read-data", "--json"))["ok"] is True
     _restores_as_source(repo, src, tmp_path / "t")
+
+
+def test_a_run_whose_set_differs_in_a_few_ids_builds_the_set_a_whole_build_makes(repo: Repo, tmp_path: Path) -> None:
+    """Only a directory above the source changed (its time, when a file was created beside the
+    source), then a file: each run builds its chunk set from the last one's layout (naming again
+    the parts it shares: tests/test_refs_split.py), and the set is the one a whole build makes."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(6000):  # a few parts of the chunk set (a part ends after 1 id in 2,048)
+        (src / f"f{i:05d}").write_bytes(os.urandom(40))
+    first = repo.backup(src)
+    memo = next(Path(repo.env["XDG_CACHE_HOME"]).rglob(chunkset_memo.FILE))
+    layout = chunkset_memo.recall(str(memo.parent))
+    assert layout is not None and layout.layout is not None and layout.layout.names == layout.parts
+
+    (tmp_path / "beside").write_bytes(b"a new file beside the source: its parent's time changes")
+    second = repo.backup(src)
+    assert second["stats"]["chunks"] == first["stats"]["chunks"]  # the ancestors' trees are replaced
+    assert _chunkset_of(repo, second["snapshot"]) != _chunkset_of(repo, first["snapshot"])
+    (src / "f00042").write_bytes(os.urandom(41))
+    third = repo.backup(src)
+    assert third["stats"]["chunks"] == first["stats"]["chunks"]
+
+    # the same set a whole build makes: without the memo, a run with the same root builds it whole
+    memo.unlink()
+    fourth = repo.backup(src)
+    assert _chunkset_of(repo, fourth["snapshot"]) == _chunkset_of(repo, third["snapshot"])
+    top = _chunkset_of(repo, fourth["snapshot"])
+    ids = refs.read_set(top, lambda n: (repo.path / n).read_bytes(), load_put_key(str(repo.put_key)).secrets)
+    assert len(ids) == fourth["stats"]["chunks"]
+    assert js(repo.ok("check", "--read-data", "--json"))["ok"] is True

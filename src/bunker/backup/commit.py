@@ -45,7 +45,7 @@ def commit_snapshot(
     """Write everything the snapshot needs, then the snapshot itself (the final one of
     ``session``, whose lease is ``lease``) as the next link of the client's chain. With the
     client's ``cache_dir``, the chunk set of the last snapshot is named again when its root is
-    this one's (backup/chunkset_memo.py)."""
+    this one's, and its parts that this set shares are (backup/chunkset_memo.py)."""
     writer.flush()
     pack_names, missing = writer.index.locations.locate_many(chunk_ids.sorted_ids())
     if missing:
@@ -61,11 +61,11 @@ def commit_snapshot(
     if memo is not None and memo.usable(repo, root, count):
         chunkset_name = memo.top
     else:
-        chunkset = refs.build_chunkset(chunk_ids, put.secrets)
+        chunkset, layout = chunkset_memo.build(repo, chunk_ids, put.secrets, memo)
         _put_refs(repo, chunkset)
         chunkset_name = refs.top_name(chunkset)
         if cache_dir:
-            chunkset_memo.remember(cache_dir, root, chunkset, count)
+            chunkset_memo.remember(cache_dir, root, chunkset_name, layout, count)
     stats = dict(stats)
     stats.update(
         chunks=count,

@@ -10,7 +10,9 @@ deterministically (SIV-style, key from S_index) so equal parts stay equal object
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import blake3
@@ -19,6 +21,7 @@ from bunker import encoding
 from bunker.crypto import aead
 from bunker.crypto.derive import PutSecrets, keyed_hash
 from bunker.repo.chunk_id_set import ChunkIdSet
+from bunker.repo.location_arrays import ID
 from bunker.repo.objects import MAGIC_REFS, check_ref, name_for
 
 KIND_PACKSET = "packset"
@@ -77,9 +80,27 @@ def build_packset(pack_names: Iterable[str]) -> dict[str, bytes]:
     return out
 
 
+@dataclass(frozen=True)
+class PartLayout:
+    """A built chunk set's parts: the last id of each, a digest of each one's ids (blake3 of
+    them end to end, 16 bytes) and its object name. With it, a set that differs in a few ids
+    is built again without cutting and encrypting the parts it shares (:func:`rebuild_chunkset`)."""
+
+    ends: list[bytes]
+    digests: list[bytes]
+    names: list[str]
+
+
 def build_chunkset(chunk_ids: Iterable[bytes] | ChunkIdSet, secrets: PutSecrets) -> dict[str, bytes]:
     """Objects of a chunk set (see :func:`build_packset`). A :class:`ChunkIdSet` is read in
     order without a bytes object per id held at once (10 M ids)."""
+    return build_chunkset_layout(chunk_ids, secrets)[0]
+
+
+def build_chunkset_layout(
+    chunk_ids: Iterable[bytes] | ChunkIdSet, secrets: PutSecrets
+) -> tuple[dict[str, bytes], PartLayout]:
+    """:func:`build_chunkset` and the layout of its parts."""
     if isinstance(chunk_ids, ChunkIdSet):
         count = len(chunk_ids)
         blocks: Iterable[Sequence[bytes]] = chunk_ids.blocks()
@@ -88,17 +109,87 @@ def build_chunkset(chunk_ids: Iterable[bytes] | ChunkIdSet, secrets: PutSecrets)
         count, blocks = len(listed), [listed]
     key = _chunkset_key(secrets)
     out: dict[str, bytes] = {}
-    parts = []
+    layout = PartLayout([], [], [])
     for part in _split_blocks(blocks):
-        ct = aead.encrypt_deterministic(key, b"".join(part), secrets.domain_id.encode())
-        data = _obj({"kind": KIND_CHUNKSET + "-part", "domain": secrets.domain_id, "ct": ct})
-        name = name_for("refs", data)
-        out[name] = data
-        parts.append(name)
-    top = _obj({"kind": KIND_CHUNKSET, "domain": secrets.domain_id, "parts": parts, "count": count})
+        _add_part(out, layout, part, key, secrets)
+    _add_top(out, layout, count, secrets)
+    return out, layout
+
+
+def _add_part(out: dict[str, bytes], layout: PartLayout, part: list[bytes], key: bytes, secrets: PutSecrets) -> None:
+    plain = b"".join(part)
+    ct = aead.encrypt_deterministic(key, plain, secrets.domain_id.encode())
+    data = _obj({"kind": KIND_CHUNKSET + "-part", "domain": secrets.domain_id, "ct": ct})
+    name = name_for("refs", data)
+    out[name] = data
+    layout.names.append(name)
+    layout.ends.append(part[-1] if part else b"")
+    layout.digests.append(blake3.blake3(plain).digest(16))
+
+
+def _add_top(out: dict[str, bytes], layout: PartLayout, count: int, secrets: PutSecrets) -> None:
+    top = _obj({"kind": KIND_CHUNKSET, "domain": secrets.domain_id, "parts": layout.names, "count": count})
     out[name_for("refs", top)] = top
     out["top"] = top
-    return out
+
+
+def rebuild_chunkset(
+    chunk_ids: ChunkIdSet, secrets: PutSecrets, old: PartLayout
+) -> tuple[dict[str, bytes], PartLayout, list[str]] | None:
+    """The chunk set of ``chunk_ids`` built as :func:`build_chunkset` builds it (the same parts,
+    the same names), re-using the parts of an earlier set of ``old`` layout that it shares:
+    (the objects of the new parts and the top, the layout, the names of the parts re-used: they
+    must be in the repository). None for an empty set.
+
+    Why it is the same set: a part ends after each id whose hash is a boundary (a property of the
+    id alone), and at the set's end. An old part whose ids are all still here (its digest over
+    the ids between the previous part's last id and its own matches) and whose previous part's
+    last id is here too (the boundary it starts after) is cut the same way again; the ids
+    between such parts are cut afresh. The last part is kept only when no id follows it."""
+    ids = chunk_ids.sorted_ids()
+    buf = b"".join(ids) if isinstance(ids, tuple) else ids.tobytes()
+    n = len(buf) // ID
+    if not n or not old.names or not len(old.names) == len(old.ends) == len(old.digests):
+        return None
+
+    def at(k: int) -> bytes:
+        return buf[k * ID : (k + 1) * ID]
+
+    pos = []  # where each old part's last id is in the new set (-1: not there)
+    for end in old.ends:
+        k = bisect.bisect_left(range(n), end, key=at) if len(end) == ID else n
+        pos.append(k if k < n and at(k) == end else -1)
+    m = len(old.names)
+    clean = []
+    for i in range(m):
+        start = pos[i - 1] + 1 if i else 0
+        stop = pos[i] + 1
+        kept = stop > 0 and (i == 0 or pos[i - 1] >= 0) and (i < m - 1 or stop == n)
+        clean.append(kept and blake3.blake3(buf[start * ID : stop * ID]).digest(16) == old.digests[i])
+    key = _chunkset_key(secrets)
+    out: dict[str, bytes] = {}
+    layout = PartLayout([], [], [])
+    reused: list[str] = []
+    start, i = 0, 0
+    while i < m:
+        if clean[i]:
+            layout.names.append(old.names[i])
+            layout.ends.append(old.ends[i])
+            layout.digests.append(old.digests[i])
+            reused.append(old.names[i])
+            start, i = pos[i] + 1, i + 1
+            continue
+        j = i
+        while j < m and not clean[j]:
+            j += 1
+        stop = pos[j - 1] + 1 if j < m else n  # a clean part after: its start is found
+        if stop > start:
+            items = buf[start * ID : stop * ID]
+            for part in _split([items[k : k + ID] for k in range(0, len(items), ID)]):
+                _add_part(out, layout, part, key, secrets)
+        start, i = stop, j
+    _add_top(out, layout, n, secrets)
+    return out, layout, reused
 
 
 def top_name(objects: dict[str, bytes]) -> str:

@@ -300,8 +300,9 @@ class Restorer:
                 self.stats.failed += 1
                 continue
             names: set[bytes] = set()
+            head = p if p.endswith(b"/") else p + b"/"  # (a name holds no "/": tree.py checked it)
             for e in entries:
-                full = os.path.join(p, e["n"])
+                full = head + e["n"]
                 if e["n"] in names:  # never from a valid snapshot: the first one stays
                     self._failed(full, FileExistsError(errno.EEXIST, "a name twice in one directory"), "skipped")
                     continue
@@ -519,10 +520,11 @@ class Restorer:
             keys[pack] = [c.key for c in op.group_keys]
         items: list[WireItem] = []
         at = 0
+        none: dict[bytes, BlobEntry] = {}
         for path, cids, meta, fresh in files:
             pieces: list[WirePiece] = []
             for cid, pack in zip(cids, packs[at : at + len(cids)], strict=True):
-                entry = opened[pack].get(cid) if pack in opened else None
+                entry = opened.get(pack, none).get(cid)
                 if entry is None:
                     pieces = [tuple(p) if type(p) is BlobRef else p for p in self._pieces_of(cids, path)]  # type: ignore[misc]
                     break
