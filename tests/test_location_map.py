@@ -299,3 +299,18 @@ def test_a_backup_of_a_small_repository_never_imports_numpy(repo: Repo, tmp_path
     lines = out.stderr.splitlines()
     at = next((i for i, ln in enumerate(lines) if ln.rsplit("|", 1)[-1].strip() == "numpy"), None)
     assert at is None, "\n".join(ln for ln in lines[at:] if "bunker" in ln)[:3000]
+
+
+def test_contains_all_answers_as_each_lookup_does() -> None:
+    """contains_all (a backup asks it for each unchanged directory) agrees with `in` for ids in
+    the arrays, in the dict of entries added since, missing ones and ones of a wrong shape."""
+    entries = [(os.urandom(32), _loc(i)) for i in range(70_000)]  # over the size kept as a dict
+    cols = [LocationColumns.from_entries(entries[i : i + 35_000]) for i in (0, 35_000)]
+    m = LocationMap()
+    m.bulk_load(iter(cols), lambda: iter(cols))
+    added = os.urandom(32)
+    m.add(added, _loc(1))
+    present = [cid for cid, _ in entries[::97]] + [added]
+    assert all(c in m for c in present) and m.contains_all(present) and m.contains_all([])
+    for odd in (os.urandom(32), b"short", bytes(33)):
+        assert odd not in m and not m.contains_all([*present, odd])

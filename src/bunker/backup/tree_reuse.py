@@ -38,6 +38,7 @@ import blake3
 
 from bunker.backup.files_cache import TREE_KEY, DirRecord, lookup
 from bunker.backup.owners import OwnerNames
+from bunker.repo.location_map import LocationMap
 
 ENTRY_VERSION = 1  # bump when what an entry holds changes: every directory is built once again
 PRESTAT_MAX = 4096  # a larger directory is walked as before, without keeping its lstat results
@@ -162,6 +163,6 @@ def deferral(
             chunks += cached[0]
             files += 1
             nbytes += st.st_size
-    if not all(map(index.__contains__, chunks)):
+    if not (index.contains_all(chunks) if isinstance(index, LocationMap) else all(map(index.__contains__, chunks))):
         return None
     return Deferral(rec, chunks, files, nbytes)

@@ -1,8 +1,9 @@
 """Restore: recreate a snapshot's tree (or parts of it) under a target directory.
 
-The main thread walks the trees, creates directories, symlinks and special files, and resolves
-every file's chunks to located, keyed blobs (this needs the master key). Files are written by
-worker processes (small files, in batches) or threads (large files: decryption and
+The main thread walks the trees, creates directories, symlinks and special files, and locates
+every file's chunks in their packs' trailers, opening each pack's key groups (this needs the
+master key). Files are written by worker processes (small files, in batches: a worker unwraps
+each blob's key with the key groups it is given) or threads (large files: decryption and
 decompression release the GIL). A file that cannot be fully restored is written with its
 damaged ranges left as holes and reported; the rest goes on.
 

@@ -74,8 +74,8 @@ def _located(pieces: list[WirePiece], keys: dict[str, list[aead.Cipher]]) -> lis
 
 def write_batch(keys: dict[str, list[bytes]], items: list[WireItem]) -> BatchResult:
     """Write each file of a batch and apply its metadata (runs in a worker process). ``keys``:
-    the opened key groups of every pack a located piece names. The batch's blobs are read first with a
-    few merged range reads (they usually sit side by side in a pack)."""
+    the opened key groups of every pack a located piece names. The batch's blobs are read first
+    with a few merged range reads (they usually sit side by side in a pack)."""
     assert _backend is not None and _secrets is not None
     backend, secrets = _backend, _secrets
     ciphers = {pack: [aead.Cipher(k) for k in group_keys] for pack, group_keys in keys.items()}
