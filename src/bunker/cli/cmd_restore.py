@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import stat
@@ -248,7 +249,10 @@ def _open_for_reading(
         packs = None
     # the index cache of this machine's own client, where it is of the snapshot's dedup domain:
     # its copies hold every writer's entries with their signer (a reader takes them all)
-    cache_dir = client_cache(repo, put) if put is not None and put.secrets.domain_id == secrets.domain_id else None
+    cache_dir = None
+    if put is not None and put.secrets.domain_id == secrets.domain_id:
+        with contextlib.suppress(OSError):  # (moving an older cache's files there failed: none used)
+            cache_dir = client_cache(repo, put)
     index = IndexCache(repo, secrets, cache_dir, for_dedup=False, only_packs=packs).load()
     try:
         chunks = refs.read_set(rec.snap.env.chunkset, repo.get_object, secrets)
