@@ -11,9 +11,9 @@ import random
 import blake3
 import pytest
 
+from bunker.crypto.derive import PutSecrets
 from bunker.repo import chunk_id_set
 from bunker.repo.chunk_id_set import ChunkIdSet
-from bunker.crypto.derive import PutSecrets
 from bunker.repo.refs import _split, _split_blocks, build_chunkset_layout, rebuild_chunkset, top_name
 
 
