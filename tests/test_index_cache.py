@@ -13,14 +13,14 @@ import pytest
 
 from bunker.crypto.keyfile import load_put_key
 from bunker.repo import index as index_objects
-from bunker.repo.index_cache import IndexCache
+from bunker.repo.index_cache import CachedIndex, IndexCache, _decode_cached, _encode_cached
 from bunker.repo.liveness import all_copies
 from bunker.repo.repack import repack
 from bunker.repo.repository import Repository
 from bunker.repo.session_writer import SessionWriter
 from bunker.storage.backend import ObjectInfo
 from bunker.storage.local import LocalBackend
-from helpers import Repo
+from helpers import Repo, restored_path
 
 
 class PrunedAfterListing(LocalBackend):
@@ -91,3 +91,32 @@ def test_many_entries_are_written_as_several_index_objects(
     after = all_copies(r, put.secrets, [])
     copied = set().union(*(after.chunk_ids(n) for n, _ in result.written))
     assert copied == {cid for ids in rounds[1:] for cid in ids}
+
+
+def test_a_restore_reads_the_cache_and_the_repository_where_the_cache_falls_short(repo: Repo, tmp_path: Path) -> None:
+    """A restore on the machine that backs up reads its index cache (it holds every writer's
+    entries); a cached copy that does not locate the snapshot's chunks (here: emptied) makes it
+    read the repository's index objects instead, and the restore is whole."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.bin").write_bytes(os.urandom(300_000))
+    (src / "b.txt").write_bytes(b"b" * 1000)
+    repo.backup(src)
+    cache = next(Path(repo.env["XDG_CACHE_HOME"]).glob("**/index"))
+    files = sorted(cache.iterdir())
+    assert files
+    target = tmp_path / "t1"
+    cp = repo.ok("restore", "latest", "--target", target)
+    assert "index cache" not in cp.stderr
+    out = restored_path(target, src)
+    assert (out / "a.bin").read_bytes() == (src / "a.bin").read_bytes()
+
+    for f in files:  # every cached copy emptied (its signer kept): the cache locates nothing
+        got = _decode_cached(f.read_bytes())
+        f.write_bytes(_encode_cached(CachedIndex(got.signer, got.columns.select(lambda _pack: False))))
+    target = tmp_path / "t2"
+    cp = repo.ok("restore", "latest", "--target", target)
+    assert "does not locate" in cp.stderr and "read from the repository" in cp.stderr, cp.stderr
+    out = restored_path(target, src)
+    for name in ("a.bin", "b.txt"):
+        assert (out / name).read_bytes() == (src / name).read_bytes()

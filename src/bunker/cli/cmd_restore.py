@@ -259,6 +259,16 @@ def _open_for_reading(
     except (BunkerError, encoding.FormatError):
         chunks = []  # restore still goes on and reports every file it cannot complete
     unindexed, lost = index.cover(chunks)
+    if unindexed and cache_dir is not None:
+        # the cache is a copy: where it does not locate every chunk, the repository's index
+        # objects are read instead, so a copy that fell behind never costs a restore its data
+        click.echo(
+            f"note: the index cache of this machine does not locate {unindexed} chunks of this snapshot; the index "
+            "is read from the repository",
+            err=True,
+        )
+        index = IndexCache(repo, secrets, None, for_dedup=False, only_packs=packs).load()
+        unindexed, lost = index.cover(chunks)
     if unindexed:
         click.echo(
             f"note: {unindexed} chunks of this snapshot were not in the index; found {unindexed - lost} of them in "
