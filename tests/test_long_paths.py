@@ -444,6 +444,16 @@ def test_deep_path_calls(tmp_path: Path) -> None:
     assert stat.S_IMODE(deep_path.lstat(a + b"/f\xff").st_mode) == 0o640
     assert sorted(deep_path.listdir(b)) == [b"g", b"l", b"p", b"s"]
     assert len(deep_path.listdir(top)) == 1
+    # one descriptor of a deep directory serves many calls (a restore's files), and a rename
+    # within one directory resolves it once
+    pfd = deep_path.open_parent(b + b"/g")
+    try:
+        assert os.stat(b"g", dir_fd=pfd, follow_symlinks=False).st_nlink == 2
+    finally:
+        os.close(pfd)
+    deep_path.rename(b + b"/p", b + b"/p2")
+    assert sorted(deep_path.listdir(b)) == [b"g", b"l", b"p2", b"s"]
+    deep_path.rename(b + b"/p2", b + b"/p")
     if xattrs_supported(tmp_path):
         os.setxattr(deep_path.xattr_path(b + b"/g"), b"user.k", b"v")
         assert os.getxattr(deep_path.xattr_path(a + b"/f\xff"), b"user.k") == b"v"

@@ -246,7 +246,8 @@ def open_parent(path: bytes) -> int:
     (a restore writes many files into one directory)."""
     fd, _, _ = _at(path)
     if fd is None:  # a short path outside every confined root
-        return os.open(path[: path.rfind(b"/")] or (b"/" if path.startswith(b"/") else b"."), _O_DIR)
+        cut = path.rfind(b"/")
+        return os.open(path[:cut] if cut > 0 else b"/" if cut == 0 else b".", _O_DIR)
     return os.dup(fd)  # its own: the cached one is valid only until this thread's next call here
 
 
