@@ -131,7 +131,7 @@ class BlobReader:
         """Where chunk ``cid`` is and its key: everything needed to fetch it without the master key."""
         loc = self.locations.get(cid)
         if loc is None:
-            raise ObjectMissing(f"chunk {cid.hex()[:16]}", "no index entry for it: run `bunker check`")
+            raise _unlocated(cid)
         entry, k_blob = self.blob_key(loc.pack, cid)
         return BlobRef(loc.pack, entry.offset, entry.length, entry.raw_length, cid, k_blob)
 
@@ -144,38 +144,17 @@ class BlobReader:
 
     def refs(self, cids: Sequence[bytes]) -> list[BlobRef | BunkerError]:
         """:meth:`ref` of each of ``cids``, or the error that stops it: the chunks located all
-        at once (a restore resolves a batch of small files' chunks together)."""
-        packs = self.packs_of(cids)
+        at once (a restore resolves a file's chunks together)."""
         out: list[BlobRef | BunkerError] = []
-        opened: dict[str, OpenPack | BunkerError] = {}
-        for cid, pack in zip(cids, packs, strict=True):
-            if pack is None:
-                out.append(ObjectMissing(f"chunk {cid.hex()[:16]}", "no index entry for it: run `bunker check`"))
-                continue
-            op = opened.get(pack)
-            if op is None:
-                try:
-                    op = self.open_pack(pack)
-                except BunkerError as exc:
-                    op = exc
-                opened[pack] = op
-            if not isinstance(op, OpenPack):
-                out.append(op)
-                continue
-            entry = op.entries.get(cid)
-            if entry is None:
-                out.append(
-                    CorruptObject(
-                        f"packs/{pack}", f"it does not hold chunk {cid.hex()[:16]} that the index places there"
-                    )
-                )
-                continue
+        for cid, pack in zip(cids, self.packs_of(cids), strict=True):
             try:
-                key = unwrap_blob_key(op.group_keys[entry.group], entry)
-            except encoding.FormatError as exc:
-                out.append(CorruptObject(f"packs/{pack}", str(exc)))
+                if pack is None:
+                    raise _unlocated(cid)
+                entry, k_blob = self.blob_key(pack, cid)
+            except BunkerError as exc:
+                out.append(exc)
                 continue
-            out.append(BlobRef(pack, entry.offset, entry.length, entry.raw_length, cid, key))
+            out.append(BlobRef(pack, entry.offset, entry.length, entry.raw_length, cid, k_blob))
         return out
 
     def read(self, cid: bytes, max_raw: int | None = None) -> bytes:
@@ -226,6 +205,10 @@ class BlobReader:
     def fetch(self, ref: BlobRef) -> bytes:
         """The plaintext of a located blob, verified against its id."""
         return fetch_blob(self.repo.backend, self.secrets, ref)
+
+
+def _unlocated(cid: bytes) -> ObjectMissing:
+    return ObjectMissing(f"chunk {cid.hex()[:16]}", "no index entry for it: run `bunker check`")
 
 
 class BlobRef(NamedTuple):
