@@ -238,6 +238,8 @@ def test_two_runs_of_one_machine_share_its_record(repo: Repo) -> None:
     a = _start_stdin_backup(repo, repo.env, "a")
     b = _start_stdin_backup(repo, repo.env, "b")
     _wait_for("both leases", lambda: len(_leases(repo)) == 2)
+    # (a run writes its lease before it records itself here: on a busy machine, a moment later)
+    _wait_for("the record of runs", lambda: any(state_root.rglob("session.json")))
     (record,) = list(state_root.rglob("session.json"))
     _wait_for("both runs recorded", lambda: len(json.loads(record.read_text()).get("runs", {})) == 2)
     _feed(a, b"a")

@@ -335,3 +335,40 @@ def test_forward_copies_what_it_needs_from_condemned_packs(tmp_path: Path) -> No
     check = js(repo.ok("check", "--read-data", "--json"))
     assert check["ok"] is True, check["problems"]
     _restore_and_compare(repo, src, tmp_path / "t", fix["snapshot"])
+
+
+def test_state_put_back_from_while_a_snapshot_waited_in_the_spool(tmp_path: Path) -> None:
+    """This machine's state directory is put back from a copy taken while its newest snapshot
+    waited in the spool; meanwhile the same put key on another machine took that number, so the
+    delivery linked the spooled run one number later, signed again. The copy's head names the
+    spooled snapshot: `check` and `latest` take the delivered one for it (same run), and once
+    that one is deleted upstream, `check` reports the replacement as before."""
+    repo = init_repo(tmp_path / "r")
+    src = tmp_path / "src"
+    make_tree(src)
+    repo.backup(src)
+    state = Path(repo.env["XDG_DATA_HOME"]) / "bunker" / "state"
+    away = tmp_path / "away"
+    repo.path.rename(away)
+    (src / "while-away.bin").write_bytes(os.urandom(100_000))
+    offline = repo.backup(src, args=("--no-progress",))
+    assert offline["spooled"]
+    away.rename(repo.path)
+    shutil.copytree(state, tmp_path / "old-state")
+    twin = make_env(tmp_path / "twin", BUNKER_PUT_KEY=str(repo.put_key))
+    repo.ok("backup", src, "--no-progress", env=twin)
+    (renumbered,) = js(repo.ok("forward", "--json"))["renumbered"]
+    assert renumbered["was"] == offline["snapshot"] and (renumbered["was_seq"], renumbered["seq"]) == (2, 3)
+    shutil.rmtree(state)
+    shutil.copytree(tmp_path / "old-state", state)
+    (head,) = [json.loads(p.read_text()) for p in state.rglob("chain.json")]
+    assert head["name"] == f"snapshots/{offline['snapshot']}" and head["spooled"]
+    check = js(repo.ok("check", "--json"))
+    assert check["ok"] is True and offline["snapshot"] not in json.dumps(check["problems"]), check["problems"]
+    listed = js(repo.ok("ls", "latest", "--json"))
+    assert listed["snapshot"] == renumbered["snapshot"], listed
+    # the delivered copy gone: the remembered head stands for a snapshot the repository lost
+    (repo.path / "snapshots" / renumbered["snapshot"]).unlink()
+    check = js(repo.ok("check", "--json", rc=ExitCode.INTEGRITY))
+    replaced = [p for p in check["problems"] if p["object"] == f"snapshots/{offline['snapshot']}"]
+    assert replaced and "was replaced by another object" in replaced[0]["problem"], check["problems"]

@@ -39,6 +39,11 @@ class ChainHead:
     seq: int
     name: str  # snapshots/<hex>
     cert: str = ""  # clients/<hex> of the chain ("" in records written before it was kept)
+    # a snapshot written to the local spool: the run (session, counter) it holds. Its delivery
+    # may link it under another name (signed again after a renumbering or a repair), so a copy
+    # of this record that outlives the delivery (a state directory put back from an old copy)
+    # witnesses that run, not that name
+    spooled: tuple[str, int] | None = None
 
 
 def load_head(state_dir: str) -> ChainHead | None:
@@ -47,7 +52,9 @@ def load_head(state_dir: str) -> ChainHead | None:
     try:
         with open(os.path.join(state_dir, "chain.json"), encoding="utf-8") as f:
             d = json.load(f)
-        head = ChainHead(int(d["seq"]), str(d["name"]), str(d.get("cert", "")))
+        run = d.get("spooled")
+        spooled = (str(run[0]), int(run[1])) if isinstance(run, list) and len(run) == 2 else None
+        head = ChainHead(int(d["seq"]), str(d["name"]), str(d.get("cert", "")), spooled)
     except (OSError, ValueError, KeyError, TypeError):
         return None
     prefix, _, digest = head.name.partition("/")
@@ -58,7 +65,9 @@ def load_head(state_dir: str) -> ChainHead | None:
 
 def save_head(state_dir: str, head: ChainHead) -> None:
     """Remember a new head durably."""
-    record = {"seq": head.seq, "name": head.name, "cert": head.cert}
+    record: dict[str, object] = {"seq": head.seq, "name": head.name, "cert": head.cert}
+    if head.spooled is not None:
+        record["spooled"] = list(head.spooled)
     write_private_file(os.path.join(state_dir, "chain.json"), json.dumps(record))
 
 

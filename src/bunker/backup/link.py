@@ -286,7 +286,9 @@ class ChainWriter:
             self.repo.backend.put(name, data)
             head_problem = ""
             try:
-                save_head(self.state_dir, ChainHead(env.seq, name, env.cert))
+                spool = self.repo.backend.capabilities().partial and env.session
+                spooled = (env.session, env.counter) if spool else None
+                save_head(self.state_dir, ChainHead(env.seq, name, env.cert, spooled))
             except OSError as exc:
                 # the snapshot is stored: only this machine's witness of it is missing (a full disk)
                 head_problem = (

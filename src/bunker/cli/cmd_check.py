@@ -25,6 +25,7 @@ from bunker.repo.index import make_index
 from bunker.repo.index_cache import IndexCache
 from bunker.repo.objects import content_hash
 from bunker.repo.other_secret import NEXT_STEP
+from bunker.repo.witnesses import Witness
 from bunker.restore.verify import Verifier
 from bunker.storage import open_backend
 
@@ -68,19 +69,19 @@ def check(**kwargs: Any) -> None:
     secrets = master = None
     own_cert = ""
     # what this machine remembers of each chain it wrote: witnesses the storage cannot rewrite
-    heads: list[tuple[str, int, str]] = []
+    heads: list[Witness] = []
     # this machine's snapshots still in its local spool are pending, not withheld
     spool = Spool(opts.repo_url)
     pending = Pending(spool.root, spool.pending_snapshots())
     if keyless:
         if expect:
-            heads = [(h.cert, h.seq, h.name) for h in witnesses(expect.lower())]
+            heads = [Witness(h.cert, h.seq, h.name, spooled=h.spooled) for h in witnesses(expect.lower())]
         checker = Checker(
             backend, expect.lower() if expect else None, heads=heads, pending=pending, statements=statements
         )
     else:
         repo = context.open_repository(opts)
-        heads = [(h.cert, h.seq, h.name) for h in witnesses(repo.repo_id)]
+        heads = [Witness(h.cert, h.seq, h.name, spooled=h.spooled) for h in witnesses(repo.repo_id)]
         if expect and expect.lower() != repo.repo_id:
             out.info(f"warning: --expect {expect} differs from this key's repository {repo.repo_id}")
         put_path = opts.put_key_file(repo.repo_id)
@@ -94,8 +95,8 @@ def check(**kwargs: Any) -> None:
             tag = client_tag(put)
             remembered = load_head(dirs.state_dir(repo.repo_id, tag))
             mine = own_cert = "clients/" + content_hash(put.certificate)
-            if remembered and not any(h[0] == mine for h in heads):
-                heads.append((mine, remembered.seq, remembered.name))
+            if remembered and not any(h.cert == mine for h in heads):
+                heads.append(Witness(mine, remembered.seq, remembered.name, spooled=remembered.spooled))
         elif master is None:
             context.load_put(opts, repo)  # raises the clear "no put key" error
         else:

@@ -45,4 +45,4 @@ def known_heads(opts: Options, repo: Repository) -> list[KnownHead]:
     """Every chain head this machine remembers for ``repo``; ``pending`` when it waits in the
     spool of the repository URL given."""
     spooled = {name for chain in Spool(opts.repo_url).pending_snapshots().values() for name, _ in chain.values()}
-    return [KnownHead(h.cert, h.seq, h.name, h.name in spooled) for h in witnesses(repo.repo_id)]
+    return [KnownHead(h.cert, h.seq, h.name, h.name in spooled, h.spooled) for h in witnesses(repo.repo_id)]

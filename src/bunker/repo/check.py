@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import blake3
@@ -91,7 +91,7 @@ class Checker:
         *,
         secrets: PutSecrets | None = None,
         master: MasterKey | None = None,
-        heads: list[tuple[str, int, str]] | None = None,
+        heads: Iterable[tuple[str, int, str] | Witness] | None = None,
         pending: Pending | None = None,
         progress: Callable[[str], None] | None = None,
         own_cert: str = "",
@@ -102,7 +102,7 @@ class Checker:
         self.secrets = secrets
         self.master = master
         # witnesses outside the storage: (cert name, remembered seq, remembered snapshot name)
-        self.heads = heads or []
+        self.heads = [h if isinstance(h, Witness) else Witness(*h) for h in heads or ()]
         self.statements = statements or []  # nodes' witness statements to read (repo/witnesses.py)
         self._witnesses: list[Witness] = []
         self.pending = pending  # this machine's snapshots waiting in its spool: not withheld
@@ -160,7 +160,7 @@ class Checker:
         for name, why in read_policies(repo).problems:  # the owner's policy (repo/policy.py)
             r.add(name, f"policy refused: {why}" if "two policies" not in why else why)
         # this machine's heads first: a node's statement of the same head adds nothing
-        self._witnesses = [Witness(*h) for h in self.heads] + statements_witnesses(repo, r, self.statements)
+        self._witnesses = self.heads + statements_witnesses(repo, r, self.statements)
         if keyless or self.master:
             self._check_small_objects(names)
         self.progress("packs")

@@ -144,7 +144,7 @@ class SnapshotChecks:
             for problem, cause in problems:
                 self.report.add(n, problem, cause=cause)
         self._chains(chains)
-        judge(self.repo, self.report, chains, self.witnesses, retired, self._waiting, self.pending.where)
+        judge(self.repo, self.report, chains, self.witnesses, retired, self._waiting, self.pending.where, runs)
         return sets.naming
 
     def _retired(self, names: list[str], quiet: set[str] | None = None) -> set[str]:

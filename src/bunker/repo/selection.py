@@ -32,6 +32,7 @@ class KnownHead:
     seq: int
     name: str
     pending: bool = False
+    spooled: tuple[str, int] | None = None  # written to the spool: the run it holds (backup/chain.py)
 
 
 @dataclass
@@ -233,6 +234,11 @@ def _require_head(repo: Repository, head: KnownHead, every: list[SnapshotRecord]
         return
     if any(r.trusted and r.snap.env.cert == head.cert and r.snap.env.seq > head.seq for r in every):
         return  # the chain went on past it (the same key on another machine): `check` judges the gap
+    if head.spooled is not None and any(
+        r.trusted and r.snap.env.cert == head.cert and (r.snap.env.session, r.snap.env.counter) == head.spooled
+        for r in every
+    ):
+        return  # delivered from the spool under another name (signed again)
     try:
         who = f"client {repo.certificate(head.cert).client!r}"
     except (BunkerError, encoding.FormatError):

@@ -17,7 +17,7 @@ rollback, another object at that place a replacement. A witnessed snapshot that 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 from bunker import encoding
@@ -176,6 +176,11 @@ class Witness:
     name: str  # snapshots/<hex>
     node: str = ""  # the node that saw the repository of record hold it
     source: str = ""  # how that node knows (WitnessedHead.describe)
+    # this machine's head written to its local spool: (session, counter) of the run it holds.
+    # Its delivery may have linked that run under another name (signed again), which is no
+    # replacement; what this machine remembers of it may outlive the delivery (an old copy of
+    # its state directory put back)
+    spooled: tuple[str, int] | None = None
 
 
 # a witness statement to read: where it comes from (a file, a node directory), and a function
@@ -212,6 +217,15 @@ def statements_witnesses(repo: Repository, report: CheckReport, sources: Iterabl
     return out
 
 
+def _delivered(w: Witness, have: dict[int, tuple[str, str]], runs: Mapping[tuple[str, int], str]) -> bool:
+    """Whether ``w``, a head this machine wrote to its spool, was delivered: its client's chain
+    holds a snapshot of the same run (linked under another name, at its place or after it)."""
+    if w.spooled is None:
+        return False
+    name = runs.get(w.spooled)
+    return name is not None and any(n == name for seq, (n, _) in have.items() if seq >= w.seq)
+
+
 _REFUSED_NEXT = (
     "nothing it says was used, so the newest snapshots were not compared with what that node saw; make a new "
     "statement with `bunker node witness DIR --out FILE` on a node certified for this repository (or name that "
@@ -227,10 +241,12 @@ def judge(
     retired: set[str],
     waiting: Callable[[str, int, int, str, dict[int, tuple[str, str]]], bool],
     spool: str = "",
+    runs: Mapping[tuple[str, int], str] | None = None,
 ) -> None:
     """Compare every witnessed head with the chains the repository holds. ``waiting(cert,
     newest, seq, name, chain)``: whether this machine's own snapshots above the repository's
-    newest wait in its local spool ``spool`` (pending, not withheld)."""
+    newest wait in its local spool ``spool`` (pending, not withheld). ``runs``: (session,
+    counter) -> the trusted snapshot holding that run, for this machine's spooled heads."""
     seen: set[tuple[str, int, str]] = set()
     for w in witnesses:
         if (w.cert, w.seq, w.name) in seen:
@@ -240,7 +256,7 @@ def judge(
         newest = max(have) if have else 0
         who = _client(repo, w.cert)
         if w.seq in have:
-            if have[w.seq][0] != w.name:
+            if have[w.seq][0] != w.name and not _delivered(w, have, runs or {}):
                 held = have[w.seq][0]
                 if w.node:
                     report.add(
