@@ -246,14 +246,14 @@ def test_forward_marks_incomplete_and_names_changed_files(tmp_path: Path) -> Non
 
 
 def _killed_forward_then_prunes(
-    repo: Repo, src: Path, tmp_path: Path, prunes: int, local_copies: bool = True
+    repo: Repo, src: Path, tmp_path: Path, prunes: int, local_copies: bool = True, index_up: bool = False
 ) -> tuple[list[str], Callable[[], dict[str, Any]]]:
     """A backup, one offline with new data, then a forward killed once its packs were up (its
     index object and snapshot stay in the spool, and so do the packs' local copies, unless
-    ``local_copies`` is False: what a forward of an older version left), then ``prunes``
-    prunes at grace 0: the first condemns those packs (no index or snapshot names them
-    upstream), the second deletes them. Returns the names of the packs that went up, and the
-    prune (another machine's)."""
+    ``local_copies`` is False: what a forward of an older version left; with ``index_up`` the
+    index object went up too), then ``prunes`` prunes at grace 0: the first condemns those
+    packs (no snapshot names them upstream), the second deletes them. Returns the names of the
+    packs that went up, and the prune (another machine's)."""
     repo.backup(src)
     away = tmp_path / "away"
     repo.path.rename(away)
@@ -266,6 +266,11 @@ def _killed_forward_then_prunes(
         shutil.copy(p, repo.path / "packs" / p.name)
         if not local_copies:
             p.unlink()
+    if index_up:
+        for p in (spool / "index").iterdir():
+            if not p.name.startswith("."):
+                shutil.copy(p, repo.path / "index" / p.name)
+                p.unlink()
     pruner = tmp_path / "pruner.put"
     repo.ok("key", "new-client", "pruner", "--prune", "--out", pruner)
     env = make_env(tmp_path / "pruner-home")
@@ -291,8 +296,27 @@ def test_forward_after_its_packs_were_pruned_sends_them_again(tmp_path: Path) ->
     assert not any((repo.path / "packs" / name).exists() for name in sent)
     fwd = js(repo.ok("forward", "--json"))
     assert fwd["repaired"] == [] and fwd["indexes_trimmed"] == 0 and fwd["left"] == 0
+    # (their index object waited in the spool and went up with them: nothing is indexed twice)
+    assert fwd["packs_indexed_again"] == 0
     assert all((repo.path / "packs" / name).exists() for name in sent)
     assert js(repo.ok("check", "--read-data", "--json"))["ok"] is True
+    _restore_and_compare(repo, src, tmp_path / "t")
+
+
+def test_forward_indexes_again_the_packs_it_sends_again(tmp_path: Path) -> None:
+    """The same after the killed forward had sent its index object too: the prune that deleted
+    the packs dropped their entries with them, so sending the packs again is not enough (check
+    would find the snapshot's chunks unindexed): the next forward indexes them again from their
+    trailers, and the snapshot is whole without a repack or an index rebuild."""
+    repo = init_repo(tmp_path / "r")
+    src = tmp_path / "src"
+    make_tree(src)
+    sent, _ = _killed_forward_then_prunes(repo, src, tmp_path, prunes=2, index_up=True)
+    assert not any((repo.path / "packs" / name).exists() for name in sent)
+    fwd = js(repo.ok("forward", "--json"))
+    assert fwd["repaired"] == [] and fwd["packs_indexed_again"] == len(sent) and fwd["left"] == 0
+    check = js(repo.ok("check", "--read-data", "--json"))
+    assert check["ok"] is True, check["problems"]
     _restore_and_compare(repo, src, tmp_path / "t")
 
 

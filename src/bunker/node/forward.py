@@ -29,9 +29,10 @@ from bunker.errors import CorruptObject, ObjectMissing
 from bunker.node.deliver import Renumbered, deliver_own_snapshots
 from bunker.node.spool import BUSY, MINE, Spool, verify_by_name
 from bunker.node.vanished import Repaired
+from bunker.repo.blob_reader import read_trailer
 from bunker.repo.certs import Certificate
 from bunker.repo.condemnations import ListedPacks
-from bunker.repo.index import decrypt_index, make_index, parse_index_frame
+from bunker.repo.index import Location, decrypt_index, make_index, parse_index_frame
 from bunker.repo.leases import Lease
 from bunker.repo.objects import content_hash, is_hash_name
 from bunker.repo.repository import Repository
@@ -55,6 +56,7 @@ class ForwardReport:
     damaged: list[str] = field(default_factory=list)  # spool objects whose bytes do not match their name
     renumbered: list[Renumbered] = field(default_factory=list)  # signed again onto the chain's real head
     indexes_trimmed: int = 0  # spooled index objects sent without entries for packs gone or condemned upstream
+    packs_indexed_again: int = 0  # packs sent again whose index objects had gone up and were dropped by a prune
     others: list[str] = field(default_factory=list)  # another client's snapshots: left for its own run
     events: list[tuple[str, str, str]] = field(default_factory=list)  # (level, code, message) of the chain
     left: int = 0  # objects still in the spool afterwards
@@ -91,6 +93,7 @@ class ForwardReport:
             "other_clients": [s.split("/", 1)[1] for s in self.others],
             "damaged": self.damaged,
             "indexes_trimmed": self.indexes_trimmed,
+            "packs_indexed_again": self.packs_indexed_again,
             "left": self.left,
         }
 
@@ -122,6 +125,10 @@ def forward(
         snaps = [i.name for i in pending if i.name.startswith("snapshots/")]
         trim: _IndexTrim | None = None  # once the packs are up
         kept: list[str] = []  # packs upstream whose local copies stay until no snapshot here needs them
+        sent_packs: list[str] = []  # packs this delivery uploaded (absent upstream)
+        # packs the spool's own index objects index: any other pack sent is one an earlier
+        # delivery sent with its index object, whose entries a prune dropped with the pack
+        indexed_here = _packs_indexed(local, [i.name for i in bulk if i.name.startswith("index/")], put)
 
         def send(info: ObjectInfo, wait: bool) -> bool:
             """Deliver one object unless another delivery holds it (False: left to it)."""
@@ -134,6 +141,8 @@ def forward(
                 if keep and outcome in ("sent", "present"):
                     kept.append(info.name)
                 if outcome == "sent":
+                    if keep:
+                        sent_packs.append(info.name.split("/", 1)[1])
                     report.sent += 1
                     report.sent_bytes += info.size
                 elif outcome == "present":
@@ -170,6 +179,8 @@ def forward(
         for prefix in ("index/", "refs/", "retired/", "gc/"):
             send_group(prefix)
         report.indexes_trimmed = trim.trimmed
+        again = [p for p in sent_packs if p not in indexed_here and packs.usable(p)]
+        report.packs_indexed_again = _index_again(repo, put, cert, again)
         if snaps:
             _send_snapshots(repo, put, cert, spool, local, snaps, lease, state_dir, report, packs)
         # a pack's local copy goes once no spooled snapshot may need it: a delivery stopped before
@@ -224,6 +235,41 @@ def _send_snapshots(
     report.repaired += done.repaired
     report.renumbered += done.renumbered
     report.events += [(e.level, e.code, e.message) for e in done.log.events]
+
+
+def _packs_indexed(local: LocalBackend, names: list[str], put: PutKey) -> set[str]:
+    """The packs that the spooled index objects ``names`` of ``put``'s dedup domain index."""
+    out: set[str] = set()
+    for name in names:
+        try:
+            obj = parse_index_frame(local.get(name))
+            if obj.body.get("domain") == put.secrets.domain_id:
+                out.update(loc.pack for _, loc in decrypt_index(obj, put.secrets))
+        except (ObjectMissing, encoding.FormatError):
+            continue  # sent by another delivery meanwhile, or not readable (it is not sent either)
+    return out
+
+
+def _index_again(repo: Repository, put: PutKey, cert: Certificate, packs: list[str]) -> int:
+    """Index ``packs`` (sent again: their earlier index entries were dropped by the prune that
+    deleted them) from their trailers in a new index object signed by this client; returns how
+    many were indexed. A snapshot that names them is then whole in `check`'s eyes, as it was
+    taken. Another client's pack (a second put key here) is left to its own run."""
+    entries: list[tuple[bytes, Location]] = []
+    done = 0
+    for pack in packs:
+        try:
+            blobs, _, _ = read_trailer(repo, pack, put.secrets)
+        except (CorruptObject, ObjectMissing):
+            continue
+        entries += [(b.chunk_id, Location(pack, b.offset, b.length, b.raw_length)) for b in blobs]
+        done += 1
+    if entries:
+        data = make_index(entries, put.secrets, put.client_key, cert.name)
+        name = repo.put_object("index", data)
+        if not verify_by_name(repo.backend, name, len(data)):
+            raise _not_returned(name)
+    return done
 
 
 class _IndexTrim:
