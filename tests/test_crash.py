@@ -96,6 +96,7 @@ class Lab:
         self.full = Counter[str]()  # how the runs on a full repository disk ended
         self.saved_state: Path | None = None
         self.variant = ""  # how the last offline backup was delivered
+        self.started = 0  # processes started (their logs are numbered)
 
     # ------------------------------------------------------------------ helpers
     @property
@@ -132,14 +133,31 @@ class Lab:
         self, *args: str | os.PathLike[str], env: dict[str, str] | None = None, stderr: IO[bytes] | None = None
     ) -> subprocess.Popen[bytes]:
         assert BUNKER, "the bunker console script is not installed (pip install -e .)"
-        return subprocess.Popen(
-            [BUNKER, *(os.fspath(a) for a in args)],
-            env=env or self.repo.env,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr or subprocess.DEVNULL,
-            stdin=subprocess.DEVNULL,
-            start_new_session=True,  # its own process group: what is left of it can be found
-        )
+        # each run's messages in a file of its own: what led to a failure can be read afterwards
+        # (a failing test's directory stays)
+        self.started += 1
+        logs = self.tmp / "logs"
+        logs.mkdir(exist_ok=True)
+        with open(logs / f"{self.started:04d}-{os.fspath(args[0])}.txt", "wb") as log:
+            log.write(" ".join(os.fspath(a) for a in args).encode() + b"\n")
+            log.flush()
+            return subprocess.Popen(
+                [BUNKER, *(os.fspath(a) for a in args)],
+                env=env or self.repo.env,
+                stdout=log,
+                stderr=stderr or log,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,  # its own process group: what is left of it can be found
+            )
+
+    def keep_repository(self) -> Path:
+        """A copy of the repository in the test's directory (which a failing test leaves), when
+        it lives on the full-disk variant's own disk (unmounted at the end)."""
+        if self.disk is None:
+            return self.repo.path
+        copy = self.tmp / "repo-at-failure"
+        shutil.copytree(self.repo.path, copy, symlinks=True, dirs_exist_ok=True)
+        return copy
 
     def run_or_kill(
         self, kind: str, procs: list[subprocess.Popen[bytes]], within: float, earliest: float = 0.0
@@ -417,6 +435,7 @@ def test_kill_backups_prunes_and_forwards_at_random(tmp_path: Path, disk: Path |
                     *(f"  {p.get('object')}: {p.get('problem')} ({p.get('cause')})" for p in errors),
                     f"steps: {actions}",
                     f"state files: {lab.state_files()}",
+                    f"kept: {tmp_path / 'logs'}, {lab.keep_repository()}",
                 ]
             )
 
@@ -465,8 +484,13 @@ def test_kill_backups_prunes_and_forwards_at_random(tmp_path: Path, disk: Path |
         runs = lab.runs_of(s)
         target = tmp_path / "restore" / s["id"]
         cp = repo.run("restore", s["id"], "--target", target, "--json")
-        # (what the snapshot's record says and the steps that led to it: a failure here is rare)
-        assert cp.returncode == 0, f"{describe(cp)}\n--- snapshot\n{s}\n--- steps\n{actions}"
+        if cp.returncode != 0:
+            # (rare: what the snapshot's record says, the steps that led to it, where the runs'
+            # messages and the repository are kept)
+            kept = lab.keep_repository()
+            raise AssertionError(
+                f"{describe(cp)}\n--- snapshot\n{s}\n--- steps\n{actions}\n--- kept\n{tmp_path / 'logs'}, {kept}"
+            )
         doc = js(cp)
         assert doc["stats"]["failed"] == 0, (s, doc)
         got = snapshot_tree(restored_path(target, lab.src), dir_mtimes=False) if target.exists() else {}
