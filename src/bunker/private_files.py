@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import stat
 
 from bunker import dirs
@@ -107,7 +106,7 @@ def tighten_own(path: str, *, children: bool = False) -> None:
 def _create_temp(directory: str, name: str) -> tuple[int, str]:
     """A new file under an unpredictable name next to ``name``, open for writing, mode 0600."""
     for _ in range(_TEMP_TRIES):
-        tmp = os.path.join(directory, f".{name[:180]}.{secrets.token_hex(8)}.tmp")
+        tmp = os.path.join(directory, f".{name[:180]}.{os.urandom(8).hex()}.tmp")
         try:
             fd = os.open(tmp, _CREATE, FILE_MODE)
         except FileExistsError:

@@ -17,9 +17,9 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 from bunker.backup.chain import ChainHead, chain_lock, load_head, read_running, save_head
-from bunker.backup.node_head import NodeHead, node_head
 from bunker.crypto.keyfile import PutKey
 from bunker.errors import BunkerError, ExitCode, ObjectMissing
 from bunker.repo.certs import Certificate
@@ -31,6 +31,9 @@ from bunker.repo.records import ChainBase
 from bunker.repo.repository import Repository
 from bunker.repo.snapshot import Envelope
 from bunker.runlog import RunLog
+
+if TYPE_CHECKING:
+    from bunker.backup.node_head import NodeHead
 
 CHAIN_HEAD_FROM_NODE = "chain-head-from-node"  # a note, not a warning: the chain goes on unbroken
 MAX_WAIT = 3600.0  # for a live run holding the number (it links within seconds; its lease ends in 15 min)
@@ -70,7 +73,11 @@ def chain_head(repo: Repository, cert: Certificate, state_dir: str) -> tuple[Cha
         rseq = repo_head.snap.env.seq if repo_head else 0
         # behind a node, the listing holds only the node's copies: the node may know of a newer
         # snapshot at the repository of record (a client that lost its state, or moved here)
-        seen = node_head(repo, cert) if _node_name(repo) else None
+        seen = None
+        if _node_name(repo):
+            from bunker.backup.node_head import node_head  # (witness statements: only behind a node)
+
+            seen = node_head(repo, cert)
         if seen is not None:
             heads = [(mine.seq, mine.name)] if mine is not None else []
             heads += [(rseq, repo_head.name)] if repo_head is not None else []

@@ -26,7 +26,6 @@ from bunker.crypto.keyfile import PutKey
 from bunker.errors import BunkerError, CorruptObject, ExitCode, ObjectMissing, StorageError
 from bunker.interrupt import ignore as ignore_signals
 from bunker.interrupt import signal_name
-from bunker.node.forward import forward, forward_problems, forward_summary
 from bunker.node.record_age import unrecorded_events
 from bunker.node.spool import Spool, offline_repository, parse_age, spooling_repository
 from bunker.repo.repository import Repository
@@ -97,6 +96,8 @@ def _open_with_spool(opts: context.Options, out: Any) -> tuple[Repository, PutKe
     events: list[tuple[str, str, str]] = []
     try:
         if spool.pending():
+            from bunker.node.forward import forward, forward_problems, forward_summary  # (only with a spool to deliver)
+
             report = forward(spool, repo, put)
             out.info(forward_summary(report, repo.backend.url))
             events = forward_problems(report, spool.root)

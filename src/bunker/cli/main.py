@@ -185,9 +185,7 @@ def limit_malloc_arenas() -> None:
 def default_client_name() -> str:
     """BUNKER_CLIENT, else a random pseudonym: client names are public (certificates, envelopes),
     and the host name would tell anyone who holds the repository which machine it backs up."""
-    import secrets
-
-    return os.environ.get("BUNKER_CLIENT") or f"client-{secrets.token_hex(4)}"
+    return os.environ.get("BUNKER_CLIENT") or f"client-{os.urandom(4).hex()}"
 
 
 EXIT_FOR_LEVEL = {

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import secrets
 import struct
 import time
 from collections.abc import Callable, Sequence
@@ -144,7 +143,7 @@ class PieceWriter:
             sender=link.my_id,
             receiver=peer.node_id,
             seq=seq,
-            set_id=secrets.token_bytes(SET_ID_SIZE) if set_id is None else set_id,
+            set_id=os.urandom(SET_ID_SIZE) if set_id is None else set_id,
             index=piece[0],
             count=piece[1],
             created=time.time() if created is None else created,
@@ -165,8 +164,8 @@ class PieceWriter:
         self._name_hash = blake3.blake3(key=link.send_name)
         self._fd, self._tmp = self._create_temp(dest_dir)
         try:
-            piece_key = secrets.token_bytes(PIECE_KEY_SIZE)
-            salt = secrets.token_bytes(SALT_SIZE)
+            piece_key = os.urandom(PIECE_KEY_SIZE)
+            salt = os.urandom(SALT_SIZE)
             sealed = peer.kem_public().seal(piece_key, piece_key_info(peer.node_id))
             self._emit(memoryview(salt + xor(sealed, key_mask(link.send_mask, salt))))
             self._stream = StreamEncryptor(piece_key, total, self._emit)
@@ -179,7 +178,7 @@ class PieceWriter:
     @staticmethod
     def _create_temp(directory: str) -> tuple[int, str]:
         while True:
-            tmp = os.path.join(directory, f".tmp-{secrets.token_hex(8)}")
+            tmp = os.path.join(directory, f".tmp-{os.urandom(8).hex()}")
             try:
                 return os.open(tmp, _CREATE_FLAGS, 0o600), tmp
             except FileExistsError:
@@ -282,7 +281,7 @@ def write_bundle(
     ``extra``. Raise ObjectTooLarge before writing anything if an object cannot fit."""
     plan = plan_pieces([o.entry for o in objects], max_piece_size, extra)
     by_name = {o.entry.name: o for o in objects}
-    set_id = secrets.token_bytes(SET_ID_SIZE)
+    set_id = os.urandom(SET_ID_SIZE)
     written = []
     for index, entries in enumerate(plan):
         with PieceWriter(

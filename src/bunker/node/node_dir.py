@@ -25,7 +25,6 @@ import fcntl
 import json
 import os
 import re
-import secrets
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -220,7 +219,7 @@ class NodeDir:
         if os.path.isdir(root) and any(not n.startswith(".") for n in os.listdir(root)):
             raise NodeError(f"{root} is not empty", "make a node in a new or empty directory", exit_code=ExitCode.USAGE)
         os.makedirs(root, mode=0o700, exist_ok=True)
-        seed = secrets.token_bytes(32)
+        seed = os.urandom(32)
         keys = NodeKeys.from_seed(seed)
         write_private_file(os.path.join(root, KEY_FILE), key_text(seed))
         cfg = NodeConfig(

@@ -21,14 +21,12 @@ from bunker.backup.chain import load_head
 from bunker.backup.client_dirs import client_tag
 from bunker.crypto.keyfile import PutKey
 from bunker.errors import CorruptObject, ObjectMissing
-from bunker.repo.holding_records import RECORD_WARN_ENV, warn_days
 from bunker.repo.repository import Repository
 from bunker.repo.snapshot import parse_snapshot
 
 if TYPE_CHECKING:
     from bunker.storage.remote import RemoteBackend
 
-ENV = RECORD_WARN_ENV
 MAX_WALK = 200  # envelopes read at most (a week of hourly backups is 168)
 
 
@@ -45,6 +43,8 @@ def unrecorded_events(repo: Repository, put: PutKey, now: float | None = None) -
     head = load_head(dirs.state_dir(repo.repo_id, client_tag(put)))
     if head is None:
         return []
+    from bunker.repo.holding_records import warn_days  # (a node's records: not loaded by a local backup)
+
     days = warn_days()
     now = time.time() if now is None else now
     name = head.name
@@ -66,6 +66,8 @@ def unrecorded_events(repo: Repository, put: PutKey, now: float | None = None) -
 
 
 def _event(node: str, name: str, waited: float) -> tuple[str, str, str]:
+    from bunker.repo.holding_records import RECORD_WARN_ENV, warn_days
+
     days = waited / 86400
     return (
         "warn",
@@ -74,5 +76,5 @@ def _event(node: str, name: str, waited: float) -> tuple[str, str, str]:
         f"has not recorded it yet: the node has not delivered it upstream, or its record receipts do not come back, "
         f"so this machine's backups since then may exist only on node {node}. Run `bunker node status` on node "
         f"{node} and check its upstream link (forward, import, a carried disk that did not travel); "
-        f"{ENV} sets how many days are allowed (now {warn_days():g})",
+        f"{RECORD_WARN_ENV} sets how many days are allowed (now {warn_days():g})",
     )

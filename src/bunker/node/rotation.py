@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import base64
 import os
-import secrets
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -115,7 +114,7 @@ def rotate_key(nd: NodeDir) -> Rotation:
     old = nd.keys
     with open(os.path.join(nd.root, KEY_FILE), encoding="utf-8") as f:
         old_text = f.read()
-    seed = secrets.token_bytes(32)
+    seed = os.urandom(32)
     new = NodeKeys.from_seed(seed)
     write_private_file(os.path.join(nd.root, PREVIOUS_KEY_FILE), old_text)
     record = make_successor(old, new, nd.name)

@@ -11,7 +11,7 @@ and deletes the old one; a lease's age is judged by the storage's own time for t
 
 from __future__ import annotations
 
-import secrets as pysecrets
+import os
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -49,7 +49,7 @@ def lease_name(session: str, counter: int) -> str:
 
 
 def new_session_id() -> str:
-    return pysecrets.token_hex(12)
+    return os.urandom(12).hex()
 
 
 def make_lease(

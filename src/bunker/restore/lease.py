@@ -10,7 +10,7 @@ renewing, and the node lets the lease lapse.
 from __future__ import annotations
 
 import contextlib
-import secrets
+import os
 import threading
 from collections.abc import Iterable
 from typing import Any
@@ -27,7 +27,7 @@ class RestoreLease:
     def __init__(self, backend: Any, snapshot: str) -> None:
         self._call = getattr(backend, "restore_lease", None)
         self.snapshot = snapshot
-        self.id = secrets.token_hex(16)
+        self.id = os.urandom(16).hex()
         self.held = False
         self.room: int | None = None  # bytes the node can fetch back for this restore (None: unbounded)
         self._stop = threading.Event()

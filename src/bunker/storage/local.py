@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import secrets
 import shutil
 import stat
 import time
@@ -147,7 +146,7 @@ class LocalBackend(Backend):
         ops = self.ops
         final = self._path(name)
         d = os.path.dirname(final)
-        tmp = os.path.join(d, TEMP_PREFIX + secrets.token_hex(8))
+        tmp = os.path.join(d, TEMP_PREFIX + os.urandom(8).hex())
         try:
             self._ensure_dir(d)
             fd = ops.create(tmp)

@@ -42,7 +42,6 @@ import builtins
 import contextlib
 import os
 import re
-import secrets
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -93,7 +92,7 @@ def is_temp_name(name: str) -> bool:
 
 def temp_name() -> str:
     """A fresh temp file name: a dot and 64 random hex digits (as unrecognisable as a piece)."""
-    return "." + secrets.token_hex(32)
+    return "." + os.urandom(32).hex()
 
 
 def validate_piece_name(name: str) -> str:
@@ -262,7 +261,7 @@ def write_atomically(dest: str, fill: Callable[[int], int], what: str) -> int:
     new temp file beside it, it writes the content and returns its size): fsynced, renamed over
     ``dest``, the folder fsynced. ``what`` names the copy in errors. A failure leaves nothing."""
     folder = os.path.dirname(dest)
-    tmp = os.path.join(folder, "." + os.path.basename(dest) + "." + secrets.token_hex(8) + ".part")
+    tmp = os.path.join(folder, "." + os.path.basename(dest) + "." + os.urandom(8).hex() + ".part")
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError as exc:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import secrets
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -390,7 +389,7 @@ class ObjectStoreBackend(Backend):
         """PUT to a hidden name beside ``name``, then rename (WebDAV MOVE, Overwrite: T) over it:
         a reader sees the old object or the new one, never a half-written file."""
         head, _, _ = name.rpartition("/")
-        tmp = (head + "/" if head else "") + TMP_MARK + secrets.token_hex(8)
+        tmp = (head + "/" if head else "") + TMP_MARK + os.urandom(8).hex()
         try:
             self._op.write(tmp, data)
         except OPENDAL_ERRORS:

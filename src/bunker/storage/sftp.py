@@ -40,7 +40,6 @@ import asyncio
 import contextlib
 import os
 import posixpath
-import secrets
 import stat
 import threading
 import weakref
@@ -248,7 +247,7 @@ class SftpBackend(Backend):
         leftovers.clear()
         final = self._path(name)
         d = posixpath.dirname(final)
-        tmp = posixpath.join(d, TEMP_PREFIX + secrets.token_hex(8))
+        tmp = posixpath.join(d, TEMP_PREFIX + os.urandom(8).hex())
         leftovers.append(tmp)
         try:
             f = await self._step(sftp.open(tmp, "xb", _FILE_ATTRS))
@@ -378,7 +377,7 @@ class SftpBackend(Backend):
             with contextlib.suppress(asyncssh.SFTPNoSuchFile):
                 now = (await sftp.stat(self._path(fresh))).mtime
         if now is None:
-            marker = self._path(TEMP_PREFIX + secrets.token_hex(8))
+            marker = self._path(TEMP_PREFIX + os.urandom(8).hex())
             f = await sftp.open(marker, "xb", _FILE_ATTRS)
             await f.close()
             try:
