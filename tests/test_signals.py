@@ -119,6 +119,12 @@ def _pool_started(proc: subprocess.Popen[bytes]) -> bool:
     return any("forkserver" in _cmdline(p) for p in _descendants(proc.pid))
 
 
+def _workers_started(proc: subprocess.Popen[bytes]) -> bool:
+    """Worker processes run (forked by the forkserver, they share its command line): a restore
+    starts its forkserver early, while the master key is derived, before it writes anything."""
+    return sum("forkserver" in _cmdline(p) for p in _descendants(proc.pid)) >= 2
+
+
 def _pack_bytes(repo: Repo) -> int:
     total = 0
     for p in repo.objects("packs"):
@@ -355,7 +361,7 @@ def test_restore_and_check_stop_with_their_own_message(repo: Repo, tmp_path: Pat
 
     target = tmp_path / "t"
     proc = _start(repo, "restore", "latest", "--target", target)
-    _freeze_when(proc, lambda: _pool_started(proc))
+    _freeze_when(proc, lambda: _workers_started(proc))
     children = _descendants(proc.pid)
     rc, _, err = _deliver(proc, signal.SIGINT, True)
     assert rc == 130, err

@@ -95,6 +95,14 @@ def process_pool(
     return pool
 
 
+def prestart(preload: str) -> None:
+    """Start the forkserver that a :func:`process_pool` with ``preload`` will use, now: it
+    imports the workers' modules in a process of its own while this one waits for something
+    else (the master key's derivation), instead of when the first job is handed over."""
+    multiprocessing.get_context("forkserver").set_forkserver_preload([preload, "bunker.forkserver_quiet"])
+    _start_forkserver()
+
+
 PIPE_BYTES = 1 << 20
 
 

@@ -7,7 +7,7 @@ import datetime
 import os
 import stat
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -21,6 +21,7 @@ from bunker.crypto.keyfile import MasterKey
 from bunker.errors import BunkerError, ExitCode
 from bunker.fs.fsmeta import acl_text, flag_letters, hole_bytes
 from bunker.node.spool import parse_age
+from bunker.process_pool import prestart
 from bunker.repo import refs
 from bunker.repo.blob_reader import BlobReader
 from bunker.repo.index_cache import IndexCache
@@ -43,6 +44,10 @@ from bunker.restore.evicted import evicted_packs, wait_for_evicted_packs
 from bunker.restore.lease import RestoreLease
 from bunker.restore.restorer import Restorer
 from bunker.runlog import RunLog, display_path
+
+if TYPE_CHECKING:
+    from bunker.crypto.derive import PutSecrets
+    from bunker.repo.location_map import LocationMap
 
 
 def filter_options(f: Any) -> Any:
@@ -206,10 +211,17 @@ def _unlisted(
 
 
 def _open_for_reading(
-    opts: context.Options, spec: str, f: Filters, purpose: str
+    opts: context.Options, spec: str, f: Filters, purpose: str, workers: str = ""
 ) -> tuple[Repository, MasterKey, SnapshotRecord, BlobReader, bytes]:
+    """The repository, master key, chosen snapshot, a reader of its blobs and its root tree.
+    ``workers``: the module of the worker processes the command will start (their forkserver
+    starts while the key is derived)."""
     repo = context.open_repository(opts)
-    master = context.load_master(opts, repo, purpose)
+    # the key derivation runs while the snapshot is chosen and its index read (where this
+    # machine's put key is of the snapshot's dedup domain, its secrets are the domain's)
+    master_key = context.start_master(opts, repo, purpose)
+    if workers:
+        prestart(workers)
     known: list[KnownHead] = []
     put = own_put_key(opts, repo)
     if spec == "latest":
@@ -218,7 +230,7 @@ def _open_for_reading(
         if mine is not None:
             f.client, f.own_client = mine, True
         known = known_heads(opts, repo)
-    rec = select(repo, spec, f, master, known)
+    rec = select(repo, spec, f, master_key() if f.sealed else None, known)
     if spec == "latest":
         for name, problem in sorted(repo.damaged_snapshots().items()):
             # whose it was cannot be told: it may have been newer than the one chosen
@@ -233,13 +245,29 @@ def _open_for_reading(
             "is still stored, and `bunker prune` removes that data",
             err=True,
         )
+    own = put is not None and put.secrets.domain_id == rec.snap.env.domain
+    secrets = put.secrets if own and put is not None else repo.domain_secrets(master_key(), rec.snap.env.domain)
+    cache_dir = None
+    if own and put is not None:
+        with contextlib.suppress(OSError):  # (moving an older cache's files there failed: none used)
+            cache_dir = client_cache(repo, put)
+    locations = _snapshot_index(repo, rec, secrets, cache_dir)
+    master = master_key()
     try:
         body = open_body(rec.snap, master.data_private)
     except Exception as exc:
         raise BunkerError(
             f"snapshot {rec.short_id} cannot be opened: {exc}", "run `bunker check`", exit_code=ExitCode.INTEGRITY
         ) from None
-    secrets = repo.domain_secrets(master, rec.snap.env.domain)
+    return repo, master, rec, BlobReader(repo, master.data_private, secrets, locations), body["root"]
+
+
+def _snapshot_index(
+    repo: Repository, rec: SnapshotRecord, secrets: PutSecrets, cache_dir: str | None
+) -> LocationMap:
+    """Where the chunks of snapshot ``rec`` are: from the index objects (through this machine's
+    index cache ``cache_dir``, its own client's when the snapshot is of its dedup domain), only in
+    the packs its pack set names."""
     try:
         # where a chunk is stored twice (a pack that vanished and the copy stored again), read
         # the copy this snapshot's pack set names
@@ -247,12 +275,6 @@ def _open_for_reading(
         packs: set[str] | None = PackMoves.load(repo).resolve(refs.read_set(rec.snap.env.packset, repo.get_object))
     except (BunkerError, encoding.FormatError):
         packs = None
-    # the index cache of this machine's own client, where it is of the snapshot's dedup domain:
-    # its copies hold every writer's entries with their signer (a reader takes them all)
-    cache_dir = None
-    if put is not None and put.secrets.domain_id == secrets.domain_id:
-        with contextlib.suppress(OSError):  # (moving an older cache's files there failed: none used)
-            cache_dir = client_cache(repo, put)
     index = IndexCache(repo, secrets, cache_dir, for_dedup=False, only_packs=packs).load()
     try:
         chunks = refs.read_set(rec.snap.env.chunkset, repo.get_object, secrets)
@@ -275,7 +297,7 @@ def _open_for_reading(
             "the packs themselves. Run `bunker index rebuild` to write them into the index",
             err=True,
         )
-    return repo, master, rec, BlobReader(repo, master.data_private, secrets, index.locations), body["root"]
+    return index.locations
 
 
 def damaged_packs(reader: BlobReader) -> list[tuple[str, str]]:
@@ -430,7 +452,7 @@ def restore(**kwargs: Any) -> None:
         )
     f = pop_filters(kwargs)
     opts, out = make_options(kwargs)
-    repo, _, rec, reader, root = _open_for_reading(opts, spec, f, "restore")
+    repo, _, rec, reader, root = _open_for_reading(opts, spec, f, "restore", "bunker.restore.workers")
     log = RunLog()
     lease = RestoreLease(repo.backend, rec.name)  # through a node: its packs stay while this runs
     completed = False

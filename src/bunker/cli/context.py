@@ -10,6 +10,8 @@ from __future__ import annotations
 import getpass
 import os
 import sys
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import click
@@ -166,6 +168,38 @@ def load_put(opts: Options, repo: Repository) -> PutKey:
 
 def load_master(opts: Options, repo: Repository, purpose: str) -> MasterKey:
     """The master key for ``repo`` (asks for the passphrase); refuses clearly without it."""
+    return start_master(opts, repo, purpose)()
+
+
+def start_master(opts: Options, repo: Repository, purpose: str) -> Callable[[], MasterKey]:
+    """:func:`load_master` in two halves: the key file is found and the passphrase asked now,
+    the key derivation (Argon2id, about 0.15 s of CPU, which runs without the interpreter's lock)
+    runs in a thread, so the caller reads what needs no key meanwhile. The function returned
+    waits for the key and raises what load_master would (a wrong passphrase)."""
+    path = _master_path(opts, repo, purpose)
+    pw = passphrase()
+    got: list[MasterKey | BaseException] = []
+
+    def derive() -> None:
+        try:
+            got.append(load_master_key(path, pw))
+        except BaseException as exc:  # handed to the caller's thread, which raises it
+            got.append(exc)
+
+    thread = threading.Thread(target=derive, name="bunker-key-derivation", daemon=True)
+    thread.start()
+
+    def wait() -> MasterKey:
+        thread.join()
+        if isinstance(got[0], BaseException):
+            raise got[0]
+        return got[0]
+
+    return wait
+
+
+def _master_path(opts: Options, repo: Repository, purpose: str) -> str:
+    """The master key file for ``repo``, checked to be there and to be this repository's."""
     path = opts.master_key_file(repo.repo_id)
     if not path or not os.path.exists(path):
         has_put = bool(opts.put_key_file(repo.repo_id)) and os.path.exists(opts.put_key_file(repo.repo_id) or "")
@@ -182,7 +216,7 @@ def load_master(opts: Options, repo: Repository, purpose: str) -> MasterKey:
             "pass this repository's master key with --master-key, or the key's repository with --repo",
         )
     tighten_own(path)
-    return load_master_key(path, passphrase())
+    return path
 
 
 def master_on_client(repo_id: str) -> bool:
