@@ -173,8 +173,8 @@ def load_master(opts: Options, repo: Repository, purpose: str) -> MasterKey:
 
 def start_master(opts: Options, repo: Repository, purpose: str) -> Callable[[], MasterKey]:
     """:func:`load_master` in two halves: the key file is found and the passphrase asked now,
-    the key derivation (Argon2id, about 0.15 s of CPU, which runs without the interpreter's lock)
-    runs in a thread, so the caller reads what needs no key meanwhile. The function returned
+    the key derivation (Argon2id: a fraction of a second of CPU, which runs without the
+    interpreter's lock) runs in a thread, so the caller reads what needs no key meanwhile. The function returned
     waits for the key and raises what load_master would (a wrong passphrase)."""
     path = _master_path(opts, repo, purpose)
     pw = passphrase()
