@@ -46,6 +46,7 @@ from bunker.repo.records import ChainBase
 from bunker.repo.repository import Repository
 from bunker.repo.selection import Filters, owner, select
 from bunker.repo.snapshot import Adoption, make_snapshot, open_body, parse_snapshot
+from bunker.repo.witnesses import Witness
 from bunker.storage.local import LocalBackend
 from helpers import PASSPHRASE, Repo, init_repo, js
 from test_checkpoint import _kill_after_checkpoint, _tree
@@ -302,7 +303,7 @@ def _oracle(w: World, root: Path, adv: Adversary) -> None:
         if latest is not None:
             assert latest.name in w.genuine and w.genuine[latest.name][0] == client, latest.name
         damaged = not (root / head).exists() or any(t in adv.touched for t in _needed(w, root, head))
-        report = Checker(backend, w.repo.id, heads=[(cert, seq, head)]).run(keyless=True)
+        report = Checker(backend, w.repo.id, heads=[Witness(cert, seq, head)]).run(keyless=True)
         if damaged or latest is None or latest.name != head:
             assert not report.ok, f"check found nothing wrong for {client} after {sorted(adv.touched)}"
 

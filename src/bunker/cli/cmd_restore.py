@@ -245,12 +245,12 @@ def _open_for_reading(
             "is still stored, and `bunker prune` removes that data",
             err=True,
         )
-    own = put is not None and put.secrets.domain_id == rec.snap.env.domain
-    secrets = put.secrets if own and put is not None else repo.domain_secrets(master_key(), rec.snap.env.domain)
+    own = put if put is not None and put.secrets.domain_id == rec.snap.env.domain else None
+    secrets = own.secrets if own is not None else repo.domain_secrets(master_key(), rec.snap.env.domain)
     cache_dir = None
-    if own and put is not None:
+    if own is not None:
         with contextlib.suppress(OSError):  # (moving an older cache's files there failed: none used)
-            cache_dir = client_cache(repo, put)
+            cache_dir = client_cache(repo, own)
     locations = _snapshot_index(repo, rec, secrets, cache_dir)
     master = master_key()
     try:

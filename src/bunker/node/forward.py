@@ -29,14 +29,14 @@ from bunker.errors import CorruptObject, ObjectMissing
 from bunker.node.deliver import Renumbered, deliver_own_snapshots
 from bunker.node.spool import BUSY, MINE, Spool, verify_by_name
 from bunker.node.vanished import Repaired
-from bunker.repo.blob_reader import read_trailer
 from bunker.repo.certs import Certificate
 from bunker.repo.condemnations import ListedPacks
-from bunker.repo.index import Location, decrypt_index, make_index, parse_index_frame
+from bunker.repo.index import decrypt_index, make_index, parse_index_frame
 from bunker.repo.leases import Lease
 from bunker.repo.objects import content_hash, is_hash_name
 from bunker.repo.repository import Repository
 from bunker.repo.snapshot import parse_snapshot
+from bunker.repo.trailer_index import index_from_trailers
 from bunker.storage.backend import ObjectInfo
 from bunker.storage.local import LocalBackend
 
@@ -255,19 +255,10 @@ def _index_again(repo: Repository, put: PutKey, cert: Certificate, packs: list[s
     deleted them) from their trailers in a new index object signed by this client; returns how
     many were indexed. A snapshot that names them is then whole in `check`'s eyes, as it was
     taken. Another client's pack (a second put key here) is left to its own run."""
-    entries: list[tuple[bytes, Location]] = []
-    done = 0
-    for pack in packs:
-        try:
-            blobs, _, _ = read_trailer(repo, pack, put.secrets)
-        except (CorruptObject, ObjectMissing):
-            continue
-        entries += [(b.chunk_id, Location(pack, b.offset, b.length, b.raw_length)) for b in blobs]
-        done += 1
-    if entries:
-        data = make_index(entries, put.secrets, put.client_key, cert.name)
-        name = repo.put_object("index", data)
-        if not verify_by_name(repo.backend, name, len(data)):
+    name, done = index_from_trailers(repo, put.secrets, put.client_key, cert.name, packs)
+    if name is not None:
+        info = repo.backend.stat(name)
+        if info is None or not verify_by_name(repo.backend, name, info.size):  # (read back: its hash is its name)
             raise _not_returned(name)
     return done
 

@@ -91,7 +91,7 @@ class Checker:
         *,
         secrets: PutSecrets | None = None,
         master: MasterKey | None = None,
-        heads: Iterable[tuple[str, int, str] | Witness] | None = None,
+        heads: Iterable[Witness] = (),
         pending: Pending | None = None,
         progress: Callable[[str], None] | None = None,
         own_cert: str = "",
@@ -101,8 +101,7 @@ class Checker:
         self.expect = expect
         self.secrets = secrets
         self.master = master
-        # witnesses outside the storage: (cert name, remembered seq, remembered snapshot name)
-        self.heads = [h if isinstance(h, Witness) else Witness(*h) for h in heads or ()]
+        self.heads = list(heads)  # this machine's remembered chain heads: witnesses outside the storage
         self.statements = statements or []  # nodes' witness statements to read (repo/witnesses.py)
         self._witnesses: list[Witness] = []
         self.pending = pending  # this machine's snapshots waiting in its spool: not withheld

@@ -33,11 +33,10 @@ from bunker.crypto.keyfile import PutKey
 from bunker.crypto.sign import BadSignature, verify
 from bunker.errors import BunkerError, CorruptObject, ExitCode, KeyRequired, ObjectMissing
 from bunker.repo import refs
-from bunker.repo.blob_reader import read_trailer
 from bunker.repo.checkpoint_roots import checkpoint_roots
 from bunker.repo.condemnations import Condemnation, condemnations
 from bunker.repo.holding_records import spent_holdings
-from bunker.repo.index import Location, decrypt_index, make_index, parse_index_frame
+from bunker.repo.index import decrypt_index, make_index, parse_index_frame
 from bunker.repo.index_cache import IndexCache
 from bunker.repo.leases import MAX_LEASE_SECONDS, Lease, Session, sessions
 from bunker.repo.liveness import Liveness, UnreadableRoot, all_copies, mark_live
@@ -55,6 +54,7 @@ from bunker.repo.records import make_condemnation
 from bunker.repo.repack import DEFAULT_THRESHOLD, choose, repack
 from bunker.repo.repository import Repository
 from bunker.repo.snapshot import parse_snapshot
+from bunker.repo.trailer_index import index_from_trailers
 
 DEFAULT_GRACE = 24 * 3600.0
 
@@ -396,17 +396,8 @@ class Pruner:
         """Index rescued packs anew from their trailers: a rewrite may have left their entries out
         while they were condemned. Not while another record still condemns one: a prune that
         deletes it could miss the fresh index object in a listing that lags."""
-        entries = []
-        for p in packs:
-            if self._naming[p] > 0:
-                continue
-            try:
-                blobs, _, _ = read_trailer(self.repo, p, self.put.secrets)
-            except (CorruptObject, ObjectMissing):
-                continue  # check reports it
-            entries += [(b.chunk_id, Location(p, b.offset, b.length, b.raw_length)) for b in blobs]
-        if entries:
-            self.repo.put_object("index", make_index(entries, self.put.secrets, self.put.client_key, self.cert.name))
+        free = [p for p in packs if self._naming[p] == 0]
+        index_from_trailers(self.repo, self.put.secrets, self.put.client_key, self.cert.name, free)
 
     def _rewrite_indexes(self, doomed: set[str], listed: set[str] | None = None, settled: float = 0.0) -> None:
         """Write anew, without the doomed packs' entries, the index objects that have any. Entries
