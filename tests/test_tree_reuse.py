@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Callable
+import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -134,6 +135,17 @@ def test_a_checkpoint_while_a_reused_directory_is_open_holds_its_files(repo: Rep
     _restores_as_source(repo, src, tmp_path / "t2")
 
 
+@pytest.fixture
+def quiet_parent() -> Iterator[Path]:
+    """A directory for a source whose ancestors stay quiet: /tmp, where the other worker's tests
+    create files at any moment, is not among them (a loaded machine changed it during each of
+    eight pairs of runs). Removed afterwards."""
+    base = Path("/var/tmp") if os.access("/var/tmp", os.W_OK) else None
+    path = Path(tempfile.mkdtemp(prefix="bunker-quiet-", dir=base))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 def _ancestors(src: Path) -> list[tuple[int, int]]:
     """The times of the directories above ``src``. A backup records them (the trees above its
     paths), and tests on the other worker create files in /tmp at any moment: runs compared for
@@ -156,11 +168,13 @@ def _chunkset_of(repo: Repo, snapshot_id: str) -> str:
     return parse_snapshot(path.read_bytes()).env.chunkset
 
 
-def test_a_run_with_the_last_snapshots_root_names_its_chunk_set_again(repo: Repo, tmp_path: Path) -> None:
+def test_a_run_with_the_last_snapshots_root_names_its_chunk_set_again(
+    repo: Repo, tmp_path: Path, quiet_parent: Path
+) -> None:
     """Nothing changed: the run names its last snapshot's chunk set (the same root names the
     same chunks) instead of building it; a lost object of that set is built again; a change
     gives a new set. check --read-data agrees with each snapshot's set."""
-    src = tmp_path / "src"
+    src = quiet_parent / "src"
     _source(src)
     cache = Path(repo.env["XDG_CACHE_HOME"])
 
@@ -196,11 +210,13 @@ def test_a_run_with_the_last_snapshots_root_names_its_chunk_set_again(repo: Repo
     _restores_as_source(repo, src, tmp_path / "t")
 
 
-def test_a_run_whose_set_differs_in_a_few_ids_builds_the_set_a_whole_build_makes(repo: Repo, tmp_path: Path) -> None:
+def test_a_run_whose_set_differs_in_a_few_ids_builds_the_set_a_whole_build_makes(
+    repo: Repo, quiet_parent: Path
+) -> None:
     """Only a directory above the source changed (its time, when a file was created beside the
     source), then a file: each run builds its chunk set from the last one's layout (naming again
     the parts it shares: tests/test_refs_split.py), and the set is the one a whole build makes."""
-    src = tmp_path / "src"
+    src = quiet_parent / "src"
     src.mkdir()
     for i in range(6000):  # a few parts of the chunk set (a part ends after 1 id in 2,048)
         (src / f"f{i:05d}").write_bytes(os.urandom(40))
@@ -209,7 +225,7 @@ def test_a_run_whose_set_differs_in_a_few_ids_builds_the_set_a_whole_build_makes
     layout = chunkset_memo.recall(str(memo.parent))
     assert layout is not None and layout.layout is not None and layout.layout.names == layout.parts
 
-    (tmp_path / "beside").write_bytes(b"a new file beside the source: its parent's time changes")
+    (quiet_parent / "beside").write_bytes(b"a new file beside the source: its parent's time changes")
     second = repo.backup(src)
     assert second["stats"]["chunks"] == first["stats"]["chunks"]  # the ancestors' trees are replaced
     assert _chunkset_of(repo, second["snapshot"]) != _chunkset_of(repo, first["snapshot"])
