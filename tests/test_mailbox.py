@@ -675,17 +675,21 @@ def test_after_a_put_the_folder_holds_only_hex_names(tmp_path: Path) -> None:
 
 def test_a_piece_given_up_on_the_same_filesystem_is_linked_not_copied(tmp_path: Path) -> None:
     """A writer that gives its piece file up (``consume``) pays no second write on the same
-    filesystem; one that keeps its file gets a copy that its later changes cannot reach."""
+    filesystem; one that keeps its file gets a copy that its later changes cannot reach. The
+    given file's own name is gone once the piece is in place: a writer killed before it removes
+    that name must not leave a piece with two links, which no listing shows."""
     mbdir = tmp_path / "link"
     given, kept = tmp_path / "given", tmp_path / "kept"
     given.write_bytes(b"given " * 1000)
     kept.write_bytes(b"kept " * 1000)
+    inode = given.stat().st_ino
     a, b = piece(), piece()
     with open_mailbox(str(mbdir), create=True) as mb:
         mb.put_file(a, given, consume=True)
+        assert not given.exists()
+        assert [i.name for i in mb.list()] == [a]  # before the writer does anything more
         mb.put_file(b, kept)
-    assert (mbdir / a).stat().st_ino == given.stat().st_ino
-    given.unlink()  # what the writer does next
+    assert (mbdir / a).stat().st_ino == inode
     assert (mbdir / a).read_bytes() == b"given " * 1000 and (mbdir / a).stat().st_nlink == 1
     assert (mbdir / b).stat().st_ino != kept.stat().st_ino
     kept.write_bytes(b"changed")

@@ -8,8 +8,10 @@ nothing."""
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -372,3 +374,26 @@ def test_objects_delivered_but_not_recorded_are_recorded_by_the_next_forward(tmp
     assert set(dropped) <= set(json.loads((hq_state / "recorded.json").read_text()))
     h.down()  # the record receipt naming them reaches office
     assert set(dropped) <= set(json.loads((office_state / "recorded.json").read_text()))
+
+
+def test_a_killed_forwards_or_imports_piece_files_are_removed_once_stale(tmp_path: Path) -> None:
+    """A forward killed before its piece went into the mailbox (or an import killed while it held
+    a fetched copy) leaves the file in the node's state: the next forward or import removes it
+    once an hour old, and leaves a fresh one alone."""
+    h = build(tmp_path)
+    src = tmp_path / "src"
+    make_tree(src)
+    backup_into(h.top, h.office, src)
+    planted = {}
+    for node, folder in ((h.office, "outgoing"), (h.hq, "incoming")):
+        where = node / "state" / folder
+        where.mkdir(parents=True, exist_ok=True)
+        stale, fresh = where / ("a" * 64), where / ("b" * 64)
+        stale.write_bytes(b"left by a killed process " * 1000)
+        fresh.write_bytes(b"maybe still in use")
+        os.utime(stale, (time.time() - 7200, time.time() - 7200))
+        planted[folder] = (stale, fresh)
+    h.up()
+    for stale, fresh in planted.values():
+        assert not stale.exists() and fresh.exists()
+    h.top.ok("check", "--read-data")

@@ -89,7 +89,7 @@ def import_link(nd: NodeDir, link: Link) -> ImportReport:
     # this node's current and previous keys, the far node's current and previous (node/rotation.py)
     cands = candidates(nd, link.conf, nd.repositories())
     own = set(read_json(os.path.join(nd.state_dir("links", link.name), "own-pieces.json"), {}))
-    incoming = nd.state_dir("incoming")
+    incoming = nd.scratch_dir("incoming")
     imported: dict[str, tuple[list[str], list[int]]] = {}
     mailbox = open_mailbox(link.conf.url)
     try:

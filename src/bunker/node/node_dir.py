@@ -25,6 +25,7 @@ import fcntl
 import json
 import os
 import re
+import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -35,7 +36,7 @@ from bunker.crypto.node_keys import NodeKeys, NodePublic
 from bunker.errors import BunkerError, ExitCode
 from bunker.private_files import write_private_file
 from bunker.repo.node_certs import node_name_problem
-from bunker.storage.local import LocalBackend
+from bunker.storage.local import STALE_TEMP_SECONDS, LocalBackend
 from bunker.storage.node_path import NODE_FILE, REPO_ID, is_node_dir, split_node_path
 
 __all__ = ["NODE_FILE", "REPO_ID", "NodeConfig", "NodeDir", "NodeError", "Upstream", "is_node_dir", "split_node_path"]
@@ -316,6 +317,22 @@ class NodeDir:
     def state_dir(self, *parts: str) -> str:
         path = os.path.join(self.root, "state", *parts)
         os.makedirs(path, mode=0o700, exist_ok=True)
+        return path
+
+    def scratch_dir(self, name: str) -> str:
+        """A state folder for files one command writes and removes again (a bundle's pieces
+        before they go into a mailbox, a piece fetched for import). A process killed meanwhile
+        leaves its file there: files older than STALE_TEMP_SECONDS are removed on the way in,
+        which no file still in use reaches (a piece is written and put within minutes)."""
+        path = self.state_dir(name)
+        now = time.time()
+        with os.scandir(path) as it:
+            for entry in it:
+                with contextlib.suppress(OSError):
+                    if entry.is_file(follow_symlinks=False) and now - entry.stat(follow_symlinks=False).st_mtime > (
+                        STALE_TEMP_SECONDS
+                    ):
+                        os.unlink(entry.path)
         return path
 
     @contextlib.contextmanager

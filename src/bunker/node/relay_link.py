@@ -146,7 +146,7 @@ def _send(
     plan = plan_pieces([o.entry for o in objects], size, extra)
     counters = LinkCounters(nd, link.name, repo_id)
     first = counters.take(len(plan))
-    outgoing = nd.state_dir("outgoing")
+    outgoing = nd.scratch_dir("outgoing")
     written = write_bundle(
         sending_keys(nd, link.name),
         keys,

@@ -203,7 +203,7 @@ class Mailbox(ABC):
         whole piece or none); a piece already there under that name is replaced. Raises
         NotAPiece when something that is not a regular file has the name. ``consume``: the
         caller gives the file up (never changes it again, deletes it afterwards), so a folder on
-        the same filesystem may take the file itself rather than a copy."""
+        the same filesystem may take the file itself rather than a copy (``path`` is then gone)."""
         self._put_file(validate_piece_name(name), os.fspath(path), consume)
 
     def fetch(self, name: str, dest_path: str | os.PathLike[str]) -> int:

@@ -19,7 +19,9 @@ Whoever had the disk may have planted anything in the folder. So:
   files of killed writers are swept when the mailbox opens, once older than
   STALE_TEMP_SECONDS. Bytes move in the kernel (sendfile): put and fetch use no memory for the
   piece whatever its size. A piece file its writer gives up (``consume``) on the same filesystem
-  is linked in, not copied, when this process writes as itself.
+  is linked in, not copied, when this process writes as itself; its writer's name for it is
+  removed before the piece gets its own, so a process killed at any moment never leaves a piece
+  with a second name (a file with two hard links is no piece: no listing would show it).
 
 A mailbox should be a folder *on* the carried disk, never its mount point: with the disk
 unplugged the folder is then missing (a clear error) instead of an empty mount point on the
@@ -174,6 +176,9 @@ class LocalMailbox(Mailbox):
                         # the piece file is whole and synced already: on the same filesystem a
                         # second name for it costs nothing, where a copy costs a full write
                         os.link(path, tmp, dst_dir_fd=dirfd, follow_symlinks=False)
+                        # the writer's name goes first: killed after the rename below with both
+                        # names, the piece would have two links and never be listed (is_piece_file)
+                        os.unlink(path)
                     else:
                         fd = os.open(tmp, _CREATE, 0o600, dir_fd=dirfd)
                         try:
