@@ -14,6 +14,8 @@ broken, so the tests fail if LocalBackend ever stops fsyncing.
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -151,3 +153,29 @@ def test_simulation_catches_a_backend_that_skips_fsync(
         assert all((repo.path / "snapshots" / s).stat().st_size == 0 for s in expected)
     check = repo.run("check", "--read-data", "--json")
     assert check.returncode != 0 and js(check)["ok"] is False
+
+
+def test_a_run_stopped_right_after_its_lease_is_written_is_known_dead_here(setup: tuple[Repo, Path]) -> None:
+    """The power goes (here: the process ends at once) just after a run wrote its lease, before
+    it did anything else: this machine already knows that session ran here, so the next run finds
+    it dead and removes its lease at once, rather than taking it for another machine's run and
+    leaving it until it expires."""
+    repo, src = setup
+    script = (
+        "import os, sys\n"
+        "import bunker.backup.run as run\n"
+        "run.adopt_dead_checkpoints = lambda *a, **k: os._exit(9)\n"
+        "from bunker.cli.main import main\n"
+        "main()\n"
+    )
+    cp = subprocess.run(
+        [sys.executable, "-c", script, "backup", str(src), "--no-progress", "--repo", str(repo.path)],
+        env=repo.env,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert cp.returncode == 9, cp.stderr
+    (left,) = {p.name.rpartition(".")[0] for p in (repo.path / "sessions").iterdir()}
+    js(repo.ok("backup", src, "--json", "--no-progress"))
+    assert not [p.name for p in (repo.path / "sessions").iterdir() if p.name.startswith(left + ".")]

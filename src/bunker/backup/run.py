@@ -17,6 +17,7 @@ from typing import Any, BinaryIO
 
 from bunker import dirs, interrupt
 from bunker.backup.archiver import Archiver, ArchiveResult, Progress
+from bunker.backup.chain import note_running
 from bunker.backup.checkpoint import Checkpointer, adopt_dead_checkpoints, clear_running, mark_running
 from bunker.backup.client_dirs import client_cache, client_tag
 from bunker.backup.commit import Committed, chain_head, commit_snapshot
@@ -118,6 +119,10 @@ def run_backup(
     # tar streams keep no checkpoints and stop at once
     stoppable = req.tar is None and req.stdin_name is None
     try:
+        # this machine knows the session runs before its lease exists: a power cut right after
+        # the lease is written leaves a session the next run here finds dead, not a stranger's
+        # lease it must wait out
+        _state(log, lambda: note_running(state_dir, lease.session))
         lease.write()  # in the try: a signal right after it still releases the lease
         with interrupt.deferred():  # a snapshot is written whole
             # a run of this machine that was killed: its last checkpoint becomes an incomplete snapshot
