@@ -13,6 +13,7 @@ broken, so the tests fail if LocalBackend ever stops fsyncing.
 
 from __future__ import annotations
 
+import os
 import random
 import subprocess
 import sys
@@ -21,8 +22,13 @@ from typing import Any
 
 import pytest
 
+from bunker import dirs
+from bunker.backup import chain
+from bunker.backup import run as backup_run
+from bunker.backup.client_dirs import client_tag
 from bunker.backup.run import BackupRequest, run_backup
 from bunker.crypto.keyfile import load_put_key
+from bunker.errors import StorageError
 from bunker.repo.repository import Repository
 from bunker.storage.local import LocalBackend
 from faults import PowerCut, SkipDirSync, SkipFileSync, VolatileDisk
@@ -179,3 +185,26 @@ def test_a_run_stopped_right_after_its_lease_is_written_is_known_dead_here(setup
     (left,) = {p.name.rpartition(".")[0] for p in (repo.path / "sessions").iterdir()}
     js(repo.ok("backup", src, "--json", "--no-progress"))
     assert not [p.name for p in (repo.path / "sessions").iterdir() if p.name.startswith(left + ".")]
+
+
+def test_a_run_that_fails_before_it_adopts_keeps_the_killed_sessions_known(
+    setup: tuple[Repo, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """This machine knows a session as killed (its lease could not be released). The next run
+    fails before it looks for that session's checkpoint (the storage stops answering): the
+    session stays known as killed, or its claims and lease would pass for another machine's live
+    run, which the run after would wait out (the power-loss runs above hit this with seed 6)."""
+    repo, src = setup
+    put = load_put_key(str(repo.put_key))
+    r = Repository.open(LocalBackend(str(repo.path)))
+    state_dir = dirs.state_dir(r.repo_id, client_tag(put))
+    os.makedirs(state_dir, exist_ok=True)
+    chain.clear_running(state_dir, failed=["0f" * 12])
+
+    def storage_stops(*args: Any, **kwargs: Any) -> Any:
+        raise StorageError("the storage stopped answering", "run the backup again")
+
+    monkeypatch.setattr(backup_run, "adopt_dead_checkpoints", storage_stops)
+    with pytest.raises(StorageError):
+        run_backup(r, put, BackupRequest(paths=[str(src)]))
+    assert chain.read_running(state_dir).state_of("0f" * 12) is False

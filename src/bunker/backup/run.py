@@ -112,7 +112,10 @@ def run_backup(
     state_dir = dirs.state_dir(repo.repo_id, tag)
     start_head, _ = chain_head(repo, cert, state_dir)  # a rollback is reported when the snapshot is linked
     lease = Lease(repo, put.client_key, cert.client, cert.name, "backup", start_head)
-    unseen: set[str] = set()
+    # the killed sessions this run could not find: this machine's list of them is replaced only
+    # once the run has looked (a run that fails before leaves the list as it was, or the claims
+    # and leases of the sessions on it would pass for another machine's live runs)
+    unseen: set[str] | None = None
     committed_names: list[str] = []  # the lease goes once these are listed
     keep_lease = False
     # a path backup stops in order on SIGINT/SIGTERM (backup/interrupted.py); standard input and
@@ -126,10 +129,11 @@ def run_backup(
         lease.write()  # in the try: a signal right after it still releases the lease
         with interrupt.deferred():  # a snapshot is written whole
             # a run of this machine that was killed: its last checkpoint becomes an incomplete snapshot
-            _, unseen = adopt_dead_checkpoints(
+            _, not_found = adopt_dead_checkpoints(
                 repo, put, cert, state_dir, log, lease.session, lease.storage_time(), start_head, lease
             )
-        _state(log, lambda: mark_running(state_dir, lease.session, unseen))
+        unseen = not_found
+        _state(log, lambda: mark_running(state_dir, lease.session, not_found))
         # after the lease: a pack condemned from now on waits for this session (docs/format.md section 15)
         # a session deduplicates only against packs it can see listed (a spool lists only its own)
         listed = None if repo.backend.capabilities().partial else [i.name[6:] for i in repo.backend.list("packs/")]
@@ -244,7 +248,7 @@ def run_backup(
             raise
         if exc.forced and lease.checkpoint is not None and not committed_names:
             keep_lease = True  # its last checkpoint: the next run makes it an incomplete snapshot
-            unseen.add(lease.session)
+            unseen = {*(unseen or ()), lease.session}
         raise _stopped(exc, req, lease, keep_lease) from None
     finally:
         released = keep_lease
