@@ -61,11 +61,13 @@ def test_worker_blobs_are_stored_once_in_key_groups_and_restore(repo: Repo, tmp_
     # cut out of the workers' runs
     assert len(ids) == len(set(ids)) == DISTINCT, (len(ids), len(set(ids)))
     # the workers' packs are apart from the main process's; a worker keeps its key group for its
-    # life, so a pack holds each sealed key once, and no worker wraps under another's key
+    # life and fills packs of its own, so a pack holds one sealed key, and no worker wraps under
+    # another's key
     sealed = [[data[o : o + n] for o, n in t.groups] for data, t in packs]
     assert len(packs) >= 2, [len(s) for s in sealed]
-    assert all(len(set(s)) == len(s) for s in sealed)
+    assert all(len(s) == 1 for s in sealed), [len(s) for s in sealed]
     assert 2 <= len({k for s in sealed for k in s}) <= 3  # the main process's, and one or two workers'
+    assert not list(tmp_path.rglob(".tmp-*")), "the packs' staging files are gone"
 
     assert js(repo.ok("check", "--read-data", "--json"))["ok"] is True
     target = tmp_path / "restored"

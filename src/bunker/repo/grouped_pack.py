@@ -3,20 +3,21 @@
 Each worker process keeps one key group (pack.KeyGroup) for its life and wraps every blob key it
 makes under it; for a batch of files it hands over a :class:`GroupRun`: its sealed group key, the
 encrypted blobs back to back and one trailer row per blob. The main process only drops blobs it
-already holds and appends runs to a :class:`GroupedPackWriter`, which lays the pack out as one
-key group per worker (FORMAT.md 10.1: the sealed key, then that group's blobs). So a blob costs
-the main process a dedup check and a row, not a pickled copy of its bytes and a key wrap.
+already holds and appends runs to the :class:`GroupedPackWriter` of that worker: each worker's
+blobs fill packs of their own, one key group each (FORMAT.md 10.1: the sealed key, then its
+blobs), so a pack is written out run by run as the runs come. So a blob costs the main process a
+dedup check and a row, not a pickled copy of its bytes and a key wrap.
 """
 
 from __future__ import annotations
 
 from typing import Any, NamedTuple
 
-import blake3
-
 from bunker.crypto.derive import PutSecrets
 from bunker.crypto.sign import SigningKey
 from bunker.repo.pack import HEADER, KeyGroup, seal_tail
+from bunker.repo.pack_body import FinishedPack, PackBody
+from bunker.storage.staged import StagedFile
 
 # a trailer row (FORMAT.md 10.3): [chunk id, length, raw length, wrapped key]
 Row = list[Any]
@@ -58,58 +59,60 @@ class GroupRunBuilder:
 
 
 class GroupedPackWriter:
-    """Builds one pack out of runs of worker-made blobs: one key group per sealed key, in the
-    order the groups were first added, each group's blobs in the order added. Offsets are known
-    only when the pack is finished. Not thread-safe: the caller serializes ``add``."""
+    """Builds one pack out of runs of one worker's blobs: a single key group, its sealed key
+    first, the runs in the order added (each worker fills packs of its own, so a pack can be
+    written out run by run: in ``staged``, see repo/pack_body.py, or in memory). Not
+    thread-safe: the caller serializes ``add``."""
 
-    def __init__(self, kind: str, secrets: PutSecrets, signer: SigningKey, cert_name: str) -> None:
+    def __init__(
+        self,
+        kind: str,
+        secrets: PutSecrets,
+        signer: SigningKey,
+        cert_name: str,
+        sealed: bytes,
+        staged: StagedFile | None = None,
+    ) -> None:
         self.kind = kind
         self._secrets, self._signer, self._cert = secrets, signer, cert_name
-        self._groups: dict[bytes, tuple[list[bytes], list[Row]]] = {}
-        self.size = len(HEADER)
-        self._count = 0
+        self.sealed = sealed
+        self._body = PackBody(staged)
+        self._body.append(HEADER)
+        self._body.append(sealed)
+        self._rows: list[Row] = []
         self._locations: list[tuple[bytes, int, int, int]] = []
 
+    @property
+    def size(self) -> int:
+        return self._body.size
+
     def __len__(self) -> int:
-        return self._count
+        return len(self._rows)
 
     def add(self, sealed: bytes, data: bytes, rows: list[Row]) -> None:
-        """Append blobs (``data``, back to back, described by ``rows``) under group ``sealed``."""
+        """Append blobs (``data``, back to back, described by ``rows``) made under ``sealed``."""
+        if sealed != self.sealed:
+            raise ValueError("a run of another key group: each worker's blobs go into packs of their own")
         if sum(r[1] for r in rows) != len(data):
             raise ValueError("the blobs' lengths do not add up to the run's data")
-        group = self._groups.get(sealed)
-        if group is None:
-            group = self._groups[sealed] = ([], [])
-            self.size += len(sealed)
-        group[0].append(data)
-        group[1].extend(rows)
-        self.size += len(data)
-        self._count += len(rows)
+        pos = self._body.size
+        for row in rows:
+            self._locations.append((row[0], pos, row[1], row[2]))
+            pos += row[1]
+        self._rows.extend(rows)
+        self._body.append(data)
 
     def locations(self) -> list[tuple[bytes, int, int, int]]:
-        """(chunk id, offset, length, raw length) of each blob, in pack order (after finish)."""
+        """(chunk id, offset, length, raw length) of each blob, in pack order."""
         return self._locations
 
-    def finish(self) -> tuple[str, bytes]:
-        """Lay the groups out, seal the trailer, sign, and return (hex name, pack bytes)."""
-        parts: list[bytes] = [HEADER]
-        groups: list[list[object]] = []
-        locations: list[tuple[bytes, int, int, int]] = []
-        pos = len(HEADER)
-        for sealed, (datas, rows) in self._groups.items():
-            groups.append([pos, len(sealed), rows])
-            parts.append(sealed)
-            pos += len(sealed)
-            for row in rows:
-                locations.append((row[0], pos, row[1], row[2]))
-                pos += row[1]
-            parts.extend(datas)
-        hasher = blake3.blake3()
-        for part in parts:
-            hasher.update(part)
-        tail = seal_tail(hasher.digest(), self.kind, groups, self._secrets, self._signer, self._cert)
-        hasher.update(tail)
-        parts.append(tail)
-        self._groups = {}
-        self._locations = locations
-        return hasher.hexdigest(), b"".join(parts)
+    def seal(self) -> FinishedPack:
+        """Seal the trailer and sign: the pack's name and its bytes or its sealed file."""
+        groups: list[list[object]] = [[len(HEADER), len(self.sealed), self._rows]]
+        return self._body.seal(
+            lambda body_hash: seal_tail(body_hash, self.kind, groups, self._secrets, self._signer, self._cert)
+        )
+
+    def discard(self) -> None:
+        """Drop the pack (nothing of it is stored)."""
+        self._body.discard()

@@ -38,7 +38,9 @@ from bunker.crypto.kem import DataPrivateKey, DataPublicKey, OpenFailed
 from bunker.crypto.sign import BadSignature, SigningKey, verify
 from bunker.errors import ObjectMissing
 from bunker.repo.objects import MAGIC_PACK, check_ref
+from bunker.repo.pack_body import FinishedPack, PackBody
 from bunker.storage.backend import Backend
+from bunker.storage.staged import StagedFile
 
 HEADER = MAGIC_PACK + b"\x01"
 TAIL_MAGIC = b"BKPE"
@@ -121,11 +123,18 @@ class KeyGroup:
 
 
 class PackWriter:
-    """Builds one pack in memory as a list of parts (no copying while it grows); the body hash is
-    computed incrementally. Not thread-safe: the caller serializes ``add``."""
+    """Builds one pack with one key group, blob by blob: in ``staged`` (a file from
+    Backend.stage, see repo/pack_body.py) or in memory as a list of parts (no copying while it
+    grows). Not thread-safe: the caller serializes ``add``."""
 
     def __init__(
-        self, kind: str, secrets: PutSecrets, data_public: DataPublicKey, signer: SigningKey, cert_name: str
+        self,
+        kind: str,
+        secrets: PutSecrets,
+        data_public: DataPublicKey,
+        signer: SigningKey,
+        cert_name: str,
+        staged: StagedFile | None = None,
     ) -> None:
         self.kind = kind
         self._secrets = secrets
@@ -133,16 +142,15 @@ class PackWriter:
         self._cert = cert_name
         self._group = KeyGroup(secrets, data_public)
         sealed = self._group.sealed
-        self._parts: list[bytes | bytearray] = [HEADER, sealed]
-        self._size = len(HEADER) + len(sealed)
+        self._body = PackBody(staged)
+        self._body.append(HEADER)
+        self._body.append(sealed)
         self._groups = [(len(HEADER), len(sealed))]
-        self._hasher = blake3.blake3(HEADER)
-        self._hasher.update(sealed)
         self.entries: list[BlobEntry] = []
 
     @property
     def size(self) -> int:
-        return self._size
+        return self._body.size
 
     def __len__(self) -> int:
         return len(self.entries)
@@ -151,9 +159,8 @@ class PackWriter:
         """Append an encrypted blob right after the previous one (or the group's sealed key); its
         key is wrapped under this pack's group key with AES Key Wrap."""
         wrapped = self._group.wrap(k_blob)
-        entry = BlobEntry(cid, len(self._groups) - 1, self._size, len(blob), raw_length, wrapped)
-        self._parts.append(blob)
-        self._size += len(blob)
+        entry = BlobEntry(cid, len(self._groups) - 1, self._body.size, len(blob), raw_length, wrapped)
+        self._body.append(blob)
         self.entries.append(entry)
         return entry
 
@@ -161,18 +168,23 @@ class PackWriter:
         """(chunk id, offset, length, raw length) of each blob, in pack order."""
         return [(e.chunk_id, e.offset, e.length, e.raw_length) for e in self.entries]
 
+    def seal(self) -> FinishedPack:
+        """Seal the trailer and sign: the pack's name and its bytes or its sealed file."""
+        groups = self._encode_groups()
+        return self._body.seal(
+            lambda body_hash: seal_tail(body_hash, self.kind, groups, self._secrets, self._signer, self._cert)
+        )
+
     def finish(self) -> tuple[str, bytes]:
-        """Seal the trailer, sign, and return (hex name, pack bytes)."""
-        for part in self._parts[2:]:
-            self._hasher.update(part)  # large parts are hashed with the GIL released
-        body_hash = self._hasher.digest()
-        tail = seal_tail(body_hash, self.kind, self._encode_groups(), self._secrets, self._signer, self._cert)
-        self._hasher.update(tail)
-        name = self._hasher.hexdigest()
-        self._parts.append(tail)
-        data = b"".join(self._parts)
-        self._parts = []
-        return name, data
+        """:meth:`seal` for a pack built in memory: (hex name, pack bytes)."""
+        done = self.seal()
+        if done.data is None:
+            raise ValueError("this pack was built in a staged file: seal() gives it")
+        return done.name, done.data
+
+    def discard(self) -> None:
+        """Drop the pack (nothing of it is stored)."""
+        self._body.discard()
 
     def _encode_groups(self) -> list[list[object]]:
         """The trailer's ``groups``: ``[offset, length, [[cid, length, raw length, wrapped], ...]]``

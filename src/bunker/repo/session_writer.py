@@ -22,10 +22,12 @@ from bunker.repo.index import make_index
 from bunker.repo.index_cache import IndexCache
 from bunker.repo.location_arrays import LocationRow
 from bunker.repo.pack import KIND_DATA, PackWriter
+from bunker.repo.pack_body import FinishedPack
 from bunker.repo.repository import Repository
+from bunker.storage.staged import StagedFile
 
 MAX_UPLOADS_IN_FLIGHT = 2
-GROUPED = "data/grouped"  # the open pack of blobs made by worker processes
+GROUPED = "data/grouped:"  # + a worker's sealed group key: the open pack of that worker's blobs
 
 
 def uploads_in_flight() -> int:
@@ -51,7 +53,8 @@ class SessionWriter:
         self.flush_seconds = float(repo.config.packs["flush_seconds"])
         self._lock = threading.Lock()
         self._pending: set[bytes] = set()  # reserved or in an unflushed pack
-        # open packs by kind; GROUPED holds data blobs made by worker processes (grouped_pack.py)
+        # open packs by kind; GROUPED + a sealed key holds data blobs one worker process made
+        # (grouped_pack.py)
         self._open: dict[str, PackWriter | GroupedPackWriter] = {}
         self._opened_at: dict[str, float] = {}
         self._uploads: list[Future[None]] = []
@@ -109,16 +112,32 @@ class SessionWriter:
                 view = memoryview(data)
                 data = b"".join([view[o : o + n] for o, n in spans])
             self.chunks_added += len(rows)
-            gw = self._open.get(GROUPED)
+            key = GROUPED + run.sealed.hex()
+            gw = self._open.get(key)
             if not isinstance(gw, GroupedPackWriter):
-                gw = GroupedPackWriter(KIND_DATA, self.secrets, self.put.client_key, self.cert_name)
-                self._open[GROUPED] = gw
-                self._opened_at[GROUPED] = time.monotonic()
-            gw.add(run.sealed, data, rows)
+                gw = GroupedPackWriter(
+                    KIND_DATA, self.secrets, self.put.client_key, self.cert_name, run.sealed, self._stage()
+                )
+                self._open[key] = gw
+                self._opened_at[key] = time.monotonic()
+            self._added(gw.add, run.sealed, data, rows)
             if gw.size >= self.pack_target:
-                full = self._open.pop(GROUPED)
+                full = self._open.pop(key)
         if full is not None:
             self._submit(full)
+
+    def _stage(self) -> StagedFile | None:
+        """A file to build a new pack in (Backend.stage), or None: in memory."""
+        return self.repo.backend.stage("packs/")
+
+    def _added(self, add: Callable[..., object], *args: object) -> None:
+        """Add to an open pack; a failure there (its staged file lost: repo/pack_body.py) ends
+        the run, since chunks already counted as stored went with it. Under the lock."""
+        try:
+            add(*args)
+        except BaseException as exc:
+            self._error = exc
+            raise
 
     def _append(self, kind: str, cid: bytes, ct: bytearray, raw_length: int, k_blob: bytes) -> None:
         full = None
@@ -127,10 +146,10 @@ class SessionWriter:
             pw = self._open.get(kind)
             if not isinstance(pw, PackWriter):
                 pw = self._open[kind] = PackWriter(
-                    kind, self.secrets, self.put.data_public, self.put.client_key, self.cert_name
+                    kind, self.secrets, self.put.data_public, self.put.client_key, self.cert_name, self._stage()
                 )
                 self._opened_at[kind] = time.monotonic()
-            pw.add(cid, ct, raw_length, k_blob)
+            self._added(pw.add, cid, ct, raw_length, k_blob)
             self.bytes_added += len(ct)
             self.raw_added += raw_length
             self.chunks_added += 1
@@ -152,15 +171,30 @@ class SessionWriter:
         return bool(old)
 
     def _submit(self, pw: PackWriter | GroupedPackWriter) -> None:
-        self._upload_slots.acquire()  # bounds memory: at most N sealed packs waiting
-        name, data = pw.finish()
-        fut = self._pool.submit(self._upload, name, data, pw.locations())
+        self._upload_slots.acquire()  # at most N sealed packs wait for their upload
+        try:
+            done = pw.seal()
+        except BaseException as exc:  # its chunks count as stored: the run must not go on
+            self._upload_slots.release()
+            with self._lock:
+                self._error = exc
+            raise
+        fut = self._pool.submit(self._upload, done, pw.locations())
         with self._lock:
             self._uploads.append(fut)
 
-    def _upload(self, name: str, data: bytes, rows: list[tuple[bytes, int, int, int]]) -> None:
+    def _upload(self, done: FinishedPack, rows: list[tuple[bytes, int, int, int]]) -> None:
+        name = done.name
         try:
-            self.repo.backend.put(f"packs/{name}", data)
+            if done.staged is not None:
+                try:
+                    self.repo.backend.put_staged(f"packs/{name}", done.staged.path)
+                except BaseException:
+                    done.staged.discard()
+                    raise
+            else:
+                assert done.data is not None
+                self.repo.backend.put(f"packs/{name}", done.data)
             locs = [(cid, (name, offset, length, raw)) for cid, offset, length, raw in rows]
             with self._lock:
                 self.index.add(locs)
@@ -168,7 +202,7 @@ class SessionWriter:
                 for cid, _ in locs:
                     self._pending.discard(cid)
                 self.packs_written.append(name)
-                self.bytes_stored += len(data)
+                self.bytes_stored += done.size
         except BaseException as exc:
             with self._lock:
                 self._error = exc
@@ -192,6 +226,8 @@ class SessionWriter:
         for pw in open_packs:
             if len(pw):
                 self._submit(pw)
+            else:
+                pw.discard()
         with self._lock:
             uploads, self._uploads = self._uploads, []
         for fut in uploads:
@@ -221,3 +257,8 @@ class SessionWriter:
 
     def close(self) -> None:
         self._pool.shutdown(wait=True)
+        with self._lock:  # an interrupted run: its open packs' staged files go
+            open_packs = list(self._open.values())
+            self._open.clear()
+        for pw in open_packs:
+            pw.discard()

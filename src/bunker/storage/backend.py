@@ -9,12 +9,15 @@ that breaks its prefix's rule (``packs/junk``) is neither written, read, deleted
 
 from __future__ import annotations
 
+import contextlib
+import os
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
 
 from bunker.errors import BunkerError
 from bunker.storage.prefixes import FIXED_NAMES, PREFIXES, name_problem, printable
+from bunker.storage.staged import StagedFile, read_file
 
 __all__ = [
     "FIXED_NAMES",
@@ -106,6 +109,22 @@ class Backend(ABC):
         """Store ``data`` under ``name``. With ``if_absent``, return False (and write nothing)
         when the object already exists; otherwise return True."""
         return self._put(validate_name(name), data, if_absent)
+
+    def stage(self, prefix: str) -> StagedFile | None:
+        """A new file on this machine to build an object of ``prefix`` in, for :meth:`put_staged`;
+        None where objects are built in memory (the default; see storage/staged.py)."""
+        validate_prefix(prefix)
+        return None
+
+    def put_staged(self, name: str, path: str) -> None:
+        """Store the bytes of the file at ``path`` (a closed :meth:`stage` file) under ``name``,
+        as :meth:`put` would; the file is removed once they are stored and stays otherwise."""
+        self._put_staged(validate_name(name), path)
+
+    def _put_staged(self, name: str, path: str) -> None:
+        self._put(name, read_file(path), False)  # uploaded from memory, as put does
+        with contextlib.suppress(OSError):  # stored: a file left behind is swept as a temp file
+            os.unlink(path)
 
     def get(self, name: str, offset: int = 0, length: int | None = None) -> bytes:
         """Return the object's bytes, or ``length`` bytes from ``offset`` (negative offset:

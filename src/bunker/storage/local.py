@@ -30,6 +30,7 @@ from bunker.storage.backend import STRAYS_SHOWN, Backend, Capabilities, ObjectIn
 from bunker.storage.full import FULL_ERRNOS, RepositoryFull, local_disk_full
 from bunker.storage.prefixes import PREFIXES, WRITTEN, name_problem, printable
 from bunker.storage.refused import is_refused_errno, local_refusal
+from bunker.storage.staged import StagedFile, read_file
 
 __all__ = ["FULL_ERRNOS", "FileOps", "LocalBackend", "RepositoryFull", "storage_error"]
 
@@ -141,6 +142,46 @@ class LocalBackend(Backend):
             else:
                 self.ops.fsync_dir(parent)
         self._created_dirs.add(d)
+
+    def stage(self, prefix: str) -> StagedFile | None:
+        """A temp file in ``prefix``'s directory (swept like a killed put's when left behind);
+        None when none can be made there: the object is then built in memory."""
+        d = self._path(validate_prefix(prefix).rstrip("/"))
+        path = os.path.join(d, TEMP_PREFIX + os.urandom(8).hex())
+        try:
+            self._ensure_dir(d)
+            fd = self.ops.create(path)
+        except OSError:
+            return None
+        return StagedFile(path, fd, self.ops)
+
+    def _put_staged(self, name: str, path: str) -> None:
+        # a staged file is durable already (StagedFile.seal): a hard link puts it in place, on
+        # this filesystem, and its staging name goes once the link is durable; from another
+        # filesystem it is copied as a put writes
+        ops = self.ops
+        final = self._path(name)
+        d = os.path.dirname(final)
+        try:
+            self._ensure_dir(d)
+            try:
+                ops.link(path, final)
+            except FileExistsError:
+                ops.replace(path, final)  # what put does: the newer copy stands
+            except OSError as exc:
+                if exc.errno == errno.EXDEV:
+                    self._put(name, read_file(path), False)
+                    ops.unlink(path)
+                    return
+                if exc.errno not in NO_LINKS:
+                    raise
+                self._links = False
+                ops.replace(path, final)
+            ops.fsync_dir(d)
+            if os.path.lexists(path):
+                ops.unlink(path)
+        except OSError as exc:
+            raise storage_error(exc, f"could not write {name} into {self.root}", self.root) from None
 
     def _put(self, name: str, data: bytes | memoryview, if_absent: bool) -> bool:
         ops = self.ops

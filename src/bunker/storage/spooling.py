@@ -25,6 +25,7 @@ from bunker.errors import ObjectMissing, StorageError
 from bunker.storage.backend import Backend, Capabilities, ObjectInfo
 from bunker.storage.local import LocalBackend
 from bunker.storage.refused import NodeStoreFull, StorageRefused
+from bunker.storage.staged import StagedFile
 
 # Copied from the upstream so the spool opens as a repository; never forwarded.
 SEED_PREFIXES = ("config/", "clients/")
@@ -77,6 +78,21 @@ class SpoolingBackend(Backend):
             except StorageError as exc:
                 self._go_offline(exc)
         return self.spool.put(name, data, if_absent=if_absent)
+
+    def stage(self, prefix: str) -> StagedFile | None:
+        """In the spool, on this machine: an upstream that stops answering in the middle of an
+        object must not take the bytes written so far with it (storage/staged.py)."""
+        return self.spool.stage(prefix)
+
+    def _put_staged(self, name: str, path: str) -> None:
+        up = self.upstream
+        if up is not None:
+            try:
+                up.put_staged(name, path)
+                return
+            except StorageError as exc:
+                self._go_offline(exc)
+        self.spool.put_staged(name, path)
 
     def _get(self, name: str, offset: int, length: int | None) -> bytes:
         up = self.upstream
