@@ -23,7 +23,7 @@ from bunker.errors import StorageError
 from bunker.repo import blob
 from bunker.repo.pack import HEADER, PackWriter, decrypt_trailer, open_group_key, parse_footer, unwrap_blob_key
 from bunker.repo.pack_body import FinishedPack
-from bunker.storage.local import FileOps, LocalBackend
+from bunker.storage.local import COPY_STEP, FileOps, LocalBackend
 from bunker.storage.spooling import SpoolingBackend
 from bunker.storage.staged import StagedFile
 from helpers import Repo, js
@@ -117,20 +117,29 @@ def test_a_staging_file_that_fills_up_goes_on_in_memory(tmp_path: Path, fail_at:
 
 
 class NoLinksAcross(FileOps):
-    """Another filesystem: a hard link fails with EXDEV."""
+    """Another filesystem: a hard link fails with EXDEV. Records the largest write."""
+
+    largest = 0
 
     def link(self, src: str, dst: str) -> None:
         raise OSError(errno.EXDEV, "Invalid cross-device link")
 
+    def write(self, fd: int, data: memoryview) -> int:
+        self.largest = max(self.largest, len(data))
+        return super().write(fd, data)
 
-def test_a_staged_file_from_another_filesystem_is_copied(tmp_path: Path) -> None:
+
+def test_a_staged_file_from_another_filesystem_is_copied_piece_by_piece(tmp_path: Path) -> None:
     keys = Keys()
     spool = LocalBackend(str(tmp_path / "spool"), create=True)
-    repo = LocalBackend(str(tmp_path / "r"), create=True, ops=NoLinksAcross())
+    disk = NoLinksAcross()
+    repo = LocalBackend(str(tmp_path / "r"), create=True, ops=disk)
     staged = spool.stage("packs/")
     assert staged is not None
-    done, plain = _build(keys, staged)
+    done, plain = _build(keys, staged, n=240)
+    assert done.size > 2 * COPY_STEP
     repo.put_staged(f"packs/{done.name}", staged.path)
+    assert 0 < disk.largest <= COPY_STEP, "copied in pieces, never read whole into memory"
     _check_pack(keys, done.name, repo.get(f"packs/{done.name}"), plain)
     assert not os.path.exists(staged.path)
     assert _temp_files(tmp_path) == []

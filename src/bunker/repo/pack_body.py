@@ -31,6 +31,9 @@ class PackBody:
 
     def __init__(self, staged: StagedFile | None = None) -> None:
         self._staged = staged
+        # a staged body is hashed as it is written: reading it back at the seal (a map of the
+        # file) counted the whole pack in the process's memory once more
+        self._hasher = blake3.blake3() if staged is not None else None
         self._parts: list[bytes | bytearray] = []
         self.size = 0
 
@@ -47,6 +50,8 @@ class PackBody:
             except OSError:
                 self._to_memory(self.size)
             else:
+                assert self._hasher is not None
+                self._hasher.update(data)
                 self.size += len(data)
                 return
         self._parts.append(data)
@@ -55,11 +60,9 @@ class PackBody:
     def seal(self, tail_for: Callable[[bytes], bytes]) -> FinishedPack:
         """Append ``tail_for(body hash)`` and name the pack by the hash of all of it (the
         staged file is made durable and closed, for Backend.put_staged)."""
-        staged = self._staged
-        if staged is not None:
+        staged, hasher = self._staged, self._hasher
+        if staged is not None and hasher is not None:
             try:
-                hasher = blake3.blake3()
-                hasher.update_mmap(staged.path)  # what was written, read back without the GIL
                 tail = tail_for(hasher.digest())
                 staged.write(tail)
                 staged.seal()
@@ -82,12 +85,12 @@ class PackBody:
         self._parts = []
         if self._staged is not None:
             self._staged.discard()
-            self._staged = None
+            self._staged = self._hasher = None
 
     def _to_memory(self, keep: int) -> None:
         staged = self._staged
         assert staged is not None
-        self._staged = None
+        self._staged = self._hasher = None
         try:
             data = staged.read_back()[:keep]
         except OSError as exc:

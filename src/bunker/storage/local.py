@@ -23,20 +23,21 @@ import os
 import shutil
 import stat
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from bunker.errors import BunkerError, ExitCode, ObjectMissing, StorageError
 from bunker.storage.backend import STRAYS_SHOWN, Backend, Capabilities, ObjectInfo, Strays, validate_prefix
 from bunker.storage.full import FULL_ERRNOS, RepositoryFull, local_disk_full
 from bunker.storage.prefixes import PREFIXES, WRITTEN, name_problem, printable
 from bunker.storage.refused import is_refused_errno, local_refusal
-from bunker.storage.staged import StagedFile, read_file
+from bunker.storage.staged import StagedFile
 
 __all__ = ["FULL_ERRNOS", "FileOps", "LocalBackend", "RepositoryFull", "storage_error"]
 
 TEMP_PREFIX = ".tmp-"
 NO_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS)
 STALE_TEMP_SECONDS = 3600.0
+COPY_STEP = 1 << 20  # a staged file from another filesystem is copied in pieces of this size
 
 
 class FileOps:
@@ -170,7 +171,7 @@ class LocalBackend(Backend):
                 ops.replace(path, final)  # what put does: the newer copy stands
             except OSError as exc:
                 if exc.errno == errno.EXDEV:
-                    self._put(name, read_file(path), False)
+                    self._copy_in(name, path)
                     ops.unlink(path)
                     return
                 if exc.errno not in NO_LINKS:
@@ -184,6 +185,32 @@ class LocalBackend(Backend):
             raise storage_error(exc, f"could not write {name} into {self.root}", self.root) from None
 
     def _put(self, name: str, data: bytes | memoryview, if_absent: bool) -> bool:
+        def fill(fd: int) -> None:
+            self._write_all(fd, memoryview(data))
+
+        return self._put_from(name, fill, if_absent)
+
+    def _write_all(self, fd: int, view: memoryview) -> None:
+        while view:
+            n = self.ops.write(fd, view)
+            view = view[n:]
+
+    def _copy_in(self, name: str, path: str) -> None:
+        """Put the file at ``path`` (on another filesystem) under ``name``, read in COPY_STEP
+        pieces: a pack staged in a spool on the system disk costs no memory of its size on its
+        way to a repository on another disk."""
+        src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+
+            def fill(fd: int) -> None:
+                while piece := os.read(src, COPY_STEP):
+                    self._write_all(fd, memoryview(piece))
+
+            self._put_from(name, fill, False)
+        finally:
+            os.close(src)
+
+    def _put_from(self, name: str, fill: Callable[[int], None], if_absent: bool) -> bool:
         ops = self.ops
         final = self._path(name)
         d = os.path.dirname(final)
@@ -192,10 +219,7 @@ class LocalBackend(Backend):
             self._ensure_dir(d)
             fd = ops.create(tmp)
             try:
-                view = memoryview(data)
-                while view:
-                    n = ops.write(fd, view)
-                    view = view[n:]
+                fill(fd)
                 ops.fsync(fd)
             finally:
                 ops.close(fd)
