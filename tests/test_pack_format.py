@@ -64,7 +64,9 @@ class Built:
             self.plain[cid] = data
             self.k_blobs[cid] = k_blob
         self.entries = list(w.entries)
-        self.name, self.data = w.finish()
+        done = w.seal()  # built in memory: no staged file
+        assert done.data is not None
+        self.name, self.data = done.name, done.data
         self.footer = parse_footer(self.data, len(self.data))
 
     def trailer_plain(self) -> Any:

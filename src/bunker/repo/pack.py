@@ -175,13 +175,6 @@ class PackWriter:
             lambda body_hash: seal_tail(body_hash, self.kind, groups, self._secrets, self._signer, self._cert)
         )
 
-    def finish(self) -> tuple[str, bytes]:
-        """:meth:`seal` for a pack built in memory: (hex name, pack bytes)."""
-        done = self.seal()
-        if done.data is None:
-            raise ValueError("this pack was built in a staged file: seal() gives it")
-        return done.name, done.data
-
     def discard(self) -> None:
         """Drop the pack (nothing of it is stored)."""
         self._body.discard()
