@@ -7,6 +7,9 @@ from the size of the input, and every structural check failure becomes :class:`F
 
 from __future__ import annotations
 
+import contextlib
+import io
+from collections.abc import Iterator
 from typing import Any
 
 import msgpack
@@ -63,6 +66,39 @@ def unpack(data: bytes | memoryview) -> Any:
             max_map_len=n // 2 + 1,
             max_ext_len=0,
         )
+    except Exception as exc:  # msgpack raises many types on bad input
+        raise FormatError(f"not valid msgpack ({type(exc).__name__}: {exc})") from None
+
+
+def stream(data: bytes | memoryview, start: int = 0) -> msgpack.Unpacker:
+    """A decoder that reads untrusted ``data`` (from offset ``start``) one item at a time, with
+    :func:`unpack`'s limits: for objects too large to decode whole at once (an index object's
+    100,000 entries). Use it inside :func:`malformed`, which turns its errors into FormatError."""
+    n = len(data)
+    f = io.BytesIO(data)  # shares ``data``'s buffer: nothing is copied
+    f.seek(start)
+    return msgpack.Unpacker(
+        f,
+        read_size=min(n, 1 << 18) or 1,
+        max_buffer_size=n or 1,
+        raw=False,
+        strict_map_key=False,
+        use_list=True,
+        max_bin_len=n,
+        max_str_len=n,
+        max_array_len=n,
+        max_map_len=n // 2 + 1,
+        max_ext_len=0,
+    )
+
+
+@contextlib.contextmanager
+def malformed() -> Iterator[None]:
+    """Turn what a :func:`stream` decoder raises on bad input into FormatError."""
+    try:
+        yield
+    except FormatError:
+        raise
     except Exception as exc:  # msgpack raises many types on bad input
         raise FormatError(f"not valid msgpack ({type(exc).__name__}: {exc})") from None
 

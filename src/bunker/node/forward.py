@@ -244,7 +244,7 @@ def _packs_indexed(local: LocalBackend, names: list[str], put: PutKey) -> set[st
         try:
             obj = parse_index_frame(local.get(name))
             if obj.body.get("domain") == put.secrets.domain_id:
-                out.update(loc.pack for _, loc in decrypt_index(obj, put.secrets))
+                out.update(decrypt_index(obj, put.secrets).used_packs())
         except (ObjectMissing, encoding.FormatError):
             continue  # sent by another delivery meanwhile, or not readable (it is not sent either)
     return out

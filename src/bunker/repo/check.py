@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import blake3
@@ -37,6 +37,7 @@ from bunker.repo.config_chain import missing_links
 from bunker.repo.holding_records import read_holding
 from bunker.repo.index import decrypt_index, parse_index_frame
 from bunker.repo.leases import sessions
+from bunker.repo.location_arrays import LocationColumns
 from bunker.repo.node_acks import parse_ack, verify_ack
 from bunker.repo.node_certs import parse_node_certificate, trusted_node
 from bunker.repo.objects import (
@@ -516,29 +517,33 @@ class Checker:
             except encoding.FormatError as exc:
                 self.report.add(n, str(exc))
                 continue
-            wrong = 0
-            good: list[tuple[bytes, str]] = []
-            for cid, loc in entries:
-                t = opened.get(loc.pack)
-                if t is None and f"packs/{loc.pack}" in self._vanished:
-                    continue  # deleted by a prune since it was listed (see _settle)
-                if t is None and f"packs/{loc.pack}" in self._upstream:
-                    t = {cid: span(loc.offset, loc.length, loc.raw_length)}  # held upstream: checked there
-                if t is None:
-                    wrong += 1
-                    if wrong <= 5:
-                        self.report.add(
-                            n, f"points chunk {cid.hex()[:16]} to pack {loc.pack[:16]}… which is missing or unreadable"
-                        )
-                    continue
-                if t.get(cid) != span(loc.offset, loc.length, loc.raw_length):
-                    wrong += 1
-                    if wrong <= 5:
-                        self.report.add(n, f"entry for chunk {cid.hex()[:16]} disagrees with pack {loc.pack[:16]}…")
-                    continue
-                good.append((cid, loc.pack))
-            agreed.add(good)
+            agreed.add(self._agreeing(n, entries, opened))
             self.report.counts["index_entries"] += len(entries)
+
+    def _agreeing(self, name: str, entries: LocationColumns, opened: OpenedTrailers) -> Iterator[tuple[bytes, str]]:
+        """(chunk id, pack) of the entries of index object ``name`` that agree with their pack's
+        trailer, one at a time (an object's 100,000 entries are never all held as objects);
+        the first five that do not are reported."""
+        wrong = 0
+        for cid, loc in entries:
+            t = opened.get(loc.pack)
+            if t is None and f"packs/{loc.pack}" in self._vanished:
+                continue  # deleted by a prune since it was listed (see _settle)
+            if t is None and f"packs/{loc.pack}" in self._upstream:
+                t = {cid: span(loc.offset, loc.length, loc.raw_length)}  # held upstream: checked there
+            if t is None:
+                wrong += 1
+                if wrong <= 5:
+                    self.report.add(
+                        name, f"points chunk {cid.hex()[:16]} to pack {loc.pack[:16]}… which is missing or unreadable"
+                    )
+                continue
+            if t.get(cid) != span(loc.offset, loc.length, loc.raw_length):
+                wrong += 1
+                if wrong <= 5:
+                    self.report.add(name, f"entry for chunk {cid.hex()[:16]} disagrees with pack {loc.pack[:16]}…")
+                continue
+            yield cid, loc.pack
 
     def _trailer_again(self, pack: str) -> PackBlobs | None:
         """The trailer of a pack the first pass read, for an index object that appeared since

@@ -9,13 +9,14 @@ Indexes are a cache of the pack trailers: they can always be rebuilt from the pa
 from __future__ import annotations
 
 import os
+from array import array
 from collections.abc import Iterable
 
 from bunker import encoding
 from bunker.crypto import aead
 from bunker.crypto.derive import PutSecrets, keyed_hash
 from bunker.crypto.sign import SigningKey
-from bunker.repo.location_arrays import LocationRow
+from bunker.repo.location_arrays import ID, LocationColumns, LocationRow, check_columns
 from bunker.repo.location_map import Location, LocationMap
 from bunker.repo.objects import MAGIC_INDEX, SignedObject, make_signed, parse_signed
 
@@ -58,24 +59,78 @@ def parse_index_frame(data: bytes) -> SignedObject:
     return obj
 
 
-def decrypt_index(obj: SignedObject, secrets: PutSecrets) -> list[tuple[bytes, Location]]:
-    """Decrypt an index object's entries (with S of its domain)."""
+def decrypt_index(obj: SignedObject, secrets: PutSecrets) -> LocationColumns:
+    """Decrypt an index object's entries (with S of its domain) into columns. The entries are
+    decoded one at a time, so none stays a Python object: decoded whole, the 100,000 entries of
+    a full object took ~75 MB for a moment and three times as long (docs/performance.md)."""
     b = obj.body
     try:
         plain = aead.decrypt(_key(secrets, b["salt"]), b["ct"], secrets.domain_id.encode())
     except aead.DecryptionFailed:
         raise encoding.FormatError("index does not decrypt (altered, or another dedup domain)") from None
-    m = encoding.expect_map(encoding.unpack(plain), "packs", "entries")
-    packs = encoding.field(m, "packs", list)
+    with encoding.malformed():
+        packs, entries_at = _index_fields(plain)
+        columns = _entry_columns(plain, entries_at, packs)
+    check_columns(columns)
+    return columns
+
+
+def _index_fields(plain: bytes) -> tuple[list[str], int]:
+    """The pack names of an index object's plaintext, and where its entries start (they are
+    read in a second pass: the map's keys are sorted, so the entries come before the packs)."""
+    u = encoding.stream(plain)
+    packs: object = None
+    entries_at = -1
+    for _ in range(u.read_map_header()):
+        key = u.unpack()
+        if key == "packs":
+            packs = u.unpack()
+        elif key == "entries":
+            entries_at = u.tell()
+            u.skip()
+        else:
+            u.skip()
+    if u.tell() != len(plain):
+        raise encoding.FormatError("not valid msgpack (extra data after the index)")
+    missing = [k for k, v in (("packs", packs), ("entries", entries_at)) if v is None or v == -1]
+    if missing:
+        raise encoding.FormatError(f"missing field(s): {', '.join(missing)}")
+    if not isinstance(packs, list):
+        raise encoding.FormatError("field 'packs' has the wrong type")
     for p in packs:
         if not (isinstance(p, str) and len(p) == 64 and all(c in "0123456789abcdef" for c in p)):
             raise encoding.FormatError("bad pack name in index")
-    out = []
-    for row in encoding.field(m, "entries", list):
-        if not (isinstance(row, list) and len(row) == 5 and isinstance(row[0], bytes) and len(row[0]) == 32):
+    return packs, entries_at
+
+
+def _entry_columns(plain: bytes, entries_at: int, packs: list[str]) -> LocationColumns:
+    u = encoding.stream(plain, entries_at)
+    try:
+        count = u.read_array_header()
+    except ValueError:
+        raise encoding.FormatError("field 'entries' has the wrong type") from None
+    ids = bytearray()
+    numbers, cols = array("I"), array("Q")
+    add_number, add_cols, row_of, known = numbers.append, cols.extend, u.unpack, len(packs)
+    for _ in range(count):
+        row = row_of()
+        if type(row) is not list or len(row) != 5:
             raise encoding.FormatError("bad index entry")
-        _, pno, off, length, raw = row
-        if not all(type(x) is int and x >= 0 for x in (pno, off, length, raw)) or pno >= len(packs):
+        cid, pno, off, length, raw = row
+        if not (
+            type(cid) is bytes
+            and len(cid) == ID
+            and type(pno) is int
+            and type(off) is int
+            and type(length) is int
+            and type(raw) is int
+            and 0 <= pno < known
+            and off >= 0
+            and length >= 0
+            and raw >= 0
+        ):
             raise encoding.FormatError("bad index entry")
-        out.append((row[0], Location(packs[pno], off, length, raw)))
-    return out
+        ids += cid
+        add_number(pno)
+        add_cols((off, length, raw))
+    return LocationColumns(bytes(ids), packs, numbers, cols)

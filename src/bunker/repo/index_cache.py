@@ -193,7 +193,7 @@ class IndexCache:
                 return CachedIndex("", LocationColumns.from_entries([]))  # another dedup domain: not ours to use
             cert = self.repo.certificate(obj.signer)
             verify(cert.verify_key, MAGIC_INDEX, obj.body_bytes, obj.sig)
-            return CachedIndex(obj.signer, LocationColumns.from_entries(decrypt_index(obj, self.secrets)))
+            return CachedIndex(obj.signer, decrypt_index(obj, self.secrets))
         except (CorruptObject, ObjectMissing, encoding.FormatError, BadSignature) as exc:
             self.problems.append(f"{name}: {exc}")
             return None

@@ -143,6 +143,12 @@ class LocationColumns:
     def __len__(self) -> int:
         return len(self.ids) // ID
 
+    def __iter__(self) -> Iterator[tuple[bytes, Location]]:
+        """The entries as (chunk id, Location) pairs, made one at a time."""
+        ids, packs, cols = self.ids, self.packs, self.cols
+        for i, p in enumerate(self.pack_numbers):
+            yield ids[i * ID : (i + 1) * ID], Location(packs[p], cols[3 * i], cols[3 * i + 1], cols[3 * i + 2])
+
     @classmethod
     def from_entries(cls, entries: Sequence[tuple[bytes, LocationRow]]) -> LocationColumns:
         numbers: dict[str, int] = {}
@@ -172,11 +178,7 @@ class LocationColumns:
 
     def entries(self) -> list[tuple[bytes, Location]]:
         """The entries as (chunk id, Location) pairs."""
-        ids, packs, cols = self.ids, self.packs, self.cols
-        return [
-            (ids[i * ID : (i + 1) * ID], Location(packs[p], cols[3 * i], cols[3 * i + 1], cols[3 * i + 2]))
-            for i, p in enumerate(self.pack_numbers)
-        ]
+        return list(self)
 
     def used_packs(self) -> set[str]:
         """The packs at least one entry names."""
