@@ -66,48 +66,91 @@ def _init(url: str) -> None:
 
 
 def verify_pack(job: PackJob, backend: Backend | None = None) -> PackResult:
-    """Read a pack and verify its name, body hash and every blob (runs in a worker process)."""
+    """Read a pack and verify its name, body hash and every blob (runs in a worker process).
+    The pack is read in pieces of about :data:`PIECE` bytes, each ending where a blob ends, so a
+    worker holds a piece, not the whole pack (16 MiB and more)."""
     backend = backend or _backend
     assert backend is not None
     try:
-        data = backend.get(job.name)
+        return _verify_in_pieces(job, backend)
     except ObjectMissing:
-        return PackResult(0, [], 0, vanished=True)
+        return PackResult(0, [], 0, vanished=True)  # deleted since it was listed (a prune)
     except StorageError:
         raise  # the storage failed, not the pack: the check stops with the storage's error
+    except _Shrunk as exc:
+        return PackResult(exc.bytes_read, [*exc.found, f"its size changed while checking (it had {job.size} B)"], 0)
     except BunkerError as exc:
         return PackResult(0, [f"cannot be read: {exc.message}"], 0)
-    problems = []
-    view = memoryview(data)
-    # one pass for both hashes: the body's (signed in the footer), then on to the whole pack's
-    # (its name); the body is all but the last few KiB
-    threads = blake3.blake3.AUTO if len(data) >= 1 << 22 else 1  # (as content_hash: the last pack has cores to spare)
-    hasher = blake3.blake3(view[: job.body_length], max_threads=threads)
-    body_hash = hasher.digest()
-    hasher.update(view[job.body_length :])
-    if hasher.hexdigest() != job.name.split("/", 1)[1]:
-        problems.append("its bytes do not match its name (altered, truncated or bit rot)")
-    if len(data) != job.size:
-        return PackResult(len(data), [*problems, f"its size changed while checking ({job.size} → {len(data)} B)"], 0)
-    if body_hash != job.body_hash:
-        # keep going: the blob checks below name exactly which chunks are damaged
-        problems.append("pack body does not match its signed hash (altered or bit rot)")
+
+
+PIECE = 8 << 20  # bytes of a pack a worker reads at a time (a blob longer than this: the blob)
+_buffer = bytearray()  # the worker's buffer for them, kept from piece to piece
+
+
+class _Shrunk(Exception):
+    """A read returned fewer bytes than the pack had when it was listed."""
+
+    def __init__(self, bytes_read: int, found: list[str]) -> None:
+        super().__init__(bytes_read)
+        self.bytes_read, self.found = bytes_read, found
+
+
+def pieces(blobs: list[BlobEntry], body_length: int, piece: int = PIECE) -> list[tuple[int, int]]:
+    """(start, end) of the reads that cover a pack body of ``body_length`` bytes in order: each
+    ends where a blob ends, and is at most ``piece`` bytes long unless one blob is longer."""
+    ends = sorted({b.offset + b.length for b in blobs if 0 < b.offset + b.length <= body_length})
+    out, pos, i = [], 0, 0
+    while pos < body_length:
+        while i < len(ends) and ends[i] <= pos:
+            i += 1
+        if i == len(ends):
+            out.append((pos, body_length))  # the bytes after the last blob
+            break
+        j = i
+        while j + 1 < len(ends) and ends[j + 1] - pos <= piece:
+            j += 1
+        out.append((pos, ends[j]))
+        pos = ends[j]
+    return out
+
+
+def _verify_in_pieces(job: PackJob, backend: Backend) -> PackResult:
+    found: list[str] = []  # damaged blobs
+    read = 0
+
+    def get(offset: int, length: int) -> memoryview:
+        """``length`` bytes from ``offset``, in the worker's buffer (valid until the next get)."""
+        global _buffer
+        nonlocal read
+        if len(_buffer) < length:
+            _buffer = bytearray(length)
+        view = memoryview(_buffer)[:length]
+        n = backend.read_into(job.name, offset, view)
+        read += n
+        if n != length:
+            raise _Shrunk(read, found)
+        return view
+
+    # the footer first (the trailer may have to come from this copy), hashed last
+    tail = bytes(get(job.body_length, job.size - job.body_length))
     secrets = _secrets.get(job.secret)
     if secrets is None:
         secrets = _secrets[job.secret] = PutSecrets(job.secret)
     blobs, kind = job.blobs, job.kind
     if blobs is None:
         try:
-            trailer = decrypt_trailer(parse_footer(data, len(data)), secrets)
+            trailer = decrypt_trailer(parse_footer(tail, job.size), secrets)
         except encoding.FormatError as exc:
-            return PackResult(len(data), [*problems, f"its trailer does not open in the copy read now: {exc}"], 0)
+            return PackResult(read, [f"its trailer does not open in the copy read now: {exc}"], 0)
         blobs, kind = trailer.blobs, trailer.kind
     keys = [aead.Cipher(k) for k in job.group_keys]
     bad = 0
-    for b in blobs:
+
+    def check(b: BlobEntry, stored: memoryview) -> None:
+        nonlocal bad
         try:
             k = unwrap_blob_key(keys[b.group], b)
-            plain = blob.decrypt_blob(k, b.chunk_id, view[b.offset : b.offset + b.length], b.raw_length)
+            plain = blob.decrypt_blob(k, b.chunk_id, stored, b.raw_length)
             if not blob.verify_blob(secrets, b.chunk_id, plain):
                 raise blob.BlobError("content does not match its chunk id")
             if kind == KIND_META:
@@ -118,10 +161,40 @@ def verify_pack(job: PackJob, backend: Backend | None = None) -> PackResult:
         except (encoding.FormatError, blob.BlobError) as exc:
             bad += 1
             if bad <= MAX_REPORTED_BLOBS:
-                problems.append(f"chunk {b.chunk_id.hex()[:16]} at offset {b.offset}: {exc}")
+                found.append(f"chunk {b.chunk_id.hex()[:16]} at offset {b.offset}: {exc}")
+
+    # one pass for both hashes: the body's (signed in the footer), then on to the whole pack's
+    # (its name); several threads for big packs (as content_hash: the last pack has cores to spare)
+    hasher = blake3.blake3(max_threads=blake3.blake3.AUTO if job.size >= 1 << 22 else 1)
+    order = sorted(blobs, key=lambda b: b.offset)
+    alone = []  # blobs that overlap others (no writer makes them): each read by itself
+    k = 0
+    for start, end in pieces(blobs, job.body_length, PIECE):
+        view = get(start, end - start)
+        hasher.update(view)
+        while k < len(order) and order[k].offset < end:
+            b = order[k]
+            if b.offset >= start and b.offset + b.length <= end:
+                check(b, view[b.offset - start : b.offset - start + b.length])
+            else:
+                alone.append(b)
+            k += 1
+        del view
+    alone += order[k:]
+    for b in alone:
+        check(b, get(b.offset, b.length) if b.offset + b.length <= job.body_length else memoryview(b""))
+    body_hash = hasher.digest()
+    hasher.update(tail)
+    problems = []
+    if hasher.hexdigest() != job.name.split("/", 1)[1]:
+        problems.append("its bytes do not match its name (altered, truncated or bit rot)")
+    if body_hash != job.body_hash:
+        # the blob checks below name exactly which chunks are damaged
+        problems.append("pack body does not match its signed hash (altered or bit rot)")
+    problems += found
     if bad > MAX_REPORTED_BLOBS:
         problems.append(f"{bad - MAX_REPORTED_BLOBS} more damaged chunks in this pack")
-    return PackResult(len(data), problems, len(blobs) - bad)
+    return PackResult(read, problems, len(blobs) - bad)
 
 
 class PackVerifierPool:

@@ -131,6 +131,18 @@ class Backend(ABC):
         from the end). Raises ObjectMissing when it does not exist."""
         return self._get(validate_name(name), offset, length)
 
+    def read_into(self, name: str, offset: int, buf: memoryview) -> int:
+        """Read up to ``len(buf)`` bytes of the object from ``offset`` (>= 0) into ``buf``;
+        return how many were read (fewer only at the object's end). For a reader that goes
+        through an object in pieces with one buffer (check --read-data's workers): a new buffer
+        per piece costs its page faults again. Raises ObjectMissing."""
+        return self._read_into(validate_name(name), offset, buf)
+
+    def _read_into(self, name: str, offset: int, buf: memoryview) -> int:
+        data = self._get(name, offset, len(buf))
+        buf[: len(data)] = data
+        return len(data)
+
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         """Yield every object whose name starts with ``prefix`` (e.g. ``packs/``). Names that
         break the prefix's rule are left out (strays() reports them): nothing acts on them."""

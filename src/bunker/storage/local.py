@@ -251,18 +251,9 @@ class LocalBackend(Backend):
             raise storage_error(exc, f"could not write {name} into {self.root}", self.root) from None
 
     def _get(self, name: str, offset: int, length: int | None) -> bytes:
-        try:
-            # O_NONBLOCK: a fifo under an object's name must not hang the reader (no effect on
-            # regular files); anything but a regular file is not an object
-            fd = os.open(self._path(name), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise ObjectMissing(name) from None
-        except OSError as exc:
-            raise storage_error(exc, f"could not read {name} from {self.root}", self.root) from None
+        fd = self._open_object(name)
         with open(fd, "rb") as f:
             try:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
-                    raise ObjectMissing(name)
                 if offset < 0:
                     size = os.fstat(fd).st_size
                     f.seek(max(0, size + offset))  # a range larger than the object: all of it
@@ -271,6 +262,41 @@ class LocalBackend(Backend):
                 return f.read() if length is None else f.read(length)
             except OSError as exc:
                 raise storage_error(exc, f"could not read {name} from {self.root}", self.root) from None
+
+    def _read_into(self, name: str, offset: int, buf: memoryview) -> int:
+        fd = self._open_object(name)
+        try:
+            done = 0
+            while done < len(buf):
+                n = os.preadv(fd, [buf[done:]], offset + done)
+                if n == 0:
+                    break
+                done += n
+            return done
+        except OSError as exc:
+            raise storage_error(exc, f"could not read {name} from {self.root}", self.root) from None
+        finally:
+            os.close(fd)
+
+    def _open_object(self, name: str) -> int:
+        """An open descriptor of the regular file of object ``name`` (ObjectMissing otherwise)."""
+        try:
+            # O_NONBLOCK: a fifo under an object's name must not hang the reader (no effect on
+            # regular files); anything but a regular file is not an object
+            fd = os.open(self._path(name), os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise ObjectMissing(name) from None
+        except OSError as exc:
+            raise storage_error(exc, f"could not read {name} from {self.root}", self.root) from None
+        try:
+            regular = stat.S_ISREG(os.fstat(fd).st_mode)
+        except OSError as exc:
+            os.close(fd)
+            raise storage_error(exc, f"could not read {name} from {self.root}", self.root) from None
+        if not regular:
+            os.close(fd)
+            raise ObjectMissing(name)
+        return fd
 
     def _list(self, prefix: str) -> Iterator[ObjectInfo]:
         for e in self._entries(prefix):
