@@ -29,7 +29,8 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from bunker.backup import files_cache as fc
-from bunker.backup.chunk_store import ChunkStore, Halted, Readable
+from bunker.backup.chunk_store import ChunkStore, Halted
+from bunker.backup.chunker import Readable
 from bunker.backup.excludes import PSEUDO_FILESYSTEMS, Excludes, mount_types
 from bunker.backup.file_reader import MAX_REREADS, ReadOutcome, read_stable
 from bunker.backup.hardlinks import HardLinks

@@ -11,11 +11,11 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO
 
 from pyfastcdc import FastCDC
 
-from bunker.backup.chunker import cut, make_cdc
+from bunker.backup.chunker import Readable, cut, make_cdc, stream_chunks
 from bunker.backup.file_reader import read_all
 from bunker.backup.resume import PartialFiles, Tracked
 from bunker.errors import BunkerError, ExitCode
@@ -30,10 +30,6 @@ READ_WHOLE = 8 << 20  # files up to this size are read in one go and cut in memo
 
 class Halted(Exception):
     """The run is stopping (:meth:`ChunkStore.halt`): the file being read is left out."""
-
-
-class Readable(Protocol):
-    def readinto(self, b: memoryview) -> int: ...
 
 
 class ChunkStore:
@@ -129,23 +125,23 @@ class ChunkStore:
         n, nbytes, files = self._totals[root]
         return {"entries": n, "entry_bytes": nbytes, "files": files, "bytes": nbytes}
 
-    def store_stream(self, f: BinaryIO | Readable, track: Tracked | None = None) -> tuple[list[bytes], int]:
+    def store_stream(self, f: Readable | BinaryIO, track: Tracked | None = None) -> tuple[list[bytes], int]:
         """Chunk and store a stream; return (chunk ids, bytes read). ``track``: a large file
         being read (resume.py), perhaps from where a killed run stopped."""
         out: list[bytes] = [p[0] for p in track.pairs] if track else []
         total = sum(int(p[1]) for p in track.pairs) if track else 0
         w = self.writer
-        for c in self._cdc().cut_stream(f):
+        for data in stream_chunks(self._cdc(), f):
             if self.halted:
                 raise Halted
-            cid = blob.chunk_id(w.secrets, c.data)
+            cid = blob.chunk_id(w.secrets, data)
             out.append(cid)
-            total += c.length
+            total += len(data)
             if not w.known(cid):
-                w.store(cid, c.data)
+                w.store(cid, data)
             if track is not None:
-                track.add(cid, c.length)
-            self._count(c.length)
+                track.add(cid, len(data))
+            self._count(len(data))
         return out, total
 
     def consume(self, fd: int, size: int, holes: list[int]) -> tuple[list[bytes], int]:

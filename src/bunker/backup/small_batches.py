@@ -24,7 +24,10 @@ from bunker.backup.small_files import BatchResult, SmallFilePool
 from bunker.repo.session_writer import SessionWriter
 
 SMALL_BATCH_FILES = 256
-SMALL_BATCH_BYTES = 4 << 20
+# a worker holds a batch's blobs twice (as it builds them, then pickled) and the main process
+# receives them whole: 2 MiB batches took the mixed backup's process tree from 134-137 to
+# 110-116 MB at the same speed as 4 MiB ones (docs/performance.md)
+SMALL_BATCH_BYTES = 2 << 20
 
 
 class _Job(Protocol):
