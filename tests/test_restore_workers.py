@@ -82,7 +82,9 @@ def test_a_blob_key_that_does_not_unwrap_in_the_worker_sends_the_file_back(repo:
     cid = blob.chunk_id(put.secrets, data)
     pack = index.locations[cid].pack
     op = reader.open_pack(pack)
-    piece = (pack, *op.entries[cid])
+    entry = op.get(cid)
+    assert entry is not None
+    piece = (pack, *entry)
     target = tmp_path / "t"
     target.mkdir()
     ident = deep_path.confine(bytes(target))

@@ -11,8 +11,8 @@ signature fails"). Such packs are listed in ``damaged`` for the reader to report
 from __future__ import annotations
 
 import threading
+from array import array
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from typing import NamedTuple
 
 from bunker import encoding
@@ -22,17 +22,48 @@ from bunker.crypto.kem import DataPrivateKey
 from bunker.errors import BunkerError, CorruptObject, ObjectMissing
 from bunker.repo import blob
 from bunker.repo.index import Location, LocationMap
-from bunker.repo.pack import BlobEntry, decrypt_trailer, fetch_footer, open_group_key, unwrap_blob_key, verify_footer
+from bunker.repo.pack import (
+    WRAPPED_SIZE,
+    BlobEntry,
+    decrypt_trailer,
+    fetch_footer,
+    open_group_key,
+    unwrap_blob_key,
+    verify_footer,
+)
 from bunker.repo.repository import Repository
 from bunker.storage.backend import Backend
 
 
-@dataclass
 class OpenPack:
-    """A pack's decrypted trailer and opened group keys."""
+    """A pack's decrypted trailer and opened group keys. A restore keeps every pack it opens, so
+    the trailer is kept as columns with a dict from chunk id to row: ~200 B per blob, where a
+    dict of BlobEntry tuples took ~400 (80 MB for a restore of 200,000 small files)."""
 
-    entries: dict[bytes, BlobEntry]
-    group_keys: list[aead.Cipher]
+    __slots__ = ("_rows", "_groups", "_cols", "_wrapped", "group_keys")
+
+    def __init__(self, blobs: list[BlobEntry], group_keys: list[aead.Cipher]) -> None:
+        self._rows = {b.chunk_id: i for i, b in enumerate(blobs)}  # (the last of a repeated id)
+        self._groups = array("I", [b.group for b in blobs])
+        self._cols = array("Q", [x for b in blobs for x in (b.offset, b.length, b.raw_length)])
+        self._wrapped = b"".join(b.wrapped_key for b in blobs)  # WRAPPED_SIZE each (the decoder checks)
+        self.group_keys = group_keys
+
+    def get(self, cid: bytes) -> BlobEntry | None:
+        """The trailer's entry of chunk ``cid``, or None if the pack does not hold it."""
+        i = self._rows.get(cid)
+        if i is None:
+            return None
+        c, k = self._cols, i * WRAPPED_SIZE
+        wrapped = self._wrapped[k : k + WRAPPED_SIZE]
+        return BlobEntry(cid, self._groups[i], c[3 * i], c[3 * i + 1], c[3 * i + 2], wrapped)
+
+    def span(self) -> tuple[int, int]:
+        """(start, end) of the bytes that hold all the pack's blobs ((0, 0): none)."""
+        c = self._cols
+        if not c:
+            return 0, 0
+        return min(c[0::3]), max(off + length for off, length in zip(c[0::3], c[1::3], strict=True))
 
 
 def read_trailer(
@@ -113,13 +144,13 @@ class BlobReader:
                         keys.append(aead.Cipher(open_group_key(sealed, self.data_private, self.secrets.domain_id)))
                     except encoding.FormatError as exc:
                         raise CorruptObject(name, str(exc)) from None
-                op = OpenPack({b.chunk_id: b for b in blobs}, keys)
+                op = OpenPack(blobs, keys)
                 self._packs[pack] = op
         return op
 
     def blob_key(self, pack: str, cid: bytes) -> tuple[BlobEntry, bytes]:
         op = self.open_pack(pack)
-        entry = op.entries.get(cid)
+        entry = op.get(cid)
         if entry is None:
             raise CorruptObject(f"packs/{pack}", f"it does not hold chunk {cid.hex()[:16]} that the index places there")
         try:
@@ -187,9 +218,7 @@ class BlobReader:
             hit = self._spans.get(pack)
             if hit is not None or pack in self._spans:
                 return hit
-        entries = self.open_pack(pack).entries.values()
-        start = min((e.offset for e in entries), default=0)
-        end = max((e.offset + e.length for e in entries), default=0)
+        start, end = self.open_pack(pack).span()
         span: tuple[int, memoryview] | None = None
         if 0 < end - start <= self.SPAN_MAX:
             try:
@@ -238,8 +267,17 @@ def open_blob(secrets: PutSecrets, ref: BlobRef, data: bytes | memoryview) -> by
     return plain
 
 
-# A range read covers at most this much (bounds the memory of a read-ahead).
+# A range read covers at most this much (bounds the memory of a read-ahead, which holds its
+# range until every blob in it is written): over a network, a request per 16 MiB; from a local
+# disk, where a read costs a system call, 4 MiB (three threads restoring large files held 16 MiB
+# each: docs/performance.md).
 MAX_RANGE = 16 << 20
+LOCAL_RANGE = 4 << 20
+
+
+def max_range(backend: Backend) -> int:
+    """The longest range read of ``backend`` that merges neighbouring blobs."""
+    return MAX_RANGE if backend.capabilities().remote else LOCAL_RANGE
 
 
 def prefetch_blobs(backend: Backend, refs: list[BlobRef]) -> dict[tuple[str, int], memoryview]:
@@ -247,6 +285,7 @@ def prefetch_blobs(backend: Backend, refs: list[BlobRef]) -> dict[tuple[str, int
     merged. Returns (pack, offset) -> bytes; blobs whose read failed are left out (a later
     :func:`fetch_blob` of them reports why)."""
     gap = backend.capabilities().range_merge_gap  # neighbours closer than this: one range read
+    longest = max_range(backend)
     by_pack: dict[str, list[tuple[int, int]]] = {}
     for r in refs:
         by_pack.setdefault(r.pack, []).append((r.offset, r.length))
@@ -256,7 +295,7 @@ def prefetch_blobs(backend: Backend, refs: list[BlobRef]) -> dict[tuple[str, int
         i = 0
         while i < len(spans):
             start, end, j = spans[i][0], spans[i][0] + spans[i][1], i + 1
-            while j < len(spans) and spans[j][0] - end <= gap and spans[j][0] + spans[j][1] - start <= MAX_RANGE:
+            while j < len(spans) and spans[j][0] - end <= gap and spans[j][0] + spans[j][1] - start <= longest:
                 end = max(end, spans[j][0] + spans[j][1])
                 j += 1
             try:
@@ -273,8 +312,8 @@ def prefetch_blobs(backend: Backend, refs: list[BlobRef]) -> dict[tuple[str, int
 
 class ReadAhead:
     """Fetch a file's blobs in order with few requests: on a miss, one range read covers the
-    requested blob and the following ones of the same pack (up to MAX_RANGE bytes), so a large
-    file restored from an object store costs a request per ~16 MiB instead of one per chunk."""
+    requested blob and the following ones of the same pack (up to :func:`max_range` bytes), so a
+    large file restored from an object store costs a request per ~16 MiB instead of one per chunk."""
 
     def __init__(self, backend: Backend, secrets: PutSecrets, pieces: list[BlobRef]) -> None:
         self._backend, self._secrets = backend, secrets
@@ -282,6 +321,7 @@ class ReadAhead:
         self._pieces = pieces
         self._cache: dict[tuple[str, int], memoryview] = {}
         self._gap = backend.capabilities().range_merge_gap
+        self._longest = max_range(backend)
 
     def __call__(self, ref: BlobRef) -> bytes:
         key = (ref.pack, ref.offset)
@@ -290,21 +330,21 @@ class ReadAhead:
             self._cache = {}  # what was read ahead and not used is dropped: memory stays bounded
             i = self._order.get(key)
             if i is not None:
-                ahead = [r for r in self._pieces[i:] if r.pack == ref.pack][: MAX_RANGE // max(ref.length, 1) + 1]
-                self._cache = prefetch_blobs(self._backend, _contiguous(ahead, self._gap))
+                ahead = [r for r in self._pieces[i:] if r.pack == ref.pack][: self._longest // max(ref.length, 1) + 1]
+                self._cache = prefetch_blobs(self._backend, _contiguous(ahead, self._gap, self._longest))
                 data = self._cache.pop(key, None)
         if data is None:
             return fetch_blob(self._backend, self._secrets, ref)
         return open_blob(self._secrets, ref, data)
 
 
-def _contiguous(refs: list[BlobRef], gap: int) -> list[BlobRef]:
-    """The leading run of ``refs`` that one range read of at most MAX_RANGE bytes covers."""
+def _contiguous(refs: list[BlobRef], gap: int, longest: int) -> list[BlobRef]:
+    """The leading run of ``refs`` that one range read of at most ``longest`` bytes covers."""
     if not refs:
         return refs
     start, end, n = refs[0].offset, refs[0].offset + refs[0].length, 1
     for r in refs[1:]:
-        if r.offset < start or r.offset - end > gap or r.offset + r.length - start > MAX_RANGE:
+        if r.offset < start or r.offset - end > gap or r.offset + r.length - start > longest:
             break
         end = max(end, r.offset + r.length)
         n += 1

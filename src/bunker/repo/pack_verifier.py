@@ -2,9 +2,10 @@
 
 Per blob the primitives take a few µs (AES-GCM, zstd, keyed BLAKE3) inside ~20 µs of Python, so
 threads serialize on the GIL; processes use every core. The checker's main process verifies the
-pack's footer, signature and trailer and opens its key groups; a worker gets the group keys and
-the trailer's blob list, reads the pack once, and checks its name, its body hash and each blob
-(a tree, in a ``meta`` pack, also against the rules every reader of trees applies).
+pack's footer, signature and trailer and opens its key groups; a worker gets the group keys,
+reads the pack once, in pieces of up to :data:`PIECE` bytes into a buffer it keeps, and checks
+its name, its body hash and each blob (a tree, in a ``meta`` pack, also against the rules every
+reader of trees applies). A piece ends where a blob ends, so each blob is checked whole.
 """
 
 from __future__ import annotations

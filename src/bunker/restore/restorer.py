@@ -32,8 +32,7 @@ from bunker import encoding
 from bunker.errors import BunkerError, CorruptObject, ExitCode, ObjectMissing, RequestedUpstream
 from bunker.fs import deep_path
 from bunker.fs.fsmeta import flag_letters, locked_flags, locked_message, set_flags, unlock
-from bunker.repo.blob_reader import BlobReader, BlobRef, ReadAhead
-from bunker.repo.pack import BlobEntry
+from bunker.repo.blob_reader import BlobReader, BlobRef, OpenPack, ReadAhead
 from bunker.repo.tree import MAX_TREE, TreeBudget, decode_tree
 from bunker.restore.file_writer import (
     MetaNote,
@@ -508,7 +507,7 @@ class Restorer:
             return
         files, self._batch, self._batch_bytes = self._batch, [], 0
         packs = self.reader.packs_of([cid for _, cids, _, _ in files for cid in cids])
-        opened: dict[str | None, dict[bytes, BlobEntry]] = {}
+        opened: dict[str | None, OpenPack] = {}
         keys: dict[str, list[bytes]] = {}
         for pack in set(packs):
             if pack is None:
@@ -517,11 +516,11 @@ class Restorer:
                 op = self.reader.open_pack(pack)
             except BunkerError:
                 continue
-            opened[pack] = op.entries
+            opened[pack] = op
             keys[pack] = [c.key for c in op.group_keys]
         items: list[WireItem] = []
         at = 0
-        none: dict[bytes, BlobEntry] = {}
+        none = OpenPack([], [])
         for path, cids, meta, fresh in files:
             pieces: list[WirePiece] = []
             for cid, pack in zip(cids, packs[at : at + len(cids)], strict=True):
