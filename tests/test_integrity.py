@@ -235,3 +235,39 @@ def test_chunks_no_index_entry_locates_are_named_per_snapshot(template: Repo, tm
     totals = sorted(int(p["problem"].split(" of its ")[1].split()[0]) for p in lost)
     assert counts == totals and sum(totals) == healthy["counts"]["snapshot_chunks"] == doc["counts"]["snapshot_chunks"]
     assert all("bunker index rebuild" in p["problem"] for p in lost)
+
+
+def test_index_entries_that_disagree_with_their_packs_are_named_and_the_rest_agree(
+    template: Repo, tmp_path: Path
+) -> None:
+    """The index check compares every entry with its pack's trailer: an entry with another
+    offset, and one that places a chunk in a pack that does not exist, are named with the index
+    object that holds them; the entries that agree still place their chunks (no snapshot loses
+    any)."""
+    from bunker.repo.index import Location, decrypt_index, make_index, parse_index_frame
+    from bunker.repo.repository import Repository
+
+    path = _copy(template, tmp_path)
+    healthy = js(run_bunker("check", "--json", "--repo", path, env=template.env))
+    r = Repository.open(LocalBackend(str(path)))
+    put = load_put_key(str(template.put_key))
+    cert = r.check_put_key(put)
+    entries = []
+    for p in sorted((path / "index").iterdir()):
+        if not p.name.startswith("."):
+            entries += list(decrypt_index(parse_index_frame(p.read_bytes()), put.secrets))
+    (moved_cid, moved), (lost_cid, lost) = entries[0], entries[-1]
+    nowhere = "ab" * 32
+    wrong = [(moved_cid, Location(moved.pack, moved.offset + 1, moved.length, moved.raw_length))]
+    wrong.append((lost_cid, Location(nowhere, lost.offset, lost.length, lost.raw_length)))
+    name = r.put_object("index", make_index(wrong + entries[1:-1], put.secrets, put.client_key, cert.name))
+    cp = run_bunker("check", "--json", "--repo", path, env=template.env)
+    doc = js(cp)
+    found = sorted(p["problem"] for p in doc["problems"] if p["object"] == name)
+    assert found == [
+        f"entry for chunk {moved_cid.hex()[:16]} disagrees with pack {moved.pack[:16]}…",
+        f"points chunk {lost_cid.hex()[:16]} to pack {nowhere[:16]}… which is missing or unreadable",
+    ], describe(cp)
+    # the other index objects still place those two chunks: the snapshots lose nothing
+    assert [p for p in doc["problems"] if p["object"] != name] == [], describe(cp)
+    assert doc["counts"]["index_entries"] == healthy["counts"]["index_entries"] + len(entries)

@@ -525,25 +525,38 @@ class Checker:
         trailer, one at a time (an object's 100,000 entries are never all held as objects);
         the first five that do not are reported."""
         wrong = 0
-        for cid, loc in entries:
-            t = opened.get(loc.pack)
-            if t is None and f"packs/{loc.pack}" in self._vanished:
-                continue  # deleted by a prune since it was listed (see _settle)
-            if t is None and f"packs/{loc.pack}" in self._upstream:
-                t = {cid: span(loc.offset, loc.length, loc.raw_length)}  # held upstream: checked there
-            if t is None:
+        ids, packs, cols = entries.ids, entries.packs, entries.cols
+        # the columns read directly (a Location per entry cost more than its comparison), and
+        # each pack looked up once per run of its entries (a writer lists them together)
+        last, pack, spans, state = -1, "", None, ""
+        for i, pno in enumerate(entries.pack_numbers):
+            if pno != last:
+                last, pack = pno, packs[pno]
+                spans = opened.get(pack)
+                if spans is not None:
+                    state = "open"
+                elif f"packs/{pack}" in self._vanished:
+                    state = "vanished"  # deleted by a prune since it was listed (see _settle)
+                elif f"packs/{pack}" in self._upstream:
+                    state = "upstream"  # held upstream: checked there
+                else:
+                    state = "missing"
+            cid = ids[32 * i : 32 * i + 32]
+            if state == "vanished":
+                continue
+            if state == "missing":
                 wrong += 1
                 if wrong <= 5:
                     self.report.add(
-                        name, f"points chunk {cid.hex()[:16]} to pack {loc.pack[:16]}… which is missing or unreadable"
+                        name, f"points chunk {cid.hex()[:16]} to pack {pack[:16]}… which is missing or unreadable"
                     )
                 continue
-            if t.get(cid) != span(loc.offset, loc.length, loc.raw_length):
+            if spans is not None and spans.get(cid) != span(cols[3 * i], cols[3 * i + 1], cols[3 * i + 2]):
                 wrong += 1
                 if wrong <= 5:
-                    self.report.add(name, f"entry for chunk {cid.hex()[:16]} disagrees with pack {loc.pack[:16]}…")
+                    self.report.add(name, f"entry for chunk {cid.hex()[:16]} disagrees with pack {pack[:16]}…")
                 continue
-            yield cid, loc.pack
+            yield cid, pack
 
     def _trailer_again(self, pack: str) -> PackBlobs | None:
         """The trailer of a pack the first pass read, for an index object that appeared since
