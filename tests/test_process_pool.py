@@ -71,3 +71,40 @@ def test_the_pipes_hold_a_whole_batch(tmp_path: Path) -> None:
     cp = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
     assert cp.returncode == 0, cp.stderr
     assert cp.stdout.split() == ["3", "True"], cp.stdout + cp.stderr
+
+
+LEFT_SCRIPT = """
+import os, sys, time
+from bunker.process_pool import process_pool
+
+KEPT = []  # the pool stays referenced until the exit (as a command's own objects are)
+
+def main():
+    ready = sys.argv[1]
+    pool = process_pool(1, "os", os.mkdir, (ready,))  # the worker makes ``ready`` once started
+    # what submit does first: a worker is started, the pool's own thread not yet (an interrupt
+    # right here leaves the pool with nothing that would stop the worker)
+    pool._adjust_process_count()
+    KEPT.append(pool)
+    while not os.path.isdir(ready):
+        time.sleep(0.01)
+    time.sleep(0.5)  # ... and waits for a task
+    print(*pool._processes, flush=True)
+
+if __name__ == "__main__":
+    main()
+"""
+
+
+def test_a_worker_started_by_a_pool_nobody_stopped_does_not_hold_up_the_exit(tmp_path: Path) -> None:
+    """multiprocessing waits at exit for the workers the command started, and a worker waits
+    for the command to end: without the SIGTERM at exit, both waited for ever (a restore
+    interrupted while its pool started its first worker did, under load)."""
+    script = tmp_path / "pool_left.py"
+    script.write_text(LEFT_SCRIPT)
+    cp = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "ready")], capture_output=True, text=True, timeout=60
+    )
+    assert cp.returncode == 0, cp.stderr
+    worker = int(cp.stdout.split()[0])
+    assert not Path(f"/proc/{worker}").exists() or b"Z" in Path(f"/proc/{worker}/stat").read_bytes().split(b")")[-1][:3]

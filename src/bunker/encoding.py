@@ -51,21 +51,25 @@ def pack_ordered(value: Any) -> bytes:
     return msgpack.packb(value, use_bin_type=True)  # type: ignore[no-any-return]
 
 
+def _limits(n: int) -> dict[str, Any]:
+    """msgpack's options for decoding ``n`` untrusted bytes: no length may claim more than the
+    input holds (msgpack would allocate for it first)."""
+    return {
+        "raw": False,
+        "strict_map_key": False,
+        "use_list": True,
+        "max_bin_len": n,
+        "max_str_len": n,
+        "max_array_len": n,
+        "max_map_len": n // 2 + 1,
+        "max_ext_len": 0,
+    }
+
+
 def unpack(data: bytes | memoryview) -> Any:
     """Decode msgpack from untrusted bytes; raise FormatError on anything malformed."""
-    n = len(data)
     try:
-        return msgpack.unpackb(
-            data,
-            raw=False,
-            strict_map_key=False,
-            use_list=True,
-            max_bin_len=n,
-            max_str_len=n,
-            max_array_len=n,
-            max_map_len=n // 2 + 1,
-            max_ext_len=0,
-        )
+        return msgpack.unpackb(data, **_limits(len(data)))
     except Exception as exc:  # msgpack raises many types on bad input
         raise FormatError(f"not valid msgpack ({type(exc).__name__}: {exc})") from None
 
@@ -77,19 +81,7 @@ def stream(data: bytes | memoryview, start: int = 0) -> msgpack.Unpacker:
     n = len(data)
     f = io.BytesIO(data)  # shares ``data``'s buffer: nothing is copied
     f.seek(start)
-    return msgpack.Unpacker(
-        f,
-        read_size=min(n, 1 << 18) or 1,
-        max_buffer_size=n or 1,
-        raw=False,
-        strict_map_key=False,
-        use_list=True,
-        max_bin_len=n,
-        max_str_len=n,
-        max_array_len=n,
-        max_map_len=n // 2 + 1,
-        max_ext_len=0,
-    )
+    return msgpack.Unpacker(f, read_size=min(n, 1 << 18) or 1, max_buffer_size=n or 1, **_limits(n))
 
 
 @contextlib.contextmanager

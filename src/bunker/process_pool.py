@@ -17,13 +17,21 @@ result, though: the pool reads results from one pipe, and half a message there s
 reader forever, and with it the command. So a worker that gets SIGTERM takes no new task and
 ends once it is idle (its task's result sent: TERM_IDLE after the task ended), at the latest
 after TERM_LIMIT.
+
+A pool can also be left without having been told to stop: an interrupt that comes while it
+starts a worker (concurrent.futures starts the worker before the thread that would stop it),
+and the pool's shutdown then ends nothing. At exit, multiprocessing waits for every worker the
+command started, and the worker waits for the command to end: both waited for ever. So at exit
+the command first sends SIGTERM to the workers still running (:func:`_end_leftover_workers`).
 """
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fcntl
 import multiprocessing
+import multiprocessing.util
 import os
 import select
 import signal
@@ -37,6 +45,7 @@ POLL_SECONDS = 1.0  # without pidfds: how often a worker looks whether the comma
 TERM_IDLE = 1.0  # after SIGTERM, a worker ends once this long has passed since its last task ended
 TERM_LIMIT = 60.0  # ... and after this long whatever it does
 
+_exit_hook = False  # _end_leftover_workers is registered (once a pool was made)
 _busy = 0  # tasks this worker is running (0 or 1: one task at a time)
 _idle_since = 0.0  # monotonic time its last task ended
 _terminating = False
@@ -84,6 +93,11 @@ def process_pool(
     (and bunker.forkserver_quiet, which keeps a worker handed over while this command was being
     stopped from printing a traceback); each runs ``initializer(*initargs)`` first and exits
     when this process ends."""
+    global _exit_hook
+    if not _exit_hook:
+        # (registered after multiprocessing's own exit function, so it runs before it)
+        atexit.register(_end_leftover_workers)
+        _exit_hook = True
     # forkserver: never fork a process that already runs threads
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload([preload, "bunker.forkserver_quiet"])
@@ -93,6 +107,14 @@ def process_pool(
     )
     _widen_pipes(pool)
     return pool
+
+
+def _end_leftover_workers() -> None:
+    """SIGTERM to every worker this process started that still runs: multiprocessing waits for
+    them at exit, and they end only once idle or told to (see the module's docstring)."""
+    for child in multiprocessing.active_children():
+        with contextlib.suppress(Exception):  # ended meanwhile
+            child.terminate()
 
 
 def prestart(preload: str) -> None:
