@@ -37,7 +37,7 @@ from bunker.repo.config_chain import missing_links
 from bunker.repo.holding_records import read_holding
 from bunker.repo.index import decrypt_index, parse_index_frame
 from bunker.repo.leases import sessions
-from bunker.repo.location_arrays import LocationColumns
+from bunker.repo.location_arrays import ID, LocationColumns
 from bunker.repo.node_acks import parse_ack, verify_ack
 from bunker.repo.node_certs import parse_node_certificate, trusted_node
 from bunker.repo.objects import (
@@ -541,7 +541,7 @@ class Checker:
                     state = "upstream"  # held upstream: checked there
                 else:
                     state = "missing"
-            cid = ids[32 * i : 32 * i + 32]
+            cid = ids[ID * i : ID * (i + 1)]
             if state == "vanished":
                 continue
             if state == "missing":

@@ -92,7 +92,7 @@ def _index_fields(plain: bytes) -> tuple[list[str], int]:
             u.skip()
     if u.tell() != len(plain):
         raise encoding.FormatError("not valid msgpack (extra data after the index)")
-    missing = [k for k, v in (("packs", packs), ("entries", entries_at)) if v is None or v == -1]
+    missing = [k for k, absent in (("packs", packs is None), ("entries", entries_at < 0)) if absent]
     if missing:
         raise encoding.FormatError(f"missing field(s): {', '.join(missing)}")
     if not isinstance(packs, list):

@@ -183,14 +183,14 @@ def _verify_in_pieces(job: PackJob, backend: Backend) -> PackResult:
         del view
     alone += order[k:]
     for b in alone:
-        check(b, get(b.offset, b.length) if b.offset + b.length <= job.body_length else memoryview(b""))
+        check(b, get(b.offset, b.length))  # (the trailer's decoder keeps blobs inside the body)
     body_hash = hasher.digest()
     hasher.update(tail)
     problems = []
     if hasher.hexdigest() != job.name.split("/", 1)[1]:
         problems.append("its bytes do not match its name (altered, truncated or bit rot)")
     if body_hash != job.body_hash:
-        # the blob checks below name exactly which chunks are damaged
+        # the blob checks (in ``found``) name exactly which chunks are damaged
         problems.append("pack body does not match its signed hash (altered or bit rot)")
     problems += found
     if bad > MAX_REPORTED_BLOBS:
