@@ -100,7 +100,7 @@ def parse_signed(data: bytes, magic: bytes) -> SignedObject:
         raise encoding.FormatError("object is too large for its kind")
     if data[:4] != magic:
         raise encoding.FormatError(f"wrong magic {data[:4]!r}, expected {magic!r}")
-    outer = encoding.expect_map(encoding.unpack(data[4:]), "body", "signer", "sig")
+    outer = encoding.expect_map(encoding.unpack(memoryview(data)[4:]), "body", "signer", "sig")
     body_bytes = encoding.field_bytes(outer, "body")
     signer = encoding.field(outer, "signer", str)
     if signer:
