@@ -218,10 +218,10 @@ def _open_for_reading(
     starts while the key is derived)."""
     repo = context.open_repository(opts)
     # the key derivation runs while the snapshot is chosen and its index read (where this
-    # machine's put key is of the snapshot's dedup domain, its secrets are the domain's)
-    master_key = context.start_master(opts, repo, purpose)
-    if workers:
-        prestart(workers)
+    # machine's put key is of the snapshot's dedup domain, its secrets are the domain's), and
+    # the workers' forkserver starts once it is done: Argon2id's 64 MiB is freed by then, so the
+    # two never add up in the command's peak memory (docs/performance.md)
+    master_key = context.start_master(opts, repo, purpose, then=(lambda: prestart(workers)) if workers else None)
     known: list[KnownHead] = []
     put = own_put_key(opts, repo)
     if spec == "latest":
