@@ -264,12 +264,15 @@ class IndexCache:
         self.add_unindexed_packs()
         return len(missing), sum(1 for c in missing if c not in self.locations)
 
-    def record_written(self, name: str, entries: Sequence[tuple[bytes, LocationRow]], signer: str) -> None:
+    def record_written(
+        self, name: str, entries: Sequence[tuple[bytes, LocationRow]] | LocationColumns, signer: str
+    ) -> None:
         """Note an index object this client just wrote, signed by certificate ``signer`` (so
         the next load need not fetch it)."""
         self.objects.add(name)
         if self.cache_dir:
-            self._store_cached(name.split("/", 1)[1], CachedIndex(signer, LocationColumns.from_entries(entries)))
+            columns = entries if isinstance(entries, LocationColumns) else LocationColumns.from_entries(entries)
+            self._store_cached(name.split("/", 1)[1], CachedIndex(signer, columns))
 
 
 class CachedIndex(NamedTuple):

@@ -130,6 +130,54 @@ def check_entry(cid: bytes, offset: int, length: int, raw: int) -> None:
         raise encoding.FormatError(f"index location out of range for chunk {cid.hex()[:16]}")
 
 
+class ColumnsBuilder:
+    """Index entries gathered as columns, pack by pack (~52 B an entry; as a list of
+    ``(chunk id, (pack, offset, length, raw length))`` tuples they took ~150): what a writer
+    indexed since its last index object."""
+
+    def __init__(self) -> None:
+        self._clear()
+
+    def _clear(self) -> None:
+        self.ids = bytearray()
+        self.packs: list[str] = []
+        self._numbers: dict[str, int] = {}
+        self.pack_numbers = array("I")
+        self.cols = array("Q")
+
+    def __len__(self) -> int:
+        return len(self.pack_numbers)
+
+    def add_pack(self, pack: str, rows: Sequence[tuple[bytes, int, int, int]]) -> None:
+        """Add the blobs ``rows`` (chunk id, offset, length, raw length) of ``pack``."""
+        pno = self._numbers.get(pack)
+        if pno is None:
+            pno = self._numbers[pack] = len(self.packs)
+            self.packs.append(pack)
+        for cid, offset, length, raw in rows:
+            self.ids += cid
+            self.cols.extend((offset, length, raw))
+        self.pack_numbers.extend([pno] * len(rows))
+
+    def take(self, batch: int) -> list[LocationColumns]:
+        """Everything gathered, as columns of at most ``batch`` entries each (each naming only
+        the packs its entries are in), and start again empty."""
+        out = []
+        for at in range(0, len(self), batch):
+            numbers: dict[int, int] = {}
+            pnos = array("I", [numbers.setdefault(p, len(numbers)) for p in self.pack_numbers[at : at + batch]])
+            out.append(
+                LocationColumns(
+                    bytes(self.ids[ID * at : ID * (at + batch)]),
+                    [self.packs[p] for p in numbers],
+                    pnos,
+                    self.cols[3 * at : 3 * (at + batch)],
+                )
+            )
+        self._clear()
+        return out
+
+
 @dataclass(frozen=True, slots=True)
 class LocationColumns:
     """Index entries as columns: what one index object holds, read or cached without a Python

@@ -20,7 +20,7 @@ from bunker.repo import index as index_objects
 from bunker.repo.grouped_pack import GroupedPackWriter, GroupRun
 from bunker.repo.index import make_index
 from bunker.repo.index_cache import IndexCache
-from bunker.repo.location_arrays import LocationRow
+from bunker.repo.location_arrays import ColumnsBuilder
 from bunker.repo.pack import KIND_DATA, PackWriter
 from bunker.repo.pack_body import FinishedPack
 from bunker.repo.repository import Repository
@@ -61,7 +61,7 @@ class SessionWriter:
         in_flight = uploads_in_flight()
         self._upload_slots = threading.BoundedSemaphore(in_flight)
         self._pool = ThreadPoolExecutor(in_flight, thread_name_prefix="bunker-upload")
-        self._new_entries: list[tuple[bytes, LocationRow]] = []
+        self._new_entries = ColumnsBuilder()
         self.packs_written: list[str] = []
         self.bytes_stored = 0  # bytes of the packs stored so far
         self.bytes_added = 0  # stored (encrypted) bytes of new blobs
@@ -198,7 +198,7 @@ class SessionWriter:
             locs = [(cid, (name, offset, length, raw)) for cid, offset, length, raw in rows]
             with self._lock:
                 self.index.add(locs)
-                self._new_entries.extend(locs)
+                self._new_entries.add_pack(name, rows)
                 for cid, _ in locs:
                     self._pending.discard(cid)
                 self.packs_written.append(name)
@@ -240,11 +240,11 @@ class SessionWriter:
         uploads in flight). Called every flush interval, so a killed run loses at most about
         that much work: the next run finds its packs in the index and deduplicates."""
         with self._lock:
-            entries, self._new_entries = self._new_entries, []
+            batches = self._new_entries.take(index_objects.INDEX_BATCH)
         self._last_index = time.monotonic()
         name = None
-        for at in range(0, len(entries), index_objects.INDEX_BATCH):
-            batch = entries[at : at + index_objects.INDEX_BATCH]
+        while batches:
+            batch = batches.pop(0)
             name = self.repo.put_object("index", make_index(batch, self.secrets, self.put.client_key, self.cert_name))
             self.index.record_written(name, batch, self.cert_name)
         return name
