@@ -35,7 +35,7 @@ from bunker.repo.checkpoint_roots import read_checkpoint_root
 from bunker.repo.config import FORMAT_VERSION, parse_config
 from bunker.repo.config_chain import missing_links
 from bunker.repo.holding_records import read_holding
-from bunker.repo.index import decrypt_index, parse_index_frame
+from bunker.repo.index import decrypt_index_ct, parse_index_frame
 from bunker.repo.leases import sessions
 from bunker.repo.location_arrays import ID, LocationColumns
 from bunker.repo.node_acks import parse_ack, verify_ack
@@ -197,6 +197,10 @@ class Checker:
             heap.give_back()
             self.progress("snapshots")
             self._check_snapshots(names["snapshots"], names["retired"], set(names["packs"]), self._agreed)
+            # where chunks are is not needed any more: gone before the wait for the workers (a
+            # check of 200,000 chunks held ~10 MB of it while they verified)
+            self._agreed, self._trailers = AgreedCopies(), {}
+            heap.give_back()
         except BaseException:
             self._finish_verifying(cancel=True)  # stopped (Ctrl-C) or failed: not worth waiting for
             raise
@@ -524,8 +528,12 @@ class Checker:
         secrets = self._secrets_for_domain(obj.body["domain"])
         if secrets is None:
             return None
+        # only the salt and the ciphertext are kept: the signed bytes go now, the ciphertext
+        # once decrypted (~5 MB each for a full object)
+        body = obj.body
+        del obj
         try:
-            return decrypt_index(obj, secrets)
+            return decrypt_index_ct(body["salt"], body.pop("ct"), secrets)
         except encoding.FormatError as exc:
             self.report.add(n, str(exc))
             return None

@@ -22,7 +22,7 @@ from bunker.repo.location_arrays import ID, LocationColumns, LocationRow, check_
 from bunker.repo.location_map import Location, LocationMap
 from bunker.repo.objects import MAGIC_INDEX, SignedObject, make_signed, parse_signed
 
-__all__ = ["Location", "LocationMap", "decrypt_index", "make_index", "parse_index_frame"]
+__all__ = ["Location", "LocationMap", "decrypt_index", "decrypt_index_ct", "make_index", "parse_index_frame"]
 
 
 def _key(secrets: PutSecrets, salt: bytes) -> bytes:
@@ -80,11 +80,18 @@ def decrypt_index(obj: SignedObject, secrets: PutSecrets) -> LocationColumns:
     """Decrypt an index object's entries (with S of its domain) into columns. The entries are
     decoded one at a time, so none stays a Python object: decoded whole, the 100,000 entries of
     a full object took ~75 MB for a moment and three times as long (docs/performance.md)."""
-    b = obj.body
+    return decrypt_index_ct(obj.body["salt"], obj.body["ct"], secrets)
+
+
+def decrypt_index_ct(salt: bytes, ct: bytes, secrets: PutSecrets) -> LocationColumns:
+    """:func:`decrypt_index` of an object's salt and ciphertext alone (whose signature the
+    caller verified): a caller that holds no other reference to ``ct`` has it freed once it is
+    decrypted, before the entries are decoded (~5 MB for a full object)."""
     try:
-        plain = aead.decrypt(_key(secrets, b["salt"]), b["ct"], secrets.domain_id.encode())
+        plain = aead.decrypt(_key(secrets, salt), ct, secrets.domain_id.encode())
     except aead.DecryptionFailed:
         raise encoding.FormatError("index does not decrypt (altered, or another dedup domain)") from None
+    del ct
     with encoding.malformed():
         packs, entries_at = _index_fields(plain)
         columns = _entry_columns(plain, entries_at, packs)
