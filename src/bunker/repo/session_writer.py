@@ -244,7 +244,7 @@ class SessionWriter:
         self._last_index = time.monotonic()
         name = None
         while batches:
-            batch = batches.pop(0)
+            batch = batches.pop(0)  # (each batch's columns go once its object is written)
             name = self.repo.put_object("index", make_index(batch, self.secrets, self.put.client_key, self.cert_name))
             self.index.record_written(name, batch, self.cert_name)
         return name
