@@ -41,6 +41,8 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from typing import Any
 
+from bunker import cycle_collector
+
 POLL_SECONDS = 1.0  # without pidfds: how often a worker looks whether the command still runs
 TERM_IDLE = 1.0  # after SIGTERM, a worker ends once this long has passed since its last task ended
 TERM_LIMIT = 60.0  # ... and after this long whatever it does
@@ -175,6 +177,7 @@ def _start_worker(command: int, initializer: Callable[..., None], initargs: tupl
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _on_term)
     watch_command(command)
+    cycle_collector.tune()
     initializer(*initargs)
 
 

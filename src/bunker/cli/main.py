@@ -11,7 +11,7 @@ from typing import Any, TypeVar
 
 import click
 
-from bunker import dirs, interrupt
+from bunker import cycle_collector, dirs, interrupt
 from bunker.build_info import version_text
 from bunker.child_env import withhold_secrets
 from bunker.cli import interrupted
@@ -159,6 +159,7 @@ def cli() -> None:
 def main() -> None:
     withhold_secrets()  # before anything can start a child process
     limit_malloc_arenas()
+    cycle_collector.tune()
     cli(prog_name="bunker")
 
 
