@@ -9,7 +9,8 @@ time nor that of the workers it forked reaches bunker's parent: `/usr/bin/time b
 only the main process and undercounts CPU by ~40% on a small-file backup. This wrapper marks itself
 PR_SET_CHILD_SUBREAPER, so orphaned descendants are re-parented to it, and waits for every one of
 them before exiting: /usr/bin/time's user/sys then cover the whole process tree. Its own overhead
-is one Python start-up (~15 ms, no imports beyond the standard library's os/ctypes).
+is one Python start-up: run it with ``python -S`` (it needs only the standard library), so that
+no site-packages ``.pth`` file runs for it (one that imported ``certifi`` cost ~20 ms a run here).
 
 Peak RSS from /usr/bin/time stays the maximum of any *single* process. With BENCH_MEM_LOG=FILE the
 wrapper also samples, every BENCH_MEM_INTERVAL s (default 0.2), the summed RSS and PSS of the whole

@@ -86,7 +86,9 @@ if [ -z "${BUNKER:-}" ]; then
     BUNKER=$(command -v bunker) || { echo "run.sh: bunker not on PATH" >&2; exit 2; }
     case $BUNKER in */shims/*) BUNKER=$(pyenv which bunker 2>/dev/null || echo "$BUNKER") ;; esac
   fi
-  [ "${REAP:-1}" = 1 ] && BUNKER="$PY $HERE/reap.py $BUNKER"
+  # -S: the wrapper needs only the standard library; without it every timed run also paid the
+  # start-up of site-packages (.pth files) for the wrapper, which is not bunker's work
+  [ "${REAP:-1}" = 1 ] && BUNKER="$PY -S $HERE/reap.py $BUNKER"
 fi
 export BUNKER
 
