@@ -37,6 +37,13 @@ from helpers import (  # noqa: E402
 )
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The long stress runs (marked slow) first: with two xdist workers, one that drew a
+    2-minute test last ran alone at the end while the other sat idle; started first, they run
+    beside the many short tests, and the suite's end is short tests on both workers."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # (a stable sort)
+
+
 @pytest.fixture(autouse=True)
 def _isolate(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     """In-process code (fuzzing, storage tests) must not see the developer's bunker settings."""
