@@ -1442,3 +1442,22 @@ def serve_socket(sock: Path, repo_path: Path) -> Iterator[subprocess.Popen[bytes
     finally:
         server.terminate()
         server.wait(10)
+
+
+def processes_started(repo: Repo, *args: str | os.PathLike[str]) -> int:
+    """Run ``bunker ARGS --repo REPO`` (it must succeed) and count the processes it started
+    (a pool's forkserver and what that forks live until the command ends, so polling sees them)."""
+    proc = subprocess.Popen(
+        [BUNKER, *(os.fspath(a) for a in args), "--repo", str(repo.path)],
+        env=repo.env,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    seen: set[int] = set()
+    while proc.poll() is None:
+        seen.update(_descendants(proc.pid))
+        time.sleep(0.005)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err
+    return len(seen)

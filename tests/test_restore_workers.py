@@ -21,7 +21,7 @@ from bunker.restore import workers
 from bunker.restore.file_writer import WriteResult
 from bunker.restore.restorer import SMALL_POOL_AFTER
 from bunker.storage.local import LocalBackend
-from helpers import PASSPHRASE, Repo, describe, js, restored_path
+from helpers import PASSPHRASE, Repo, describe, js, processes_started, restored_path
 
 COUNT = SMALL_POOL_AFTER + 300  # the last ones are written by the worker processes
 
@@ -103,3 +103,22 @@ def test_a_blob_key_that_does_not_unwrap_in_the_worker_sends_the_file_back(repo:
         assert (target / "one").read_bytes() == data and (target / "one").stat().st_mode & 0o777 == 0o640
     finally:
         deep_path.release(bytes(target))
+
+
+def test_a_restore_starts_worker_processes_only_for_a_snapshot_that_needs_them(repo: Repo, tmp_path: Path) -> None:
+    few = tmp_path / "few"
+    few.mkdir()
+    for i in range(20):
+        (few / f"f{i}").write_bytes(os.urandom(1000))
+    repo.backup(few)
+    # 20 chunks: the workers would never run
+    assert processes_started(repo, "restore", "latest", "--target", tmp_path / "t1") == 0
+
+    many = tmp_path / "many"
+    many.mkdir()
+    for i in range(COUNT):
+        (many / f"f{i:05d}").write_bytes(os.urandom(100))
+    repo.backup(many)
+    # the forkserver, the resource tracker and the workers
+    assert processes_started(repo, "restore", "latest", "--target", tmp_path / "t2") >= 3
+    assert len(list((restored_path(tmp_path / "t2", many)).iterdir())) == COUNT

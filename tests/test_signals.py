@@ -121,7 +121,8 @@ def _pool_started(proc: subprocess.Popen[bytes]) -> bool:
 
 def _workers_started(proc: subprocess.Popen[bytes]) -> bool:
     """Worker processes run (forked by the forkserver, they share its command line): a restore
-    starts its forkserver early, while the master key is derived, before it writes anything."""
+    of a snapshot of more than 1,000 chunks starts its forkserver once the master key is derived
+    and the snapshot's index read, before it writes anything."""
     return sum("forkserver" in _cmdline(p) for p in _descendants(proc.pid)) >= 2
 
 

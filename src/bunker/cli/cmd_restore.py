@@ -7,6 +7,7 @@ import datetime
 import os
 import stat
 import sys
+import threading
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -42,7 +43,7 @@ from bunker.repo.tree import TreeBudget
 from bunker.restore.batches import restore_in_batches
 from bunker.restore.evicted import evicted_packs, wait_for_evicted_packs
 from bunker.restore.lease import RestoreLease
-from bunker.restore.restorer import Restorer
+from bunker.restore.restorer import SMALL_POOL_AFTER, Restorer
 from bunker.runlog import RunLog, display_path
 
 if TYPE_CHECKING:
@@ -218,10 +219,8 @@ def _open_for_reading(
     starts while the key is derived)."""
     repo = context.open_repository(opts)
     # the key derivation runs while the snapshot is chosen and its index read (where this
-    # machine's put key is of the snapshot's dedup domain, its secrets are the domain's), and
-    # the workers' forkserver starts once it is done: Argon2id's 64 MiB is freed by then, so the
-    # two never add up in the command's peak memory (docs/performance.md)
-    master_key = context.start_master(opts, repo, purpose, then=(lambda: prestart(workers)) if workers else None)
+    # machine's put key is of the snapshot's dedup domain, its secrets are the domain's)
+    master_key = context.start_master(opts, repo, purpose)
     known: list[KnownHead] = []
     put = own_put_key(opts, repo)
     if spec == "latest":
@@ -253,6 +252,13 @@ def _open_for_reading(
             cache_dir = client_cache(repo, own)
     locations = _snapshot_index(repo, rec, secrets, cache_dir)
     master = master_key()
+    if workers and (repo.backend.capabilities().remote or len(locations) > SMALL_POOL_AFTER):
+        # the workers' forkserver starts now, beside the root tree's reading, not when the first
+        # batch is handed over; after the key's derivation, so Argon2id's 64 MiB and the
+        # forkserver never add up in the command's peak memory (docs/performance.md). A snapshot
+        # of fewer chunks than the small files that start the workers never needs them: its
+        # restore starts no process
+        threading.Thread(target=prestart, args=(workers,), name="bunker-forkserver-start", daemon=True).start()
     try:
         body = open_body(rec.snap, master.data_private)
     except Exception as exc:

@@ -7,7 +7,6 @@ a repository whose config is not signed by that key's master is refused.
 
 from __future__ import annotations
 
-import contextlib
 import getpass
 import os
 import sys
@@ -172,14 +171,11 @@ def load_master(opts: Options, repo: Repository, purpose: str) -> MasterKey:
     return start_master(opts, repo, purpose)()
 
 
-def start_master(
-    opts: Options, repo: Repository, purpose: str, then: Callable[[], None] | None = None
-) -> Callable[[], MasterKey]:
+def start_master(opts: Options, repo: Repository, purpose: str) -> Callable[[], MasterKey]:
     """:func:`load_master` in two halves: the key file is found and the passphrase asked now,
     the key derivation (Argon2id: a fraction of a second of CPU, which runs without the
     interpreter's lock) runs in a thread, so the caller reads what needs no key meanwhile. The function returned
-    waits for the key and raises what load_master would (a wrong passphrase). ``then`` runs in
-    that thread once the key is derived (its errors are left to the caller's own attempt)."""
+    waits for the key and raises what load_master would (a wrong passphrase)."""
     path = _master_path(opts, repo, purpose)
     pw = passphrase()
     got: list[MasterKey | BaseException] = []
@@ -189,10 +185,6 @@ def start_master(
             got.append(load_master_key(path, pw))
         except BaseException as exc:  # handed to the caller's thread, which raises it
             got.append(exc)
-            return
-        if then is not None:
-            with contextlib.suppress(Exception):
-                then()
 
     thread = threading.Thread(target=derive, name="bunker-key-derivation", daemon=True)
     thread.start()

@@ -62,7 +62,7 @@ from bunker.repo.pack import (
     parse_footer,
     verify_footer,
 )
-from bunker.repo.pack_verifier import PackJob, PackResult, PackVerifierPool
+from bunker.repo.pack_verifier import IN_PROCESS_PACKS, PackJob, PackResult, PackVerifierPool
 from bunker.repo.policy import read_policies
 from bunker.repo.repository import Repository
 from bunker.repo.status_records import status_problems
@@ -332,7 +332,10 @@ class Checker:
         lock = threading.Lock()
         # (not waiting: the jobs are handed to the workers from a thread of the pool's own while
         # the caller checks the index objects and the snapshots)
-        verifier = PackVerifierPool(self.backend.url, queued=not wait) if self.master is not None and data else None
+        verifier = None
+        if self.master is not None and data:
+            few = len(names) <= IN_PROCESS_PACKS  # verified on a thread here, no worker process
+            verifier = PackVerifierPool(self.backend.url, queued=not wait, backend=self.backend if few else None)
         if verifier is not None:
             self._verifying.append(verifier)
 

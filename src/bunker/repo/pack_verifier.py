@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
@@ -31,6 +31,7 @@ from bunker.storage import Backend, open_backend
 
 MAX_REPORTED_BLOBS = 10  # per pack: the count says how many more
 JOBS_PER_WORKER = 2  # packs handed to the workers at once, per worker: one running, one waiting
+IN_PROCESS_PACKS = 2  # a check of this many packs or fewer verifies them in its own process
 
 
 @dataclass(frozen=True)
@@ -85,7 +86,9 @@ def verify_pack(job: PackJob, backend: Backend | None = None) -> PackResult:
 
 
 PIECE = 8 << 20  # bytes of a pack a worker reads at a time (a blob longer than this: the blob)
-_buffer = bytearray()  # the worker's buffer for them, kept from piece to piece
+# the buffer for them, kept from piece to piece: one per thread (a worker process verifies on one;
+# a pool that verifies in the command's own process, on a thread of its own)
+_buffers = threading.local()
 
 
 class _Shrunk(Exception):
@@ -120,12 +123,12 @@ def _verify_in_pieces(job: PackJob, backend: Backend) -> PackResult:
     read = 0
 
     def get(offset: int, length: int) -> memoryview:
-        """``length`` bytes from ``offset``, in the worker's buffer (valid until the next get)."""
-        global _buffer
+        """``length`` bytes from ``offset``, in the thread's buffer (valid until the next get)."""
         nonlocal read
-        if len(_buffer) < length:
-            _buffer = bytearray(length)
-        view = memoryview(_buffer)[:length]
+        buffer: bytearray = getattr(_buffers, "buffer", bytearray())
+        if len(buffer) < length:
+            buffer = _buffers.buffer = bytearray(length)
+        view = memoryview(buffer)[:length]
         n = backend.read_into(job.name, offset, view)
         read += n
         if n != length:
@@ -203,12 +206,17 @@ class PackVerifierPool:
     :data:`JOBS_PER_WORKER` jobs per worker are submitted at once (a job may hold its pack's
     whole trailer): :meth:`submit` waits for room. A pool made with ``queued`` takes jobs
     without waiting and hands them to the workers from a thread of its own once :meth:`close`
-    says there are no more, so its caller goes on with other work meanwhile."""
+    says there are no more, so its caller goes on with other work meanwhile.
 
-    def __init__(self, url: str, queued: bool = False) -> None:
+    Made with ``backend`` (the caller's, for a check of a few packs: :data:`IN_PROCESS_PACKS`),
+    it verifies on one thread of this process instead: starting a forkserver, a resource tracker
+    and a worker per core costs more CPU (~0.3 s) than verifying a pack or two."""
+
+    def __init__(self, url: str, queued: bool = False, backend: Backend | None = None) -> None:
         self._url = url
+        self._backend = backend
         self._workers = os.cpu_count() or 2
-        self._pool: ProcessPoolExecutor | None = None
+        self._pool: Executor | None = None
         self._room = threading.BoundedSemaphore(JOBS_PER_WORKER * self._workers)
         self._running = 0  # jobs submitted whose ``done`` has not returned yet
         self._idle = threading.Condition()
@@ -246,13 +254,16 @@ class PackVerifierPool:
     def _hand_over(self, job: PackJob, done: Callable[[Future[PackResult]], None], room: bool = False) -> None:
         """Submit ``job`` once there is room (``room``: the caller took it already)."""
         if self._pool is None:
-            self._pool = process_pool(self._workers, "bunker.repo.pack_verifier", _init, (self._url,))
+            if self._backend is not None:
+                self._pool = ThreadPoolExecutor(1, thread_name_prefix="bunker-verify")
+            else:
+                self._pool = process_pool(self._workers, "bunker.repo.pack_verifier", _init, (self._url,))
         if not room:
             self._room.acquire()
         with self._idle:
             self._running += 1
         try:
-            fut = self._pool.submit(verify_pack, job)
+            fut = self._pool.submit(verify_pack, job, self._backend)
         except BaseException:
             self._ended()
             raise

@@ -1,0 +1,43 @@
+"""check --read-data of a repository of a few packs verifies them on a thread of its own process
+(repo/pack_verifier.py, IN_PROCESS_PACKS): no forkserver and workers for a pack or two, and a
+damaged blob is found there as in a worker."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from bunker.repo.pack_verifier import IN_PROCESS_PACKS
+from helpers import Repo, js, processes_started
+
+
+def test_a_few_packs_are_verified_without_worker_processes_and_damage_is_found(repo: Repo, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "a.bin").write_bytes(os.urandom(300_000))
+    repo.backup(src)
+    packs = repo.objects("packs")
+    assert 1 <= len(packs) <= IN_PROCESS_PACKS
+    assert processes_started(repo, "check", "--read-data") == 0
+
+    # a byte of the data pack's body flipped: its blob fails in the in-process verifier
+    pack = max(packs, key=lambda p: p.stat().st_size)
+    data = bytearray(pack.read_bytes())
+    data[100] ^= 0x40
+    pack.chmod(0o600)
+    pack.write_bytes(bytes(data))
+    cp = repo.run("check", "--read-data", "--json")
+    assert cp.returncode != 0
+    doc = js(cp)
+    assert doc["ok"] is False
+    assert any(pack.name in str(p) for p in doc["problems"]), doc["problems"]
+
+
+def test_more_packs_are_verified_by_worker_processes(repo: Repo, tmp_path: Path) -> None:
+    for i in range(IN_PROCESS_PACKS + 1):  # each backup's data pack is a pack of its own
+        src = tmp_path / f"src{i}"
+        src.mkdir()
+        (src / "a.bin").write_bytes(os.urandom(100_000))
+        repo.backup(src)
+    assert len(repo.objects("packs")) > IN_PROCESS_PACKS
+    assert processes_started(repo, "check", "--read-data") >= 3  # the forkserver, the tracker, workers
