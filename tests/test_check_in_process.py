@@ -1,13 +1,13 @@
-"""check --read-data of a repository of a few packs verifies them on a thread of its own process
-(repo/pack_verifier.py, IN_PROCESS_PACKS): no forkserver and workers for a pack or two, and a
-damaged blob is found there as in a worker."""
+"""check --read-data of a repository of few bytes of packs verifies them on a thread of its own
+process (repo/pack_verifier.py, IN_PROCESS_BYTES): no forkserver and workers for a pack or two,
+and a damaged blob is found there as in a worker."""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
-from bunker.repo.pack_verifier import IN_PROCESS_PACKS
+from bunker.repo.pack_verifier import IN_PROCESS_BYTES
 from helpers import Repo, js, processes_started
 
 
@@ -17,7 +17,7 @@ def test_a_few_packs_are_verified_without_worker_processes_and_damage_is_found(r
     (src / "a.bin").write_bytes(os.urandom(300_000))
     repo.backup(src)
     packs = repo.objects("packs")
-    assert 1 <= len(packs) <= IN_PROCESS_PACKS
+    assert 0 < sum(p.stat().st_size for p in packs) <= IN_PROCESS_BYTES
     assert processes_started(repo, "check", "--read-data") == 0
 
     # a byte of the data pack's body flipped: its blob fails in the in-process verifier
@@ -33,11 +33,11 @@ def test_a_few_packs_are_verified_without_worker_processes_and_damage_is_found(r
     assert any(pack.name in str(p) for p in doc["problems"]), doc["problems"]
 
 
-def test_more_packs_are_verified_by_worker_processes(repo: Repo, tmp_path: Path) -> None:
-    for i in range(IN_PROCESS_PACKS + 1):  # each backup's data pack is a pack of its own
-        src = tmp_path / f"src{i}"
-        src.mkdir()
-        (src / "a.bin").write_bytes(os.urandom(100_000))
-        repo.backup(src)
-    assert len(repo.objects("packs")) > IN_PROCESS_PACKS
+def test_more_bytes_are_verified_by_worker_processes(repo: Repo, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(3):  # random: stored as they are
+        (src / f"{i}.bin").write_bytes(os.urandom(IN_PROCESS_BYTES // 2))
+    repo.backup(src)
+    assert sum(p.stat().st_size for p in repo.objects("packs")) > IN_PROCESS_BYTES
     assert processes_started(repo, "check", "--read-data") >= 3  # the forkserver, the tracker, workers

@@ -32,7 +32,7 @@ from bunker.repo.certs import Certificate, parse_certificate
 from bunker.repo.check_report import CheckReport
 from bunker.repo.check_snapshots import Fresh, Pending, SnapshotChecks
 from bunker.repo.checkpoint_roots import read_checkpoint_root
-from bunker.repo.config import FORMAT_VERSION, parse_config
+from bunker.repo.config import DEFAULT_PACKS, FORMAT_VERSION, parse_config
 from bunker.repo.config_chain import missing_links
 from bunker.repo.holding_records import read_holding
 from bunker.repo.index import decrypt_index_ct, parse_index_frame
@@ -62,7 +62,7 @@ from bunker.repo.pack import (
     parse_footer,
     verify_footer,
 )
-from bunker.repo.pack_verifier import IN_PROCESS_PACKS, PackJob, PackResult, PackVerifierPool
+from bunker.repo.pack_verifier import IN_PROCESS_BYTES, PackJob, PackResult, PackVerifierPool
 from bunker.repo.policy import read_policies
 from bunker.repo.repository import Repository
 from bunker.repo.status_records import status_problems
@@ -120,6 +120,7 @@ class Checker:
         self._agreed = AgreedCopies()  # see _check_indexes
         self._read_before: set[str] = set()  # packs whose trailers the first pass read (see run)
         self._names: dict[str, list[str]] = {}
+        self._pack_sizes: dict[str, int] = {}  # bytes of each pack listed at the start
         self._verifying: list[PackVerifierPool] = []  # pools whose workers may still verify blobs
         self._verify_error: StorageError | None = None  # the first storage failure a worker met
 
@@ -147,6 +148,7 @@ class Checker:
         infos = {p: list(self.backend.list(p + "/")) for p in LIST_ORDER if p in WRITTEN}
         names = {p: [i.name for i in infos[p]] for p in WRITTEN}
         self._names = names
+        self._pack_sizes = {i.name: i.size for i in infos["packs"]}
         self._stored = {i.name: i.mtime for i in infos["snapshots"]}
         for p, ns in names.items():
             r.counts[p] = len(ns)
@@ -334,7 +336,9 @@ class Checker:
         # the caller checks the index objects and the snapshots)
         verifier = None
         if self.master is not None and data:
-            few = len(names) <= IN_PROCESS_PACKS  # verified on a thread here, no worker process
+            # few bytes: verified on a thread here, no worker process (a pack listed since the
+            # start counts as a full one)
+            few = sum(self._pack_sizes.get(n, DEFAULT_PACKS["target"]) for n in names) <= IN_PROCESS_BYTES
             verifier = PackVerifierPool(self.backend.url, queued=not wait, backend=self.backend if few else None)
         if verifier is not None:
             self._verifying.append(verifier)

@@ -31,7 +31,9 @@ from bunker.storage import Backend, open_backend
 
 MAX_REPORTED_BLOBS = 10  # per pack: the count says how many more
 JOBS_PER_WORKER = 2  # packs handed to the workers at once, per worker: one running, one waiting
-IN_PROCESS_PACKS = 2  # a check of this many packs or fewer verifies them in its own process
+# a check of packs of this many bytes or fewer in all verifies them in its own process: one
+# thread verifies ~32 MiB in about the CPU time a forkserver and its workers take to start
+IN_PROCESS_BYTES = 32 << 20
 
 
 @dataclass(frozen=True)
@@ -208,7 +210,7 @@ class PackVerifierPool:
     without waiting and hands them to the workers from a thread of its own once :meth:`close`
     says there are no more, so its caller goes on with other work meanwhile.
 
-    Made with ``backend`` (the caller's, for a check of a few packs: :data:`IN_PROCESS_PACKS`),
+    Made with ``backend`` (the caller's, for a check of few bytes: :data:`IN_PROCESS_BYTES`),
     it verifies on one thread of this process instead: starting a forkserver, a resource tracker
     and a worker per core costs more CPU (~0.3 s) than verifying a pack or two."""
 
