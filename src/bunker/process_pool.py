@@ -120,11 +120,17 @@ def _end_leftover_workers() -> None:
 
 
 def prestart(preload: str) -> None:
-    """Start the forkserver that a :func:`process_pool` with ``preload`` will use, now: it
-    imports the workers' modules in a process of its own while this one waits for something
-    else (the master key's derivation), instead of when the first job is handed over."""
-    multiprocessing.get_context("forkserver").set_forkserver_preload([preload, "bunker.forkserver_quiet"])
-    _start_forkserver()
+    """Start the forkserver that a :func:`process_pool` with ``preload`` will use, from a thread
+    of its own: it imports the workers' modules in a process of its own while this one goes on,
+    instead of when the first job is handed over. A start that fails here is left to that
+    first job, which starts the forkserver again and reports what is wrong."""
+
+    def start() -> None:
+        with contextlib.suppress(Exception):
+            multiprocessing.get_context("forkserver").set_forkserver_preload([preload, "bunker.forkserver_quiet"])
+            _start_forkserver()
+
+    threading.Thread(target=start, name="bunker-forkserver-start", daemon=True).start()
 
 
 PIPE_BYTES = 1 << 20

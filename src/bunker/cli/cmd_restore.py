@@ -7,7 +7,6 @@ import datetime
 import os
 import stat
 import sys
-import threading
 from typing import TYPE_CHECKING, Any
 
 import click
@@ -43,7 +42,7 @@ from bunker.repo.tree import TreeBudget
 from bunker.restore.batches import restore_in_batches
 from bunker.restore.evicted import evicted_packs, wait_for_evicted_packs
 from bunker.restore.lease import RestoreLease
-from bunker.restore.restorer import SMALL_POOL_AFTER, Restorer
+from bunker.restore.restorer import Restorer, small_files_before_workers
 from bunker.runlog import RunLog, display_path
 
 if TYPE_CHECKING:
@@ -215,8 +214,8 @@ def _open_for_reading(
     opts: context.Options, spec: str, f: Filters, purpose: str, workers: str = ""
 ) -> tuple[Repository, MasterKey, SnapshotRecord, BlobReader, bytes]:
     """The repository, master key, chosen snapshot, a reader of its blobs and its root tree.
-    ``workers``: the module of the worker processes the command will start (their forkserver
-    starts while the key is derived)."""
+    ``workers``: the module of the worker processes the command may start (their forkserver
+    starts once the key is derived, if the snapshot is large enough to need them)."""
     repo = context.open_repository(opts)
     # the key derivation runs while the snapshot is chosen and its index read (where this
     # machine's put key is of the snapshot's dedup domain, its secrets are the domain's)
@@ -252,13 +251,13 @@ def _open_for_reading(
             cache_dir = client_cache(repo, own)
     locations = _snapshot_index(repo, rec, secrets, cache_dir)
     master = master_key()
-    if workers and (repo.backend.capabilities().remote or len(locations) > SMALL_POOL_AFTER):
+    if workers and len(locations) > small_files_before_workers(repo.backend):
         # the workers' forkserver starts now, beside the root tree's reading, not when the first
         # batch is handed over; after the key's derivation, so Argon2id's 64 MiB and the
         # forkserver never add up in the command's peak memory (docs/performance.md). A snapshot
         # of fewer chunks than the small files that start the workers never needs them: its
         # restore starts no process
-        threading.Thread(target=prestart, args=(workers,), name="bunker-forkserver-start", daemon=True).start()
+        prestart(workers)
     try:
         body = open_body(rec.snap, master.data_private)
     except Exception as exc:

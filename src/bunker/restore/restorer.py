@@ -46,6 +46,7 @@ from bunker.restore.file_writer import (
 )
 from bunker.restore.workers import RETRY, BatchResult, RestorePool, WireItem, WirePiece
 from bunker.runlog import RunLog, display_path
+from bunker.storage import Backend
 
 SMALL_FILE = 256 << 10  # files up to this size go to worker processes ...
 SMALL_POOL_AFTER = 1000  # ... once this many were seen
@@ -94,6 +95,13 @@ class RestoreStats:
     kept: int = 0  # files an earlier run of a batched restore wrote (restore/batches.py)
 
 
+def small_files_before_workers(backend: Backend) -> int:
+    """How many small files a restore from ``backend`` writes itself before the worker processes
+    take them: :data:`SMALL_POOL_AFTER`, none from a remote repository (each read there costs a
+    round trip: small files are batched from the start)."""
+    return 0 if backend.capabilities().remote else SMALL_POOL_AFTER
+
+
 @dataclass
 class Restorer:
     reader: BlobReader
@@ -118,8 +126,7 @@ class Restorer:
         self._lock = threading.Lock()
         self._requested: set[bytes] = set()  # files with data a node requested upstream
         self._small_seen = 0
-        # a remote repository answers each read after a round trip: batch small files from the start
-        self._pool_after = 0 if self.reader.repo.backend.capabilities().remote else SMALL_POOL_AFTER
+        self._pool_after = small_files_before_workers(self.reader.repo.backend)
         self._batch: list[BatchFile] = []
         self._batch_bytes = 0
         self._procs: RestorePool | None = None
