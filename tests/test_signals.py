@@ -374,9 +374,9 @@ def test_restore_and_check_stop_with_their_own_message(repo: Repo, tmp_path: Pat
     proc = _start(repo, "check", "--read-data")
     _freeze_when(proc, lambda: _pool_started(proc))
     children = _descendants(proc.pid)
-    rc, _, err = _deliver(proc, signal.SIGTERM, False)
-    assert rc == 143, err
-    assert "interrupted by SIGTERM: the check stopped before it finished" in err, err
+    rc, out, err = _deliver(proc, signal.SIGTERM, False)
+    assert rc == 143, out + err
+    assert "interrupted by SIGTERM: the check stopped before it finished" in err, out + err
     assert "Traceback" not in err
     _assert_all_gone(children)
 

@@ -52,6 +52,8 @@ def signal_name(signum: int) -> str:
 
 _depth = 0  # how many deferred regions the main thread is in
 _pending: int | None = None  # the signal received in a deferred region, not acted on yet
+_raised = 0  # how many times a handler raised Interrupted (see raised_count)
+_last_raised: int = signal.SIGTERM  # the signal of the last one
 
 
 def quiet_start() -> None:
@@ -92,7 +94,32 @@ def _raise(signum: int, frame: FrameType | None) -> None:
     if _depth > 0 and _pending is None:
         _pending = signum
         return
+    note_raised(signum)
     raise Interrupted(signum, forced=_pending is not None)
+
+
+def note_raised(signum: int) -> None:
+    """Count an :class:`Interrupted` a signal handler is about to raise (see :func:`raised_count`)."""
+    global _raised, _last_raised
+    _raised += 1
+    _last_raised = signum
+
+
+def raised_count() -> int:
+    """How many times a signal handler has raised :class:`Interrupted` in this process. A handler
+    runs wherever the main thread is, even inside a library's call, and a library may turn the
+    exception into an error of its own: cryptography's HPKE decryption reports any exception
+    raised inside it as InvalidTag, so a Ctrl-C while a snapshot's key opened read as "does not
+    open with the master key", a false damage report, and the stop was lost. Code around such a
+    call takes this count before and calls :func:`raise_if_raised_since` when the call failed."""
+    return _raised
+
+
+def raise_if_raised_since(count: int) -> None:
+    """Raise :class:`Interrupted` again if a signal handler raised one since :func:`raised_count`
+    was ``count``: the failure the caller caught was that stop, not a finding."""
+    if _raised != count:
+        raise Interrupted(_last_raised)
 
 
 def pending() -> int | None:

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
+from bunker import interrupt
 from bunker.cli.main import cli, handles_errors
 from bunker.errors import BunkerError, ExitCode
 
@@ -95,6 +96,7 @@ def run_front_end(config: ServeConfig, stdio: bool, socket_path: str | None, soc
     server = SocketServer(socket_path, config, _mode(socket_mode))
 
     def stop(*_: object) -> None:
+        interrupt.note_raised(signal.SIGTERM)  # a decryption that swallows it raises it again (interrupt.py)
         raise SystemExit(0)
 
     signal.signal(signal.SIGTERM, stop)

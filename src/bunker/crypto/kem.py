@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from bunker import interrupt
 from bunker.crypto.derive import CTX_DATA_MLKEM, CTX_DATA_X25519, derive
 from bunker.errors import BunkerError, ExitCode
 
@@ -94,9 +95,13 @@ class KemPrivateKey:
 
     def open(self, sealed: bytes, info: bytes) -> bytes:
         """Open a sealed box; raise OpenFailed if it was not sealed to this key with ``info``."""
+        signals = interrupt.raised_count()
         try:
             return _SUITE.decrypt(sealed, self._key, info=info)
         except (InvalidTag, ValueError):
+            # the decryption reports an exception a signal handler raised inside it as InvalidTag:
+            # that is the command being stopped, never a box that does not open
+            interrupt.raise_if_raised_since(signals)
             raise OpenFailed(f"sealed key does not open with {self._who}") from None
 
 

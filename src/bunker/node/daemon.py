@@ -152,6 +152,7 @@ class Daemon:
             os._exit(128 + signum)
         self._signal = signum
         if self._armed:
+            interrupt.note_raised(signum)
             raise Interrupted(signum)
 
     def _started(self, nd: NodeDir) -> None:
