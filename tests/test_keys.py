@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from helpers import PASSPHRASE, Repo, describe, js, restored_path
+from helpers import PASSPHRASE, Repo, describe, js, make_env, restored_path, run_bunker
 
 
 def _one_backup(repo: Repo, tmp_path: Path) -> Path:
@@ -129,3 +129,47 @@ def test_check_with_only_the_master_key(repo: Repo, tmp_path: Path) -> None:
     assert doc["ok"] and doc["authenticated"] and doc["counts"]["snapshots"] == 1, doc
     cp = repo.run("check", env=admin)
     assert cp.returncode == 12 and "no put key" in cp.stderr, describe(cp)
+
+
+def _kdf(path: Path) -> dict[str, object]:
+    from bunker.crypto.keyfile import _master_payload
+
+    kdf = _master_payload(str(path))["kdf"]
+    return {k: kdf[k] for k in ("t", "m", "p")}
+
+
+def test_kdf_memory_is_chosen_at_init_kept_by_passwd_and_changed_on_request(tmp_path: Path) -> None:
+    """`init` seals the master key with Argon2id's 64 MiB unless told otherwise (and warns when
+    told less); `key passwd` keeps the file's cost unless given --kdf-memory; out of range is a
+    usage error that writes nothing."""
+    env = make_env(tmp_path / "e")
+    cp = run_bunker("init", "--repo", tmp_path / "strong", "--json", env=env)
+    assert cp.returncode == 0, describe(cp)
+    assert js(cp)["kdf_memory_mib"] == 64 and "warn" not in cp.stderr
+    assert _kdf(Path(js(cp)["master_key"])) == {"t": 3, "m": 65536, "p": 4}
+
+    cp = run_bunker("init", "--repo", tmp_path / "r", "--kdf-memory", "2", "--json", env=env)
+    assert cp.returncode == 0, describe(cp)
+    assert "warn: the master key's passphrase is protected by Argon2id with 2 MiB instead of 64" in cp.stderr
+    assert "bunker key passwd --kdf-memory 64" in cp.stderr
+    repo = Repo(tmp_path / "r", env, js(cp)["id"], Path(js(cp)["master_key"]), Path(js(cp)["put_key"]), tmp_path)
+    assert _kdf(repo.master_key) == {"t": 3, "m": 2048, "p": 4}
+    src = _one_backup(repo, tmp_path)
+    repo.ok("restore", "latest", "--target", tmp_path / "t1")  # the cheap file opens like any other
+    assert restored_path(tmp_path / "t1", src / "doc.txt").read_bytes() == b"precious\n"
+
+    repo.ok("key", "passwd", env=dict(env, BUNKER_NEW_PASSPHRASE="second"))
+    assert _kdf(repo.master_key)["m"] == 2048  # kept
+    back = dict(env, BUNKER_PASSPHRASE="second", BUNKER_NEW_PASSPHRASE=PASSPHRASE)
+    cp = repo.ok("key", "passwd", "--kdf-memory", "64", "--json", env=back)
+    assert js(cp)["kdf_memory_mib"] == 64 and _kdf(repo.master_key)["m"] == 65536
+    repo.ok("restore", "latest", "--target", tmp_path / "t2")
+    assert restored_path(tmp_path / "t2", src / "doc.txt").read_bytes() == b"precious\n"
+
+    before = repo.master_key.read_bytes()
+    for bad in ("0", "4097", "many"):
+        cp = repo.run("key", "passwd", "--kdf-memory", bad)
+        assert cp.returncode == 2 and "--kdf-memory" in cp.stderr, describe(cp)
+        cp = run_bunker("init", "--repo", tmp_path / f"bad-{bad}", "--kdf-memory", bad, env=env)
+        assert cp.returncode == 2 and not (tmp_path / f"bad-{bad}").exists(), describe(cp)
+    assert repo.master_key.read_bytes() == before

@@ -22,7 +22,7 @@ from bunker.cli.client_names import check_client_name, check_host_name
 from bunker.cli.main import EXIT_FOR_LEVEL, cli, common, default_client_name, handles_errors, make_options
 from bunker.cli.output import human_bytes
 from bunker.cli.progress import PROGRESS_MODES, ProgressDisplay
-from bunker.crypto.keyfile import PutKey
+from bunker.crypto.keyfile import KDF_DEFAULTS, KDF_MEMORY_MIB, PutKey
 from bunker.errors import BunkerError, CorruptObject, ExitCode, ObjectMissing, StorageError
 from bunker.interrupt import ignore as ignore_signals
 from bunker.interrupt import signal_name
@@ -41,13 +41,25 @@ from bunker.storage.spooling import SpoolingBackend
     "--client", "client_name", help="Name of this machine's client (public; default: a random pseudonym)."
 )
 @click.option("--host", help="Host this machine's client is bound to (sealed; default: this machine's name).")
+@click.option(
+    "--kdf-memory",
+    "kdf_memory",
+    type=click.IntRange(*KDF_MEMORY_MIB),
+    default=KDF_DEFAULTS["m"] >> 10,
+    show_default=True,
+    help="MiB of memory Argon2id takes to open the master key, and so each guess at its passphrase. "
+    "Below the default only for throwaway repositories (tests).",
+)
 @handles_errors
 def init(**kwargs: Any) -> None:
     """Create a repository, its master key and this machine's put key."""
     client_name = check_client_name(kwargs.pop("client_name") or default_client_name())
     host = kwargs.pop("host")
+    kdf_mib = kwargs.pop("kdf_memory")
     opts, out = make_options(kwargs)
-    created = context.init_repository(opts.repo_url, client_name, check_host_name(host) if host else "")
+    created = context.init_repository(
+        opts.repo_url, client_name, check_host_name(host) if host else "", kdf_memory_kib=kdf_mib << 10
+    )
     out.document(
         {
             "repository": opts.repo_url,
@@ -55,6 +67,7 @@ def init(**kwargs: Any) -> None:
             "master_key": created.master_path,
             "put_key": created.put_path,
             "client": client_name,
+            "kdf_memory_mib": kdf_mib,
         }
     )
     out.line(f"created repository {opts.repo_url}")
@@ -62,6 +75,13 @@ def init(**kwargs: Any) -> None:
     out.line(f"  put key:   {created.put_path} (this machine backs up with it, no password)")
     out.line("")
     out.line(context.master_warning(created.master_path))
+    if kdf_mib < KDF_DEFAULTS["m"] >> 10:
+        out.info(
+            f"warn: the master key's passphrase is protected by Argon2id with {kdf_mib} MiB instead of "
+            f"{KDF_DEFAULTS['m'] >> 10}: whoever steals the key file needs that much less memory for each guess "
+            "at the passphrase. For a repository that keeps real backups, run `bunker key passwd --kdf-memory "
+            f"{KDF_DEFAULTS['m'] >> 10}`"
+        )
 
 
 def _open_or_create_default(opts: context.Options, out: Any) -> Repository:

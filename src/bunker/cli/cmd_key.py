@@ -13,9 +13,11 @@ from bunker.cli import context
 from bunker.cli.files import write_output
 from bunker.cli.main import cli, common, handles_errors, make_options
 from bunker.crypto.keyfile import (
+    KDF_MEMORY_MIB,
     MasterKey,
     load_master_key,
     load_put_key,
+    master_kdf_memory,
     master_key_text,
     read_master_repo_id,
 )
@@ -132,9 +134,17 @@ def export(**kwargs: Any) -> None:
 
 @key.command()
 @common
+@click.option(
+    "--kdf-memory",
+    "kdf_memory",
+    type=click.IntRange(*KDF_MEMORY_MIB),
+    default=None,
+    help="MiB of memory Argon2id takes to open the master key from now on [default: what it takes now].",
+)
 @handles_errors
 def passwd(**kwargs: Any) -> None:
     """Change the master key's passphrase (new one from BUNKER_NEW_PASSPHRASE or the terminal)."""
+    kdf_mib = kwargs.pop("kdf_memory")
     opts, out = make_options(kwargs)
     repo = context.open_repository(opts)
     path = opts.master_key_file(repo.repo_id)
@@ -143,9 +153,10 @@ def passwd(**kwargs: Any) -> None:
     if not new:
         raise BunkerError("the new passphrase is empty", "choose a non-empty passphrase", exit_code=ExitCode.USAGE)
     assert path
-    write_output(path, master_key_text(master, new), "the master key")
-    out.document({"master_key": path, "changed": True})
-    out.line(f"passphrase of {path} changed")
+    memory_kib = kdf_mib << 10 if kdf_mib is not None else master_kdf_memory(path)
+    write_output(path, master_key_text(master, new, memory_kib), "the master key")
+    out.document({"master_key": path, "changed": True, "kdf_memory_mib": memory_kib >> 10})
+    out.line(f"passphrase of {path} changed (Argon2id with {memory_kib >> 10} MiB)")
 
 
 @key.command()

@@ -19,6 +19,7 @@ import click
 from bunker import dirs
 from bunker.child_env import secret
 from bunker.crypto.keyfile import (
+    KDF_DEFAULTS,
     MasterKey,
     PutKey,
     load_master_key,
@@ -231,9 +232,10 @@ class Created:
     put_path: str
 
 
-def init_repository(url: str, client_name: str, host: str = "") -> Created:
-    """Create a repository, its master key (passphrase-protected) and this machine's put key,
-    whose certificate binds ``host`` (default: this machine's name; sealed, see docs/security.md)."""
+def init_repository(url: str, client_name: str, host: str = "", kdf_memory_kib: int = KDF_DEFAULTS["m"]) -> Created:
+    """Create a repository, its master key (passphrase-protected, with Argon2id's memory cost
+    ``kdf_memory_kib``) and this machine's put key, whose certificate binds ``host`` (default:
+    this machine's name; sealed, see docs/security.md)."""
     import socket
 
     host = host or socket.gethostname()
@@ -257,7 +259,7 @@ def init_repository(url: str, client_name: str, host: str = "") -> Created:
     master = MasterKey.generate()
     master_path = dirs.master_key_path(master.repo_id)
     # the key file first: a repository without its key would be useless
-    write_private_file(master_path, master_key_text(master, pw))
+    write_private_file(master_path, master_key_text(master, pw, kdf_memory_kib))
     repo = Repository.create(backend, master)
     put = issue_client(repo, master, client_name, ("backup",), host=host)
     put_path = dirs.put_key_path(repo.repo_id)

@@ -27,6 +27,8 @@ PUT_LABEL = "BUNKER PUT KEY"
 DEFAULT_DOMAIN = "default"
 # Argon2id cost: ~0.15 s and 64 MiB on the 2-core reference machine.
 KDF_DEFAULTS = {"t": 3, "m": 65536, "p": 4}
+# the memory cost `bunker init --kdf-memory` accepts, in MiB (format.md: 8 KiB to 4 GiB are read)
+KDF_MEMORY_MIB = (1, 4096)
 
 
 class KeyFileError(BunkerError):
@@ -199,16 +201,18 @@ def _sum_holds(context: bytes, m: dict[str, Any]) -> bool:
         return False
 
 
-def master_key_text(key: MasterKey, passphrase: str) -> str:
-    """The master key file's text, the seed sealed under an Argon2id key of ``passphrase``."""
+def master_key_text(key: MasterKey, passphrase: str, memory_kib: int = KDF_DEFAULTS["m"]) -> str:
+    """The master key file's text, the seed sealed under an Argon2id key of ``passphrase``
+    (``memory_kib``: Argon2id's memory cost; each guess at the passphrase costs that much)."""
     salt = os.urandom(16)
-    kek = _kek(passphrase, salt, **KDF_DEFAULTS)
+    kdf = {**KDF_DEFAULTS, "m": memory_kib}
+    kek = _kek(passphrase, salt, **kdf)
     box = aead.encrypt(kek, key.seed, b"bunker master key v1\x00" + key.repo_id.encode())
     payload: dict[str, Any] = {
         "v": 1,
         "kind": "master",
         "repo": key.repo_id,
-        "kdf": {"alg": "argon2id", "salt": salt, **KDF_DEFAULTS},
+        "kdf": {"alg": "argon2id", "salt": salt, **kdf},
         "box": box,
     }
     payload["sum"] = _sum(MASTER_KEY_SUM, payload)
@@ -244,6 +248,14 @@ def _master_payload(path: str) -> dict[str, Any]:
             "restore it from your copy, or recover the key from its shares (`bunker key recover`, RECOVERY.md)",
         )
     return m
+
+
+def master_kdf_memory(path: str) -> int:
+    """Argon2id's memory cost (KiB) of a master key file, read without the passphrase (the
+    default where the file does not say: load_master_key refuses such a file anyway)."""
+    kdf = _master_payload(path).get("kdf")
+    m = kdf.get("m") if isinstance(kdf, dict) else None
+    return m if isinstance(m, int) and 8 <= m <= 4 << 20 else KDF_DEFAULTS["m"]
 
 
 def read_master_repo_id(path: str) -> str:
