@@ -20,13 +20,13 @@ def _tree(root: Path, dirs: int = 6, files: int = 10, size: int = 4 << 20) -> No
             (sub / f"f{f}.bin").write_bytes(os.urandom(size))
 
 
-def add_tail(root: Path) -> None:
-    """A tail of 128 MiB read last (``root/z``): a backup reads up to 96 MiB ahead of the files
-    it has finished (backup/archiver.py), so without it a checkpoint covering files could come
-    only near the end of a run, and a loaded machine may finish the run first."""
+def add_tail(root: Path, files: int = 8) -> None:
+    """A tail of ``files`` files of 16 MiB read last (``root/z``): a backup reads up to 96 MiB
+    ahead of the files it has finished (backup/archiver.py), so without it a checkpoint covering
+    files could come only near the end of a run, and a loaded machine may finish the run first."""
     tail = root / "z"
     tail.mkdir(parents=True)
-    for i in range(8):
+    for i in range(files):
         (tail / f"tail{i}.img").write_bytes(os.urandom(16 << 20))
 
 

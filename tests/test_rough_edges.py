@@ -124,7 +124,9 @@ def test_incomplete_snapshot_lists_what_it_restores(repo: Repo, tmp_path: Path) 
             (sub / f"s{f}").write_bytes(os.urandom(2000))
         for f in range(3):
             (sub / f"big{f}").write_bytes(os.urandom(3 << 20))
-    add_tail(src)  # the run is still going when a checkpoint covers 300 files
+    # the run is still going when a checkpoint covers 300 files (with 128 MiB of tail, an idle
+    # machine once finished it first)
+    add_tail(src, files=16)
     _kill_after_checkpoint(repo, src, min_files=300)
     repo.backup(src)
     (first,) = [s for s in js(repo.ok("snapshots", "--json"))["snapshots"] if s["seq"] == 1]
