@@ -154,6 +154,9 @@ def test_kdf_memory_is_chosen_at_init_kept_by_passwd_and_changed_on_request(tmp_
     assert "bunker key passwd --kdf-memory 64" in cp.stderr
     repo = Repo(tmp_path / "r", env, js(cp)["id"], Path(js(cp)["master_key"]), Path(js(cp)["put_key"]), tmp_path)
     assert _kdf(repo.master_key) == {"t": 3, "m": 2048, "p": 4}
+    cp = repo.ok("key", "info")
+    assert f"master key   {repo.master_key} (Argon2id, 2 MiB)" in cp.stdout
+    assert js(repo.ok("key", "info", "--json"))["master_key_kdf_memory_mib"] == 2
     src = _one_backup(repo, tmp_path)
     repo.ok("restore", "latest", "--target", tmp_path / "t1")  # the cheap file opens like any other
     assert restored_path(tmp_path / "t1", src / "doc.txt").read_bytes() == b"precious\n"

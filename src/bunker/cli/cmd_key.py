@@ -47,6 +47,11 @@ def info(**kwargs: Any) -> None:
         "master_key": master_path if master_path and os.path.exists(master_path) else None,
         "master_key_on_this_machine": context.master_on_client(repo.repo_id),
     }
+    if doc["master_key"]:
+        try:  # what each guess at its passphrase costs (a damaged file says so where it is used)
+            doc["master_key_kdf_memory_mib"] = master_kdf_memory(doc["master_key"]) >> 10
+        except BunkerError:
+            doc["master_key_kdf_memory_mib"] = None
     if doc["put_key"]:
         put = load_put_key(doc["put_key"])
         cert = repo.verify_put_key(put)  # a damaged key says what is wrong with it
@@ -63,7 +68,9 @@ def info(**kwargs: Any) -> None:
     if "client" in doc:
         c = doc["client"]
         out.line(f"client       {c['name']} (capabilities: {', '.join(c['capabilities'])}; dedup domain {c['domain']})")
-    out.line(f"master key   {doc['master_key'] or '(not on this machine)'}")
+    kdf = doc.get("master_key_kdf_memory_mib")
+    cost = f" (Argon2id, {kdf} MiB)" if kdf else ""
+    out.line(f"master key   {doc['master_key'] or '(not on this machine)'}{cost}")
     if doc["master_key_on_this_machine"]:
         out.line("")
         out.line(context.master_warning(dirs.master_key_path(repo.repo_id)))
