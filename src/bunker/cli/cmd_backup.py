@@ -22,7 +22,7 @@ from bunker.cli.client_names import check_client_name, check_host_name
 from bunker.cli.main import EXIT_FOR_LEVEL, cli, common, default_client_name, handles_errors, make_options
 from bunker.cli.output import human_bytes
 from bunker.cli.progress import PROGRESS_MODES, ProgressDisplay
-from bunker.crypto.keyfile import KDF_DEFAULTS, KDF_MEMORY_MIB, PutKey
+from bunker.crypto.keyfile import DEFAULT_KDF_MEMORY_MIB, KDF_MEMORY_MIB, PutKey
 from bunker.errors import BunkerError, CorruptObject, ExitCode, ObjectMissing, StorageError
 from bunker.interrupt import ignore as ignore_signals
 from bunker.interrupt import signal_name
@@ -45,7 +45,7 @@ from bunker.storage.spooling import SpoolingBackend
     "--kdf-memory",
     "kdf_memory",
     type=click.IntRange(*KDF_MEMORY_MIB),
-    default=KDF_DEFAULTS["m"] >> 10,
+    default=DEFAULT_KDF_MEMORY_MIB,
     show_default=True,
     help="MiB of memory Argon2id takes to open the master key, and so each guess at its passphrase. "
     "Below the default only for throwaway repositories (tests).",
@@ -75,12 +75,12 @@ def init(**kwargs: Any) -> None:
     out.line(f"  put key:   {created.put_path} (this machine backs up with it, no password)")
     out.line("")
     out.line(context.master_warning(created.master_path))
-    if kdf_mib < KDF_DEFAULTS["m"] >> 10:
+    if kdf_mib < DEFAULT_KDF_MEMORY_MIB:
         out.info(
             f"warn: the master key's passphrase is protected by Argon2id with {kdf_mib} MiB instead of "
-            f"{KDF_DEFAULTS['m'] >> 10}: whoever steals the key file needs that much less memory for each guess "
+            f"{DEFAULT_KDF_MEMORY_MIB}: whoever steals the key file needs that much less memory for each guess "
             "at the passphrase. For a repository that keeps real backups, run `bunker key passwd --kdf-memory "
-            f"{KDF_DEFAULTS['m'] >> 10}`"
+            f"{DEFAULT_KDF_MEMORY_MIB}`"
         )
 
 

@@ -27,8 +27,10 @@ PUT_LABEL = "BUNKER PUT KEY"
 DEFAULT_DOMAIN = "default"
 # Argon2id cost: ~0.15 s and 64 MiB on the 2-core reference machine.
 KDF_DEFAULTS = {"t": 3, "m": 65536, "p": 4}
-# the memory cost `bunker init --kdf-memory` accepts, in MiB (format.md: 8 KiB to 4 GiB are read)
+DEFAULT_KDF_MEMORY_MIB = KDF_DEFAULTS["m"] >> 10
+# the memory cost `bunker init --kdf-memory` accepts, in MiB, and the one a reader accepts, in KiB
 KDF_MEMORY_MIB = (1, 4096)
+KDF_MEMORY_KIB = (8, 4 << 20)
 
 
 class KeyFileError(BunkerError):
@@ -255,7 +257,8 @@ def master_kdf_memory(path: str) -> int:
     default where the file does not say: load_master_key refuses such a file anyway)."""
     kdf = _master_payload(path).get("kdf")
     m = kdf.get("m") if isinstance(kdf, dict) else None
-    return m if isinstance(m, int) and 8 <= m <= 4 << 20 else KDF_DEFAULTS["m"]
+    lo, hi = KDF_MEMORY_KIB
+    return m if isinstance(m, int) and lo <= m <= hi else KDF_DEFAULTS["m"]
 
 
 def read_master_repo_id(path: str) -> str:
@@ -269,7 +272,8 @@ def load_master_key(path: str, passphrase: str) -> MasterKey:
     damaged = "restore it from your copy, or recover the key from its shares (`bunker key recover`, RECOVERY.md)"
     try:
         kdf = encoding.expect_map(m["kdf"], "alg", "salt", "t", "m", "p")
-        if kdf["alg"] != "argon2id" or not (1 <= kdf["t"] <= 64 and 8 <= kdf["m"] <= 4 << 20 and 1 <= kdf["p"] <= 64):
+        lo, hi = KDF_MEMORY_KIB
+        if kdf["alg"] != "argon2id" or not (1 <= kdf["t"] <= 64 and lo <= kdf["m"] <= hi and 1 <= kdf["p"] <= 64):
             raise encoding.FormatError("unsupported key derivation parameters")
         kek = _kek(passphrase, kdf["salt"], kdf["t"], kdf["m"], kdf["p"])
         box = encoding.field_bytes(m, "box")
