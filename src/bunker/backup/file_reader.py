@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from bunker.fs import deep_path
-from bunker.fs.fsmeta import hole_bytes, hole_map, inode_meta
+from bunker.fs.fsmeta import bare_inode_flags, hole_bytes, hole_map, inode_meta
 
 MAX_REREADS = 3
 _NOATIME = getattr(os, "O_NOATIME", 0)
@@ -95,6 +95,45 @@ def read_stable(path: bytes, consume: Consume) -> ReadOutcome:
                 problems=tuple(problems) if problems else (),
             )
     raise AssertionError("not reached")
+
+
+def read_simple(path: bytes, take: Callable[[bytes], list[bytes]]) -> ReadOutcome | None:
+    """The common case of :func:`read_stable`, in the fewest calls: a regular file without
+    holes or extended attributes that reads whole at its size, unchanged, at the first try.
+    ``take`` gets its content and returns the chunk ids. None for any other file (nothing
+    was taken then): read_stable reads it, with all it checks and reports. A small file's
+    system calls and glue are most of what it costs to back up (docs/performance.md)."""
+    try:
+        try:
+            fd = deep_path.open(path, _FLAGS | _NOATIME)
+        except PermissionError:
+            fd = deep_path.open(path, _FLAGS)
+    except OSError:
+        return None
+    try:
+        before = os.fstat(fd)
+        size = before.st_size
+        if not stat.S_ISREG(before.st_mode) or (size and os.lseek(fd, 0, os.SEEK_HOLE) < size):
+            return None
+        flags = bare_inode_flags(fd)
+        if flags is None:
+            return None
+        data = os.pread(fd, max(size + 1, 1 << 16), 0)
+        after = os.fstat(fd)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+    if (
+        len(data) != size
+        or after.st_size != size
+        or after.st_mtime_ns != before.st_mtime_ns
+        or after.st_ctime_ns != before.st_ctime_ns
+    ):
+        return None
+    return ReadOutcome(
+        "ok", take(data), after.st_ino, size, after.st_mtime_ns, after.st_ctime_ns, meta={"fl": flags} if flags else {}
+    )
 
 
 def read_all(fd: int, size_hint: int) -> bytes:

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 from pyfastcdc import FastCDC
 
 from bunker.backup.chunker import cut, make_cdc
-from bunker.backup.file_reader import ReadOutcome, read_all, read_stable
+from bunker.backup.file_reader import ReadOutcome, read_all, read_simple, read_stable
 from bunker.crypto.derive import PutSecrets
 from bunker.crypto.kem import DataPublicKey
 from bunker.fs.fsmeta import DataReader
@@ -54,9 +54,13 @@ class _Encryptor:
         self.blobs: list[Blob] = []
 
     def __call__(self, fd: int, size: int, holes: list[int]) -> tuple[list[bytes], int]:
+        data = DataReader(fd, size, holes).read_all() if holes else read_all(fd, size)
+        return self.take(data), len(data)
+
+    def take(self, data: bytes) -> list[bytes]:
+        """The chunk ids of a file's content, its new blobs kept in :attr:`blobs`."""
         self.blobs = []  # a re-read starts afresh
         seen: set[bytes] = set()
-        data = DataReader(fd, size, holes).read_all() if holes else read_all(fd, size)
         ids = []
         for piece in cut(self.cdc, data):
             cid = blob.chunk_id(self.secrets, piece)
@@ -65,7 +69,7 @@ class _Encryptor:
                 seen.add(cid)
                 ct, k = blob.encrypt_blob(self.secrets, cid, piece)
                 self.blobs.append((cid, ct, len(piece), k))
-        return ids, len(data)
+        return ids
 
 
 def read_batch(paths: list[bytes]) -> BatchResult:
@@ -76,7 +80,7 @@ def read_batch(paths: list[bytes]) -> BatchResult:
     outcomes = []
     for path in paths:
         enc.blobs = []
-        outcome = read_stable(path, enc)
+        outcome = read_simple(path, enc.take) or read_stable(path, enc)
         if outcome.status in ("ok", "changing"):
             for b in enc.blobs:
                 run.add(*b)

@@ -405,6 +405,24 @@ def inode_meta(fd: int) -> tuple[dict[str, Any], list[str]]:
     return meta, problems
 
 
+def bare_inode_flags(fd: int) -> int | None:
+    """The stored inode flags of an open file that has no extended attributes (0 where the
+    filesystem keeps none), or None when :func:`inode_meta` has more to find or to report
+    (extended attributes, an ACL, a read that failed)."""
+    try:
+        if os.listxattr(fd):
+            return None
+    except OSError as exc:
+        if exc.errno not in _UNSUPPORTED:
+            return None
+    buf = bytearray(4)
+    try:
+        fcntl.ioctl(fd, FS_IOC_GETFLAGS, buf, True)
+    except OSError as exc:
+        return 0 if exc.errno in _UNSUPPORTED else None
+    return int.from_bytes(buf, sys.byteorder) & STORED_FLAGS
+
+
 def path_meta(path: bytes) -> tuple[dict[str, Any], list[str]]:
     """The ``x`` and ``acl`` keys of an item that is never opened (symlink, fifo, device, socket)."""
     meta: dict[str, Any] = {}

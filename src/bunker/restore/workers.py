@@ -5,15 +5,17 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+from collections.abc import Callable
 from concurrent.futures import Future, ProcessPoolExecutor
 from typing import Any
 
 from bunker.crypto import aead
 from bunker.crypto.derive import PutSecrets
+from bunker.errors import BunkerError
 from bunker.fs import deep_path
 from bunker.process_pool import process_pool
 from bunker.repo.blob_reader import BlobRef, fetch_blob, open_blob, prefetch_blobs
-from bunker.restore.file_writer import Piece, WriteResult, apply_meta, write_file
+from bunker.restore.file_writer import Piece, WriteResult, apply_meta, write_file, write_whole
 from bunker.storage import Backend, open_backend
 
 # A piece as a batch carries it: located by the main process, with its blob's trailer entry
@@ -103,6 +105,12 @@ def write_batch(keys: dict[str, list[bytes]], items: list[WireItem]) -> BatchRes
                 head, dir_fd = path[: path.rfind(b"/")], None
                 with contextlib.suppress(OSError):  # the file's own calls report why
                     dir_fd = deep_path.open_parent(path)
+            if fresh and dir_fd is not None and len(located) <= 1:
+                data = _whole_data(located, fetch)
+                if data is not None and write_whole(dir_fd, path, data, entry, _as_root, _numeric):
+                    ok += 1
+                    nbytes += len(data)
+                    continue
             meta = functools.partial(apply_meta, e=entry, as_root=_as_root, numeric_owner=_numeric)
             hole = entry.get("hole")
             r = write_file(
@@ -125,6 +133,20 @@ def write_batch(keys: dict[str, list[bytes]], items: list[WireItem]) -> BatchRes
         if dir_fd is not None:
             os.close(dir_fd)
     return ok, nbytes, others
+
+
+def _whole_data(located: list[Piece], fetch: Callable[[BlobRef], bytes]) -> bytes | None:
+    """The data of a file of at most one piece, or None when it cannot be had (write_file then
+    leaves the gap and says why)."""
+    if not located:
+        return b""
+    piece = located[0]
+    if type(piece) is not BlobRef:
+        return None
+    try:
+        return fetch(piece)
+    except BunkerError:
+        return None
 
 
 class RestorePool:
