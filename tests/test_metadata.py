@@ -36,6 +36,7 @@ from hypothesis import strategies as st
 from bunker.encoding import FormatError, pack, unpack
 from bunker.repo.tree import decode_tree, encode_tree
 from helpers import describe, init_repo, js, make_env, restored_path, run_bunker
+from test_small_file_paths import assert_same_small_files, many_small_files
 
 ROOT = os.geteuid() == 0
 NOBODY = 65534
@@ -652,6 +653,21 @@ def test_unprivileged_backup_and_restore(meta_fs: MetaFS, work: Path, user: User
     if ROOT and "trusted" in meta_fs.features:
         os.removexattr(src / "empty", "trusted.invisible")  # documented: not visible to the user
     compare_all(src, out)
+
+
+def test_unprivileged_many_small_files(work: Path, user: User) -> None:
+    """A user's backup and restore of more small files than start the worker processes: the
+    workers' short paths (read_simple, write_whole) without root's powers."""
+    src = work / "src"
+    many_small_files(src, owners=False)
+    target = work / "t"
+    target.mkdir()
+    env = make_env(user.base / "env")
+    user.give(user.base, src, target)
+    for args in (("init",), ("backup", src), ("restore", "latest", "--target", target)):
+        cp = user.bunker(*args, "--repo", user.base / "repo", "--json", env=env)
+        assert cp.returncode == 0, describe(cp)
+    assert_same_small_files(src, restored_path(target, src), owners=False)
 
 
 # ------------------------------------------------------------------------------ sparse files

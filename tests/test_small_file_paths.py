@@ -161,7 +161,8 @@ def many_small_files(src: Path, *, owners: bool) -> int:
             os.setxattr(p, "user.k", str(i).encode())
         if owners and i % 3 == 0:
             os.chown(p, 1000 + i % 7, 2000 + i % 5)
-        os.chmod(p, rng.choice([0o600, 0o644, 0o755, 0o400, 0o2750]))
+        mode = rng.choice([0o600, 0o644, 0o755, 0o400, 0o2750])
+        os.chmod(p, 0o400 if tagged and i % 194 == 97 else mode)  # xattrs on files their owner may not write
         t = rng.randrange(10**18, 17 * 10**17)
         os.utime(p, ns=(t + 1, t))
     return count

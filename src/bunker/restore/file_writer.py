@@ -2,7 +2,8 @@
 (large files) and its worker processes (small files).
 
 Per inode the order is: data (holes left as holes), owner, permission bits, xattrs
-(security.capability last: chown clears it), ACL (chmod after it would rewrite its mask), times.
+(security.capability last: chown clears it), ACL (chmod after it would rewrite its mask), times;
+without root, an item its owner may not write gets its bits after its xattrs (see apply_meta).
 Inode flags come last of all, after every item of the restore (see restorer.py)."""
 
 from __future__ import annotations
@@ -282,17 +283,26 @@ def apply_meta(target: bytes | int, e: dict[str, Any], as_root: bool, numeric_ow
                 deep_path.chown(target, uid, gid)
         except OSError as exc:
             notes.append(_partial(exc, "owner"))
-    if "m" in e and (isinstance(target, int) or e["t"] != "l"):
+    chmod = "m" in e and (isinstance(target, int) or e["t"] != "l")
+    # Setting a user.* xattr needs write permission on the item, which root always has and its
+    # owner only while the bits allow it: without root, an item the owner may not write (0o400)
+    # gets its xattrs while it still may, and its own bits after them. (The bits after the ACL
+    # keep its mask: an item's group bits are its ACL's mask.)
+    writable_first = chmod and not as_root and "x" in e and not e["m"] & stat.S_IWUSR
+    if chmod:
         try:
-            if isinstance(target, int):
-                os.chmod(target, e["m"])
-            else:
-                deep_path.chmod(target, e["m"])
+            _chmod(target, e["m"] | stat.S_IWUSR if writable_first else e["m"])
         except OSError as exc:
             notes.append(_partial(exc, "permission bits"))
+            writable_first = False
     if "x" in e or "acl" in e:
         where = target if isinstance(target, int) else deep_path.xattr_path(target)
         notes += apply_xattrs(where, e.get("x", {}), e.get("acl"), *_id_maps(numeric_owner))
+    if writable_first:
+        try:
+            _chmod(target, e["m"])
+        except OSError as exc:
+            notes.append(_partial(exc, "permission bits"))
     if "mt" in e:
         try:
             ns = (e.get("at", e["mt"]), e["mt"])
@@ -303,6 +313,13 @@ def apply_meta(target: bytes | int, e: dict[str, Any], as_root: bool, numeric_ow
         except OSError as exc:
             notes.append(_partial(exc, "times"))
     return notes
+
+
+def _chmod(target: bytes | int, mode: int) -> None:
+    if isinstance(target, int):
+        os.chmod(target, mode)
+    else:
+        deep_path.chmod(target, mode)
 
 
 _user_cache: dict[str, int | None] = {}
