@@ -237,6 +237,27 @@ def test_chunks_no_index_entry_locates_are_named_per_snapshot(template: Repo, tm
     assert all("bunker index rebuild" in p["problem"] for p in lost)
 
 
+def test_unchanged_snapshots_sharing_their_chunk_set_are_each_checked(repo: Repo, tmp_path: Path) -> None:
+    """Backups of an unchanged source share their chunk set's parts and pack set, which check
+    looks up once: each snapshot still counts all its chunks and is named when they are lost."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for i in range(40):
+        (src / f"f{i}").write_bytes(random.Random(i).randbytes(3000 + i))
+    for _ in range(3):
+        repo.backup(src)
+    healthy = js(repo.ok("check", "--json"))
+    per = healthy["counts"]["snapshot_chunks"] // 3  # the files' chunks and the trees'
+    assert healthy["ok"] and per > 40 and healthy["counts"]["snapshot_chunks"] == 3 * per, healthy["counts"]
+    for p in (repo.path / "index").iterdir():
+        if not p.name.startswith("."):
+            p.unlink()
+    doc = js(repo.run("check", "--json"))
+    lost = [p for p in doc["problems"] if "chunks are not indexed in its packs" in p["problem"]]
+    assert sorted(p["object"] for p in lost) == sorted(f"snapshots/{p.name}" for p in repo.objects("snapshots"))
+    assert all(p["problem"].startswith(f"{per} of its {per} chunks") for p in lost), lost
+
+
 def test_index_entries_that_disagree_with_their_packs_are_named_and_the_rest_agree(
     template: Repo, tmp_path: Path
 ) -> None:

@@ -293,6 +293,8 @@ class _Sets:
         self.naming: dict[str, list[str]] = {}  # pack written with another secret -> snapshots naming it
         self.existing = {p.split("/", 1)[1] for p in packs}
         self.moves = PackMoves.load(checks.repo)  # a repacked pack's blobs are in the packs it moved to
+        # (dedup domain, pack set, chunk set part) -> (its chunks, how many are lost, the first)
+        self.parts_seen: dict[tuple[str, str, str], tuple[int, int, bytes]] = {}
 
     def fetch(self, name: str) -> bytes:
         data = self.c.get(name)
@@ -346,12 +348,20 @@ class _Sets:
         # part by part: a snapshot of 10 M chunks is never a list of 10 M ids
         chunks = lost = 0
         first_lost = b""
-        missing_in = self.agreed.missing_in(resolved)
+        missing_in: Callable[[bytes], tuple[int, bytes]] | None = None
         try:
             for part in refs.chunkset_parts(e.chunkset, self.fetch):
-                ids = refs.read_chunkset_part(part, self.fetch, secrets)
-                chunks += len(ids) // 32
-                part_lost, first = missing_in(ids)
+                # the snapshots of an unchanged source share their chunk set's parts and pack
+                # set: each such part is looked up once (a check of daily backups checked every
+                # part of every snapshot again)
+                key = (e.domain, e.packset, part)
+                seen = self.parts_seen.get(key)
+                if seen is None:
+                    ids = refs.read_chunkset_part(part, self.fetch, secrets)
+                    missing_in = missing_in or self.agreed.missing_in(resolved)
+                    seen = self.parts_seen[key] = (len(ids) // 32, *missing_in(ids))
+                part_chunks, part_lost, first = seen
+                chunks += part_chunks
                 lost += part_lost
                 first_lost = first_lost or first
         except StorageError:
