@@ -11,9 +11,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
-from typing import Any, BinaryIO
-
-from pyfastcdc import FastCDC
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from bunker.backup.chunker import Readable, cut, make_cdc, stream_chunks
 from bunker.backup.file_reader import read_all
@@ -27,6 +25,10 @@ from bunker.repo.tree import MAX_TREE, encode_tree
 
 READ_WHOLE = 8 << 20  # files up to this size are read in one go and cut in memory
 
+
+
+if TYPE_CHECKING:
+    from pyfastcdc import FastCDC
 
 class Halted(Exception):
     """The run is stopping (:meth:`ChunkStore.halt`): the file being read is left out."""

@@ -6,16 +6,19 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Iterable, Iterator
-from typing import BinaryIO, Protocol, cast
-
-from pyfastcdc import FastCDC
+from typing import TYPE_CHECKING, BinaryIO, Protocol, cast
 
 from bunker.crypto.derive import PutSecrets
 from bunker.fs.fsmeta import DataReader, hole_bytes, hole_map
 
+if TYPE_CHECKING:
+    from pyfastcdc import FastCDC
+
 
 def make_cdc(chunker: dict[str, int], secrets: PutSecrets) -> FastCDC:
     """A chunker for the repository's parameters and the domain's gear seed (not thread-safe)."""
+    from pyfastcdc import FastCDC  # (loaded with the first file to read: a run without any does without)
+
     return FastCDC(chunker["avg"], min_size=chunker["min"], max_size=chunker["max"], seed=secrets.chunker_seed)
 
 

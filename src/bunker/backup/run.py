@@ -8,7 +8,6 @@ from __future__ import annotations
 import contextlib
 import getpass
 import os
-import socket
 import sys
 import time
 from collections.abc import Callable
@@ -94,7 +93,7 @@ def run_backup(
             "(`bunker key new-client NAME --host HOST`)",
             exit_code=ExitCode.USAGE,
         )
-    host = req.host or put.host or socket.gethostname()
+    host = req.host or put.host or os.uname().nodename  # (what gethostname() returns)
     log = RunLog()
     for level, code, message in req.events:
         log.add(level, code, message)

@@ -14,8 +14,6 @@ import os
 from concurrent.futures import Future
 from typing import TYPE_CHECKING
 
-from pyfastcdc import FastCDC
-
 from bunker.backup.chunker import cut, make_cdc
 from bunker.backup.file_reader import ReadOutcome, read_all, read_simple, read_stable
 from bunker.crypto.derive import PutSecrets
@@ -27,6 +25,8 @@ from bunker.repo.pack import KeyGroup
 
 if TYPE_CHECKING:
     from concurrent.futures import ProcessPoolExecutor
+
+    from pyfastcdc import FastCDC
 
 # (chunk id, blob bytes, raw length, K_blob)
 Blob = tuple[bytes, bytes | bytearray, int, bytes]
