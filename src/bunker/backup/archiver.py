@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
 from bunker.backup import files_cache as fc
-from bunker.backup.chunk_store import ChunkStore, Halted
+from bunker.backup.chunk_store import READ_WHOLE, ChunkStore, Halted
 from bunker.backup.chunker import Readable
 from bunker.backup.excludes import PSEUDO_FILESYSTEMS, Excludes, mount_types
 from bunker.backup.file_reader import MAX_REREADS, ReadOutcome, read_stable
@@ -73,6 +73,15 @@ class Progress:
     total_files: int | None = None
     total_bytes: int | None = None
     current: bytes = b""  # decoded only when shown
+
+
+def read_charge(st: os.stat_result) -> int:
+    """What reading a regular file holds in memory, charged against MAX_INFLIGHT_BYTES: its
+    data (a sparse file's holes are not read) up to READ_WHOLE, beyond which it is read as a
+    stream, a few MiB at a time (chunk_store.py). Charging a streamed file its whole size let
+    one 96 MiB file fill the budget: the large files of a tree were read one at a time, on one
+    core (docs/performance.md)."""
+    return min(st.st_size, st.st_blocks * 512, READ_WHOLE)
 
 
 @dataclass
@@ -270,7 +279,7 @@ class Archiver:
         # must not let the lease expire or the checkpoints stop.
         while not self._slots.acquire(timeout=0.2):
             self._maybe_tick()
-        size = min(st.st_size, st.st_blocks * 512)  # what will be read: a sparse file's holes are not
+        size = read_charge(st)
         while True:
             with self._bytes_cv:
                 if self._inflight_bytes == 0 or self._inflight_bytes + size <= MAX_INFLIGHT_BYTES:
