@@ -193,4 +193,3 @@ def test_many_small_files_keep_content_and_metadata(repo: Repo, tmp_path: Path) 
         assert_same_small_files(src, restored_path(target, src), owners=AS_ROOT)
     finally:
         shutil.rmtree(target)
-
