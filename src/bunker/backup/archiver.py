@@ -59,6 +59,7 @@ from bunker.runlog import RunLog
 
 SMALL_FILE = 256 << 10  # files up to this size go to the worker processes ...
 SMALL_POOL_AFTER = 1000  # ... once this many were seen (starting the processes costs ~0.2 s)
+SMALL_POOL_PRESTART = 250  # their forkserver starts beside the walk once this many were seen
 MAX_INFLIGHT_FILES = 256
 MAX_INFLIGHT_BYTES = 96 << 20
 
@@ -351,6 +352,8 @@ class Archiver:
                     self._hardlinks.first_name(e, st, path, reading=True)
                 self.stats["files_changed" if name in job.cache_old else "files_new"] += 1
                 self._small_seen += st.st_size <= SMALL_FILE
+                if self._small_seen == SMALL_POOL_PRESTART:
+                    self._small_pool.prestart()
                 if st.st_size <= SMALL_FILE and self._small_seen > SMALL_POOL_AFTER:
                     self._small.queue(path, e, job, name, st.st_size)
                 else:

@@ -33,6 +33,7 @@ Blob = tuple[bytes, bytes | bytearray, int, bytes]
 # what a batch gives: each file's outcome, and the blobs of all its files
 BatchResult = tuple[list[ReadOutcome], GroupRun]
 
+WORKER_MODULE = "bunker.backup.small_files"  # what the workers' forkserver imports
 _secrets: PutSecrets | None = None
 _cdc: FastCDC | None = None
 _group: KeyGroup | None = None
@@ -97,6 +98,16 @@ class SmallFilePool:
         self._args = (secrets.secret, dict(chunker), data_public)
         self._workers = workers or os.cpu_count() or 2
         self._pool: ProcessPoolExecutor | None = None
+        self._prestarted = False
+
+    def prestart(self) -> None:
+        """Start the workers' forkserver now, beside the walk (process_pool.prestart): the
+        first batch then finds it ready instead of waiting while it imports."""
+        if self._pool is None and not self._prestarted:
+            from bunker.process_pool import prestart
+
+            prestart(WORKER_MODULE)
+            self._prestarted = True
 
     def submit(self, paths: list[bytes]) -> Future[BatchResult]:
         if self._pool is None:
@@ -104,7 +115,7 @@ class SmallFilePool:
             # most runs over unchanged files, does without it)
             from bunker.process_pool import process_pool
 
-            self._pool = process_pool(self._workers, "bunker.backup.small_files", _init, self._args)
+            self._pool = process_pool(self._workers, WORKER_MODULE, _init, self._args)
         return self._pool.submit(read_batch, paths)
 
     def shutdown(self) -> None:
