@@ -20,7 +20,7 @@ from concurrent.futures import BrokenExecutor, Future
 from typing import Any, Generic, Protocol, TypeVar
 
 from bunker.backup.file_reader import ReadOutcome
-from bunker.backup.small_files import BatchResult, SmallFilePool
+from bunker.backup.small_files import BatchResult, SmallFilePool, outcomes_of
 from bunker.repo.session_writer import SessionWriter
 
 SMALL_BATCH_FILES = 256
@@ -129,7 +129,8 @@ class SmallBatches(Generic[J]):
                 self._finish(batch)
                 return
             try:
-                outcomes, run = fut.result()
+                result = fut.result()
+                outcomes, run = outcomes_of(result), result[1]
             except BrokenExecutor as exc:  # (a BrokenProcessPool: its module loads with the pool)
                 with self._lock:
                     self._broken.append((batch, exc))

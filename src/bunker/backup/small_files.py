@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 from concurrent.futures import Future
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from bunker.backup.chunker import cut, make_cdc
 from bunker.backup.file_reader import ReadOutcome, read_all, read_simple, read_stable
@@ -30,8 +30,9 @@ if TYPE_CHECKING:
 
 # (chunk id, blob bytes, raw length, K_blob)
 Blob = tuple[bytes, bytes | bytearray, int, bytes]
-# what a batch gives: each file's outcome, and the blobs of all its files
-BatchResult = tuple[list[ReadOutcome], GroupRun]
+# what a batch gives: each file's outcome as a plain tuple (a named tuple is pickled through a
+# Python call each: 1.8 against 0.4 µs), and the blobs of all its files
+BatchResult = tuple[list[tuple[Any, ...]], GroupRun]
 
 WORKER_MODULE = "bunker.backup.small_files"  # what the workers' forkserver imports
 _secrets: PutSecrets | None = None
@@ -85,8 +86,13 @@ def read_batch(paths: list[bytes]) -> BatchResult:
         if outcome.status in ("ok", "changing"):
             for b in enc.blobs:
                 run.add(*b)
-        outcomes.append(outcome)
+        outcomes.append(tuple(outcome))
     return outcomes, run.take()
+
+
+def outcomes_of(result: BatchResult) -> list[ReadOutcome]:
+    """The files' outcomes of a batch's result (:func:`read_batch`)."""
+    return [ReadOutcome._make(o) for o in result[0]]
 
 
 class SmallFilePool:
