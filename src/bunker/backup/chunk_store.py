@@ -23,12 +23,11 @@ from bunker.repo.pack import KIND_META
 from bunker.repo.session_writer import SessionWriter
 from bunker.repo.tree import MAX_TREE, encode_tree
 
-READ_WHOLE = 8 << 20  # files up to this size are read in one go and cut in memory
-
-
-
 if TYPE_CHECKING:
     from pyfastcdc import FastCDC
+
+READ_WHOLE = 8 << 20  # files up to this size are read in one go and cut in memory
+
 
 class Halted(Exception):
     """The run is stopping (:meth:`ChunkStore.halt`): the file being read is left out."""

@@ -50,10 +50,7 @@ def read_stable(path: bytes, consume: Consume) -> ReadOutcome:
     previous: list[bytes] | None = None
     for attempt in range(MAX_REREADS + 1):
         try:
-            try:
-                fd = deep_path.open(path, _FLAGS | _NOATIME)
-            except PermissionError:
-                fd = deep_path.open(path, _FLAGS)  # O_NOATIME needs ownership
+            fd = _open(path)
         except FileNotFoundError:
             return ReadOutcome("vanished", [])
         except OSError as exc:
@@ -104,16 +101,13 @@ def read_simple(path: bytes, take: Callable[[bytes], list[bytes]]) -> ReadOutcom
     was taken then): read_stable reads it, with all it checks and reports. A small file's
     system calls and glue are most of what it costs to back up (docs/performance.md)."""
     try:
-        try:
-            fd = deep_path.open(path, _FLAGS | _NOATIME)
-        except PermissionError:
-            fd = deep_path.open(path, _FLAGS)
+        fd = _open(path)
     except OSError:
         return None
     try:
         before = os.fstat(fd)
         size = before.st_size
-        if not stat.S_ISREG(before.st_mode) or (size and os.lseek(fd, 0, os.SEEK_HOLE) < size):
+        if not stat.S_ISREG(before.st_mode) or hole_map(fd, size):
             return None
         flags = bare_inode_flags(fd)
         if flags is None:
@@ -134,6 +128,14 @@ def read_simple(path: bytes, take: Callable[[bytes], list[bytes]]) -> ReadOutcom
     return ReadOutcome(
         "ok", take(data), after.st_ino, size, after.st_mtime_ns, after.st_ctime_ns, meta={"fl": flags} if flags else {}
     )
+
+
+def _open(path: bytes) -> int:
+    """``path`` opened to be read, without following a symlink, its atime kept where we may."""
+    try:
+        return deep_path.open(path, _FLAGS | _NOATIME)
+    except PermissionError:
+        return deep_path.open(path, _FLAGS)  # O_NOATIME needs ownership
 
 
 def read_all(fd: int, size_hint: int) -> bytes:

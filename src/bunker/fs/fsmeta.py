@@ -380,28 +380,20 @@ def inode_meta(fd: int) -> tuple[dict[str, Any], list[str]]:
     Runs for every file backed up: two system calls when there is nothing to find."""
     meta: dict[str, Any] = {}
     problems: list[str] = []
-    try:
-        names = os.listxattr(fd)
-    except OSError as exc:
-        names = []
-        if exc.errno not in _UNSUPPORTED:
-            problems.append(f"extended attributes not readable: {_why(exc)}")
+    names, problem = _xattr_names(fd)
+    if problem:
+        problems.append(problem)
     if names:
         x, acl, problems = read_xattrs(fd)
         if x:
             meta["x"] = x
         if acl:
             meta["acl"] = acl
-    buf = bytearray(4)
-    try:
-        fcntl.ioctl(fd, FS_IOC_GETFLAGS, buf, True)
-    except OSError as exc:
-        if exc.errno not in _UNSUPPORTED:
-            problems.append(f"inode flags not readable: {_why(exc)}")
-    else:
-        fl = int.from_bytes(buf, sys.byteorder) & STORED_FLAGS
-        if fl:
-            meta["fl"] = fl
+    fl, problem = _stored_flags(fd)
+    if problem:
+        problems.append(problem)
+    elif fl:
+        meta["fl"] = fl
     return meta, problems
 
 
@@ -409,18 +401,31 @@ def bare_inode_flags(fd: int) -> int | None:
     """The stored inode flags of an open file that has no extended attributes (0 where the
     filesystem keeps none), or None when :func:`inode_meta` has more to find or to report
     (extended attributes, an ACL, a read that failed)."""
+    names, problem = _xattr_names(fd)
+    if names or problem:
+        return None
+    fl, problem = _stored_flags(fd)
+    return None if problem else fl
+
+
+def _xattr_names(fd: int) -> tuple[list[str], str | None]:
+    """The names of an open item's extended attributes (none where the filesystem keeps
+    none), and the problem if they cannot be listed."""
     try:
-        if os.listxattr(fd):
-            return None
+        return os.listxattr(fd), None
     except OSError as exc:
-        if exc.errno not in _UNSUPPORTED:
-            return None
+        return [], None if exc.errno in _UNSUPPORTED else f"extended attributes not readable: {_why(exc)}"
+
+
+def _stored_flags(fd: int) -> tuple[int, str | None]:
+    """An open item's inode flags that a tree stores (0 where the filesystem keeps none), and
+    the problem if they cannot be read."""
     buf = bytearray(4)
     try:
         fcntl.ioctl(fd, FS_IOC_GETFLAGS, buf, True)
     except OSError as exc:
-        return 0 if exc.errno in _UNSUPPORTED else None
-    return int.from_bytes(buf, sys.byteorder) & STORED_FLAGS
+        return 0, None if exc.errno in _UNSUPPORTED else f"inode flags not readable: {_why(exc)}"
+    return int.from_bytes(buf, sys.byteorder) & STORED_FLAGS, None
 
 
 def path_meta(path: bytes) -> tuple[dict[str, Any], list[str]]:

@@ -178,13 +178,13 @@ _WHOLE_KEYS = frozenset(("n", "t", "m", "u", "g", "U", "G", "mt", "at", "ct", "s
 
 
 def write_whole(dir_fd: int, path: bytes, data: bytes, e: dict[str, Any], as_root: bool, numeric_owner: bool) -> bool:
-    """The common case of a small restored file, in the fewest calls: ``data`` and the owner,
-    permission bits and times of ``e`` written to ``path`` in the directory ``dir_fd``, which
-    this restore created (nothing is in the way), under a temporary name renamed into place as
-    :func:`write_file` does. A restore writes most of its files so (a third less CPU per small
-    file than write_file with apply_meta: docs/performance.md). False when the file is not
-    that simple or a call fails: nothing is left behind then, and write_file does it, with its
-    reports."""
+    """The common case of a small restored file, in the fewest calls: ``data`` written to
+    ``path`` in the directory ``dir_fd``, which this restore created (nothing is in the way),
+    and the owner, permission bits and times of ``e`` (:func:`apply_meta`), under a temporary
+    name renamed into place as :func:`write_file` does. A restore writes most of its files so
+    (a third less CPU per small file than write_file: docs/performance.md). False when the
+    file is not that simple or a call fails: nothing is left behind then, and write_file does
+    it, with its reports."""
     if not e.keys() <= _WHOLE_KEYS:
         return False
     part = _part_name()
@@ -195,13 +195,8 @@ def write_whole(dir_fd: int, path: bytes, data: bytes, e: dict[str, Any], as_roo
     try:
         if os.write(fd, data) != len(data):
             raise OSError(errno.EIO, "short write")  # (write_file writes the rest, or says why not)
-        if as_root and "u" in e:
-            os.fchown(fd, *((e["u"], e["g"]) if numeric_owner else owner_ids(e)))
-        if "m" in e:
-            os.fchmod(fd, e["m"])
-        mt = e.get("mt")
-        if mt is not None:
-            os.utime(fd, ns=(e.get("at", mt), mt))
+        if apply_meta(fd, e, as_root, numeric_owner):
+            raise OSError(errno.EPERM, "metadata not restored whole")  # (write_file reports it)
         os.close(fd)
         fd = -1
         os.rename(part, path[path.rfind(b"/") + 1 :], src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
