@@ -199,12 +199,17 @@ def test_second_signal_stops_at_once_and_names_the_checkpoint(repo: Repo, tmp_pa
     snapshot."""
     src = tmp_path / "src"
     _source(src)
-    # twice the data: on an idle machine the whole run can end within about a checkpoint interval
-    more = src / "c-more"
+    more = src / "c-more"  # more data: room for the checkpoint after the pause below
     more.mkdir()
     for i in range(BIG_FILES):
         (more / f"g{i:02}.bin").write_bytes(os.urandom(BIG_SIZE))
     proc = _start(repo, "backup", "--checkpoint-interval", "1s", src)
+    # held still for longer than the interval once it stores data: its first look at the clock
+    # after it goes on is past the interval however fast this machine reads (a run of 480 MiB
+    # could end before its first checkpoint)
+    _freeze_when(proc, lambda: _pack_bytes(repo) > 0)
+    time.sleep(1.2)
+    os.killpg(proc.pid, signal.SIGCONT)
     _freeze_when(proc, lambda: _checkpointed(repo) >= 1)
     children = _descendants(proc.pid)
     os.kill(proc.pid, signal.SIGINT)  # both are pending when it goes on
