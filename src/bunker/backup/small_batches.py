@@ -28,6 +28,7 @@ SMALL_BATCH_FILES = 256
 # receives them whole: 2 MiB batches took the mixed backup's process tree from 134-137 to
 # 110-116 MB at the same speed as 4 MiB ones (docs/performance.md)
 SMALL_BATCH_BYTES = 2 << 20
+SLOTS_PER_WORKER = 4
 
 
 class _Job(Protocol):
@@ -74,8 +75,11 @@ class SmallBatches(Generic[J]):
         self._waiting = waiting  # called while the walking thread waits for a slot (lease, checkpoints)
         self._batch: list[tuple[bytes, dict[str, Any], J, bytes, int]] = []
         self._batch_bytes = 0
-        # two batches per worker keep every worker busy while bounding the files in flight
-        self._slots = threading.BoundedSemaphore(2 * (workers or os.cpu_count() or 2) + 2)
+        # batches in flight: a slot is held from the walk until the batch's outcomes are
+        # recorded here, so results waiting for this process's GIL hold slots too. Two per
+        # worker left the workers idle while finished batches waited: a `many` backup used
+        # 1.61-1.66 of 2 cores with two per worker, 1.69-1.73 with four (docs/performance.md)
+        self._slots = threading.BoundedSemaphore(SLOTS_PER_WORKER * (workers or os.cpu_count() or 2) + 2)
         self.error: BaseException | None = None
         # batches whose worker process died, for the walking thread to record (settle): a
         # SIGTERM to the whole process group (`systemctl stop`) kills the workers as it stops
