@@ -584,6 +584,7 @@ class Archiver:
         self.chunks.halt()
         self._pool.shutdown(wait=True, cancel_futures=True)
         self._small_pool.shutdown()
+        self._small.close()
         self._small.settle(record=False)
 
     def partial_root(self) -> tuple[bytes | None, ChunkIdSet]:
@@ -654,6 +655,7 @@ class Archiver:
         finally:  # on an exception (a second signal) the files not read yet are dropped
             self._pool.shutdown(wait=True, cancel_futures=True)
             self._small_pool.shutdown()
+            self._small.close()
         self.stats["duration_ms"] = int((time.monotonic() - t0) * 1000)
         self.stats.update(self.chunks.tree_stats(root))
         return ArchiveResult(root, self.chunk_ids, self.stats)
