@@ -231,6 +231,16 @@ class VolatileDisk(FileOps):
                 self._content[self._fds[fd]] = f.read()
             self.made_durable += 1
 
+    def fsync_path(self, path: str) -> None:
+        with self._lock:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                self._fds[fd] = self._dir(os.path.dirname(path))[os.path.basename(path)]
+                self.fsync(fd)  # (a negative control that skips file syncs skips this one too)
+            finally:
+                self._fds.pop(fd, None)
+                os.close(fd)
+
     def close(self, fd: int) -> None:
         with self._lock:
             self._fds.pop(fd, None)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import errno
 import os
 import random
+import shutil
+import tempfile
 from pathlib import Path
 
 import blake3
@@ -143,6 +145,56 @@ def test_a_staged_file_from_another_filesystem_is_copied_piece_by_piece(tmp_path
     _check_pack(keys, done.name, repo.get(f"packs/{done.name}"), plain)
     assert not os.path.exists(staged.path)
     assert _temp_files(tmp_path) == []
+
+
+class CountedSyncs(FileOps):
+    """Counts file syncs, and records the staged files synced by path."""
+
+    def __init__(self) -> None:
+        self.syncs = 0
+        self.paths: list[str] = []
+
+    def fsync(self, fd: int) -> None:
+        self.syncs += 1
+        super().fsync(fd)
+
+    def fsync_path(self, path: str) -> None:
+        self.paths.append(path)
+        super().fsync_path(path)
+
+
+def test_a_staged_file_is_synced_only_where_it_is_kept(tmp_path: Path) -> None:
+    """Sealing syncs nothing: a staged file linked in place is synced before it is named; one
+    copied into a repository on another filesystem is not synced at all, its copy is."""
+    keys = Keys()
+    ops = CountedSyncs()
+    repo = LocalBackend(str(tmp_path / "r"), create=True, ops=ops)
+    staged = repo.stage("packs/")
+    assert staged is not None
+    done, plain = _build(keys, staged)
+    assert ops.syncs == 0, "sealing synced the staged file"
+    repo.put_staged(f"packs/{done.name}", staged.path)
+    assert ops.paths == [staged.path] and ops.syncs == 1, "linked in place unsynced"
+    _check_pack(keys, done.name, repo.get(f"packs/{done.name}"), plain)
+
+    shm = Path("/dev/shm")
+    if not shm.is_dir() or os.stat(shm).st_dev == os.stat(tmp_path).st_dev:
+        pytest.skip("needs /dev/shm on another filesystem than the test's directory")
+    other = Path(tempfile.mkdtemp(prefix="bunker-spool-", dir=shm))
+    try:
+        spool_ops, repo_ops = CountedSyncs(), CountedSyncs()
+        spool = LocalBackend(str(other / "spool"), create=True, ops=spool_ops)
+        repo = LocalBackend(str(tmp_path / "r2"), create=True, ops=repo_ops)
+        staged = spool.stage("packs/")
+        assert staged is not None
+        done, plain = _build(keys, staged)
+        repo.put_staged(f"packs/{done.name}", staged.path)
+        assert spool_ops.syncs == 0 and spool_ops.paths == [], "the spool's staged file was synced"
+        assert repo_ops.syncs == 1 and repo_ops.paths == [], "the copy in the repository is synced"
+        assert not os.path.exists(staged.path)
+        _check_pack(keys, done.name, repo.get(f"packs/{done.name}"), plain)
+    finally:
+        shutil.rmtree(other)
 
 
 class BrokenDisk(FileOps):

@@ -59,7 +59,7 @@ class PackBody:
 
     def seal(self, tail_for: Callable[[bytes], bytes]) -> FinishedPack:
         """Append ``tail_for(body hash)`` and name the pack by the hash of all of it (the
-        staged file is made durable and closed, for Backend.put_staged)."""
+        staged file is closed, for Backend.put_staged, which makes it durable where it is kept)."""
         staged, hasher = self._staged, self._hasher
         if staged is not None and hasher is not None:
             try:

@@ -56,6 +56,15 @@ class FileOps:
     def close(self, fd: int) -> None:
         os.close(fd)
 
+    def fsync_path(self, path: str) -> None:
+        """Make the content of the closed file at ``path`` durable (a staged file that is about
+        to become an object)."""
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            self.fsync(fd)
+        finally:
+            os.close(fd)
+
     def link(self, src: str, dst: str) -> None:
         """Hard-link ``src`` as ``dst``; FileExistsError when ``dst`` exists."""
         os.link(src, dst)
@@ -157,14 +166,21 @@ class LocalBackend(Backend):
         return StagedFile(path, fd, self.ops)
 
     def _put_staged(self, name: str, path: str) -> None:
-        # a staged file is durable already (StagedFile.seal): a hard link puts it in place, on
-        # this filesystem, and its staging name goes once the link is durable; from another
-        # filesystem it is copied as a put writes
+        # On this filesystem a hard link puts the staged file itself in place: it is synced
+        # first (StagedFile.seal leaves that to whoever keeps the file), and its staging name
+        # goes once the link is durable. From another filesystem it is copied as a put writes,
+        # and only the copy is synced: a spool on the system disk in front of a repository on
+        # another one paid a sync of every pack on each disk (docs/performance.md).
         ops = self.ops
         final = self._path(name)
         d = os.path.dirname(final)
         try:
             self._ensure_dir(d)
+            if os.stat(path).st_dev != os.stat(d).st_dev:
+                self._copy_in(name, path)
+                ops.unlink(path)
+                return
+            ops.fsync_path(path)
             try:
                 ops.link(path, final)
             except FileExistsError:

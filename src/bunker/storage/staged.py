@@ -23,8 +23,6 @@ class WriteOps(Protocol):
 
     def write(self, fd: int, data: memoryview) -> int: ...
 
-    def fsync(self, fd: int) -> None: ...
-
     def close(self, fd: int) -> None: ...
 
     def unlink(self, path: str) -> None: ...
@@ -59,10 +57,13 @@ class StagedFile:
         return data
 
     def seal(self) -> None:
-        """Make the content durable and close the file: what :meth:`Backend.put_staged` takes."""
+        """Finish the file: what :meth:`Backend.put_staged` takes. Its content is not synced
+        here: a backend that keeps this very file (a hard link in place, in a repository or a
+        spool on the same filesystem) syncs it before naming it; one that copies or uploads it
+        makes its own copy durable, and this file then goes. A file nobody took (the run was
+        killed) is a temporary file, swept later: losing its content loses nothing."""
         if self._fd is None:
             raise ValueError("the staged file is closed")
-        self._ops.fsync(self._fd)
         self.close()
 
     def close(self) -> None:
