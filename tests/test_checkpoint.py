@@ -85,11 +85,17 @@ def unindexed_checkpoint_chunks(store: Path, put_key: Path) -> int:
 
 
 def _kill_after_checkpoint(
-    repo: Repo, src: Path, min_files: int = 1, env: dict[str, str] | None = None, snapshots: int = 0
+    repo: Repo,
+    src: Path,
+    min_files: int = 1,
+    env: dict[str, str] | None = None,
+    snapshots: int = 0,
+    paced: bool = False,
 ) -> None:
     """Run a backup (as ``env``, default the repository's client) with checkpoints every 0.2 s
     and SIGKILL it once a checkpoint covers ``min_files`` files (a checkpoint rides on a lease
-    refresh). ``snapshots``: how many the repository holds before."""
+    refresh). ``snapshots``: how many the repository holds before. ``paced``: see
+    helpers.kill_run_when (for a run a fast machine can finish within a few intervals)."""
     ended, stderr = kill_run_when(
         "backup",
         "--repo",
@@ -100,6 +106,7 @@ def _kill_after_checkpoint(
         src,
         env=env or repo.env,
         reached=lambda: _checkpointed(repo) >= min_files,
+        paced=paced,
     )
     assert len(repo.objects("snapshots")) == snapshots, (
         f"the backup finished (exit {ended}) before it could be killed: {stderr}"
