@@ -223,6 +223,10 @@ class VolatileDisk(FileOps):
         self._step("write")
         return super().write(fd, data)
 
+    def copy(self, src: int, dst: int) -> int:
+        self._step("copy")  # (where the kernel cannot copy, each piece's write is a step too)
+        return super().copy(src, dst)
+
     def fsync(self, fd: int) -> None:
         with self._lock:
             self._step("fsync")

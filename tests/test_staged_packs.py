@@ -25,7 +25,8 @@ from bunker.errors import StorageError
 from bunker.repo import blob
 from bunker.repo.pack import HEADER, PackWriter, decrypt_trailer, open_group_key, parse_footer, unwrap_blob_key
 from bunker.repo.pack_body import FinishedPack
-from bunker.storage.local import COPY_STEP, FileOps, LocalBackend
+from bunker.storage.file_copy import COPY_STEP, copy_fd
+from bunker.storage.local import FileOps, LocalBackend
 from bunker.storage.spooling import SpoolingBackend
 from bunker.storage.staged import StagedFile
 from helpers import Repo, js
@@ -119,9 +120,11 @@ def test_a_staging_file_that_fills_up_goes_on_in_memory(tmp_path: Path, fail_at:
 
 
 class NoLinksAcross(FileOps):
-    """Another filesystem: a hard link fails with EXDEV. Records the largest write."""
+    """Another filesystem: a hard link fails with EXDEV. Records the copies and the largest
+    write."""
 
     largest = 0
+    copied = 0
 
     def link(self, src: str, dst: str) -> None:
         raise OSError(errno.EXDEV, "Invalid cross-device link")
@@ -130,8 +133,13 @@ class NoLinksAcross(FileOps):
         self.largest = max(self.largest, len(data))
         return super().write(fd, data)
 
+    def copy(self, src: int, dst: int) -> int:
+        n = super().copy(src, dst)
+        self.copied += n
+        return n
 
-def test_a_staged_file_from_another_filesystem_is_copied_piece_by_piece(tmp_path: Path) -> None:
+
+def test_a_staged_file_from_another_filesystem_is_copied_by_the_kernel(tmp_path: Path) -> None:
     keys = Keys()
     spool = LocalBackend(str(tmp_path / "spool"), create=True)
     disk = NoLinksAcross()
@@ -141,10 +149,32 @@ def test_a_staged_file_from_another_filesystem_is_copied_piece_by_piece(tmp_path
     done, plain = _build(keys, staged, n=240)
     assert done.size > 2 * COPY_STEP
     repo.put_staged(f"packs/{done.name}", staged.path)
-    assert 0 < disk.largest <= COPY_STEP, "copied in pieces, never read whole into memory"
+    assert disk.copied == done.size and disk.largest == 0, "copied whole, never through this process"
     _check_pack(keys, done.name, repo.get(f"packs/{done.name}"), plain)
     assert not os.path.exists(staged.path)
     assert _temp_files(tmp_path) == []
+
+
+def test_a_copy_the_kernel_cannot_make_goes_in_pieces(tmp_path: Path) -> None:
+    """sendfile refuses a destination opened for appending: the copy then goes through the
+    caller's write, a piece at a time."""
+    data = os.urandom(2 * COPY_STEP + 12345)
+    (tmp_path / "src").write_bytes(data)
+    writes: list[int] = []
+
+    def write(fd: int, view: memoryview) -> int:
+        writes.append(len(view))
+        return os.write(fd, view)
+
+    src = os.open(tmp_path / "src", os.O_RDONLY)
+    dst = os.open(tmp_path / "dst", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    try:
+        assert copy_fd(src, dst, write) == len(data)
+    finally:
+        os.close(src)
+        os.close(dst)
+    assert (tmp_path / "dst").read_bytes() == data
+    assert len(writes) == 3 and max(writes) == COPY_STEP
 
 
 class CountedSyncs(FileOps):

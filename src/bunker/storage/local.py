@@ -27,6 +27,7 @@ from collections.abc import Callable, Iterator
 
 from bunker.errors import BunkerError, ExitCode, ObjectMissing, StorageError
 from bunker.storage.backend import STRAYS_SHOWN, Backend, Capabilities, ObjectInfo, Strays, validate_prefix
+from bunker.storage.file_copy import copy_fd
 from bunker.storage.full import FULL_ERRNOS, RepositoryFull, local_disk_full
 from bunker.storage.prefixes import PREFIXES, WRITTEN, name_problem, printable
 from bunker.storage.refused import is_refused_errno, local_refusal
@@ -37,7 +38,6 @@ __all__ = ["FULL_ERRNOS", "FileOps", "LocalBackend", "RepositoryFull", "storage_
 TEMP_PREFIX = ".tmp-"
 NO_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EMLINK, errno.ENOSYS)
 STALE_TEMP_SECONDS = 3600.0
-COPY_STEP = 1 << 20  # a staged file from another filesystem is copied in pieces of this size
 
 
 class FileOps:
@@ -55,6 +55,11 @@ class FileOps:
 
     def close(self, fd: int) -> None:
         os.close(fd)
+
+    def copy(self, src: int, dst: int) -> int:
+        """Copy all of the file ``src`` into ``dst`` (file_copy.copy_fd: in the kernel where it
+        can, else in pieces through :meth:`write`); return the number of bytes."""
+        return copy_fd(src, dst, self.write)
 
     def fsync_path(self, path: str) -> None:
         """Make the content of the closed file at ``path`` durable (a staged file that is about
@@ -212,15 +217,15 @@ class LocalBackend(Backend):
             view = view[n:]
 
     def _copy_in(self, name: str, path: str) -> None:
-        """Put the file at ``path`` (on another filesystem) under ``name``, read in COPY_STEP
-        pieces: a pack staged in a spool on the system disk costs no memory of its size on its
-        way to a repository on another disk."""
+        """Put the file at ``path`` (on another filesystem) under ``name``, copied by the kernel
+        or in pieces: a pack staged in a spool on the system disk costs no memory of its size on
+        its way to a repository on another disk, nor a pass through this process where the
+        kernel copies (docs/performance.md)."""
         src = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
         try:
 
             def fill(fd: int) -> None:
-                while piece := os.read(src, COPY_STEP):
-                    self._write_all(fd, memoryview(piece))
+                self.ops.copy(src, fd)
 
             self._put_from(name, fill, False)
         finally:

@@ -40,6 +40,7 @@ from collections.abc import Callable
 
 from bunker.errors import BunkerError, ExitCode, StorageError
 from bunker.storage.backend import ObjectInfo
+from bunker.storage.file_copy import copy_fd
 from bunker.storage.full import FULL_ERRNOS
 from bunker.storage.local import STALE_TEMP_SECONDS, storage_error
 from bunker.storage.mailbox import (
@@ -62,9 +63,6 @@ _DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _CREATE = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
 # O_NONBLOCK: a fifo planted under a piece's name must not hang a reader
 _READ = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-SENDFILE_STEP = 1 << 30
-COPY_STEP = 1 << 20  # read/write steps where sendfile does not work
-_NO_SENDFILE = (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV)
 _STRAY_TEXT = "something that is not a regular file has the piece's name"
 _SWAPPED_TEXT = "the temp file was replaced while it was written"
 
@@ -90,30 +88,6 @@ def kind_of(st: os.stat_result) -> str:
     if stat.S_ISREG(mode):
         return f"a file with {st.st_nlink} hard links (it may be any file of that filesystem)"
     return "not a regular file"
-
-
-def copy_fd(src: int, dst: int) -> int:
-    """Copy all of ``src`` (from its start) to ``dst`` in the kernel where it can; return the
-    number of bytes. Memory use does not grow with the size."""
-    offset = 0
-    while True:
-        try:
-            n = os.sendfile(dst, src, offset, SENDFILE_STEP)
-        except OSError as exc:
-            if exc.errno not in _NO_SENDFILE:
-                raise
-            break
-        if n == 0:
-            return offset
-        offset += n
-    while True:
-        data = os.pread(src, COPY_STEP, offset)
-        if not data:
-            return offset
-        view = memoryview(data)
-        while view:
-            view = view[os.write(dst, view) :]
-        offset += len(data)
 
 
 class LocalMailbox(Mailbox):
