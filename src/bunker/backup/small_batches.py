@@ -79,7 +79,7 @@ class SmallBatches(Generic[J]):
         # batches in flight: a slot is held from the walk until the batch's outcomes are
         # recorded here, so results waiting for this process's GIL hold slots too. Two per
         # worker left the workers idle while finished batches waited: a `many` backup used
-        # 1.61-1.66 of 2 cores with two per worker, 1.69-1.73 with four (docs/performance.md)
+        # 1.61-1.68 of 2 cores with two per worker, 1.68-1.72 with four (docs/performance.md)
         self._slots = threading.BoundedSemaphore(SLOTS_PER_WORKER * (workers or os.cpu_count() or 2) + 2)
         self.error: BaseException | None = None
         # Finished batches are recorded on a thread of their own, not on the pool's thread that
