@@ -12,6 +12,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from helpers import BUNKER, compare_trees, js, kill_run_when, restored_path, run_bunker
 from test_checkpoint import tree_with_tail
@@ -83,8 +84,11 @@ def test_a_dead_sessions_checkpoint_on_a_node_is_a_root_at_the_top(tmp_path: Pat
     """A backup killed on office leaves a checkpoint there; its packs reach the top, where no
     snapshot names them yet: office sends a checkpoint root up, so a prune at the top keeps them
     until the client's next run (through office) adopts the checkpoint."""
+    from bunker.crypto.keyfile import load_put_key
     from bunker.encoding import FormatError
+    from bunker.repo.pack import decrypt_trailer, parse_footer
     from bunker.repo.records import parse_lease
+    from bunker.repo.refs import read_set
 
     h = build(tmp_path)
     top = h.top
@@ -92,13 +96,36 @@ def test_a_dead_sessions_checkpoint_on_a_node_is_a_root_at_the_top(tmp_path: Pat
     tree_with_tail(src)
     leases = h.office / "store" / top.id / "sessions"
 
-    def checkpointed() -> bool:
+    store = h.office / "store" / top.id
+    secrets = load_put_key(str(top.put_key)).secrets
+
+    def holds_a_dead_blob() -> bool:
+        """The newest checkpoint's packs hold a blob its chunk set does not name (of a file read
+        in part when it was written): what makes a prune at the top repack one of them. A
+        checkpoint written between two files holds none, and the run goes on to the next."""
+        newest: tuple[int, dict[str, Any]] | None = None
         for p in leases.iterdir() if leases.is_dir() else ():
             try:
-                if not p.name.startswith(".") and parse_lease(p.read_bytes())[0].get("checkpoint"):
-                    return True
+                cp = None if p.name.startswith(".") else parse_lease(p.read_bytes())[0].get("checkpoint")
             except (OSError, FormatError):
                 continue
+            if cp and (newest is None or int(p.name.rsplit(".", 1)[1]) > newest[0]):
+                newest = (int(p.name.rsplit(".", 1)[1]), cp)
+        if newest is None:
+            return False
+        cp = newest[1]
+
+        def read(n: str) -> bytes:
+            return (store / n).read_bytes()
+
+        try:  # (the run is held still while this looks)
+            chunks = set(read_set(cp["chunkset"], read, secrets))
+            for name in read_set(cp["packset"], read):
+                data = read(f"packs/{name}")
+                if any(b.chunk_id not in chunks for b in decrypt_trailer(parse_footer(data, len(data)), secrets).blobs):
+                    return True
+        except (OSError, FormatError):
+            return False
         return False
 
     ended, stderr = kill_run_when(
@@ -110,17 +137,15 @@ def test_a_dead_sessions_checkpoint_on_a_node_is_a_root_at_the_top(tmp_path: Pat
         "--checkpoint-interval",
         "0.2s",
         env=top.env,
-        reached=checkpointed,
+        reached=holds_a_dead_blob,
         paced=True,
     )
-    assert checkpointed(), f"the backup ended (exit {ended}) before a checkpoint: {stderr}"
+    assert holds_a_dead_blob(), f"the backup ended (exit {ended}) before a checkpoint held a file in part: {stderr}"
     past = time.time() - 7200  # the storage's clock says the lease expired long ago
     for p in leases.iterdir():
         os.utime(p, (past, past))
 
     h.up()
-    from bunker.repo.refs import read_set
-
     # the newest refresh: the one office's checkpoint root names
     lease = max(
         (p for p in leases.iterdir() if parse_lease(p.read_bytes())[0].get("checkpoint")),
