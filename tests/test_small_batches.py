@@ -43,8 +43,17 @@ class _Pool:
 
         return self.threads.submit(read)
 
+    def submit_dirs(self, dirs: list[Any]) -> Future[Any]:
+        def read() -> tuple[list[Any], None]:
+            assert self.gate.wait(30)
+            return [(b"tree", (1, 1, 1), b"row", [d[0]], [], 1) for d in dirs], None
 
-def _batches(pool: _Pool, recorded: list[tuple[bytes, str]]) -> tuple[SmallBatches[_Job], _Progress]:
+        return self.threads.submit(read)
+
+
+def _batches(
+    pool: _Pool, recorded: list[tuple[bytes, str]], dirs: list[Any] | None = None
+) -> tuple[SmallBatches[_Job], _Progress]:
     def record(outcome: ReadOutcome, path: bytes, entry: dict[str, Any], job: _Job, name: bytes, ids: bool) -> None:
         recorded.append((path, threading.current_thread().name))
 
@@ -58,6 +67,7 @@ def _batches(pool: _Pool, recorded: list[tuple[bytes, str]]) -> tuple[SmallBatch
         progress,
         record,
         lambda ids: None,
+        record_dir=lambda job, result: (dirs if dirs is not None else []).append(result),
     )
     return batches, progress
 
@@ -96,3 +106,25 @@ def test_a_cancelled_batch_is_finished_without_being_recorded() -> None:
     batches.close()
     assert job.pending == 0 and progress.files == 3 * SMALL_BATCH_FILES
     assert len(recorded) == SMALL_BATCH_FILES
+
+
+def test_a_batch_of_one_kind_is_sent_when_the_walk_turns_to_the_other() -> None:
+    """Directories are finished in order: a batch of files left waiting for more while the walk
+    hands over whole directories would hold its directory, and every one after it, unfinished."""
+    pool, recorded, dirs = _Pool(), [], []
+    batches, progress = _batches(pool, recorded, dirs)
+    pool.gate.set()
+    first, second, third = _Job(), _Job(), _Job()
+    batches.queue(b"f0", {}, first, b"n", 10)
+    batches.queue_dir(second, (b"/d", [], None), 5, 50)  # sends the one file
+    batches.queue(b"f1", {}, third, b"n", 10)  # sends the one directory
+    for _ in range(300):
+        if not first.pending and not second.pending:
+            break
+        threading.Event().wait(0.01)
+    assert first.pending == 0 and second.pending == 0 and third.pending == 1
+    assert [p for p, _ in recorded] == [b"f0"] and [r[3] for r in dirs] == [[b"/d"]]
+    batches.submit()
+    pool.threads.shutdown(wait=True)
+    batches.close()
+    assert third.pending == 0 and progress.files == 1 + 5 + 1 and progress.nbytes == 2 + 1 + 2

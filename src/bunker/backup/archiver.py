@@ -28,16 +28,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO
 
+from bunker import encoding
 from bunker.backup import files_cache as fc
 from bunker.backup.chunk_store import READ_WHOLE, ChunkStore, Halted
 from bunker.backup.chunker import Readable
 from bunker.backup.excludes import PSEUDO_FILESYSTEMS, Excludes, mount_types
-from bunker.backup.file_reader import MAX_REREADS, ReadOutcome, read_stable
+from bunker.backup.file_entry import Event, apply_outcome, base_entry, cache_row, fit_entries, outcome_events
+from bunker.backup.file_reader import ReadOutcome, read_stable
 from bunker.backup.hardlinks import HardLinks
 from bunker.backup.owners import OwnerNames
 from bunker.backup.partial import VirtualFrame, partial_root
 from bunker.backup.resume import PartialFiles, Tracked
-from bunker.backup.small_batches import SmallBatches
+from bunker.backup.small_batches import SMALL_BATCH_BYTES, SmallBatches
 from bunker.backup.small_files import SmallFilePool
 from bunker.backup.tree_reuse import (
     PRESTAT_MAX,
@@ -49,12 +51,11 @@ from bunker.backup.tree_reuse import (
     lstat_children,
     record_tree,
 )
-from bunker.encoding import FormatError
+from bunker.backup.whole_dirs import DirResult, WholeFile, whole_files
 from bunker.fs import deep_path
 from bunker.fs.fsmeta import inode_meta, name_acl, path_meta
 from bunker.repo.chunk_id_set import ChunkIdSet
 from bunker.repo.session_writer import SessionWriter
-from bunker.repo.tree import fit_entry
 from bunker.runlog import RunLog
 
 SMALL_FILE = 256 << 10  # files up to this size go to the worker processes ...
@@ -100,6 +101,8 @@ class DirJob:
     events: int = 0  # how many events the run had logged when it was opened
     reuse: TreeRecord | None = None  # the recorded tree, if nothing changed in its own children
     deferred: list[Child] = field(default_factory=list)  # reusing: children whose entries are not built
+    whole: list[WholeFile] | None = None  # its files, when a worker reads it whole (whole_dirs.py)
+    whole_result: DirResult | str | None = None  # what that worker gave, or why it failed
 
 
 _OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
@@ -175,6 +178,7 @@ class Archiver:
             self._record,
             self._add_chunk_ids,
             self._maybe_tick,
+            self._whole_done,
         )
         self._hardlinks = HardLinks(self._done_lock, self._wake, log)
         # what is in progress, for checkpoints (partial.py): the walk stack, the virtual
@@ -233,38 +237,23 @@ class Archiver:
     def _record_outcome(
         self, r: ReadOutcome, path: bytes, entry: dict[str, Any], job: DirJob, name: bytes, ids_added: bool
     ) -> None:
-        if r.problems:
-            for problem in r.problems:
-                self.log.add("warn", "metadata-unreadable", f"{problem}; the file itself is stored", path)
-        if r.status in ("ok", "changing"):
-            entry.update(c=r.chunks, sz=r.size, mt=r.mtime_ns, ct=r.ctime_ns)
-            if r.meta:
-                entry.update(r.meta)
-                if "acl" in r.meta:
-                    name_acl(entry["acl"], self._owners.user, self._owners.group)
+        if r.problems or r.status != "ok":
+            self._log_events(outcome_events(r, path))
+        if apply_outcome(entry, r, self._owners):
             if r.status == "ok":
-                job.cache_new[name] = [r.ino, r.size, r.mtime_ns, r.ctime_ns, r.chunks, r.meta or None]
-            else:
-                self.log.add(
-                    "warn",
-                    "changed-while-read",
-                    f"file kept changing while it was read ({MAX_REREADS + 1} tries); the stored copy may mix old "
-                    "and new content: back it up again when it is idle, or snapshot the filesystem first",
-                    path,
-                )
+                job.cache_new[name] = cache_row(r)
             if not ids_added:
                 self._add_chunk_ids(r.chunks)
-            return
-        entry["c"] = []
-        entry["drop"] = True  # not in the backup: the tree must not claim it
-        if r.status == "vanished":
-            self.log.add("note", "vanished", "file vanished before it could be read", path)
-        elif r.status == "replaced":
-            self.log.add("note", "replaced", "file was replaced by another kind of item while it was read", path)
-        else:
-            self.log.add("err", "read-failed", f"{r.message}; it is not in this backup", path)
+
+    def _log_events(self, events: list[Event]) -> None:
+        """Log events built elsewhere (file_entry.py); each ``err`` counts as an error."""
+        errors = 0
+        for ev in events:
+            self.log.add(*ev)
+            errors += ev[0] == "err"
+        if errors:
             with self._done_lock:
-                self.stats["errors"] += 1
+                self.stats["errors"] += errors
 
     def _finish_file(self, job: DirJob, size: int) -> None:
         with self._done_lock:
@@ -299,17 +288,7 @@ class Archiver:
 
     # ------------------------------------------------------------------ entries
     def _meta(self, name: bytes, st: os.stat_result, kind: str) -> dict[str, Any]:
-        e = {
-            "n": name,
-            "t": kind,
-            "m": stat.S_IMODE(st.st_mode),
-            "u": st.st_uid,
-            "g": st.st_gid,
-            "U": self._owners.user(st.st_uid),
-            "G": self._owners.group(st.st_gid),
-            "mt": st.st_mtime_ns,
-            "ct": st.st_ctime_ns,
-        }
+        e = base_entry(name, kind, st.st_mode, st.st_uid, st.st_gid, st.st_mtime_ns, st.st_ctime_ns, self._owners)
         if self.atime:
             e["at"] = st.st_atime_ns
         return e
@@ -446,32 +425,19 @@ class Archiver:
         return cid
 
     def _fit(self, entries: list[dict[str, Any]], where: bytes) -> list[dict[str, Any]]:
-        """The entries of directory ``where`` held to the tree rules readers apply
-        (tree.fit_entry: 1-2 µs for an ordinary entry); an entry changed or left out is an err
-        event. Metadata read from a filesystem rarely breaks them, a files cache may."""
-        out = []
-        for e in entries:
-            try:
-                changes = fit_entry(e)
-            except FormatError as exc:
-                self._bad_metadata(where, e, f"item left out: {exc}")
-                continue
-            if changes:
-                what = "; ".join(changes)
-                self._bad_metadata(where, e, f"{what} (metadata a backup cannot hold); the item itself is stored")
-            out.append(e)
+        """The entries of directory ``where`` held to the tree rules (file_entry.fit_entries),
+        an entry changed or left out logged as an error."""
+        out, events = fit_entries(entries, where)
+        if events:
+            self._log_events(events)
         return out
-
-    def _bad_metadata(self, where: bytes, e: dict[str, Any], message: str) -> None:
-        name = e.get("n")
-        path = where.rstrip(b"/") + b"/" + name if isinstance(name, bytes) else where
-        self.log.add("err", "bad-metadata", message, path)
-        with self._done_lock:
-            self.stats["errors"] += 1
 
     def _finish_dir(self, job: DirJob) -> None:
         if self._small.error is not None:
             raise self._small.error
+        if job.whole is not None:
+            self._finish_whole(job, job.whole)
+            return
         if job.reuse is not None:
             subtrees = [e.get("st") for e in job.entries if e.get("t") == "d"]
             if subtrees == job.reuse.subtrees:  # nothing changed below either: its tree is the recorded one
@@ -497,6 +463,50 @@ class Archiver:
         self.cache.save_dir(job.path, job.cache_new)
         self.progress.dirs += 1
 
+    def _whole_done(self, job: DirJob, result: DirResult | str) -> None:
+        """A worker read ``job`` whole (the recording thread): its result, for _finish_whole."""
+        job.whole_result = result
+
+    def _finish_whole(self, job: DirJob, files: list[WholeFile]) -> None:
+        """Finish a directory a worker read whole: store its tree, keep its files-cache row."""
+        result, job.whole_result = job.whole_result, None
+        if isinstance(result, tuple):
+            data, totals, row, _, events, _ = result
+            self._log_events(events)
+            tid = self.chunks.store_encoded_tree(data, totals)
+            self.cache.save_packed_dir(job.path, row)
+        else:  # the worker failed: no file of it is in this backup (its tree says so)
+            why = result or "the worker did not read it"
+            prefix = job.path.rstrip(b"/") + b"/"
+            self._log_events([("err", "read-failed", f"{why}; it is not in this backup", prefix + f[0]) for f in files])
+            tid = self.chunks.store_tree([])
+        self.chunk_ids.add(tid)
+        if job.parent_entry is not None:
+            job.parent_entry["st"] = tid
+        self.progress.dirs += 1
+
+    def _hand_whole(self, job: DirJob, children: list[Child]) -> bool:
+        """Hand ``job`` to a worker to be read whole (whole_dirs.py) if it qualifies: the
+        workers are in use, and it holds only small files of one name none unchanged."""
+        if self._small_seen <= SMALL_POOL_AFTER:
+            return False
+        got = whole_files(children, job.cache_old, SMALL_FILE, SMALL_BATCH_BYTES)
+        if got is None:
+            return False
+        files, nbytes = got
+        job.whole, job.stated = files, deque()
+        changed = sum(1 for f in files if f[0] in job.cache_old) if job.cache_old else 0
+        self.stats["files"] += len(files)
+        self.stats["bytes"] += nbytes
+        self.stats["files_changed"] += changed
+        self.stats["files_new"] += len(files) - changed
+        self._small_seen += len(files)
+        self.progress.current = job.path
+        # recorded for reuse only if nothing was logged of it (its xattrs, when it was opened)
+        digest = job.digest if len(self.log.events) == job.events else None
+        self._small.queue_dir(job, (job.path, files, digest), len(files), nbytes)
+        return True
+
     def _prestat(self, job: DirJob) -> None:
         """List ``job``'s children with their lstat results ahead of the walk and, when nothing
         changed in them since its tree was recorded, defer every entry but the subdirectories'
@@ -519,6 +529,7 @@ class Archiver:
         job.digest = children_digest(job.dev, children, self._owners)
         d = deferral(job.cache_old, children, job.digest, self.writer.known, self.writer.index.locations)
         if d is None:
+            self._hand_whole(job, children)
             return
         job.reuse = d.record
         job.deferred = [c for c in children if not stat.S_ISDIR(c[2].st_mode)]
@@ -603,7 +614,11 @@ class Archiver:
         """Put the files-cache records of directories in progress into the cache (merged with
         the old ones), so a rerun after a kill skips every file stored so far."""
         for job in [*self._wstack, *self._ready]:
-            if job.cache_new:
+            if isinstance(job.whole_result, tuple):  # read whole, not finished yet
+                rows = encoding.unpack(job.whole_result[2])
+                rows.pop(fc.TREE_KEY, None)
+                self.cache.save_dir(job.path, {**job.cache_old, **rows})
+            elif job.cache_new:
                 self.cache.save_dir(job.path, {**job.cache_old, **job.cache_new})
         self.cache.flush()
         self.partial_files.save()

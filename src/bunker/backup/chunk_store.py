@@ -81,13 +81,7 @@ class ChunkStore:
     def store_tree(self, entries: list[dict[str, Any]]) -> bytes:
         """Encode and store a tree (in a metadata pack); return its id."""
         data = encode_tree(entries)
-        if len(data) > MAX_TREE:
-            raise BunkerError(
-                f"a directory of {len(entries)} entries encodes to {len(data)} bytes, more than a tree may hold "
-                f"({MAX_TREE}, FORMAT.md section 14); no snapshot was written",
-                "exclude part of that directory (--exclude) or spread its files over subdirectories, and back up again",
-                exit_code=ExitCode.FATAL,
-            )
+        _check_size(data, len(entries))
         cid = blob.chunk_id(self.writer.secrets, data)
         if cid not in self._totals:
             n, nbytes, files = len(entries), 0, 0
@@ -102,6 +96,16 @@ class ChunkStore:
                     nbytes += sub[1]
                     files += sub[2]
             self._totals[cid] = (n, nbytes, files)
+        if not self.writer.known(cid):
+            self.writer.store(cid, data, KIND_META)
+        return cid
+
+    def store_encoded_tree(self, data: bytes, totals: tuple[int, int, int]) -> bytes:
+        """Store a tree encoded elsewhere (a directory read whole, whole_dirs.py) with its
+        totals (entries, bytes of files, files); return its id."""
+        _check_size(data, totals[0])
+        cid = blob.chunk_id(self.writer.secrets, data)
+        self._totals.setdefault(cid, totals)
         if not self.writer.known(cid):
             self.writer.store(cid, data, KIND_META)
         return cid
@@ -174,3 +178,13 @@ class ChunkStore:
         chunks = self.store_bytes(data)
         self._count(len(data))
         return chunks, len(data)
+
+
+def _check_size(data: bytes, entries: int) -> None:
+    if len(data) > MAX_TREE:
+        raise BunkerError(
+            f"a directory of {entries} entries encodes to {len(data)} bytes, more than a tree may hold "
+            f"({MAX_TREE}, FORMAT.md section 14); no snapshot was written",
+            "exclude part of that directory (--exclude) or spread its files over subdirectories, and back up again",
+            exit_code=ExitCode.FATAL,
+        )

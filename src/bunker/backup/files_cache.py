@@ -103,6 +103,11 @@ class FilesCache:
         with self._lock:
             self._pending[path] = encoding.pack_local(record)
 
+    def save_packed_dir(self, path: bytes, packed: bytes) -> None:
+        """:meth:`save_dir` of records packed already (encoding.pack_local, by a worker process)."""
+        with self._lock:
+            self._pending[path] = packed
+
     def flush(self) -> None:
         """Write pending records durably enough for a cache (one transaction). A cache file that
         cannot be written keeps them in memory (``problem`` says why)."""
