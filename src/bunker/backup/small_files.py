@@ -15,7 +15,7 @@ from concurrent.futures import Future
 from typing import TYPE_CHECKING, Any
 
 from bunker.backup.chunker import cut, make_cdc
-from bunker.backup.file_reader import ReadOutcome, read_all, read_simple, read_stable
+from bunker.backup.file_reader import At, ReadOutcome, read_all, read_simple, read_stable
 from bunker.backup.owners import OwnerNames
 from bunker.backup.whole_dirs import DirResult, WholeDir, build_dir
 from bunker.crypto.derive import PutSecrets
@@ -79,10 +79,10 @@ class _Encryptor:
         return ids
 
 
-def _read_one(path: bytes, enc: _Encryptor, run: GroupRunBuilder) -> ReadOutcome:
+def _read_one(path: bytes, enc: _Encryptor, run: GroupRunBuilder, at: At = None) -> ReadOutcome:
     """Read and encrypt one file, its new blobs added to ``run`` if it is stored."""
     enc.blobs = []
-    outcome = read_simple(path, enc.take) or read_stable(path, enc)
+    outcome = read_simple(path, enc.take, at) or read_stable(path, enc, at)
     if outcome.status in ("ok", "changing"):
         for b in enc.blobs:
             run.add(*b)
@@ -105,8 +105,8 @@ def read_dirs(dirs: list[WholeDir]) -> DirsResult:
     run = GroupRunBuilder(_group)
     enc = _Encryptor(secrets, _cdc, run)
 
-    def read(path: bytes) -> ReadOutcome:
-        return _read_one(path, enc, run)
+    def read(path: bytes, at: At) -> ReadOutcome:
+        return _read_one(path, enc, run, at)
 
     def tree_id(data: bytes) -> bytes:
         return blob.chunk_id(secrets, data)

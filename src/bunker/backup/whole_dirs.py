@@ -14,18 +14,21 @@ an unchanged file, a directory past the batch size) is walked file by file as be
 
 from __future__ import annotations
 
+import os
 import stat
 from collections.abc import Callable
 from typing import Any
 
 from bunker import encoding
 from bunker.backup.file_entry import Event, apply_outcome, base_entry, cache_row, fit_entries, outcome_events
-from bunker.backup.file_reader import ReadOutcome
+from bunker.backup.file_reader import At, ReadOutcome
 from bunker.backup.files_cache import DirRecord, lookup
 from bunker.backup.owners import OwnerNames
 from bunker.backup.tree_reuse import Child, TreeRecord, record_tree
+from bunker.fs import deep_path
 from bunker.repo.tree import encode_tree
 
+_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 # a file as the walk's lstat saw it: name, mode, uid, gid, mtime and ctime in ns, size
 WholeFile = tuple[bytes, int, int, int, int, int, int]
 # what a worker is handed: the directory's path, its files, and the digest of its children
@@ -59,11 +62,30 @@ def whole_files(
 
 def build_dir(
     job: WholeDir,
-    read: Callable[[bytes], ReadOutcome],
+    read: Callable[[bytes, At], ReadOutcome],
     tree_id: Callable[[bytes], bytes],
     owners: OwnerNames,
 ) -> DirResult:
-    """Read a directory's files with ``read`` and build its tree (runs in a worker process)."""
+    """Read a directory's files with ``read`` (path, and where in the directory open here: see
+    file_reader.At) and build its tree (runs in a worker process)."""
+    try:
+        fd: int | None = deep_path.open(job[0], _OPEN_DIR)
+    except OSError:
+        fd = None  # each file is opened by its path, and what that meets is said of it
+    try:
+        return _build(job, read, tree_id, owners, fd)
+    finally:
+        if fd is not None:
+            os.close(fd)
+
+
+def _build(
+    job: WholeDir,
+    read: Callable[[bytes, At], ReadOutcome],
+    tree_id: Callable[[bytes], bytes],
+    owners: OwnerNames,
+    fd: int | None,
+) -> DirResult:
     path, files, digest = job
     prefix = path.rstrip(b"/") + b"/"
     entries: list[dict[str, Any]] = []
@@ -75,7 +97,7 @@ def build_dir(
         fpath = prefix + name
         e = base_entry(name, "f", mode, uid, gid, mtime_ns, ctime_ns, owners)
         e["sz"] = size
-        r = read(fpath)
+        r = read(fpath, None if fd is None else (fd, name))
         if r.problems or r.status != "ok":
             events += outcome_events(r, fpath)
         if not apply_outcome(e, r, owners):
