@@ -22,7 +22,7 @@ from concurrent.futures import BrokenExecutor, Future
 from typing import Any, Generic, Protocol, TypeVar
 
 from bunker.backup.file_reader import ReadOutcome
-from bunker.backup.small_files import BatchResult, DirsResult, SmallFilePool, outcomes_of
+from bunker.backup.small_files import SmallFilePool, outcomes_of
 from bunker.backup.whole_dirs import DirResult, WholeDir
 from bunker.repo.session_writer import SessionWriter
 
@@ -164,11 +164,7 @@ class SmallBatches(Generic[J]):
     def _record_finished(self) -> None:
         """The recording thread: each finished batch in turn, until :meth:`close`."""
         while (item := self._finished.get()) is not None:
-            fut, batch, of_dirs = item
-            if of_dirs:
-                self._done_dirs(fut, batch)
-            else:
-                self._done(fut, batch)
+            self._done(*item)
 
     def close(self) -> None:
         """Wait until every batch handed back is recorded (call it once the pool is shut down:
@@ -196,69 +192,50 @@ class SmallBatches(Generic[J]):
                     self._record(failed, path, entry, job, name, False)
             self._finish(batch)
 
-    def _done(self, fut: Future[BatchResult], batch: list[FileItem[J]]) -> None:
+    def _done(self, fut: Future[Any], batch: list[Any], of_dirs: bool) -> None:
+        """Record a finished batch (of files, or ``of_dirs``): its blobs first, then what it gave."""
+        finish = self._finish_dirs if of_dirs else self._finish
         try:
-            if fut.cancelled():  # a halted run: these files are left out (their entries hold no content)
-                self._finish(batch)
+            if fut.cancelled():  # a halted run: these are left out (their entries hold no content)
+                finish(batch)
                 return
+            results: list[Any]
             try:
                 result = fut.result()
-                outcomes, run = outcomes_of(result), result[1]
+                results, run = (list(result[0]) if of_dirs else list(outcomes_of(result))), result[1]
             except BrokenExecutor as exc:  # (a BrokenProcessPool: its module loads with the pool)
                 with self._lock:
-                    self._broken.append((batch, False, exc))
+                    self._broken.append((batch, of_dirs, exc))
                 return
             except Exception as exc:  # noqa: BLE001 - a dead worker must not lose the run
-                outcomes, run = [ReadOutcome("error", [], message=f"worker failed: {exc}")] * len(batch), None
+                why = f"worker failed: {exc}"
+                results, run = [why if of_dirs else ReadOutcome("error", [], message=why)] * len(batch), None
             if run is not None and not self._store(run):
-                self._finish(batch)
+                finish(batch)
                 return
-            # the snapshot's chunk ids first, all at once, then the entries that name them
-            self._add_ids([cid for o in outcomes if o.status in ("ok", "changing") for cid in o.chunks])
             try:
-                for (path, entry, job, name, _), outcome in zip(batch, outcomes, strict=True):
-                    self._record(outcome, path, entry, job, name, True)
-                    self._progress.nbytes += outcome.size
+                (self._record_dirs if of_dirs else self._record_files)(batch, results)
             except BaseException as exc:  # noqa: BLE001 - the walking thread raises it
                 self.error = exc
             finally:
-                self._finish(batch)
+                finish(batch)
         finally:
             self._slots.release()
             self._wake()
 
-    def _done_dirs(self, fut: Future[DirsResult], batch: list[DirItem[J]]) -> None:
-        """Record a finished batch of whole directories (see :meth:`_done`)."""
-        try:
-            if fut.cancelled():
-                self._finish_dirs(batch)
-                return
-            results: list[DirResult | str]
-            try:
-                done, run = fut.result()
-                results = list(done)
-            except BrokenExecutor as exc:
-                with self._lock:
-                    self._broken.append((batch, True, exc))
-                return
-            except Exception as exc:  # noqa: BLE001 - a dead worker must not lose the run
-                results, run = [f"worker failed: {exc}"] * len(batch), None
-            if run is not None and not self._store(run):
-                self._finish_dirs(batch)
-                return
-            self._add_ids([cid for r in results if not isinstance(r, str) for cid in r[3]])
-            try:
-                for (job, _, _, _), result in zip(batch, results, strict=True):
-                    self._record_dir(job, result)
-                    if not isinstance(result, str):
-                        self._progress.nbytes += result[5]
-            except BaseException as exc:  # noqa: BLE001 - the walking thread raises it
-                self.error = exc
-            finally:
-                self._finish_dirs(batch)
-        finally:
-            self._slots.release()
-            self._wake()
+    def _record_files(self, batch: list[FileItem[J]], outcomes: list[ReadOutcome]) -> None:
+        # the snapshot's chunk ids first, all at once, then the entries that name them
+        self._add_ids([cid for o in outcomes if o.status in ("ok", "changing") for cid in o.chunks])
+        for (path, entry, job, name, _), outcome in zip(batch, outcomes, strict=True):
+            self._record(outcome, path, entry, job, name, True)
+            self._progress.nbytes += outcome.size
+
+    def _record_dirs(self, batch: list[DirItem[J]], results: list[DirResult | str]) -> None:
+        self._add_ids([cid for r in results if not isinstance(r, str) for cid in r[3]])
+        for (job, _, _, _), result in zip(batch, results, strict=True):
+            self._record_dir(job, result)
+            if not isinstance(result, str):
+                self._progress.nbytes += result[5]
 
     def _store(self, run: Any) -> bool:
         """Store a batch's blobs, before any entry that names them is recorded; False (the
