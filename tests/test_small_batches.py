@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,3 +129,22 @@ def test_a_batch_of_one_kind_is_sent_when_the_walk_turns_to_the_other() -> None:
     pool.threads.shutdown(wait=True)
     batches.close()
     assert third.pending == 0 and progress.files == 1 + 5 + 1 and progress.nbytes == 2 + 1 + 2
+
+
+def test_directories_of_a_dead_pool_are_recorded_as_failed_or_left_out() -> None:
+    class _DeadPool(_Pool):
+        def submit_dirs(self, dirs: list[Any]) -> Future[Any]:
+            raise BrokenProcessPool("a worker died")
+
+    for record in (True, False):  # (False: the run is halting)
+        pool, recorded, dirs = _DeadPool(), [], []
+        batches, progress = _batches(pool, recorded, dirs)
+        job = _Job()
+        batches.queue_dir(job, (b"/d", [], None), 3, 30)
+        batches.submit()
+        assert job.pending == 1  # until the walking thread settles it
+        batches.settle(record=record)
+        assert job.pending == 0 and progress.files == 3
+        assert dirs == (["worker failed: a worker died"] if record else [])
+        pool.threads.shutdown(wait=True)
+        batches.close()

@@ -149,3 +149,33 @@ def test_only_directories_of_small_new_files_of_one_name_go_whole(tmp_path: Path
     (d / "sub").rmdir()
     os.symlink("f0", d / "link")
     assert whole_files(children(), {}, SMALL_FILE, 1 << 20) is None
+
+
+# the workers fail every directory handed to them whole (each file of it is then an error)
+FAILING = _bunker_with(
+    "from bunker.backup.small_files import SmallFilePool\n"
+    "SmallFilePool.submit_dirs = lambda self, dirs: self._start().submit(int, 'not a number')"
+)
+
+
+def test_the_files_of_a_directory_a_worker_failed_are_errors_and_not_in_the_backup(repo: Repo, tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    for i in range(SMALL_POOL_AFTER + 300):
+        d = src / f"d{i // 100:02d}"
+        d.mkdir(parents=True, exist_ok=True)
+        (d / f"f{i:05d}").write_bytes(b"%d" % i)
+    doc = repo.backup(src, rc=3, argv0=FAILING)
+    failed = {e["path"] for e in doc["events"] if e["code"] == "read-failed"}
+    # d11 and d12 went whole; the first 1,000 files, and d10 once they were seen, one by one
+    assert failed == {str(p) for n in ("d11", "d12") for p in (src / n).iterdir()}
+    assert all("worker failed" in e["message"] for e in doc["events"] if e["code"] == "read-failed")
+    assert doc["stats"]["errors"] == 200
+    target = tmp_path / "t"
+    repo.ok("restore", "latest", "--target", target)
+    try:
+        out = restored_path(target, src)
+        assert sorted(p.name for p in out.iterdir()) == [f"d{i:02d}" for i in range(13)]
+        assert not list((out / "d11").iterdir())  # the directory is kept, without the files
+        assert len(list((out / "d10").iterdir())) == 100
+    finally:
+        shutil.rmtree(target)
