@@ -90,12 +90,13 @@ def _kill_after_checkpoint(
     min_files: int = 1,
     env: dict[str, str] | None = None,
     snapshots: int = 0,
-    paced: bool = False,
+    paced: bool = True,
 ) -> None:
     """Run a backup (as ``env``, default the repository's client) with checkpoints every 0.2 s
     and SIGKILL it once a checkpoint covers ``min_files`` files (a checkpoint rides on a lease
-    refresh). ``snapshots``: how many the repository holds before. ``paced``: see
-    helpers.kill_run_when (for a run a fast machine can finish within a few intervals)."""
+    refresh). ``snapshots``: how many the repository holds before. ``paced`` (the default): see
+    helpers.kill_run_when; unpaced, a fast machine finished the small runs of these tests within
+    a few intervals, before any checkpoint (CI of `7be1b4e`: test_replay)."""
     ended, stderr = kill_run_when(
         "backup",
         "--repo",

@@ -121,7 +121,7 @@ def test_a_checkpoint_while_a_reused_directory_is_open_holds_its_files(repo: Rep
     for i in range(8):
         (tail / f"tail{i}.img").write_bytes(os.urandom(16 << 20))
     # paced: the 128 MiB below could be read within a few checkpoint intervals (CI failed so)
-    _kill_after_checkpoint(repo, src, snapshots=1, paced=True)
+    _kill_after_checkpoint(repo, src, snapshots=1)
     doc = repo.backup(src)
     assert any(e["code"] == "incomplete-snapshot" for e in doc["events"]), doc["events"]
     snaps = {s["seq"]: s for s in js(repo.ok("snapshots", "--json"))["snapshots"]}
