@@ -90,13 +90,18 @@ def _kill_after_checkpoint(
     min_files: int = 1,
     env: dict[str, str] | None = None,
     snapshots: int = 0,
-    paced: bool = True,
+    paced: bool | None = None,
 ) -> None:
     """Run a backup (as ``env``, default the repository's client) with checkpoints every 0.2 s
     and SIGKILL it once a checkpoint covers ``min_files`` files (a checkpoint rides on a lease
-    refresh). ``snapshots``: how many the repository holds before. ``paced`` (the default): see
-    helpers.kill_run_when; unpaced, a fast machine finished the small runs of these tests within
-    a few intervals, before any checkpoint (CI of `7be1b4e`: test_replay)."""
+    refresh). ``snapshots``: how many the repository holds before. ``paced``: see
+    helpers.kill_run_when; by default a run waited for its first checkpoint (``min_files`` 0
+    or 1) is paced (unpaced, a fast machine finished the small runs of these tests before any:
+    CI of `7be1b4e`, test_replay), one that must go on until a checkpoint covers more is not: a
+    paced checkpoint spans the run's holds, and the run spaces the next one by four times what
+    the last took (backup/checkpoint.py), so few more came before it ended (CI of `ca625ec`)."""
+    if paced is None:
+        paced = min_files <= 1
     ended, stderr = kill_run_when(
         "backup",
         "--repo",
