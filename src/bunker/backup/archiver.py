@@ -11,7 +11,9 @@ stored once (FORMAT.md section 14; the bookkeeping is in hardlinks.py).
 Parallelism: the main thread walks and stats (cheap); file reading, chunking, hashing,
 compression and encryption run in a pool of worker threads. The native libraries (pyfastcdc,
 blake3, zstandard, AES-GCM) release the GIL, so both cores work. Once many small files were
-seen, the small ones go in batches to worker processes instead (small_batches.py, small_files.py).
+seen, the small ones go in batches to worker processes instead (small_batches.py, small_files.py),
+and a directory of nothing but small new files goes to them whole: they build its entries and
+tree too (whole_dirs.py).
 Directories are finished in post-order as soon as their files are done, so memory stays bounded
 by the walk's depth and the number of files in flight.
 """
