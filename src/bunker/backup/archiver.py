@@ -487,14 +487,14 @@ class Archiver:
             job.parent_entry["st"] = tid
         self.progress.dirs += 1
 
-    def _hand_whole(self, job: DirJob, children: list[Child]) -> bool:
+    def _hand_whole(self, job: DirJob, children: list[Child]) -> None:
         """Hand ``job`` to a worker to be read whole (whole_dirs.py) if it qualifies: the
         workers are in use, and it holds only small files of one name none unchanged."""
         if self._small_seen <= SMALL_POOL_AFTER:
-            return False
+            return
         got = whole_files(children, job.cache_old, SMALL_FILE, SMALL_BATCH_BYTES)
         if got is None:
-            return False
+            return
         files, nbytes = got
         job.whole, job.stated = files, deque()
         changed = sum(1 for f in files if f[0] in job.cache_old) if job.cache_old else 0
@@ -507,7 +507,6 @@ class Archiver:
         # recorded for reuse only if nothing was logged of it (its xattrs, when it was opened)
         digest = job.digest if len(self.log.events) == job.events else None
         self._small.queue_dir(job, (job.path, files, digest), len(files), nbytes)
-        return True
 
     def _prestat(self, job: DirJob) -> None:
         """List ``job``'s children with their lstat results ahead of the walk and, when nothing

@@ -202,7 +202,8 @@ class SmallBatches(Generic[J]):
             results: list[Any]
             try:
                 result = fut.result()
-                results, run = (list(result[0]) if of_dirs else list(outcomes_of(result))), result[1]
+                run = result[1]
+                results = result[0] if of_dirs else outcomes_of(result)
             except BrokenExecutor as exc:  # (a BrokenProcessPool: its module loads with the pool)
                 with self._lock:
                     self._broken.append((batch, of_dirs, exc))
@@ -214,7 +215,8 @@ class SmallBatches(Generic[J]):
                 finish(batch)
                 return
             try:
-                (self._record_dirs if of_dirs else self._record_files)(batch, results)
+                record: Callable[[list[Any], list[Any]], None] = self._record_dirs if of_dirs else self._record_files
+                record(batch, results)
             except BaseException as exc:  # noqa: BLE001 - the walking thread raises it
                 self.error = exc
             finally:
