@@ -33,7 +33,7 @@ def _loc(i: int) -> Location:
 
 ids = st.sampled_from([bytes([i]) * 32 for i in range(40)] + [bytes([i]) + bytes(31) for i in range(3)])
 batch = st.lists(st.tuples(ids, st.integers(0, 10**6)), max_size=30)
-step = st.tuples(st.sampled_from(["one", "many", "columns"]), batch)
+step = st.tuples(st.sampled_from(["one", "many", "columns", "pack"]), batch)
 
 
 @settings(max_examples=150, deadline=None)
@@ -51,7 +51,11 @@ def _compare_with_a_dict(steps: list[tuple[str, list[tuple[bytes, int]]]]) -> No
     model: dict[bytes, Location] = {}
     for how, entries in steps:
         pairs = [(cid, _loc(i)) for cid, i in entries]
-        if how == "one":
+        if how == "pack":  # the blobs of one pack, as a backup adds the packs it uploads
+            pack = PACKS[len(entries) % len(PACKS)]
+            pairs = [(cid, loc._replace(pack=pack)) for cid, loc in pairs]
+            m.add_pack(pack, [(cid, loc.offset, loc.length, loc.raw_length) for cid, loc in pairs])
+        elif how == "one":
             for cid, loc in pairs:
                 m.add(cid, loc)
         elif how == "many":

@@ -227,6 +227,12 @@ class IndexCache:
         self.named_packs.update({loc[0] for _, loc in entries})
         self.locations.update(entries)
 
+    def add_pack(self, pack: str, rows: Sequence[tuple[bytes, int, int, int]]) -> None:
+        """:meth:`add` of the blobs ``rows`` (chunk id, offset, length, raw length) of one pack."""
+        if self._takes(pack):
+            self.named_packs.add(pack)
+            self.locations.add_pack(pack, rows)
+
     def add_unindexed_packs(self, only_writer: str | None = None, listed: Iterable[str] | None = None) -> int:
         """Add the blobs of every pack of this domain that no index object names, read from the
         packs' own trailers (indexes are only a cache of them). Returns how many packs were read.

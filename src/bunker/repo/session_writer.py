@@ -195,12 +195,10 @@ class SessionWriter:
             else:
                 assert done.data is not None
                 self.repo.backend.put(f"packs/{name}", done.data)
-            locs = [(cid, (name, offset, length, raw)) for cid, offset, length, raw in rows]
             with self._lock:
-                self.index.add(locs)
+                self.index.add_pack(name, rows)
                 self._new_entries.add_pack(name, rows)
-                for cid, _ in locs:
-                    self._pending.discard(cid)
+                self._pending.difference_update([row[0] for row in rows])
                 self.packs_written.append(name)
                 self.bytes_stored += done.size
         except BaseException as exc:
