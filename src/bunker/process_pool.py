@@ -15,8 +15,10 @@ command that decides how to stop (it shuts the pool down). SIGTERM reaches the w
 down with SIGTERM to the others (concurrent.futures). A worker must never end while it sends a
 result, though: the pool reads results from one pipe, and half a message there stops the pool's
 reader forever, and with it the command. So a worker that gets SIGTERM takes no new task and
-ends once it is idle (its task's result sent: TERM_IDLE after the task ended), at the latest
-after TERM_LIMIT.
+ends once it is idle: TERM_IDLE after its last result was sent, or TERM_SEND after the command
+last left a result it is sending unread, at the latest after TERM_LIMIT. A pool that a dead
+worker broke reads no more results, and its other workers may be sending one: it reads and
+drops their bytes until they have ended, so they end once idle too (`_TrackedPool`).
 
 A pool can also be left without having been told to stop: an interrupt that comes while it
 starts a worker (concurrent.futures starts the worker before the thread that would stop it),
@@ -38,7 +40,8 @@ import signal
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from bunker import cycle_collector
@@ -46,18 +49,59 @@ from bunker import cycle_collector
 POLL_SECONDS = 1.0  # without pidfds: how often a worker looks whether the command still runs
 TERM_IDLE = 1.0  # after SIGTERM, a worker ends once this long has passed since its last task ended
 TERM_LIMIT = 60.0  # ... and after this long whatever it does
+# ... but while it sends a result, not before the command has read none of it for this long (a
+# command held up for a moment still gets the whole result; a pool that gave up on its workers
+# when one of them died reads no more, and its other workers end after this)
+TERM_SEND = 10.0
 
 _exit_hook = False  # _end_leftover_workers is registered (once a pool was made)
 _busy = 0  # tasks this worker is running (0 or 1: one task at a time)
 _idle_since = 0.0  # monotonic time its last task ended
+_sending_since: float | None = None  # monotonic time the result being sent began to be sent
 _terminating = False
 
 
 class _TrackedPool(ProcessPoolExecutor):
-    """A ProcessPoolExecutor whose workers know when they run a task (see the module's docstring)."""
+    """A ProcessPoolExecutor whose workers know when they run a task (see the module's
+    docstring), and whose results are read to the end when it breaks."""
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        return super().submit(_tracked, fn, *args, **kwargs)
+        fut = super().submit(_tracked, fn, *args, **kwargs)
+        fut.add_done_callback(self._on_done)
+        return fut
+
+    def _on_done(self, fut: Future[Any]) -> None:
+        # Set when a worker died: the pool reads no more results and tells its other workers
+        # to end, then waits for them; one that is sending a result would wait TERM_SEND for a
+        # reader. Its bytes are read and dropped instead, so it ends TERM_IDLE later.
+        if fut.cancelled() or not isinstance(fut.exception(), BrokenProcessPool):
+            return
+        with _drain_lock:
+            if getattr(self, "_bunker_drained", False):
+                return
+            self._bunker_drained = True
+        reader = getattr(getattr(self, "_result_queue", None), "_reader", None)
+        workers = list(getattr(self, "_processes", {}))
+        if reader is not None and workers:
+            with contextlib.suppress(OSError):
+                fd = os.dup(reader.fileno())  # (the pool closes its own when it is shut down)
+                threading.Thread(target=_drop_results, args=(fd, workers), name="bunker-drain", daemon=True).start()
+
+
+_drain_lock = threading.Lock()
+
+
+def _drop_results(fd: int, workers: list[int]) -> None:
+    """Read and drop what a broken pool's workers still send, until they have all ended."""
+    deadline = time.monotonic() + TERM_LIMIT + TERM_SEND
+    try:
+        while any(_running(pid) for pid in workers) and time.monotonic() < deadline:
+            if select.select([fd], [], [], 0.1)[0] and not os.read(fd, PIPE_BYTES):
+                return  # every writer closed it
+    except OSError:
+        return
+    finally:
+        os.close(fd)
 
 
 def _tracked(fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
@@ -80,9 +124,14 @@ def _on_term(signum: int, frame: object) -> None:
 
 
 def _end_when_idle(signum: int) -> None:
-    deadline = time.monotonic() + TERM_LIMIT
-    while time.monotonic() < deadline:
-        if _busy == 0 and time.monotonic() - _idle_since >= TERM_IDLE:
+    told = time.monotonic()
+    deadline = told + TERM_LIMIT
+    while (now := time.monotonic()) < deadline:
+        sending = _sending_since
+        if sending is not None:
+            if now - max(sending, told) >= TERM_SEND:
+                break  # not read for that long: the pool has given up (a worker of it died)
+        elif _busy == 0 and now - _idle_since >= TERM_IDLE:
             break
         time.sleep(0.05)
     os._exit(128 + signum)
@@ -182,9 +231,35 @@ def _start_forkserver() -> None:
 def _start_worker(command: int, initializer: Callable[..., None], initargs: tuple[Any, ...]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _on_term)
+    _count_sends_as_busy()
     watch_command(command)
     cycle_collector.tune()
     initializer(*initargs)
+
+
+def _count_sends_as_busy() -> None:
+    """Make the sending of a task's result keep the worker (see the module's docstring): the
+    worker loop of concurrent.futures sends it after the task has returned, through the module's
+    ``_sendback_result``, and a result larger than the pipe waits there until the command reads
+    it, which may take longer than TERM_IDLE (TERM_SEND). This process is a worker: only its own
+    copy of the module is changed. A Python without that function keeps the task-only count."""
+    from concurrent.futures import process as futures_process
+
+    send = getattr(futures_process, "_sendback_result", None)
+    if send is None or getattr(send, "_counts_as_busy", False):
+        return
+
+    def sendback_result(*args: Any, **kwargs: Any) -> Any:
+        global _sending_since, _idle_since
+        _sending_since = time.monotonic()
+        try:
+            return send(*args, **kwargs)
+        finally:
+            _sending_since = None
+            _idle_since = time.monotonic()
+
+    sendback_result._counts_as_busy = True  # type: ignore[attr-defined]
+    futures_process._sendback_result = sendback_result
 
 
 def watch_command(pid: int) -> None:
