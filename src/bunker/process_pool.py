@@ -65,6 +65,11 @@ class _TrackedPool(ProcessPoolExecutor):
     """A ProcessPoolExecutor whose workers know when they run a task (see the module's
     docstring), and whose results are read to the end when it breaks."""
 
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._drain_lock = threading.Lock()
+        self._drained = False
+
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         fut = super().submit(_tracked, fn, *args, **kwargs)
         fut.add_done_callback(self._on_done)
@@ -76,19 +81,16 @@ class _TrackedPool(ProcessPoolExecutor):
         # reader. Its bytes are read and dropped instead, so it ends TERM_IDLE later.
         if fut.cancelled() or not isinstance(fut.exception(), BrokenProcessPool):
             return
-        with _drain_lock:
-            if getattr(self, "_bunker_drained", False):
+        with self._drain_lock:
+            if self._drained:
                 return
-            self._bunker_drained = True
+            self._drained = True
         reader = getattr(getattr(self, "_result_queue", None), "_reader", None)
         workers = list(getattr(self, "_processes", {}))
         if reader is not None and workers:
             with contextlib.suppress(OSError):
                 fd = os.dup(reader.fileno())  # (the pool closes its own when it is shut down)
                 threading.Thread(target=_drop_results, args=(fd, workers), name="bunker-drain", daemon=True).start()
-
-
-_drain_lock = threading.Lock()
 
 
 def _drop_results(fd: int, workers: list[int]) -> None:
@@ -231,14 +233,14 @@ def _start_forkserver() -> None:
 def _start_worker(command: int, initializer: Callable[..., None], initargs: tuple[Any, ...]) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _on_term)
-    _count_sends_as_busy()
+    _track_sends()
     watch_command(command)
     cycle_collector.tune()
     initializer(*initargs)
 
 
-def _count_sends_as_busy() -> None:
-    """Make the sending of a task's result keep the worker (see the module's docstring): the
+def _track_sends() -> None:
+    """Let the sending of a task's result keep the worker (see the module's docstring): the
     worker loop of concurrent.futures sends it after the task has returned, through the module's
     ``_sendback_result``, and a result larger than the pipe waits there until the command reads
     it, which may take longer than TERM_IDLE (TERM_SEND). This process is a worker: only its own
@@ -246,7 +248,7 @@ def _count_sends_as_busy() -> None:
     from concurrent.futures import process as futures_process
 
     send = getattr(futures_process, "_sendback_result", None)
-    if send is None or getattr(send, "_counts_as_busy", False):
+    if send is None or getattr(send, "_tracks_sends", False):
         return
 
     def sendback_result(*args: Any, **kwargs: Any) -> Any:
@@ -258,7 +260,7 @@ def _count_sends_as_busy() -> None:
             _sending_since = None
             _idle_since = time.monotonic()
 
-    sendback_result._counts_as_busy = True  # type: ignore[attr-defined]
+    sendback_result._tracks_sends = True  # type: ignore[attr-defined]
     futures_process._sendback_result = sendback_result
 
 

@@ -107,9 +107,6 @@ class DirJob:
     whole_result: DirResult | str | None = None  # what that worker gave, or why it failed
 
 
-_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-
-
 @dataclass
 class ArchiveResult:
     root: bytes
@@ -413,7 +410,7 @@ class Archiver:
     def _dir_meta(self, path: bytes, entry: dict[str, Any]) -> None:
         """A directory's xattrs, ACL and flags, through one descriptor (raises OSError if it
         cannot be opened)."""
-        fd = deep_path.open(path, _OPEN_DIR)
+        fd = deep_path.open(path, deep_path.READ_DIR)
         try:
             meta, problems = inode_meta(fd)
         finally:
@@ -516,7 +513,7 @@ class Archiver:
             return
         pairs = self.excludes.kept(job.path.rstrip(b"/") + b"/", job.names)
         try:
-            fd = deep_path.open(job.path, _OPEN_DIR)
+            fd = deep_path.open(job.path, deep_path.READ_DIR)
         except OSError:
             return  # the walk lstats each child by its path and says what happened
         try:

@@ -139,15 +139,14 @@ def read_simple(path: bytes, take: Callable[[bytes], list[bytes]], at: At = None
 
 def _open(path: bytes, at: At = None) -> int:
     """``path`` opened to be read, without following a symlink, its atime kept where we may."""
-    if at is not None:
-        try:
-            return os.open(at[1], _FLAGS | _NOATIME, dir_fd=at[0])
-        except PermissionError:
-            return os.open(at[1], _FLAGS, dir_fd=at[0])
     try:
-        return deep_path.open(path, _FLAGS | _NOATIME)
+        return _open_with(path, at, _FLAGS | _NOATIME)
     except PermissionError:
-        return deep_path.open(path, _FLAGS)  # O_NOATIME needs ownership
+        return _open_with(path, at, _FLAGS)  # O_NOATIME needs ownership
+
+
+def _open_with(path: bytes, at: At, flags: int) -> int:
+    return deep_path.open(path, flags) if at is None else os.open(at[1], flags, dir_fd=at[0])
 
 
 def read_all(fd: int, size_hint: int) -> bytes:

@@ -28,7 +28,6 @@ from bunker.backup.tree_reuse import Child, TreeRecord, record_tree
 from bunker.fs import deep_path
 from bunker.repo.tree import encode_tree
 
-_OPEN_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 # a file as the walk's lstat saw it: name, mode, uid, gid, mtime and ctime in ns, size
 WholeFile = tuple[bytes, int, int, int, int, int, int]
 # what a worker is handed: the directory's path, its files, and the digest of its children
@@ -69,7 +68,7 @@ def build_dir(
     """Read a directory's files with ``read`` (path, and where in the directory open here: see
     file_reader.At) and build its tree (runs in a worker process)."""
     try:
-        fd: int | None = deep_path.open(job[0], _OPEN_DIR)
+        fd: int | None = deep_path.open(job[0], deep_path.READ_DIR)
     except OSError:
         fd = None  # each file is opened by its path, and what that meets is said of it
     try:

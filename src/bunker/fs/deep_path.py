@@ -38,6 +38,8 @@ from collections.abc import Iterator
 SHORT = 4000
 
 _O_DIR = os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC
+# a directory opened to list it or open its entries (never a symlink, never blocking)
+READ_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 _local = threading.local()
 BELOW_CACHE = 64  # directories below a confined root whose descriptors each thread keeps
 # confined roots (normalized path ending in "/") -> their O_PATH descriptor; process-wide
@@ -322,7 +324,7 @@ def listdir(path: bytes) -> list[bytes]:
     """The names in a directory of any length of path, as bytes (unsorted)."""
     if len(path) < SHORT and not (_roots and _confined(path)):
         return os.listdir(path)
-    fd = open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    fd = open(path, READ_DIR)
     try:
         # listdir(fd) gives str names (surrogate-escaped): fsencode gives back the raw bytes
         return [os.fsencode(n) for n in os.listdir(fd)]

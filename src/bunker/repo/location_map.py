@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from itertools import chain
+from itertools import chain, groupby
 from typing import TYPE_CHECKING, TypeVar, overload
 
 from bunker.repo.location_arrays import (
@@ -47,6 +47,10 @@ __all__ = ["ID", "Location", "LocationColumns", "LocationMap"]
 
 _T = TypeVar("_T")
 _FOLD_AT = 1 << 16  # new entries kept in the dict before they are folded into the arrays
+
+
+def _pack_of(entry: tuple[bytes, LocationRow]) -> str:
+    return entry[1][0]
 
 
 class LocationMap(Mapping[bytes, Location]):
@@ -70,37 +74,39 @@ class LocationMap(Mapping[bytes, Location]):
     def update(self, entries: Iterable[tuple[bytes, LocationRow]]) -> None:
         """Record many locations (first one per chunk wins)."""
         with self._lock:
-            arrays, new, numbers, packs = self._arrays, self._new, self._numbers, self._packs
-            for cid, (pack, offset, length, raw) in entries:
-                if cid in new or arrays.row(cid) >= 0:
-                    continue
-                pno = numbers.get(pack)
-                if pno is None:
-                    pno = numbers[pack] = len(packs)
-                    packs.append(pack)
-                check_entry(cid, offset, length, raw)
-                new[cid] = (pno, offset, length, raw)
-            if len(new) >= max(_FOLD_AT, arrays.n // 4):
-                self._fold()
+            for pack, group in groupby(entries, key=_pack_of):
+                self._add_rows(self._number(pack), [(cid, o, n, r) for cid, (_, o, n, r) in group])
+            self._fold_if_due()
 
     def add_pack(self, pack: str, rows: Sequence[tuple[bytes, int, int, int]]) -> None:
         """:meth:`update` with the blobs ``rows`` (chunk id, offset, length, raw length) of one
         pack, without a location tuple per blob: the packs a backup uploads (~0.6 µs a blob
         less, 0.1 s of the main process in a backup of 200,000 files)."""
         with self._lock:
-            arrays, new = self._arrays, self._new
-            pno = self._numbers.get(pack)
-            if pno is None:
-                pno = self._numbers[pack] = len(self._packs)
-                self._packs.append(pack)
-            row = arrays.row if arrays.n else None
-            for cid, offset, length, raw in rows:
-                if cid in new or (row is not None and row(cid) >= 0):
-                    continue
-                check_entry(cid, offset, length, raw)
-                new[cid] = (pno, offset, length, raw)
-            if len(new) >= max(_FOLD_AT, arrays.n // 4):
-                self._fold()
+            self._add_rows(self._number(pack), rows)
+            self._fold_if_due()
+
+    def _number(self, pack: str) -> int:
+        """The number of ``pack`` in this map, given to it if it has none. Under the lock."""
+        pno = self._numbers.get(pack)
+        if pno is None:
+            pno = self._numbers[pack] = len(self._packs)
+            self._packs.append(pack)
+        return pno
+
+    def _add_rows(self, pno: int, rows: Iterable[tuple[bytes, int, int, int]]) -> None:
+        """Record the rows of pack number ``pno`` whose chunks have no location yet. Under the lock."""
+        arrays, new = self._arrays, self._new
+        row = arrays.row if arrays.n else None
+        for cid, offset, length, raw in rows:
+            if cid in new or (row is not None and row(cid) >= 0):
+                continue
+            check_entry(cid, offset, length, raw)
+            new[cid] = (pno, offset, length, raw)
+
+    def _fold_if_due(self) -> None:
+        if len(self._new) >= max(_FOLD_AT, self._arrays.n // 4):
+            self._fold()
 
     def bulk_load(self, first: Iterable[LocationColumns], again: Callable[[], Iterable[LocationColumns]]) -> None:
         """Load many batches of entries (a client's index objects) in two passes, so the peak
@@ -135,7 +141,7 @@ class LocationMap(Mapping[bytes, Location]):
         Location object per entry: the index load of every run goes through here."""
         ids, cols, local = c.ids, c.cols, c.packs
         with self._lock:
-            arrays, new, numbers, packs = self._arrays, self._new, self._numbers, self._packs
+            arrays, new = self._arrays, self._new
             pnos: list[int | None] = [None] * len(local)
             searched = arrays.n > 0
             for i, (pn, offset, length, raw) in enumerate(
@@ -146,15 +152,9 @@ class LocationMap(Mapping[bytes, Location]):
                     continue
                 pno = pnos[pn]
                 if pno is None:
-                    pack = local[pn]
-                    pno = numbers.get(pack)
-                    if pno is None:
-                        pno = numbers[pack] = len(packs)
-                        packs.append(pack)
-                    pnos[pn] = pno
+                    pno = pnos[pn] = self._number(local[pn])
                 new[cid] = (pno, offset, length, raw)
-            if len(new) >= max(_FOLD_AT, arrays.n // 4):
-                self._fold()
+            self._fold_if_due()
 
     def _fold(self) -> None:
         """New arrays of the current ones and the dict of new entries, in that order (the
