@@ -10,11 +10,14 @@ one-node cluster (in-memory OSD) on loopback, started as the tests start it (wit
 it is in the default list where ../shared/services/ceph-rgw.sh and Ceph are installed (else the
 script says what is missing), and `--rgw` asks for it explicitly. Per backend and repetition:
 `bunker init`, a timed first `backup` of the corpus, a timed `restore` of it into an empty
-directory (checked with `diff -r`). Prints MB/s (corpus bytes over wall seconds), the ratio to
-the local backend (issue 4's targets: S3 backup and restore >= 0.7x local, sftp >= 0.3x; issue
-14's for RGW: backup >= 0.8x, restore >= 0.7x) and the S3 servers' CPU time (RGW: monitor, OSD
-and radosgw together). The sftp variant starts a real OpenSSH sshd on 127.0.0.1 (as the tests
-do; needs root). Writes `remote.csv` into --out.
+directory (checked with `diff -r`), then the repository is deleted, so that every repetition
+meets a server as empty as the first did. Prints MB/s (corpus bytes over wall seconds), the ratio
+to the local backend (issue 4's targets: S3 backup and restore >= 0.7x local, sftp >= 0.3x; issue
+14's for RGW: backup >= 0.8x, restore >= 0.7x), the CPU time of bunker's whole process tree (run
+under reap.py) and of the S3 server (RGW: monitor, OSD and radosgw together), and from them the
+least time the op can take while both share this machine's cores, and the best ratio to local
+that allows. The sftp variant starts a real OpenSSH sshd on 127.0.0.1 (as the tests do; needs
+root). Writes `remote.csv` into --out.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -32,7 +36,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
-from helpers import SSH_SCRUB, rgw_unavailable, start_moto, start_rgw, start_sshd  # noqa: E402 - the tests' own launchers
+from helpers import S3_REGION, SSH_SCRUB, S3Server, rgw_unavailable, start_moto, start_rgw, start_sshd  # noqa: E402 - the tests' own launchers
 
 DEFAULT_CORPUS = Path(os.environ.get("BENCH_WORK", "/dev/shm/bunker-bench")) / "corpus-mixed-s1.0" / "mixed"
 
@@ -56,13 +60,38 @@ def proc_cpu(pids: list[int] | None) -> float:
     return total
 
 
-def run(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> float:
+def drop_s3_repo(srv: S3Server, prefix: str) -> None:
+    """Delete a repetition's repository from the S3 server, so that every repetition meets a
+    server holding as much as the first did: Ceph's memstore OSD slowed down as repositories
+    piled up in it (a restore from RGW took 2.3-2.6 s while it held three copies of the corpus,
+    3.6-4.3 s from the fourth on, with the same requests)."""
+    import opendal
+
+    op = opendal.Operator(
+        "s3",
+        bucket=srv.bucket,
+        endpoint=srv.endpoint,
+        region=S3_REGION,
+        access_key_id=srv.credentials["AWS_ACCESS_KEY_ID"],
+        secret_access_key=srv.credentials["AWS_SECRET_ACCESS_KEY"],
+        root=f"/{prefix}/",
+    )
+    op.remove_all("/")
+
+
+def run(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> tuple[float, float]:
+    """Run a bunker command under reap.py; its wall time and the CPU time of its whole process
+    tree (its forkserver workers included: reap.py waits for them)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
-    cp = subprocess.run(cmd, env=env, cwd=cwd, capture_output=True, text=True)
+    cp = subprocess.run(
+        [sys.executable, "-S", str(HERE / "reap.py"), *cmd], env=env, cwd=cwd, capture_output=True, text=True
+    )
     wall = time.perf_counter() - t0
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if cp.returncode not in (0, 1):
         raise SystemExit(f"{' '.join(cmd)} failed ({cp.returncode}):\n{cp.stderr[-2000:]}")
-    return wall
+    return wall, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
 
 
 def main() -> None:
@@ -85,21 +114,24 @@ def main() -> None:
     size = corpus_bytes(args.corpus)
     work = Path(tempfile.mkdtemp(prefix="bunker-remote-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None))
     servers = []
-    rows: list[tuple[str, int, str, float]] = []
+    rows: list[tuple[str, int, str, float, float, float]] = []
     try:
         urls: dict[str, tuple[str, dict[str, str]]] = {}
         server_pid: dict[str, list[int]] = {}
+        s3_server: dict[str, S3Server] = {}
         for b in backends:
             if b == "local":
                 urls[b] = (str(work / "repo-local"), {})
             elif b == "s3":
                 srv = start_moto(work / "moto", bucket="bench")
                 servers.append(srv)
+                s3_server[b] = srv
                 server_pid[b] = srv.pids()
                 urls[b] = (srv.url("repo"), {k: v for k, v in srv.env().items() if not k.startswith("BUNKER_STORAGE")})
             elif b == "rgw":
                 srv = start_rgw(work / "rgw", bucket="bench")
                 servers.append(srv)
+                s3_server[b] = srv
                 server_pid[b] = srv.pids()
                 urls[b] = (srv.url("repo"), {k: v for k, v in srv.env().items() if not k.startswith("BUNKER_STORAGE")})
             elif b == "sftp":  # needs root: sshd logs in as root with a generated key
@@ -136,44 +168,68 @@ def main() -> None:
                 run([args.bunker, "init", "--repo", repo_url], env)
                 subprocess.run(["cat", *map(str, args.corpus.rglob("*"))], capture_output=True)  # warm cache
                 c0 = proc_cpu(server_pid.get(b))
-                t_backup = run(
+                t_backup, cpu_backup = run(
                     [args.bunker, "backup", "--no-progress", "--repo", repo_url, args.corpus.name],
                     env,
                     cwd=args.corpus.parent,
                 )
                 c1 = proc_cpu(server_pid.get(b))
                 dest = work / f"dest-{b}-{rep}"
-                t_restore = run([args.bunker, "restore", "--repo", repo_url, "latest", "--target", str(dest)], env)
+                t_restore, cpu_restore = run(
+                    [args.bunker, "restore", "--repo", repo_url, "latest", "--target", str(dest)], env
+                )
                 c2 = proc_cpu(server_pid.get(b))
-                if b in server_pid:
-                    print(f"{b:6} rep {rep}: server CPU {c1 - c0:.2f} s during backup, {c2 - c1:.2f} s during restore")
                 restored = dest / args.corpus.resolve().relative_to("/")  # snapshots hold absolute paths
                 same = subprocess.run(["diff", "-r", "-q", str(args.corpus), str(restored)]).returncode
-                rows += [(b, rep, "backup", t_backup), (b, rep, "restore", t_restore)]
-                print(f"{b:6} rep {rep}: backup {t_backup:6.2f} s, restore {t_restore:6.2f} s, identical: {same == 0}")
+                rows += [
+                    (b, rep, "backup", t_backup, cpu_backup, c1 - c0),
+                    (b, rep, "restore", t_restore, cpu_restore, c2 - c1),
+                ]
+                print(
+                    f"{b:6} rep {rep}: backup {t_backup:6.2f} s (CPU: bunker {cpu_backup:5.2f} s, server"
+                    f" {c1 - c0:5.2f} s), restore {t_restore:6.2f} s (bunker {cpu_restore:5.2f} s, server"
+                    f" {c2 - c1:5.2f} s), identical: {same == 0}"
+                )
                 shutil.rmtree(dest, ignore_errors=True)
+                if b in s3_server:
+                    drop_s3_repo(s3_server[b], f"repo-{rep}")
+                else:  # local, sftp and ssh keep their repositories in this directory
+                    shutil.rmtree(work / f"repo-{b}-{rep}", ignore_errors=True)
     finally:
         for srv in servers:
             srv.stop()
         shutil.rmtree(work, ignore_errors=True)
 
-    print(f"\ncorpus {args.corpus} ({size / 2**20:.1f} MiB), median of {args.reps}")
-    print(f"{'backend':8} {'op':8} {'wall s':>8} {'MB/s':>8} {'vs local':>9}")
-    med = {
-        (b, op): statistics.median(t for bb, _, oo, t in rows if bb == b and oo == op)
-        for b in dict.fromkeys(r[0] for r in rows)
-        for op in ("backup", "restore")
-    }
-    for (b, op), t in med.items():
-        ratio = med[("local", op)] / t if ("local", op) in med else float("nan")
-        print(f"{b:8} {op:8} {t:8.2f} {size / t / 1e6:8.1f} {ratio:9.2f}")
+    cores = os.cpu_count() or 1
+    print(f"\ncorpus {args.corpus} ({size / 2**20:.1f} MiB), median of {args.reps}, {cores} cores")
+    print(
+        "'floor s' is the CPU time of bunker and of the server (where it runs here: moto, RGW) over the\n"
+        "cores, the least the op can take when both share them; 'best' is local's wall time over it."
+    )
+    print(
+        f"{'backend':8} {'op':8} {'wall s':>8} {'MB/s':>8} {'vs local':>9}"
+        f" {'cpu s':>7} {'server':>7} {'floor s':>8} {'best':>6}"
+    )
+    for b in dict.fromkeys(r[0] for r in rows):
+        for op in ("backup", "restore"):
+            mine = [r for r in rows if r[0] == b and r[2] == op]
+            local = [r[3] for r in rows if r[0] == "local" and r[2] == op]
+            t = statistics.median(r[3] for r in mine)
+            cpu = statistics.median(r[4] for r in mine)
+            server = statistics.median(r[5] for r in mine)
+            floor = (cpu + server) / cores
+            lt = statistics.median(local) if local else float("nan")
+            print(
+                f"{b:8} {op:8} {t:8.2f} {size / t / 1e6:8.1f} {lt / t:9.2f} {cpu:7.2f} {server:7.2f}"
+                f" {floor:8.2f} {lt / floor:6.2f}"
+            )
     if args.out:
         args.out.mkdir(parents=True, exist_ok=True)
         with open(args.out / "remote.csv", "w", newline="") as f:
             w = csv.writer(f)
-            w.writerow(["backend", "rep", "op", "wall_s", "corpus_bytes"])
-            for b, rep, op, t in rows:
-                w.writerow([b, rep, op, f"{t:.3f}", size])
+            w.writerow(["backend", "rep", "op", "wall_s", "bunker_cpu_s", "server_cpu_s", "corpus_bytes"])
+            for b, rep, op, t, cpu, server in rows:
+                w.writerow([b, rep, op, f"{t:.3f}", f"{cpu:.3f}", f"{server:.3f}", size])
 
 
 if __name__ == "__main__":
