@@ -79,13 +79,27 @@ def drop_s3_repo(srv: S3Server, prefix: str) -> None:
     op.remove_all("/")
 
 
-def run(cmd: list[str], env: dict[str, str], cwd: Path | None = None) -> tuple[float, float]:
-    """Run a bunker command under reap.py; its wall time and the CPU time of its whole process
-    tree (its forkserver workers included: reap.py waits for them)."""
+def pin(pids: list[int], cpus: set[int]) -> None:
+    """Put every thread of ``pids`` on ``cpus`` (threads they start later inherit it)."""
+    for pid in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            os.sched_setaffinity(int(tid), cpus)
+
+
+def run(
+    cmd: list[str], env: dict[str, str], cwd: Path | None = None, cpus: set[int] | None = None
+) -> tuple[float, float]:
+    """Run a bunker command under reap.py (on ``cpus`` only, when given); its wall time and the
+    CPU time of its whole process tree (its forkserver workers included: reap.py waits for them)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     cp = subprocess.run(
-        [sys.executable, "-S", str(HERE / "reap.py"), *cmd], env=env, cwd=cwd, capture_output=True, text=True
+        [sys.executable, "-S", str(HERE / "reap.py"), *cmd],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        preexec_fn=None if cpus is None else lambda: os.sched_setaffinity(0, cpus),
     )
     wall = time.perf_counter() - t0
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -103,7 +117,21 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument("--bunker", default=shutil.which("bunker") or "bunker")
+    ap.add_argument(
+        "--split-cores",
+        action="store_true",
+        help="bunker (local runs too) on the first half of the cores, the S3 servers on the rest: "
+        "the client measured as if its server ran elsewhere",
+    )
     args = ap.parse_args()
+    cores = sorted(os.sched_getaffinity(0))
+    client_cpus = server_cpus = None
+    if args.split_cores:
+        if len(cores) < 2:
+            raise SystemExit("--split-cores needs at least 2 cores")
+        client_cpus, server_cpus = set(cores[: len(cores) // 2]), set(cores[len(cores) // 2 :])
+        if not set(args.backends.split(",")) <= {"local", "s3", "rgw"}:
+            raise SystemExit("--split-cores pins S3 servers only: use it with --backends of local, s3 and rgw")
     if not args.corpus.is_dir():
         raise SystemExit(f"no corpus at {args.corpus}: build it with bench/run.sh (or pass --corpus)")
     backends = list(dict.fromkeys(args.backends.split(",") + (["rgw"] if args.rgw else [])))
@@ -126,12 +154,16 @@ def main() -> None:
                 srv = start_moto(work / "moto", bucket="bench")
                 servers.append(srv)
                 s3_server[b] = srv
+                if server_cpus:
+                    pin(srv.pids(), server_cpus)
                 server_pid[b] = srv.pids()
                 urls[b] = (srv.url("repo"), {k: v for k, v in srv.env().items() if not k.startswith("BUNKER_STORAGE")})
             elif b == "rgw":
                 srv = start_rgw(work / "rgw", bucket="bench")
                 servers.append(srv)
                 s3_server[b] = srv
+                if server_cpus:
+                    pin(srv.pids(), server_cpus)
                 server_pid[b] = srv.pids()
                 urls[b] = (srv.url("repo"), {k: v for k, v in srv.env().items() if not k.startswith("BUNKER_STORAGE")})
             elif b == "sftp":  # needs root: sshd logs in as root with a generated key
@@ -165,18 +197,19 @@ def main() -> None:
                     "BUNKER_PASSPHRASE": "bench",
                 }
                 repo_url = url.replace("/repo?", f"/repo-{rep}?") if b in ("s3", "rgw") else f"{url}-{rep}"
-                run([args.bunker, "init", "--repo", repo_url], env)
+                run([args.bunker, "init", "--repo", repo_url], env, cpus=client_cpus)
                 subprocess.run(["cat", *map(str, args.corpus.rglob("*"))], capture_output=True)  # warm cache
                 c0 = proc_cpu(server_pid.get(b))
                 t_backup, cpu_backup = run(
                     [args.bunker, "backup", "--no-progress", "--repo", repo_url, args.corpus.name],
                     env,
                     cwd=args.corpus.parent,
+                    cpus=client_cpus,
                 )
                 c1 = proc_cpu(server_pid.get(b))
                 dest = work / f"dest-{b}-{rep}"
                 t_restore, cpu_restore = run(
-                    [args.bunker, "restore", "--repo", repo_url, "latest", "--target", str(dest)], env
+                    [args.bunker, "restore", "--repo", repo_url, "latest", "--target", str(dest)], env, cpus=client_cpus
                 )
                 c2 = proc_cpu(server_pid.get(b))
                 restored = dest / args.corpus.resolve().relative_to("/")  # snapshots hold absolute paths
@@ -200,12 +233,21 @@ def main() -> None:
             srv.stop()
         shutil.rmtree(work, ignore_errors=True)
 
-    cores = os.cpu_count() or 1
-    print(f"\ncorpus {args.corpus} ({size / 2**20:.1f} MiB), median of {args.reps}, {cores} cores")
-    print(
-        "'floor s' is the CPU time of bunker and of the server (where it runs here: moto, RGW) over the\n"
-        "cores, the least the op can take when both share them; 'best' is local's wall time over it."
-    )
+    if client_cpus and server_cpus:
+        print(
+            f"\ncorpus {args.corpus} ({size / 2**20:.1f} MiB), median of {args.reps}; bunker on cores"
+            f" {sorted(client_cpus)}, the S3 servers on {sorted(server_cpus)}"
+        )
+        print(
+            "'floor s' is the larger of bunker's CPU time over its cores and the server's over its\n"
+            "own, the least the op can take; 'best' is local's wall time over it."
+        )
+    else:
+        print(f"\ncorpus {args.corpus} ({size / 2**20:.1f} MiB), median of {args.reps}, {len(cores)} cores")
+        print(
+            "'floor s' is the CPU time of bunker and of the server (where it runs here: moto, RGW) over the\n"
+            "cores, the least the op can take when both share them; 'best' is local's wall time over it."
+        )
     print(
         f"{'backend':8} {'op':8} {'wall s':>8} {'MB/s':>8} {'vs local':>9}"
         f" {'cpu s':>7} {'server':>7} {'floor s':>8} {'best':>6}"
@@ -217,7 +259,10 @@ def main() -> None:
             t = statistics.median(r[3] for r in mine)
             cpu = statistics.median(r[4] for r in mine)
             server = statistics.median(r[5] for r in mine)
-            floor = (cpu + server) / cores
+            if client_cpus and server_cpus:
+                floor = max(cpu / len(client_cpus), server / len(server_cpus))
+            else:
+                floor = (cpu + server) / len(cores)
             lt = statistics.median(local) if local else float("nan")
             print(
                 f"{b:8} {op:8} {t:8.2f} {size / t / 1e6:8.1f} {lt / t:9.2f} {cpu:7.2f} {server:7.2f}"
