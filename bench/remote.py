@@ -16,8 +16,10 @@ to the local backend (issue 4's targets: S3 backup and restore >= 0.7x local, sf
 14's for RGW: backup >= 0.8x, restore >= 0.7x), the CPU time of bunker's whole process tree (run
 under reap.py) and of the S3 server (RGW: monitor, OSD and radosgw together), and from them the
 least time the op can take while both share this machine's cores, and the best ratio to local
-that allows. The sftp variant starts a real OpenSSH sshd on 127.0.0.1 (as the tests do; needs
-root). Writes `remote.csv` into --out.
+that allows. With --split-cores bunker runs on the first half of the cores and the S3 servers
+(every thread) on the rest, so the client's loss against a local repository is measured without
+the server taking its CPU, as with an object store on other machines. The sftp variant starts a
+real OpenSSH sshd on 127.0.0.1 (as the tests do; needs root). Writes `remote.csv` into --out.
 """
 
 from __future__ import annotations
