@@ -2,6 +2,7 @@
 """Backup and restore of the `mixed` corpus over each storage backend, against the local one.
 
     python3 bench/remote.py [--corpus DIR] [--backends local,s3,rgw] [--rgw] [--reps N] [--out DIR]
+                            [--split-cores]
 
 The S3 server is a real `moto` server process on 127.0.0.1 (started here, as the tests do), so
 it shares the machine's cores with bunker: the figures are what loopback allows, not what a real
