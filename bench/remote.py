@@ -148,26 +148,18 @@ def main() -> None:
     rows: list[tuple[str, int, str, float, float, float]] = []
     try:
         urls: dict[str, tuple[str, dict[str, str]]] = {}
-        server_pid: dict[str, list[int]] = {}
         s3_server: dict[str, S3Server] = {}
         for b in backends:
             if b == "local":
                 urls[b] = (str(work / "repo-local"), {})
-            elif b == "s3":
-                srv = start_moto(work / "moto", bucket="bench")
+            elif b in ("s3", "rgw"):
+                srv = (
+                    start_moto(work / "moto", bucket="bench") if b == "s3" else start_rgw(work / "rgw", bucket="bench")
+                )
                 servers.append(srv)
                 s3_server[b] = srv
                 if server_cpus:
                     pin(srv.pids(), server_cpus)
-                server_pid[b] = srv.pids()
-                urls[b] = (srv.url("repo"), {k: v for k, v in srv.env().items() if not k.startswith("BUNKER_STORAGE")})
-            elif b == "rgw":
-                srv = start_rgw(work / "rgw", bucket="bench")
-                servers.append(srv)
-                s3_server[b] = srv
-                if server_cpus:
-                    pin(srv.pids(), server_cpus)
-                server_pid[b] = srv.pids()
                 urls[b] = (srv.url("repo"), {k: v for k, v in srv.env().items() if not k.startswith("BUNKER_STORAGE")})
             elif b == "sftp":  # needs root: sshd logs in as root with a generated key
                 ssh = start_sshd(work / "sshd")
@@ -201,20 +193,21 @@ def main() -> None:
                 }
                 repo_url = url.replace("/repo?", f"/repo-{rep}?") if b in ("s3", "rgw") else f"{url}-{rep}"
                 run([args.bunker, "init", "--repo", repo_url], env, cpus=client_cpus)
+                server_pids = s3_server[b].pids() if b in s3_server else None
                 subprocess.run(["cat", *map(str, args.corpus.rglob("*"))], capture_output=True)  # warm cache
-                c0 = proc_cpu(server_pid.get(b))
+                c0 = proc_cpu(server_pids)
                 t_backup, cpu_backup = run(
                     [args.bunker, "backup", "--no-progress", "--repo", repo_url, args.corpus.name],
                     env,
                     cwd=args.corpus.parent,
                     cpus=client_cpus,
                 )
-                c1 = proc_cpu(server_pid.get(b))
+                c1 = proc_cpu(server_pids)
                 dest = work / f"dest-{b}-{rep}"
                 t_restore, cpu_restore = run(
                     [args.bunker, "restore", "--repo", repo_url, "latest", "--target", str(dest)], env, cpus=client_cpus
                 )
-                c2 = proc_cpu(server_pid.get(b))
+                c2 = proc_cpu(server_pids)
                 restored = dest / args.corpus.resolve().relative_to("/")  # snapshots hold absolute paths
                 same = subprocess.run(["diff", "-r", "-q", str(args.corpus), str(restored)]).returncode
                 rows += [
@@ -236,7 +229,7 @@ def main() -> None:
             srv.stop()
         shutil.rmtree(work, ignore_errors=True)
 
-    if client_cpus and server_cpus:
+    if server_cpus:
         print(
             f"\ncorpus {args.corpus} ({size / 2**20:.1f} MiB), median of {args.reps}; bunker on cores"
             f" {sorted(client_cpus)}, the S3 servers on {sorted(server_cpus)}"
@@ -262,7 +255,7 @@ def main() -> None:
             t = statistics.median(r[3] for r in mine)
             cpu = statistics.median(r[4] for r in mine)
             server = statistics.median(r[5] for r in mine)
-            if client_cpus and server_cpus:
+            if client_cpus and server_cpus:  # both set together: --split-cores
                 floor = max(cpu / len(client_cpus), server / len(server_cpus))
             else:
                 floor = (cpu + server) / len(cores)
